@@ -1,0 +1,125 @@
+"""The `edge-gateway` command. Exit codes follow sysexits: 0 ok, 64 usage, 69 service
+unavailable, 73 cannot create (data_dir), 78 config error."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sqlite3
+import sys
+import time
+
+from gateway import __version__, config as configuration, logs
+
+EX_OK, EX_USAGE, EX_UNAVAILABLE, EX_CANTCREAT, EX_CONFIG = 0, 64, 69, 73, 78
+log = logging.getLogger("edge_gateway")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # usage errors are 64, not argparse's 2
+        self.print_usage(sys.stderr)
+        self.exit(EX_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="edge-gateway", description="Plant-floor gateway: Modbus/MQTT/sim → exact counters → "
+                                                       "durable outbox → upstream MQTT.")
+    parser.add_argument("--version", action="version", version=f"edge-gateway {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    run = sub.add_parser("run", help="run the gateway daemon")
+    run.add_argument("-c", "--config", default=configuration.DEFAULT_PATH, help="config file (default %(default)s)")
+    check = sub.add_parser("check-config", help="validate a config file and exit (78 when it has problems)")
+    check.add_argument("file")
+    status = sub.add_parser("status", help="devices, backlog and counters from the local state (no broker needed)")
+    status.add_argument("-c", "--config", default=configuration.DEFAULT_PATH, help="config file (default %(default)s)")
+    status.add_argument("--json", action="store_true", help="print the raw state as JSON")
+    demo = sub.add_parser("demo", help="everything on this machine: simulated plant, broker, gateway, live view")
+    demo.add_argument("--duration", type=float, default=None, help="stop after this many seconds (default: Ctrl-C)")
+    demo.add_argument("--plain", action="store_true", help="print lines instead of redrawing the screen")
+    demo.add_argument("--fault-after", type=float, default=20.0,
+                      help="inject bearing wear into the pump after this many seconds (default %(default)s)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "check-config":
+        return check_config(args.file)
+    if args.command == "run":
+        return run(args.config)
+    if args.command == "status":
+        return status(args.config, args.json)
+    if args.command == "demo":
+        from gateway.demo import demo
+        return demo(duration=args.duration, plain=args.plain, fault_after=args.fault_after)
+    return EX_USAGE
+
+
+def _load(path: str) -> configuration.Config | None:
+    try:
+        return configuration.load(path)
+    except configuration.ConfigError as err:
+        print(err, file=sys.stderr)
+        return None
+
+
+def check_config(path: str) -> int:
+    cfg = _load(path)
+    if cfg is None:
+        return EX_CONFIG
+    devices = ", ".join(f"{d.name} ({d.source})" for d in cfg.devices) or "none"
+    print(f"{path}: ok; gateway {cfg.gateway.id}, topic root {cfg.topic_root}, devices: {devices}")
+    return EX_OK
+
+
+def run(path: str) -> int:
+    cfg = _load(path)
+    if cfg is None:
+        return EX_CONFIG
+    logs.setup(cfg.gateway.log_level)
+    from gateway.app import Gateway
+
+    try:
+        gateway = Gateway(cfg)
+    except (OSError, sqlite3.Error) as err:
+        log.error("cannot open the store in data_dir %s: %s", cfg.gateway.data_dir, err)
+        return EX_CANTCREAT
+    asyncio.run(gateway.run())
+    return EX_OK
+
+
+def status(path: str, as_json: bool) -> int:
+    cfg = _load(path)
+    if cfg is None:
+        return EX_CONFIG
+    from gateway.app import STATE_FILE
+
+    state_path = os.path.join(cfg.gateway.data_dir, STATE_FILE)
+    try:
+        with open(state_path, encoding="utf-8") as fh:
+            state = json.load(fh)
+    except (OSError, ValueError) as err:
+        print(f"no state in {state_path} ({err}); has the gateway run?", file=sys.stderr)
+        return EX_UNAVAILABLE
+    if as_json:
+        print(json.dumps(state, indent=2))
+        return EX_OK
+    up = state["upstream"]
+    backlog = state["backlog"]
+    print(f"gateway {state['gateway_id']}  state at {state['ts']}  (up {state['uptime_s']:.0f}s)")
+    print(f"upstream  {'connected' if up['connected'] else 'NOT connected'}; reconnects {up['reconnects']}; "
+          f"last ack {up['last_ack'] or '-'}; last error {up['last_error'] or '-'}")
+    print(f"backlog   {backlog['messages']} messages, {backlog['bytes']} bytes, oldest {backlog['oldest_age_s']}s; "
+          f"dropped {state['dropped']}; store errors {state['store_errors']}")
+    for name, dev in state["devices"].items():
+        print(f"device    {name:<16} {dev['state']:<9} last sample {dev['last_sample'] or '-'}  "
+              f"errors {dev['errors']}  {dev['last_error'] or ''}")
+        for counter, c in state.get("counters", {}).get(name, {}).items():
+            print(f"  counter {counter:<14} total {c['total']}  shift {c['shift']} ({c['shift_id'] or '-'})")
+    age = time.time() - os.path.getmtime(state_path)
+    if age > 120:
+        print(f"note: this state is {age:.0f}s old; is the gateway running?")
+    return EX_OK

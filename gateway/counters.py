@@ -1,0 +1,59 @@
+"""Exact cumulative counters from raw PLC counter registers.
+
+The rule, for a raw counter of `bits` bits (modulus M = 2^bits), from the last raw
+value `last` to the new raw value `raw`:
+
+* `raw >= last`: the machine counted `raw - last`.
+* `raw < last` and `(raw - last) mod M <= reset_threshold × M`: the counter wrapped;
+  the machine counted `(raw - last) mod M`.
+* otherwise the counter was reset (PLC download, technician): it counts from zero,
+  so the machine counted `raw`. Counts made between the last sample and the reset
+  cannot be seen by anyone reading the register; that is the rule's one limit.
+
+The first value ever seen is the baseline: it adds nothing to the lifetime total.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+from gateway.store import CounterRow
+
+
+@dataclass(frozen=True)
+class Step:
+    delta: int
+    event: str  # "baseline" | "count" | "wrap" | "reset"
+
+
+def step(last: int | None, raw: int, bits: int, reset_threshold: float) -> Step:
+    """How much the machine counted going from raw value `last` to `raw`."""
+    if last is None:
+        return Step(0, "baseline")
+    if raw >= last:
+        return Step(raw - last, "count")
+    modulus = 1 << bits
+    wrapped = (raw - last) % modulus
+    if wrapped <= reset_threshold * modulus:
+        return Step(wrapped, "wrap")
+    return Step(raw, "reset")
+
+
+def raw_value(value: float | None, bits: int) -> int | None:
+    """The raw register value as an integer, or None if it cannot be a counter reading."""
+    if value is None or not math.isfinite(value) or value != int(value):
+        return None
+    raw = int(value)
+    return raw if 0 <= raw < (1 << bits) else None
+
+
+def advance(row: CounterRow | None, raw: int, bits: int, reset_threshold: float,
+            shift_id: str | None, now: float) -> tuple[CounterRow, Step]:
+    """The counter's next state after reading `raw`; shift totals restart when the shift changes."""
+    if row is None:
+        row = CounterRow(last_raw=None, total=0, shift_total=0, shift_id=shift_id)
+    result = step(row.last_raw, raw, bits, reset_threshold)
+    shift_total = row.shift_total if row.shift_id == shift_id else 0
+    return replace(row, last_raw=raw, total=row.total + result.delta,
+                   shift_total=shift_total + result.delta, shift_id=shift_id, updated=now), result

@@ -1,0 +1,231 @@
+"""One device's pipeline: poll on a drift-free schedule → counters → publish policy → outbox.
+
+A device's failures stay with the device: a failed read, a bad tag or a bad counter
+value is counted, logged once per change of state, reported in health, and the
+loop goes on. Nothing here can stop another device or the uplink.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+from gateway import counters
+from gateway.config import DeviceSection
+from gateway.sample import ERROR, OK, Sample
+from gateway.shifts import ShiftCalendar
+from gateway.sources import SourceError
+from gateway.store import CounterRow, Store
+from gateway.units import rfc3339
+
+log = logging.getLogger("edge_gateway.device")
+
+
+@dataclass
+class DeviceHealth:
+    state: str = "starting"  # starting | ok | degraded (some tags bad) | error (reads fail)
+    polls: int = 0
+    errors: int = 0
+    skipped_ticks: int = 0
+    published: int = 0
+    last_sample: float | None = None
+    last_error: str | None = None
+    bad_tags: list[str] = field(default_factory=list)
+
+
+class PublishPolicy:
+    """When a sample becomes a telemetry message: every `interval`, or on change beyond a deadband."""
+
+    def __init__(self, device: DeviceSection) -> None:
+        cfg = device.publish
+        self.on_change = cfg.on_change
+        self.every_sample = cfg.interval is None and not cfg.on_change  # the default: publish what is read
+        self.interval = cfg.interval if cfg.interval is not None else device.interval
+        self.deadband = cfg.deadband
+        self.max_silence = cfg.max_silence
+        self._last_ts: float | None = None
+        self._last: Sample | None = None
+
+    def wants(self, sample: Sample) -> bool:
+        last = self._last
+        if last is None or self.every_sample:
+            return self._take(sample)
+        if self.on_change:
+            if sample.ts - self._last_ts >= self.max_silence or sample.quality != last.quality:
+                return self._take(sample)
+            for tag, value in sample.values.items():
+                old = last.values.get(tag)
+                if (value is None) != (old is None) or (
+                        value is not None and abs(value - old) > self.deadband.get(tag, 0.0)):
+                    return self._take(sample)
+            return False
+        # A small tolerance so that jitter in the poll timing does not skip every other interval.
+        if sample.ts - self._last_ts >= self.interval * 0.98:
+            return self._take(sample)
+        return False
+
+    def _take(self, sample: Sample) -> bool:
+        self._last, self._last_ts = sample, sample.ts
+        return True
+
+
+class DeviceRunner:
+    def __init__(self, device: DeviceSection, source, store: Store, topic_root: str,
+                 shifts: ShiftCalendar, on_state_change=None) -> None:
+        self.device = device
+        self.source = source
+        self.store = store
+        self.health = DeviceHealth()
+        self.policy = PublishPolicy(device)
+        self.shifts = shifts
+        self._telemetry_topic = f"{topic_root}/{device.name}/telemetry"
+        self._counters_topic = f"{topic_root}/{device.name}/counters"
+        self._counters = {name: row for (_, name), row in store.counters(device.name).items()}
+        self._counter_problems: dict[str, str] = {}
+        self._counters_changed = bool(device.counters)
+        self._last_counters_ts = 0.0
+        self._on_state_change = on_state_change or (lambda runner: None)
+        self._why: str | None = None
+
+    # -- the poll loop --------------------------------------------------------------------
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        interval = self.device.interval
+        start, tick = loop.time(), 0
+        while True:
+            await self.poll_once()
+            elapsed = loop.time() - start
+            due = max(tick + 1, math.floor(elapsed / interval) + 1)
+            self.health.skipped_ticks += due - tick - 1  # a slow poll skips ticks rather than bunching them
+            tick = due
+            await asyncio.sleep(max(0.0, start + tick * interval - loop.time()))
+
+    async def poll_once(self) -> None:
+        self.health.polls += 1
+        try:
+            sample = await asyncio.wait_for(self.source.read(), timeout=self.device.timeout)
+        except (SourceError, asyncio.TimeoutError) as err:
+            why = str(err) or f"no answer within {self.device.timeout:g}s"
+            self._read_failed(why)
+            return
+        except Exception as err:  # a bug in a source must not take the device loop down
+            log.exception("device %s: unexpected error reading the source", self.device.name)
+            self._read_failed(f"internal error: {err!r}")
+            return
+        try:
+            self.process(sample)
+        except Exception as err:
+            log.exception("device %s: unexpected error processing a sample", self.device.name)
+            self._read_failed(f"internal error: {err!r}")
+
+    def _read_failed(self, why: str) -> None:
+        self.health.errors += 1
+        self.health.last_error = why
+        self._set_state("error", why)
+        # The historian sees the gap as bad-quality data, not as silence.
+        tags = self.device.tags
+        self._publish(Sample(self.device.name, time.time(), dict.fromkeys(tags), dict.fromkeys(tags, ERROR)))
+
+    # -- one sample -------------------------------------------------------------------------
+    def process(self, sample: Sample) -> None:
+        health = self.health
+        health.last_sample = sample.ts
+        bad = sample.bad_tags
+        if bad:
+            health.errors += 1
+        health.bad_tags = bad
+        self._set_state("degraded" if bad else "ok", f"bad tags: {', '.join(bad)}" if bad else None)
+        self._update_counters(sample)
+        self._publish(sample)
+
+    def _publish(self, sample: Sample) -> None:
+        health = self.health
+        if self.policy.wants(sample):
+            payload = {"ts": rfc3339(sample.ts), "device": self.device.name, "values": sample.values}
+            not_ok = {tag: q for tag, q in sample.quality.items() if q != OK}
+            if not_ok:
+                payload["quality"] = not_ok
+            self.store.stage(self._telemetry_topic, payload, created=sample.ts)
+            health.published += 1
+            if self._counters_changed or sample.ts - self._last_counters_ts >= self.policy.max_silence:
+                self._stage_counters(sample.ts)
+
+    def _update_counters(self, sample: Sample) -> None:
+        shift = self.shifts.at(sample.ts)
+        shift_id = shift.id if shift else None
+        for counter in self.device.counters:
+            raw = counters.raw_value(sample.values.get(counter.register), counter.bits)
+            if raw is None:
+                self._counter_problem(counter.name, f"register {counter.register} gave no valid "
+                                                    f"{counter.bits}-bit counter value "
+                                                    f"({sample.values.get(counter.register)!r})")
+                continue
+            self._counter_problem(counter.name, None)
+            row, step = counters.advance(self._counters.get(counter.name), raw, counter.bits,
+                                         counter.reset_threshold, shift_id, sample.ts)
+            if step.event == "wrap":
+                log.info("device %s: counter %s wrapped at %d bits (raw %d -> %d)", self.device.name,
+                         counter.name, counter.bits, self._counters[counter.name].last_raw, raw)
+            elif step.event == "reset":
+                log.warning("device %s: counter %s was reset on the PLC (raw %d -> %d); counting on from %d",
+                            self.device.name, counter.name, self._counters[counter.name].last_raw, raw, row.total)
+            previous = self._counters.get(counter.name)
+            if previous is None or (row.total, row.shift_total, row.shift_id) != (
+                    previous.total, previous.shift_total, previous.shift_id):
+                self._counters_changed = True
+            self._counters[counter.name] = row
+            self.store.stage_counter(self.device.name, counter.name, row)
+
+    def _counter_problem(self, name: str, problem: str | None) -> None:
+        if self._counter_problems.get(name) == problem:
+            return
+        if problem:
+            log.warning("device %s: counter %s not updated: %s", self.device.name, name, problem)
+            self._counter_problems[name] = problem
+        else:
+            if name in self._counter_problems:
+                log.info("device %s: counter %s is counting again", self.device.name, name)
+            self._counter_problems.pop(name, None)
+
+    def _stage_counters(self, ts: float) -> None:
+        payload = {"ts": rfc3339(ts), "device": self.device.name, "counters": {
+            c.name: {"total": row.total, "shift": row.shift_total, "shift_id": row.shift_id, "kind": c.kind}
+            for c in self.device.counters if (row := self._counters.get(c.name)) is not None}}
+        if payload["counters"]:
+            self.store.stage(self._counters_topic, payload, created=ts)
+        self._counters_changed = False
+        self._last_counters_ts = ts
+
+    def flush(self) -> None:
+        """At shutdown: report counter totals that changed since the last counters message."""
+        if self._counters_changed and self.health.last_sample is not None:
+            self._stage_counters(self.health.last_sample)
+
+    def counter_rows(self) -> dict[str, CounterRow]:
+        return dict(self._counters)
+
+    # -- state, logged once per change ---------------------------------------------------------
+    def _set_state(self, state: str, why: str | None) -> None:
+        old = self.health.state
+        if state == old and (state != "degraded" or why == self._why):
+            return
+        self.health.state, self._why = state, why
+        name = self.device.name
+        if state == "error":
+            log.error("device %s: read failed: %s (tags %s now error)", name, why, ", ".join(self.device.tags))
+        elif state == "degraded":
+            log.warning("device %s: %s", name, why)
+        elif old in ("error", "degraded"):
+            log.warning("device %s: recovered, all tags ok", name)
+        else:
+            log.info("device %s: first sample read, all tags ok", name)
+        self._on_state_change(self)
+
+    def status(self) -> dict:
+        h = self.health
+        return {"state": h.state, "source": self.device.source, "errors": h.errors,
+                "last_sample": rfc3339(h.last_sample) if h.last_sample else None, "last_error": h.last_error}
+

@@ -1,0 +1,317 @@
+"""The durable store: one SQLite file holding the outbox, the counters and the sequence.
+
+Messages and counter states are staged in memory and written together in ONE
+transaction every commit interval, so a counter's new total and the message
+that reports it are on disk together or not at all. The uplink reads only
+committed rows; a row is deleted only after the broker acknowledged it.
+
+Bounds (messages, bytes, age) are enforced inside the same transaction; every
+drop is counted in the `meta` table so the count survives restarts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+import time
+from dataclasses import dataclass, field
+
+log = logging.getLogger("edge_gateway.store")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS topics (id INTEGER PRIMARY KEY, topic TEXT NOT NULL UNIQUE);
+CREATE TABLE IF NOT EXISTS outbox (
+    seq INTEGER PRIMARY KEY,
+    topic_id INTEGER NOT NULL REFERENCES topics(id),
+    created REAL NOT NULL,
+    payload BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS counters (
+    device TEXT NOT NULL,
+    name TEXT NOT NULL,
+    last_raw INTEGER,
+    total INTEGER NOT NULL,
+    shift_total INTEGER NOT NULL,
+    shift_id TEXT,
+    updated REAL NOT NULL,
+    PRIMARY KEY (device, name)
+);
+"""
+# Messages kept in memory while the disk refuses writes (disk full, I/O error).
+PENDING_LIMIT = 50_000
+
+
+@dataclass
+class Message:
+    seq: int
+    topic: str
+    payload: bytes
+    created: float
+
+    @property
+    def size(self) -> int:
+        return len(self.payload)
+
+
+@dataclass
+class CounterRow:
+    last_raw: int | None
+    total: int
+    shift_total: int
+    shift_id: str | None
+    updated: float = 0.0
+
+
+@dataclass
+class Bounds:
+    max_messages: int = 1_000_000
+    max_bytes: int = 512 * 1024**2
+    max_age: float = 7 * 86400.0
+    when_full: str = "drop_oldest"
+
+
+@dataclass
+class Stats:
+    messages: int = 0
+    bytes: int = 0
+    dropped: int = 0
+    committed: int = 0
+    write_errors: int = 0
+    last_error: str | None = None
+    drop_episode: list[int] = field(default_factory=list)  # [first seq, last seq] dropped this episode
+
+
+class Store:
+    """The gateway's SQLite file. Owned by the event-loop thread: no call blocks for long."""
+
+    def __init__(self, path: str, *, bounds: Bounds | None = None, sync: str = "normal") -> None:
+        self.path = path
+        self.bounds = bounds or Bounds()
+        self.stats = Stats()
+        self._db = _open(path, sync)
+        self._topic_ids: dict[str, int] = dict(
+            (topic, tid) for tid, topic in self._db.execute("SELECT id, topic FROM topics"))
+        self.last_seq = max(self._meta("last_seq"), self._db.execute(
+            "SELECT coalesce(max(seq), 0) FROM outbox").fetchone()[0])
+        self.stats.dropped = self._meta("dropped")
+        self.stats.messages, self.stats.bytes = self._db.execute(
+            "SELECT count(*), coalesce(sum(length(payload)), 0) FROM outbox").fetchone()
+        self._pending: list[Message] = []
+        self._pending_counters: dict[tuple[str, str], CounterRow] = {}
+        self._acked: dict[int, int] = {}  # seq -> payload size
+        self._pending_dropped = 0
+
+    # -- reading ---------------------------------------------------------------
+    def _meta(self, key: str) -> int:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else 0
+
+    def counters(self, device: str | None = None) -> dict[tuple[str, str], CounterRow]:
+        """Committed counter states (optionally of one device), by (device, name)."""
+        query = "SELECT device, name, last_raw, total, shift_total, shift_id, updated FROM counters"
+        rows = self._db.execute(query + (" WHERE device = ?" if device else ""), (device,) if device else ())
+        return {(d, n): CounterRow(*rest) for d, n, *rest in rows}
+
+    def fetch(self, after_seq: int, limit: int) -> list[Message]:
+        """Committed, not yet acknowledged messages with seq > after_seq, oldest first."""
+        rows = self._db.execute(
+            "SELECT seq, topic, payload, created FROM outbox JOIN topics ON topics.id = outbox.topic_id "
+            "WHERE seq > ? ORDER BY seq LIMIT ?", (after_seq, limit + len(self._acked)))
+        messages = [Message(*row) for row in rows if row[0] not in self._acked]
+        return messages[:limit]
+
+    def oldest_age(self, now: float | None = None) -> float:
+        row = self._db.execute("SELECT created FROM outbox ORDER BY seq LIMIT 1").fetchone()
+        return max(0.0, (now or time.time()) - row[0]) if row else 0.0
+
+    # -- staging (in memory until commit) -------------------------------------------------
+    def stage(self, topic: str, payload: dict, created: float | None = None) -> int:
+        """Give `payload` the next seq and queue it for the next commit; return the seq."""
+        self.last_seq += 1
+        payload = {"seq": self.last_seq, **payload}
+        data = json.dumps(payload, separators=(",", ":"), allow_nan=False).encode()
+        self._pending.append(Message(self.last_seq, topic, data, created or time.time()))
+        if len(self._pending) > PENDING_LIMIT:  # the disk has refused writes for a long time
+            self._drop_pending()
+        return self.last_seq
+
+    def stage_counter(self, device: str, name: str, row: CounterRow) -> None:
+        self._pending_counters[(device, name)] = row
+
+    def ack(self, seq: int, size: int) -> None:
+        """The broker acknowledged `seq`: delete it with the next commit."""
+        self._acked[seq] = size
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def _drop_pending(self) -> None:
+        if self.bounds.when_full == "drop_newest":
+            victim = self._pending.pop()
+        else:
+            victim = self._pending.pop(0)
+        self._count_drop(victim.seq, victim.seq)
+        self._pending_dropped += 1
+
+    def _count_drop(self, first: int, last: int) -> None:
+        episode = self.stats.drop_episode
+        if not episode:
+            log.warning("outbox full: dropping messages (when_full: %s), first seq dropped %d",
+                        self.bounds.when_full, first)
+            episode.extend([first, last])
+        else:
+            episode[0], episode[1] = min(episode[0], first), max(episode[1], last)
+
+    def _end_drop_episode(self) -> None:
+        if self.stats.drop_episode:
+            first, last = self.stats.drop_episode
+            log.warning("outbox drop episode over: dropped seq %d..%d, %d dropped in total",
+                        first, last, self.stats.dropped)
+            self.stats.drop_episode = []
+
+    # -- the one transaction -------------------------------------------------------------
+    def commit(self, now: float | None = None) -> bool:
+        """Write staged messages and counters, delete acknowledged rows, enforce the bounds.
+
+        Returns False, keeping everything staged, when the disk refuses the write.
+        """
+        if not (self._pending or self._pending_counters or self._acked):
+            return True
+        now = now or time.time()
+        db = self._db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                messages, size = self.stats.messages, self.stats.bytes
+                gone, gone_bytes = self._delete_acked(db)
+                messages, size = messages - gone, size - gone_bytes
+                admitted, refused = self._admit(messages, size)
+                self._insert(db, admitted, now)
+                messages += len(admitted)
+                size += sum(m.size for m in admitted)
+                for (device, name), row in self._pending_counters.items():
+                    db.execute("INSERT OR REPLACE INTO counters VALUES (?, ?, ?, ?, ?, ?, ?)",
+                               (device, name, row.last_raw, row.total, row.shift_total, row.shift_id, row.updated))
+                dropped = [(m.seq, m.size) for m in refused] + self._trim(db, now, messages, size)
+                messages -= len(dropped) - len(refused)
+                size -= sum(b for _, b in dropped) - sum(m.size for m in refused)
+                dropped_total = self.stats.dropped + self._pending_dropped + len(dropped)
+                db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                               (("last_seq", self.last_seq), ("dropped", dropped_total)))
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as err:
+            self.stats.write_errors += 1
+            if self.stats.last_error != str(err):
+                log.error("outbox write failed (%s): %d messages kept in memory, retrying",
+                          err, len(self._pending))
+            self.stats.last_error = str(err)
+            return False
+        if self.stats.last_error is not None:
+            log.warning("outbox writes work again (%d messages kept in memory now written)", len(self._pending))
+            self.stats.last_error = None
+        self.stats.committed += len(admitted)
+        self.stats.messages, self.stats.bytes, self.stats.dropped = messages, size, dropped_total
+        for seq, _ in dropped:
+            self._count_drop(seq, seq)
+        if not dropped and not self._pending_dropped:
+            self._end_drop_episode()
+        self._pending_dropped = 0
+        self._pending.clear()
+        self._pending_counters.clear()
+        self._acked.clear()
+        return True
+
+    def _delete_acked(self, db: sqlite3.Connection) -> tuple[int, int]:
+        if not self._acked:
+            return 0, 0
+        # An acknowledged row may be gone already (dropped while in flight): RETURNING counts what was there.
+        rows = db.execute("DELETE FROM outbox WHERE seq IN (SELECT value FROM json_each(?)) "
+                          "RETURNING length(payload)", (json.dumps(list(self._acked)),)).fetchall()
+        return len(rows), sum(r[0] for r in rows)
+
+    def _admit(self, messages: int, size: int) -> tuple[list[Message], list[Message]]:
+        """With drop_newest, the staged messages that do not fit are refused before insert."""
+        if self.bounds.when_full != "drop_newest":
+            return self._pending, []
+        room, room_bytes = self.bounds.max_messages - messages, self.bounds.max_bytes - size
+        for i, msg in enumerate(self._pending):
+            room, room_bytes = room - 1, room_bytes - msg.size
+            if room < 0 or room_bytes < 0:
+                return self._pending[:i], self._pending[i:]
+        return self._pending, []
+
+    def _insert(self, db: sqlite3.Connection, messages: list[Message], now: float) -> None:
+        rows = []
+        for msg in messages:
+            tid = self._topic_ids.get(msg.topic)
+            if tid is None:
+                tid = db.execute("INSERT OR IGNORE INTO topics (topic) VALUES (?)", (msg.topic,)).lastrowid
+                tid = db.execute("SELECT id FROM topics WHERE topic = ?", (msg.topic,)).fetchone()[0]
+                self._topic_ids[msg.topic] = tid
+            rows.append((msg.seq, tid, msg.created, msg.payload))
+        db.executemany("INSERT INTO outbox VALUES (?, ?, ?, ?)", rows)
+
+    def _trim(self, db: sqlite3.Connection, now: float, messages: int, size: int) -> list[tuple[int, int]]:
+        """Delete expired rows, and with drop_oldest the oldest rows over the limits; return (seq, size)."""
+        dropped = []
+        oldest = db.execute("SELECT created FROM outbox ORDER BY seq LIMIT 1").fetchone()
+        if oldest and oldest[0] < now - self.bounds.max_age:  # rows are in time order: expire from the front
+            dropped = db.execute("DELETE FROM outbox WHERE seq IN (SELECT seq FROM outbox ORDER BY seq LIMIT 10000) "
+                                 "AND created < ? RETURNING seq, length(payload)",
+                                 (now - self.bounds.max_age,)).fetchall()
+        messages -= len(dropped)
+        size -= sum(b for _, b in dropped)
+        over, over_bytes = messages - self.bounds.max_messages, size - self.bounds.max_bytes
+        if self.bounds.when_full == "drop_oldest" and (over > 0 or over_bytes > 0):
+            last = None
+            cursor = db.execute("SELECT seq, length(payload) FROM outbox ORDER BY seq")
+            for seq, nbytes in cursor:
+                if over <= 0 and over_bytes <= 0:
+                    break
+                over, over_bytes, last = over - 1, over_bytes - nbytes, seq
+            cursor.close()
+            if last is not None:
+                dropped += db.execute("DELETE FROM outbox WHERE seq <= ? RETURNING seq, length(payload)",
+                                      (last,)).fetchall()
+        return dropped
+
+    def close(self) -> None:
+        self.commit()
+        self._db.close()
+
+
+def _open(path: str, sync: str) -> sqlite3.Connection:
+    """Open (or create) the store; a file that is not a readable database is moved aside."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    try:
+        return _connect(path, sync)
+    except sqlite3.DatabaseError as err:
+        if isinstance(err, sqlite3.OperationalError) and "unable to open" in str(err):
+            raise
+        aside = f"{path}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}"
+        log.error("store %s is unreadable (%s): moved aside to %s, starting a new one", path, err, aside)
+        for suffix in ("", "-wal", "-shm"):
+            if os.path.exists(path + suffix):
+                os.replace(path + suffix, aside + suffix)
+        return _connect(path, sync)
+
+
+def _connect(path: str, sync: str) -> sqlite3.Connection:
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    try:
+        db.execute("PRAGMA journal_mode = WAL")
+        db.execute(f"PRAGMA synchronous = {'FULL' if sync == 'full' else 'NORMAL'}")
+        db.executescript(SCHEMA)
+        db.execute("SELECT count(*) FROM outbox").fetchone()
+    except BaseException:
+        db.close()
+        raise
+    return db

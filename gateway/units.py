@@ -1,0 +1,38 @@
+"""Durations (`250ms`, `10s`, `7d`), sizes (`512MiB`) and timestamps as the contract writes them."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timezone
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|kB|KB|KiB|MB|MiB|GB|GiB|TB|TiB)?\s*$")
+_SIZE_UNITS = {
+    None: 1, "B": 1, "kB": 1000, "KB": 1000, "KiB": 1024, "MB": 1000**2, "MiB": 1024**2,
+    "GB": 1000**3, "GiB": 1024**3, "TB": 1000**4, "TiB": 1024**4,
+}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in a duration string such as `250ms`, `10s`, `5m`, `2h`, `7d`."""
+    match = _DURATION.match(text)
+    if not match:
+        raise ValueError(text)
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes in a size such as `512MiB`, `10 MB` or a plain integer."""
+    if isinstance(text, int):
+        return text
+    match = _SIZE.match(text)
+    if not match:
+        raise ValueError(text)
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
+
+
+def rfc3339(ts: float) -> str:
+    """A UNIX time as RFC 3339 UTC with milliseconds: `2026-11-24T06:00:00.123Z`."""
+    dt = datetime.fromtimestamp(ts, tz=timezone.utc)
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"

@@ -1,0 +1,295 @@
+"""The uplink: committed outbox rows to the upstream broker, in seq order, QoS 1.
+
+One paho client per connection (clean session, its own network thread). The
+outbox is the only record of what is owed: on every (re)connect the uplink starts
+again from the oldest unacknowledged row, keeps at most `max_inflight` messages
+in flight, and acknowledges a row to the store only on its PUBACK. Callbacks from
+paho's thread are handed to the event loop; all state lives on the loop's thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import ssl
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import paho.mqtt.client as mqtt
+
+from gateway.config import UpstreamSection
+from gateway.store import Store
+
+log = logging.getLogger("edge_gateway.uplink")
+
+
+class ConnectFailed(Exception):
+    pass
+
+
+@dataclass
+class UplinkStats:
+    connected: bool = False
+    connects: int = 0
+    reconnects: int = 0
+    published: int = 0
+    acked: int = 0
+    last_ack: float | None = None
+    last_error: str | None = None
+
+
+def backoff(attempt: int, lo: float, hi: float, jitter: float, rng: random.Random) -> float:
+    """Exponential backoff from `lo` to `hi`, each delay spread by ±jitter so a fleet does not stampede."""
+    base = min(hi, lo * 2**min(attempt, 30))
+    return base * (1.0 + jitter * (2.0 * rng.random() - 1.0))
+
+
+class Uplink:
+    def __init__(self, upstream: UpstreamSection, store: Store, *, client_id: str, status_topic: str,
+                 offline_payload: bytes) -> None:
+        self.cfg = upstream
+        self.store = store
+        self.client_id = client_id
+        self.status_topic = status_topic
+        self.offline_payload = offline_payload
+        self.stats = UplinkStats()
+        self.online_payload: bytes = b""  # the retained status, set by the gateway before each connect
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._client: mqtt.Client | None = None
+        self._inflight: dict[int, tuple[int, int]] = {}  # paho mid -> (seq, size)
+        self._cursor = 0  # highest seq handed to paho on this connection
+        self._wake = asyncio.Event()
+        self._lost = asyncio.Event()
+        self._stopping = False
+        self._stop_event = asyncio.Event()
+        self._connack: asyncio.Future | None = None
+        self._caught_up = True  # the last fetch found no more rows than it asked for
+        self._rng = random.Random()
+        self._acks: deque[float] = deque(maxlen=10_000)
+
+    # -- public -------------------------------------------------------------------------
+    @property
+    def connected(self) -> bool:
+        return self.stats.connected
+
+    @property
+    def inflight(self) -> int:
+        return len(self._inflight)
+
+    def wake(self) -> None:
+        """New rows are committed: send them if there is room in the window."""
+        self._wake.set()
+
+    def publish_live(self, topic: str, payload: bytes, retain: bool = False) -> bool:
+        """Publish a message that is not stored (status, health); False when not connected."""
+        if not self.connected or self._client is None:
+            return False
+        self._client.publish(topic, payload, qos=1, retain=retain)
+        return True
+
+    def publish_rate(self, window: float = 10.0) -> float:
+        now = time.monotonic()
+        return sum(1 for t in self._acks if now - t <= window) / window
+
+    async def run(self) -> None:
+        """Connect, deliver, reconnect with jittered backoff; returns when stop() is called."""
+        self._loop = asyncio.get_running_loop()
+        attempt = 0
+        pump = asyncio.create_task(self._pump(), name="uplink-pump")
+        try:
+            while not self._stopping:
+                try:
+                    await self._connect()
+                except ConnectFailed as err:
+                    self._fail(str(err))
+                    await self._sleep(backoff(attempt, self.cfg.reconnect.min, self.cfg.reconnect.max,
+                                              self.cfg.reconnect.jitter, self._rng))
+                    attempt += 1
+                    continue
+                attempt = 0
+                await self._lost.wait()
+                await self._drop_client()
+                if not self._stopping:
+                    await self._sleep(backoff(0, self.cfg.reconnect.min, self.cfg.reconnect.max,
+                                              self.cfg.reconnect.jitter, self._rng))
+        finally:
+            pump.cancel()
+
+    async def stop(self, flush_timeout: float = 5.0) -> None:
+        """Deliver the backlog while connected (up to `flush_timeout`), publish offline, disconnect."""
+        deadline = time.monotonic() + flush_timeout
+        self._wake.set()
+        while self.connected and not self._drained() and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        self._stopping = True
+        self._stop_event.set()
+        client = self._client
+        if client is not None and self.connected:
+            info = client.publish(self.status_topic, self.offline_payload, qos=1, retain=True)
+            await asyncio.to_thread(_wait_published, info, max(0.5, deadline - time.monotonic()))
+            client.disconnect()
+        self._lost.set()
+        self._wake.set()
+        await self._drop_client()
+
+    def _drained(self) -> bool:
+        return not self._inflight and not self.store.fetch(self._cursor, 1)
+
+    # -- connection ----------------------------------------------------------------------
+    def _new_client(self) -> mqtt.Client:
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id, clean_session=True,
+                             protocol=mqtt.MQTTv311, reconnect_on_failure=False)
+        client.max_inflight_messages_set(self.cfg.max_inflight + 8)  # room for status and health
+        client.max_queued_messages_set(0)
+        if self.cfg.username:
+            client.username_pw_set(self.cfg.username, _read_secret(self.cfg.password_file))
+        if self.cfg.tls is not None:
+            client.tls_set(ca_certs=self.cfg.tls.ca_file, certfile=self.cfg.tls.cert_file,
+                           keyfile=self.cfg.tls.key_file, cert_reqs=ssl.CERT_REQUIRED)
+        client.will_set(self.status_topic, self.offline_payload, qos=1, retain=True)
+        client.on_connect = self._from_thread(self._on_connect)
+        client.on_disconnect = self._from_thread(self._on_disconnect)
+        client.on_publish = self._from_thread(self._on_publish)
+        return client
+
+    def _from_thread(self, handler):
+        def callback(client, userdata, *args):
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.call_soon_threadsafe(handler, client, *args)
+        return callback
+
+    async def _connect(self) -> None:
+        where = f"{self.cfg.host}:{self.cfg.effective_port}"
+        try:
+            client = self._new_client()
+        except (OSError, ValueError) as err:  # unreadable password file, bad TLS files
+            raise ConnectFailed(f"cannot set up the connection to {where}: {err}") from None
+        self._connack = self._loop.create_future()
+        self._client = client
+        self._lost.clear()
+        try:
+            await asyncio.to_thread(client.connect, self.cfg.host, self.cfg.effective_port,
+                                    int(self.cfg.keepalive))
+            client.loop_start()
+            reason = await asyncio.wait_for(asyncio.shield(self._connack), timeout=max(5.0, self.cfg.keepalive))
+        except ssl.SSLCertVerificationError as err:
+            await self._drop_client()
+            raise ConnectFailed(f"TLS certificate verification failed for {where}: {err.verify_message}") from None
+        except ssl.SSLError as err:
+            await self._drop_client()
+            raise ConnectFailed(f"TLS handshake with {where} failed: {err.reason or err}") from None
+        except (OSError, asyncio.TimeoutError) as err:
+            await self._drop_client()
+            why = getattr(err, "strerror", None) or str(err) or "no answer in time"
+            raise ConnectFailed(f"cannot connect to {where}: {why}") from None
+        if reason.is_failure:
+            await self._drop_client()
+            raise ConnectFailed(f"{where} refused the connection: {reason}")
+        self.stats.connected = True
+        self.stats.connects += 1
+        if self.stats.connects > 1:
+            self.stats.reconnects += 1
+        if self.stats.last_error is not None or self.stats.connects > 1:
+            log.warning("connected to upstream %s again; resending %d unacknowledged messages",
+                        where, self.store.stats.messages)
+        else:
+            log.info("connected to upstream %s", where)
+        self.stats.last_error = None
+        self._inflight.clear()
+        self._cursor = 0
+        self._caught_up = True
+        client.publish(self.status_topic, self.online_payload, qos=1, retain=True)
+        self._wake.set()
+
+    def _fail(self, message: str) -> None:
+        if self.stats.last_error != message:
+            log.error("%s; retrying with backoff", message)
+        self.stats.last_error = message
+
+    async def _drop_client(self) -> None:
+        client, self._client = self._client, None
+        self.stats.connected = False
+        self._inflight.clear()
+        if client is not None:
+            client.disconnect()  # ends paho's network thread if the socket is still open
+            await asyncio.to_thread(client.loop_stop)
+
+    async def _sleep(self, seconds: float) -> None:
+        """Sleep, but wake at once when stop() is called."""
+        try:
+            await asyncio.wait_for(self._stop_event.wait(), timeout=seconds)
+        except asyncio.TimeoutError:
+            pass
+
+    # -- callbacks, on the loop's thread -------------------------------------------------
+    def _on_connect(self, client, flags, reason, properties) -> None:
+        if client is self._client and self._connack is not None and not self._connack.done():
+            self._connack.set_result(reason)
+
+    def _on_disconnect(self, client, flags, reason, properties) -> None:
+        if client is not self._client:
+            return
+        if self._connack is not None and not self._connack.done():
+            self._connack.set_result(reason)
+        if self.stats.connected and not self._stopping:
+            self._fail(f"lost the connection to {self.cfg.host}:{self.cfg.effective_port} ({reason})")
+        self.stats.connected = False
+        self._lost.set()
+
+    def _on_publish(self, client, mid, reason, properties) -> None:
+        if client is not self._client:
+            return
+        entry = self._inflight.pop(mid, None)
+        if entry is None:  # a live message (status, health)
+            return
+        seq, size = entry
+        self.store.ack(seq, size)
+        self.stats.acked += 1
+        now = time.monotonic()
+        self.stats.last_ack = time.time()
+        self._acks.append(now)
+        self._wake.set()
+
+    # -- delivery --------------------------------------------------------------------------
+    async def _pump(self) -> None:
+        """Keep the in-flight window full with the oldest unsent committed rows."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            client = self._client
+            if client is None or not self.connected or self._stopping:
+                continue
+            room = self.cfg.max_inflight - len(self._inflight)
+            # While a backlog drains, refill in batches rather than one query per acknowledgement.
+            if room <= 0 or (not self._caught_up and room < max(1, self.cfg.max_inflight // 4)):
+                continue
+            batch = self.store.fetch(self._cursor, room)
+            self._caught_up = len(batch) < room
+            for msg in batch:
+                info = client.publish(msg.topic, msg.payload, qos=self.cfg.qos)
+                if info.rc != mqtt.MQTT_ERR_SUCCESS:  # the connection just went; resend after reconnect
+                    break
+                self._inflight[info.mid] = (msg.seq, msg.size)
+                self._cursor = msg.seq
+                self.stats.published += 1
+
+
+def _read_secret(path: str | None) -> str | None:
+    if path is None:
+        return None
+    with open(path, encoding="utf-8") as fh:
+        return fh.read().strip()
+
+
+def _wait_published(info: mqtt.MQTTMessageInfo, timeout: float) -> None:
+    try:
+        info.wait_for_publish(timeout)
+    except (RuntimeError, ValueError):
+        pass
+
+
+def status_payload(state: str, **fields) -> bytes:
+    return json.dumps({"state": state, **fields}, separators=(",", ":")).encode()

@@ -1,0 +1,209 @@
+"""Real parts for the tests: mosquitto and amqtt broker processes, the gateway as a subprocess,
+an upstream subscriber. Every process started here is stopped by its fixture."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.05, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = predicate()
+        if result:
+            return result
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+class BrokerProcess:
+    """A broker in its own process, so that tests can kill it for real."""
+
+    def __init__(self, kind: str, workdir: Path, port: int | None = None, extra_conf: str = "") -> None:
+        self.kind = kind
+        self.workdir = workdir
+        self.port = port or free_port()
+        self.extra_conf = extra_conf
+        self.proc: subprocess.Popen | None = None
+
+    def command(self) -> list[str]:
+        if self.kind == "mosquitto":
+            conf = self.workdir / f"mosquitto-{self.port}.conf"
+            conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
+                            f"persistence false\n{self.extra_conf}")
+            return [shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(conf)]
+        return [sys.executable, "-m", "gateway.broker", "--listen", f"127.0.0.1:{self.port}", "--allow-anonymous"]
+
+    def start(self) -> "BrokerProcess":
+        log = open(self.workdir / f"{self.kind}-{self.port}.log", "a")
+        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=ENV)
+        wait_until(lambda: _port_open(self.port) or self.proc.poll() is not None, 15, what=f"{self.kind} to listen")
+        assert self.proc.poll() is None, f"{self.kind} exited: {(self.workdir / f'{self.kind}-{self.port}.log').read_text()}"
+        return self
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    stop = kill
+
+
+def _mosquitto_available() -> bool:
+    return bool(shutil.which("mosquitto") or os.path.exists("/usr/sbin/mosquitto"))
+
+
+@pytest.fixture(params=["mosquitto", "amqtt"])
+def broker(request, tmp_path):
+    """The upstream broker, a real process: Debian's mosquitto and the embedded amqtt."""
+    if request.param == "mosquitto" and not _mosquitto_available():
+        if os.environ.get("CI"):
+            pytest.fail("mosquitto is not installed; the test bootstrap should have installed it")
+        pytest.skip("mosquitto not installed")
+    proc = BrokerProcess(request.param, tmp_path).start()
+    yield proc
+    proc.kill()
+
+
+@pytest.fixture
+def mosquitto(tmp_path):
+    if not _mosquitto_available():
+        pytest.skip("mosquitto not installed")
+    proc = BrokerProcess("mosquitto", tmp_path).start()
+    yield proc
+    proc.kill()
+
+
+class Subscriber:
+    """What a historian sees upstream: every message, decoded, with its topic."""
+
+    def __init__(self, port: int, topic: str = "#", client_id: str = "test-sub", clean: bool = True) -> None:
+        self.messages: list[tuple[str, dict, bool]] = []
+        self.lock = threading.Lock()
+        self.topic = topic
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean)
+        self.client.on_message = self._on_message
+        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(self.topic, qos=1)
+        self.client.reconnect_delay_set(0.1, 0.5)
+        self.client.connect("127.0.0.1", port, keepalive=10)
+        self.client.loop_start()
+
+    def _on_message(self, client, userdata, msg) -> None:
+        try:
+            payload = json.loads(msg.payload)
+        except ValueError:
+            payload = {"_raw": msg.payload}
+        with self.lock:
+            self.messages.append((msg.topic, payload, bool(msg.retain)))
+
+    def on(self, suffix: str) -> list[dict]:
+        with self.lock:
+            return [p for t, p, _ in self.messages if t.endswith(suffix)]
+
+    def seqs(self) -> list[int]:
+        with self.lock:
+            return [p["seq"] for _, p, _ in self.messages if "seq" in p]
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+@pytest.fixture
+def subscribe():
+    subs = []
+
+    def make(port: int, **kw) -> Subscriber:
+        sub = Subscriber(port, **kw)
+        subs.append(sub)
+        return sub
+    yield make
+    for sub in subs:
+        sub.close()
+
+
+def gateway_config(data_dir: Path, port: int, devices: str | None = None, extra: str = "", upstream: str = "") -> str:
+    devices = devices or """
+  - {name: pump1, source: sim, profile: pump, seed: 3, interval: 100ms}
+  - name: line1
+    source: sim
+    profile: flexo_line
+    seed: 5
+    interval: 100ms
+    plc: {counter_bits: 16, start_near_top: true, rate_per_min: 1200}
+    counters: [{name: produced, register: produced_raw, bits: 16}]
+"""
+    return f"""
+gateway: {{id: test-gw, site: lab, data_dir: "{data_dir}", timezone: Europe/Berlin, health_interval: 1s}}
+upstream: {{host: 127.0.0.1, port: {port}, reconnect: {{min: 200ms, max: 1s}}{upstream}}}
+shifts: [{{name: A, start: "06:00"}}, {{name: B, start: "14:00"}}, {{name: C, start: "22:00"}}]
+{extra}
+devices:{devices}"""
+
+
+class GatewayProcess:
+    """`edge-gateway run` as a user runs it, in a subprocess."""
+
+    def __init__(self, workdir: Path, config_text: str) -> None:
+        self.workdir = workdir
+        self.config = workdir / "gateway.yaml"
+        self.config.write_text(config_text)
+        self.log = workdir / "gateway.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "GatewayProcess":
+        self.proc = subprocess.Popen([sys.executable, "-m", "gateway", "run", "-c", str(self.config)],
+                                     stdout=open(self.log, "a"), stderr=subprocess.STDOUT, env=ENV, cwd=ROOT)
+        return self
+
+    def stop(self, sig=signal.SIGTERM, timeout: float = 15) -> int:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            return self.proc.wait(timeout)
+        return self.proc.returncode if self.proc else 0
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def logs(self) -> str:
+        return self.log.read_text() if self.log.exists() else ""
+
+
+@pytest.fixture
+def gateway(tmp_path):
+    procs = []
+
+    def make(config_text: str) -> GatewayProcess:
+        proc = GatewayProcess(tmp_path, config_text)
+        procs.append(proc)
+        return proc
+    yield make
+    for proc in procs:
+        proc.kill()

@@ -1,0 +1,150 @@
+"""The YAML contract through the real CLI: good files load, bad files exit 78 naming every problem."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ENV, ROOT
+from gateway import config
+
+BASE = """\
+gateway: {id: line3-gw1, site: plant-a, data_dir: /tmp/edge-gw-test, timezone: Europe/Berlin}
+upstream: {host: mqtt.example.com, port: 8883, qos: 1, max_inflight: 100}
+outbox: {max_messages: 1000000, max_bytes: 512MiB, max_age: 7d, when_full: drop_oldest, sync: normal}
+shifts: [{name: A, start: "06:00"}, {name: B, start: "14:00"}, {name: C, start: "22:00"}]
+devices:
+  - {name: pump1, source: sim, profile: pump, seed: 1, interval: 1s, publish: {interval: 1s}}
+  - name: line1
+    source: sim
+    profile: flexo_line
+    seed: 2
+    plc: {counter_bits: 16, start_near_top: true}
+    counters: [{name: produced, register: produced_raw, bits: 16}]
+    publish: {on_change: true, deadband: {line_speed_m_min: 0.5}}
+"""
+
+MODBUS = """\
+  - name: pump2
+    source: modbus_tcp
+    host: 192.0.2.10
+    registers:
+      - {name: motor_rpm, table: holding, address: 0, type: uint16}
+      - {name: bearing_temp_c, table: holding, address: 1, type: %s, scale: 0.1}
+"""
+
+
+def check(tmp_path: Path, text: str) -> subprocess.CompletedProcess:
+    path = tmp_path / "gateway.yaml"
+    path.write_text(text)
+    return subprocess.run([sys.executable, "-m", "gateway", "check-config", str(path)], capture_output=True,
+                          text=True, env=ENV, cwd=ROOT, timeout=60)
+
+
+def test_the_examples_are_valid(tmp_path):
+    result = check(tmp_path, BASE)
+    assert result.returncode == 0, result.stderr
+    assert "ok" in result.stdout
+    for example in sorted((ROOT / "examples").glob("*.yaml")):
+        cfg = config.load(str(example))
+        assert cfg.devices
+
+
+def test_defaults_and_units():
+    cfg = config.parse(BASE)
+    assert cfg.outbox.max_bytes == 512 * 1024**2
+    assert cfg.outbox.max_age == 7 * 86400
+    assert cfg.outbox.commit_interval == 0.1
+    assert cfg.topic_root == "edge/plant-a/line3-gw1"
+    assert cfg.upstream.effective_port == 8883
+    assert cfg.devices[1].publish.deadband == {"line_speed_m_min": 0.5}
+    assert cfg.devices[0].tags[0] == "motor_rpm"
+
+
+BAD = [
+    # (what to change in BASE, the exact message expected)
+    ("  - {name: pump1, source: sim, profile: pump, seed: 1, interval: 1s, publish: {interval: 1s}}\n",
+     "  - {name: pump1, source: sim, profile: pump, seed: 1, intervall: 1s}\n",
+     'devices[0].intervall: unknown key (did you mean "interval"?)'),
+    ("interval: 1s, publish", "interval: 1 sec, publish",
+     'devices[0].interval: expected a duration such as "250ms", "10s", "5m", "2h", "7d", got "1 sec"'),
+    ("max_bytes: 512MiB", "max_bytes: lots", 'outbox.max_bytes: expected a size such as "512MiB", "10MB" or a '
+                                             'number of bytes, got "lots"'),
+    ("when_full: drop_oldest", "when_full: drop_all",
+     'outbox.when_full: expected one of drop_oldest, drop_newest, got "drop_all"'),
+    ("id: line3-gw1", "id: Line 3", 'gateway.id: expected lowercase letters, digits, _ and - (e.g. line3-gw1), '
+                                    'got "Line 3"'),
+    ("timezone: Europe/Berlin", "timezone: Europe/Springfield",
+     'gateway.timezone: expected an IANA time zone such as "Europe/Berlin", got "Europe/Springfield"'),
+    ("port: 8883", "port: 70000", "upstream.port: expected an integer from 1 to 65535, got 70000"),
+    ('start: "14:00"', 'start: "25:00"', 'shifts[1].start: expected a local time "HH:MM" such as "06:00", got "25:00"'),
+    ("register: produced_raw", "register: producd_raw",
+     'devices[1].counters[0].register: expected one of this device\'s tags (machine_status, line_speed_m_min, '
+     'web_tension_n, dryer_temp_c, ink_viscosity_s, produced_raw, defects_raw), got "producd_raw"'),
+    ("bits: 16}]", "bits: 24}]", "devices[1].counters[0].bits: expected one of 16, 32, got 24"),
+    ("name: line1", "name: pump1", 'devices[1].name: duplicate device name "pump1"'),
+    ("profile: pump,", "profile: boiler,", 'devices[0].profile: expected one of pump, flexo_line, got "boiler"'),
+    ("upstream: {host: mqtt.example.com, ", "upstream: {", "upstream.host: required, but missing"),
+    ("qos: 1", "qos: 0", "upstream.qos: expected one of 1, 2, got 0"),
+]
+
+
+@pytest.mark.parametrize("old,new,message", BAD, ids=[b[2].split(":")[0] for b in BAD])
+def test_a_bad_file_exits_78_and_names_the_path(tmp_path, old, new, message):
+    assert old in BASE
+    result = check(tmp_path, BASE.replace(old, new))
+    assert result.returncode == 78
+    assert f"{tmp_path / 'gateway.yaml'}: {message}" in result.stderr.splitlines(), result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_every_problem_is_reported_at_once(tmp_path):
+    text = BASE + MODBUS % "unit16"
+    text = text.replace("when_full: drop_oldest", "when_full: drop_all").replace("seed: 1,", "sede: 1,")
+    result = check(tmp_path, text)
+    assert result.returncode == 78
+    lines = result.stderr.strip().splitlines()
+    file = tmp_path / "gateway.yaml"
+    assert f'{file}: devices[2].registers[1].type: expected one of uint16, int16, uint32, int32, float32, ' \
+           f'float64, bool, got "unit16"' in lines
+    assert f'{file}: outbox.when_full: expected one of drop_oldest, drop_newest, got "drop_all"' in lines
+    assert f'{file}: devices[0].sede: unknown key (did you mean "seed"?)' in lines
+    assert len(lines) == 3
+
+
+def test_a_source_not_in_this_version_is_refused_by_name(tmp_path):
+    result = check(tmp_path, BASE + MODBUS % "int16")
+    assert result.returncode == 78
+    assert "devices[2].source: modbus_tcp is not available in this version (available: sim)" in result.stderr
+
+
+def test_keys_of_another_source_are_refused(tmp_path):
+    result = check(tmp_path, BASE.replace("profile: pump, seed: 1,", "profile: pump, host: plc1,"))
+    assert result.returncode == 78
+    assert "devices[0].host: not used by source sim (it takes: faults, plc, profile, seed)" in result.stderr
+
+
+def test_yaml_syntax_error_and_missing_file(tmp_path):
+    result = check(tmp_path, "gateway: {id: x\n  site: [\n")
+    assert result.returncode == 78
+    assert "not valid YAML" in result.stderr and "line " in result.stderr
+    missing = subprocess.run([sys.executable, "-m", "gateway", "run", "-c", str(tmp_path / "nope.yaml")],
+                             capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=60)
+    assert missing.returncode == 78
+    assert f"{tmp_path / 'nope.yaml'}: cannot read the file: No such file or directory" in missing.stderr
+
+
+def test_usage_error_exits_64():
+    result = subprocess.run([sys.executable, "-m", "gateway", "frobnicate"], capture_output=True, env=ENV,
+                            cwd=ROOT, timeout=60)
+    assert result.returncode == 64
+
+
+def test_secret_files_must_exist(tmp_path):
+    text = BASE.replace("qos: 1,", f"qos: 1, username: gw, password_file: {tmp_path}/missing.pass,")
+    result = check(tmp_path, text)
+    assert result.returncode == 78
+    assert f'upstream.password_file: expected a readable file, got "{tmp_path}/missing.pass"' in result.stderr

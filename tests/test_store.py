@@ -1,0 +1,103 @@
+"""The outbox file: seq persisted, bounds and drop policies counted exactly, a corrupt file moved aside."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from gateway.store import Bounds, CounterRow, Store
+
+
+def payloads(store: Store) -> list[dict]:
+    return [json.loads(m.payload) for m in store.fetch(0, 10**6)]
+
+
+def test_seq_and_counters_survive_reopen(tmp_path):
+    path = str(tmp_path / "g.db")
+    store = Store(path)
+    for i in range(5):
+        store.stage("t", {"i": i})
+    store.stage_counter("line1", "produced", CounterRow(10, 123, 4, "2026-11-24/A", 1.0))
+    assert store.commit()
+    store.close()
+    store = Store(path)
+    assert store.last_seq == 5
+    assert store.stats.messages == 5
+    assert store.stage("t", {}) == 6
+    assert store.counters()[("line1", "produced")].total == 123
+
+
+def test_uncommitted_messages_are_never_fetched(tmp_path):
+    store = Store(str(tmp_path / "g.db"))
+    store.stage("t", {"a": 1})
+    assert store.fetch(0, 10) == []
+    store.commit()
+    assert [m.seq for m in store.fetch(0, 10)] == [1]
+
+
+def test_ack_deletes_on_next_commit_and_is_not_resent(tmp_path):
+    store = Store(str(tmp_path / "g.db"))
+    for i in range(3):
+        store.stage("t", {"i": i})
+    store.commit()
+    first = store.fetch(0, 10)[0]
+    store.ack(first.seq, first.size)
+    assert [m.seq for m in store.fetch(0, 10)] == [2, 3]  # acknowledged: not sent again, even before commit
+    store.commit()
+    assert store.stats.messages == 2
+    assert store.stats.bytes == sum(m.size for m in store.fetch(0, 10))
+
+
+@pytest.mark.parametrize("policy,survivors", [("drop_oldest", [8, 9, 10]), ("drop_newest", [1, 2, 3])])
+def test_bounds_drop_per_policy_and_count_every_drop(tmp_path, policy, survivors):
+    path = str(tmp_path / "g.db")
+    store = Store(path, bounds=Bounds(max_messages=3, when_full=policy))
+    for i in range(10):
+        store.stage("t", {"i": i})
+        store.commit()
+    assert [m["seq"] for m in payloads(store)] == survivors
+    assert store.stats.dropped == 7
+    store.close()
+    assert Store(path).stats.dropped == 7  # persisted
+
+
+def test_max_bytes_and_max_age(tmp_path):
+    store = Store(str(tmp_path / "g.db"), bounds=Bounds(max_bytes=200, max_age=60))
+    for i in range(10):
+        store.stage("t", {"pad": "x" * 30}, created=1000.0 + i)
+    store.commit(now=1010.0)
+    assert store.stats.bytes <= 200
+    kept = store.stats.messages
+    assert 0 < kept < 10 and store.stats.dropped == 10 - kept
+    store.stage("t", {"late": 1}, created=1100.0)
+    store.commit(now=1100.0)  # everything older than 60 s expires
+    assert [m["seq"] for m in payloads(store)] == [11]
+
+
+def test_corrupt_file_is_moved_aside(tmp_path):
+    path = tmp_path / "g.db"
+    path.write_bytes(os.urandom(8192))
+    store = Store(str(path))
+    store.stage("t", {})
+    assert store.commit()
+    aside = [p for p in os.listdir(tmp_path) if ".corrupt-" in p]
+    assert aside and (tmp_path / aside[0]).stat().st_size == 8192
+
+
+def test_disk_refusing_writes_keeps_messages_and_recovers(tmp_path):
+    store = Store(str(tmp_path / "g.db"))
+    store.stage("t", {"pad": "x" * 100})
+    store.commit()
+    page_count = store._db.execute("PRAGMA page_count").fetchone()[0]
+    store._db.execute(f"PRAGMA max_page_count = {page_count}")  # the file may not grow: like a full disk
+    for i in range(300):
+        store.stage("t", {"pad": "x" * 500, "i": i})
+    assert not store.commit()
+    assert store.stats.last_error and "full" in store.stats.last_error
+    assert store.pending == 300
+    store._db.execute("PRAGMA max_page_count = 1073741823")  # space comes back
+    assert store.commit()
+    assert store.stats.last_error is None
+    assert [m["seq"] for m in payloads(store)] == list(range(1, 302))
