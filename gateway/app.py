@@ -19,7 +19,7 @@ from gateway.config import Config
 from gateway.device import DeviceRunner
 from gateway.shifts import ShiftCalendar
 from gateway.sources import open_source
-from gateway.store import Bounds, Store
+from gateway.store import Bounds, Store, lock as store_lock
 from gateway.units import rfc3339
 from gateway.uplink import Uplink, status_payload
 
@@ -29,9 +29,16 @@ STORE_FILE = "gateway.db"
 STATE_FILE = "state.json"
 
 
+class AlreadyRunning(Exception):
+    pass
+
+
 class Gateway:
     def __init__(self, config: Config) -> None:
         self.config = config
+        self._lock = store_lock(config.gateway.data_dir)
+        if self._lock is None:
+            raise AlreadyRunning(f"another edge-gateway is running with data_dir {config.gateway.data_dir}")
         self.started = time.time()
         self.root = config.topic_root
         gw = config.gateway

@@ -36,6 +36,12 @@ def _parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="devices, backlog and counters from the local state (no broker needed)")
     status.add_argument("-c", "--config", default=configuration.DEFAULT_PATH, help="config file (default %(default)s)")
     status.add_argument("--json", action="store_true", help="print the raw state as JSON")
+    outbox = sub.add_parser("outbox", help="inspect, export or purge the messages waiting for the upstream")
+    outbox.add_argument("action", nargs="?", choices=("stats", "export", "purge"), default="stats")
+    outbox.add_argument("file", nargs="?", help="export: the JSONL file to write (- for stdout)")
+    outbox.add_argument("-c", "--config", default=configuration.DEFAULT_PATH, help="config file (default %(default)s)")
+    outbox.add_argument("--yes", action="store_true", help="purge without asking")
+    outbox.add_argument("--json", action="store_true", help="stats as JSON")
     demo = sub.add_parser("demo", help="everything on this machine: simulated plant, broker, gateway, live view")
     demo.add_argument("--duration", type=float, default=None, help="stop after this many seconds (default: Ctrl-C)")
     demo.add_argument("--plain", action="store_true", help="print lines instead of redrawing the screen")
@@ -52,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         return run(args.config)
     if args.command == "status":
         return status(args.config, args.json)
+    if args.command == "outbox":
+        return outbox(args)
     if args.command == "demo":
         from gateway.demo import demo
         return demo(duration=args.duration, plain=args.plain, fault_after=args.fault_after)
@@ -80,10 +88,13 @@ def run(path: str) -> int:
     if cfg is None:
         return EX_CONFIG
     logs.setup(cfg.gateway.log_level)
-    from gateway.app import Gateway
+    from gateway.app import AlreadyRunning, Gateway
 
     try:
         gateway = Gateway(cfg)
+    except AlreadyRunning as err:
+        log.error("%s", err)
+        return EX_UNAVAILABLE
     except (OSError, sqlite3.Error) as err:
         log.error("cannot open the store in data_dir %s: %s", cfg.gateway.data_dir, err)
         return EX_CANTCREAT
@@ -122,4 +133,64 @@ def status(path: str, as_json: bool) -> int:
     age = time.time() - os.path.getmtime(state_path)
     if age > 120:
         print(f"note: this state is {age:.0f}s old; is the gateway running?")
+    return EX_OK
+
+
+def outbox(args) -> int:
+    cfg = _load(args.config)
+    if cfg is None:
+        return EX_CONFIG
+    from gateway import store
+    from gateway.app import STORE_FILE
+
+    path = os.path.join(cfg.gateway.data_dir, STORE_FILE)
+    try:
+        if args.action == "export":
+            if not args.file:
+                print("edge-gateway outbox export: name the file to write (or - for stdout)", file=sys.stderr)
+                return EX_USAGE
+            if args.file == "-":
+                n = store.export(path, sys.stdout)
+            else:
+                with open(args.file, "w", encoding="utf-8") as out:
+                    n = store.export(path, out)
+            print(f"exported {n} messages to {args.file}", file=sys.stderr)
+            return EX_OK
+        info = store.inspect(path)
+    except (OSError, sqlite3.Error) as err:
+        print(f"cannot read the outbox {path}: {err}", file=sys.stderr)
+        return EX_UNAVAILABLE
+    if args.action == "stats":
+        if args.json:
+            print(json.dumps(info, indent=2))
+            return EX_OK
+        print(f"outbox {path}")
+        print(f"  waiting   {info['messages']} messages (seq {info['first_seq']}..{info['last_seq']}), "
+              f"{info['payload_bytes']} payload bytes, {info['file_bytes']} bytes on disk")
+        print(f"  oldest    {info['oldest_age_s'] if info['oldest_age_s'] is not None else '-'} s; next seq "
+              f"{info['next_seq']}; dropped {info['dropped']}; purged {info['purged']}")
+        for topic, n in info["topics"].items():
+            print(f"  {n:>9}  {topic}")
+        return EX_OK
+    # purge
+    held = store.lock(cfg.gateway.data_dir)
+    if held is None:
+        print("the gateway is running with this data_dir: stop it first (systemctl stop edge-gateway)",
+              file=sys.stderr)
+        return EX_UNAVAILABLE
+    with held:
+        if not info["messages"]:
+            print("the outbox is empty")
+            return EX_OK
+        if not args.yes:
+            if not sys.stdin.isatty():
+                print("refusing to purge without confirmation: use --yes", file=sys.stderr)
+                return EX_USAGE
+            answer = input(f"delete {info['messages']} messages (seq {info['first_seq']}..{info['last_seq']}) "
+                           f"that never reached the upstream? type 'yes': ")
+            if answer.strip() != "yes":
+                print("nothing deleted")
+                return EX_OK
+        n = store.purge(path)
+    print(f"purged {n} messages; seq continues from {info['next_seq']}")
     return EX_OK

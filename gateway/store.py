@@ -92,8 +92,9 @@ class Store:
         self.bounds = bounds or Bounds()
         self.stats = Stats()
         self._db = _open(path, sync)
-        self._topic_ids: dict[str, int] = dict(
-            (topic, tid) for tid, topic in self._db.execute("SELECT id, topic FROM topics"))
+        self._topics: dict[int, str] = {}
+        self._topic_ids: dict[str, int] = {}
+        self._reload_topics()
         self.last_seq = max(self._meta("last_seq"), self._db.execute(
             "SELECT coalesce(max(seq), 0) FROM outbox").fetchone()[0])
         self.stats.dropped = self._meta("dropped")
@@ -102,6 +103,7 @@ class Store:
         self._pending: list[Message] = []
         self._pending_counters: dict[tuple[str, str], CounterRow] = {}
         self._acked: dict[int, int] = {}  # seq -> payload size
+        self._acked_max = 0
         self._pending_dropped = 0
 
     # -- reading ---------------------------------------------------------------
@@ -117,11 +119,13 @@ class Store:
 
     def fetch(self, after_seq: int, limit: int) -> list[Message]:
         """Committed, not yet acknowledged messages with seq > after_seq, oldest first."""
-        rows = self._db.execute(
-            "SELECT seq, topic, payload, created FROM outbox JOIN topics ON topics.id = outbox.topic_id "
-            "WHERE seq > ? ORDER BY seq LIMIT ?", (after_seq, limit + len(self._acked)))
-        messages = [Message(*row) for row in rows if row[0] not in self._acked]
-        return messages[:limit]
+        # Rows acknowledged but not yet deleted lie behind the cursor, except right after a reconnect.
+        skip = self._acked if self._acked and after_seq < self._acked_max else {}
+        rows = self._db.execute("SELECT seq, topic_id, payload, created FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?",
+                                (after_seq, limit + len(skip)))
+        topics = self._topics
+        return [Message(seq, topics[tid], payload, created)
+                for seq, tid, payload, created in rows if seq not in skip][:limit]
 
     def oldest_age(self, now: float | None = None) -> float:
         row = self._db.execute("SELECT created FROM outbox ORDER BY seq LIMIT 1").fetchone()
@@ -144,6 +148,7 @@ class Store:
     def ack(self, seq: int, size: int) -> None:
         """The broker acknowledged `seq`: delete it with the next commit."""
         self._acked[seq] = size
+        self._acked_max = max(self._acked_max, seq)
 
     @property
     def pending(self) -> int:
@@ -208,6 +213,7 @@ class Store:
                     db.execute("ROLLBACK")
                 raise
         except sqlite3.Error as err:
+            self._reload_topics()  # ids cached during the rolled-back transaction were never written
             self.stats.write_errors += 1
             if self.stats.last_error != str(err):
                 log.error("outbox write failed (%s): %d messages kept in memory, retrying",
@@ -228,6 +234,13 @@ class Store:
         self._pending_counters.clear()
         self._acked.clear()
         return True
+
+    def _reload_topics(self) -> None:
+        try:
+            self._topics = dict(self._db.execute("SELECT id, topic FROM topics"))
+        except sqlite3.Error:
+            return
+        self._topic_ids = {topic: tid for tid, topic in self._topics.items()}
 
     def _delete_acked(self, db: sqlite3.Connection) -> tuple[int, int]:
         if not self._acked:
@@ -253,9 +266,9 @@ class Store:
         for msg in messages:
             tid = self._topic_ids.get(msg.topic)
             if tid is None:
-                tid = db.execute("INSERT OR IGNORE INTO topics (topic) VALUES (?)", (msg.topic,)).lastrowid
+                db.execute("INSERT OR IGNORE INTO topics (topic) VALUES (?)", (msg.topic,))
                 tid = db.execute("SELECT id FROM topics WHERE topic = ?", (msg.topic,)).fetchone()[0]
-                self._topic_ids[msg.topic] = tid
+                self._topic_ids[msg.topic], self._topics[tid] = tid, msg.topic
             rows.append((msg.seq, tid, msg.created, msg.payload))
         db.executemany("INSERT INTO outbox VALUES (?, ?, ?, ?)", rows)
 
@@ -315,3 +328,71 @@ def _connect(path: str, sync: str) -> sqlite3.Connection:
         db.close()
         raise
     return db
+
+
+# -- offline tools for `edge-gateway outbox` (the daemon need not run) ---------------------------
+def lock(data_dir: str):
+    """Hold the data_dir lock for as long as the returned file stays open; None if another holds it."""
+    import fcntl
+
+    os.makedirs(data_dir, exist_ok=True)
+    fh = open(os.path.join(data_dir, "gateway.lock"), "a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.close()
+        return None
+    return fh
+
+
+def _reader(path: str) -> sqlite3.Connection:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no outbox at {path}")
+    return sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+
+
+def inspect(path: str) -> dict:
+    """What is waiting in the outbox: counts, bytes, seq range, age, per topic."""
+    db = _reader(path)
+    try:
+        count, size, first, last, oldest = db.execute(
+            "SELECT count(*), coalesce(sum(length(payload)), 0), min(seq), max(seq), min(created) FROM outbox"
+        ).fetchone()
+        meta = dict(db.execute("SELECT key, value FROM meta"))
+        per_topic = db.execute("SELECT topic, count(*) FROM outbox JOIN topics ON topics.id = topic_id "
+                               "GROUP BY topic ORDER BY count(*) DESC").fetchall()
+    finally:
+        db.close()
+    on_disk = sum(os.path.getsize(path + s) for s in ("", "-wal") if os.path.exists(path + s))
+    return {"messages": count, "payload_bytes": size, "file_bytes": on_disk, "first_seq": first, "last_seq": last,
+            "oldest_age_s": round(time.time() - oldest, 1) if oldest else None, "next_seq": meta.get("last_seq", 0) + 1,
+            "dropped": meta.get("dropped", 0), "purged": meta.get("purged", 0), "topics": dict(per_topic)}
+
+
+def export(path: str, out) -> int:
+    """Write every waiting message as one JSON line (seq, topic, created, payload); return how many."""
+    db = _reader(path)
+    n = 0
+    try:
+        rows = db.execute("SELECT seq, topic, created, payload FROM outbox JOIN topics ON topics.id = topic_id "
+                          "ORDER BY seq")
+        for seq, topic, created, payload in rows:
+            out.write(json.dumps({"seq": seq, "topic": topic, "created": created,
+                                  "payload": json.loads(payload)}, separators=(",", ":")) + "\n")
+            n += 1
+    finally:
+        db.close()
+    return n
+
+
+def purge(path: str) -> int:
+    """Delete every waiting message (seq keeps counting on); return how many. The daemon must be stopped."""
+    db = sqlite3.connect(path, isolation_level=None)
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        n = db.execute("DELETE FROM outbox").rowcount
+        db.execute("INSERT INTO meta VALUES ('purged', ?) ON CONFLICT(key) DO UPDATE SET value = value + ?", (n, n))
+        db.execute("COMMIT")
+    finally:
+        db.close()
+    return n

@@ -185,6 +185,9 @@ class Uplink:
             await self._drop_client()
             why = getattr(err, "strerror", None) or str(err) or "no answer in time"
             raise ConnectFailed(f"cannot connect to {where}: {why}") from None
+        if reason is None:
+            await self._drop_client()
+            raise ConnectFailed(f"{where} closed the connection before accepting it (no CONNACK)")
         if reason.is_failure:
             await self._drop_client()
             raise ConnectFailed(f"{where} refused the connection: {reason}")
@@ -192,11 +195,13 @@ class Uplink:
         self.stats.connects += 1
         if self.stats.connects > 1:
             self.stats.reconnects += 1
-        if self.stats.last_error is not None or self.stats.connects > 1:
-            log.warning("connected to upstream %s again; resending %d unacknowledged messages",
-                        where, self.store.stats.messages)
+        waiting = self.store.stats.messages
+        if self.stats.connects > 1:
+            log.warning("connected to upstream %s again; %d messages waiting, oldest first", where, waiting)
+        elif self.stats.last_error is not None:
+            log.warning("connected to upstream %s after failed attempts; %d messages waiting", where, waiting)
         else:
-            log.info("connected to upstream %s", where)
+            log.info("connected to upstream %s; %d messages waiting", where, waiting)
         self.stats.last_error = None
         self._inflight.clear()
         self._cursor = 0
@@ -233,7 +238,7 @@ class Uplink:
         if client is not self._client:
             return
         if self._connack is not None and not self._connack.done():
-            self._connack.set_result(reason)
+            self._connack.set_result(None)  # closed before CONNACK
         if self.stats.connected and not self._stopping:
             self._fail(f"lost the connection to {self.cfg.host}:{self.cfg.effective_port} ({reason})")
         self.stats.connected = False

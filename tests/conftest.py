@@ -108,12 +108,18 @@ class Subscriber:
         self.messages: list[tuple[str, dict, bool]] = []
         self.lock = threading.Lock()
         self.topic = topic
+        self.subscriptions = 0  # SUBACKs received: one per (re)connection
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean)
         self.client.on_message = self._on_message
         self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(self.topic, qos=1)
-        self.client.reconnect_delay_set(0.1, 0.5)
+        self.client.on_subscribe = self._on_subscribe
+        self.client.reconnect_delay_set(0.1, 0.3)
         self.client.connect("127.0.0.1", port, keepalive=10)
         self.client.loop_start()
+        wait_until(lambda: self.subscriptions, 10, what="the subscription")
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        self.subscriptions += 1
 
     def _on_message(self, client, userdata, msg) -> None:
         try:
@@ -134,6 +140,79 @@ class Subscriber:
     def close(self) -> None:
         self.client.loop_stop()
         self.client.disconnect()
+
+
+class TcpGate:
+    """A TCP relay between the gateway and the broker that the test can close and open.
+
+    While closed, new connections are accepted and dropped at once, as by a broker that is
+    not there. The test uses it to bring the upstream subscriber back before the gateway
+    after a broker restart, so that the subscriber cannot miss what the broker accepted.
+    """
+
+    def __init__(self, target_port: int) -> None:
+        self.target = target_port
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.is_open = True
+        self.closed_for_good = False
+        self.conns: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.closed_for_good:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            if not self.is_open:
+                client.close()
+                continue
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target), timeout=2)
+            except OSError:
+                client.close()
+                continue
+            upstream.settimeout(None)
+            self.conns += [client, upstream]
+            threading.Thread(target=self._pipe, args=(client, upstream), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for sock in (src, dst):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+
+    def close(self) -> None:
+        self.closed_for_good = True
+        self.server.close()
+        for conn in self.conns:
+            try:
+                conn.close()
+            except OSError:
+                pass
+
+
+@pytest.fixture
+def gate():
+    gates = []
+
+    def make(target_port: int) -> TcpGate:
+        g = TcpGate(target_port)
+        gates.append(g)
+        return g
+    yield make
+    for g in gates:
+        g.close()
 
 
 @pytest.fixture
