@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -59,12 +60,23 @@ def raw_paho_rate(port: int, count: int, payload: bytes, inflight: int = 100) ->
         nonlocal acked
         acked += 1
     client.on_publish = on_publish
+    connected = threading.Event()
+    client.on_connect = lambda c, u, f, rc, p: connected.set()
     client.connect("127.0.0.1", port)
     client.loop_start()
+    if not connected.wait(10):  # messages published before CONNACK can be stranded in paho's queue
+        raise RuntimeError("no CONNACK from mosquitto")
     start = time.perf_counter()
+    # At most two windows outstanding: paho's message ids are 16 bit, so queueing more than 65535
+    # unacknowledged messages reuses ids and loses acknowledgements.
     for i in range(count):
+        while i - acked >= 2 * inflight:
+            time.sleep(0.0002)
         client.publish("bench/raw", payload, qos=1)
+    deadline = time.monotonic() + 300
     while acked < count:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"raw paho baseline: only {acked} of {count} acknowledged")
         time.sleep(0.001)
     elapsed = time.perf_counter() - start
     client.loop_stop()

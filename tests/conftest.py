@@ -56,8 +56,9 @@ class BrokerProcess:
     def command(self) -> list[str]:
         if self.kind == "mosquitto":
             conf = self.workdir / f"mosquitto-{self.port}.conf"
-            conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
-                            f"persistence false\n{self.extra_conf}")
+            # `user root`: as root, mosquitto would otherwise drop to a user that cannot read tmp_path.
+            conf.write_text(f"user root\npersistence false\n" + (self.extra_conf or
+                            f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"))
             return [shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(conf)]
         return [sys.executable, "-m", "gateway.broker", "--listen", f"127.0.0.1:{self.port}", "--allow-anonymous"]
 
@@ -104,7 +105,8 @@ def mosquitto(tmp_path):
 class Subscriber:
     """What a historian sees upstream: every message, decoded, with its topic."""
 
-    def __init__(self, port: int, topic: str = "#", client_id: str = "test-sub", clean: bool = True) -> None:
+    def __init__(self, port: int, topic: str = "#", client_id: str = "test-sub", clean: bool = True,
+                 username: str | None = None, password: str | None = None) -> None:
         self.messages: list[tuple[str, dict, bool]] = []
         self.lock = threading.Lock()
         self.topic = topic
@@ -114,6 +116,8 @@ class Subscriber:
         self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(self.topic, qos=1)
         self.client.on_subscribe = self._on_subscribe
         self.client.reconnect_delay_set(0.1, 0.3)
+        if username:
+            self.client.username_pw_set(username, password)
         self.client.connect("127.0.0.1", port, keepalive=10)
         self.client.loop_start()
         wait_until(lambda: self.subscriptions, 10, what="the subscription")
