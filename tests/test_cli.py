@@ -1,0 +1,42 @@
+"""The commands a user types: the demo, status while the daemon runs, the health topic."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from conftest import ENV, ROOT, gateway_config, wait_until
+
+
+def test_demo_runs_everything_and_stops_by_itself():
+    result = subprocess.run([sys.executable, "-m", "gateway", "demo", "--duration", "12", "--plain",
+                             "--fault-after", "3"], capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=90)
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "[pump1] state ok" in out and "[flexo1] state ok" in out
+    assert "counter produced" in out and "bearing wear injected" in out
+    summary = out.strip().splitlines()
+    demo_over = next(line for line in summary if line.startswith("demo over:"))
+    assert "gaps 0, duplicates 0, final gateway status offline" in demo_over
+    assert int(demo_over.split()[2]) > 20  # messages received
+
+
+def test_health_topic_and_local_status(mosquitto, gateway, subscribe, tmp_path):
+    sub = subscribe(mosquitto.port, topic="edge/lab/test-gw/health")
+    gw = gateway(gateway_config(tmp_path / "data", mosquitto.port)).start()
+    health = wait_until(lambda: [h for h in sub.on("/health") if h["upstream"]["acked"] > 0], 20,
+                        what="health")[-1]
+    assert set(health["backlog"]) == {"messages", "bytes", "oldest_age_s", "uncommitted"}
+    assert health["dropped"] == 0 and health["upstream"]["connected"] is True
+    assert health["upstream"]["reconnects"] == 0 and health["upstream"]["last_error"] is None
+    assert health["devices"]["pump1"]["state"] == "ok" and health["devices"]["pump1"]["polls"] > 0
+    status = subprocess.run([sys.executable, "-m", "gateway", "status", "-c", str(gw.config)], capture_output=True,
+                            text=True, env=ENV, cwd=ROOT, timeout=30)
+    assert status.returncode == 0, status.stderr
+    assert "upstream  connected" in status.stdout
+    assert "device    pump1" in status.stdout and "counter produced" in status.stdout
+    raw = subprocess.run([sys.executable, "-m", "gateway", "status", "--json", "-c", str(gw.config)],
+                         capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=30)
+    assert json.loads(raw.stdout)["counters"]["line1"]["produced"]["total"] >= 0
+    assert gw.stop() == 0
