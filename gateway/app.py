@@ -47,7 +47,8 @@ class Gateway:
                            bounds=Bounds(out.max_messages, out.max_bytes, out.max_age, out.when_full),
                            sync=out.sync)
         shifts = ShiftCalendar([(s.name, s.start) for s in config.shifts], gw.timezone)
-        self.devices = [DeviceRunner(d, open_source(d), self.store, self.root, shifts,
+        links: dict = {}  # connections shared by devices on one endpoint or serial line
+        self.devices = [DeviceRunner(d, open_source(d, links), self.store, self.root, shifts,
                                      on_state_change=self._device_state_changed) for d in config.devices]
         self.uplink = Uplink(config.upstream, self.store, client_id=config.upstream.client_id or gw.id,
                              status_topic=f"{self.root}/status", offline_payload=self._status("offline"))

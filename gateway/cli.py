@@ -42,6 +42,23 @@ def _parser() -> argparse.ArgumentParser:
     outbox.add_argument("-c", "--config", default=configuration.DEFAULT_PATH, help="config file (default %(default)s)")
     outbox.add_argument("--yes", action="store_true", help="purge without asking")
     outbox.add_argument("--json", action="store_true", help="stats as JSON")
+    simulate = sub.add_parser("sim", help="serve the simulated plant over Modbus TCP and/or RTU (read-only)")
+    simulate.add_argument("--modbus-tcp", metavar="HOST:PORT", help="e.g. 127.0.0.1:5020")
+    simulate.add_argument("--modbus-rtu", metavar="DEVICE", help="serial device, e.g. /dev/ttyUSB0 or a pty")
+    simulate.add_argument("--baudrate", type=int, default=19200)
+    simulate.add_argument("--parity", choices=("N", "E", "O"), default="E")
+    simulate.add_argument("--stopbits", type=int, choices=(1, 2), default=1)
+    simulate.add_argument("--units", default="1=pump:1,2=flexo_line:2,3=pump:3",
+                          help="UNIT=PROFILE:SEED,... (default %(default)s)")
+    simulate.add_argument("--counter-bits", type=int, choices=(16, 32), default=32, help="flexo raw counter width")
+    simulate.add_argument("--start-near-top", action="store_true", help="flexo raw counters start just below the wrap")
+    simulate.add_argument("--rate-per-min", type=float, default=120.0, help="flexo pieces per minute at 100 %%")
+    simulate.add_argument("--fault", action="append", default=[], metavar="UNIT:KIND[:AT[:DURATION[:TAG]]]",
+                          help="inject a pump fault, e.g. 1:bearing_wear:60 (seconds); repeatable")
+    simulate.add_argument("--exception", action="append", default=[], metavar="UNIT:CODE",
+                          help="the PLC answers every request to UNIT with this exception code, e.g. 2:6")
+    simulate.add_argument("--delay", action="append", default=[], metavar="UNIT:SECONDS",
+                          help="the PLC answers UNIT this slowly")
     demo = sub.add_parser("demo", help="everything on this machine: simulated plant, broker, gateway, live view")
     demo.add_argument("--duration", type=float, default=None, help="stop after this many seconds (default: Ctrl-C)")
     demo.add_argument("--plain", action="store_true", help="print lines instead of redrawing the screen")
@@ -60,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         return status(args.config, args.json)
     if args.command == "outbox":
         return outbox(args)
+    if args.command == "sim":
+        return simulate(args)
     if args.command == "demo":
         from gateway.demo import demo
         return demo(duration=args.duration, plain=args.plain, fault_after=args.fault_after)
@@ -193,4 +212,54 @@ def outbox(args) -> int:
                 return EX_OK
         n = store.purge(path)
     print(f"purged {n} messages; seq continues from {info['next_seq']}")
+    return EX_OK
+
+
+def simulate(args) -> int:
+    """`edge-gateway sim`: the simulated plant as Modbus PLCs, for testing an install without hardware."""
+    from sim.plc import SimPlant, serve
+
+    if not (args.modbus_tcp or args.modbus_rtu):
+        print("edge-gateway sim: give --modbus-tcp HOST:PORT and/or --modbus-rtu DEVICE", file=sys.stderr)
+        return EX_USAGE
+    try:
+        units = {}
+        for item in args.units.split(","):
+            unit, rest = item.split("=")
+            profile, seed = rest.split(":")
+            units[int(unit)] = (profile, int(seed))
+        tcp = None
+        if args.modbus_tcp:
+            host, port = args.modbus_tcp.rsplit(":", 1)
+            tcp = (host, int(port))
+        plant = SimPlant(units, counter_bits=args.counter_bits, counter_near_top=args.start_near_top,
+                         base_rate=args.rate_per_min)
+        for spec in args.fault:
+            unit, kind, *rest = spec.split(":")
+            at = float(rest[0]) if rest else None
+            duration = float(rest[1]) if len(rest) > 1 else float("inf")
+            plant.units[int(unit)].machine.inject(kind, at=at, duration=duration, tag=rest[2] if len(rest) > 2 else None)
+        for spec in args.exception:
+            unit, code = spec.split(":")
+            plant.units[int(unit)].faults.exception = int(code)
+        for spec in args.delay:
+            unit, seconds = spec.split(":")
+            plant.units[int(unit)].faults.delay = float(seconds)
+    except (ValueError, KeyError, AttributeError) as err:
+        print(f"edge-gateway sim: bad argument ({err}); see edge-gateway sim --help", file=sys.stderr)
+        return EX_USAGE
+    logs.setup("warning")
+    where = ", ".join(x for x in (f"Modbus TCP {args.modbus_tcp}" if tcp else "",
+                                   f"Modbus RTU {args.modbus_rtu} {args.baudrate} 8{args.parity}{args.stopbits}"
+                                   if args.modbus_rtu else "") if x)
+    print(f"simulated plant on {where}; units: " +
+          ", ".join(f"{u}={p}" for u, (p, _) in units.items()), flush=True)
+    try:
+        asyncio.run(serve(plant, tcp=tcp, rtu=args.modbus_rtu, baudrate=args.baudrate, parity=args.parity,
+                          stopbits=args.stopbits))
+    except KeyboardInterrupt:
+        pass
+    except OSError as err:
+        print(f"edge-gateway sim: cannot serve: {err}", file=sys.stderr)
+        return EX_UNAVAILABLE
     return EX_OK

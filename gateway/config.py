@@ -24,7 +24,7 @@ from gateway.units import parse_duration, parse_size
 DEFAULT_PATH = "/etc/edge-gateway/gateway.yaml"
 SOURCES = ("modbus_tcp", "modbus_rtu", "mqtt", "sim")
 # What this version can run. A valid config that needs more is refused by name.
-AVAILABLE_SOURCES = ("sim",)
+AVAILABLE_SOURCES = ("modbus_tcp", "modbus_rtu", "sim")
 REGISTER_TYPES = ("uint16", "int16", "uint32", "int32", "float32", "float64", "bool")
 TABLES = ("holding", "input", "coil", "discrete")
 NAME = re.compile(r"^[a-z0-9_-]+$")

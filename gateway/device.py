@@ -89,6 +89,7 @@ class DeviceRunner:
         self._last_counters_ts = 0.0
         self._on_state_change = on_state_change or (lambda runner: None)
         self._why: str | None = None
+        self._deadline = getattr(source, "deadline", device.timeout)  # a poll may take several requests
 
     # -- the poll loop --------------------------------------------------------------------
     async def run(self) -> None:
@@ -106,9 +107,9 @@ class DeviceRunner:
     async def poll_once(self) -> None:
         self.health.polls += 1
         try:
-            sample = await asyncio.wait_for(self.source.read(), timeout=self.device.timeout)
+            sample = await asyncio.wait_for(self.source.read(), timeout=self._deadline)
         except (SourceError, asyncio.TimeoutError) as err:
-            why = str(err) or f"no answer within {self.device.timeout:g}s"
+            why = str(err) or f"no answer within {self._deadline:g}s"
             self._read_failed(why)
             return
         except Exception as err:  # a bug in a source must not take the device loop down
@@ -137,7 +138,10 @@ class DeviceRunner:
         if bad:
             health.errors += 1
         health.bad_tags = bad
-        self._set_state("degraded" if bad else "ok", f"bad tags: {', '.join(bad)}" if bad else None)
+        why = f"bad tags: {', '.join(bad)}" + (f" ({sample.problem})" if sample.problem else "") if bad else None
+        if sample.problem:
+            health.last_error = sample.problem
+        self._set_state("degraded" if bad else "ok", why)
         self._update_counters(sample)
         self._publish(sample)
 

@@ -14,6 +14,7 @@ class Sample:
     ts: float  # UNIX time the sample was taken
     values: dict[str, float | None]
     quality: dict[str, str] = field(default_factory=dict)  # tag -> ok | stale | error
+    problem: str | None = None  # why some tags are bad (e.g. a Modbus exception), for the log and health
 
     @classmethod
     def from_readings(cls, device: str, ts: float, readings: dict[str, float | None]) -> "Sample":

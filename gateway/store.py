@@ -81,7 +81,7 @@ class Stats:
     committed: int = 0
     write_errors: int = 0
     last_error: str | None = None
-    drop_episode: list[int] = field(default_factory=list)  # [first seq, last seq] dropped this episode
+    drop_episode: list[list[int]] = field(default_factory=list)  # [first, last] ranges of seq dropped this episode
 
 
 class Store:
@@ -103,6 +103,9 @@ class Store:
         self._pending: list[Message] = []
         self._pending_counters: dict[tuple[str, str], CounterRow] = {}
         self._acked: dict[int, int] = {}  # seq -> payload size
+        # Rows the uplink has handed to the broker and not yet seen acknowledged: never dropped, since
+        # they may well arrive (maintained by the uplink).
+        self.inflight: set[int] = set()
         self._acked_max = 0
         self._pending_dropped = 0
 
@@ -159,23 +162,27 @@ class Store:
             victim = self._pending.pop()
         else:
             victim = self._pending.pop(0)
-        self._count_drop(victim.seq, victim.seq)
+        self._count_drop(victim.seq)
         self._pending_dropped += 1
 
-    def _count_drop(self, first: int, last: int) -> None:
-        episode = self.stats.drop_episode
-        if not episode:
+    def _count_drop(self, seq: int) -> None:
+        ranges = self.stats.drop_episode
+        if not ranges:
             log.warning("outbox full: dropping messages (when_full: %s), first seq dropped %d",
-                        self.bounds.when_full, first)
-            episode.extend([first, last])
+                        self.bounds.when_full, seq)
+        if ranges and ranges[-1][1] + 1 == seq:
+            ranges[-1][1] = seq
         else:
-            episode[0], episode[1] = min(episode[0], first), max(episode[1], last)
+            ranges.append([seq, seq])
 
     def _end_drop_episode(self) -> None:
-        if self.stats.drop_episode:
-            first, last = self.stats.drop_episode
-            log.warning("outbox drop episode over: dropped seq %d..%d, %d dropped in total",
-                        first, last, self.stats.dropped)
+        ranges = self.stats.drop_episode
+        if ranges:
+            count = sum(last - first + 1 for first, last in ranges)
+            shown = ", ".join(f"{a}..{b}" if a != b else str(a) for a, b in ranges[:5])
+            more = f" and {len(ranges) - 5} more ranges" if len(ranges) > 5 else ""
+            log.warning("outbox drop episode over: dropped seq %s%s (%d messages; %d dropped since the outbox "
+                        "was created)", shown, more, count, self.stats.dropped)
             self.stats.drop_episode = []
 
     # -- the one transaction -------------------------------------------------------------
@@ -225,8 +232,8 @@ class Store:
             self.stats.last_error = None
         self.stats.committed += len(admitted)
         self.stats.messages, self.stats.bytes, self.stats.dropped = messages, size, dropped_total
-        for seq, _ in dropped:
-            self._count_drop(seq, seq)
+        for seq, _ in sorted(dropped):
+            self._count_drop(seq)
         if not dropped and not self._pending_dropped:
             self._end_drop_episode()
         self._pending_dropped = 0
@@ -275,25 +282,29 @@ class Store:
     def _trim(self, db: sqlite3.Connection, now: float, messages: int, size: int) -> list[tuple[int, int]]:
         """Delete expired rows, and with drop_oldest the oldest rows over the limits; return (seq, size)."""
         dropped = []
+        inflight = json.dumps(sorted(self.inflight))
         oldest = db.execute("SELECT created FROM outbox ORDER BY seq LIMIT 1").fetchone()
         if oldest and oldest[0] < now - self.bounds.max_age:  # rows are in time order: expire from the front
             dropped = db.execute("DELETE FROM outbox WHERE seq IN (SELECT seq FROM outbox ORDER BY seq LIMIT 10000) "
-                                 "AND created < ? RETURNING seq, length(payload)",
-                                 (now - self.bounds.max_age,)).fetchall()
+                                 "AND created < ? AND seq NOT IN (SELECT value FROM json_each(?)) "
+                                 "RETURNING seq, length(payload)", (now - self.bounds.max_age, inflight)).fetchall()
         messages -= len(dropped)
         size -= sum(b for _, b in dropped)
         over, over_bytes = messages - self.bounds.max_messages, size - self.bounds.max_bytes
         if self.bounds.when_full == "drop_oldest" and (over > 0 or over_bytes > 0):
-            last = None
+            victims = []
             cursor = db.execute("SELECT seq, length(payload) FROM outbox ORDER BY seq")
             for seq, nbytes in cursor:
                 if over <= 0 and over_bytes <= 0:
                     break
-                over, over_bytes, last = over - 1, over_bytes - nbytes, seq
+                if seq in self.inflight:
+                    continue
+                over, over_bytes = over - 1, over_bytes - nbytes
+                victims.append(seq)
             cursor.close()
-            if last is not None:
-                dropped += db.execute("DELETE FROM outbox WHERE seq <= ? RETURNING seq, length(payload)",
-                                      (last,)).fetchall()
+            if victims:
+                dropped += db.execute("DELETE FROM outbox WHERE seq IN (SELECT value FROM json_each(?)) "
+                                      "RETURNING seq, length(payload)", (json.dumps(victims),)).fetchall()
         return dropped
 
     def close(self) -> None:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import paho.mqtt.client as mqtt
 
 from gateway.config import UpstreamSection
+from gateway.retry import backoff
 from gateway.store import Store
 
 log = logging.getLogger("edge_gateway.uplink")
@@ -31,6 +32,16 @@ class ConnectFailed(Exception):
 
 
 @dataclass
+class UplinkStats:
+    connected: bool = False
+    connects: int = 0
+    reconnects: int = 0
+    published: int = 0
+    acked: int = 0
+    last_ack: float | None = None
+    last_error: str | None = None
+
+
 class UplinkStats:
     connected: bool = False
     connects: int = 0
@@ -203,11 +214,16 @@ class Uplink:
         else:
             log.info("connected to upstream %s; %d messages waiting", where, waiting)
         self.stats.last_error = None
-        self._inflight.clear()
+        self._forget_inflight()
         self._cursor = 0
         self._caught_up = True
         client.publish(self.status_topic, self.online_payload, qos=1, retain=True)
         self._wake.set()
+
+    def _forget_inflight(self) -> None:
+        """The connection is gone: what was in flight is owed again, oldest first, on the next one."""
+        self._inflight.clear()
+        self.store.inflight.clear()
 
     def _fail(self, message: str) -> None:
         if self.stats.last_error != message:
@@ -217,7 +233,7 @@ class Uplink:
     async def _drop_client(self) -> None:
         client, self._client = self._client, None
         self.stats.connected = False
-        self._inflight.clear()
+        self._forget_inflight()
         if client is not None:
             client.disconnect()  # ends paho's network thread if the socket is still open
             await asyncio.to_thread(client.loop_stop)
@@ -251,6 +267,7 @@ class Uplink:
         if entry is None:  # a live message (status, health)
             return
         seq, size = entry
+        self.store.inflight.discard(seq)
         self.store.ack(seq, size)
         self.stats.acked += 1
         now = time.monotonic()
@@ -278,6 +295,7 @@ class Uplink:
                 if info.rc != mqtt.MQTT_ERR_SUCCESS:  # the connection just went; resend after reconnect
                     break
                 self._inflight[info.mid] = (msg.seq, msg.size)
+                self.store.inflight.add(msg.seq)
                 self._cursor = msg.seq
                 self.stats.published += 1
 

@@ -196,6 +196,16 @@ class TcpGate:
                 pass
             sock.close()
 
+    def cut(self) -> None:
+        """Sever the connections passing through now: a network loss."""
+        conns, self.conns = self.conns, []
+        for conn in conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+                conn.close()
+            except OSError:
+                pass
+
     def close(self) -> None:
         self.closed_for_good = True
         self.server.close()

@@ -116,9 +116,12 @@ def test_every_problem_is_reported_at_once(tmp_path):
 
 
 def test_a_source_not_in_this_version_is_refused_by_name(tmp_path):
-    result = check(tmp_path, BASE + MODBUS % "int16")
+    assert check(tmp_path, BASE + MODBUS % "int16").returncode == 0
+    mqtt = "  - {name: sensor1, source: mqtt, topic: sensors/1, fields: {temp_c: t}}\n"
+    result = check(tmp_path, BASE + mqtt)
     assert result.returncode == 78
-    assert "devices[2].source: modbus_tcp is not available in this version (available: sim)" in result.stderr
+    assert ("devices[2].source: mqtt is not available in this version (available: modbus_tcp, modbus_rtu, sim)"
+            in result.stderr)
 
 
 def test_keys_of_another_source_are_refused(tmp_path):

@@ -58,6 +58,13 @@ def test_repeated_broker_outages_lose_nothing(broker, gate, gateway, subscribe, 
     wait_until(lambda: len(sub.seqs()) > 50, 20, what="traffic before the first outage")
     for outage in range(2):
         g.is_open = False  # after the restart the subscriber goes first
+        # The network drops first, then the broker is killed -9. A broker sends PUBACK before it has
+        # written the message on to its subscribers, so killing it mid-stream can lose messages it had
+        # acknowledged: that is the broker's durability, which no publisher can repair. Cutting the
+        # link first means every acknowledged message had reached the subscriber, so a gap could only be
+        # the gateway's loss; the messages in flight at the cut got no PUBACK and must be resent.
+        g.cut()
+        time.sleep(0.5)
         broker.kill()  # SIGKILL: the broker process is gone
         time.sleep(10)  # the gateway keeps sampling into its outbox
         assert gw.proc.poll() is None, "the gateway must survive the outage"

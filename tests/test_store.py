@@ -101,3 +101,15 @@ def test_disk_refusing_writes_keeps_messages_and_recovers(tmp_path):
     assert store.commit()
     assert store.stats.last_error is None
     assert [m["seq"] for m in payloads(store)] == list(range(1, 302))
+
+
+def test_rows_in_flight_are_never_dropped(tmp_path):
+    store = Store(str(tmp_path / "g.db"), bounds=Bounds(max_messages=3))
+    for i in range(3):
+        store.stage("t", {"i": i})
+    store.commit()
+    store.inflight.update({1, 2})  # handed to the broker, not yet acknowledged
+    store.stage("t", {"i": 3})
+    store.commit()
+    assert [m["seq"] for m in payloads(store)] == [1, 2, 4]  # seq 3 dropped, not the rows in flight
+    assert store.stats.dropped == 1

@@ -13,8 +13,12 @@ class SourceError(Exception):
     """A read failed; `str()` says why in a form fit for the log and health."""
 
 
-def open_source(device: DeviceSection):
+def open_source(device: DeviceSection, links: dict | None = None):
+    """The source for a device; `links` is shared by all devices so that they can share connections."""
     if device.source == "sim":
         from gateway.sources.sim import SimSource
         return SimSource(device)
+    if device.source in ("modbus_tcp", "modbus_rtu"):
+        from gateway.sources.modbus import ModbusSource
+        return ModbusSource(device, {} if links is None else links)
     raise SourceError(f"source {device.source} is not available in this version")

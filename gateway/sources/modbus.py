@@ -1,0 +1,177 @@
+"""Modbus TCP and RTU sources (pymodbus 3.x async clients). Read-only.
+
+Devices on one TCP endpoint (several unit ids behind one gateway or PLC) share one
+connection; devices on one serial port share the line. Either way their requests are
+serialized through the link's lock, and on a serial line each transaction is followed
+by the 3.5-character silence the baud rate needs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+
+from gateway.config import DeviceSection
+from gateway.modbus_map import Read, decode, plan, width
+from gateway.retry import backoff
+from gateway.sample import ERROR, OK, Sample
+from gateway.sources import SourceError
+
+log = logging.getLogger("edge_gateway.modbus")
+
+EXCEPTION_NAMES = {
+    1: "ILLEGAL_FUNCTION", 2: "ILLEGAL_DATA_ADDRESS", 3: "ILLEGAL_DATA_VALUE", 4: "SLAVE_DEVICE_FAILURE",
+    5: "ACKNOWLEDGE", 6: "SLAVE_DEVICE_BUSY", 7: "NEGATIVE_ACKNOWLEDGE", 8: "MEMORY_PARITY_ERROR",
+    10: "GATEWAY_PATH_UNAVAILABLE", 11: "GATEWAY_TARGET_DEVICE_FAILED_TO_RESPOND",
+}
+_FUNCTIONS = {"holding": "read_holding_registers", "input": "read_input_registers",
+              "coil": "read_coils", "discrete": "read_discrete_inputs"}
+_CODES = {"holding": 3, "input": 4, "coil": 1, "discrete": 2}
+DEFAULT_MAX_GAP = 10
+
+
+class Link:
+    """One connection (TCP endpoint or serial line), shared by the devices behind it."""
+
+    def __init__(self, name: str, make_client, gap: float = 0.0) -> None:
+        self.name = name
+        self._make_client = make_client
+        self.gap = gap
+        self.lock = asyncio.Lock()
+        self.client = None
+        self.requests = 0
+        self._attempt = 0
+        self._retry_at = 0.0
+        self._rng = random.Random()
+
+    async def _connected(self):
+        if self.client is not None and self.client.connected:
+            return self.client
+        now = time.monotonic()
+        if now < self._retry_at:
+            raise SourceError(f"{self.name}: not connected, next attempt in {self._retry_at - now:.1f}s")
+        if self.client is None:
+            self.client = self._make_client()
+        try:
+            ok = await self.client.connect()
+        except Exception as err:  # pymodbus raises a variety here; each means "cannot connect"
+            ok, why = False, str(err)
+        else:
+            why = "connection refused or no route"
+        if not ok:
+            self._failed()
+            raise SourceError(f"{self.name}: cannot connect ({why})")
+        self._attempt = 0
+        return self.client
+
+    def _drop(self) -> None:
+        """Close the connection now; the next request reconnects at once."""
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+
+    def _failed(self) -> None:
+        self._retry_at = time.monotonic() + backoff(self._attempt, 0.5, 30.0, 0.3, self._rng)
+        self._attempt += 1
+        self._drop()
+
+    async def read(self, read: Read, unit: int, timeout: float):
+        """One request; the response (possibly an exception response) or SourceError."""
+        from pymodbus.exceptions import ConnectionException, ModbusException
+
+        async with self.lock:
+            client = await self._connected()
+            self.requests += 1
+            try:
+                response = await asyncio.wait_for(
+                    getattr(client, _FUNCTIONS[read.table])(read.address, count=read.count, device_id=unit),
+                    timeout=timeout)
+            except asyncio.TimeoutError:
+                self._drop()  # a late answer must never be taken for the answer to a later request
+                raise SourceError(f"{self.name}: no response within {timeout:g}s "
+                                  f"(unit {unit}, {read.table} {read.address}+{read.count})") from None
+            except (ConnectionException, ConnectionError, OSError) as err:
+                self._failed()
+                raise SourceError(f"{self.name}: connection lost ({err})") from None
+            except ModbusException as err:  # no valid response: timeout inside pymodbus, CRC error, garbage
+                raise SourceError(f"{self.name}: no valid response (unit {unit}): {err}") from None
+            finally:
+                if self.gap:
+                    await asyncio.sleep(self.gap)
+            if not response.isError():
+                got = len(response.bits if read.table in ("coil", "discrete") else response.registers)
+                if response.function_code != _CODES[read.table] or got < read.count:
+                    self._drop()
+                    raise SourceError(f"{self.name}: answer does not match the request (unit {unit}, "
+                                      f"{read.table} {read.address}+{read.count}): dropped the connection")
+            return response
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+
+
+def link_for(device: DeviceSection, links: dict) -> Link:
+    """The shared link for a device's endpoint or serial port (created on first use)."""
+    from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
+
+    if device.source == "modbus_tcp":
+        port = device.port or 502
+        key = f"tcp://{device.host}:{port}"
+        if key not in links:
+            links[key] = Link(f"{device.host}:{port}", lambda: AsyncModbusTcpClient(
+                device.host, port=port, timeout=device.timeout, retries=0, reconnect_delay=0))
+        return links[key]
+    s = device.serial
+    key = f"rtu://{s.port}"
+    if key not in links:
+        char_time = (1 + s.bytesize + (0 if s.parity == "N" else 1) + s.stopbits) / s.baudrate
+        gap = 3.5 * char_time if s.baudrate <= 19200 else 0.00175  # Modbus over serial line, 2.5.1.1
+        links[key] = Link(s.port, lambda: AsyncModbusSerialClient(
+            s.port, baudrate=s.baudrate, parity=s.parity, stopbits=s.stopbits, bytesize=s.bytesize,
+            timeout=device.timeout, retries=0, reconnect_delay=0), gap=gap)
+    return links[key]
+
+
+class ModbusSource:
+    def __init__(self, device: DeviceSection, links: dict) -> None:
+        self.device = device
+        self.link = link_for(device, links)
+        self.unit = device.unit if device.unit is not None else 1
+        self.reads = plan(device.registers, max_gap=device.max_gap if device.max_gap is not None else DEFAULT_MAX_GAP,
+                          max_per_read=device.max_registers_per_read)
+        # The whole poll may take one timeout per request (plus the line's silences).
+        self.deadline = len(self.reads) * (device.timeout + self.link.gap) + 0.5
+
+    async def read(self) -> Sample:
+        ts = time.time()
+        values: dict[str, float | None] = {}
+        quality: dict[str, str] = {}
+        problems = []
+        for read in self.reads:
+            response = await self.link.read(read, self.unit, self.device.timeout)
+            if response.isError():
+                code = getattr(response, "exception_code", None)
+                name = EXCEPTION_NAMES.get(code, f"exception {code}")
+                problems.append(f"{name} (code {code}) reading {read.table} {read.address}+{read.count}")
+                for reg in read.tags:
+                    values[reg.name], quality[reg.name] = None, ERROR
+                continue
+            words = response.bits if read.table in ("coil", "discrete") else response.registers
+            for reg in read.tags:
+                offset = reg.address - read.address
+                value = decode(words[offset:offset + width(reg)], reg)
+                values[reg.name], quality[reg.name] = value, OK if value is not None else ERROR
+        if problems and len(problems) == len(self.reads):
+            raise SourceError(f"unit {self.unit}: " + "; ".join(problems))
+        values = {reg.name: values[reg.name] for reg in self.device.registers}  # the configured order
+        sample = Sample(self.device.name, ts, values, {tag: quality[tag] for tag in values})
+        sample.problem = "; ".join(problems) or None
+        return sample
+
+    async def close(self) -> None:
+        self.link.close()
+

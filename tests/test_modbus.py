@@ -1,0 +1,299 @@
+"""Modbus: decoding, coalescing counted at a real pymodbus server, TCP and RTU end to end, mbpoll as a
+third-party client of the simulated plant, and the faults a plant has (server gone, exception, slow)."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ENV, ROOT, free_port, gateway_config, wait_until
+from gateway.config import RegisterSection, parse
+from gateway.modbus_map import decode, encode, plan
+from sim.plc import FLEXO_MAP, PUMP_MAP, SimPlant, registers_yaml, serve
+
+TOPIC = "edge/lab/test-gw"
+
+
+def reg(type="uint16", **kw) -> RegisterSection:
+    kw.setdefault("table", "holding")
+    return RegisterSection(name=kw.pop("name", "t"), address=kw.pop("address", 0), type=type, **kw)
+
+
+# -- decoding ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("words,spec,expected", [
+    ([0x44B9, 0x1000], reg("float32"), 1480.5),
+    ([0x1000, 0x44B9], reg("float32", word_order="little"), 1480.5),
+    ([0xB944, 0x0010], reg("float32", byte_order="little"), 1480.5),
+    ([0x0010, 0xB944], reg("float32", word_order="little", byte_order="little"), 1480.5),
+    ([0x4097, 0x2000, 0, 0], reg("float64"), 1480.0),
+    ([0, 0, 0x2000, 0x4097], reg("float64", word_order="little"), 1480.0),
+    ([0xFFFF], reg("int16"), -1),
+    ([0xFF85], reg("int16", scale=0.1), -12.3),
+    ([0xFFFF], reg("uint16"), 65535),
+    ([0xFFFF, 0xFFFE], reg("int32"), -2),
+    ([0xFFFE, 0xFFFF], reg("int32", word_order="little"), -2),
+    ([0x0001, 0x0000], reg("uint32"), 65536),
+    ([0x0000, 0x0001], reg("uint32", word_order="little"), 65536),
+    ([0x0102], reg("uint16", byte_order="little"), 0x0201),
+    ([1000], reg("uint16", scale=0.1, offset=-40), 60.0),
+    ([0b0100], reg("bool", bit=2), 1.0),
+    ([0b0100], reg("uint16", bit=1), 0.0),
+])
+def test_decode(words, spec, expected):
+    assert decode(words, spec) == pytest.approx(expected)
+    if spec.bit is None:
+        assert decode(encode(expected, spec), spec) == pytest.approx(expected)
+
+
+def test_nan_and_infinity_decode_to_none():
+    assert decode([0x7FC0, 0x0000], reg("float32")) is None
+    assert decode([0x7F80, 0x0000], reg("float32")) is None  # +inf
+    assert decode([0xFFF8, 0, 0, 0], reg("float64")) is None
+    assert math.isnan(decode(encode(math.nan, reg("float32")), reg("float32")) or math.nan)
+
+
+def test_coils_and_discrete_inputs():
+    assert decode([True], reg("bool", table="coil")) == 1.0
+    assert decode([False], reg("bool", table="discrete")) == 0.0
+
+
+def test_plan_merges_within_gap_and_limits():
+    regs = [reg(name=f"r{a}", address=a) for a in (0, 1, 2, 10, 30)] + [reg("float32", name="f", address=31)]
+    assert [(r.address, r.count) for r in plan(regs, max_gap=10)] == [(0, 11), (30, 3)]
+    assert [(r.address, r.count) for r in plan(regs, max_gap=0)] == [(0, 3), (10, 1), (30, 3)]
+    assert [(r.address, r.count) for r in plan(regs, max_gap=100)] == [(0, 33)]
+    assert [(r.address, r.count) for r in plan(regs, max_gap=100, max_per_read=8)] == [(0, 3), (10, 1), (30, 3)]
+    wide = [reg(name=f"w{a}", address=a) for a in range(0, 300, 2)]
+    reads = plan(wide, max_gap=10)
+    assert all(r.count <= 125 for r in reads) and len(reads) == 3
+    bits = [reg("bool", table="coil", name=f"c{a}", address=a) for a in range(0, 2500, 50)]
+    assert [r.count for r in plan(bits, max_gap=100)] == [1951, 451]
+
+
+# -- a simulated PLC in this process, for counting the requests it receives -------------------------
+class PlantThread:
+    def __init__(self, units=None) -> None:
+        self.port = free_port()
+        self.plant = SimPlant(units)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        wait_until(lambda: _listening(self.port), 10, what="the pymodbus server")
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.task = self.loop.create_task(serve(self.plant, tcp=("127.0.0.1", self.port)))
+        try:
+            self.loop.run_until_complete(self.task)
+        except asyncio.CancelledError:
+            pass
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.task.cancel)
+        self.thread.join(10)
+
+
+def _listening(port: int) -> bool:
+    import socket
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def device_yaml(name, port, unit, regmap, extra="", timeout="1s") -> str:
+    regs = registers_yaml(regmap)
+    return (f"\n  - name: {name}\n    source: modbus_tcp\n    host: 127.0.0.1\n    port: {port}\n"
+            f"    unit: {unit}\n    interval: 200ms\n    timeout: {timeout}\n{extra}    registers:\n{regs}")
+
+
+@pytest.mark.parametrize("extra,expected", [("", 2), ("    max_gap: 0\n", 3), ("    max_registers_per_read: 2\n", 8)])
+def test_coalescing_counted_at_the_server(extra, expected):
+    from gateway.sources import open_source
+
+    plc = PlantThread()
+    try:
+        cfg = parse(gateway_config(Path("/tmp/unused"), 1883, devices=device_yaml("pump1", plc.port, 1, PUMP_MAP, extra)))
+        source = open_source(cfg.devices[0])
+
+        async def poll_10():
+            samples = [await source.read() for _ in range(10)]
+            await source.close()
+            return samples
+        samples = asyncio.run(poll_10())
+        assert plc.plant.requests[1] == 10 * expected
+        assert all(q == "ok" for q in samples[-1].quality.values())
+        assert 1440 < samples[-1].values["motor_rpm"] < 1500
+        assert samples[-1].values["running"] == 1.0
+    finally:
+        plc.stop()
+
+
+# -- the daemon against the simulator served by `edge-gateway sim` ------------------------------------
+class SimServer:
+    def __init__(self, tmp_path: Path, *args: str) -> None:
+        self.port = free_port()
+        self.args = args
+        self.log = tmp_path / f"sim-{self.port}.log"
+        self.proc = None
+
+    def start(self) -> "SimServer":
+        self.proc = subprocess.Popen([sys.executable, "-m", "gateway", "sim", "--modbus-tcp", f"127.0.0.1:{self.port}",
+                                      *self.args], stdout=open(self.log, "a"), stderr=subprocess.STDOUT, env=ENV, cwd=ROOT)
+        wait_until(lambda: _listening(self.port) or self.proc.poll() is not None, 20, what="edge-gateway sim")
+        assert self.proc.poll() is None, self.log.read_text()
+        return self
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def sim_server(tmp_path):
+    servers = []
+
+    def make(*args: str) -> SimServer:
+        server = SimServer(tmp_path, *args).start()
+        servers.append(server)
+        return server
+    yield make
+    for server in servers:
+        server.kill()
+
+
+def test_example_config_reads_exactly_the_documented_map():
+    cfg = yaml.safe_load((ROOT / "examples" / "sim-plant.yaml").read_text())
+    maps = {1: PUMP_MAP, 2: FLEXO_MAP, 3: PUMP_MAP}
+    for device in cfg["devices"]:
+        expected = [{k: v for k, v in vars(r).items() if v is not None} for r in maps[device["unit"]]]
+        got = [vars(RegisterSection(**r)) for r in device["registers"]]
+        assert [{k: v for k, v in g.items() if v is not None} for g in got] == expected
+
+
+def test_gateway_reads_the_simulated_plant_over_tcp(sim_server, mosquitto, gateway, subscribe, tmp_path):
+    server = sim_server("--counter-bits", "16", "--start-near-top", "--rate-per-min", "1200")
+    text = (ROOT / "examples" / "sim-plant.yaml").read_text().replace("port: 5020", f"port: {server.port}")
+    text = text.replace("port: 1883", f"port: {mosquitto.port}").replace("interval: 1s", "interval: 200ms")
+    text = text.replace("data_dir: /tmp/edge-gateway-sim-plant", f"data_dir: {tmp_path / 'data'}")
+    text = text.replace("bits: 32", "bits: 16")
+    sub = subscribe(mosquitto.port, topic="edge/lab/sim-gw/#")
+    gw = gateway(text).start()
+    wait_until(lambda: [c for c in sub.on("/line1/counters") if c["counters"]["produced"]["total"] > 60], 30,
+               what="the 16-bit counter to wrap and count on")
+    assert gw.stop() == 0
+    pump = sub.on("/pump1/telemetry")[-1]
+    assert "quality" not in pump, pump
+    assert 1440 < pump["values"]["motor_rpm"] < 1500 and 300 < pump["values"]["flow_l_min"] < 1300
+    assert pump["values"]["discharge_pressure_bar"] > pump["values"]["suction_pressure_bar"] > 0.3
+    assert 10 < pump["values"]["motor_current_a"] < 100  # byte-swapped float decodes right
+    assert sub.on("/pump2/telemetry")[-1]["values"]["motor_rpm"] > 1400  # a third unit on the same connection
+    raws = [t["values"]["produced_raw"] for t in sub.on("/line1/telemetry")]
+    assert max(raws) > 65000 and min(raws) < 100  # the raw counter wrapped
+    first, last = raws[0], sub.on("/line1/counters")[-1]
+    raw_at = {t["ts"]: t["values"]["produced_raw"] for t in sub.on("/line1/telemetry")}
+    assert last["counters"]["produced"]["total"] == (raw_at[last["ts"]] - first) % 65536
+
+
+@pytest.mark.skipif(not shutil.which("mbpoll"), reason="mbpoll not installed")
+def test_mbpoll_reads_the_documented_map(sim_server):
+    server = sim_server()
+
+    def mbpoll(unit: int, ref: int, count: int, kind: str, *extra: str) -> list[float]:
+        # mbpoll counts references from 1: protocol address 0 is reference 1.
+        out = subprocess.run(["mbpoll", "-m", "tcp", "-p", str(server.port), "-a", str(unit), "-r", str(ref + 1),
+                              "-c", str(count), "-t", kind, *extra, "-1", "127.0.0.1"],
+                             capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0, out.stdout + out.stderr
+        return [float(v) for v in re.findall(r"^\[\d+\]:\s+(-?[\d.e+-]+)", out.stdout, re.M)]
+
+    rpm, bearing, casing, ambient, oil, vib = mbpoll(1, 0, 6, "4")
+    assert 14400 < rpm < 15000  # × 0.1
+    assert 2000 < bearing < 8000 and 1500 < casing < 6000 and 1000 < ambient < 4000  # × 0.01 °C
+    assert 1500 < oil < 3500 and 500 < vib < 5000  # × 0.001
+    status, = mbpoll(1, 10, 1, "4")
+    assert status == 1  # running, no alarm
+    flow, = mbpoll(1, 0, 1, "3:float", "-B")  # big-endian words
+    suction, = mbpoll(1, 2, 1, "3:float")  # mbpoll's default word order is little-endian
+    assert 300 < flow < 1300 and 0.5 < suction < 2.0
+    machine_status, speed = mbpoll(2, 0, 2, "4")
+    assert machine_status in (1, 2, 3, 4) and 0 <= speed <= 2600
+    produced, defects = mbpoll(2, 10, 2, "4:int", "-B")  # uint32, big-endian words
+    assert produced >= defects >= 0
+
+
+def test_faults_server_gone_exception_slow_are_isolated(sim_server, mosquitto, gateway, subscribe, tmp_path):
+    healthy = sim_server()
+    doomed = sim_server()
+    busy = sim_server("--exception", "2:6")
+    slow = sim_server("--delay", "1:2")
+    devices = (device_yaml("good", healthy.port, 1, PUMP_MAP) + device_yaml("doomed", doomed.port, 1, PUMP_MAP)
+               + device_yaml("busy", busy.port, 2, FLEXO_MAP) + device_yaml("slow", slow.port, 1, PUMP_MAP, timeout="300ms"))
+    sub = subscribe(mosquitto.port, topic=f"{TOPIC}/#")
+    gw = gateway(gateway_config(tmp_path / "data", mosquitto.port, devices=devices)).start()
+    wait_until(lambda: len(sub.on("/doomed/telemetry")) > 5, 20, what="the doomed device to publish")
+    doomed.kill()
+    time.sleep(3)
+    good_before = len(sub.on("/good/telemetry"))
+    time.sleep(2)
+    assert len(sub.on("/good/telemetry")) > good_before + 5, "the other devices keep publishing"
+    last = sub.on("/doomed/telemetry")[-1]
+    assert set(last["quality"].values()) == {"error"} and set(last["values"].values()) == {None}
+    doomed.start()  # the same port again: the device recovers by itself
+    wait_until(lambda: "device doomed: recovered" in gw.logs(), 40, what="recovery after the server restart")
+    status = [s for s in sub.on("/status") if s.get("state") == "online"]
+    assert status[-1]["devices"]["busy"]["state"] == "error"
+    assert gw.stop() == 0
+    logs = gw.logs()
+    assert "device busy: read failed: unit 2: SLAVE_DEVICE_BUSY (code 6)" in logs
+    assert re.search(r"device slow: read failed: .*no response within 0.3s", logs)
+    assert logs.count("device doomed: read failed") == 1, "logged once per state change, not per poll"
+    assert logs.count("device slow: read failed") == 1, "a slow PLC stays in error: no late answer is taken"
+    assert "Traceback" not in logs
+    health = sub.on("/health")[-1]
+    assert health["devices"]["busy"]["errors"] > 3 and health["devices"]["good"]["state"] == "ok"
+
+
+@pytest.mark.skipif(not shutil.which("socat"), reason="socat not installed")
+def test_rtu_over_a_pseudo_terminal_pair(mosquitto, gateway, subscribe, tmp_path):
+    a, b = tmp_path / "plc-side", tmp_path / "gateway-side"
+    socat = subprocess.Popen(["socat", f"pty,raw,echo=0,link={a}", f"pty,raw,echo=0,link={b}"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = None
+    try:
+        wait_until(lambda: a.exists() and b.exists(), 10, what="socat's pty pair")
+        # 8N1: Linux pseudo-terminals refuse parity settings (EINVAL); a real RS-485 adapter takes E.
+        server = subprocess.Popen([sys.executable, "-m", "gateway", "sim", "--modbus-rtu", str(a), "--baudrate",
+                                   "38400", "--parity", "N"], stdout=open(tmp_path / "rtu-sim.log", "w"), stderr=subprocess.STDOUT,
+                                  env=ENV, cwd=ROOT)
+        devices = "".join(f"""
+  - name: {name}
+    source: modbus_rtu
+    serial: {{port: {b}, baudrate: 38400, parity: N, stopbits: 1}}
+    unit: {unit}
+    interval: 300ms
+    timeout: 500ms
+    registers:
+""" + registers_yaml(regmap) for name, unit, regmap in (("pump1", 1, PUMP_MAP), ("line1", 2, FLEXO_MAP)))
+        sub = subscribe(mosquitto.port, topic=f"{TOPIC}/#")
+        gw = gateway(gateway_config(tmp_path / "data", mosquitto.port, devices=devices)).start()
+        wait_until(lambda: len(sub.on("/pump1/telemetry")) > 5 and len(sub.on("/line1/telemetry")) > 5, 40,
+                   what="telemetry over RTU from two units on one line")
+        assert gw.stop() == 0
+        pump = [t for t in sub.on("/pump1/telemetry") if "quality" not in t]
+        assert pump and 1440 < pump[-1]["values"]["motor_rpm"] < 1500
+        assert [t for t in sub.on("/line1/telemetry") if "quality" not in t]
+    finally:
+        if server:
+            server.kill()
+        socat.kill()
