@@ -15,5 +15,6 @@ def setup(level: str = "info") -> None:
     # paho and amqtt are chatty at info level; their problems reach us through our own messages.
     for noisy in ("amqtt", "transitions"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    # pymodbus warns about every failed connect; the device's own state-change log says it once.
-    logging.getLogger("pymodbus").setLevel(logging.ERROR)
+    # pymodbus logs every failed connect and every garbage frame (with hex dumps); the device's own
+    # state-change log says it once.
+    logging.getLogger("pymodbus").setLevel(logging.CRITICAL)

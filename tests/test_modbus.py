@@ -297,3 +297,48 @@ def test_rtu_over_a_pseudo_terminal_pair(mosquitto, gateway, subscribe, tmp_path
         if server:
             server.kill()
         socat.kill()
+
+
+def test_garbage_answers_are_an_error_not_a_crash(sim_server, mosquitto, gateway, subscribe, tmp_path):
+    import os
+    import socket
+
+    garbage = socket.create_server(("127.0.0.1", 0))
+    port = garbage.getsockname()[1]
+    stop = threading.Event()
+
+    def serve_garbage():  # answers every request with random bytes, like a PLC on a noisy line
+        garbage.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = garbage.accept()
+            except OSError:
+                continue
+            conn.settimeout(0.2)
+            while not stop.is_set():
+                try:
+                    if not conn.recv(256):
+                        break
+                    conn.sendall(os.urandom(9))
+                except socket.timeout:
+                    continue
+                except OSError:
+                    break
+            conn.close()
+    threading.Thread(target=serve_garbage, daemon=True).start()
+    healthy = sim_server()
+    try:
+        devices = device_yaml("noisy", port, 1, PUMP_MAP, timeout="300ms") + device_yaml("good", healthy.port, 1, PUMP_MAP)
+        sub = subscribe(mosquitto.port, topic=f"{TOPIC}/#")
+        gw = gateway(gateway_config(tmp_path / "data", mosquitto.port, devices=devices)).start()
+        wait_until(lambda: len(sub.on("/good/telemetry")) > 20 and sub.on("/noisy/telemetry"), 20,
+                   what="telemetry from both")
+        assert gw.stop() == 0
+    finally:
+        stop.set()
+        garbage.close()
+    noisy = sub.on("/noisy/telemetry")
+    assert all(set(t["quality"].values()) == {"error"} for t in noisy), "garbage is never a value"
+    assert "device noisy: read failed" in gw.logs() and "Traceback" not in gw.logs()
+    assert "pymodbus" not in gw.logs(), "one line per state change, not a hex dump per poll"
+    assert all("quality" not in t for t in sub.on("/good/telemetry")[5:])
