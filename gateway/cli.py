@@ -42,6 +42,14 @@ def _parser() -> argparse.ArgumentParser:
     outbox.add_argument("-c", "--config", default=configuration.DEFAULT_PATH, help="config file (default %(default)s)")
     outbox.add_argument("--yes", action="store_true", help="purge without asking")
     outbox.add_argument("--json", action="store_true", help="stats as JSON")
+    counters = sub.add_parser("counters", help="show counter totals; set a baseline after a PLC swap (audited)")
+    counters.add_argument("action", nargs="?", choices=("show", "set", "audit"), default="show")
+    counters.add_argument("device", nargs="?")
+    counters.add_argument("name", nargs="?")
+    counters.add_argument("value", nargs="?", type=int)
+    counters.add_argument("--reason", help="set: why (recorded in the audit table)")
+    counters.add_argument("-c", "--config", default=configuration.DEFAULT_PATH, help="config file (default %(default)s)")
+    counters.add_argument("--json", action="store_true")
     simulate = sub.add_parser("sim", help="serve the simulated plant over Modbus TCP and/or RTU (read-only)")
     simulate.add_argument("--modbus-tcp", metavar="HOST:PORT", help="e.g. 127.0.0.1:5020")
     simulate.add_argument("--modbus-rtu", metavar="DEVICE", help="serial device, e.g. /dev/ttyUSB0 or a pty")
@@ -53,10 +61,13 @@ def _parser() -> argparse.ArgumentParser:
     simulate.add_argument("--counter-bits", type=int, choices=(16, 32), default=32, help="flexo raw counter width")
     simulate.add_argument("--start-near-top", action="store_true", help="flexo raw counters start just below the wrap")
     simulate.add_argument("--rate-per-min", type=float, default=120.0, help="flexo pieces per minute at 100 %%")
+    simulate.add_argument("--reset-every", type=float, metavar="SECONDS",
+                          help="reset the flexo raw counters on this schedule (kill -USR1 resets them now)")
     simulate.add_argument("--fault", action="append", default=[], metavar="UNIT:KIND[:AT[:DURATION[:TAG]]]",
                           help="inject a pump fault, e.g. 1:bearing_wear:60 (seconds); repeatable")
     simulate.add_argument("--exception", action="append", default=[], metavar="UNIT:CODE",
                           help="the PLC answers every request to UNIT with this exception code, e.g. 2:6")
+    simulate.add_argument("--truth", metavar="FILE", help="write the flexo lines' true counts here (JSON, every step)")
     simulate.add_argument("--delay", action="append", default=[], metavar="UNIT:SECONDS",
                           help="the PLC answers UNIT this slowly")
     demo = sub.add_parser("demo", help="everything on this machine: simulated plant, broker, gateway, live view")
@@ -77,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         return status(args.config, args.json)
     if args.command == "outbox":
         return outbox(args)
+    if args.command == "counters":
+        return counters(args)
     if args.command == "sim":
         return simulate(args)
     if args.command == "demo":
@@ -233,7 +246,7 @@ def simulate(args) -> int:
             host, port = args.modbus_tcp.rsplit(":", 1)
             tcp = (host, int(port))
         plant = SimPlant(units, counter_bits=args.counter_bits, counter_near_top=args.start_near_top,
-                         base_rate=args.rate_per_min)
+                         base_rate=args.rate_per_min, reset_every=args.reset_every)
         for spec in args.fault:
             unit, kind, *rest = spec.split(":")
             at = float(rest[0]) if rest else None
@@ -256,10 +269,73 @@ def simulate(args) -> int:
           ", ".join(f"{u}={p}" for u, (p, _) in units.items()), flush=True)
     try:
         asyncio.run(serve(plant, tcp=tcp, rtu=args.modbus_rtu, baudrate=args.baudrate, parity=args.parity,
-                          stopbits=args.stopbits))
+                          stopbits=args.stopbits, truth_path=args.truth))
     except KeyboardInterrupt:
         pass
     except OSError as err:
         print(f"edge-gateway sim: cannot serve: {err}", file=sys.stderr)
         return EX_UNAVAILABLE
+    return EX_OK
+
+
+def counters(args) -> int:
+    cfg = _load(args.config)
+    if cfg is None:
+        return EX_CONFIG
+    from gateway import store
+    from gateway.app import STORE_FILE
+
+    path = os.path.join(cfg.gateway.data_dir, STORE_FILE)
+    try:
+        if args.action == "set":
+            return _set_counter(args, cfg, path)
+        rows = store.counter_audit(path) if args.action == "audit" else store.counter_rows(path)
+    except (OSError, sqlite3.Error) as err:
+        print(f"cannot read {path}: {err}", file=sys.stderr)
+        return EX_UNAVAILABLE
+    if args.action == "audit":
+        keys = ("at", "device", "name", "old_total", "new_total", "reason", "by_user")
+    else:
+        keys = ("device", "name", "total", "shift", "shift_id", "last_raw", "updated")
+    records = [dict(zip(keys, row)) for row in rows]
+    if args.json:
+        print(json.dumps(records, indent=2))
+        return EX_OK
+    for r in records:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.get("at") or r.get("updated") or 0))
+        if args.action == "audit":
+            print(f"{when}  {r['device']}/{r['name']}: {r['old_total']} -> {r['new_total']} by {r['by_user']}: "
+                  f"{r['reason']}")
+        else:
+            print(f"{r['device']:<16} {r['name']:<14} total {r['total']:>12}  shift {r['shift']:>9} "
+                  f"({r['shift_id'] or '-'})  last raw {r['last_raw'] if r['last_raw'] is not None else '-'}  "
+                  f"updated {when}")
+    if not records:
+        print("no counters yet" if args.action == "show" else "no baseline was ever set")
+    return EX_OK
+
+
+def _set_counter(args, cfg, path: str) -> int:
+    import getpass
+
+    from gateway import store
+
+    if args.device is None or args.name is None or args.value is None or args.value < 0 or not args.reason:
+        print("usage: edge-gateway counters set DEVICE NAME VALUE --reason TEXT", file=sys.stderr)
+        return EX_USAGE
+    device = next((d for d in cfg.devices if d.name == args.device), None)
+    if device is None or args.name not in {c.name for c in device.counters}:
+        print(f"{args.config}: no counter {args.name!r} on a device {args.device!r}", file=sys.stderr)
+        return EX_USAGE
+    held = store.lock(cfg.gateway.data_dir)
+    if held is None:
+        print("the gateway is running with this data_dir: stop it first (systemctl stop edge-gateway)",
+              file=sys.stderr)
+        return EX_UNAVAILABLE
+    with held:
+        if not os.path.exists(path):
+            store.Store(path).close()
+        old = store.set_counter(path, args.device, args.name, args.value, args.reason, getpass.getuser())
+    print(f"{args.device}/{args.name}: total {old} -> {args.value}; the next value read from the PLC is the new "
+          f"baseline (recorded in the audit: edge-gateway counters audit)")
     return EX_OK

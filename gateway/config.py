@@ -416,6 +416,16 @@ class PlcSection:
     reset_every: float | None = setting(optional(duration(1)), None)
 
 
+MACHINE_STATES = ("running", "idle", "down", "planned_stop")
+
+
+@dataclass(frozen=True)
+class OeeSection:
+    status_tag: str = setting(string())
+    states: dict = setting(map_of(integer(), one_of(*MACHINE_STATES)))
+    ideal_rate: float | None = setting(optional(number(0.000001)), None)  # pieces per minute at 100 %
+
+
 # Keys each source takes beyond the common ones; anything else set is an error.
 _SOURCE_KEYS = {
     "modbus_tcp": {"host", "port", "unit", "registers", "max_gap", "max_registers_per_read"},
@@ -425,7 +435,7 @@ _SOURCE_KEYS = {
 }
 _SOURCE_REQUIRED = {"modbus_tcp": ("host", "registers"), "modbus_rtu": ("serial", "registers"),
                     "mqtt": ("topic", "fields"), "sim": ("profile",)}
-_COMMON_KEYS = {"name", "source", "interval", "timeout", "counters", "model", "publish"}
+_COMMON_KEYS = {"name", "source", "interval", "timeout", "counters", "model", "publish", "oee"}
 
 
 @dataclass(frozen=True)
@@ -454,6 +464,7 @@ class DeviceSection:
     counters: tuple = setting(list_of(section(CounterSection)), [])
     model: str | None = setting(optional(string(NAME, "a model name such as pump-ae")), None)
     publish: PublishSection = setting(section(PublishSection), {})
+    oee: OeeSection | None = setting(optional(section(OeeSection)), None)
 
     def __post_init__(self) -> None:
         problems = []
@@ -477,6 +488,9 @@ class DeviceSection:
             if tags and counter.register not in tags:
                 problems.append((f"counters[{i}].register", f"expected one of this device's tags "
                                                             f"({', '.join(tags)}), got \"{counter.register}\""))
+        if self.oee is not None and tags and self.oee.status_tag not in tags:
+            problems.append(("oee.status_tag", f"expected one of this device's tags ({', '.join(tags)}), "
+                                               f"got \"{self.oee.status_tag}\""))
         for tag in self.publish.deadband:
             if tags and tag not in tags:
                 problems.append((f"publish.deadband.{tag}", f"expected one of this device's tags ({', '.join(tags)})"))

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from gateway import counters
 from gateway.config import DeviceSection
 from gateway.sample import ERROR, OK, Sample
+from gateway.shiftbook import ShiftBook, summary
 from gateway.shifts import ShiftCalendar
 from gateway.sources import SourceError
 from gateway.store import CounterRow, Store
@@ -83,6 +84,9 @@ class DeviceRunner:
         self.shifts = shifts
         self._telemetry_topic = f"{topic_root}/{device.name}/telemetry"
         self._counters_topic = f"{topic_root}/{device.name}/counters"
+        self._shift_topic = f"{topic_root}/{device.name}/shift"
+        self.gap_limit = max(3 * device.interval, 5.0)
+        self.book = ShiftBook(shifts, device.oee, self.gap_limit, store.shift_record(device.name))
         self._counters = {name: row for (_, name), row in store.counters(device.name).items()}
         self._counter_problems: dict[str, str] = {}
         self._counters_changed = bool(device.counters)
@@ -123,6 +127,7 @@ class DeviceRunner:
             self._read_failed(f"internal error: {err!r}")
 
     def _read_failed(self, why: str) -> None:
+        self._close_shifts(self.book.tick(time.time()))
         self.health.errors += 1
         self.health.last_error = why
         self._set_state("error", why)
@@ -142,6 +147,8 @@ class DeviceRunner:
         if sample.problem:
             health.last_error = sample.problem
         self._set_state("degraded" if bad else "ok", why)
+        status = sample.values.get(self.device.oee.status_tag) if self.device.oee else None
+        self._close_shifts(self.book.observe(sample.ts, status))  # before the counters move to the new shift
         self._update_counters(sample)
         self._publish(sample)
 
@@ -182,6 +189,18 @@ class DeviceRunner:
                 self._counters_changed = True
             self._counters[counter.name] = row
             self.store.stage_counter(self.device.name, counter.name, row)
+
+    def _close_shifts(self, closed) -> None:
+        for rec in closed:
+            payload = {"device": self.device.name, **summary(rec, self.device.counters, self._counters,
+                                                              self.device.oee, self.gap_limit)}
+            self.store.stage(self._shift_topic, payload, created=rec.end)
+            log.info("device %s: shift %s closed%s", self.device.name, rec.shift_id,
+                     " (missed: the gateway was down)" if rec.missed else
+                     " (partial)" if payload["partial"] else "")
+        if self.book.changed and self.book.current is not None:
+            self.store.stage_shift(self.device.name, self.book.current.to_json())
+            self.book.changed = False
 
     def _counter_problem(self, name: str, problem: str | None) -> None:
         if self._counter_problems.get(name) == problem:

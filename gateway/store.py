@@ -39,6 +39,17 @@ CREATE TABLE IF NOT EXISTS counters (
     updated REAL NOT NULL,
     PRIMARY KEY (device, name)
 );
+CREATE TABLE IF NOT EXISTS shifts (device TEXT PRIMARY KEY, record TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS counter_audit (
+    id INTEGER PRIMARY KEY,
+    at REAL NOT NULL,
+    device TEXT NOT NULL,
+    name TEXT NOT NULL,
+    old_total INTEGER,
+    new_total INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    by_user TEXT NOT NULL
+);
 """
 # Messages kept in memory while the disk refuses writes (disk full, I/O error).
 PENDING_LIMIT = 50_000
@@ -102,6 +113,7 @@ class Store:
             "SELECT count(*), coalesce(sum(length(payload)), 0) FROM outbox").fetchone()
         self._pending: list[Message] = []
         self._pending_counters: dict[tuple[str, str], CounterRow] = {}
+        self._pending_shifts: dict[str, str] = {}
         self._acked: dict[int, int] = {}  # seq -> payload size
         # Rows the uplink has handed to the broker and not yet seen acknowledged: never dropped, since
         # they may well arrive (maintained by the uplink).
@@ -148,6 +160,14 @@ class Store:
     def stage_counter(self, device: str, name: str, row: CounterRow) -> None:
         self._pending_counters[(device, name)] = row
 
+    def stage_shift(self, device: str, record: dict) -> None:
+        """The device's running shift record (time per state), written with the next commit."""
+        self._pending_shifts[device] = json.dumps(record)
+
+    def shift_record(self, device: str) -> dict | None:
+        row = self._db.execute("SELECT record FROM shifts WHERE device = ?", (device,)).fetchone()
+        return json.loads(row[0]) if row else None
+
     def ack(self, seq: int, size: int) -> None:
         """The broker acknowledged `seq`: delete it with the next commit."""
         self._acked[seq] = size
@@ -191,7 +211,7 @@ class Store:
 
         Returns False, keeping everything staged, when the disk refuses the write.
         """
-        if not (self._pending or self._pending_counters or self._acked):
+        if not (self._pending or self._pending_counters or self._pending_shifts or self._acked):
             return True
         now = now or time.time()
         db = self._db
@@ -208,6 +228,7 @@ class Store:
                 for (device, name), row in self._pending_counters.items():
                     db.execute("INSERT OR REPLACE INTO counters VALUES (?, ?, ?, ?, ?, ?, ?)",
                                (device, name, row.last_raw, row.total, row.shift_total, row.shift_id, row.updated))
+                db.executemany("INSERT OR REPLACE INTO shifts VALUES (?, ?)", self._pending_shifts.items())
                 dropped = [(m.seq, m.size) for m in refused] + self._trim(db, now, messages, size)
                 messages -= len(dropped) - len(refused)
                 size -= sum(b for _, b in dropped) - sum(m.size for m in refused)
@@ -239,6 +260,7 @@ class Store:
         self._pending_dropped = 0
         self._pending.clear()
         self._pending_counters.clear()
+        self._pending_shifts.clear()
         self._acked.clear()
         return True
 
@@ -407,3 +429,41 @@ def purge(path: str) -> int:
     finally:
         db.close()
     return n
+
+
+def counter_rows(path: str) -> list[tuple]:
+    """(device, name, total, shift_total, shift_id, last_raw, updated) of every counter, read-only."""
+    db = _reader(path)
+    try:
+        return db.execute("SELECT device, name, total, shift_total, shift_id, last_raw, updated FROM counters "
+                          "ORDER BY device, name").fetchall()
+    finally:
+        db.close()
+
+
+def set_counter(path: str, device: str, name: str, total: int, reason: str, user: str) -> int | None:
+    """Set a counter's lifetime total (a new baseline, e.g. after a PLC swap) and record it in the audit
+    table; the next raw value read is taken as the new baseline. Returns the old total (None if new)."""
+    db = sqlite3.connect(path, isolation_level=None)
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        row = db.execute("SELECT total FROM counters WHERE device = ? AND name = ?", (device, name)).fetchone()
+        old = row[0] if row else None
+        db.execute("INSERT INTO counters VALUES (?, ?, NULL, ?, 0, NULL, ?) ON CONFLICT(device, name) DO UPDATE "
+                   "SET total = excluded.total, last_raw = NULL, updated = excluded.updated",
+                   (device, name, total, time.time()))
+        db.execute("INSERT INTO counter_audit (at, device, name, old_total, new_total, reason, by_user) "
+                   "VALUES (?, ?, ?, ?, ?, ?, ?)", (time.time(), device, name, old, total, reason, user))
+        db.execute("COMMIT")
+    finally:
+        db.close()
+    return old
+
+
+def counter_audit(path: str) -> list[tuple]:
+    db = _reader(path)
+    try:
+        return db.execute("SELECT at, device, name, old_total, new_total, reason, by_user FROM counter_audit "
+                          "ORDER BY id").fetchall()
+    finally:
+        db.close()

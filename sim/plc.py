@@ -33,7 +33,9 @@ as the value's register minimum (e.g. 0x8000 for int16) elsewhere.
 from __future__ import annotations
 
 import asyncio
+import json
 import math
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
@@ -143,8 +145,18 @@ class SimPlant:
                           action=partial(self.action, unit_id))
                 for unit_id in self.units]
 
-    async def run(self, tick: float = 0.1) -> None:
-        """Advance the machines in real time."""
+    def truth(self) -> dict:
+        """Ground truth for tests: each flexo line's true counts and the raw register values shown now."""
+        out = {}
+        for unit_id, unit in self.units.items():
+            if unit.profile == "flexo_line":
+                line = unit.machine
+                out[str(unit_id)] = {**line.truth(), "produced_raw": line.produced_counter.read(line.produced),
+                                     "defects_raw": line.defects_counter.read(line.defects), "t": line.t}
+        return out
+
+    async def run(self, tick: float = 0.1, truth_path: str | None = None) -> None:
+        """Advance the machines in real time (and write the ground truth after every step)."""
         loop = asyncio.get_running_loop()
         last = loop.time()
         while True:
@@ -152,6 +164,10 @@ class SimPlant:
             now = loop.time()
             self.step(now - last)
             last = now
+            if truth_path:
+                with open(truth_path + ".tmp", "w", encoding="utf-8") as fh:
+                    json.dump(self.truth(), fh)
+                os.replace(truth_path + ".tmp", truth_path)
 
 
 def registers_yaml(regmap, indent: str = "      ") -> str:
@@ -187,7 +203,7 @@ def write_image(image: dict[str, list[int]], regmap, values: dict[str, float | N
 
 
 async def serve(plant: SimPlant, *, tcp: tuple[str, int] | None = None, rtu: str | None = None,
-                baudrate: int = 19200, parity: str = "E", stopbits: int = 1) -> None:
+                baudrate: int = 19200, parity: str = "E", stopbits: int = 1, truth_path: str | None = None) -> None:
     """Serve the plant over Modbus TCP and/or RTU until cancelled."""
     from pymodbus.server import ModbusSerialServer, ModbusTcpServer
 
@@ -198,8 +214,15 @@ async def serve(plant: SimPlant, *, tcp: tuple[str, int] | None = None, rtu: str
         from pymodbus import FramerType
         servers.append(ModbusSerialServer(plant.devices(), framer=FramerType.RTU, port=rtu, baudrate=baudrate,
                                           parity=parity, stopbits=stopbits, bytesize=8))
+    import signal
+
+    def reset_counters() -> None:  # kill -USR1: a technician resets the PLC counters
+        for unit in plant.units.values():
+            if unit.profile == "flexo_line":
+                unit.machine.reset_counters()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, reset_counters)
     tasks = [asyncio.create_task(s.serve_forever()) for s in servers]
-    tasks.append(asyncio.create_task(plant.run()))
+    tasks.append(asyncio.create_task(plant.run(truth_path=truth_path)))
     try:
         await asyncio.gather(*tasks)
     finally:

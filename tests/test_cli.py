@@ -40,3 +40,31 @@ def test_health_topic_and_local_status(mosquitto, gateway, subscribe, tmp_path):
                          capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=30)
     assert json.loads(raw.stdout)["counters"]["line1"]["produced"]["total"] >= 0
     assert gw.stop() == 0
+
+
+def test_counters_show_set_baseline_and_audit(mosquitto, gateway, tmp_path):
+    gw = gateway(gateway_config(tmp_path / "data", mosquitto.port)).start()
+    cli = [sys.executable, "-m", "gateway", "counters", "-c", str(gw.config)]
+
+    def run(*args):
+        return subprocess.run([*cli, *args], capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=30)
+    wait_until(lambda: "line1" in run("show").stdout, 20, what="the counter to be committed")
+    refused = run("set", "line1", "produced", "1000", "--reason", "PLC swapped")
+    assert refused.returncode == 69 and "stop it first" in refused.stderr
+    assert gw.stop() == 0
+    assert run("set", "line1", "nope", "5", "--reason", "x").returncode == 64
+    assert run("set", "line1", "produced", "1000").returncode == 64  # a reason is required
+    done = run("set", "line1", "produced", "1000", "--reason", "PLC swapped")
+    assert done.returncode == 0, done.stderr
+    shown = json.loads(run("show", "--json").stdout)
+    row = next(r for r in shown if r["name"] == "produced")
+    assert row["total"] == 1000 and row["last_raw"] is None  # the next value read is the new baseline
+    audit = json.loads(run("audit", "--json").stdout)
+    assert audit[-1]["new_total"] == 1000 and audit[-1]["reason"] == "PLC swapped"
+    restarted = gateway(gw.config.read_text()).start()
+    wait_until(lambda: next(r for r in json.loads(run("show", "--json").stdout)
+                            if r["name"] == "produced")["last_raw"] is not None, 20, what="a new baseline")
+    assert restarted.stop() == 0
+    after = next(r for r in json.loads(run("show", "--json").stdout) if r["name"] == "produced")
+    assert after["total"] >= 1000  # counted on from the baseline, no jump from the new PLC's raw value
+    assert after["total"] < 1000 + 500  # not 1000 + the new raw value

@@ -67,3 +67,62 @@ def test_total_equals_true_count_across_wraps_resets_and_restarts(tmp_path_facto
         row, _ = counters.advance(row, raw, bits, 0.1, None, 0.0)
     assert row.total == true_total
     store.close()
+
+
+def test_kill_9_at_random_points_never_loses_or_double_counts(mosquitto, gateway, subscribe, tmp_path):
+    """A PLC that keeps counting while the gateway is killed -9 and restarted, again and again."""
+    import json
+    import random
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ENV, ROOT, free_port, gateway_config, wait_until
+    from sim.plc import FLEXO_MAP, registers_yaml
+
+    port, truth = free_port(), tmp_path / "truth.json"
+    plc = subprocess.Popen([sys.executable, "-m", "gateway", "sim", "--modbus-tcp", f"127.0.0.1:{port}",
+                            "--units", "2=flexo_line:7", "--rate-per-min", "3000", "--truth", str(truth)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, env=ENV, cwd=ROOT)
+    try:
+        wait_until(truth.exists, 20, what="the simulated PLC")
+        devices = f"""
+  - name: line1
+    source: modbus_tcp
+    host: 127.0.0.1
+    port: {port}
+    unit: 2
+    interval: 50ms
+    registers:
+{registers_yaml(FLEXO_MAP)}
+    counters:
+      - {{name: produced, register: produced_raw, bits: 32}}
+      - {{name: defects, register: defects_raw, bits: 32, kind: defect}}
+"""
+        sub = subscribe(mosquitto.port, topic="edge/lab/test-gw/line1/#")
+        config = gateway_config(tmp_path / "data", mosquitto.port, devices=devices)
+        rng = random.Random(2026)
+        for _ in range(5):
+            gw = gateway(config).start()
+            time.sleep(rng.uniform(0.4, 2.0))
+            gw.kill()  # kill -9 at a random point while counting
+            time.sleep(rng.uniform(0.0, 0.5))  # the PLC keeps counting while the gateway is down
+        last = gateway(config).start()
+        time.sleep(1.5)
+        assert last.stop() == 0
+        raws = {t["ts"]: t["values"] for t in sub.on("/telemetry")}
+        baseline = sub.on("/telemetry")[0]["values"]  # the first committed sample: the counters' baseline
+        messages = sorted(sub.on("/counters"), key=lambda m: m["seq"])
+        for name in ("produced", "defects"):
+            totals = [m["counters"][name]["total"] for m in messages]
+            assert totals == sorted(totals), f"upstream saw {name} go down"
+        final = messages[-1]
+        for name, raw in (("produced", "produced_raw"), ("defects", "defects_raw")):
+            assert final["counters"][name]["total"] == raws[final["ts"]][raw] - baseline[raw], name
+        # The PLC's raw registers are its true counts (no offset, no reset): the totals are the truth.
+        plant = json.loads(truth.read_text())["2"]
+        assert plant["produced_raw"] == plant["produced"] >= raws[final["ts"]]["produced_raw"]
+        assert final["counters"]["produced"]["total"] > 100
+    finally:
+        plc.kill()
+        plc.wait(10)

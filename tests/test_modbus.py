@@ -342,3 +342,24 @@ def test_garbage_answers_are_an_error_not_a_crash(sim_server, mosquitto, gateway
     assert "device noisy: read failed" in gw.logs() and "Traceback" not in gw.logs()
     assert "pymodbus" not in gw.logs(), "one line per state change, not a hex dump per poll"
     assert all("quality" not in t for t in sub.on("/good/telemetry")[5:])
+
+
+def test_plc_counter_reset_on_demand_is_counted_as_a_reset(sim_server, mosquitto, gateway, subscribe, tmp_path):
+    server = sim_server("--units", "2=flexo_line:4", "--rate-per-min", "3000")
+    devices = device_yaml("line1", server.port, 2, FLEXO_MAP).replace(
+        "    registers:", "    counters: [{name: produced, register: produced_raw, bits: 32}]\n    registers:")
+    sub = subscribe(mosquitto.port, topic=f"{TOPIC}/line1/#")
+    gw = gateway(gateway_config(tmp_path / "data", mosquitto.port, devices=devices)).start()
+    wait_until(lambda: [t for t in sub.on("/telemetry") if t["values"]["produced_raw"] > 200], 20, what="counts")
+    server.proc.send_signal(signal.SIGUSR1)  # a technician resets the PLC counter
+    wait_until(lambda: "was reset on the PLC" in gw.logs(), 10, what="the reset to be seen")
+    time.sleep(1)
+    assert gw.stop() == 0
+    telemetry = sub.on("/telemetry")
+    raws = [t["values"]["produced_raw"] for t in telemetry]
+    drop = next(i for i in range(1, len(raws)) if raws[i] < raws[i - 1])
+    # Counted: everything up to the reset, then the new raw value from zero, all of it new production.
+    expected = (raws[drop - 1] - raws[0]) + raws[-1]
+    last = sub.on("/counters")[-1]
+    assert last["ts"] == telemetry[-1]["ts"]
+    assert last["counters"]["produced"]["total"] == expected

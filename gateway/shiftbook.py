@@ -1,0 +1,143 @@
+"""Per device and shift: time in each machine state, and the shift's summary (counts, OEE) at its end.
+
+Time between two samples is given to the state of the earlier sample, split exactly at a
+shift boundary; a gap longer than `gap_limit` (the device was unreadable, the gateway was
+down) is unobserved time. A shift whose observed time falls short of its length by more
+than `gap_limit` is `partial`. The running shift's record is persisted with the counters,
+so a restart continues it; a shift that ended while the gateway was down is closed at
+start-up (partial), and shifts it missed entirely are reported as `missed`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+from gateway.config import CounterSection, OeeSection
+from gateway.shifts import Shift, ShiftCalendar
+from gateway.store import CounterRow
+from gateway.units import rfc3339
+
+STATES = ("running", "idle", "down", "planned_stop", "unknown")
+MAX_MISSED = 21  # a week of three shifts; beyond that one line in the log says how many more
+
+
+@dataclass
+class ShiftRecord:
+    shift_id: str
+    name: str
+    start: float
+    end: float
+    state_s: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STATES, 0.0))
+    observed_s: float = 0.0
+    last_ts: float | None = None
+    last_state: str | None = None
+    missed: bool = False
+
+    @classmethod
+    def of(cls, shift: Shift) -> "ShiftRecord":
+        return cls(shift.id, shift.name, shift.start.timestamp(), shift.end.timestamp())
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+class ShiftBook:
+    def __init__(self, calendar: ShiftCalendar, oee: OeeSection | None, gap_limit: float,
+                 record: dict | None = None) -> None:
+        self.calendar = calendar
+        self.oee = oee
+        self.gap_limit = gap_limit
+        self.current = ShiftRecord(**record) if record else None
+        self.changed = False  # the record needs persisting
+
+    def state_of(self, value: float | None) -> str:
+        if self.oee is None or value is None or not math.isfinite(value) or value != int(value):
+            return "unknown"
+        return self.oee.states.get(int(value), "unknown")
+
+    def observe(self, ts: float, status: float | None) -> list[ShiftRecord]:
+        """A sample at `ts` with the status tag's value; returns the shifts this closed."""
+        closed = self.tick(ts)
+        rec = self.current
+        if rec is None:
+            return closed
+        if rec.last_ts is not None and 0 < ts - rec.last_ts <= self.gap_limit:
+            self._attribute(rec, ts - rec.last_ts)
+        rec.last_ts, rec.last_state = ts, self.state_of(status)
+        self.changed = True
+        return closed
+
+    def tick(self, now: float) -> list[ShiftRecord]:
+        """Close the running shift if `now` is past its end (also with no sample: the device may be down)."""
+        if not self.calendar:
+            return []
+        shift = self.calendar.at(now)
+        rec = self.current
+        if rec is not None and rec.shift_id == shift.id:
+            return []
+        closed: list[ShiftRecord] = []
+        if rec is not None:
+            # The time from the last sample up to the boundary still belongs to the old shift.
+            if rec.last_ts is not None and 0 < rec.end - rec.last_ts and now - rec.last_ts <= self.gap_limit:
+                self._attribute(rec, rec.end - rec.last_ts)
+            closed.append(rec)
+            closed += self._missed(rec.end, shift.start.timestamp())
+        self.current = ShiftRecord.of(shift)
+        if rec is not None and rec.last_ts is not None and now - rec.last_ts <= self.gap_limit:
+            # Continuous observation across the boundary: the new shift starts observed.
+            self.current.last_ts, self.current.last_state = self.current.start, rec.last_state
+        self.changed = True
+        return closed
+
+    def _missed(self, after: float, until: float) -> list[ShiftRecord]:
+        missed = []
+        t = after
+        while t < until and len(missed) < MAX_MISSED:
+            shift = self.calendar.at(t)
+            missed.append(ShiftRecord(**{**ShiftRecord.of(shift).to_json(), "missed": True}))
+            t = shift.end.timestamp()
+        return missed
+
+    def _attribute(self, rec: ShiftRecord, dt: float) -> None:
+        rec.state_s[rec.last_state or "unknown"] += dt
+        rec.observed_s += dt
+
+
+def summary(rec: ShiftRecord, counters: tuple[CounterSection, ...], rows: dict[str, CounterRow],
+            oee: OeeSection | None, gap_limit: float) -> dict:
+    """The `{root}/{device}/shift` payload for a closed shift."""
+    shift_counts = {c.name: (rows[c.name].shift_total if c.name in rows and rows[c.name].shift_id == rec.shift_id
+                             else 0) for c in counters}
+    kinds = {kind: sum(shift_counts[c.name] for c in counters if c.kind == kind) for kind in ("total", "good", "defect")}
+    has = {kind: any(c.kind == kind for c in counters) for kind in ("total", "good", "defect")}
+    total = kinds["total"] if has["total"] else kinds["good"] + kinds["defect"]
+    good = kinds["good"] if has["good"] else total - kinds["defect"]
+    length = rec.end - rec.start
+    payload = {
+        "ts": rfc3339(rec.end), "shift_id": rec.shift_id, "shift": rec.name,
+        "start": rfc3339(rec.start), "end": rfc3339(rec.end), "length_s": round(length, 3),
+        "partial": rec.missed or length - rec.observed_s > gap_limit, "observed_s": round(rec.observed_s, 3),
+        "counters": {} if rec.missed else shift_counts,
+    }
+    if rec.missed:
+        payload["missed"] = True
+        return payload
+    quality = good / total if total and (has["defect"] or has["good"]) else None
+    payload.update(total=total, good=good, defect=total - good, quality_rate=_round(quality))
+    if oee is not None:
+        state = rec.state_s
+        planned = rec.observed_s - state["planned_stop"] - state["unknown"]
+        availability = state["running"] / planned if planned > 0 else None
+        performance = (total / (oee.ideal_rate / 60.0 * state["running"])
+                       if oee.ideal_rate and state["running"] > 0 else None)
+        factors = (availability, performance, quality)
+        payload.update(state_s={k: round(v, 3) for k, v in state.items()}, availability=_round(availability),
+                       performance=_round(performance),
+                       oee=_round(math.prod(factors)) if None not in factors else None)
+    payload["anomaly_minutes"] = None  # set when an anomaly model is attached to the device
+    return payload
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 4)
