@@ -24,6 +24,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def wait_port(port: int, timeout: float) -> None:
+    """Until something listens on 127.0.0.1:port (or the timeout passes)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+
+
 @contextmanager
 def mosquitto(port: int | None = None):
     """A mosquitto process on 127.0.0.1; yields (port, Popen)."""
@@ -37,12 +47,7 @@ def mosquitto(port: int | None = None):
                         "max_inflight_messages 0\nmax_queued_messages 0\n")
         proc = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
-                with socket.socket() as s:
-                    if s.connect_ex(("127.0.0.1", port)) == 0:
-                        break
-                time.sleep(0.05)
+            wait_port(port, 10)
             yield port, proc
         finally:
             proc.kill()

@@ -13,13 +13,12 @@ import argparse
 import asyncio
 import logging
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 
-from common import free_port
+from common import free_port, wait_port
 
 from gateway import config
 from gateway.device import DeviceRunner
@@ -104,12 +103,7 @@ def main() -> None:
     plc = subprocess.Popen([sys.executable, "-m", "gateway", "sim", "--modbus-tcp", f"127.0.0.1:{port}",
                             "--units", units], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            time.sleep(0.1)
+        wait_port(port, 20)
         with tempfile.TemporaryDirectory() as data:
             coalesced = asyncio.run(measure(port, "", args.seconds, data))
             single = asyncio.run(measure(port, "    max_registers_per_read: 1\n    max_gap: 0\n", args.seconds, data))

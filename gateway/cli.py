@@ -168,14 +168,18 @@ def status(path: str, as_json: bool) -> int:
     return EX_OK
 
 
+def _store_path(cfg) -> str:
+    from gateway.app import STORE_FILE
+    return os.path.join(cfg.gateway.data_dir, STORE_FILE)
+
+
 def outbox(args) -> int:
     cfg = _load(args.config)
     if cfg is None:
         return EX_CONFIG
     from gateway import store
-    from gateway.app import STORE_FILE
 
-    path = os.path.join(cfg.gateway.data_dir, STORE_FILE)
+    path = _store_path(cfg)
     try:
         if args.action == "export":
             if not args.file:
@@ -283,9 +287,8 @@ def counters(args) -> int:
     if cfg is None:
         return EX_CONFIG
     from gateway import store
-    from gateway.app import STORE_FILE
 
-    path = os.path.join(cfg.gateway.data_dir, STORE_FILE)
+    path = _store_path(cfg)
     try:
         if args.action == "set":
             return _set_counter(args, cfg, path)

@@ -431,14 +431,18 @@ def purge(path: str) -> int:
     return n
 
 
-def counter_rows(path: str) -> list[tuple]:
-    """(device, name, total, shift_total, shift_id, last_raw, updated) of every counter, read-only."""
+def _read_all(path: str, query: str) -> list[tuple]:
     db = _reader(path)
     try:
-        return db.execute("SELECT device, name, total, shift_total, shift_id, last_raw, updated FROM counters "
-                          "ORDER BY device, name").fetchall()
+        return db.execute(query).fetchall()
     finally:
         db.close()
+
+
+def counter_rows(path: str) -> list[tuple]:
+    """(device, name, total, shift_total, shift_id, last_raw, updated) of every counter, read-only."""
+    return _read_all(path, "SELECT device, name, total, shift_total, shift_id, last_raw, updated FROM counters "
+                           "ORDER BY device, name")
 
 
 def set_counter(path: str, device: str, name: str, total: int, reason: str, user: str) -> int | None:
@@ -461,9 +465,5 @@ def set_counter(path: str, device: str, name: str, total: int, reason: str, user
 
 
 def counter_audit(path: str) -> list[tuple]:
-    db = _reader(path)
-    try:
-        return db.execute("SELECT at, device, name, old_total, new_total, reason, by_user FROM counter_audit "
-                          "ORDER BY id").fetchall()
-    finally:
-        db.close()
+    return _read_all(path, "SELECT at, device, name, old_total, new_total, reason, by_user FROM counter_audit "
+                           "ORDER BY id")

@@ -42,22 +42,6 @@ class UplinkStats:
     last_error: str | None = None
 
 
-class UplinkStats:
-    connected: bool = False
-    connects: int = 0
-    reconnects: int = 0
-    published: int = 0
-    acked: int = 0
-    last_ack: float | None = None
-    last_error: str | None = None
-
-
-def backoff(attempt: int, lo: float, hi: float, jitter: float, rng: random.Random) -> float:
-    """Exponential backoff from `lo` to `hi`, each delay spread by ±jitter so a fleet does not stampede."""
-    base = min(hi, lo * 2**min(attempt, 30))
-    return base * (1.0 + jitter * (2.0 * rng.random() - 1.0))
-
-
 class Uplink:
     def __init__(self, upstream: UpstreamSection, store: Store, *, client_id: str, status_topic: str,
                  offline_payload: bytes) -> None:
