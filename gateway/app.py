@@ -15,8 +15,10 @@ import signal
 import time
 
 from gateway import __version__
+from gateway import config as configuration
 from gateway.config import Config
 from gateway.device import DeviceRunner
+from gateway.notify import Notifier
 from gateway.shifts import ShiftCalendar
 from gateway.sources import open_source
 from gateway.store import Bounds, Store, lock as store_lock
@@ -34,33 +36,43 @@ class AlreadyRunning(Exception):
 
 
 class Gateway:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, config_path: str | None = None, notifier: Notifier | None = None) -> None:
         self.config = config
+        self.config_path = config_path
+        self.notifier = notifier or Notifier()
         self._lock = store_lock(config.gateway.data_dir)
         if self._lock is None:
             raise AlreadyRunning(f"another edge-gateway is running with data_dir {config.gateway.data_dir}")
         self.started = time.time()
+        out = config.outbox
+        self.store = Store(os.path.join(config.gateway.data_dir, STORE_FILE), bounds=_bounds(config), sync=out.sync)
+        self.devices: list[DeviceRunner] = []
+        self._build(config)
+        self._stop = asyncio.Event()
+        self._reload = asyncio.Event()
+        self._device_tasks: list[asyncio.Task] = []
+        self._uplink_task: asyncio.Task | None = None
+
+    def _build(self, config: Config, *, uplink: bool = True) -> None:
+        """Devices (and the uplink) from a config; the store is not touched."""
+        self.config = config
         self.root = config.topic_root
         gw = config.gateway
-        out = config.outbox
-        self.store = Store(os.path.join(gw.data_dir, STORE_FILE),
-                           bounds=Bounds(out.max_messages, out.max_bytes, out.max_age, out.when_full),
-                           sync=out.sync)
         shifts = ShiftCalendar([(s.name, s.start) for s in config.shifts], gw.timezone)
         links: dict = {}  # connections shared by devices on one endpoint or serial line
         self.devices = [DeviceRunner(d, open_source(d, links), self.store, self.root, shifts,
                                      on_state_change=self._device_state_changed) for d in config.devices]
-        self.uplink = Uplink(config.upstream, self.store, client_id=config.upstream.client_id or gw.id,
-                             status_topic=f"{self.root}/status", offline_payload=self._status("offline"))
+        if uplink:
+            self.uplink = Uplink(config.upstream, self.store, client_id=config.upstream.client_id or gw.id,
+                                 status_topic=f"{self.root}/status", offline_payload=self._status("offline"))
         self.uplink.online_payload = self._status("online")
-        self._stop = asyncio.Event()
 
     # -- status and health ------------------------------------------------------------
     def _status(self, state: str) -> bytes:
         fields = {"gateway_id": self.config.gateway.id, "version": __version__, "started": rfc3339(self.started)}
         if state == "online":
             fields["devices"] = {r.device.name: {"state": r.health.state, "source": r.device.source}
-                                 for r in getattr(self, "devices", [])}
+                                 for r in self.devices}
         return status_payload(state, **fields)
 
     def _device_state_changed(self, runner: DeviceRunner) -> None:
@@ -122,34 +134,113 @@ class Gateway:
             health = self.health()
             self.uplink.publish_live(topic, json.dumps(health, separators=(",", ":")).encode())
             self._write_state(health)
+            self.notifier.status(self.status_line())
+
+    def status_line(self) -> str:
+        ok = sum(1 for r in self.devices if r.health.state == "ok")
+        up = self.uplink.stats
+        age = f"{time.time() - up.last_ack:.0f}s ago" if up.last_ack else "never"
+        return (f"{ok}/{len(self.devices)} devices ok, backlog {self.store.stats.messages} msgs, upstream "
+                f"{'connected' if up.connected else 'NOT connected'}, last publish {age}")
+
+    async def _watchdog_loop(self) -> None:
+        """WATCHDOG=1 only while the event loop runs (this task) and the uplink task is alive."""
+        while True:
+            await asyncio.sleep(self.notifier.watchdog_interval)
+            if self._uplink_task is None or self._uplink_task.done():
+                log.error("the uplink task has ended: withholding the watchdog so that systemd restarts us")
+                continue
+            self.notifier.watchdog()
 
     # -- life cycle ------------------------------------------------------------------------
     def stop(self) -> None:
         self._stop.set()
 
-    async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.stop)
-        log.info("edge-gateway %s started: %d devices, topic root %s, store %s (%d messages waiting)",
-                 __version__, len(self.devices), self.root, self.store.path, self.store.stats.messages)
-        tasks = [asyncio.create_task(r.run(), name=f"device-{r.device.name}") for r in self.devices]
-        tasks += [asyncio.create_task(self._commit_loop(), name="commit"),
-                  asyncio.create_task(self._health_loop(), name="health")]
-        uplink = asyncio.create_task(self.uplink.run(), name="uplink")
-        await self._stop.wait()
-        log.info("stopping: committing and delivering what is in flight")
-        for task in tasks:
+    def _start_devices(self) -> None:
+        self._device_tasks = [asyncio.create_task(r.run(), name=f"device-{r.device.name}") for r in self.devices]
+
+    async def _stop_devices(self) -> None:
+        for task in self._device_tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*self._device_tasks, return_exceptions=True)
         for runner in self.devices:
             runner.flush()
             await runner.source.close()
         self._commit()
+
+    async def reload(self) -> bool:
+        """SIGHUP: re-read and validate the config; apply it, keeping the outbox, or keep the old one."""
+        self.notifier.reloading()
+        old = self.config
+        try:
+            new = configuration.load(self.config_path or "")
+        except configuration.ConfigError as err:
+            for line in str(err).splitlines():
+                log.error("reload refused, the running config stays: %s", line)
+            self.notifier.ready(f"reload refused ({len(err.problems)} problems in the config); " + self.status_line())
+            return False
+        if new.gateway.data_dir != old.gateway.data_dir:
+            log.error("reload refused: gateway.data_dir changed (%s -> %s); that needs a restart",
+                      old.gateway.data_dir, new.gateway.data_dir)
+            self.notifier.ready("reload refused (data_dir changed); " + self.status_line())
+            return False
+        await self._stop_devices()
+        self.store.bounds = _bounds(new)
+        if new.outbox.sync != old.outbox.sync:
+            log.warning("outbox.sync %s applies from the next start", new.outbox.sync)
+        new_uplink = (new.upstream, new.topic_root, new.gateway.id) != (old.upstream, old.topic_root, old.gateway.id)
+        if new_uplink:
+            await self.uplink.stop(flush_timeout=2.0)
+            self._uplink_task.cancel()
+            await asyncio.gather(self._uplink_task, return_exceptions=True)
+        self._build(new, uplink=new_uplink)
+        if new_uplink:
+            self._uplink_task = asyncio.create_task(self.uplink.run(), name="uplink")
+        logging.getLogger().setLevel(new.gateway.log_level.upper())
+        self._start_devices()
+        log.info("config reloaded: %d devices%s; the outbox keeps its %d messages", len(self.devices),
+                 ", new upstream connection" if new_uplink else "", self.store.stats.messages)
+        self.notifier.ready(self.status_line())
+        return True
+
+    async def _reload_loop(self) -> None:
+        while True:
+            await self._reload.wait()
+            self._reload.clear()
+            await self.reload()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop)
+        loop.add_signal_handler(signal.SIGHUP, self._reload.set)
+        log.info("edge-gateway %s started: %d devices, topic root %s, store %s (%d messages waiting)",
+                 __version__, len(self.devices), self.root, self.store.path, self.store.stats.messages)
+        self._start_devices()
+        self._uplink_task = asyncio.create_task(self.uplink.run(), name="uplink")
+        timers = [asyncio.create_task(self._commit_loop(), name="commit"),
+                  asyncio.create_task(self._health_loop(), name="health"),
+                  asyncio.create_task(self._reload_loop(), name="reload")]
+        if self.notifier.watchdog_interval:
+            timers.append(asyncio.create_task(self._watchdog_loop(), name="watchdog"))
+        # Ready once the config is loaded and the outbox open: not waiting for the broker.
+        self.notifier.ready(self.status_line())
+        await self._stop.wait()
+        self.notifier.stopping()
+        log.info("stopping: committing and delivering what is in flight")
+        for task in timers:
+            task.cancel()
+        await asyncio.gather(*timers, return_exceptions=True)
+        await self._stop_devices()
         await self.uplink.stop(flush_timeout=5.0)
-        uplink.cancel()
-        await asyncio.gather(uplink, return_exceptions=True)
+        self._uplink_task.cancel()
+        await asyncio.gather(self._uplink_task, return_exceptions=True)
         self.store.commit()  # the last acknowledgements
         self._write_state(self.health())
         self.store.close()
         log.info("stopped; %d messages kept in the outbox for the next start", self.store.stats.messages)
+
+
+def _bounds(config: Config) -> Bounds:
+    out = config.outbox
+    return Bounds(out.max_messages, out.max_bytes, out.max_age, out.when_full)

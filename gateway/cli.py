@@ -123,7 +123,7 @@ def run(path: str) -> int:
     from gateway.app import AlreadyRunning, Gateway
 
     try:
-        gateway = Gateway(cfg)
+        gateway = Gateway(cfg, config_path=path)
     except AlreadyRunning as err:
         log.error("%s", err)
         return EX_UNAVAILABLE

@@ -220,7 +220,9 @@ async def serve(plant: SimPlant, *, tcp: tuple[str, int] | None = None, rtu: str
         for unit in plant.units.values():
             if unit.profile == "flexo_line":
                 unit.machine.reset_counters()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, reset_counters)
+    import threading
+    if threading.current_thread() is threading.main_thread():  # only the main thread may own signals
+        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, reset_counters)
     tasks = [asyncio.create_task(s.serve_forever()) for s in servers]
     tasks.append(asyncio.create_task(plant.run(truth_path=truth_path)))
     try:

@@ -271,9 +271,10 @@ class GatewayProcess:
         self.log = workdir / "gateway.log"
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "GatewayProcess":
+    def start(self, **env: str) -> "GatewayProcess":
         self.proc = subprocess.Popen([sys.executable, "-m", "gateway", "run", "-c", str(self.config)],
-                                     stdout=open(self.log, "a"), stderr=subprocess.STDOUT, env=ENV, cwd=ROOT)
+                                     stdout=open(self.log, "a"), stderr=subprocess.STDOUT, env={**ENV, **env},
+                                     cwd=ROOT)
         return self
 
     def stop(self, sig=signal.SIGTERM, timeout: float = 15) -> int:

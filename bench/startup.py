@@ -1,0 +1,81 @@
+"""Start-up and memory: time from exec to READY=1 (sd_notify), and RSS after a minute with 10 devices.
+
+Printed next to a bare Python process that only imports the gateway's libraries (paho-mqtt,
+PyYAML, pymodbus, sqlite3), measured in the same run: what the interpreter alone costs.
+
+    .venv/bin/python bench/startup.py [--seconds 60]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import mosquitto
+
+ROOT = Path(__file__).resolve().parent.parent
+DEVICES = "".join(f"\n  - {{name: pump{i}, source: sim, profile: pump, seed: {i}, interval: 1s}}" for i in range(5)) + \
+    "".join(f"\n  - {{name: line{i}, source: sim, profile: flexo_line, seed: {i}, interval: 1s, counters: "
+            f"[{{name: produced, register: produced_raw, bits: 32}}]}}" for i in range(5))
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=60.0)
+    args = parser.parse_args()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with mosquitto() as (port, _), tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / "gateway.yaml"
+        config.write_text(f"gateway: {{id: bench, site: lab, data_dir: {tmp}/data, timezone: Europe/Berlin}}\n"
+                          f"upstream: {{host: 127.0.0.1, port: {port}}}\n"
+                          'shifts: [{name: A, start: "06:00"}, {name: B, start: "14:00"}, {name: C, start: "22:00"}]\n'
+                          f"devices:{DEVICES}\n")
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        notify.bind(f"{tmp}/notify.sock")
+        notify.settimeout(30)
+        start = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-m", "gateway", "run", "-c", str(config)],
+                                env={**env, "NOTIFY_SOCKET": f"{tmp}/notify.sock"},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            while b"READY=1" not in notify.recv(4096):
+                pass
+            ready = time.perf_counter() - start
+            rss_ready = rss_mib(proc.pid)
+            time.sleep(args.seconds)
+            rss_later = rss_mib(proc.pid)
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    start = time.perf_counter()
+    bare = subprocess.Popen([sys.executable, "-c", "import sqlite3, yaml, paho.mqtt.client, pymodbus.client, "
+                             "time; print(flush=True); time.sleep(3)"], stdout=subprocess.PIPE)
+    bare.stdout.readline()
+    bare_time = time.perf_counter() - start
+    bare_rss = rss_mib(bare.pid)
+    bare.kill()
+    bare.wait()
+    print("edge-gateway run, 10 simulated devices at 1 Hz, mosquitto upstream")
+    print(f"  exec -> READY=1              {ready * 1000:7.0f} ms   (target <= 1000 ms)")
+    print(f"  RSS at READY                 {rss_ready:7.1f} MiB")
+    print(f"  RSS after {args.seconds:.0f} s               {rss_later:7.1f} MiB")
+    print("baseline: bare python importing sqlite3, yaml, paho-mqtt, pymodbus, same run")
+    print(f"  exec -> imports done         {bare_time * 1000:7.0f} ms")
+    print(f"  RSS                          {bare_rss:7.1f} MiB")
+
+
+if __name__ == "__main__":
+    main()
