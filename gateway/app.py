@@ -52,6 +52,7 @@ class Gateway:
         self._reload = asyncio.Event()
         self._device_tasks: list[asyncio.Task] = []
         self._uplink_task: asyncio.Task | None = None
+        self._broker_task: asyncio.Task | None = None
 
     def _build(self, config: Config, *, uplink: bool = True) -> None:
         """Devices (and the uplink) from a config; the store is not touched."""
@@ -60,7 +61,7 @@ class Gateway:
         gw = config.gateway
         shifts = ShiftCalendar([(s.name, s.start) for s in config.shifts], gw.timezone)
         links: dict = {}  # connections shared by devices on one endpoint or serial line
-        self.devices = [DeviceRunner(d, open_source(d, links), self.store, self.root, shifts,
+        self.devices = [DeviceRunner(d, open_source(d, links, config.local_broker, gw.id), self.store, self.root, shifts,
                                      on_state_change=self._device_state_changed) for d in config.devices]
         if uplink:
             self.uplink = Uplink(config.upstream, self.store, client_id=config.upstream.client_id or gw.id,
@@ -152,6 +153,46 @@ class Gateway:
                 continue
             self.notifier.watchdog()
 
+    # -- the embedded local broker ------------------------------------------------------------
+    async def _local_broker(self, cfg, up: asyncio.Event) -> None:
+        """Run amqtt in this process for local sensors; a busy port is retried, never fatal to the rest."""
+        from gateway import broker as local_broker
+
+        failed = None
+        while True:
+            try:
+                server = await local_broker.start(cfg.listen, allow_anonymous=cfg.allow_anonymous,
+                                                  password_file=cfg.password_file)
+                break
+            except Exception as err:  # amqtt raises its own errors for a busy port or a bad password file
+                if str(err) != failed:
+                    log.error("local broker cannot start on %s: %s; retrying every 5s", cfg.listen, err)
+                    failed = str(err)
+                await asyncio.sleep(5)
+        log.info("local broker listening on %s (%s)", cfg.listen,
+                 "anonymous clients allowed" if cfg.allow_anonymous else "password required")
+        up.set()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await server.shutdown()
+
+    async def _start_broker(self) -> None:
+        if self.config.local_broker.enabled:
+            up = asyncio.Event()
+            self._broker_task = asyncio.create_task(self._local_broker(self.config.local_broker, up),
+                                                    name="local-broker")
+            try:  # so that the mqtt devices find it listening; a broker that cannot start is retried
+                await asyncio.wait_for(up.wait(), timeout=5)
+            except asyncio.TimeoutError:
+                pass
+
+    async def _stop_broker(self) -> None:
+        if self._broker_task is not None:
+            self._broker_task.cancel()
+            await asyncio.gather(self._broker_task, return_exceptions=True)
+            self._broker_task = None
+
     # -- life cycle ------------------------------------------------------------------------
     def stop(self) -> None:
         self._stop.set()
@@ -193,7 +234,11 @@ class Gateway:
             await self.uplink.stop(flush_timeout=2.0)
             self._uplink_task.cancel()
             await asyncio.gather(self._uplink_task, return_exceptions=True)
+        if new.local_broker != old.local_broker:
+            await self._stop_broker()
         self._build(new, uplink=new_uplink)
+        if new.local_broker != old.local_broker:
+            await self._start_broker()
         if new_uplink:
             self._uplink_task = asyncio.create_task(self.uplink.run(), name="uplink")
         logging.getLogger().setLevel(new.gateway.log_level.upper())
@@ -216,6 +261,7 @@ class Gateway:
         loop.add_signal_handler(signal.SIGHUP, self._reload.set)
         log.info("edge-gateway %s started: %d devices, topic root %s, store %s (%d messages waiting)",
                  __version__, len(self.devices), self.root, self.store.path, self.store.stats.messages)
+        await self._start_broker()
         self._start_devices()
         self._uplink_task = asyncio.create_task(self.uplink.run(), name="uplink")
         timers = [asyncio.create_task(self._commit_loop(), name="commit"),
@@ -232,6 +278,7 @@ class Gateway:
             task.cancel()
         await asyncio.gather(*timers, return_exceptions=True)
         await self._stop_devices()
+        await self._stop_broker()
         await self.uplink.stop(flush_timeout=5.0)
         self._uplink_task.cancel()
         await asyncio.gather(self._uplink_task, return_exceptions=True)

@@ -1,52 +1,203 @@
-"""An embedded MQTT broker (amqtt), for the demo and for tests; also `python -m gateway.broker`.
+"""The local MQTT broker (amqtt) for plant sensors, and the embedded stand-in upstream of the demo.
 
-Anonymous clients are refused unless `allow_anonymous` is set explicitly; the demo
-sets it for its own loopback-only stand-in of the upstream broker.
+Three ways to run it:
+- `edge-gateway broker -c /etc/edge-gateway/amqtt.yaml`: the `edge-gateway-broker.service` unit
+  (amqtt's own YAML format; see broker_config/amqtt.yaml), with sd_notify READY=1;
+- `local_broker.enabled: true` in gateway.yaml: in the gateway's own process (`start()`);
+- `python -m gateway.broker --listen HOST:PORT`: tests and the demo.
+
+Anonymous clients are refused unless explicitly allowed. Users live in a password file of
+`name:argon2-hash` lines, written by `edge-gateway broker-user` (never a plain password).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import logging
+import os
+import secrets
 import signal
+import sys
+
+import yaml
+
+log = logging.getLogger("edge_gateway.broker")
+
+ANON = "amqtt.plugins.authentication.AnonymousAuthPlugin"
+FILE_AUTH = "amqtt.plugins.authentication.FileAuthPlugin"
+DEFAULT_CONFIG = "/etc/edge-gateway/amqtt.yaml"
+DEFAULT_USERS = "/etc/edge-gateway/local-broker.users"
+
+
+class BrokerConfigError(Exception):
+    pass
 
 
 def broker_config(listen: str, *, allow_anonymous: bool = False, password_file: str | None = None) -> dict:
-    plugins: dict = {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": allow_anonymous}}
+    plugins: dict = {ANON: {"allow_anonymous": allow_anonymous}}
     if password_file:
-        plugins["amqtt.plugins.authentication.FileAuthPlugin"] = {"password_file": password_file}
+        plugins[FILE_AUTH] = {"password_file": password_file}
     return {"listeners": {"default": {"type": "tcp", "bind": listen}}, "plugins": plugins}
 
 
-async def start(listen: str, **options):
-    """Start an amqtt broker listening on HOST:PORT; returns it (call `await broker.shutdown()`)."""
+def check_config(cfg, file: str) -> list[str]:
+    """What would make this amqtt config unsafe or unusable; [] when it is fine."""
+    problems = []
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("listeners"), dict) or not cfg["listeners"]:
+        return [f"{file}: listeners: expected at least one listener (e.g. default: {{type: tcp, bind: "
+                f"127.0.0.1:1883}})"]
+    plugins = cfg.get("plugins") or {}
+    if not isinstance(plugins, dict):
+        return [f"{file}: plugins: expected a mapping of plugin class to its options"]
+    anon = (plugins.get(ANON) or {}).get("allow_anonymous", True) if ANON in plugins else None
+    users = (plugins.get(FILE_AUTH) or {}).get("password_file") if FILE_AUTH in plugins else None
+    if anon is None and users is None:
+        problems.append(f"{file}: plugins: expected {FILE_AUTH} with a password_file (and {ANON} with "
+                        "allow_anonymous: false); without an authentication plugin no client can log in")
+    if FILE_AUTH in plugins:
+        if not users:
+            problems.append(f"{file}: plugins.{FILE_AUTH}.password_file: required")
+        elif not os.access(users, os.R_OK):
+            problems.append(f"{file}: plugins.{FILE_AUTH}.password_file: cannot read {users} "
+                            "(create users with: edge-gateway broker-user NAME)")
+    return problems
+
+
+async def start(listen: str | None = None, *, config: dict | None = None, **options):
+    """Start an amqtt broker on HOST:PORT (or from an amqtt config dict); call `await broker.shutdown()`."""
     from amqtt.broker import Broker  # imported here: amqtt is an optional extra
 
-    broker = Broker(broker_config(listen, **options))
+    broker = Broker(config if config is not None else broker_config(listen, **options))
     await broker.start()
     return broker
 
 
-async def _serve(listen: str, allow_anonymous: bool, password_file: str | None) -> None:
-    broker = await start(listen, allow_anonymous=allow_anonymous, password_file=password_file)
+async def _serve(config: dict, description: str) -> None:
+    from gateway.notify import Notifier
+
+    broker = await start(config=config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    print(f"amqtt broker listening on {listen}", flush=True)
+    log.info("local broker listening: %s", description)
+    print(f"amqtt broker listening on {description}", flush=True)
+    notifier = Notifier()
+    notifier.ready(f"listening on {description}")
     await stop.wait()
+    notifier.stopping()
     await broker.shutdown()
 
 
+def serve_file(path: str) -> int:
+    """`edge-gateway broker -c FILE`: 0 after SIGTERM, 78 for a bad config file."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            cfg = yaml.safe_load(fh)
+    except OSError as err:
+        print(f"{path}: cannot read the file: {err.strerror}", file=sys.stderr)
+        return 78
+    except yaml.YAMLError as err:
+        print(f"{path}: not valid YAML: {err}", file=sys.stderr)
+        return 78
+    problems = check_config(cfg, path)
+    if problems:
+        print("\n".join(problems), file=sys.stderr)
+        return 78
+    plugins = cfg.get("plugins") or {}
+    if ANON in plugins and (plugins[ANON] or {}).get("allow_anonymous", True):
+        log.warning("%s allows anonymous clients: any process that reaches the port can publish", path)
+    binds = ", ".join(str(v.get("bind")) for v in cfg["listeners"].values() if isinstance(v, dict))
+    asyncio.run(_serve(cfg, binds))
+    return 0
+
+
+# -- users -------------------------------------------------------------------------------------
+def hash_password(password: str) -> str:
+    from pwdlib.hashers.argon2 import Argon2Hasher  # amqtt's own hasher (FileAuthPlugin verifies with it)
+    return Argon2Hasher().hash(password)
+
+
+def set_user(users_file: str, name: str, password: str | None) -> None:
+    """Add, replace (password) or remove (None) a user; the file is rewritten atomically, mode 0640."""
+    if not name or ":" in name or any(c.isspace() for c in name):
+        raise ValueError(f"user name {name!r}: expected no spaces or colons")
+    lines = []
+    try:
+        with open(users_file, encoding="utf-8") as fh:
+            lines = [ln.rstrip("\n") for ln in fh if ln.split(":", 1)[0].strip() != name]
+        st = os.stat(users_file)
+        owner = (st.st_uid, st.st_gid)
+    except FileNotFoundError:
+        owner = None
+    if password is not None:
+        lines.append(f"{name}:{hash_password(password)}")
+    _write_private(users_file, "".join(f"{ln}\n" for ln in lines), owner)
+
+
+def _write_private(path: str, text: str, owner: tuple[int, int] | None = None) -> None:
+    tmp = f"{path}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+    try:
+        os.fchmod(fd, 0o640)
+        if owner is not None and os.geteuid() == 0:
+            os.fchown(fd, *owner)
+        os.write(fd, text.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def user_command(args) -> int:
+    """`edge-gateway broker-user NAME`: set a password (asked, from stdin, or generated into a file)."""
+    try:
+        if args.delete:
+            set_user(args.users, args.name, None)
+            print(f"{args.users}: user {args.name} removed")
+            return 0
+        if args.generate:
+            password = secrets.token_urlsafe(24)
+            _write_private(args.generate, password + "\n")
+        elif sys.stdin.isatty():
+            password = getpass.getpass(f"password for {args.name}: ")
+            if password != getpass.getpass("again: "):
+                print("the two passwords differ; nothing changed", file=sys.stderr)
+                return 65
+        else:
+            password = sys.stdin.readline().rstrip("\n")
+        if len(password) < 8:
+            print("a password needs at least 8 characters; nothing changed", file=sys.stderr)
+            return 65
+        set_user(args.users, args.name, password)
+    except (OSError, ValueError) as err:
+        print(f"broker-user: {err}", file=sys.stderr)
+        return 73
+    print(f"{args.users}: user {args.name} set" + (f"; its password is in {args.generate} (mode 0640)"
+                                                   if args.generate else ""))
+    return 0
+
+
+def add_arguments(broker, user) -> None:
+    broker.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="amqtt config file (default %(default)s)")
+    user.add_argument("name")
+    user.add_argument("--users", default=DEFAULT_USERS, help="the broker's password file (default %(default)s)")
+    user.add_argument("--generate", metavar="FILE",
+                      help="make up a password and write it to FILE (0640): for the gateway's own login")
+    user.add_argument("--delete", action="store_true", help="remove the user")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gateway.broker", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m gateway.broker", description=__doc__.splitlines()[0])
     parser.add_argument("--listen", default="127.0.0.1:1883", help="HOST:PORT (default %(default)s)")
     parser.add_argument("--allow-anonymous", action="store_true", help="accept clients without credentials")
-    parser.add_argument("--password-file", help="amqtt password file (user:hash lines)")
+    parser.add_argument("--password-file", help="password file (name:hash lines)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    asyncio.run(_serve(args.listen, args.allow_anonymous, args.password_file))
+    cfg = broker_config(args.listen, allow_anonymous=args.allow_anonymous, password_file=args.password_file)
+    asyncio.run(_serve(cfg, args.listen))
     return 0
 
 

@@ -70,6 +70,9 @@ def _parser() -> argparse.ArgumentParser:
     simulate.add_argument("--truth", metavar="FILE", help="write the flexo lines' true counts here (JSON, every step)")
     simulate.add_argument("--delay", action="append", default=[], metavar="UNIT:SECONDS",
                           help="the PLC answers UNIT this slowly")
+    from gateway import broker
+    broker.add_arguments(sub.add_parser("broker", help="run the local MQTT broker for plant sensors (amqtt)"),
+                         sub.add_parser("broker-user", help="add, change or remove a local broker user"))
     demo = sub.add_parser("demo", help="everything on this machine: simulated plant, broker, gateway, live view")
     demo.add_argument("--duration", type=float, default=None, help="stop after this many seconds (default: Ctrl-C)")
     demo.add_argument("--plain", action="store_true", help="print lines instead of redrawing the screen")
@@ -92,6 +95,12 @@ def main(argv: list[str] | None = None) -> int:
         return counters(args)
     if args.command == "sim":
         return simulate(args)
+    if args.command in ("broker", "broker-user"):
+        from gateway import broker
+        if args.command == "broker-user":
+            return broker.user_command(args)
+        logs.setup("info")
+        return broker.serve_file(args.config)
     if args.command == "demo":
         from gateway.demo import demo
         return demo(duration=args.duration, plain=args.plain, fault_after=args.fault_after)

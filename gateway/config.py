@@ -24,7 +24,7 @@ from gateway.units import parse_duration, parse_size
 DEFAULT_PATH = "/etc/edge-gateway/gateway.yaml"
 SOURCES = ("modbus_tcp", "modbus_rtu", "mqtt", "sim")
 # What this version can run. A valid config that needs more is refused by name.
-AVAILABLE_SOURCES = ("modbus_tcp", "modbus_rtu", "sim")
+AVAILABLE_SOURCES = ("modbus_tcp", "modbus_rtu", "mqtt", "sim")
 REGISTER_TYPES = ("uint16", "int16", "uint32", "int32", "float32", "float64", "bool")
 TABLES = ("holding", "input", "coil", "discrete")
 NAME = re.compile(r"^[a-z0-9_-]+$")
@@ -330,12 +330,31 @@ class OutboxSection:
 
 
 @dataclass(frozen=True)
+class LocalClientSection:
+    """How the gateway itself logs in to the local broker to read `source: mqtt` devices."""
+    username: str = setting(string())
+    password_file: str | None = setting(optional(readable_file), None)
+
+
+@dataclass(frozen=True)
 class LocalBrokerSection:
-    enabled: bool = setting(boolean, False)
+    enabled: bool = setting(boolean, False)  # embedded in the gateway (else: edge-gateway-broker.service)
     listen: str = setting(string(re.compile(r"^[^:\s]+:\d{1,5}$"), 'HOST:PORT such as "127.0.0.1:1883"'),
                           "127.0.0.1:1883")
-    password_file: str | None = setting(optional(readable_file), None)
+    password_file: str | None = setting(optional(readable_file), None)  # users: `edge-gateway broker-user`
     allow_anonymous: bool = setting(boolean, False)
+    client: LocalClientSection | None = setting(optional(section(LocalClientSection)), None)
+
+    def __post_init__(self) -> None:
+        if self.enabled and not self.allow_anonymous and not self.password_file:
+            raise _Invalid([("password_file", "required when the embedded broker is enabled: it refuses anonymous "
+                                              "clients (create users with `edge-gateway broker-user`), unless "
+                                              "allow_anonymous: true is set")])
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, _, port = self.listen.rpartition(":")
+        return host, int(port)
 
 
 @dataclass(frozen=True)
@@ -554,7 +573,10 @@ def _not_available(config: Config) -> list[tuple[str, str]]:
         if device.model is not None:
             problems.append((f"devices[{i}].model", "anomaly models are not available in this version"))
     if config.local_broker.enabled:
-        problems.append(("local_broker.enabled", "the local broker is not available in this version"))
+        import importlib.util
+        if importlib.util.find_spec("amqtt") is None:
+            problems.append(("local_broker.enabled", "the embedded broker needs amqtt: "
+                                                     "pip install 'edge-gateway[broker]' (install.sh does)"))
     return problems
 
 

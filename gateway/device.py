@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from gateway import counters
 from gateway.config import DeviceSection
+from gateway.logs import fields
 from gateway.sample import ERROR, OK, Sample
 from gateway.shiftbook import ShiftBook, summary
 from gateway.shifts import ShiftCalendar
@@ -97,6 +98,9 @@ class DeviceRunner:
 
     # -- the poll loop --------------------------------------------------------------------
     async def run(self) -> None:
+        if getattr(self.source, "pushes", False):
+            await self._run_pushed()
+            return
         loop = asyncio.get_running_loop()
         interval = self.device.interval
         start, tick = loop.time(), 0
@@ -126,6 +130,25 @@ class DeviceRunner:
             log.exception("device %s: unexpected error processing a sample", self.device.name)
             self._read_failed(f"internal error: {err!r}")
 
+    async def _run_pushed(self) -> None:
+        """A source that pushes (local MQTT): each message is a sample; silence is an error."""
+        silence = max(3 * self.device.interval, self.device.timeout)
+        while True:
+            try:
+                sample = await asyncio.wait_for(self.source.next(), timeout=silence)
+            except asyncio.TimeoutError:
+                self._read_failed(f"no message on {self.device.topic} for {silence:g}s")
+                continue
+            except SourceError as err:
+                self._read_failed(str(err))
+                continue
+            self.health.polls += 1
+            try:
+                self.process(sample)
+            except Exception as err:
+                log.exception("device %s: unexpected error processing a sample", self.device.name)
+                self._read_failed(f"internal error: {err!r}")
+
     def _read_failed(self, why: str) -> None:
         self._close_shifts(self.book.tick(time.time()))
         self.health.errors += 1
@@ -140,13 +163,15 @@ class DeviceRunner:
         health = self.health
         health.last_sample = sample.ts
         bad = sample.bad_tags
-        if bad:
+        if bad or sample.problem:
             health.errors += 1
         health.bad_tags = bad
-        why = f"bad tags: {', '.join(bad)}" + (f" ({sample.problem})" if sample.problem else "") if bad else None
+        why = f"bad tags: {', '.join(bad)}" + (f" ({sample.problem})" if sample.problem else "") if bad \
+            else sample.problem
         if sample.problem:
             health.last_error = sample.problem
-        self._set_state("degraded" if bad else "ok", why)
+        # Logged again only when which tags are bad changes, not when a bad value does.
+        self._set_state("degraded" if why else "ok", why, key=tuple(bad) or (why or "").split(":")[0])
         status = sample.values.get(self.device.oee.status_tag) if self.device.oee else None
         self._close_shifts(self.book.observe(sample.ts, status))  # before the counters move to the new shift
         self._update_counters(sample)
@@ -179,10 +204,12 @@ class DeviceRunner:
                                          counter.reset_threshold, shift_id, sample.ts)
             if step.event == "wrap":
                 log.info("device %s: counter %s wrapped at %d bits (raw %d -> %d)", self.device.name,
-                         counter.name, counter.bits, self._counters[counter.name].last_raw, raw)
+                         counter.name, counter.bits, self._counters[counter.name].last_raw, raw,
+                         extra=fields(self.device.name, "counter_wrap", counter=counter.name))
             elif step.event == "reset":
                 log.warning("device %s: counter %s was reset on the PLC (raw %d -> %d); counting on from %d",
-                            self.device.name, counter.name, self._counters[counter.name].last_raw, raw, row.total)
+                            self.device.name, counter.name, self._counters[counter.name].last_raw, raw, row.total,
+                            extra=fields(self.device.name, "counter_reset", counter=counter.name))
             previous = self._counters.get(counter.name)
             if previous is None or (row.total, row.shift_total, row.shift_id) != (
                     previous.total, previous.shift_total, previous.shift_id):
@@ -197,7 +224,7 @@ class DeviceRunner:
             self.store.stage(self._shift_topic, payload, created=rec.end)
             log.info("device %s: shift %s closed%s", self.device.name, rec.shift_id,
                      " (missed: the gateway was down)" if rec.missed else
-                     " (partial)" if payload["partial"] else "")
+                     " (partial)" if payload["partial"] else "", extra=fields(self.device.name, "shift_closed"))
         if self.book.changed and self.book.current is not None:
             self.store.stage_shift(self.device.name, self.book.current.to_json())
             self.book.changed = False
@@ -206,11 +233,13 @@ class DeviceRunner:
         if self._counter_problems.get(name) == problem:
             return
         if problem:
-            log.warning("device %s: counter %s not updated: %s", self.device.name, name, problem)
+            log.warning("device %s: counter %s not updated: %s", self.device.name, name, problem,
+                        extra=fields(self.device.name, "counter_bad", counter=name))
             self._counter_problems[name] = problem
         else:
             if name in self._counter_problems:
-                log.info("device %s: counter %s is counting again", self.device.name, name)
+                log.info("device %s: counter %s is counting again", self.device.name, name,
+                         extra=fields(self.device.name, "counter_ok", counter=name))
             self._counter_problems.pop(name, None)
 
     def _stage_counters(self, ts: float) -> None:
@@ -231,20 +260,23 @@ class DeviceRunner:
         return dict(self._counters)
 
     # -- state, logged once per change ---------------------------------------------------------
-    def _set_state(self, state: str, why: str | None) -> None:
+    def _set_state(self, state: str, why: str | None, key=None) -> None:
         old = self.health.state
-        if state == old and (state != "degraded" or why == self._why):
+        key = key if key is not None else (why or "").split(":")[0]  # the kind of problem, not its details
+        if state == old and (state == "ok" or key == self._why):
             return
-        self.health.state, self._why = state, why
+        self.health.state, self._why = state, key
         name = self.device.name
+        extra = fields(name, f"device_{state}")
         if state == "error":
-            log.error("device %s: read failed: %s (tags %s now error)", name, why, ", ".join(self.device.tags))
+            log.error("device %s: read failed: %s (tags %s now error)", name, why, ", ".join(self.device.tags),
+                      extra=extra)
         elif state == "degraded":
-            log.warning("device %s: %s", name, why)
+            log.warning("device %s: %s", name, why, extra=extra)
         elif old in ("error", "degraded"):
-            log.warning("device %s: recovered, all tags ok", name)
+            log.warning("device %s: recovered, all tags ok", name, extra=extra)
         else:
-            log.info("device %s: first sample read, all tags ok", name)
+            log.info("device %s: first sample read, all tags ok", name, extra=extra)
         self._on_state_change(self)
 
     def status(self) -> dict:

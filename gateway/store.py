@@ -18,6 +18,8 @@ import sqlite3
 import time
 from dataclasses import dataclass, field
 
+from gateway.logs import fields
+
 log = logging.getLogger("edge_gateway.store")
 
 SCHEMA = """
@@ -189,7 +191,7 @@ class Store:
         ranges = self.stats.drop_episode
         if not ranges:
             log.warning("outbox full: dropping messages (when_full: %s), first seq dropped %d",
-                        self.bounds.when_full, seq)
+                        self.bounds.when_full, seq, extra=fields(event="outbox_drop", seq=seq))
         if ranges and ranges[-1][1] + 1 == seq:
             ranges[-1][1] = seq
         else:
@@ -202,7 +204,8 @@ class Store:
             shown = ", ".join(f"{a}..{b}" if a != b else str(a) for a, b in ranges[:5])
             more = f" and {len(ranges) - 5} more ranges" if len(ranges) > 5 else ""
             log.warning("outbox drop episode over: dropped seq %s%s (%d messages; %d dropped since the outbox "
-                        "was created)", shown, more, count, self.stats.dropped)
+                        "was created)", shown, more, count, self.stats.dropped,
+                        extra=fields(event="outbox_drop_over", seq=ranges[0][0]))
             self.stats.drop_episode = []
 
     # -- the one transaction -------------------------------------------------------------

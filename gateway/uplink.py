@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import paho.mqtt.client as mqtt
 
 from gateway.config import UpstreamSection
+from gateway.logs import fields
 from gateway.retry import backoff
 from gateway.store import Store
 
@@ -140,7 +141,7 @@ class Uplink:
         client.max_inflight_messages_set(self.cfg.max_inflight + 8)  # room for status and health
         client.max_queued_messages_set(0)
         if self.cfg.username:
-            client.username_pw_set(self.cfg.username, _read_secret(self.cfg.password_file))
+            client.username_pw_set(self.cfg.username, read_secret(self.cfg.password_file))
         if self.cfg.tls is not None:
             client.tls_set(ca_certs=self.cfg.tls.ca_file, certfile=self.cfg.tls.cert_file,
                            keyfile=self.cfg.tls.key_file, cert_reqs=ssl.CERT_REQUIRED)
@@ -192,11 +193,14 @@ class Uplink:
             self.stats.reconnects += 1
         waiting = self.store.stats.messages
         if self.stats.connects > 1:
-            log.warning("connected to upstream %s again; %d messages waiting, oldest first", where, waiting)
+            log.warning("connected to upstream %s again; %d messages waiting, oldest first", where, waiting,
+                        extra=fields(event="upstream_connected"))
         elif self.stats.last_error is not None:
-            log.warning("connected to upstream %s after failed attempts; %d messages waiting", where, waiting)
+            log.warning("connected to upstream %s after failed attempts; %d messages waiting", where, waiting,
+                        extra=fields(event="upstream_connected"))
         else:
-            log.info("connected to upstream %s; %d messages waiting", where, waiting)
+            log.info("connected to upstream %s; %d messages waiting", where, waiting,
+                     extra=fields(event="upstream_connected"))
         self.stats.last_error = None
         self._forget_inflight()
         self._cursor = 0
@@ -211,7 +215,7 @@ class Uplink:
 
     def _fail(self, message: str) -> None:
         if self.stats.last_error != message:
-            log.error("%s; retrying with backoff", message)
+            log.error("%s; retrying with backoff", message, extra=fields(event="upstream_lost"))
         self.stats.last_error = message
 
     async def _drop_client(self) -> None:
@@ -284,7 +288,7 @@ class Uplink:
                 self.stats.published += 1
 
 
-def _read_secret(path: str | None) -> str | None:
+def read_secret(path: str | None) -> str | None:
     if path is None:
         return None
     with open(path, encoding="utf-8") as fh:

@@ -115,13 +115,13 @@ def test_every_problem_is_reported_at_once(tmp_path):
     assert len(lines) == 3
 
 
-def test_a_source_not_in_this_version_is_refused_by_name(tmp_path):
-    assert check(tmp_path, BASE + MODBUS % "int16").returncode == 0
-    mqtt = "  - {name: sensor1, source: mqtt, topic: sensors/1, fields: {temp_c: t}}\n"
-    result = check(tmp_path, BASE + mqtt)
+def test_mqtt_device_keys_are_checked(tmp_path):
+    mqtt = "  - {name: sensor1, source: mqtt, topic: sensors/1, fields: {temp_c: t}, registers: []}\n"
+    assert check(tmp_path, BASE + mqtt).returncode == 0
+    result = check(tmp_path, BASE + "  - {name: sensor1, source: mqtt, fields: {temp_c: t}, host: x}\n")
     assert result.returncode == 78
-    assert ("devices[2].source: mqtt is not available in this version (available: modbus_tcp, modbus_rtu, sim)"
-            in result.stderr)
+    assert "devices[2].host: not used by source mqtt (it takes: fields, timestamp_field, topic)" in result.stderr
+    assert "devices[2].topic: required for source mqtt, but missing" in result.stderr
 
 
 def test_keys_of_another_source_are_refused(tmp_path):

@@ -102,17 +102,62 @@ def test_no_notify_socket_is_fine(mosquitto, gateway, subscribe, tmp_path):
 
 
 @pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze not installed")
-def test_unit_file_verifies_clean_and_scores_well(tmp_path):
+@pytest.mark.parametrize("name", ["edge-gateway.service", "edge-gateway-broker.service"])
+def test_unit_file_verifies_clean_and_scores_well(tmp_path, name):
     exe = shutil.which("edge-gateway") or str(ROOT / ".venv" / "bin" / "edge-gateway")
-    unit = (ROOT / "systemd" / "edge-gateway.service").read_text()
+    unit = (ROOT / "systemd" / name).read_text()
     unit = unit.replace("/opt/edge-gateway/venv/bin/edge-gateway", exe)  # verify checks the binary exists
-    (tmp_path / "edge-gateway.service").write_text(unit)
-    verify = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "edge-gateway.service")],
+    (tmp_path / name).write_text(unit)
+    verify = subprocess.run(["systemd-analyze", "verify", str(tmp_path / name)],
                             capture_output=True, text=True, timeout=60)
     problems = [line for line in (verify.stdout + verify.stderr).splitlines() if line.strip()]
     assert verify.returncode == 0 and not problems, problems
     security = subprocess.run(["systemd-analyze", "security", "--offline=true",
-                               str(ROOT / "systemd" / "edge-gateway.service")], capture_output=True, text=True,
+                               str(ROOT / "systemd" / name)], capture_output=True, text=True,
                               timeout=60)
     score = float(re.search(r"Overall exposure level for \S+: ([\d.]+)", security.stdout).group(1))
     assert score <= 2.5, security.stdout[-2000:]
+
+
+def test_logs_go_to_journald_with_structured_fields_under_systemd(mosquitto, gateway, tmp_path):
+    """With JOURNAL_STREAM naming its stderr, the daemon speaks journald's native protocol."""
+    journal = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    journal.bind(str(tmp_path / "journal.sock"))
+    journal.settimeout(0.2)
+    entries: list[dict] = []
+
+    def receive() -> None:
+        while journal.fileno() >= 0:
+            try:
+                data = journal.recv(65536)
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            entries.append(dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line))
+    threading.Thread(target=receive, daemon=True).start()
+    devices = """
+  - name: line1
+    source: sim
+    profile: flexo_line
+    seed: 5
+    interval: 100ms
+    plc: {counter_bits: 16, start_near_top: true, rate_per_min: 3000}
+    counters: [{name: produced, register: produced_raw, bits: 16}]
+"""
+    gw = gateway(gateway_config(tmp_path / "data", mosquitto.port, devices=devices))
+    gw.log.touch()
+    st = gw.log.stat()
+    gw.start(JOURNAL_STREAM=f"{st.st_dev}:{st.st_ino}", EDGE_GATEWAY_JOURNAL_SOCKET=str(tmp_path / "journal.sock"))
+    try:
+        wrap = wait_until(lambda: [e for e in entries if e.get("EVENT") == "counter_wrap"], 30, what="a wrap entry")
+        assert wrap[0]["DEVICE"] == "line1" and wrap[0]["COUNTER"] == "produced"
+        assert wrap[0]["PRIORITY"] == "6" and wrap[0]["SYSLOG_IDENTIFIER"] == "edge-gateway"
+        assert wrap[0]["MESSAGE"].startswith("device line1: counter produced wrapped at 16 bits")
+        first = [e for e in entries if e.get("EVENT") == "device_ok"]
+        assert first and first[0]["DEVICE"] == "line1"
+        assert [e for e in entries if e.get("EVENT") == "upstream_connected"]
+        assert gw.stop() == 0
+        assert gw.logs() == "", "nothing on stderr while journald takes the records"
+    finally:
+        journal.close()

@@ -1,0 +1,234 @@
+"""Local MQTT sensors: JSON messages on the local broker, mapped to tags.
+
+One paho client per gateway subscribes to every `source: mqtt` device's topic (QoS 1)
+and hands each message to its device as it arrives: these sources push, they are not
+polled. A message becomes a Sample by the device's `fields` map (`tag: json.field`,
+dots reach into nested objects); the sample time comes from `timestamp_field` when set
+(epoch seconds, epoch milliseconds or RFC 3339), else from the arrival.
+
+What a sensor gets wrong stays with its tags: malformed JSON makes every tag of the
+device an error; a missing field or a value that is not a number makes that tag an
+error; a bad timestamp falls back to the arrival time. Each is counted and said in
+`Sample.problem`; the device runner logs it once per change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import threading
+import time
+from datetime import datetime
+
+import paho.mqtt.client as mqtt
+
+from gateway.config import DeviceSection, LocalBrokerSection
+from gateway.retry import backoff
+from gateway.sample import ERROR, OK, Sample
+from gateway.sources import SourceError
+from gateway.uplink import read_secret
+
+log = logging.getLogger("edge_gateway.mqtt_source")
+
+QUEUE_LIMIT = 1000  # messages per device waiting for the pipeline; beyond this the oldest are dropped
+
+
+class MqttLink:
+    """The gateway's one connection to the local broker, shared by all mqtt devices."""
+
+    def __init__(self, broker: LocalBrokerSection, client_id: str) -> None:
+        self.broker = broker
+        self.client_id = client_id
+        self.sources: list[MqttSource] = []
+        self.connected = False
+        self.last_error: str | None = None
+        self._client: mqtt.Client | None = None
+        self._task: asyncio.Task | None = None
+        self._lost = threading.Event()
+
+    def add(self, source: "MqttSource") -> None:
+        self.sources.append(source)
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="local-mqtt")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        self._disconnect()
+
+    # -- connection, with backoff; messages arrive on paho's thread ---------------------------
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        attempt = 0
+        while True:
+            self._lost.clear()
+            connected = loop.create_future()
+            try:
+                self._connect(loop, connected)
+                rc = await asyncio.wait_for(connected, timeout=10)
+                if rc != 0:
+                    raise ConnectionError(f"the local broker refused the connection: {rc}")
+            except (OSError, ConnectionError, asyncio.TimeoutError, ValueError) as err:
+                self._disconnect()
+                why = str(err) or "no CONNACK within 10s"
+                self._failed(f"local broker {self.broker.listen}: {why}")
+                attempt += 1
+                await asyncio.sleep(backoff(attempt, 0.5, 30.0, 0.3))
+                continue
+            attempt = 0
+            self.connected, self.last_error = True, None
+            log.info("connected to the local broker %s (%d mqtt devices)", self.broker.listen, len(self.sources))
+            while not self._lost.is_set():
+                await asyncio.sleep(0.2)
+            self._disconnect()
+            self._failed(f"local broker {self.broker.listen}: connection lost")
+
+    def _connect(self, loop: asyncio.AbstractEventLoop, connected: asyncio.Future) -> None:
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id,
+                             reconnect_on_failure=False)
+        creds = self.broker.client
+        if creds is not None:
+            client.username_pw_set(creds.username, read_secret(creds.password_file))
+
+        def on_connect(c, userdata, flags, reason, properties):
+            if not reason.is_failure:
+                for source in self.sources:
+                    c.subscribe(source.device.topic, qos=1)
+            loop.call_soon_threadsafe(lambda: connected.done() or connected.set_result(
+                0 if not reason.is_failure else str(reason)))
+
+        def on_disconnect(c, userdata, flags, reason, properties):
+            self._lost.set()
+            loop.call_soon_threadsafe(lambda: connected.done() or connected.set_result(str(reason)))
+
+        def on_message(c, userdata, message):
+            arrived = time.time()
+            for source in self.sources:
+                if mqtt.topic_matches_sub(source.device.topic, message.topic):
+                    loop.call_soon_threadsafe(source.deliver, message.topic, message.payload, arrived)
+
+        client.on_connect, client.on_disconnect, client.on_message = on_connect, on_disconnect, on_message
+        host, port = self.broker.address
+        self._client = client
+        client.connect(host, port, keepalive=30)
+        client.loop_start()
+
+    def _disconnect(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            client.disconnect()
+            client.loop_stop()
+        self.connected = False
+
+    def _failed(self, why: str) -> None:
+        if why != self.last_error:
+            self.last_error = why
+            for source in self.sources:
+                source.deliver_error(SourceError(why))
+
+
+class MqttSource:
+    """One device's messages; `next()` awaits the next Sample (or raises SourceError)."""
+
+    pushes = True
+
+    def __init__(self, device: DeviceSection, link: MqttLink) -> None:
+        self.device = device
+        self.link = link
+        self.dropped = 0
+        self._queue: asyncio.Queue | None = None
+        link.add(self)
+
+    def _q(self) -> asyncio.Queue:
+        if self._queue is None:
+            self._queue = asyncio.Queue()
+        return self._queue
+
+    def deliver(self, topic: str, payload: bytes, arrived: float) -> None:
+        queue = self._q()
+        if queue.qsize() >= QUEUE_LIMIT:
+            queue.get_nowait()
+            self.dropped += 1
+        queue.put_nowait(decode(self.device, payload, arrived))
+
+    def deliver_error(self, err: SourceError) -> None:
+        self._q().put_nowait(err)
+
+    async def next(self) -> Sample:
+        self.link.start()
+        item = await self._q().get()
+        if isinstance(item, SourceError):
+            raise item
+        return item
+
+    async def close(self) -> None:
+        await self.link.close()
+
+
+def decode(device: DeviceSection, payload: bytes, arrived: float) -> Sample | SourceError:
+    """One message → a Sample, or a SourceError when nothing in it can be used."""
+    try:
+        doc = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        return SourceError(f"malformed JSON on {device.topic}: {err} (payload {_preview(payload)})")
+    if not isinstance(doc, dict):
+        return SourceError(f"expected a JSON object on {device.topic}, got {type(doc).__name__} "
+                           f"(payload {_preview(payload)})")
+    values, quality, problems = {}, {}, []
+    for tag, path in device.fields.items():
+        found, value = _lookup(doc, path)
+        if not found:
+            problems.append(f"field {path} missing")
+        elif isinstance(value, bool):
+            values[tag], quality[tag] = float(value), OK
+            continue
+        elif not isinstance(value, (int, float)) or not math.isfinite(value):
+            problems.append(f"field {path}: expected a number, got {json.dumps(value)[:40]}")
+        else:
+            values[tag], quality[tag] = float(value), OK
+            continue
+        values[tag], quality[tag] = None, ERROR
+    ts = arrived
+    if device.timestamp_field:
+        found, raw = _lookup(doc, device.timestamp_field)
+        parsed = _timestamp(raw) if found else None
+        if parsed is None:
+            problems.append(f"timestamp field {device.timestamp_field} "
+                            f"{'missing' if not found else 'not a time: ' + json.dumps(raw)[:40]}; arrival time used")
+        else:
+            ts = parsed
+    return Sample(device.name, ts, values, quality, "; ".join(problems) or None)
+
+
+def _lookup(doc: dict, path: str):
+    node = doc
+    for part in path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
+
+
+def _timestamp(raw) -> float | None:
+    if isinstance(raw, bool):
+        return None
+    if isinstance(raw, (int, float)) and math.isfinite(raw) and raw > 0:
+        return raw / 1000.0 if raw > 1e11 else float(raw)  # epoch milliseconds or seconds
+    if isinstance(raw, str):
+        try:
+            parsed = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+        except ValueError:
+            return None
+        return parsed.timestamp() if parsed.tzinfo is not None else None  # a time without zone is ambiguous
+    return None
+
+
+def _preview(payload: bytes) -> str:
+    text = payload[:60].decode("utf-8", "replace")
+    return json.dumps(text + ("..." if len(payload) > 60 else ""))
