@@ -84,8 +84,8 @@ real_root && run chown root:"$USER_NAME" "$ETC"
 if [ ! -x "$PREFIX/venv/bin/python" ]; then
     run python3 -m venv "$PREFIX/venv"
 fi
-PACKAGE=.
-[ $BROKER -eq 1 ] && PACKAGE=".[broker]"
+PACKAGE=".[anomaly]"  # the TFLite runtime (LiteRT) and numpy for the anomaly model; never TensorFlow
+[ $BROKER -eq 1 ] && PACKAGE=".[anomaly,broker]"
 # Re-running with the same source and options changes nothing; a changed source is an upgrade.
 STAMP="$PACKAGE $(find gateway sim setup.cfg pyproject.toml -type f \( -name '*.py' -o -name '*.cfg' \
     -o -name '*.toml' \) -print0 | sort -z | xargs -0 sha256sum | sha256sum | cut -d' ' -f1)"
@@ -96,6 +96,8 @@ else
     if [ $DRY -eq 0 ]; then echo "$STAMP" > "$PREFIX/.installed-from"; fi
 fi
 run install -m 0644 README.md "$PREFIX/README.md"
+run mkdir -p "$PREFIX/models"
+run install -m 0644 models/pump-ae.tflite models/pump-ae.json "$PREFIX/models/"
 run ln -sfn /opt/edge-gateway/venv/bin/edge-gateway "$BIN/edge-gateway"
 run install -m 0644 systemd/edge-gateway.service "$UNITS/edge-gateway.service"
 run install -m 0644 systemd/edge-gateway-broker.service "$UNITS/edge-gateway-broker.service"

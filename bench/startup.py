@@ -15,14 +15,21 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from common import mosquitto
 
 ROOT = Path(__file__).resolve().parent.parent
-DEVICES = "".join(f"\n  - {{name: pump{i}, source: sim, profile: pump, seed: {i}, interval: 1s}}" for i in range(5)) + \
-    "".join(f"\n  - {{name: line{i}, source: sim, profile: flexo_line, seed: {i}, interval: 1s, counters: "
-            f"[{{name: produced, register: produced_raw, bits: 32}}]}}" for i in range(5))
+
+
+def devices(model: str | None = None) -> str:
+    """Five pumps and five flexo lines at 1 Hz; the pumps scored by `model` when given."""
+    extra = f", model: {model}" if model else ""
+    return "".join(f"\n  - {{name: pump{i}, source: sim, profile: pump, seed: {i}, interval: 1s{extra}}}"
+                   for i in range(5)) + \
+        "".join(f"\n  - {{name: line{i}, source: sim, profile: flexo_line, seed: {i}, interval: 1s, counters: "
+                f"[{{name: produced, register: produced_raw, bits: 32}}]}}" for i in range(5))
 
 
 def rss_mib(pid: int) -> float:
@@ -32,42 +39,54 @@ def rss_mib(pid: int) -> float:
     return float("nan")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=60.0)
-    args = parser.parse_args()
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+@contextmanager
+def gateway(device_yaml: str):
+    """`edge-gateway run` with these devices and a mosquitto upstream; yields (pid, seconds to READY=1)."""
     with mosquitto() as (port, _), tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "gateway.yaml"
         config.write_text(f"gateway: {{id: bench, site: lab, data_dir: {tmp}/data, timezone: Europe/Berlin}}\n"
                           f"upstream: {{host: 127.0.0.1, port: {port}}}\n"
                           'shifts: [{name: A, start: "06:00"}, {name: B, start: "14:00"}, {name: C, start: "22:00"}]\n'
-                          f"devices:{DEVICES}\n")
+                          f"devices:{device_yaml}\n")
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         notify.bind(f"{tmp}/notify.sock")
         notify.settimeout(30)
         start = time.perf_counter()
         proc = subprocess.Popen([sys.executable, "-m", "gateway", "run", "-c", str(config)],
-                                env={**env, "NOTIFY_SOCKET": f"{tmp}/notify.sock"},
+                                env={**os.environ, "PYTHONPATH": str(ROOT), "NOTIFY_SOCKET": f"{tmp}/notify.sock"},
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             while b"READY=1" not in notify.recv(4096):
                 pass
-            ready = time.perf_counter() - start
-            rss_ready = rss_mib(proc.pid)
-            time.sleep(args.seconds)
-            rss_later = rss_mib(proc.pid)
+            yield proc.pid, time.perf_counter() - start
         finally:
             proc.terminate()
             proc.wait(30)
+            notify.close()
+
+
+def bare_python(imports: str) -> tuple[float, float]:
+    """Seconds to import these modules in a fresh interpreter, and its RSS then."""
     start = time.perf_counter()
-    bare = subprocess.Popen([sys.executable, "-c", "import sqlite3, yaml, paho.mqtt.client, pymodbus.client, "
-                             "time; print(flush=True); time.sleep(3)"], stdout=subprocess.PIPE)
+    bare = subprocess.Popen([sys.executable, "-c", f"import {imports}, time; print(flush=True); time.sleep(3)"],
+                            stdout=subprocess.PIPE)
     bare.stdout.readline()
-    bare_time = time.perf_counter() - start
-    bare_rss = rss_mib(bare.pid)
+    elapsed = time.perf_counter() - start
+    rss = rss_mib(bare.pid)
     bare.kill()
     bare.wait()
+    return elapsed, rss
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=60.0)
+    args = parser.parse_args()
+    with gateway(devices()) as (pid, ready):
+        rss_ready = rss_mib(pid)
+        time.sleep(args.seconds)
+        rss_later = rss_mib(pid)
+    bare_time, bare_rss = bare_python("sqlite3, yaml, paho.mqtt.client, pymodbus.client")
     print("edge-gateway run, 10 simulated devices at 1 Hz, mosquitto upstream")
     print(f"  exec -> READY=1              {ready * 1000:7.0f} ms   (target <= 1000 ms)")
     print(f"  RSS at READY                 {rss_ready:7.1f} MiB")

@@ -61,8 +61,10 @@ class Gateway:
         gw = config.gateway
         shifts = ShiftCalendar([(s.name, s.start) for s in config.shifts], gw.timezone)
         links: dict = {}  # connections shared by devices on one endpoint or serial line
-        self.devices = [DeviceRunner(d, open_source(d, links, config.local_broker, gw.id), self.store, self.root, shifts,
-                                     on_state_change=self._device_state_changed) for d in config.devices]
+        models = configuration.load_models(config)  # one interpreter per model, shared by its devices
+        self.devices = [DeviceRunner(d, open_source(d, links, config.local_broker, gw.id), self.store, self.root,
+                                     shifts, on_state_change=self._device_state_changed,
+                                     model=models.get(d.model)) for d in config.devices]
         if uplink:
             self.uplink = Uplink(config.upstream, self.store, client_id=config.upstream.client_id or gw.id,
                                  status_topic=f"{self.root}/status", offline_payload=self._status("offline"))
@@ -82,7 +84,8 @@ class Gateway:
 
     def health(self) -> dict:
         store, uplink = self.store.stats, self.uplink.stats
-        return {
+        latencies = [us for r in self.devices if r.scorer is not None for us in r.scorer.take_latency()]
+        health = {
             "ts": rfc3339(time.time()),
             "gateway_id": self.config.gateway.id,
             "uptime_s": round(time.time() - self.started, 1),
@@ -100,8 +103,16 @@ class Gateway:
                                         "errors": r.health.errors, "skipped_ticks": r.health.skipped_ticks,
                                         "bad_tags": r.health.bad_tags, "last_error": r.health.last_error,
                                         "last_sample": rfc3339(r.health.last_sample) if r.health.last_sample
-                                        else None} for r in self.devices},
+                                        else None,
+                                        **({"anomaly": a} if (a := r.anomaly_status()) else {})}
+                        for r in self.devices},
         }
+        if latencies:
+            latencies.sort()
+            health["inference_us"] = {"windows": len(latencies), "mean": round(sum(latencies) / len(latencies), 1),
+                                      "p95": round(latencies[int(0.95 * (len(latencies) - 1))], 1),
+                                      "max": round(latencies[-1], 1)}
+        return health
 
     def _write_state(self, health: dict) -> None:
         """The local state file read by `edge-gateway status` (no broker needed)."""

@@ -76,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="everything on this machine: simulated plant, broker, gateway, live view")
     demo.add_argument("--duration", type=float, default=None, help="stop after this many seconds (default: Ctrl-C)")
     demo.add_argument("--plain", action="store_true", help="print lines instead of redrawing the screen")
-    demo.add_argument("--fault-after", type=float, default=20.0,
+    demo.add_argument("--fault-after", type=float, default=60.0,
                       help="inject bearing wear into the pump after this many seconds (default %(default)s)")
     return parser
 
@@ -169,6 +169,11 @@ def status(path: str, as_json: bool) -> int:
     for name, dev in state["devices"].items():
         print(f"device    {name:<16} {dev['state']:<9} last sample {dev['last_sample'] or '-'}  "
               f"errors {dev['errors']}  {dev['last_error'] or ''}")
+        if a := dev.get("anomaly"):
+            score = "-" if a["score"] is None else f"{a['score']:.4f}"
+            print(f"  model   {a['model']:<14} {a['state']}  score {score} / threshold {a['threshold']:.4f}  "
+                  f"windows {a['windows_scored']} scored, {a['windows_not_scored']} not"
+                  + (f" ({a['why_not_scored']})" if a.get("why_not_scored") else ""))
         for counter, c in state.get("counters", {}).get(name, {}).items():
             print(f"  counter {counter:<14} total {c['total']}  shift {c['shift']} ({c['shift_id'] or '-'})")
     age = time.time() - os.path.getmtime(state_path)

@@ -259,6 +259,7 @@ class GatewaySection:
     timezone: str = setting(string(), "UTC")
     health_interval: float = setting(duration(1, 3600), 10.0)
     log_level: str = setting(one_of("debug", "info", "warning", "error"), "info")
+    model_dir: str | None = setting(optional(string()), None)  # default: models/ beside the package, /opt/...
 
     def __post_init__(self) -> None:
         try:
@@ -450,7 +451,7 @@ _SOURCE_KEYS = {
     "modbus_tcp": {"host", "port", "unit", "registers", "max_gap", "max_registers_per_read"},
     "modbus_rtu": {"serial", "unit", "registers", "max_gap", "max_registers_per_read"},
     "mqtt": {"topic", "fields", "timestamp_field"},
-    "sim": {"profile", "seed", "faults", "plc"},
+    "sim": {"profile", "seed", "faults", "plc", "time_scale"},
 }
 _SOURCE_REQUIRED = {"modbus_tcp": ("host", "registers"), "modbus_rtu": ("serial", "registers"),
                     "mqtt": ("topic", "fields"), "sim": ("profile",)}
@@ -480,6 +481,7 @@ class DeviceSection:
     seed: int | None = setting(optional(integer(0, 2**31)), None)
     faults: tuple = setting(list_of(section(FaultSection)), [])
     plc: PlcSection | None = setting(optional(section(PlcSection)), None)
+    time_scale: float | None = setting(optional(number(0.01, 1000)), None)  # simulated seconds per real second
     counters: tuple = setting(list_of(section(CounterSection)), [])
     model: str | None = setting(optional(string(NAME, "a model name such as pump-ae")), None)
     publish: PublishSection = setting(section(PublishSection), {})
@@ -564,20 +566,49 @@ class Config:
 
 
 def _not_available(config: Config) -> list[tuple[str, str]]:
-    """Valid settings this version cannot run yet: refused by name rather than ignored."""
+    """Valid settings this version cannot run: refused by name rather than ignored; models that do not fit."""
     problems = []
+    models: dict = {}
     for i, device in enumerate(config.devices):
         if device.source not in AVAILABLE_SOURCES:
             problems.append((f"devices[{i}].source", f"{device.source} is not available in this version "
                                                      f"(available: {', '.join(AVAILABLE_SOURCES)})"))
         if device.model is not None:
-            problems.append((f"devices[{i}].model", "anomaly models are not available in this version"))
+            problems.extend((f"devices[{i}].model", f"device {device.name}: {why}")
+                            for why in _model_problems(device, config.gateway.model_dir, models))
     if config.local_broker.enabled:
         import importlib.util
         if importlib.util.find_spec("amqtt") is None:
             problems.append(("local_broker.enabled", "the embedded broker needs amqtt: "
                                                      "pip install 'edge-gateway[broker]' (install.sh does)"))
     return problems
+
+
+def _model_problems(device, model_dir: str | None, cache: dict) -> list[str]:
+    try:
+        from gateway import anomaly  # numpy and the TFLite runtime only when a model is configured
+    except ImportError as err:
+        return [f"anomaly models need numpy and a TFLite runtime ({err}): pip install 'edge-gateway[anomaly]'"]
+    if device.model not in cache:
+        try:
+            cache[device.model] = anomaly.load(device.model, anomaly.model_dir(model_dir))
+        except anomaly.ModelError as err:
+            cache[device.model] = f"model {device.model}: {err}"
+    model = cache[device.model]
+    if isinstance(model, str):
+        return [model]
+    return anomaly.check_device(model, device.tags, device.interval * (device.time_scale or 1.0))
+
+
+def load_models(config: Config) -> dict:
+    """The models the devices name, loaded once each (after `load()` has validated them)."""
+    names = {d.model for d in config.devices if d.model}
+    if not names:
+        return {}  # numpy and the runtime are not even imported
+    from gateway import anomaly
+
+    directory = anomaly.model_dir(config.gateway.model_dir)
+    return {name: anomaly.load(name, directory) for name in names}
 
 
 def parse(text: str, file: str = "<config>") -> Config:

@@ -38,8 +38,8 @@ devices:
     host: 127.0.0.1
     port: {plc_port}
     unit: 1
-    interval: 500ms
-    registers:
+    interval: 1s
+{pump_model}    registers:
 {pump_registers}
   - name: flexo1
     source: modbus_tcp
@@ -72,6 +72,7 @@ class Watcher:
         self.latest: dict[str, dict] = {}
         self.counters: dict[str, dict] = {}
         self.arrivals: dict[str, deque] = defaultdict(lambda: deque(maxlen=200))
+        self.anomalies: dict[str, dict] = {}
         self.seqs: set[int] = set()
         self.duplicates = 0
         self.received = 0
@@ -99,6 +100,8 @@ class Watcher:
                     self.latest[device] = payload
                 elif kind == "counters":
                     self.counters[device] = payload["counters"]
+                elif kind == "anomaly":
+                    self.anomalies[device] = payload
 
     def gaps(self) -> int:
         with self.lock:
@@ -130,6 +133,16 @@ class Watcher:
                 for i in range(0, len(values), 3):
                     chunk = list(values.items())[i:i + 3]
                     lines.append("   " + "   ".join(f"{k:>22} {_fmt(v):>10}" for k, v in chunk))
+                if "threshold" in tele:
+                    score = "warming up" if tele.get("score") is None else f"{tele['score']:.4f}"
+                    event = self.anomalies.get(device)
+                    said = "normal"
+                    if event and event["event"] == "start":
+                        said = "ANOMALY since " + event["ts"] + ", top tags " + ", ".join(
+                            t["tag"] for t in event["top_tags"])
+                    elif event:
+                        said = f"normal again (last anomaly {event['duration_s']:.0f}s)"
+                    lines.append(f"   anomaly score {score} / threshold {tele['threshold']:.4f}: {said}")
                 for name, c in self.counters.get(device, {}).items():
                     lines.append(f"   counter {name:<10} total {c['total']:>7}   shift {c['shift']:>7} ({c['shift_id']})")
             return "\n".join(lines)
@@ -140,11 +153,21 @@ class Watcher:
         return max(self.seqs) - min(self.seqs) + 1 - len(self.seqs)
 
 
+def _pump_model() -> str:
+    """The pump is scored by the shipped model when its runtime is installed (the [anomaly] extra)."""
+    import importlib.util
+
+    if not (importlib.util.find_spec("ai_edge_litert") or importlib.util.find_spec("tflite_runtime")):
+        return ""
+    from gateway.anomaly import MODEL_DIRS
+    return "    model: pump-ae\n" if (MODEL_DIRS[0] / "pump-ae.tflite").exists() else ""
+
+
 def _fmt(value) -> str:
     return "—" if value is None else f"{value:.2f}"
 
 
-def demo(duration: float | None = None, plain: bool = False, fault_after: float = 20.0) -> int:
+def demo(duration: float | None = None, plain: bool = False, fault_after: float = 60.0) -> int:
     plain = plain or not sys.stdout.isatty()
     workdir = tempfile.mkdtemp(prefix="edge-gateway-demo-")
     try:
@@ -166,7 +189,8 @@ async def _demo(workdir: str, duration: float | None, plain: bool, fault_after: 
     config_path = os.path.join(workdir, "gateway.yaml")
     with open(config_path, "w", encoding="utf-8") as fh:
         fh.write(CONFIG.format(data_dir=os.path.join(workdir, "data"), port=port, plc_port=plc_port,
-                               pump_registers=registers_yaml(PUMP_MAP), flexo_registers=registers_yaml(FLEXO_MAP)))
+                               pump_registers=registers_yaml(PUMP_MAP), flexo_registers=registers_yaml(FLEXO_MAP),
+                               pump_model=_pump_model()))
     root = "edge/demo-plant/demo-gw"
     watcher = Watcher(root)
     sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="demo-view")

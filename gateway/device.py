@@ -76,7 +76,7 @@ class PublishPolicy:
 
 class DeviceRunner:
     def __init__(self, device: DeviceSection, source, store: Store, topic_root: str,
-                 shifts: ShiftCalendar, on_state_change=None) -> None:
+                 shifts: ShiftCalendar, on_state_change=None, model=None) -> None:
         self.device = device
         self.source = source
         self.store = store
@@ -86,6 +86,11 @@ class DeviceRunner:
         self._telemetry_topic = f"{topic_root}/{device.name}/telemetry"
         self._counters_topic = f"{topic_root}/{device.name}/counters"
         self._shift_topic = f"{topic_root}/{device.name}/shift"
+        self._anomaly_topic = f"{topic_root}/{device.name}/anomaly"
+        self.scorer = None
+        if model is not None:
+            from gateway.anomaly import DeviceScorer
+            self.scorer = DeviceScorer(model)
         self.gap_limit = max(3 * device.interval, 5.0)
         self.book = ShiftBook(shifts, device.oee, self.gap_limit, store.shift_record(device.name))
         self._counters = {name: row for (_, name), row in store.counters(device.name).items()}
@@ -156,7 +161,9 @@ class DeviceRunner:
         self._set_state("error", why)
         # The historian sees the gap as bad-quality data, not as silence.
         tags = self.device.tags
-        self._publish(Sample(self.device.name, time.time(), dict.fromkeys(tags), dict.fromkeys(tags, ERROR)))
+        sample = Sample(self.device.name, time.time(), dict.fromkeys(tags), dict.fromkeys(tags, ERROR))
+        self._score(sample)
+        self._publish(sample)
 
     # -- one sample -------------------------------------------------------------------------
     def process(self, sample: Sample) -> None:
@@ -175,12 +182,16 @@ class DeviceRunner:
         status = sample.values.get(self.device.oee.status_tag) if self.device.oee else None
         self._close_shifts(self.book.observe(sample.ts, status))  # before the counters move to the new shift
         self._update_counters(sample)
+        self._score(sample)
         self._publish(sample)
 
     def _publish(self, sample: Sample) -> None:
         health = self.health
         if self.policy.wants(sample):
             payload = {"ts": rfc3339(sample.ts), "device": self.device.name, "values": sample.values}
+            if self.scorer is not None:
+                payload["score"] = None if self.scorer.state.score is None else round(self.scorer.state.score, 5)
+                payload["threshold"] = self.scorer.model.threshold
             not_ok = {tag: q for tag, q in sample.quality.items() if q != OK}
             if not_ok:
                 payload["quality"] = not_ok
@@ -188,6 +199,40 @@ class DeviceRunner:
             health.published += 1
             if self._counters_changed or sample.ts - self._last_counters_ts >= self.policy.max_silence:
                 self._stage_counters(sample.ts)
+
+    def _score(self, sample: Sample) -> None:
+        """The anomaly model: every `stride` samples a window is scored; events go upstream at once."""
+        if self.scorer is None:
+            return
+        values = {tag: v if sample.quality.get(tag, OK) == OK else None for tag, v in sample.values.items()}
+        event = self.scorer.push(sample.ts, values)
+        if event is None:
+            return
+        model = self.scorer.model
+        payload = {"ts": rfc3339(sample.ts), "device": self.device.name, "event": event.kind,
+                   "score": round(event.score, 5), "threshold": model.threshold, "model": model.name,
+                   "top_tags": event.top}
+        if event.kind == "end":
+            payload.update(started=rfc3339(event.started), duration_s=round(sample.ts - event.started, 1),
+                           peak_score=round(event.peak, 5))
+        self.store.stage(self._anomaly_topic, payload, created=sample.ts)
+        self.book.anomaly(sample.ts, event.kind == "start")
+        tags = ", ".join(t["tag"] + (" (flatline)" if t.get("flatline") else "") for t in event.top)
+        if event.kind == "start":
+            log.warning("device %s: anomaly started: score %.4f > threshold %.4f; top tags %s", self.device.name,
+                        event.score, model.threshold, tags, extra=fields(self.device.name, "anomaly_start"))
+        else:
+            log.warning("device %s: anomaly ended after %.0fs (peak score %.4f)", self.device.name,
+                        sample.ts - event.started, event.peak, extra=fields(self.device.name, "anomaly_end"))
+
+    def anomaly_status(self) -> dict | None:
+        if self.scorer is None:
+            return None
+        st = self.scorer.state
+        return {"model": self.scorer.model.name, "state": "anomaly" if st.active else
+                ("normal" if st.score is not None else "not scored"), "score": st.score,
+                "threshold": self.scorer.model.threshold, "windows_scored": st.scored,
+                "windows_not_scored": st.unscored, "why_not_scored": st.why_unscored}
 
     def _update_counters(self, sample: Sample) -> None:
         shift = self.shifts.at(sample.ts)
@@ -220,7 +265,8 @@ class DeviceRunner:
     def _close_shifts(self, closed) -> None:
         for rec in closed:
             payload = {"device": self.device.name, **summary(rec, self.device.counters, self._counters,
-                                                              self.device.oee, self.gap_limit)}
+                                                              self.device.oee, self.gap_limit,
+                                                              scored=self.scorer is not None)}
             self.store.stage(self._shift_topic, payload, created=rec.end)
             log.info("device %s: shift %s closed%s", self.device.name, rec.shift_id,
                      " (missed: the gateway was down)" if rec.missed else

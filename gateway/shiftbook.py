@@ -33,6 +33,8 @@ class ShiftRecord:
     last_ts: float | None = None
     last_state: str | None = None
     missed: bool = False
+    anomaly_s: float = 0.0  # observed time inside an anomaly event
+    in_anomaly: bool = False
 
     @classmethod
     def of(cls, shift: Shift) -> "ShiftRecord":
@@ -87,6 +89,8 @@ class ShiftBook:
         if rec is not None and rec.last_ts is not None and now - rec.last_ts <= self.gap_limit:
             # Continuous observation across the boundary: the new shift starts observed.
             self.current.last_ts, self.current.last_state = self.current.start, rec.last_state
+        if rec is not None:
+            self.current.in_anomaly = rec.in_anomaly
         self.changed = True
         return closed
 
@@ -99,13 +103,21 @@ class ShiftBook:
             t = shift.end.timestamp()
         return missed
 
+    def anomaly(self, ts: float, active: bool) -> None:
+        """An anomaly event started (True) or ended at `ts`: time from here on counts (or not)."""
+        if self.current is not None:
+            self.current.in_anomaly = active
+            self.changed = True
+
     def _attribute(self, rec: ShiftRecord, dt: float) -> None:
         rec.state_s[rec.last_state or "unknown"] += dt
         rec.observed_s += dt
+        if rec.in_anomaly:
+            rec.anomaly_s += dt
 
 
 def summary(rec: ShiftRecord, counters: tuple[CounterSection, ...], rows: dict[str, CounterRow],
-            oee: OeeSection | None, gap_limit: float) -> dict:
+            oee: OeeSection | None, gap_limit: float, scored: bool = False) -> dict:
     """The `{root}/{device}/shift` payload for a closed shift."""
     shift_counts = {c.name: (rows[c.name].shift_total if c.name in rows and rows[c.name].shift_id == rec.shift_id
                              else 0) for c in counters}
@@ -135,7 +147,7 @@ def summary(rec: ShiftRecord, counters: tuple[CounterSection, ...], rows: dict[s
         payload.update(state_s={k: round(v, 3) for k, v in state.items()}, availability=_round(availability),
                        performance=_round(performance),
                        oee=_round(math.prod(factors)) if None not in factors else None)
-    payload["anomaly_minutes"] = None  # set when an anomaly model is attached to the device
+    payload["anomaly_minutes"] = round(rec.anomaly_s / 60.0, 2) if scored else None  # None: no model attached
     return payload
 
 

@@ -127,7 +127,7 @@ def test_mqtt_device_keys_are_checked(tmp_path):
 def test_keys_of_another_source_are_refused(tmp_path):
     result = check(tmp_path, BASE.replace("profile: pump, seed: 1,", "profile: pump, host: plc1,"))
     assert result.returncode == 78
-    assert "devices[0].host: not used by source sim (it takes: faults, plc, profile, seed)" in result.stderr
+    assert "devices[0].host: not used by source sim (it takes: faults, plc, profile, seed, time_scale)" in result.stderr
 
 
 def test_yaml_syntax_error_and_missing_file(tmp_path):

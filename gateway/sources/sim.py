@@ -26,7 +26,7 @@ class SimSource:
         now = self._clock()
         dt = self.device.interval if self._last is None else max(0.0, now - self._last)
         self._last = now
-        readings = self.machine.step(dt)
+        readings = self.machine.step(dt * (self.device.time_scale or 1.0))
         # Like a PLC register with a scale of 0.001: no float noise in the last digits.
         readings = {tag: v if v is None or v != v else round(v, 3) for tag, v in readings.items()}
         return Sample.from_readings(self.device.name, time.time(), readings)

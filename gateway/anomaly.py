@@ -1,0 +1,294 @@
+"""Anomaly scoring with an int8 TFLite autoencoder: one ring buffer per device, one invoke per window.
+
+The model is a `.tflite` file and its metadata `.json` (tags in order, window, stride, scaler,
+threshold, event hysteresis, forward-fill limit, the file's sha256). Every `stride` samples
+the last `window` samples are min-max scaled, quantized with the model's own input
+scale/zero-point, reconstructed, and dequantized; the score is the mean absolute error in
+scaled units, and each tag's share of it names the tags that contribute most. A missing
+value is forward-filled up to `ffill_limit` samples; a longer gap leaves the window
+unscored (said as such, never taken as normal) until the gap has left the window.
+
+The runtime is `ai_edge_litert` (LiteRT), else `tflite_runtime` (the same Interpreter API).
+TensorFlow is never imported here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+REQUIRED = ("tags", "window", "stride", "interval_s", "scaler", "threshold", "sha256")
+MODEL_DIRS = (Path(__file__).resolve().parent.parent / "models", Path("/opt/edge-gateway/models"))
+
+
+class ModelError(Exception):
+    """A model that cannot be used: missing, not TFLite, not matching its metadata or the device."""
+
+
+def interpreter_class():
+    try:  # LiteRT first: tflite-runtime 2.14 (its last release) needs numpy < 2 and ran 11x slower here
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        try:
+            from tflite_runtime.interpreter import Interpreter
+        except ImportError:
+            raise ModelError("no TFLite runtime installed: pip install 'edge-gateway[anomaly]' "
+                             "(ai-edge-litert or tflite-runtime)") from None
+    return Interpreter
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence fd 2 while the runtime is created, when no other thread could be writing there."""
+    if threading.active_count() > 1:
+        yield
+        return
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def model_dir(configured: str | None = None) -> Path:
+    if configured:
+        return Path(configured)
+    for candidate in MODEL_DIRS:
+        if candidate.is_dir():
+            return candidate
+    return MODEL_DIRS[-1]
+
+
+class Model:
+    """A loaded model; shared by every device that names it (one interpreter, invoked in turn)."""
+
+    def __init__(self, tflite_path, meta_path, *, verify_hash: bool = True) -> None:
+        tflite_path, meta_path = Path(tflite_path), Path(meta_path)
+        self.path = tflite_path
+        try:
+            data = tflite_path.read_bytes()
+        except OSError as err:
+            raise ModelError(f"cannot read {tflite_path}: {err.strerror}") from None
+        if len(data) < 8 or data[4:8] != b"TFL3":
+            raise ModelError(f"{tflite_path} is not a TFLite model (no TFL3 identifier)")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except OSError as err:
+            raise ModelError(f"cannot read its metadata {meta_path}: {err.strerror}") from None
+        except ValueError as err:
+            raise ModelError(f"its metadata {meta_path} is not valid JSON: {err}") from None
+        missing = [k for k in REQUIRED if k not in meta]
+        if missing:
+            raise ModelError(f"its metadata {meta_path} lacks {', '.join(missing)}")
+        digest = hashlib.sha256(data).hexdigest()
+        if verify_hash and digest != meta["sha256"]:
+            raise ModelError(f"{tflite_path.name} does not match its metadata: sha256 {digest[:16]}..., "
+                             f"metadata says {str(meta['sha256'])[:16]}... (a model swapped without its .json?)")
+        self.meta = meta
+        self.name = meta.get("name", tflite_path.stem)
+        self.tags: list[str] = list(meta["tags"])
+        self.window, self.stride = int(meta["window"]), int(meta["stride"])
+        self.interval = float(meta["interval_s"])
+        self.threshold = float(meta["threshold"])
+        self.lo = np.asarray(meta["scaler"]["min"], dtype=np.float32)
+        self.span = np.asarray(meta["scaler"]["max"], dtype=np.float32) - self.lo
+        if len(self.lo) != len(self.tags) or len(self.span) != len(self.tags) or np.any(self.span <= 0):
+            raise ModelError(f"its metadata {meta_path}: scaler needs one min < max per tag ({len(self.tags)} tags)")
+        events = meta.get("events", {})
+        self.start_after, self.end_after = int(events.get("start_after", 3)), int(events.get("end_after", 6))
+        self.ffill_limit = int(meta.get("ffill_limit", 5))
+        self.top_n = int(meta.get("top_tags", 3))
+        self.flatline_tags = set(meta.get("flatline_tags", self.tags))
+        try:
+            with _quiet_stderr():  # LiteRT prints "INFO: Created TensorFlow Lite XNNPACK delegate" on fd 2
+                self.interpreter = interpreter_class()(model_content=data, num_threads=1)
+                self.interpreter.allocate_tensors()
+        except ModelError:
+            raise
+        except Exception as err:  # the runtime's own error for a corrupt flatbuffer
+            raise ModelError(f"{tflite_path} cannot be loaded by the TFLite runtime: {err}") from None
+        inp, out = self.interpreter.get_input_details()[0], self.interpreter.get_output_details()[0]
+        size = self.window * len(self.tags)
+        shape_in, shape_out = [int(v) for v in inp["shape"]], [int(v) for v in out["shape"]]
+        if shape_in != [1, size] or shape_out != [1, size]:
+            raise ModelError(f"{tflite_path.name} takes {shape_in} and gives {shape_out}, "
+                             f"but its metadata says window {self.window} x {len(self.tags)} tags = [1, {size}]")
+        self._in, self._out = inp["index"], out["index"]
+        self.int8 = inp["dtype"] == np.int8
+        self.in_scale, self.in_zero = (float(inp["quantization"][0]), int(inp["quantization"][1]))
+        self.out_scale, self.out_zero = (float(out["quantization"][0]), int(out["quantization"][1]))
+        if self.int8 and (self.in_scale == 0 or self.out_scale == 0):
+            raise ModelError(f"{tflite_path.name} is int8 but has no quantization parameters")
+        self.size = len(data)
+        self._inv_span = (1.0 / self.span).astype(np.float32)
+        self._qbuf = np.empty((1, size), dtype=np.int8 if self.int8 else np.float32)
+
+    def scale(self, rows: np.ndarray) -> np.ndarray:
+        return (rows - self.lo) * self._inv_span
+
+    def reconstruct(self, flat: np.ndarray) -> np.ndarray:
+        """One scaled window (window*tags floats) → its reconstruction, in scaled units."""
+        if self.int8:  # quantize with the model's own input scale and zero point (in place: µs count here)
+            q = np.multiply(flat, 1.0 / self.in_scale, dtype=np.float32)
+            np.add(q, self.in_zero, out=q)
+            np.rint(q, out=q)
+            np.clip(q, -128, 127, out=q)
+            self._qbuf[0] = q
+            self.interpreter.set_tensor(self._in, self._qbuf)
+            self.interpreter.invoke()
+            out = self.interpreter.get_tensor(self._out)[0].astype(np.float32)
+            out -= self.out_zero
+            out *= self.out_scale
+            return out
+        self._qbuf[0] = flat
+        self.interpreter.set_tensor(self._in, self._qbuf)
+        self.interpreter.invoke()
+        return self.interpreter.get_tensor(self._out)[0]
+
+
+def score_batch(model: Model, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Scaled windows (n, window, tags) → scores (n,) and per-tag errors (n, tags)."""
+    n, tags = len(windows), len(model.tags)
+    scores, per_tag = np.empty(n, dtype=np.float32), np.empty((n, tags), dtype=np.float32)
+    for i, w in enumerate(windows):
+        err = np.abs(model.reconstruct(w.reshape(-1).astype(np.float32)) - w.reshape(-1)).reshape(-1, tags)
+        per_tag[i] = err.mean(axis=0)
+        scores[i] = per_tag[i].mean()
+    return scores, per_tag
+
+
+def load(name: str, directory: Path) -> Model:
+    return Model(directory / f"{name}.tflite", directory / f"{name}.json")
+
+
+def check_device(model: Model, device_tags, interval: float) -> list[str]:
+    """Why this model cannot score this device; [] when it can."""
+    problems = []
+    missing = [t for t in model.tags if t not in device_tags]
+    if missing:
+        problems.append(f"model {model.name} needs tags {', '.join(missing)}, which the device does not have "
+                        f"(it has {', '.join(device_tags)})")
+    if not math.isclose(interval, model.interval, rel_tol=0.02):
+        problems.append(f"model {model.name} was trained on one sample every {model.interval:g}s, but the device "
+                        f"gives one every {interval:g}s (its window would span {model.window * interval:g}s, "
+                        f"not {model.window * model.interval:g}s)")
+    return problems
+
+
+@dataclass
+class Event:
+    kind: str  # start | end
+    score: float
+    top: list[dict]
+    started: float | None = None
+    peak: float | None = None
+
+
+@dataclass
+class ScoreState:
+    score: float | None = None  # the last window's score; None before the first window or across a gap
+    scored: int = 0
+    unscored: int = 0  # windows due but not scored (gap longer than the forward-fill limit)
+    active: bool = False  # an anomaly event is open
+    why_unscored: str | None = None
+    latency_us: list[float] = field(default_factory=list)
+
+
+class DeviceScorer:
+    """One device's ring buffer, forward fill, scoring schedule and event hysteresis."""
+
+    def __init__(self, model: Model) -> None:
+        self.model = model
+        w, t = model.window, len(model.tags)
+        self.buf = np.zeros((w, t), dtype=np.float32)
+        self.filled = 0  # samples in the buffer since the last unfillable gap
+        self.last = np.full(t, np.nan, dtype=np.float32)
+        self.missing_run = np.zeros(t, dtype=np.int64)
+        self.same_run = np.zeros(t, dtype=np.int64)  # samples in a row that repeat the last raw value exactly
+        self._raw = np.full(t, np.nan, dtype=np.float32)
+        self.since_score = 0
+        self.above = self.below = 0
+        self.state = ScoreState()
+        self._event_start: float | None = None
+        self._peak = 0.0
+
+    def push(self, ts: float, values: dict) -> Event | None:
+        """Add one sample; return an anomaly event when one starts or ends."""
+        m = self.model
+        row = np.array([np.nan if values.get(tag) is None else values[tag] for tag in m.tags], dtype=np.float32)
+        bad = ~np.isfinite(row)
+        self.missing_run = np.where(bad, self.missing_run + 1, 0)
+        self.same_run = np.where(bad, self.same_run, np.where(row == self._raw, self.same_run + 1, 0))
+        self._raw = np.where(bad, self._raw, row)
+        row = np.where(bad, self.last, row)
+        self.last = row
+        self.buf = np.roll(self.buf, -1, axis=0)
+        self.buf[-1] = row
+        if np.any(self.missing_run > m.ffill_limit) or np.any(np.isnan(row)):
+            self.filled = 0  # this window and the next `window` ones contain a real gap
+            gap = [t for t, r, v in zip(m.tags, self.missing_run, row) if r > m.ffill_limit or math.isnan(v)]
+            self.state.why_unscored = f"no value for {', '.join(gap)} beyond the forward-fill limit"
+        else:
+            self.filled = min(self.filled + 1, m.window)
+        self.since_score += 1
+        if self.since_score < m.stride:
+            return None
+        self.since_score = 0
+        if self.filled < m.window:
+            self.state.score = None
+            self.state.unscored += 1
+            if self.state.why_unscored is None:
+                self.state.why_unscored = "warming up: fewer samples than one window"
+            return None
+        self.state.why_unscored = None
+        start = time.perf_counter()
+        flat = m.scale(self.buf).reshape(-1)
+        diff = m.reconstruct(flat)
+        np.subtract(diff, flat, out=diff)
+        np.abs(diff, out=diff)
+        err = np.add.reduce(diff.reshape(m.window, -1), axis=0) / m.window  # per tag, mean over time
+        self.state.latency_us.append((time.perf_counter() - start) * 1e6)
+        score = float(err.mean())
+        self.state.score = score
+        self.state.scored += 1
+        # A live sensor never repeats its value exactly for a whole window: a stuck one does. Its
+        # reconstruction error is small (no noise to miss), so the autoencoder alone cannot see it.
+        flat = [i for i in np.nonzero(self.same_run >= m.window - 1)[0] if m.tags[i] in m.flatline_tags]
+        return self._hysteresis(ts, score, err, flat)
+
+    def top_tags(self, err: np.ndarray, flat=()) -> list[dict]:
+        total = float(err.sum()) or 1.0
+        order = list(flat) + [i for i in np.argsort(err)[::-1] if i not in flat]
+        return [{"tag": self.model.tags[i], "share": round(float(err[i]) / total, 3),
+                 **({"flatline": True} if i in flat else {})} for i in order[: self.model.top_n]]
+
+    def _hysteresis(self, ts: float, score: float, err: np.ndarray, flat=()) -> Event | None:
+        m = self.model
+        if score > m.threshold or flat:
+            self.above, self.below = self.above + 1, 0
+            self._peak = max(self._peak, score)
+        else:
+            self.above, self.below = 0, self.below + 1
+        if not self.state.active and self.above >= m.start_after:
+            self.state.active, self._event_start, self._peak = True, ts, score
+            return Event("start", score, self.top_tags(err, flat))
+        if self.state.active and self.below >= m.end_after:
+            self.state.active = False
+            return Event("end", score, self.top_tags(err), started=self._event_start, peak=self._peak)
+        return None
+
+    def take_latency(self) -> list[float]:
+        out, self.state.latency_us = self.state.latency_us, []
+        return out

@@ -1,0 +1,173 @@
+"""The int8 autoencoder: model checks at config time, quantization, events end to end, no TensorFlow."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import ENV, ROOT, gateway_config, wait_until
+
+pytest.importorskip("ai_edge_litert")
+
+from gateway.anomaly import DeviceScorer, Model, score_batch  # noqa: E402
+from sim.pump import TAGS  # noqa: E402
+from sim.scenarios import run, windows  # noqa: E402
+
+MODELS = ROOT / "models"
+PUMP = "  - {name: pump1, source: sim, profile: pump, seed: 3, interval: 1s, model: pump-ae}\n"
+
+
+@pytest.fixture(scope="module")
+def model() -> Model:
+    return Model(MODELS / "pump-ae.tflite", MODELS / "pump-ae.json")
+
+
+def check(tmp_path, devices: str, model_dir) -> subprocess.CompletedProcess:
+    text = gateway_config(tmp_path / "data", 1883, devices="\n" + devices).replace(
+        "health_interval: 1s}", f'health_interval: 1s, model_dir: "{model_dir}"}}')
+    (tmp_path / "gateway.yaml").write_text(text)
+    return subprocess.run([sys.executable, "-m", "gateway", "check-config", str(tmp_path / "gateway.yaml")],
+                          capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=60)
+
+
+def test_the_shipped_model_and_a_good_config_pass(tmp_path):
+    result = check(tmp_path, PUMP, MODELS)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("damage,expected", [
+    ("missing", "model pump-ae: cannot read {dir}/pump-ae.tflite: No such file or directory"),
+    ("not_tflite", "model pump-ae: {dir}/pump-ae.tflite is not a TFLite model (no TFL3 identifier)"),
+    ("hash", "model pump-ae: pump-ae.tflite does not match its metadata: sha256"),
+    ("bad_json", "model pump-ae: its metadata {dir}/pump-ae.json is not valid JSON"),
+    ("window", "pump-ae.tflite takes [1, 300] and gives [1, 300], but its metadata says window 20 x 10 tags"),
+])
+def test_a_bad_model_is_a_config_error_naming_device_model_and_mismatch(tmp_path, damage, expected):
+    d = tmp_path / "models"
+    d.mkdir()
+    shutil.copy(MODELS / "pump-ae.tflite", d)
+    meta = json.loads((MODELS / "pump-ae.json").read_text())
+    if damage == "missing":
+        (d / "pump-ae.tflite").unlink()
+    elif damage == "not_tflite":
+        (d / "pump-ae.tflite").write_bytes(b"PK\x03\x04 a zip, not a model" * 10)
+    elif damage == "hash":
+        data = bytearray((d / "pump-ae.tflite").read_bytes())
+        data[-1] ^= 0xFF
+        (d / "pump-ae.tflite").write_bytes(bytes(data))
+    elif damage == "window":
+        meta["window"] = 20
+    (d / "pump-ae.json").write_text("{not json" if damage == "bad_json" else json.dumps(meta))
+    result = check(tmp_path, PUMP, d)
+    assert result.returncode == 78
+    assert "devices[0].model: device pump1: " in result.stderr
+    assert expected.format(dir=d) in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_model_that_does_not_fit_the_device_is_a_config_error(tmp_path):
+    line = ("  - {name: line1, source: sim, profile: flexo_line, seed: 1, interval: 1s, model: pump-ae}\n"
+            "  - {name: pump2, source: sim, profile: pump, seed: 1, interval: 100ms, model: pump-ae}\n"
+            "  - {name: pump3, source: sim, profile: pump, seed: 1, interval: 100ms, time_scale: 10, model: pump-ae}\n")
+    result = check(tmp_path, line, MODELS)
+    assert result.returncode == 78
+    assert "devices[0].model: device line1: model pump-ae needs tags motor_rpm, bearing_temp_c" in result.stderr
+    assert ("devices[1].model: device pump2: model pump-ae was trained on one sample every 1s, but the device "
+            "gives one every 0.1s") in result.stderr
+    assert "devices[2]" not in result.stderr  # 100 ms of wall time are 1 s of simulated time
+
+
+def test_quantize_dequantize_round_trip(model):
+    assert model.int8 and model.in_scale > 0
+    # The input range is the training range, [0, 1] in scaled units: 256 steps across it.
+    x = np.linspace(0.0, 1.0, model.window * len(model.tags), dtype=np.float32)
+    q = np.clip(np.round(x / model.in_scale) + model.in_zero, -128, 127)
+    back = (q - model.in_zero) * model.in_scale
+    assert model.in_scale < 1.0 / 250
+    assert np.max(np.abs(back - x)) <= model.in_scale / 2 + 1e-6
+    # Beyond it the model's input saturates; the score still compares with the true scaled value.
+    far = np.full_like(x, 0.5)
+    far[::10] = 3.0
+    assert np.abs(model.reconstruct(far) - far).max() > 1.5
+    # The model reconstructs normal running well within its threshold, and a corrupted window not.
+    normal = windows(model.scale(run(4242, 600)), model.window, model.stride)
+    scores, per_tag = score_batch(model, normal)
+    assert scores.max() < model.threshold
+    rows = run(4242, 600, faults=[{"kind": "cavitation", "at": 300.0, "ramp": 0.0}])
+    broken = windows(model.scale(rows[330:]), model.window, model.stride)
+    assert score_batch(model, broken)[0].min() > model.threshold
+
+
+def test_gaps_beyond_the_forward_fill_limit_are_not_scored(model):
+    scorer = DeviceScorer(model)
+    rows = run(77, 200)
+    for t, row in enumerate(rows[:60]):
+        scorer.push(t, dict(zip(TAGS, row.tolist())))
+    assert scorer.state.score is not None
+    for t, row in enumerate(rows[60:60 + model.ffill_limit], start=60):  # short gaps are filled
+        scorer.push(t, {**dict(zip(TAGS, row.tolist())), "flow_l_min": None})
+    assert scorer.state.score is not None
+    for t, row in enumerate(rows[65:75], start=65):
+        scorer.push(t, {**dict(zip(TAGS, row.tolist())), "flow_l_min": None})
+    assert scorer.state.score is None and "flow_l_min" in scorer.state.why_unscored
+    before = scorer.state.unscored
+    for t, row in enumerate(rows[75:75 + model.window], start=75):
+        scorer.push(t, dict(zip(TAGS, row.tolist())))
+    assert scorer.state.unscored > before and scorer.state.score is not None  # once the gap left the window
+
+
+def test_bearing_wear_raises_an_anomaly_event_and_a_normal_run_does_not(tmp_path, mosquitto, gateway, subscribe):
+    """Simulated time runs 20x: 50 ms polls are 1 s samples. No TensorFlow may be imported meanwhile."""
+    devices = """
+  - name: worn
+    source: sim
+    profile: pump
+    seed: 8101
+    interval: 50ms
+    time_scale: 20
+    model: pump-ae
+    faults: [{fault: bearing_wear, at: 120s, severity: 0.8, ramp: 30s}]
+  - {name: healthy, source: sim, profile: pump, seed: 8102, interval: 50ms, time_scale: 20, model: pump-ae}
+"""
+    # A TensorFlow that would be found if anything tried to import it.
+    fake = tmp_path / "fake-tf" / "tensorflow"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("")
+    report = tmp_path / "modules.json"
+    up = subscribe(mosquitto.port, topic="edge/lab/test-gw/#")
+    gw = gateway(gateway_config(tmp_path / "data", mosquitto.port, devices=devices))
+    gw.proc = subprocess.Popen(
+        [sys.executable, "-c", "import atexit, json, runpy, sys\n"
+         f"atexit.register(lambda: json.dump(sorted(sys.modules), open({str(report)!r}, 'w')))\n"
+         f"sys.argv = ['edge-gateway', 'run', '-c', {str(gw.config)!r}]\n"
+         "try:\n    runpy.run_module('gateway', run_name='__main__')\nexcept SystemExit:\n    pass\n"],
+        stdout=open(gw.log, "a"), stderr=subprocess.STDOUT, cwd=ROOT,
+        env={**ENV, "PYTHONPATH": f"{ROOT}:{fake.parent}"})
+    start = wait_until(lambda: [p for p in up.on("/worn/anomaly") if p["event"] == "start"], 60,
+                       what="an anomaly event for the worn pump")[0]
+    assert start["score"] > start["threshold"]
+    top = [t["tag"] for t in start["top_tags"]]
+    assert {"bearing_temp_c", "vibration_mm_s"} & set(top), top
+    assert "device worn: anomaly started" in gw.logs()
+    # The healthy pump has run as long as the worn one, and longer by the end of this test.
+    n = len(up.on("/worn/telemetry"))
+    healthy = wait_until(lambda: len(h := up.on("/healthy/telemetry")) > n + 60 and h, 30, what="the healthy run")
+    assert all(p["threshold"] == start["threshold"] for p in healthy)
+    assert any(p["score"] is not None for p in healthy)
+    assert not up.on("/healthy/anomaly")
+    worn = up.on("/worn/telemetry")
+    assert max(p["score"] or 0 for p in worn) > start["threshold"]
+    health = wait_until(lambda: [p for p in up.on("/health") if "inference_us" in p], 10, what="health")[-1]
+    assert health["inference_us"]["mean"] > 0
+    assert health["devices"]["worn"]["anomaly"]["state"] == "anomaly"
+    gw.proc.send_signal(signal.SIGTERM)
+    assert gw.proc.wait(20) == 0
+    modules = json.loads(report.read_text())
+    assert "gateway.anomaly" in modules and any(m.startswith("ai_edge_litert") for m in modules)
+    assert not [m for m in modules if m.split(".")[0] == "tensorflow"]
