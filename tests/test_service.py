@@ -10,6 +10,8 @@ import socket
 import subprocess
 import sys
 import threading
+import time
+from datetime import datetime
 
 import pytest
 
@@ -84,6 +86,11 @@ def test_notify_ready_watchdog_status_reload_and_stop(mosquitto, gateway, subscr
     # SIGTERM with the broker gone: STOPPING=1, a clean exit, the outbox kept for the next start.
     mosquitto.kill()
     wait_until(lambda: "lost the connection" in gw.logs(), 10, what="the broker to be gone")
+    lost = time.time()
+    state = tmp_path / "data" / "state.json"
+    wait_until(lambda: (s := json.loads(state.read_text()))["backlog"]["messages"] > 0 and
+               datetime.fromisoformat(s["ts"].replace("Z", "+00:00")).timestamp() > lost + 0.5, 10,
+               what="a backlog to build up while the broker is gone")
     assert gw.stop() == 0
     assert notify.count("STOPPING=1") == 1
     gw.config.write_text(config)
