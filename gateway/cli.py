@@ -50,9 +50,14 @@ def _parser() -> argparse.ArgumentParser:
     counters.add_argument("--reason", help="set: why (recorded in the audit table)")
     counters.add_argument("-c", "--config", default=configuration.DEFAULT_PATH, help="config file (default %(default)s)")
     counters.add_argument("--json", action="store_true")
-    simulate = sub.add_parser("sim", help="serve the simulated plant over Modbus TCP and/or RTU (read-only)")
+    simulate = sub.add_parser("sim", help="serve the simulated plant over Modbus TCP/RTU (read-only) and/or MQTT")
     simulate.add_argument("--modbus-tcp", metavar="HOST:PORT", help="e.g. 127.0.0.1:5020")
     simulate.add_argument("--modbus-rtu", metavar="DEVICE", help="serial device, e.g. /dev/ttyUSB0 or a pty")
+    simulate.add_argument("--mqtt", metavar="HOST:PORT", help="also publish every unit's readings as JSON to "
+                          "sim/unit{N}/state on this broker, like plant sensors")
+    simulate.add_argument("--mqtt-user", help="MQTT user name (e.g. one made with edge-gateway broker-user)")
+    simulate.add_argument("--mqtt-password-file", help="file holding that user's password")
+    simulate.add_argument("--mqtt-interval", type=float, default=1.0, help="seconds between messages")
     simulate.add_argument("--baudrate", type=int, default=19200)
     simulate.add_argument("--parity", choices=("N", "E", "O"), default="E")
     simulate.add_argument("--stopbits", type=int, choices=(1, 2), default=1)
@@ -250,8 +255,9 @@ def simulate(args) -> int:
     """`edge-gateway sim`: the simulated plant as Modbus PLCs, for testing an install without hardware."""
     from sim.plc import SimPlant, serve
 
-    if not (args.modbus_tcp or args.modbus_rtu):
-        print("edge-gateway sim: give --modbus-tcp HOST:PORT and/or --modbus-rtu DEVICE", file=sys.stderr)
+    if not (args.modbus_tcp or args.modbus_rtu or args.mqtt):
+        print("edge-gateway sim: give --modbus-tcp HOST:PORT, --modbus-rtu DEVICE and/or --mqtt HOST:PORT",
+              file=sys.stderr)
         return EX_USAGE
     try:
         units = {}
@@ -259,7 +265,12 @@ def simulate(args) -> int:
             unit, rest = item.split("=")
             profile, seed = rest.split(":")
             units[int(unit)] = (profile, int(seed))
-        tcp = None
+        tcp = mqtt = None
+        if args.mqtt:
+            from gateway.uplink import read_secret
+            host, port = args.mqtt.rsplit(":", 1)
+            mqtt = {"host": host, "port": int(port), "username": args.mqtt_user,
+                    "password": read_secret(args.mqtt_password_file), "interval": args.mqtt_interval}
         if args.modbus_tcp:
             host, port = args.modbus_tcp.rsplit(":", 1)
             tcp = (host, int(port))
@@ -276,18 +287,19 @@ def simulate(args) -> int:
         for spec in args.delay:
             unit, seconds = spec.split(":")
             plant.units[int(unit)].faults.delay = float(seconds)
-    except (ValueError, KeyError, AttributeError) as err:
+    except (ValueError, KeyError, AttributeError, OSError) as err:
         print(f"edge-gateway sim: bad argument ({err}); see edge-gateway sim --help", file=sys.stderr)
         return EX_USAGE
     logs.setup("warning")
     where = ", ".join(x for x in (f"Modbus TCP {args.modbus_tcp}" if tcp else "",
                                    f"Modbus RTU {args.modbus_rtu} {args.baudrate} 8{args.parity}{args.stopbits}"
-                                   if args.modbus_rtu else "") if x)
+                                   if args.modbus_rtu else "",
+                                   f"MQTT {args.mqtt} (sim/unitN/state)" if mqtt else "") if x)
     print(f"simulated plant on {where}; units: " +
           ", ".join(f"{u}={p}" for u, (p, _) in units.items()), flush=True)
     try:
         asyncio.run(serve(plant, tcp=tcp, rtu=args.modbus_rtu, baudrate=args.baudrate, parity=args.parity,
-                          stopbits=args.stopbits, truth_path=args.truth))
+                          stopbits=args.stopbits, truth_path=args.truth, mqtt=mqtt))
     except KeyboardInterrupt:
         pass
     except OSError as err:

@@ -36,6 +36,7 @@ import asyncio
 import json
 import math
 import os
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
@@ -94,6 +95,7 @@ class Unit:
     image: dict[str, list[int]] = field(default_factory=lambda: {"holding": [0] * IMAGE_SIZE,
                                                                   "input": [0] * IMAGE_SIZE})
     faults: UnitFaults = field(default_factory=UnitFaults)
+    last: dict = field(default_factory=dict)  # the latest readings, for the MQTT publisher
 
 
 class SimPlant:
@@ -116,6 +118,7 @@ class SimPlant:
             else:
                 values["runtime_h"] = unit.machine.time_in_state["running"] / 3600.0
             write_image(unit.image, MAPS[unit.profile], values)
+            unit.last = values
 
     async def action(self, unit_id: int, function_code: int, start_address: int, address: int, count: int,
                      registers: list[int], set_values) -> int | None:
@@ -202,9 +205,33 @@ def write_image(image: dict[str, list[int]], regmap, values: dict[str, float | N
         image["holding"][address] = word
 
 
+async def publish_mqtt(plant: SimPlant, host: str, port: int, *, username: str | None = None,
+                       password: str | None = None, interval: float = 1.0, prefix: str = "sim") -> None:
+    """Publish every unit's readings as JSON to `{prefix}/unit{N}/state` (QoS 1), like a plant sensor."""
+    import paho.mqtt.client as mqtt
+
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"edge-gateway-sim-{os.getpid()}")
+    if username:
+        client.username_pw_set(username, password)
+    client.connect_async(host, port, keepalive=30)
+    client.loop_start()
+    try:
+        while True:
+            await asyncio.sleep(interval)
+            now = time.time()
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z"
+            for unit_id, unit in plant.units.items():
+                doc = {"ts": stamp, **{k: (None if v is None or v != v else round(v, 3)) for k, v in unit.last.items()}}
+                client.publish(f"{prefix}/unit{unit_id}/state", json.dumps(doc), qos=1)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
 async def serve(plant: SimPlant, *, tcp: tuple[str, int] | None = None, rtu: str | None = None,
-                baudrate: int = 19200, parity: str = "E", stopbits: int = 1, truth_path: str | None = None) -> None:
-    """Serve the plant over Modbus TCP and/or RTU until cancelled."""
+                baudrate: int = 19200, parity: str = "E", stopbits: int = 1, truth_path: str | None = None,
+                mqtt: dict | None = None) -> None:
+    """Serve the plant over Modbus TCP and/or RTU, and publish it over MQTT, until cancelled."""
     from pymodbus.server import ModbusSerialServer, ModbusTcpServer
 
     servers = []
@@ -224,6 +251,8 @@ async def serve(plant: SimPlant, *, tcp: tuple[str, int] | None = None, rtu: str
     if threading.current_thread() is threading.main_thread():  # only the main thread may own signals
         asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, reset_counters)
     tasks = [asyncio.create_task(s.serve_forever()) for s in servers]
+    if mqtt:
+        tasks.append(asyncio.create_task(publish_mqtt(plant, **mqtt)))
     tasks.append(asyncio.create_task(plant.run(truth_path=truth_path)))
     try:
         await asyncio.gather(*tasks)

@@ -190,3 +190,35 @@ def test_mqtt_device_silent_sensor_is_an_error(tmp_path, mosquitto, gateway, sub
     assert up.on("/temp1/telemetry")[0]["quality"] == {"t": "error"}
     assert "device temp1: read failed: no message on plant/temp1 for 0.6s" in gw.logs()
     assert gw.stop() == 0
+
+
+def test_simulated_pump_published_over_mqtt_is_read_as_a_device(tmp_path, mosquitto, gateway, subscribe):
+    """`edge-gateway sim --mqtt` plays a plant sensor; the gateway reads it through its embedded broker."""
+    users, secret = make_users(tmp_path)
+    (tmp_path / "sensor.pass").write_text("s3nsor-secret\n")
+    local = free_port()
+    devices = """
+  - name: pump9
+    source: mqtt
+    topic: sim/unit1/state
+    interval: 200ms
+    fields: {motor_rpm: motor_rpm, bearing_temp_c: bearing_temp_c, alarm: alarm}
+    timestamp_field: ts
+"""
+    extra = (f"local_broker: {{enabled: true, listen: \"127.0.0.1:{local}\", password_file: \"{users}\", "
+             f"client: {{username: gateway, password_file: \"{secret}\"}}}}")
+    up = subscribe(mosquitto.port, topic="edge/lab/test-gw/#")
+    gw = gateway(gateway_config(tmp_path / "data", mosquitto.port, devices=devices, extra=extra)).start()
+    wait_until(lambda: "local broker listening on" in gw.logs(), 20, what="the embedded broker")
+    sim = subprocess.Popen([sys.executable, "-m", "gateway", "sim", "--units", "1=pump:5", "--mqtt",
+                            f"127.0.0.1:{local}", "--mqtt-user", "sensor1", "--mqtt-password-file",
+                            str(tmp_path / "sensor.pass"), "--mqtt-interval", "0.2"],
+                           env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        good = wait_until(lambda: [p for p in up.on("/pump9/telemetry") if "quality" not in p], 30,
+                          what="the simulated pump upstream")
+        assert 1400 < good[-1]["values"]["motor_rpm"] < 1600 and good[-1]["values"]["alarm"] == 0.0
+    finally:
+        sim.terminate()
+        sim.wait(10)
+    assert gw.stop() == 0
