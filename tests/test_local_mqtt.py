@@ -54,6 +54,16 @@ def make_users(tmp_path) -> tuple[str, str]:
     return users, secret
 
 
+def start_with_local_broker(tmp_path, mosquitto, gateway, subscribe, devices, local, users, secret):
+    """The gateway with its embedded broker (passwords required) and an upstream subscriber."""
+    extra = (f"local_broker: {{enabled: true, listen: \"127.0.0.1:{local}\", password_file: \"{users}\", "
+             f"client: {{username: gateway, password_file: \"{secret}\"}}}}")
+    up = subscribe(mosquitto.port, topic="edge/lab/test-gw/#")
+    gw = gateway(gateway_config(tmp_path / "data", mosquitto.port, devices=devices, extra=extra)).start()
+    wait_until(lambda: "local broker listening on" in gw.logs(), 20, what="the embedded broker")
+    return up, gw
+
+
 def test_local_broker_service_refuses_anonymous_and_wrong_passwords(tmp_path):
     users, secret = make_users(tmp_path)
     port = free_port()
@@ -122,11 +132,7 @@ def test_mqtt_device_fed_garbage_then_good_data(tmp_path, mosquitto, gateway, su
     fields: {motor_rpm: rpm, bearing_temp_c: bearing.temp_c}
     timestamp_field: ts
 """
-    extra = (f"local_broker: {{enabled: true, listen: \"127.0.0.1:{local}\", password_file: \"{users}\", "
-             f"client: {{username: gateway, password_file: \"{secret}\"}}}}")
-    up = subscribe(mosquitto.port, topic="edge/lab/test-gw/#")
-    gw = gateway(gateway_config(tmp_path / "data", mosquitto.port, devices=devices, extra=extra)).start()
-    wait_until(lambda: "local broker listening on" in gw.logs(), 20, what="the embedded broker")
+    up, gw = start_with_local_broker(tmp_path, mosquitto, gateway, subscribe, devices, local, users, secret)
     sensor = wait_until(lambda: (c := connect(local, "sensor1", "s3nsor-secret")) and not isinstance(c, str) and c,
                         20, what="the sensor to log in")
     assert connect(local) == "Not authorized"
@@ -205,11 +211,7 @@ def test_simulated_pump_published_over_mqtt_is_read_as_a_device(tmp_path, mosqui
     fields: {motor_rpm: motor_rpm, bearing_temp_c: bearing_temp_c, alarm: alarm}
     timestamp_field: ts
 """
-    extra = (f"local_broker: {{enabled: true, listen: \"127.0.0.1:{local}\", password_file: \"{users}\", "
-             f"client: {{username: gateway, password_file: \"{secret}\"}}}}")
-    up = subscribe(mosquitto.port, topic="edge/lab/test-gw/#")
-    gw = gateway(gateway_config(tmp_path / "data", mosquitto.port, devices=devices, extra=extra)).start()
-    wait_until(lambda: "local broker listening on" in gw.logs(), 20, what="the embedded broker")
+    up, gw = start_with_local_broker(tmp_path, mosquitto, gateway, subscribe, devices, local, users, secret)
     sim = subprocess.Popen([sys.executable, "-m", "gateway", "sim", "--units", "1=pump:5", "--mqtt",
                             f"127.0.0.1:{local}", "--mqtt-user", "sensor1", "--mqtt-password-file",
                             str(tmp_path / "sensor.pass"), "--mqtt-interval", "0.2"],
