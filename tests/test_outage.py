@@ -132,7 +132,12 @@ def test_bounded_outbox_counts_every_drop(policy, mosquitto, gate, gateway, subs
     health = sub.on("/health")[-1]
     assert health["dropped"] == dropped > 0
     if policy == "drop_oldest":
-        assert seqs == list(range(dropped + 1, seqs[-1] + 1)), "the oldest were dropped, the newest kept"
+        missing = sorted(set(range(1, seqs[-1] + 1)) - set(seqs))
+        assert missing[:seqs[0] - 1] == list(range(1, seqs[0])), "the oldest were dropped"
+        # While the backlog drains the outbox may still be full: then the oldest rows not in flight go,
+        # i.e. a few just after the in-flight window (all counted: the health check above).
+        later = missing[seqs[0] - 1:]
+        assert all(m > seqs[0] for m in later) and len(later) <= 50
     else:
         assert seqs[:50] == list(range(1, 51)), "the first 50 kept, the newest dropped"
         gap_end = seqs[50] - 1
