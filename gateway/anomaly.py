@@ -169,8 +169,21 @@ def score_batch(model: Model, windows: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return scores, per_tag
 
 
+_loaded: dict = {}
+
+
 def load(name: str, directory: Path) -> Model:
-    return Model(directory / f"{name}.tflite", directory / f"{name}.json")
+    """A model by name, loaded once per version of its files: config validation, start-up and a
+    reload that left the files alone all get the same interpreter; a changed file is read anew."""
+    paths = (directory / f"{name}.tflite", directory / f"{name}.json")
+    try:
+        stamp = tuple((p.stat().st_mtime_ns, p.stat().st_size) for p in paths)
+    except OSError:
+        return Model(*paths)  # raises ModelError naming the missing file
+    cached = _loaded.get(paths[0])
+    if cached is None or cached[0] != stamp:
+        cached = _loaded[paths[0]] = (stamp, Model(*paths))
+    return cached[1]
 
 
 def check_device(model: Model, device_tags, interval: float) -> list[str]:
@@ -234,7 +247,7 @@ class DeviceScorer:
         self._raw = np.where(bad, self._raw, row)
         row = np.where(bad, self.last, row)
         self.last = row
-        self.buf = np.roll(self.buf, -1, axis=0)
+        self.buf[:-1] = self.buf[1:]  # shift in place: no new array per sample
         self.buf[-1] = row
         if np.any(self.missing_run > m.ffill_limit) or np.any(np.isnan(row)):
             self.filled = 0  # this window and the next `window` ones contain a real gap
