@@ -17,11 +17,11 @@ import time
 import common  # noqa: F401  (puts the project on sys.path)
 
 from gateway import counters
-from gateway.store import Store
+from gateway.outbox import Outbox
 
 
 def run(path: str, samples: int, batch: int, sync: str) -> float:
-    store = Store(path, sync=sync)
+    store = Outbox(path, sync=sync)
     rows: dict = {}
     raw = 65000
     start = time.perf_counter()

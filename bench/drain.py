@@ -22,15 +22,15 @@ from common import free_port, mosquitto, raw_paho_rate
 
 import sim
 from gateway import config
+from gateway.outbox import Outbox
 from gateway.sample import Sample
-from gateway.store import Store
 from gateway.units import rfc3339
 from gateway.uplink import Uplink
 
 
 def fill(path: str, count: int) -> tuple[int, int]:
     """N pump telemetry messages in the outbox; returns (bytes on disk, payload bytes)."""
-    store = Store(path)
+    store = Outbox(path)
     pump = sim.Pump(seed=1)
     ts = time.time() - count
     for i in range(count):
@@ -50,7 +50,7 @@ async def drain(path: str, port: int, inflight: int) -> tuple[int, float, float]
     cfg = config.parse(f"gateway: {{id: bench, site: lab}}\n"
                        f"upstream: {{host: 127.0.0.1, port: {port}, max_inflight: {inflight}}}\n"
                        "devices: [{name: pump1, source: sim, profile: pump}]\n")
-    store = Store(path)
+    store = Outbox(path)
     count = store.stats.messages
     uplink = Uplink(cfg.upstream, store, client_id="bench-drain", status_topic="edge/lab/bench/status",
                     offline_payload=b"{}")

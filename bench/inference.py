@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from startup import bare_python, devices, gateway, rss_mib
 
 ROOT = Path(__file__).resolve().parent.parent

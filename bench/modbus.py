@@ -21,10 +21,11 @@ import time
 from common import free_port, wait_port
 
 from gateway import config
+from gateway.contract import Topics
 from gateway.device import DeviceRunner
+from gateway.outbox import Outbox
 from gateway.shifts import ShiftCalendar
-from gateway.sources import open_source
-from gateway.store import Store
+from gateway.sources import Links, open_source
 
 DEVICES, REGISTERS, INTERVAL = 10, 50, 0.1
 
@@ -52,12 +53,13 @@ def gateway_yaml(port: int, extra: str) -> str:
 
 async def measure(port: int, extra: str, seconds: float, data: str) -> dict:
     cfg = config.parse(gateway_yaml(port, extra))
-    store = Store(os.path.join(data, f"g{len(extra)}.db"))
-    links: dict = {}
-    runners = [DeviceRunner(d, open_source(d, links), store, "bench", ShiftCalendar([], "UTC")) for d in cfg.devices]
+    store = Outbox(os.path.join(data, f"g{len(extra)}.db"))
+    links = Links()
+    runners = [DeviceRunner(d, open_source(d, links), store, Topics("bench"), ShiftCalendar([], "UTC"))
+               for d in cfg.devices]
     for r in runners:  # connect and warm up outside the measurement
-        await r.poll_once()
-    link = next(iter(links.values()))
+        r.process(await r.source.read_once())
+    link = next(iter(links.modbus.values()))
     polls0, requests0 = sum(r.health.polls for r in runners), link.requests
     cpu0, t0 = time.process_time(), time.perf_counter()
     tasks = [asyncio.create_task(r.run()) for r in runners]

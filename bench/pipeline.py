@@ -19,10 +19,11 @@ import time
 from common import mosquitto, raw_paho_rate
 
 from gateway import config
+from gateway.contract import Topics
 from gateway.device import DeviceRunner
+from gateway.outbox import Outbox
 from gateway.shifts import ShiftCalendar
-from gateway.sources import open_source
-from gateway.store import Store
+from gateway.sources import Links, open_source
 from gateway.uplink import Uplink
 
 CONFIG = """
@@ -40,9 +41,10 @@ devices:
 
 async def run_pipeline(port: int, samples: int, data: str) -> dict:
     cfg = config.parse(CONFIG.format(data=data, port=port))
-    store = Store(os.path.join(data, "g.db"))
+    store = Outbox(os.path.join(data, "g.db"))
     shifts = ShiftCalendar([], "UTC")
-    runners = [DeviceRunner(d, open_source(d), store, cfg.topic_root, shifts) for d in cfg.devices]
+    links = Links()
+    runners = [DeviceRunner(d, open_source(d, links), store, Topics(cfg.topic_root), shifts) for d in cfg.devices]
     uplink = Uplink(cfg.upstream, store, client_id="bench-gw", status_topic=f"{cfg.topic_root}/status",
                     offline_payload=b"{}")
     uplink_task = asyncio.create_task(uplink.run())
@@ -59,7 +61,7 @@ async def run_pipeline(port: int, samples: int, data: str) -> dict:
     done = 0
     while done < samples:
         for runner in runners:
-            await runner.poll_once()
+            runner.process(await runner.source.read_once())
         done += len(runners)
         if done % 200 == 0:
             await asyncio.sleep(0)  # let the uplink and the committer run, as the poll loops' sleeps do
@@ -88,7 +90,7 @@ def main() -> None:
     print(f"  samples/s            {sps:10.0f}")
     print(f"  messages/s           {mps:10.0f}")
     print(f"  CPU µs per sample    {result['cpu'] / result['samples'] * 1e6:10.1f}   (whole process, both cores' time)")
-    print(f"baseline: raw paho -> mosquitto QoS 1, same message count, same run")
+    print("baseline: raw paho -> mosquitto QoS 1, same message count, same run")
     print(f"  messages/s           {raw:10.0f}")
     print(f"gateway pipeline message rate = {mps / raw * 100:.0f} % of the raw paho rate")
 

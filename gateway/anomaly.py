@@ -26,12 +26,12 @@ from pathlib import Path
 
 import numpy as np
 
+from gateway.errors import ModelError
+
 REQUIRED = ("tags", "window", "stride", "interval_s", "scaler", "threshold", "sha256")
 MODEL_DIRS = (Path(__file__).resolve().parent.parent / "models", Path("/opt/edge-gateway/models"))
 
 
-class ModelError(Exception):
-    """A model that cannot be used: missing, not TFLite, not matching its metadata or the device."""
 
 
 def interpreter_class():
@@ -251,7 +251,7 @@ class DeviceScorer:
         self.buf[-1] = row
         if np.any(self.missing_run > m.ffill_limit) or np.any(np.isnan(row)):
             self.filled = 0  # this window and the next `window` ones contain a real gap
-            gap = [t for t, r, v in zip(m.tags, self.missing_run, row) if r > m.ffill_limit or math.isnan(v)]
+            gap = [t for t, r, v in zip(m.tags, self.missing_run, row, strict=True) if r > m.ffill_limit or math.isnan(v)]
             self.state.why_unscored = f"no value for {', '.join(gap)} beyond the forward-fill limit"
         else:
             self.filled = min(self.filled + 1, m.window)

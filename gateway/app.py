@@ -1,171 +1,238 @@
-"""The wiring: config → sources → device pipelines → store → uplink, on one event loop.
+"""The wiring: config → sources → device pipelines → outbox → uplink, under one supervisor.
 
-Every stage is built here and nowhere else. Timers: the commit loop (outbox
-transaction every `outbox.commit_interval`) and the health loop (health topic and
-the local state file every `gateway.health_interval`).
+Every stage is built in `_build` and nowhere else. Every long-lived loop runs as a named
+task of one `Supervisor`: each device (`device[NAME]`), `commit`, `health`, `reload`,
+`uplink` (with its connection loop and pump), `local-mqtt`, `local-broker`, `watchdog`.
+A loop that raises ends the daemon: its traceback is logged, what can be drained is, and
+`run` raises `LoopFailed` so that the process exits non-zero and systemd restarts it.
+(A device's failed *reads* are not such a failure: they stay with the device.)
+
+`async with Gateway(...)` takes the data_dir lock and opens the outbox; `run(shutdown)`
+runs until the `shutdown` event is set, then drains in order, within a bound: timers,
+devices with their counters flushed, the local broker, delivery of what is in flight,
+the last commit, the state file.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
-import signal
 import time
+from types import TracebackType
+from typing import IO, Any
 
-from gateway import __version__
+from gateway import __version__, contract, health
 from gateway import config as configuration
-from gateway.config import Config
+from gateway.config import Config, LocalBrokerSection, Prepared
+from gateway.contract import Topics
 from gateway.device import DeviceRunner
+from gateway.errors import AlreadyRunning, ConfigError
 from gateway.notify import Notifier
+from gateway.outbox import Bounds, Outbox, lock
 from gateway.shifts import ShiftCalendar
-from gateway.sources import open_source
-from gateway.store import Bounds, Store, lock as store_lock
-from gateway.units import rfc3339
-from gateway.uplink import Uplink, status_payload
+from gateway.sources import Links, open_source
+from gateway.supervise import Supervisor
+from gateway.uplink import Uplink
 
 log = logging.getLogger("edge_gateway")
 
 STORE_FILE = "gateway.db"
-STATE_FILE = "state.json"
+STATE_FILE = health.STATE_FILE
+DRAIN_LIMIT = 10.0  # seconds the whole shutdown drain may take
+FLUSH_LIMIT = 5.0  # of which, delivering what is in flight
 
 
-class AlreadyRunning(Exception):
-    pass
+class LoopFailed(Exception):
+    """A supervised loop raised or ended: the daemon must be restarted."""
 
 
 class Gateway:
-    def __init__(self, config: Config, config_path: str | None = None, notifier: Notifier | None = None) -> None:
+    def __init__(self, config: Config, config_path: str | None = None, notifier: Notifier | None = None,
+                 prepared: Prepared | None = None) -> None:
         self.config = config
         self.config_path = config_path
         self.notifier = notifier or Notifier()
-        self._lock = store_lock(config.gateway.data_dir)
-        if self._lock is None:
-            raise AlreadyRunning(f"another edge-gateway is running with data_dir {config.gateway.data_dir}")
+        self.prepared = prepared or Prepared()
         self.started = time.time()
-        out = config.outbox
-        self.store = Store(os.path.join(config.gateway.data_dir, STORE_FILE), bounds=_bounds(config), sync=out.sync)
         self.devices: list[DeviceRunner] = []
-        self._build(config)
-        self._stop = asyncio.Event()
-        self._reload = asyncio.Event()
-        self._device_tasks: list[asyncio.Task] = []
-        self._uplink_task: asyncio.Task | None = None
-        self._broker_task: asyncio.Task | None = None
+        self.reload_requested = asyncio.Event()
+        self._sup = Supervisor()
+        self._lock: IO[str] | None = None
+        self._outbox: Outbox | None = None
+        self._uplink: Uplink | None = None
+        self._links: Links | None = None
 
-    def _build(self, config: Config, *, uplink: bool = True) -> None:
-        """Devices (and the uplink) from a config; the store is not touched."""
-        self.config = config
-        self.root = config.topic_root
-        gw = config.gateway
-        shifts = ShiftCalendar([(s.name, s.start) for s in config.shifts], gw.timezone)
-        links: dict = {}  # connections shared by devices on one endpoint or serial line
-        models = configuration.load_models(config)  # one interpreter per model, shared by its devices
-        self.devices = [DeviceRunner(d, open_source(d, links, config.local_broker, gw.id), self.store, self.root,
-                                     shifts, on_state_change=self._device_state_changed,
-                                     model=models.get(d.model)) for d in config.devices]
-        if uplink:
-            self.uplink = Uplink(config.upstream, self.store, client_id=config.upstream.client_id or gw.id,
-                                 status_topic=f"{self.root}/status", offline_payload=self._status("offline"))
-        self.uplink.online_payload = self._status("online")
-
-    # -- status and health ------------------------------------------------------------
-    def _status(self, state: str) -> bytes:
-        fields = {"gateway_id": self.config.gateway.id, "version": __version__, "started": rfc3339(self.started)}
-        if state == "online":
-            fields["devices"] = {r.device.name: {"state": r.health.state, "source": r.device.source}
-                                 for r in self.devices}
-        return status_payload(state, **fields)
-
-    def _device_state_changed(self, runner: DeviceRunner) -> None:
-        self.uplink.online_payload = self._status("online")
-        self.uplink.publish_live(f"{self.root}/status", self.uplink.online_payload, retain=True)
-
-    def health(self) -> dict:
-        store, uplink = self.store.stats, self.uplink.stats
-        latencies = [us for r in self.devices if r.scorer is not None for us in r.scorer.take_latency()]
-        health = {
-            "ts": rfc3339(time.time()),
-            "gateway_id": self.config.gateway.id,
-            "uptime_s": round(time.time() - self.started, 1),
-            "backlog": {"messages": store.messages, "bytes": store.bytes,
-                        "oldest_age_s": round(self.store.oldest_age(), 1), "uncommitted": self.store.pending},
-            "dropped": store.dropped,
-            "store_errors": store.write_errors,
-            "store_error": store.last_error,
-            "upstream": {"connected": uplink.connected, "reconnects": uplink.reconnects,
-                         "published": uplink.published, "acked": uplink.acked,
-                         "publish_rate": round(self.uplink.publish_rate(), 2),
-                         "last_ack": rfc3339(uplink.last_ack) if uplink.last_ack else None,
-                         "last_error": uplink.last_error},
-            "devices": {r.device.name: {"state": r.health.state, "polls": r.health.polls,
-                                        "errors": r.health.errors, "skipped_ticks": r.health.skipped_ticks,
-                                        "bad_tags": r.health.bad_tags, "last_error": r.health.last_error,
-                                        "last_sample": rfc3339(r.health.last_sample) if r.health.last_sample
-                                        else None,
-                                        **({"anomaly": a} if (a := r.anomaly_status()) else {})}
-                        for r in self.devices},
-        }
-        if latencies:
-            latencies.sort()
-            health["inference_us"] = {"windows": len(latencies), "mean": round(sum(latencies) / len(latencies), 1),
-                                      "p95": round(latencies[int(0.95 * (len(latencies) - 1))], 1),
-                                      "max": round(latencies[-1], 1)}
-        return health
-
-    def _write_state(self, health: dict) -> None:
-        """The local state file read by `edge-gateway status` (no broker needed)."""
-        health["counters"] = {r.device.name: {name: {"total": row.total, "shift": row.shift_total,
-                                                     "shift_id": row.shift_id}
-                                              for name, row in r.counter_rows().items()} for r in self.devices}
-        path = os.path.join(self.config.gateway.data_dir, STATE_FILE)
+    # -- life cycle ------------------------------------------------------------------------
+    async def __aenter__(self) -> Gateway:
+        gw = self.config.gateway
+        self._lock = lock(gw.data_dir)
+        if self._lock is None:
+            raise AlreadyRunning(f"another edge-gateway is running with data_dir {gw.data_dir}")
         try:
-            with open(path + ".tmp", "w", encoding="utf-8") as fh:
-                json.dump(health, fh, indent=1)
-            os.replace(path + ".tmp", path)
-        except OSError as err:  # a full disk must not stop the health loop
-            log.debug("cannot write %s: %s", path, err)
+            self._outbox = Outbox(os.path.join(gw.data_dir, STORE_FILE), bounds=_bounds(self.config),
+                                  sync=self.config.outbox.sync)
+        except BaseException:
+            self._lock.close()
+            raise
+        self._build(self.config, self.prepared, uplink=True)
+        return self
 
-    # -- timers -------------------------------------------------------------------------
+    async def __aexit__(self, kind: type[BaseException] | None, err: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self._sup.aclose()
+        if self._outbox is not None:
+            self._outbox.close()
+        if self._lock is not None:
+            self._lock.close()
+
+    @property
+    def outbox(self) -> Outbox:
+        assert self._outbox is not None, "use `async with Gateway(...)`"
+        return self._outbox
+
+    @property
+    def uplink(self) -> Uplink:
+        assert self._uplink is not None, "use `async with Gateway(...)`"
+        return self._uplink
+
+    def _build(self, config: Config, prepared: Prepared, *, uplink: bool) -> None:
+        """Devices (and the uplink) from a config; the outbox is not touched. Builds only: starts nothing."""
+        self.config, self.prepared = config, prepared
+        gw = config.gateway
+        self.topics = Topics(config.topic_root)
+        shifts = ShiftCalendar([(s.name, s.start) for s in config.shifts], gw.timezone)
+        self._links = Links(config.local_broker, gw.id)
+        self.devices = [DeviceRunner(d, open_source(d, self._links), self.outbox, self.topics, shifts,
+                                     on_state_change=self._device_state_changed,
+                                     model=prepared.models.get(d.model) if d.model else None)
+                        for d in config.devices]
+        if uplink:
+            self._uplink = Uplink(config.upstream, self.outbox, client_id=config.upstream.client_id or gw.id,
+                                  status_topic=self.topics.status, offline_payload=self._status("offline"))
+        self.uplink.online_payload = self._status("online")
+
+    async def run(self, shutdown: asyncio.Event, force: asyncio.Event | None = None) -> None:
+        """Run until `shutdown` is set (then drain) or a loop fails (then drain and raise LoopFailed).
+
+        Setting `force` during the drain skips the rest of it (a second SIGTERM).
+        """
+        log.info("edge-gateway %s started: %d devices, topic root %s, outbox %s (%d messages waiting)",
+                 __version__, len(self.devices), self.topics.root, self.outbox.path, self.outbox.stats.messages)
+        await self._start_broker()
+        self._start_devices()
+        sup = self._sup
+        sup.start(self.uplink.run(), "uplink")
+        sup.start(self._commit_loop(), "commit")
+        sup.start(self._health_loop(), "health")
+        sup.start(self._reload_loop(), "reload")
+        if self.notifier.watchdog_interval:
+            sup.start(self._watchdog_loop(), "watchdog")
+        # Ready once the config is loaded and the outbox open: not waiting for the broker.
+        self.notifier.ready(self.status_line())
+        stop = asyncio.ensure_future(shutdown.wait())
+        failed = asyncio.ensure_future(sup.wait())
+        try:
+            await asyncio.wait([stop, failed], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            failed.cancel()
+        crash = failed.result() if failed.done() and not failed.cancelled() else None
+        if crash is not None:
+            name, error = crash
+            log.error("task %s failed; stopping so that systemd restarts the gateway", name,
+                      exc_info=(type(error), error, error.__traceback__))
+        self.notifier.stopping()
+        log.info("stopping: committing and delivering what is in flight")
+        drain = asyncio.ensure_future(self._drain())
+        waits = [drain] + ([asyncio.ensure_future(force.wait())] if force is not None else [])
+        try:
+            done, _ = await asyncio.wait(waits, timeout=DRAIN_LIMIT, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits[1:]:
+                w.cancel()
+        if drain not in done:
+            log.warning("shutdown drain %s; stopping now (the outbox keeps what was committed)",
+                        "skipped by a second signal" if force is not None and force.is_set()
+                        else f"took longer than {DRAIN_LIMIT:g}s")
+            drain.cancel()
+            await asyncio.gather(drain, return_exceptions=True)
+            await sup.aclose()
+            self.outbox.commit()
+        log.info("stopped; %d messages kept in the outbox for the next start", self.outbox.stats.messages)
+        if crash is not None:
+            raise LoopFailed(f"task {crash[0]} failed: {crash[1]!r}")
+
+    async def _drain(self) -> None:
+        sup = self._sup
+        await sup.stop("commit", "health", "reload", "watchdog")
+        await self._stop_devices()
+        await self._stop_broker()
+        await self.uplink.stop(flush_timeout=FLUSH_LIMIT)
+        await sup.stop("uplink")
+        self.outbox.commit()  # the last acknowledgements
+        health.write_state(self.config.gateway.data_dir, self.health(), self.devices)
+
+    # -- devices ------------------------------------------------------------------------------
+    def _start_devices(self) -> None:
+        for runner in self.devices:
+            self._sup.start(runner.run(), f"device[{runner.name}]")
+        if self._links is not None and self._links.mqtt is not None:
+            self._sup.start(self._links.mqtt.run(), "local-mqtt")
+
+    async def _stop_devices(self) -> None:
+        await self._sup.stop(*(f"device[{r.name}]" for r in self.devices), "local-mqtt")
+        for runner in self.devices:
+            runner.flush()
+            await runner.source.aclose()
+        self._commit()
+
+    def _device_state_changed(self) -> None:
+        self.uplink.online_payload = self._status("online")
+        self.uplink.publish_live(self.topics.status, self.uplink.online_payload, retain=True)
+
+    # -- status and health ------------------------------------------------------------------
+    def _status(self, state: str) -> bytes:
+        devices = {r.name: {"state": r.health.state, "source": r.device.source} for r in self.devices} \
+            if state == "online" else None
+        return contract.status(state, self.config.gateway.id, __version__, self.started, devices)
+
+    def health(self) -> dict[str, Any]:
+        return health.report(self.config.gateway.id, self.started, self.outbox, self.uplink, self.devices)
+
+    def status_line(self) -> str:
+        return health.status_line(self.devices, self.outbox, self.uplink)
+
+    # -- timers -------------------------------------------------------------------------------
     async def _commit_loop(self) -> None:
-        interval = self.config.outbox.commit_interval
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(self.config.outbox.commit_interval)
             self._commit()
 
     def _commit(self) -> None:
-        before = self.store.stats.committed
-        if self.store.commit() and self.store.stats.committed != before:
+        before = self.outbox.stats.committed
+        if self.outbox.commit() and self.outbox.stats.committed != before:
             self.uplink.wake()
 
     async def _health_loop(self) -> None:
-        topic = f"{self.root}/health"
         while True:
             await asyncio.sleep(self.config.gateway.health_interval)
-            health = self.health()
-            self.uplink.publish_live(topic, json.dumps(health, separators=(",", ":")).encode())
-            self._write_state(health)
+            report = self.health()
+            self.uplink.publish_live(self.topics.health, contract.health(report))
+            health.write_state(self.config.gateway.data_dir, report, self.devices)
             self.notifier.status(self.status_line())
 
-    def status_line(self) -> str:
-        ok = sum(1 for r in self.devices if r.health.state == "ok")
-        up = self.uplink.stats
-        age = f"{time.time() - up.last_ack:.0f}s ago" if up.last_ack else "never"
-        return (f"{ok}/{len(self.devices)} devices ok, backlog {self.store.stats.messages} msgs, upstream "
-                f"{'connected' if up.connected else 'NOT connected'}, last publish {age}")
-
     async def _watchdog_loop(self) -> None:
-        """WATCHDOG=1 only while the event loop runs (this task) and the uplink task is alive."""
+        """WATCHDOG=1 only while the event loop runs (this task) and every supervised loop is alive."""
         while True:
-            await asyncio.sleep(self.notifier.watchdog_interval)
-            if self._uplink_task is None or self._uplink_task.done():
-                log.error("the uplink task has ended: withholding the watchdog so that systemd restarts us")
+            await asyncio.sleep(self.notifier.watchdog_interval or 1.0)
+            if not self._sup.alive():
+                log.error("a supervised task has ended: withholding the watchdog so that systemd restarts us")
                 continue
             self.notifier.watchdog()
 
-    # -- the embedded local broker ------------------------------------------------------------
-    async def _local_broker(self, cfg, up: asyncio.Event) -> None:
+    # -- the embedded local broker --------------------------------------------------------------
+    async def _local_broker(self, cfg: LocalBrokerSection, up: asyncio.Event) -> None:
         """Run amqtt in this process for local sensors; a busy port is retried, never fatal to the rest."""
         from gateway import broker as local_broker
 
@@ -191,42 +258,31 @@ class Gateway:
     async def _start_broker(self) -> None:
         if self.config.local_broker.enabled:
             up = asyncio.Event()
-            self._broker_task = asyncio.create_task(self._local_broker(self.config.local_broker, up),
-                                                    name="local-broker")
+            self._sup.start(self._local_broker(self.config.local_broker, up), "local-broker")
             try:  # so that the mqtt devices find it listening; a broker that cannot start is retried
                 await asyncio.wait_for(up.wait(), timeout=5)
             except asyncio.TimeoutError:
                 pass
 
     async def _stop_broker(self) -> None:
-        if self._broker_task is not None:
-            self._broker_task.cancel()
-            await asyncio.gather(self._broker_task, return_exceptions=True)
-            self._broker_task = None
+        await self._sup.stop("local-broker")
 
-    # -- life cycle ------------------------------------------------------------------------
-    def stop(self) -> None:
-        self._stop.set()
-
-    def _start_devices(self) -> None:
-        self._device_tasks = [asyncio.create_task(r.run(), name=f"device-{r.device.name}") for r in self.devices]
-
-    async def _stop_devices(self) -> None:
-        for task in self._device_tasks:
-            task.cancel()
-        await asyncio.gather(*self._device_tasks, return_exceptions=True)
-        for runner in self.devices:
-            runner.flush()
-            await runner.source.close()
-        self._commit()
+    # -- reload ---------------------------------------------------------------------------------
+    async def _reload_loop(self) -> None:
+        while True:
+            await self.reload_requested.wait()
+            self.reload_requested.clear()
+            await self.reload()
 
     async def reload(self) -> bool:
-        """SIGHUP: re-read and validate the config; apply it, keeping the outbox, or keep the old one."""
+        """SIGHUP: re-read and check the config; apply it, keeping the outbox, or keep the old one."""
         self.notifier.reloading()
         old = self.config
+        path = self.config_path or ""
         try:
-            new = configuration.load(self.config_path or "")
-        except configuration.ConfigError as err:
+            new = configuration.load(path)
+            prepared = configuration.preflight(new, path)
+        except ConfigError as err:
             for line in str(err).splitlines():
                 log.error("reload refused, the running config stays: %s", line)
             self.notifier.ready(f"reload refused ({len(err.problems)} problems in the config); " + self.status_line())
@@ -237,66 +293,27 @@ class Gateway:
             self.notifier.ready("reload refused (data_dir changed); " + self.status_line())
             return False
         await self._stop_devices()
-        self.store.bounds = _bounds(new)
+        self.outbox.bounds = _bounds(new)
         if new.outbox.sync != old.outbox.sync:
             log.warning("outbox.sync %s applies from the next start", new.outbox.sync)
         new_uplink = (new.upstream, new.topic_root, new.gateway.id) != (old.upstream, old.topic_root, old.gateway.id)
         if new_uplink:
             await self.uplink.stop(flush_timeout=2.0)
-            self._uplink_task.cancel()
-            await asyncio.gather(self._uplink_task, return_exceptions=True)
-        if new.local_broker != old.local_broker:
+            await self._sup.stop("uplink")
+        new_broker = new.local_broker != old.local_broker
+        if new_broker:
             await self._stop_broker()
-        self._build(new, uplink=new_uplink)
-        if new.local_broker != old.local_broker:
+        self._build(new, prepared, uplink=new_uplink)
+        if new_broker:
             await self._start_broker()
         if new_uplink:
-            self._uplink_task = asyncio.create_task(self.uplink.run(), name="uplink")
+            self._sup.start(self.uplink.run(), "uplink")
         logging.getLogger().setLevel(new.gateway.log_level.upper())
         self._start_devices()
         log.info("config reloaded: %d devices%s; the outbox keeps its %d messages", len(self.devices),
-                 ", new upstream connection" if new_uplink else "", self.store.stats.messages)
+                 ", new upstream connection" if new_uplink else "", self.outbox.stats.messages)
         self.notifier.ready(self.status_line())
         return True
-
-    async def _reload_loop(self) -> None:
-        while True:
-            await self._reload.wait()
-            self._reload.clear()
-            await self.reload()
-
-    async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.stop)
-        loop.add_signal_handler(signal.SIGHUP, self._reload.set)
-        log.info("edge-gateway %s started: %d devices, topic root %s, store %s (%d messages waiting)",
-                 __version__, len(self.devices), self.root, self.store.path, self.store.stats.messages)
-        await self._start_broker()
-        self._start_devices()
-        self._uplink_task = asyncio.create_task(self.uplink.run(), name="uplink")
-        timers = [asyncio.create_task(self._commit_loop(), name="commit"),
-                  asyncio.create_task(self._health_loop(), name="health"),
-                  asyncio.create_task(self._reload_loop(), name="reload")]
-        if self.notifier.watchdog_interval:
-            timers.append(asyncio.create_task(self._watchdog_loop(), name="watchdog"))
-        # Ready once the config is loaded and the outbox open: not waiting for the broker.
-        self.notifier.ready(self.status_line())
-        await self._stop.wait()
-        self.notifier.stopping()
-        log.info("stopping: committing and delivering what is in flight")
-        for task in timers:
-            task.cancel()
-        await asyncio.gather(*timers, return_exceptions=True)
-        await self._stop_devices()
-        await self._stop_broker()
-        await self.uplink.stop(flush_timeout=5.0)
-        self._uplink_task.cancel()
-        await asyncio.gather(self._uplink_task, return_exceptions=True)
-        self.store.commit()  # the last acknowledgements
-        self._write_state(self.health())
-        self.store.close()
-        log.info("stopped; %d messages kept in the outbox for the next start", self.store.stats.messages)
 
 
 def _bounds(config: Config) -> Bounds:

@@ -1,5 +1,6 @@
 """The `edge-gateway` command. Exit codes follow sysexits: 0 ok, 64 usage, 69 service
-unavailable, 73 cannot create (data_dir), 78 config error."""
+unavailable, 70 internal error (a supervised loop failed: systemd restarts us), 73 cannot
+create (data_dir), 78 config error."""
 
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ import sqlite3
 import sys
 import time
 
-from gateway import __version__, config as configuration, logs
+from gateway import __version__, logs
+from gateway import config as configuration
 
-EX_OK, EX_USAGE, EX_UNAVAILABLE, EX_CANTCREAT, EX_CONFIG = 0, 64, 69, 73, 78
+EX_OK, EX_USAGE, EX_DATAERR, EX_UNAVAILABLE, EX_SOFTWARE, EX_CANTCREAT, EX_IOERR, EX_CONFIG = \
+    0, 64, 65, 69, 70, 73, 74, 78
 log = logging.getLogger("edge_gateway")
 
 
@@ -120,31 +123,64 @@ def _load(path: str) -> configuration.Config | None:
         return None
 
 
-def check_config(path: str) -> int:
+def _prepare(path: str) -> tuple[configuration.Config, configuration.Prepared] | None:
+    """The config and what preflight loaded (models); None after printing every problem."""
     cfg = _load(path)
     if cfg is None:
+        return None
+    try:
+        return cfg, configuration.preflight(cfg, path)
+    except configuration.ConfigError as err:
+        print(err, file=sys.stderr)
+        return None
+
+
+def check_config(path: str) -> int:
+    ready = _prepare(path)
+    if ready is None:
         return EX_CONFIG
+    cfg = ready[0]
     devices = ", ".join(f"{d.name} ({d.source})" for d in cfg.devices) or "none"
     print(f"{path}: ok; gateway {cfg.gateway.id}, topic root {cfg.topic_root}, devices: {devices}")
     return EX_OK
 
 
 def run(path: str) -> int:
-    cfg = _load(path)
-    if cfg is None:
+    ready = _prepare(path)
+    if ready is None:
         return EX_CONFIG
+    cfg, prepared = ready
     logs.setup(cfg.gateway.log_level)
-    from gateway.app import AlreadyRunning, Gateway
+    return asyncio.run(_serve(cfg, path, prepared))
 
+
+async def _serve(cfg: configuration.Config, path: str, prepared: configuration.Prepared) -> int:
+    """The daemon under its signals: SIGTERM/SIGINT stop (a second one skips the drain), SIGHUP reloads."""
+    import signal
+
+    from gateway.app import Gateway, LoopFailed
+    from gateway.errors import AlreadyRunning
+
+    loop = asyncio.get_running_loop()
+    shutdown, force = asyncio.Event(), asyncio.Event()
+
+    def terminate() -> None:
+        (force if shutdown.is_set() else shutdown).set()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, terminate)
     try:
-        gateway = Gateway(cfg, config_path=path)
+        async with Gateway(cfg, config_path=path, prepared=prepared) as gateway:
+            loop.add_signal_handler(signal.SIGHUP, gateway.reload_requested.set)
+            await gateway.run(shutdown, force)
     except AlreadyRunning as err:
         log.error("%s", err)
         return EX_UNAVAILABLE
     except (OSError, sqlite3.Error) as err:
-        log.error("cannot open the store in data_dir %s: %s", cfg.gateway.data_dir, err)
+        log.error("cannot open the outbox in data_dir %s: %s", cfg.gateway.data_dir, err)
         return EX_CANTCREAT
-    asyncio.run(gateway.run())
+    except LoopFailed as err:
+        log.error("exiting with status %d: %s", EX_SOFTWARE, err)
+        return EX_SOFTWARE
     return EX_OK
 
 
@@ -152,7 +188,7 @@ def status(path: str, as_json: bool) -> int:
     cfg = _load(path)
     if cfg is None:
         return EX_CONFIG
-    from gateway.app import STATE_FILE
+    from gateway.health import STATE_FILE
 
     state_path = os.path.join(cfg.gateway.data_dir, STATE_FILE)
     try:
@@ -196,7 +232,8 @@ def outbox(args) -> int:
     cfg = _load(args.config)
     if cfg is None:
         return EX_CONFIG
-    from gateway import store
+    from gateway import admin
+    from gateway import outbox as store
 
     path = _store_path(cfg)
     try:
@@ -205,13 +242,13 @@ def outbox(args) -> int:
                 print("edge-gateway outbox export: name the file to write (or - for stdout)", file=sys.stderr)
                 return EX_USAGE
             if args.file == "-":
-                n = store.export(path, sys.stdout)
+                n = admin.export(path, sys.stdout)
             else:
                 with open(args.file, "w", encoding="utf-8") as out:
-                    n = store.export(path, out)
+                    n = admin.export(path, out)
             print(f"exported {n} messages to {args.file}", file=sys.stderr)
             return EX_OK
-        info = store.inspect(path)
+        info = admin.inspect(path)
     except (OSError, sqlite3.Error) as err:
         print(f"cannot read the outbox {path}: {err}", file=sys.stderr)
         return EX_UNAVAILABLE
@@ -246,7 +283,7 @@ def outbox(args) -> int:
             if answer.strip() != "yes":
                 print("nothing deleted")
                 return EX_OK
-        n = store.purge(path)
+        n = admin.purge(path)
     print(f"purged {n} messages; seq continues from {info['next_seq']}")
     return EX_OK
 
@@ -267,7 +304,7 @@ def simulate(args) -> int:
             units[int(unit)] = (profile, int(seed))
         tcp = mqtt = None
         if args.mqtt:
-            from gateway.uplink import read_secret
+            from gateway.credentials import read_secret
             host, port = args.mqtt.rsplit(":", 1)
             mqtt = {"host": host, "port": int(port), "username": args.mqtt_user,
                     "password": read_secret(args.mqtt_password_file), "interval": args.mqtt_interval}
@@ -312,13 +349,13 @@ def counters(args) -> int:
     cfg = _load(args.config)
     if cfg is None:
         return EX_CONFIG
-    from gateway import store
+    from gateway import admin
 
     path = _store_path(cfg)
     try:
         if args.action == "set":
             return _set_counter(args, cfg, path)
-        rows = store.counter_audit(path) if args.action == "audit" else store.counter_rows(path)
+        rows = admin.counter_audit(path) if args.action == "audit" else admin.counter_rows(path)
     except (OSError, sqlite3.Error) as err:
         print(f"cannot read {path}: {err}", file=sys.stderr)
         return EX_UNAVAILABLE
@@ -326,7 +363,7 @@ def counters(args) -> int:
         keys = ("at", "device", "name", "old_total", "new_total", "reason", "by_user")
     else:
         keys = ("device", "name", "total", "shift", "shift_id", "last_raw", "updated")
-    records = [dict(zip(keys, row)) for row in rows]
+    records = [dict(zip(keys, row, strict=True)) for row in rows]
     if args.json:
         print(json.dumps(records, indent=2))
         return EX_OK
@@ -347,7 +384,8 @@ def counters(args) -> int:
 def _set_counter(args, cfg, path: str) -> int:
     import getpass
 
-    from gateway import store
+    from gateway import admin
+    from gateway import outbox as store
 
     if args.device is None or args.name is None or args.value is None or args.value < 0 or not args.reason:
         print("usage: edge-gateway counters set DEVICE NAME VALUE --reason TEXT", file=sys.stderr)
@@ -363,8 +401,8 @@ def _set_counter(args, cfg, path: str) -> int:
         return EX_UNAVAILABLE
     with held:
         if not os.path.exists(path):
-            store.Store(path).close()
-        old = store.set_counter(path, args.device, args.name, args.value, args.reason, getpass.getuser())
+            store.Outbox(path).close()
+        old = admin.set_counter(path, args.device, args.name, args.value, args.reason, getpass.getuser())
     print(f"{args.device}/{args.name}: total {old} -> {args.value}; the next value read from the PLC is the new "
           f"baseline (recorded in the audit: edge-gateway counters audit)")
     return EX_OK

@@ -18,7 +18,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from gateway.store import CounterRow
+
+@dataclass
+class CounterRow:
+    """A counter's state: the last raw value read, the lifetime and shift totals."""
+    last_raw: int | None
+    total: int
+    shift_total: int
+    shift_id: str | None
+    updated: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,45 @@ from __future__ import annotations
 import math
 import struct
 from dataclasses import dataclass
+from typing import Protocol
 
-from gateway.config import RegisterSection
+
+class Register(Protocol):
+    """What a register map entry says (the config's `registers[]`, or the simulated PLC's map)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def table(self) -> str: ...
+    @property
+    def address(self) -> int: ...
+    @property
+    def type(self) -> str: ...
+    @property
+    def word_order(self) -> str: ...
+    @property
+    def byte_order(self) -> str: ...
+    @property
+    def bit(self) -> int | None: ...
+    @property
+    def scale(self) -> float: ...
+    @property
+    def offset(self) -> float: ...
+
+
+@dataclass(frozen=True)
+class MapEntry:
+    """A register map entry written in code (the simulated PLC's own map)."""
+
+    name: str
+    table: str
+    address: int
+    type: str = "uint16"
+    scale: float = 1.0
+    word_order: str = "big"
+    byte_order: str = "big"
+    bit: int | None = None
+    offset: float = 0.0
 
 WIDTH = {"uint16": 1, "int16": 1, "uint32": 2, "int32": 2, "float32": 2, "float64": 4, "bool": 1}
 _FORMAT = {"uint16": "H", "int16": "h", "uint32": "I", "int32": "i", "float32": "f", "float64": "d"}
@@ -22,11 +59,11 @@ MAX_REGISTERS = 125
 MAX_BITS = 2000
 
 
-def width(reg: RegisterSection) -> int:
+def width(reg: Register) -> int:
     return 1 if reg.table in BIT_TABLES else WIDTH[reg.type]
 
 
-def _to_bytes(words: list[int], reg: RegisterSection) -> bytes:
+def _to_bytes(words: list[int], reg: Register) -> bytes:
     if reg.word_order == "little":
         words = words[::-1]
     data = b"".join(w.to_bytes(2, "big") for w in words)
@@ -35,19 +72,19 @@ def _to_bytes(words: list[int], reg: RegisterSection) -> bytes:
     return data
 
 
-def decode(words: list[int] | list[bool], reg: RegisterSection) -> float | None:
+def decode(words: list[int] | list[bool], reg: Register) -> float | None:
     """The engineering value of one tag from its registers (or its bit); None if not a finite number."""
     if reg.table in BIT_TABLES:
         return float(bool(words[0]))
     if reg.bit is not None:
         return float((words[0] >> reg.bit) & 1)
-    raw = struct.unpack(">" + _FORMAT[reg.type], _to_bytes(list(words), reg))[0]
+    raw: float = struct.unpack(">" + _FORMAT[reg.type], _to_bytes(list(words), reg))[0]
     if not math.isfinite(raw):
         return None
-    return raw * reg.scale + reg.offset
+    return float(raw * reg.scale + reg.offset)
 
 
-def encode(value: float, reg: RegisterSection) -> list[int]:
+def encode(value: float, reg: Register) -> list[int]:
     """The registers that hold `value` (the inverse of decode; for the simulated PLC)."""
     raw = (value - reg.offset) / reg.scale
     kind = reg.type
@@ -69,10 +106,10 @@ class Read:
     table: str
     address: int
     count: int
-    tags: list[RegisterSection]
+    tags: list[Register]
 
 
-def plan(registers: tuple[RegisterSection, ...] | list[RegisterSection], *, max_gap: int = 10,
+def plan(registers: tuple[Register, ...] | list[Register], *, max_gap: int = 10,
          max_per_read: int | None = None) -> list[Read]:
     """Merge tags into as few requests as the protocol (and the PLC) allows.
 

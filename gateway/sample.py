@@ -15,14 +15,21 @@ class Sample:
     values: dict[str, float | None]
     quality: dict[str, str] = field(default_factory=dict)  # tag -> ok | stale | error
     problem: str | None = None  # why some tags are bad (e.g. a Modbus exception), for the log and health
+    failed: bool = False  # the read failed as a whole: every tag is an error and `problem` says why
 
     @classmethod
-    def from_readings(cls, device: str, ts: float, readings: dict[str, float | None]) -> "Sample":
+    def failure(cls, device: str, ts: float, tags: tuple[str, ...], why: str) -> Sample:
+        """A read that failed: every tag an error. The historian sees the gap as bad data, not as silence."""
+        return cls(device, ts, dict.fromkeys(tags), dict.fromkeys(tags, ERROR), why, failed=True)
+
+    @classmethod
+    def from_readings(cls, device: str, ts: float, readings: dict[str, float | None]) -> Sample:
         """A sample whose missing, NaN or infinite readings are marked as errors."""
-        values, quality = {}, {}
+        values: dict[str, float | None] = {}
+        quality: dict[str, str] = {}
         for tag, value in readings.items():
             good = value is not None and math.isfinite(value)
-            values[tag] = float(value) if good else None
+            values[tag] = float(value) if value is not None and good else None
             quality[tag] = OK if good else ERROR
         return cls(device, ts, values, quality)
 

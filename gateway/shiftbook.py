@@ -1,4 +1,4 @@
-"""Per device and shift: time in each machine state, and the shift's summary (counts, OEE) at its end.
+"""Per device and shift: time in each machine state; a shift closes at its end (`contract.shift` says it).
 
 Time between two samples is given to the state of the earlier sample, split exactly at a
 shift boundary; a gap longer than `gap_limit` (the device was unreadable, the gateway was
@@ -13,10 +13,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-from gateway.config import CounterSection, OeeSection
+from gateway.config import OeeSection
 from gateway.shifts import Shift, ShiftCalendar
-from gateway.store import CounterRow
-from gateway.units import rfc3339
 
 STATES = ("running", "idle", "down", "planned_stop", "unknown")
 MAX_MISSED = 21  # a week of three shifts; beyond that one line in the log says how many more
@@ -37,7 +35,7 @@ class ShiftRecord:
     in_anomaly: bool = False
 
     @classmethod
-    def of(cls, shift: Shift) -> "ShiftRecord":
+    def of(cls, shift: Shift) -> ShiftRecord:
         return cls(shift.id, shift.name, shift.start.timestamp(), shift.end.timestamp())
 
     def to_json(self) -> dict:
@@ -114,42 +112,3 @@ class ShiftBook:
         rec.observed_s += dt
         if rec.in_anomaly:
             rec.anomaly_s += dt
-
-
-def summary(rec: ShiftRecord, counters: tuple[CounterSection, ...], rows: dict[str, CounterRow],
-            oee: OeeSection | None, gap_limit: float, scored: bool = False) -> dict:
-    """The `{root}/{device}/shift` payload for a closed shift."""
-    shift_counts = {c.name: (rows[c.name].shift_total if c.name in rows and rows[c.name].shift_id == rec.shift_id
-                             else 0) for c in counters}
-    kinds = {kind: sum(shift_counts[c.name] for c in counters if c.kind == kind) for kind in ("total", "good", "defect")}
-    has = {kind: any(c.kind == kind for c in counters) for kind in ("total", "good", "defect")}
-    total = kinds["total"] if has["total"] else kinds["good"] + kinds["defect"]
-    good = kinds["good"] if has["good"] else total - kinds["defect"]
-    length = rec.end - rec.start
-    payload = {
-        "ts": rfc3339(rec.end), "shift_id": rec.shift_id, "shift": rec.name,
-        "start": rfc3339(rec.start), "end": rfc3339(rec.end), "length_s": round(length, 3),
-        "partial": rec.missed or length - rec.observed_s > gap_limit, "observed_s": round(rec.observed_s, 3),
-        "counters": {} if rec.missed else shift_counts,
-    }
-    if rec.missed:
-        payload["missed"] = True
-        return payload
-    quality = good / total if total and (has["defect"] or has["good"]) else None
-    payload.update(total=total, good=good, defect=total - good, quality_rate=_round(quality))
-    if oee is not None:
-        state = rec.state_s
-        planned = rec.observed_s - state["planned_stop"] - state["unknown"]
-        availability = state["running"] / planned if planned > 0 else None
-        performance = (total / (oee.ideal_rate / 60.0 * state["running"])
-                       if oee.ideal_rate and state["running"] > 0 else None)
-        factors = (availability, performance, quality)
-        payload.update(state_s={k: round(v, 3) for k, v in state.items()}, availability=_round(availability),
-                       performance=_round(performance),
-                       oee=_round(math.prod(factors)) if None not in factors else None)
-    payload["anomaly_minutes"] = round(rec.anomaly_s / 60.0, 2) if scored else None  # None: no model attached
-    return payload
-
-
-def _round(x: float | None) -> float | None:
-    return None if x is None else round(x, 4)

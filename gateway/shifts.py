@@ -7,7 +7,7 @@ converted through zoneinfo, so a shift spanning a DST change lasts 7 or 9 hours.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, time, timedelta, timezone
+from datetime import date, datetime, time, timedelta, timezone
 from zoneinfo import ZoneInfo
 
 
@@ -45,7 +45,7 @@ class ShiftCalendar:
             nday, nstart = day + timedelta(days=1), self._starts[0][0]
         return Shift(f"{day.isoformat()}/{name}", name, self._utc(day, start), self._utc(nday, nstart))
 
-    def _utc(self, day, start: time) -> datetime:
+    def _utc(self, day: date, start: time) -> datetime:
         # Compared in UTC: aware datetimes sharing a tzinfo compare by wall time, which DST breaks.
         # fold=0: a wall time that occurs twice (DST end) means its first occurrence.
         return datetime.combine(day, start, tzinfo=self.tz).astimezone(timezone.utc)

@@ -10,7 +10,6 @@ paho's thread are handed to the event loop; all state lives on the loop's thread
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import random
 import ssl
@@ -21,15 +20,14 @@ from dataclasses import dataclass
 import paho.mqtt.client as mqtt
 
 from gateway.config import UpstreamSection
+from gateway.credentials import read_secret
+from gateway.errors import UplinkError
 from gateway.logs import fields
+from gateway.outbox import Outbox
 from gateway.retry import backoff
-from gateway.store import Store
+from gateway.supervise import run_all
 
 log = logging.getLogger("edge_gateway.uplink")
-
-
-class ConnectFailed(Exception):
-    pass
 
 
 @dataclass
@@ -44,7 +42,7 @@ class UplinkStats:
 
 
 class Uplink:
-    def __init__(self, upstream: UpstreamSection, store: Store, *, client_id: str, status_topic: str,
+    def __init__(self, upstream: UpstreamSection, store: Outbox, *, client_id: str, status_topic: str,
                  offline_payload: bytes) -> None:
         self.cfg = upstream
         self.store = store
@@ -91,28 +89,29 @@ class Uplink:
         return sum(1 for t in self._acks if now - t <= window) / window
 
     async def run(self) -> None:
-        """Connect, deliver, reconnect with jittered backoff; returns when stop() is called."""
+        """The connection loop and the pump, together until cancelled; either failing fails both."""
         self._loop = asyncio.get_running_loop()
+        await run_all(**{"uplink-connection": self._connection_loop(), "uplink-pump": self._pump()})
+
+    async def _connection_loop(self) -> None:
+        """Connect, deliver, reconnect with jittered backoff; after stop(), wait to be cancelled."""
         attempt = 0
-        pump = asyncio.create_task(self._pump(), name="uplink-pump")
-        try:
-            while not self._stopping:
-                try:
-                    await self._connect()
-                except ConnectFailed as err:
-                    self._fail(str(err))
-                    await self._sleep(backoff(attempt, self.cfg.reconnect.min, self.cfg.reconnect.max,
-                                              self.cfg.reconnect.jitter, self._rng))
-                    attempt += 1
-                    continue
-                attempt = 0
-                await self._lost.wait()
-                await self._drop_client()
-                if not self._stopping:
-                    await self._sleep(backoff(0, self.cfg.reconnect.min, self.cfg.reconnect.max,
-                                              self.cfg.reconnect.jitter, self._rng))
-        finally:
-            pump.cancel()
+        while not self._stopping:
+            try:
+                await self._connect()
+            except UplinkError as err:
+                self._fail(str(err))
+                await self._sleep(backoff(attempt, self.cfg.reconnect.min, self.cfg.reconnect.max,
+                                          self.cfg.reconnect.jitter, self._rng))
+                attempt += 1
+                continue
+            attempt = 0
+            await self._lost.wait()
+            await self._drop_client()
+            if not self._stopping:
+                await self._sleep(backoff(0, self.cfg.reconnect.min, self.cfg.reconnect.max,
+                                          self.cfg.reconnect.jitter, self._rng))
+        await asyncio.Event().wait()  # stopped: the owner cancels us
 
     async def stop(self, flush_timeout: float = 5.0) -> None:
         """Deliver the backlog while connected (up to `flush_timeout`), publish offline, disconnect."""
@@ -162,7 +161,7 @@ class Uplink:
         try:
             client = self._new_client()
         except (OSError, ValueError) as err:  # unreadable password file, bad TLS files
-            raise ConnectFailed(f"cannot set up the connection to {where}: {err}") from None
+            raise UplinkError(f"cannot set up the connection to {where}: {err}") from None
         self._connack = self._loop.create_future()
         self._client = client
         self._lost.clear()
@@ -173,20 +172,20 @@ class Uplink:
             reason = await asyncio.wait_for(asyncio.shield(self._connack), timeout=max(5.0, self.cfg.keepalive))
         except ssl.SSLCertVerificationError as err:
             await self._drop_client()
-            raise ConnectFailed(f"TLS certificate verification failed for {where}: {err.verify_message}") from None
+            raise UplinkError(f"TLS certificate verification failed for {where}: {err.verify_message}") from None
         except ssl.SSLError as err:
             await self._drop_client()
-            raise ConnectFailed(f"TLS handshake with {where} failed: {err.reason or err}") from None
+            raise UplinkError(f"TLS handshake with {where} failed: {err.reason or err}") from None
         except (OSError, asyncio.TimeoutError) as err:
             await self._drop_client()
             why = getattr(err, "strerror", None) or str(err) or "no answer in time"
-            raise ConnectFailed(f"cannot connect to {where}: {why}") from None
+            raise UplinkError(f"cannot connect to {where}: {why}") from None
         if reason is None:
             await self._drop_client()
-            raise ConnectFailed(f"{where} closed the connection before accepting it (no CONNACK)")
+            raise UplinkError(f"{where} closed the connection before accepting it (no CONNACK)")
         if reason.is_failure:
             await self._drop_client()
-            raise ConnectFailed(f"{where} refused the connection: {reason}")
+            raise UplinkError(f"{where} refused the connection: {reason}")
         self.stats.connected = True
         self.stats.connects += 1
         if self.stats.connects > 1:
@@ -211,7 +210,7 @@ class Uplink:
     def _forget_inflight(self) -> None:
         """The connection is gone: what was in flight is owed again, oldest first, on the next one."""
         self._inflight.clear()
-        self.store.inflight.clear()
+        self.store.release_all()
 
     def _fail(self, message: str) -> None:
         if self.stats.last_error != message:
@@ -255,7 +254,6 @@ class Uplink:
         if entry is None:  # a live message (status, health)
             return
         seq, size = entry
-        self.store.inflight.discard(seq)
         self.store.ack(seq, size)
         self.stats.acked += 1
         now = time.monotonic()
@@ -283,16 +281,9 @@ class Uplink:
                 if info.rc != mqtt.MQTT_ERR_SUCCESS:  # the connection just went; resend after reconnect
                     break
                 self._inflight[info.mid] = (msg.seq, msg.size)
-                self.store.inflight.add(msg.seq)
+                self.store.hold(msg.seq)
                 self._cursor = msg.seq
                 self.stats.published += 1
-
-
-def read_secret(path: str | None) -> str | None:
-    if path is None:
-        return None
-    with open(path, encoding="utf-8") as fh:
-        return fh.read().strip()
 
 
 def _wait_published(info: mqtt.MQTTMessageInfo, timeout: float) -> None:
@@ -300,7 +291,3 @@ def _wait_published(info: mqtt.MQTTMessageInfo, timeout: float) -> None:
         info.wait_for_publish(timeout)
     except (RuntimeError, ValueError):
         pass
-
-
-def status_payload(state: str, **fields) -> bytes:
-    return json.dumps({"state": state, **fields}, separators=(",", ":")).encode()

@@ -42,14 +42,12 @@ from dataclasses import dataclass, field
 from functools import partial
 
 import sim
-from gateway.config import RegisterSection
-from gateway.modbus_map import WIDTH, encode
+from gateway.modbus_map import WIDTH, MapEntry, encode
 
 IMAGE_SIZE = 256  # registers per table and unit
 
 
-def _reg(name: str, table: str, address: int, type: str = "uint16", scale: float = 1.0, **kw) -> RegisterSection:
-    return RegisterSection(name=name, table=table, address=address, type=type, scale=scale, **kw)
+_reg = MapEntry
 
 
 PUMP_MAP = (

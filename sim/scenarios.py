@@ -17,7 +17,7 @@ def run(seed: int, seconds: float, *, interval: float = 1.0, start_hour: float =
     pump = Pump(seed=seed, start_hour=start_hour)
     for fault in faults or []:
         pump.inject(**fault)
-    steps = int(round(seconds / interval))
+    steps = round(seconds / interval)
     out = np.empty((steps, len(TAGS)), dtype=np.float32)
     for i in range(steps):
         values = pump.step(interval)

@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import ENV, ROOT
+
 from gateway import config
 
 BASE = """\
@@ -42,6 +42,11 @@ def check(tmp_path: Path, text: str) -> subprocess.CompletedProcess:
     path.write_text(text)
     return subprocess.run([sys.executable, "-m", "gateway", "check-config", str(path)], capture_output=True,
                           text=True, env=ENV, cwd=ROOT, timeout=60)
+
+
+def line_of(text: str, snippet: str) -> int:
+    """The 1-based line of the file on which the last `snippet` starts."""
+    return text[:text.rindex(snippet)].count("\n") + 1
 
 
 def test_the_examples_are_valid(tmp_path):
@@ -95,9 +100,11 @@ BAD = [
 @pytest.mark.parametrize("old,new,message", BAD, ids=[b[2].split(":")[0] for b in BAD])
 def test_a_bad_file_exits_78_and_names_the_path(tmp_path, old, new, message):
     assert old in BASE
-    result = check(tmp_path, BASE.replace(old, new))
+    text = BASE.replace(old, new)
+    result = check(tmp_path, text)
     assert result.returncode == 78
-    assert f"{tmp_path / 'gateway.yaml'}: {message}" in result.stderr.splitlines(), result.stderr
+    line = line_of(text, new.strip())
+    assert f"{tmp_path / 'gateway.yaml'}:{line}: {message}" in result.stderr.splitlines(), result.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -108,11 +115,37 @@ def test_every_problem_is_reported_at_once(tmp_path):
     assert result.returncode == 78
     lines = result.stderr.strip().splitlines()
     file = tmp_path / "gateway.yaml"
-    assert f'{file}: devices[2].registers[1].type: expected one of uint16, int16, uint32, int32, float32, ' \
-           f'float64, bool, got "unit16"' in lines
-    assert f'{file}: outbox.when_full: expected one of drop_oldest, drop_newest, got "drop_all"' in lines
-    assert f'{file}: devices[0].sede: unknown key (did you mean "seed"?)' in lines
+    assert f'{file}:{line_of(text, "type: unit16")}: devices[2].registers[1].type: expected one of uint16, int16, ' \
+           f'uint32, int32, float32, float64, bool, got "unit16"' in lines
+    assert f'{file}:3: outbox.when_full: expected one of drop_oldest, drop_newest, got "drop_all"' in lines
+    assert f'{file}:6: devices[0].sede: unknown key (did you mean "seed"?)' in lines
     assert len(lines) == 3
+
+
+def test_checks_that_tie_fields_together_run_beside_a_broken_field():
+    """A misspelled counter register is reported even when the same device has a type typo elsewhere."""
+    text = BASE.replace("register: produced_raw", "register: producd_raw").replace("bits: 16}]", "bits: 16}]\n"
+                                                                                   "    interval: soon")
+    with pytest.raises(config.ConfigError) as caught:
+        config.parse(text, "g.yaml")
+    paths = [path for path, _ in caught.value.problems]
+    assert paths == ["devices[1].interval", "devices[1].counters[0].register"], caught.value
+
+
+def test_any_bytes_give_a_config_error_never_a_traceback():
+    for data in (b"\xff\xfe\x00garbage", b"gateway: {id: \x80}", b"[" * 10_000, b"a: &a [*a]",
+                 b"devices: !!python/object:os.system {}", b"- just\n- a list", b"", b"\t:\t",
+                 BASE.encode().replace(b"sim", b"s\xc3\x28m")):
+        with pytest.raises(config.ConfigError) as caught:
+            config.parse(data, "g.yaml")
+        assert str(caught.value).startswith("g.yaml"), (data[:20], str(caught.value))
+
+
+def test_a_key_given_twice_is_an_error():
+    with pytest.raises(config.ConfigError) as caught:
+        config.parse(BASE.replace("upstream: {host: mqtt.example.com,", "upstream: {host: a, host: mqtt.example.com,"))
+    assert str(caught.value) == "<config>:2: upstream.host: this key is given twice in one mapping; the first " \
+                                "would be ignored"
 
 
 def test_mqtt_device_keys_are_checked(tmp_path):

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway import counters
-from gateway.store import Store
+from gateway.outbox import Outbox
 
 
 def test_rule():
@@ -41,7 +42,7 @@ events = st.lists(st.one_of(
 def test_total_equals_true_count_across_wraps_resets_and_restarts(tmp_path_factory, bits, start, life):
     modulus = 1 << bits
     path = str(tmp_path_factory.mktemp("c") / "g.db")
-    store = Store(path)
+    store = Outbox(path)
     raw = start % modulus
     true_total = 0
     row, _ = counters.advance(None, raw, bits, 0.1, None, 0.0)  # the baseline
@@ -61,7 +62,7 @@ def test_total_equals_true_count_across_wraps_resets_and_restarts(tmp_path_facto
             store.stage_counter("d", "c", row)
             assert store.commit()
             store.close()
-            store = Store(path)
+            store = Outbox(path)
             row = store.counters("d")[("d", "c")]
             continue
         row, _ = counters.advance(row, raw, bits, 0.1, None, 0.0)
@@ -78,6 +79,7 @@ def test_kill_9_at_random_points_never_loses_or_double_counts(mosquitto, gateway
     import time
 
     from conftest import ENV, ROOT, free_port, gateway_config, wait_until
+
     from sim.plc import FLEXO_MAP, registers_yaml
 
     port, truth = free_port(), tmp_path / "truth.json"

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import ENV, ROOT, free_port, gateway_config, wait_until
+
 from gateway.config import RegisterSection, parse
 from gateway.modbus_map import decode, encode, plan
 from sim.plc import FLEXO_MAP, PUMP_MAP, SimPlant, registers_yaml, serve
@@ -98,6 +98,8 @@ class PlantThread:
             self.loop.run_until_complete(self.task)
         except asyncio.CancelledError:
             pass
+        finally:
+            self.loop.close()
 
     def stop(self) -> None:
         self.loop.call_soon_threadsafe(self.task.cancel)
@@ -118,16 +120,16 @@ def device_yaml(name, port, unit, regmap, extra="", timeout="1s") -> str:
 
 @pytest.mark.parametrize("extra,expected", [("", 2), ("    max_gap: 0\n", 3), ("    max_registers_per_read: 2\n", 8)])
 def test_coalescing_counted_at_the_server(extra, expected):
-    from gateway.sources import open_source
+    from gateway.sources import Links, open_source
 
     plc = PlantThread()
     try:
         cfg = parse(gateway_config(Path("/tmp/unused"), 1883, devices=device_yaml("pump1", plc.port, 1, PUMP_MAP, extra)))
-        source = open_source(cfg.devices[0])
+        source = open_source(cfg.devices[0], Links())
 
         async def poll_10():
             samples = [await source.read() for _ in range(10)]
-            await source.close()
+            await source.aclose()
             return samples
         samples = asyncio.run(poll_10())
         assert plc.plant.requests[1] == 10 * expected
@@ -146,7 +148,7 @@ class SimServer:
         self.log = tmp_path / f"sim-{self.port}.log"
         self.proc = None
 
-    def start(self) -> "SimServer":
+    def start(self) -> SimServer:
         self.proc = subprocess.Popen([sys.executable, "-m", "gateway", "sim", "--modbus-tcp", f"127.0.0.1:{self.port}",
                                       *self.args], stdout=open(self.log, "a"), stderr=subprocess.STDOUT, env=ENV, cwd=ROOT)
         wait_until(lambda: _listening(self.port) or self.proc.poll() is not None, 20, what="edge-gateway sim")

@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 
 from gateway.config import parse
+from gateway.contract import Topics
 from gateway.device import DeviceRunner
+from gateway.outbox import Bounds, Outbox
 from gateway.sample import Sample
 from gateway.shifts import ShiftCalendar
-from gateway.store import Bounds, Store
 
 CONFIG = """
 gateway: {id: g, site: s, timezone: Europe/Berlin}
@@ -30,15 +31,28 @@ devices:
 """
 
 
+class NoSource:
+    """The samples are fed by the test."""
+
+    skipped_ticks = 0
+
+    async def samples(self):
+        raise AssertionError("not polled")
+        yield
+
+    async def aclose(self) -> None:
+        pass
+
+
 class Line:
     """The device pipeline of one line, fed scripted samples, on a real store file."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.cfg = parse(CONFIG)
-        self.store = Store(str(path), bounds=Bounds(max_age=10 * 365 * 86400.0))  # the script is in the past
+        self.store = Outbox(str(path), bounds=Bounds(max_age=10 * 365 * 86400.0))  # the script is in the past
         calendar = ShiftCalendar([(s.name, s.start) for s in self.cfg.shifts], self.cfg.gateway.timezone)
-        self.runner = DeviceRunner(self.cfg.devices[0], None, self.store, "root", calendar)
+        self.runner = DeviceRunner(self.cfg.devices[0], NoSource(), self.store, Topics("root"), calendar)
         self.produced = self.defects = 0
 
     def sample(self, ts: float, status: int, made: int = 0) -> None:
@@ -88,7 +102,7 @@ def test_night_shift_across_dst_closes_once_at_local_time(tmp_path, day, expecte
 
 def test_gateway_down_across_two_boundaries(tmp_path):
     line = Line(tmp_path / "g.db")
-    t = run_minutes(line, utc("2026-11-24T05:00:00"), 240, per_minute=100)  # 06:00..10:00 local, shift A
+    run_minutes(line, utc("2026-11-24T05:00:00"), 240, per_minute=100)  # 06:00..10:00 local, shift A
     line.close()  # the gateway goes down at 10:00 local, and comes back the next day at 07:00 local
     again = Line(tmp_path / "g.db")
     again.produced, again.defects = line.produced + 5000, line.defects + 50  # the PLC kept counting

@@ -99,3 +99,9 @@ def test_flexo_line_counts_wrap_reset_and_states():
     assert {1.0, 2.0, 3.0} <= states  # running, idle, down over two days
     truth = line.truth()
     assert truth["good"] + truth["defects"] == truth["produced"]
+
+
+def test_the_config_knows_each_profile_by_the_tags_the_simulator_yields():
+    from gateway.config import SIM_PROFILES
+
+    assert {name: tuple(cls.tags) for name, cls in sim.PROFILES.items()} == SIM_PROFILES

@@ -7,22 +7,23 @@ import os
 
 import pytest
 
-from gateway.store import Bounds, CounterRow, Store
+from gateway.counters import CounterRow
+from gateway.outbox import Bounds, Outbox
 
 
-def payloads(store: Store) -> list[dict]:
+def payloads(store: Outbox) -> list[dict]:
     return [json.loads(m.payload) for m in store.fetch(0, 10**6)]
 
 
 def test_seq_and_counters_survive_reopen(tmp_path):
     path = str(tmp_path / "g.db")
-    store = Store(path)
+    store = Outbox(path)
     for i in range(5):
         store.stage("t", {"i": i})
     store.stage_counter("line1", "produced", CounterRow(10, 123, 4, "2026-11-24/A", 1.0))
     assert store.commit()
     store.close()
-    store = Store(path)
+    store = Outbox(path)
     assert store.last_seq == 5
     assert store.stats.messages == 5
     assert store.stage("t", {}) == 6
@@ -30,7 +31,7 @@ def test_seq_and_counters_survive_reopen(tmp_path):
 
 
 def test_uncommitted_messages_are_never_fetched(tmp_path):
-    store = Store(str(tmp_path / "g.db"))
+    store = Outbox(str(tmp_path / "g.db"))
     store.stage("t", {"a": 1})
     assert store.fetch(0, 10) == []
     store.commit()
@@ -38,7 +39,7 @@ def test_uncommitted_messages_are_never_fetched(tmp_path):
 
 
 def test_ack_deletes_on_next_commit_and_is_not_resent(tmp_path):
-    store = Store(str(tmp_path / "g.db"))
+    store = Outbox(str(tmp_path / "g.db"))
     for i in range(3):
         store.stage("t", {"i": i})
     store.commit()
@@ -53,18 +54,18 @@ def test_ack_deletes_on_next_commit_and_is_not_resent(tmp_path):
 @pytest.mark.parametrize("policy,survivors", [("drop_oldest", [8, 9, 10]), ("drop_newest", [1, 2, 3])])
 def test_bounds_drop_per_policy_and_count_every_drop(tmp_path, policy, survivors):
     path = str(tmp_path / "g.db")
-    store = Store(path, bounds=Bounds(max_messages=3, when_full=policy))
+    store = Outbox(path, bounds=Bounds(max_messages=3, when_full=policy))
     for i in range(10):
         store.stage("t", {"i": i})
         store.commit()
     assert [m["seq"] for m in payloads(store)] == survivors
     assert store.stats.dropped == 7
     store.close()
-    assert Store(path).stats.dropped == 7  # persisted
+    assert Outbox(path).stats.dropped == 7  # persisted
 
 
 def test_max_bytes_and_max_age(tmp_path):
-    store = Store(str(tmp_path / "g.db"), bounds=Bounds(max_bytes=200, max_age=60))
+    store = Outbox(str(tmp_path / "g.db"), bounds=Bounds(max_bytes=200, max_age=60))
     for i in range(10):
         store.stage("t", {"pad": "x" * 30}, created=1000.0 + i)
     store.commit(now=1010.0)
@@ -79,7 +80,7 @@ def test_max_bytes_and_max_age(tmp_path):
 def test_corrupt_file_is_moved_aside(tmp_path):
     path = tmp_path / "g.db"
     path.write_bytes(os.urandom(8192))
-    store = Store(str(path))
+    store = Outbox(str(path))
     store.stage("t", {})
     assert store.commit()
     aside = [p for p in os.listdir(tmp_path) if ".corrupt-" in p]
@@ -87,7 +88,7 @@ def test_corrupt_file_is_moved_aside(tmp_path):
 
 
 def test_disk_refusing_writes_keeps_messages_and_recovers(tmp_path):
-    store = Store(str(tmp_path / "g.db"))
+    store = Outbox(str(tmp_path / "g.db"))
     store.stage("t", {"pad": "x" * 100})
     store.commit()
     page_count = store._db.execute("PRAGMA page_count").fetchone()[0]
@@ -104,11 +105,12 @@ def test_disk_refusing_writes_keeps_messages_and_recovers(tmp_path):
 
 
 def test_rows_in_flight_are_never_dropped(tmp_path):
-    store = Store(str(tmp_path / "g.db"), bounds=Bounds(max_messages=3))
+    store = Outbox(str(tmp_path / "g.db"), bounds=Bounds(max_messages=3))
     for i in range(3):
         store.stage("t", {"i": i})
     store.commit()
-    store.inflight.update({1, 2})  # handed to the broker, not yet acknowledged
+    store.hold(1)  # handed to the broker, not yet acknowledged
+    store.hold(2)
     store.stage("t", {"i": 3})
     store.commit()
     assert [m["seq"] for m in payloads(store)] == [1, 2, 4]  # seq 3 dropped, not the rows in flight

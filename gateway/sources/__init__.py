@@ -1,34 +1,61 @@
-"""Sources read machines. Each one turns a device's config into `Sample`s on request.
+"""Sources read machines. Each turns a device's config into a stream of `Sample`s.
 
-A source's `read()` is awaited by the device's poll loop; it raises `SourceError`
-for a failed read (the poll loop counts and reports it), never anything else.
+Every source implements `Source`: polled (Modbus, the simulator: `PolledSource` keeps the
+schedule) or pushed (local MQTT), the device runner sees the same thing, one Sample per
+reading. A failed read is a Sample too (`Sample.failure`, every tag an error), so a
+source's trouble stays with its device and the stream never ends on a bad read.
 """
 
 from __future__ import annotations
 
-from gateway.config import DeviceSection
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Protocol
+
+from gateway.config import Device, LocalBrokerSection, ModbusRtuDevice, ModbusTcpDevice, SimDevice
+from gateway.errors import SourceError
+from gateway.sample import Sample
+
+if TYPE_CHECKING:
+    from gateway.sources.modbus import Link
+    from gateway.sources.mqtt import MqttLink
+
+__all__ = ["Links", "Source", "SourceError", "open_source"]
 
 
-class SourceError(Exception):
-    """A read failed; `str()` says why in a form fit for the log and health."""
+class Source(Protocol):
+    """One device's readings. `samples()` yields one Sample per reading, a failed one as
+    `Sample.failure`, and ends only when cancelled; `aclose()` releases what it holds and is idempotent."""
+
+    def samples(self) -> AsyncIterator[Sample]: ...
+
+    async def aclose(self) -> None: ...
+
+    @property
+    def skipped_ticks(self) -> int:
+        """Polls skipped because one took longer than the interval (0 for a pushing source)."""
+        ...
 
 
-def open_source(device: DeviceSection, links: dict | None = None, local_broker=None, client_id: str = "edge-gateway"):
-    """The source for a device; `links` is shared by all devices so that they can share connections.
+class Links:
+    """Connections shared by the devices behind one endpoint, serial line or broker; built, never started."""
 
-    Polled sources have `read()`; pushing sources (mqtt) have `pushes = True` and `next()`.
-    """
-    if device.source == "sim":
+    def __init__(self, local_broker: LocalBrokerSection | None = None, client_id: str = "edge-gateway") -> None:
+        self.local_broker = local_broker or LocalBrokerSection()
+        self.client_id = client_id
+        self.modbus: dict[str, Link] = {}
+        self.mqtt: MqttLink | None = None
+
+
+def open_source(device: Device, links: Links) -> Source:
+    """The source for a device; `links` is shared by all devices so that they share connections."""
+    # Each protocol's module is imported only when a device uses it.
+    if isinstance(device, SimDevice):
         from gateway.sources.sim import SimSource
         return SimSource(device)
-    if device.source in ("modbus_tcp", "modbus_rtu"):
+    if isinstance(device, (ModbusTcpDevice, ModbusRtuDevice)):
         from gateway.sources.modbus import ModbusSource
-        return ModbusSource(device, {} if links is None else links)
-    if device.source == "mqtt":
-        from gateway.config import LocalBrokerSection
-        from gateway.sources.mqtt import MqttLink, MqttSource
-        links = {} if links is None else links
-        if "mqtt" not in links:
-            links["mqtt"] = MqttLink(local_broker or LocalBrokerSection(), f"{client_id}-local")
-        return MqttSource(device, links["mqtt"])
-    raise SourceError(f"source {device.source} is not available in this version")
+        return ModbusSource(device, links.modbus)
+    from gateway.sources.mqtt import MqttLink, MqttSource
+    if links.mqtt is None:
+        links.mqtt = MqttLink(links.local_broker, f"{links.client_id}-local")
+    return MqttSource(device, links.mqtt)

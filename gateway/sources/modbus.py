@@ -12,12 +12,15 @@ import asyncio
 import logging
 import random
 import time
+from collections.abc import Callable
+from typing import Any
 
-from gateway.config import DeviceSection
+from gateway.config import ModbusRtuDevice, ModbusTcpDevice
+from gateway.errors import SourceError
 from gateway.modbus_map import Read, decode, plan, width
 from gateway.retry import backoff
 from gateway.sample import ERROR, OK, Sample
-from gateway.sources import SourceError
+from gateway.sources.poll import PolledSource
 
 log = logging.getLogger("edge_gateway.modbus")
 
@@ -35,18 +38,18 @@ DEFAULT_MAX_GAP = 10
 class Link:
     """One connection (TCP endpoint or serial line), shared by the devices behind it."""
 
-    def __init__(self, name: str, make_client, gap: float = 0.0) -> None:
+    def __init__(self, name: str, make_client: Callable[[], Any], gap: float = 0.0) -> None:
         self.name = name
         self._make_client = make_client
         self.gap = gap
         self.lock = asyncio.Lock()
-        self.client = None
+        self.client: Any = None  # a pymodbus async client
         self.requests = 0
         self._attempt = 0
         self._retry_at = 0.0
         self._rng = random.Random()
 
-    async def _connected(self):
+    async def _connected(self) -> Any:
         if self.client is not None and self.client.connected:
             return self.client
         now = time.monotonic()
@@ -77,7 +80,7 @@ class Link:
         self._attempt += 1
         self._drop()
 
-    async def read(self, read: Read, unit: int, timeout: float):
+    async def read(self, read: Read, unit: int, timeout: float) -> Any:
         """One request; the response (possibly an exception response) or SourceError."""
         from pymodbus.exceptions import ConnectionException, ModbusException
 
@@ -114,11 +117,11 @@ class Link:
             self.client = None
 
 
-def link_for(device: DeviceSection, links: dict) -> Link:
+def link_for(device: ModbusTcpDevice | ModbusRtuDevice, links: dict[str, Link]) -> Link:
     """The shared link for a device's endpoint or serial port (created on first use)."""
     from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 
-    if device.source == "modbus_tcp":
+    if isinstance(device, ModbusTcpDevice):
         port = device.port or 502
         key = f"tcp://{device.host}:{port}"
         if key not in links:
@@ -136,9 +139,11 @@ def link_for(device: DeviceSection, links: dict) -> Link:
     return links[key]
 
 
-class ModbusSource:
-    def __init__(self, device: DeviceSection, links: dict) -> None:
+class ModbusSource(PolledSource):
+    def __init__(self, device: ModbusTcpDevice | ModbusRtuDevice, links: dict[str, Link]) -> None:
+        super().__init__()
         self.device = device
+        self.device_name, self.tags, self.interval = device.name, device.tags, device.interval
         self.link = link_for(device, links)
         self.unit = device.unit if device.unit is not None else 1
         self.reads = plan(device.registers, max_gap=device.max_gap if device.max_gap is not None else DEFAULT_MAX_GAP,
@@ -154,7 +159,7 @@ class ModbusSource:
         for read in self.reads:
             response = await self.link.read(read, self.unit, self.device.timeout)
             if response.isError():
-                code = getattr(response, "exception_code", None)
+                code: int = getattr(response, "exception_code", -1)
                 name = EXCEPTION_NAMES.get(code, f"exception {code}")
                 problems.append(f"{name} (code {code}) reading {read.table} {read.address}+{read.count}")
                 for reg in read.tags:
@@ -168,10 +173,8 @@ class ModbusSource:
         if problems and len(problems) == len(self.reads):
             raise SourceError(f"unit {self.unit}: " + "; ".join(problems))
         values = {reg.name: values[reg.name] for reg in self.device.registers}  # the configured order
-        sample = Sample(self.device.name, ts, values, {tag: quality[tag] for tag in values})
-        sample.problem = "; ".join(problems) or None
-        return sample
+        return Sample(self.device.name, ts, values, {tag: quality[tag] for tag in values}, "; ".join(problems) or None)
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         self.link.close()
 

@@ -18,17 +18,18 @@ import asyncio
 import json
 import logging
 import math
-import threading
 import time
+from collections.abc import AsyncIterator
 from datetime import datetime
+from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from gateway.config import DeviceSection, LocalBrokerSection
+from gateway.config import LocalBrokerSection, MqttDevice
+from gateway.credentials import read_secret
+from gateway.errors import SourceError
 from gateway.retry import backoff
 from gateway.sample import ERROR, OK, Sample
-from gateway.sources import SourceError
-from gateway.uplink import read_secret
 
 log = logging.getLogger("edge_gateway.mqtt_source")
 
@@ -36,7 +37,10 @@ QUEUE_LIMIT = 1000  # messages per device waiting for the pipeline; beyond this 
 
 
 class MqttLink:
-    """The gateway's one connection to the local broker, shared by all mqtt devices."""
+    """The gateway's one connection to the local broker, shared by all mqtt devices.
+
+    `run()` is a long-lived loop (the gateway supervises it as `local-mqtt`); `aclose()` disconnects.
+    """
 
     def __init__(self, broker: LocalBrokerSection, client_id: str) -> None:
         self.broker = broker
@@ -45,32 +49,25 @@ class MqttLink:
         self.connected = False
         self.last_error: str | None = None
         self._client: mqtt.Client | None = None
-        self._task: asyncio.Task | None = None
-        self._lost = threading.Event()
+        self._lost = asyncio.Event()
 
-    def add(self, source: "MqttSource") -> None:
+    def add(self, source: MqttSource) -> None:
         self.sources.append(source)
 
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="local-mqtt")
-
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
-        self._disconnect()
+    async def aclose(self) -> None:
+        await asyncio.to_thread(self._disconnect)
 
     # -- connection, with backoff; messages arrive on paho's thread ---------------------------
-    async def _run(self) -> None:
+    async def run(self) -> None:
+        """Connect, subscribe every device's topic, reconnect with backoff; until cancelled."""
         loop = asyncio.get_running_loop()
         attempt = 0
         while True:
-            self._lost.clear()
-            connected = loop.create_future()
+            self._lost = asyncio.Event()
+            connected: asyncio.Future[Any] = loop.create_future()
             try:
-                self._connect(loop, connected)
+                # connect() blocks on the socket (and DNS): not on the loop's thread.
+                await asyncio.to_thread(self._connect, loop, connected, self._lost)
                 rc = await asyncio.wait_for(connected, timeout=10)
                 if rc != 0:
                     raise ConnectionError(f"the local broker refused the connection: {rc}")
@@ -84,30 +81,29 @@ class MqttLink:
             attempt = 0
             self.connected, self.last_error = True, None
             log.info("connected to the local broker %s (%d mqtt devices)", self.broker.listen, len(self.sources))
-            while not self._lost.is_set():
-                await asyncio.sleep(0.2)
+            await self._lost.wait()
             self._disconnect()
             self._failed(f"local broker {self.broker.listen}: connection lost")
 
-    def _connect(self, loop: asyncio.AbstractEventLoop, connected: asyncio.Future) -> None:
+    def _connect(self, loop: asyncio.AbstractEventLoop, connected: asyncio.Future[Any], lost: asyncio.Event) -> None:
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id,
                              reconnect_on_failure=False)
         creds = self.broker.client
         if creds is not None:
             client.username_pw_set(creds.username, read_secret(creds.password_file))
 
-        def on_connect(c, userdata, flags, reason, properties):
+        def on_connect(c: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
             if not reason.is_failure:
                 for source in self.sources:
                     c.subscribe(source.device.topic, qos=1)
             loop.call_soon_threadsafe(lambda: connected.done() or connected.set_result(
                 0 if not reason.is_failure else str(reason)))
 
-        def on_disconnect(c, userdata, flags, reason, properties):
-            self._lost.set()
+        def on_disconnect(c: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+            loop.call_soon_threadsafe(lost.set)
             loop.call_soon_threadsafe(lambda: connected.done() or connected.set_result(str(reason)))
 
-        def on_message(c, userdata, message):
+        def on_message(c: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
             arrived = time.time()
             for source in self.sources:
                 if mqtt.topic_matches_sub(source.device.topic, message.topic):
@@ -134,18 +130,18 @@ class MqttLink:
 
 
 class MqttSource:
-    """One device's messages; `next()` awaits the next Sample (or raises SourceError)."""
+    """One device's messages, as they arrive; silence longer than 3 intervals is a failed reading."""
 
-    pushes = True
+    skipped_ticks = 0  # nothing is polled
 
-    def __init__(self, device: DeviceSection, link: MqttLink) -> None:
+    def __init__(self, device: MqttDevice, link: MqttLink) -> None:
         self.device = device
         self.link = link
         self.dropped = 0
-        self._queue: asyncio.Queue | None = None
+        self._queue: asyncio.Queue[Sample | SourceError] | None = None
         link.add(self)
 
-    def _q(self) -> asyncio.Queue:
+    def _q(self) -> asyncio.Queue[Sample | SourceError]:
         if self._queue is None:
             self._queue = asyncio.Queue()
         return self._queue
@@ -160,18 +156,24 @@ class MqttSource:
     def deliver_error(self, err: SourceError) -> None:
         self._q().put_nowait(err)
 
-    async def next(self) -> Sample:
-        self.link.start()
-        item = await self._q().get()
-        if isinstance(item, SourceError):
-            raise item
-        return item
+    async def samples(self) -> AsyncIterator[Sample]:
+        device = self.device
+        silence = max(3 * device.interval, device.timeout)
+        while True:
+            try:
+                item = await asyncio.wait_for(self._q().get(), timeout=silence)
+            except asyncio.TimeoutError:
+                item = SourceError(f"no message on {device.topic} for {silence:g}s")
+            if isinstance(item, SourceError):
+                yield Sample.failure(device.name, time.time(), device.tags, str(item))
+            else:
+                yield item
 
-    async def close(self) -> None:
-        await self.link.close()
+    async def aclose(self) -> None:
+        await self.link.aclose()
 
 
-def decode(device: DeviceSection, payload: bytes, arrived: float) -> Sample | SourceError:
+def decode(device: MqttDevice, payload: bytes, arrived: float) -> Sample | SourceError:
     """One message → a Sample, or a SourceError when nothing in it can be used."""
     try:
         doc = json.loads(payload)
@@ -180,7 +182,9 @@ def decode(device: DeviceSection, payload: bytes, arrived: float) -> Sample | So
     if not isinstance(doc, dict):
         return SourceError(f"expected a JSON object on {device.topic}, got {type(doc).__name__} "
                            f"(payload {_preview(payload)})")
-    values, quality, problems = {}, {}, []
+    values: dict[str, float | None] = {}
+    quality: dict[str, str] = {}
+    problems: list[str] = []
     for tag, path in device.fields.items():
         found, value = _lookup(doc, path)
         if not found:
@@ -206,7 +210,7 @@ def decode(device: DeviceSection, payload: bytes, arrived: float) -> Sample | So
     return Sample(device.name, ts, values, quality, "; ".join(problems) or None)
 
 
-def _lookup(doc: dict, path: str):
+def _lookup(doc: dict[str, Any], path: str) -> tuple[bool, Any]:
     node = doc
     for part in path.split("."):
         if not isinstance(node, dict) or part not in node:
@@ -215,7 +219,7 @@ def _lookup(doc: dict, path: str):
     return True, node
 
 
-def _timestamp(raw) -> float | None:
+def _timestamp(raw: Any) -> float | None:
     if isinstance(raw, bool):
         return None
     if isinstance(raw, (int, float)) and math.isfinite(raw) and raw > 0:

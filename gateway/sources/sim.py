@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import sim
-from gateway.config import DeviceSection
+from gateway.config import SimDevice
 from gateway.sample import Sample
+from gateway.sources.poll import PolledSource
 
 
-class SimSource:
-    def __init__(self, device: DeviceSection, clock=time.monotonic) -> None:
+class SimSource(PolledSource):
+    def __init__(self, device: SimDevice, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
         self.device = device
+        self.device_name, self.tags = device.name, device.tags
+        self.interval, self.deadline = device.interval, device.timeout
         options = {}
         if device.plc is not None:
-            options = {"base_rate": device.plc.rate_per_min, "counter_bits": device.plc.counter_bits, "counter_near_top": device.plc.start_near_top,
-                       "reset_every": device.plc.reset_every}
+            options = {"base_rate": device.plc.rate_per_min, "counter_bits": device.plc.counter_bits,
+                       "counter_near_top": device.plc.start_near_top, "reset_every": device.plc.reset_every}
         self.machine = sim.make(device.profile, device.seed or 0, **options)
         for f in device.faults:
             self.machine.inject(f.fault, at=f.at, duration=f.duration, severity=f.severity, tag=f.tag, ramp=f.ramp)
@@ -30,6 +35,3 @@ class SimSource:
         # Like a PLC register with a scale of 0.001: no float noise in the last digits.
         readings = {tag: v if v is None or v != v else round(v, 3) for tag, v in readings.items()}
         return Sample.from_readings(self.device.name, time.time(), readings)
-
-    async def close(self) -> None:
-        pass

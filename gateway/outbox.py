@@ -1,4 +1,4 @@
-"""The durable store: one SQLite file holding the outbox, the counters and the sequence.
+"""The outbox: one SQLite file holding the messages owed to the upstream, the counters and the sequence.
 
 Messages and counter states are staged in memory and written together in ONE
 transaction every commit interval, so a counter's new total and the message
@@ -17,10 +17,12 @@ import os
 import sqlite3
 import time
 from dataclasses import dataclass, field
+from typing import IO
 
+from gateway.counters import CounterRow
 from gateway.logs import fields
 
-log = logging.getLogger("edge_gateway.store")
+log = logging.getLogger("edge_gateway.outbox")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -70,15 +72,6 @@ class Message:
 
 
 @dataclass
-class CounterRow:
-    last_raw: int | None
-    total: int
-    shift_total: int
-    shift_id: str | None
-    updated: float = 0.0
-
-
-@dataclass
 class Bounds:
     max_messages: int = 1_000_000
     max_bytes: int = 512 * 1024**2
@@ -97,7 +90,7 @@ class Stats:
     drop_episode: list[list[int]] = field(default_factory=list)  # [first, last] ranges of seq dropped this episode
 
 
-class Store:
+class Outbox:
     """The gateway's SQLite file. Owned by the event-loop thread: no call blocks for long."""
 
     def __init__(self, path: str, *, bounds: Bounds | None = None, sync: str = "normal") -> None:
@@ -117,9 +110,9 @@ class Store:
         self._pending_counters: dict[tuple[str, str], CounterRow] = {}
         self._pending_shifts: dict[str, str] = {}
         self._acked: dict[int, int] = {}  # seq -> payload size
-        # Rows the uplink has handed to the broker and not yet seen acknowledged: never dropped, since
-        # they may well arrive (maintained by the uplink).
-        self.inflight: set[int] = set()
+        # Rows handed to the broker and not yet acknowledged (`hold`/`release`): never dropped, since they
+        # may well arrive.
+        self._held: set[int] = set()
         self._acked_max = 0
         self._pending_dropped = 0
 
@@ -170,8 +163,21 @@ class Store:
         row = self._db.execute("SELECT record FROM shifts WHERE device = ?", (device,)).fetchone()
         return json.loads(row[0]) if row else None
 
+    def hold(self, seq: int) -> None:
+        """`seq` is in flight: the bounds must not drop it, it may well arrive."""
+        self._held.add(seq)
+
+    def release_all(self) -> None:
+        """The connection is gone: nothing is in flight any more (it is owed again, oldest first)."""
+        self._held.clear()
+
+    @property
+    def held(self) -> int:
+        return len(self._held)
+
     def ack(self, seq: int, size: int) -> None:
-        """The broker acknowledged `seq`: delete it with the next commit."""
+        """The broker acknowledged `seq`: no longer in flight; delete it with the next commit."""
+        self._held.discard(seq)
         self._acked[seq] = size
         self._acked_max = max(self._acked_max, seq)
 
@@ -307,7 +313,7 @@ class Store:
     def _trim(self, db: sqlite3.Connection, now: float, messages: int, size: int) -> list[tuple[int, int]]:
         """Delete expired rows, and with drop_oldest the oldest rows over the limits; return (seq, size)."""
         dropped = []
-        inflight = json.dumps(sorted(self.inflight))
+        inflight = json.dumps(sorted(self._held))
         oldest = db.execute("SELECT created FROM outbox ORDER BY seq LIMIT 1").fetchone()
         if oldest and oldest[0] < now - self.bounds.max_age:  # rows are in time order: expire from the front
             dropped = db.execute("DELETE FROM outbox WHERE seq IN (SELECT seq FROM outbox ORDER BY seq LIMIT 10000) "
@@ -322,7 +328,7 @@ class Store:
             for seq, nbytes in cursor:
                 if over <= 0 and over_bytes <= 0:
                     break
-                if seq in self.inflight:
+                if seq in self._held:
                     continue
                 over, over_bytes = over - 1, over_bytes - nbytes
                 victims.append(seq)
@@ -366,8 +372,7 @@ def _connect(path: str, sync: str) -> sqlite3.Connection:
     return db
 
 
-# -- offline tools for `edge-gateway outbox` (the daemon need not run) ---------------------------
-def lock(data_dir: str):
+def lock(data_dir: str) -> IO[str] | None:
     """Hold the data_dir lock for as long as the returned file stays open; None if another holds it."""
     import fcntl
 
@@ -379,94 +384,3 @@ def lock(data_dir: str):
         fh.close()
         return None
     return fh
-
-
-def _reader(path: str) -> sqlite3.Connection:
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no outbox at {path}")
-    return sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-
-
-def inspect(path: str) -> dict:
-    """What is waiting in the outbox: counts, bytes, seq range, age, per topic."""
-    db = _reader(path)
-    try:
-        count, size, first, last, oldest = db.execute(
-            "SELECT count(*), coalesce(sum(length(payload)), 0), min(seq), max(seq), min(created) FROM outbox"
-        ).fetchone()
-        meta = dict(db.execute("SELECT key, value FROM meta"))
-        per_topic = db.execute("SELECT topic, count(*) FROM outbox JOIN topics ON topics.id = topic_id "
-                               "GROUP BY topic ORDER BY count(*) DESC").fetchall()
-    finally:
-        db.close()
-    on_disk = sum(os.path.getsize(path + s) for s in ("", "-wal") if os.path.exists(path + s))
-    return {"messages": count, "payload_bytes": size, "file_bytes": on_disk, "first_seq": first, "last_seq": last,
-            "oldest_age_s": round(time.time() - oldest, 1) if oldest else None, "next_seq": meta.get("last_seq", 0) + 1,
-            "dropped": meta.get("dropped", 0), "purged": meta.get("purged", 0), "topics": dict(per_topic)}
-
-
-def export(path: str, out) -> int:
-    """Write every waiting message as one JSON line (seq, topic, created, payload); return how many."""
-    db = _reader(path)
-    n = 0
-    try:
-        rows = db.execute("SELECT seq, topic, created, payload FROM outbox JOIN topics ON topics.id = topic_id "
-                          "ORDER BY seq")
-        for seq, topic, created, payload in rows:
-            out.write(json.dumps({"seq": seq, "topic": topic, "created": created,
-                                  "payload": json.loads(payload)}, separators=(",", ":")) + "\n")
-            n += 1
-    finally:
-        db.close()
-    return n
-
-
-def purge(path: str) -> int:
-    """Delete every waiting message (seq keeps counting on); return how many. The daemon must be stopped."""
-    db = sqlite3.connect(path, isolation_level=None)
-    try:
-        db.execute("BEGIN IMMEDIATE")
-        n = db.execute("DELETE FROM outbox").rowcount
-        db.execute("INSERT INTO meta VALUES ('purged', ?) ON CONFLICT(key) DO UPDATE SET value = value + ?", (n, n))
-        db.execute("COMMIT")
-    finally:
-        db.close()
-    return n
-
-
-def _read_all(path: str, query: str) -> list[tuple]:
-    db = _reader(path)
-    try:
-        return db.execute(query).fetchall()
-    finally:
-        db.close()
-
-
-def counter_rows(path: str) -> list[tuple]:
-    """(device, name, total, shift_total, shift_id, last_raw, updated) of every counter, read-only."""
-    return _read_all(path, "SELECT device, name, total, shift_total, shift_id, last_raw, updated FROM counters "
-                           "ORDER BY device, name")
-
-
-def set_counter(path: str, device: str, name: str, total: int, reason: str, user: str) -> int | None:
-    """Set a counter's lifetime total (a new baseline, e.g. after a PLC swap) and record it in the audit
-    table; the next raw value read is taken as the new baseline. Returns the old total (None if new)."""
-    db = sqlite3.connect(path, isolation_level=None)
-    try:
-        db.execute("BEGIN IMMEDIATE")
-        row = db.execute("SELECT total FROM counters WHERE device = ? AND name = ?", (device, name)).fetchone()
-        old = row[0] if row else None
-        db.execute("INSERT INTO counters VALUES (?, ?, NULL, ?, 0, NULL, ?) ON CONFLICT(device, name) DO UPDATE "
-                   "SET total = excluded.total, last_raw = NULL, updated = excluded.updated",
-                   (device, name, total, time.time()))
-        db.execute("INSERT INTO counter_audit (at, device, name, old_total, new_total, reason, by_user) "
-                   "VALUES (?, ?, ?, ?, ?, ?, ?)", (time.time(), device, name, old, total, reason, user))
-        db.execute("COMMIT")
-    finally:
-        db.close()
-    return old
-
-
-def counter_audit(path: str) -> list[tuple]:
-    return _read_all(path, "SELECT at, device, name, old_total, new_total, reason, by_user FROM counter_audit "
-                           "ORDER BY id")

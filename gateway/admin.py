@@ -1,0 +1,104 @@
+"""Offline tools on the outbox file, for `edge-gateway outbox` and `edge-gateway counters`.
+
+The daemon need not run (and must not, for what writes: the data_dir lock says whether it does).
+Readers open the file read-only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from typing import IO, Any
+
+
+def _reader(path: str) -> sqlite3.Connection:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no outbox at {path}")
+    return sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+
+
+def inspect(path: str) -> dict[str, Any]:
+    """What is waiting in the outbox: counts, bytes, seq range, age, per topic."""
+    db = _reader(path)
+    try:
+        count, size, first, last, oldest = db.execute(
+            "SELECT count(*), coalesce(sum(length(payload)), 0), min(seq), max(seq), min(created) FROM outbox"
+        ).fetchone()
+        meta = dict(db.execute("SELECT key, value FROM meta"))
+        per_topic = db.execute("SELECT topic, count(*) FROM outbox JOIN topics ON topics.id = topic_id "
+                               "GROUP BY topic ORDER BY count(*) DESC").fetchall()
+    finally:
+        db.close()
+    on_disk = sum(os.path.getsize(path + s) for s in ("", "-wal") if os.path.exists(path + s))
+    return {"messages": count, "payload_bytes": size, "file_bytes": on_disk, "first_seq": first, "last_seq": last,
+            "oldest_age_s": round(time.time() - oldest, 1) if oldest else None, "next_seq": meta.get("last_seq", 0) + 1,
+            "dropped": meta.get("dropped", 0), "purged": meta.get("purged", 0), "topics": dict(per_topic)}
+
+
+def export(path: str, out: IO[str]) -> int:
+    """Write every waiting message as one JSON line (seq, topic, created, payload); return how many."""
+    db = _reader(path)
+    n = 0
+    try:
+        rows = db.execute("SELECT seq, topic, created, payload FROM outbox JOIN topics ON topics.id = topic_id "
+                          "ORDER BY seq")
+        for seq, topic, created, payload in rows:
+            out.write(json.dumps({"seq": seq, "topic": topic, "created": created,
+                                  "payload": json.loads(payload)}, separators=(",", ":")) + "\n")
+            n += 1
+    finally:
+        db.close()
+    return n
+
+
+def purge(path: str) -> int:
+    """Delete every waiting message (seq keeps counting on); return how many. The daemon must be stopped."""
+    db = sqlite3.connect(path, isolation_level=None)
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        n = db.execute("DELETE FROM outbox").rowcount
+        db.execute("INSERT INTO meta VALUES ('purged', ?) ON CONFLICT(key) DO UPDATE SET value = value + ?", (n, n))
+        db.execute("COMMIT")
+    finally:
+        db.close()
+    return n
+
+
+def _read_all(path: str, query: str) -> list[tuple[Any, ...]]:
+    db = _reader(path)
+    try:
+        return db.execute(query).fetchall()
+    finally:
+        db.close()
+
+
+def counter_rows(path: str) -> list[tuple[Any, ...]]:
+    """(device, name, total, shift_total, shift_id, last_raw, updated) of every counter, read-only."""
+    return _read_all(path, "SELECT device, name, total, shift_total, shift_id, last_raw, updated FROM counters "
+                           "ORDER BY device, name")
+
+
+def set_counter(path: str, device: str, name: str, total: int, reason: str, user: str) -> int | None:
+    """Set a counter's lifetime total (a new baseline, e.g. after a PLC swap) and record it in the audit
+    table; the next raw value read is taken as the new baseline. Returns the old total (None if new)."""
+    db = sqlite3.connect(path, isolation_level=None)
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        row = db.execute("SELECT total FROM counters WHERE device = ? AND name = ?", (device, name)).fetchone()
+        old = row[0] if row else None
+        db.execute("INSERT INTO counters VALUES (?, ?, NULL, ?, 0, NULL, ?) ON CONFLICT(device, name) DO UPDATE "
+                   "SET total = excluded.total, last_raw = NULL, updated = excluded.updated",
+                   (device, name, total, time.time()))
+        db.execute("INSERT INTO counter_audit (at, device, name, old_total, new_total, reason, by_user) "
+                   "VALUES (?, ?, ?, ?, ?, ?, ?)", (time.time(), device, name, old, total, reason, user))
+        db.execute("COMMIT")
+    finally:
+        db.close()
+    return old
+
+
+def counter_audit(path: str) -> list[tuple[Any, ...]]:
+    return _read_all(path, "SELECT at, device, name, old_total, new_total, reason, by_user FROM counter_audit "
+                           "ORDER BY id")

@@ -1,0 +1,295 @@
+"""The validation library: checks that turn YAML values into typed values, collecting every problem.
+
+A check takes `(value, path, problems)` and returns the parsed value, or an `Invalid`
+holding whatever part of it could be parsed. A section is a frozen dataclass whose
+fields carry their own check (`setting`); its cross-field rules (`rules`) run on the
+fields that did parse, even when others did not, so one run reports every problem:
+a misspelled counter register is reported beside a type typo on the same device.
+
+Nothing here touches the world (files, models, imports): that is `preflight`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import Field, dataclass, field, fields
+from typing import Any
+
+from gateway.units import parse_duration, parse_size
+
+Problem = tuple[str, str]  # (YAML path, what was expected and what was found)
+
+
+class Problems:
+    """The problems found so far, in the order of the file."""
+
+    def __init__(self) -> None:
+        self.items: list[Problem] = []
+
+    def add(self, path: str, msg: str) -> None:
+        self.items.append((path, msg))
+
+
+@dataclass(frozen=True)
+class Invalid:
+    """A value that did not pass; `values` holds the fields of a section that did."""
+
+    values: Mapping[str, Any] = field(default_factory=dict)
+
+
+INVALID = Invalid()
+REQUIRED: Any = object()
+Check = Callable[[Any, str, Problems], Any]
+
+
+def found(value: Any) -> str:
+    """How a YAML value is named in a message."""
+    if isinstance(value, str):
+        return f'"{value}"'
+    if value is None:
+        return "nothing"
+    if isinstance(value, (dict, list)):
+        return "a mapping" if isinstance(value, dict) else "a list"
+    return repr(value)
+
+
+def part(item: Any, name: str) -> Any:
+    """Field `name` of a parsed section, or of the parsed part of an invalid one (None if absent)."""
+    if isinstance(item, Invalid):
+        return item.values.get(name)
+    return getattr(item, name, None)
+
+
+def join(path: str, key: str) -> str:
+    if not key:
+        return path
+    if key.startswith("["):
+        return path + key
+    return f"{path}.{key}" if path else key
+
+
+# -- checks ---------------------------------------------------------------------------------------
+def string(pattern: re.Pattern[str] | None = None, what: str = "") -> Check:
+    def check(value: Any, path: str, problems: Problems) -> Any:
+        if not isinstance(value, str) or not value:
+            problems.add(path, f"expected a non-empty string, got {found(value)}")
+            return INVALID
+        if pattern and not pattern.match(value):
+            problems.add(path, f"expected {what or pattern.pattern}, got {found(value)}")
+            return INVALID
+        return value
+    return check
+
+
+def integer(lo: int | None = None, hi: int | None = None) -> Check:
+    def check(value: Any, path: str, problems: Problems) -> Any:
+        if isinstance(value, bool) or not isinstance(value, int):
+            problems.add(path, f"expected an integer, got {found(value)}")
+            return INVALID
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            problems.add(path, f"expected an integer from {lo} to {hi}, got {value}")
+            return INVALID
+        return value
+    return check
+
+
+def number(lo: float | None = None, hi: float | None = None) -> Check:
+    def check(value: Any, path: str, problems: Problems) -> Any:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            problems.add(path, f"expected a number, got {found(value)}")
+            return INVALID
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            problems.add(path, f"expected a number from {lo} to {hi}, got {value}")
+            return INVALID
+        return float(value)
+    return check
+
+
+def boolean(value: Any, path: str, problems: Problems) -> Any:
+    if not isinstance(value, bool):
+        problems.add(path, f"expected true or false, got {found(value)}")
+        return INVALID
+    return value
+
+
+def one_of(*choices: Any) -> Check:
+    def check(value: Any, path: str, problems: Problems) -> Any:
+        # bool is an int in Python: `true` must not pass as 1, nor 1 as `true`.
+        if isinstance(value, (dict, list)) or value not in choices or \
+                isinstance(value, bool) != isinstance(choices[0], bool):
+            problems.add(path, f"expected one of {', '.join(str(c) for c in choices)}, got {found(value)}")
+            return INVALID
+        return value
+    return check
+
+
+def duration(lo: float = 0.0, hi: float = math.inf) -> Check:
+    def check(value: Any, path: str, problems: Problems) -> Any:
+        try:
+            seconds = parse_duration(value) if isinstance(value, str) else None
+        except ValueError:
+            seconds = None
+        if seconds is None:
+            problems.add(path, f'expected a duration such as "250ms", "10s", "5m", "2h", "7d", got {found(value)}')
+            return INVALID
+        if not lo <= seconds <= hi:
+            problems.add(path, f"expected a duration from {lo:g}s to {hi:g}s, got {found(value)}")
+            return INVALID
+        return seconds
+    return check
+
+
+def size(value: Any, path: str, problems: Problems) -> Any:
+    try:
+        if isinstance(value, bool) or not isinstance(value, (str, int)):
+            raise ValueError
+        parsed = parse_size(value)
+    except ValueError:
+        problems.add(path, f'expected a size such as "512MiB", "10MB" or a number of bytes, got {found(value)}')
+        return INVALID
+    if parsed <= 0:
+        problems.add(path, f"expected a size above zero, got {found(value)}")
+        return INVALID
+    return parsed
+
+
+def optional(check: Check) -> Check:
+    def opt(value: Any, path: str, problems: Problems) -> Any:
+        return None if value is None else check(value, path, problems)
+    return opt
+
+
+def list_of(check: Check) -> Check:
+    """A list; an item that fails stays in the list as its `Invalid`, for the rules that read it."""
+    def check_list(value: Any, path: str, problems: Problems) -> Any:
+        if value is None:
+            return ()
+        if not isinstance(value, list):
+            problems.add(path, f"expected a list, got {found(value)}")
+            return INVALID
+        items = tuple(check(item, f"{path}[{i}]", problems) for i, item in enumerate(value))
+        return Invalid({"items": items}) if any(isinstance(i, Invalid) for i in items) else items
+    return check_list
+
+
+def items(value: Any) -> tuple[Any, ...]:
+    """The items of a parsed list, or those of a list with bad items (each item parsed or Invalid)."""
+    if isinstance(value, Invalid):
+        return tuple(value.values.get("items", ()))
+    return tuple(value or ())
+
+
+def map_of(key: Check, val: Check) -> Check:
+    def check_map(value: Any, path: str, problems: Problems) -> Any:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            problems.add(path, f"expected a mapping, got {found(value)}")
+            return INVALID
+        out = {key(k, f"{path}.{k}", problems): val(v, f"{path}.{k}", problems) for k, v in value.items()}
+        bad = any(isinstance(x, Invalid) for x in (*out, *out.values()))
+        return INVALID if bad else out
+    return check_map
+
+
+def section(cls: type) -> Check:
+    def check(value: Any, path: str, problems: Problems) -> Any:
+        return load_section(cls, value, path, problems)
+    return check
+
+
+def setting(check: Check, default: Any = REQUIRED, doc: str = "") -> Any:
+    """A dataclass field that knows how to check its YAML value (and, in `doc`, what it is for)."""
+    meta = {"check": check, "required": default is REQUIRED, "doc": doc}
+    if isinstance(default, (dict, list)):  # a YAML default, checked like a value the user wrote
+        return field(default=None, metadata={**meta, "node_default": default})
+    return field(default=None if default is REQUIRED else default, metadata=meta)
+
+
+def settings(cls: type) -> dict[str, Field[Any]]:
+    """The YAML keys of a section, by name."""
+    return {f.name: f for f in fields(cls) if "check" in f.metadata}
+
+
+def unknown_keys(node: Mapping[Any, Any], known: Mapping[str, Any], path: str, problems: Problems,
+                 elsewhere: Callable[[str], str | None] = lambda key: None) -> None:
+    """Report every key that is not a setting: what it might have been, or who else takes it."""
+    for key in node:
+        if key in known:
+            continue
+        why = elsewhere(str(key))
+        if why is None:
+            hint = difflib.get_close_matches(str(key), list(known), n=1)
+            why = f'unknown key (did you mean "{hint[0]}"?)' if hint else \
+                f"unknown key (expected one of {', '.join(known)})"
+        problems.add(join(path, str(key)), why)
+
+
+def load_section(cls: Any, node: Any, path: str, problems: Problems,
+                 elsewhere: Callable[[str], str | None] = lambda key: None,
+                 required_for: Callable[[str], str] = lambda key: "") -> Any:
+    """A section from a YAML mapping; its rules run on whatever fields parsed.
+
+    `elsewhere(key)` may say who else takes an unknown key; `required_for(key)` why a key is required.
+    """
+    if node is None:
+        node = {}
+    if not isinstance(node, dict):
+        problems.add(path, f"expected a mapping, got {found(node)}")
+        return INVALID
+    known = settings(cls)
+    unknown_keys(node, known, path, problems, elsewhere)
+    values: dict[str, Any] = {}
+    ok = True
+    for name, f in known.items():
+        sub = join(path, name)
+        if name in node:
+            value = f.metadata["check"](node[name], sub, problems)
+        elif f.metadata["required"]:
+            problems.add(sub, f"required{required_for(name)}, but missing")
+            ok = False
+            continue
+        elif "node_default" in f.metadata:
+            value = f.metadata["check"](f.metadata["node_default"], sub, problems)
+        else:
+            continue
+        values[name] = value
+        ok = ok and not isinstance(value, Invalid)
+    rules = getattr(cls, "rules", None)
+    broken = rules(_Fields(values, known)) if rules is not None else []
+    for sub, msg in broken:
+        problems.add(join(path, sub), msg)
+    if not ok or broken:
+        return Invalid(values)
+    return cls(**values)
+
+
+class _Fields(Mapping[str, Any]):
+    """What a section's rules read: a field's parsed value, its default, or None when it did not parse."""
+
+    def __init__(self, values: dict[str, Any], known: Mapping[str, Field[Any]]) -> None:
+        self._values = values
+        self._known = known
+
+    def __getitem__(self, name: str) -> Any:
+        if name in self._values:
+            value = self._values[name]
+            return None if value is INVALID else value
+        return self._known[name].default
+
+    def ok(self, *names: str) -> bool:
+        """Whether these fields all parsed (or took their defaults)."""
+        return not any(isinstance(self._values.get(n), Invalid) or
+                       (n not in self._values and self._known[n].metadata["required"]) for n in names)
+
+    def __iter__(self) -> Any:
+        return iter(self._known)
+
+    def __len__(self) -> int:
+        return len(self._known)
+
+
+Fields = _Fields

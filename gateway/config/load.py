@@ -1,0 +1,92 @@
+"""Reading a config: bytes → YAML nodes (with their lines) → the schema. Pure: touches no other file.
+
+`parse(text)` validates text; `load(path)` reads a file. Whatever the bytes, the outcome is a
+Config or a ConfigError naming the file, the line, the YAML path and what was expected —
+never another exception: not for bytes that are not UTF-8, nor for nesting 10,000 deep.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import yaml
+
+from gateway.config.checks import Invalid, Problems, join
+from gateway.config.schema import Config, validate
+from gateway.errors import ConfigError
+
+
+def parse(text: str | bytes, file: str = "<config>") -> Config:
+    """Validate YAML text against the contract; raise ConfigError listing every problem."""
+    if isinstance(text, bytes):
+        data = text
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as err:
+            line = data[:err.start].count(b"\n") + 1
+            raise ConfigError(file, [(f"line {line}", f"not UTF-8 text: byte 0x{data[err.start]:02x} at offset "
+                                                      f"{err.start}; save the file as UTF-8")]) from None
+    try:
+        node, lines, duplicates = _compose(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(file, [(where, f"not valid YAML: {getattr(err, 'problem', None) or err}")]) from None
+    except RecursionError:
+        raise ConfigError(file, [("", "not a config: the YAML is nested too deeply")]) from None
+    problems = Problems()
+    for path in duplicates:
+        problems.add(path, "this key is given twice in one mapping; the first would be ignored")
+    try:
+        config = validate(node, problems)
+    except RecursionError:  # a YAML alias that contains itself
+        raise ConfigError(file, [("", "not a config: the YAML refers to itself (a recursive alias)")]) from None
+    if problems.items or isinstance(config, Invalid):
+        raise ConfigError(file, problems.items or [("", "not a valid config")], lines)
+    assert isinstance(config, Config)
+    return replace(config, lines=lines)
+
+
+def load(path: str) -> Config:
+    """Read and validate a config file."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except OSError as err:
+        raise ConfigError(path, [("", f"cannot read the file: {err.strerror}")]) from None
+    return parse(data, path)
+
+
+def _compose(text: str) -> tuple[Any, dict[str, int], list[str]]:
+    """The document, the line of every YAML path in it, and the paths of keys given twice."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
+    finally:
+        loader.dispose()
+    lines: dict[str, int] = {}
+    duplicates: list[str] = []
+    if node is not None:
+        _walk(node, "", lines, duplicates, set())
+    return data, lines, duplicates
+
+
+def _walk(node: yaml.Node, path: str, lines: dict[str, int], duplicates: list[str], seen: set[int]) -> None:
+    if id(node) in seen:  # an alias: its lines were recorded where it was defined
+        return
+    seen.add(id(node))
+    lines.setdefault(path, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        keys: set[str] = set()
+        for key, value in node.value:
+            sub = join(path, str(key.value))
+            if isinstance(key.value, str) and key.value in keys:
+                duplicates.append(sub)
+            keys.add(str(key.value))
+            lines[sub] = key.start_mark.line + 1
+            _walk(value, sub, lines, duplicates, seen)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _walk(item, f"{path}[{i}]", lines, duplicates, seen)

@@ -1,0 +1,79 @@
+"""The checks that touch the world: secret files readable, models loadable and fitting, extras installed.
+
+Only `run`, `check-config` and a reload call `preflight`; `status`, `outbox` and `counters`
+read the config without it, so they need neither the secrets nor the TFLite runtime.
+Its problems are reported like the schema's, with the file, the line and the YAML path.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from gateway.config.schema import Config
+from gateway.errors import ConfigError, ModelError
+
+if TYPE_CHECKING:
+    from gateway.anomaly import Model
+
+
+@dataclass
+class Prepared:
+    """What preflight loaded, for the daemon to use: one model per name, shared by its devices."""
+    models: dict[str, Model] = field(default_factory=dict)
+
+
+def preflight(config: Config, file: str) -> Prepared:
+    """Check what the config points at; raise ConfigError listing every problem."""
+    problems: list[tuple[str, str]] = []
+    problems += _unreadable(config)
+    models, model_problems = _models(config)
+    problems += model_problems
+    if config.local_broker.enabled and importlib.util.find_spec("amqtt") is None:
+        problems.append(("local_broker.enabled", "the embedded broker needs amqtt: "
+                                                 "pip install 'edge-gateway[broker]' (install.sh does)"))
+    if problems:
+        raise ConfigError(file, problems, config.lines)
+    return Prepared(models)
+
+
+def _unreadable(config: Config) -> list[tuple[str, str]]:
+    files: list[tuple[str, str | None]] = [("upstream.password_file", config.upstream.password_file),
+                                           ("local_broker.password_file", config.local_broker.password_file)]
+    if config.upstream.tls is not None:
+        tls = config.upstream.tls
+        files += [("upstream.tls.ca_file", tls.ca_file), ("upstream.tls.cert_file", tls.cert_file),
+                  ("upstream.tls.key_file", tls.key_file)]
+    if config.local_broker.client is not None:
+        files.append(("local_broker.client.password_file", config.local_broker.client.password_file))
+    return [(path, f'expected a readable file, got "{name}" (missing or not readable)')
+            for path, name in files if name is not None and not (os.path.isfile(name) and os.access(name, os.R_OK))]
+
+
+def _models(config: Config) -> tuple[dict[str, Model], list[tuple[str, str]]]:
+    wanted = [(i, d) for i, d in enumerate(config.devices) if d.model is not None]
+    if not wanted:
+        return {}, []  # numpy and the runtime are not even imported
+    try:
+        from gateway import anomaly  # numpy and the TFLite runtime only when a model is configured
+    except ImportError as err:
+        why = f"anomaly models need numpy and a TFLite runtime ({err}): pip install 'edge-gateway[anomaly]'"
+        return {}, [(f"devices[{i}].model", f"device {d.name}: {why}") for i, d in wanted]
+    directory = anomaly.model_dir(config.gateway.model_dir)
+    loaded: dict[str, Any] = {}
+    problems: list[tuple[str, str]] = []
+    for i, device in wanted:
+        name = device.model
+        assert name is not None
+        if name not in loaded:
+            try:
+                loaded[name] = anomaly.load(name, directory)
+            except ModelError as err:
+                loaded[name] = f"model {name}: {err}"
+        model = loaded[name]
+        whys = [model] if isinstance(model, str) else \
+            anomaly.check_device(model, device.tags, device.interval * (getattr(device, "time_scale", None) or 1.0))
+        problems += [(f"devices[{i}].model", f"device {device.name}: {why}") for why in whys]
+    return {n: m for n, m in loaded.items() if not isinstance(m, str)}, problems

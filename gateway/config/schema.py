@@ -1,0 +1,487 @@
+"""The YAML contract, written once: each section a frozen dataclass whose fields carry their check.
+
+A device is a tagged union on `source` (`ModbusTcpDevice | ModbusRtuDevice | MqttDevice |
+SimDevice`), each with only its own keys; a key of another source is refused by name.
+Cross-field rules live on the section that owns them (`rules`) and report their own
+sub-path. Defaults here are the documented defaults (docs/configuration.md is checked
+against these classes by a test).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Union
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from gateway.config import checks
+from gateway.config.checks import (
+    Fields,
+    Invalid,
+    Problem,
+    Problems,
+    boolean,
+    duration,
+    found,
+    integer,
+    items,
+    list_of,
+    load_section,
+    map_of,
+    number,
+    one_of,
+    optional,
+    part,
+    section,
+    setting,
+    settings,
+    size,
+    string,
+)
+
+DEFAULT_PATH = "/etc/edge-gateway/gateway.yaml"
+REGISTER_TYPES = ("uint16", "int16", "uint32", "int32", "float32", "float64", "bool")
+TABLES = ("holding", "input", "coil", "discrete")
+NAME = re.compile(r"^[a-z0-9_-]+$")
+TAG = re.compile(r"^[A-Za-z0-9_.-]+$")
+MACHINE_STATES = ("running", "idle", "down", "planned_stop")
+# The tags each simulated machine yields, in order: the contract of `source: sim` (sim/ implements it;
+# tests/test_sim.py holds the two together). Written here so that the config needs nothing of sim/.
+SIM_PROFILES: dict[str, tuple[str, ...]] = {
+    "pump": ("motor_rpm", "bearing_temp_c", "oil_pressure_bar", "vibration_mm_s", "flow_l_min",
+             "suction_pressure_bar", "discharge_pressure_bar", "motor_current_a", "casing_temp_c",
+             "ambient_temp_c"),
+    "flexo_line": ("machine_status", "line_speed_m_min", "web_tension_n", "dryer_temp_c", "ink_viscosity_s",
+                   "produced_raw", "defects_raw"),
+}
+PUMP_FAULTS = ("bearing_wear", "cavitation", "seal_leak", "stuck_sensor", "spike", "dropout")
+
+
+def _one_of_tags(tags: tuple[str, ...], got: str) -> str:
+    return f'expected one of this device\'s tags ({", ".join(tags)}), got "{got}"'
+
+
+@dataclass(frozen=True)
+class GatewaySection:
+    id: str = setting(string(NAME, "lowercase letters, digits, _ and - (e.g. line3-gw1)"),
+                      doc="this gateway's name, unique in the fleet; part of every topic")
+    site: str = setting(string(NAME, "lowercase letters, digits, _ and - (e.g. plant-a)"), doc="the plant's name")
+    data_dir: str = setting(string(), "/var/lib/edge-gateway", doc="the outbox, counters and state file")
+    timezone: str = setting(string(), "UTC", doc="IANA time zone; shifts are local time")
+    health_interval: float = setting(duration(1, 3600), 10.0, doc="how often health and the state file are written")
+    log_level: str = setting(one_of("debug", "info", "warning", "error"), "info", doc="the log's threshold")
+    model_dir: str | None = setting(optional(string()), None,
+                                    doc="where anomaly models are found (default: the installed models/)")
+
+    @staticmethod
+    def rules(v: Fields) -> list[Problem]:
+        if not v.ok("timezone"):
+            return []
+        try:
+            ZoneInfo(v["timezone"])
+        except (ZoneInfoNotFoundError, ValueError):
+            return [("timezone", f'expected an IANA time zone such as "Europe/Berlin", got "{v["timezone"]}"')]
+        return []
+
+
+@dataclass(frozen=True)
+class TlsSection:
+    ca_file: str | None = setting(optional(string()), None, doc="CA certificate(s) the broker's is verified against")
+    cert_file: str | None = setting(optional(string()), None, doc="client certificate, with key_file")
+    key_file: str | None = setting(optional(string()), None, doc="client key, with cert_file")
+
+    @staticmethod
+    def rules(v: Fields) -> list[Problem]:
+        if v.ok("cert_file", "key_file") and (v["cert_file"] is None) != (v["key_file"] is None):
+            return [("cert_file" if v["cert_file"] is None else "key_file",
+                     "required when the other of cert_file/key_file is given")]
+        return []
+
+
+@dataclass(frozen=True)
+class ReconnectSection:
+    min: float = setting(duration(0.05, 3600), 1.0, doc="first wait after a lost connection")
+    max: float = setting(duration(0.05, 86400), 60.0, doc="longest wait between attempts")
+    jitter: float = setting(number(0, 1), 0.3, doc="random share of each wait, so a fleet does not stampede")
+
+
+@dataclass(frozen=True)
+class UpstreamSection:
+    host: str = setting(string(), doc="the upstream MQTT broker")
+    port: int | None = setting(integer(1, 65535), None, doc="default 8883 with tls, else 1883")
+    tls: TlsSection | None = setting(optional(section(TlsSection)), None, doc="TLS with certificate verification")
+    username: str | None = setting(optional(string()), None, doc="MQTT user name")
+    password_file: str | None = setting(optional(string()), None,
+                                        doc="file holding the password (never inline), readable by the service")
+    topic_prefix: str = setting(string(), "edge/{site}/{gateway_id}", doc="the topic root")
+    qos: int = setting(one_of(1, 2), 1, doc="QoS of stored messages")
+    max_inflight: int = setting(integer(1, 65535), 100, doc="messages published and not yet acknowledged")
+    keepalive: float = setting(duration(5, 3600), 30.0, doc="MQTT keepalive")
+    client_id: str | None = setting(optional(string()), None, doc="default: gateway.id")
+    reconnect: ReconnectSection = setting(section(ReconnectSection), {}, doc="backoff after a lost connection")
+
+    @staticmethod
+    def rules(v: Fields) -> list[Problem]:
+        problems: list[Problem] = []
+        prefix = v["topic_prefix"]
+        if v.ok("topic_prefix"):
+            try:
+                prefix.format(site="s", gateway_id="g")
+            except (KeyError, IndexError, ValueError):
+                problems.append(("topic_prefix", "expected a topic with only {site} and {gateway_id} placeholders, "
+                                                 f'got "{prefix}"'))
+            if any(c in prefix for c in "+#"):
+                problems.append(("topic_prefix", f'expected no MQTT wildcards (+, #), got "{prefix}"'))
+        if v.ok("username", "password_file") and v["password_file"] and not v["username"]:
+            problems.append(("username", "required when password_file is given"))
+        return problems
+
+    @property
+    def effective_port(self) -> int:
+        return self.port or (8883 if self.tls is not None else 1883)
+
+
+@dataclass(frozen=True)
+class OutboxSection:
+    max_messages: int = setting(integer(1, 10**9), 1_000_000, doc="messages kept at most")
+    max_bytes: int = setting(size, 512 * 1024**2, doc="payload bytes kept at most")
+    max_age: float = setting(duration(1), 7 * 86400.0, doc="older messages are dropped")
+    when_full: str = setting(one_of("drop_oldest", "drop_newest"), "drop_oldest", doc="which end gives way")
+    sync: str = setting(one_of("normal", "full"), "normal", doc="SQLite synchronous: full survives power loss")
+    commit_interval: float = setting(duration(0.001, 1.0), 0.1, doc="one transaction this often")
+
+
+@dataclass(frozen=True)
+class LocalClientSection:
+    """How the gateway itself logs in to the local broker to read `source: mqtt` devices."""
+    username: str = setting(string(), doc="the gateway's login on the local broker")
+    password_file: str | None = setting(optional(string()), None, doc="file holding its password")
+
+
+@dataclass(frozen=True)
+class LocalBrokerSection:
+    enabled: bool = setting(boolean, False, doc="run the broker inside the gateway (else its own service)")
+    listen: str = setting(string(re.compile(r"^[^:\s]+:\d{1,5}$"), 'HOST:PORT such as "127.0.0.1:1883"'),
+                          "127.0.0.1:1883", doc="where plant sensors connect")
+    password_file: str | None = setting(optional(string()), None, doc="users, made with `edge-gateway broker-user`")
+    allow_anonymous: bool = setting(boolean, False, doc="let clients in without a login")
+    client: LocalClientSection | None = setting(optional(section(LocalClientSection)), None,
+                                                doc="the gateway's own login")
+
+    @staticmethod
+    def rules(v: Fields) -> list[Problem]:
+        if v.ok("enabled", "allow_anonymous", "password_file") and v["enabled"] and not v["allow_anonymous"] \
+                and not v["password_file"]:
+            return [("password_file", "required when the embedded broker is enabled: it refuses anonymous "
+                                      "clients (create users with `edge-gateway broker-user`), unless "
+                                      "allow_anonymous: true is set")]
+        return []
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, _, port = self.listen.rpartition(":")
+        return host, int(port)
+
+
+@dataclass(frozen=True)
+class ShiftSection:
+    name: str = setting(string(), doc="the shift's name")
+    start: str = setting(string(re.compile(r"^([01]\d|2[0-3]):[0-5]\d$"), 'a local time "HH:MM" such as "06:00"'),
+                         doc="local start time; a shift ends where the next begins")
+
+
+@dataclass(frozen=True)
+class SerialSection:
+    port: str = setting(string(), doc="e.g. /dev/ttyUSB0")
+    baudrate: int = setting(one_of(1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200), 19200, doc="bits/s")
+    parity: str = setting(one_of("N", "E", "O"), "E", doc="N, E or O")
+    stopbits: int = setting(one_of(1, 2), 1, doc="1 or 2")
+    bytesize: int = setting(one_of(7, 8), 8, doc="7 or 8")
+
+
+@dataclass(frozen=True)
+class RegisterSection:
+    name: str = setting(string(TAG, "a tag name of letters, digits, _ . -"), doc="the tag")
+    table: str = setting(one_of(*TABLES), "holding", doc="holding, input, coil or discrete")
+    address: int = setting(integer(0, 65535), doc="0-based protocol address (40001 is holding 0)")
+    type: str = setting(one_of(*REGISTER_TYPES), "uint16", doc="how the registers are read")
+    word_order: str = setting(one_of("big", "little"), "big", doc="of multi-register values")
+    byte_order: str = setting(one_of("big", "little"), "big", doc="in each register")
+    bit: int | None = setting(optional(integer(0, 15)), None, doc="one bit of a 16-bit register")
+    scale: float = setting(number(), 1.0, doc="value = raw × scale + offset")
+    offset: float = setting(number(), 0.0, doc="value = raw × scale + offset")
+
+    @staticmethod
+    def rules(v: Fields) -> list[Problem]:
+        if not v.ok("table", "type", "bit"):
+            return []
+        bit_table = v["table"] in ("coil", "discrete")
+        if bit_table and v["type"] != "bool":
+            return [("type", f'expected bool for table {v["table"]}, got "{v["type"]}"')]
+        if v["bit"] is not None and (bit_table or v["type"] not in ("uint16", "int16", "bool")):
+            return [("bit", "only for a bit inside a 16-bit holding or input register")]
+        if v["type"] == "bool" and not bit_table and v["bit"] is None:
+            return [("bit", "required for type bool in a holding or input register (0..15)")]
+        return []
+
+
+@dataclass(frozen=True)
+class CounterSection:
+    name: str = setting(string(TAG, "a counter name of letters, digits, _ . -"), doc="the counter")
+    register: str = setting(string(), doc="the tag holding the raw PLC counter")
+    bits: int = setting(one_of(16, 32), 32, doc="where the raw counter wraps")
+    reset_threshold: float = setting(number(0.0001, 0.9999), 0.1,
+                                     doc="a drop larger than this share of the range is a reset, not a wrap")
+    kind: str = setting(one_of("total", "good", "defect"), "total", doc="its part in OEE quality")
+
+
+@dataclass(frozen=True)
+class PublishSection:
+    interval: float | None = setting(optional(duration(0.01, 86400)), None, doc="publish at most this often")
+    on_change: bool = setting(boolean, False, doc="publish when a value moves beyond its deadband")
+    deadband: dict[str, float] = setting(map_of(string(), number(0)), {}, doc="per tag, with on_change")
+    max_silence: float = setting(duration(1, 86400), 60.0, doc="publish at least this often")
+
+    @staticmethod
+    def rules(v: Fields) -> list[Problem]:
+        if v.ok("on_change", "interval") and v["on_change"] and v["interval"] is not None:
+            return [("on_change", "choose either interval or on_change, not both")]
+        if v.ok("on_change", "deadband") and v["deadband"] and not v["on_change"]:
+            return [("deadband", "only applies with on_change: true")]
+        return []
+
+
+@dataclass(frozen=True)
+class FaultSection:
+    fault: str = setting(one_of(*PUMP_FAULTS), doc="what goes wrong")
+    at: float = setting(duration(), 0.0, doc="simulated time it starts")
+    severity: float = setting(number(0.01, 1.0), 1.0, doc="0.01 to 1")
+    tag: str | None = setting(optional(string()), None, doc="the sensor, for stuck_sensor, spike and dropout")
+    ramp: float = setting(duration(), 120.0, doc="time to full severity")
+    # Named as in the YAML; the check is reached through the module so that the name shadows nothing.
+    duration: float = setting(checks.duration(0.001), math.inf, doc="how long it lasts")
+
+
+@dataclass(frozen=True)
+class PlcSection:
+    rate_per_min: float = setting(number(0, 100_000), 120.0, doc="pieces per minute at full speed")
+    counter_bits: int = setting(one_of(16, 32), 32, doc="where the raw counters wrap")
+    start_near_top: bool = setting(boolean, False, doc="raw counters start just below the wrap")
+    reset_every: float | None = setting(optional(duration(1)), None, doc="reset the raw counters this often")
+
+
+@dataclass(frozen=True)
+class OeeSection:
+    status_tag: str = setting(string(), doc="the tag holding the machine's state")
+    states: dict[int, str] = setting(map_of(integer(), one_of(*MACHINE_STATES)),
+                                     doc="status value → running, idle, down or planned_stop")
+    ideal_rate: float | None = setting(optional(number(0.000001)), None, doc="pieces per minute at 100 %")
+
+
+@dataclass(frozen=True)
+class DeviceBase:
+    """The keys every device takes."""
+    name: str = setting(string(NAME, "lowercase letters, digits, _ and - (e.g. pump1)"), doc="the device's name")
+    source: str = setting(string(), doc="modbus_tcp, modbus_rtu, mqtt or sim")
+    interval: float = setting(duration(0.01, 86400), 1.0, doc="time between samples")
+    timeout: float = setting(duration(0.01, 600), 0.5, doc="one request's time limit")
+    counters: tuple[CounterSection, ...] = setting(list_of(section(CounterSection)), [],
+                                                   doc="exact cumulative counters")
+    model: str | None = setting(optional(string(NAME, "a model name such as pump-ae")), None,
+                                doc="the anomaly model scoring this device")
+    publish: PublishSection = setting(section(PublishSection), {}, doc="when a sample becomes telemetry")
+    oee: OeeSection | None = setting(optional(section(OeeSection)), None, doc="machine states for OEE")
+
+    SOURCE: ClassVar[str] = ""
+
+    @property
+    def tags(self) -> tuple[str, ...]:
+        """The tag names this device produces, in order."""
+        return _tags(type(self), self.__dict__)
+
+    @classmethod
+    def rules(cls, v: Fields) -> list[Problem]:
+        """Rules that tie a device's fields to its tags; they run on the part that parsed."""
+        problems: list[Problem] = []
+        tags = _tags(cls, v)
+        for i, counter in enumerate(items(v["counters"])):
+            register = part(counter, "register")
+            if tags and register is not None and register not in tags:
+                problems.append((f"counters[{i}].register", _one_of_tags(tags, register)))
+        oee = v["oee"]
+        status_tag = part(oee, "status_tag") if oee is not None else None
+        if tags and status_tag is not None and status_tag not in tags:
+            problems.append(("oee.status_tag", _one_of_tags(tags, status_tag)))
+        for tag in part(v["publish"], "deadband") or {}:
+            if tags and tag not in tags:
+                problems.append((f"publish.deadband.{tag}", f"expected one of this device's tags ({', '.join(tags)})"))
+        return problems
+
+
+def _tags(cls: type, v: Any) -> tuple[str, ...]:
+    """The tags of a device of class `cls` from its (possibly partial) fields."""
+    if cls is SimDevice:
+        return SIM_PROFILES.get(v.get("profile") or "", ())
+    if cls is MqttDevice:
+        return tuple(v.get("fields") or {})
+    if cls in (ModbusTcpDevice, ModbusRtuDevice):
+        return tuple(n for r in items(v.get("registers")) if (n := part(r, "name")) is not None)
+    return ()
+
+
+def _register_rules(v: Fields) -> list[Problem]:
+    problems: list[Problem] = []
+    seen: set[str] = set()
+    for i, reg in enumerate(items(v["registers"])):
+        name = part(reg, "name")
+        if name in seen:
+            problems.append((f"registers[{i}].name", f'duplicate tag name "{name}"'))
+        if name is not None:
+            seen.add(name)
+    return problems
+
+
+@dataclass(frozen=True)
+class ModbusTcpDevice(DeviceBase):
+    host: str = setting(string(), doc="the PLC or Modbus gateway")
+    port: int | None = setting(optional(integer(1, 65535)), None, doc="default 502")
+    unit: int | None = setting(optional(integer(0, 255)), None, doc="unit (slave) id, default 1")
+    registers: tuple[RegisterSection, ...] = setting(list_of(section(RegisterSection)), doc="the register map")
+    max_gap: int | None = setting(optional(integer(0, 124)), None,
+                                  doc="unused registers a read may span to join two (default 10)")
+    max_registers_per_read: int | None = setting(optional(integer(1, 125)), None, doc="for PLCs that take fewer")
+
+    SOURCE: ClassVar[str] = "modbus_tcp"
+
+    @classmethod
+    def rules(cls, v: Fields) -> list[Problem]:
+        return _register_rules(v) + super().rules(v)
+
+
+@dataclass(frozen=True)
+class ModbusRtuDevice(DeviceBase):
+    serial: SerialSection = setting(section(SerialSection), doc="the serial line")
+    unit: int | None = setting(optional(integer(0, 255)), None, doc="unit (slave) id, default 1")
+    registers: tuple[RegisterSection, ...] = setting(list_of(section(RegisterSection)), doc="the register map")
+    max_gap: int | None = setting(optional(integer(0, 124)), None,
+                                  doc="unused registers a read may span to join two (default 10)")
+    max_registers_per_read: int | None = setting(optional(integer(1, 125)), None, doc="for PLCs that take fewer")
+
+    SOURCE: ClassVar[str] = "modbus_rtu"
+
+    @classmethod
+    def rules(cls, v: Fields) -> list[Problem]:
+        return _register_rules(v) + super().rules(v)
+
+
+@dataclass(frozen=True)
+class MqttDevice(DeviceBase):
+    topic: str = setting(string(), doc="the sensor's topic on the local broker (wildcards allowed)")
+    fields: dict[str, str] = setting(map_of(string(TAG, "a tag name"), string()), doc="tag: JSON field (dotted path)")
+    timestamp_field: str | None = setting(optional(string()), None,
+                                          doc="JSON field with the sample time (epoch s/ms or RFC 3339)")
+
+    SOURCE: ClassVar[str] = "mqtt"
+
+
+@dataclass(frozen=True)
+class SimDevice(DeviceBase):
+    profile: str = setting(one_of(*SIM_PROFILES), doc="pump or flexo_line")
+    seed: int | None = setting(optional(integer(0, 2**31)), None, doc="the same seed gives the same series")
+    faults: tuple[FaultSection, ...] = setting(list_of(section(FaultSection)), [], doc="pump faults to inject")
+    plc: PlcSection | None = setting(optional(section(PlcSection)), None, doc="the flexo line's PLC counters")
+    time_scale: float | None = setting(optional(number(0.01, 1000)), None, doc="simulated seconds per real second")
+
+    SOURCE: ClassVar[str] = "sim"
+
+    @classmethod
+    def rules(cls, v: Fields) -> list[Problem]:
+        problems = super().rules(v)
+        tags = _tags(cls, v)
+        for i, fault in enumerate(items(v["faults"])):
+            if v["profile"] != "pump":
+                if v.ok("profile"):
+                    problems.append((f"faults[{i}]", "faults can be injected into the pump profile only"))
+            elif part(fault, "fault") in ("stuck_sensor", "spike", "dropout") and part(fault, "tag") not in tags:
+                problems.append((f"faults[{i}].tag", f"expected one of the pump's tags ({', '.join(tags)}), "
+                                                     f"got {found(part(fault, 'tag'))}"))
+        if v["plc"] is not None and v.ok("profile") and v["profile"] != "flexo_line":
+            problems.append(("plc", "only the flexo_line profile has PLC counters"))
+        return problems
+
+
+Device = Union[ModbusTcpDevice, ModbusRtuDevice, MqttDevice, SimDevice]
+DEVICE_CLASSES: dict[str, type[DeviceBase]] = {c.SOURCE: c for c in (ModbusTcpDevice, ModbusRtuDevice, MqttDevice,
+                                                                       SimDevice)}
+
+
+def device(node: Any, path: str, problems: Problems) -> Any:
+    """One `devices[]` entry: the class its `source` names; a key of another source is refused by name."""
+    source = node.get("source") if isinstance(node, dict) else None
+    cls = DEVICE_CLASSES.get(source) if isinstance(source, str) else None
+    if cls is None:
+        if not isinstance(node, dict):
+            problems.add(path, f"expected a mapping, got {found(node)}")
+            return Invalid()
+        if "source" not in node:
+            problems.add(f"{path}.source", "required, but missing")
+        else:
+            problems.add(f"{path}.source", f"expected one of {', '.join(DEVICE_CLASSES)}, got {found(source)}")
+        # The keys every device takes are still checked; the rest cannot be judged without a source.
+        common = settings(DeviceBase)
+        sub = Problems()
+        load_section(DeviceBase, {k: v for k, v in node.items() if k in common and k != "source"} | {"source": "?"},
+                     path, sub)
+        problems.items.extend(sub.items)
+        return Invalid({"name": node.get("name")})
+    own = settings(cls)
+    takes = ", ".join(sorted(set(own) - set(settings(DeviceBase))))
+    # An empty key of another source (`registers: []` on an mqtt device) sets nothing: tolerated, as always.
+    node = {k: v for k, v in node.items() if k in own or v not in (None, [], {})}
+
+    def elsewhere(key: str) -> str | None:
+        if any(key in settings(other) for other in DEVICE_CLASSES.values()):
+            return f"not used by source {source} (it takes: {takes})"
+        return None
+    common = settings(DeviceBase)
+    return load_section(cls, node, path, problems, elsewhere,
+                        required_for=lambda key: "" if key in common else f" for source {source}")
+
+
+@dataclass(frozen=True)
+class Config:
+    gateway: GatewaySection = setting(section(GatewaySection), doc="who and where this gateway is")
+    upstream: UpstreamSection = setting(section(UpstreamSection), doc="the MQTT broker results go to")
+    outbox: OutboxSection = setting(section(OutboxSection), {}, doc="the durable store-and-forward queue")
+    local_broker: LocalBrokerSection = setting(section(LocalBrokerSection), {}, doc="the broker for plant sensors")
+    shifts: tuple[ShiftSection, ...] = setting(list_of(section(ShiftSection)), [], doc="shift start times")
+    devices: tuple[Device, ...] = setting(list_of(device), doc="the machines read")
+    # Not a YAML key: the line of each YAML path, so that later checks (preflight) can point at it too.
+    lines: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
+
+    @staticmethod
+    def rules(v: Fields) -> list[Problem]:
+        problems: list[Problem] = []
+        names: set[str] = set()
+        for i, dev in enumerate(items(v["devices"])):
+            name = part(dev, "name")
+            if name is not None and name in names:
+                problems.append((f"devices[{i}].name", f'duplicate device name "{name}"'))
+            names.add(name)
+        starts: list[str] = []
+        for i, shift in enumerate(items(v["shifts"])):
+            start = part(shift, "start")
+            if start is not None and start in starts:
+                problems.append((f"shifts[{i}].start", f'two shifts start at "{start}"'))
+            starts.append(start)
+        return problems
+
+    @property
+    def topic_root(self) -> str:
+        return self.upstream.topic_prefix.format(site=self.gateway.site, gateway_id=self.gateway.id)
+
+
+def validate(node: Any, problems: Problems) -> Any:
+    """The Config for a YAML document, or an Invalid; every problem is added to `problems`."""
+    return load_section(Config, node, "", problems)

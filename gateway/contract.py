@@ -1,0 +1,169 @@
+"""The upstream contract: every topic and every payload the gateway publishes, built here only.
+
+    {root}/status              retained   online/offline (offline is the Last Will), version, devices
+    {root}/{device}/telemetry             seq, ts, device, values [, quality] [, score, threshold]
+    {root}/{device}/anomaly               event start/end, score, threshold, model, top_tags
+    {root}/{device}/counters              per counter: total, shift, shift_id, kind
+    {root}/{device}/shift                 a closed shift: counts, quality rate, OEE, anomaly minutes
+    {root}/health                         backlog, drops, upstream, devices, inference latency
+
+Builders return plain dicts; the outbox adds `seq` and encodes them (JSON today; another
+encoding, such as Sparkplug B, is another function over the same dicts). `ts` is the
+time the sample was taken (RFC 3339, UTC, milliseconds), never the time of sending.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from gateway.counters import CounterRow
+from gateway.units import rfc3339
+
+Payload = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Topics:
+    """The topic of each kind of message under one root (`edge/{site}/{gateway_id}` by default)."""
+
+    root: str
+
+    @property
+    def status(self) -> str:
+        return f"{self.root}/status"
+
+    @property
+    def health(self) -> str:
+        return f"{self.root}/health"
+
+    def telemetry(self, device: str) -> str:
+        return f"{self.root}/{device}/telemetry"
+
+    def anomaly(self, device: str) -> str:
+        return f"{self.root}/{device}/anomaly"
+
+    def counters(self, device: str) -> str:
+        return f"{self.root}/{device}/counters"
+
+    def shift(self, device: str) -> str:
+        return f"{self.root}/{device}/shift"
+
+
+def encode(payload: Payload) -> bytes:
+    """A payload as it goes on the wire: compact JSON, never NaN."""
+    return json.dumps(payload, separators=(",", ":"), allow_nan=False).encode()
+
+
+def telemetry(device: str, ts: float, values: Mapping[str, float | None], quality: Mapping[str, str],
+              score: float | None = None, threshold: float | None = None, scored: bool = False) -> Payload:
+    """One sample; `quality` lists only the tags that are not ok; score and threshold when a model is attached."""
+    payload: Payload = {"ts": rfc3339(ts), "device": device, "values": dict(values)}
+    if scored:
+        payload["score"] = None if score is None else round(score, 5)
+        payload["threshold"] = threshold
+    not_ok = {tag: q for tag, q in quality.items() if q != "ok"}
+    if not_ok:
+        payload["quality"] = not_ok
+    return payload
+
+
+def anomaly(device: str, ts: float, kind: str, score: float, threshold: float, model: str,
+            top_tags: list[dict[str, Any]], started: float | None = None, peak: float | None = None) -> Payload:
+    """An anomaly event: `start`, or `end` with when it started, how long it lasted and its peak score."""
+    payload: Payload = {"ts": rfc3339(ts), "device": device, "event": kind, "score": round(score, 5),
+                        "threshold": threshold, "model": model, "top_tags": top_tags}
+    if kind == "end" and started is not None and peak is not None:
+        payload.update(started=rfc3339(started), duration_s=round(ts - started, 1), peak_score=round(peak, 5))
+    return payload
+
+
+class CounterSpec(Protocol):
+    @property
+    def name(self) -> str: ...
+    @property
+    def kind(self) -> str: ...
+
+
+def counters(device: str, ts: float, specs: Iterable[CounterSpec], rows: Mapping[str, CounterRow]) -> Payload:
+    """Every counter of a device that has a value: lifetime total, shift total, shift id and kind."""
+    return {"ts": rfc3339(ts), "device": device, "counters": {
+        c.name: {"total": row.total, "shift": row.shift_total, "shift_id": row.shift_id, "kind": c.kind}
+        for c in specs if (row := rows.get(c.name)) is not None}}
+
+
+class ShiftFacts(Protocol):
+    """What the shift book knows of a closed shift."""
+    @property
+    def shift_id(self) -> str: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def start(self) -> float: ...
+    @property
+    def end(self) -> float: ...
+    @property
+    def observed_s(self) -> float: ...
+    @property
+    def state_s(self) -> dict[str, float]: ...
+    @property
+    def anomaly_s(self) -> float: ...
+    @property
+    def missed(self) -> bool: ...
+
+
+def shift(device: str, rec: ShiftFacts, specs: Iterable[CounterSpec], rows: Mapping[str, CounterRow],
+          ideal_rate: float | None, has_oee: bool, gap_limit: float, scored: bool = False) -> Payload:
+    """A closed shift: counts by kind, quality rate, and with `oee:` configured availability, performance, OEE."""
+    specs = list(specs)
+    shift_counts = {c.name: (rows[c.name].shift_total if c.name in rows and rows[c.name].shift_id == rec.shift_id
+                             else 0) for c in specs}
+    kinds = {kind: sum(shift_counts[c.name] for c in specs if c.kind == kind) for kind in ("total", "good", "defect")}
+    has = {kind: any(c.kind == kind for c in specs) for kind in ("total", "good", "defect")}
+    total = kinds["total"] if has["total"] else kinds["good"] + kinds["defect"]
+    good = kinds["good"] if has["good"] else total - kinds["defect"]
+    length = rec.end - rec.start
+    payload: Payload = {
+        "device": device, "ts": rfc3339(rec.end), "shift_id": rec.shift_id, "shift": rec.name,
+        "start": rfc3339(rec.start), "end": rfc3339(rec.end), "length_s": round(length, 3),
+        "partial": rec.missed or length - rec.observed_s > gap_limit, "observed_s": round(rec.observed_s, 3),
+        "counters": {} if rec.missed else shift_counts,
+    }
+    if rec.missed:
+        payload["missed"] = True
+        return payload
+    quality = good / total if total and (has["defect"] or has["good"]) else None
+    payload.update(total=total, good=good, defect=total - good, quality_rate=_round(quality))
+    if has_oee:
+        state = rec.state_s
+        planned = rec.observed_s - state["planned_stop"] - state["unknown"]
+        availability = state["running"] / planned if planned > 0 else None
+        performance = (total / (ideal_rate / 60.0 * state["running"])
+                       if ideal_rate and state["running"] > 0 else None)
+        factors = (availability, performance, quality)
+        payload.update(state_s={k: round(v, 3) for k, v in state.items()}, availability=_round(availability),
+                       performance=_round(performance),
+                       oee=_round(math.prod(f for f in factors if f is not None)) if None not in factors else None)
+    payload["anomaly_minutes"] = round(rec.anomaly_s / 60.0, 2) if scored else None  # None: no model attached
+    return payload
+
+
+def status(state: str, gateway_id: str, version: str, started: float,
+           devices: Mapping[str, Mapping[str, str]] | None = None) -> bytes:
+    """The retained status: `online` with each device's state and source, or `offline` (the Last Will)."""
+    payload: Payload = {"state": state, "gateway_id": gateway_id, "version": version, "started": rfc3339(started)}
+    if devices is not None:
+        payload["devices"] = {name: dict(d) for name, d in devices.items()}
+    return encode(payload)
+
+
+def health(report: Mapping[str, Any]) -> bytes:
+    """The health message (built by `health.py`, which owns its fields)."""
+    return encode(dict(report))
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 4)

@@ -1,0 +1,61 @@
+"""Every error the gateway raises on purpose, and what becomes of it.
+
+    GatewayError
+     ├── ConfigError       the config file is wrong: every problem listed, exit 78 (reload: refused, old kept)
+     ├── SourceError       a read failed: counted and reported for that device only; the loop goes on
+     ├── ModelError        an anomaly model cannot be used: a config problem at start, exit 78
+     ├── UplinkError       the upstream cannot be reached: logged once per change, retried with backoff
+     └── AlreadyRunning    another gateway holds the data_dir: exit 69
+
+Anything else that escapes a supervised loop is a bug: the daemon logs its traceback and
+exits non-zero so that systemd restarts it (see `supervise.py`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+
+class GatewayError(Exception):
+    """Base of the errors the gateway raises on purpose."""
+
+
+class ConfigError(GatewayError):
+    """A config file with one or more problems; `str()` lists them, one per line, with their YAML line."""
+
+    def __init__(self, file: str, problems: Sequence[tuple[str, str]], lines: Mapping[str, int] | None = None
+                 ) -> None:
+        self.file = file
+        self.problems = list(problems)
+        self.lines = dict(lines or {})
+        super().__init__("\n".join(self.format(path, msg) for path, msg in self.problems))
+
+    def line_of(self, path: str) -> int | None:
+        """The YAML line of `path`, or of its nearest enclosing key when it is missing from the file."""
+        while path:
+            if path in self.lines:
+                return self.lines[path]
+            cut = max(path.rfind("."), path.rfind("["))
+            path = path[:cut] if cut > 0 else ""
+        return None
+
+    def format(self, path: str, msg: str) -> str:
+        line = self.line_of(path) if path else None
+        where = f"{self.file}:{line}" if line else self.file
+        return f"{where}: {path}: {msg}" if path else f"{where}: {msg}"
+
+
+class SourceError(GatewayError):
+    """A read failed; `str()` says why in a form fit for the log and health (endpoint and request)."""
+
+
+class ModelError(GatewayError):
+    """An anomaly model that cannot be used with this device; `str()` names the model and the mismatch."""
+
+
+class UplinkError(GatewayError):
+    """The upstream broker cannot be reached or refused us; `str()` names the endpoint and the reason."""
+
+
+class AlreadyRunning(GatewayError):
+    """Another edge-gateway holds this data_dir."""

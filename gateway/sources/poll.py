@@ -1,0 +1,66 @@
+"""Polling on a drift-free schedule: a source's `read()` becomes a stream of samples.
+
+Tick k is due at start + k × interval. A poll that runs late skips the ticks it overran
+(counted in `skipped_ticks`) rather than bunching reads together; a read that takes longer
+than the source's deadline, or raises SourceError, becomes a failed Sample.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import AsyncIterator
+
+from gateway.errors import SourceError
+from gateway.sample import Sample
+
+log = logging.getLogger("edge_gateway.sources.poll")
+
+
+class PolledSource:
+    """A source read on request; subclasses give `read()` and may set `deadline` (default: the timeout)."""
+
+    device_name: str
+    tags: tuple[str, ...]
+    interval: float
+    deadline: float
+
+    def __init__(self) -> None:
+        self._skipped = 0
+
+    @property
+    def skipped_ticks(self) -> int:
+        return self._skipped
+
+    async def read(self) -> Sample:
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        pass
+
+    async def read_once(self) -> Sample:
+        """One reading, or a failed Sample saying why there is none."""
+        try:
+            return await asyncio.wait_for(self.read(), timeout=self.deadline)
+        except asyncio.TimeoutError:
+            why = f"no answer within {self.deadline:g}s"
+        except SourceError as err:
+            why = str(err)
+        except Exception as err:  # a bug in a source is logged with its traceback but stays with its device
+            log.exception("device %s: unexpected error reading the source", self.device_name)
+            why = f"internal error: {err!r}"
+        return Sample.failure(self.device_name, time.time(), self.tags, why)
+
+    async def samples(self) -> AsyncIterator[Sample]:
+        loop = asyncio.get_running_loop()
+        interval = self.interval
+        start, tick = loop.time(), 0
+        while True:
+            yield await self.read_once()  # the time the consumer takes counts towards this tick
+            elapsed = loop.time() - start
+            due = max(tick + 1, math.floor(elapsed / interval) + 1)
+            self._skipped += due - tick - 1
+            tick = due
+            await asyncio.sleep(max(0.0, start + tick * interval - loop.time()))

@@ -1,0 +1,239 @@
+"""The stages of one device's pipeline: counting (counters and shifts) → scoring → publishing.
+
+Each stage takes a Sample, keeps its own state, and stages what it has to say in the
+outbox through `contract`; none reaches into another. The device runner (`device.py`)
+calls them in order and passes between them the one thing they share: an anomaly event
+starting or ending is told to the shift book.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from gateway import contract, counters
+from gateway.config import CounterSection, Device
+from gateway.contract import Topics
+from gateway.counters import CounterRow
+from gateway.logs import fields
+from gateway.outbox import Outbox
+from gateway.sample import OK, Sample
+from gateway.shiftbook import ShiftBook, ShiftRecord
+from gateway.shifts import ShiftCalendar
+
+if TYPE_CHECKING:
+    from gateway.anomaly import DeviceScorer, Event, Model
+
+log = logging.getLogger("edge_gateway.device")
+
+
+class Counting:
+    """Exact counters from raw PLC registers, and the shift book (time per state, closed shifts)."""
+
+    def __init__(self, device: Device, outbox: Outbox, topics: Topics, shifts: ShiftCalendar, scored: bool) -> None:
+        self.device = device
+        self.outbox = outbox
+        self.shifts = shifts
+        self.scored = scored
+        self._counters_topic = topics.counters(device.name)
+        self._shift_topic = topics.shift(device.name)
+        self.gap_limit = max(3 * device.interval, 5.0)
+        self.book = ShiftBook(shifts, device.oee, self.gap_limit, outbox.shift_record(device.name))
+        self.rows: dict[str, CounterRow] = {name: row for (_, name), row in outbox.counters(device.name).items()}
+        self.changed = bool(device.counters)  # totals moved since the last counters message
+        self._problems: dict[str, str] = {}
+
+    def observe(self, sample: Sample) -> None:
+        """Shifts first (a boundary closes the old shift before the counters move to the new one), then counters."""
+        status = sample.values.get(self.device.oee.status_tag) if self.device.oee else None
+        self._close(self.book.observe(sample.ts, status))
+        self._count(sample)
+
+    def tick(self, now: float) -> None:
+        """No sample (the read failed): a shift may still end."""
+        self._close(self.book.tick(now))
+
+    def anomaly(self, ts: float, active: bool) -> None:
+        self.book.anomaly(ts, active)
+
+    def stage_counters(self, ts: float) -> None:
+        payload = contract.counters(self.device.name, ts, self.device.counters, self.rows)
+        if payload["counters"]:
+            self.outbox.stage(self._counters_topic, payload, created=ts)
+        self.changed = False
+
+    def _count(self, sample: Sample) -> None:
+        shift = self.shifts.at(sample.ts)
+        shift_id = shift.id if shift else None
+        name = self.device.name
+        for counter in self.device.counters:
+            raw = counters.raw_value(sample.values.get(counter.register), counter.bits)
+            if raw is None:
+                self._problem(counter, f"register {counter.register} gave no valid {counter.bits}-bit counter "
+                                       f"value ({sample.values.get(counter.register)!r})")
+                continue
+            self._problem(counter, None)
+            previous = self.rows.get(counter.name)
+            row, step = counters.advance(previous, raw, counter.bits, counter.reset_threshold, shift_id, sample.ts)
+            if step.event == "wrap" and previous is not None:
+                log.info("device %s: counter %s wrapped at %d bits (raw %d -> %d)", name, counter.name,
+                         counter.bits, previous.last_raw, raw,
+                         extra=fields(name, "counter_wrap", counter=counter.name))
+            elif step.event == "reset" and previous is not None:
+                log.warning("device %s: counter %s was reset on the PLC (raw %d -> %d); counting on from %d",
+                            name, counter.name, previous.last_raw, raw, row.total,
+                            extra=fields(name, "counter_reset", counter=counter.name))
+            if previous is None or (row.total, row.shift_total, row.shift_id) != (
+                    previous.total, previous.shift_total, previous.shift_id):
+                self.changed = True
+            self.rows[counter.name] = row
+            self.outbox.stage_counter(name, counter.name, row)
+
+    def _close(self, closed: list[ShiftRecord]) -> None:
+        name = self.device.name
+        for rec in closed:
+            oee = self.device.oee
+            payload = contract.shift(name, rec, self.device.counters, self.rows,
+                                     oee.ideal_rate if oee else None, oee is not None, self.gap_limit, self.scored)
+            self.outbox.stage(self._shift_topic, payload, created=rec.end)
+            log.info("device %s: shift %s closed%s", name, rec.shift_id,
+                     " (missed: the gateway was down)" if rec.missed else
+                     " (partial)" if payload["partial"] else "", extra=fields(name, "shift_closed"))
+        if self.book.changed and self.book.current is not None:
+            self.outbox.stage_shift(name, self.book.current.to_json())
+            self.book.changed = False
+
+    def _problem(self, counter: CounterSection, problem: str | None) -> None:
+        """Logged once when a counter stops counting, once when it counts again."""
+        name = counter.name
+        if self._problems.get(name) == problem:
+            return
+        device = self.device.name
+        if problem:
+            log.warning("device %s: counter %s not updated: %s", device, name, problem,
+                        extra=fields(device, "counter_bad", counter=name))
+            self._problems[name] = problem
+        elif self._problems.pop(name, None) is not None:
+            log.info("device %s: counter %s is counting again", device, name,
+                     extra=fields(device, "counter_ok", counter=name))
+
+
+class Scoring:
+    """The anomaly model: every `stride` samples a window is scored; events go upstream at once."""
+
+    def __init__(self, device: Device, model: Model, outbox: Outbox, topics: Topics) -> None:
+        from gateway.anomaly import DeviceScorer  # numpy and the runtime only when a model is attached
+
+        self.device = device
+        self.scorer: DeviceScorer = DeviceScorer(model)
+        self.outbox = outbox
+        self._topic = topics.anomaly(device.name)
+
+    @property
+    def score(self) -> float | None:
+        return self.scorer.state.score
+
+    @property
+    def threshold(self) -> float:
+        return float(self.scorer.model.threshold)
+
+    def push(self, sample: Sample) -> Event | None:
+        """Score the sample's window when one is due; the event, when one starts or ends."""
+        values = {tag: v if sample.quality.get(tag, OK) == OK else None for tag, v in sample.values.items()}
+        event = self.scorer.push(sample.ts, values)
+        if event is None:
+            return None
+        model, name = self.scorer.model, self.device.name
+        self.outbox.stage(self._topic, contract.anomaly(name, sample.ts, event.kind, event.score, model.threshold,
+                                                        model.name, event.top, event.started, event.peak),
+                          created=sample.ts)
+        tags = ", ".join(t["tag"] + (" (flatline)" if t.get("flatline") else "") for t in event.top)
+        if event.kind == "start":
+            log.warning("device %s: anomaly started: score %.4f > threshold %.4f; top tags %s", name,
+                        event.score, model.threshold, tags, extra=fields(name, "anomaly_start"))
+        else:
+            log.warning("device %s: anomaly ended after %.0fs (peak score %.4f)", name,
+                        sample.ts - (event.started or sample.ts), event.peak or 0.0,
+                        extra=fields(name, "anomaly_end"))
+        return event
+
+    def status(self) -> dict[str, Any]:
+        st = self.scorer.state
+        return {"model": self.scorer.model.name, "state": "anomaly" if st.active else
+                ("normal" if st.score is not None else "not scored"), "score": st.score,
+                "threshold": self.threshold, "windows_scored": st.scored,
+                "windows_not_scored": st.unscored, "why_not_scored": st.why_unscored}
+
+    def take_latency(self) -> list[float]:
+        return self.scorer.take_latency()
+
+
+class PublishPolicy:
+    """When a sample becomes a telemetry message: every `interval`, or on change beyond a deadband."""
+
+    def __init__(self, device: Device) -> None:
+        cfg = device.publish
+        self.on_change = cfg.on_change
+        self.every_sample = cfg.interval is None and not cfg.on_change  # the default: publish what is read
+        self.interval = cfg.interval if cfg.interval is not None else device.interval
+        self.deadband = cfg.deadband
+        self.max_silence = cfg.max_silence
+        self._last: Sample | None = None
+
+    def wants(self, sample: Sample) -> bool:
+        last = self._last
+        if last is None or self.every_sample:
+            return self._take(sample)
+        if self.on_change:
+            if sample.ts - last.ts >= self.max_silence or sample.quality != last.quality:
+                return self._take(sample)
+            for tag, value in sample.values.items():
+                old = last.values.get(tag)
+                if old is None or value is None:
+                    if (value is None) != (old is None):
+                        return self._take(sample)
+                elif abs(value - old) > self.deadband.get(tag, 0.0):
+                    return self._take(sample)
+            return False
+        # A small tolerance so that jitter in the poll timing does not skip every other interval.
+        if sample.ts - last.ts >= self.interval * 0.98:
+            return self._take(sample)
+        return False
+
+    def _take(self, sample: Sample) -> bool:
+        self._last = sample
+        return True
+
+
+class Publishing:
+    """Telemetry by the publish policy; with it, the counters message when totals moved (or at max_silence)."""
+
+    def __init__(self, device: Device, outbox: Outbox, topics: Topics, counting: Counting,
+                 scoring: Scoring | None) -> None:
+        self.device = device
+        self.outbox = outbox
+        self.policy = PublishPolicy(device)
+        self.counting = counting
+        self.scoring = scoring
+        self.published = 0
+        self._topic = topics.telemetry(device.name)
+        self._last_counters_ts = 0.0
+
+    def push(self, sample: Sample) -> None:
+        if not self.policy.wants(sample):
+            return
+        scoring = self.scoring
+        payload = contract.telemetry(self.device.name, sample.ts, sample.values, sample.quality,
+                                     scoring.score if scoring else None, scoring.threshold if scoring else None,
+                                     scored=scoring is not None)
+        self.outbox.stage(self._topic, payload, created=sample.ts)
+        self.published += 1
+        if self.counting.changed or sample.ts - self._last_counters_ts >= self.policy.max_silence:
+            self.counting.stage_counters(sample.ts)
+            self._last_counters_ts = sample.ts
+
+
+def scoring_for(device: Device, model: Model | None, outbox: Outbox, topics: Topics) -> Scoring | None:
+    return Scoring(device, model, outbox, topics) if model is not None else None
+
+
