@@ -1,8 +1,15 @@
 """Real parts for the tests: mosquitto and amqtt broker processes, the gateway as a subprocess,
-an upstream subscriber. Every process started here is stopped by its fixture."""
+an upstream subscriber. Every process started here is stopped by its fixture.
+
+Two tiers: a test that starts processes (a broker, the gateway, the simulated PLC) is marked
+`slow` here, by the fixtures it uses or by its module's `pytestmark`; the rest is the fast,
+in-process tier (`./dev test -m "not slow"`), where a test that leaves a task or a thread
+behind fails.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -13,12 +20,54 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+
+
+# Fixtures that start processes: a test using one belongs to the slow tier.
+PROCESS_FIXTURES = {"broker", "mosquitto", "gateway", "sim_server"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+        if item.get_closest_marker("slow"):
+            # The process fixtures hand log files to their children and leave closing them to the GC;
+            # that is the tests' own leak, not the gateway's (the fast tier keeps every warning an error).
+            item.add_marker(pytest.mark.filterwarnings("ignore::ResourceWarning"))
+
+
+@pytest.fixture(autouse=True)
+def nothing_left_behind(request, monkeypatch):
+    """Fast tier: fail a test that leaves an asyncio task or a thread running after it."""
+    if request.node.get_closest_marker("slow"):
+        yield
+        return
+    leaked: list[str] = []
+    real_run = asyncio.run
+
+    def checked_run(main: Any, **kw: Any) -> Any:
+        async def watched() -> Any:
+            result = await main
+            left = [t.get_name() for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            leaked.extend(f"task {name}" for name in left)
+            return result
+        return real_run(watched(), **kw)
+    monkeypatch.setattr(asyncio, "run", checked_run)
+    before = set(threading.enumerate())
+    yield
+    deadline = time.monotonic() + 3.0
+    while (threads := [t for t in threading.enumerate() if t not in before and t.is_alive()]) and \
+            time.monotonic() < deadline:
+        time.sleep(0.02)
+    leaked.extend(f"thread {t.name}" for t in threads)
+    assert not leaked, f"the test left running: {', '.join(leaked)}"
 
 
 def free_port() -> int:
@@ -57,12 +106,12 @@ class BrokerProcess:
         if self.kind == "mosquitto":
             conf = self.workdir / f"mosquitto-{self.port}.conf"
             # `user root`: as root, mosquitto would otherwise drop to a user that cannot read tmp_path.
-            conf.write_text(f"user root\npersistence false\n" + (self.extra_conf or
+            conf.write_text("user root\npersistence false\n" + (self.extra_conf or
                             f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"))
             return [shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(conf)]
         return [sys.executable, "-m", "gateway.broker", "--listen", f"127.0.0.1:{self.port}", "--allow-anonymous"]
 
-    def start(self) -> "BrokerProcess":
+    def start(self) -> BrokerProcess:
         log = open(self.workdir / f"{self.kind}-{self.port}.log", "a")
         self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=ENV)
         wait_until(lambda: _port_open(self.port) or self.proc.poll() is not None, 15, what=f"{self.kind} to listen")
@@ -271,7 +320,7 @@ class GatewayProcess:
         self.log = workdir / "gateway.log"
         self.proc: subprocess.Popen | None = None
 
-    def start(self, **env: str) -> "GatewayProcess":
+    def start(self, **env: str) -> GatewayProcess:
         self.proc = subprocess.Popen([sys.executable, "-m", "gateway", "run", "-c", str(self.config)],
                                      stdout=open(self.log, "a"), stderr=subprocess.STDOUT, env={**ENV, **env},
                                      cwd=ROOT)

@@ -10,7 +10,6 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import ENV, ROOT, gateway_config, wait_until
 
 pytest.importorskip("ai_edge_litert")

@@ -6,7 +6,10 @@ import json
 import subprocess
 import sys
 
+import pytest
 from conftest import ENV, ROOT, gateway_config, wait_until
+
+pytestmark = pytest.mark.slow  # it starts processes: the gateway, brokers, the installer
 
 
 def test_demo_runs_everything_and_stops_by_itself():

@@ -184,3 +184,12 @@ def test_secret_files_must_exist(tmp_path):
     result = check(tmp_path, text)
     assert result.returncode == 78
     assert f'upstream.password_file: expected a readable file, got "{tmp_path}/missing.pass"' in result.stderr
+
+
+def test_every_config_key_is_documented_as_the_schema_says():
+    from gateway.config import reference
+
+    doc = (ROOT / "docs" / "configuration.md").read_text()
+    begin, end = doc.index(reference.BEGIN), doc.index(reference.END) + len(reference.END)
+    assert doc[begin:end] + "\n" == reference.reference(), \
+        "docs/configuration.md is out of date: paste the output of `python -m gateway.config.reference`"

@@ -8,8 +8,9 @@ import stat
 import subprocess
 
 import pytest
-
 from conftest import ROOT
+
+pytestmark = pytest.mark.slow  # it starts processes: the gateway, brokers, the installer
 
 
 def install(destdir, *args) -> subprocess.CompletedProcess:

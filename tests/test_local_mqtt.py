@@ -10,9 +10,10 @@ import sys
 
 import paho.mqtt.client as mqtt
 import pytest
-
 from conftest import ENV, ROOT, free_port, gateway_config, wait_until
 from test_service import NotifySocket
+
+pytestmark = pytest.mark.slow  # it starts processes: the gateway, brokers, the installer
 
 pytest.importorskip("amqtt")
 

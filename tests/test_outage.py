@@ -11,8 +11,9 @@ import subprocess
 import time
 
 import pytest
-
 from conftest import BrokerProcess, gateway_config, wait_until
+
+pytestmark = pytest.mark.slow  # it starts processes: the gateway, brokers, the installer
 
 ROOT = "edge/lab/test-gw"
 FAST_DEVICES = """

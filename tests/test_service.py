@@ -14,8 +14,9 @@ import time
 from datetime import datetime
 
 import pytest
-
 from conftest import ENV, ROOT, gateway_config, wait_until
+
+pytestmark = pytest.mark.slow  # it starts processes: the gateway, brokers, the installer
 
 
 class NotifySocket:

@@ -7,8 +7,9 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import BrokerProcess, free_port, gateway_config, wait_until
+
+pytestmark = pytest.mark.slow  # it starts processes: the gateway, brokers, the installer
 
 ROOT = "edge/lab/test-gw"
 SECRET = "s3cret-Pa55"
@@ -60,7 +61,7 @@ def test_wrong_ca_is_refused_clearly_and_retried(tls_broker, gateway, tmp_path):
     wait_until(lambda: "TLS certificate verification failed" in gw.logs(), 20, what="the TLS error")
     time.sleep(2)
     assert gw.proc.poll() is None, "a TLS failure is retried, not crashed on"
-    line = next(l for l in gw.logs().splitlines() if "TLS certificate verification failed" in l)
+    line = next(x for x in gw.logs().splitlines() if "TLS certificate verification failed" in x)
     assert f"127.0.0.1:{tls_broker.port}" in line and "certificate" in line
     assert gw.logs().count("TLS certificate verification failed") == 1, "logged once, not once per retry"
 
