@@ -325,7 +325,7 @@ def _tags(cls: type, v: Any) -> tuple[str, ...]:
         return SIM_PROFILES.get(v.get("profile") or "", ())
     if cls is MqttDevice:
         return tuple(v.get("fields") or {})
-    if cls in (ModbusTcpDevice, ModbusRtuDevice):
+    if isinstance(cls, type) and issubclass(cls, ModbusDevice):
         return tuple(n for r in items(v.get("registers")) if (n := part(r, "name")) is not None)
     return ()
 
@@ -343,16 +343,13 @@ def _register_rules(v: Fields) -> list[Problem]:
 
 
 @dataclass(frozen=True)
-class ModbusTcpDevice(DeviceBase):
-    host: str = setting(string(), doc="the PLC or Modbus gateway")
-    port: int | None = setting(optional(integer(1, 65535)), None, doc="default 502")
+class ModbusDevice(DeviceBase):
+    """What Modbus TCP and RTU devices share: a unit id and a register map."""
     unit: int | None = setting(optional(integer(0, 255)), None, doc="unit (slave) id, default 1")
     registers: tuple[RegisterSection, ...] = setting(list_of(section(RegisterSection)), doc="the register map")
     max_gap: int | None = setting(optional(integer(0, 124)), None,
                                   doc="unused registers a read may span to join two (default 10)")
     max_registers_per_read: int | None = setting(optional(integer(1, 125)), None, doc="for PLCs that take fewer")
-
-    SOURCE: ClassVar[str] = "modbus_tcp"
 
     @classmethod
     def rules(cls, v: Fields) -> list[Problem]:
@@ -360,19 +357,18 @@ class ModbusTcpDevice(DeviceBase):
 
 
 @dataclass(frozen=True)
-class ModbusRtuDevice(DeviceBase):
+class ModbusTcpDevice(ModbusDevice):
+    host: str = setting(string(), doc="the PLC or Modbus gateway")
+    port: int | None = setting(optional(integer(1, 65535)), None, doc="default 502")
+
+    SOURCE: ClassVar[str] = "modbus_tcp"
+
+
+@dataclass(frozen=True)
+class ModbusRtuDevice(ModbusDevice):
     serial: SerialSection = setting(section(SerialSection), doc="the serial line")
-    unit: int | None = setting(optional(integer(0, 255)), None, doc="unit (slave) id, default 1")
-    registers: tuple[RegisterSection, ...] = setting(list_of(section(RegisterSection)), doc="the register map")
-    max_gap: int | None = setting(optional(integer(0, 124)), None,
-                                  doc="unused registers a read may span to join two (default 10)")
-    max_registers_per_read: int | None = setting(optional(integer(1, 125)), None, doc="for PLCs that take fewer")
 
     SOURCE: ClassVar[str] = "modbus_rtu"
-
-    @classmethod
-    def rules(cls, v: Fields) -> list[Problem]:
-        return _register_rules(v) + super().rules(v)
 
 
 @dataclass(frozen=True)
