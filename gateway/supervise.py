@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
+import threading
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 log = logging.getLogger("edge_gateway.supervise")
@@ -94,3 +95,31 @@ async def run_all(**loops: Coroutine[Any, Any, Any]) -> None:
         raise error
     finally:
         await sup.aclose()
+
+
+async def in_daemon_thread(call: Callable[[], object], limit: float, what: str) -> bool:
+    """Run a blocking call in a daemon thread, waiting at most `limit` seconds; whether it ended.
+
+    Not the default executor: asyncio.run waits for that at exit without a bound, so a paho thread
+    stuck on a dead socket would hold the process after its drain (seen: a stop that never ended).
+    """
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def finish() -> None:
+        if not done.done():
+            done.set_result(None)
+
+    def target() -> None:
+        try:
+            call()
+        finally:
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(finish)
+    threading.Thread(target=target, name=f"stop {what}", daemon=True).start()
+    try:
+        await asyncio.wait_for(asyncio.shield(done), limit)
+    except asyncio.TimeoutError:
+        log.warning("%s did not end within %gs; leaving it behind", what, limit)
+        return False
+    return True

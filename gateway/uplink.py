@@ -25,7 +25,7 @@ from gateway.errors import UplinkError
 from gateway.logs import fields
 from gateway.outbox import Outbox
 from gateway.retry import backoff
-from gateway.supervise import run_all
+from gateway.supervise import in_daemon_thread, run_all
 
 log = logging.getLogger("edge_gateway.uplink")
 
@@ -223,7 +223,7 @@ class Uplink:
         self._forget_inflight()
         if client is not None:
             client.disconnect()  # ends paho's network thread if the socket is still open
-            await asyncio.to_thread(client.loop_stop)
+            await in_daemon_thread(client.loop_stop, LOOP_STOP_LIMIT, "paho's network thread")
 
     async def _sleep(self, seconds: float) -> None:
         """Sleep, but wake at once when stop() is called."""
@@ -284,6 +284,9 @@ class Uplink:
                 self.store.hold(msg.seq)
                 self._cursor = msg.seq
                 self.stats.published += 1
+
+
+LOOP_STOP_LIMIT = 3.0  # seconds to wait for paho's network thread to end
 
 
 def _wait_published(info: mqtt.MQTTMessageInfo, timeout: float) -> None:

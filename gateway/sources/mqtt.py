@@ -30,6 +30,7 @@ from gateway.credentials import read_secret
 from gateway.errors import SourceError
 from gateway.retry import backoff
 from gateway.sample import ERROR, OK, Sample
+from gateway.supervise import in_daemon_thread
 
 log = logging.getLogger("edge_gateway.mqtt_source")
 
@@ -55,7 +56,7 @@ class MqttLink:
         self.sources.append(source)
 
     async def aclose(self) -> None:
-        await asyncio.to_thread(self._disconnect)
+        await in_daemon_thread(self._disconnect, 3.0, "the local broker connection")
 
     # -- connection, with backoff; messages arrive on paho's thread ---------------------------
     async def run(self) -> None:
