@@ -32,7 +32,7 @@ from gateway.notify import Notifier
 from gateway.outbox import Bounds, Outbox, lock
 from gateway.shifts import ShiftCalendar
 from gateway.sources import Links, open_source
-from gateway.supervise import Supervisor
+from gateway.supervise import Supervisor, within
 from gateway.uplink import Uplink
 
 log = logging.getLogger("edge_gateway")
@@ -260,7 +260,7 @@ class Gateway:
             up = asyncio.Event()
             self._sup.start(self._local_broker(self.config.local_broker, up), "local-broker")
             try:  # so that the mqtt devices find it listening; a broker that cannot start is retried
-                await asyncio.wait_for(up.wait(), timeout=5)
+                await within(up.wait(), 5)
             except asyncio.TimeoutError:
                 pass
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Callable, Coroutine
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 log = logging.getLogger("edge_gateway.supervise")
 
@@ -118,8 +120,29 @@ async def in_daemon_thread(call: Callable[[], object], limit: float, what: str) 
                 loop.call_soon_threadsafe(finish)
     threading.Thread(target=target, name=f"stop {what}", daemon=True).start()
     try:
-        await asyncio.wait_for(asyncio.shield(done), limit)
+        await within(asyncio.shield(done), limit)
     except asyncio.TimeoutError:
         log.warning("%s did not end within %gs; leaving it behind", what, limit)
         return False
     return True
+
+
+async def within(aw: Awaitable[T], seconds: float) -> T:
+    """`aw`'s result, or asyncio.TimeoutError after `seconds` (`aw` is then cancelled and awaited).
+
+    Use this, not asyncio.wait_for: before Python 3.12, wait_for swallows a cancellation that arrives
+    as the awaited thing completes, and the cancelled task carries on (seen: device loops that never
+    stopped when cancelled on a poll tick, which would hang a reload or a shutdown).
+    """
+    task = asyncio.ensure_future(aw)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=seconds)
+    except asyncio.CancelledError:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        raise
+    if not done:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        raise asyncio.TimeoutError
+    return task.result()

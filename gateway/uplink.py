@@ -25,7 +25,7 @@ from gateway.errors import UplinkError
 from gateway.logs import fields
 from gateway.outbox import Outbox
 from gateway.retry import backoff
-from gateway.supervise import in_daemon_thread, run_all
+from gateway.supervise import in_daemon_thread, run_all, within
 
 log = logging.getLogger("edge_gateway.uplink")
 
@@ -169,7 +169,7 @@ class Uplink:
             await asyncio.to_thread(client.connect, self.cfg.host, self.cfg.effective_port,
                                     int(self.cfg.keepalive))
             client.loop_start()
-            reason = await asyncio.wait_for(asyncio.shield(self._connack), timeout=max(5.0, self.cfg.keepalive))
+            reason = await within(asyncio.shield(self._connack), max(5.0, self.cfg.keepalive))
         except ssl.SSLCertVerificationError as err:
             await self._drop_client()
             raise UplinkError(f"TLS certificate verification failed for {where}: {err.verify_message}") from None
@@ -228,7 +228,7 @@ class Uplink:
     async def _sleep(self, seconds: float) -> None:
         """Sleep, but wake at once when stop() is called."""
         try:
-            await asyncio.wait_for(self._stop_event.wait(), timeout=seconds)
+            await within(self._stop_event.wait(), seconds)
         except asyncio.TimeoutError:
             pass
 

@@ -157,3 +157,21 @@ def test_a_second_gateway_on_the_same_data_dir_is_refused(tmp_path):
                 async with Gateway(cfg, str(path), Recorder()):
                     pass
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("completes", [True, False])
+def test_a_deadline_never_swallows_a_cancellation(completes):
+    """Cancelled as what it waits for completes (or not): the task ends cancelled, it does not carry on.
+    (asyncio.wait_for before Python 3.12 returns the result instead, and a device loop ran on.)"""
+    from gateway.supervise import within
+
+    async def main() -> None:
+        fut = asyncio.get_running_loop().create_future()
+        task = asyncio.create_task(within(fut, 5))
+        await asyncio.sleep(0)  # the task is waiting now
+        if completes:
+            fut.set_result(1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    asyncio.run(main())

@@ -21,6 +21,7 @@ from gateway.modbus_map import Read, decode, plan, width
 from gateway.retry import backoff
 from gateway.sample import ERROR, OK, Sample
 from gateway.sources.poll import PolledSource
+from gateway.supervise import within
 
 log = logging.getLogger("edge_gateway.modbus")
 
@@ -88,9 +89,9 @@ class Link:
             client = await self._connected()
             self.requests += 1
             try:
-                response = await asyncio.wait_for(
+                response = await within(
                     getattr(client, _FUNCTIONS[read.table])(read.address, count=read.count, device_id=unit),
-                    timeout=timeout)
+                    timeout)
             except asyncio.TimeoutError:
                 self._drop()  # a late answer must never be taken for the answer to a later request
                 raise SourceError(f"{self.name}: no response within {timeout:g}s "

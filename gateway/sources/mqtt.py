@@ -30,7 +30,7 @@ from gateway.credentials import read_secret
 from gateway.errors import SourceError
 from gateway.retry import backoff
 from gateway.sample import ERROR, OK, Sample
-from gateway.supervise import in_daemon_thread
+from gateway.supervise import in_daemon_thread, within
 
 log = logging.getLogger("edge_gateway.mqtt_source")
 
@@ -69,7 +69,7 @@ class MqttLink:
             try:
                 # connect() blocks on the socket (and DNS): not on the loop's thread.
                 await asyncio.to_thread(self._connect, loop, connected, self._lost)
-                rc = await asyncio.wait_for(connected, timeout=10)
+                rc = await within(connected, 10)
                 if rc != 0:
                     raise ConnectionError(f"the local broker refused the connection: {rc}")
             except (OSError, ConnectionError, asyncio.TimeoutError, ValueError) as err:
@@ -162,7 +162,7 @@ class MqttSource:
         silence = max(3 * device.interval, device.timeout)
         while True:
             try:
-                item = await asyncio.wait_for(self._q().get(), timeout=silence)
+                item = await within(self._q().get(), silence)
             except asyncio.TimeoutError:
                 item = SourceError(f"no message on {device.topic} for {silence:g}s")
             if isinstance(item, SourceError):

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 
 from gateway.errors import SourceError
 from gateway.sample import Sample
+from gateway.supervise import within
 
 log = logging.getLogger("edge_gateway.sources.poll")
 
@@ -43,7 +44,7 @@ class PolledSource:
     async def read_once(self) -> Sample:
         """One reading, or a failed Sample saying why there is none."""
         try:
-            return await asyncio.wait_for(self.read(), timeout=self.deadline)
+            return await within(self.read(), self.deadline)
         except asyncio.TimeoutError:
             why = f"no answer within {self.deadline:g}s"
         except SourceError as err:
