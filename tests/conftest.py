@@ -55,7 +55,8 @@ def nothing_left_behind(request, monkeypatch):
     def checked_run(main: Any, **kw: Any) -> Any:
         async def watched() -> Any:
             result = await main
-            left = [t.get_name() for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            left = [f"{t.get_name()} ({t.get_coro().__qualname__})" for t in asyncio.all_tasks()
+                    if t is not asyncio.current_task()]
             leaked.extend(f"task {name}" for name in left)
             return result
         return real_run(watched(), **kw)

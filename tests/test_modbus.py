@@ -4,6 +4,7 @@ third-party client of the simulated plant, and the faults a plant has (server go
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import re
 import shutil
@@ -365,3 +366,37 @@ def test_plc_counter_reset_on_demand_is_counted_as_a_reset(sim_server, mosquitto
     last = sub.on("/counters")[-1]
     assert last["ts"] == telemetry[-1]["ts"]
     assert last["counters"]["produced"]["total"] == expected
+
+
+def test_a_plc_that_stops_answering_mid_frame_is_a_failed_read(caplog):
+    """Half a response, then silence: the poll fails with a clear reason, the connection is dropped,
+    and nothing is logged with a traceback."""
+    from gateway.sources import Links, open_source
+
+    async def main() -> list:
+        handlers = set()
+
+        async def half_frame(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            handlers.add(asyncio.current_task())
+            request = await reader.read(12)
+            writer.write(request[:2] + b"\x00\x00\x00")  # transaction id and half the MBAP header
+            await writer.drain()
+            await reader.read()  # then nothing more, until the gateway hangs up
+            writer.close()
+            await writer.wait_closed()
+        server = await asyncio.start_server(half_frame, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        cfg = parse(gateway_config(Path("/tmp/unused"), 1883,
+                                   devices=device_yaml("stuck", port, 1, PUMP_MAP[:2], timeout="300ms")))
+        source = open_source(cfg.devices[0], Links())
+        try:
+            return [await source.read_once() for _ in range(2)]
+        finally:
+            await source.aclose()
+            server.close()
+            await server.wait_closed()
+            await asyncio.wait(handlers, timeout=5)  # each ends when the gateway has hung up
+    with caplog.at_level(logging.DEBUG):
+        samples = asyncio.run(main())
+    assert all(s.failed and "no response within 0.3s" in s.problem for s in samples), [s.problem for s in samples]
+    assert not [r for r in caplog.records if r.exc_info]

@@ -178,7 +178,9 @@ def decode(device: MqttDevice, payload: bytes, arrived: float) -> Sample | Sourc
     """One message → a Sample, or a SourceError when nothing in it can be used."""
     try:
         doc = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    except RecursionError:
+        return SourceError(f"JSON nested too deeply on {device.topic} (payload {_preview(payload)})")
+    except ValueError as err:  # not JSON, not UTF-8/16/32, or an integer of thousands of digits
         return SourceError(f"malformed JSON on {device.topic}: {err} (payload {_preview(payload)})")
     if not isinstance(doc, dict):
         return SourceError(f"expected a JSON object on {device.topic}, got {type(doc).__name__} "
@@ -190,13 +192,10 @@ def decode(device: MqttDevice, payload: bytes, arrived: float) -> Sample | Sourc
         found, value = _lookup(doc, path)
         if not found:
             problems.append(f"field {path} missing")
-        elif isinstance(value, bool):
-            values[tag], quality[tag] = float(value), OK
-            continue
-        elif not isinstance(value, (int, float)) or not math.isfinite(value):
-            problems.append(f"field {path}: expected a number, got {json.dumps(value)[:40]}")
+        elif (number := _number(value)) is None:
+            problems.append(f"field {path}: expected a number, got {_show(value)}")
         else:
-            values[tag], quality[tag] = float(value), OK
+            values[tag], quality[tag] = number, OK
             continue
         values[tag], quality[tag] = None, ERROR
     ts = arrived
@@ -205,7 +204,7 @@ def decode(device: MqttDevice, payload: bytes, arrived: float) -> Sample | Sourc
         parsed = _timestamp(raw) if found else None
         if parsed is None:
             problems.append(f"timestamp field {device.timestamp_field} "
-                            f"{'missing' if not found else 'not a time: ' + json.dumps(raw)[:40]}; arrival time used")
+                            f"{'missing' if not found else 'not a time: ' + _show(raw)}; arrival time used")
         else:
             ts = parsed
     return Sample(device.name, ts, values, quality, "; ".join(problems) or None)
@@ -220,18 +219,44 @@ def _lookup(doc: dict[str, Any], path: str) -> tuple[bool, Any]:
     return True, node
 
 
-def _timestamp(raw: Any) -> float | None:
-    if isinstance(raw, bool):
+def _number(value: Any) -> float | None:
+    """A JSON value as a finite float (true/false as 1/0), or None."""
+    if not isinstance(value, (bool, int, float)):
         return None
-    if isinstance(raw, (int, float)) and math.isfinite(raw) and raw > 0:
-        return raw / 1000.0 if raw > 1e11 else float(raw)  # epoch milliseconds or seconds
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond any float
+        return None
+    return number if math.isfinite(number) else None
+
+
+# Sample times a sensor may give: UNIX seconds from 1970 up to the year 3000 (beyond: a broken clock).
+LATEST_TS = 32503680000.0
+
+
+def _timestamp(raw: Any) -> float | None:
+    """Epoch seconds, epoch milliseconds or RFC 3339 with a zone, as UNIX seconds; None if not a time."""
+    ts: float | None
     if isinstance(raw, str):
         try:
             parsed = datetime.fromisoformat(raw.replace("Z", "+00:00"))
         except ValueError:
             return None
-        return parsed.timestamp() if parsed.tzinfo is not None else None  # a time without zone is ambiguous
-    return None
+        ts = parsed.timestamp() if parsed.tzinfo is not None else None  # a time without zone is ambiguous
+    else:
+        ts = None if isinstance(raw, bool) else _number(raw)
+        if ts is not None and ts > 1e11:
+            ts /= 1000.0  # epoch milliseconds
+    return ts if ts is not None and 0 < ts < LATEST_TS else None
+
+
+def _show(value: Any) -> str:
+    """A value as the log shows it: short, whatever it is."""
+    if isinstance(value, (dict, list)):
+        return "an object" if isinstance(value, dict) else "a list"
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 10**40:
+        return "an integer too large for a number"
+    return json.dumps(value)[:40]
 
 
 def _preview(payload: bytes) -> str:

@@ -1,0 +1,52 @@
+"""What a local sensor sends, however bad, becomes a Sample or a SourceError: never an exception."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway import config
+from gateway.errors import SourceError
+from gateway.sample import Sample
+from gateway.sources.mqtt import decode
+
+DEVICE = config.parse("""gateway: {id: g, site: s}
+upstream: {host: h}
+devices:
+  - {name: s1, source: mqtt, topic: plant/s1, fields: {temp: t, flow: x.flow}, timestamp_field: ts}
+""").devices[0]
+
+WORST = [
+    (b"\xff\xfe\x80", "malformed JSON"),
+    (b"[" * 10_000 + b"]" * 10_000, "nested too deeply"),
+    (b'{"t":' * 10_000 + b"1" + b"}" * 10_000, "nested too deeply"),
+    (b'{"t": ' + b"9" * 5000 + b"}", "malformed JSON"),
+    (b"\x00", "malformed JSON"),
+    (b"", "malformed JSON"),
+    (b"[1, 2]", "expected a JSON object"),
+]
+
+
+@pytest.mark.parametrize("payload,why", WORST, ids=range(len(WORST)))
+def test_garbage_is_a_source_error(payload, why):
+    result = decode(DEVICE, payload, 1_700_000_000.0)
+    assert isinstance(result, SourceError) and why in str(result)
+    assert len(str(result)) < 300  # the log line quotes a preview, never the payload
+
+
+def test_bad_fields_are_bad_tags_and_the_rest_is_kept():
+    payload = b'{"t": ' + b"9" * 4000 + b', "x": {"flow": 12.5}, "ts": 1e300, "pad": "' + b"x" * 10_000_000 + b'"}'
+    sample = decode(DEVICE, payload, 1_700_000_000.0)
+    assert isinstance(sample, Sample)
+    assert sample.values == {"temp": None, "flow": 12.5}
+    assert sample.quality == {"temp": "error", "flow": "ok"}
+    assert sample.ts == 1_700_000_000.0  # a time past the year 3000 is refused; the arrival time is used
+    assert sample.problem == ("field t: expected a number, got an integer too large for a number; "
+                              "timestamp field ts not a time: 1e+300; arrival time used")
+
+
+@pytest.mark.parametrize("ts,expected", [(1_700_000_000, 1_700_000_000.0), (1_700_000_000_500, 1_700_000_000.5),
+                                         ("2023-11-14T22:13:20Z", 1_700_000_000.0)])
+def test_sample_time_in_seconds_milliseconds_or_rfc3339(ts, expected):
+    import json
+    sample = decode(DEVICE, json.dumps({"t": 1, "x": {"flow": 2}, "ts": ts}).encode(), 0.0)
+    assert isinstance(sample, Sample) and sample.ts == expected and sample.problem is None
