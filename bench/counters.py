@@ -21,7 +21,7 @@ from gateway.outbox import Outbox
 
 
 def run(path: str, samples: int, batch: int, sync: str) -> float:
-    store = Outbox(path, sync=sync)
+    store = Outbox.open(path, sync=sync)
     rows: dict = {}
     raw = 65000
     start = time.perf_counter()

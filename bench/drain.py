@@ -30,7 +30,7 @@ from gateway.uplink import Uplink
 
 def fill(path: str, count: int) -> tuple[int, int]:
     """N pump telemetry messages in the outbox; returns (bytes on disk, payload bytes)."""
-    store = Outbox(path)
+    store = Outbox.open(path)
     pump = sim.Pump(seed=1)
     ts = time.time() - count
     for i in range(count):
@@ -50,7 +50,7 @@ async def drain(path: str, port: int, inflight: int) -> tuple[int, float, float]
     cfg = config.parse(f"gateway: {{id: bench, site: lab}}\n"
                        f"upstream: {{host: 127.0.0.1, port: {port}, max_inflight: {inflight}}}\n"
                        "devices: [{name: pump1, source: sim, profile: pump}]\n")
-    store = Outbox(path)
+    store = Outbox.open(path)
     count = store.stats.messages
     uplink = Uplink(cfg.upstream, store, client_id="bench-drain", status_topic="edge/lab/bench/status",
                     offline_payload=b"{}")

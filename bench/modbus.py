@@ -53,7 +53,7 @@ def gateway_yaml(port: int, extra: str) -> str:
 
 async def measure(port: int, extra: str, seconds: float, data: str) -> dict:
     cfg = config.parse(gateway_yaml(port, extra))
-    store = Outbox(os.path.join(data, f"g{len(extra)}.db"))
+    store = Outbox.open(os.path.join(data, f"g{len(extra)}.db"))
     links = Links()
     runners = [DeviceRunner(d, open_source(d, links), store, Topics("bench"), ShiftCalendar([], "UTC"))
                for d in cfg.devices]

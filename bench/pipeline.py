@@ -41,7 +41,7 @@ devices:
 
 async def run_pipeline(port: int, samples: int, data: str) -> dict:
     cfg = config.parse(CONFIG.format(data=data, port=port))
-    store = Outbox(os.path.join(data, "g.db"))
+    store = Outbox.open(os.path.join(data, "g.db"))
     shifts = ShiftCalendar([], "UTC")
     links = Links()
     runners = [DeviceRunner(d, open_source(d, links), store, Topics(cfg.topic_root), shifts) for d in cfg.devices]

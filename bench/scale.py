@@ -64,7 +64,7 @@ def rss_mib() -> float:
 
 async def step(devices: int, tags: int, hz: int, seconds: float, data: str, bare: bool) -> dict[str, float]:
     cfg = config.parse(config_text(devices, tags, hz))
-    outbox = Outbox(os.path.join(data, f"s{devices}-{tags}-{hz}-{int(bare)}.db"))
+    outbox = Outbox.open(os.path.join(data, f"s{devices}-{tags}-{hz}-{int(bare)}.db"))
     runners = [DeviceRunner(d, Synthetic(d), outbox, Topics("bench"), ShiftCalendar([], "UTC")) for d in cfg.devices]
 
     async def drain(runner: DeviceRunner) -> None:

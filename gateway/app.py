@@ -70,7 +70,7 @@ class Gateway:
         if self._lock is None:
             raise AlreadyRunning(f"another edge-gateway is running with data_dir {gw.data_dir}")
         try:
-            self._outbox = Outbox(os.path.join(gw.data_dir, STORE_FILE), bounds=_bounds(self.config),
+            self._outbox = Outbox.open(os.path.join(gw.data_dir, STORE_FILE), bounds=_bounds(self.config),
                                   sync=self.config.outbox.sync)
         except BaseException:
             self._lock.close()

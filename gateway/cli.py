@@ -401,7 +401,7 @@ def _set_counter(args, cfg, path: str) -> int:
         return EX_UNAVAILABLE
     with held:
         if not os.path.exists(path):
-            store.Outbox(path).close()
+            store.Outbox.open(path).close()
         old = admin.set_counter(path, args.device, args.name, args.value, args.reason, getpass.getuser())
     print(f"{args.device}/{args.name}: total {old} -> {args.value}; the next value read from the PLC is the new "
           f"baseline (recorded in the audit: edge-gateway counters audit)")

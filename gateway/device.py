@@ -9,7 +9,6 @@ device's error; it cannot stop another device or the uplink.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -56,7 +55,7 @@ class DeviceRunner:
     def _process(self, sample: Sample) -> None:
         if sample.failed:
             self.health.failed(sample.problem or "read failed")
-            self.counting.tick(time.time())
+            self.counting.tick(sample.ts)
         else:
             self.health.sampled(sample.ts, sample.bad_tags, sample.problem)
             self.counting.observe(sample)

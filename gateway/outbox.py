@@ -93,19 +93,15 @@ class Stats:
 class Outbox:
     """The gateway's SQLite file. Owned by the event-loop thread: no call blocks for long."""
 
-    def __init__(self, path: str, *, bounds: Bounds | None = None, sync: str = "normal") -> None:
+    def __init__(self, db: sqlite3.Connection, path: str, bounds: Bounds | None = None) -> None:
+        """An outbox on an open connection; `Outbox.open` opens the file and reads where it stands."""
         self.path = path
         self.bounds = bounds or Bounds()
         self.stats = Stats()
-        self._db = _open(path, sync)
+        self.last_seq = 0
+        self._db = db
         self._topics: dict[int, str] = {}
         self._topic_ids: dict[str, int] = {}
-        self._reload_topics()
-        self.last_seq = max(self._meta("last_seq"), self._db.execute(
-            "SELECT coalesce(max(seq), 0) FROM outbox").fetchone()[0])
-        self.stats.dropped = self._meta("dropped")
-        self.stats.messages, self.stats.bytes = self._db.execute(
-            "SELECT count(*), coalesce(sum(length(payload)), 0) FROM outbox").fetchone()
         self._pending: list[Message] = []
         self._pending_counters: dict[tuple[str, str], CounterRow] = {}
         self._pending_shifts: dict[str, str] = {}
@@ -115,6 +111,18 @@ class Outbox:
         self._held: set[int] = set()
         self._acked_max = 0
         self._pending_dropped = 0
+
+    @classmethod
+    def open(cls, path: str, *, bounds: Bounds | None = None, sync: str = "normal") -> Outbox:
+        """Open (or create) the outbox file: seq, counts and drops as they were left."""
+        outbox = cls(_open(path, sync), path, bounds)
+        outbox._reload_topics()
+        db = outbox._db
+        outbox.last_seq = max(outbox._meta("last_seq"), db.execute("SELECT coalesce(max(seq), 0) FROM outbox").fetchone()[0])
+        outbox.stats.dropped = outbox._meta("dropped")
+        outbox.stats.messages, outbox.stats.bytes = db.execute(
+            "SELECT count(*), coalesce(sum(length(payload)), 0) FROM outbox").fetchone()
+        return outbox
 
     # -- reading ---------------------------------------------------------------
     def _meta(self, key: str) -> int:

@@ -42,7 +42,7 @@ events = st.lists(st.one_of(
 def test_total_equals_true_count_across_wraps_resets_and_restarts(tmp_path_factory, bits, start, life):
     modulus = 1 << bits
     path = str(tmp_path_factory.mktemp("c") / "g.db")
-    store = Outbox(path)
+    store = Outbox.open(path)
     raw = start % modulus
     true_total = 0
     row, _ = counters.advance(None, raw, bits, 0.1, None, 0.0)  # the baseline
@@ -62,7 +62,7 @@ def test_total_equals_true_count_across_wraps_resets_and_restarts(tmp_path_facto
             store.stage_counter("d", "c", row)
             assert store.commit()
             store.close()
-            store = Outbox(path)
+            store = Outbox.open(path)
             row = store.counters("d")[("d", "c")]
             continue
         row, _ = counters.advance(row, raw, bits, 0.1, None, 0.0)

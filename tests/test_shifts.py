@@ -50,7 +50,7 @@ class Line:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.cfg = parse(CONFIG)
-        self.store = Outbox(str(path), bounds=Bounds(max_age=10 * 365 * 86400.0))  # the script is in the past
+        self.store = Outbox.open(str(path), bounds=Bounds(max_age=10 * 365 * 86400.0))  # the script is in the past
         calendar = ShiftCalendar([(s.name, s.start) for s in self.cfg.shifts], self.cfg.gateway.timezone)
         self.runner = DeviceRunner(self.cfg.devices[0], NoSource(), self.store, Topics("root"), calendar)
         self.produced = self.defects = 0

@@ -17,13 +17,13 @@ def payloads(store: Outbox) -> list[dict]:
 
 def test_seq_and_counters_survive_reopen(tmp_path):
     path = str(tmp_path / "g.db")
-    store = Outbox(path)
+    store = Outbox.open(path)
     for i in range(5):
         store.stage("t", {"i": i})
     store.stage_counter("line1", "produced", CounterRow(10, 123, 4, "2026-11-24/A", 1.0))
     assert store.commit()
     store.close()
-    store = Outbox(path)
+    store = Outbox.open(path)
     assert store.last_seq == 5
     assert store.stats.messages == 5
     assert store.stage("t", {}) == 6
@@ -31,7 +31,7 @@ def test_seq_and_counters_survive_reopen(tmp_path):
 
 
 def test_uncommitted_messages_are_never_fetched(tmp_path):
-    store = Outbox(str(tmp_path / "g.db"))
+    store = Outbox.open(str(tmp_path / "g.db"))
     store.stage("t", {"a": 1})
     assert store.fetch(0, 10) == []
     store.commit()
@@ -39,7 +39,7 @@ def test_uncommitted_messages_are_never_fetched(tmp_path):
 
 
 def test_ack_deletes_on_next_commit_and_is_not_resent(tmp_path):
-    store = Outbox(str(tmp_path / "g.db"))
+    store = Outbox.open(str(tmp_path / "g.db"))
     for i in range(3):
         store.stage("t", {"i": i})
     store.commit()
@@ -54,18 +54,18 @@ def test_ack_deletes_on_next_commit_and_is_not_resent(tmp_path):
 @pytest.mark.parametrize("policy,survivors", [("drop_oldest", [8, 9, 10]), ("drop_newest", [1, 2, 3])])
 def test_bounds_drop_per_policy_and_count_every_drop(tmp_path, policy, survivors):
     path = str(tmp_path / "g.db")
-    store = Outbox(path, bounds=Bounds(max_messages=3, when_full=policy))
+    store = Outbox.open(path, bounds=Bounds(max_messages=3, when_full=policy))
     for i in range(10):
         store.stage("t", {"i": i})
         store.commit()
     assert [m["seq"] for m in payloads(store)] == survivors
     assert store.stats.dropped == 7
     store.close()
-    assert Outbox(path).stats.dropped == 7  # persisted
+    assert Outbox.open(path).stats.dropped == 7  # persisted
 
 
 def test_max_bytes_and_max_age(tmp_path):
-    store = Outbox(str(tmp_path / "g.db"), bounds=Bounds(max_bytes=200, max_age=60))
+    store = Outbox.open(str(tmp_path / "g.db"), bounds=Bounds(max_bytes=200, max_age=60))
     for i in range(10):
         store.stage("t", {"pad": "x" * 30}, created=1000.0 + i)
     store.commit(now=1010.0)
@@ -80,7 +80,7 @@ def test_max_bytes_and_max_age(tmp_path):
 def test_corrupt_file_is_moved_aside(tmp_path):
     path = tmp_path / "g.db"
     path.write_bytes(os.urandom(8192))
-    store = Outbox(str(path))
+    store = Outbox.open(str(path))
     store.stage("t", {})
     assert store.commit()
     aside = [p for p in os.listdir(tmp_path) if ".corrupt-" in p]
@@ -88,7 +88,7 @@ def test_corrupt_file_is_moved_aside(tmp_path):
 
 
 def test_disk_refusing_writes_keeps_messages_and_recovers(tmp_path):
-    store = Outbox(str(tmp_path / "g.db"))
+    store = Outbox.open(str(tmp_path / "g.db"))
     store.stage("t", {"pad": "x" * 100})
     store.commit()
     page_count = store._db.execute("PRAGMA page_count").fetchone()[0]
@@ -105,7 +105,7 @@ def test_disk_refusing_writes_keeps_messages_and_recovers(tmp_path):
 
 
 def test_rows_in_flight_are_never_dropped(tmp_path):
-    store = Outbox(str(tmp_path / "g.db"), bounds=Bounds(max_messages=3))
+    store = Outbox.open(str(tmp_path / "g.db"), bounds=Bounds(max_messages=3))
     for i in range(3):
         store.stage("t", {"i": i})
     store.commit()

@@ -259,7 +259,7 @@ def load_section(cls: Any, node: Any, path: str, problems: Problems,
         values[name] = value
         ok = ok and not isinstance(value, Invalid)
     rules = getattr(cls, "rules", None)
-    broken = rules(_Fields(values, known)) if rules is not None else []
+    broken = rules(Fields(values, known)) if rules is not None else []
     for sub, msg in broken:
         problems.add(join(path, sub), msg)
     if not ok or broken:
@@ -267,7 +267,7 @@ def load_section(cls: Any, node: Any, path: str, problems: Problems,
     return cls(**values)
 
 
-class _Fields(Mapping[str, Any]):
+class Fields(Mapping[str, Any]):
     """What a section's rules read: a field's parsed value, its default, or None when it did not parse."""
 
     def __init__(self, values: dict[str, Any], known: Mapping[str, Field[Any]]) -> None:
@@ -291,5 +291,3 @@ class _Fields(Mapping[str, Any]):
     def __len__(self) -> int:
         return len(self._known)
 
-
-Fields = _Fields
