@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -17,20 +16,13 @@ import paho.mqtt.client as mqtt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from gateway.ports import free_port, listening  # noqa: E402  (re-exported for the benchmarks)
 
 
 def wait_port(port: int, timeout: float) -> None:
     """Until something listens on 127.0.0.1:port (or the timeout passes)."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
+    while time.monotonic() < deadline and not listening(port):
         time.sleep(0.05)
 
 

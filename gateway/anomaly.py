@@ -21,8 +21,10 @@ import math
 import os
 import threading
 import time
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 
@@ -34,7 +36,7 @@ MODEL_DIRS = (Path(__file__).resolve().parent.parent / "models", Path("/opt/edge
 
 
 
-def interpreter_class():
+def interpreter_class() -> Any:
     try:  # LiteRT first: tflite-runtime 2.14 (its last release) needs numpy < 2 and ran 11x slower here
         from ai_edge_litert.interpreter import Interpreter
     except ImportError:
@@ -47,7 +49,7 @@ def interpreter_class():
 
 
 @contextlib.contextmanager
-def _quiet_stderr():
+def _quiet_stderr() -> Iterator[None]:
     """Silence fd 2 while the runtime is created, when no other thread could be writing there."""
     if threading.active_count() > 1:
         yield
@@ -74,7 +76,7 @@ def model_dir(configured: str | None = None) -> Path:
 class Model:
     """A loaded model; shared by every device that names it (one interpreter, invoked in turn)."""
 
-    def __init__(self, tflite_path, meta_path, *, verify_hash: bool = True) -> None:
+    def __init__(self, tflite_path: str | Path, meta_path: str | Path, *, verify_hash: bool = True) -> None:
         tflite_path, meta_path = Path(tflite_path), Path(meta_path)
         self.path = tflite_path
         try:
@@ -151,11 +153,11 @@ class Model:
             out = self.interpreter.get_tensor(self._out)[0].astype(np.float32)
             out -= self.out_zero
             out *= self.out_scale
-            return out
+            return cast(np.ndarray, out)
         self._qbuf[0] = flat
         self.interpreter.set_tensor(self._in, self._qbuf)
         self.interpreter.invoke()
-        return self.interpreter.get_tensor(self._out)[0]
+        return cast(np.ndarray, self.interpreter.get_tensor(self._out)[0])
 
 
 def score_batch(model: Model, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -169,7 +171,7 @@ def score_batch(model: Model, windows: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return scores, per_tag
 
 
-_loaded: dict = {}
+_loaded: dict[Path, tuple[tuple[tuple[int, int], ...], Model]] = {}
 
 
 def load(name: str, directory: Path) -> Model:
@@ -186,7 +188,7 @@ def load(name: str, directory: Path) -> Model:
     return cached[1]
 
 
-def check_device(model: Model, device_tags, interval: float) -> list[str]:
+def check_device(model: Model, device_tags: Sequence[str], interval: float) -> list[str]:
     """Why this model cannot score this device; [] when it can."""
     problems = []
     missing = [t for t in model.tags if t not in device_tags]
@@ -204,7 +206,7 @@ def check_device(model: Model, device_tags, interval: float) -> list[str]:
 class Event:
     kind: str  # start | end
     score: float
-    top: list[dict]
+    top: list[dict[str, Any]]
     started: float | None = None
     peak: float | None = None
 
@@ -237,7 +239,7 @@ class DeviceScorer:
         self._event_start: float | None = None
         self._peak = 0.0
 
-    def push(self, ts: float, values: dict) -> Event | None:
+    def push(self, ts: float, values: Mapping[str, float | None]) -> Event | None:
         """Add one sample; return an anomaly event when one starts or ends."""
         m = self.model
         row = np.array([np.nan if values.get(tag) is None else values[tag] for tag in m.tags], dtype=np.float32)
@@ -278,16 +280,16 @@ class DeviceScorer:
         self.state.scored += 1
         # A live sensor never repeats its value exactly for a whole window: a stuck one does. Its
         # reconstruction error is small (no noise to miss), so the autoencoder alone cannot see it.
-        flat = [i for i in np.nonzero(self.same_run >= m.window - 1)[0] if m.tags[i] in m.flatline_tags]
-        return self._hysteresis(ts, score, err, flat)
+        flatlined = [int(i) for i in np.nonzero(self.same_run >= m.window - 1)[0] if m.tags[i] in m.flatline_tags]
+        return self._hysteresis(ts, score, err, flatlined)
 
-    def top_tags(self, err: np.ndarray, flat=()) -> list[dict]:
+    def top_tags(self, err: np.ndarray, flat: Sequence[int] = ()) -> list[dict[str, Any]]:
         total = float(err.sum()) or 1.0
         order = list(flat) + [i for i in np.argsort(err)[::-1] if i not in flat]
         return [{"tag": self.model.tags[i], "share": round(float(err[i]) / total, 3),
                  **({"flatline": True} if i in flat else {})} for i in order[: self.model.top_n]]
 
-    def _hysteresis(self, ts: float, score: float, err: np.ndarray, flat=()) -> Event | None:
+    def _hysteresis(self, ts: float, score: float, err: np.ndarray, flat: Sequence[int] = ()) -> Event | None:
         m = self.model
         if score > m.threshold or flat:
             self.above, self.below = self.above + 1, 0

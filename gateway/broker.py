@@ -20,8 +20,11 @@ import os
 import secrets
 import signal
 import sys
+from typing import Any
 
 import yaml
+
+from gateway.errors import EX_CANTCREAT, EX_CONFIG, EX_DATAERR, EX_OK
 
 log = logging.getLogger("edge_gateway.broker")
 
@@ -31,18 +34,15 @@ DEFAULT_CONFIG = "/etc/edge-gateway/amqtt.yaml"
 DEFAULT_USERS = "/etc/edge-gateway/local-broker.users"
 
 
-class BrokerConfigError(Exception):
-    pass
-
-
-def broker_config(listen: str, *, allow_anonymous: bool = False, password_file: str | None = None) -> dict:
-    plugins: dict = {ANON: {"allow_anonymous": allow_anonymous}}
+def broker_config(listen: str, *, allow_anonymous: bool = False, password_file: str | None = None
+                  ) -> dict[str, Any]:
+    plugins: dict[str, Any] = {ANON: {"allow_anonymous": allow_anonymous}}
     if password_file:
         plugins[FILE_AUTH] = {"password_file": password_file}
     return {"listeners": {"default": {"type": "tcp", "bind": listen}}, "plugins": plugins}
 
 
-def check_config(cfg, file: str) -> list[str]:
+def check_config(cfg: Any, file: str) -> list[str]:
     """What would make this amqtt config unsafe or unusable; [] when it is fine."""
     problems = []
     if not isinstance(cfg, dict) or not isinstance(cfg.get("listeners"), dict) or not cfg["listeners"]:
@@ -65,7 +65,7 @@ def check_config(cfg, file: str) -> list[str]:
     return problems
 
 
-async def start(listen: str | None = None, *, config: dict | None = None, **options):
+async def start(listen: str = "127.0.0.1:1883", *, config: dict[str, Any] | None = None, **options: Any) -> Any:
     """Start an amqtt broker on HOST:PORT (or from an amqtt config dict); call `await broker.shutdown()`."""
     from amqtt.broker import Broker  # imported here: amqtt is an optional extra
 
@@ -74,7 +74,7 @@ async def start(listen: str | None = None, *, config: dict | None = None, **opti
     return broker
 
 
-async def _serve(config: dict, description: str) -> None:
+async def _serve(config: dict[str, Any], description: str) -> None:
     from gateway.notify import Notifier
 
     broker = await start(config=config)
@@ -98,20 +98,20 @@ def serve_file(path: str) -> int:
             cfg = yaml.safe_load(fh)
     except OSError as err:
         print(f"{path}: cannot read the file: {err.strerror}", file=sys.stderr)
-        return 78
+        return EX_CONFIG
     except yaml.YAMLError as err:
         print(f"{path}: not valid YAML: {err}", file=sys.stderr)
-        return 78
+        return EX_CONFIG
     problems = check_config(cfg, path)
     if problems:
         print("\n".join(problems), file=sys.stderr)
-        return 78
+        return EX_CONFIG
     plugins = cfg.get("plugins") or {}
     if ANON in plugins and (plugins[ANON] or {}).get("allow_anonymous", True):
         log.warning("%s allows anonymous clients: any process that reaches the port can publish", path)
     binds = ", ".join(str(v.get("bind")) for v in cfg["listeners"].values() if isinstance(v, dict))
     asyncio.run(_serve(cfg, binds))
-    return 0
+    return EX_OK
 
 
 # -- users -------------------------------------------------------------------------------------
@@ -151,13 +151,13 @@ def _write_private(path: str, text: str, owner: tuple[int, int] | None = None) -
     os.replace(tmp, path)
 
 
-def user_command(args) -> int:
+def user_command(args: argparse.Namespace) -> int:
     """`edge-gateway broker-user NAME`: set a password (asked, from stdin, or generated into a file)."""
     try:
         if args.delete:
             set_user(args.users, args.name, None)
             print(f"{args.users}: user {args.name} removed")
-            return 0
+            return EX_OK
         if args.generate:
             password = secrets.token_urlsafe(24)
             _write_private(args.generate, password + "\n")
@@ -165,22 +165,22 @@ def user_command(args) -> int:
             password = getpass.getpass(f"password for {args.name}: ")
             if password != getpass.getpass("again: "):
                 print("the two passwords differ; nothing changed", file=sys.stderr)
-                return 65
+                return EX_DATAERR
         else:
             password = sys.stdin.readline().rstrip("\n")
         if len(password) < 8:
             print("a password needs at least 8 characters; nothing changed", file=sys.stderr)
-            return 65
+            return EX_DATAERR
         set_user(args.users, args.name, password)
     except (OSError, ValueError) as err:
         print(f"broker-user: {err}", file=sys.stderr)
-        return 73
+        return EX_CANTCREAT
     print(f"{args.users}: user {args.name} set" + (f"; its password is in {args.generate} (mode 0640)"
                                                    if args.generate else ""))
-    return 0
+    return EX_OK
 
 
-def add_arguments(broker, user) -> None:
+def add_arguments(broker: argparse.ArgumentParser, user: argparse.ArgumentParser) -> None:
     broker.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="amqtt config file (default %(default)s)")
     user.add_argument("name")
     user.add_argument("--users", default=DEFAULT_USERS, help="the broker's password file (default %(default)s)")
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     cfg = broker_config(args.listen, allow_anonymous=args.allow_anonymous, password_file=args.password_file)
     asyncio.run(_serve(cfg, args.listen))
-    return 0
+    return EX_OK
 
 
 if __name__ == "__main__":

@@ -12,17 +12,17 @@ import os
 import sqlite3
 import sys
 import time
+from typing import NoReturn
 
 from gateway import __version__, logs
 from gateway import config as configuration
+from gateway.errors import EX_CANTCREAT, EX_CONFIG, EX_OK, EX_SOFTWARE, EX_UNAVAILABLE, EX_USAGE
 
-EX_OK, EX_USAGE, EX_DATAERR, EX_UNAVAILABLE, EX_SOFTWARE, EX_CANTCREAT, EX_IOERR, EX_CONFIG = \
-    0, 64, 65, 69, 70, 73, 74, 78
 log = logging.getLogger("edge_gateway")
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # usage errors are 64, not argparse's 2
+    def error(self, message: str) -> NoReturn:  # usage errors are 64, not argparse's 2
         self.print_usage(sys.stderr)
         self.exit(EX_USAGE, f"{self.prog}: error: {message}\n")
 
@@ -223,12 +223,12 @@ def status(path: str, as_json: bool) -> int:
     return EX_OK
 
 
-def _store_path(cfg) -> str:
+def _store_path(cfg: configuration.Config) -> str:
     from gateway.app import STORE_FILE
     return os.path.join(cfg.gateway.data_dir, STORE_FILE)
 
 
-def outbox(args) -> int:
+def outbox(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
     if cfg is None:
         return EX_CONFIG
@@ -288,7 +288,7 @@ def outbox(args) -> int:
     return EX_OK
 
 
-def simulate(args) -> int:
+def simulate(args: argparse.Namespace) -> int:
     """`edge-gateway sim`: the simulated plant as Modbus PLCs, for testing an install without hardware."""
     from sim.plc import SimPlant, serve
 
@@ -345,7 +345,7 @@ def simulate(args) -> int:
     return EX_OK
 
 
-def counters(args) -> int:
+def counters(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
     if cfg is None:
         return EX_CONFIG
@@ -381,7 +381,7 @@ def counters(args) -> int:
     return EX_OK
 
 
-def _set_counter(args, cfg, path: str) -> int:
+def _set_counter(args: argparse.Namespace, cfg: configuration.Config, path: str) -> int:
     import getpass
 
     from gateway import admin

@@ -14,17 +14,19 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections import defaultdict, deque
+from typing import Any
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 
 from gateway import broker as embedded_broker
+from gateway.ports import free_port
 from gateway.supervise import within
 
 CONFIG = """\
@@ -56,29 +58,23 @@ devices:
 """
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class Watcher:
     """An upstream subscriber: what a historian or dashboard would see."""
 
     def __init__(self, root: str) -> None:
         self.root = root
         self.lock = threading.Lock()
-        self.status: dict = {}
-        self.health: dict = {}
-        self.latest: dict[str, dict] = {}
-        self.counters: dict[str, dict] = {}
-        self.arrivals: dict[str, deque] = defaultdict(lambda: deque(maxlen=200))
-        self.anomalies: dict[str, dict] = {}
+        self.status: dict[str, Any] = {}
+        self.health: dict[str, Any] = {}
+        self.latest: dict[str, dict[str, Any]] = {}
+        self.counters: dict[str, dict[str, Any]] = {}
+        self.arrivals: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=200))
+        self.anomalies: dict[str, dict[str, Any]] = {}
         self.seqs: set[int] = set()
         self.duplicates = 0
         self.received = 0
 
-    def on_message(self, client, userdata, msg) -> None:
+    def on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         try:
             payload = json.loads(msg.payload)
         except ValueError:
@@ -164,7 +160,7 @@ def _pump_model() -> str:
     return "    model: pump-ae\n" if (MODEL_DIRS[0] / "pump-ae.tflite").exists() else ""
 
 
-def _fmt(value) -> str:
+def _fmt(value: float | None) -> str:
     return "—" if value is None else f"{value:.2f}"
 
 
@@ -194,7 +190,7 @@ async def _demo(workdir: str, duration: float | None, plain: bool, fault_after: 
                                pump_model=_pump_model()))
     root = "edge/demo-plant/demo-gw"
     watcher = Watcher(root)
-    sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="demo-view")
+    sub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="demo-view")
     sub.on_message = watcher.on_message
     sub.on_connect = lambda c, u, f, rc, p: c.subscribe(f"{root}/#", qos=1)
     sub.connect("127.0.0.1", port)

@@ -15,6 +15,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+# Exit codes (sysexits), for every command: 0 ok, 64 usage, 65 bad input data, 69 a required service
+# or resource unavailable, 70 internal error (systemd restarts the daemon), 73 cannot create a file,
+# 78 config error (systemd does not restart: it will not fix itself).
+EX_OK, EX_USAGE, EX_DATAERR, EX_UNAVAILABLE, EX_SOFTWARE, EX_CANTCREAT, EX_CONFIG = 0, 64, 65, 69, 70, 73, 78
+
 
 class GatewayError(Exception):
     """Base of the errors the gateway raises on purpose."""

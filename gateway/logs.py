@@ -17,6 +17,8 @@ import os
 import socket
 import struct
 import sys
+from collections.abc import Mapping
+from typing import TextIO
 
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
 # Fields a record may carry in `extra=`; each becomes an upper-case journal field.
@@ -24,7 +26,7 @@ STRUCTURED = ("device", "event", "seq", "counter")
 _PRIORITY = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6, logging.DEBUG: 7}
 
 
-def fields(device: str | None = None, event: str | None = None, **more) -> dict:
+def fields(device: str | None = None, event: str | None = None, **more: object) -> dict[str, object]:
     """`extra=` for a log call: `log.warning("...", extra=logs.fields(device="pump1", event="reset"))`."""
     return {k: v for k, v in {"device": device, "event": event, **more}.items() if v is not None}
 
@@ -53,7 +55,7 @@ class JournalHandler(logging.Handler):
             self.handleError(record)
 
 
-def encode(entry: dict) -> bytes:
+def encode(entry: Mapping[str, object]) -> bytes:
     """The journal's native datagram: KEY=value lines, or KEY, a 64-bit length and the bytes for multi-line values."""
     out = bytearray()
     for key, value in entry.items():
@@ -65,14 +67,14 @@ def encode(entry: dict) -> bytes:
     return bytes(out)
 
 
-def under_journald(env=os.environ, stream=sys.stderr) -> bool:
+def under_journald(env: Mapping[str, str] = os.environ, stream: TextIO = sys.stderr) -> bool:
     """True when stderr is the journal stream systemd gave us (not merely inherited by a child)."""
     wanted = env.get("JOURNAL_STREAM", "")
     try:
         st = os.fstat(stream.fileno())
     except (OSError, ValueError, AttributeError):
         return False
-    return wanted == f"{st.st_dev}:{st.st_ino}"
+    return bool(wanted == f"{st.st_dev}:{st.st_ino}")
 
 
 def setup(level: str = "info") -> None:

@@ -7,16 +7,17 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Mapping
 
 log = logging.getLogger("edge_gateway.notify")
 
 
 class Notifier:
-    def __init__(self, env: dict | None = None) -> None:
+    def __init__(self, env: Mapping[str, str] | None = None) -> None:
         env = os.environ if env is None else env
         address = env.get("NOTIFY_SOCKET")
-        self._address = None
-        self._sock = None
+        self._address: str | None = None
+        self._sock: socket.socket | None = None
         if address:
             self._address = "\0" + address[1:] if address.startswith("@") else address
             self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
@@ -30,7 +31,7 @@ class Notifier:
         return self._sock is not None
 
     def send(self, *fields: str) -> None:
-        if self._sock is None:
+        if self._sock is None or self._address is None:
             return
         try:
             self._sock.sendto("\n".join(fields).encode(), self._address)

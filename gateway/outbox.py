@@ -16,8 +16,9 @@ import logging
 import os
 import sqlite3
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import IO
+from typing import IO, Any
 
 from gateway.counters import CounterRow
 from gateway.logs import fields
@@ -150,7 +151,7 @@ class Outbox:
         return max(0.0, (now or time.time()) - row[0]) if row else 0.0
 
     # -- staging (in memory until commit) -------------------------------------------------
-    def stage(self, topic: str, payload: dict, created: float | None = None) -> int:
+    def stage(self, topic: str, payload: Mapping[str, Any], created: float | None = None) -> int:
         """Give `payload` the next seq and queue it for the next commit; return the seq."""
         self.last_seq += 1
         payload = {"seq": self.last_seq, **payload}
@@ -163,11 +164,11 @@ class Outbox:
     def stage_counter(self, device: str, name: str, row: CounterRow) -> None:
         self._pending_counters[(device, name)] = row
 
-    def stage_shift(self, device: str, record: dict) -> None:
+    def stage_shift(self, device: str, record: Mapping[str, Any]) -> None:
         """The device's running shift record (time per state), written with the next commit."""
         self._pending_shifts[device] = json.dumps(record)
 
-    def shift_record(self, device: str) -> dict | None:
+    def shift_record(self, device: str) -> dict[str, Any] | None:
         row = self._db.execute("SELECT record FROM shifts WHERE device = ?", (device,)).fetchone()
         return json.loads(row[0]) if row else None
 

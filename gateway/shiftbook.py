@@ -11,7 +11,9 @@ start-up (partial), and shifts it missed entirely are reported as `missed`.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from gateway.config import OeeSection
 from gateway.shifts import Shift, ShiftCalendar
@@ -38,13 +40,13 @@ class ShiftRecord:
     def of(cls, shift: Shift) -> ShiftRecord:
         return cls(shift.id, shift.name, shift.start.timestamp(), shift.end.timestamp())
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
 
 class ShiftBook:
     def __init__(self, calendar: ShiftCalendar, oee: OeeSection | None, gap_limit: float,
-                 record: dict | None = None) -> None:
+                 record: Mapping[str, Any] | None = None) -> None:
         self.calendar = calendar
         self.oee = oee
         self.gap_limit = gap_limit
@@ -73,6 +75,7 @@ class ShiftBook:
         if not self.calendar:
             return []
         shift = self.calendar.at(now)
+        assert shift is not None  # a calendar with shifts always has one running
         rec = self.current
         if rec is not None and rec.shift_id == shift.id:
             return []
@@ -93,10 +96,11 @@ class ShiftBook:
         return closed
 
     def _missed(self, after: float, until: float) -> list[ShiftRecord]:
-        missed = []
+        missed: list[ShiftRecord] = []
         t = after
         while t < until and len(missed) < MAX_MISSED:
             shift = self.calendar.at(t)
+            assert shift is not None
             missed.append(ShiftRecord(**{**ShiftRecord.of(shift).to_json(), "missed": True}))
             t = shift.end.timestamp()
         return missed

@@ -15,9 +15,12 @@ import random
 import ssl
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 
 from gateway.config import UpstreamSection
 from gateway.credentials import read_secret
@@ -59,7 +62,7 @@ class Uplink:
         self._lost = asyncio.Event()
         self._stopping = False
         self._stop_event = asyncio.Event()
-        self._connack: asyncio.Future | None = None
+        self._connack: asyncio.Future[Any] | None = None
         self._caught_up = True  # the last fetch found no more rows than it asked for
         self._rng = random.Random()
         self._acks: deque[float] = deque(maxlen=10_000)
@@ -135,7 +138,7 @@ class Uplink:
 
     # -- connection ----------------------------------------------------------------------
     def _new_client(self) -> mqtt.Client:
-        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id, clean_session=True,
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, clean_session=True,
                              protocol=mqtt.MQTTv311, reconnect_on_failure=False)
         client.max_inflight_messages_set(self.cfg.max_inflight + 8)  # room for status and health
         client.max_queued_messages_set(0)
@@ -150,8 +153,9 @@ class Uplink:
         client.on_publish = self._from_thread(self._on_publish)
         return client
 
-    def _from_thread(self, handler):
-        def callback(client, userdata, *args):
+    def _from_thread(self, handler: Callable[..., None]) -> Callable[..., None]:
+        """A paho callback (paho's thread) that runs `handler` on the loop's thread, without userdata."""
+        def callback(client: mqtt.Client, userdata: Any, *args: Any) -> None:
             if self._loop is not None and not self._loop.is_closed():
                 self._loop.call_soon_threadsafe(handler, client, *args)
         return callback
@@ -162,7 +166,7 @@ class Uplink:
             client = self._new_client()
         except (OSError, ValueError) as err:  # unreadable password file, bad TLS files
             raise UplinkError(f"cannot set up the connection to {where}: {err}") from None
-        self._connack = self._loop.create_future()
+        self._connack = asyncio.get_running_loop().create_future()
         self._client = client
         self._lost.clear()
         try:
@@ -233,11 +237,11 @@ class Uplink:
             pass
 
     # -- callbacks, on the loop's thread -------------------------------------------------
-    def _on_connect(self, client, flags, reason, properties) -> None:
+    def _on_connect(self, client: mqtt.Client, flags: Any, reason: Any, properties: Any) -> None:
         if client is self._client and self._connack is not None and not self._connack.done():
             self._connack.set_result(reason)
 
-    def _on_disconnect(self, client, flags, reason, properties) -> None:
+    def _on_disconnect(self, client: mqtt.Client, flags: Any, reason: Any, properties: Any) -> None:
         if client is not self._client:
             return
         if self._connack is not None and not self._connack.done():
@@ -247,7 +251,7 @@ class Uplink:
         self.stats.connected = False
         self._lost.set()
 
-    def _on_publish(self, client, mid, reason, properties) -> None:
+    def _on_publish(self, client: mqtt.Client, mid: int, reason: Any, properties: Any) -> None:
         if client is not self._client:
             return
         entry = self._inflight.pop(mid, None)

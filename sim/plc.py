@@ -40,6 +40,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 import sim
 from gateway.modbus_map import WIDTH, MapEntry, encode
@@ -89,7 +90,7 @@ class UnitFaults:
 @dataclass
 class Unit:
     profile: str
-    machine: object
+    machine: Any  # sim.Pump or sim.FlexoLine
     image: dict[str, list[int]] = field(default_factory=lambda: {"holding": [0] * IMAGE_SIZE,
                                                                   "input": [0] * IMAGE_SIZE})
     faults: UnitFaults = field(default_factory=UnitFaults)

@@ -25,6 +25,8 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 
+from gateway.ports import free_port, listening
+
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
 
@@ -71,12 +73,6 @@ def nothing_left_behind(request, monkeypatch):
     assert not leaked, f"the test left running: {', '.join(leaked)}"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def wait_until(predicate, timeout: float, interval: float = 0.05, what: str = "condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -85,12 +81,6 @@ def wait_until(predicate, timeout: float, interval: float = 0.05, what: str = "c
             return result
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
-def _port_open(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.settimeout(0.2)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 class BrokerProcess:
@@ -115,7 +105,7 @@ class BrokerProcess:
     def start(self) -> BrokerProcess:
         log = open(self.workdir / f"{self.kind}-{self.port}.log", "a")
         self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=ENV)
-        wait_until(lambda: _port_open(self.port) or self.proc.poll() is not None, 15, what=f"{self.kind} to listen")
+        wait_until(lambda: listening(self.port) or self.proc.poll() is not None, 15, what=f"{self.kind} to listen")
         assert self.proc.poll() is None, f"{self.kind} exited: {(self.workdir / f'{self.kind}-{self.port}.log').read_text()}"
         return self
 

@@ -17,10 +17,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ENV, ROOT, free_port, gateway_config, wait_until
+from conftest import ENV, ROOT, gateway_config, wait_until
 
 from gateway.config import RegisterSection, parse
 from gateway.modbus_map import decode, encode, plan
+from gateway.ports import free_port, listening
 from sim.plc import FLEXO_MAP, PUMP_MAP, SimPlant, registers_yaml, serve
 
 TOPIC = "edge/lab/test-gw"
@@ -90,7 +91,7 @@ class PlantThread:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
-        wait_until(lambda: _listening(self.port), 10, what="the pymodbus server")
+        wait_until(lambda: listening(self.port), 10, what="the pymodbus server")
 
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
@@ -105,12 +106,6 @@ class PlantThread:
     def stop(self) -> None:
         self.loop.call_soon_threadsafe(self.task.cancel)
         self.thread.join(10)
-
-
-def _listening(port: int) -> bool:
-    import socket
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def device_yaml(name, port, unit, regmap, extra="", timeout="1s") -> str:
@@ -152,7 +147,7 @@ class SimServer:
     def start(self) -> SimServer:
         self.proc = subprocess.Popen([sys.executable, "-m", "gateway", "sim", "--modbus-tcp", f"127.0.0.1:{self.port}",
                                       *self.args], stdout=open(self.log, "a"), stderr=subprocess.STDOUT, env=ENV, cwd=ROOT)
-        wait_until(lambda: _listening(self.port) or self.proc.poll() is not None, 20, what="edge-gateway sim")
+        wait_until(lambda: listening(self.port) or self.proc.poll() is not None, 20, what="edge-gateway sim")
         assert self.proc.poll() is None, self.log.read_text()
         return self
 

@@ -24,6 +24,7 @@ from datetime import datetime
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 
 from gateway.config import LocalBrokerSection, MqttDevice
 from gateway.credentials import read_secret
@@ -87,22 +88,25 @@ class MqttLink:
             self._failed(f"local broker {self.broker.listen}: connection lost")
 
     def _connect(self, loop: asyncio.AbstractEventLoop, connected: asyncio.Future[Any], lost: asyncio.Event) -> None:
-        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id,
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
                              reconnect_on_failure=False)
         creds = self.broker.client
         if creds is not None:
             client.username_pw_set(creds.username, read_secret(creds.password_file))
 
+        def settle(result: int | str) -> None:  # on the loop's thread: the first answer counts
+            if not connected.done():
+                connected.set_result(result)
+
         def on_connect(c: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
             if not reason.is_failure:
                 for source in self.sources:
                     c.subscribe(source.device.topic, qos=1)
-            loop.call_soon_threadsafe(lambda: connected.done() or connected.set_result(
-                0 if not reason.is_failure else str(reason)))
+            loop.call_soon_threadsafe(settle, 0 if not reason.is_failure else str(reason))
 
         def on_disconnect(c: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
             loop.call_soon_threadsafe(lost.set)
-            loop.call_soon_threadsafe(lambda: connected.done() or connected.set_result(str(reason)))
+            loop.call_soon_threadsafe(settle, str(reason))
 
         def on_message(c: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
             arrived = time.time()
@@ -147,7 +151,7 @@ class MqttSource:
             self._queue = asyncio.Queue()
         return self._queue
 
-    def deliver(self, topic: str, payload: bytes, arrived: float) -> None:
+    def deliver(self, topic: str, payload: bytes | bytearray, arrived: float) -> None:
         queue = self._q()
         if queue.qsize() >= QUEUE_LIMIT:
             queue.get_nowait()
@@ -174,7 +178,7 @@ class MqttSource:
         await self.link.aclose()
 
 
-def decode(device: MqttDevice, payload: bytes, arrived: float) -> Sample | SourceError:
+def decode(device: MqttDevice, payload: bytes | bytearray, arrived: float) -> Sample | SourceError:
     """One message → a Sample, or a SourceError when nothing in it can be used."""
     try:
         doc = json.loads(payload)
@@ -259,6 +263,6 @@ def _show(value: Any) -> str:
     return json.dumps(value)[:40]
 
 
-def _preview(payload: bytes) -> str:
+def _preview(payload: bytes | bytearray) -> str:
     text = payload[:60].decode("utf-8", "replace")
     return json.dumps(text + ("..." if len(payload) > 60 else ""))
