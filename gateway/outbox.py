@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import IO, Any
 
+from gateway import contract
 from gateway.counters import CounterRow
 from gateway.logs import fields
 
@@ -154,8 +155,7 @@ class Outbox:
     def stage(self, topic: str, payload: Mapping[str, Any], created: float | None = None) -> int:
         """Give `payload` the next seq and queue it for the next commit; return the seq."""
         self.last_seq += 1
-        payload = {"seq": self.last_seq, **payload}
-        data = json.dumps(payload, separators=(",", ":"), allow_nan=False).encode()
+        data = contract.encode({"seq": self.last_seq, **payload})
         self._pending.append(Message(self.last_seq, topic, data, created or time.time()))
         if len(self._pending) > PENDING_LIMIT:  # the disk has refused writes for a long time
             self._drop_pending()
