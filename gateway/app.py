@@ -130,38 +130,47 @@ class Gateway:
             sup.start(self._watchdog_loop(), "watchdog")
         # Ready once the config is loaded and the outbox open: not waiting for the broker.
         self.notifier.ready(self.status_line())
-        stop = asyncio.ensure_future(shutdown.wait())
-        failed = asyncio.ensure_future(sup.wait())
-        try:
-            await asyncio.wait([stop, failed], return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stop.cancel()
-            failed.cancel()
-        crash = failed.result() if failed.done() and not failed.cancelled() else None
+        crash = await self._until_stop_or_crash(shutdown)
         if crash is not None:
             name, error = crash
             log.error("task %s failed; stopping so that systemd restarts the gateway", name,
                       exc_info=(type(error), error, error.__traceback__))
         self.notifier.stopping()
         log.info("stopping: committing and delivering what is in flight")
-        drain = asyncio.ensure_future(self._drain())
-        waits = [drain] + ([asyncio.ensure_future(force.wait())] if force is not None else [])
-        try:
-            done, _ = await asyncio.wait(waits, timeout=DRAIN_LIMIT, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for w in waits[1:]:
-                w.cancel()
-        if drain not in done:
-            log.warning("shutdown drain %s; stopping now (the outbox keeps what was committed)",
-                        "skipped by a second signal" if force is not None and force.is_set()
-                        else f"took longer than {DRAIN_LIMIT:g}s")
-            drain.cancel()
-            await asyncio.gather(drain, return_exceptions=True)
-            await sup.aclose()
-            self.outbox.commit()
+        await self._drain_within(DRAIN_LIMIT, force)
         log.info("stopped; %d messages kept in the outbox for the next start", self.outbox.stats.messages)
         if crash is not None:
             raise LoopFailed(f"task {crash[0]} failed: {crash[1]!r}")
+
+    async def _until_stop_or_crash(self, shutdown: asyncio.Event) -> tuple[str, BaseException] | None:
+        """Until `shutdown` is set (None) or a supervised task ends (which one, and why)."""
+        stop = asyncio.ensure_future(shutdown.wait())
+        failed = asyncio.ensure_future(self._sup.wait())
+        try:
+            await asyncio.wait([stop, failed], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            failed.cancel()
+        return failed.result() if failed.done() and not failed.cancelled() else None
+
+    async def _drain_within(self, limit: float, force: asyncio.Event | None) -> None:
+        """The ordered drain, cut short after `limit` seconds or when `force` is set."""
+        drain = asyncio.ensure_future(self._drain())
+        waits = [drain] + ([asyncio.ensure_future(force.wait())] if force is not None else [])
+        try:
+            done, _ = await asyncio.wait(waits, timeout=limit, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits[1:]:
+                w.cancel()
+        if drain in done:
+            return
+        log.warning("shutdown drain %s; stopping now (the outbox keeps what was committed)",
+                    "skipped by a second signal" if force is not None and force.is_set()
+                    else f"took longer than {limit:g}s")
+        drain.cancel()
+        await asyncio.gather(drain, return_exceptions=True)
+        await self._sup.aclose()
+        self.outbox.commit()
 
     async def _drain(self) -> None:
         sup = self._sup

@@ -175,3 +175,23 @@ def test_a_deadline_never_swallows_a_cancellation(completes):
         with pytest.raises(asyncio.CancelledError):
             await task
     asyncio.run(main())
+
+
+def test_a_second_stop_skips_a_drain_that_hangs(tmp_path, caplog):
+    path, cfg = make_config(tmp_path)
+
+    async def main() -> None:
+        shutdown, force = asyncio.Event(), asyncio.Event()
+        async with Gateway(cfg, str(path), Recorder()) as gw:
+            async def stuck(flush_timeout: float = 0.0) -> None:  # an upstream that never lets go
+                await asyncio.Event().wait()
+            gw.uplink.stop = stuck  # type: ignore[method-assign]
+            run = asyncio.create_task(gw.run(shutdown, force))
+            await wait_for(lambda: gw.outbox.stats.messages > 0, "a committed message")
+            shutdown.set()
+            await wait_for(lambda: any("stopping:" in r.getMessage() for r in caplog.records), "the drain")
+            force.set()
+            await asyncio.wait_for(run, 5)  # well inside the 10 s drain bound
+    with caplog.at_level(logging.INFO):
+        asyncio.run(main())
+    assert any("shutdown drain skipped by a second signal" in r.getMessage() for r in caplog.records)
