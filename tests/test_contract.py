@@ -6,6 +6,7 @@ import json
 import re
 
 from conftest import ROOT
+
 from gateway import contract
 from gateway.contract import Topics
 from gateway.counters import CounterRow
