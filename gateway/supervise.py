@@ -132,17 +132,24 @@ async def within(aw: Awaitable[T], seconds: float) -> T:
 
     Use this, not asyncio.wait_for: before Python 3.12, wait_for swallows a cancellation that arrives
     as the awaited thing completes, and the cancelled task carries on (seen: device loops that never
-    stopped when cancelled on a poll tick, which would hang a reload or a shutdown).
+    stopped when cancelled on a poll tick, which would hang a reload or a shutdown). Awaiting the
+    task itself delivers such a cancellation; a timer cancels the task when time is up.
     """
     task = asyncio.ensure_future(aw)
+    expired = False
+
+    def expire() -> None:
+        nonlocal expired
+        expired = True
+        task.cancel()
+    timer = asyncio.get_running_loop().call_later(seconds, expire)
     try:
-        done, _ = await asyncio.wait({task}, timeout=seconds)
+        return await task
     except asyncio.CancelledError:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        current = asyncio.current_task()
+        cancelling = getattr(current, "cancelling", lambda: 0)()  # Python 3.11+: were we cancelled too?
+        if expired and not cancelling:
+            raise asyncio.TimeoutError from None
         raise
-    if not done:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        raise asyncio.TimeoutError
-    return task.result()
+    finally:
+        timer.cancel()

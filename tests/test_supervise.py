@@ -195,3 +195,21 @@ def test_a_second_stop_skips_a_drain_that_hangs(tmp_path, caplog):
     with caplog.at_level(logging.INFO):
         asyncio.run(main())
     assert any("shutdown drain skipped by a second signal" in r.getMessage() for r in caplog.records)
+
+
+def test_a_deadline_that_passes_cancels_and_awaits_what_it_waited_for():
+    from gateway.supervise import within
+
+    async def main() -> None:
+        ended = asyncio.Event()
+
+        async def slow() -> None:
+            try:
+                await asyncio.sleep(10)
+            finally:
+                ended.set()
+        with pytest.raises(asyncio.TimeoutError):
+            await within(slow(), 0.05)
+        assert ended.is_set()
+        assert await within(asyncio.sleep(0, "ok"), 1) == "ok"
+    asyncio.run(main())
