@@ -76,9 +76,9 @@ async def measure(port: int, extra: str, seconds: float, data: str) -> dict:
     wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     polls = sum(r.health.polls for r in runners) - polls0
     errors = sum(r.health.errors for r in runners)
-    skipped = sum(r.health.skipped_ticks for r in runners)
+    skipped = sum(r.source.skipped_ticks for r in runners)
     for r in runners:
-        await r.source.close()
+        await r.source.aclose()
     store.close()
     return {"polls": polls, "wall": wall, "cpu": cpu, "requests": link.requests - requests0, "errors": errors,
             "skipped": skipped}
