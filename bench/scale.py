@@ -39,8 +39,7 @@ class Synthetic(PolledSource):
     """A machine with `tags` analog values and one counter, read without a protocol."""
 
     def __init__(self, device: config.Device) -> None:
-        super().__init__()
-        self.device_name, self.tags, self.interval, self.deadline = device.name, device.tags, device.interval, 1.0
+        super().__init__(device.name, device.tags, device.interval, 1.0)
         self._rng = random.Random(device.name)
         self._count = 0
 

@@ -29,7 +29,7 @@ class Sample:
         quality: dict[str, str] = {}
         for tag, value in readings.items():
             good = value is not None and math.isfinite(value)
-            values[tag] = float(value) if value is not None and good else None
+            values[tag] = float(value) if good and value is not None else None
             quality[tag] = OK if good else ERROR
         return cls(device, ts, values, quality)
 

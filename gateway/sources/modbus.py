@@ -142,15 +142,15 @@ def link_for(device: ModbusTcpDevice | ModbusRtuDevice, links: dict[str, Link]) 
 
 class ModbusSource(PolledSource):
     def __init__(self, device: ModbusTcpDevice | ModbusRtuDevice, links: dict[str, Link]) -> None:
-        super().__init__()
-        self.device = device
-        self.device_name, self.tags, self.interval = device.name, device.tags, device.interval
-        self.link = link_for(device, links)
-        self.unit = device.unit if device.unit is not None else 1
-        self.reads = plan(device.registers, max_gap=device.max_gap if device.max_gap is not None else DEFAULT_MAX_GAP,
-                          max_per_read=device.max_registers_per_read)
+        link = link_for(device, links)
+        reads = plan(device.registers, max_gap=device.max_gap if device.max_gap is not None else DEFAULT_MAX_GAP,
+                     max_per_read=device.max_registers_per_read)
         # The whole poll may take one timeout per request (plus the line's silences).
-        self.deadline = len(self.reads) * (device.timeout + self.link.gap) + 0.5
+        super().__init__(device.name, device.tags, device.interval, len(reads) * (device.timeout + link.gap) + 0.5)
+        self.device = device
+        self.link = link
+        self.reads = reads
+        self.unit = device.unit if device.unit is not None else 1
 
     async def read(self) -> Sample:
         ts = time.time()

@@ -21,14 +21,13 @@ log = logging.getLogger("edge_gateway.sources.poll")
 
 
 class PolledSource:
-    """A source read on request; subclasses give `read()` and may set `deadline` (default: the timeout)."""
+    """A source read on request, every `interval`; subclasses give `read()`, which must end within `deadline`."""
 
-    device_name: str
-    tags: tuple[str, ...]
-    interval: float
-    deadline: float
-
-    def __init__(self) -> None:
+    def __init__(self, device_name: str, tags: tuple[str, ...], interval: float, deadline: float) -> None:
+        self.device_name = device_name
+        self.tags = tags
+        self.interval = interval
+        self.deadline = deadline
         self._skipped = 0
 
     @property

@@ -13,10 +13,8 @@ from gateway.sources.poll import PolledSource
 
 class SimSource(PolledSource):
     def __init__(self, device: SimDevice, clock: Callable[[], float] = time.monotonic) -> None:
-        super().__init__()
+        super().__init__(device.name, device.tags, device.interval, device.timeout)
         self.device = device
-        self.device_name, self.tags = device.name, device.tags
-        self.interval, self.deadline = device.interval, device.timeout
         options = {}
         if device.plc is not None:
             options = {"base_rate": device.plc.rate_per_min, "counter_bits": device.plc.counter_bits,
