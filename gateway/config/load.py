@@ -7,7 +7,6 @@ never another exception: not for bytes that are not UTF-8, nor for nesting 10,00
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
 import yaml
@@ -45,7 +44,7 @@ def parse(text: str | bytes, file: str = "<config>") -> Config:
     if problems.items or isinstance(config, Invalid):
         raise ConfigError(file, problems.items or [("", "not a valid config")], lines)
     assert isinstance(config, Config)
-    return replace(config, lines=lines)
+    return config
 
 
 def load(path: str) -> Config:
@@ -56,6 +55,19 @@ def load(path: str) -> Config:
     except OSError as err:
         raise ConfigError(path, [("", f"cannot read the file: {err.strerror}")]) from None
     return parse(data, path)
+
+
+def lines_of(path: str) -> dict[str, int]:
+    """The line of every YAML path in the file at `path` ({} when it cannot be read or parsed).
+
+    For problems found after parsing (preflight): kept by no Config, since a plant-sized file has
+    hundreds of thousands of paths and the lines are wanted only to report a problem.
+    """
+    try:
+        with open(path, "rb") as fh:
+            return _compose(fh.read().decode("utf-8"))[1]
+    except (OSError, ValueError, yaml.YAMLError, RecursionError):
+        return {}
 
 
 def _compose(text: str) -> tuple[Any, dict[str, int], list[str]]:

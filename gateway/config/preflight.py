@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from gateway.config.load import lines_of
 from gateway.config.schema import Config
 from gateway.errors import ConfigError, ModelError
 
@@ -35,7 +36,7 @@ def preflight(config: Config, file: str) -> Prepared:
         problems.append(("local_broker.enabled", "the embedded broker needs amqtt: "
                                                  "pip install 'edge-gateway[broker]' (install.sh does)"))
     if problems:
-        raise ConfigError(file, problems, config.lines)
+        raise ConfigError(file, problems, lines_of(file))
     return Prepared(models)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Union
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -453,8 +453,6 @@ class Config:
     local_broker: LocalBrokerSection = setting(section(LocalBrokerSection), {}, doc="the broker for plant sensors")
     shifts: tuple[ShiftSection, ...] = setting(list_of(section(ShiftSection)), [], doc="shift start times")
     devices: tuple[Device, ...] = setting(list_of(device), doc="the machines read")
-    # Not a YAML key: the line of each YAML path, so that later checks (preflight) can point at it too.
-    lines: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
 
     @staticmethod
     def rules(v: Fields) -> list[Problem]:
