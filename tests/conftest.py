@@ -39,10 +39,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
-        if item.get_closest_marker("slow"):
-            # The process fixtures hand log files to their children and leave closing them to the GC;
-            # that is the tests' own leak, not the gateway's (the fast tier keeps every warning an error).
-            item.add_marker(pytest.mark.filterwarnings("ignore::ResourceWarning"))
 
 
 @pytest.fixture(autouse=True)
@@ -71,6 +67,12 @@ def nothing_left_behind(request, monkeypatch):
         time.sleep(0.02)
     leaked.extend(f"thread {t.name}" for t in threads)
     assert not leaked, f"the test left running: {', '.join(leaked)}"
+
+
+def spawn(command: list[str], log: Path, mode: str = "a", **kw: Any) -> subprocess.Popen:
+    """Start a process whose stdout and stderr go to `log` (the child keeps the file; we close our copy)."""
+    with open(log, mode) as out:
+        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, **kw)
 
 
 def wait_until(predicate, timeout: float, interval: float = 0.05, what: str = "condition"):
@@ -103,8 +105,7 @@ class BrokerProcess:
         return [sys.executable, "-m", "gateway.broker", "--listen", f"127.0.0.1:{self.port}", "--allow-anonymous"]
 
     def start(self) -> BrokerProcess:
-        log = open(self.workdir / f"{self.kind}-{self.port}.log", "a")
-        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=ENV)
+        self.proc = spawn(self.command(), self.workdir / f"{self.kind}-{self.port}.log", env=ENV)
         wait_until(lambda: listening(self.port) or self.proc.poll() is not None, 15, what=f"{self.kind} to listen")
         assert self.proc.poll() is None, f"{self.kind} exited: {(self.workdir / f'{self.kind}-{self.port}.log').read_text()}"
         return self
@@ -312,9 +313,8 @@ class GatewayProcess:
         self.proc: subprocess.Popen | None = None
 
     def start(self, **env: str) -> GatewayProcess:
-        self.proc = subprocess.Popen([sys.executable, "-m", "gateway", "run", "-c", str(self.config)],
-                                     stdout=open(self.log, "a"), stderr=subprocess.STDOUT, env={**ENV, **env},
-                                     cwd=ROOT)
+        self.proc = spawn([sys.executable, "-m", "gateway", "run", "-c", str(self.config)], self.log,
+                          env={**ENV, **env}, cwd=ROOT)
         return self
 
     def stop(self, sig=signal.SIGTERM, timeout: float = 15) -> int:

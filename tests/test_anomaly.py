@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import ENV, ROOT, gateway_config, wait_until
+from conftest import ENV, ROOT, gateway_config, spawn, wait_until
 
 pytest.importorskip("ai_edge_litert")
 
@@ -141,12 +141,12 @@ def test_bearing_wear_raises_an_anomaly_event_and_a_normal_run_does_not(tmp_path
     report = tmp_path / "modules.json"
     up = subscribe(mosquitto.port, topic="edge/lab/test-gw/#")
     gw = gateway(gateway_config(tmp_path / "data", mosquitto.port, devices=devices))
-    gw.proc = subprocess.Popen(
+    gw.proc = spawn(
         [sys.executable, "-c", "import atexit, json, runpy, sys\n"
          f"atexit.register(lambda: json.dump(sorted(sys.modules), open({str(report)!r}, 'w')))\n"
          f"sys.argv = ['edge-gateway', 'run', '-c', {str(gw.config)!r}]\n"
          "try:\n    runpy.run_module('gateway', run_name='__main__')\nexcept SystemExit:\n    pass\n"],
-        stdout=open(gw.log, "a"), stderr=subprocess.STDOUT, cwd=ROOT,
+        gw.log, cwd=ROOT,
         env={**ENV, "PYTHONPATH": f"{ROOT}:{fake.parent}"})
     start = wait_until(lambda: [p for p in up.on("/worn/anomaly") if p["event"] == "start"], 60,
                        what="an anomaly event for the worn pump")[0]

@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ENV, ROOT
 
 pytestmark = pytest.mark.slow  # it starts brokers and simulated PLCs

@@ -7,6 +7,7 @@ import os
 import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -49,8 +50,8 @@ def make_users(tmp_path) -> tuple[str, str]:
     assert gw.returncode == 0, gw.stderr
     for path in (users, secret):
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o640
-    text = open(users).read()
-    assert "s3nsor-secret" not in text and open(secret).read().strip() not in text
+    text = Path(users).read_text()
+    assert "s3nsor-secret" not in text and Path(secret).read_text().strip() not in text
     assert [line.split(":")[0] for line in text.splitlines()] == ["sensor1", "gateway"]
     return users, secret
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ENV, ROOT, gateway_config, wait_until
+from conftest import ENV, ROOT, gateway_config, spawn, wait_until
 
 from gateway.config import RegisterSection, parse
 from gateway.modbus_map import decode, encode, plan
@@ -145,8 +145,8 @@ class SimServer:
         self.proc = None
 
     def start(self) -> SimServer:
-        self.proc = subprocess.Popen([sys.executable, "-m", "gateway", "sim", "--modbus-tcp", f"127.0.0.1:{self.port}",
-                                      *self.args], stdout=open(self.log, "a"), stderr=subprocess.STDOUT, env=ENV, cwd=ROOT)
+        self.proc = spawn([sys.executable, "-m", "gateway", "sim", "--modbus-tcp", f"127.0.0.1:{self.port}", *self.args],
+                          self.log, env=ENV, cwd=ROOT)
         wait_until(lambda: listening(self.port) or self.proc.poll() is not None, 20, what="edge-gateway sim")
         assert self.proc.poll() is None, self.log.read_text()
         return self
@@ -271,9 +271,8 @@ def test_rtu_over_a_pseudo_terminal_pair(mosquitto, gateway, subscribe, tmp_path
     try:
         wait_until(lambda: a.exists() and b.exists(), 10, what="socat's pty pair")
         # 8N1: Linux pseudo-terminals refuse parity settings (EINVAL); a real RS-485 adapter takes E.
-        server = subprocess.Popen([sys.executable, "-m", "gateway", "sim", "--modbus-rtu", str(a), "--baudrate",
-                                   "38400", "--parity", "N"], stdout=open(tmp_path / "rtu-sim.log", "w"), stderr=subprocess.STDOUT,
-                                  env=ENV, cwd=ROOT)
+        server = spawn([sys.executable, "-m", "gateway", "sim", "--modbus-rtu", str(a), "--baudrate", "38400", "--parity",
+                        "N"], tmp_path / "rtu-sim.log", "w", env=ENV, cwd=ROOT)
         devices = "".join(f"""
   - name: {name}
     source: modbus_rtu
