@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from conftest import ROOT
+
 from gateway import cli
 
 
