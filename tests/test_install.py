@@ -6,6 +6,7 @@ import hashlib
 import os
 import stat
 import subprocess
+from pathlib import Path
 
 import pytest
 from conftest import ROOT
@@ -28,7 +29,7 @@ def tree(root) -> dict[str, tuple]:
             if stat.S_ISLNK(st.st_mode):
                 what = os.readlink(path)
             elif stat.S_ISREG(st.st_mode):
-                what = hashlib.sha256(open(path, "rb").read()).hexdigest()
+                what = hashlib.sha256(Path(path).read_bytes()).hexdigest()
             else:
                 what = "dir"
             out[os.path.relpath(path, root)] = (stat.S_IMODE(st.st_mode), what)

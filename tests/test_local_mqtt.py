@@ -86,13 +86,13 @@ def test_local_broker_service_refuses_anonymous_and_wrong_passwords(tmp_path):
         assert not isinstance(good, str), good
         good.disconnect()
         good.loop_stop()
-        gateway = connect(port, "gateway", open(secret).read().strip())
+        gateway = connect(port, "gateway", Path(secret).read_text().strip())
         assert not isinstance(gateway, str), gateway
         gateway.disconnect()
         gateway.loop_stop()
         # A removed user is refused from the broker's next start.
         assert cli("broker-user", "sensor1", "--users", users, "--delete").returncode == 0
-        assert "sensor1" not in open(users).read()
+        assert "sensor1" not in Path(users).read_text()
     finally:
         proc.terminate()
         out, _ = proc.communicate(timeout=20)
@@ -183,7 +183,7 @@ def test_mqtt_device_fed_garbage_then_good_data(tmp_path, mosquitto, gateway, su
     sensor.disconnect()
     sensor.loop_stop()
     assert gw.stop() == 0
-    assert open(secret).read().strip() not in gw.logs()
+    assert Path(secret).read_text().strip() not in gw.logs()
 
 
 def test_mqtt_device_silent_sensor_is_an_error(tmp_path, mosquitto, gateway, subscribe):
@@ -224,5 +224,5 @@ def test_simulated_pump_published_over_mqtt_is_read_as_a_device(tmp_path, mosqui
         assert 1400 < good[-1]["values"]["motor_rpm"] < 1600 and good[-1]["values"]["alarm"] == 0.0
     finally:
         sim.terminate()
-        sim.wait(10)
+        sim.communicate(timeout=10)
     assert gw.stop() == 0

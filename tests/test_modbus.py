@@ -291,9 +291,10 @@ def test_rtu_over_a_pseudo_terminal_pair(mosquitto, gateway, subscribe, tmp_path
         assert pump and 1440 < pump[-1]["values"]["motor_rpm"] < 1500
         assert [t for t in sub.on("/line1/telemetry") if "quality" not in t]
     finally:
-        if server:
-            server.kill()
-        socat.kill()
+        for proc in (server, socat):
+            if proc is not None:
+                proc.kill()
+                proc.wait(10)
 
 
 def test_garbage_answers_are_an_error_not_a_crash(sim_server, mosquitto, gateway, subscribe, tmp_path):
