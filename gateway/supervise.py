@@ -132,8 +132,8 @@ async def within(aw: Awaitable[T], seconds: float) -> T:
 
     Use this, not asyncio.wait_for: before Python 3.12, wait_for swallows a cancellation that arrives
     as the awaited thing completes, and the cancelled task carries on (seen: device loops that never
-    stopped when cancelled on a poll tick, which would hang a reload or a shutdown). Awaiting the
-    task itself delivers such a cancellation; a timer cancels the task when time is up.
+    stopped when cancelled on a poll tick, which would hang a reload or a shutdown). A timer cancels
+    the task when time is up.
     """
     task = asyncio.ensure_future(aw)
     expired = False
@@ -144,12 +144,16 @@ async def within(aw: Awaitable[T], seconds: float) -> T:
         task.cancel()
     timer = asyncio.get_running_loop().call_later(seconds, expire)
     try:
-        return await task
+        # Shielded: our own cancellation reaches us even when the awaited code swallows the
+        # CancelledError it is given (a library that catches it and returns normally).
+        return await asyncio.shield(task)
     except asyncio.CancelledError:
         current = asyncio.current_task()
         cancelling = getattr(current, "cancelling", lambda: 0)()  # Python 3.11+: were we cancelled too?
         if expired and not cancelling:
             raise asyncio.TimeoutError from None
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
         raise
     finally:
         timer.cancel()

@@ -213,3 +213,25 @@ def test_a_deadline_that_passes_cancels_and_awaits_what_it_waited_for():
         assert ended.is_set()
         assert await within(asyncio.sleep(0, "ok"), 1) == "ok"
     asyncio.run(main())
+
+
+def test_a_deadline_passes_on_a_cancellation_that_the_awaited_code_swallows():
+    """A library coroutine that catches CancelledError and returns normally must not keep us running."""
+    from gateway.supervise import within
+
+    async def main() -> None:
+        started = asyncio.Event()
+
+        async def swallows() -> str:
+            started.set()
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                return "carried on"
+            return "slept"
+        task = asyncio.create_task(within(swallows(), 5))
+        await started.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    asyncio.run(main())
