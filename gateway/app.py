@@ -28,6 +28,9 @@ from gateway.config import Config, LocalBrokerSection, Prepared
 from gateway.contract import Topics
 from gateway.device import DeviceRunner
 from gateway.errors import AlreadyRunning, ConfigError
+from gateway.history import FILE as HISTORY_FILE
+from gateway.history import Bounds as HistoryBounds
+from gateway.history import History
 from gateway.notify import Notifier
 from gateway.outbox import Bounds, Outbox, lock
 from gateway.shifts import ShiftCalendar
@@ -60,6 +63,7 @@ class Gateway:
         self._sup = Supervisor()
         self._lock: IO[str] | None = None
         self._outbox: Outbox | None = None
+        self._history: History | None = None
         self._uplink: Uplink | None = None
         self._links: Links | None = None
 
@@ -81,6 +85,8 @@ class Gateway:
     async def __aexit__(self, kind: type[BaseException] | None, err: BaseException | None,
                         tb: TracebackType | None) -> None:
         await self._sup.aclose()
+        if self._history is not None:
+            self._history.close()
         if self._outbox is not None:
             self._outbox.close()
         if self._lock is not None:
@@ -103,9 +109,15 @@ class Gateway:
         self.topics = Topics(config.topic_root)
         shifts = ShiftCalendar([(s.name, s.start) for s in config.shifts], gw.timezone)
         self._links = Links(config.local_broker, gw.id)
+        recorded = {d.name: HistoryBounds(d.history.keep, d.history.max_bytes) for d in config.devices if d.history}
+        if recorded and self._history is None:
+            self._history = History.open(os.path.join(gw.data_dir, HISTORY_FILE))
+        if self._history is not None:
+            self._history.configure(recorded)
         self.devices = [DeviceRunner(d, open_source(d, self._links), self.outbox, self.topics, shifts,
                                      on_state_change=self._device_state_changed,
-                                     model=prepared.models.get(d.model) if d.model else None)
+                                     model=prepared.models.get(d.model) if d.model else None,
+                                     history=self._history if d.history else None)
                         for d in config.devices]
         if uplink:
             self._uplink = Uplink(config.upstream, self.outbox, client_id=config.upstream.client_id or gw.id,
@@ -219,6 +231,8 @@ class Gateway:
             self._commit()
 
     def _commit(self) -> None:
+        if self._history is not None:
+            self._history.commit()
         before = self.outbox.stats.committed
         if self.outbox.commit() and self.outbox.stats.committed != before:
             self.uplink.wake()

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from gateway.config import Device
 from gateway.contract import Topics
 from gateway.health import DeviceHealth
+from gateway.history import History
 from gateway.outbox import Outbox
 from gateway.sample import Sample
 from gateway.shifts import ShiftCalendar
@@ -30,7 +31,8 @@ log = logging.getLogger("edge_gateway.device")
 
 class DeviceRunner:
     def __init__(self, device: Device, source: Source, outbox: Outbox, topics: Topics, shifts: ShiftCalendar,
-                 on_state_change: Callable[[], None] = lambda: None, model: Model | None = None) -> None:
+                 on_state_change: Callable[[], None] = lambda: None, model: Model | None = None,
+                 history: History | None = None) -> None:
         self.device = device
         self.name = device.name
         self.source = source
@@ -38,6 +40,7 @@ class DeviceRunner:
         self.scoring = scoring_for(device, model, outbox, topics)
         self.counting = Counting(device, outbox, topics, shifts, scored=self.scoring is not None)
         self.publishing = Publishing(device, outbox, topics, self.counting, self.scoring)
+        self.history = history
 
     async def run(self) -> None:
         """Process every sample the source yields, until cancelled."""
@@ -62,6 +65,8 @@ class DeviceRunner:
         if self.scoring is not None and (event := self.scoring.push(sample)) is not None:
             self.counting.anomaly(sample.ts, event.kind == "start")
         self.publishing.push(sample)
+        if self.history is not None:
+            self.history.add(self.name, self.device.tags, sample)
 
     def flush(self) -> None:
         """At shutdown: report counter totals that changed since the last counters message."""

@@ -280,6 +280,13 @@ class OeeSection:
 
 
 @dataclass(frozen=True)
+class HistorySection:
+    """Raw samples kept on the box (data_dir/history.db) to train and check anomaly models."""
+    keep: float = setting(duration(60, 3650 * 86400), 14 * 86400.0, doc="older samples are deleted")
+    max_bytes: int = setting(size, 256 * 1024**2, doc="this device's samples take at most this much; oldest go first")
+
+
+@dataclass(frozen=True)
 class DeviceBase:
     """The keys every device takes."""
     name: str = setting(string(NAME, "lowercase letters, digits, _ and - (e.g. pump1)"), doc="the device's name")
@@ -292,6 +299,8 @@ class DeviceBase:
                                 doc="the anomaly model scoring this device")
     publish: PublishSection = setting(section(PublishSection), {}, doc="when a sample becomes telemetry")
     oee: OeeSection | None = setting(optional(section(OeeSection)), None, doc="machine states for OEE")
+    history: HistorySection | None = setting(optional(section(HistorySection)), None,
+                                             doc="keep raw samples on the box (for `model train`)")
 
     SOURCE: ClassVar[str] = ""
 
