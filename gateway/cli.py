@@ -81,6 +81,8 @@ def _parser() -> argparse.ArgumentParser:
     from gateway import broker
     broker.add_arguments(sub.add_parser("broker", help="run the local MQTT broker for plant sensors (amqtt)"),
                          sub.add_parser("broker-user", help="add, change or remove a local broker user"))
+    from gateway import modelcli
+    modelcli.add_arguments(sub)
     demo = sub.add_parser("demo", help="everything on this machine: simulated plant, broker, gateway, live view")
     demo.add_argument("--duration", type=float, default=None, help="stop after this many seconds (default: Ctrl-C)")
     demo.add_argument("--plain", action="store_true", help="print lines instead of redrawing the screen")
@@ -109,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
             return broker.user_command(args)
         logs.setup("info")
         return broker.serve_file(args.config)
+    if args.command in ("model", "history"):
+        from gateway import modelcli
+        return modelcli.model_command(args) if args.command == "model" else modelcli.history_command(args)
     if args.command == "demo":
         from gateway.demo import demo
         return demo(duration=args.duration, plain=args.plain, fault_after=args.fault_after)

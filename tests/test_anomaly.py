@@ -14,9 +14,9 @@ from conftest import ENV, ROOT, gateway_config, spawn, wait_until
 
 pytest.importorskip("ai_edge_litert")
 
-from gateway.anomaly import DeviceScorer, Model, score_batch  # noqa: E402
+from gateway.anomaly import DeviceScorer, Model  # noqa: E402
 from sim.pump import TAGS  # noqa: E402
-from sim.scenarios import run, windows  # noqa: E402
+from sim.scenarios import run  # noqa: E402
 
 MODELS = ROOT / "models"
 PUMP = "  - {name: pump1, source: sim, profile: pump, seed: 3, interval: 1s, model: pump-ae}\n"
@@ -45,7 +45,10 @@ def test_the_shipped_model_and_a_good_config_pass(tmp_path):
     ("not_tflite", "model pump-ae: {dir}/pump-ae.tflite is not a TFLite model (no TFL3 identifier)"),
     ("hash", "model pump-ae: pump-ae.tflite does not match its metadata: sha256"),
     ("bad_json", "model pump-ae: its metadata {dir}/pump-ae.json is not valid JSON"),
-    ("window", "pump-ae.tflite takes [1, 300] and gives [1, 300], but its metadata says window 20 x 10 tags"),
+    ("window", "pump-ae.tflite takes [1, {size}] and gives [1, {size}], but its metadata says window 20 x 10 tags"),
+    ("format1", "its metadata {dir}/pump-ae.json is format 1, this gateway reads format 2: train it again"),
+    ("short", "its metadata {dir}/pump-ae.json is not usable: inputs.center, inputs.spread, inputs.drift and "
+              "error_scale need one entry per tag"),
 ])
 def test_a_bad_model_is_a_config_error_naming_device_model_and_mismatch(tmp_path, damage, expected):
     d = tmp_path / "models"
@@ -61,12 +64,17 @@ def test_a_bad_model_is_a_config_error_naming_device_model_and_mismatch(tmp_path
         data[-1] ^= 0xFF
         (d / "pump-ae.tflite").write_bytes(bytes(data))
     elif damage == "window":
+        size = meta["window"] * len(meta["tags"])
         meta["window"] = 20
+    elif damage == "format1":
+        del meta["format"]
+    elif damage == "short":
+        meta["error_scale"] = meta["error_scale"][:3]
     (d / "pump-ae.json").write_text("{not json" if damage == "bad_json" else json.dumps(meta))
     result = check(tmp_path, PUMP, d)
     assert result.returncode == 78
     assert "devices[0].model: device pump1: " in result.stderr
-    assert expected.format(dir=d) in result.stderr, result.stderr
+    assert expected.format(dir=d, size=locals().get("size")) in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -82,25 +90,35 @@ def test_a_model_that_does_not_fit_the_device_is_a_config_error(tmp_path):
     assert "devices[2]" not in result.stderr  # 100 ms of wall time are 1 s of simulated time
 
 
+def replay(model, rows):
+    scorer = DeviceScorer(model)
+    scores = []
+    for t, row in enumerate(rows):
+        scorer.push(float(t), dict(zip(TAGS, row.tolist())))
+        scores.append(scorer.state.score)
+    return np.array([np.nan if s is None else s for s in scores])
+
+
 def test_quantize_dequantize_round_trip(model):
     assert model.int8 and model.in_scale > 0
-    # The input range is the training range, [0, 1] in scaled units: 256 steps across it.
-    x = np.linspace(0.0, 1.0, model.window * len(model.tags), dtype=np.float32)
+    lo = (-128 - model.in_zero) * model.in_scale
+    hi = (127 - model.in_zero) * model.in_scale
+    x = np.linspace(lo, hi, model.window * len(model.tags), dtype=np.float32)
     q = np.clip(np.round(x / model.in_scale) + model.in_zero, -128, 127)
     back = (q - model.in_zero) * model.in_scale
-    assert model.in_scale < 1.0 / 250
     assert np.max(np.abs(back - x)) <= model.in_scale / 2 + 1e-6
-    # Beyond it the model's input saturates; the score still compares with the true scaled value.
-    far = np.full_like(x, 0.5)
-    far[::10] = 3.0
-    assert np.abs(model.reconstruct(far) - far).max() > 1.5
-    # The model reconstructs normal running well within its threshold, and a corrupted window not.
-    normal = windows(model.scale(run(4242, 600)), model.window, model.stride)
-    scores, per_tag = score_batch(model, normal)
-    assert scores.max() < model.threshold
-    rows = run(4242, 600, faults=[{"kind": "cavitation", "at": 300.0, "ramp": 0.0}])
-    broken = windows(model.scale(rows[330:]), model.window, model.stride)
-    assert score_batch(model, broken)[0].min() > model.threshold
+    # Beyond the representative range the input saturates; the error still compares with the true input.
+    far = np.zeros_like(x)
+    far[::10] = 10 * hi
+    assert np.abs(model.reconstruct(far) - far).max() > 5 * hi
+
+
+def test_normal_running_scores_below_the_threshold_and_a_fault_above(model):
+    normal = replay(model, run(4242, 900))
+    assert np.nanmax(normal) < model.threshold
+    assert 0.5 < np.nanmedian(normal) < 2.0  # errors are normalised per tag: about 1 in normal running
+    broken = replay(model, run(4242, 900, faults=[{"kind": "cavitation", "at": 300.0, "ramp": 0.0}]))
+    assert np.nanmin(broken[330:]) > model.threshold
 
 
 def test_gaps_beyond_the_forward_fill_limit_are_not_scored(model):

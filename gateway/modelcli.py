@@ -1,0 +1,331 @@
+"""`edge-gateway model train|score|list|show` and `edge-gateway history export`.
+
+Offline tools for commissioning an anomaly model on one's own machine: record (`history:` on
+a device), export, train, replay, deploy. numpy and the TFLite runtime are imported only here
+and only when asked for; TensorFlow only by `model train` (gateway/training.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from gateway import config as configuration
+from gateway.errors import EX_CANTCREAT, EX_CONFIG, EX_DATAERR, EX_OK, EX_UNAVAILABLE, EX_USAGE, ModelError
+from gateway.units import parse_duration
+
+if TYPE_CHECKING:
+    from gateway.recording import Recording
+
+
+def add_arguments(sub: Any) -> None:
+    model = sub.add_parser("model", help="train, check and list anomaly models (see docs/anomaly.md)")
+    actions = model.add_subparsers(dest="action", required=True, parser_class=type(model))
+    train = actions.add_parser("train", help="train a model from CSV recordings or a device's recorded history")
+    train.add_argument("name", help="the model's name: NAME.tflite and NAME.json are written")
+    train.add_argument("--csv", action="append", default=[], metavar="FILE", help="a recording of normal running; "
+                       "repeatable")
+    train.add_argument("--device", help="train from this device's recorded history (needs -c)")
+    train.add_argument("-c", "--config", default=configuration.DEFAULT_PATH, help="config file (with --device)")
+    train.add_argument("--from", dest="start", metavar="TIME", help="with --device: from this time (RFC 3339)")
+    train.add_argument("--to", dest="end", metavar="TIME", help="with --device: up to this time (RFC 3339)")
+    train.add_argument("--time-column", help="the CSV's time column (default: detected)")
+    train.add_argument("--tags", help="the tags to model, comma-separated (default: every numeric column)")
+    train.add_argument("--interval", help="time between samples, e.g. 1s (default: the recordings' median)")
+    train.add_argument("--out", default=".", metavar="DIR", help="where to write the model (default: here)")
+    train.add_argument("--window", type=int, default=10, help="samples per window (default %(default)s)")
+    train.add_argument("--drift-tags", metavar="TAGS", help="tags fed as deviation from a slow baseline, "
+                       "comma-separated, or 'none' (default: detected, those with a trend)")
+    train.add_argument("--baseline", default="60s", help="the drift baseline's time constant (default %(default)s)")
+    train.add_argument("--epochs", type=int, default=200, help="at most this many (early stopping ends sooner)")
+    train.add_argument("--margin", type=float, default=1.5, help="threshold margin (default %(default)s)")
+    score = actions.add_parser("score", help="replay a CSV recording through a model, row by row, as the daemon "
+                               "scores")
+    score.add_argument("name")
+    score.add_argument("--csv", required=True, metavar="FILE")
+    score.add_argument("--time-column", help="the CSV's time column (default: detected)")
+    score.add_argument("--model-dir", metavar="DIR", help="default: here if NAME.tflite is here, else the installed "
+                       "models")
+    score.add_argument("--out", default="-", metavar="FILE", help="per-row CSV (default: stdout)")
+    for name, text in (("list", "the installed models and whether each can be loaded"),
+                       ("show", "one model's metadata")):
+        p = actions.add_parser(name, help=text)
+        if name == "show":
+            p.add_argument("name")
+        p.add_argument("--model-dir", metavar="DIR", help="default: the config's gateway.model_dir, else the "
+                       "installed models")
+        p.add_argument("-c", "--config", default=configuration.DEFAULT_PATH, help="config file, for its model_dir")
+        p.add_argument("--json", action="store_true")
+    history = sub.add_parser("history", help="export a device's recorded samples (devices[].history)")
+    history.add_argument("action", choices=("export", "stats"))
+    history.add_argument("device", nargs="?")
+    history.add_argument("-c", "--config", default=configuration.DEFAULT_PATH, help="config file (default %(default)s)")
+    history.add_argument("--from", dest="start", metavar="TIME", help="from this time (RFC 3339)")
+    history.add_argument("--to", dest="end", metavar="TIME", help="up to this time (RFC 3339)")
+    history.add_argument("--csv", metavar="FILE", help="the CSV to write (- for stdout)")
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"edge-gateway: {message}", file=sys.stderr)
+    return code
+
+
+def model_command(args: argparse.Namespace) -> int:
+    try:
+        import numpy  # noqa: F401
+    except ImportError:
+        return _fail("anomaly models need numpy and a TFLite runtime: pip install 'edge-gateway[anomaly]'",
+                     EX_UNAVAILABLE)
+    from gateway.recording import DataError
+    from gateway.training import MissingExtra
+    try:
+        if args.action == "train":
+            return _train(args)
+        if args.action == "score":
+            return _score(args)
+        return _list(args) if args.action == "list" else _show(args)
+    except DataError as err:
+        return _fail(str(err), EX_DATAERR)
+    except ModelError as err:
+        return _fail(f"model {args.name}: {err}", EX_DATAERR)
+    except MissingExtra as err:
+        return _fail(str(err), EX_UNAVAILABLE)
+    except _Usage as err:
+        return _fail(str(err), EX_USAGE)
+    except OSError as err:
+        return _fail(f"{err.filename or ''}: {err.strerror}", EX_CANTCREAT)
+
+
+class _Usage(Exception):
+    pass
+
+
+def _time(text: str | None, what: str) -> float | None:
+    from gateway.recording import parse_time
+    if text is None:
+        return None
+    ts = parse_time(text)
+    if ts is None:
+        raise _Usage(f"{what} {text!r} is not a time: RFC 3339, e.g. 2026-11-24T06:00:00Z or 2026-11-24")
+    return ts
+
+
+def _csv_list(text: str | None) -> list[str] | None:
+    return [t.strip() for t in text.split(",") if t.strip()] if text else None
+
+
+def _train(args: argparse.Namespace) -> int:
+    from gateway.recording import DataError, read_csv
+    from gateway.training import Options, train
+    if bool(args.csv) == bool(args.device):
+        raise _Usage("give either --csv FILE (repeatable) or --device DEV -c CONFIG")
+    interval = None
+    if args.interval:
+        try:
+            interval = parse_duration(args.interval)
+        except ValueError:
+            raise _Usage(f"--interval {args.interval!r}: expected a duration such as 1s or 500ms") from None
+    try:
+        baseline = parse_duration(args.baseline)
+    except ValueError:
+        raise _Usage(f"--baseline {args.baseline!r}: expected a duration such as 60s or 10m") from None
+    tags = _csv_list(args.tags)
+    if args.csv:
+        recordings = [read_csv(f, time_column=args.time_column, tags=tags) for f in args.csv]
+    else:
+        recording, device_interval = _from_history(args.config, args.device, _time(args.start, "--from"),
+                                                   _time(args.end, "--to"))
+        recordings = [recording.select(tags) if tags else recording]
+        interval = interval or device_interval
+    for r in recordings:
+        for note in r.notes:
+            print(f"{r.source}: {note}", file=sys.stderr)
+        if len(r) == 0:
+            raise DataError(f"{r.source}: no rows")
+    drift = _csv_list(args.drift_tags)
+    opts = Options(window=args.window, interval=interval, baseline_s=baseline, epochs=args.epochs, margin=args.margin,
+                   drift_tags=[] if drift == ["none"] else drift)
+    if args.window < 2 or args.epochs < 1:
+        raise _Usage("--window needs 2 or more, --epochs 1 or more")
+    report = train(args.name, recordings, Path(args.out), opts, progress=_progress_bar())
+    if sys.stderr.isatty():
+        print(file=sys.stderr)  # end the bar's line
+    print("\n".join(report.lines))
+    print(f"to deploy: copy {args.name}.tflite and {args.name}.json into gateway.model_dir, set "
+          f"devices[].model: {args.name}, then edge-gateway check-config and systemctl reload edge-gateway")
+    return EX_OK
+
+
+def _progress_bar() -> Any:
+    """Redrawn in place on a terminal; a line every 10 epochs in a log. Early stopping ends the bar short."""
+    tty = sys.stderr.isatty()
+
+    def show(epoch: int, epochs: int, loss: float, val: float) -> None:
+        width = 30
+        done = int(width * epoch / epochs)
+        line = f"training: epoch {epoch:>4}/{epochs} [{'#' * done}{'.' * (width - done)}] loss {loss:.4f} " \
+               f"validation {val:.4f}"
+        if tty:
+            print("\r" + line, end="", file=sys.stderr, flush=True)
+        elif epoch == 1 or epoch % 10 == 0:
+            print(line, file=sys.stderr, flush=True)
+
+    return show
+
+
+def _from_history(config_path: str, device: str, start: float | None, end: float | None
+                  ) -> tuple[Recording, float]:
+    import numpy as np
+
+    from gateway.recording import DataError, Recording
+    cfg = configuration.load(config_path)
+    dev = next((d for d in cfg.devices if d.name == device), None)
+    tags, rows = _export(cfg, device, start, end)
+    data = list(rows)
+    if not data:
+        raise DataError(f"device {device}: no recorded samples{' in that time range' if start or end else ''} "
+                        f"(does it have history: in {config_path}?)")
+    times = np.array([t for t, _ in data])
+    values = np.array([[np.nan if v is None else v for v in vs] for _, vs in data], dtype=np.float64)
+    interval = dev.interval if dev is not None else 0.0
+    return Recording(f"history of {device}", tags, times, values), interval
+
+
+def _export(cfg: configuration.Config, device: str, start: float | None, end: float | None) -> Any:
+    from gateway.history import FILE, History
+    from gateway.recording import DataError
+    path = Path(cfg.gateway.data_dir) / FILE
+    if not path.exists():
+        raise DataError(f"no history recorded yet: {path} does not exist (give a device history: in the config)")
+    store = History.open(path, readonly=True)
+    return store.export(device, start, end)
+
+
+def history_command(args: argparse.Namespace) -> int:
+    from gateway.history import FILE, History
+    try:
+        cfg = configuration.load(args.config)
+    except configuration.ConfigError as err:
+        print(err, file=sys.stderr)
+        return EX_CONFIG
+    path = Path(cfg.gateway.data_dir) / FILE
+    if not path.exists():
+        return _fail(f"no history recorded yet: {path} does not exist (give a device history: in the config)",
+                     EX_DATAERR)
+    store = History.open(path, readonly=True)
+    if args.action == "stats":
+        for device, count, first, last in store.devices():
+            from gateway.recording import format_time
+            span = f"{format_time(first)} .. {format_time(last)}" if first is not None and last is not None else "-"
+            print(f"{device}: {count} samples, {span}")
+        print(f"{path}: {path.stat().st_size / 1024**2:.1f} MiB")
+        return EX_OK
+    if not args.device or not args.csv:
+        return _fail("history export DEVICE --csv FILE [--from TIME] [--to TIME]", EX_USAGE)
+    try:
+        start, end = _time(args.start, "--from"), _time(args.end, "--to")
+    except _Usage as err:
+        return _fail(str(err), EX_USAGE)
+    from gateway.recording import write_csv
+    tags, rows = store.export(args.device, start, end)
+    if not tags:
+        known = ", ".join(d for d, *_ in store.devices()) or "none"
+        return _fail(f"device {args.device}: nothing recorded (recorded devices: {known})", EX_DATAERR)
+    try:
+        count = write_csv(sys.stdout if args.csv == "-" else args.csv, tags, rows)
+    except OSError as err:
+        return _fail(f"cannot write {args.csv}: {err.strerror}", EX_CANTCREAT)
+    print(f"{count} samples of {args.device} ({', '.join(tags)}) written to {args.csv}", file=sys.stderr)
+    return EX_OK
+
+
+def _model_dir(args: argparse.Namespace, name: str | None = None) -> Path:
+    from gateway.anomaly import model_dir
+    if getattr(args, "model_dir", None):
+        return Path(args.model_dir)
+    if name is not None and Path(f"{name}.tflite").exists():
+        return Path(".")
+    config_path = getattr(args, "config", None)
+    if config_path and os.path.exists(config_path):
+        try:
+            return model_dir(configuration.load(config_path).gateway.model_dir)
+        except configuration.ConfigError:
+            pass
+    return model_dir(None)
+
+
+def _score(args: argparse.Namespace) -> int:
+    from gateway import replay
+    from gateway.anomaly import Model
+    from gateway.recording import read_csv
+    directory = _model_dir(args, args.name)
+    model = Model(directory / f"{args.name}.tflite", directory / f"{args.name}.json")
+    recording = read_csv(args.csv, time_column=args.time_column)
+    for note in recording.notes:
+        print(f"{recording.source}: {note}", file=sys.stderr)
+    if args.out == "-":
+        summary = replay.write(model, recording, sys.stdout)
+    else:
+        with open(args.out, "w", newline="") as out:
+            summary = replay.write(model, recording, out)
+    print(f"model {model.name} (threshold {model.threshold:.4g}) on {args.csv}: {summary.text(model.interval)}",
+          file=sys.stderr)
+    return EX_OK
+
+
+def _describe(name: str, directory: Path) -> dict[str, Any]:
+    from gateway.anomaly import Model
+    try:
+        m = Model(directory / f"{name}.tflite", directory / f"{name}.json")
+    except ModelError as err:
+        return {"name": name, "ok": False, "problem": str(err)}
+    meta = m.meta
+    drift = [t for t, d in zip(m.tags, meta["inputs"]["drift"], strict=True) if d]
+    return {"name": name, "ok": True, "tags": m.tags, "drift_tags": drift, "window": m.window, "stride": m.stride,
+            "interval_s": m.interval, "threshold": m.threshold, "bytes": m.size,
+            "events": {"start_after": m.start_after, "end_after": m.end_after},
+            "training": meta.get("training", {}), "versions": meta.get("versions", {}), "sha256": meta["sha256"]}
+
+
+def _list(args: argparse.Namespace) -> int:
+    directory = _model_dir(args)
+    names = sorted(p.stem for p in directory.glob("*.json") if (directory / f"{p.stem}.tflite").exists())
+    described = [_describe(n, directory) for n in names]
+    if args.json:
+        print(json.dumps({"model_dir": str(directory), "models": described}, indent=1))
+        return EX_OK
+    print(f"models in {directory}:" if described else f"no models in {directory}")
+    for d in described:
+        if d["ok"]:
+            print(f"  {d['name']:<20} {len(d['tags'])} tags, window {d['window']} x {d['interval_s']:g} s, "
+                  f"threshold {d['threshold']:.4g}, {d['bytes'] / 1024:.0f} KiB")
+        else:
+            print(f"  {d['name']:<20} cannot be used: {d['problem']}")
+    return EX_OK
+
+
+def _show(args: argparse.Namespace) -> int:
+    directory = _model_dir(args, args.name)
+    if not (directory / f"{args.name}.json").exists():
+        raise ModelError(f"no {args.name}.json in {directory}")
+    d = _describe(args.name, directory)
+    if args.json or not d["ok"]:
+        print(json.dumps(d, indent=1))
+        return EX_OK if d["ok"] else EX_DATAERR
+    t = d["training"]
+    lines = [f"model {d['name']} in {directory}",
+             f"  tags ({len(d['tags'])}): {', '.join(d['tags'])}",
+             f"  drift tags: {', '.join(d['drift_tags']) or 'none'}",
+             f"  window {d['window']} samples every {d['interval_s']:g} s, stride {d['stride']}; "
+             f"event after {d['events']['start_after']} windows above, ends after {d['events']['end_after']} below",
+             f"  threshold {d['threshold']:.4g}: {t.get('threshold_rule', 'not recorded')}",
+             f"  trained on {t.get('samples', '?')} samples from {', '.join(t.get('recordings', [])) or '?'}; "
+             f"{t.get('epochs', '?')} epochs, validation error {t.get('validation_error', '?')}",
+             f"  {d['bytes'] / 1024:.0f} KiB int8, sha256 {d['sha256'][:16]}..., "
+             f"versions {', '.join(f'{k} {v}' for k, v in d['versions'].items())}"]
+    print("\n".join(lines))
+    return EX_OK

@@ -1,0 +1,238 @@
+"""Recordings of a machine's tags: read from CSV, put on a regular time grid, written back out.
+
+What `model train` and `model score` read, and what `history export` writes: a time column
+and one column per tag. Reading is forgiving in the ways plant exports differ and strict where a
+wrong guess would corrupt a model:
+
+- the delimiter is `,` or `;` (detected from the header); with `;`, a decimal comma is accepted;
+- the time column is the one named, else the first whose name says time (`time`, `timestamp`,
+  `datetime`, `date`, `ts`), else the first whose cells read as times. A time is RFC 3339 /
+  ISO 8601 (no zone = UTC) or, in a column so named, epoch seconds (milliseconds when > 1e11);
+- every numeric column is a tag unless `tags` names them; a cell that is empty or not a number
+  is a missing value; a column that holds no number at all is left out and said so;
+- rows are put in time order; a time given twice keeps its last row.
+
+Any problem is a `DataError` naming the file, and where it helps, the line and column.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import IO
+
+import numpy as np
+
+from gateway.errors import GatewayError
+
+TIME_NAMES = ("time", "timestamp", "datetime", "date", "ts", "date_time", "time_stamp")
+_ISO_HINT = re.compile(r"^\d{4}-\d{2}-\d{2}")
+
+
+class DataError(GatewayError):
+    """Input data that cannot be used (a CSV without a time column, too few rows...): exit 65."""
+
+
+@dataclass
+class Recording:
+    """Rows in time order: `times` (n,) epoch seconds, `values` (n, tags) with NaN where missing."""
+
+    source: str
+    tags: list[str]
+    times: np.ndarray
+    values: np.ndarray
+    notes: list[str] = field(default_factory=list)  # what reading left out or fixed, for the user
+
+    def __len__(self) -> int:
+        return len(self.times)
+
+    def select(self, tags: Sequence[str]) -> Recording:
+        missing = [t for t in tags if t not in self.tags]
+        if missing:
+            raise DataError(f"{self.source}: no column {', '.join(missing)} (it has {', '.join(self.tags)})")
+        index = [self.tags.index(t) for t in tags]
+        return Recording(self.source, list(tags), self.times, self.values[:, index], self.notes)
+
+    def median_interval(self) -> float | None:
+        steps = np.diff(self.times)
+        steps = steps[steps > 0]
+        return float(np.median(steps)) if len(steps) else None
+
+    def on_grid(self, interval: float, max_gap: int) -> tuple[np.ndarray, np.ndarray]:
+        """Samples every `interval` from the first row to the last: each row lands on its nearest slot (the
+        last row wins a slot); empty slots are missing values. A gap longer than `max_gap` slots is cut short
+        to `max_gap` missing slots (it breaks every window across it the same). Returns (slot times, values)."""
+        if not len(self):
+            return np.empty(0), np.empty((0, len(self.tags)))
+        slot = np.rint((self.times - self.times[0]) / interval).astype(np.int64)
+        steps = np.diff(slot, prepend=slot[0])
+        slot = np.cumsum(np.minimum(steps, max_gap + 1))
+        out = np.full((int(slot[-1]) + 1, len(self.tags)), np.nan)
+        out[slot] = self.values
+        times = np.empty(len(out))
+        times[slot] = self.times
+        filled = np.zeros(len(out), dtype=bool)
+        filled[slot] = True
+        # An empty slot's time: the previous row's time plus the slots since (only used to report).
+        last = np.maximum.accumulate(np.where(filled, np.arange(len(out)), 0))
+        times = np.where(filled, times, times[last] + (np.arange(len(out)) - last) * interval)
+        return times, out
+
+
+def parse_time(text: str, epoch: bool = False) -> float | None:
+    """Epoch seconds from an RFC 3339 / ISO 8601 time (no zone = UTC) or, when `epoch`, a number."""
+    text = text.strip()
+    if not text:
+        return None
+    if epoch:
+        try:
+            value = float(text)
+        except ValueError:
+            return None
+        if not math.isfinite(value):
+            return None
+        return value / 1000.0 if abs(value) > 1e11 else value
+    if not _ISO_HINT.match(text):
+        return None
+    if text[-1] in "zZ":
+        text = text[:-1] + "+00:00"
+    try:
+        stamp = datetime.fromisoformat(text.replace("T", " ", 1) if "T" in text[:11] else text)
+    except ValueError:
+        return None
+    if stamp.tzinfo is None:
+        stamp = stamp.replace(tzinfo=timezone.utc)
+    return stamp.timestamp()
+
+
+def format_time(ts: float) -> str:
+    """RFC 3339 UTC, to the millisecond when the time has a fraction of a second."""
+    stamp = datetime.fromtimestamp(ts, tz=timezone.utc)
+    text = stamp.strftime("%Y-%m-%dT%H:%M:%S")
+    millis = round((ts - math.floor(ts)) * 1000)
+    return f"{text}.{millis:03d}Z" if millis and millis < 1000 else f"{text}Z"
+
+
+def _number(text: str, decimal_comma: bool) -> float:
+    text = text.strip()
+    if decimal_comma:
+        text = text.replace(",", ".")
+    try:
+        value = float(text)
+    except ValueError:
+        return math.nan
+    return value if math.isfinite(value) else math.nan
+
+
+def read_csv(path: str | Path, *, time_column: str | None = None, tags: Sequence[str] | None = None) -> Recording:
+    """A CSV file as a `Recording`; see the module's docstring for what is accepted."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise DataError(f"cannot read {path}: {err.strerror}") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        text = raw.decode("latin-1")  # a spreadsheet's export: its tag names may be off, its numbers are not
+    lines = text.splitlines()
+    if not lines or not lines[0].strip():
+        raise DataError(f"{path}: empty file, or no header line")
+    header_line = lines[0]
+    delimiter = ";" if header_line.count(";") > header_line.count(",") else ","
+    rows = list(csv.reader(lines, delimiter=delimiter))
+    header = [h.strip() for h in rows[0]]
+    body = [r for r in rows[1:] if any(c.strip() for c in r)]
+    if len(set(header)) != len(header):
+        twice = sorted({h for h in header if header.count(h) > 1})
+        raise DataError(f"{path}: column {', '.join(twice)} appears more than once in the header")
+    columns: list[tuple[str, ...]] = [tuple(r[i] if i < len(r) else "" for r in body) for i in range(len(header))]
+    for lineno, r in enumerate(rows[1:], start=2):
+        if len(r) > len(header) and any(c.strip() for c in r[len(header):]):
+            raise DataError(f"{path}:{lineno}: {len(r)} cells, but the header names {len(header)} columns "
+                            f"(delimiter {delimiter!r})")
+    t_index = _time_column(path, header, columns, time_column)
+    epoch = header[t_index].lower() in TIME_NAMES and not any(_ISO_HINT.match(c.strip()) for c in columns[t_index][:20])
+    times = []
+    for lineno, cell in enumerate(columns[t_index], start=2):
+        ts = parse_time(cell, epoch)
+        if ts is None:
+            raise DataError(f"{path}:{lineno}: column {header[t_index]}: {cell.strip()!r} is not a time "
+                            f"(RFC 3339, e.g. 2026-03-09T10:14:33Z{', or epoch seconds' if epoch else ''})")
+        times.append(ts)
+    decimal_comma = delimiter == ";"
+    notes: list[str] = []
+    names: list[str] = []
+    values: list[list[float]] = []
+    wanted = list(tags) if tags else [h for i, h in enumerate(header) if i != t_index]
+    unknown = [t for t in wanted if t not in header]
+    if unknown:
+        raise DataError(f"{path}: no column {', '.join(unknown)} (it has {', '.join(header)})")
+    for name in wanted:
+        cells = columns[header.index(name)]
+        numbers = [_number(c, decimal_comma) for c in cells]
+        given = sum(1 for c in cells if c.strip())
+        good = sum(1 for v in numbers if not math.isnan(v))
+        if tags is None and given and good == 0:
+            notes.append(f"column {name} left out: not numeric")
+            continue
+        if tags is not None and given and good == 0:
+            raise DataError(f"{path}: column {name} holds no number (first cell {cells[0].strip()!r})")
+        if good < given:
+            notes.append(f"column {name}: {given - good} cell(s) not a number, taken as missing")
+        names.append(name)
+        values.append(numbers)
+    if not names:
+        raise DataError(f"{path}: no numeric column besides the time column {header[t_index]}")
+    order = np.argsort(np.asarray(times), kind="stable")
+    t = np.asarray(times)[order]
+    v = np.asarray(values, dtype=np.float64).T[order] if body else np.empty((0, len(names)))
+    if len(t) and np.any(np.diff(np.asarray(times)) < 0):
+        notes.append("rows put in time order")
+    keep = np.append(t[1:] != t[:-1], True) if len(t) else np.empty(0, dtype=bool)
+    if len(t) and not keep.all():
+        notes.append(f"{int((~keep).sum())} row(s) with a time given twice: the last one kept")
+    return Recording(str(path), names, t[keep], v[keep], notes)
+
+
+def _time_column(path: Path, header: list[str], columns: list[tuple[str, ...]], named: str | None) -> int:
+    if named is not None:
+        if named not in header:
+            raise DataError(f"{path}: no time column {named!r} (it has {', '.join(header)})")
+        return header.index(named)
+    for i, h in enumerate(header):
+        if h.lower() in TIME_NAMES:
+            return i
+    for i, column in enumerate(columns):
+        sample = [c for c in column[:50] if c.strip()]
+        if sample and all(parse_time(c) is not None for c in sample):
+            return i
+    raise DataError(f"{path}: no time column found among {', '.join(header)}: name it with --time-column")
+
+
+def write_csv(target: str | Path | IO[str], tags: Sequence[str],
+              rows: Iterable[tuple[float, Sequence[float | None]]]) -> int:
+    """`time` (RFC 3339 UTC) and one column per tag; a missing value is an empty cell. Returns the rows written."""
+    if not isinstance(target, (str, Path)):
+        return _write_rows(target, tags, rows)
+    tmp = Path(f"{target}.tmp")
+    with open(tmp, "w", newline="") as out:
+        count = _write_rows(out, tags, rows)
+    os.replace(tmp, target)
+    return count
+
+
+def _write_rows(out: IO[str], tags: Sequence[str], rows: Iterable[tuple[float, Sequence[float | None]]]) -> int:
+    writer = csv.writer(out)
+    writer.writerow(["time", *tags])
+    count = 0
+    for ts, values in rows:
+        writer.writerow([format_time(ts), *("" if v is None or v != v else repr(float(v)) for v in values)])
+        count += 1
+    return count
