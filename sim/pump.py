@@ -39,14 +39,19 @@ class Pump:
 
     tags = TAGS
 
-    def __init__(self, seed: int = 0, start_hour: float = 8.0) -> None:
+    def __init__(self, seed: int = 0, start_hour: float = 8.0, *, season_c: float = 0.0, season_per_day: float = 0.0,
+                 valve: tuple[float, float] = (0.6, 0.95), rpm: float = NOMINAL_RPM) -> None:
+        """`season_c`: ambient offset at the start (weeks later, or another season); `season_per_day`: how fast
+        it keeps moving. `valve` and `rpm`: the pump's operating range (another pump on another duty)."""
         self.rng = random.Random(seed)
         self.t = 0.0
         self._start_hour = start_hour
+        self._season, self._season_rate = season_c, season_per_day
+        self._valve_range = valve
+        self._rpm = rpm
         self.faults: list[Fault] = []
         # Slowly varying operating point and drifts, each a bounded random walk.
-        self._valve = 0.8
-        self._valve_target = 0.8
+        self._valve = self._valve_target = (valve[0] + valve[1]) / 2
         self._drift_ambient = 0.0
         self._drift_oil = 0.0
         # Lagged temperatures start at their steady state for the initial load.
@@ -75,7 +80,8 @@ class Pump:
     # -- physics -------------------------------------------------------------
     def _ambient(self) -> float:
         hour = (self._start_hour + self.t / 3600.0) % 24.0
-        return 22.0 + 4.0 * math.sin(2 * math.pi * (hour - 9.0) / 24.0) + self._drift_ambient
+        season = self._season + self._season_rate * self.t / DAY
+        return 22.0 + season + 4.0 * math.sin(2 * math.pi * (hour - 9.0) / 24.0) + self._drift_ambient
 
     def step(self, dt: float) -> dict[str, float | None]:
         """Advance by `dt` seconds and return one reading of all ten sensors."""
@@ -83,7 +89,7 @@ class Pump:
         self.t += dt
         # The process changes its demand every few minutes; the valve follows slowly.
         if rng.random() < dt / 300.0:
-            self._valve_target = rng.uniform(0.6, 0.95)
+            self._valve_target = rng.uniform(*self._valve_range)
         self._valve += (self._valve_target - self._valve) * min(1.0, dt / 30.0)
         self._drift_ambient = max(-2.0, min(2.0, self._drift_ambient + rng.gauss(0, 0.002) * math.sqrt(dt)))
         self._drift_oil = max(-0.1, min(0.1, self._drift_oil + rng.gauss(0, 0.0005) * math.sqrt(dt)))
@@ -94,7 +100,7 @@ class Pump:
 
         ambient = self._ambient()
         load = self._valve  # 0..1
-        rpm = NOMINAL_RPM + 12.0 * (0.8 - load) - 8.0 * wear
+        rpm = self._rpm + 12.0 * (0.8 - load) - 8.0 * wear
         speed = rpm / NOMINAL_RPM
         flow = NOMINAL_FLOW * load * speed * (1.0 - 0.12 * cavitation) * (1.0 - 0.08 * leak)
         suction = 1.6 - 0.25 * (flow / NOMINAL_FLOW) ** 2 - 0.9 * cavitation

@@ -12,9 +12,10 @@ from sim.pump import TAGS, Pump
 
 
 def run(seed: int, seconds: float, *, interval: float = 1.0, start_hour: float = 8.0,
-        faults: list[dict] | None = None) -> np.ndarray:
-    """Simulate `seconds` of a pump sampled every `interval`; faults as `Pump.inject` keyword dicts."""
-    pump = Pump(seed=seed, start_hour=start_hour)
+        faults: list[dict] | None = None, **options: object) -> np.ndarray:
+    """Simulate `seconds` of a pump sampled every `interval`; faults as `Pump.inject` keyword dicts; `options`:
+    `Pump`'s keywords (season, operating range)."""
+    pump = Pump(seed=seed, start_hour=start_hour, **options)
     for fault in faults or []:
         pump.inject(**fault)
     steps = round(seconds / interval)
