@@ -192,6 +192,9 @@ class Model:
         if self.int8 and (self.in_scale == 0 or self.out_scale == 0):
             raise ModelError(f"{tflite_path.name} is int8 but has no quantization parameters")
         self.size = len(data)
+        # (window*tags, tags): sums each tag's errors over the window, / window, / the tag's normal error.
+        self._weights = np.tile(np.diag(self.inv_error / self.window), (self.window, 1)).astype(np.float32)
+        self._cap = np.where(self.drift, DRIFT_CAP, np.inf).astype(np.float32) if self.drift.any() else None
         self._qbuf = np.empty((1, size), dtype=np.int8 if self.int8 else np.float32)
 
     def new_inputs(self) -> Inputs:
@@ -202,10 +205,9 @@ class Model:
         diff = self.reconstruct(flat)
         np.subtract(diff, flat, out=diff)
         np.abs(diff, out=diff)
-        err = np.add.reduce(diff.reshape(self.window, -1), axis=0) * (1.0 / self.window)
-        err *= self.inv_error
-        if self.drift.any():
-            np.minimum(err, np.where(self.drift, DRIFT_CAP, np.inf), out=err)
+        err = diff @ self._weights  # mean over the window and division by the tag's normal error, in one product
+        if self._cap is not None:
+            np.minimum(err, self._cap, out=err)
         return cast(np.ndarray, err)
 
     def reconstruct(self, flat: np.ndarray) -> np.ndarray:
