@@ -219,7 +219,8 @@ class Gateway:
         return contract.status(state, self.config.gateway.id, __version__, self.started, devices)
 
     def health(self) -> dict[str, Any]:
-        return health.report(self.config.gateway.id, self.started, self.outbox, self.uplink, self.devices)
+        return health.report(self.config.gateway.id, self.started, self.outbox, self.uplink, self.devices,
+                             history=self._history)
 
     def status_line(self) -> str:
         return health.status_line(self.devices, self.outbox, self.uplink)

@@ -21,6 +21,7 @@ from gateway.units import rfc3339
 
 if TYPE_CHECKING:
     from gateway.device import DeviceRunner
+    from gateway.history import History
     from gateway.outbox import Outbox
     from gateway.uplink import Uplink
 
@@ -79,7 +80,7 @@ class DeviceHealth:
 
 
 def report(gateway_id: str, started: float, outbox: Outbox, uplink: Uplink, devices: Sequence[DeviceRunner],
-           now: float | None = None) -> dict[str, Any]:
+           now: float | None = None, history: History | None = None) -> dict[str, Any]:
     """The health report: backlog, drops, store errors, upstream, each device, inference latency."""
     now = time.time() if now is None else now
     store, up = outbox.stats, uplink.stats
@@ -98,6 +99,8 @@ def report(gateway_id: str, started: float, outbox: Outbox, uplink: Uplink, devi
                      "last_ack": rfc3339(up.last_ack) if up.last_ack else None, "last_error": up.last_error},
         "devices": {r.name: r.health_report() for r in devices},
     }
+    if history is not None:
+        health["history"] = {"devices": sorted(history.bounds), "dropped": history.dropped, "error": history.failing}
     if latencies:
         health["inference_us"] = {"windows": len(latencies), "mean": round(sum(latencies) / len(latencies), 1),
                                   "p95": round(latencies[int(0.95 * (len(latencies) - 1))], 1),
