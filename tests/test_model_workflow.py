@@ -57,6 +57,15 @@ def test_record_export_train_score_deploy(tmp_path, mosquitto, gateway, subscrib
     result = cli("history", "stats", "-c", str(gw.config))
     assert result.returncode == 0 and "pump1: " in result.stdout
 
+    # Train straight from the recorded history, as `--device` does.
+    result = cli("model", "train", "from-history", "--device", "pump1", "-c", str(gw.config), "--epochs", "2",
+                 "--out", str(tmp_path / "m2"))
+    assert result.returncode == 0, result.stderr
+    assert f"{len(after) - 1} rows" in result.stdout and "wrote" in result.stdout
+    assert json.loads((tmp_path / "m2" / "from-history.json").read_text())["interval_s"] == pytest.approx(INTERVAL)
+    result = cli("model", "train", "x", "--device", "nosuch", "-c", str(gw.config))
+    assert result.returncode == 65 and "device nosuch: no recorded samples" in result.stderr
+
     # Train on the recording, with a constant column and a missing cell added, as real exports have.
     rows = after[1:]
     with open(tmp_path / "normal.csv", "w", newline="") as f:
