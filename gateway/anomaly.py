@@ -128,8 +128,8 @@ class Model:
             meta = json.loads(meta_path.read_text())
         except OSError as err:
             raise ModelError(f"cannot read its metadata {meta_path}: {err.strerror}") from None
-        except ValueError as err:
-            raise ModelError(f"its metadata {meta_path} is not valid JSON: {err}") from None
+        except (ValueError, RecursionError) as err:  # RecursionError: arrays nested thousands deep
+            raise ModelError(f"its metadata {meta_path} is not valid JSON: {str(err) or type(err).__name__}") from None
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             found = meta.get("format", 1) if isinstance(meta, dict) else type(meta).__name__
             raise ModelError(f"its metadata {meta_path} is format {found}, this gateway reads format {FORMAT}: "

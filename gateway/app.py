@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sqlite3
 import time
 from types import TracebackType
 from typing import IO, Any
@@ -111,7 +112,12 @@ class Gateway:
         self._links = Links(config.local_broker, gw.id)
         recorded = {d.name: HistoryBounds(d.history.keep, d.history.max_bytes) for d in config.devices if d.history}
         if recorded and self._history is None:
-            self._history = History.open(os.path.join(gw.data_dir, HISTORY_FILE))
+            path = os.path.join(gw.data_dir, HISTORY_FILE)
+            try:
+                self._history = History.open(path)
+            except sqlite3.Error as err:  # history is for training: a damaged file must not stop the plant's data
+                log.error("history %s cannot be opened (%s): samples are not recorded; move the file away and "
+                          "reload to start a new one", path, err)
         if self._history is not None:
             self._history.configure(recorded)
         self.devices = [DeviceRunner(d, open_source(d, self._links), self.outbox, self.topics, shifts,

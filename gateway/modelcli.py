@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sqlite3
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -201,8 +202,12 @@ def _export(cfg: configuration.Config, device: str, start: float | None, end: fl
     path = Path(cfg.gateway.data_dir) / FILE
     if not path.exists():
         raise DataError(f"no history recorded yet: {path} does not exist (give a device history: in the config)")
-    store = History.open(path, readonly=True)
-    return store.export(device, start, end)
+    try:
+        store = History.open(path, readonly=True)
+        tags, rows = store.export(device, start, end)
+        return tags, list(rows)
+    except sqlite3.Error as err:
+        raise DataError(f"cannot read the history {path}: {err}") from None
 
 
 def history_command(args: argparse.Namespace) -> int:
@@ -216,7 +221,13 @@ def history_command(args: argparse.Namespace) -> int:
     if not path.exists():
         return _fail(f"no history recorded yet: {path} does not exist (give a device history: in the config)",
                      EX_DATAERR)
-    store = History.open(path, readonly=True)
+    try:
+        return _history(args, History.open(path, readonly=True), path)
+    except sqlite3.Error as err:
+        return _fail(f"cannot read the history {path}: {err}", EX_DATAERR)
+
+
+def _history(args: argparse.Namespace, store: Any, path: Path) -> int:
     if args.action == "stats":
         for device, count, first, last in store.devices():
             from gateway.recording import format_time

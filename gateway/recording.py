@@ -146,7 +146,10 @@ def read_csv(path: str | Path, *, time_column: str | None = None, tags: Sequence
         raise DataError(f"{path}: empty file, or no header line")
     header_line = lines[0]
     delimiter = ";" if header_line.count(";") > header_line.count(",") else ","
-    rows = list(csv.reader(lines, delimiter=delimiter))
+    try:
+        rows = list(csv.reader(lines, delimiter=delimiter))
+    except csv.Error as err:  # a cell beyond the csv module's limit (128 KiB): not a recording
+        raise DataError(f"{path}: not a CSV recording: {err}") from None
     header = [h.strip() for h in rows[0]]
     body = [r for r in rows[1:] if any(c.strip() for c in r)]
     if len(set(header)) != len(header):

@@ -45,6 +45,7 @@ def test_the_shipped_model_and_a_good_config_pass(tmp_path):
     ("not_tflite", "model pump-ae: {dir}/pump-ae.tflite is not a TFLite model (no TFL3 identifier)"),
     ("hash", "model pump-ae: pump-ae.tflite does not match its metadata: sha256"),
     ("bad_json", "model pump-ae: its metadata {dir}/pump-ae.json is not valid JSON"),
+    ("deep_json", "model pump-ae: its metadata {dir}/pump-ae.json is not valid JSON"),
     ("window", "pump-ae.tflite takes [1, {size}] and gives [1, {size}], but its metadata says window 20 x 10 tags"),
     ("format1", "its metadata {dir}/pump-ae.json is format 1, this gateway reads format 2: train it again"),
     ("short", "its metadata {dir}/pump-ae.json is not usable: inputs.center, inputs.spread, inputs.drift and "
@@ -70,7 +71,8 @@ def test_a_bad_model_is_a_config_error_naming_device_model_and_mismatch(tmp_path
         del meta["format"]
     elif damage == "short":
         meta["error_scale"] = meta["error_scale"][:3]
-    (d / "pump-ae.json").write_text("{not json" if damage == "bad_json" else json.dumps(meta))
+    text = {"bad_json": "{not json", "deep_json": "[" * 10000 + "]" * 10000}.get(damage, json.dumps(meta))
+    (d / "pump-ae.json").write_text(text)
     result = check(tmp_path, PUMP, d)
     assert result.returncode == 78
     assert "devices[0].model: device pump1: " in result.stderr

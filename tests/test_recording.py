@@ -62,6 +62,7 @@ def test_epoch_seconds_and_milliseconds_in_a_time_column(tmp_path):
     ("time,a\n2026-11-24T06:00:00Z,1,7\n", ":2: 3 cells, but the header names 2 columns"),
     ("time,a,a\n2026-11-24T06:00:00Z,1,2\n", "column a appears more than once"),
     ("time,label\n2026-11-24T06:00:00Z,on\n", "no numeric column besides the time column time"),
+    ("time,a\n2026-11-24T06:00:00Z," + "9" * 10_000_000 + "\n", "not a CSV recording: field larger than field limit"),
 ])
 def test_what_cannot_be_read_is_said_with_file_and_line(tmp_path, text, expected):
     with pytest.raises(DataError) as err:
@@ -131,3 +132,17 @@ def test_model_command_errors(tmp_path, args, code, expected):
     assert result.returncode == code, result.stderr
     assert expected in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_damaged_history_file_is_exit_65_not_a_traceback(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "history.db").write_bytes(b"\x00garbage, not SQLite" * 5000)
+    (tmp_path / "gw.yaml").write_text(f'gateway: {{id: w, site: lab, data_dir: "{data}"}}\n'
+                                      "upstream: {host: 127.0.0.1}\n"
+                                      "devices: [{name: p1, source: sim, profile: pump, history: {}}]\n")
+    for args in (["history", "export", "p1", "--csv", "x.csv"], ["model", "train", "m", "--device", "p1"]):
+        result = subprocess.run([sys.executable, "-m", "gateway", *args, "-c", str(tmp_path / "gw.yaml")],
+                                capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=60)
+        assert result.returncode == 65, result.stderr
+        assert "cannot read the history" in result.stderr and "Traceback" not in result.stderr

@@ -235,3 +235,25 @@ def test_a_deadline_passes_on_a_cancellation_that_the_awaited_code_swallows():
         with pytest.raises(asyncio.CancelledError):
             await task
     asyncio.run(main())
+
+
+def test_a_damaged_history_file_is_logged_and_the_devices_run_on(tmp_path, caplog):
+    path = tmp_path / "gateway.yaml"
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "history.db").write_bytes(b"\x00not SQLite at all" * 5000)
+    path.write_text(gateway_config(tmp_path / "data", free_port(), devices="""
+  - {name: pump1, source: sim, profile: pump, seed: 3, interval: 50ms, history: {}}
+"""))
+    cfg = config.load(str(path))
+
+    async def main() -> None:
+        async with Gateway(cfg, str(path), Recorder()) as gw:
+            run = asyncio.create_task(gw.run(asyncio.Event()))
+            await wait_for(lambda: gw.outbox.stats.messages > 0, "a committed message")
+            assert gw.health()["devices"]["pump1"]["polls"] > 0
+            run.cancel()
+            await asyncio.gather(run, return_exceptions=True)
+    asyncio.run(main())
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert any("history" in e and "cannot be opened (file is not a database)" in e for e in errors), errors
+    assert not any(r.exc_info for r in caplog.records)
