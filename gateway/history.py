@@ -138,10 +138,8 @@ class History:
             gone = self.db.execute(f"DELETE FROM samples WHERE series IN ({marks}) AND ts < ?",
                                    (*ids, now - bounds.keep)).rowcount
             if self._bytes.get(device, 0) > bounds.max_bytes:
-                rows, size = self.db.execute(
-                    f"SELECT COUNT(*), COALESCE(SUM(LENGTH(data) + COALESCE(LENGTH(quality), 0)), 0) "
-                    f"FROM samples WHERE series IN ({marks})", ids).fetchone()
-                per_row = (size + rows * ROW_OVERHEAD) / rows if rows else 1
+                rows, size = self._usage(ids)
+                per_row = size / rows if rows else 1
                 excess = int(rows - 0.9 * bounds.max_bytes / per_row)  # down to 90 %: no trim on every commit
                 if excess > 0:
                     cut = self.db.execute(f"SELECT ts FROM samples WHERE series IN ({marks}) ORDER BY ts "
@@ -194,11 +192,14 @@ class History:
     def _ids(self, device: str) -> list[int]:
         return [int(r[0]) for r in self.db.execute("SELECT id FROM series WHERE device = ?", (device,))]
 
-    def _stored_bytes(self, device: str) -> int:
-        ids = self._ids(device)
+    def _usage(self, ids: list[int]) -> tuple[int, int]:
+        """Rows and bytes (values, quality and the per-row overhead) of these series."""
         if not ids:
-            return 0
+            return 0, 0
         marks = ",".join("?" * len(ids))
         rows, size = self.db.execute(f"SELECT COUNT(*), COALESCE(SUM(LENGTH(data) + COALESCE(LENGTH(quality), 0)), 0) "
                                      f"FROM samples WHERE series IN ({marks})", ids).fetchone()
-        return int(size + rows * ROW_OVERHEAD)
+        return int(rows), int(size + rows * ROW_OVERHEAD)
+
+    def _stored_bytes(self, device: str) -> int:
+        return self._usage(self._ids(device))[1]

@@ -197,40 +197,53 @@ def _from_history(config_path: str, device: str, start: float | None, end: float
 
 
 def _export(cfg: configuration.Config, device: str, start: float | None, end: float | None) -> Any:
+    store, path = _store(cfg)
+    try:
+        tags, rows = store.export(device, start, end)
+        return tags, list(rows)
+    except sqlite3.Error as err:
+        raise _damaged(path, err) from None
+
+
+def _store(cfg: configuration.Config) -> tuple[Any, Path]:
+    """The recorded history, read-only; a DataError when there is none or it cannot be opened."""
     from gateway.history import FILE, History
     from gateway.recording import DataError
     path = Path(cfg.gateway.data_dir) / FILE
     if not path.exists():
         raise DataError(f"no history recorded yet: {path} does not exist (give a device history: in the config)")
     try:
-        store = History.open(path, readonly=True)
-        tags, rows = store.export(device, start, end)
-        return tags, list(rows)
+        return History.open(path, readonly=True), path
     except sqlite3.Error as err:
-        raise DataError(f"cannot read the history {path}: {err}") from None
+        raise _damaged(path, err) from None
+
+
+def _damaged(path: Path, err: sqlite3.Error) -> Exception:
+    from gateway.recording import DataError
+    return DataError(f"cannot read the history {path}: {err}")
 
 
 def history_command(args: argparse.Namespace) -> int:
-    from gateway.history import FILE, History
+    from gateway.recording import DataError
     try:
         cfg = configuration.load(args.config)
     except configuration.ConfigError as err:
         print(err, file=sys.stderr)
         return EX_CONFIG
-    path = Path(cfg.gateway.data_dir) / FILE
-    if not path.exists():
-        return _fail(f"no history recorded yet: {path} does not exist (give a device history: in the config)",
-                     EX_DATAERR)
     try:
-        return _history(args, History.open(path, readonly=True), path)
-    except sqlite3.Error as err:
-        return _fail(f"cannot read the history {path}: {err}", EX_DATAERR)
+        store, path = _store(cfg)
+        try:
+            return _history(args, store, path)
+        except sqlite3.Error as err:
+            raise _damaged(path, err) from None
+    except DataError as err:
+        return _fail(str(err), EX_DATAERR)
 
 
 def _history(args: argparse.Namespace, store: Any, path: Path) -> int:
+    from gateway.recording import format_time, write_csv
     if args.action == "stats":
         for device, count, first, last in store.devices():
-            from gateway.recording import format_time
             span = f"{format_time(first)} .. {format_time(last)}" if first is not None and last is not None else "-"
             print(f"{device}: {count} samples, {span}")
         print(f"{path}: {path.stat().st_size / 1024**2:.1f} MiB")
@@ -241,7 +254,6 @@ def _history(args: argparse.Namespace, store: Any, path: Path) -> int:
         start, end = _time(args.start, "--from"), _time(args.end, "--to")
     except _Usage as err:
         return _fail(str(err), EX_USAGE)
-    from gateway.recording import write_csv
     tags, rows = store.export(args.device, start, end)
     if not tags:
         known = ", ".join(d for d, *_ in store.devices()) or "none"
