@@ -22,14 +22,22 @@ def parse_duration(text: str) -> float:
     return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
 
 
+MAX_SIZE = 2**50  # 1 PiB: more than any disk of a gateway; keeps the arithmetic finite
+
+
 def parse_size(text: str | int) -> int:
     """Bytes in a size such as `512MiB`, `10 MB` or a plain integer."""
     if isinstance(text, int):
+        if not 0 <= text <= MAX_SIZE:
+            raise ValueError(text)
         return text
     match = _SIZE.match(text)
     if not match:
         raise ValueError(text)
-    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
+    size = float(match.group(1)) * _SIZE_UNITS[match.group(2)]
+    if size > MAX_SIZE:  # also a number of 400 digits, which float() makes infinite
+        raise ValueError(text)
+    return int(size)
 
 
 def rfc3339(ts: float) -> str:

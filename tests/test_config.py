@@ -77,7 +77,7 @@ BAD = [
     ("interval: 1s, publish", "interval: 1 sec, publish",
      'devices[0].interval: expected a duration such as "250ms", "10s", "5m", "2h", "7d", got "1 sec"'),
     ("max_bytes: 512MiB", "max_bytes: lots", 'outbox.max_bytes: expected a size such as "512MiB", "10MB" or a '
-                                             'number of bytes, got "lots"'),
+                                             'number of bytes up to 1PiB, got "lots"'),
     ("when_full: drop_oldest", "when_full: drop_all",
      'outbox.when_full: expected one of drop_oldest, drop_newest, got "drop_all"'),
     ("id: line3-gw1", "id: Line 3", 'gateway.id: expected lowercase letters, digits, _ and - (e.g. line3-gw1), '

@@ -48,19 +48,21 @@ Check = Callable[[Any, str, Problems], Any]
 def found(value: Any) -> str:
     """How a YAML value is named in a message."""
     if isinstance(value, str):
-        return f'"{value}"'
+        return f'"{value}"' if len(value) <= 60 else f'"{value[:40]}…" ({len(value)} characters)'
     if value is None:
         return "nothing"
     if isinstance(value, (dict, list)):
         return "a mapping" if isinstance(value, dict) else "a list"
-    return repr(value)
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:40]}… ({len(text)} characters)"
 
 
 def part(item: Any, name: str) -> Any:
-    """Field `name` of a parsed section, or of the parsed part of an invalid one (None if absent)."""
-    if isinstance(item, Invalid):
-        return item.values.get(name)
-    return getattr(item, name, None)
+    """Field `name` of a parsed section, or of the parsed part of an invalid one (None if absent).
+
+    A field that did not parse at all is None too; one that parsed in part stays an `Invalid`."""
+    value = item.values.get(name) if isinstance(item, Invalid) else getattr(item, name, None)
+    return None if isinstance(value, Invalid) and not value.values else value
 
 
 def join(path: str, key: str) -> str:
@@ -126,7 +128,10 @@ def one_of(*choices: Any) -> Check:
     return check
 
 
-def duration(lo: float = 0.0, hi: float = math.inf) -> Check:
+MAX_DURATION = 10 * 365 * 86400.0  # ten years: no setting needs more, and time arithmetic stays finite
+
+
+def duration(lo: float = 0.0, hi: float = MAX_DURATION) -> Check:
     def check(value: Any, path: str, problems: Problems) -> Any:
         try:
             seconds = parse_duration(value) if isinstance(value, str) else None
@@ -148,7 +153,8 @@ def size(value: Any, path: str, problems: Problems) -> Any:
             raise ValueError
         parsed = parse_size(value)
     except ValueError:
-        problems.add(path, f'expected a size such as "512MiB", "10MB" or a number of bytes, got {found(value)}')
+        problems.add(path, f'expected a size such as "512MiB", "10MB" or a number of bytes up to 1PiB, '
+                           f'got {found(value)}')
         return INVALID
     if parsed <= 0:
         problems.add(path, f"expected a size above zero, got {found(value)}")

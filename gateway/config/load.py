@@ -70,9 +70,29 @@ def lines_of(path: str) -> dict[str, int]:
         return {}
 
 
+class _Loader(yaml.SafeLoader):
+    """SafeLoader whose values that cannot be built (`!!float 1e999x`, an integer of 4,300+ digits,
+    `!!timestamp` of day 32) are YAML errors with their line, not a ValueError from deep inside."""
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        digits = sum(c.isdigit() for c in str(node.value)) if node.tag in NUMBERS else 0
+        if digits > MAX_DIGITS:
+            raise yaml.constructor.ConstructorError(None, None, f"a number of {digits} digits is not a setting",
+                                                    node.start_mark)
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, OverflowError, TypeError) as err:
+            raise yaml.constructor.ConstructorError(None, None, f"cannot read this value ({err})",
+                                                    node.start_mark) from None
+
+
+NUMBERS = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
+MAX_DIGITS = 40  # more than any count, size or time a config needs (2**64 has 20 digits)
+
+
 def _compose(text: str) -> tuple[Any, dict[str, int], list[str]]:
     """The document, the line of every YAML path in it, and the paths of keys given twice."""
-    loader = yaml.SafeLoader(text)
+    loader = _Loader(text)
     try:
         node = loader.get_single_node()
         data = loader.construct_document(node) if node is not None else None

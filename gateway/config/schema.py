@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
+from string import Formatter
 from typing import Any, ClassVar, Union
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -126,9 +128,7 @@ class UpstreamSection:
         problems: list[Problem] = []
         prefix = v["topic_prefix"]
         if v.ok("topic_prefix"):
-            try:
-                prefix.format(site="s", gateway_id="g")
-            except (KeyError, IndexError, ValueError):
+            if not _placeholders_only(prefix, ("site", "gateway_id")):
                 problems.append(("topic_prefix", "expected a topic with only {site} and {gateway_id} placeholders, "
                                                  f'got "{prefix}"'))
             if any(c in prefix for c in "+#"):
@@ -322,10 +322,20 @@ class DeviceBase:
         status_tag = part(oee, "status_tag") if oee is not None else None
         if tags and status_tag is not None and status_tag not in tags:
             problems.append(("oee.status_tag", _one_of_tags(tags, status_tag)))
-        for tag in part(v["publish"], "deadband") or {}:
+        deadband = part(v["publish"], "deadband")
+        for tag in deadband if isinstance(deadband, Mapping) else ():
             if tags and tag not in tags:
                 problems.append((f"publish.deadband.{tag}", f"expected one of this device's tags ({', '.join(tags)})"))
         return problems
+
+
+def _placeholders_only(text: str, names: tuple[str, ...]) -> bool:
+    """Whether `text` formats with exactly these bare placeholders: no `{site.x}`, `{0}`, `{site!r:>9}`."""
+    try:
+        return all(name is None or (name in names and not spec and not conversion)
+                   for _, name, spec, conversion in Formatter().parse(text))
+    except ValueError:  # an unmatched brace
+        return False
 
 
 def _tags(cls: type, v: Any) -> tuple[str, ...]:
