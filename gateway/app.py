@@ -270,7 +270,8 @@ class Gateway:
         while True:
             try:
                 server = await local_broker.start(cfg.listen, allow_anonymous=cfg.allow_anonymous,
-                                                  password_file=cfg.password_file)
+                                                  password_file=cfg.password_file,
+                                                  max_message_size=cfg.max_message_size)
                 break
             except Exception as err:  # amqtt raises its own errors for a busy port or a bad password file
                 if str(err) != failed:

@@ -6,6 +6,11 @@ Three ways to run it:
 - `local_broker.enabled: true` in gateway.yaml: in the gateway's own process (`start()`);
 - `python -m gateway.broker --listen HOST:PORT`: tests and the demo.
 
+A packet larger than `max_message_size` (plus room for its topic) closes the client's connection,
+as mosquitto's `max_packet_size` does; amqtt has no such setting, so `start()` puts a bound on the
+fixed header it reads. In the service's amqtt.yaml the key is ours and is removed before amqtt
+reads the file.
+
 Anonymous clients are refused unless explicitly allowed. Users live in a password file of
 `name:argon2-hash` lines, written by `edge-gateway broker-user` (never a plain password).
 """
@@ -25,6 +30,7 @@ from typing import Any
 import yaml
 
 from gateway.errors import EX_CANTCREAT, EX_CONFIG, EX_DATAERR, EX_OK
+from gateway.units import parse_size
 
 log = logging.getLogger("edge_gateway.broker")
 
@@ -32,6 +38,12 @@ ANON = "amqtt.plugins.authentication.AnonymousAuthPlugin"
 FILE_AUTH = "amqtt.plugins.authentication.FileAuthPlugin"
 DEFAULT_CONFIG = "/etc/edge-gateway/amqtt.yaml"
 DEFAULT_USERS = "/etc/edge-gateway/local-broker.users"
+MAX_MESSAGE_SIZE = 256 * 1024
+TOPIC_ROOM = 65_536 + 16  # an MQTT topic takes up to 65,535 bytes, then the packet id and length fields
+
+
+class PacketTooLarge(Exception):
+    """A client sent a packet beyond the limit: amqtt's reader loop ends and closes its connection."""
 
 
 def broker_config(listen: str, *, allow_anonymous: bool = False, password_file: str | None = None
@@ -51,6 +63,14 @@ def check_config(cfg: Any, file: str) -> list[str]:
     plugins = cfg.get("plugins") or {}
     if not isinstance(plugins, dict):
         return [f"{file}: plugins: expected a mapping of plugin class to its options"]
+    if "max_message_size" in cfg:
+        try:
+            cfg["max_message_size"] = parse_size(cfg["max_message_size"])
+            if not 1024 <= cfg["max_message_size"] <= 256 * 1024**2:
+                raise ValueError
+        except (TypeError, ValueError):
+            problems.append(f"{file}: max_message_size: expected a size from 1KiB to 256MiB such as 256KiB, got "
+                            f"{cfg['max_message_size']!r}")
     anon = (plugins.get(ANON) or {}).get("allow_anonymous", True) if ANON in plugins else None
     users = (plugins.get(FILE_AUTH) or {}).get("password_file") if FILE_AUTH in plugins else None
     if anon is None and users is None:
@@ -65,19 +85,57 @@ def check_config(cfg: Any, file: str) -> list[str]:
     return problems
 
 
-async def start(listen: str = "127.0.0.1:1883", *, config: dict[str, Any] | None = None, **options: Any) -> Any:
+async def start(listen: str = "127.0.0.1:1883", *, config: dict[str, Any] | None = None,
+                max_message_size: int = MAX_MESSAGE_SIZE, **options: Any) -> Any:
     """Start an amqtt broker on HOST:PORT (or from an amqtt config dict); call `await broker.shutdown()`."""
     from amqtt.broker import Broker  # imported here: amqtt is an optional extra
 
+    _bound_packets(max_message_size + TOPIC_ROOM)
     broker = Broker(config if config is not None else broker_config(listen, **options))
     await broker.start()
     return broker
 
 
+_packet_limit = [MAX_MESSAGE_SIZE + TOPIC_ROOM]
+
+
+def _bound_packets(limit: int) -> None:
+    """Make amqtt refuse packets above `limit` bytes as soon as their fixed header is read.
+
+    amqtt (0.12) reads a packet's whole remaining length, up to 256 MB, into memory before any plugin
+    sees it. Its reader loop looks `MQTTFixedHeader` up in its module on every packet, so a subclass
+    placed there bounds every connection; raising from it ends that client's reader, which closes
+    the connection (what the MQTT specification asks of a server for a packet it will not take).
+    """
+    from amqtt.mqtt import packet
+    from amqtt.mqtt.protocol import handler
+
+    _packet_limit[0] = limit
+    if getattr(handler.MQTTFixedHeader, "bounded", False):
+        return
+    base = packet.MQTTFixedHeader
+
+    class BoundedHeader(base):  # type: ignore[valid-type, misc]
+        bounded = True
+
+        @classmethod
+        async def from_stream(cls, reader: Any) -> Any:
+            header = await super().from_stream(reader)
+            if header is not None and header.remaining_length > _packet_limit[0]:
+                log.warning("refused a packet of %d bytes (above max_message_size); the client is disconnected",
+                            header.remaining_length)
+                raise PacketTooLarge(f"a packet of {header.remaining_length} bytes")
+            return header
+
+    handler.MQTTFixedHeader = BoundedHeader
+
+
 async def _serve(config: dict[str, Any], description: str) -> None:
     from gateway.notify import Notifier
 
-    broker = await start(config=config)
+    config = dict(config)
+    limit = config.pop("max_message_size", MAX_MESSAGE_SIZE)
+    broker = await start(config=config, max_message_size=limit)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

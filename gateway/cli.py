@@ -16,7 +16,7 @@ from typing import NoReturn
 
 from gateway import __version__, logs
 from gateway import config as configuration
-from gateway.errors import EX_CANTCREAT, EX_CONFIG, EX_OK, EX_SOFTWARE, EX_UNAVAILABLE, EX_USAGE
+from gateway.errors import EX_CANTCREAT, EX_CONFIG, EX_OK, EX_SOFTWARE, EX_UNAVAILABLE, EX_USAGE, missing
 
 log = logging.getLogger("edge_gateway")
 
@@ -91,6 +91,10 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands that need the [broker] extra (amqtt, and pwdlib for its password hashes).
+EXTRAS = {"broker": ("amqtt",), "broker-user": ("pwdlib",), "demo": ("amqtt",)}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "check-config":
@@ -105,6 +109,11 @@ def main(argv: list[str] | None = None) -> int:
         return counters(args)
     if args.command == "sim":
         return simulate(args)
+    needs = EXTRAS.get(args.command)
+    if needs is not None and (absent := missing(*needs)):
+        print(f"edge-gateway {args.command} needs {', '.join(absent)}, which is not installed: "
+              f"pip install 'edge-gateway[broker]' (install.sh --with-local-broker installs it)", file=sys.stderr)
+        return EX_UNAVAILABLE
     if args.command in ("broker", "broker-user"):
         from gateway import broker
         if args.command == "broker-user":

@@ -21,6 +21,19 @@ from collections.abc import Mapping, Sequence
 EX_OK, EX_USAGE, EX_DATAERR, EX_UNAVAILABLE, EX_SOFTWARE, EX_CANTCREAT, EX_CONFIG = 0, 64, 65, 69, 70, 73, 78
 
 
+def missing(*modules: str) -> list[str]:
+    """Which of these modules cannot be imported (an optional extra not installed)."""
+    import importlib
+
+    absent = []
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            absent.append(name)
+    return absent
+
+
 class GatewayError(Exception):
     """Base of the errors the gateway raises on purpose."""
 

@@ -71,3 +71,18 @@ def test_counters_show_set_baseline_and_audit(mosquitto, gateway, tmp_path):
     after = next(r for r in json.loads(run("show", "--json").stdout) if r["name"] == "produced")
     assert after["total"] >= 1000  # counted on from the baseline, no jump from the new PLC's raw value
     assert after["total"] < 1000 + 500  # not 1000 + the new raw value
+
+
+@pytest.mark.parametrize("command,module", [(["demo", "--duration", "1"], "amqtt"),
+                                            (["broker-user", "sensor1"], "pwdlib"),
+                                            (["broker", "-c", "/nonexistent"], "amqtt")])
+def test_a_command_whose_extra_is_not_installed_names_it_and_exits_69(tmp_path, command, module):
+    """As on a box installed without --with-local-broker: the module is not importable."""
+    absent = tmp_path / "absent"
+    absent.mkdir()
+    (absent / f"{module}.py").write_text(f"raise ModuleNotFoundError(\"No module named '{module}'\")\n")
+    result = subprocess.run([sys.executable, "-m", "gateway", *command], capture_output=True, text=True,
+                            env={**ENV, "PYTHONPATH": f"{absent}:{ROOT}"}, cwd=ROOT, timeout=60, stdin=subprocess.DEVNULL)
+    assert result.returncode == 69, result.stderr
+    assert result.stderr == (f"edge-gateway {command[0]} needs {module}, which is not installed: pip install "
+                             "'edge-gateway[broker]' (install.sh --with-local-broker installs it)\n")

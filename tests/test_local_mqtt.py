@@ -11,7 +11,7 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
-from conftest import ENV, ROOT, free_port, gateway_config, wait_until
+from conftest import ENV, ROOT, free_port, gateway_config, listening, wait_until
 from test_service import NotifySocket
 
 pytestmark = pytest.mark.slow  # it starts processes: the gateway, brokers, the installer
@@ -24,9 +24,9 @@ def cli(*args, stdin: str | None = None) -> subprocess.CompletedProcess:
                           env=ENV, cwd=ROOT, timeout=60)
 
 
-def connect(port: int, username: str | None = None, password: str | None = None) -> mqtt.Client | str:
+def connect(port: int, username: str | None = None, password: str | None = None, name: str = "") -> mqtt.Client | str:
     """A connected client, or the reason the broker gave for refusing it."""
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"t{os.getpid()}{username}{password}")
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"t{os.getpid()}{username}{password}{name}")
     if username is not None:
         client.username_pw_set(username, password)
     result: list = []
@@ -226,3 +226,67 @@ def test_simulated_pump_published_over_mqtt_is_read_as_a_device(tmp_path, mosqui
         sim.terminate()
         sim.communicate(timeout=10)
     assert gw.stop() == 0
+
+
+def rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("VmRSS:")) / 1024
+
+
+def test_a_message_above_max_message_size_is_refused_by_the_broker_and_by_the_gateway(
+        tmp_path, mosquitto, gateway, subscribe):
+    # The local broker service (amqtt.yaml with our max_message_size) disconnects the sender of a
+    # 10 MB message and stays small; a message below the limit passes.
+    port = free_port()
+    config = (ROOT / "broker_config" / "amqtt.yaml").read_text()
+    assert "max_message_size: 256KiB" in config
+    config = config.replace("127.0.0.1:1883", f"127.0.0.1:{port}").replace("max_message_size: 256KiB",
+                                                                          "max_message_size: 64KiB")
+    config = config.replace("allow_anonymous: false", "allow_anonymous: true")
+    (tmp_path / "amqtt.yaml").write_text(config.split("  amqtt.plugins.authentication.FileAuthPlugin")[0])
+    proc = subprocess.Popen([sys.executable, "-m", "gateway", "broker", "-c", str(tmp_path / "amqtt.yaml")],
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_until(lambda: listening(port) or proc.poll() is not None, 20, what="the broker to listen")
+        listener = connect(port, name="listener")
+        got: list = []
+        listener.on_message = lambda c, u, m: got.append(len(m.payload))
+        listener.subscribe("plant/#", qos=1)
+        before = rss_mib(proc.pid)
+        sender = connect(port)
+        sender.publish("plant/big", b"x" * 10_000_000, qos=0)
+        wait_until(lambda: not sender.is_connected(), 20, what="the broker to disconnect the sender")
+        sender.loop_stop()
+        sender = connect(port)
+        sender.publish("plant/ok", b"y" * 60_000, qos=1).wait_for_publish(10)
+        wait_until(lambda: got == [60_000], 20, what="the message below the limit")
+        assert rss_mib(proc.pid) < before + 8  # never read into memory
+        for client in (sender, listener):
+            client.disconnect()
+            client.loop_stop()
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=20)
+    assert "refused a packet of 10000" in out and "Traceback" not in out
+
+    # A broker without that bound (mosquitto here): the gateway refuses to parse the message itself,
+    # an error of its device, counted; the next good message is read.
+    devices = "\n  - {name: temp1, source: mqtt, topic: plant/temp1, interval: 1s, fields: {t: t}}\n"
+    extra = f'local_broker: {{listen: "127.0.0.1:{mosquitto.port}", max_message_size: 64KiB}}'
+    up = subscribe(mosquitto.port, topic="edge/lab/test-gw/#")
+    gw = gateway(gateway_config(tmp_path / "data", mosquitto.port, devices=devices, extra=extra)).start()
+    wait_until(lambda: "connected to the local broker" in gw.logs(), 20, what="the gateway to subscribe")
+    sensor = connect(mosquitto.port, name="sensor")
+    sensor.publish("plant/temp1", json.dumps({"t": 1, "pad": "x" * 70_000}).encode(), qos=1).wait_for_publish(10)
+    sensor.publish("plant/temp1", json.dumps({"t": 2}).encode(), qos=1).wait_for_publish(10)
+    wait_until(lambda: [p["values"]["t"] for p in up.on("/temp1/telemetry")][:2] == [None, 2], 20,
+               what="the refused message as an error sample, then the good one")
+    assert "a message of 70019 bytes on plant/temp1 is above local_broker.max_message_size (65536 bytes); " \
+           "dropped" in gw.logs()
+    state = tmp_path / "data" / "state.json"
+    wait_until(lambda: state.exists() and json.loads(state.read_text())["devices"]["temp1"]["errors"] >= 1, 30,
+               what="the error counted in health")
+    sensor.disconnect()
+    sensor.loop_stop()
+    assert gw.stop() == 0
+    assert "Traceback" not in gw.logs()

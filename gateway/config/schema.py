@@ -168,9 +168,13 @@ class LocalBrokerSection:
     allow_anonymous: bool = setting(boolean, False, doc="let clients in without a login")
     client: LocalClientSection | None = setting(optional(section(LocalClientSection)), None,
                                                 doc="the gateway's own login")
+    max_message_size: int = setting(size, 256 * 1024, doc="larger sensor messages are refused (by the embedded "
+                                                          "broker, and by the gateway before parsing)")
 
     @staticmethod
     def rules(v: Fields) -> list[Problem]:
+        if v.ok("max_message_size") and not 1024 <= v["max_message_size"] <= 256 * 1024**2:
+            return [("max_message_size", f"expected a size from 1KiB to 256MiB, got {v['max_message_size']} bytes")]
         if v.ok("enabled", "allow_anonymous", "password_file") and v["enabled"] and not v["allow_anonymous"] \
                 and not v["password_file"]:
             return [("password_file", "required when the embedded broker is enabled: it refuses anonymous "

@@ -4,7 +4,8 @@ One paho client per gateway subscribes to every `source: mqtt` device's topic (Q
 and hands each message to its device as it arrives: these sources push, they are not
 polled. A message becomes a Sample by the device's `fields` map (`tag: json.field`,
 dots reach into nested objects); the sample time comes from `timestamp_field` when set
-(epoch seconds, epoch milliseconds or RFC 3339), else from the arrival.
+(epoch seconds, epoch milliseconds or RFC 3339), else from the arrival. A message larger than
+`local_broker.max_message_size` is not parsed at all: it is an error of its device.
 
 What a sensor gets wrong stays with its tags: malformed JSON makes every tag of the
 device an error; a missing field or a value that is not a number makes that tag an
@@ -110,9 +111,15 @@ class MqttLink:
 
         def on_message(c: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
             arrived = time.time()
+            size, limit = len(message.payload), self.broker.max_message_size
             for source in self.sources:
                 if mqtt.topic_matches_sub(source.device.topic, message.topic):
-                    loop.call_soon_threadsafe(source.deliver, message.topic, message.payload, arrived)
+                    if size > limit:  # never parsed: a 10 MB JSON document would stay in the heap
+                        loop.call_soon_threadsafe(source.deliver_error, SourceError(
+                            f"a message of {size} bytes on {message.topic} is above local_broker.max_message_size "
+                            f"({limit} bytes); dropped"))
+                    else:
+                        loop.call_soon_threadsafe(source.deliver, message.topic, message.payload, arrived)
 
         client.on_connect, client.on_disconnect, client.on_message = on_connect, on_disconnect, on_message
         host, port = self.broker.address
