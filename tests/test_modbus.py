@@ -395,3 +395,61 @@ def test_a_plc_that_stops_answering_mid_frame_is_a_failed_read(caplog):
         samples = asyncio.run(main())
     assert all(s.failed and "no response within 0.3s" in s.problem for s in samples), [s.problem for s in samples]
     assert not [r for r in caplog.records if r.exc_info]
+
+
+def wrong_answer(kind: str, request: bytes) -> bytes:
+    """The answer of a slave that gets Modbus TCP wrong in one way, to a read request."""
+    import struct
+    tid, _, _, unit, function, _, count = struct.unpack(">HHHBBHH", request[:12])
+    words = [(i * 7) % 65536 for i in range(count + 4)]  # the filler a too-long answer carries
+    if kind == "too_long":
+        pdu = bytes([function, 2 * (count + 4)]) + struct.pack(f">{count + 4}H", *words)
+    elif kind == "too_short":
+        pdu = bytes([function, 2 * (count - 1)]) + struct.pack(f">{count - 1}H", *words[:count - 1])
+    elif kind == "byte_count":  # says more bytes than it sends
+        pdu = bytes([function, 2 * count + 6]) + struct.pack(f">{count}H", *words[:count])
+    elif kind == "function":  # a function code that exists in no standard
+        pdu = bytes([0x55, 4, 1, 2, 3, 4])
+    else:  # the answer to another function (read coils)
+        pdu = bytes([1, 1, 0xFF])
+    return struct.pack(">HHHB", tid, 0, len(pdu) + 1, unit) + pdu
+
+
+@pytest.mark.parametrize("kind", ["too_long", "too_short", "byte_count", "function", "other_function"])
+def test_an_answer_that_does_not_match_its_request_is_a_device_error_never_data(kind, caplog):
+    from gateway.sources import Links, open_source
+
+    async def main() -> list:
+        handlers = set()
+
+        async def slave(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            handlers.add(asyncio.current_task())
+            try:
+                while request := await reader.read(12):
+                    writer.write(wrong_answer(kind, request))
+                    await writer.drain()
+            except ConnectionError:
+                pass
+            writer.close()
+        server = await asyncio.start_server(slave, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        cfg = parse(gateway_config(Path("/tmp/unused"), 1883,
+                                   devices=device_yaml("liar", port, 1, PUMP_MAP[:3], timeout="300ms")))
+        source = open_source(cfg.devices[0], Links())
+        try:
+            return [await source.read_once() for _ in range(3)]
+        finally:
+            await source.aclose()
+            server.close()
+            await server.wait_closed()
+            await asyncio.wait(handlers, timeout=5)
+    with caplog.at_level(logging.DEBUG):
+        samples = asyncio.run(main())
+    problems = [s.problem for s in samples]
+    assert all(s.failed for s in samples), problems  # never the filler as values
+    assert all(set(s.values.values()) == {None} for s in samples)
+    assert all("does not match the request" in p or "malformed answer" in p for p in problems), problems
+    # pymodbus's own warnings are silenced by the daemon (logs.setup); asyncio's "Fatal error" is gone.
+    logged = [r for r in caplog.records if (r.levelno >= logging.WARNING and not r.name.startswith("pymodbus"))
+              or r.exc_info]
+    assert not logged, [(r.name, r.getMessage()[:200]) for r in logged]

@@ -4,6 +4,10 @@ Devices on one TCP endpoint (several unit ids behind one gateway or PLC) share o
 connection; devices on one serial port share the line. Either way their requests are
 serialized through the link's lock, and on a serial line each transaction is followed
 by the 3.5-character silence the baud rate needs.
+
+An answer that does not fit its request is never data: a different function, fewer or more
+registers (or bits) than asked for, or bytes pymodbus cannot decode. Each is a SourceError of
+the device, and the connection is dropped (what follows on the stream cannot be trusted).
 """
 
 from __future__ import annotations
@@ -33,6 +37,33 @@ EXCEPTION_NAMES = {
 _FUNCTIONS = {"holding": "read_holding_registers", "input": "read_input_registers",
               "coil": "read_coils", "discrete": "read_discrete_inputs"}
 _CODES = {"holding": 3, "input": 4, "coil": 1, "discrete": 2}
+
+
+class MalformedAnswer(Exception):
+    """Bytes from the slave that pymodbus could not decode (set on the pending request)."""
+
+
+def _guard(client: Any) -> Any:
+    """Make a decoding failure the failure of the pending request, not of asyncio's transport.
+
+    pymodbus (3.16) decodes a frame inside `data_received`; a wrong byte count or an unknown
+    function code raises there, and asyncio then logs "Fatal error: protocol.data_received() call
+    failed" with a traceback and closes the transport, while the request waits for its timeout.
+    """
+    protocol = client.ctx
+    decode_frame = protocol.callback_data
+
+    def callback_data(data: bytes, addr: Any = None) -> int:
+        try:
+            return int(decode_frame(data, addr))
+        except Exception as err:  # whatever pymodbus raises on bytes it cannot decode
+            future = getattr(protocol, "response_future", None)
+            if future is not None and not future.done():
+                future.set_exception(MalformedAnswer(f"{type(err).__name__}: {err}"[:200]))
+            return len(data)  # nothing of it is usable
+
+    protocol.callback_data = callback_data
+    return client
 DEFAULT_MAX_GAP = 10
 
 
@@ -57,7 +88,7 @@ class Link:
         if now < self._retry_at:
             raise SourceError(f"{self.name}: not connected, next attempt in {self._retry_at - now:.1f}s")
         if self.client is None:
-            self.client = self._make_client()
+            self.client = _guard(self._make_client())
         try:
             ok = await self.client.connect()
         except Exception as err:  # pymodbus raises a variety here; each means "cannot connect"
@@ -101,15 +132,23 @@ class Link:
                 raise SourceError(f"{self.name}: connection lost ({err})") from None
             except ModbusException as err:  # no valid response: timeout inside pymodbus, CRC error, garbage
                 raise SourceError(f"{self.name}: no valid response (unit {unit}): {err}") from None
+            except MalformedAnswer as err:
+                self._drop()
+                raise SourceError(f"{self.name}: malformed answer (unit {unit}, {read.table} {read.address}+"
+                                  f"{read.count}): {err}; dropped the connection") from None
             finally:
                 if self.gap:
                     await asyncio.sleep(self.gap)
             if not response.isError():
-                got = len(response.bits if read.table in ("coil", "discrete") else response.registers)
-                if response.function_code != _CODES[read.table] or got < read.count:
+                bits = read.table in ("coil", "discrete")
+                got = len(response.bits if bits else response.registers)
+                wanted = 8 * -(-read.count // 8) if bits else read.count  # bits come in whole bytes
+                if response.function_code != _CODES[read.table] or got != wanted:
                     self._drop()
                     raise SourceError(f"{self.name}: answer does not match the request (unit {unit}, "
-                                      f"{read.table} {read.address}+{read.count}): dropped the connection")
+                                      f"{read.table} {read.address}+{read.count}: got function "
+                                      f"{response.function_code} with {got} {'bits' if bits else 'registers'}); "
+                                      "dropped the connection")
             return response
 
     def close(self) -> None:
