@@ -195,3 +195,33 @@ def test_every_config_key_is_documented_as_the_schema_says():
     begin, end = doc.index(reference.BEGIN), doc.index(reference.END) + len(reference.END)
     assert doc[begin:end] + "\n" == reference.reference(), \
         "docs/configuration.md is out of date: paste the output of `python -m gateway.config.reference`"
+
+
+def test_registers_that_read_the_same_address_are_refused_unless_bits_of_one_register(tmp_path):
+    regs = """
+      - {name: total, address: 0, type: uint32}
+      - {name: speed, address: 1, type: uint16}
+      - {name: energy, address: 0, type: float64}
+      - {name: status, address: 10, type: uint16}
+      - {name: running, address: 10, type: bool, bit: 0}
+      - {name: fault, address: 10, type: bool, bit: 1}
+      - {name: alarm, address: 10, type: bool, bit: 1}
+      - {name: temp, table: input, address: 1, type: int16}
+      - {name: last, address: 65535, type: uint32}
+"""
+    text = BASE + MODBUS.split("    registers:")[0] + "    registers:" + regs
+    with pytest.raises(config.ConfigError) as caught:
+        config.parse(text, "g.yaml")
+    messages = str(caught.value).splitlines()
+    assert messages == [
+        f"g.yaml:{line_of(text, '{name: speed')}: devices[2].registers[1].address: holding 1..1 (speed, uint16) "
+        "overlaps total (uint32 at 0, registers[0]); only bits of one register (bit:) may share it",
+        f"g.yaml:{line_of(text, '{name: energy')}: devices[2].registers[2].address: holding 0..3 (energy, float64) "
+        "overlaps total (uint32 at 0, registers[0]); only bits of one register (bit:) may share it",
+        f"g.yaml:{line_of(text, '{name: energy')}: devices[2].registers[2].address: holding 0..3 (energy, float64) "
+        "overlaps speed (uint16 at 1, registers[1]); only bits of one register (bit:) may share it",
+        f"g.yaml:{line_of(text, '{name: alarm')}: devices[2].registers[6].address: holding 10..10 (alarm, bool) "
+        "overlaps fault (bool at 10, registers[5]); only bits of one register (bit:) may share it",
+        f"g.yaml:{line_of(text, '{name: last')}: devices[2].registers[8].address: a uint32 at 65535 takes 2 "
+        "registers and runs past the last address (65535)",
+    ]

@@ -41,6 +41,7 @@ from gateway.config.checks import (
     size,
     string,
 )
+from gateway.modbus_map import WIDTH
 
 DEFAULT_PATH = "/etc/edge-gateway/gateway.yaml"
 REGISTER_TYPES = ("uint16", "int16", "uint32", "int32", "float32", "float64", "bool")
@@ -356,13 +357,43 @@ def _tags(cls: type, v: Any) -> tuple[str, ...]:
 def _register_rules(v: Fields) -> list[Problem]:
     problems: list[Problem] = []
     seen: set[str] = set()
-    for i, reg in enumerate(items(v["registers"])):
+    regs = items(v["registers"])
+    for i, reg in enumerate(regs):
         name = part(reg, "name")
         if name in seen:
             problems.append((f"registers[{i}].name", f'duplicate tag name "{name}"'))
         if name is not None:
             seen.add(name)
+    placed = [(i, r) for i, r in enumerate(regs) if isinstance(r, RegisterSection)]
+    for i, reg in placed:
+        first, last = _span(reg)
+        if last > 65535:
+            problems.append((f"registers[{i}].address", f"a {reg.type} at {reg.address} takes {last - first + 1} "
+                                                        "registers and runs past the last address (65535)"))
+        for j, other in placed[:placed.index((i, reg))]:
+            if _overlap(reg, other):
+                problems.append((f"registers[{i}].address",
+                                 f"{reg.table} {first}..{last} ({reg.name}, {reg.type}) overlaps {other.name} "
+                                 f"({other.type} at {other.address}, registers[{j}]); only bits of one register "
+                                 "(bit:) may share it"))
     return problems
+
+
+def _span(reg: RegisterSection) -> tuple[int, int]:
+    """The first and last address a register entry reads."""
+    return reg.address, reg.address + (1 if reg.table in ("coil", "discrete") else WIDTH[reg.type]) - 1
+
+
+def _overlap(a: RegisterSection, b: RegisterSection) -> bool:
+    """Whether two entries read the same address, other than as distinct bits of one register."""
+    if a.table != b.table:
+        return False
+    (a0, a1), (b0, b1) = _span(a), _span(b)
+    if a1 < b0 or b1 < a0:
+        return False
+    if a.bit is not None and b.bit is not None:
+        return a.bit == b.bit  # the same bit under two names
+    return a.bit is None and b.bit is None  # a bit of a register that another tag reads whole is fine
 
 
 @dataclass(frozen=True)
