@@ -58,10 +58,14 @@ def encode(payload: Payload) -> bytes:
     return json.dumps(payload, separators=(",", ":"), allow_nan=False).encode()
 
 
-def telemetry(device: str, ts: float, values: Mapping[str, float | None], quality: Mapping[str, str],
-              score: float | None = None, threshold: float | None = None, scored: bool = False) -> Payload:
-    """One sample; `quality` lists only the tags that are not ok; score and threshold when a model is attached."""
+def telemetry(device: str, ts: float, values: Mapping[str, float | int | None], quality: Mapping[str, str],
+              score: float | None = None, threshold: float | None = None, scored: bool = False,
+              simulated: bool = False) -> Payload:
+    """One sample; `quality` lists only the tags that are not ok; score and threshold when a model is attached;
+    `"simulated": true` when a simulated machine made it (never mistaken for a real one upstream)."""
     payload: Payload = {"ts": rfc3339(ts), "device": device, "values": dict(values)}
+    if simulated:
+        payload["simulated"] = True
     if scored:
         payload["score"] = None if score is None else round(score, 5)
         payload["threshold"] = threshold

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from gateway import contract, counters
+from gateway import contract, counters, tagtypes
 from gateway.config import CounterSection, Device
 from gateway.contract import Topics
 from gateway.counters import CounterRow
@@ -218,14 +218,17 @@ class Publishing:
         self.published = 0
         self._topic = topics.telemetry(device.name)
         self._last_counters_ts = 0.0
+        self._types = tagtypes.of_device(device)
+        self._simulated = device.source == "sim"
 
     def push(self, sample: Sample) -> None:
         if not self.policy.wants(sample):
             return
         scoring = self.scoring
-        payload = contract.telemetry(self.device.name, sample.ts, sample.values, sample.quality,
-                                     scoring.score if scoring else None, scoring.threshold if scoring else None,
-                                     scored=scoring is not None)
+        payload = contract.telemetry(self.device.name, sample.ts, tagtypes.shape(sample.values, self._types),
+                                     sample.quality, scoring.score if scoring else None,
+                                     scoring.threshold if scoring else None, scored=scoring is not None,
+                                     simulated=self._simulated)
         self.outbox.stage(self._topic, payload, created=sample.ts)
         self.published += 1
         if self.counting.changed or sample.ts - self._last_counters_ts >= self.policy.max_silence:

@@ -76,3 +76,33 @@ def test_nothing_goes_out_as_nan():
     import pytest
     with pytest.raises(ValueError):
         contract.encode({"values": {"a": float("nan")}})
+
+
+def test_values_go_out_as_the_register_map_types_them():
+    from gateway import tagtypes
+    from gateway.modbus_map import MapEntry
+
+    regs = [MapEntry("count", "holding", 0, "uint32"), MapEntry("temp", "holding", 2, "int16", 0.1),
+            MapEntry("level", "holding", 3, "uint16", 0.25, offset=-40.5), MapEntry("flow", "input", 0, "float32"),
+            MapEntry("energy", "input", 2, "float64"), MapEntry("on", "holding", 9, "bool", bit=3),
+            MapEntry("door", "coil", 0, "bool"), MapEntry("kwh", "input", 6, "float64", 0.001)]
+    types = {r.name: tagtypes.of_register(r) for r in regs}
+    raw = {"count": 1013.0, "temp": 438 * 0.1, "level": 7 * 0.25 - 40.5, "flow": 12.300000190734863,
+           "energy": 0.1 + 0.2, "on": 1.0, "door": 0.0, "kwh": 123456789 * 0.001}
+    payload = contract.telemetry("m", 0.0, tagtypes.shape(raw, types), {})
+    assert contract.encode(payload) == (b'{"ts":"1970-01-01T00:00:00.000Z","device":"m","values":{"count":1013,'
+                                        b'"temp":43.8,"level":-38.75,"flow":12.3,"energy":0.30000000000000004,'
+                                        b'"on":1,"door":0,"kwh":123456.789}}')
+    assert tagtypes.shape({"temp": None, "flow": float("nan")}, types) == {"temp": None, "flow": None}
+
+
+def test_a_simulated_device_says_so():
+    from gateway import config, tagtypes
+
+    device = config.parse("gateway: {id: g, site: s}\nupstream: {host: h}\ndevices:\n"
+                          "  - {name: line1, source: sim, profile: flexo_line}\n").devices[0]
+    types = tagtypes.of_device(device)
+    assert types["machine_status"].kind == "int" and types["line_speed_m_min"].decimals == 1
+    payload = contract.telemetry("line1", 0.0, tagtypes.shape({"machine_status": 1.0}, types), {}, simulated=True)
+    assert payload == {"ts": "1970-01-01T00:00:00.000Z", "device": "line1", "simulated": True,
+                       "values": {"machine_status": 1}}

@@ -201,6 +201,14 @@ def test_gateway_reads_the_simulated_plant_over_tcp(sim_server, mosquitto, gatew
     first, last = raws[0], sub.on("/line1/counters")[-1]
     raw_at = {t["ts"]: t["values"]["produced_raw"] for t in sub.on("/line1/telemetry")}
     assert last["counters"]["produced"]["total"] == (raw_at[last["ts"]] - first) % 65536
+    # What the register map says, on the wire: integers as integers, scaled values at their resolution.
+    for t in sub.on("/pump1/telemetry") + sub.on("/line1/telemetry"):
+        for tag, value in t["values"].items():
+            assert value is None or len(repr(value).split(".")[-1]) <= 7, (tag, value)  # no 43.800000000000004
+        assert "simulated" not in t  # a real (Modbus) device, whatever serves it
+    line = sub.on("/line1/telemetry")[-1]["values"]
+    assert all(type(line[tag]) is int for tag in ("machine_status", "produced_raw", "defects_raw"))
+    assert type(pump["values"]["running"]) is int and type(pump["values"]["bearing_temp_c"]) is float
 
 
 @pytest.mark.skipif(not shutil.which("mbpoll"), reason="mbpoll not installed")
