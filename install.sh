@@ -33,6 +33,7 @@ USER_NAME=edge-gateway
 
 run() { if [ $DRY -eq 1 ]; then echo "would run: $*"; else "$@"; fi; }
 say() { echo "install.sh: $*"; }
+done_() { if [ $DRY -eq 1 ]; then say "would have $*"; else say "$*"; fi; }  # what was done, or would be
 real_root() { [ -z "$D" ]; }  # installing into the running system, not a staging tree
 systemd_running() { real_root && [ -d /run/systemd/system ]; }
 
@@ -65,9 +66,9 @@ if [ $UNINSTALL -eq 1 ]; then
     if [ $PURGE -eq 1 ]; then
         run rm -rf "$ETC" "$DATA"
         if real_root && id "$USER_NAME" >/dev/null 2>&1; then run userdel "$USER_NAME"; fi
-        say "removed edge-gateway with its config ($ETC) and data ($DATA)"
+        done_ "removed edge-gateway with its config ($ETC) and data ($DATA)"
     else
-        say "removed edge-gateway; kept the config in $ETC and the data in $DATA (--purge removes them)"
+        done_ "removed edge-gateway; kept the config in $ETC and the data in $DATA (--purge removes them)"
     fi
     exit 0
 fi
@@ -96,6 +97,8 @@ else
     if [ $DRY -eq 0 ]; then echo "$STAMP" > "$PREFIX/.installed-from"; fi
 fi
 run install -m 0644 README.md "$PREFIX/README.md"
+run mkdir -p "$PREFIX/examples"
+run install -m 0644 examples/gateway.yaml examples/sim-plant.yaml "$PREFIX/examples/"
 run mkdir -p "$PREFIX/models"
 run install -m 0644 models/pump-ae.tflite models/pump-ae.json "$PREFIX/models/"
 run ln -sfn /opt/edge-gateway/venv/bin/edge-gateway "$BIN/edge-gateway"
@@ -110,9 +113,11 @@ install_config() {  # SOURCE DEST
     fi
     run install -m 0640 "$1" "$2"
     real_root && run chown root:"$USER_NAME" "$2"
-    say "installed $2"
+    done_ "installed $2"
 }
-install_config examples/gateway.yaml "$ETC/gateway.yaml"
+# No devices: the gateway does not run (and nothing reaches any broker) until the engineer has
+# described the machines; the simulated plant is in $PREFIX/examples, never the live config.
+install_config examples/installed/gateway.yaml "$ETC/gateway.yaml"
 install_config broker_config/amqtt.yaml "$ETC/amqtt.yaml"
 for secret in "$ETC"/*.pass "$ETC"/*.users; do
     [ -e "$secret" ] || continue
@@ -129,13 +134,32 @@ if [ $BROKER -eq 1 ] && [ ! -e "$ETC/local-broker.users" ]; then
     local_broker: {client: {username: gateway, password_file: /etc/edge-gateway/local-gateway.pass}}"
 fi
 
+# The gateway is started only on a config that passes check-config (an upgrade restarts it on the
+# new code); a fresh install's config has no devices, so it waits for the engineer.
+CONFIG_OK=0
+if [ $DRY -eq 0 ] && [ -x "$PREFIX/venv/bin/edge-gateway" ]; then
+    if CHECK=$("$PREFIX/venv/bin/edge-gateway" check-config "$ETC/gateway.yaml" 2>&1); then
+        CONFIG_OK=1
+    fi
+fi
+not_started() {
+    say "edge-gateway.service is enabled but not started: $ETC/gateway.yaml is not ready:"
+    [ -n "${CHECK:-}" ] && echo "$CHECK" | sed 's/^/    /'
+    say "describe your machines in $ETC/gateway.yaml, then: sudo edge-gateway check-config $ETC/gateway.yaml
+    && sudo systemctl restart edge-gateway (to try it without hardware: edge-gateway demo)"
+}
 if systemd_running; then
     run systemctl daemon-reload
     [ $BROKER -eq 1 ] && run systemctl enable --now edge-gateway-broker.service
     run systemctl enable edge-gateway.service
-    run systemctl restart edge-gateway.service  # an upgrade runs the new code
-    say "running: systemctl status edge-gateway; journalctl -u edge-gateway -f; edge-gateway status"
+    if [ $CONFIG_OK -eq 1 ]; then
+        run systemctl restart edge-gateway.service  # an upgrade runs the new code
+        say "running: systemctl status edge-gateway; journalctl -u edge-gateway -f; edge-gateway status"
+    else
+        not_started
+    fi
 else
+    [ $CONFIG_OK -eq 1 ] || not_started
     units=edge-gateway.service
     [ $BROKER -eq 1 ] && units="edge-gateway-broker.service $units"
     say "systemd is not running here; when it is: systemctl daemon-reload && systemctl enable --now $units"

@@ -50,9 +50,12 @@ def test_install_twice_gives_the_same_tree_then_uninstall_and_purge(tmp_path):
     assert (units / "edge-gateway.service").read_text() == (ROOT / "systemd/edge-gateway.service").read_text()
     assert (units / "edge-gateway-broker.service").exists()
     exe = stage / "opt/edge-gateway/venv/bin/edge-gateway"
+    # Inert until the engineer has described the machines: no devices, so it is not started.
     check = subprocess.run([str(exe), "check-config", str(etc / "gateway.yaml")], capture_output=True, text=True)
-    assert check.returncode in (0, 78) and "Traceback" not in check.stderr
+    assert check.returncode == 78 and "devices: no devices yet" in check.stderr, check.stderr
+    assert "edge-gateway.service is enabled but not started" in first.stdout and "no devices yet" in first.stdout
     assert "systemd is not running here; when it is:" in first.stdout
+    assert (stage / "opt/edge-gateway/examples/sim-plant.yaml").exists()
 
     before = tree(stage)
     second = install(stage, "--with-local-broker")
@@ -60,10 +63,19 @@ def test_install_twice_gives_the_same_tree_then_uninstall_and_purge(tmp_path):
     assert "already this version" in second.stdout and "kept the existing" in second.stdout
     assert tree(stage) == before
 
-    # An engineer's edits survive an upgrade run.
-    (etc / "gateway.yaml").write_text("# edited on site\n")
-    assert install(stage).returncode == 0
-    assert (etc / "gateway.yaml").read_text() == "# edited on site\n"
+    # An engineer's edits survive an upgrade run; a config that passes check-config would be started.
+    edited = ("# edited on site\ngateway: {id: line9-gw1, site: plant-a, data_dir: /var/lib/edge-gateway}\n"
+              "upstream: {host: mqtt.example.com}\ndevices:\n"
+              "  - {name: press1, source: modbus_tcp, host: 192.0.2.10, registers: [{name: rpm, address: 0}]}\n")
+    (etc / "gateway.yaml").write_text(edited)
+    upgrade = install(stage)
+    assert upgrade.returncode == 0
+    assert (etc / "gateway.yaml").read_text() == edited
+    assert "not started" not in upgrade.stdout
+
+    fresh = install(tmp_path / "other-root", "--dry-run")
+    assert fresh.returncode == 0 and "would have installed" in fresh.stdout
+    assert "install.sh: installed" not in fresh.stdout and not (tmp_path / "other-root").exists()
 
     dry = install(stage, "--uninstall", "--dry-run")
     assert dry.returncode == 0 and "would run: rm -rf" in dry.stdout

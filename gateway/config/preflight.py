@@ -1,4 +1,5 @@
-"""The checks that touch the world: secret files readable, models loadable and fitting, extras installed.
+"""What running needs beyond a valid file: a device at all, secret files readable, models loadable and
+fitting, extras installed.
 
 Only `run`, `check-config` and a reload call `preflight`; `status`, `outbox` and `counters`
 read the config without it, so they need neither the secrets nor the TFLite runtime.
@@ -29,6 +30,9 @@ class Prepared:
 def preflight(config: Config, file: str) -> Prepared:
     """Check what the config points at; raise ConfigError listing every problem."""
     problems: list[tuple[str, str]] = []
+    if not config.devices:  # the config install.sh leaves: inert until the machines are described
+        problems.append(("devices", "no devices yet: describe your machines here (templates in the file, every key "
+                                    "in docs/configuration.md); the gateway does not run without one"))
     problems += _unreadable(config)
     models, model_problems = _models(config)
     problems += model_problems
