@@ -11,6 +11,12 @@ value `last` to the new raw value `raw`:
   cannot be seen by anyone reading the register; that is the rule's one limit.
 
 The first value ever seen is the baseline: it adds nothing to the lifetime total.
+
+A step that no machine could have made is not counted but taken as a new baseline
+(`suspect`): more than `max_rate` counts per second since the last reading (at least one
+second's worth, plus 10 %), or, without `max_rate`, more than half the modulus at once —
+a counter that can move that far between two readings cannot be told from one that wrapped,
+and it is what a PLC replaced, a program download or a simulator restarted looks like.
 """
 
 from __future__ import annotations
@@ -32,7 +38,8 @@ class CounterRow:
 @dataclass(frozen=True)
 class Step:
     delta: int
-    event: str  # "baseline" | "count" | "wrap" | "reset"
+    event: str  # "baseline" | "count" | "wrap" | "reset" | "suspect"
+    seen: int = 0  # what a suspect step would have added
 
 
 def step(last: int | None, raw: int, bits: int, reset_threshold: float) -> Step:
@@ -56,12 +63,21 @@ def raw_value(value: float | None, bits: int) -> int | None:
     return raw if 0 <= raw < (1 << bits) else None
 
 
+def plausible(delta: int, bits: int, elapsed: float, max_rate: float | None) -> bool:
+    """Whether a machine can have counted `delta` in `elapsed` seconds."""
+    if max_rate is not None:
+        return delta <= max_rate * max(elapsed, 1.0) * 1.1
+    return delta <= (1 << bits) // 2
+
+
 def advance(row: CounterRow | None, raw: int, bits: int, reset_threshold: float,
-            shift_id: str | None, now: float) -> tuple[CounterRow, Step]:
+            shift_id: str | None, now: float, max_rate: float | None = None) -> tuple[CounterRow, Step]:
     """The counter's next state after reading `raw`; shift totals restart when the shift changes."""
     if row is None:
         row = CounterRow(last_raw=None, total=0, shift_total=0, shift_id=shift_id)
     result = step(row.last_raw, raw, bits, reset_threshold)
+    if result.event != "baseline" and not plausible(result.delta, bits, now - row.updated, max_rate):
+        result = Step(0, "suspect", result.delta)
     shift_total = row.shift_total if row.shift_id == shift_id else 0
     return replace(row, last_raw=raw, total=row.total + result.delta,
                    shift_total=shift_total + result.delta, shift_id=shift_id, updated=now), result

@@ -74,11 +74,18 @@ class Counting:
                 continue
             self._problem(counter, None)
             previous = self.rows.get(counter.name)
-            row, step = counters.advance(previous, raw, counter.bits, counter.reset_threshold, shift_id, sample.ts)
+            row, step = counters.advance(previous, raw, counter.bits, counter.reset_threshold, shift_id, sample.ts,
+                                         counter.max_rate)
             if step.event == "wrap" and previous is not None:
                 log.info("device %s: counter %s wrapped at %d bits (raw %d -> %d)", name, counter.name,
                          counter.bits, previous.last_raw, raw,
                          extra=fields(name, "counter_wrap", counter=counter.name))
+            elif step.event == "suspect" and previous is not None:
+                log.warning("device %s: counter %s jumped from raw %d to %d (%d counts in %.0fs), more than the "
+                            "machine can make%s; not counted, %d taken as the new baseline", name, counter.name,
+                            previous.last_raw, raw, step.seen, sample.ts - previous.updated,
+                            f" (max_rate {counter.max_rate:g}/s)" if counter.max_rate else " (over half the range)",
+                            raw, extra=fields(name, "counter_suspect", counter=counter.name))
             elif step.event == "reset" and previous is not None:
                 log.warning("device %s: counter %s was reset on the PLC (raw %d -> %d); counting on from %d",
                             name, counter.name, previous.last_raw, raw, row.total,

@@ -34,7 +34,7 @@ class TagType:
         if value is None or value != value or value in (float("inf"), float("-inf")):
             return None
         if self.kind in ("bool", "int"):
-            return int(round(value))
+            return round(value)
         if self.decimals is not None:
             return round(value, self.decimals)
         if self.significant is not None:

@@ -29,6 +29,24 @@ def test_shift_total_restarts_with_the_shift():
     assert (row.total, row.shift_total, row.shift_id) == (35, 5, "2026-11-24/B")
 
 
+def test_a_jump_no_machine_can_make_is_a_new_baseline():
+    row, _ = counters.advance(None, 30, 16, 0.1, None, 0.0)
+    row, result = counters.advance(row, 65500, 16, 0.1, None, 1.0)  # a simulator restarted near the top
+    assert result == counters.Step(0, "suspect", 65470) and (row.total, row.last_raw) == (0, 65500)
+    row, result = counters.advance(row, 8, 16, 0.1, None, 2.0)  # then it wraps and counts on
+    assert result == counters.Step(44, "wrap") and row.total == 44
+    row, result = counters.advance(row, 40_000, 16, 0.1, None, 3.0)  # a "reset" to a high value
+    assert result.event == "suspect" and row.total == 44
+    # With the machine's top rate: 5/s for 10 s allows 55 counts.
+    row, _ = counters.advance(None, 1000, 32, 0.1, None, 0.0)
+    row, result = counters.advance(row, 1055, 32, 0.1, None, 10.0, max_rate=5)
+    assert result == counters.Step(55, "count")
+    row, result = counters.advance(row, 1155, 32, 0.1, None, 20.0, max_rate=5)
+    assert result == counters.Step(0, "suspect", 100) and row.total == 55 and row.last_raw == 1155
+    row, result = counters.advance(row, 1158, 32, 0.1, None, 20.2, max_rate=5)  # at least one second's worth
+    assert result == counters.Step(3, "count")
+
+
 # A machine's life: increments between samples, PLC resets, gateway restarts.
 events = st.lists(st.one_of(
     st.tuples(st.just("count"), st.integers(0, 3000)),
@@ -128,3 +146,32 @@ def test_kill_9_at_random_points_never_loses_or_double_counts(mosquitto, gateway
     finally:
         plc.kill()
         plc.wait(10)
+
+
+def test_restarting_a_simulated_line_near_the_top_adds_nothing(mosquitto, gateway, subscribe, tmp_path):
+    """The simulated PLC starts again near the top of its 16-bit counters with the gateway: a jump no
+    machine can make, re-baselined with a counter_suspect line, not 65,000 defects."""
+    from conftest import gateway_config, wait_until
+
+    devices = """
+  - name: line1
+    source: sim
+    profile: flexo_line
+    seed: 5
+    interval: 100ms
+    plc: {counter_bits: 16, start_near_top: true, rate_per_min: 3000}
+    counters:
+      - {name: produced, register: produced_raw, bits: 16}
+      - {name: defects, register: defects_raw, bits: 16, kind: defect}
+"""
+    sub = subscribe(mosquitto.port, topic="edge/lab/test-gw/line1/#")
+    config = gateway_config(tmp_path / "data", mosquitto.port, devices=devices)
+    for _ in range(2):
+        before = len(sub.on("/counters"))
+        gw = gateway(config).start()
+        wait_until(lambda: len(sub.on("/counters")) > before + 5, 30, what="counts")
+        assert gw.stop() == 0
+    totals = [m["counters"]["produced"]["total"] for m in sub.on("/counters")]
+    defects = [m["counters"]["defects"]["total"] for m in sub.on("/counters")]
+    assert 0 < max(totals) < 1000 and max(defects) < 1000, (totals, defects)
+    assert "counter produced jumped from raw" in gw.logs() and "taken as the new baseline" in gw.logs()

@@ -239,6 +239,9 @@ class CounterSection:
     reset_threshold: float = setting(number(0.0001, 0.9999), 0.1,
                                      doc="a drop larger than this share of the range is a reset, not a wrap")
     kind: str = setting(one_of("total", "good", "defect"), "total", doc="its part in OEE quality")
+    max_rate: float | None = setting(optional(number(0.000001, 1e9)), None,
+                                     doc="counts per second the machine can make at most; a larger step is a "
+                                         "new baseline, not counts (default: half the range at once)")
 
 
 @dataclass(frozen=True)
