@@ -211,12 +211,20 @@ def status(path: str, as_json: bool) -> int:
     except (OSError, ValueError) as err:
         print(f"no state in {state_path} ({err}); has the gateway run?", file=sys.stderr)
         return EX_UNAVAILABLE
+    from gateway.outbox import held
+
+    running = held(cfg.gateway.data_dir)
+    age = max(0.0, time.time() - os.path.getmtime(state_path))
     if as_json:
-        print(json.dumps(state, indent=2))
-        return EX_OK
+        print(json.dumps({**state, "running": running, "age_s": round(age, 1)}, indent=2))
+        return EX_OK if running is not False else EX_UNAVAILABLE
     up = state["upstream"]
     backlog = state["backlog"]
-    print(f"gateway {state['gateway_id']}  state at {state['ts']}  (up {state['uptime_s']:.0f}s)")
+    if running is False:
+        print(f"gateway {state['gateway_id']}  NOT RUNNING: what follows is its last state, from {state['ts']} "
+              f"({_ago(age)} ago), when it had been up {state['uptime_s']:.0f}s")
+    else:
+        print(f"gateway {state['gateway_id']}  state at {state['ts']}  (up {state['uptime_s']:.0f}s)")
     print(f"upstream  {'connected' if up['connected'] else 'NOT connected'}; reconnects {up['reconnects']}; "
           f"last ack {up['last_ack'] or '-'}; last error {up['last_error'] or '-'}")
     print(f"backlog   {backlog['messages']} messages, {backlog['bytes']} bytes, oldest {backlog['oldest_age_s']}s; "
@@ -231,10 +239,26 @@ def status(path: str, as_json: bool) -> int:
                   + (f" ({a['why_not_scored']})" if a.get("why_not_scored") else ""))
         for counter, c in state.get("counters", {}).get(name, {}).items():
             print(f"  counter {counter:<14} total {c['total']}  shift {c['shift']} ({c['shift_id'] or '-'})")
-    age = time.time() - os.path.getmtime(state_path)
-    if age > 120:
-        print(f"note: this state is {age:.0f}s old; is the gateway running?")
+    if running is False:
+        print("start it with: sudo systemctl start edge-gateway (why it stopped: journalctl -u edge-gateway)")
+        return EX_UNAVAILABLE
+    if age > 3 * cfg.gateway.health_interval + 5:
+        print(f"note: this state is {_ago(age)} old, but it should be rewritten every "
+              f"{cfg.gateway.health_interval:g}s: is the gateway stuck?" if running else
+              f"note: this state is {_ago(age)} old (whether the gateway runs cannot be told from here)")
     return EX_OK
+
+
+def _ago(seconds: float) -> str:
+    """37s, 5m12s, 3h05m, 2d04h."""
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
 
 
 def _store_path(cfg: configuration.Config) -> str:

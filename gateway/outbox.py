@@ -381,6 +381,26 @@ def _connect(path: str, sync: str) -> sqlite3.Connection:
     return db
 
 
+def held(data_dir: str) -> bool | None:
+    """Whether a gateway holds the data_dir lock now (None: the lock file cannot be opened to tell)."""
+    import fcntl
+
+    try:
+        fh = open(os.path.join(data_dir, "gateway.lock"))  # read-only: any user who may read the state
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return None
+    with fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return None
+        return False
+
+
 def lock(data_dir: str) -> IO[str] | None:
     """Hold the data_dir lock for as long as the returned file stays open; None if another holds it."""
     import fcntl

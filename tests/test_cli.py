@@ -42,7 +42,18 @@ def test_health_topic_and_local_status(mosquitto, gateway, subscribe, tmp_path):
     raw = subprocess.run([sys.executable, "-m", "gateway", "status", "--json", "-c", str(gw.config)],
                          capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=30)
     assert json.loads(raw.stdout)["counters"]["line1"]["produced"]["total"] >= 0
+    assert json.loads(raw.stdout)["running"] is True
     assert gw.stop() == 0
+    # Stopped: status says so and how old its state is, instead of "up 37s" and every device ok.
+    after = subprocess.run([sys.executable, "-m", "gateway", "status", "-c", str(gw.config)], capture_output=True,
+                           text=True, env=ENV, cwd=ROOT, timeout=30)
+    assert after.returncode == 69
+    first = after.stdout.splitlines()[0]
+    assert first.startswith("gateway test-gw  NOT RUNNING: what follows is its last state, from ") and " ago)" in first
+    assert "(up " not in after.stdout and "start it with: sudo systemctl start edge-gateway" in after.stdout
+    raw = subprocess.run([sys.executable, "-m", "gateway", "status", "--json", "-c", str(gw.config)],
+                         capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=30)
+    assert raw.returncode == 69 and json.loads(raw.stdout)["running"] is False
 
 
 def test_counters_show_set_baseline_and_audit(mosquitto, gateway, tmp_path):
