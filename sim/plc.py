@@ -227,6 +227,30 @@ async def publish_mqtt(plant: SimPlant, host: str, port: int, *, username: str |
         client.loop_stop()
 
 
+class _KnownUnitsOnly:
+    """pymodbus's SimCore answers an unknown unit id with SLAVE_DEVICE_FAILURE (a KeyError inside);
+    raising NoSuchIdException instead lets `ignore_missing_devices` keep the line silent."""
+
+    def __init__(self, core: Any) -> None:
+        self._core = core
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._core, name)
+
+    def _known(self, device_id: int) -> None:
+        from pymodbus.exceptions import NoSuchIdException
+        if device_id not in self._core.devices:
+            raise NoSuchIdException(f"no unit {device_id}")
+
+    async def async_getValues(self, device_id: int, *args: Any) -> Any:
+        self._known(device_id)
+        return await self._core.async_getValues(device_id, *args)
+
+    async def async_setValues(self, device_id: int, *args: Any) -> Any:
+        self._known(device_id)
+        return await self._core.async_setValues(device_id, *args)
+
+
 async def serve(plant: SimPlant, *, tcp: tuple[str, int] | None = None, rtu: str | None = None,
                 baudrate: int = 19200, parity: str = "E", stopbits: int = 1, truth_path: str | None = None,
                 mqtt: dict | None = None) -> None:
@@ -238,8 +262,11 @@ async def serve(plant: SimPlant, *, tcp: tuple[str, int] | None = None, rtu: str
         servers.append(ModbusTcpServer(plant.devices(), address=tcp))
     if rtu:
         from pymodbus import FramerType
-        servers.append(ModbusSerialServer(plant.devices(), framer=FramerType.RTU, port=rtu, baudrate=baudrate,
-                                          parity=parity, stopbits=stopbits, bytesize=8))
+        # On an RS-485 line nobody answers for a unit that is not there: silence, as for a dead slave.
+        serial = ModbusSerialServer(plant.devices(), framer=FramerType.RTU, port=rtu, baudrate=baudrate,
+                                    parity=parity, stopbits=stopbits, bytesize=8, ignore_missing_devices=True)
+        serial.context = _KnownUnitsOnly(serial.context)
+        servers.append(serial)
     import signal
 
     def reset_counters() -> None:  # kill -USR1: a technician resets the PLC counters

@@ -4,6 +4,7 @@ third-party client of the simulated plant, and the faults a plant has (server go
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import re
@@ -461,3 +462,44 @@ def test_an_answer_that_does_not_match_its_request_is_a_device_error_never_data(
     logged = [r for r in caplog.records if (r.levelno >= logging.WARNING and not r.name.startswith("pymodbus"))
               or r.exc_info]
     assert not logged, [(r.name, r.getMessage()[:200]) for r in logged]
+
+
+def test_a_dead_slave_on_a_shared_rs485_line_does_not_stall_the_others(mosquitto, gateway, subscribe, tmp_path):
+    """Units 1 and 2 answer over a socat pty pair; unit 7 is on the configuration but not on the line."""
+    a, b = tmp_path / "plc-side", tmp_path / "gateway-side"
+    socat = subprocess.Popen(["socat", f"pty,raw,echo=0,link={a}", f"pty,raw,echo=0,link={b}"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = None
+    try:
+        wait_until(lambda: a.exists() and b.exists(), 10, what="socat's pty pair")
+        server = spawn([sys.executable, "-m", "gateway", "sim", "--modbus-rtu", str(a), "--baudrate", "38400", "--parity",
+                        "N", "--units", "1=pump:1,2=flexo_line:2"], tmp_path / "rtu-sim.log", "w", env=ENV, cwd=ROOT)
+        devices = "".join(f"""
+  - name: {name}
+    source: modbus_rtu
+    serial: {{port: {b}, baudrate: 38400, parity: N, stopbits: 1}}
+    unit: {unit}
+    interval: 200ms
+    timeout: 1s
+    registers:
+""" + registers_yaml(regmap) for name, unit, regmap in (("pump1", 1, PUMP_MAP[:6]), ("line1", 2, FLEXO_MAP[:5]),
+                                                        ("ghost", 7, PUMP_MAP[:6])))
+        sub = subscribe(mosquitto.port, topic=f"{TOPIC}/#")
+        gw = gateway(gateway_config(tmp_path / "data", mosquitto.port, devices=devices)).start()
+        wait_until(lambda: len(sub.on("/pump1/telemetry")) > 80 and len(sub.on("/line1/telemetry")) > 80, 60,
+                   what="telemetry from the two units that answer")
+        state = json.loads((tmp_path / "data" / "state.json").read_text())["devices"]
+        assert gw.stop() == 0
+    finally:
+        for proc in (server, socat):
+            if proc is not None:
+                proc.kill()
+                proc.wait(10)
+    for name in ("pump1", "line1"):
+        assert all("quality" not in t for t in sub.on(f"/{name}/telemetry")), name  # never an error for them
+        # They keep their rate: the dead unit takes a timeout (1 s, 5 of their ticks) of the line only now
+        # and then (its own backoff), not on each of its polls (that would skip most of their ticks).
+        assert state[name]["errors"] == 0 and state[name]["skipped_ticks"] < state[name]["polls"] // 2, state[name]
+    assert all(set(t["quality"].values()) == {"error"} for t in sub.on("/ghost/telemetry"))
+    assert gw.logs().count("device ghost: read failed") == 1
+    assert "device pump1: read failed" not in gw.logs() and "device line1: read failed" not in gw.logs()

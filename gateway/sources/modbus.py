@@ -68,12 +68,20 @@ DEFAULT_MAX_GAP = 10
 
 
 class Link:
-    """One connection (TCP endpoint or serial line), shared by the devices behind it."""
+    """One connection (TCP endpoint or serial line), shared by the devices behind it.
 
-    def __init__(self, name: str, make_client: Callable[[], Any], gap: float = 0.0) -> None:
+    A unit that does not answer is left alone for a while (1 s doubling to 30 s, jittered), on its
+    own: its polls fail at once meanwhile, so a dead slave does not take a timeout's worth of the
+    line on every poll from the units that do answer. On a serial line a timeout only discards
+    what may still arrive; the port stays open for the other units.
+    """
+
+    def __init__(self, name: str, make_client: Callable[[], Any], gap: float = 0.0, serial: bool = False) -> None:
         self.name = name
         self._make_client = make_client
         self.gap = gap
+        self.serial = serial
+        self._silent: dict[int, tuple[int, float, str]] = {}  # unit -> (failures in a row, next try, why)
         self.lock = asyncio.Lock()
         self.client: Any = None  # a pymodbus async client
         self.requests = 0
@@ -116,6 +124,9 @@ class Link:
         """One request; the response (possibly an exception response) or SourceError."""
         from pymodbus.exceptions import ConnectionException, ModbusException
 
+        silent = self._silent.get(unit)
+        if silent is not None and time.monotonic() < silent[1]:
+            raise SourceError(silent[2])  # the same words as when it stopped answering: logged once
         async with self.lock:
             client = await self._connected()
             self.requests += 1
@@ -124,14 +135,19 @@ class Link:
                     getattr(client, _FUNCTIONS[read.table])(read.address, count=read.count, device_id=unit),
                     timeout)
             except asyncio.TimeoutError:
-                self._drop()  # a late answer must never be taken for the answer to a later request
-                raise SourceError(f"{self.name}: no response within {timeout:g}s "
-                                  f"(unit {unit}, {read.table} {read.address}+{read.count})") from None
+                if self.serial:
+                    self._discard_input()  # the other units on the line go on; a late answer is dropped
+                else:
+                    self._drop()  # a late answer must never be taken for the answer to a later request
+                raise self._unit_failed(unit, f"{self.name}: no response within {timeout:g}s "
+                                              f"(unit {unit}, {read.table} {read.address}+{read.count})") from None
             except (ConnectionException, ConnectionError, OSError) as err:
                 self._failed()
                 raise SourceError(f"{self.name}: connection lost ({err})") from None
             except ModbusException as err:  # no valid response: timeout inside pymodbus, CRC error, garbage
-                raise SourceError(f"{self.name}: no valid response (unit {unit}): {err}") from None
+                if self.serial:
+                    self._discard_input()
+                raise self._unit_failed(unit, f"{self.name}: no valid response (unit {unit}): {err}") from None
             except MalformedAnswer as err:
                 self._drop()
                 raise SourceError(f"{self.name}: malformed answer (unit {unit}, {read.table} {read.address}+"
@@ -149,7 +165,20 @@ class Link:
                                       f"{read.table} {read.address}+{read.count}: got function "
                                       f"{response.function_code} with {got} {'bits' if bits else 'registers'}); "
                                       "dropped the connection")
+            self._silent.pop(unit, None)
             return response
+
+    def _unit_failed(self, unit: int, why: str) -> SourceError:
+        """This unit gave no usable answer: the next attempt waits, doubling per failure in a row."""
+        failures = self._silent[unit][0] + 1 if unit in self._silent else 1
+        self._silent[unit] = (failures, time.monotonic() + backoff(failures - 1, 1.0, 30.0, 0.3, self._rng), why)
+        return SourceError(why)
+
+    def _discard_input(self) -> None:
+        """Drop bytes received for a request given up on (the serial port stays open)."""
+        protocol = getattr(self.client, "ctx", None)
+        if protocol is not None:
+            protocol.recv_buffer = b""
 
     def close(self) -> None:
         if self.client is not None:
@@ -175,7 +204,7 @@ def link_for(device: ModbusTcpDevice | ModbusRtuDevice, links: dict[str, Link]) 
         gap = 3.5 * char_time if s.baudrate <= 19200 else 0.00175  # Modbus over serial line, 2.5.1.1
         links[key] = Link(s.port, lambda: AsyncModbusSerialClient(
             s.port, baudrate=s.baudrate, parity=s.parity, stopbits=s.stopbits, bytesize=s.bytesize,
-            timeout=device.timeout, retries=0, reconnect_delay=0), gap=gap)
+            timeout=device.timeout, retries=0, reconnect_delay=0), gap=gap, serial=True)
     return links[key]
 
 
