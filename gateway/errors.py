@@ -72,7 +72,15 @@ class ModelError(GatewayError):
 
 
 class UplinkError(GatewayError):
-    """The upstream broker cannot be reached or refused us; `str()` names the endpoint and the reason."""
+    """The upstream broker cannot be reached or refused us; `str()` names the endpoint and the reason.
+
+    `reached`: whether the broker answered at all (a refusal or a failed handshake), or could not
+    be reached (refused, reset, unreachable): the two are retried on different schedules.
+    """
+
+    def __init__(self, message: str, reached: bool = True) -> None:
+        super().__init__(message)
+        self.reached = reached
 
 
 class AlreadyRunning(GatewayError):

@@ -27,7 +27,7 @@ from gateway.credentials import read_secret
 from gateway.errors import UplinkError
 from gateway.logs import fields
 from gateway.outbox import Outbox
-from gateway.retry import backoff
+from gateway.retry import backoff, down
 from gateway.supervise import in_daemon_thread, run_all, within
 
 log = logging.getLogger("edge_gateway.uplink")
@@ -104,16 +104,16 @@ class Uplink:
                 await self._connect()
             except UplinkError as err:
                 self._fail(str(err))
-                await self._sleep(backoff(attempt, self.cfg.reconnect.min, self.cfg.reconnect.max,
-                                          self.cfg.reconnect.jitter, self._rng))
+                policy = self.cfg.reconnect
+                await self._sleep(backoff(attempt, policy.min, policy.max, policy.jitter, self._rng) if err.reached
+                                  else down(attempt, policy.min, policy.down_max, self._rng))
                 attempt += 1
                 continue
             attempt = 0
             await self._lost.wait()
             await self._drop_client()
-            if not self._stopping:
-                await self._sleep(backoff(0, self.cfg.reconnect.min, self.cfg.reconnect.max,
-                                          self.cfg.reconnect.jitter, self._rng))
+            if not self._stopping:  # the first attempt after a loss: soon, spread over the fleet
+                await self._sleep(down(0, self.cfg.reconnect.min, self.cfg.reconnect.down_max, self._rng))
         await asyncio.Event().wait()  # stopped: the owner cancels us
 
     async def stop(self, flush_timeout: float = 5.0) -> None:
@@ -181,9 +181,12 @@ class Uplink:
             await self._drop_client()
             raise UplinkError(f"TLS handshake with {where} failed: {err.reason or err}") from None
         except (OSError, asyncio.TimeoutError) as err:
+            # Refused, reset, unreachable or no TCP answer: nothing on the broker's side did any work.
+            # No CONNACK in time on a connection the broker took is the broker struggling.
+            reached = self._connack_missing(client)
             await self._drop_client()
             why = getattr(err, "strerror", None) or str(err) or "no answer in time"
-            raise UplinkError(f"cannot connect to {where}: {why}") from None
+            raise UplinkError(f"cannot connect to {where}: {why}", reached=reached) from None
         if reason is None:
             await self._drop_client()
             raise UplinkError(f"{where} closed the connection before accepting it (no CONNACK)")
@@ -210,6 +213,16 @@ class Uplink:
         self._caught_up = True
         client.publish(self.status_topic, self.online_payload, qos=1, retain=True)
         self._wake.set()
+
+    def _connack_missing(self, client: mqtt.Client) -> bool:
+        """Whether the broker took the TCP connection and then gave no CONNACK in time."""
+        if self._connack is not None and self._connack.done():
+            return False
+        sock = client.socket()
+        try:
+            return sock is not None and getattr(sock, "getpeername", lambda: None)() is not None
+        except OSError:
+            return False
 
     def _forget_inflight(self) -> None:
         """The connection is gone: what was in flight is owed again, oldest first, on the next one."""

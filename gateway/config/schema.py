@@ -104,9 +104,14 @@ class TlsSection:
 
 @dataclass(frozen=True)
 class ReconnectSection:
-    min: float = setting(duration(0.05, 3600), 1.0, doc="first wait after a lost connection")
-    max: float = setting(duration(0.05, 86400), 60.0, doc="longest wait between attempts")
-    jitter: float = setting(number(0, 1), 0.3, doc="random share of each wait, so a fleet does not stampede")
+    min: float = setting(duration(0.05, 3600), 0.5, doc="shortest wait between attempts")
+    down_max: float = setting(duration(0.05, 3600), 2.0,
+                              doc="longest wait while the broker cannot be reached at all (refused, unreachable): "
+                                  "each wait is drawn evenly up to it, so a fleet returns spread out")
+    max: float = setting(duration(0.05, 86400), 60.0,
+                         doc="longest wait after the broker refused us or did not finish the handshake "
+                             "(exponential)")
+    jitter: float = setting(number(0, 1), 0.3, doc="random share of each exponential wait")
 
 
 @dataclass(frozen=True)

@@ -30,13 +30,17 @@ from paho.mqtt.enums import CallbackAPIVersion
 from gateway.config import LocalBrokerSection, MqttDevice
 from gateway.credentials import read_secret
 from gateway.errors import SourceError
-from gateway.retry import backoff
+from gateway.retry import backoff, down
 from gateway.sample import ERROR, OK, Sample
 from gateway.supervise import in_daemon_thread, within
 
 log = logging.getLogger("edge_gateway.mqtt_source")
 
 QUEUE_LIMIT = 1000  # messages per device waiting for the pipeline; beyond this the oldest are dropped
+
+
+class Refused(Exception):
+    """The local broker answered the CONNECT with a refusal (credentials, not authorized)."""
 
 
 class MqttLink:
@@ -73,13 +77,15 @@ class MqttLink:
                 await asyncio.to_thread(self._connect, loop, connected, self._lost)
                 rc = await within(connected, 10)
                 if rc != 0:
-                    raise ConnectionError(f"the local broker refused the connection: {rc}")
-            except (OSError, ConnectionError, asyncio.TimeoutError, ValueError) as err:
+                    raise Refused(f"the local broker refused the connection: {rc}")
+            except (OSError, Refused, asyncio.TimeoutError, ValueError) as err:
                 self._disconnect()
                 why = str(err) or "no CONNACK within 10s"
                 self._failed(f"local broker {self.broker.listen}: {why}")
                 attempt += 1
-                await asyncio.sleep(backoff(attempt, 0.5, 30.0, 0.3))
+                # Down (refused, reset): back within seconds; answering and refusing us: exponential.
+                await asyncio.sleep(backoff(attempt, 0.5, 30.0, 0.3) if isinstance(err, (Refused, ValueError))
+                                    else down(attempt, 0.5, 2.0))
                 continue
             attempt = 0
             self.connected, self.last_error = True, None

@@ -1,0 +1,67 @@
+"""How long the uplink waits between attempts, against real sockets and a real broker: while the
+broker is down it stays within seconds (spread, so a fleet does not return in one burst); a broker
+that answers and refuses is backed off from exponentially. The waits are recorded, never timed."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from conftest import free_port, gateway_config
+
+from gateway import config
+from gateway.outbox import Outbox
+from gateway.uplink import Uplink
+
+
+async def recorded_waits(tmp_path: Path, port: int, count: int) -> list[float]:
+    """The first `count` waits the uplink asks for while trying to reach 127.0.0.1:port, with the
+    default reconnect settings."""
+    text = gateway_config(tmp_path / "data", port).replace(", reconnect: {min: 200ms, max: 1s}", "")
+    upstream = config.parse(text).upstream
+    assert (upstream.reconnect.min, upstream.reconnect.down_max, upstream.reconnect.max) == (0.5, 2.0, 60.0)
+    store = Outbox.open(str(tmp_path / "outbox.db"))
+    uplink = Uplink(upstream, store, client_id="reconnect-test", status_topic="t/status", offline_payload=b"{}")
+    waits: list[float] = []
+    enough = asyncio.Event()
+
+    async def record(seconds: float) -> None:  # the uplink's clock seam: record, do not sleep
+        waits.append(seconds)
+        if len(waits) >= count:
+            enough.set()
+        await asyncio.sleep(0)
+    uplink._sleep = record  # type: ignore[method-assign]
+    task = asyncio.create_task(uplink.run())
+    try:
+        await asyncio.wait_for(enough.wait(), 60)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await uplink.stop(flush_timeout=0)
+        store.close()
+    return waits[:count]
+
+
+def test_a_broker_that_is_down_is_tried_again_within_seconds_spread_out(tmp_path):
+    waits = asyncio.run(recorded_waits(tmp_path, free_port(), 40))  # nothing listens: connection refused
+    assert all(0.5 <= w <= 2.0 for w in waits), waits  # reconnect.min .. reconnect.down_max, for ever
+    late = waits[5:]
+    assert max(late) - min(late) > 0.8, late  # full jitter: a fleet does not come back in step
+    assert sum(late) / len(late) > 1.0  # and does not hammer either
+
+
+def test_a_broker_that_refuses_us_is_backed_off_from_exponentially(tmp_path):
+    pytest.importorskip("amqtt")
+    from gateway import broker
+
+    async def main() -> list[float]:
+        port = free_port()
+        server = await broker.start(f"127.0.0.1:{port}", allow_anonymous=False)  # no users: Not authorized
+        try:
+            return await recorded_waits(tmp_path, port, 8)
+        finally:
+            await server.shutdown()
+    waits = asyncio.run(main())
+    assert waits[0] < 1.0 and waits[-1] > 20, waits  # 0.5 s doubling towards reconnect.max (60 s)
+    assert waits == sorted(waits) or max(waits) > 20
