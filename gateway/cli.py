@@ -295,7 +295,8 @@ def outbox(args: argparse.Namespace) -> int:
             print(json.dumps(info, indent=2))
             return EX_OK
         print(f"outbox {path}")
-        print(f"  waiting   {info['messages']} messages (seq {info['first_seq']}..{info['last_seq']}), "
+        seqs = f" (seq {info['first_seq']}..{info['last_seq']})" if info["messages"] else ""
+        print(f"  waiting   {info['messages']} messages{seqs}, "
               f"{info['payload_bytes']} payload bytes, {info['file_bytes']} bytes on disk")
         print(f"  oldest    {info['oldest_age_s'] if info['oldest_age_s'] is not None else '-'} s; next seq "
               f"{info['next_seq']}; dropped {info['dropped']}; purged {info['purged']}")

@@ -10,6 +10,7 @@ After `--fault-after` seconds the pump's bearings start to wear.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import shutil
@@ -109,9 +110,10 @@ class Watcher:
         recent = [t for t in self.arrivals[device] if now - t <= 5.0]
         return len(recent) / 5.0
 
-    def render(self, elapsed: float, fault_after: float) -> str:
+    def render(self, elapsed: float, fault_after: float, duration: float | None = None) -> str:
         with self.lock:
-            lines = [f"edge-gateway demo — {elapsed:5.0f}s   (Ctrl-C to stop)",
+            ends = "(Ctrl-C to stop)" if duration is None else f"(stops after {duration:g}s, or Ctrl-C)"
+            lines = [f"edge-gateway demo — {elapsed:5.0f}s   {ends}",
                      f"gateway status: {self.status.get('state', '?')}   version {self.status.get('version', '?')}   "
                      f"received {self.received} messages, last seq {max(self.seqs) if self.seqs else '-'}, "
                      f"gaps {self._gaps()}, duplicates {self.duplicates}"]
@@ -134,6 +136,8 @@ class Watcher:
                     score = "warming up" if tele.get("score") is None else f"{tele['score']:.4f}"
                     event = self.anomalies.get(device)
                     said = "normal"
+                    if tele.get("score") is not None and tele["score"] > tele["threshold"]:
+                        said = f"above the threshold (an event starts after {_start_after()} windows in a row above it)"
                     if event and event["event"] == "start":
                         said = "ANOMALY since " + event["ts"] + ", top tags " + ", ".join(
                             t["tag"] for t in event["top_tags"])
@@ -160,8 +164,22 @@ def _pump_model() -> str:
     return "    model: pump-ae\n" if (MODEL_DIRS[0] / "pump-ae.tflite").exists() else ""
 
 
+@functools.cache
+def _start_after() -> int:
+    """How many windows in a row above the threshold start an event, as the shipped model says."""
+    try:
+        from gateway.anomaly import MODEL_DIRS
+        with open(MODEL_DIRS[0] / "pump-ae.json", encoding="utf-8") as fh:
+            return int(json.load(fh)["events"]["start_after"])
+    except (OSError, ValueError, KeyError, TypeError, ImportError):
+        return 3
+
+
 def _fmt(value: float | None) -> str:
-    return "—" if value is None else f"{value:.2f}"
+    """A value as the gateway sent it: an integer (a status, a bit, a count) as one, a number briefly."""
+    if value is None:
+        return "—"
+    return str(value) if isinstance(value, int) else f"{value:.6g}"
 
 
 def demo(duration: float | None = None, plain: bool = False, fault_after: float = 60.0) -> int:
@@ -220,9 +238,9 @@ async def _demo(workdir: str, duration: float | None, plain: bool, fault_after: 
             if plain:
                 if elapsed - last_plain >= 5.0:
                     last_plain = elapsed
-                    print(watcher.render(elapsed, fault_after) + "\n", flush=True)
+                    print(watcher.render(elapsed, fault_after, duration) + "\n", flush=True)
             else:
-                sys.stdout.write("\x1b[H\x1b[2J" + watcher.render(elapsed, fault_after) + "\n")
+                sys.stdout.write("\x1b[H\x1b[2J" + watcher.render(elapsed, fault_after, duration) + "\n")
                 sys.stdout.flush()
             try:
                 await within(stop.wait(), 1.0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -19,6 +20,8 @@ def test_demo_runs_everything_and_stops_by_itself():
     out = result.stdout
     assert "[pump1] state ok" in out and "[flexo1] state ok" in out
     assert "counter produced" in out and "bearing wear injected" in out
+    assert "(stops after 12s, or Ctrl-C)" in out and "(Ctrl-C to stop)" not in out
+    assert re.search(r"running +1 ", out) and re.search(r"machine_status +[1-4] ", out)  # not 1.00
     summary = out.strip().splitlines()
     demo_over = next(line for line in summary if line.startswith("demo over:"))
     assert "gaps 0, duplicates 0, final gateway status offline" in demo_over
