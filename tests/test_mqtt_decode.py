@@ -50,3 +50,16 @@ def test_sample_time_in_seconds_milliseconds_or_rfc3339(ts, expected):
     import json
     sample = decode(DEVICE, json.dumps({"t": 1, "x": {"flow": 2}, "ts": ts}).encode(), 0.0)
     assert isinstance(sample, Sample) and sample.ts == expected and sample.problem is None
+
+
+@pytest.mark.parametrize("ts", [1e15, 1e20, -1, "9999-12-31T23:59:59-14:00", "0001-01-01T00:00:00+14:00",
+                                "2026-11-24T06:00:00", 10**400, True, "x" * 5000])
+def test_a_time_no_clock_can_give_is_the_arrival_time_and_said(ts):
+    import json
+    payload = json.dumps({"t": 10**400, "x": {"flow": 2}, "ts": ts}).encode()
+    sample = decode(DEVICE, payload, 1_700_000_000.0)
+    assert isinstance(sample, Sample) and sample.ts == 1_700_000_000.0
+    assert sample.values == {"temp": None, "flow": 2.0}
+    assert "arrival time used" in sample.problem and len(sample.problem) < 300
+    from gateway import contract
+    contract.encode(contract.telemetry("s1", sample.ts, sample.values, sample.quality))  # formats, never raises
