@@ -12,7 +12,7 @@ import os
 import sqlite3
 import sys
 import time
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from gateway import __version__, logs
 from gateway import config as configuration
@@ -239,6 +239,8 @@ def status(path: str, as_json: bool) -> int:
                   + (f" ({a['why_not_scored']})" if a.get("why_not_scored") else ""))
         for counter, c in state.get("counters", {}).get(name, {}).items():
             print(f"  counter {counter:<14} total {c['total']}  shift {c['shift']} ({c['shift_id'] or '-'})")
+        for line in _events(dev):
+            print(line)
     if running is False:
         print("start it with: sudo systemctl start edge-gateway (why it stopped: journalctl -u edge-gateway)")
         return EX_UNAVAILABLE
@@ -247,6 +249,25 @@ def status(path: str, as_json: bool) -> int:
               f"{cfg.gateway.health_interval:g}s: is the gateway stuck?" if running else
               f"note: this state is {_ago(age)} old (whether the gateway runs cannot be told from here)")
     return EX_OK
+
+
+def _events(dev: dict[str, Any]) -> list[str]:
+    """A device's machine state, alarms and live OEE, as `status` prints them."""
+    lines = []
+    if machine := dev.get("machine"):
+        why = machine.get("reason")
+        lines.append(f"  machine {machine['state'] or '-'} since {machine['since'] or '-'}"
+                     + (f"  reason {why['code']} {why['text'] or '(no text for this code)'}" if why else ""))
+    if (alarms := dev.get("alarms")) is not None:
+        lines.append(f"  alarms  active: {', '.join(alarms['active']) or 'none'}"
+                     + (f"; unknown (no good reading): {', '.join(alarms['unknown'])}" if alarms["unknown"] else ""))
+    if oee := dev.get("oee"):
+        def pct(x: float | None) -> str:
+            return "-" if x is None else f"{100 * x:.1f}%"
+        lines.append(f"  oee     {pct(oee['oee'])} (availability {pct(oee['availability'])}, performance "
+                     f"{pct(oee['performance'])}, quality {pct(oee['quality_rate'])}); shift {oee['shift_id']}: "
+                     f"{oee['total']} made, {oee['defect']} defects")
+    return lines
 
 
 def _ago(seconds: float) -> str:

@@ -52,6 +52,15 @@ class Topics:
     def shift(self, device: str) -> str:
         return f"{self.root}/{device}/shift"
 
+    def state(self, device: str) -> str:
+        return f"{self.root}/{device}/state"
+
+    def alarm(self, device: str) -> str:
+        return f"{self.root}/{device}/alarm"
+
+    def oee(self, device: str) -> str:
+        return f"{self.root}/{device}/oee"
+
 
 def encode(payload: Payload) -> bytes:
     """A payload as it goes on the wire: compact JSON, never NaN."""
@@ -117,11 +126,40 @@ class ShiftFacts(Protocol):
     def anomaly_s(self) -> float: ...
     @property
     def missed(self) -> bool: ...
+    @property
+    def down_by_reason(self) -> dict[str, float]: ...
+    @property
+    def alarm_s(self) -> dict[str, float]: ...
+    @property
+    def alarm_count(self) -> dict[str, int]: ...
 
 
 def shift(device: str, rec: ShiftFacts, specs: Iterable[CounterSpec], rows: Mapping[str, CounterRow],
-          ideal_rate: float | None, has_oee: bool, gap_limit: float, scored: bool = False) -> Payload:
-    """A closed shift: counts by kind, quality rate, and with `oee:` configured availability, performance, OEE."""
+          ideal_rate: float | None, has_oee: bool, gap_limit: float, scored: bool = False,
+          reasons: Mapping[int, str] | None = None) -> Payload:
+    """A closed shift: counts by kind, quality rate, and with `oee:` availability, performance, OEE, the
+    down time by stop reason; time and starts of each alarm."""
+    length = rec.end - rec.start
+    payload: Payload = {
+        "device": device, "ts": rfc3339(rec.end), "shift_id": rec.shift_id, "shift": rec.name,
+        "start": rfc3339(rec.start), "end": rfc3339(rec.end), "length_s": round(length, 3),
+        "partial": rec.missed or length - rec.observed_s > gap_limit, "observed_s": round(rec.observed_s, 3),
+    }
+    if rec.missed:
+        payload.update(counters={}, missed=True)
+        return payload
+    payload.update(figures(rec, specs, rows, ideal_rate, has_oee))
+    if has_oee:
+        payload["downtime_by_reason"] = downtime_by_reason(rec.down_by_reason, reasons or {})
+    payload["anomaly_minutes"] = round(rec.anomaly_s / 60.0, 2) if scored else None  # None: no model attached
+    payload["alarms"] = {name: {"count": rec.alarm_count.get(name, 0), "minutes": round(rec.alarm_s.get(name, 0.0) / 60.0, 2)}
+                         for name in sorted(set(rec.alarm_s) | set(rec.alarm_count))}
+    return payload
+
+
+def figures(rec: ShiftFacts, specs: Iterable[CounterSpec], rows: Mapping[str, CounterRow],
+            ideal_rate: float | None, has_oee: bool) -> Payload:
+    """A shift's counts and OEE so far: what the closed shift and the live OEE both say, computed alike."""
     specs = list(specs)
     shift_counts = {c.name: (rows[c.name].shift_total if c.name in rows and rows[c.name].shift_id == rec.shift_id
                              else 0) for c in specs}
@@ -129,18 +167,9 @@ def shift(device: str, rec: ShiftFacts, specs: Iterable[CounterSpec], rows: Mapp
     has = {kind: any(c.kind == kind for c in specs) for kind in ("total", "good", "defect")}
     total = kinds["total"] if has["total"] else kinds["good"] + kinds["defect"]
     good = kinds["good"] if has["good"] else total - kinds["defect"]
-    length = rec.end - rec.start
-    payload: Payload = {
-        "device": device, "ts": rfc3339(rec.end), "shift_id": rec.shift_id, "shift": rec.name,
-        "start": rfc3339(rec.start), "end": rfc3339(rec.end), "length_s": round(length, 3),
-        "partial": rec.missed or length - rec.observed_s > gap_limit, "observed_s": round(rec.observed_s, 3),
-        "counters": {} if rec.missed else shift_counts,
-    }
-    if rec.missed:
-        payload["missed"] = True
-        return payload
     quality = good / total if total and (has["defect"] or has["good"]) else None
-    payload.update(total=total, good=good, defect=total - good, quality_rate=_round(quality))
+    out: Payload = {"counters": shift_counts, "total": total, "good": good, "defect": total - good,
+                    "quality_rate": _round(quality)}
     if has_oee:
         state = rec.state_s
         planned = rec.observed_s - state["planned_stop"] - state["unknown"]
@@ -148,10 +177,54 @@ def shift(device: str, rec: ShiftFacts, specs: Iterable[CounterSpec], rows: Mapp
         performance = (total / (ideal_rate / 60.0 * state["running"])
                        if ideal_rate and state["running"] > 0 else None)
         factors = (availability, performance, quality)
-        payload.update(state_s={k: round(v, 3) for k, v in state.items()}, availability=_round(availability),
-                       performance=_round(performance),
-                       oee=_round(math.prod(f for f in factors if f is not None)) if None not in factors else None)
-    payload["anomaly_minutes"] = round(rec.anomaly_s / 60.0, 2) if scored else None  # None: no model attached
+        out.update(state_s={k: round(v, 3) for k, v in state.items()}, availability=_round(availability),
+                   performance=_round(performance),
+                   oee=_round(math.prod(f for f in factors if f is not None)) if None not in factors else None)
+    return out
+
+
+def downtime_by_reason(seconds: Mapping[str, float], reasons: Mapping[int, str]) -> list[Payload]:
+    """Seconds down per stop reason, the longest first; time down without a code is `code: null`."""
+    rows = [{"code": None if key == "none" else int(key),
+             "reason": None if key == "none" else reasons.get(int(key)), "seconds": round(s, 3)}
+            for key, s in seconds.items()]
+    return sorted(rows, key=lambda r: -r["seconds"])
+
+
+def reason(code: int | None, reasons: Mapping[int, str]) -> Payload | None:
+    return None if code is None else {"code": code, "text": reasons.get(code)}
+
+
+def state(device: str, ts: float, new: str, previous: str | None, previous_since: float | None,
+          stop_reason: Payload | None, with_reason: bool) -> Payload:
+    """A machine-state change: the new state since this sample, the one it left and how long it lasted;
+    with a reason tag, why the machine stopped when it left running."""
+    payload: Payload = {"ts": rfc3339(ts), "device": device, "state": new, "since": rfc3339(ts), "previous": previous,
+                        "previous_duration_s": round(ts - previous_since, 3) if previous_since is not None else None}
+    if with_reason and previous == "running":
+        payload["reason"] = stop_reason
+    return payload
+
+
+def alarm(device: str, ts: float, kind: str, name: str, severity: str, tag: str, value: float | None, limit: float,
+          started: float | None = None) -> Payload:
+    """An alarm `start`, or its `end` with when it started and how long it lasted."""
+    payload: Payload = {"ts": rfc3339(ts), "device": device, "event": kind, "name": name, "severity": severity,
+                        "tag": tag, "value": value, "limit": limit}
+    if kind == "end" and started is not None:
+        payload.update(started=rfc3339(started), duration_s=round(ts - started, 3))
+    return payload
+
+
+def live_oee(device: str, ts: float, rec: ShiftFacts, specs: Iterable[CounterSpec], rows: Mapping[str, CounterRow],
+             ideal_rate: float | None, current: str | None, stop_reason: Payload | None, final: bool = False) -> Payload:
+    """The running shift so far (`final`: the shift just closed, equal to its summary)."""
+    payload: Payload = {"ts": rfc3339(ts), "device": device, "shift_id": rec.shift_id, "shift": rec.name,
+                        "start": rfc3339(rec.start), "observed_s": round(rec.observed_s, 3)}
+    payload.update(figures(rec, specs, rows, ideal_rate, True))
+    payload.update(state=current, reason=stop_reason)
+    if final:
+        payload["final"] = True
     return payload
 
 

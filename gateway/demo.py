@@ -45,6 +45,8 @@ devices:
     interval: 1s
 {pump_model}    registers:
 {pump_registers}
+    alarms:
+      - {{name: bearing_hot, tag: bearing_temp_c, above: 85, for: 10s, clear: 80, severity: high}}
   - name: flexo1
     source: modbus_tcp
     host: 127.0.0.1
@@ -56,6 +58,15 @@ devices:
     counters:
       - {{name: produced, register: produced_raw, bits: 16}}
       - {{name: defects, register: defects_raw, bits: 16, kind: defect}}
+    oee:
+      status_tag: machine_status
+      states: {{1: running, 2: idle, 3: down, 4: planned_stop}}
+      ideal_rate: 120
+      reason_tag: stop_reason
+      reasons: {{11: web break, 12: ink change, 21: no material, 31: electrical fault}}
+      live_interval: 10s
+    alarms:
+      - {{name: dryer_cold, tag: dryer_temp_c, below: 50, for: 30s, clear: 55, severity: low}}
 """
 
 
@@ -71,6 +82,9 @@ class Watcher:
         self.counters: dict[str, dict[str, Any]] = {}
         self.arrivals: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=200))
         self.anomalies: dict[str, dict[str, Any]] = {}
+        self.machine: dict[str, dict[str, Any]] = {}
+        self.oee: dict[str, dict[str, Any]] = {}
+        self.alarms: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)  # device -> active alarms
         self.seqs: set[int] = set()
         self.duplicates = 0
         self.received = 0
@@ -100,6 +114,15 @@ class Watcher:
                     self.counters[device] = payload["counters"]
                 elif kind == "anomaly":
                     self.anomalies[device] = payload
+                elif kind == "state":
+                    self.machine[device] = payload
+                elif kind == "oee":
+                    self.oee[device] = payload
+                elif kind == "alarm":
+                    if payload["event"] == "start":
+                        self.alarms[device][payload["name"]] = payload
+                    else:
+                        self.alarms[device].pop(payload["name"], None)
 
     def gaps(self) -> int:
         with self.lock:
@@ -146,7 +169,25 @@ class Watcher:
                     lines.append(f"   anomaly score {score} / threshold {tele['threshold']:.4f}: {said}")
                 for name, c in self.counters.get(device, {}).items():
                     lines.append(f"   counter {name:<10} total {c['total']:>7}   shift {c['shift']:>7} ({c['shift_id']})")
+                lines += self._events(device)
             return "\n".join(lines)
+
+    def _events(self, device: str) -> list[str]:  # with the lock held
+        lines = []
+        if machine := self.machine.get(device):
+            why = machine.get("reason")
+            lines.append(f"   machine {machine['state']} since {machine['since']}"
+                         + (f" (stopped: {why['code']} {why['text'] or '?'})" if why else ""))
+        if (oee := self.oee.get(device)) is not None:
+            def pct(x: float | None) -> str:
+                return "—" if x is None else f"{100 * x:.1f} %"
+            lines.append(f"   live OEE {pct(oee['oee'])} (availability {pct(oee['availability'])}, performance "
+                         f"{pct(oee['performance'])}, quality {pct(oee['quality_rate'])}) shift {oee['shift_id']}")
+        active = self.alarms.get(device, {})  # every demo device has alarms configured
+        lines.append("   alarms: " + (", ".join(f"{a['name']} ({a['severity']}, {a['tag']} {a['value']} "
+                                                 f"{'>' if a['value'] > a['limit'] else '<'} {a['limit']})"
+                                                 for a in active.values()) or "none active"))
+        return lines
 
     def _gaps(self) -> int:  # with the lock held
         if not self.seqs:

@@ -20,7 +20,7 @@ from gateway.outbox import Outbox
 from gateway.sample import Sample
 from gateway.shifts import ShiftCalendar
 from gateway.sources import Source
-from gateway.stages import Counting, Publishing, scoring_for
+from gateway.stages import Counting, Events, Publishing, scoring_for
 from gateway.units import rfc3339
 
 if TYPE_CHECKING:
@@ -39,6 +39,7 @@ class DeviceRunner:
         self.health = DeviceHealth(device.name, device.tags, on_state_change)
         self.scoring = scoring_for(device, model, outbox, topics)
         self.counting = Counting(device, outbox, topics, shifts, scored=self.scoring is not None)
+        self.events = Events(device, outbox, topics, self.counting) if device.oee or device.alarms else None
         self.publishing = Publishing(device, outbox, topics, self.counting, self.scoring)
         self.history = history
 
@@ -64,6 +65,8 @@ class DeviceRunner:
             self.counting.observe(sample)
         if self.scoring is not None and (event := self.scoring.push(sample)) is not None:
             self.counting.anomaly(sample.ts, event.kind == "start")
+        if self.events is not None:
+            self.events.push(sample, self.scoring is not None and self.scoring.scorer.state.active)
         self.publishing.push(sample)
         if self.history is not None:
             self.history.add(self.name, self.device.tags, sample)
@@ -81,4 +84,6 @@ class DeviceRunner:
                                   "last_sample": rfc3339(h.last_sample) if h.last_sample else None}
         if self.scoring is not None:
             report["anomaly"] = self.scoring.status()
+        if self.events is not None:
+            report.update(self.events.status())
         return report

@@ -46,6 +46,8 @@ CREATE TABLE IF NOT EXISTS counters (
     PRIMARY KEY (device, name)
 );
 CREATE TABLE IF NOT EXISTS shifts (device TEXT PRIMARY KEY, record TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS device_state (device TEXT NOT NULL, kind TEXT NOT NULL, record TEXT NOT NULL,
+                                         PRIMARY KEY (device, kind));
 CREATE TABLE IF NOT EXISTS counter_audit (
     id INTEGER PRIMARY KEY,
     at REAL NOT NULL,
@@ -107,6 +109,7 @@ class Outbox:
         self._pending: list[Message] = []
         self._pending_counters: dict[tuple[str, str], CounterRow] = {}
         self._pending_shifts: dict[str, str] = {}
+        self._pending_states: dict[tuple[str, str], str] = {}
         self._acked: dict[int, int] = {}  # seq -> payload size
         # Rows handed to the broker and not yet acknowledged (`hold`/`release`): never dropped, since they
         # may well arrive.
@@ -167,6 +170,15 @@ class Outbox:
     def stage_shift(self, device: str, record: Mapping[str, Any]) -> None:
         """The device's running shift record (time per state), written with the next commit."""
         self._pending_shifts[device] = json.dumps(record)
+
+    def stage_state(self, device: str, kind: str, record: Mapping[str, Any]) -> None:
+        """A device's state of one kind (its machine state, its active alarms), written with the next commit:
+        in the transaction of the messages that report it, so a restart neither repeats nor loses one."""
+        self._pending_states[(device, kind)] = json.dumps(record)
+
+    def device_state(self, device: str, kind: str) -> dict[str, Any] | None:
+        row = self._db.execute("SELECT record FROM device_state WHERE device = ? AND kind = ?", (device, kind)).fetchone()
+        return json.loads(row[0]) if row else None
 
     def shift_record(self, device: str) -> dict[str, Any] | None:
         row = self._db.execute("SELECT record FROM shifts WHERE device = ?", (device,)).fetchone()
@@ -229,7 +241,7 @@ class Outbox:
 
         Returns False, keeping everything staged, when the disk refuses the write.
         """
-        if not (self._pending or self._pending_counters or self._pending_shifts or self._acked):
+        if not (self._pending or self._pending_counters or self._pending_shifts or self._pending_states or self._acked):
             return True
         now = now or time.time()
         db = self._db
@@ -247,6 +259,8 @@ class Outbox:
                     db.execute("INSERT OR REPLACE INTO counters VALUES (?, ?, ?, ?, ?, ?, ?)",
                                (device, name, row.last_raw, row.total, row.shift_total, row.shift_id, row.updated))
                 db.executemany("INSERT OR REPLACE INTO shifts VALUES (?, ?)", self._pending_shifts.items())
+                db.executemany("INSERT OR REPLACE INTO device_state VALUES (?, ?, ?)",
+                               ((d, k, r) for (d, k), r in self._pending_states.items()))
                 dropped = [(m.seq, m.size) for m in refused] + self._trim(db, now, messages, size)
                 messages -= len(dropped) - len(refused)
                 size -= sum(b for _, b in dropped) - sum(m.size for m in refused)
@@ -279,6 +293,7 @@ class Outbox:
         self._pending.clear()
         self._pending_counters.clear()
         self._pending_shifts.clear()
+        self._pending_states.clear()
         self._acked.clear()
         return True
 

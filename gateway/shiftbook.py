@@ -35,6 +35,11 @@ class ShiftRecord:
     missed: bool = False
     anomaly_s: float = 0.0  # observed time inside an anomaly event
     in_anomaly: bool = False
+    last_reason: int | None = None  # the stop reason code at the last sample (None: no code)
+    down_by_reason: dict[str, float] = field(default_factory=dict)  # seconds down, by reason code ("none")
+    active_alarms: list[str] = field(default_factory=list)
+    alarm_s: dict[str, float] = field(default_factory=dict)  # observed seconds each alarm was active
+    alarm_count: dict[str, int] = field(default_factory=dict)  # alarms started in this shift
 
     @classmethod
     def of(cls, shift: Shift) -> ShiftRecord:
@@ -58,8 +63,14 @@ class ShiftBook:
             return "unknown"
         return self.oee.states.get(int(value), "unknown")
 
-    def observe(self, ts: float, status: float | None) -> list[ShiftRecord]:
-        """A sample at `ts` with the status tag's value; returns the shifts this closed."""
+    def reason_of(self, value: float | None) -> int | None:
+        """A stop reason register's value as a code (None: not a code, or 0: none given)."""
+        if value is None or not math.isfinite(value) or value != int(value) or int(value) == 0:
+            return None
+        return int(value)
+
+    def observe(self, ts: float, status: float | None, reason: float | None = None) -> list[ShiftRecord]:
+        """A sample at `ts` with the status (and stop reason) tags' values; returns the shifts this closed."""
         closed = self.tick(ts)
         rec = self.current
         if rec is None:
@@ -67,6 +78,7 @@ class ShiftBook:
         if rec.last_ts is not None and 0 < ts - rec.last_ts <= self.gap_limit:
             self._attribute(rec, ts - rec.last_ts)
         rec.last_ts, rec.last_state = ts, self.state_of(status)
+        rec.last_reason = self.reason_of(reason) if rec.last_state != "running" else None
         self.changed = True
         return closed
 
@@ -92,6 +104,8 @@ class ShiftBook:
             self.current.last_ts, self.current.last_state = self.current.start, rec.last_state
         if rec is not None:
             self.current.in_anomaly = rec.in_anomaly
+            self.current.last_reason = rec.last_reason
+            self.current.active_alarms = list(rec.active_alarms)
         self.changed = True
         return closed
 
@@ -111,8 +125,26 @@ class ShiftBook:
             self.current.in_anomaly = active
             self.changed = True
 
+    def alarm(self, name: str, active: bool) -> None:
+        """An alarm started (True) or ended: it counts in this shift, its time from here on."""
+        rec = self.current
+        if rec is None:
+            return
+        if active and name not in rec.active_alarms:
+            rec.active_alarms.append(name)
+            rec.alarm_count[name] = rec.alarm_count.get(name, 0) + 1
+        elif not active and name in rec.active_alarms:
+            rec.active_alarms.remove(name)
+        self.changed = True
+
     def _attribute(self, rec: ShiftRecord, dt: float) -> None:
-        rec.state_s[rec.last_state or "unknown"] += dt
+        state = rec.last_state or "unknown"
+        rec.state_s[state] += dt
         rec.observed_s += dt
         if rec.in_anomaly:
             rec.anomaly_s += dt
+        if state == "down":
+            key = str(rec.last_reason) if rec.last_reason is not None else "none"
+            rec.down_by_reason[key] = rec.down_by_reason.get(key, 0.0) + dt
+        for name in rec.active_alarms:
+            rec.alarm_s[name] = rec.alarm_s.get(name, 0.0) + dt

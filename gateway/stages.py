@@ -1,4 +1,4 @@
-"""The stages of one device's pipeline: counting (counters and shifts) → scoring → publishing.
+"""The stages of one device's pipeline: counting (counters and shifts) → scoring → events → publishing.
 
 Each stage takes a Sample, keeps its own state, and stages what it has to say in the
 outbox through `contract`; none reaches into another. The device runner (`device.py`)
@@ -15,11 +15,13 @@ from gateway import contract, counters, tagtypes
 from gateway.config import CounterSection, Device
 from gateway.contract import Topics
 from gateway.counters import CounterRow
+from gateway.events import AlarmWatch, StateWatch
 from gateway.logs import fields
 from gateway.outbox import Outbox
 from gateway.sample import OK, Sample
 from gateway.shiftbook import ShiftBook, ShiftRecord
 from gateway.shifts import ShiftCalendar
+from gateway.units import rfc3339
 
 if TYPE_CHECKING:
     from gateway.anomaly import DeviceScorer, Event, Model
@@ -37,6 +39,7 @@ class Counting:
         self.scored = scored
         self._counters_topic = topics.counters(device.name)
         self._shift_topic = topics.shift(device.name)
+        self._oee_topic = topics.oee(device.name)
         self.gap_limit = max(3 * device.interval, 5.0)
         self.book = ShiftBook(shifts, device.oee, self.gap_limit, outbox.shift_record(device.name))
         self.rows: dict[str, CounterRow] = {name: row for (_, name), row in outbox.counters(device.name).items()}
@@ -45,8 +48,10 @@ class Counting:
 
     def observe(self, sample: Sample) -> None:
         """Shifts first (a boundary closes the old shift before the counters move to the new one), then counters."""
-        status = sample.values.get(self.device.oee.status_tag) if self.device.oee else None
-        self._close(self.book.observe(sample.ts, status))
+        oee = self.device.oee
+        status = sample.values.get(oee.status_tag) if oee else None
+        reason = sample.values.get(oee.reason_tag) if oee and oee.reason_tag else None
+        self._close(self.book.observe(sample.ts, status, reason))
         self._count(sample)
 
     def tick(self, now: float) -> None:
@@ -55,6 +60,13 @@ class Counting:
 
     def anomaly(self, ts: float, active: bool) -> None:
         self.book.anomaly(ts, active)
+
+    def live_oee(self, rec: ShiftRecord, ts: float, final: bool = False) -> dict[str, Any]:
+        oee = self.device.oee
+        assert oee is not None
+        reason = contract.reason(rec.last_reason, oee.reasons) if oee.reason_tag else None
+        return contract.live_oee(self.device.name, ts, rec, self.device.counters, self.rows, oee.ideal_rate,
+                                 rec.last_state, reason, final)
 
     def stage_counters(self, ts: float) -> None:
         payload = contract.counters(self.device.name, ts, self.device.counters, self.rows)
@@ -101,7 +113,10 @@ class Counting:
         for rec in closed:
             oee = self.device.oee
             payload = contract.shift(name, rec, self.device.counters, self.rows,
-                                     oee.ideal_rate if oee else None, oee is not None, self.gap_limit, self.scored)
+                                     oee.ideal_rate if oee else None, oee is not None, self.gap_limit, self.scored,
+                                     oee.reasons if oee else None)
+            if oee is not None and not rec.missed:  # the live OEE's last word on the shift: its summary's figures
+                self.outbox.stage(self._oee_topic, self.live_oee(rec, rec.end, final=True), created=rec.end)
             self.outbox.stage(self._shift_topic, payload, created=rec.end)
             log.info("device %s: shift %s closed%s", name, rec.shift_id,
                      " (missed: the gateway was down)" if rec.missed else
@@ -123,6 +138,96 @@ class Counting:
         elif self._problems.pop(name, None) is not None:
             log.info("device %s: counter %s is counting again", device, name,
                      extra=fields(device, "counter_ok", counter=name))
+
+
+class Events:
+    """Machine-state changes with their stop reason, limit alarms, and the running shift's live OEE."""
+
+    def __init__(self, device: Device, outbox: Outbox, topics: Topics, counting: Counting) -> None:
+        self.device = device
+        self.outbox = outbox
+        self.counting = counting
+        name = device.name
+        self.machine = StateWatch(outbox.device_state(name, "machine")) if device.oee else None
+        self.alarms = AlarmWatch(device.alarms, outbox.device_state(name, "alarms")) if device.alarms else None
+        self._topics = {"state": topics.state(name), "alarm": topics.alarm(name), "oee": topics.oee(name)}
+        self._next_live: float | None = None
+        self.last_live: dict[str, Any] | None = None
+
+    def push(self, sample: Sample, anomaly: bool) -> None:
+        if self.machine is not None and not sample.failed:
+            self._state(sample)
+        if self.alarms is not None:
+            self._alarms(sample, anomaly)
+        oee, rec = self.device.oee, self.counting.book.current
+        if oee is not None and rec is not None and not sample.failed:
+            new_shift = self.last_live is None or self.last_live["shift_id"] != rec.shift_id
+            if new_shift or self._next_live is None or sample.ts >= self._next_live:
+                self.last_live = self.counting.live_oee(rec, sample.ts)
+                self.outbox.stage(self._topics["oee"], self.last_live, created=sample.ts)
+                self._next_live = sample.ts + oee.live_interval
+
+    def _state(self, sample: Sample) -> None:
+        oee, book, machine = self.device.oee, self.counting.book, self.machine
+        assert oee is not None and machine is not None
+        status = sample.values.get(oee.status_tag)
+        if status is None:  # the status could not be read: no state to tell
+            return
+        reason = book.reason_of(sample.values.get(oee.reason_tag)) if oee.reason_tag else None
+        known_reason = machine.current.reason
+        change = machine.observe(sample.ts, book.state_of(status), reason)
+        if change is None:
+            if machine.current.reason != known_reason:
+                self.outbox.stage_state(self.device.name, "machine", machine.to_json())
+            return
+        name = self.device.name
+        stop = contract.reason(change.reason, oee.reasons) if change.previous == "running" else None
+        self.outbox.stage(self._topics["state"], contract.state(name, change.ts, change.state, change.previous,
+                                                                change.previous_since, stop, oee.reason_tag is not None),
+                          created=change.ts)
+        self.outbox.stage_state(name, "machine", machine.to_json())
+        why = f" ({stop['code']}: {stop['text'] or 'no text for this code'})" if stop else ""
+        log.info("device %s: machine %s%s", name, change.state, why, extra=fields(name, "machine_state"))
+
+    def _alarms(self, sample: Sample, anomaly: bool) -> None:
+        alarms = self.alarms
+        assert alarms is not None
+        unknown = alarms.unknown()
+        good = {tag: sample.quality.get(tag, OK) == OK for tag in sample.values}
+        events = alarms.observe(sample.ts, dict(sample.values), good, anomaly)
+        name = self.device.name
+        for e in events:
+            rule = e.rule
+            self.outbox.stage(self._topics["alarm"], contract.alarm(name, e.ts, e.kind, rule.name, rule.severity,
+                                                                    rule.tag, e.value, rule.limit, e.started),
+                              created=e.ts)
+            self.counting.book.alarm(rule.name, e.kind == "start")
+            log.warning("device %s: alarm %s %s: %s %s %g (limit %g, %s)", name, rule.name,
+                        "raised" if e.kind == "start" else "cleared", rule.tag, "=", e.value, rule.limit,
+                        rule.severity, extra=fields(name, f"alarm_{e.kind}"))
+        now_unknown = alarms.unknown()
+        if now_unknown != unknown:
+            if now_unknown:
+                log.warning("device %s: alarms %s unknown: their tags have no good reading", name,
+                            ", ".join(now_unknown), extra=fields(name, "alarm_unknown"))
+            else:
+                log.info("device %s: every alarm has a good reading again", name, extra=fields(name, "alarm_known"))
+        if events or now_unknown != unknown:
+            self.outbox.stage_state(name, "alarms", alarms.to_json())
+
+    def status(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.machine is not None:
+            cur = self.machine.current
+            oee = self.device.oee
+            out["machine"] = {"state": cur.state, "since": rfc3339(cur.since) if cur.since else None,
+                              "reason": contract.reason(cur.reason, oee.reasons) if oee and oee.reason_tag else None}
+        if self.alarms is not None:
+            out["alarms"] = {"active": self.alarms.active(), "unknown": self.alarms.unknown()}
+        if self.last_live is not None:
+            out["oee"] = {k: self.last_live.get(k) for k in ("shift_id", "availability", "performance",
+                                                             "quality_rate", "oee", "total", "good", "defect")}
+        return out
 
 
 class Scoring:

@@ -1,7 +1,10 @@
 """A flexographic printing and packaging line: status, speed, process values and counters.
 
 The line moves between running, idle, down and maintenance (a Markov chain with
-mean durations, plus a short changeover idle at each 8-hour shift change). While
+mean durations, plus a short changeover idle at each 8-hour shift change). Each stop has
+a reason in the `stop_reason` register, with its own duration: a web break (11) is
+mended in minutes, an ink change (12) takes a quarter of an hour, an electrical fault (31)
+half an hour or more; an idle line waits for material (21). A changeover has no code (0). While
 running it makes pieces at `base_rate` × performance; a fraction (1 − quality)
 of them are defects. The true counts are exact integers; the PLC-style raw
 counters are those counts plus an offset, modulo 2^bits, so they wrap — and a
@@ -31,9 +34,17 @@ TAGS = (
     "ink_viscosity_s",
     "produced_raw",
     "defects_raw",
+    "stop_reason",
 )
 
 SHIFT_SECONDS = 8 * 3600.0
+# Stop reasons as the PLC codes them: (code, text, share of the stops of that state, mean seconds).
+REASONS = {
+    "down": ((11, "web break", 0.55, 240.0), (12, "ink change", 0.30, 900.0), (31, "electrical fault", 0.15, 2100.0)),
+    "idle": ((21, "no material", 1.0, 300.0),),
+    "maintenance": ((12, "ink change", 1.0, 1200.0),),
+}
+REASON_TEXT = {code: text for options in REASONS.values() for code, text, _, _ in options}
 
 
 @dataclass
@@ -81,6 +92,8 @@ class FlexoLine:
         if counter_near_top:
             self.produced_counter.start_near_top(0)
             self.defects_counter.start_near_top(0, margin=5)
+        self.reason = 0  # the stop reason register: 0 while running
+        self._reason_rng = random.Random(seed * 7919 + 1)  # the machine's other draws stay as they were
         self.reset_every = reset_every
         self._next_reset = reset_every
         self._dryer = 65.0
@@ -113,6 +126,16 @@ class FlexoLine:
         if self._state_left <= 0:
             self.state = _choose(rng, _NEXT[self.state])
             self._state_left = rng.expovariate(1.0 / _MEAN_DURATION[self.state])
+            self.reason = 0
+            if self.state in REASONS:  # how long a stop lasts depends on why
+                options = REASONS[self.state]
+                x = self._reason_rng.random()
+                for code, _, share, mean in options:
+                    x -= share
+                    if x < 0 or code == options[-1][0]:
+                        self.reason = code
+                        self._state_left = self._reason_rng.expovariate(1.0 / mean)
+                        break
         self.performance = min(1.0, max(0.6, self.performance + rng.gauss(0, 0.004) * dt**0.5))
         self.quality = min(1.0, max(0.85, self.quality + rng.gauss(0, 0.001) * dt**0.5))
 
@@ -139,6 +162,7 @@ class FlexoLine:
             "ink_viscosity_s": 22.0 + 1.5 * (1.0 - self.quality) * 10 + rng.gauss(0, 0.2),
             "produced_raw": float(self.produced_counter.read(self.produced)),
             "defects_raw": float(self.defects_counter.read(self.defects)),
+            "stop_reason": float(self.reason if self.state != "running" else 0),
         }
 
 

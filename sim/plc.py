@@ -24,6 +24,7 @@ flexo_line (default unit id 2)
     holding 4   ink_viscosity_s         uint16  × 0.01
     holding 10  produced_raw            uint32  (wraps at 2^counter_bits)
     holding 12  defects_raw             uint32
+    holding 14  stop_reason             uint16  0 running, 11 web break, 12 ink change, 21 no material, 31 electrical fault
     input   0   runtime_h               float64 (hours in state running)
 
 A NaN in the simulation (a dropout fault) reads as 0x7FC0 0x0000 in float registers and
@@ -74,6 +75,7 @@ FLEXO_MAP = (
     _reg("produced_raw", "holding", 10, "uint32"),
     _reg("defects_raw", "holding", 12, "uint32"),
     _reg("runtime_h", "input", 0, "float64"),
+    _reg("stop_reason", "holding", 14),
 )
 MAPS = {"pump": PUMP_MAP, "flexo_line": FLEXO_MAP}
 DEFAULT_UNITS = {1: ("pump", 1), 2: ("flexo_line", 2), 3: ("pump", 3)}

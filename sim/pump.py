@@ -109,7 +109,7 @@ class Pump:
         hydraulic_kw = flow / 60000.0 * head * 1e5 / 1000.0
         current = 18.0 + 2.4 * hydraulic_kw / 0.75 + 3.0 * wear
         # Bearings heat with load and wear, cool towards ambient (tau 10 min).
-        bearing_target = ambient + 12.0 + 12.0 * load + 28.0 * wear
+        bearing_target = ambient + 12.0 + 12.0 * load + 55.0 * wear  # worn through: above 85 °C
         self._bearing += (bearing_target - self._bearing) * min(1.0, dt / 600.0)
         casing_target = ambient + 6.0 + 6.0 * load + 6.0 * leak
         self._casing += (casing_target - self._casing) * min(1.0, dt / 1200.0)

@@ -88,7 +88,7 @@ BAD = [
     ('start: "14:00"', 'start: "25:00"', 'shifts[1].start: expected a local time "HH:MM" such as "06:00", got "25:00"'),
     ("register: produced_raw", "register: producd_raw",
      'devices[1].counters[0].register: expected one of this device\'s tags (machine_status, line_speed_m_min, '
-     'web_tension_n, dryer_temp_c, ink_viscosity_s, produced_raw, defects_raw), got "producd_raw"'),
+     'web_tension_n, dryer_temp_c, ink_viscosity_s, produced_raw, defects_raw, stop_reason), got "producd_raw"'),
     ("bits: 16}]", "bits: 24}]", "devices[1].counters[0].bits: expected one of 16, 32, got 24"),
     ("name: line1", "name: pump1", 'devices[1].name: duplicate device name "pump1"'),
     ("profile: pump,", "profile: boiler,", 'devices[0].profile: expected one of pump, flexo_line, got "boiler"'),

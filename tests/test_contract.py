@@ -18,7 +18,7 @@ TS = 1_764_000_000.25  # 2025-11-24T16:00:00.250Z
 def test_every_topic_is_documented():
     topics = Topics("{root}")
     code = {topics.status, topics.health} | {getattr(topics, kind)("{device}")
-                                             for kind in ("telemetry", "anomaly", "counters", "shift")}
+                                             for kind in ("telemetry", "anomaly", "counters", "shift", "state", "alarm", "oee")}
     doc = (ROOT / "docs" / "upstream.md").read_text()
     documented = set(re.findall(r"^\| `(\{root\}[^`]*)` \|", doc, flags=re.M))
     assert documented == code
@@ -55,14 +55,28 @@ def test_counters_and_shift():
             "defects": {"total": 10, "shift": 3, "shift_id": "2025-11-24/A", "kind": "defect"}}}
     rec = ShiftRecord("2025-11-24/A", "A", TS - 8 * 3600, TS, observed_s=8 * 3600.0, anomaly_s=600.0)
     rec.state_s.update(running=6 * 3600.0, idle=3600.0, down=3600.0)
-    payload = contract.shift("line1", rec, specs[:2], rows, 0.5, True, 5.0, scored=True)
+    rec.down_by_reason.update({"11": 600.0, "31": 2700.0, "none": 300.0})
+    rec.alarm_s.update(bearing_hot=90.0)
+    rec.alarm_count.update(bearing_hot=2)
+    payload = contract.shift("line1", rec, specs[:2], rows, 0.5, True, 5.0, scored=True,
+                             reasons={11: "web break", 31: "electrical fault"})
     assert payload == {
         "device": "line1", "ts": "2025-11-24T16:00:00.250Z", "shift_id": "2025-11-24/A", "shift": "A",
         "start": "2025-11-24T08:00:00.250Z", "end": "2025-11-24T16:00:00.250Z", "length_s": 28800.0,
         "partial": False, "observed_s": 28800.0, "counters": {"produced": 120, "defects": 3},
         "total": 120, "good": 117, "defect": 3, "quality_rate": 0.975,
         "state_s": {"running": 21600.0, "idle": 3600.0, "down": 3600.0, "planned_stop": 0.0, "unknown": 0.0},
-        "availability": 0.75, "performance": 0.6667, "oee": 0.4875, "anomaly_minutes": 10.0}
+        "availability": 0.75, "performance": 0.6667, "oee": 0.4875, "anomaly_minutes": 10.0,
+        "downtime_by_reason": [{"code": 31, "reason": "electrical fault", "seconds": 2700.0},
+                               {"code": 11, "reason": "web break", "seconds": 600.0},
+                               {"code": None, "reason": None, "seconds": 300.0}],
+        "alarms": {"bearing_hot": {"count": 2, "minutes": 1.5}}}
+    # The live OEE of the running shift is computed by the same function: at the end, the same figures.
+    live = contract.live_oee("line1", TS, rec, specs[:2], rows, 0.5, "down", {"code": 31, "text": "electrical fault"},
+                             final=True)
+    assert {k: live[k] for k in ("availability", "performance", "oee", "quality_rate", "total", "state_s")} == \
+        {k: payload[k] for k in ("availability", "performance", "oee", "quality_rate", "total", "state_s")}
+    assert live["state"] == "down" and live["reason"] == {"code": 31, "text": "electrical fault"} and live["final"]
 
 
 def test_status_online_and_offline():

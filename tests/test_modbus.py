@@ -213,6 +213,9 @@ def test_gateway_reads_the_simulated_plant_over_tcp(sim_server, mosquitto, gatew
     line = sub.on("/line1/telemetry")[-1]["values"]
     assert all(type(line[tag]) is int for tag in ("machine_status", "produced_raw", "defects_raw"))
     assert type(pump["values"]["running"]) is int and type(pump["values"]["bearing_temp_c"]) is float
+    # The example's events: the line's state (its stop reason register read over Modbus) and live OEE.
+    assert sub.on("/line1/state")[0]["state"] == "running" and sub.on("/line1/oee")
+    assert "stop_reason" in line
 
 
 @pytest.mark.skipif(not shutil.which("mbpoll"), reason="mbpoll not installed")

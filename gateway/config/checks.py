@@ -207,17 +207,19 @@ def section(cls: type) -> Check:
     return check
 
 
-def setting(check: Check, default: Any = REQUIRED, doc: str = "") -> Any:
-    """A dataclass field that knows how to check its YAML value (and, in `doc`, what it is for)."""
-    meta = {"check": check, "required": default is REQUIRED, "doc": doc}
+def setting(check: Check, default: Any = REQUIRED, doc: str = "", key: str | None = None) -> Any:
+    """A dataclass field that knows how to check its YAML value (and, in `doc`, what it is for).
+
+    `key`: the YAML key when it cannot be the field's name (`for`, a Python keyword)."""
+    meta = {"check": check, "required": default is REQUIRED, "doc": doc, "key": key}
     if isinstance(default, (dict, list)):  # a YAML default, checked like a value the user wrote
         return field(default=None, metadata={**meta, "node_default": default})
     return field(default=None if default is REQUIRED else default, metadata=meta)
 
 
 def settings(cls: type) -> dict[str, Field[Any]]:
-    """The YAML keys of a section, by name."""
-    return {f.name: f for f in fields(cls) if "check" in f.metadata}
+    """The YAML keys of a section, each with its field."""
+    return {f.metadata["key"] or f.name: f for f in fields(cls) if "check" in f.metadata}
 
 
 def unknown_keys(node: Mapping[Any, Any], known: Mapping[str, Any], path: str, problems: Problems,
@@ -250,12 +252,12 @@ def load_section(cls: Any, node: Any, path: str, problems: Problems,
     unknown_keys(node, known, path, problems, elsewhere)
     values: dict[str, Any] = {}
     ok = True
-    for name, f in known.items():
-        sub = join(path, name)
-        if name in node:
-            value = f.metadata["check"](node[name], sub, problems)
+    for key, f in known.items():
+        name, sub = f.name, join(path, key)
+        if key in node:
+            value = f.metadata["check"](node[key], sub, problems)
         elif f.metadata["required"]:
-            problems.add(sub, f"required{required_for(name)}, but missing")
+            problems.add(sub, f"required{required_for(key)}, but missing")
             ok = False
             continue
         elif "node_default" in f.metadata:
@@ -265,7 +267,7 @@ def load_section(cls: Any, node: Any, path: str, problems: Problems,
         values[name] = value
         ok = ok and not isinstance(value, Invalid)
     rules = getattr(cls, "rules", None)
-    broken = rules(Fields(values, known)) if rules is not None else []
+    broken = rules(Fields(values, {f.name: f for f in known.values()})) if rules is not None else []
     for sub, msg in broken:
         problems.add(join(path, sub), msg)
     if not ok or broken:

@@ -26,7 +26,8 @@ SECTIONS: list[tuple[str, type]] = [
     ("devices[] source: mqtt", schema.MqttDevice), ("devices[] source: sim", schema.SimDevice),
     ("devices[].faults[]", schema.FaultSection), ("devices[].plc", schema.PlcSection),
     ("devices[].counters[]", schema.CounterSection), ("devices[].publish", schema.PublishSection),
-    ("devices[].oee", schema.OeeSection), ("devices[].history", schema.HistorySection),
+    ("devices[].oee", schema.OeeSection), ("devices[].alarms[]", schema.AlarmSection),
+    ("devices[].history", schema.HistorySection),
 ]
 
 

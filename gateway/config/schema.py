@@ -56,7 +56,7 @@ SIM_PROFILES: dict[str, tuple[str, ...]] = {
              "suction_pressure_bar", "discharge_pressure_bar", "motor_current_a", "casing_temp_c",
              "ambient_temp_c"),
     "flexo_line": ("machine_status", "line_speed_m_min", "web_tension_n", "dryer_temp_c", "ink_viscosity_s",
-                   "produced_raw", "defects_raw"),
+                   "produced_raw", "defects_raw", "stop_reason"),
 }
 PUMP_FAULTS = ("bearing_wear", "cavitation", "seal_leak", "stuck_sensor", "spike", "dropout")
 
@@ -290,6 +290,52 @@ class OeeSection:
     states: dict[int, str] = setting(map_of(integer(), one_of(*MACHINE_STATES)),
                                      doc="status value → running, idle, down or planned_stop")
     ideal_rate: float | None = setting(optional(number(0.000001)), None, doc="pieces per minute at 100 %")
+    reason_tag: str | None = setting(optional(string()), None, doc="the tag holding the stop reason code")
+    reasons: dict[int, str] = setting(map_of(integer(0, 2**32), string()), {}, doc="stop reason code → text")
+    live_interval: float = setting(duration(1, 86400), 60.0, doc="how often the running shift's OEE is sent")
+
+    @staticmethod
+    def rules(v: Fields) -> list[Problem]:
+        if v.ok("reason_tag", "reasons") and v["reason_tag"] and not v["reasons"]:
+            return [("reasons", "required with reason_tag: the text of each stop reason code "
+                                "(e.g. {11: web break, 12: ink change})")]
+        return []
+
+
+SEVERITIES = ("low", "medium", "high", "critical")
+
+
+@dataclass(frozen=True)
+class AlarmSection:
+    """A limit on a tag: raised above (or below) it, after `for`, cleared past `clear`."""
+    name: str = setting(string(TAG, "an alarm name of letters, digits, _ . -"), doc="the alarm")
+    tag: str = setting(string(), doc="the tag it watches")
+    above: float | None = setting(optional(number()), None, doc="raised when the value is above this")
+    below: float | None = setting(optional(number()), None, doc="raised when the value is below this")
+    delay: float = setting(duration(0, 86400), 0.0, doc="the condition must hold this long (sample clock)",
+                           key="for")
+    clear: float | None = setting(optional(number()), None, doc="cleared only past this (hysteresis); default the limit")
+    severity: str = setting(one_of(*SEVERITIES), "medium", doc="low, medium, high or critical")
+    with_anomaly: bool = setting(boolean, False, doc="raised only while the device's anomaly event is active")
+
+    @staticmethod
+    def rules(v: Fields) -> list[Problem]:
+        if not v.ok("above", "below", "clear"):
+            return []
+        above, below, clear = v["above"], v["below"], v["clear"]
+        if (above is None) == (below is None):
+            return [("above", "give exactly one of above or below")]
+        if clear is not None and above is not None and clear > above:
+            return [("clear", f"expected at most the limit (above: {above:g}): an alarm above a limit clears "
+                              f"below it, got {clear:g}")]
+        if clear is not None and below is not None and clear < below:
+            return [("clear", f"expected at least the limit (below: {below:g}): an alarm below a limit clears "
+                              f"above it, got {clear:g}")]
+        return []
+
+    @property
+    def limit(self) -> float:
+        return self.above if self.above is not None else float(self.below)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -314,6 +360,7 @@ class DeviceBase:
     oee: OeeSection | None = setting(optional(section(OeeSection)), None, doc="machine states for OEE")
     history: HistorySection | None = setting(optional(section(HistorySection)), None,
                                              doc="keep raw samples on the box (for `model train`)")
+    alarms: tuple[AlarmSection, ...] = setting(list_of(section(AlarmSection)), [], doc="limit alarms on tags")
 
     SOURCE: ClassVar[str] = ""
 
@@ -335,6 +382,19 @@ class DeviceBase:
         status_tag = part(oee, "status_tag") if oee is not None else None
         if tags and status_tag is not None and status_tag not in tags:
             problems.append(("oee.status_tag", _one_of_tags(tags, status_tag)))
+        reason_tag = part(oee, "reason_tag") if oee is not None else None
+        if tags and reason_tag is not None and reason_tag not in tags:
+            problems.append(("oee.reason_tag", _one_of_tags(tags, reason_tag)))
+        names: set[str] = set()
+        for i, alarm in enumerate(items(v["alarms"])):
+            tag, name = part(alarm, "tag"), part(alarm, "name")
+            if tags and tag is not None and tag not in tags:
+                problems.append((f"alarms[{i}].tag", _one_of_tags(tags, tag)))
+            if name is not None and name in names:
+                problems.append((f"alarms[{i}].name", f'duplicate alarm name "{name}"'))
+            names.add(name)
+            if part(alarm, "with_anomaly") and v["model"] is None and v.ok("model"):
+                problems.append((f"alarms[{i}].with_anomaly", "needs an anomaly model on this device (model:)"))
         deadband = part(v["publish"], "deadband")
         for tag in deadband if isinstance(deadband, Mapping) else ():
             if tags and tag not in tags:
