@@ -206,7 +206,7 @@ def state(device: str, ts: float, new: str, previous: str | None, previous_since
     return payload
 
 
-def alarm(device: str, ts: float, kind: str, name: str, severity: str, tag: str, value: float | None, limit: float,
+def alarm(device: str, ts: float, kind: str, name: str, severity: str, tag: str, value: float | int | None, limit: float,
           started: float | None = None) -> Payload:
     """An alarm `start`, or its `end` with when it started and how long it lasted."""
     payload: Payload = {"ts": rfc3339(ts), "device": device, "event": kind, "name": name, "severity": severity,

@@ -151,6 +151,7 @@ class Events:
         self.machine = StateWatch(outbox.device_state(name, "machine")) if device.oee else None
         self.alarms = AlarmWatch(device.alarms, outbox.device_state(name, "alarms")) if device.alarms else None
         self._topics = {"state": topics.state(name), "alarm": topics.alarm(name), "oee": topics.oee(name)}
+        self._types = tagtypes.of_device(device)
         self._next_live: float | None = None
         self.last_live: dict[str, Any] | None = None
 
@@ -198,8 +199,9 @@ class Events:
         name = self.device.name
         for e in events:
             rule = e.rule
+            value = self._types.get(rule.tag, tagtypes.AS_SENT).shape(e.value)  # as the telemetry says it
             self.outbox.stage(self._topics["alarm"], contract.alarm(name, e.ts, e.kind, rule.name, rule.severity,
-                                                                    rule.tag, e.value, rule.limit, e.started),
+                                                                    rule.tag, value, rule.limit, e.started),
                               created=e.ts)
             self.counting.book.alarm(rule.name, e.kind == "start")
             log.warning("device %s: alarm %s %s: %s %s %g (limit %g, %s)", name, rule.name,
