@@ -63,3 +63,27 @@ def test_a_time_no_clock_can_give_is_the_arrival_time_and_said(ts):
     assert "arrival time used" in sample.problem and len(sample.problem) < 300
     from gateway import contract
     contract.encode(contract.telemetry("s1", sample.ts, sample.values, sample.quality))  # formats, never raises
+
+
+def test_fuzzed_payloads_are_a_sample_or_a_source_error_and_always_encode():
+    """Seeded: odd JSON values in every field, then bytes flipped and payloads cut anywhere."""
+    import random
+
+    from gateway import contract
+
+    rng = random.Random(2026)
+    atoms = [b"1", b"-0", b"1e308", b"1e309", b"-1e400", b"NaN", b"Infinity", b"true", b"null", b'"x"', b"9" * 5000,
+             b"[]", b"{}", b'"2026-11-24T06:00:00Z"', b'"9999-12-31T23:59:59-14:00"', b"1e15", b'"\\ud800"', b"0.1"]
+    for _ in range(3000):
+        payload = b'{"t": %s, "x": {"flow": %s}, "ts": %s}' % (rng.choice(atoms), rng.choice(atoms), rng.choice(atoms))
+        if rng.random() < 0.3:
+            flipped = bytearray(payload)
+            for _ in range(rng.randrange(1, 5)):
+                flipped[rng.randrange(len(flipped))] = rng.randrange(256)
+            payload = bytes(flipped)
+        if rng.random() < 0.1:
+            payload = payload[:rng.randrange(len(payload))]
+        result = decode(DEVICE, payload, 1_700_000_000.0)
+        assert isinstance(result, (Sample, SourceError)), payload
+        if isinstance(result, Sample):
+            contract.encode(contract.telemetry("s1", result.ts, result.values, result.quality))
