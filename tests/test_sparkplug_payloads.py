@@ -1,0 +1,66 @@
+"""Sparkplug B payloads (work in progress, issue 14): what the gateway encodes, decoded with the bindings
+generated from the official sparkplug_b.proto."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("google.protobuf")
+
+from gateway import config  # noqa: E402
+from gateway.sparkplug import metrics  # noqa: E402
+from gateway.sparkplug import sparkplug_b_pb2 as pb  # noqa: E402
+
+CFG = config.parse("""
+gateway: {id: line3-gw1, site: plant-a}
+upstream: {host: h}
+devices:
+  - name: press1
+    source: modbus_tcp
+    host: 192.0.2.10
+    registers:
+      - {name: status, address: 0}
+      - {name: temp, address: 1, type: int16, scale: 0.1}
+      - {name: running, address: 2, type: bool, bit: 0}
+      - {name: count, address: 3, type: uint32}
+    counters: [{name: produced, register: count, bits: 32}]
+  - {name: pump1, source: sim, profile: pump}
+""")
+
+
+def test_aliases_are_unique_across_the_node_and_datatypes_follow_the_registers():
+    node = metrics.NodeMetrics([("Health/backlog", int(pb.UInt64))], CFG.devices, scored={"pump1": True})
+    aliases = [m.alias for m in node.node.values()] + [m.alias for d in node.devices.values() for m in d.values()]
+    assert len(aliases) == len(set(aliases)) and sorted(aliases) == list(range(1, len(aliases) + 1))
+    press = node.devices["press1"]
+    assert [press[t].datatype for t in ("status", "temp", "running", "count")] == [pb.UInt16, pb.Double, pb.Boolean,
+                                                                                  pb.UInt32]
+    assert press["counters/produced/total"].datatype == pb.UInt64
+    assert node.devices["pump1"]["anomaly/score"].datatype == pb.Double
+    assert node.node["Node Control/Rebirth"].datatype == pb.Boolean
+
+
+def test_birth_names_every_metric_and_data_carries_aliases_only():
+    node = metrics.NodeMetrics([], CFG.devices)
+    press = node.devices["press1"]
+    birth = pb.Payload.FromString(metrics.payload(1_795_500_000_123, 0, [(press["status"], 3), (press["temp"], 41.5),
+                                                                         (press["running"], 1), (press["count"], None)],
+                                                  birth=True))
+    assert birth.seq == 0 and birth.timestamp == 1_795_500_000_123
+    assert [(m.name, m.alias, m.datatype) for m in birth.metrics] == [
+        ("status", press["status"].alias, pb.UInt16), ("temp", press["temp"].alias, pb.Double),
+        ("running", press["running"].alias, pb.Boolean), ("count", press["count"].alias, pb.UInt32)]
+    assert birth.metrics[0].int_value == 3 and birth.metrics[1].double_value == 41.5
+    assert birth.metrics[2].boolean_value is True and birth.metrics[3].is_null
+    data = pb.Payload.FromString(metrics.payload(1_795_500_001_000, 7, [(press["temp"], 41.6)], historical=True))
+    assert data.seq == 7 and not data.metrics[0].HasField("name") and data.metrics[0].alias == press["temp"].alias
+    assert data.metrics[0].is_historical and data.metrics[0].timestamp == 1_795_500_001_000
+
+
+def test_death_carries_the_sessions_bdseq_and_topics_follow_the_specification():
+    death = pb.Payload.FromString(metrics.death(255))
+    assert [(m.name, m.datatype, m.long_value) for m in death.metrics] == [("bdSeq", pb.UInt64, 255)]
+    topics = metrics.Topics("plant-a", "line3-gw1")
+    assert topics.node_topic("NBIRTH") == "spBv1.0/plant-a/NBIRTH/line3-gw1"
+    assert topics.device_topic("DDATA", "press1") == "spBv1.0/plant-a/DDATA/line3-gw1/press1"
+    assert metrics.Topics.state("scada-1") == "spBv1.0/STATE/scada-1"
