@@ -125,7 +125,11 @@ class Gateway:
                                      model=prepared.models.get(d.model) if d.model else None,
                                      history=self._history if d.history else None)
                         for d in config.devices]
-        if uplink:
+        if uplink and config.upstream.format == "sparkplug_b":
+            from gateway.sparkplug.uplink import SparkplugUplink  # protobuf only when Sparkplug is used
+            self._uplink = SparkplugUplink(config, self.outbox, state_path=os.path.join(gw.data_dir, "sparkplug.json"),
+                                           scored={d.name: d.model is not None for d in config.devices})
+        elif uplink:
             self._uplink = Uplink(config.upstream, self.outbox, client_id=config.upstream.client_id or gw.id,
                                   status_topic=self.topics.status, offline_payload=self._status("offline"))
         self.uplink.online_payload = self._status("online")

@@ -26,7 +26,7 @@ from gateway.config import UpstreamSection
 from gateway.credentials import read_secret
 from gateway.errors import UplinkError
 from gateway.logs import fields
-from gateway.outbox import Outbox
+from gateway.outbox import Message, Outbox
 from gateway.retry import backoff, down
 from gateway.supervise import in_daemon_thread, run_all, within
 
@@ -126,7 +126,7 @@ class Uplink:
         self._stop_event.set()
         client = self._client
         if client is not None and self.connected:
-            info = client.publish(self.status_topic, self.offline_payload, qos=1, retain=True)
+            info = self._farewell(client)
             await asyncio.to_thread(_wait_published, info, max(0.5, deadline - time.monotonic()))
             client.disconnect()
         self._lost.set()
@@ -147,7 +147,7 @@ class Uplink:
         if self.cfg.tls is not None:
             client.tls_set(ca_certs=self.cfg.tls.ca_file, certfile=self.cfg.tls.cert_file,
                            keyfile=self.cfg.tls.key_file, cert_reqs=ssl.CERT_REQUIRED)
-        client.will_set(self.status_topic, self.offline_payload, qos=1, retain=True)
+        self._will(client)
         client.on_connect = self._from_thread(self._on_connect)
         client.on_disconnect = self._from_thread(self._on_disconnect)
         client.on_publish = self._from_thread(self._on_publish)
@@ -211,8 +211,18 @@ class Uplink:
         self._forget_inflight()
         self._cursor = 0
         self._caught_up = True
-        client.publish(self.status_topic, self.online_payload, qos=1, retain=True)
+        self._session_started(client)
         self._wake.set()
+
+    # -- what a format says at the edges of a session (JSON: the retained status) --------------
+    def _will(self, client: mqtt.Client) -> None:
+        client.will_set(self.status_topic, self.offline_payload, qos=1, retain=True)
+
+    def _farewell(self, client: mqtt.Client) -> mqtt.MQTTMessageInfo:
+        return client.publish(self.status_topic, self.offline_payload, qos=1, retain=True)
+
+    def _session_started(self, client: mqtt.Client) -> None:
+        client.publish(self.status_topic, self.online_payload, qos=1, retain=True)
 
     def _connack_missing(self, client: mqtt.Client) -> bool:
         """Whether the broker took the TCP connection and then gave no CONNACK in time."""
@@ -293,14 +303,18 @@ class Uplink:
                 continue
             batch = self.store.fetch(self._cursor, room)
             self._caught_up = len(batch) < room
-            for msg in batch:
-                info = client.publish(msg.topic, msg.payload, qos=self.cfg.qos)
-                if info.rc != mqtt.MQTT_ERR_SUCCESS:  # the connection just went; resend after reconnect
-                    break
-                self._inflight[info.mid] = (msg.seq, msg.size)
-                self.store.hold(msg.seq)
-                self._cursor = msg.seq
-                self.stats.published += 1
+            self._send(client, batch)
+
+    def _send(self, client: mqtt.Client, batch: list[Message]) -> None:
+        """Hand rows to paho at QoS 1 (or 2); each is acknowledged to the store on its own PUBACK."""
+        for msg in batch:
+            info = client.publish(msg.topic, msg.payload, qos=self.cfg.qos)
+            if info.rc != mqtt.MQTT_ERR_SUCCESS:  # the connection just went; resend after reconnect
+                break
+            self._inflight[info.mid] = (msg.seq, msg.size)
+            self.store.hold(msg.seq)
+            self._cursor = msg.seq
+            self.stats.published += 1
 
 
 LOOP_STOP_LIMIT = 3.0  # seconds to wait for paho's network thread to end

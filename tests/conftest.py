@@ -200,6 +200,7 @@ class TcpGate:
         self.server = socket.create_server(("127.0.0.1", 0))
         self.port = self.server.getsockname()[1]
         self.is_open = True
+        self.dropping = False  # a partition: bytes are read and thrown away, both ways, the connection stays
         self.closed_for_good = False
         self.conns: list[socket.socket] = []
         threading.Thread(target=self._accept, daemon=True).start()
@@ -223,11 +224,11 @@ class TcpGate:
             threading.Thread(target=self._pipe, args=(client, upstream), daemon=True).start()
             threading.Thread(target=self._pipe, args=(upstream, client), daemon=True).start()
 
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
         try:
             while data := src.recv(65536):
-                dst.sendall(data)
+                if not self.dropping:
+                    dst.sendall(data)
         except OSError:
             pass
         for sock in (src, dst):

@@ -115,6 +115,16 @@ class ReconnectSection:
 
 
 @dataclass(frozen=True)
+class SparkplugSection:
+    group_id: str | None = setting(optional(string(re.compile(r"^[^/+#]+$"), "no / + or #")), None,
+                                   doc="the Sparkplug group (default: gateway.site)")
+    edge_node_id: str | None = setting(optional(string(re.compile(r"^[^/+#]+$"), "no / + or #")), None,
+                                       doc="the edge node (default: gateway.id)")
+    primary_host_id: str | None = setting(optional(string(re.compile(r"^[^/+#]+$"), "no / + or #")), None,
+                                          doc="publish data only while this host application is online")
+
+
+@dataclass(frozen=True)
 class UpstreamSection:
     host: str = setting(string(), doc="the upstream MQTT broker")
     port: int | None = setting(integer(1, 65535), None, doc="default 8883 with tls, else 1883")
@@ -128,6 +138,9 @@ class UpstreamSection:
     keepalive: float = setting(duration(5, 3600), 30.0, doc="MQTT keepalive")
     client_id: str | None = setting(optional(string()), None, doc="default: gateway.id")
     reconnect: ReconnectSection = setting(section(ReconnectSection), {}, doc="backoff after a lost connection")
+    format: str = setting(one_of("json", "sparkplug_b"), "json", doc="json, or sparkplug_b (Sparkplug B 3.0)")
+    sparkplug: SparkplugSection | None = setting(optional(section(SparkplugSection)), None,
+                                                 doc="group, edge node and primary host, with sparkplug_b")
 
     @staticmethod
     def rules(v: Fields) -> list[Problem]:
