@@ -2,6 +2,7 @@
 # Install edge-gateway on an industrial PC (Debian/Ubuntu with systemd), as root:
 #   sudo ./install.sh                      install or upgrade (idempotent)
 #   sudo ./install.sh --with-local-broker  also the local MQTT broker for plant sensors
+#   sudo ./install.sh --with-sparkplug     also Sparkplug B to the upstream (protobuf)
 #   sudo ./install.sh --uninstall          remove the program and units; keep config and data
 #   sudo ./install.sh --uninstall --purge  also remove /etc/edge-gateway, /var/lib/edge-gateway, the user
 #   ./install.sh --dry-run ...             only say what would be done
@@ -9,14 +10,15 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-DRY=0 UNINSTALL=0 PURGE=0 BROKER=0
+DRY=0 UNINSTALL=0 PURGE=0 BROKER=0 SPARKPLUG=0
 for arg in "$@"; do
     case "$arg" in
         --dry-run) DRY=1 ;;
         --uninstall) UNINSTALL=1 ;;
         --purge) PURGE=1 ;;
         --with-local-broker) BROKER=1 ;;
-        -h|--help) sed -n '2,8p' "$0"; exit 0 ;;
+        --with-sparkplug) SPARKPLUG=1 ;;
+        -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
         *) echo "install.sh: unknown option $arg (see --help)" >&2; exit 64 ;;
     esac
 done
@@ -85,8 +87,10 @@ real_root && run chown root:"$USER_NAME" "$ETC"
 if [ ! -x "$PREFIX/venv/bin/python" ]; then
     run python3 -m venv "$PREFIX/venv"
 fi
-PACKAGE=".[anomaly]"  # the TFLite runtime (LiteRT) and numpy for the anomaly model; never TensorFlow
-[ $BROKER -eq 1 ] && PACKAGE=".[anomaly,broker]"
+EXTRAS="anomaly"  # the TFLite runtime (LiteRT) and numpy for the anomaly model; never TensorFlow
+[ $BROKER -eq 1 ] && EXTRAS="$EXTRAS,broker"
+[ $SPARKPLUG -eq 1 ] && EXTRAS="$EXTRAS,sparkplug"
+PACKAGE=".[$EXTRAS]"
 # Re-running with the same source and options changes nothing; a changed source is an upgrade.
 STAMP="$PACKAGE $(find gateway sim setup.cfg pyproject.toml -type f \( -name '*.py' -o -name '*.cfg' \
     -o -name '*.toml' \) -print0 | sort -z | xargs -0 sha256sum | sha256sum | cut -d' ' -f1)"

@@ -5,7 +5,11 @@ counters message when a count changed), committed to the SQLite outbox in batche
 published QoS 1 and deleted on PUBACK. Printed next to plain paho publishing QoS 1
 to the same mosquitto, measured in the same run.
 
-    .venv/bin/python bench/pipeline.py [--samples 20000]
+    .venv/bin/python bench/pipeline.py [--samples 20000] [--format json|sparkplug_b]
+
+With `--format sparkplug_b` the same samples go through the JSON uplink and through the Sparkplug B
+uplink (DDATA at QoS 0, a QoS 1 marker per batch) in the same run: samples/s, CPU-µs per sample and
+bytes on the wire per sample (every MQTT PUBLISH packet the gateway sends, headers included).
 """
 
 from __future__ import annotations
@@ -26,6 +30,21 @@ from gateway.shifts import ShiftCalendar
 from gateway.sources import Links, open_source
 from gateway.uplink import Uplink
 
+WIRE = {"bytes": 0}
+
+
+def _count_wire() -> None:
+    """Count the size of every PUBLISH packet the process sends (fixed header, topic, packet id, payload)."""
+    import paho.mqtt.client as mqtt
+
+    publish = mqtt.Client.publish
+
+    def counted(self, topic, payload=None, qos=0, retain=False, properties=None):
+        body = 2 + len(topic.encode()) + (2 if qos else 0) + len(payload or b"")
+        WIRE["bytes"] += 1 + (1 if body < 128 else 2 if body < 16384 else 3) + body
+        return publish(self, topic, payload, qos, retain, properties)
+    mqtt.Client.publish = counted
+
 CONFIG = """
 gateway: {{id: bench, site: lab, data_dir: "{data}"}}
 upstream: {{host: 127.0.0.1, port: {port}, max_inflight: 100}}
@@ -39,14 +58,19 @@ devices:
 """
 
 
-async def run_pipeline(port: int, samples: int, data: str) -> dict:
-    cfg = config.parse(CONFIG.format(data=data, port=port))
+async def run_pipeline(port: int, samples: int, data: str, fmt: str = "json") -> dict:
+    cfg = config.parse(CONFIG.format(data=data, port=port).replace("max_inflight: 100}",
+                                                                    f"max_inflight: 100, format: {fmt}}}"))
     store = Outbox.open(os.path.join(data, "g.db"))
     shifts = ShiftCalendar([], "UTC")
     links = Links()
     runners = [DeviceRunner(d, open_source(d, links), store, Topics(cfg.topic_root), shifts) for d in cfg.devices]
-    uplink = Uplink(cfg.upstream, store, client_id="bench-gw", status_topic=f"{cfg.topic_root}/status",
-                    offline_payload=b"{}")
+    if fmt == "sparkplug_b":
+        from gateway.sparkplug.uplink import SparkplugUplink
+        uplink: Uplink = SparkplugUplink(cfg, store, state_path=os.path.join(data, "sparkplug.json"), scored={})
+    else:
+        uplink = Uplink(cfg.upstream, store, client_id="bench-gw", status_topic=f"{cfg.topic_root}/status",
+                        offline_payload=b"{}")
     uplink_task = asyncio.create_task(uplink.run())
     while not uplink.connected:
         await asyncio.sleep(0.01)
@@ -58,6 +82,7 @@ async def run_pipeline(port: int, samples: int, data: str) -> dict:
                 uplink.wake()
     committer = asyncio.create_task(commit_loop())
     cpu0, t0 = time.process_time(), time.perf_counter()
+    wire0 = WIRE["bytes"]
     done = 0
     while done < samples:
         for runner in runners:
@@ -73,13 +98,16 @@ async def run_pipeline(port: int, samples: int, data: str) -> dict:
     await uplink.stop(1.0)
     uplink_task.cancel()
     store.close()
-    return {"samples": done, "messages": produced, "wall": wall, "cpu": cpu}
+    return {"samples": done, "messages": produced, "wall": wall, "cpu": cpu, "wire": WIRE["bytes"] - wire0}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=20000)
+    parser.add_argument("--format", choices=("json", "sparkplug_b"), default="json")
     args = parser.parse_args()
+    if args.format == "sparkplug_b":
+        return compare_formats(args.samples)
     with mosquitto() as (port, _), tempfile.TemporaryDirectory() as data:
         result = asyncio.run(run_pipeline(port, args.samples, data))
         payload = b"x" * 330  # about the size of a pump telemetry message
@@ -93,6 +121,22 @@ def main() -> None:
     print("baseline: raw paho -> mosquitto QoS 1, same message count, same run")
     print(f"  messages/s           {raw:10.0f}")
     print(f"gateway pipeline message rate = {mps / raw * 100:.0f} % of the raw paho rate")
+
+
+def compare_formats(samples: int) -> None:
+    _count_wire()
+    results = {}
+    for fmt in ("json", "sparkplug_b"):
+        with mosquitto() as (port, _), tempfile.TemporaryDirectory() as data:
+            results[fmt] = asyncio.run(run_pipeline(port, samples, data, fmt))
+    print(f"pipeline, {samples} samples each, JSON and Sparkplug B in the same run, every row deleted only once "
+          "the broker has it")
+    for fmt, r in results.items():
+        print(f"  {fmt:<12} {r['samples'] / r['wall']:8.0f} samples/s   {r['cpu'] / r['samples'] * 1e6:7.1f} CPU-µs "
+              f"per sample   {r['wire'] / r['samples']:6.1f} bytes on the wire per sample")
+    j, s = results["json"], results["sparkplug_b"]
+    print(f"baseline: json (same run). sparkplug_b: {s['wire'] / j['wire'] * 100:.0f} % of the bytes, "
+          f"{(s['cpu'] / s['samples']) / (j['cpu'] / j['samples']) * 100:.0f} % of the CPU per sample")
 
 
 if __name__ == "__main__":

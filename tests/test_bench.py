@@ -17,6 +17,7 @@ pytestmark = pytest.mark.slow  # it starts brokers and simulated PLCs
 RUNS = [
     ("counters.py", "transaction per sample", "--samples", "300"),
     ("pipeline.py", "baseline:", "--samples", "300"),
+    ("pipeline.py", "baseline: json (same run)", "--samples", "300", "--format", "sparkplug_b"),
     ("drain.py", "baseline:", "--messages", "300"),
     ("modbus.py", "baseline:", "--seconds", "1"),
     ("startup.py", "baseline:", "--seconds", "2"),

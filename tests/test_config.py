@@ -225,3 +225,15 @@ def test_registers_that_read_the_same_address_are_refused_unless_bits_of_one_reg
         f"g.yaml:{line_of(text, '{name: last')}: devices[2].registers[8].address: a uint32 at 65535 takes 2 "
         "registers and runs past the last address (65535)",
     ]
+
+
+def test_sparkplug_settings_only_with_the_sparkplug_format():
+    for value, expected in (("{group_id: a/b}", 'upstream.sparkplug.group_id: expected no / + or #, got "a/b"'),
+                            ("{group_id: plant-a}", "upstream.sparkplug: only with format: sparkplug_b (the upstream "
+                                                    "format is json)")):
+        with pytest.raises(config.ConfigError) as caught:
+            config.parse(BASE.replace("max_inflight: 100}", f"max_inflight: 100, sparkplug: {value}}}"), "g.yaml")
+        assert str(caught.value) == f"g.yaml:2: {expected}"
+    cfg = config.parse(BASE.replace("max_inflight: 100}", "max_inflight: 100, format: sparkplug_b, "
+                                    "sparkplug: {primary_host_id: scada-1}}"))
+    assert cfg.upstream.format == "sparkplug_b" and cfg.upstream.sparkplug.primary_host_id == "scada-1"

@@ -54,7 +54,9 @@ def test_birth_names_every_metric_and_data_carries_aliases_only():
     assert birth.metrics[2].boolean_value is True and birth.metrics[3].is_null
     data = pb.Payload.FromString(metrics.payload(1_795_500_001_000, 7, [(press["temp"], 41.6)], historical=True))
     assert data.seq == 7 and not data.metrics[0].HasField("name") and data.metrics[0].alias == press["temp"].alias
-    assert data.metrics[0].is_historical and data.metrics[0].timestamp == 1_795_500_001_000
+    assert data.metrics[0].is_historical and data.metrics[0].timestamp == 1_795_500_001_000  # history: each metric
+    live = pb.Payload.FromString(metrics.payload(1_795_500_001_000, 8, [(press["temp"], 41.7)]))
+    assert live.timestamp == 1_795_500_001_000 and not live.metrics[0].HasField("timestamp")
 
 
 def test_death_carries_the_sessions_bdseq_and_topics_follow_the_specification():

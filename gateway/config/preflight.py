@@ -36,6 +36,9 @@ def preflight(config: Config, file: str) -> Prepared:
     problems += _unreadable(config)
     models, model_problems = _models(config)
     problems += model_problems
+    if config.upstream.format == "sparkplug_b" and importlib.util.find_spec("google.protobuf") is None:
+        problems.append(("upstream.format", "Sparkplug B needs protobuf: pip install 'edge-gateway[sparkplug]' "
+                                            "(install.sh --with-sparkplug)"))
     if config.local_broker.enabled and importlib.util.find_spec("amqtt") is None:
         problems.append(("local_broker.enabled", "the embedded broker needs amqtt: "
                                                  "pip install 'edge-gateway[broker]' (install.sh does)"))

@@ -18,7 +18,8 @@ END = "<!-- end of reference -->"
 
 SECTIONS: list[tuple[str, type]] = [
     ("gateway", schema.GatewaySection), ("upstream", schema.UpstreamSection), ("upstream.tls", schema.TlsSection),
-    ("upstream.reconnect", schema.ReconnectSection), ("outbox", schema.OutboxSection),
+    ("upstream.reconnect", schema.ReconnectSection), ("upstream.sparkplug", schema.SparkplugSection),
+    ("outbox", schema.OutboxSection),
     ("local_broker", schema.LocalBrokerSection), ("local_broker.client", schema.LocalClientSection),
     ("shifts[]", schema.ShiftSection), ("devices[] (every source)", schema.DeviceBase),
     ("devices[] source: modbus_tcp", schema.ModbusTcpDevice), ("devices[] source: modbus_rtu", schema.ModbusRtuDevice),

@@ -154,6 +154,8 @@ class UpstreamSection:
                 problems.append(("topic_prefix", f'expected no MQTT wildcards (+, #), got "{prefix}"'))
         if v.ok("username", "password_file") and v["password_file"] and not v["username"]:
             problems.append(("username", "required when password_file is given"))
+        if v.ok("format", "sparkplug") and v["sparkplug"] is not None and v["format"] != "sparkplug_b":
+            problems.append(("sparkplug", "only with format: sparkplug_b (the upstream format is json)"))
         return problems
 
     @property

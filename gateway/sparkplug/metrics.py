@@ -113,7 +113,8 @@ def payload(ts_ms: int, seq: int | None, values: Iterable[tuple[Metric, Any]], *
             m.name = metric.name
             m.datatype = metric.datatype
         m.alias = metric.alias
-        m.timestamp = ts_ms
+        if birth or historical:  # in live data the payload's timestamp is every metric's
+            m.timestamp = ts_ms
         if historical:
             m.is_historical = True
         _set(m, metric.datatype, value)

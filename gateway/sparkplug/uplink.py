@@ -251,11 +251,14 @@ class SparkplugUplink(Uplink):
         elif kind == "anomaly":
             values["anomaly/active"] = doc["event"] == "start"
         out: list[tuple[str, bytes]] = []
-        self.last[device].update(values)
-        if device in self.dead:  # reading again: born again first
+        last = self.last[device]
+        changed = {name: v for name, v in values.items() if name in known and (name not in last or last[name] != v)}
+        last.update(values)
+        if device in self.dead:  # reading again: born again first, with these values
             self.dead.discard(device)
             self._dbirth_into(out, device, ts)
-        pairs = [(known[name], v) for name, v in values.items() if name in known]
+            return out
+        pairs = [(known[name], v) for name, v in changed.items()]
         if pairs:
             out.append((self.topics.device_topic("DDATA", device),
                         metrics.payload(ts, self._next_seq(), pairs, historical=historical)))
