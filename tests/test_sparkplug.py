@@ -1,4 +1,4 @@
-"""Sparkplug B against mosquitto (work in progress, issue 14), seen by a host application in the test that
+"""Sparkplug B against mosquitto, seen by a host application in the test that
 decodes with the bindings generated from the official sparkplug_b.proto."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Sparkplug B payloads (work in progress, issue 14): what the gateway encodes, decoded with the bindings
+"""Sparkplug B payloads: what the gateway encodes, decoded with the bindings
 generated from the official sparkplug_b.proto."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The uplink as a Sparkplug B edge node (work in progress, issue 14).
+"""The uplink as a Sparkplug B edge node (`upstream.format: sparkplug_b`; docs/upstream.md).
 
 The outbox stays what it is: committed rows in seq order, each a device's JSON message. On the
 way out they become Sparkplug: a device's telemetry, counters and anomaly state are DDATA of its
@@ -150,8 +150,8 @@ class SparkplugUplink(Uplink):
         """Health becomes NDATA of the node's health metrics; the JSON status has no place here (the
         node's birth and death say it)."""
         client = self._client
-        if not topic.endswith("/health") or client is None or not self.connected:
-            return False
+        if not topic.endswith("/health") or client is None or not self.connected or not self.host_online:
+            return False  # with a primary host that is not online: nothing but births
         report = json.loads(payload)
         node = self.metrics.node
         values = [(node["Health/backlog_messages"], report["backlog"]["messages"]), (node["Health/dropped"], report["dropped"]),
