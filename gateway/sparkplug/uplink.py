@@ -130,13 +130,13 @@ class SparkplugUplink(Uplink):
         client.publish(self.topics.node_topic("NBIRTH"), metrics.payload(now, 0, values, birth=True), qos=0)
         for device in self.metrics.devices:
             if device not in self.dead:
-                self._dbirth(client, device, now)
+                client.publish(*self._dbirth(device, now), qos=0)
 
-    def _dbirth(self, client: mqtt.Client, device: str, ts_ms: int) -> None:
+    def _dbirth(self, device: str, ts_ms: int) -> tuple[str, bytes]:
+        """A device's birth: every metric, with the last value the uplink has seen (null before any)."""
         known = self.last[device]
         values = [(m, known.get(name)) for name, m in self.metrics.devices[device].items()]
-        client.publish(self.topics.device_topic("DBIRTH", device),
-                       metrics.payload(ts_ms, self._next_seq(), values, birth=True), qos=0)
+        return self.topics.device_topic("DBIRTH", device), metrics.payload(ts_ms, self._next_seq(), values, birth=True)
 
     def _next_seq(self) -> int:
         self.seq = (self.seq + 1) % 256
@@ -250,25 +250,18 @@ class SparkplugUplink(Uplink):
                 values[f"counters/{name}/total"], values[f"counters/{name}/shift"] = c["total"], c["shift"]
         elif kind == "anomaly":
             values["anomaly/active"] = doc["event"] == "start"
-        out: list[tuple[str, bytes]] = []
         last = self.last[device]
-        changed = {name: v for name, v in values.items() if name in known and (name not in last or last[name] != v)}
+        changed = [(known[name], v) for name, v in values.items() if name in known and (name not in last or last[name] != v)]
         last.update(values)
-        if device in self.dead:  # reading again: born again first, with these values
+        if device in self.dead:  # a good reading: born again, with these values; nothing else while dead
+            if kind != "telemetry":
+                return []
             self.dead.discard(device)
-            self._dbirth_into(out, device, ts)
-            return out
-        pairs = [(known[name], v) for name, v in changed.items()]
-        if pairs:
-            out.append((self.topics.device_topic("DDATA", device),
-                        metrics.payload(ts, self._next_seq(), pairs, historical=historical)))
-        return out
-
-    def _dbirth_into(self, out: list[tuple[str, bytes]], device: str, ts_ms: int) -> None:
-        known = self.last[device]
-        values = [(m, known.get(name)) for name, m in self.metrics.devices[device].items()]
-        out.append((self.topics.device_topic("DBIRTH", device),
-                    metrics.payload(ts_ms, self._next_seq(), values, birth=True)))
+            return [self._dbirth(device, ts)]
+        if not changed:
+            return []
+        return [(self.topics.device_topic("DDATA", device),
+                 metrics.payload(ts, self._next_seq(), changed, historical=historical))]
 
 
 def _time(text: str) -> float:
