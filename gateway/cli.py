@@ -56,6 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     simulate = sub.add_parser("sim", help="serve the simulated plant over Modbus TCP/RTU (read-only) and/or MQTT")
     simulate.add_argument("--modbus-tcp", metavar="HOST:PORT", help="e.g. 127.0.0.1:5020")
     simulate.add_argument("--modbus-rtu", metavar="DEVICE", help="serial device, e.g. /dev/ttyUSB0 or a pty")
+    simulate.add_argument("--opcua", metavar="HOST:PORT", help="serve the units as an OPC UA server "
+                          "(opc.tcp://HOST:PORT/edge-gateway/sim/, nodes ns=2;s=UnitN.tag; the [opcua] extra)")
     simulate.add_argument("--mqtt", metavar="HOST:PORT", help="also publish every unit's readings as JSON to "
                           "sim/unit{N}/state on this broker, like plant sensors")
     simulate.add_argument("--mqtt-user", help="MQTT user name (e.g. one made with edge-gateway broker-user)")
@@ -352,9 +354,9 @@ def simulate(args: argparse.Namespace) -> int:
     """`edge-gateway sim`: the simulated plant as Modbus PLCs, for testing an install without hardware."""
     from sim.plc import SimPlant, serve
 
-    if not (args.modbus_tcp or args.modbus_rtu or args.mqtt):
-        print("edge-gateway sim: give --modbus-tcp HOST:PORT, --modbus-rtu DEVICE and/or --mqtt HOST:PORT",
-              file=sys.stderr)
+    if not (args.modbus_tcp or args.modbus_rtu or args.mqtt or args.opcua):
+        print("edge-gateway sim: give --modbus-tcp HOST:PORT, --modbus-rtu DEVICE, --opcua HOST:PORT and/or "
+              "--mqtt HOST:PORT", file=sys.stderr)
         return EX_USAGE
     try:
         units = {}
@@ -362,7 +364,10 @@ def simulate(args: argparse.Namespace) -> int:
             unit, rest = item.split("=")
             profile, seed = rest.split(":")
             units[int(unit)] = (profile, int(seed))
-        tcp = mqtt = None
+        tcp = mqtt = opcua = None
+        if args.opcua:
+            host, port = args.opcua.rsplit(":", 1)
+            opcua = (host, int(port))
         if args.mqtt:
             from gateway.credentials import read_secret
             host, port = args.mqtt.rsplit(":", 1)
@@ -391,12 +396,14 @@ def simulate(args: argparse.Namespace) -> int:
     where = ", ".join(x for x in (f"Modbus TCP {args.modbus_tcp}" if tcp else "",
                                    f"Modbus RTU {args.modbus_rtu} {args.baudrate} 8{args.parity}{args.stopbits}"
                                    if args.modbus_rtu else "",
-                                   f"MQTT {args.mqtt} (sim/unitN/state)" if mqtt else "") if x)
+                                   f"MQTT {args.mqtt} (sim/unitN/state)" if mqtt else "",
+                                   f"OPC UA opc.tcp://{args.opcua}/edge-gateway/sim/ (ns=2;s=UnitN.tag)"
+                                   if opcua else "") if x)
     print(f"simulated plant on {where}; units: " +
           ", ".join(f"{u}={p}" for u, (p, _) in units.items()), flush=True)
     try:
         asyncio.run(serve(plant, tcp=tcp, rtu=args.modbus_rtu, baudrate=args.baudrate, parity=args.parity,
-                          stopbits=args.stopbits, truth_path=args.truth, mqtt=mqtt))
+                          stopbits=args.stopbits, truth_path=args.truth, mqtt=mqtt, opcua=opcua))
     except KeyboardInterrupt:
         pass
     except OSError as err:
