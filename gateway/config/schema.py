@@ -434,6 +434,8 @@ def _tags(cls: type, v: Any) -> tuple[str, ...]:
         return tuple(v.get("fields") or {})
     if isinstance(cls, type) and issubclass(cls, ModbusDevice):
         return tuple(n for r in items(v.get("registers")) if (n := part(r, "name")) is not None)
+    if cls is OpcUaDevice:
+        return tuple(n for r in items(v.get("nodes")) if (n := part(r, "name")) is not None)
     return ()
 
 
@@ -518,6 +520,55 @@ class MqttDevice(DeviceBase):
     SOURCE: ClassVar[str] = "mqtt"
 
 
+NODE_ID = re.compile(r"^(ns=\d+;)?(i=\d+|s=.+|g=[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}|"
+                     r"b=[A-Za-z0-9+/]+=*)$")
+
+
+@dataclass(frozen=True)
+class OpcUaNodeSection:
+    name: str = setting(string(TAG, "a tag name of letters, digits, _ . -"), doc="the tag")
+    node: str = setting(string(NODE_ID, 'an OPC UA node id such as "ns=2;s=Press1.MotorRPM" or "ns=2;i=1005"'),
+                        doc="the variable's node id")
+
+
+@dataclass(frozen=True)
+class OpcUaSecuritySection:
+    policy: str = setting(one_of("Basic256Sha256", "Aes128Sha256RsaOaep", "Aes256Sha256RsaPss"),
+                          doc="the security policy")
+    mode: str = setting(one_of("Sign", "SignAndEncrypt"), "SignAndEncrypt", doc="Sign or SignAndEncrypt")
+    cert_file: str = setting(string(), doc="the gateway's certificate (PEM or DER)")
+    key_file: str = setting(string(), doc="its private key")
+    server_cert_file: str | None = setting(optional(string()), None, doc="the server's certificate, to trust")
+
+
+@dataclass(frozen=True)
+class OpcUaDevice(DeviceBase):
+    endpoint: str = setting(string(re.compile(r"^opc\.tcp://[^/\s:]+(:\d{1,5})?(/\S*)?$"),
+                                   'an endpoint such as "opc.tcp://192.0.2.20:4840"'), doc="the server")
+    mode: str = setting(one_of("subscribe", "poll"), "subscribe", doc="subscribe (default) or poll")
+    security: OpcUaSecuritySection | None = setting(optional(section(OpcUaSecuritySection)), None,
+                                                    doc="none by default")
+    username: str | None = setting(optional(string()), None, doc="with password_file")
+    password_file: str | None = setting(optional(string()), None, doc="the password, never inline")
+    nodes: tuple[OpcUaNodeSection, ...] = setting(list_of(section(OpcUaNodeSection)), doc="tag: node id")
+
+    SOURCE: ClassVar[str] = "opcua"
+
+    @classmethod
+    def rules(cls, v: Fields) -> list[Problem]:
+        problems: list[Problem] = []
+        seen: set[str] = set()
+        for i, node in enumerate(items(v["nodes"])):
+            name = part(node, "name")
+            if name is not None and name in seen:
+                problems.append((f"nodes[{i}].name", f'duplicate tag name "{name}"'))
+            seen.add(name)
+        if v.ok("username", "password_file") and bool(v["username"]) != bool(v["password_file"]):
+            problems.append(("password_file" if v["username"] else "username",
+                             "username and password_file go together"))
+        return problems + super().rules(v)
+
+
 @dataclass(frozen=True)
 class SimDevice(DeviceBase):
     profile: str = setting(one_of(*SIM_PROFILES), doc="pump or flexo_line")
@@ -544,9 +595,9 @@ class SimDevice(DeviceBase):
         return problems
 
 
-Device = Union[ModbusTcpDevice, ModbusRtuDevice, MqttDevice, SimDevice]
+Device = Union[ModbusTcpDevice, ModbusRtuDevice, MqttDevice, OpcUaDevice, SimDevice]
 DEVICE_CLASSES: dict[str, type[DeviceBase]] = {c.SOURCE: c for c in (ModbusTcpDevice, ModbusRtuDevice, MqttDevice,
-                                                                       SimDevice)}
+                                                                       OpcUaDevice, SimDevice)}
 
 
 def device(node: Any, path: str, problems: Problems) -> Any:

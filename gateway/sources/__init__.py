@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Protocol
 
-from gateway.config import Device, LocalBrokerSection, ModbusRtuDevice, ModbusTcpDevice, SimDevice
+from gateway.config import Device, LocalBrokerSection, ModbusRtuDevice, ModbusTcpDevice, OpcUaDevice, SimDevice
 from gateway.errors import SourceError
 from gateway.sample import Sample
 
@@ -55,6 +55,9 @@ def open_source(device: Device, links: Links) -> Source:
     if isinstance(device, (ModbusTcpDevice, ModbusRtuDevice)):
         from gateway.sources.modbus import ModbusSource
         return ModbusSource(device, links.modbus)
+    if isinstance(device, OpcUaDevice):
+        from gateway.sources.opcua import OpcUaSource
+        return OpcUaSource(device)
     from gateway.sources.mqtt import MqttLink, MqttSource
     if links.mqtt is None:
         links.mqtt = MqttLink(links.local_broker, f"{links.client_id}-local")

@@ -1,0 +1,65 @@
+"""OPC UA devices (work in progress, issue 15): the daemon against the simulated plant served by asyncua."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+from conftest import ENV, ROOT, gateway_config, spawn, wait_until
+
+from gateway.ports import free_port, listening
+
+pytest.importorskip("asyncua")
+pytestmark = pytest.mark.slow
+
+TOPIC = "edge/lab/test-gw"
+
+
+def opcua_server(tmp_path, port: int):
+    proc = spawn([sys.executable, "-m", "gateway", "sim", "--opcua", f"127.0.0.1:{port}"], tmp_path / "opcua-sim.log",
+                 "a", env=ENV, cwd=ROOT)
+    wait_until(lambda: listening(port) or proc.poll() is not None, 30, what="the OPC UA server")
+    return proc
+
+
+def device(port: int, mode: str = "poll") -> str:
+    return f"""
+  - name: press1
+    source: opcua
+    endpoint: opc.tcp://127.0.0.1:{port}/edge-gateway/sim/
+    mode: {mode}
+    interval: 200ms
+    timeout: 1s
+    nodes:
+      - {{name: machine_status, node: "ns=2;s=Unit2.machine_status"}}
+      - {{name: line_speed_m_min, node: "ns=2;s=Unit2.line_speed_m_min"}}
+      - {{name: produced_raw, node: "ns=2;s=Unit2.produced_raw"}}
+      - {{name: missing, node: "ns=2;s=Unit2.no_such_tag"}}
+    counters: [{{name: produced, register: produced_raw, bits: 32}}]
+"""
+
+
+def test_poll_mode_reads_values_with_source_timestamps_and_survives_a_server_restart(
+        mosquitto, gateway, subscribe, tmp_path):
+    port = free_port()
+    server = opcua_server(tmp_path, port)
+    try:
+        sub = subscribe(mosquitto.port, topic=f"{TOPIC}/#")
+        gw = gateway(gateway_config(tmp_path / "data", mosquitto.port, devices=device(port))).start()
+        wait_until(lambda: len(sub.on("/press1/telemetry")) > 5, 30, what="telemetry over OPC UA")
+        last = sub.on("/press1/telemetry")[-1]
+        assert last["values"]["machine_status"] in (1, 2, 3, 4) and last["values"]["produced_raw"] >= 0
+        assert last["quality"] == {"missing": "error"}  # a node that does not exist: that tag's error
+        server.kill()
+        server.wait(10)
+        wait_until(lambda: "device press1: read failed" in gw.logs(), 30, what="the device error")
+        server = opcua_server(tmp_path, port)
+        wait_until(lambda: gw.logs().count("connected to opc.tcp") >= 2, 60, what="a fresh session")
+        before = len(sub.on("/press1/telemetry"))
+        wait_until(lambda: len([t for t in sub.on("/press1/telemetry")[before:]
+                                if "line_speed_m_min" not in t.get("quality", {})]) > 3, 30, what="data again")
+        assert gw.stop() == 0
+        assert "Traceback" not in gw.logs()
+    finally:
+        server.kill()
+        server.wait(10)
