@@ -3,6 +3,7 @@
 #   sudo ./install.sh                      install or upgrade (idempotent)
 #   sudo ./install.sh --with-local-broker  also the local MQTT broker for plant sensors
 #   sudo ./install.sh --with-sparkplug     also Sparkplug B to the upstream (protobuf)
+#   sudo ./install.sh --with-opcua         also OPC UA devices (asyncua)
 #   sudo ./install.sh --uninstall          remove the program and units; keep config and data
 #   sudo ./install.sh --uninstall --purge  also remove /etc/edge-gateway, /var/lib/edge-gateway, the user
 #   ./install.sh --dry-run ...             only say what would be done
@@ -10,7 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-DRY=0 UNINSTALL=0 PURGE=0 BROKER=0 SPARKPLUG=0
+DRY=0 UNINSTALL=0 PURGE=0 BROKER=0 SPARKPLUG=0 OPCUA=0
 for arg in "$@"; do
     case "$arg" in
         --dry-run) DRY=1 ;;
@@ -18,7 +19,8 @@ for arg in "$@"; do
         --purge) PURGE=1 ;;
         --with-local-broker) BROKER=1 ;;
         --with-sparkplug) SPARKPLUG=1 ;;
-        -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+        --with-opcua) OPCUA=1 ;;
+        -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
         *) echo "install.sh: unknown option $arg (see --help)" >&2; exit 64 ;;
     esac
 done
@@ -90,6 +92,7 @@ fi
 EXTRAS="anomaly"  # the TFLite runtime (LiteRT) and numpy for the anomaly model; never TensorFlow
 [ $BROKER -eq 1 ] && EXTRAS="$EXTRAS,broker"
 [ $SPARKPLUG -eq 1 ] && EXTRAS="$EXTRAS,sparkplug"
+[ $OPCUA -eq 1 ] && EXTRAS="$EXTRAS,opcua"
 PACKAGE=".[$EXTRAS]"
 # Re-running with the same source and options changes nothing; a changed source is an upgrade.
 STAMP="$PACKAGE $(find gateway sim setup.cfg pyproject.toml -type f \( -name '*.py' -o -name '*.cfg' \

@@ -94,3 +94,5 @@ def setup(level: str = "info") -> None:
     # pymodbus logs every failed connect and every garbage frame (with hex dumps); the device's own
     # state-change log says it once.
     logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
+    # asyncua logs its own reconnect attempts (with tracebacks) while the device's state change says it once.
+    logging.getLogger("asyncua").setLevel(logging.CRITICAL)

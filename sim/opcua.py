@@ -51,7 +51,7 @@ async def serve_opcua(plant: SimPlant, host: str, port: int, tick: float = 0.1) 
             for unit_id, reg, node, vtype in variables:
                 value = plant.units[unit_id].last.get(reg.name)
                 if value is None or value != value:  # a dropout: bad quality, as a PLC would say
-                    dv = ua.DataValue(StatusCode_=ua.StatusCode(ua.StatusCodes.BadSensorFailure), SourceTimestamp=now)
+                    dv = ua.DataValue(StatusCode=ua.StatusCode(ua.StatusCodes.BadSensorFailure), SourceTimestamp=now)
                 else:
                     dv = ua.DataValue(ua.Variant(_typed(value, reg, vtype), vtype), SourceTimestamp=now,
                                       ServerTimestamp=now)

@@ -39,13 +39,13 @@ def device(port: int, mode: str = "poll") -> str:
 """
 
 
-def test_poll_mode_reads_values_with_source_timestamps_and_survives_a_server_restart(
-        mosquitto, gateway, subscribe, tmp_path):
+@pytest.mark.parametrize("mode", ["poll", "subscribe"])
+def test_values_arrive_and_a_server_restart_is_survived(mosquitto, gateway, subscribe, tmp_path, mode):
     port = free_port()
     server = opcua_server(tmp_path, port)
     try:
         sub = subscribe(mosquitto.port, topic=f"{TOPIC}/#")
-        gw = gateway(gateway_config(tmp_path / "data", mosquitto.port, devices=device(port))).start()
+        gw = gateway(gateway_config(tmp_path / "data", mosquitto.port, devices=device(port, mode))).start()
         wait_until(lambda: len(sub.on("/press1/telemetry")) > 5, 30, what="telemetry over OPC UA")
         last = sub.on("/press1/telemetry")[-1]
         assert last["values"]["machine_status"] in (1, 2, 3, 4) and last["values"]["produced_raw"] >= 0
@@ -61,5 +61,31 @@ def test_poll_mode_reads_values_with_source_timestamps_and_survives_a_server_res
         assert gw.stop() == 0
         assert "Traceback" not in gw.logs()
     finally:
+        server.kill()
+        server.wait(10)
+
+
+def test_a_stalled_subscription_is_noticed_and_made_again(mosquitto, gateway, subscribe, tmp_path):
+    """The server process stopped (SIGSTOP): its socket stays open, nothing comes, not even keep-alives."""
+    import signal
+    import time
+
+    port = free_port()
+    server = opcua_server(tmp_path, port)
+    try:
+        sub = subscribe(mosquitto.port, topic=f"{TOPIC}/#")
+        gw = gateway(gateway_config(tmp_path / "data", mosquitto.port, devices=device(port, "subscribe"))).start()
+        wait_until(lambda: len(sub.on("/press1/telemetry")) > 5, 30, what="telemetry")
+        server.send_signal(signal.SIGSTOP)
+        wait_until(lambda: "delivered nothing, not even a keep-alive" in gw.logs(), 30, what="the stall")
+        server.send_signal(signal.SIGCONT)
+        time.sleep(0.5)
+        before = len(sub.on("/press1/telemetry"))
+        wait_until(lambda: len([t for t in sub.on("/press1/telemetry")[before:]
+                                if "line_speed_m_min" not in t.get("quality", {})]) > 3, 60, what="data again")
+        assert gw.stop() == 0
+        assert "Traceback" not in gw.logs()
+    finally:
+        server.send_signal(signal.SIGCONT)
         server.kill()
         server.wait(10)

@@ -39,6 +39,10 @@ def preflight(config: Config, file: str) -> Prepared:
     if config.upstream.format == "sparkplug_b" and importlib.util.find_spec("google.protobuf") is None:
         problems.append(("upstream.format", "Sparkplug B needs protobuf: pip install 'edge-gateway[sparkplug]' "
                                             "(install.sh --with-sparkplug)"))
+    opcua = [(i, d) for i, d in enumerate(config.devices) if d.source == "opcua"]
+    if opcua and importlib.util.find_spec("asyncua") is None:
+        problems += [(f"devices[{i}].source", f"device {d.name}: OPC UA needs asyncua: pip install "
+                                              "'edge-gateway[opcua]' (install.sh --with-opcua)") for i, d in opcua]
     if config.local_broker.enabled and importlib.util.find_spec("amqtt") is None:
         problems.append(("local_broker.enabled", "the embedded broker needs amqtt: "
                                                  "pip install 'edge-gateway[broker]' (install.sh does)"))
@@ -56,6 +60,13 @@ def _unreadable(config: Config) -> list[tuple[str, str]]:
                   ("upstream.tls.key_file", tls.key_file)]
     if config.local_broker.client is not None:
         files.append(("local_broker.client.password_file", config.local_broker.client.password_file))
+    for i, device in enumerate(config.devices):
+        if device.source == "opcua":
+            files.append((f"devices[{i}].password_file", getattr(device, "password_file", None)))
+            security = getattr(device, "security", None)
+            if security is not None:
+                files += [(f"devices[{i}].security.{key}", getattr(security, key))
+                          for key in ("cert_file", "key_file", "server_cert_file")]
     return [(path, f'expected a readable file, got "{name}" (missing or not readable)')
             for path, name in files if name is not None and not (os.path.isfile(name) and os.access(name, os.R_OK))]
 

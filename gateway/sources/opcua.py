@@ -1,7 +1,12 @@
 """OPC UA servers (asyncua, the `[opcua]` extra; imported only when a device uses it). Read-only.
 
-Work in progress (issue 15): `mode: poll` reads every node of the device in one Read request per
-interval; `mode: subscribe` is to come. A value becomes the device's Sample like any other
+`mode: poll` reads every node of the device in one Read request per interval. `mode: subscribe`
+(the default) asks the server for a subscription publishing every `interval` (keep-alive at least
+every 3) and still makes one Sample per interval from the last values received (an unchanged
+value is current while the subscription lives); when it has gone quiet for 3 intervals the
+values are `stale`. A subscription
+that delivers nothing, not even a keep-alive, for 5 intervals (at least 2 timeouts) has stalled:
+the session is dropped and made again. A becomes the device's Sample like any other
 source: numbers and Booleans as numbers, a bad StatusCode as that tag's quality `error`, and the
 sample time the newest SourceTimestamp the server gave (else the time of the read).
 
@@ -23,7 +28,7 @@ from gateway.config import OpcUaDevice
 from gateway.credentials import read_secret
 from gateway.errors import SourceError
 from gateway.retry import backoff, down
-from gateway.sample import ERROR, OK, Sample
+from gateway.sample import ERROR, OK, STALE, Sample
 from gateway.sources.poll import PolledSource
 from gateway.supervise import within
 
@@ -39,6 +44,8 @@ class OpcUaSource(PolledSource):
         self._retry_at = 0.0
         self._rng = random.Random()
         self._reads: Any = None  # the ReadParameters of every node, built once per session
+        self._subscription: Any = None
+        self._latest: dict[str, Any] = {}  # node id -> its last DataValue, in subscribe mode
 
     async def _connected(self) -> Any:
         if self._client is not None:
@@ -76,23 +83,73 @@ class OpcUaSource(PolledSource):
             rv.AttributeId = ua.AttributeIds.Value  # type: ignore[attr-defined]
             params.NodesToRead.append(rv)
         self._client, self._reads = client, params
+        if device.mode == "subscribe":
+            try:
+                await self._subscribe(client)
+            except Exception as err:  # the server refused the subscription or a node: a fresh try later
+                await self.aclose()
+                self._retry_at = time.monotonic() + backoff(self._attempt, 0.5, 30.0, 0.3, self._rng)
+                self._attempt += 1
+                raise SourceError(f"{device.endpoint}: cannot subscribe ({_why(err)})") from None
         log.info("device %s: connected to %s", device.name, device.endpoint)
         return client
+
+    async def _subscribe(self, client: Any) -> None:
+        from asyncua import ua
+
+        device = self.device
+        params = ua.CreateSubscriptionParameters()
+        params.RequestedPublishingInterval = device.interval * 1000.0
+        params.RequestedMaxKeepAliveCount = 3
+        params.RequestedLifetimeCount = 30
+        params.PublishingEnabled = True
+        self._latest = {}
+        self._subscription = await within(client.create_subscription(params, _Handler(self._latest)),
+                                          device.timeout)
+        nodes = [client.get_node(n.node) for n in device.nodes]
+        results = await within(self._subscription.subscribe_data_change(nodes), device.timeout)
+        for node, result in zip(device.nodes, results if isinstance(results, list) else [results], strict=False):
+            if not isinstance(result, int):  # a StatusCode instead of a handle: the node is refused
+                self._latest[node.node] = _bad(str(getattr(result, "name", result)))
 
     async def read(self) -> Sample:
         client = await self._connected()
         device = self.device
+        if device.mode == "subscribe":
+            return self._from_subscription()
         try:
             results = await within(client.uaclient.read(self._reads), device.timeout)
         except Exception as err:  # the session or the connection is gone: a fresh client next time
             await self.aclose()
             raise SourceError(f"{device.endpoint}: read failed ({_why(err)}); reconnecting") from None
+        return self._sample(results)
+
+    def _from_subscription(self) -> Sample:
+        device = self.device
+        sub = self._subscription
+        quiet = max(5 * device.interval, 2 * device.timeout)
+        last = getattr(sub, "last_publish_at", None)
+        if last is not None and time.monotonic() - last > quiet:
+            asyncio.get_running_loop().create_task(self.aclose())
+            raise SourceError(f"{device.endpoint}: the subscription delivered nothing, not even a keep-alive, "
+                              f"for {quiet:g}s; reconnecting")
+        quiet_for = time.monotonic() - last if last is not None else 0.0
+        return self._sample([self._latest.get(n.node) for n in device.nodes], live=True,
+                            stale=quiet_for > 3 * device.interval)
+
+    def _sample(self, results: list[Any], live: bool = False, stale: bool = False) -> Sample:
+        device = self.device
         values: dict[str, float | None] = {}
         quality: dict[str, str] = {}
         problems: list[str] = []
         newest: float | None = None
+        now = time.time()
         for node, dv in zip(device.nodes, results, strict=False):
-            status = dv.StatusCode_ if hasattr(dv, "StatusCode_") else dv.StatusCode
+            if dv is None:  # subscribed, no value yet
+                problems.append(f"{node.name} ({node.node}): no value yet")
+                values[node.name], quality[node.name] = None, ERROR
+                continue
+            status = dv.StatusCode
             value = _number(dv.Value.Value if dv.Value is not None else None)
             if not status.is_good() or value is None:
                 why = status.name if not status.is_good() else "not a number"
@@ -104,14 +161,38 @@ class OpcUaSource(PolledSource):
                 stamp = dv.SourceTimestamp  # asyncua gives UTC, with or without tzinfo
                 ts = (stamp if stamp.tzinfo else stamp.replace(tzinfo=dt.timezone.utc)).timestamp()
                 newest = ts if newest is None else max(newest, ts)
+            if stale:  # the subscription has gone quiet: the last values, not current ones
+                quality[node.name] = STALE
+        if live:
+            newest = now  # one Sample per interval, at the time it is made: an unchanged value is current
         if problems and len(problems) == len(device.nodes):
             raise SourceError(f"{device.endpoint}: " + "; ".join(problems))
         return Sample(device.name, newest or time.time(), values, quality, "; ".join(problems) or None)
 
     async def aclose(self) -> None:
         client, self._client = self._client, None
+        self._subscription = None
         if client is not None:
             await _close(client)
+
+
+class _Handler:
+    """asyncua's data-change callback: keep each node's last DataValue."""
+
+    def __init__(self, latest: dict[str, Any]) -> None:
+        self.latest = latest
+
+    def datachange_notification(self, node: Any, val: Any, data: Any) -> None:
+        self.latest[node.nodeid.to_string()] = data.monitored_item.Value
+
+    def status_change_notification(self, status: Any) -> None:
+        pass
+
+
+def _bad(why: str) -> Any:
+    """A DataValue standing for a node the server refused to monitor."""
+    from asyncua import ua
+    return ua.DataValue(StatusCode=ua.StatusCode(ua.StatusCodes.BadNodeIdUnknown))  # type: ignore[attr-defined, arg-type]
 
 
 async def _close(client: Any) -> None:
