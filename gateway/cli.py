@@ -58,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     simulate.add_argument("--modbus-rtu", metavar="DEVICE", help="serial device, e.g. /dev/ttyUSB0 or a pty")
     simulate.add_argument("--opcua", metavar="HOST:PORT", help="serve the units as an OPC UA server "
                           "(opc.tcp://HOST:PORT/edge-gateway/sim/, nodes ns=2;s=UnitN.tag; the [opcua] extra)")
+    simulate.add_argument("--opcua-user", metavar="NAME", help="with --opcua: only this login opens a session")
+    simulate.add_argument("--opcua-password-file", metavar="FILE", help="its password")
     simulate.add_argument("--mqtt", metavar="HOST:PORT", help="also publish every unit's readings as JSON to "
                           "sim/unit{N}/state on this broker, like plant sensors")
     simulate.add_argument("--mqtt-user", help="MQTT user name (e.g. one made with edge-gateway broker-user)")
@@ -352,6 +354,7 @@ def outbox(args: argparse.Namespace) -> int:
 
 def simulate(args: argparse.Namespace) -> int:
     """`edge-gateway sim`: the simulated plant as Modbus PLCs, for testing an install without hardware."""
+    from gateway.credentials import read_secret
     from sim.plc import SimPlant, serve
 
     if not (args.modbus_tcp or args.modbus_rtu or args.mqtt or args.opcua):
@@ -369,7 +372,6 @@ def simulate(args: argparse.Namespace) -> int:
             host, port = args.opcua.rsplit(":", 1)
             opcua = (host, int(port))
         if args.mqtt:
-            from gateway.credentials import read_secret
             host, port = args.mqtt.rsplit(":", 1)
             mqtt = {"host": host, "port": int(port), "username": args.mqtt_user,
                     "password": read_secret(args.mqtt_password_file), "interval": args.mqtt_interval}
@@ -403,7 +405,9 @@ def simulate(args: argparse.Namespace) -> int:
           ", ".join(f"{u}={p}" for u, (p, _) in units.items()), flush=True)
     try:
         asyncio.run(serve(plant, tcp=tcp, rtu=args.modbus_rtu, baudrate=args.baudrate, parity=args.parity,
-                          stopbits=args.stopbits, truth_path=args.truth, mqtt=mqtt, opcua=opcua))
+                          stopbits=args.stopbits, truth_path=args.truth, mqtt=mqtt, opcua=opcua,
+                          opcua_login=(args.opcua_user, read_secret(args.opcua_password_file) or "")
+                          if args.opcua_user else None))
     except KeyboardInterrupt:
         pass
     except OSError as err:

@@ -24,15 +24,30 @@ def node_id(unit: int, tag: str, ns: int = 2) -> str:
     return f"ns={ns};s=Unit{unit}.{tag}"
 
 
-async def serve_opcua(plant: SimPlant, host: str, port: int, tick: float = 0.1) -> None:
-    """Serve the plant until cancelled (the plant is stepped by its own `run()`)."""
+async def serve_opcua(plant: SimPlant, host: str, port: int, tick: float = 0.1, user: str | None = None,
+                      password: str | None = None) -> None:
+    """Serve the plant until cancelled (the plant is stepped by its own `run()`); with `user`, only that
+    login (and its password) opens a session."""
     from asyncua import Server, ua
+    from asyncua.crypto.permission_rules import User, UserRole
+    from asyncua.server.user_managers import UserManager
 
-    server = Server()
+    login = (user, password)
+
+    class OneUser(UserManager):
+        def get_user(self, iserver: Any, username: str | None = None, password: str | None = None,
+                     certificate: Any = None) -> Any:
+            if login[0] is None:
+                return User(role=UserRole.User)
+            return User(role=UserRole.User, name=username) if (username, password) == login else None
+
+    server = Server(user_manager=OneUser())
     await server.init()
     server.set_endpoint(f"opc.tcp://{host}:{port}/edge-gateway/sim/")
     server.set_server_name("edge-gateway simulated plant")
     server.set_security_policy([ua.SecurityPolicyType.NoSecurity])
+    if user is not None:
+        server.set_security_IDs(["Username"])
     idx = await server.register_namespace(NAMESPACE)
     variables: list[tuple[int, Any, Any, Any]] = []  # (unit, tag entry, node, variant type)
     for unit_id, unit in plant.units.items():
@@ -65,6 +80,6 @@ def _typed(value: float, reg: Any, vtype: Any) -> Any:
     if vtype == ua.VariantType.Boolean:
         return bool(value)
     if vtype == ua.VariantType.Int64:
-        return int(round(value))
+        return round(value)
     return float(of_register(reg).shape(value) if reg.type in INTEGER_TYPES or reg.table in BIT_TABLES
                  else value)

@@ -89,3 +89,29 @@ def test_a_stalled_subscription_is_noticed_and_made_again(mosquitto, gateway, su
         server.send_signal(signal.SIGCONT)
         server.kill()
         server.wait(10)
+
+
+def test_a_login_with_a_wrong_password_is_refused_and_the_right_one_reads(mosquitto, gateway, subscribe, tmp_path):
+    port = free_port()
+    (tmp_path / "server.pass").write_text("s3cret-pw\n")
+    (tmp_path / "wrong.pass").write_text("not-it\n")
+    server = spawn([sys.executable, "-m", "gateway", "sim", "--opcua", f"127.0.0.1:{port}", "--opcua-user", "gw",
+                    "--opcua-password-file", str(tmp_path / "server.pass")], tmp_path / "opcua-sim.log", "a", env=ENV,
+                   cwd=ROOT)
+    try:
+        wait_until(lambda: listening(port) or server.poll() is not None, 30, what="the OPC UA server")
+        login = "    username: gw\n    password_file: {}\n    nodes:"
+        sub = subscribe(mosquitto.port, topic=f"{TOPIC}/#")
+        wrong = device(port).replace("    nodes:", login.format(tmp_path / "wrong.pass"), 1)
+        gw = gateway(gateway_config(tmp_path / "data", mosquitto.port, devices=wrong)).start()
+        wait_until(lambda: "device press1: read failed" in gw.logs(), 30, what="the refused login")
+        assert "cannot connect" in gw.logs() and "not-it" not in gw.logs()
+        assert gw.stop() == 0
+        right = device(port).replace("    nodes:", login.format(tmp_path / "server.pass"), 1)
+        gw = gateway(gateway_config(tmp_path / "data2", mosquitto.port, devices=right)).start()
+        wait_until(lambda: [t for t in sub.on("/press1/telemetry") if t["values"]["machine_status"] is not None], 30,
+                   what="data with the right password")
+        assert gw.stop() == 0 and "s3cret-pw" not in gw.logs()
+    finally:
+        server.kill()
+        server.wait(10)
