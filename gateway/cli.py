@@ -60,6 +60,8 @@ def _parser() -> argparse.ArgumentParser:
                           "(opc.tcp://HOST:PORT/edge-gateway/sim/, nodes ns=2;s=UnitN.tag; the [opcua] extra)")
     simulate.add_argument("--opcua-user", metavar="NAME", help="with --opcua: only this login opens a session")
     simulate.add_argument("--opcua-password-file", metavar="FILE", help="its password")
+    simulate.add_argument("--opcua-cert", nargs=2, metavar=("CERT", "KEY"),
+                          help="with --opcua: Basic256Sha256 SignAndEncrypt only, with this certificate and key")
     simulate.add_argument("--mqtt", metavar="HOST:PORT", help="also publish every unit's readings as JSON to "
                           "sim/unit{N}/state on this broker, like plant sensors")
     simulate.add_argument("--mqtt-user", help="MQTT user name (e.g. one made with edge-gateway broker-user)")
@@ -407,7 +409,7 @@ def simulate(args: argparse.Namespace) -> int:
         asyncio.run(serve(plant, tcp=tcp, rtu=args.modbus_rtu, baudrate=args.baudrate, parity=args.parity,
                           stopbits=args.stopbits, truth_path=args.truth, mqtt=mqtt, opcua=opcua,
                           opcua_login=(args.opcua_user, read_secret(args.opcua_password_file) or "")
-                          if args.opcua_user else None))
+                          if args.opcua_user else None, opcua_cert=tuple(args.opcua_cert) if args.opcua_cert else None))
     except KeyboardInterrupt:
         pass
     except OSError as err:

@@ -25,7 +25,7 @@ def node_id(unit: int, tag: str, ns: int = 2) -> str:
 
 
 async def serve_opcua(plant: SimPlant, host: str, port: int, tick: float = 0.1, user: str | None = None,
-                      password: str | None = None) -> None:
+                      password: str | None = None, cert: str | None = None, key: str | None = None) -> None:
     """Serve the plant until cancelled (the plant is stepped by its own `run()`); with `user`, only that
     login (and its password) opens a session."""
     from asyncua import Server, ua
@@ -45,7 +45,12 @@ async def serve_opcua(plant: SimPlant, host: str, port: int, tick: float = 0.1, 
     await server.init()
     server.set_endpoint(f"opc.tcp://{host}:{port}/edge-gateway/sim/")
     server.set_server_name("edge-gateway simulated plant")
-    server.set_security_policy([ua.SecurityPolicyType.NoSecurity])
+    if cert and key:  # Basic256Sha256 SignAndEncrypt only
+        await server.load_certificate(cert)
+        await server.load_private_key(key)
+        server.set_security_policy([ua.SecurityPolicyType.Basic256Sha256_SignAndEncrypt])
+    else:
+        server.set_security_policy([ua.SecurityPolicyType.NoSecurity])
     if user is not None:
         server.set_security_IDs(["Username"])
     idx = await server.register_namespace(NAMESPACE)

@@ -256,7 +256,7 @@ class _KnownUnitsOnly:
 async def serve(plant: SimPlant, *, tcp: tuple[str, int] | None = None, rtu: str | None = None,
                 baudrate: int = 19200, parity: str = "E", stopbits: int = 1, truth_path: str | None = None,
                 mqtt: dict | None = None, opcua: tuple[str, int] | None = None,
-                opcua_login: tuple[str, str] | None = None) -> None:
+                opcua_login: tuple[str, str] | None = None, opcua_cert: tuple[str, str] | None = None) -> None:
     """Serve the plant over Modbus TCP and/or RTU and OPC UA, and publish it over MQTT, until cancelled."""
     from pymodbus.server import ModbusSerialServer, ModbusTcpServer
 
@@ -285,7 +285,8 @@ async def serve(plant: SimPlant, *, tcp: tuple[str, int] | None = None, rtu: str
     if opcua:
         from sim.opcua import serve_opcua
         user, password = opcua_login or (None, None)
-        tasks.append(asyncio.create_task(serve_opcua(plant, *opcua, user=user, password=password)))
+        cert, key = opcua_cert or (None, None)
+        tasks.append(asyncio.create_task(serve_opcua(plant, *opcua, user=user, password=password, cert=cert, key=key)))
     tasks.append(asyncio.create_task(plant.run(truth_path=truth_path)))
     try:
         await asyncio.gather(*tasks)

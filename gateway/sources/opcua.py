@@ -64,6 +64,7 @@ class OpcUaSource(PolledSource):
         try:
             if device.security is not None:
                 sec = device.security
+                client.application_uri = _application_uri(sec.cert_file) or client.application_uri
                 await client.set_security_string(
                     f"{sec.policy},{sec.mode},{sec.cert_file},{sec.key_file}"
                     + (f",{sec.server_cert_file}" if sec.server_cert_file else ""))
@@ -111,6 +112,9 @@ class OpcUaSource(PolledSource):
         for node, result in zip(device.nodes, results if isinstance(results, list) else [results], strict=False):
             if not isinstance(result, int):  # a StatusCode instead of a handle: the node is refused
                 self._latest[node.node] = _bad(str(getattr(result, "name", result)))
+        deadline = time.monotonic() + device.timeout  # the initial values come with the first publish
+        while len(self._latest) < len(device.nodes) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
 
     async def read(self) -> Sample:
         client = await self._connected()
@@ -200,6 +204,21 @@ async def _close(client: Any) -> None:
         await within(client.disconnect(), 2.0)
     except Exception:  # a broken session may not close cleanly; the client is dropped anyway
         pass
+
+
+def _application_uri(cert_file: str) -> str | None:
+    """The URI in the gateway's certificate: the client must name itself by it (OPC 10000-4, 6.1.3)."""
+    from cryptography import x509
+
+    with open(cert_file, "rb") as fh:
+        data = fh.read()
+    cert = x509.load_pem_x509_certificate(data) if data.startswith(b"-----") else x509.load_der_x509_certificate(data)
+    try:
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return None
+    uris = names.get_values_for_type(x509.UniformResourceIdentifier)
+    return uris[0] if uris else None
 
 
 def _number(value: Any) -> float | None:
