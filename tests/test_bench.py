@@ -23,6 +23,7 @@ RUNS = [
     ("startup.py", "baseline:", "--seconds", "2"),
     ("scale.py", "bare µs", "--seconds", "0.5", "--max-devices", "10"),
     ("inference.py", "(same run)", "--seconds", "1"),
+    ("opcua.py", "baseline: modbus poll", "--seconds", "2"),
     ("fleet.py", "  old  reconnect after the broker is back", "--gateways", "1", "--outage", "2"),
     ("anomaly_eval.py", "scored by the plant-wide pump-ae", "--runs", "1", "--normal-hours", "0.1", "--own-hours", "0"),
 ]
