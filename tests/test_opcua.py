@@ -158,3 +158,66 @@ def test_basic256sha256_sign_and_encrypt_with_generated_certificates(mosquitto, 
     finally:
         server.kill()
         server.wait(10)
+
+
+COUNTING_SERVER = """
+import asyncio, sys, time
+from asyncua import Server, ua
+async def main(port, t0):
+    server = Server()
+    await server.init()
+    server.set_endpoint(f"opc.tcp://127.0.0.1:{port}/line/")
+    server.set_security_policy([ua.SecurityPolicyType.NoSecurity])
+    idx = await server.register_namespace("urn:test:line")
+    raw = await server.nodes.objects.add_variable(ua.NodeId("Line.produced_raw", idx), "produced_raw",
+                                                  ua.Variant(0, ua.VariantType.UInt32))
+    async with server:
+        while True:  # the PLC's counter: 20 a second since t0, whether or not this server runs
+            await raw.write_value(ua.Variant(int((time.time() - t0) * 20), ua.VariantType.UInt32))
+            await asyncio.sleep(0.05)
+asyncio.run(main(int(sys.argv[1]), float(sys.argv[2])))
+"""
+
+
+def test_counters_stay_exact_across_a_server_restart_while_the_plc_counts_on(mosquitto, gateway, subscribe, tmp_path):
+    import time
+
+    port, t0 = free_port(), time.time()
+
+    def server():
+        proc = spawn([sys.executable, "-c", COUNTING_SERVER, str(port), str(t0)], tmp_path / "line.log", "a", env=ENV,
+                     cwd=ROOT)
+        wait_until(lambda: listening(port) or proc.poll() is not None, 30, what="the counting server")
+        return proc
+
+    devices = f"""
+  - name: line1
+    source: opcua
+    endpoint: opc.tcp://127.0.0.1:{port}/line/
+    mode: poll
+    interval: 200ms
+    nodes: [{{name: produced_raw, node: "ns=2;s=Line.produced_raw"}}]
+    counters: [{{name: produced, register: produced_raw, bits: 32}}]
+"""
+    proc = server()
+    try:
+        sub = subscribe(mosquitto.port, topic=f"{TOPIC}/line1/#")
+        gw = gateway(gateway_config(tmp_path / "data", mosquitto.port, devices=devices)).start()
+        wait_until(lambda: len(sub.on("/telemetry")) > 5, 30, what="counts")
+        proc.kill()
+        proc.wait(10)
+        time.sleep(2)  # the PLC counts on while its OPC UA server is down
+        proc = server()
+        before = len(sub.on("/telemetry"))
+        wait_until(lambda: len([t for t in sub.on("/telemetry")[before:] if "quality" not in t]) > 5, 60,
+                   what="counts again")
+        assert gw.stop() == 0
+    finally:
+        proc.kill()
+        proc.wait(10)
+    telemetry = [t for t in sub.on("/telemetry") if "quality" not in t]
+    raw_at = {t["ts"]: t["values"]["produced_raw"] for t in telemetry}
+    last = sub.on("/counters")[-1]
+    assert last["counters"]["produced"]["total"] == raw_at[last["ts"]] - telemetry[0]["values"]["produced_raw"]
+    assert last["counters"]["produced"]["total"] > 60  # the counts made while the server was down are in it
+    assert "was reset" not in gw.logs() and "jumped" not in gw.logs()
