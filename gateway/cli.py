@@ -171,6 +171,12 @@ def run(path: str) -> int:
         return EX_CONFIG
     cfg, prepared = ready
     logs.setup(cfg.gateway.log_level)
+    if any(d.source == "opcua" for d in cfg.devices):
+        from gateway.sources.opcua import unknown_nodes  # asyncua only when a device uses it
+        problems = asyncio.run(unknown_nodes(cfg))
+        if problems:
+            print(configuration.ConfigError(path, problems, configuration.load_lines(path)), file=sys.stderr)
+            return EX_CONFIG
     return asyncio.run(_serve(cfg, path, prepared))
 
 

@@ -22,7 +22,7 @@ def opcua_server(tmp_path, port: int):
     return proc
 
 
-def device(port: int, mode: str = "poll") -> str:
+def device(port: int, mode: str = "poll", missing: bool = True) -> str:
     return f"""
   - name: press1
     source: opcua
@@ -34,25 +34,30 @@ def device(port: int, mode: str = "poll") -> str:
       - {{name: machine_status, node: "ns=2;s=Unit2.machine_status"}}
       - {{name: line_speed_m_min, node: "ns=2;s=Unit2.line_speed_m_min"}}
       - {{name: produced_raw, node: "ns=2;s=Unit2.produced_raw"}}
-      - {{name: missing, node: "ns=2;s=Unit2.no_such_tag"}}
-    counters: [{{name: produced, register: produced_raw, bits: 32}}]
+""" + ('      - {name: missing, node: "ns=2;s=Unit2.no_such_tag"}\n' if missing else "") + """\
+    counters: [{name: produced, register: produced_raw, bits: 32}]
 """
 
 
 @pytest.mark.parametrize("mode", ["poll", "subscribe"])
 def test_values_arrive_and_a_server_restart_is_survived(mosquitto, gateway, subscribe, tmp_path, mode):
+    """The gateway starts before its server: unreachable at start, so a node the server lacks is
+    found later, as that tag's error (a reachable server at start makes it a config error, below)."""
     port = free_port()
+    sub = subscribe(mosquitto.port, topic=f"{TOPIC}/#")
+    gw = gateway(gateway_config(tmp_path / "data", mosquitto.port, devices=device(port, mode))).start()
+    wait_until(lambda: "device press1: read failed" in gw.logs(), 30, what="the device error before the server")
     server = opcua_server(tmp_path, port)
     try:
-        sub = subscribe(mosquitto.port, topic=f"{TOPIC}/#")
-        gw = gateway(gateway_config(tmp_path / "data", mosquitto.port, devices=device(port, mode))).start()
-        wait_until(lambda: len(sub.on("/press1/telemetry")) > 5, 30, what="telemetry over OPC UA")
+        wait_until(lambda: len([t for t in sub.on("/press1/telemetry") if t["values"]["produced_raw"] is not None])
+                   > 5, 30, what="telemetry over OPC UA")
         last = sub.on("/press1/telemetry")[-1]
         assert last["values"]["machine_status"] in (1, 2, 3, 4) and last["values"]["produced_raw"] >= 0
         assert last["quality"] == {"missing": "error"}  # a node that does not exist: that tag's error
+        errors = gw.logs().count("device press1: read failed")
         server.kill()
         server.wait(10)
-        wait_until(lambda: "device press1: read failed" in gw.logs(), 30, what="the device error")
+        wait_until(lambda: gw.logs().count("device press1: read failed") > errors, 30, what="the device error")
         server = opcua_server(tmp_path, port)
         wait_until(lambda: gw.logs().count("connected to opc.tcp") >= 2, 60, what="a fresh session")
         before = len(sub.on("/press1/telemetry"))
@@ -74,7 +79,7 @@ def test_a_stalled_subscription_is_noticed_and_made_again(mosquitto, gateway, su
     server = opcua_server(tmp_path, port)
     try:
         sub = subscribe(mosquitto.port, topic=f"{TOPIC}/#")
-        gw = gateway(gateway_config(tmp_path / "data", mosquitto.port, devices=device(port, "subscribe"))).start()
+        gw = gateway(gateway_config(tmp_path / "data", mosquitto.port, devices=device(port, "subscribe", missing=False))).start()
         wait_until(lambda: len(sub.on("/press1/telemetry")) > 5, 30, what="telemetry")
         server.send_signal(signal.SIGSTOP)
         wait_until(lambda: "delivered nothing, not even a keep-alive" in gw.logs(), 30, what="the stall")
@@ -102,12 +107,12 @@ def test_a_login_with_a_wrong_password_is_refused_and_the_right_one_reads(mosqui
         wait_until(lambda: listening(port) or server.poll() is not None, 30, what="the OPC UA server")
         login = "    username: gw\n    password_file: {}\n    nodes:"
         sub = subscribe(mosquitto.port, topic=f"{TOPIC}/#")
-        wrong = device(port).replace("    nodes:", login.format(tmp_path / "wrong.pass"), 1)
+        wrong = device(port, missing=False).replace("    nodes:", login.format(tmp_path / "wrong.pass"), 1)
         gw = gateway(gateway_config(tmp_path / "data", mosquitto.port, devices=wrong)).start()
         wait_until(lambda: "device press1: read failed" in gw.logs(), 30, what="the refused login")
         assert "cannot connect" in gw.logs() and "not-it" not in gw.logs()
         assert gw.stop() == 0
-        right = device(port).replace("    nodes:", login.format(tmp_path / "server.pass"), 1)
+        right = device(port, missing=False).replace("    nodes:", login.format(tmp_path / "server.pass"), 1)
         gw = gateway(gateway_config(tmp_path / "data2", mosquitto.port, devices=right)).start()
         wait_until(lambda: [t for t in sub.on("/press1/telemetry") if t["values"]["machine_status"] is not None], 30,
                    what="data with the right password")
@@ -146,13 +151,13 @@ def test_basic256sha256_sign_and_encrypt_with_generated_certificates(mosquitto, 
         security = (f"    security: {{policy: Basic256Sha256, mode: SignAndEncrypt, cert_file: {client_cert}, "
                     f"key_file: {client_key}, server_cert_file: {server_cert}}}\n    nodes:")
         text = gateway_config(tmp_path / "data", mosquitto.port,
-                              devices=device(port, "subscribe").replace("    nodes:", security, 1))
+                              devices=device(port, "subscribe", missing=False).replace("    nodes:", security, 1))
         gw = gateway(text).start()
         wait_until(lambda: [t for t in sub.on("/press1/telemetry") if t["values"]["machine_status"] is not None], 30,
                    what="data over an encrypted session")
         assert gw.stop() == 0 and "Traceback" not in gw.logs()
         # Without security the same server refuses the session: the data above came encrypted.
-        plain = gateway(gateway_config(tmp_path / "data2", mosquitto.port, devices=device(port, "poll"))).start()
+        plain = gateway(gateway_config(tmp_path / "data2", mosquitto.port, devices=device(port, "poll", missing=False))).start()
         wait_until(lambda: "cannot connect" in plain.logs(), 30, what="the refused plain session")
         assert plain.stop() == 0
     finally:
@@ -221,3 +226,24 @@ def test_counters_stay_exact_across_a_server_restart_while_the_plc_counts_on(mos
     assert last["counters"]["produced"]["total"] == raw_at[last["ts"]] - telemetry[0]["values"]["produced_raw"]
     assert last["counters"]["produced"]["total"] > 60  # the counts made while the server was down are in it
     assert "was reset" not in gw.logs() and "jumped" not in gw.logs()
+
+
+def test_a_node_the_reachable_server_lacks_is_a_config_error_at_start(tmp_path):
+    import subprocess
+
+    port = free_port()
+    server = opcua_server(tmp_path, port)
+    try:
+        (tmp_path / "gateway.yaml").write_text(gateway_config(tmp_path / "data", free_port(), devices=device(port)))
+        result = subprocess.run([sys.executable, "-m", "gateway", "run", "-c", str(tmp_path / "gateway.yaml")],
+                                capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=60)
+        assert result.returncode == 78, result.stderr
+        assert "devices[0].nodes[3].node: device press1: opc.tcp://127.0.0.1:" in result.stderr
+        assert 'has no node "ns=2;s=Unit2.no_such_tag" (BadNodeIdUnknown)' in result.stderr
+        # check-config does not need the server: the syntax is right, so it passes.
+        check = subprocess.run([sys.executable, "-m", "gateway", "check-config", str(tmp_path / "gateway.yaml")],
+                               capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=60)
+        assert check.returncode == 0, check.stderr
+    finally:
+        server.kill()
+        server.wait(10)

@@ -1,6 +1,7 @@
 """The YAML contract: the schema (`schema`), the checks it is built from (`checks`), reading a file
 (`load`), and the checks that touch the world (`preflight`)."""
 
+from gateway.config.load import lines_of as load_lines
 from gateway.config.load import load, parse
 from gateway.config.preflight import Prepared, preflight
 from gateway.config.schema import (
@@ -67,6 +68,7 @@ __all__ = [
                                    "TlsSection",
                                    "UpstreamSection",
                                    "load",
+                                   "load_lines",
                                    "parse",
                                    "preflight",
 ]

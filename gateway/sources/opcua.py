@@ -180,6 +180,50 @@ class OpcUaSource(PolledSource):
             await _close(client)
 
 
+async def unknown_nodes(config: Any) -> list[tuple[str, str]]:
+    """At start: the node ids that a reachable server says it does not have (a config error: 78).
+
+    A server that cannot be reached now is not a config problem: its device starts in error and
+    a node it lacks becomes that tag's error, logged once, when it can be reached."""
+    from asyncua import ua
+    from asyncua.client.client import Client
+
+    async def check(i: int, device: Any) -> list[tuple[str, str]]:
+        client = Client(device.endpoint, timeout=device.timeout)
+        try:
+            if device.username and device.password_file:
+                client.set_user(device.username)
+                client.set_password(read_secret(device.password_file) or "")
+            if device.security is not None:
+                sec = device.security
+                client.application_uri = _application_uri(sec.cert_file) or client.application_uri
+                await client.set_security_string(f"{sec.policy},{sec.mode},{sec.cert_file},{sec.key_file}"
+                                                 + (f",{sec.server_cert_file}" if sec.server_cert_file else ""))
+            await within(client.connect(), device.timeout + 1.0)
+        except Exception:  # unreachable or refusing now: the device's own loop will say so
+            await _close(client)
+            return []
+        try:
+            params = ua.ReadParameters()
+            for node in device.nodes:
+                rv = ua.ReadValueId()
+                rv.NodeId = ua.NodeId.from_string(node.node)
+                rv.AttributeId = ua.AttributeIds.Value  # type: ignore[attr-defined]
+                params.NodesToRead.append(rv)
+            results = await within(client.uaclient.read(params), device.timeout)
+        except Exception:
+            return []
+        finally:
+            await _close(client)
+        return [(f"devices[{i}].nodes[{j}].node", f'device {device.name}: {device.endpoint} has no node "{node.node}" '
+                                                  f"({dv.StatusCode.name})")
+                for j, (node, dv) in enumerate(zip(device.nodes, results, strict=False))
+                if dv.StatusCode is not None and dv.StatusCode.name in ("BadNodeIdUnknown", "BadNodeIdInvalid")]
+
+    found = await asyncio.gather(*(check(i, d) for i, d in enumerate(config.devices) if d.source == "opcua"))
+    return [problem for problems in found for problem in problems]
+
+
 class _Handler:
     """asyncua's data-change callback: keep each node's last DataValue."""
 
