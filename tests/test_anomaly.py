@@ -190,3 +190,5 @@ def test_bearing_wear_raises_an_anomaly_event_and_a_normal_run_does_not(tmp_path
     modules = json.loads(report.read_text())
     assert "gateway.anomaly" in modules and any(m.startswith("ai_edge_litert") for m in modules)
     assert not [m for m in modules if m.split(".")[0] == "tensorflow"]
+    # Nor the optional protocols of other sources and formats, which this config does not use.
+    assert not [m for m in modules if m.split(".")[0] in ("asyncua", "amqtt") or m.startswith("google.protobuf")]

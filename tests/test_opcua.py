@@ -166,7 +166,7 @@ def test_basic256sha256_sign_and_encrypt_with_generated_certificates(mosquitto, 
 
 
 COUNTING_SERVER = """
-import asyncio, sys, time
+import asyncio, datetime, sys, time
 from asyncua import Server, ua
 async def main(port, t0):
     server = Server()
@@ -178,7 +178,9 @@ async def main(port, t0):
                                                   ua.Variant(0, ua.VariantType.UInt32))
     async with server:
         while True:  # the PLC's counter: 20 a second since t0, whether or not this server runs
-            await raw.write_value(ua.Variant(int((time.time() - t0) * 20), ua.VariantType.UInt32))
+            count = int((time.time() - t0) * 20)
+            stamp = datetime.datetime.fromtimestamp(t0 + count / 20, datetime.timezone.utc)  # when it counted
+            await raw.write_value(ua.DataValue(ua.Variant(count, ua.VariantType.UInt32), SourceTimestamp=stamp))
             await asyncio.sleep(0.05)
 asyncio.run(main(int(sys.argv[1]), float(sys.argv[2])))
 """
@@ -226,6 +228,10 @@ def test_counters_stay_exact_across_a_server_restart_while_the_plc_counts_on(mos
     assert last["counters"]["produced"]["total"] == raw_at[last["ts"]] - telemetry[0]["values"]["produced_raw"]
     assert last["counters"]["produced"]["total"] > 60  # the counts made while the server was down are in it
     assert "was reset" not in gw.logs() and "jumped" not in gw.logs()
+    # The sample time is the server's SourceTimestamp: the moment of each count, to the millisecond.
+    from gateway.recording import parse_time
+    for t in telemetry:
+        assert abs(parse_time(t["ts"]) - (t0 + t["values"]["produced_raw"] / 20)) < 0.002, t
 
 
 def test_a_node_the_reachable_server_lacks_is_a_config_error_at_start(tmp_path):
