@@ -83,8 +83,8 @@ class GatewaySection:
             return []
         try:
             ZoneInfo(v["timezone"])
-        except (ZoneInfoNotFoundError, ValueError):
-            return [("timezone", f'expected an IANA time zone such as "Europe/Berlin", got "{v["timezone"]}"')]
+        except (ZoneInfoNotFoundError, ValueError, OSError):  # OSError: a name too long for a file (tzdata)
+            return [("timezone", f'expected an IANA time zone such as "Europe/Berlin", got {found(v["timezone"])}')]
         return []
 
 
