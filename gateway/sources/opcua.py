@@ -1,14 +1,15 @@
 """OPC UA servers (asyncua, the `[opcua]` extra; imported only when a device uses it). Read-only.
 
-`mode: poll` reads every node of the device in one Read request per interval. `mode: subscribe`
-(the default) asks the server for a subscription publishing every `interval` (keep-alive at least
-every 3) and still makes one Sample per interval from the last values received (an unchanged
-value is current while the subscription lives); when it has gone quiet for 3 intervals the
-values are `stale`. A subscription
-that delivers nothing, not even a keep-alive, for 5 intervals (at least 2 timeouts) has stalled:
-the session is dropped and made again. A becomes the device's Sample like any other
-source: numbers and Booleans as numbers, a bad StatusCode as that tag's quality `error`, and the
-sample time the newest SourceTimestamp the server gave (else the time of the read).
+A value becomes the device's Sample like any other source: numbers and Booleans as numbers, a
+bad StatusCode as that tag's quality `error`.
+
+- `mode: poll` reads every node of the device in one Read request per interval; the sample
+  time is the newest SourceTimestamp the server gave (else the time of the read).
+- `mode: subscribe` (the default) asks for a subscription publishing every `interval`
+  (keep-alive at least every 3) and still makes one Sample per interval, from the last values
+  received, at the time it is made: an unchanged value is current while the subscription lives.
+  Quiet for 3 intervals, the values are `stale`; for 5 (at least 2 timeouts), not even a
+  keep-alive, the subscription has stalled and the session is dropped and made again.
 
 A failure stays with the device: an endpoint that cannot be reached, a session lost, a read that
 times out. Each reconnect makes a fresh client (a broken one is never reused), after a jittered
@@ -53,22 +54,10 @@ class OpcUaSource(PolledSource):
         now = time.monotonic()
         if now < self._retry_at:
             raise SourceError(f"{self.device.endpoint}: not connected, next attempt in {self._retry_at - now:.1f}s")
-        from asyncua import ua
-        from asyncua.client.client import Client
-
         device = self.device
-        client = Client(device.endpoint, timeout=device.timeout)
-        if device.username and device.password_file:
-            client.set_user(device.username)
-            client.set_password(read_secret(device.password_file) or "")
+        client = _client(device)
         try:
-            if device.security is not None:
-                sec = device.security
-                client.application_uri = _application_uri(sec.cert_file) or client.application_uri
-                await client.set_security_string(
-                    f"{sec.policy},{sec.mode},{sec.cert_file},{sec.key_file}"
-                    + (f",{sec.server_cert_file}" if sec.server_cert_file else ""))
-            await within(client.connect(), device.timeout + 1.0)
+            await _connect(client, device)
         except Exception as err:  # asyncua raises OSError, TimeoutError, ua.UaError and its own on a failed connect
             reached = not isinstance(err, (OSError, asyncio.TimeoutError))
             self._retry_at = time.monotonic() + (backoff(self._attempt, 0.5, 30.0, 0.3, self._rng) if reached
@@ -77,13 +66,7 @@ class OpcUaSource(PolledSource):
             await _close(client)
             raise SourceError(f"{device.endpoint}: cannot connect ({_why(err)})") from None
         self._attempt = 0
-        params = ua.ReadParameters()
-        for node in device.nodes:
-            rv = ua.ReadValueId()
-            rv.NodeId = ua.NodeId.from_string(node.node)
-            rv.AttributeId = ua.AttributeIds.Value  # type: ignore[attr-defined]
-            params.NodesToRead.append(rv)
-        self._client, self._reads = client, params
+        self._client, self._reads = client, _read_all(device)
         if device.mode == "subscribe":
             try:
                 await self._subscribe(client)
@@ -185,32 +168,15 @@ async def unknown_nodes(config: Any) -> list[tuple[str, str]]:
 
     A server that cannot be reached now is not a config problem: its device starts in error and
     a node it lacks becomes that tag's error, logged once, when it can be reached."""
-    from asyncua import ua
-    from asyncua.client.client import Client
-
     async def check(i: int, device: Any) -> list[tuple[str, str]]:
-        client = Client(device.endpoint, timeout=device.timeout)
+        client = _client(device)
         try:
-            if device.username and device.password_file:
-                client.set_user(device.username)
-                client.set_password(read_secret(device.password_file) or "")
-            if device.security is not None:
-                sec = device.security
-                client.application_uri = _application_uri(sec.cert_file) or client.application_uri
-                await client.set_security_string(f"{sec.policy},{sec.mode},{sec.cert_file},{sec.key_file}"
-                                                 + (f",{sec.server_cert_file}" if sec.server_cert_file else ""))
-            await within(client.connect(), device.timeout + 1.0)
+            await _connect(client, device)
         except Exception:  # unreachable or refusing now: the device's own loop will say so
             await _close(client)
             return []
         try:
-            params = ua.ReadParameters()
-            for node in device.nodes:
-                rv = ua.ReadValueId()
-                rv.NodeId = ua.NodeId.from_string(node.node)
-                rv.AttributeId = ua.AttributeIds.Value  # type: ignore[attr-defined]
-                params.NodesToRead.append(rv)
-            results = await within(client.uaclient.read(params), device.timeout)
+            results = await within(client.uaclient.read(_read_all(device)), device.timeout)
         except Exception:
             return []
         finally:
@@ -241,6 +207,40 @@ def _bad(why: str) -> Any:
     """A DataValue standing for a node the server refused to monitor."""
     from asyncua import ua
     return ua.DataValue(StatusCode=ua.StatusCode(ua.StatusCodes.BadNodeIdUnknown))  # type: ignore[attr-defined, arg-type]
+
+
+def _client(device: OpcUaDevice) -> Any:
+    """A fresh asyncua client for the device, with its login (a broken client is never reused)."""
+    from asyncua.client.client import Client
+
+    client = Client(device.endpoint, timeout=device.timeout)
+    if device.username and device.password_file:
+        client.set_user(device.username)
+        client.set_password(read_secret(device.password_file) or "")
+    return client
+
+
+async def _connect(client: Any, device: OpcUaDevice) -> None:
+    """Security (naming the client by its certificate's URI), then the session, within the timeout."""
+    if device.security is not None:
+        sec = device.security
+        client.application_uri = _application_uri(sec.cert_file) or client.application_uri
+        await client.set_security_string(f"{sec.policy},{sec.mode},{sec.cert_file},{sec.key_file}"
+                                         + (f",{sec.server_cert_file}" if sec.server_cert_file else ""))
+    await within(client.connect(), device.timeout + 1.0)
+
+
+def _read_all(device: OpcUaDevice) -> Any:
+    """One Read request for the value of every node of the device."""
+    from asyncua import ua
+
+    params = ua.ReadParameters()
+    for node in device.nodes:
+        rv = ua.ReadValueId()
+        rv.NodeId = ua.NodeId.from_string(node.node)
+        rv.AttributeId = ua.AttributeIds.Value  # type: ignore[attr-defined]
+        params.NodesToRead.append(rv)
+    return params
 
 
 async def _close(client: Any) -> None:

@@ -54,6 +54,9 @@ class SparkplugUplink(Uplink):
         self.seq = 0
         self.dead: set[str] = set()  # devices announced dead (DDEATH) in this session
         self.last: dict[str, dict[str, Any]] = {d: {} for d in self.metrics.devices}  # for births
+        # What this session's host has been told, per device: DDATA carries what differs from it. Emptied
+        # at every birth, so that rows sent again after a reconnect go out whole, never "unchanged".
+        self.told: dict[str, dict[str, Any]] = {d: {} for d in self.metrics.devices}
         self._batches: dict[int, list[tuple[int, int]]] = {}
         self._refused: set[str] = set()
         self.host = sp.primary_host_id if sp is not None else None
@@ -124,6 +127,7 @@ class SparkplugUplink(Uplink):
         """NBIRTH (seq 0) and one DBIRTH per device that is not dead, every metric with its current value."""
         now = _ms(time.time())
         self.seq = 0
+        self.told = {d: {} for d in self.metrics.devices}
         node = self.metrics.node
         values = [(node[metrics.BDSEQ], self.bdseq), (node[metrics.REBIRTH], False),
                   *((node[name], None) for name, _ in HEALTH_METRICS)]
@@ -250,9 +254,10 @@ class SparkplugUplink(Uplink):
                 values[f"counters/{name}/total"], values[f"counters/{name}/shift"] = c["total"], c["shift"]
         elif kind == "anomaly":
             values["anomaly/active"] = doc["event"] == "start"
-        last = self.last[device]
-        changed = [(known[name], v) for name, v in values.items() if name in known and (name not in last or last[name] != v)]
-        last.update(values)
+        told = self.told[device]
+        changed = [(known[name], v) for name, v in values.items() if name in known and (name not in told or told[name] != v)]
+        self.last[device].update(values)
+        told.update(values)
         if device in self.dead:  # a good reading: born again, with these values; nothing else while dead
             if kind != "telemetry":
                 return []
