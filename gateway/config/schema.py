@@ -400,14 +400,11 @@ class DeviceBase:
         reason_tag = part(oee, "reason_tag") if oee is not None else None
         if tags and reason_tag is not None and reason_tag not in tags:
             problems.append(("oee.reason_tag", _one_of_tags(tags, reason_tag)))
-        names: set[str] = set()
+        problems += _duplicate_names(items(v["alarms"]), "alarms", "alarm")
         for i, alarm in enumerate(items(v["alarms"])):
-            tag, name = part(alarm, "tag"), part(alarm, "name")
+            tag = part(alarm, "tag")
             if tags and tag is not None and tag not in tags:
                 problems.append((f"alarms[{i}].tag", _one_of_tags(tags, tag)))
-            if name is not None and name in names:
-                problems.append((f"alarms[{i}].name", f'duplicate alarm name "{name}"'))
-            names.add(name)
             if part(alarm, "with_anomaly") and v["model"] is None and v.ok("model"):
                 problems.append((f"alarms[{i}].with_anomaly", "needs an anomaly model on this device (model:)"))
         deadband = part(v["publish"], "deadband")
@@ -415,6 +412,19 @@ class DeviceBase:
             if tags and tag not in tags:
                 problems.append((f"publish.deadband.{tag}", f"expected one of this device's tags ({', '.join(tags)})"))
         return problems
+
+
+def _duplicate_names(entries: tuple[Any, ...], field: str, what: str) -> list[Problem]:
+    """`{field}[i].name` for each entry whose name an earlier entry already has."""
+    problems: list[Problem] = []
+    seen: set[str] = set()
+    for i, entry in enumerate(entries):
+        name = part(entry, "name")
+        if name is not None and name in seen:
+            problems.append((f"{field}[{i}].name", f'duplicate {what} name "{name}"'))
+        if name is not None:
+            seen.add(name)
+    return problems
 
 
 def _placeholders_only(text: str, names: tuple[str, ...]) -> bool:
@@ -440,15 +450,8 @@ def _tags(cls: type, v: Any) -> tuple[str, ...]:
 
 
 def _register_rules(v: Fields) -> list[Problem]:
-    problems: list[Problem] = []
-    seen: set[str] = set()
     regs = items(v["registers"])
-    for i, reg in enumerate(regs):
-        name = part(reg, "name")
-        if name in seen:
-            problems.append((f"registers[{i}].name", f'duplicate tag name "{name}"'))
-        if name is not None:
-            seen.add(name)
+    problems = _duplicate_names(regs, "registers", "tag")
     placed = [(i, r) for i, r in enumerate(regs) if isinstance(r, RegisterSection)]
     for i, reg in placed:
         first, last = _span(reg)
@@ -556,13 +559,7 @@ class OpcUaDevice(DeviceBase):
 
     @classmethod
     def rules(cls, v: Fields) -> list[Problem]:
-        problems: list[Problem] = []
-        seen: set[str] = set()
-        for i, node in enumerate(items(v["nodes"])):
-            name = part(node, "name")
-            if name is not None and name in seen:
-                problems.append((f"nodes[{i}].name", f'duplicate tag name "{name}"'))
-            seen.add(name)
+        problems = _duplicate_names(items(v["nodes"]), "nodes", "tag")
         if v.ok("username", "password_file") and bool(v["username"]) != bool(v["password_file"]):
             problems.append(("password_file" if v["username"] else "username",
                              "username and password_file go together"))
@@ -644,13 +641,7 @@ class Config:
 
     @staticmethod
     def rules(v: Fields) -> list[Problem]:
-        problems: list[Problem] = []
-        names: set[str] = set()
-        for i, dev in enumerate(items(v["devices"])):
-            name = part(dev, "name")
-            if name is not None and name in names:
-                problems.append((f"devices[{i}].name", f'duplicate device name "{name}"'))
-            names.add(name)
+        problems = _duplicate_names(items(v["devices"]), "devices", "device")
         starts: list[str] = []
         for i, shift in enumerate(items(v["shifts"])):
             start = part(shift, "start")

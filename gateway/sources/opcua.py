@@ -94,7 +94,7 @@ class OpcUaSource(PolledSource):
         results = await within(self._subscription.subscribe_data_change(nodes), device.timeout)
         for node, result in zip(device.nodes, results if isinstance(results, list) else [results], strict=False):
             if not isinstance(result, int):  # a StatusCode instead of a handle: the node is refused
-                self._latest[node.node] = _bad(str(getattr(result, "name", result)))
+                self._latest[node.node] = _refused()
         deadline = time.monotonic() + device.timeout  # the initial values come with the first publish
         while len(self._latest) < len(device.nodes) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
@@ -203,7 +203,7 @@ class _Handler:
         pass
 
 
-def _bad(why: str) -> Any:
+def _refused() -> Any:
     """A DataValue standing for a node the server refused to monitor."""
     from asyncua import ua
     return ua.DataValue(StatusCode=ua.StatusCode(ua.StatusCodes.BadNodeIdUnknown))  # type: ignore[attr-defined, arg-type]
