@@ -23,7 +23,7 @@ import time
 from types import TracebackType
 from typing import IO, Any
 
-from gateway import __version__, contract, health
+from gateway import __version__, contract, report
 from gateway import config as configuration
 from gateway.config import Config, LocalBrokerSection, Prepared
 from gateway.contract import Topics
@@ -42,7 +42,7 @@ from gateway.uplink import Uplink
 log = logging.getLogger("edge_gateway")
 
 STORE_FILE = "gateway.db"
-STATE_FILE = health.STATE_FILE
+STATE_FILE = report.STATE_FILE
 DRAIN_LIMIT = 10.0  # seconds the whole shutdown drain may take
 FLUSH_LIMIT = 5.0  # of which, delivering what is in flight
 
@@ -202,7 +202,7 @@ class Gateway:
         await self.uplink.stop(flush_timeout=FLUSH_LIMIT)
         await sup.stop("uplink")
         self.outbox.commit()  # the last acknowledgements
-        health.write_state(self.config.gateway.data_dir, self.health(), self.devices)
+        report.write_state(self.config.gateway.data_dir, self.health(), self.devices)
 
     # -- devices ------------------------------------------------------------------------------
     def _start_devices(self) -> None:
@@ -229,11 +229,11 @@ class Gateway:
         return contract.status(state, self.config.gateway.id, __version__, self.started, devices)
 
     def health(self) -> dict[str, Any]:
-        return health.report(self.config.gateway.id, self.started, self.outbox, self.uplink, self.devices,
+        return report.report(self.config.gateway.id, self.started, self.outbox, self.uplink, self.devices,
                              history=self._history)
 
     def status_line(self) -> str:
-        return health.status_line(self.devices, self.outbox, self.uplink)
+        return report.status_line(self.devices, self.outbox, self.uplink)
 
     # -- timers -------------------------------------------------------------------------------
     async def _commit_loop(self) -> None:
@@ -251,9 +251,9 @@ class Gateway:
     async def _health_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.gateway.health_interval)
-            report = self.health()
-            self.uplink.publish_live(self.topics.health, contract.health(report))
-            health.write_state(self.config.gateway.data_dir, report, self.devices)
+            latest = self.health()
+            self.uplink.publish_live(self.topics.health, contract.health(latest))
+            report.write_state(self.config.gateway.data_dir, latest, self.devices)
             self.notifier.status(self.status_line())
 
     async def _watchdog_loop(self) -> None:

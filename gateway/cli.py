@@ -214,7 +214,7 @@ def status(path: str, as_json: bool) -> int:
     cfg = _load(path)
     if cfg is None:
         return EX_CONFIG
-    from gateway.health import STATE_FILE
+    from gateway.report import STATE_FILE
 
     state_path = os.path.join(cfg.gateway.data_dir, STATE_FILE)
     try:

@@ -238,7 +238,7 @@ def status(state: str, gateway_id: str, version: str, started: float,
 
 
 def health(report: Mapping[str, Any]) -> bytes:
-    """The health message (built by `health.py`, which owns its fields)."""
+    """The health message (built by `report.py`, which owns its fields)."""
     return encode(dict(report))
 
 

@@ -1,33 +1,20 @@
-"""Health: each device's state (logged once per change), the gateway's health report and state file.
+"""A device's health: its state, logged once per change, and its counts of polls and errors.
 
 A device is `starting`, `ok`, `degraded` (some tags bad) or `error` (reads fail). A change of
 state is logged once, keyed on the *kind* of problem rather than its details, and once on
-recovery. The report is what `{root}/health` carries and what `edge-gateway status` reads
-from the state file, so an operator sees the same figures with or without a broker.
+recovery. The gateway-wide report that gathers every device's is `gateway/report.py`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from gateway.logs import fields
-from gateway.units import rfc3339
 
-if TYPE_CHECKING:
-    from gateway.device import DeviceRunner
-    from gateway.history import History
-    from gateway.outbox import Outbox
-    from gateway.uplink import Uplink
-
-log = logging.getLogger("edge_gateway.device")
-
-STATE_FILE = "state.json"
+log = logging.getLogger("edge_gateway.health")
 
 
 @dataclass
@@ -77,55 +64,3 @@ class DeviceHealth:
         else:
             log.info("device %s: first sample read, all tags ok", self.name, extra=extra)
         self.on_change()
-
-
-def report(gateway_id: str, started: float, outbox: Outbox, uplink: Uplink, devices: Sequence[DeviceRunner],
-           now: float | None = None, history: History | None = None) -> dict[str, Any]:
-    """The health report: backlog, drops, store errors, upstream, each device, inference latency."""
-    now = time.time() if now is None else now
-    store, up = outbox.stats, uplink.stats
-    latencies = sorted(us for r in devices if r.scoring is not None for us in r.scoring.take_latency())
-    health: dict[str, Any] = {
-        "ts": rfc3339(now),
-        "gateway_id": gateway_id,
-        "uptime_s": round(now - started, 1),
-        "backlog": {"messages": store.messages, "bytes": store.bytes,
-                    "oldest_age_s": round(outbox.oldest_age(), 1), "uncommitted": outbox.pending},
-        "dropped": store.dropped,
-        "store_errors": store.write_errors,
-        "store_error": store.last_error,
-        "upstream": {"connected": up.connected, "reconnects": up.reconnects, "published": up.published,
-                     "acked": up.acked, "publish_rate": round(uplink.publish_rate(), 2),
-                     "last_ack": rfc3339(up.last_ack) if up.last_ack else None, "last_error": up.last_error},
-        "devices": {r.name: r.health_report() for r in devices},
-    }
-    if history is not None:
-        health["history"] = {"devices": sorted(history.bounds), "dropped": history.dropped, "error": history.failing}
-    if latencies:
-        health["inference_us"] = {"windows": len(latencies), "mean": round(sum(latencies) / len(latencies), 1),
-                                  "p95": round(latencies[int(0.95 * (len(latencies) - 1))], 1),
-                                  "max": round(latencies[-1], 1)}
-    return health
-
-
-def write_state(data_dir: str, health: dict[str, Any], devices: Iterable[DeviceRunner]) -> None:
-    """The local state file read by `edge-gateway status` (no broker needed): the report plus counters."""
-    health = {**health, "counters": {r.name: {name: {"total": row.total, "shift": row.shift_total,
-                                                     "shift_id": row.shift_id}
-                                              for name, row in r.counting.rows.items()} for r in devices}}
-    path = os.path.join(data_dir, STATE_FILE)
-    try:
-        with open(path + ".tmp", "w", encoding="utf-8") as fh:
-            json.dump(health, fh, indent=1)
-        os.replace(path + ".tmp", path)
-    except OSError as err:  # a full disk must not stop the health loop
-        log.debug("cannot write %s: %s", path, err)
-
-
-def status_line(devices: Sequence[DeviceRunner], outbox: Outbox, uplink: Uplink) -> str:
-    """One line for systemd's STATUS=: devices ok, backlog, upstream."""
-    ok = sum(1 for r in devices if r.health.state == "ok")
-    up = uplink.stats
-    age = f"{time.time() - up.last_ack:.0f}s ago" if up.last_ack else "never"
-    return (f"{ok}/{len(devices)} devices ok, backlog {outbox.stats.messages} msgs, upstream "
-            f"{'connected' if up.connected else 'NOT connected'}, last publish {age}")

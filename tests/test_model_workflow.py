@@ -18,8 +18,8 @@ pytestmark = pytest.mark.slow
 pytest.importorskip("ai_edge_litert")
 pytest.importorskip("tensorflow")
 
-from gateway.health import STATE_FILE  # noqa: E402
 from gateway.recording import write_csv  # noqa: E402
+from gateway.report import STATE_FILE  # noqa: E402
 from sim.pump import TAGS  # noqa: E402
 from sim.scenarios import run  # noqa: E402
 
