@@ -23,7 +23,7 @@ import time
 from types import TracebackType
 from typing import IO, Any
 
-from gateway import __version__, contract, report
+from gateway import __version__, contract, datadir, report
 from gateway import config as configuration
 from gateway.config import Config, LocalBrokerSection, Prepared
 from gateway.contract import Topics
@@ -41,7 +41,7 @@ from gateway.uplink import Uplink
 
 log = logging.getLogger("edge_gateway")
 
-STORE_FILE = "gateway.db"
+STORE_FILE = datadir.OUTBOX
 STATE_FILE = report.STATE_FILE
 DRAIN_LIMIT = 10.0  # seconds the whole shutdown drain may take
 FLUSH_LIMIT = 5.0  # of which, delivering what is in flight
@@ -127,7 +127,7 @@ class Gateway:
                         for d in config.devices]
         if uplink and config.upstream.format == "sparkplug_b":
             from gateway.sparkplug.uplink import SparkplugUplink  # protobuf only when Sparkplug is used
-            self._uplink = SparkplugUplink(config, self.outbox, state_path=os.path.join(gw.data_dir, "sparkplug.json"),
+            self._uplink = SparkplugUplink(config, self.outbox, state_path=datadir.path(gw.data_dir, datadir.SPARKPLUG),
                                            scored={d.name: d.model is not None for d in config.devices})
         elif uplink:
             self._uplink = Uplink(config.upstream, self.outbox, client_id=config.upstream.client_id or gw.id,

@@ -21,11 +21,12 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from gateway import datadir
 from gateway.sample import OK, Sample
 
 log = logging.getLogger("edge_gateway.history")
 
-FILE = "history.db"
+FILE = datadir.HISTORY
 ROW_OVERHEAD = 40  # bytes per row beside its values: rowid, series, time, record and index entry
 
 _SCHEMA = """

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from gateway import contract
+from gateway import contract, datadir
 from gateway.counters import CounterRow
 from gateway.logs import fields
 
@@ -401,7 +401,7 @@ def held(data_dir: str) -> bool | None:
     import fcntl
 
     try:
-        fh = open(os.path.join(data_dir, "gateway.lock"))  # read-only: any user who may read the state
+        fh = open(datadir.path(data_dir, datadir.LOCK))  # read-only: any user who may read the state
     except FileNotFoundError:
         return False
     except OSError:
@@ -421,7 +421,7 @@ def lock(data_dir: str) -> IO[str] | None:
     import fcntl
 
     os.makedirs(data_dir, exist_ok=True)
-    fh = open(os.path.join(data_dir, "gateway.lock"), "a+")
+    fh = open(datadir.path(data_dir, datadir.LOCK), "a+")
     try:
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from gateway import datadir
 from gateway.units import rfc3339
 
 if TYPE_CHECKING:
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("edge_gateway.report")
 
-STATE_FILE = "state.json"
+STATE_FILE = datadir.STATE
 
 
 def report(gateway_id: str, started: float, outbox: Outbox, uplink: Uplink, devices: Sequence[DeviceRunner],
