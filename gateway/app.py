@@ -41,8 +41,6 @@ from gateway.uplink import Uplink
 
 log = logging.getLogger("edge_gateway")
 
-STORE_FILE = datadir.OUTBOX
-STATE_FILE = report.STATE_FILE
 DRAIN_LIMIT = 10.0  # seconds the whole shutdown drain may take
 FLUSH_LIMIT = 5.0  # of which, delivering what is in flight
 
@@ -75,7 +73,7 @@ class Gateway:
         if self._lock is None:
             raise AlreadyRunning(f"another edge-gateway is running with data_dir {gw.data_dir}")
         try:
-            self._outbox = Outbox.open(os.path.join(gw.data_dir, STORE_FILE), bounds=_bounds(self.config),
+            self._outbox = Outbox.open(datadir.path(gw.data_dir, datadir.OUTBOX), bounds=_bounds(self.config),
                                   sync=self.config.outbox.sync)
         except BaseException:
             self._lock.close()

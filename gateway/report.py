@@ -25,9 +25,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("edge_gateway.report")
 
-STATE_FILE = datadir.STATE
-
-
 def report(gateway_id: str, started: float, outbox: Outbox, uplink: Uplink, devices: Sequence[DeviceRunner],
            now: float | None = None, history: History | None = None) -> dict[str, Any]:
     """The health report: backlog, drops, store errors, upstream, each device, inference latency."""
@@ -62,7 +59,7 @@ def write_state(data_dir: str, health: dict[str, Any], devices: Iterable[DeviceR
     health = {**health, "counters": {r.name: {name: {"total": row.total, "shift": row.shift_total,
                                                      "shift_id": row.shift_id}
                                               for name, row in r.counting.rows.items()} for r in devices}}
-    path = os.path.join(data_dir, STATE_FILE)
+    path = datadir.path(data_dir, datadir.STATE)
     try:
         with open(path + ".tmp", "w", encoding="utf-8") as fh:
             json.dump(health, fh, indent=1)

@@ -18,8 +18,8 @@ pytestmark = pytest.mark.slow
 pytest.importorskip("ai_edge_litert")
 pytest.importorskip("tensorflow")
 
+from gateway import datadir  # noqa: E402
 from gateway.recording import write_csv  # noqa: E402
-from gateway.report import STATE_FILE  # noqa: E402
 from sim.pump import TAGS  # noqa: E402
 from sim.scenarios import run  # noqa: E402
 
@@ -44,7 +44,7 @@ def test_record_export_train_score_deploy(tmp_path, mosquitto, gateway, subscrib
     wait_until(lambda: (tmp_path / "data" / "history.db").exists(), 20, what="history.db")
     wait_until(lambda: len(exported(gw.config, "pump1", tmp_path / "a.csv")) > 400, 60, what="400 samples recorded")
     before = exported(gw.config, "pump1", tmp_path / "a.csv")
-    state = tmp_path / "data" / STATE_FILE
+    state = tmp_path / "data" / datadir.STATE
     health = wait_until(lambda: state.exists() and json.loads(state.read_text()).get("history"), 20,
                         what="history in the health report")
     assert health == {"devices": ["pump1"], "dropped": 0, "error": None}
