@@ -253,3 +253,87 @@ def test_a_node_the_reachable_server_lacks_is_a_config_error_at_start(tmp_path):
     finally:
         server.kill()
         server.wait(10)
+
+
+# In-process: an asyncua server and the gateway's own OpcUaSource in one event loop.
+
+def opcua_device(port: int, nodes: str, mode: str = "subscribe", extra: str = ""):
+    from gateway.config import parse
+    text = gateway_config(ROOT / "unused", 1883, devices=f"""
+  - name: press1
+    source: opcua
+    endpoint: opc.tcp://127.0.0.1:{port}/t/
+    mode: {mode}
+    interval: 200ms
+    timeout: 2s
+{extra}    nodes:
+{nodes}""")
+    return parse(text).devices[0]
+
+
+def with_server(body):
+    """Run `body(server, variables, port)` against an asyncua server with ns=2;s=T.a and ns=2;s=T.b (UInt32)."""
+    import asyncio
+
+    from asyncua import Server, ua
+
+    async def main():
+        port = free_port()
+        server = Server()
+        await server.init()
+        server.set_endpoint(f"opc.tcp://127.0.0.1:{port}/t/")
+        server.set_security_policy([ua.SecurityPolicyType.NoSecurity])
+        idx = await server.register_namespace("urn:test")
+        variables = [await server.nodes.objects.add_variable(ua.NodeId(f"T.{n}", idx), n, ua.Variant(0, ua.VariantType.UInt32))
+                     for n in ("a", "b")]
+        async with server:
+            return await body(server, variables, port)
+    return asyncio.run(main())
+
+
+def test_a_namespace_0_node_written_with_ns_0_gets_its_value_in_subscribe_mode():
+    """asyncua hands a subscribed node back as `i=2259`; the config says `ns=0;i=2259` (both are one NodeId)."""
+    from gateway.sources.opcua import OpcUaSource
+
+    async def body(server, variables, port):
+        source = OpcUaSource(opcua_device(port, '      - {name: state, node: "ns=0;i=2259"}\n'
+                                                '      - {name: a, node: "ns=2;s=T.a"}\n'))
+        try:
+            return await source.read()
+        finally:
+            await source.aclose()
+    sample = with_server(body)
+    assert sample.quality == {"state": "ok", "a": "ok"}, sample.problem
+    assert sample.values["state"] == 0  # ServerState Running
+
+
+def test_the_subscribe_sample_time_is_the_newest_source_timestamp():
+    import asyncio
+    import datetime as dt
+
+    from asyncua import ua
+
+    from gateway.sources.opcua import OpcUaSource
+
+    t0 = dt.datetime(2026, 1, 2, 3, 4, 5, 250000, tzinfo=dt.timezone.utc)
+
+    async def body(server, variables, port):
+        a, b = variables
+        await a.write_value(ua.DataValue(ua.Variant(7, ua.VariantType.UInt32), SourceTimestamp=t0))
+        await b.write_value(ua.DataValue(ua.Variant(8, ua.VariantType.UInt32), SourceTimestamp=t0 + dt.timedelta(seconds=3)))
+        source = OpcUaSource(opcua_device(port, '      - {name: a, node: "ns=2;s=T.a"}\n'
+                                                '      - {name: b, node: "ns=2;s=T.b"}\n'))
+        try:
+            first = await source.read()
+            await a.write_value(ua.DataValue(ua.Variant(9, ua.VariantType.UInt32), SourceTimestamp=t0 + dt.timedelta(seconds=5)))
+            for _ in range(100):
+                await asyncio.sleep(0.05)
+                second = await source.read()
+                if second.values["a"] == 9:
+                    break
+            return first, second
+        finally:
+            await source.aclose()
+    first, second = with_server(body)
+    assert (first.values, first.ts) == ({"a": 7, "b": 8}, t0.timestamp() + 3)
+    assert (second.values, second.ts) == ({"a": 9, "b": 8}, t0.timestamp() + 5)

@@ -7,9 +7,11 @@ bad StatusCode as that tag's quality `error`.
   time is the newest SourceTimestamp the server gave (else the time of the read).
 - `mode: subscribe` (the default) asks for a subscription publishing every `interval`
   (keep-alive at least every 3) and still makes one Sample per interval, from the last values
-  received, at the time it is made: an unchanged value is current while the subscription lives.
-  Quiet for 3 intervals, the values are `stale`; for 5 (at least 2 timeouts), not even a
-  keep-alive, the subscription has stalled and the session is dropped and made again.
+  received; its time is, as in poll mode, the newest SourceTimestamp among them (an unchanged
+  value is current while the subscription lives). Values are kept by the parsed NodeId, so
+  `ns=0;i=2259` and asyncua's canonical `i=2259` are one node. Quiet for 3 intervals, the values
+  are `stale`; for 5 (at least 2 timeouts), not even a keep-alive, the subscription has stalled
+  and the session is dropped and made again.
 
 A failure stays with the device: an endpoint that cannot be reached, a session lost, a read that
 times out. Each reconnect makes a fresh client (a broken one is never reused), after a jittered
@@ -46,7 +48,8 @@ class OpcUaSource(PolledSource):
         self._rng = random.Random()
         self._reads: Any = None  # the ReadParameters of every node, built once per session
         self._subscription: Any = None
-        self._latest: dict[str, Any] = {}  # node id -> its last DataValue, in subscribe mode
+        self._latest: dict[Any, Any] = {}  # ua.NodeId -> its last DataValue, in subscribe mode
+        self._ids: list[Any] = []  # the parsed ua.NodeId of each configured node, in order
 
     async def _connected(self) -> Any:
         if self._client is not None:
@@ -88,15 +91,17 @@ class OpcUaSource(PolledSource):
         params.RequestedLifetimeCount = 30
         params.PublishingEnabled = True
         self._latest = {}
+        # Keyed by the parsed NodeId, never by the text: asyncua hands back `i=2259` for `ns=0;i=2259`.
+        self._ids = [ua.NodeId.from_string(n.node) for n in device.nodes]
         self._subscription = await within(client.create_subscription(params, _Handler(self._latest)),
                                           device.timeout)
-        nodes = [client.get_node(n.node) for n in device.nodes]
+        nodes = [client.get_node(nodeid) for nodeid in self._ids]
         results = await within(self._subscription.subscribe_data_change(nodes), device.timeout)
-        for node, result in zip(device.nodes, results if isinstance(results, list) else [results], strict=False):
+        for nodeid, result in zip(self._ids, results if isinstance(results, list) else [results], strict=False):
             if not isinstance(result, int):  # a StatusCode instead of a handle: the node is refused
-                self._latest[node.node] = _refused()
+                self._latest[nodeid] = _refused()
         deadline = time.monotonic() + device.timeout  # the initial values come with the first publish
-        while len(self._latest) < len(device.nodes) and time.monotonic() < deadline:
+        while len(self._latest) < len(set(self._ids)) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
 
     async def read(self) -> Sample:
@@ -121,16 +126,14 @@ class OpcUaSource(PolledSource):
             raise SourceError(f"{device.endpoint}: the subscription delivered nothing, not even a keep-alive, "
                               f"for {quiet:g}s; reconnecting")
         quiet_for = time.monotonic() - last if last is not None else 0.0
-        return self._sample([self._latest.get(n.node) for n in device.nodes], live=True,
-                            stale=quiet_for > 3 * device.interval)
+        return self._sample([self._latest.get(nodeid) for nodeid in self._ids], stale=quiet_for > 3 * device.interval)
 
-    def _sample(self, results: list[Any], live: bool = False, stale: bool = False) -> Sample:
+    def _sample(self, results: list[Any], stale: bool = False) -> Sample:
         device = self.device
         values: dict[str, float | None] = {}
         quality: dict[str, str] = {}
         problems: list[str] = []
         newest: float | None = None
-        now = time.time()
         for node, dv in zip(device.nodes, results, strict=False):
             if dv is None:  # subscribed, no value yet
                 problems.append(f"{node.name} ({node.node}): no value yet")
@@ -150,8 +153,6 @@ class OpcUaSource(PolledSource):
                 newest = ts if newest is None else max(newest, ts)
             if stale:  # the subscription has gone quiet: the last values, not current ones
                 quality[node.name] = STALE
-        if live:
-            newest = now  # one Sample per interval, at the time it is made: an unchanged value is current
         if problems and len(problems) == len(device.nodes):
             raise SourceError(f"{device.endpoint}: " + "; ".join(problems))
         return Sample(device.name, newest or time.time(), values, quality, "; ".join(problems) or None)
@@ -193,11 +194,11 @@ async def unknown_nodes(config: Any) -> list[tuple[str, str]]:
 class _Handler:
     """asyncua's data-change callback: keep each node's last DataValue."""
 
-    def __init__(self, latest: dict[str, Any]) -> None:
+    def __init__(self, latest: dict[Any, Any]) -> None:
         self.latest = latest
 
     def datachange_notification(self, node: Any, val: Any, data: Any) -> None:
-        self.latest[node.nodeid.to_string()] = data.monitored_item.Value
+        self.latest[node.nodeid] = data.monitored_item.Value
 
     def status_change_notification(self, status: Any) -> None:
         pass
