@@ -72,6 +72,26 @@ def test_coils_and_discrete_inputs():
     assert decode([False], reg("bool", table="discrete")) == 0.0
 
 
+def test_coil_and_discrete_imply_bool_and_refuse_another_type(tmp_path):
+    from gateway.config import ConfigError
+
+    def device(registers: str) -> str:
+        return gateway_config(tmp_path, 1883, devices=f"""
+  - name: plc1
+    source: modbus_tcp
+    host: 127.0.0.1
+    registers:
+{registers}""")
+    cfg = parse(device("      - {name: run, table: coil, address: 0}\n"
+                       "      - {name: door, table: discrete, address: 3}\n"
+                       "      - {name: speed, address: 0}\n"))
+    assert [r.type for r in cfg.devices[0].registers] == ["bool", "bool", "uint16"]
+    with pytest.raises(ConfigError) as err:
+        parse(device("      - {name: run, table: coil, address: 0, type: uint16}\n"))
+    assert 'devices[0].registers[0].type: expected bool (or nothing: the table implies it) for table coil, got ' \
+           '"uint16"' in str(err.value)
+
+
 def test_plan_merges_within_gap_and_limits():
     regs = [reg(name=f"r{a}", address=a) for a in (0, 1, 2, 10, 30)] + [reg("float32", name="f", address=31)]
     assert [(r.address, r.count) for r in plan(regs, max_gap=10)] == [(0, 11), (30, 3)]

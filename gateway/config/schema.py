@@ -230,23 +230,31 @@ class RegisterSection:
     name: str = setting(string(TAG, "a tag name of letters, digits, _ . -"), doc="the tag")
     table: str = setting(one_of(*TABLES), "holding", doc="holding, input, coil or discrete")
     address: int = setting(integer(0, 65535), doc="0-based protocol address (40001 is holding 0)")
-    type: str = setting(one_of(*REGISTER_TYPES), "uint16", doc="how the registers are read")
+    # Unset (None in the YAML) means what the table implies: bool for coil and discrete, else uint16.
+    type: str = setting(optional(one_of(*REGISTER_TYPES)), None,
+                        doc="how the registers are read (default: bool for coil and discrete, else uint16)")
     word_order: str = setting(one_of("big", "little"), "big", doc="of multi-register values")
     byte_order: str = setting(one_of("big", "little"), "big", doc="in each register")
     bit: int | None = setting(optional(integer(0, 15)), None, doc="one bit of a 16-bit register")
     scale: float = setting(number(), 1.0, doc="value = raw × scale + offset")
     offset: float = setting(number(), 0.0, doc="value = raw × scale + offset")
 
+    def __post_init__(self) -> None:
+        if self.type is None:  # the table implies it
+            object.__setattr__(self, "type", "bool" if self.table in ("coil", "discrete") else "uint16")
+
     @staticmethod
     def rules(v: Fields) -> list[Problem]:
         if not v.ok("table", "type", "bit"):
             return []
         bit_table = v["table"] in ("coil", "discrete")
-        if bit_table and v["type"] != "bool":
-            return [("type", f'expected bool for table {v["table"]}, got "{v["type"]}"')]
-        if v["bit"] is not None and (bit_table or v["type"] not in ("uint16", "int16", "bool")):
+        kind = v["type"] or ("bool" if bit_table else "uint16")
+        if bit_table and kind != "bool":
+            return [("type", f'expected bool (or nothing: the table implies it) for table {v["table"]}, '
+                             f'got "{kind}"')]
+        if v["bit"] is not None and (bit_table or kind not in ("uint16", "int16", "bool")):
             return [("bit", "only for a bit inside a 16-bit holding or input register")]
-        if v["type"] == "bool" and not bit_table and v["bit"] is None:
+        if kind == "bool" and not bit_table and v["bit"] is None:
             return [("bit", "required for type bool in a holding or input register (0..15)")]
         return []
 
