@@ -326,6 +326,9 @@ class OeeSection:
 
 
 SEVERITIES = ("low", "medium", "high", "critical")
+# An alarm without `clear` ends this share of its limit back from it: the 1-5 % of span that
+# ISA-18.2 (and EEMUA 191) recommend, so that a value wavering at the limit does not chatter.
+DEFAULT_DEADBAND = 0.02
 
 
 @dataclass(frozen=True)
@@ -337,7 +340,8 @@ class AlarmSection:
     below: float | None = setting(optional(number()), None, doc="raised when the value is below this")
     delay: float = setting(duration(0, 86400), 0.0, doc="the condition must hold this long (sample clock)",
                            key="for")
-    clear: float | None = setting(optional(number()), None, doc="cleared only past this (hysteresis); default the limit")
+    clear: float | None = setting(optional(number()), None,
+                                  doc="cleared only past this (hysteresis); default the limit ∓ 2 % of it (a deadband)")
     severity: str = setting(one_of(*SEVERITIES), "medium", doc="low, medium, high or critical")
     with_anomaly: bool = setting(boolean, False, doc="raised only while the device's anomaly event is active")
 
@@ -359,6 +363,14 @@ class AlarmSection:
     @property
     def limit(self) -> float:
         return self.above if self.above is not None else float(self.below)  # type: ignore[arg-type]
+
+    @property
+    def clear_at(self) -> float:
+        """Where the alarm ends: `clear`, else the limit less a deadband of 2 % of it (ISA-18.2 practice)."""
+        if self.clear is not None:
+            return self.clear
+        band = DEFAULT_DEADBAND * abs(self.limit)
+        return self.limit - band if self.above is not None else self.limit + band
 
 
 @dataclass(frozen=True)
