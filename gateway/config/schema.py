@@ -384,7 +384,7 @@ class HistorySection:
 class DeviceBase:
     """The keys every device takes."""
     name: str = setting(string(NAME, "lowercase letters, digits, _ and - (e.g. pump1)"), doc="the device's name")
-    source: str = setting(string(), doc="modbus_tcp, modbus_rtu, mqtt or sim")
+    source: str = setting(string(), doc="modbus_tcp, modbus_rtu, opcua, mqtt or sim")
     interval: float = setting(duration(0.01, 86400), 1.0, doc="time between samples")
     timeout: float = setting(duration(0.01, 600), 0.5, doc="one request's time limit")
     counters: tuple[CounterSection, ...] = setting(list_of(section(CounterSection)), [],
