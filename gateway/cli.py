@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 
 from gateway import __version__, logs
 from gateway import config as configuration
-from gateway.errors import EX_CANTCREAT, EX_CONFIG, EX_OK, EX_SOFTWARE, EX_UNAVAILABLE, EX_USAGE, missing
+from gateway.errors import EX_CANTCREAT, EX_CONFIG, EX_DATAERR, EX_OK, EX_SOFTWARE, EX_UNAVAILABLE, EX_USAGE, missing
 
 log = logging.getLogger("edge_gateway")
 
@@ -53,6 +53,10 @@ def _parser() -> argparse.ArgumentParser:
     counters.add_argument("--reason", help="set: why (recorded in the audit table)")
     counters.add_argument("-c", "--config", default=configuration.DEFAULT_PATH, help="config file (default %(default)s)")
     counters.add_argument("--json", action="store_true")
+    opcua = sub.add_parser("opcua", help="trust the certificate an OPC UA server offered (the trust store)")
+    opcua.add_argument("action", choices=("trust",))
+    opcua.add_argument("device", help="the device whose rejected server certificate becomes trusted")
+    opcua.add_argument("-c", "--config", default=configuration.DEFAULT_PATH, help="config file (default %(default)s)")
     simulate = sub.add_parser("sim", help="serve the simulated plant over Modbus TCP/RTU (read-only) and/or MQTT")
     simulate.add_argument("--modbus-tcp", metavar="HOST:PORT", help="e.g. 127.0.0.1:5020")
     simulate.add_argument("--modbus-rtu", metavar="DEVICE", help="serial device, e.g. /dev/ttyUSB0 or a pty")
@@ -115,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         return counters(args)
     if args.command == "sim":
         return simulate(args)
+    if args.command == "opcua":
+        return opcua_trust(args.config, args.device)
     needs = EXTRAS.get(args.command)
     if needs is not None and (absent := missing(*needs)):
         print(f"edge-gateway {args.command} needs {', '.join(absent)}, which is not installed: "
@@ -164,6 +170,35 @@ def check_config(path: str) -> int:
     cfg = ready[0]
     devices = ", ".join(f"{d.name} ({d.source})" for d in cfg.devices) or "none"
     print(f"{path}: ok; gateway {cfg.gateway.id}, topic root {cfg.topic_root}, devices: {devices}")
+    return EX_OK
+
+
+def opcua_trust(path: str, name: str) -> int:
+    """Move the server certificates refused for an OPC UA device to its trust store's trusted/."""
+    from gateway.sources.opcua_trust import pki_dir, trust
+
+    cfg = _load(path)
+    if cfg is None:
+        return EX_CONFIG
+    device = next((d for d in cfg.devices if d.name == name), None)
+    if not isinstance(device, configuration.OpcUaDevice):
+        names = ", ".join(d.name for d in cfg.devices if isinstance(d, configuration.OpcUaDevice)) or "none"
+        print(f"edge-gateway opcua trust: {name} is not an OPC UA device of {path} (those are: {names})",
+              file=sys.stderr)
+        return EX_USAGE
+    if device.security is None or device.security.server_cert_file:
+        why = "has no security:" if device.security is None else "pins security.server_cert_file"
+        print(f"edge-gateway opcua trust: device {name} {why}; the trust store is not used for it", file=sys.stderr)
+        return EX_USAGE
+    directory = pki_dir(device, cfg.gateway.data_dir)
+    moved = trust(name, directory)
+    if not moved:
+        print(f"edge-gateway opcua trust: no rejected certificate of device {name} in {directory}/rejected/ "
+              "(the gateway writes one there when the server offers a certificate it does not trust)",
+              file=sys.stderr)
+        return EX_DATAERR
+    for where in moved:
+        print(f"trusted: {where} (the gateway uses it at its next connection attempt)")
     return EX_OK
 
 

@@ -561,7 +561,18 @@ class OpcUaSecuritySection:
     mode: str = setting(one_of("Sign", "SignAndEncrypt"), "SignAndEncrypt", doc="Sign or SignAndEncrypt")
     cert_file: str = setting(string(), doc="the gateway's certificate (PEM or DER)")
     key_file: str = setting(string(), doc="its private key")
-    server_cert_file: str | None = setting(optional(string()), None, doc="the server's certificate, to trust")
+    server_cert_file: str | None = setting(optional(string()), None,
+                                           doc="the server's certificate, pinned (else the trust store decides)")
+    pki_dir: str | None = setting(optional(string()), None,
+                                  doc="the trust store: trusted/ and rejected/ server certificates "
+                                      "(default: <data_dir>/pki)")
+
+
+def _security(value: Any, path: str, problems: Problems) -> Any:
+    """`security:` a mapping, or `none` (as no `security:`: a session without signing or encryption)."""
+    if value is None or value == "none":
+        return None
+    return section(OpcUaSecuritySection)(value, path, problems)
 
 
 @dataclass(frozen=True)
@@ -569,8 +580,9 @@ class OpcUaDevice(DeviceBase):
     endpoint: str = setting(string(re.compile(r"^opc\.tcp://[^/\s:]+(:\d{1,5})?(/\S*)?$"),
                                    'an endpoint such as "opc.tcp://192.0.2.20:4840"'), doc="the server")
     mode: str = setting(one_of("subscribe", "poll"), "subscribe", doc="subscribe (default) or poll")
-    security: OpcUaSecuritySection | None = setting(optional(section(OpcUaSecuritySection)), None,
-                                                    doc="none by default")
+    security: OpcUaSecuritySection | None = setting(_security, None,
+                                                    doc="none (the default, logged at start) or a policy, "
+                                                        "mode and certificates")
     username: str | None = setting(optional(string()), None, doc="with password_file")
     password_file: str | None = setting(optional(string()), None, doc="the password, never inline")
     nodes: tuple[OpcUaNodeSection, ...] = setting(list_of(section(OpcUaNodeSection)), doc="tag: node id")

@@ -13,6 +13,12 @@ bad StatusCode as that tag's quality `error`.
   are `stale`; for 5 (at least 2 timeouts), not even a keep-alive, the subscription has stalled
   and the session is dropped and made again.
 
+Server certificates (with `security:`): one pinned by `server_cert_file` is the only one
+accepted; else the trust store decides (`opcua_trust`: `<pki_dir>/trusted/`), and an unknown
+one is refused and written to `rejected/` with one line saying how to trust it. Without
+`security:` (or `security: none`) the session is neither signed nor encrypted, which is logged
+once at start.
+
 A failure stays with the device: an endpoint that cannot be reached, a session lost, a read that
 times out. Each reconnect makes a fresh client (a broken one is never reused), after a jittered
 backoff (`retry.down` while the server cannot be reached at all, exponential when it refuses).
@@ -32,6 +38,7 @@ from gateway.credentials import read_secret
 from gateway.errors import SourceError
 from gateway.retry import backoff, down
 from gateway.sample import ERROR, OK, STALE, Sample
+from gateway.sources.opcua_trust import Untrusted, pki_dir, reject, trusted
 from gateway.sources.poll import PolledSource
 from gateway.supervise import within
 
@@ -39,9 +46,11 @@ log = logging.getLogger("edge_gateway.opcua")
 
 
 class OpcUaSource(PolledSource):
-    def __init__(self, device: OpcUaDevice) -> None:
+    def __init__(self, device: OpcUaDevice, pki: str | None = None) -> None:
         super().__init__(device.name, device.tags, device.interval, 2 * device.timeout + 0.5)
         self.device = device
+        self.pki = pki or pki_dir(device, ".")
+        self._started = False
         self._client: Any = None
         self._attempt = 0
         self._retry_at = 0.0
@@ -58,16 +67,23 @@ class OpcUaSource(PolledSource):
         if now < self._retry_at:
             raise SourceError(f"{self.device.endpoint}: not connected, next attempt in {self._retry_at - now:.1f}s")
         device = self.device
+        if not self._started:
+            self._started = True
+            if device.security is None:
+                log.warning("device %s: %s without security (security: none): the session is neither signed nor "
+                            "encrypted; give security: a policy and certificates to protect it", device.name,
+                            device.endpoint)
         client = _client(device)
         try:
-            await _connect(client, device)
+            await _connect(client, device, self.pki)
         except Exception as err:  # asyncua raises OSError, TimeoutError, ua.UaError and its own on a failed connect
             reached = not isinstance(err, (OSError, asyncio.TimeoutError))
             self._retry_at = time.monotonic() + (backoff(self._attempt, 0.5, 30.0, 0.3, self._rng) if reached
                                                  else down(self._attempt, 0.5, 2.0, self._rng))
             self._attempt += 1
             await _close(client)
-            raise SourceError(f"{device.endpoint}: cannot connect ({_why(err)})") from None
+            why = str(err) if isinstance(err, Untrusted) else _why(err)  # whole: it says how to trust it
+            raise SourceError(f"{device.endpoint}: cannot connect ({why})") from None
         self._attempt = 0
         self._client, self._reads = client, _read_all(device)
         if device.mode == "subscribe":
@@ -172,8 +188,8 @@ async def unknown_nodes(config: Any) -> list[tuple[str, str]]:
     async def check(i: int, device: Any) -> list[tuple[str, str]]:
         client = _client(device)
         try:
-            await _connect(client, device)
-        except Exception:  # unreachable or refusing now: the device's own loop will say so
+            await _connect(client, device, pki_dir(device, config.gateway.data_dir))
+        except Exception:  # unreachable, refusing or untrusted now: the device's own loop will say so
             await _close(client)
             return []
         try:
@@ -221,14 +237,29 @@ def _client(device: OpcUaDevice) -> Any:
     return client
 
 
-async def _connect(client: Any, device: OpcUaDevice) -> None:
-    """Security (naming the client by its certificate's URI), then the session, within the timeout."""
+async def _connect(client: Any, device: OpcUaDevice, pki: str) -> None:
+    """Security (naming the client by its certificate's URI, checking the server's), then the session,
+    within the timeout."""
     if device.security is not None:
         sec = device.security
         client.application_uri = _application_uri(sec.cert_file) or client.application_uri
-        await client.set_security_string(f"{sec.policy},{sec.mode},{sec.cert_file},{sec.key_file}"
-                                         + (f",{sec.server_cert_file}" if sec.server_cert_file else ""))
+        if not sec.server_cert_file:  # not pinned: the trust store decides
+            client.certificate_validator = _validator(device.name, pki)
+        await within(client.set_security_string(f"{sec.policy},{sec.mode},{sec.cert_file},{sec.key_file}"
+                                                + (f",{sec.server_cert_file}" if sec.server_cert_file else "")),
+                     device.timeout + 1.0)
     await within(client.connect(), device.timeout + 1.0)
+
+
+def _validator(device: str, pki: str) -> Any:
+    """asyncua's certificate check at CreateSession: the server's certificate must be in `trusted/`."""
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    async def validate(cert: Any, app: Any) -> None:
+        der = cert.public_bytes(Encoding.DER)
+        if not trusted(der, pki):
+            raise Untrusted(reject(der, device, pki, cert.subject.rfc4514_string()[:80]))
+    return validate
 
 
 def _read_all(device: OpcUaDevice) -> Any:
