@@ -374,6 +374,9 @@ def test_an_unknown_server_certificate_is_refused_until_trusted_and_a_pinned_one
         try:
             with pytest.raises(SourceError) as refused:
                 await source.read()
+            source._retry_at = 0.0
+            with pytest.raises(SourceError):
+                await source.read()  # refused again: not logged again
             assert main(["opcua", "trust", "press1", "-c", str(tmp_path / "gateway.yaml")]) == 0
             source._retry_at = 0.0  # the next attempt now, not after the backoff
             trusted = await source.read()
@@ -394,8 +397,13 @@ def test_an_unknown_server_certificate_is_refused_until_trusted_and_a_pinned_one
         refused, trusted, pinned, wrong_pin = with_server(body, cert=server_cert)
     rejected = sorted((data / "pki" / "trusted").iterdir())
     assert len(rejected) == 1 and rejected[0].name.startswith("press1-") and not list((data / "pki" / "rejected").iterdir())
-    assert "is not trusted; it was written to " + str(data / "pki" / "rejected" / rejected[0].name) in refused
-    assert "trust it with `edge-gateway opcua trust press1` or move the file to " + pki + "/trusted/" in refused
+    assert f"is not trusted: see {pki}/rejected/" in refused
+    # One line says how to trust it, however many attempts are refused.
+    how = [r.getMessage() for r in caplog.records if "opcua trust" in r.getMessage()]
+    assert len(how) == 1, how
+    assert how[0].startswith("device press1: the server's certificate (O=edge-gateway tests,CN=server, SHA-256 "), how
+    assert "is not trusted; it was written to " + str(data / "pki" / "rejected" / rejected[0].name) in how[0]
+    assert "trust it with `edge-gateway opcua trust press1` or move the file to " + pki + "/trusted/" in how[0]
     assert f"trusted: {rejected[0]}" in capsys.readouterr().out
     assert trusted.quality == {"a": "ok"} and pinned.quality == {"a": "ok"}
     assert isinstance(wrong_pin, str) and "cannot connect" in wrong_pin

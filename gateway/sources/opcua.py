@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import os
 import random
 import time
 from typing import Any
@@ -36,9 +37,10 @@ from typing import Any
 from gateway.config import OpcUaDevice
 from gateway.credentials import read_secret
 from gateway.errors import SourceError
+from gateway.logs import fields
 from gateway.retry import backoff, down
 from gateway.sample import ERROR, OK, STALE, Sample
-from gateway.sources.opcua_trust import Untrusted, pki_dir, reject, trusted
+from gateway.sources.opcua_trust import Untrusted, fingerprint, pki_dir, reject, trusted
 from gateway.sources.poll import PolledSource
 from gateway.supervise import within
 
@@ -51,6 +53,7 @@ class OpcUaSource(PolledSource):
         self.device = device
         self.pki = pki or pki_dir(device, ".")
         self._started = False
+        self._told: set[str] = set()  # the rejected certificates whose how-to-trust line was logged
         self._client: Any = None
         self._attempt = 0
         self._retry_at = 0.0
@@ -75,15 +78,14 @@ class OpcUaSource(PolledSource):
                             device.endpoint)
         client = _client(device)
         try:
-            await _connect(client, device, self.pki)
+            await _connect(client, device, self.pki, self._told)
         except Exception as err:  # asyncua raises OSError, TimeoutError, ua.UaError and its own on a failed connect
             reached = not isinstance(err, (OSError, asyncio.TimeoutError))
             self._retry_at = time.monotonic() + (backoff(self._attempt, 0.5, 30.0, 0.3, self._rng) if reached
                                                  else down(self._attempt, 0.5, 2.0, self._rng))
             self._attempt += 1
             await _close(client)
-            why = str(err) if isinstance(err, Untrusted) else _why(err)  # whole: it says how to trust it
-            raise SourceError(f"{device.endpoint}: cannot connect ({why})") from None
+            raise SourceError(f"{device.endpoint}: cannot connect ({_why(err)})") from None
         self._attempt = 0
         self._client, self._reads = client, _read_all(device)
         if device.mode == "subscribe":
@@ -237,28 +239,37 @@ def _client(device: OpcUaDevice) -> Any:
     return client
 
 
-async def _connect(client: Any, device: OpcUaDevice, pki: str) -> None:
+async def _connect(client: Any, device: OpcUaDevice, pki: str, told: set[str] | None = None) -> None:
     """Security (naming the client by its certificate's URI, checking the server's), then the session,
-    within the timeout."""
+    within the timeout. `told`: the certificates already logged as rejected (None: log none)."""
     if device.security is not None:
         sec = device.security
         client.application_uri = _application_uri(sec.cert_file) or client.application_uri
         if not sec.server_cert_file:  # not pinned: the trust store decides
-            client.certificate_validator = _validator(device.name, pki)
+            client.certificate_validator = _validator(device.name, pki, told)
         await within(client.set_security_string(f"{sec.policy},{sec.mode},{sec.cert_file},{sec.key_file}"
                                                 + (f",{sec.server_cert_file}" if sec.server_cert_file else "")),
                      device.timeout + 1.0)
     await within(client.connect(), device.timeout + 1.0)
 
 
-def _validator(device: str, pki: str) -> Any:
-    """asyncua's certificate check at CreateSession: the server's certificate must be in `trusted/`."""
+def _validator(device: str, pki: str, told: set[str] | None) -> Any:
+    """asyncua's certificate check at CreateSession: the server's certificate must be in `trusted/`.
+
+    The device's error says it is not trusted (logged once per state change, as any); the one
+    line saying how to trust it is logged once per certificate."""
     from cryptography.hazmat.primitives.serialization import Encoding
 
     async def validate(cert: Any, app: Any) -> None:
         der = cert.public_bytes(Encoding.DER)
-        if not trusted(der, pki):
-            raise Untrusted(reject(der, device, pki, cert.subject.rfc4514_string()[:80]))
+        if trusted(der, pki):
+            return
+        how = reject(der, device, pki, cert.subject.rfc4514_string()[:80])
+        if told is not None and fingerprint(der) not in told:
+            told.add(fingerprint(der))
+            log.warning("device %s: %s", device, how, extra=fields(device, "opcua_untrusted_certificate"))
+        raise Untrusted(f"the server's certificate (SHA-256 {fingerprint(der)[:16]}…) is not trusted: "
+                        f"see {os.path.join(pki, 'rejected')}/")
     return validate
 
 

@@ -21,7 +21,7 @@ from gateway.config import OpcUaDevice
 
 
 class Untrusted(Exception):
-    """The server offered a certificate that is neither pinned nor in `trusted/`; `str()` says how to trust it."""
+    """The server offered a certificate that is neither pinned nor in `trusted/`."""
 
 
 def pki_dir(device: OpcUaDevice, data_dir: str) -> str:
@@ -53,7 +53,7 @@ def trusted(der: bytes, directory: str) -> bool:
 
 
 def reject(der: bytes, device: str, directory: str, subject: str) -> str:
-    """Write the certificate to `rejected/` and return the one message saying how to trust it."""
+    """Write the certificate to `rejected/`; the one message saying how to trust it."""
     folder = os.path.join(directory, "rejected")
     os.makedirs(folder, mode=0o750, exist_ok=True)
     os.makedirs(os.path.join(directory, "trusted"), mode=0o750, exist_ok=True)
