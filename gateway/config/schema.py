@@ -572,6 +572,9 @@ def _security(value: Any, path: str, problems: Problems) -> Any:
     """`security:` a mapping, or `none` (as no `security:`: a session without signing or encryption)."""
     if value is None or value == "none":
         return None
+    if not isinstance(value, dict):
+        problems.add(path, f"expected none or a mapping (policy, mode, cert_file, key_file), got {found(value)}")
+        return Invalid()
     return section(OpcUaSecuritySection)(value, path, problems)
 
 
