@@ -428,3 +428,36 @@ def test_a_session_without_security_says_so_once(caplog):
     assert all(s.quality == {"a": "ok"} for s in samples)
     said = [r.getMessage() for r in caplog.records if "without security" in r.getMessage()]
     assert len(said) == 1 and said[0].startswith("device press1: opc.tcp://127.0.0.1:"), said
+
+
+def test_the_daemon_refuses_an_unknown_server_certificate_until_the_cli_trusts_it(mosquitto, gateway, subscribe,
+                                                                                  tmp_path):
+    """End to end: the trust store under gateway.data_dir, one how-to line in the daemon's log, and
+    `edge-gateway opcua trust` as a user runs it while the daemon keeps trying."""
+    import subprocess
+
+    port = free_port()
+    server_cert, server_key = make_certificate(tmp_path, "server", "urn:edge-gateway:sim", server=True)
+    client_cert, client_key = make_certificate(tmp_path, "gateway", "urn:edge-gateway:test-gw", server=False)
+    server = spawn([sys.executable, "-m", "gateway", "sim", "--opcua", f"127.0.0.1:{port}", "--opcua-cert", server_cert,
+                    server_key], tmp_path / "opcua-sim.log", "a", env=ENV, cwd=ROOT)
+    try:
+        wait_until(lambda: listening(port) or server.poll() is not None, 30, what="the OPC UA server")
+        sub = subscribe(mosquitto.port, topic=f"{TOPIC}/#")
+        security = f"    security: {{policy: Basic256Sha256, cert_file: {client_cert}, key_file: {client_key}}}\n    nodes:"
+        gw = gateway(gateway_config(tmp_path / "data", mosquitto.port,
+                                    devices=device(port, "subscribe", missing=False).replace("    nodes:", security, 1)))
+        gw.start()
+        wait_until(lambda: "opcua trust press1" in gw.logs(), 30, what="the how-to-trust line")
+        rejected = list((tmp_path / "data" / "pki" / "rejected").iterdir())
+        assert len(rejected) == 1
+        trust = subprocess.run([sys.executable, "-m", "gateway", "opcua", "trust", "press1", "-c", str(gw.config)],
+                               capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=60)
+        assert trust.returncode == 0, trust.stderr
+        wait_until(lambda: [t for t in sub.on("/press1/telemetry") if t["values"]["machine_status"] is not None], 60,
+                   what="data once the certificate is trusted")
+        assert gw.stop() == 0
+        assert gw.logs().count("opcua trust press1") == 1 and "Traceback" not in gw.logs()
+    finally:
+        server.kill()
+        server.wait(10)
