@@ -55,14 +55,19 @@ def trusted(der: bytes, directory: str) -> bool:
 def reject(der: bytes, device: str, directory: str, subject: str) -> str:
     """Write the certificate to `rejected/`; the one message saying how to trust it."""
     folder = os.path.join(directory, "rejected")
-    os.makedirs(folder, mode=0o750, exist_ok=True)
-    os.makedirs(os.path.join(directory, "trusted"), mode=0o750, exist_ok=True)
     path = os.path.join(folder, f"{device}-{fingerprint(der)[:16]}.der")
-    if not os.path.exists(path):
-        tmp = path + ".tmp"
-        with open(tmp, "wb") as fh:
-            fh.write(der)
-        os.replace(tmp, path)
+    try:
+        os.makedirs(folder, mode=0o750, exist_ok=True)
+        os.makedirs(os.path.join(directory, "trusted"), mode=0o750, exist_ok=True)  # made by the daemon's user
+        if not os.path.exists(path):
+            tmp = path + ".tmp"
+            with open(tmp, "wb") as fh:
+                fh.write(der)
+            os.replace(tmp, path)
+    except OSError as err:
+        return (f"the server's certificate ({subject}, SHA-256 {fingerprint(der)[:16]}…) is not trusted, and it "
+                f"could not be written to {path} ({err.strerror}): make {directory} writable by the gateway, or "
+                f"put the server's certificate in {os.path.join(directory, 'trusted')}/")
     return (f"the server's certificate ({subject}, SHA-256 {fingerprint(der)[:16]}…) is not trusted; it was written "
             f"to {path}: if it is the right server, trust it with `edge-gateway opcua trust {device}` or move the "
             f"file to {os.path.join(directory, 'trusted')}/")
