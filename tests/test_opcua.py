@@ -1,4 +1,4 @@
-"""OPC UA devices (work in progress, issue 15): the daemon against the simulated plant served by asyncua."""
+"""OPC UA devices: the daemon against the simulated plant served by asyncua, and the source in-process against asyncua servers."""
 
 from __future__ import annotations
 
