@@ -107,7 +107,7 @@ class Gateway:
         gw = config.gateway
         self.topics = Topics(config.topic_root)
         shifts = ShiftCalendar([(s.name, s.start) for s in config.shifts], gw.timezone)
-        self._links = Links(config.local_broker, gw.id)
+        self._links = Links(config.local_broker, gw.id, gw.data_dir)
         recorded = {d.name: HistoryBounds(d.history.keep, d.history.max_bytes) for d in config.devices if d.history}
         if recorded and self._history is None:
             path = os.path.join(gw.data_dir, HISTORY_FILE)

@@ -6,9 +6,11 @@ pipeline persists in the transaction of the messages that report it: a restart n
 repeats a start nor loses an end.
 
 An alarm `above: L` is raised once the value has been above L for `for` seconds (sample
-time; 0: at once) and cleared when it falls to `clear` or below (default L): the band between
-is the hysteresis. `below:` mirrors it. `with_anomaly: true` raises only while the device's
-anomaly event is active, and clears when the event ends. A reading of bad quality neither
+time; 0: at once) and cleared when it falls to `clear` or below: the band between is the
+hysteresis. Without `clear` it is L less 2 % of |L| (ISA-18.2's deadband), so that a value
+wavering at the limit raises the alarm once, not at every crossing. `below:` mirrors it.
+`with_anomaly: true` raises only while the device's anomaly event is active, and clears when
+the event ends. A reading of bad quality neither
 raises nor clears: the alarm keeps its state and is reported `unknown` until a good one.
 """
 
@@ -92,7 +94,7 @@ class AlarmWatch:
             st.unknown = False
             beyond = value > rule.limit if rule.above is not None else value < rule.limit
             if st.active:
-                clear = rule.clear if rule.clear is not None else rule.limit
+                clear = rule.clear_at
                 back = value <= clear if rule.above is not None else value >= clear
                 if back or (rule.with_anomaly and not anomaly):
                     events.append(AlarmEvent(rule, "end", ts, value, st.started))

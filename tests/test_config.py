@@ -237,3 +237,46 @@ def test_sparkplug_settings_only_with_the_sparkplug_format():
     cfg = config.parse(BASE.replace("max_inflight: 100}", "max_inflight: 100, format: sparkplug_b, "
                                     "sparkplug: {primary_host_id: scada-1}}"))
     assert cfg.upstream.format == "sparkplug_b" and cfg.upstream.sparkplug.primary_host_id == "scada-1"
+
+
+def test_check_config_reports_a_bad_node_id_and_a_missing_certificate_at_once(tmp_path, capsys):
+    """The files are checked on the document even when the schema refused it (they were only once it passed)."""
+    from gateway.cli import main
+
+    text = BASE.replace("devices:\n", """devices:
+  - name: press1
+    source: opcua
+    endpoint: opc.tcp://192.0.2.20:4840
+    security: {policy: Basic256Sha256, cert_file: /nonexistent/gw.der, key_file: /nonexistent/gw.pem}
+    nodes:
+      - {name: speed, node: "ns=2;x=Press1.Speed"}
+""", 1)
+    path = tmp_path / "gateway.yaml"
+    path.write_text(text)
+    assert main(["check-config", str(path)]) == 78
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        f"{path}:{line_of(text, 'security:')}: devices[0].security.cert_file: expected a readable file, got "
+        '"/nonexistent/gw.der" (missing or not readable)',
+        f"{path}:{line_of(text, 'security:')}: devices[0].security.key_file: expected a readable file, got "
+        '"/nonexistent/gw.pem" (missing or not readable)',
+        f"{path}:{line_of(text, 'ns=2;x=')}: devices[0].nodes[0].node: expected an OPC UA node id such as "
+        '"ns=2;s=Press1.MotorRPM" or "ns=2;i=1005", got "ns=2;x=Press1.Speed"'], err
+
+
+def test_opcua_security_is_none_or_a_mapping():
+    from gateway.config import ConfigError, parse
+
+    def with_security(value: str) -> str:
+        return BASE.replace("devices:\n", f"""devices:
+  - name: press1
+    source: opcua
+    endpoint: opc.tcp://192.0.2.20:4840
+    security: {value}
+    nodes: [{{name: speed, node: "ns=2;s=Press1.Speed"}}]
+""", 1)
+    assert parse(with_security("none")).devices[0].security is None
+    with pytest.raises(ConfigError) as err:
+        parse(with_security("nope"))
+    assert 'devices[0].security: expected none or a mapping (policy, mode, cert_file, key_file), got "nope"' in \
+        str(err.value)

@@ -260,3 +260,26 @@ def test_an_alarm_active_across_kill_9_ends_exactly_once(mosquitto, gateway, sub
     start, end = (a for _, a in sorted(alarms.items()))
     assert end["started"] == start["ts"] and end["value"] <= 80
     assert "Traceback" not in first.logs() + second.logs()
+
+
+def test_an_alarm_without_clear_or_for_does_not_chatter_on_a_value_wavering_at_its_limit():
+    """85 °C ± 0.5 for 3 s at 10 samples a second: raised once (it was 9 times in 3 s), then
+    cleared once when the value falls past the default deadband (2 % of 85: at 83.3)."""
+    from gateway.config import AlarmSection
+    from gateway.events import AlarmWatch
+
+    hot = AlarmSection(name="hot", tag="temp", above=85.0)
+    low = AlarmSection(name="low", tag="flow", below=5.0)
+    watch = AlarmWatch((hot, low))
+    events = []
+    for i in range(30):
+        wave = 0.5 if i % 2 else -0.5
+        events += watch.observe(i / 10, {"temp": 85 + wave, "flow": 5 - wave / 10}, {"temp": True, "flow": True},
+                                False)
+    assert [(e.rule.name, e.kind) for e in events] == [("hot", "start"), ("low", "start")]
+    events = watch.observe(3.0, {"temp": 83.4, "flow": 5.09}, {"temp": True, "flow": True}, False)
+    assert events == []  # back inside the limits, not yet past the deadband
+    events = watch.observe(3.1, {"temp": 83.3, "flow": 5.1}, {"temp": True, "flow": True}, False)
+    assert [(e.rule.name, e.kind) for e in events] == [("hot", "end"), ("low", "end")]
+    # An explicit clear at the limit is the user's choice: no deadband.
+    assert AlarmSection(name="x", tag="t", above=85.0, clear=85.0).clear_at == 85.0

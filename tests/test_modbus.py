@@ -72,6 +72,26 @@ def test_coils_and_discrete_inputs():
     assert decode([False], reg("bool", table="discrete")) == 0.0
 
 
+def test_coil_and_discrete_imply_bool_and_refuse_another_type(tmp_path):
+    from gateway.config import ConfigError
+
+    def device(registers: str) -> str:
+        return gateway_config(tmp_path, 1883, devices=f"""
+  - name: plc1
+    source: modbus_tcp
+    host: 127.0.0.1
+    registers:
+{registers}""")
+    cfg = parse(device("      - {name: run, table: coil, address: 0}\n"
+                       "      - {name: door, table: discrete, address: 3}\n"
+                       "      - {name: speed, address: 0}\n"))
+    assert [r.type for r in cfg.devices[0].registers] == ["bool", "bool", "uint16"]
+    with pytest.raises(ConfigError) as err:
+        parse(device("      - {name: run, table: coil, address: 0, type: uint16}\n"))
+    assert 'devices[0].registers[0].type: expected bool (or nothing: the table implies it) for table coil, got ' \
+           '"uint16"' in str(err.value)
+
+
 def test_plan_merges_within_gap_and_limits():
     regs = [reg(name=f"r{a}", address=a) for a in (0, 1, 2, 10, 30)] + [reg("float32", name="f", address=31)]
     assert [(r.address, r.count) for r in plan(regs, max_gap=10)] == [(0, 11), (30, 3)]
@@ -488,3 +508,76 @@ def test_a_dead_slave_on_a_shared_rs485_line_does_not_stall_the_others(mosquitto
     assert all(set(t["quality"].values()) == {"error"} for t in sub.on("/ghost/telemetry"))
     assert gw.logs().count("device ghost: read failed") == 1
     assert "device pump1: read failed" not in gw.logs() and "device line1: read failed" not in gw.logs()
+
+
+def waits_asked_for(port: int, attempts: int) -> tuple[list[float], list[str]]:
+    """The waits a Link asks for before each reconnect to 127.0.0.1:port, and the errors it gave.
+
+    The clock is the test's: it jumps past each wait, so nothing here sleeps for it."""
+    from gateway.errors import SourceError
+    from gateway.modbus_map import Read
+    from gateway.sources.modbus import Link, link_for
+
+    now = [1000.0]
+    cfg = parse(gateway_config(Path("/tmp/unused"), 1883, devices=f"""
+  - name: plc1
+    source: modbus_tcp
+    host: 127.0.0.1
+    port: {port}
+    timeout: 200ms
+    registers: [{{name: a, address: 0}}]
+"""))
+    real = link_for(cfg.devices[0], {})
+    link = Link(real.name, real._make_client, clock=lambda: now[0])
+
+    async def run() -> tuple[list[float], list[str]]:
+        waits, errors = [], []
+        try:
+            for _ in range(attempts):
+                try:
+                    await link.read(Read("holding", 0, 1, []), 1, 0.2)
+                except SourceError as err:
+                    errors.append(str(err))
+                waits.append(link.last_wait)
+                now[0] += link.last_wait + 0.001
+        finally:
+            link.close()
+        return waits, errors
+    return asyncio.run(run())
+
+
+def test_a_refused_connection_is_tried_again_within_2s_not_exponentially():
+    """A PLC that is off or rebooting (the kernel refuses): a wait drawn up to 2 s each time, so a
+    10 s outage gives about 10 s of errors, not 19."""
+    waits, errors = waits_asked_for(free_port(), 12)
+    assert all("cannot connect" in e for e in errors) and len(errors) == 12, errors
+    assert all(0.5 <= w <= 2.0 for w in waits), waits
+
+
+def test_a_plc_that_accepts_and_drops_the_connection_is_backed_off_exponentially():
+    """Its connection slots are taken: it accepts and hangs up. Each attempt costs it a slot."""
+    import socket
+
+    server = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def refuse() -> None:
+        server.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                continue
+            conn.close()
+    thread = threading.Thread(target=refuse, name="slots-full")
+    thread.start()
+    port = server.getsockname()[1]
+    try:
+        waits, errors = waits_asked_for(port, 8)
+    finally:
+        stop.set()
+        thread.join()
+        server.close()
+    assert len(errors) == 8 and all(e.startswith(f"127.0.0.1:{port}: ") for e in errors), errors
+    assert waits[-1] > 20, waits  # doubling to 30 s (±30 %)
+    assert all(b > a for a, b in zip(waits[:5], waits[1:6], strict=False)), waits

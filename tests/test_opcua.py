@@ -1,4 +1,4 @@
-"""OPC UA devices (work in progress, issue 15): the daemon against the simulated plant served by asyncua."""
+"""OPC UA devices: the daemon against the simulated plant served by asyncua, and the source in-process against asyncua servers."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import sys
 import pytest
 from conftest import ENV, ROOT, gateway_config, spawn, wait_until
 
+from gateway.config import parse
 from gateway.ports import free_port, listening
 
 pytest.importorskip("asyncua")
@@ -250,6 +251,213 @@ def test_a_node_the_reachable_server_lacks_is_a_config_error_at_start(tmp_path):
         check = subprocess.run([sys.executable, "-m", "gateway", "check-config", str(tmp_path / "gateway.yaml")],
                                capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=60)
         assert check.returncode == 0, check.stderr
+    finally:
+        server.kill()
+        server.wait(10)
+
+
+# In-process: an asyncua server and the gateway's own OpcUaSource in one event loop.
+
+def opcua_device(port: int, nodes: str, mode: str = "subscribe", extra: str = "", data_dir=ROOT / "unused"):
+    return parse(opcua_config(port, nodes, mode, extra, data_dir)).devices[0]
+
+
+def opcua_config(port: int, nodes: str, mode: str = "subscribe", extra: str = "", data_dir=ROOT / "unused") -> str:
+    return gateway_config(data_dir, 1883, devices=f"""
+  - name: press1
+    source: opcua
+    endpoint: opc.tcp://127.0.0.1:{port}/t/
+    mode: {mode}
+    interval: 200ms
+    timeout: 2s
+{extra}    nodes:
+{nodes}""")
+
+
+def with_server(body, cert: tuple[str, str] | None = None):
+    """Run `body(server, variables, port)` against an asyncua server with ns=2;s=T.a and ns=2;s=T.b (UInt32);
+    with `cert` (certificate, key), Basic256Sha256 SignAndEncrypt only."""
+    import asyncio
+
+    from asyncua import Server, ua
+
+    async def main():
+        port = free_port()
+        server = Server()
+        await server.init()
+        server.set_endpoint(f"opc.tcp://127.0.0.1:{port}/t/")
+        if cert is None:
+            server.set_security_policy([ua.SecurityPolicyType.NoSecurity])
+        else:
+            await server.load_certificate(cert[0])
+            await server.load_private_key(cert[1])
+            server.set_security_policy([ua.SecurityPolicyType.Basic256Sha256_SignAndEncrypt])
+        idx = await server.register_namespace("urn:test")
+        variables = [await server.nodes.objects.add_variable(ua.NodeId(f"T.{n}", idx), n, ua.Variant(0, ua.VariantType.UInt32))
+                     for n in ("a", "b")]
+        async with server:
+            return await body(server, variables, port)
+    return asyncio.run(main())
+
+
+def test_a_namespace_0_node_written_with_ns_0_gets_its_value_in_subscribe_mode():
+    """asyncua hands a subscribed node back as `i=2259`; the config says `ns=0;i=2259` (both are one NodeId)."""
+    from gateway.sources.opcua import OpcUaSource
+
+    async def body(server, variables, port):
+        source = OpcUaSource(opcua_device(port, '      - {name: state, node: "ns=0;i=2259"}\n'
+                                                '      - {name: a, node: "ns=2;s=T.a"}\n'))
+        try:
+            return await source.read()
+        finally:
+            await source.aclose()
+    sample = with_server(body)
+    assert sample.quality == {"state": "ok", "a": "ok"}, sample.problem
+    assert sample.values["state"] == 0  # ServerState Running
+
+
+def test_the_subscribe_sample_time_is_the_newest_source_timestamp():
+    import asyncio
+    import datetime as dt
+
+    from asyncua import ua
+
+    from gateway.sources.opcua import OpcUaSource
+
+    t0 = dt.datetime(2026, 1, 2, 3, 4, 5, 250000, tzinfo=dt.timezone.utc)
+
+    async def body(server, variables, port):
+        a, b = variables
+        await a.write_value(ua.DataValue(ua.Variant(7, ua.VariantType.UInt32), SourceTimestamp=t0))
+        await b.write_value(ua.DataValue(ua.Variant(8, ua.VariantType.UInt32), SourceTimestamp=t0 + dt.timedelta(seconds=3)))
+        source = OpcUaSource(opcua_device(port, '      - {name: a, node: "ns=2;s=T.a"}\n'
+                                                '      - {name: b, node: "ns=2;s=T.b"}\n'))
+        try:
+            first = await source.read()
+            await a.write_value(ua.DataValue(ua.Variant(9, ua.VariantType.UInt32), SourceTimestamp=t0 + dt.timedelta(seconds=5)))
+            for _ in range(100):
+                await asyncio.sleep(0.05)
+                second = await source.read()
+                if second.values["a"] == 9:
+                    break
+            return first, second
+        finally:
+            await source.aclose()
+    first, second = with_server(body)
+    assert (first.values, first.ts) == ({"a": 7, "b": 8}, t0.timestamp() + 3)
+    assert (second.values, second.ts) == ({"a": 9, "b": 8}, t0.timestamp() + 5)
+
+
+def test_an_unknown_server_certificate_is_refused_until_trusted_and_a_pinned_one_works(tmp_path, capsys, caplog):
+    """The trust store as Ignition and Kepware keep it: refused and written to rejected/ with the
+    words to trust it; `edge-gateway opcua trust DEVICE` moves it to trusted/ and the next attempt reads."""
+    import logging
+
+    from gateway.cli import main
+    from gateway.errors import SourceError
+    from gateway.sources.opcua import OpcUaSource
+
+    server_cert = make_certificate(tmp_path, "server", "urn:edge-gateway:sim", server=True)
+    other_cert = make_certificate(tmp_path, "other", "urn:edge-gateway:other", server=True)
+    client_cert, client_key = make_certificate(tmp_path, "gateway", "urn:edge-gateway:test-gw", server=False)
+    nodes = '      - {name: a, node: "ns=2;s=T.a"}\n'
+    security = (f"    security: {{policy: Basic256Sha256, cert_file: {client_cert}, key_file: {client_key}"
+                "PIN}\n")
+    data = tmp_path / "data"
+    pki = str(data / "pki")
+
+    async def body(server, variables, port):
+        text = opcua_config(port, nodes, "poll", security.replace("PIN", ""), data)
+        (tmp_path / "gateway.yaml").write_text(text)
+        device = parse(text).devices[0]
+        source = OpcUaSource(device, pki)
+        try:
+            with pytest.raises(SourceError) as refused:
+                await source.read()
+            source._retry_at = 0.0
+            with pytest.raises(SourceError):
+                await source.read()  # refused again: not logged again
+            assert main(["opcua", "trust", "press1", "-c", str(tmp_path / "gateway.yaml")]) == 0
+            source._retry_at = 0.0  # the next attempt now, not after the backoff
+            trusted = await source.read()
+        finally:
+            await source.aclose()
+        results = [str(refused.value), trusted]
+        for pin in (server_cert[0], other_cert[0]):  # pinned: the trust store is not asked
+            pinned = OpcUaSource(opcua_device(port, nodes, "poll", security.replace("PIN", f", server_cert_file: {pin}")),
+                                 str(tmp_path / "empty-pki"))
+            try:
+                results.append(await pinned.read())
+            except SourceError as err:
+                results.append(str(err))
+            finally:
+                await pinned.aclose()
+        return results
+    with caplog.at_level(logging.WARNING):
+        refused, trusted, pinned, wrong_pin = with_server(body, cert=server_cert)
+    rejected = sorted((data / "pki" / "trusted").iterdir())
+    assert len(rejected) == 1 and rejected[0].name.startswith("press1-") and not list((data / "pki" / "rejected").iterdir())
+    assert f"is not trusted: see {pki}/rejected/" in refused
+    # One line says how to trust it, however many attempts are refused.
+    how = [r.getMessage() for r in caplog.records if "opcua trust" in r.getMessage()]
+    assert len(how) == 1, how
+    assert how[0].startswith("device press1: the server's certificate (O=edge-gateway tests,CN=server, SHA-256 "), how
+    assert "is not trusted; it was written to " + str(data / "pki" / "rejected" / rejected[0].name) in how[0]
+    assert "trust it with `edge-gateway opcua trust press1` or move the file to " + pki + "/trusted/" in how[0]
+    assert f"trusted: {rejected[0]}" in capsys.readouterr().out
+    assert trusted.quality == {"a": "ok"} and pinned.quality == {"a": "ok"}
+    assert isinstance(wrong_pin, str) and "cannot connect" in wrong_pin
+    assert not list((tmp_path / "empty-pki").glob("*/*"))
+    assert not [r for r in caplog.records if "without security" in r.getMessage()]
+
+
+def test_a_session_without_security_says_so_once(caplog):
+    import logging
+
+    from gateway.sources.opcua import OpcUaSource
+
+    async def body(server, variables, port):
+        source = OpcUaSource(opcua_device(port, '      - {name: a, node: "ns=2;s=T.a"}\n', "poll",
+                                          "    security: none\n"))
+        try:
+            return [await source.read() for _ in range(3)]
+        finally:
+            await source.aclose()
+    with caplog.at_level(logging.WARNING):
+        samples = with_server(body)
+    assert all(s.quality == {"a": "ok"} for s in samples)
+    said = [r.getMessage() for r in caplog.records if "without security" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("device press1: opc.tcp://127.0.0.1:"), said
+
+
+def test_the_daemon_refuses_an_unknown_server_certificate_until_the_cli_trusts_it(mosquitto, gateway, subscribe,
+                                                                                  tmp_path):
+    """End to end: the trust store under gateway.data_dir, one how-to line in the daemon's log, and
+    `edge-gateway opcua trust` as a user runs it while the daemon keeps trying."""
+    import subprocess
+
+    port = free_port()
+    server_cert, server_key = make_certificate(tmp_path, "server", "urn:edge-gateway:sim", server=True)
+    client_cert, client_key = make_certificate(tmp_path, "gateway", "urn:edge-gateway:test-gw", server=False)
+    server = spawn([sys.executable, "-m", "gateway", "sim", "--opcua", f"127.0.0.1:{port}", "--opcua-cert", server_cert,
+                    server_key], tmp_path / "opcua-sim.log", "a", env=ENV, cwd=ROOT)
+    try:
+        wait_until(lambda: listening(port) or server.poll() is not None, 30, what="the OPC UA server")
+        sub = subscribe(mosquitto.port, topic=f"{TOPIC}/#")
+        security = f"    security: {{policy: Basic256Sha256, cert_file: {client_cert}, key_file: {client_key}}}\n    nodes:"
+        gw = gateway(gateway_config(tmp_path / "data", mosquitto.port,
+                                    devices=device(port, "subscribe", missing=False).replace("    nodes:", security, 1)))
+        gw.start()
+        wait_until(lambda: "opcua trust press1" in gw.logs(), 30, what="the how-to-trust line")
+        rejected = list((tmp_path / "data" / "pki" / "rejected").iterdir())
+        assert len(rejected) == 1
+        trust = subprocess.run([sys.executable, "-m", "gateway", "opcua", "trust", "press1", "-c", str(gw.config)],
+                               capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=60)
+        assert trust.returncode == 0, trust.stderr
+        wait_until(lambda: [t for t in sub.on("/press1/telemetry") if t["values"]["machine_status"] is not None], 60,
+                   what="data once the certificate is trusted")
+        assert gw.stop() == 0
+        assert gw.logs().count("opcua trust press1") == 1 and "Traceback" not in gw.logs()
     finally:
         server.kill()
         server.wait(10)

@@ -34,8 +34,10 @@ def load(path: str) -> configuration.Config | None:
 
 def prepare(path: str) -> tuple[configuration.Config, configuration.Prepared] | None:
     """The config and what preflight loaded (models); None after printing every problem."""
-    cfg = load(path)
-    if cfg is None:
+    try:
+        cfg = configuration.load(path)
+    except configuration.ConfigError as err:
+        print(configuration.with_files(err), file=sys.stderr)  # the files it names too: every problem at once
         return None
     try:
         return cfg, configuration.preflight(cfg, path)

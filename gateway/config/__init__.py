@@ -3,7 +3,7 @@
 
 from gateway.config.load import lines_of as load_lines
 from gateway.config.load import load, parse
-from gateway.config.preflight import Prepared, preflight
+from gateway.config.preflight import Prepared, preflight, with_files
 from gateway.config.schema import (
                                    DEFAULT_PATH,
                                    DEVICE_CLASSES,
@@ -71,4 +71,5 @@ __all__ = [
                                    "load_lines",
                                    "parse",
                                    "preflight",
+                                   "with_files",
 ]

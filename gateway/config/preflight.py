@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from gateway.config.load import lines_of
+from gateway.config.load import document, lines_of
 from gateway.config.schema import Config
 from gateway.errors import ConfigError, ModelError
 
@@ -51,24 +51,45 @@ def preflight(config: Config, file: str) -> Prepared:
     return Prepared(models)
 
 
-def _unreadable(config: Config) -> list[tuple[str, str]]:
-    files: list[tuple[str, str | None]] = [("upstream.password_file", config.upstream.password_file),
-                                           ("local_broker.password_file", config.local_broker.password_file)]
-    if config.upstream.tls is not None:
-        tls = config.upstream.tls
-        files += [("upstream.tls.ca_file", tls.ca_file), ("upstream.tls.cert_file", tls.cert_file),
-                  ("upstream.tls.key_file", tls.key_file)]
-    if config.local_broker.client is not None:
-        files.append(("local_broker.client.password_file", config.local_broker.client.password_file))
-    for i, device in enumerate(config.devices):
-        if device.source == "opcua":
-            files.append((f"devices[{i}].password_file", getattr(device, "password_file", None)))
-            security = getattr(device, "security", None)
-            if security is not None:
-                files += [(f"devices[{i}].security.{key}", getattr(security, key))
-                          for key in ("cert_file", "key_file", "server_cert_file")]
+def with_files(err: ConfigError) -> ConfigError:
+    """A schema's ConfigError with the files its document names that cannot be read, so that one
+    run of check-config reports a bad node id and a missing certificate together."""
+    extra = [p for p in _unreadable(document(err.file)) if p not in err.problems]
+    if not extra:
+        return err
+    lines = err.lines or lines_of(err.file)
+    merged = ConfigError(err.file, err.problems + extra, lines)
+    order = {p: i for i, p in enumerate(merged.problems)}
+    return ConfigError(err.file, sorted(merged.problems, key=lambda p: (merged.line_of(p[0]) or 0, order[p])), lines)
+
+
+def _get(node: Any, key: str) -> Any:
+    """`key` of a Config section or of a YAML mapping (None when absent or not a mapping)."""
+    if isinstance(node, dict):
+        return node.get(key)
+    return getattr(node, key, None) if node is not None and not isinstance(node, (str, list, int, float)) else None
+
+
+def _unreadable(config: Any) -> list[tuple[str, str]]:
+    """The files a Config, or a YAML document the schema refused, names that cannot be read."""
+    upstream, broker = _get(config, "upstream"), _get(config, "local_broker")
+    tls, client = _get(upstream, "tls"), _get(broker, "client")
+    files: list[tuple[str, Any]] = [
+        ("upstream.password_file", _get(upstream, "password_file")),
+        ("local_broker.password_file", _get(broker, "password_file")),
+        ("upstream.tls.ca_file", _get(tls, "ca_file")), ("upstream.tls.cert_file", _get(tls, "cert_file")),
+        ("upstream.tls.key_file", _get(tls, "key_file")),
+        ("local_broker.client.password_file", _get(client, "password_file"))]
+    devices = _get(config, "devices")
+    for i, device in enumerate(devices if isinstance(devices, (list, tuple)) else ()):
+        if _get(device, "source") == "opcua":
+            files.append((f"devices[{i}].password_file", _get(device, "password_file")))
+            security = _get(device, "security")
+            files += [(f"devices[{i}].security.{key}", _get(security, key))
+                      for key in ("cert_file", "key_file", "server_cert_file")]
     return [(path, f'expected a readable file, got "{name}" (missing or not readable)')
-            for path, name in files if name is not None and not (os.path.isfile(name) and os.access(name, os.R_OK))]
+            for path, name in files
+            if isinstance(name, str) and name and not (os.path.isfile(name) and os.access(name, os.R_OK))]
 
 
 def _models(config: Config) -> tuple[dict[str, Model], list[tuple[str, str]]]:

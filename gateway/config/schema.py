@@ -230,23 +230,31 @@ class RegisterSection:
     name: str = setting(string(TAG, "a tag name of letters, digits, _ . -"), doc="the tag")
     table: str = setting(one_of(*TABLES), "holding", doc="holding, input, coil or discrete")
     address: int = setting(integer(0, 65535), doc="0-based protocol address (40001 is holding 0)")
-    type: str = setting(one_of(*REGISTER_TYPES), "uint16", doc="how the registers are read")
+    # Unset (None in the YAML) means what the table implies: bool for coil and discrete, else uint16.
+    type: str = setting(optional(one_of(*REGISTER_TYPES)), None,
+                        doc="how the registers are read (default: bool for coil and discrete, else uint16)")
     word_order: str = setting(one_of("big", "little"), "big", doc="of multi-register values")
     byte_order: str = setting(one_of("big", "little"), "big", doc="in each register")
     bit: int | None = setting(optional(integer(0, 15)), None, doc="one bit of a 16-bit register")
     scale: float = setting(number(), 1.0, doc="value = raw × scale + offset")
     offset: float = setting(number(), 0.0, doc="value = raw × scale + offset")
 
+    def __post_init__(self) -> None:
+        if self.type is None:  # the table implies it
+            object.__setattr__(self, "type", "bool" if self.table in ("coil", "discrete") else "uint16")
+
     @staticmethod
     def rules(v: Fields) -> list[Problem]:
         if not v.ok("table", "type", "bit"):
             return []
         bit_table = v["table"] in ("coil", "discrete")
-        if bit_table and v["type"] != "bool":
-            return [("type", f'expected bool for table {v["table"]}, got "{v["type"]}"')]
-        if v["bit"] is not None and (bit_table or v["type"] not in ("uint16", "int16", "bool")):
+        kind = v["type"] or ("bool" if bit_table else "uint16")
+        if bit_table and kind != "bool":
+            return [("type", f'expected bool (or nothing: the table implies it) for table {v["table"]}, '
+                             f'got "{kind}"')]
+        if v["bit"] is not None and (bit_table or kind not in ("uint16", "int16", "bool")):
             return [("bit", "only for a bit inside a 16-bit holding or input register")]
-        if v["type"] == "bool" and not bit_table and v["bit"] is None:
+        if kind == "bool" and not bit_table and v["bit"] is None:
             return [("bit", "required for type bool in a holding or input register (0..15)")]
         return []
 
@@ -318,6 +326,9 @@ class OeeSection:
 
 
 SEVERITIES = ("low", "medium", "high", "critical")
+# An alarm without `clear` ends this share of its limit back from it: the 1-5 % of span that
+# ISA-18.2 (and EEMUA 191) recommend, so that a value wavering at the limit does not chatter.
+DEFAULT_DEADBAND = 0.02
 
 
 @dataclass(frozen=True)
@@ -329,7 +340,8 @@ class AlarmSection:
     below: float | None = setting(optional(number()), None, doc="raised when the value is below this")
     delay: float = setting(duration(0, 86400), 0.0, doc="the condition must hold this long (sample clock)",
                            key="for")
-    clear: float | None = setting(optional(number()), None, doc="cleared only past this (hysteresis); default the limit")
+    clear: float | None = setting(optional(number()), None,
+                                  doc="cleared only past this (hysteresis); default the limit ∓ 2 % of it (a deadband)")
     severity: str = setting(one_of(*SEVERITIES), "medium", doc="low, medium, high or critical")
     with_anomaly: bool = setting(boolean, False, doc="raised only while the device's anomaly event is active")
 
@@ -352,6 +364,14 @@ class AlarmSection:
     def limit(self) -> float:
         return self.above if self.above is not None else float(self.below)  # type: ignore[arg-type]
 
+    @property
+    def clear_at(self) -> float:
+        """Where the alarm ends: `clear`, else the limit less a deadband of 2 % of it (ISA-18.2 practice)."""
+        if self.clear is not None:
+            return self.clear
+        band = DEFAULT_DEADBAND * abs(self.limit)
+        return self.limit - band if self.above is not None else self.limit + band
+
 
 @dataclass(frozen=True)
 class HistorySection:
@@ -364,7 +384,7 @@ class HistorySection:
 class DeviceBase:
     """The keys every device takes."""
     name: str = setting(string(NAME, "lowercase letters, digits, _ and - (e.g. pump1)"), doc="the device's name")
-    source: str = setting(string(), doc="modbus_tcp, modbus_rtu, mqtt or sim")
+    source: str = setting(string(), doc="modbus_tcp, modbus_rtu, opcua, mqtt or sim")
     interval: float = setting(duration(0.01, 86400), 1.0, doc="time between samples")
     timeout: float = setting(duration(0.01, 600), 0.5, doc="one request's time limit")
     counters: tuple[CounterSection, ...] = setting(list_of(section(CounterSection)), [],
@@ -541,7 +561,21 @@ class OpcUaSecuritySection:
     mode: str = setting(one_of("Sign", "SignAndEncrypt"), "SignAndEncrypt", doc="Sign or SignAndEncrypt")
     cert_file: str = setting(string(), doc="the gateway's certificate (PEM or DER)")
     key_file: str = setting(string(), doc="its private key")
-    server_cert_file: str | None = setting(optional(string()), None, doc="the server's certificate, to trust")
+    server_cert_file: str | None = setting(optional(string()), None,
+                                           doc="the server's certificate, pinned (else the trust store decides)")
+    pki_dir: str | None = setting(optional(string()), None,
+                                  doc="the trust store: trusted/ and rejected/ server certificates "
+                                      "(default: <data_dir>/pki)")
+
+
+def _security(value: Any, path: str, problems: Problems) -> Any:
+    """`security:` a mapping, or `none` (as no `security:`: a session without signing or encryption)."""
+    if value is None or value == "none":
+        return None
+    if not isinstance(value, dict):
+        problems.add(path, f"expected none or a mapping (policy, mode, cert_file, key_file), got {found(value)}")
+        return Invalid()
+    return section(OpcUaSecuritySection)(value, path, problems)
 
 
 @dataclass(frozen=True)
@@ -549,8 +583,9 @@ class OpcUaDevice(DeviceBase):
     endpoint: str = setting(string(re.compile(r"^opc\.tcp://[^/\s:]+(:\d{1,5})?(/\S*)?$"),
                                    'an endpoint such as "opc.tcp://192.0.2.20:4840"'), doc="the server")
     mode: str = setting(one_of("subscribe", "poll"), "subscribe", doc="subscribe (default) or poll")
-    security: OpcUaSecuritySection | None = setting(optional(section(OpcUaSecuritySection)), None,
-                                                    doc="none by default")
+    security: OpcUaSecuritySection | None = setting(_security, None,
+                                                    doc="none (the default, logged at start) or a policy, "
+                                                        "mode and certificates")
     username: str | None = setting(optional(string()), None, doc="with password_file")
     password_file: str | None = setting(optional(string()), None, doc="the password, never inline")
     nodes: tuple[OpcUaNodeSection, ...] = setting(list_of(section(OpcUaNodeSection)), doc="tag: node id")

@@ -39,9 +39,11 @@ class Source(Protocol):
 class Links:
     """Connections shared by the devices behind one endpoint, serial line or broker; built, never started."""
 
-    def __init__(self, local_broker: LocalBrokerSection | None = None, client_id: str = "edge-gateway") -> None:
+    def __init__(self, local_broker: LocalBrokerSection | None = None, client_id: str = "edge-gateway",
+                 data_dir: str = ".") -> None:
         self.local_broker = local_broker or LocalBrokerSection()
         self.client_id = client_id
+        self.data_dir = data_dir  # where OPC UA's trust store is by default (<data_dir>/pki)
         self.modbus: dict[str, Link] = {}
         self.mqtt: MqttLink | None = None
 
@@ -57,7 +59,8 @@ def open_source(device: Device, links: Links) -> Source:
         return ModbusSource(device, links.modbus)
     if isinstance(device, OpcUaDevice):
         from gateway.sources.opcua import OpcUaSource
-        return OpcUaSource(device)
+        from gateway.sources.opcua_trust import pki_dir
+        return OpcUaSource(device, pki_dir(device, links.data_dir))
     from gateway.sources.mqtt import MqttLink, MqttSource
     if links.mqtt is None:
         links.mqtt = MqttLink(links.local_broker, f"{links.client_id}-local")

@@ -22,7 +22,7 @@ from typing import Any
 from gateway.config import ModbusRtuDevice, ModbusTcpDevice
 from gateway.errors import SourceError
 from gateway.modbus_map import Read, decode, plan, width
-from gateway.retry import backoff
+from gateway.retry import backoff, down
 from gateway.sample import ERROR, OK, Sample
 from gateway.sources.poll import PolledSource
 from gateway.supervise import within
@@ -70,13 +70,23 @@ DEFAULT_MAX_GAP = 10
 class Link:
     """One connection (TCP endpoint or serial line), shared by the devices behind it.
 
+    Reconnecting follows the two-speed rule of `gateway.retry`, as the uplink and OPC UA do. A
+    connection that cannot be made (refused by the kernel, unreachable, timed out: the PLC is
+    off or rebooting) is tried again after a wait drawn evenly up to 2 s, so a PLC that is back
+    is read again within 2 s. A PLC that accepts the connection and drops it before answering
+    (its connection slots are taken, a gateway in front of it refuses) is left alone
+    exponentially longer, 0.5 s doubling to 30 s: each attempt costs it a connection slot (when
+    pymodbus does not notice the hang-up, the request times out instead and the unit is left
+    alone as below, 1 s doubling to 30 s). The count of attempts starts again at the first answer.
+
     A unit that does not answer is left alone for a while (1 s doubling to 30 s, jittered), on its
     own: its polls fail at once meanwhile, so a dead slave does not take a timeout's worth of the
     line on every poll from the units that do answer. On a serial line a timeout only discards
     what may still arrive; the port stays open for the other units.
     """
 
-    def __init__(self, name: str, make_client: Callable[[], Any], gap: float = 0.0, serial: bool = False) -> None:
+    def __init__(self, name: str, make_client: Callable[[], Any], gap: float = 0.0, serial: bool = False,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.name = name
         self._make_client = make_client
         self.gap = gap
@@ -87,12 +97,14 @@ class Link:
         self.requests = 0
         self._attempt = 0
         self._retry_at = 0.0
+        self.last_wait = 0.0  # the wait before the next attempt, as last decided (for the tests)
         self._rng = random.Random()
+        self._clock = clock
 
     async def _connected(self) -> Any:
         if self.client is not None and self.client.connected:
             return self.client
-        now = time.monotonic()
+        now = self._clock()
         if now < self._retry_at:
             raise SourceError(f"{self.name}: not connected, next attempt in {self._retry_at - now:.1f}s")
         if self.client is None:
@@ -104,9 +116,8 @@ class Link:
         else:
             why = "connection refused or no route"
         if not ok:
-            self._failed()
+            self._failed(down(self._attempt, 0.5, 2.0, self._rng))
             raise SourceError(f"{self.name}: cannot connect ({why})")
-        self._attempt = 0
         return self.client
 
     def _drop(self) -> None:
@@ -115,8 +126,10 @@ class Link:
             self.client.close()
             self.client = None
 
-    def _failed(self) -> None:
-        self._retry_at = time.monotonic() + backoff(self._attempt, 0.5, 30.0, 0.3, self._rng)
+    def _failed(self, wait: float) -> None:
+        """No connection: the next attempt after `wait` seconds."""
+        self.last_wait = wait
+        self._retry_at = self._clock() + wait
         self._attempt += 1
         self._drop()
 
@@ -125,7 +138,7 @@ class Link:
         from pymodbus.exceptions import ConnectionException, ModbusException
 
         silent = self._silent.get(unit)
-        if silent is not None and time.monotonic() < silent[1]:
+        if silent is not None and self._clock() < silent[1]:
             raise SourceError(silent[2])  # the same words as when it stopped answering: logged once
         async with self.lock:
             client = await self._connected()
@@ -141,8 +154,8 @@ class Link:
                     self._drop()  # a late answer must never be taken for the answer to a later request
                 raise self._unit_failed(unit, f"{self.name}: no response within {timeout:g}s "
                                               f"(unit {unit}, {read.table} {read.address}+{read.count})") from None
-            except (ConnectionException, ConnectionError, OSError) as err:
-                self._failed()
+            except (ConnectionException, ConnectionError, OSError) as err:  # connected, then dropped
+                self._failed(backoff(self._attempt, 0.5, 30.0, 0.3, self._rng))
                 raise SourceError(f"{self.name}: connection lost ({err})") from None
             except ModbusException as err:  # no valid response: timeout inside pymodbus, CRC error, garbage
                 if self.serial:
@@ -165,13 +178,15 @@ class Link:
                                       f"{read.table} {read.address}+{read.count}: got function "
                                       f"{response.function_code} with {got} {'bits' if bits else 'registers'}); "
                                       "dropped the connection")
+            self._attempt = 0  # an answer: the PLC is back
             self._silent.pop(unit, None)
             return response
 
     def _unit_failed(self, unit: int, why: str) -> SourceError:
         """This unit gave no usable answer: the next attempt waits, doubling per failure in a row."""
         failures = self._silent[unit][0] + 1 if unit in self._silent else 1
-        self._silent[unit] = (failures, time.monotonic() + backoff(failures - 1, 1.0, 30.0, 0.3, self._rng), why)
+        self.last_wait = backoff(failures - 1, 1.0, 30.0, 0.3, self._rng)
+        self._silent[unit] = (failures, self._clock() + self.last_wait, why)
         return SourceError(why)
 
     def _discard_input(self) -> None:

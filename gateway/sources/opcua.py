@@ -7,9 +7,17 @@ bad StatusCode as that tag's quality `error`.
   time is the newest SourceTimestamp the server gave (else the time of the read).
 - `mode: subscribe` (the default) asks for a subscription publishing every `interval`
   (keep-alive at least every 3) and still makes one Sample per interval, from the last values
-  received, at the time it is made: an unchanged value is current while the subscription lives.
-  Quiet for 3 intervals, the values are `stale`; for 5 (at least 2 timeouts), not even a
-  keep-alive, the subscription has stalled and the session is dropped and made again.
+  received; its time is, as in poll mode, the newest SourceTimestamp among them (an unchanged
+  value is current while the subscription lives). Values are kept by the parsed NodeId, so
+  `ns=0;i=2259` and asyncua's canonical `i=2259` are one node. Quiet for 3 intervals, the values
+  are `stale`; for 5 (at least 2 timeouts), not even a keep-alive, the subscription has stalled
+  and the session is dropped and made again.
+
+Server certificates (with `security:`): one pinned by `server_cert_file` is the only one
+accepted; else the trust store decides (`opcua_trust`: `<pki_dir>/trusted/`), and an unknown
+one is refused and written to `rejected/` with one line saying how to trust it. Without
+`security:` (or `security: none`) the session is neither signed nor encrypted, which is logged
+once at start.
 
 A failure stays with the device: an endpoint that cannot be reached, a session lost, a read that
 times out. Each reconnect makes a fresh client (a broken one is never reused), after a jittered
@@ -21,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import os
 import random
 import time
 from typing import Any
@@ -28,8 +37,10 @@ from typing import Any
 from gateway.config import OpcUaDevice
 from gateway.credentials import read_secret
 from gateway.errors import SourceError
+from gateway.logs import fields
 from gateway.retry import backoff, down
 from gateway.sample import ERROR, OK, STALE, Sample
+from gateway.sources.opcua_trust import Untrusted, fingerprint, pki_dir, reject, trusted
 from gateway.sources.poll import PolledSource
 from gateway.supervise import within
 
@@ -37,16 +48,20 @@ log = logging.getLogger("edge_gateway.opcua")
 
 
 class OpcUaSource(PolledSource):
-    def __init__(self, device: OpcUaDevice) -> None:
+    def __init__(self, device: OpcUaDevice, pki: str | None = None) -> None:
         super().__init__(device.name, device.tags, device.interval, 2 * device.timeout + 0.5)
         self.device = device
+        self.pki = pki or pki_dir(device, ".")
+        self._started = False
+        self._told: set[str] = set()  # the rejected certificates whose how-to-trust line was logged
         self._client: Any = None
         self._attempt = 0
         self._retry_at = 0.0
         self._rng = random.Random()
         self._reads: Any = None  # the ReadParameters of every node, built once per session
         self._subscription: Any = None
-        self._latest: dict[str, Any] = {}  # node id -> its last DataValue, in subscribe mode
+        self._latest: dict[Any, Any] = {}  # ua.NodeId -> its last DataValue, in subscribe mode
+        self._ids: list[Any] = []  # the parsed ua.NodeId of each configured node, in order
 
     async def _connected(self) -> Any:
         if self._client is not None:
@@ -55,9 +70,15 @@ class OpcUaSource(PolledSource):
         if now < self._retry_at:
             raise SourceError(f"{self.device.endpoint}: not connected, next attempt in {self._retry_at - now:.1f}s")
         device = self.device
+        if not self._started:
+            self._started = True
+            if device.security is None:
+                log.warning("device %s: %s without security (security: none): the session is neither signed nor "
+                            "encrypted; give security: a policy and certificates to protect it", device.name,
+                            device.endpoint)
         client = _client(device)
         try:
-            await _connect(client, device)
+            await _connect(client, device, self.pki, self._told)
         except Exception as err:  # asyncua raises OSError, TimeoutError, ua.UaError and its own on a failed connect
             reached = not isinstance(err, (OSError, asyncio.TimeoutError))
             self._retry_at = time.monotonic() + (backoff(self._attempt, 0.5, 30.0, 0.3, self._rng) if reached
@@ -88,15 +109,17 @@ class OpcUaSource(PolledSource):
         params.RequestedLifetimeCount = 30
         params.PublishingEnabled = True
         self._latest = {}
+        # Keyed by the parsed NodeId, never by the text: asyncua hands back `i=2259` for `ns=0;i=2259`.
+        self._ids = [ua.NodeId.from_string(n.node) for n in device.nodes]
         self._subscription = await within(client.create_subscription(params, _Handler(self._latest)),
                                           device.timeout)
-        nodes = [client.get_node(n.node) for n in device.nodes]
+        nodes = [client.get_node(nodeid) for nodeid in self._ids]
         results = await within(self._subscription.subscribe_data_change(nodes), device.timeout)
-        for node, result in zip(device.nodes, results if isinstance(results, list) else [results], strict=False):
+        for nodeid, result in zip(self._ids, results if isinstance(results, list) else [results], strict=False):
             if not isinstance(result, int):  # a StatusCode instead of a handle: the node is refused
-                self._latest[node.node] = _refused()
+                self._latest[nodeid] = _refused()
         deadline = time.monotonic() + device.timeout  # the initial values come with the first publish
-        while len(self._latest) < len(device.nodes) and time.monotonic() < deadline:
+        while len(self._latest) < len(set(self._ids)) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
 
     async def read(self) -> Sample:
@@ -121,16 +144,14 @@ class OpcUaSource(PolledSource):
             raise SourceError(f"{device.endpoint}: the subscription delivered nothing, not even a keep-alive, "
                               f"for {quiet:g}s; reconnecting")
         quiet_for = time.monotonic() - last if last is not None else 0.0
-        return self._sample([self._latest.get(n.node) for n in device.nodes], live=True,
-                            stale=quiet_for > 3 * device.interval)
+        return self._sample([self._latest.get(nodeid) for nodeid in self._ids], stale=quiet_for > 3 * device.interval)
 
-    def _sample(self, results: list[Any], live: bool = False, stale: bool = False) -> Sample:
+    def _sample(self, results: list[Any], stale: bool = False) -> Sample:
         device = self.device
         values: dict[str, float | None] = {}
         quality: dict[str, str] = {}
         problems: list[str] = []
         newest: float | None = None
-        now = time.time()
         for node, dv in zip(device.nodes, results, strict=False):
             if dv is None:  # subscribed, no value yet
                 problems.append(f"{node.name} ({node.node}): no value yet")
@@ -150,8 +171,6 @@ class OpcUaSource(PolledSource):
                 newest = ts if newest is None else max(newest, ts)
             if stale:  # the subscription has gone quiet: the last values, not current ones
                 quality[node.name] = STALE
-        if live:
-            newest = now  # one Sample per interval, at the time it is made: an unchanged value is current
         if problems and len(problems) == len(device.nodes):
             raise SourceError(f"{device.endpoint}: " + "; ".join(problems))
         return Sample(device.name, newest or time.time(), values, quality, "; ".join(problems) or None)
@@ -171,8 +190,8 @@ async def unknown_nodes(config: Any) -> list[tuple[str, str]]:
     async def check(i: int, device: Any) -> list[tuple[str, str]]:
         client = _client(device)
         try:
-            await _connect(client, device)
-        except Exception:  # unreachable or refusing now: the device's own loop will say so
+            await _connect(client, device, pki_dir(device, config.gateway.data_dir))
+        except Exception:  # unreachable, refusing or untrusted now: the device's own loop will say so
             await _close(client)
             return []
         try:
@@ -193,11 +212,11 @@ async def unknown_nodes(config: Any) -> list[tuple[str, str]]:
 class _Handler:
     """asyncua's data-change callback: keep each node's last DataValue."""
 
-    def __init__(self, latest: dict[str, Any]) -> None:
+    def __init__(self, latest: dict[Any, Any]) -> None:
         self.latest = latest
 
     def datachange_notification(self, node: Any, val: Any, data: Any) -> None:
-        self.latest[node.nodeid.to_string()] = data.monitored_item.Value
+        self.latest[node.nodeid] = data.monitored_item.Value
 
     def status_change_notification(self, status: Any) -> None:
         pass
@@ -220,14 +239,38 @@ def _client(device: OpcUaDevice) -> Any:
     return client
 
 
-async def _connect(client: Any, device: OpcUaDevice) -> None:
-    """Security (naming the client by its certificate's URI), then the session, within the timeout."""
+async def _connect(client: Any, device: OpcUaDevice, pki: str, told: set[str] | None = None) -> None:
+    """Security (naming the client by its certificate's URI, checking the server's), then the session,
+    within the timeout. `told`: the certificates already logged as rejected (None: log none)."""
     if device.security is not None:
         sec = device.security
         client.application_uri = _application_uri(sec.cert_file) or client.application_uri
-        await client.set_security_string(f"{sec.policy},{sec.mode},{sec.cert_file},{sec.key_file}"
-                                         + (f",{sec.server_cert_file}" if sec.server_cert_file else ""))
+        if not sec.server_cert_file:  # not pinned: the trust store decides
+            client.certificate_validator = _validator(device.name, pki, told)
+        await within(client.set_security_string(f"{sec.policy},{sec.mode},{sec.cert_file},{sec.key_file}"
+                                                + (f",{sec.server_cert_file}" if sec.server_cert_file else "")),
+                     device.timeout + 1.0)
     await within(client.connect(), device.timeout + 1.0)
+
+
+def _validator(device: str, pki: str, told: set[str] | None) -> Any:
+    """asyncua's certificate check at CreateSession: the server's certificate must be in `trusted/`.
+
+    The device's error says it is not trusted (logged once per state change, as any); the one
+    line saying how to trust it is logged once per certificate."""
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    async def validate(cert: Any, app: Any) -> None:
+        der = cert.public_bytes(Encoding.DER)
+        if trusted(der, pki):
+            return
+        how = reject(der, device, pki, cert.subject.rfc4514_string()[:80])
+        if told is not None and fingerprint(der) not in told:
+            told.add(fingerprint(der))
+            log.warning("device %s: %s", device, how, extra=fields(device, "opcua_untrusted_certificate"))
+        raise Untrusted(f"the server's certificate (SHA-256 {fingerprint(der)[:16]}…) is not trusted: "
+                        f"see {os.path.join(pki, 'rejected')}/")
+    return validate
 
 
 def _read_all(device: OpcUaDevice) -> Any:
