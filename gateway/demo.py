@@ -235,7 +235,8 @@ def demo(duration: float | None = None, plain: bool = False, fault_after: float 
 
 
 async def _demo(workdir: str, duration: float | None, plain: bool, fault_after: float) -> int:
-    from sim.plc import FLEXO_MAP, PUMP_MAP, SimPlant, registers_yaml, serve
+    from sim.plc import FLEXO_MAP, PUMP_MAP, SimPlant, registers_yaml
+    from sim.serve import serve
 
     port, plc_port = free_port(), free_port()
     broker = await embedded_broker.start(f"127.0.0.1:{port}", allow_anonymous=True)

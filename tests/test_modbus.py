@@ -24,7 +24,8 @@ from conftest import ENV, ROOT, gateway_config, spawn, wait_until
 from gateway.config import RegisterSection, parse
 from gateway.modbus_map import decode, encode, plan
 from gateway.ports import free_port, listening
-from sim.plc import FLEXO_MAP, PUMP_MAP, SimPlant, registers_yaml, serve
+from sim.plc import FLEXO_MAP, PUMP_MAP, SimPlant, registers_yaml
+from sim.serve import serve
 
 TOPIC = "edge/lab/test-gw"
 

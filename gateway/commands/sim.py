@@ -49,7 +49,8 @@ def add_to(sub: Subparsers) -> None:
 def simulate(args: argparse.Namespace) -> int:
     """`edge-gateway sim`: the simulated plant as Modbus PLCs, for testing an install without hardware."""
     from gateway.credentials import read_secret
-    from sim.plc import SimPlant, serve
+    from sim.plc import SimPlant
+    from sim.serve import serve
 
     if not (args.modbus_tcp or args.modbus_rtu or args.mqtt or args.opcua):
         print("edge-gateway sim: give --modbus-tcp HOST:PORT, --modbus-rtu DEVICE, --opcua HOST:PORT and/or "
