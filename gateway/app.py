@@ -35,7 +35,7 @@ from gateway.history import History
 from gateway.notify import Notifier
 from gateway.outbox import Bounds, Outbox, lock
 from gateway.shifts import ShiftCalendar
-from gateway.sources import Links, open_source
+from gateway.sources import Links, open_source, tag_types
 from gateway.supervise import Supervisor, within
 from gateway.uplink import Uplink
 
@@ -128,7 +128,8 @@ class Gateway:
         if uplink and config.upstream.format == "sparkplug_b":
             from gateway.sparkplug.uplink import SparkplugUplink  # protobuf only when Sparkplug is used
             self._uplink = SparkplugUplink(config, self.outbox, state_path=os.path.join(gw.data_dir, "sparkplug.json"),
-                                           scored={d.name: d.model is not None for d in config.devices})
+                                           scored={d.name: d.model is not None for d in config.devices},
+                                           types={r.name: tag_types(r.device, r.source) for r in self.devices})
         elif uplink:
             self._uplink = Uplink(config.upstream, self.outbox, client_id=config.upstream.client_id or gw.id,
                                   status_topic=self.topics.status, offline_payload=self._status("offline"))

@@ -7,7 +7,7 @@ import pytest
 
 pytest.importorskip("google.protobuf")
 
-from gateway import config  # noqa: E402
+from gateway import config, sources  # noqa: E402
 from gateway.sparkplug import metrics  # noqa: E402
 from gateway.sparkplug import sparkplug_b_pb2 as pb  # noqa: E402
 
@@ -25,11 +25,13 @@ devices:
       - {name: count, address: 3, type: uint32}
     counters: [{name: produced, register: count, bits: 32}]
   - {name: pump1, source: sim, profile: pump}
+  - {name: line1, source: sim, profile: flexo_line}
 """)
+TYPES = {d.name: sources.tag_types(d) for d in CFG.devices}
 
 
 def test_aliases_are_unique_across_the_node_and_datatypes_follow_the_registers():
-    node = metrics.NodeMetrics([("Health/backlog", int(pb.UInt64))], CFG.devices, scored={"pump1": True})
+    node = metrics.NodeMetrics([("Health/backlog", int(pb.UInt64))], CFG.devices, TYPES, scored={"pump1": True})
     aliases = [m.alias for m in node.node.values()] + [m.alias for d in node.devices.values() for m in d.values()]
     assert len(aliases) == len(set(aliases)) and sorted(aliases) == list(range(1, len(aliases) + 1))
     press = node.devices["press1"]
@@ -37,11 +39,15 @@ def test_aliases_are_unique_across_the_node_and_datatypes_follow_the_registers()
                                                                                   pb.UInt32]
     assert press["counters/produced/total"].datatype == pb.UInt64
     assert node.devices["pump1"]["anomaly/score"].datatype == pb.Double
+    # a simulated device's integer tags are integers, as in its JSON: the PLC map types them
+    assert node.devices["line1"]["machine_status"].datatype == pb.UInt16
+    assert node.devices["pump1"]["bearing_temp_c"].datatype == pb.Double  # int16 x 0.01
+    assert node.devices["pump1"]["flow_l_min"].datatype == pb.Float
     assert node.node["Node Control/Rebirth"].datatype == pb.Boolean
 
 
 def test_birth_names_every_metric_and_data_carries_aliases_only():
-    node = metrics.NodeMetrics([], CFG.devices)
+    node = metrics.NodeMetrics([], CFG.devices, TYPES)
     press = node.devices["press1"]
     birth = pb.Payload.FromString(metrics.payload(1_795_500_000_123, 0, [(press["status"], 3), (press["temp"], 41.5),
                                                                          (press["running"], 1), (press["count"], None)],

@@ -2,7 +2,8 @@
 
 Every metric has an alias, unique across the node (the node's own metrics first, then each device's
 in config order), so that NDATA/DDATA carry aliases only. A device's metrics are its tags (typed by
-their register: Boolean for a bit or coil, the register's integer type when unscaled, else Double),
+the one rule, `tagtypes.py`, that also shapes the JSON: Boolean for a bit or coil, the register's
+integer type when unscaled, an OPC UA node's DataType, else Double),
 each counter's lifetime and shift totals (UInt64), and, with a model, the anomaly score (Double) and
 whether an anomaly event is active (Boolean).
 """
@@ -14,12 +15,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.sparkplug import sparkplug_b_pb2 as pb
-from gateway.tagtypes import INTEGER_TYPES
+from gateway.tagtypes import TagType
 
 NAMESPACE = "spBv1.0"
 REBIRTH = "Node Control/Rebirth"
 BDSEQ = "bdSeq"
-INTEGER_DATATYPES = {"uint16": pb.UInt16, "int16": pb.Int16, "uint32": pb.UInt32, "int32": pb.Int32}
 
 
 @dataclass(frozen=True)
@@ -46,22 +46,16 @@ class Topics:
         return f"{NAMESPACE}/STATE/{host}"
 
 
-def tag_datatype(device: Any, tag: str) -> int:
-    """The Sparkplug datatype of a tag, from its register where there is one."""
-    for reg in getattr(device, "registers", ()):
-        if reg.name == tag:
-            if reg.table in ("coil", "discrete") or reg.type == "bool" or reg.bit is not None:
-                return int(pb.Boolean)
-            if reg.type in INTEGER_TYPES and reg.scale == 1 and float(reg.offset).is_integer():
-                return int(INTEGER_DATATYPES[reg.type])
-    return int(pb.Double)
+def datatype_of(kind: TagType | None) -> int:
+    """The Sparkplug datatype of a tag's type; Double for a number nothing types."""
+    return int(pb.DataType.Value(kind.datatype)) if kind is not None and kind.datatype else int(pb.Double)
 
 
 class NodeMetrics:
     """The aliases of a node and its devices, fixed for the life of a config."""
 
     def __init__(self, node_metrics: Iterable[tuple[str, int]], devices: Iterable[Any],
-                 scored: Mapping[str, bool] | None = None) -> None:
+                 types: Mapping[str, Mapping[str, TagType]], scored: Mapping[str, bool] | None = None) -> None:
         alias = 0
         self.node: dict[str, Metric] = {}
         for name, datatype in [(BDSEQ, int(pb.UInt64)), (REBIRTH, int(pb.Boolean)), *node_metrics]:
@@ -70,7 +64,7 @@ class NodeMetrics:
         self.devices: dict[str, dict[str, Metric]] = {}
         for device in devices:
             metrics: dict[str, Metric] = {}
-            names = [(tag, tag_datatype(device, tag)) for tag in device.tags]
+            names = [(tag, datatype_of(types.get(device.name, {}).get(tag))) for tag in device.tags]
             for counter in device.counters:
                 names += [(f"counters/{counter.name}/total", int(pb.UInt64)),
                           (f"counters/{counter.name}/shift", int(pb.UInt64))]

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
@@ -31,6 +32,7 @@ from gateway.logs import fields
 from gateway.outbox import Message, Outbox
 from gateway.sparkplug import metrics
 from gateway.sparkplug import sparkplug_b_pb2 as pb
+from gateway.tagtypes import TagType
 from gateway.uplink import Uplink
 
 log = logging.getLogger("edge_gateway.sparkplug")
@@ -40,7 +42,8 @@ HEALTH_METRICS = (("Health/backlog_messages", int(pb.UInt64)), ("Health/dropped"
 
 
 class SparkplugUplink(Uplink):
-    def __init__(self, config: Config, store: Outbox, *, state_path: str, scored: dict[str, bool]) -> None:
+    def __init__(self, config: Config, store: Outbox, *, state_path: str, scored: dict[str, bool],
+                 types: Mapping[str, Mapping[str, TagType]]) -> None:
         sp = config.upstream.sparkplug
         group = sp.group_id if sp is not None and sp.group_id else config.gateway.site
         node = sp.edge_node_id if sp is not None and sp.edge_node_id else config.gateway.id
@@ -48,7 +51,7 @@ class SparkplugUplink(Uplink):
                          status_topic="", offline_payload=b"")
         self.topics = metrics.Topics(group, node)
         self.root = config.topic_root
-        self.metrics = metrics.NodeMetrics(HEALTH_METRICS, config.devices, scored)
+        self.metrics = metrics.NodeMetrics(HEALTH_METRICS, config.devices, types, scored)
         self.state_path = state_path
         self.bdseq = self._load_bdseq()
         self.seq = 0
