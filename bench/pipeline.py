@@ -27,8 +27,8 @@ from gateway.contract import Topics
 from gateway.device import DeviceRunner
 from gateway.outbox import Outbox
 from gateway.shifts import ShiftCalendar
-from gateway.sources import Links, open_source
-from gateway.uplink import Uplink
+from gateway.sources import Links, open_source, tag_types
+from gateway.uplink import Format, JsonFormat, Uplink
 
 WIRE = {"bytes": 0}
 
@@ -66,11 +66,13 @@ async def run_pipeline(port: int, samples: int, data: str, fmt: str = "json") ->
     links = Links()
     runners = [DeviceRunner(d, open_source(d, links), store, Topics(cfg.topic_root), shifts) for d in cfg.devices]
     if fmt == "sparkplug_b":
-        from gateway.sparkplug.uplink import SparkplugUplink
-        uplink: Uplink = SparkplugUplink(cfg, store, state_path=os.path.join(data, "sparkplug.json"), scored={})
+        from gateway.sparkplug.uplink import SparkplugFormat
+        types = {r.name: tag_types(r.device, r.source) for r in runners}
+        out: Format = SparkplugFormat(cfg, state_path=os.path.join(data, "sparkplug.json"), scored={},
+                                      types_of=types.__getitem__)
     else:
-        uplink = Uplink(cfg.upstream, store, client_id="bench-gw", status_topic=f"{cfg.topic_root}/status",
-                        offline_payload=b"{}")
+        out = JsonFormat(client_id="bench-gw", status_topic=f"{cfg.topic_root}/status", offline_payload=b"{}")
+    uplink = Uplink(cfg.upstream, store, out)
     uplink_task = asyncio.create_task(uplink.run())
     while not uplink.connected:
         await asyncio.sleep(0.01)

@@ -65,14 +65,31 @@ PENDING_LIMIT = 50_000
 
 @dataclass
 class Message:
+    """A stored message: its topic (a `contract.Route`: `device` and `kind` without parsing it), its
+    JSON payload, and `created`, the time of what it reports (the sample's time)."""
+
     seq: int
-    topic: str
+    topic: contract.Route
     payload: bytes
     created: float
 
     @property
     def size(self) -> int:
         return len(self.payload)
+
+    @property
+    def device(self) -> str | None:
+        return self.topic.device
+
+    @property
+    def kind(self) -> str:
+        return self.topic.kind
+
+    @property
+    def body(self) -> dict[str, Any]:
+        """The payload as the contract built it (decoded here, once, for a format that re-encodes it)."""
+        decoded: dict[str, Any] = json.loads(self.payload)
+        return decoded
 
 
 @dataclass
@@ -104,7 +121,7 @@ class Outbox:
         self.stats = Stats()
         self.last_seq = 0
         self._db = db
-        self._topics: dict[int, str] = {}
+        self._topics: dict[int, contract.Route] = {}
         self._topic_ids: dict[str, int] = {}
         self._pending: list[Message] = []
         self._pending_counters: dict[tuple[str, str], CounterRow] = {}
@@ -159,7 +176,7 @@ class Outbox:
         """Give `payload` the next seq and queue it for the next commit; return the seq."""
         self.last_seq += 1
         data = contract.encode({"seq": self.last_seq, **payload})
-        self._pending.append(Message(self.last_seq, topic, data, created or time.time()))
+        self._pending.append(Message(self.last_seq, contract.Route.of(topic), data, created or time.time()))
         if len(self._pending) > PENDING_LIMIT:  # the disk has refused writes for a long time
             self._drop_pending()
         return self.last_seq
@@ -299,7 +316,7 @@ class Outbox:
 
     def _reload_topics(self) -> None:
         try:
-            self._topics = dict(self._db.execute("SELECT id, topic FROM topics"))
+            self._topics = {tid: contract.Route.of(topic) for tid, topic in self._db.execute("SELECT id, topic FROM topics")}
         except sqlite3.Error:
             return
         self._topic_ids = {topic: tid for tid, topic in self._topics.items()}
