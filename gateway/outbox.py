@@ -167,6 +167,12 @@ class Outbox:
         return [Message(seq, topics[tid], payload, created)
                 for seq, tid, payload, created in rows if seq not in skip][:limit]
 
+    def newest(self) -> list[Message]:
+        """The newest committed, not yet deleted message of each topic (what a format's birth reports as current)."""
+        rows = self._db.execute("SELECT seq, topic_id, payload, created FROM outbox WHERE seq IN "
+                                "(SELECT max(seq) FROM outbox GROUP BY topic_id) ORDER BY seq")
+        return [Message(seq, self._topics[tid], payload, created) for seq, tid, payload, created in rows]
+
     def oldest_age(self, now: float | None = None) -> float:
         row = self._db.execute("SELECT created FROM outbox ORDER BY seq LIMIT 1").fetchone()
         return max(0.0, (now or time.time()) - row[0]) if row else 0.0

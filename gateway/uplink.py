@@ -59,6 +59,7 @@ class Reaction:
 
     packets: list[Packet] = field(default_factory=list)
     resend: bool = False
+    reconnect: bool = False  # end this connection after the packets (Sparkplug: the primary host went offline)
 
 
 class Format(Protocol):
@@ -79,13 +80,14 @@ class Format(Protocol):
         """Topic filters (with QoS) whose messages go to `received`."""
         ...
 
-    def session_started(self) -> list[Packet]:
-        """What opens a session, after its CONNACK (JSON: the online status; Sparkplug: the births)."""
+    def session_started(self, newest: Callable[[], list[Message]]) -> list[Packet]:
+        """What opens a session (JSON: the online status; Sparkplug: the births). Called after the CONNACK and
+        again at each wake-up while not `ready`; `newest` gives the newest stored message of each topic."""
         ...
 
     @property
     def ready(self) -> bool:
-        """Whether stored rows may be sent now (Sparkplug: the primary host is online)."""
+        """Whether stored rows may be sent now (Sparkplug: born, and the primary host is online)."""
         ...
 
     def data(self, msg: Message) -> list[Packet]:
@@ -135,7 +137,7 @@ class JsonFormat:
     def subscriptions(self) -> list[tuple[str, int]]:
         return []
 
-    def session_started(self) -> list[Packet]:
+    def session_started(self, newest: Callable[[], list[Message]]) -> list[Packet]:
         return [Packet(self.status_topic, self.online_payload, 1, True)]
 
     def data(self, msg: Message) -> list[Packet]:
@@ -370,7 +372,14 @@ class Uplink:
         subscriptions = self.format.subscriptions()
         if subscriptions:
             client.subscribe(subscriptions)
-        self._publish(client, self.format.session_started())
+        self._start_session(client)
+
+    def _start_session(self, client: mqtt.Client) -> None:
+        """The format's session start; while it is not ready, asked again at the next commit and at the
+        latest after SESSION_RETRY (its wait for first readings is bounded)."""
+        self._publish(client, self.format.session_started(self.store.newest))
+        if not self.format.ready and self._loop is not None:
+            self._loop.call_later(SESSION_RETRY, self._wake.set)
 
     def _connack_missing(self, client: mqtt.Client) -> bool:
         """Whether the broker took the TCP connection and then gave no CONNACK in time."""
@@ -452,8 +461,12 @@ class Uplink:
             return
         reaction = self.format.received(message.topic, bytes(message.payload))
         self._publish(client, reaction.packets)
-        if reaction.resend:
+        if reaction.reconnect:
+            client.disconnect()  # paho sends what is queued first; the connection loop connects again
+        elif reaction.resend:
             self._restart_delivery()
+            if not self.format.ready and self._loop is not None:
+                self._loop.call_later(SESSION_RETRY, self._wake.set)
 
     def _publish(self, client: mqtt.Client, packets: list[Packet]) -> None:
         for p in packets:
@@ -466,8 +479,12 @@ class Uplink:
             await self._wake.wait()
             self._wake.clear()
             client = self._client
-            if client is None or not self.connected or self._stop_event.is_set() or not self.format.ready:
+            if client is None or not self.connected or self._stop_event.is_set():
                 continue
+            if not self.format.ready:  # e.g. Sparkplug waiting for the first readings to be born with
+                self._start_session(client)
+                if not self.format.ready:
+                    continue
             room = self.cfg.max_inflight - self.inflight
             # While a backlog drains, refill in batches rather than one query per acknowledgement.
             if room <= 0 or (not self._caught_up and room < max(1, self.cfg.max_inflight // 4)):
@@ -505,6 +522,7 @@ class Uplink:
 
 
 LOOP_STOP_LIMIT = 3.0  # seconds to wait for paho's network thread to end
+SESSION_RETRY = 3.0  # seconds after which a format that is not ready is asked again, commits or not
 
 
 def _wait_published(info: mqtt.MQTTMessageInfo, timeout: float) -> None:

@@ -43,6 +43,7 @@ from gateway.uplink import Packet, Reaction
 
 log = logging.getLogger("edge_gateway.sparkplug")
 
+BIRTH_WAIT = 5.0  # seconds the births wait for every device's first reading
 HEALTH_METRICS = (("Health/backlog_messages", int(pb.UInt64)), ("Health/dropped", int(pb.UInt64)),
                   ("Health/store_errors", int(pb.UInt64)), ("Health/uptime_s", int(pb.Double)))
 
@@ -71,6 +72,8 @@ class SparkplugFormat:
         self.last: dict[str, dict[str, tuple[Any, int]]] = {d: {} for d in self.metrics.devices}  # value, ms
         self.told: dict[str, dict[str, Any]] = {d: {} for d in self.metrics.devices}
         self.health: dict[str, tuple[Any, int]] = {}
+        self.host_ts = 0  # the newest STATE timestamp seen: an older one is stale and ignored
+        self._waiting_since: float | None = None  # when the births began to wait for first readings
         self._refused: set[str] = set()
 
     # -- bdSeq: 0-255, +1 per CONNECT sent, kept across restarts -----------------------------
@@ -103,9 +106,23 @@ class SparkplugFormat:
             subs.append((metrics.Topics.state(self.host), 1))
         return subs
 
-    def session_started(self) -> list[Packet]:
-        # With a primary host: nothing until its STATE (retained) says online on this connection.
-        return self._births() if self.host_online else []
+    def session_started(self, newest: Callable[[], list[Message]]) -> list[Packet]:
+        """The births, once the primary host (if any) is online and every device has been read (or is
+        dead), or BIRTH_WAIT after that: a DBIRTH carries current values, not nulls it could have had."""
+        if not self.host_online or self.born_at is not None:
+            return []
+        now = self.clock()
+        if self._waiting_since is None:
+            self._waiting_since = now
+        for msg in newest():
+            if msg.device in self.last:
+                _, failed = self._remember(msg, historical=True)
+                if msg.kind == "telemetry" and failed:  # its newest reading failed: born when it reads again
+                    self.dead.add(msg.device)
+        unread = [d for d in self.metrics.devices if not self.last[d] and d not in self.dead]
+        if unread and now - self._waiting_since < BIRTH_WAIT:
+            return []
+        return self._births()
 
     @property
     def ready(self) -> bool:
@@ -113,7 +130,7 @@ class SparkplugFormat:
 
     def lost(self) -> None:
         self.host_online = self.host is None
-        self.born_at = None
+        self.born_at = self._waiting_since = None
         self.born.clear()
 
     def farewell(self) -> Packet:
@@ -125,7 +142,8 @@ class SparkplugFormat:
         return Packet(f"edge-gateway/{self.topics.group}/{self.topics.node}/delivered", str(last_seq).encode(), 1)
 
     def _births(self) -> list[Packet]:
-        """NBIRTH (seq 0) and a DBIRTH for every device read and not dead, each metric with its latest value."""
+        """NBIRTH (seq 0) and, right after it, a DBIRTH for every device not dead, each metric with its latest
+        value (tck-id-payloads-dbirth-order)."""
         now = self.clock()
         self.born_at, self.seq = now, 0
         self.born.clear()
@@ -134,9 +152,7 @@ class SparkplugFormat:
         values = [(node[metrics.BDSEQ], self.bdseq, at), (node[metrics.REBIRTH], False, at),
                   *((node[name], *self.health.get(name, (None, at))) for name, _ in HEALTH_METRICS)]
         packets = [Packet(self.topics.node_topic("NBIRTH"), metrics.payload(at, 0, values, birth=True))]
-        for device, known in self.last.items():
-            if known and device not in self.dead:
-                packets.append(self._dbirth(device))
+        packets += [self._dbirth(device) for device in self.metrics.devices if device not in self.dead]
         return packets
 
     def _dbirth(self, device: str) -> Packet:
@@ -163,46 +179,45 @@ class SparkplugFormat:
         if device is None or device not in self.metrics.devices or self.born_at is None:
             return []
         known = self.metrics.devices[device]
-        body = msg.body
         ts = _ms(msg.created)
-        values = {name: v for name, v in _values(msg.kind, body, ts).items() if name in known}
-        failed = msg.kind == "telemetry" and bool(body.get("quality")) and all(
-            tag in body["quality"] for tag in body["values"])
-        last = self.last[device]
-        if msg.created < self.born_at:  # older than this session's birth: history, whatever it says
-            if not failed:
-                for name, v in values.items():
-                    if name not in last or last[name][1] <= ts:
-                        last[name] = (v, ts)
-            packets = []
-            if device not in self.born:  # born first with the latest values known (a dead device: not at all)
-                if not last or device in self.dead:
-                    return []
-                packets.append(self._dbirth(device))
-            if values:
-                packets.append(Packet(self.topics.device_topic("DDATA", device), metrics.payload(
-                    ts, self._next_seq(), [(known[n], v, ts) for n, v in values.items()], historical=True)))
-            return packets
-        if failed:  # the device cannot be read: dead until it reads again
-            if device in self.dead:
-                return []
-            self.dead.add(device)
-            was_born = device in self.born
-            self.born.discard(device)
-            return [Packet(self.topics.device_topic("DDEATH", device), metrics.payload(ts, self._next_seq(), []))] \
-                if was_born else []
-        last.update((name, (v, ts)) for name, v in values.items())
-        if device not in self.born:  # its first reading, or good again: born with these values
-            if msg.kind != "telemetry":
+        historical = msg.created < self.born_at  # older than this session's birth: history, whatever it says
+        values, failed = self._remember(msg, historical)
+        if device not in self.born:  # dead in this session: born again by a good live reading only
+            if historical or failed or msg.kind != "telemetry":
                 return []  # a counters row of a dead device does not bring it back to life
             self.dead.discard(device)
             return [self._dbirth(device)]
+        if historical:
+            return [Packet(self.topics.device_topic("DDATA", device), metrics.payload(
+                ts, self._next_seq(), [(known[n], v, ts) for n, v in values.items()], historical=True))] if values else []
+        if failed:  # the device cannot be read: dead until it reads again
+            self.born.discard(device)
+            return [Packet(self.topics.device_topic("DDEATH", device), metrics.payload(ts, self._next_seq(), []))]
         told = self.told[device]
         changed = [(known[n], v, ts) for n, v in values.items() if n not in told or told[n] != v]
         told.update(values)
         if not changed:
             return []
         return [Packet(self.topics.device_topic("DDATA", device), metrics.payload(ts, self._next_seq(), changed))]
+
+    def _remember(self, msg: Message, historical: bool) -> tuple[dict[str, Any], bool]:
+        """The metrics a row sets, and whether it is a reading that failed as a whole; the device's latest
+        values (for births) and whether it is dead follow the row unless something newer is known."""
+        assert msg.device is not None
+        body = msg.body
+        ts = _ms(msg.created)
+        known = self.metrics.devices[msg.device]
+        values = {name: v for name, v in _values(msg.kind, body, ts).items() if name in known}
+        failed = msg.kind == "telemetry" and bool(body.get("quality")) and all(
+            tag in body["quality"] for tag in body["values"])
+        last = self.last[msg.device]
+        if msg.kind == "telemetry" and not historical:
+            (self.dead.add if failed else self.dead.discard)(msg.device)
+        if not failed:
+            for name, v in values.items():
+                if not historical or name not in last or last[name][1] <= ts:
+                    last[name] = (v, ts)
+        return values, failed
 
     def live(self, topic: str, payload: bytes, retain: bool, body: Mapping[str, Any] | None) -> list[Packet]:
         """Health becomes NDATA of the node's health metrics; the JSON status has no place here."""
@@ -240,20 +255,25 @@ class SparkplugFormat:
     def _host_state(self, data: bytes) -> Reaction:
         """The primary host's STATE ({"online": true|false, "timestamp": ms}): births and data only while online."""
         try:
-            online = json.loads(data).get("online") is True
-        except (ValueError, AttributeError):
+            state = json.loads(data)
+            online, stamp = state.get("online") is True, int(state.get("timestamp") or 0)
+        except (ValueError, AttributeError, TypeError):
             self._refuse(metrics.Topics.state(self.host or ""), "a STATE that is not {\"online\": ..., ...} JSON")
             return Reaction()
+        if stamp < self.host_ts:  # tck-id-message-flow-edge-node-birth-publish-phid-wait-timestamp
+            return Reaction()
+        self.host_ts = stamp
         if online == self.host_online:
             return Reaction()
         self.host_online = online
-        if not online:
-            log.warning("primary host %s is offline: storing until it is back", self.host,
+        if not online:  # tck-id-operational-behavior-edge-node-termination-host-offline: NDEATH, disconnect
+            log.warning("primary host %s is offline: ending the session, storing until it is back", self.host,
                         extra=fields(event="sparkplug_host_offline"))
-            return Reaction()
+            farewell = self.farewell() if self.born_at is not None else None
+            return Reaction([farewell] if farewell else [], reconnect=True)
         log.info("primary host %s is online: birth, then the stored messages, those older than it as history",
                  self.host, extra=fields(event="sparkplug_host_online"))
-        return Reaction(self._births(), resend=True)
+        return Reaction(resend=True)  # the uplink asks for the births, then sends from the oldest row
 
     def _refuse(self, topic: str, what: str) -> None:
         key = f"{topic}: {what}"
