@@ -7,9 +7,11 @@ to the same mosquitto, measured in the same run.
 
     .venv/bin/python bench/pipeline.py [--samples 20000] [--format json|sparkplug_b]
 
-With `--format sparkplug_b` the same samples go through the JSON uplink and through the Sparkplug B
-uplink (DDATA at QoS 0, a QoS 1 marker per batch) in the same run: samples/s, CPU-µs per sample and
-bytes on the wire per sample (every MQTT PUBLISH packet the gateway sends, headers included).
+With `--format sparkplug_b` the same samples, with the line's machine events (state, live OEE, an
+alarm), go through the JSON format and through the Sparkplug B format (DDATA at QoS 0 with a
+timestamp on every metric, events as device metrics, a QoS 1 marker per batch) in the same run:
+samples/s, CPU-µs per sample and bytes on the wire per sample (every MQTT PUBLISH packet the gateway
+sends, headers included).
 """
 
 from __future__ import annotations
@@ -56,11 +58,18 @@ devices:
     interval: 1s
     counters: [{{name: produced, register: produced_raw, bits: 32}}]
 """
+# With --format sparkplug_b, for both formats: the machine events too (state changes, live OEE, an alarm),
+# which Sparkplug carries as device metrics.
+EVENTS = """    oee: {{status_tag: machine_status, states: {{1: running, 2: idle, 3: down, 4: planned_stop}}, ideal_rate: 120,
+           reason_tag: stop_reason, reasons: {{11: web break, 12: ink change, 21: no material}}, live_interval: 1s}}
+    alarms: [{{name: slow, tag: line_speed_m_min, below: 150}}]
+"""
 
 
-async def run_pipeline(port: int, samples: int, data: str, fmt: str = "json") -> dict:
-    cfg = config.parse(CONFIG.format(data=data, port=port).replace("max_inflight: 100}",
-                                                                    f"max_inflight: 100, format: {fmt}}}"))
+async def run_pipeline(port: int, samples: int, data: str, fmt: str = "json", events: bool = False) -> dict:
+    text = (CONFIG + EVENTS) if events else CONFIG
+    cfg = config.parse(text.format(data=data, port=port).replace("max_inflight: 100}",
+                                                                  f"max_inflight: 100, format: {fmt}}}"))
     store = Outbox.open(os.path.join(data, "g.db"))
     shifts = ShiftCalendar([], "UTC")
     links = Links()
@@ -130,7 +139,7 @@ def compare_formats(samples: int) -> None:
     results = {}
     for fmt in ("json", "sparkplug_b"):
         with mosquitto() as (port, _), tempfile.TemporaryDirectory() as data:
-            results[fmt] = asyncio.run(run_pipeline(port, samples, data, fmt))
+            results[fmt] = asyncio.run(run_pipeline(port, samples, data, fmt, events=True))
     print(f"pipeline, {samples} samples each, JSON and Sparkplug B in the same run, every row deleted only once "
           "the broker has it")
     for fmt, r in results.items():
