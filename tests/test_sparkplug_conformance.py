@@ -320,3 +320,19 @@ def test_tck_id_operational_behavior_data_commands_rebirth_action_2_and_3(tmp_pa
     w = write.metrics.add()
     w.name, w.datatype, w.double_value = "motor_rpm", pb.Double, 0.0
     assert fmt.received("spBv1.0/plant-a/DCMD/gw1/pump1", write.SerializeToString()).packets == []  # read-only
+
+
+def test_a_tag_is_declared_with_the_type_its_source_learned_by_the_time_of_the_dbirth(tmp_path):
+    """An OPC UA node's DataType is read at connect, after the uplink was built: the DBIRTH declares it."""
+    from gateway import tagtypes
+
+    cfg = config.parse(CONFIG % "")
+    learned: dict[str, dict[str, tagtypes.TagType]] = {d.name: sources.tag_types(d) for d in cfg.devices}
+    clock = Clock()
+    fmt = SparkplugFormat(cfg, state_path=str(tmp_path / "sparkplug.json"), scored={},
+                          types_of=lambda device: learned[device], clock=clock)
+    learned["pump1"] = {**learned["pump1"], "motor_rpm": tagtypes.integer("Int64")}
+    rows = Rows()
+    fmt.connect_sent()
+    pump = {m.name: m for m in decode(fmt.session_started(lambda: [rows.pump(T0), rows.line(T0)]))[1][1].metrics}
+    assert pump["motor_rpm"].datatype == pb.Int64 and pump["bearing_temp_c"].datatype == pb.Double
