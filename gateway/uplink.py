@@ -4,8 +4,9 @@ Two parts with one seam between them:
 - `Uplink` owns delivery: one paho client per connection (clean session, its own network
   thread), the session, the in-flight window, acknowledgements, its own lifetime. The outbox is
   the only record of what is owed: on every (re)connect it starts again from the oldest
-  unacknowledged row, keeps at most `max_inflight` messages in flight, and acknowledges a row to
-  the outbox only when the broker has acknowledged it. Callbacks from paho's thread are handed
+  unacknowledged row, keeps at most `max_inflight` QoS >= 1 packets awaiting their PUBACK (one
+  per row in JSON, one per batch of QoS 0 rows in Sparkplug), and acknowledges a row to the
+  outbox only when the broker has acknowledged it. Callbacks from paho's thread are handed
   to the event loop; all state lives on the loop's thread.
 - A `Format` (JSON here, Sparkplug B in `gateway.sparkplug.uplink`) turns a stored message into
   packets: the Will, what starts a session, the data, the farewell. It never sees paho.
@@ -202,6 +203,7 @@ class Uplink:
 
     @property
     def inflight(self) -> int:
+        """Rows handed to the broker and not yet acknowledged."""
         return sum(len(rows) for rows in self._inflight.values())
 
     @property
@@ -485,7 +487,7 @@ class Uplink:
                 self._start_session(client)
                 if not self.format.ready:
                     continue
-            room = self.cfg.max_inflight - self.inflight
+            room = self.cfg.max_inflight - len(self._inflight)  # QoS >= 1 packets awaiting their PUBACK
             # While a backlog drains, refill in batches rather than one query per acknowledgement.
             if room <= 0 or (not self._caught_up and room < max(1, self.cfg.max_inflight // 4)):
                 continue
