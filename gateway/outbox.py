@@ -72,6 +72,7 @@ class Message:
     topic: contract.Route
     payload: bytes
     created: float
+    decoded: dict[str, Any] | None = field(default=None, repr=False, compare=False)  # the dict it was built from
 
     @property
     def size(self) -> int:
@@ -87,9 +88,10 @@ class Message:
 
     @property
     def body(self) -> dict[str, Any]:
-        """The payload as the contract built it (decoded here, once, for a format that re-encodes it)."""
-        decoded: dict[str, Any] = json.loads(self.payload)
-        return decoded
+        """The payload as the contract built it: the staged dict while in memory, else decoded here, once."""
+        if self.decoded is None:
+            self.decoded = json.loads(self.payload)
+        return self.decoded
 
 
 @dataclass
@@ -181,8 +183,9 @@ class Outbox:
     def stage(self, topic: str, payload: Mapping[str, Any], created: float | None = None) -> int:
         """Give `payload` the next seq and queue it for the next commit; return the seq."""
         self.last_seq += 1
-        data = contract.encode({"seq": self.last_seq, **payload})
-        self._pending.append(Message(self.last_seq, contract.Route.of(topic), data, created or time.time()))
+        body = {"seq": self.last_seq, **payload}
+        self._pending.append(Message(self.last_seq, contract.Route.of(topic), contract.encode(body),
+                                     created or time.time(), body))
         if len(self._pending) > PENDING_LIMIT:  # the disk has refused writes for a long time
             self._drop_pending()
         return self.last_seq
