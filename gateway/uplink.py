@@ -195,6 +195,7 @@ class Uplink:
         self._rng = random.Random()
         self._acks: deque[float] = deque(maxlen=10_000)
         self._task: asyncio.Task[None] | None = None
+        self._leaving = False  # this connection is being ended on purpose
 
     # -- public -------------------------------------------------------------------------
     @property
@@ -329,6 +330,7 @@ class Uplink:
         self._connack = asyncio.get_running_loop().create_future()
         self._client = client
         self._lost.clear()
+        self._leaving = False
         try:
             # paho writes the CONNECT once the socket (and TLS) is up: returning means it went out.
             await asyncio.to_thread(client.connect, self.cfg.host, self.cfg.effective_port,
@@ -438,7 +440,7 @@ class Uplink:
             return
         if self._connack is not None and not self._connack.done():
             self._connack.set_result(None)  # closed before CONNACK
-        if self.stats.connected and not self._stop_event.is_set():
+        if self.stats.connected and not self._stop_event.is_set() and not self._leaving:
             self._fail(f"lost the connection to {self.cfg.host}:{self.cfg.effective_port} ({reason})")
         self._session_over()
         self._lost.set()
@@ -464,6 +466,7 @@ class Uplink:
         reaction = self.format.received(message.topic, bytes(message.payload))
         self._publish(client, reaction.packets)
         if reaction.reconnect:
+            self._leaving = True  # not a lost connection: the format ended it (and said why)
             client.disconnect()  # paho sends what is queued first; the connection loop connects again
         elif reaction.resend:
             self._restart_delivery()
