@@ -336,3 +336,16 @@ def test_a_tag_is_declared_with_the_type_its_source_learned_by_the_time_of_the_d
     fmt.connect_sent()
     pump = {m.name: m for m in decode(fmt.session_started(lambda: [rows.pump(T0), rows.line(T0)]))[1][1].metrics}
     assert pump["motor_rpm"].datatype == pb.Int64 and pump["bearing_temp_c"].datatype == pb.Double
+
+
+def test_a_device_dead_at_the_birth_is_born_by_its_next_good_reading_even_one_stored_before_it(tmp_path):
+    """After a restart the newest stored reading of pump1 had failed: no DBIRTH with the births. The first good
+    reading, although older than the NBIRTH (history), brings its DBIRTH, then goes out as history."""
+    fmt, clock = make(tmp_path)
+    rows = Rows()
+    fmt.connect_sent()
+    births = decode(fmt.session_started(lambda: [rows.pump(T0 - 1, failed=True), rows.line(T0 - 1)]))
+    assert [t for t, _ in births] == ["NBIRTH", "DBIRTH"]  # line1 only
+    assert fmt.data(rows.pump(T0 - 0.9, failed=True)) == []
+    out = decode(fmt.data(rows.pump(T0 - 0.5, bearing=43.0)))
+    assert [k for k, _ in out] == ["DBIRTH", "DDATA"] and all(m.is_historical for m in out[1][1].metrics)

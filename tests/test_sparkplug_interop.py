@@ -1,7 +1,7 @@
 """Sparkplug B against code this project did not write: Eclipse Tahu's JavaScript codec (npm
 `sparkplug-payload`, tests/interop/tahu.js) decodes every message of a real session through
-mosquitto (births, DDATA, a rebirth it encoded itself, the Will's NDEATH after a kill -9, the
-history replayed after the restart, the farewell NDEATH). Our own bindings come from the same
+mosquitto (births, DDATA, a device's DDEATH and its DBIRTH again, a rebirth it encoded itself, the
+Will's NDEATH after a kill -9, the history replayed after the restart, the farewell NDEATH). Our own bindings come from the same
 .proto, so only an independent decoder shows what a host built on Tahu sees (it once saw UInt32
 metrics as null). `./dev test` installs the Node packages (`ensure_npm`)."""
 
@@ -27,6 +27,8 @@ from gateway.sparkplug import sparkplug_b_pb2 as pb  # noqa: E402
 
 pytestmark = pytest.mark.slow
 INTEROP = Path(__file__).parent / "interop"
+PUMP_TAGS = ("motor_rpm", "bearing_temp_c", "oil_pressure_bar", "vibration_mm_s", "flow_l_min", "suction_pressure_bar",
+             "discharge_pressure_bar", "motor_current_a", "casing_temp_c", "ambient_temp_c")
 
 
 @pytest.fixture(scope="module")
@@ -124,12 +126,18 @@ def test_tahu_decodes_every_message_of_a_session_and_its_rebirth_ncmd_is_obeyed(
     counters: [{name: produced, register: produced_raw, bits: 32}]
     oee: {status_tag: machine_status, states: {1: running, 2: idle, 3: down, 4: planned_stop}, ideal_rate: 120}
     alarms: [{name: slow, tag: line_speed_m_min, below: 1000}]
-"""
+  - name: pump2
+    source: sim
+    profile: pump
+    interval: 50ms
+    faults: [FAULTS]
+""".replace("FAULTS", ", ".join(f"{{fault: dropout, tag: {tag}, at: 2s, duration: 1s, ramp: 0s}}" for tag in PUMP_TAGS))
     text = gateway_config(tmp_path / "data", mosquitto.port, devices=devices,
                           upstream=", format: sparkplug_b, sparkplug: {group_id: plant-a, edge_node_id: gw1}")
     try:
         gw = gateway(text).start()
-        wait_until(lambda: host.count("DDATA") > 40, 60, what="data")
+        wait_until(lambda: host.count("DDATA") > 40 and host.count("DDEATH") == 1 and host.count("DBIRTH") == 4, 60,
+                   what="data, DDEATH for pump2 while every sensor drops out, and its DBIRTH when they are back")
         # A rebirth request encoded by Tahu, as a host built on it sends it.
         ncmd = tahu.encode({"timestamp": int(time.time() * 1000),
                             "metrics": [{"name": "Node Control/Rebirth", "type": "Boolean", "value": True}]})
@@ -188,4 +196,7 @@ def test_tahu_decodes_every_message_of_a_session_and_its_rebirth_ncmd_is_obeyed(
     assert uint32 > 0  # 32-bit counters past 65535 (near 2^32) read by Tahu from long_value, never null
     assert historical > 0  # the killed session's rows, replayed after the restart as history
     kinds = [t.split("/")[2] for t, _ in messages]
-    assert kinds.count("NBIRTH") == 3 and kinds.count("NDEATH") == 2 and "DDEATH" not in kinds
+    assert kinds.count("NBIRTH") == 3 and kinds.count("NDEATH") == 2
+    pump2 = [t.split("/")[2] for t, _ in messages if t.endswith("/pump2")]
+    death = pump2.index("DDEATH")
+    assert pump2[:death].count("DBIRTH") == 1 and pump2[death + 1] == "DBIRTH"  # born again when it reads

@@ -182,14 +182,19 @@ class SparkplugFormat:
         ts = _ms(msg.created)
         historical = msg.created < self.born_at  # older than this session's birth: history, whatever it says
         values, failed = self._remember(msg, historical)
-        if device not in self.born:  # dead in this session: born again by a good live reading only
-            if historical or failed or msg.kind != "telemetry":
+        packets = []
+        if device not in self.born:  # dead: born again by a good reading (a live one carries its values)
+            if failed or msg.kind != "telemetry":
                 return []  # a counters row of a dead device does not bring it back to life
             self.dead.discard(device)
-            return [self._dbirth(device)]
+            packets.append(self._dbirth(device))
+            if not historical:
+                return packets
         if historical:
-            return [Packet(self.topics.device_topic("DDATA", device), metrics.payload(
-                ts, self._next_seq(), [(known[n], v, ts) for n, v in values.items()], historical=True))] if values else []
+            if values:
+                packets.append(Packet(self.topics.device_topic("DDATA", device), metrics.payload(
+                    ts, self._next_seq(), [(known[n], v, ts) for n, v in values.items()], historical=True)))
+            return packets
         if failed:  # the device cannot be read: dead until it reads again
             self.born.discard(device)
             return [Packet(self.topics.device_topic("DDEATH", device), metrics.payload(ts, self._next_seq(), []))]
