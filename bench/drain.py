@@ -25,7 +25,7 @@ from gateway import config
 from gateway.outbox import Outbox
 from gateway.sample import Sample
 from gateway.units import rfc3339
-from gateway.uplink import Uplink
+from gateway.uplink import JsonFormat, Uplink
 
 
 def fill(path: str, count: int) -> tuple[int, int]:
@@ -52,8 +52,8 @@ async def drain(path: str, port: int, inflight: int) -> tuple[int, float, float]
                        "devices: [{name: pump1, source: sim, profile: pump}]\n")
     store = Outbox.open(path)
     count = store.stats.messages
-    uplink = Uplink(cfg.upstream, store, client_id="bench-drain", status_topic="edge/lab/bench/status",
-                    offline_payload=b"{}")
+    uplink = Uplink(cfg.upstream, store, JsonFormat(client_id="bench-drain", status_topic="edge/lab/bench/status",
+                                                    offline_payload=b"{}"))
     cpu0, t0 = time.process_time(), time.perf_counter()
     task = asyncio.create_task(uplink.run())
     while store.stats.messages or uplink.inflight:

@@ -7,9 +7,11 @@ to the same mosquitto, measured in the same run.
 
     .venv/bin/python bench/pipeline.py [--samples 20000] [--format json|sparkplug_b]
 
-With `--format sparkplug_b` the same samples go through the JSON uplink and through the Sparkplug B
-uplink (DDATA at QoS 0, a QoS 1 marker per batch) in the same run: samples/s, CPU-µs per sample and
-bytes on the wire per sample (every MQTT PUBLISH packet the gateway sends, headers included).
+With `--format sparkplug_b` the same samples, with the line's machine events (state, live OEE, an
+alarm), go through the JSON format and through the Sparkplug B format (DDATA at QoS 0 with a
+timestamp on every metric, events as device metrics, a QoS 1 marker per batch) in the same run:
+samples/s, CPU-µs per sample and bytes on the wire per sample (every MQTT PUBLISH packet the gateway
+sends, headers included).
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ from gateway.contract import Topics
 from gateway.device import DeviceRunner
 from gateway.outbox import Outbox
 from gateway.shifts import ShiftCalendar
-from gateway.sources import Links, open_source
-from gateway.uplink import Uplink
+from gateway.sources import Links, open_source, tag_types
+from gateway.uplink import Format, JsonFormat, Uplink
 
 WIRE = {"bytes": 0}
 
@@ -56,21 +58,30 @@ devices:
     interval: 1s
     counters: [{{name: produced, register: produced_raw, bits: 32}}]
 """
+# With --format sparkplug_b, for both formats: the machine events too (state changes, live OEE, an alarm),
+# which Sparkplug carries as device metrics.
+EVENTS = """    oee: {{status_tag: machine_status, states: {{1: running, 2: idle, 3: down, 4: planned_stop}}, ideal_rate: 120,
+           reason_tag: stop_reason, reasons: {{11: web break, 12: ink change, 21: no material}}, live_interval: 1s}}
+    alarms: [{{name: slow, tag: line_speed_m_min, below: 150}}]
+"""
 
 
-async def run_pipeline(port: int, samples: int, data: str, fmt: str = "json") -> dict:
-    cfg = config.parse(CONFIG.format(data=data, port=port).replace("max_inflight: 100}",
-                                                                    f"max_inflight: 100, format: {fmt}}}"))
+async def run_pipeline(port: int, samples: int, data: str, fmt: str = "json", events: bool = False) -> dict:
+    text = (CONFIG + EVENTS) if events else CONFIG
+    cfg = config.parse(text.format(data=data, port=port).replace("max_inflight: 100}",
+                                                                  f"max_inflight: 100, format: {fmt}}}"))
     store = Outbox.open(os.path.join(data, "g.db"))
     shifts = ShiftCalendar([], "UTC")
     links = Links()
     runners = [DeviceRunner(d, open_source(d, links), store, Topics(cfg.topic_root), shifts) for d in cfg.devices]
     if fmt == "sparkplug_b":
-        from gateway.sparkplug.uplink import SparkplugUplink
-        uplink: Uplink = SparkplugUplink(cfg, store, state_path=os.path.join(data, "sparkplug.json"), scored={})
+        from gateway.sparkplug.uplink import SparkplugFormat
+        types = {r.name: tag_types(r.device, r.source) for r in runners}
+        out: Format = SparkplugFormat(cfg, state_path=os.path.join(data, "sparkplug.json"), scored={},
+                                      types_of=types.__getitem__)
     else:
-        uplink = Uplink(cfg.upstream, store, client_id="bench-gw", status_topic=f"{cfg.topic_root}/status",
-                        offline_payload=b"{}")
+        out = JsonFormat(client_id="bench-gw", status_topic=f"{cfg.topic_root}/status", offline_payload=b"{}")
+    uplink = Uplink(cfg.upstream, store, out)
     uplink_task = asyncio.create_task(uplink.run())
     while not uplink.connected:
         await asyncio.sleep(0.01)
@@ -128,7 +139,7 @@ def compare_formats(samples: int) -> None:
     results = {}
     for fmt in ("json", "sparkplug_b"):
         with mosquitto() as (port, _), tempfile.TemporaryDirectory() as data:
-            results[fmt] = asyncio.run(run_pipeline(port, samples, data, fmt))
+            results[fmt] = asyncio.run(run_pipeline(port, samples, data, fmt, events=True))
     print(f"pipeline, {samples} samples each, JSON and Sparkplug B in the same run, every row deleted only once "
           "the broker has it")
     for fmt, r in results.items():

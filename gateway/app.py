@@ -35,9 +35,10 @@ from gateway.history import History
 from gateway.notify import Notifier
 from gateway.outbox import Bounds, Outbox, lock
 from gateway.shifts import ShiftCalendar
-from gateway.sources import Links, open_source
+from gateway.sources import Links, open_source, tag_types
 from gateway.supervise import Supervisor, within
-from gateway.uplink import Uplink
+from gateway.tagtypes import TagType
+from gateway.uplink import Format, JsonFormat, Uplink
 
 log = logging.getLogger("edge_gateway")
 
@@ -123,14 +124,22 @@ class Gateway:
                                      model=prepared.models.get(d.model) if d.model else None,
                                      history=self._history if d.history else None)
                         for d in config.devices]
+        fmt: Format | None = None
         if uplink and config.upstream.format == "sparkplug_b":
-            from gateway.sparkplug.uplink import SparkplugUplink  # protobuf only when Sparkplug is used
-            self._uplink = SparkplugUplink(config, self.outbox, state_path=datadir.path(gw.data_dir, datadir.SPARKPLUG),
-                                           scored={d.name: d.model is not None for d in config.devices})
+            from gateway.sparkplug.uplink import SparkplugFormat  # protobuf only when Sparkplug is used
+            fmt = SparkplugFormat(config, state_path=datadir.path(gw.data_dir, datadir.SPARKPLUG),
+                                  scored={d.name: d.model is not None for d in config.devices}, types_of=self._tag_types)
         elif uplink:
-            self._uplink = Uplink(config.upstream, self.outbox, client_id=config.upstream.client_id or gw.id,
-                                  status_topic=self.topics.status, offline_payload=self._status("offline"))
+            fmt = JsonFormat(client_id=config.upstream.client_id or gw.id, status_topic=self.topics.status,
+                             offline_payload=self._status("offline"), qos=config.upstream.qos)
+        if fmt is not None:
+            self._uplink = Uplink(config.upstream, self.outbox, fmt)
         self.uplink.online_payload = self._status("online")
+
+    def _tag_types(self, device: str) -> dict[str, TagType]:
+        """A device's tag types as its source gives them now (an OPC UA source learns them at connect)."""
+        runner = next(r for r in self.devices if r.name == device)
+        return tag_types(runner.device, runner.source)
 
     async def run(self, shutdown: asyncio.Event, force: asyncio.Event | None = None) -> None:
         """Run until `shutdown` is set (then drain) or a loop fails (then drain and raise LoopFailed).
@@ -250,7 +259,7 @@ class Gateway:
         while True:
             await asyncio.sleep(self.config.gateway.health_interval)
             latest = self.health()
-            self.uplink.publish_live(self.topics.health, contract.health(latest))
+            self.uplink.publish_live(self.topics.health, contract.health(latest), body=latest)
             report.write_state(self.config.gateway.data_dir, latest, self.devices)
             self.notifier.status(self.status_line())
 

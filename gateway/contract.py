@@ -26,6 +26,34 @@ from gateway.units import rfc3339
 Payload = dict[str, Any]
 
 
+DEVICE_KINDS = ("telemetry", "anomaly", "counters", "shift", "state", "alarm", "oee")
+GATEWAY_KINDS = ("status", "health")
+
+
+class Route(str):
+    """A topic that knows what it carries: its `device` (None for the gateway's own) and its `kind`
+    (telemetry, counters, ... status, health). It is the topic string everywhere a string is wanted;
+    a format reads `device` and `kind` instead of splitting the topic."""
+
+    device: str | None
+    kind: str
+
+    def __new__(cls, topic: str, device: str | None, kind: str) -> Route:
+        route = super().__new__(cls, topic)
+        route.device, route.kind = device, kind
+        return route
+
+    @classmethod
+    def of(cls, topic: str) -> Route:
+        """The route of a topic these builders made (a topic read back from the outbox file)."""
+        if isinstance(topic, Route):
+            return topic
+        *head, kind = topic.split("/")
+        if kind in DEVICE_KINDS and len(head) >= 2:
+            return cls(topic, head[-1], kind)
+        return cls(topic, None, kind)
+
+
 @dataclass(frozen=True)
 class Topics:
     """The topic of each kind of message under one root (`edge/{site}/{gateway_id}` by default)."""
@@ -33,33 +61,36 @@ class Topics:
     root: str
 
     @property
-    def status(self) -> str:
-        return f"{self.root}/status"
+    def status(self) -> Route:
+        return Route(f"{self.root}/status", None, "status")
 
     @property
-    def health(self) -> str:
-        return f"{self.root}/health"
+    def health(self) -> Route:
+        return Route(f"{self.root}/health", None, "health")
 
-    def telemetry(self, device: str) -> str:
-        return f"{self.root}/{device}/telemetry"
+    def _device(self, device: str, kind: str) -> Route:
+        return Route(f"{self.root}/{device}/{kind}", device, kind)
 
-    def anomaly(self, device: str) -> str:
-        return f"{self.root}/{device}/anomaly"
+    def telemetry(self, device: str) -> Route:
+        return self._device(device, "telemetry")
 
-    def counters(self, device: str) -> str:
-        return f"{self.root}/{device}/counters"
+    def anomaly(self, device: str) -> Route:
+        return self._device(device, "anomaly")
 
-    def shift(self, device: str) -> str:
-        return f"{self.root}/{device}/shift"
+    def counters(self, device: str) -> Route:
+        return self._device(device, "counters")
 
-    def state(self, device: str) -> str:
-        return f"{self.root}/{device}/state"
+    def shift(self, device: str) -> Route:
+        return self._device(device, "shift")
 
-    def alarm(self, device: str) -> str:
-        return f"{self.root}/{device}/alarm"
+    def state(self, device: str) -> Route:
+        return self._device(device, "state")
 
-    def oee(self, device: str) -> str:
-        return f"{self.root}/{device}/oee"
+    def alarm(self, device: str) -> Route:
+        return self._device(device, "alarm")
+
+    def oee(self, device: str) -> Route:
+        return self._device(device, "oee")
 
 
 def encode(payload: Payload) -> bytes:

@@ -65,14 +65,33 @@ PENDING_LIMIT = 50_000
 
 @dataclass
 class Message:
+    """A stored message: its topic (a `contract.Route`: `device` and `kind` without parsing it), its
+    JSON payload, and `created`, the time of what it reports (the sample's time)."""
+
     seq: int
-    topic: str
+    topic: contract.Route
     payload: bytes
     created: float
+    decoded: dict[str, Any] | None = field(default=None, repr=False, compare=False)  # the dict it was built from
 
     @property
     def size(self) -> int:
         return len(self.payload)
+
+    @property
+    def device(self) -> str | None:
+        return self.topic.device
+
+    @property
+    def kind(self) -> str:
+        return self.topic.kind
+
+    @property
+    def body(self) -> dict[str, Any]:
+        """The payload as the contract built it: the staged dict while in memory, else decoded here, once."""
+        if self.decoded is None:
+            self.decoded = json.loads(self.payload)
+        return self.decoded
 
 
 @dataclass
@@ -104,7 +123,7 @@ class Outbox:
         self.stats = Stats()
         self.last_seq = 0
         self._db = db
-        self._topics: dict[int, str] = {}
+        self._topics: dict[int, contract.Route] = {}
         self._topic_ids: dict[str, int] = {}
         self._pending: list[Message] = []
         self._pending_counters: dict[tuple[str, str], CounterRow] = {}
@@ -150,6 +169,12 @@ class Outbox:
         return [Message(seq, topics[tid], payload, created)
                 for seq, tid, payload, created in rows if seq not in skip][:limit]
 
+    def newest(self) -> list[Message]:
+        """The newest committed, not yet deleted message of each topic (what a format's birth reports as current)."""
+        rows = self._db.execute("SELECT seq, topic_id, payload, created FROM outbox WHERE seq IN "
+                                "(SELECT max(seq) FROM outbox GROUP BY topic_id) ORDER BY seq")
+        return [Message(seq, self._topics[tid], payload, created) for seq, tid, payload, created in rows]
+
     def oldest_age(self, now: float | None = None) -> float:
         row = self._db.execute("SELECT created FROM outbox ORDER BY seq LIMIT 1").fetchone()
         return max(0.0, (now or time.time()) - row[0]) if row else 0.0
@@ -158,8 +183,9 @@ class Outbox:
     def stage(self, topic: str, payload: Mapping[str, Any], created: float | None = None) -> int:
         """Give `payload` the next seq and queue it for the next commit; return the seq."""
         self.last_seq += 1
-        data = contract.encode({"seq": self.last_seq, **payload})
-        self._pending.append(Message(self.last_seq, topic, data, created or time.time()))
+        body = {"seq": self.last_seq, **payload}
+        self._pending.append(Message(self.last_seq, contract.Route.of(topic), contract.encode(body),
+                                     created or time.time(), body))
         if len(self._pending) > PENDING_LIMIT:  # the disk has refused writes for a long time
             self._drop_pending()
         return self.last_seq
@@ -299,7 +325,7 @@ class Outbox:
 
     def _reload_topics(self) -> None:
         try:
-            self._topics = dict(self._db.execute("SELECT id, topic FROM topics"))
+            self._topics = {tid: contract.Route.of(topic) for tid, topic in self._db.execute("SELECT id, topic FROM topics")}
         except sqlite3.Error:
             return
         self._topic_ids = {topic: tid for tid, topic in self._topics.items()}

@@ -21,6 +21,7 @@ from gateway.outbox import Outbox
 from gateway.sample import OK, Sample
 from gateway.shiftbook import ShiftBook, ShiftRecord
 from gateway.shifts import ShiftCalendar
+from gateway.sources import tag_types
 from gateway.units import rfc3339
 
 if TYPE_CHECKING:
@@ -151,7 +152,7 @@ class Events:
         self.machine = StateWatch(outbox.device_state(name, "machine")) if device.oee else None
         self.alarms = AlarmWatch(device.alarms, outbox.device_state(name, "alarms")) if device.alarms else None
         self._topics = {"state": topics.state(name), "alarm": topics.alarm(name), "oee": topics.oee(name)}
-        self._types = tagtypes.of_device(device)
+        self._types = tag_types(device)
         self._next_live: float | None = None
         self.last_live: dict[str, Any] | None = None
 
@@ -332,7 +333,7 @@ class Publishing:
         self.published = 0
         self._topic = topics.telemetry(device.name)
         self._last_counters_ts = 0.0
-        self._types = tagtypes.of_device(device)
+        self._types = tag_types(device)
         self._simulated = device.source == "sim"
 
     def push(self, sample: Sample) -> None:

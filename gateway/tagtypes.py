@@ -3,9 +3,14 @@
 A PLC register says it: a bit or a coil is a Boolean, an unscaled integer register an
 integer, a scaled one a number with the resolution its scale gives (`scale: 0.1` → one
 decimal: 43.8, never 43.800000000000004), a float32 a number of 7 significant digits (what
-a float32 holds: 12.3, never 12.300000190734863). The in-process simulator uses the map of
-the simulated PLC, so a `sim` device reads as its Modbus twin. MQTT sensors say nothing
-of their types: their numbers go out as they were sent.
+a float32 holds: 12.3, never 12.300000190734863). An OPC UA node says it by its DataType
+(`sources/opcua.py:tag_type`, learned at connect). The simulated source gives the types of the
+simulated PLC's map (`sources/sim.py`), so a `sim` device reads as its Modbus twin. MQTT sensors
+say nothing of their types: their numbers go out as they were sent.
+
+This is the one rule: `sources.tag_types` asks each source for its tags' types, the JSON
+telemetry is shaped by them and Sparkplug B declares `datatype` (its name for the type: Boolean,
+Int16 ... UInt64, Float, Double) from them. This module knows no source: it is the vocabulary.
 """
 
 from __future__ import annotations
@@ -13,28 +18,32 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any
 
 from gateway.modbus_map import BIT_TABLES, Register
 
 INTEGER_TYPES = ("uint16", "int16", "uint32", "int32")
 MAX_DECIMALS = 12
+# A register's integer type by its Sparkplug name.
+REGISTER_DATATYPES = {"uint16": "UInt16", "int16": "Int16", "uint32": "UInt32", "int32": "Int32"}
 
 
 @dataclass(frozen=True)
 class TagType:
-    """`kind` is bool, int or float; a float is rounded to `decimals`, or to `significant` digits."""
+    """`kind` is bool, int or float; a float is rounded to `decimals`, or to `significant` digits.
+    `datatype` is the type by its Sparkplug B name (Boolean, Int16, UInt16, Int32, UInt32, Int64, UInt64,
+    Float, Double); None when nothing says it (a number as sent: Sparkplug takes it from the value)."""
 
     kind: str = "float"
     decimals: int | None = None
     significant: int | None = None
+    datatype: str | None = None
 
     def shape(self, value: float | None) -> float | int | None:
         """The value as it is published: an int for bool and int tags, a float without noise otherwise."""
         if value is None or value != value or value in (float("inf"), float("-inf")):
             return None
         if self.kind in ("bool", "int"):
-            return round(value)
+            return value if type(value) is int else round(value)
         if self.decimals is not None:
             return round(value, self.decimals)
         if self.significant is not None:
@@ -43,28 +52,32 @@ class TagType:
 
 
 AS_SENT = TagType()
+BOOLEAN = TagType("bool", datatype="Boolean")
+FLOAT = TagType(significant=7, datatype="Float")  # what a float32 holds
+DOUBLE = TagType(datatype="Double")
+
+
+def integer(datatype: str) -> TagType:
+    """An integer tag of a Sparkplug integer datatype (Int16 ... UInt64)."""
+    return TagType("int", datatype=datatype)
 
 
 def of_register(reg: Register) -> TagType:
     """The type a register map entry gives its tag."""
     if reg.table in BIT_TABLES or reg.type == "bool" or reg.bit is not None:
-        return TagType("bool")
+        return BOOLEAN
     if reg.type in INTEGER_TYPES:
         if reg.scale == 1 and float(reg.offset).is_integer():
-            return TagType("int")
-        return TagType(decimals=min(MAX_DECIMALS, max(_decimals(reg.scale), _decimals(reg.offset))))
+            return integer(REGISTER_DATATYPES[reg.type])
+        return TagType(decimals=min(MAX_DECIMALS, max(_decimals(reg.scale), _decimals(reg.offset))), datatype="Double")
     if reg.type == "float32":
-        return TagType(significant=7)
-    return AS_SENT if reg.scale == 1 and reg.offset == 0 else TagType(significant=15)  # float64
+        return FLOAT if reg.scale == 1 and reg.offset == 0 else TagType(significant=7, datatype="Double")
+    return DOUBLE if reg.scale == 1 and reg.offset == 0 else TagType(significant=15, datatype="Double")  # float64
 
 
-def of_device(device: Any) -> dict[str, TagType]:
-    """Every tag of a configured device with its type (AS_SENT where nothing says more)."""
-    types = dict.fromkeys(device.tags, AS_SENT)
-    registers: Iterable[Register] = getattr(device, "registers", ())
-    if device.source == "sim":
-        from sim.plc import MAPS  # the simulated PLC's map: the same resolution as over Modbus
-        registers = MAPS.get(device.profile, ())
+def of_registers(tags: Iterable[str], registers: Iterable[Register]) -> dict[str, TagType]:
+    """Every tag with the type its register gives it (AS_SENT for a tag no register names)."""
+    types = dict.fromkeys(tags, AS_SENT)
     types.update((reg.name, of_register(reg)) for reg in registers if reg.name in types)
     return types
 

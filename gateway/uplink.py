@@ -1,10 +1,21 @@
-"""The uplink: committed outbox rows to the upstream broker, in seq order, QoS 1.
+"""The uplink: committed outbox rows to the upstream broker, in seq order, through a format.
 
-One paho client per connection (clean session, its own network thread). The
-outbox is the only record of what is owed: on every (re)connect the uplink starts
-again from the oldest unacknowledged row, keeps at most `max_inflight` messages
-in flight, and acknowledges a row to the store only on its PUBACK. Callbacks from
-paho's thread are handed to the event loop; all state lives on the loop's thread.
+Two parts with one seam between them:
+- `Uplink` owns delivery: one paho client per connection (clean session, its own network
+  thread), the session, the in-flight window, acknowledgements, its own lifetime. The outbox is
+  the only record of what is owed: on every (re)connect it starts again from the oldest
+  unacknowledged row, keeps at most `max_inflight` QoS >= 1 packets awaiting their PUBACK (one
+  per row in JSON, one per batch of QoS 0 rows in Sparkplug), and acknowledges a row to the
+  outbox only when the broker has acknowledged it. Callbacks from paho's thread are handed
+  to the event loop; all state lives on the loop's thread.
+- A `Format` (JSON here, Sparkplug B in `gateway.sparkplug.uplink`) turns a stored message into
+  packets: the Will, what starts a session, the data, the farewell. It never sees paho.
+
+Acknowledgement rule, the same for every format: a row is acknowledged by the PUBACK of the last
+QoS >= 1 packet made from it, or, when its packets are all QoS 0 (Sparkplug's DDATA), by the
+PUBACK of the next QoS >= 1 packet on the same connection: the broker handles one connection's
+packets in order, so that PUBACK means everything before it arrived. A batch that ends with such
+rows is closed by the format's `marker()` packet.
 """
 
 from __future__ import annotations
@@ -15,9 +26,10 @@ import random
 import ssl
 import time
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Protocol
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -33,6 +45,121 @@ from gateway.supervise import in_daemon_thread, run_all, within
 log = logging.getLogger("edge_gateway.uplink")
 
 
+@dataclass(frozen=True)
+class Packet:
+    topic: str
+    payload: bytes
+    qos: int = 0
+    retain: bool = False
+
+
+@dataclass
+class Reaction:
+    """What a format does about a message it subscribed to: packets to send, and whether every row
+    not yet acknowledged is to be sent again, oldest first (Sparkplug: the primary host came back)."""
+
+    packets: list[Packet] = field(default_factory=list)
+    resend: bool = False
+    reconnect: bool = False  # end this connection after the packets (Sparkplug: the primary host went offline)
+
+
+class Format(Protocol):
+    """Stored messages as packets on the wire; knows nothing of connections, acks or threads."""
+
+    client_id: str
+    online_payload: bytes  # the retained status the gateway last gave (JSON publishes it)
+
+    def will(self) -> Packet:
+        """The Will of the next CONNECT; must not change state (the attempt may never send a CONNECT)."""
+        ...
+
+    def connect_sent(self) -> None:
+        """The CONNECT carrying `will()` went out (Sparkplug: bdSeq counts it)."""
+        ...
+
+    def subscriptions(self) -> list[tuple[str, int]]:
+        """Topic filters (with QoS) whose messages go to `received`."""
+        ...
+
+    def session_started(self, newest: Callable[[], list[Message]]) -> list[Packet]:
+        """What opens a session (JSON: the online status; Sparkplug: the births). Called after the CONNACK and
+        again at each wake-up while not `ready`; `newest` gives the newest stored message of each topic."""
+        ...
+
+    @property
+    def ready(self) -> bool:
+        """Whether stored rows may be sent now (Sparkplug: born, and the primary host is online)."""
+        ...
+
+    def data(self, msg: Message) -> list[Packet]:
+        """The packets for one stored message, in order (none for what this format does not carry)."""
+        ...
+
+    def live(self, topic: str, payload: bytes, retain: bool, body: Mapping[str, Any] | None) -> list[Packet]:
+        """The packets for a message that is not stored (the status, health: `body` is the report)."""
+        ...
+
+    def received(self, topic: str, payload: bytes) -> Reaction:
+        """A message on a subscribed topic (a command, the primary host's STATE)."""
+        ...
+
+    def marker(self, last_seq: int) -> Packet:
+        """A QoS >= 1 packet closing a batch of QoS 0 packets (its PUBACK acknowledges them)."""
+        ...
+
+    def farewell(self) -> Packet:
+        """The QoS >= 1 packet an orderly end sends (the Will is for an unannounced one)."""
+        ...
+
+    def lost(self) -> None:
+        """The connection ended: whatever a session had established is gone."""
+        ...
+
+
+class JsonFormat:
+    """The JSON contract (`contract.py`): each row as stored, at the configured QoS; the retained
+    status online at the start of a session, offline as the Will and the farewell."""
+
+    def __init__(self, *, client_id: str, status_topic: str, offline_payload: bytes, qos: int = 1) -> None:
+        self.client_id = client_id
+        self.status_topic = status_topic
+        self.offline_payload = offline_payload
+        self.online_payload = b""
+        self.qos = qos
+
+    ready = True
+
+    def will(self) -> Packet:
+        return Packet(self.status_topic, self.offline_payload, 1, True)
+
+    def connect_sent(self) -> None:
+        pass
+
+    def subscriptions(self) -> list[tuple[str, int]]:
+        return []
+
+    def session_started(self, newest: Callable[[], list[Message]]) -> list[Packet]:
+        return [Packet(self.status_topic, self.online_payload, 1, True)]
+
+    def data(self, msg: Message) -> list[Packet]:
+        return [Packet(msg.topic, msg.payload, self.qos)]
+
+    def live(self, topic: str, payload: bytes, retain: bool, body: Mapping[str, Any] | None) -> list[Packet]:
+        return [Packet(topic, payload, 1, retain)]
+
+    def received(self, topic: str, payload: bytes) -> Reaction:
+        return Reaction()
+
+    def marker(self, last_seq: int) -> Packet:  # never needed: every row is QoS >= 1
+        return Packet(f"{self.status_topic}/delivered", str(last_seq).encode(), 1)
+
+    def farewell(self) -> Packet:
+        return Packet(self.status_topic, self.offline_payload, 1, True)
+
+    def lost(self) -> None:
+        pass
+
+
 @dataclass
 class UplinkStats:
     connected: bool = False
@@ -45,27 +172,30 @@ class UplinkStats:
 
 
 class Uplink:
-    def __init__(self, upstream: UpstreamSection, store: Outbox, *, client_id: str, status_topic: str,
-                 offline_payload: bytes) -> None:
+    """Delivery of the outbox through `fmt`. `async with Uplink(...)` runs it and, on exit, delivers
+    what it can within `flush_timeout`, says farewell and disconnects; or `run()` under a supervisor
+    and `stop()`."""
+
+    def __init__(self, upstream: UpstreamSection, store: Outbox, fmt: Format, *, flush_timeout: float = 5.0) -> None:
         self.cfg = upstream
         self.store = store
-        self.client_id = client_id
-        self.status_topic = status_topic
-        self.offline_payload = offline_payload
+        self.format = fmt
+        self.flush_timeout = flush_timeout
         self.stats = UplinkStats()
-        self.online_payload: bytes = b""  # the retained status, set by the gateway before each connect
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: mqtt.Client | None = None
-        self._inflight: dict[int, tuple[int, int]] = {}  # paho mid -> (seq, size)
+        self._inflight: dict[int, list[tuple[int, int]]] = {}  # paho mid -> the rows its PUBACK acknowledges
         self._cursor = 0  # highest seq handed to paho on this connection
         self._wake = asyncio.Event()
+        self._progress = asyncio.Event()  # an acknowledgement arrived or the pump found nothing to send
         self._lost = asyncio.Event()
-        self._stopping = False
         self._stop_event = asyncio.Event()
         self._connack: asyncio.Future[Any] | None = None
         self._caught_up = True  # the last fetch found no more rows than it asked for
         self._rng = random.Random()
         self._acks: deque[float] = deque(maxlen=10_000)
+        self._task: asyncio.Task[None] | None = None
+        self._leaving = False  # this connection is being ended on purpose
 
     # -- public -------------------------------------------------------------------------
     @property
@@ -74,32 +204,82 @@ class Uplink:
 
     @property
     def inflight(self) -> int:
-        return len(self._inflight)
+        """Rows handed to the broker and not yet acknowledged."""
+        return sum(len(rows) for rows in self._inflight.values())
+
+    @property
+    def online_payload(self) -> bytes:
+        return self.format.online_payload
+
+    @online_payload.setter
+    def online_payload(self, payload: bytes) -> None:
+        self.format.online_payload = payload
 
     def wake(self) -> None:
         """New rows are committed: send them if there is room in the window."""
         self._wake.set()
 
-    def publish_live(self, topic: str, payload: bytes, retain: bool = False) -> bool:
-        """Publish a message that is not stored (status, health); False when not connected."""
-        if not self.connected or self._client is None:
+    def publish_live(self, topic: str, payload: bytes, retain: bool = False,
+                     body: Mapping[str, Any] | None = None) -> bool:
+        """Publish a message that is not stored (status, health); False when not connected or not ready."""
+        client = self._client
+        if not self.connected or client is None or not self.format.ready:
             return False
-        self._client.publish(topic, payload, qos=1, retain=retain)
-        return True
+        packets = self.format.live(topic, payload, retain, body)
+        for p in packets:
+            client.publish(p.topic, p.payload, qos=p.qos, retain=p.retain)
+        return bool(packets)
 
     def publish_rate(self, window: float = 10.0) -> float:
         now = time.monotonic()
         return sum(1 for t in self._acks if now - t <= window) / window
+
+    async def __aenter__(self) -> Uplink:
+        self._task = asyncio.create_task(self.run(), name="uplink")
+        return self
+
+    async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.stop(self.flush_timeout)
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
     async def run(self) -> None:
         """The connection loop and the pump, together until cancelled; either failing fails both."""
         self._loop = asyncio.get_running_loop()
         await run_all(**{"uplink-connection": self._connection_loop(), "uplink-pump": self._pump()})
 
+    async def stop(self, flush_timeout: float = 5.0) -> None:
+        """Deliver the backlog while connected (up to `flush_timeout`), say farewell, disconnect."""
+        deadline = time.monotonic() + flush_timeout
+        self._wake.set()
+        while self.connected and self.format.ready and not self._drained():
+            self._progress.clear()
+            try:
+                await within(self._progress.wait(), deadline - time.monotonic())
+            except asyncio.TimeoutError:
+                break
+        self._stop_event.set()
+        client = self._client
+        if client is not None and self.connected:
+            p = self.format.farewell()
+            info = client.publish(p.topic, p.payload, qos=p.qos, retain=p.retain)
+            await asyncio.to_thread(_wait_published, info, max(0.5, deadline - time.monotonic()))
+            client.disconnect()
+        self._lost.set()
+        self._wake.set()
+        await self._drop_client()
+
+    def _drained(self) -> bool:
+        return not self._inflight and not self.store.fetch(self._cursor, 1)
+
+    # -- connection ----------------------------------------------------------------------
     async def _connection_loop(self) -> None:
         """Connect, deliver, reconnect with jittered backoff; after stop(), wait to be cancelled."""
         attempt = 0
-        while not self._stopping:
+        while not self._stop_event.is_set():
             try:
                 await self._connect()
             except UplinkError as err:
@@ -112,45 +292,26 @@ class Uplink:
             attempt = 0
             await self._lost.wait()
             await self._drop_client()
-            if not self._stopping:  # the first attempt after a loss: soon, spread over the fleet
+            if not self._stop_event.is_set():  # the first attempt after a loss: soon, spread over the fleet
                 await self._sleep(down(0, self.cfg.reconnect.min, self.cfg.reconnect.down_max, self._rng))
         await asyncio.Event().wait()  # stopped: the owner cancels us
 
-    async def stop(self, flush_timeout: float = 5.0) -> None:
-        """Deliver the backlog while connected (up to `flush_timeout`), publish offline, disconnect."""
-        deadline = time.monotonic() + flush_timeout
-        self._wake.set()
-        while self.connected and not self._drained() and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-        self._stopping = True
-        self._stop_event.set()
-        client = self._client
-        if client is not None and self.connected:
-            info = self._farewell(client)
-            await asyncio.to_thread(_wait_published, info, max(0.5, deadline - time.monotonic()))
-            client.disconnect()
-        self._lost.set()
-        self._wake.set()
-        await self._drop_client()
-
-    def _drained(self) -> bool:
-        return not self._inflight and not self.store.fetch(self._cursor, 1)
-
-    # -- connection ----------------------------------------------------------------------
     def _new_client(self) -> mqtt.Client:
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, clean_session=True,
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.format.client_id, clean_session=True,
                              protocol=mqtt.MQTTv311, reconnect_on_failure=False)
-        client.max_inflight_messages_set(self.cfg.max_inflight + 8)  # room for status and health
+        client.max_inflight_messages_set(self.cfg.max_inflight + 8)  # room for status, health, markers
         client.max_queued_messages_set(0)
         if self.cfg.username:
             client.username_pw_set(self.cfg.username, read_secret(self.cfg.password_file))
         if self.cfg.tls is not None:
             client.tls_set(ca_certs=self.cfg.tls.ca_file, certfile=self.cfg.tls.cert_file,
                            keyfile=self.cfg.tls.key_file, cert_reqs=ssl.CERT_REQUIRED)
-        self._will(client)
+        will = self.format.will()
+        client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
         client.on_connect = self._from_thread(self._on_connect)
         client.on_disconnect = self._from_thread(self._on_disconnect)
         client.on_publish = self._from_thread(self._on_publish)
+        client.on_message = self._from_thread(self._on_message)
         return client
 
     def _from_thread(self, handler: Callable[..., None]) -> Callable[..., None]:
@@ -169,9 +330,12 @@ class Uplink:
         self._connack = asyncio.get_running_loop().create_future()
         self._client = client
         self._lost.clear()
+        self._leaving = False
         try:
+            # paho writes the CONNECT once the socket (and TLS) is up: returning means it went out.
             await asyncio.to_thread(client.connect, self.cfg.host, self.cfg.effective_port,
                                     int(self.cfg.keepalive))
+            self.format.connect_sent()
             client.loop_start()
             reason = await within(asyncio.shield(self._connack), max(5.0, self.cfg.keepalive))
         except ssl.SSLCertVerificationError as err:
@@ -208,21 +372,18 @@ class Uplink:
             log.info("connected to upstream %s; %d messages waiting", where, waiting,
                      extra=fields(event="upstream_connected"))
         self.stats.last_error = None
-        self._forget_inflight()
-        self._cursor = 0
-        self._caught_up = True
-        self._session_started(client)
-        self._wake.set()
+        self._restart_delivery()
+        subscriptions = self.format.subscriptions()
+        if subscriptions:
+            client.subscribe(subscriptions)
+        self._start_session(client)
 
-    # -- what a format says at the edges of a session (JSON: the retained status) --------------
-    def _will(self, client: mqtt.Client) -> None:
-        client.will_set(self.status_topic, self.offline_payload, qos=1, retain=True)
-
-    def _farewell(self, client: mqtt.Client) -> mqtt.MQTTMessageInfo:
-        return client.publish(self.status_topic, self.offline_payload, qos=1, retain=True)
-
-    def _session_started(self, client: mqtt.Client) -> None:
-        client.publish(self.status_topic, self.online_payload, qos=1, retain=True)
+    def _start_session(self, client: mqtt.Client) -> None:
+        """The format's session start; while it is not ready, asked again at the next commit and at the
+        latest after SESSION_RETRY (its wait for first readings is bounded)."""
+        self._publish(client, self.format.session_started(self.store.newest))
+        if not self.format.ready and self._loop is not None:
+            self._loop.call_later(SESSION_RETRY, self._wake.set)
 
     def _connack_missing(self, client: mqtt.Client) -> bool:
         """Whether the broker took the TCP connection and then gave no CONNACK in time."""
@@ -234,10 +395,13 @@ class Uplink:
         except OSError:
             return False
 
-    def _forget_inflight(self) -> None:
-        """The connection is gone: what was in flight is owed again, oldest first, on the next one."""
+    def _restart_delivery(self) -> None:
+        """Whatever was in flight is owed again, oldest first."""
         self._inflight.clear()
         self.store.release_all()
+        self._cursor = 0
+        self._caught_up = True
+        self._wake.set()
 
     def _fail(self, message: str) -> None:
         if self.stats.last_error != message:
@@ -246,11 +410,18 @@ class Uplink:
 
     async def _drop_client(self) -> None:
         client, self._client = self._client, None
-        self.stats.connected = False
-        self._forget_inflight()
+        self._session_over()
+        self._inflight.clear()
+        self.store.release_all()
+        self._progress.set()
         if client is not None:
             client.disconnect()  # ends paho's network thread if the socket is still open
             await in_daemon_thread(client.loop_stop, LOOP_STOP_LIMIT, "paho's network thread")
+
+    def _session_over(self) -> None:
+        if self.stats.connected:
+            self.stats.connected = False
+            self.format.lost()
 
     async def _sleep(self, seconds: float) -> None:
         """Sleep, but wake at once when stop() is called."""
@@ -269,24 +440,42 @@ class Uplink:
             return
         if self._connack is not None and not self._connack.done():
             self._connack.set_result(None)  # closed before CONNACK
-        if self.stats.connected and not self._stopping:
+        if self.stats.connected and not self._stop_event.is_set() and not self._leaving:
             self._fail(f"lost the connection to {self.cfg.host}:{self.cfg.effective_port} ({reason})")
-        self.stats.connected = False
+        self._session_over()
         self._lost.set()
 
     def _on_publish(self, client: mqtt.Client, mid: int, reason: Any, properties: Any) -> None:
         if client is not self._client:
             return
-        entry = self._inflight.pop(mid, None)
-        if entry is None:  # a live message (status, health)
+        rows = self._inflight.pop(mid, None)
+        if rows is None:  # a live message (status, health, births)
             return
-        seq, size = entry
-        self.store.ack(seq, size)
-        self.stats.acked += 1
-        now = time.monotonic()
+        for seq, size in rows:
+            self.store.ack(seq, size)
+        self.stats.acked += len(rows)
         self.stats.last_ack = time.time()
-        self._acks.append(now)
+        now = time.monotonic()
+        self._acks.extend([now] * len(rows))
+        self._progress.set()
         self._wake.set()
+
+    def _on_message(self, client: mqtt.Client, message: mqtt.MQTTMessage) -> None:
+        if client is not self._client or not self.connected:
+            return
+        reaction = self.format.received(message.topic, bytes(message.payload))
+        self._publish(client, reaction.packets)
+        if reaction.reconnect:
+            self._leaving = True  # not a lost connection: the format ended it (and said why)
+            client.disconnect()  # paho sends what is queued first; the connection loop connects again
+        elif reaction.resend:
+            self._restart_delivery()
+            if not self.format.ready and self._loop is not None:
+                self._loop.call_later(SESSION_RETRY, self._wake.set)
+
+    def _publish(self, client: mqtt.Client, packets: list[Packet]) -> None:
+        for p in packets:
+            client.publish(p.topic, p.payload, qos=p.qos, retain=p.retain)
 
     # -- delivery --------------------------------------------------------------------------
     async def _pump(self) -> None:
@@ -295,29 +484,50 @@ class Uplink:
             await self._wake.wait()
             self._wake.clear()
             client = self._client
-            if client is None or not self.connected or self._stopping:
+            if client is None or not self.connected or self._stop_event.is_set():
                 continue
-            room = self.cfg.max_inflight - len(self._inflight)
+            if not self.format.ready:  # e.g. Sparkplug waiting for the first readings to be born with
+                self._start_session(client)
+                if not self.format.ready:
+                    continue
+            room = self.cfg.max_inflight - len(self._inflight)  # QoS >= 1 packets awaiting their PUBACK
             # While a backlog drains, refill in batches rather than one query per acknowledgement.
             if room <= 0 or (not self._caught_up and room < max(1, self.cfg.max_inflight // 4)):
                 continue
             batch = self.store.fetch(self._cursor, room)
             self._caught_up = len(batch) < room
             self._send(client, batch)
+            if not batch:
+                self._progress.set()
 
     def _send(self, client: mqtt.Client, batch: list[Message]) -> None:
-        """Hand rows to paho at QoS 1 (or 2); each is acknowledged to the store on its own PUBACK."""
+        """Hand each row's packets to paho; a row is acknowledged by the PUBACK of its last QoS >= 1
+        packet, or of the next one on this connection (the format's marker closes the batch)."""
+        unconfirmed: list[tuple[int, int]] = []
         for msg in batch:
-            info = client.publish(msg.topic, msg.payload, qos=self.cfg.qos)
-            if info.rc != mqtt.MQTT_ERR_SUCCESS:  # the connection just went; resend after reconnect
-                break
-            self._inflight[info.mid] = (msg.seq, msg.size)
+            last_mid = None
+            for p in self.format.data(msg):
+                info = client.publish(p.topic, p.payload, qos=p.qos, retain=p.retain)
+                if info.rc != mqtt.MQTT_ERR_SUCCESS:  # the connection just went; resend after reconnect
+                    return
+                if p.qos > 0:
+                    last_mid = info.mid
+            unconfirmed.append((msg.seq, msg.size))
             self.store.hold(msg.seq)
             self._cursor = msg.seq
             self.stats.published += 1
+            if last_mid is not None:
+                self._inflight[last_mid] = unconfirmed
+                unconfirmed = []
+        if unconfirmed:
+            p = self.format.marker(unconfirmed[-1][0])
+            info = client.publish(p.topic, p.payload, qos=p.qos, retain=p.retain)
+            if info.rc == mqtt.MQTT_ERR_SUCCESS:
+                self._inflight[info.mid] = unconfirmed
 
 
 LOOP_STOP_LIMIT = 3.0  # seconds to wait for paho's network thread to end
+SESSION_RETRY = 3.0  # seconds after which a format that is not ready is asked again, commits or not
 
 
 def _wait_published(info: mqtt.MQTTMessageInfo, timeout: float) -> None:

@@ -111,12 +111,35 @@ def test_values_go_out_as_the_register_map_types_them():
 
 
 def test_a_simulated_device_says_so():
-    from gateway import config, tagtypes
+    from gateway import config, sources, tagtypes
 
     device = config.parse("gateway: {id: g, site: s}\nupstream: {host: h}\ndevices:\n"
                           "  - {name: line1, source: sim, profile: flexo_line}\n").devices[0]
-    types = tagtypes.of_device(device)
+    types = sources.tag_types(device)
     assert types["machine_status"].kind == "int" and types["line_speed_m_min"].decimals == 1
     payload = contract.telemetry("line1", 0.0, tagtypes.shape({"machine_status": 1.0}, types), {}, simulated=True)
     assert payload == {"ts": "1970-01-01T00:00:00.000Z", "device": "line1", "simulated": True,
                        "values": {"machine_status": 1}}
+
+
+def test_opc_ua_values_are_typed_by_their_nodes_datatype():
+    import pytest
+    ua = pytest.importorskip("asyncua").ua
+    from gateway import tagtypes
+    from gateway.sources.opcua import _typed, tag_type
+
+    def typed(datatype_id: int, value):
+        kind = tag_type(ua.NodeId(datatype_id, 0))
+        return kind, tagtypes.shape({"v": _typed(value, kind)}, {"v": tagtypes.AS_SENT})["v"]
+
+    assert typed(6, 50) == (tagtypes.integer("Int32"), 50)
+    assert typed(1, True) == (tagtypes.BOOLEAN, 1)
+    assert typed(10, 12.300000190734863) == (tagtypes.FLOAT, 12.3)
+    assert typed(11, 0.1 + 0.2)[1] == 0.30000000000000004
+    assert typed(8, 9007199254740993) == (tagtypes.integer("Int64"), 9007199254740993)  # exact, not via a float
+    assert typed(9, 2**64 - 1)[1] == 2**64 - 1
+    assert tag_type(ua.NodeId(26, 0)) == tagtypes.AS_SENT  # Number: the value keeps its own type
+    payload = contract.telemetry("m", 0.0, {"big": typed(8, 9007199254740993)[1], "f": typed(10, 12.300000190734863)[1]}, {})
+    assert contract.encode(payload).endswith(b'"values":{"big":9007199254740993,"f":12.3}}')
+    from gateway.sample import Sample
+    assert Sample.from_readings("m", 0.0, {"big": 9007199254740993}).values == {"big": 9007199254740993}

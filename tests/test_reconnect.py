@@ -12,7 +12,7 @@ from conftest import free_port, gateway_config
 
 from gateway import config
 from gateway.outbox import Outbox
-from gateway.uplink import Uplink
+from gateway.uplink import JsonFormat, Uplink
 
 
 async def recorded_waits(tmp_path: Path, port: int, count: int) -> list[float]:
@@ -22,7 +22,7 @@ async def recorded_waits(tmp_path: Path, port: int, count: int) -> list[float]:
     upstream = config.parse(text).upstream
     assert (upstream.reconnect.min, upstream.reconnect.down_max, upstream.reconnect.max) == (0.5, 2.0, 60.0)
     store = Outbox.open(str(tmp_path / "outbox.db"))
-    uplink = Uplink(upstream, store, client_id="reconnect-test", status_topic="t/status", offline_payload=b"{}")
+    uplink = Uplink(upstream, store, JsonFormat(client_id="reconnect-test", status_topic="t/status", offline_payload=b"{}"))
     waits: list[float] = []
     enough = asyncio.Event()
 

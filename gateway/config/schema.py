@@ -121,7 +121,7 @@ class SparkplugSection:
     edge_node_id: str | None = setting(optional(string(re.compile(r"^[^/+#]+$"), "no / + or #")), None,
                                        doc="the edge node (default: gateway.id)")
     primary_host_id: str | None = setting(optional(string(re.compile(r"^[^/+#]+$"), "no / + or #")), None,
-                                          doc="publish data only while this host application is online")
+                                          doc="births and data only while this host application says online (STATE)")
 
 
 @dataclass(frozen=True)

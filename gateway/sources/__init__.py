@@ -8,18 +8,19 @@ source's trouble stays with its device and the stream never ends on a bad read.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import AsyncIterator, Mapping
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from gateway.config import Device, LocalBrokerSection, ModbusRtuDevice, ModbusTcpDevice, OpcUaDevice, SimDevice
 from gateway.errors import SourceError
 from gateway.sample import Sample
+from gateway.tagtypes import AS_SENT, TagType, of_registers
 
 if TYPE_CHECKING:
     from gateway.sources.modbus import Link
     from gateway.sources.mqtt import MqttLink
 
-__all__ = ["Links", "Source", "SourceError", "open_source"]
+__all__ = ["Links", "Source", "SourceError", "TypedSource", "open_source", "tag_types"]
 
 
 class Source(Protocol):
@@ -34,6 +35,31 @@ class Source(Protocol):
     def skipped_ticks(self) -> int:
         """Polls skipped because one took longer than the interval (0 for a pushing source)."""
         ...
+
+
+@runtime_checkable
+class TypedSource(Protocol):
+    """A source that learns its tags' types from the machine (OPC UA: each node's DataType, at connect)."""
+
+    @property
+    def learned_types(self) -> Mapping[str, TagType]: ...
+
+
+def tag_types(device: Device, source: Source | None = None) -> dict[str, TagType]:
+    """Every tag of a device with the type its source gives it: the one type rule (`tagtypes.py`).
+
+    A Modbus register map says it; the simulated source, its PLC's map; an OPC UA node its DataType
+    (known once connected: `source`); an MQTT sensor nothing (its numbers as sent)."""
+    if isinstance(device, SimDevice):
+        from gateway.sources.sim import tag_types as sim_types
+        types = sim_types(device)
+    elif isinstance(device, (ModbusTcpDevice, ModbusRtuDevice)):
+        types = of_registers(device.tags, device.registers)
+    else:
+        types = dict.fromkeys(device.tags, AS_SENT)
+    if isinstance(source, TypedSource):
+        types.update((tag, t) for tag, t in source.learned_types.items() if tag in types)
+    return types
 
 
 class Links:

@@ -1,7 +1,9 @@
 """OPC UA servers (asyncua, the `[opcua]` extra; imported only when a device uses it). Read-only.
 
-A value becomes the device's Sample like any other source: numbers and Booleans as numbers, a
-bad StatusCode as that tag's quality `error`.
+A value becomes the device's Sample like any other source, typed by its node's DataType (read
+at connect; `tag_type`): integers as exact ints (Int64/UInt64 too), a Boolean as 1/0, a Float to
+the 7 significant digits a float32 holds, a Double as it is; a bad StatusCode as that tag's
+quality `error`.
 
 - `mode: poll` reads every node of the device in one Read request per interval; the sample
   time is the newest SourceTimestamp the server gave (else the time of the read).
@@ -32,8 +34,10 @@ import logging
 import os
 import random
 import time
+from collections.abc import Mapping
 from typing import Any
 
+from gateway import tagtypes
 from gateway.config import OpcUaDevice
 from gateway.credentials import read_secret
 from gateway.errors import SourceError
@@ -62,6 +66,11 @@ class OpcUaSource(PolledSource):
         self._subscription: Any = None
         self._latest: dict[Any, Any] = {}  # ua.NodeId -> its last DataValue, in subscribe mode
         self._ids: list[Any] = []  # the parsed ua.NodeId of each configured node, in order
+        self._types: dict[str, tagtypes.TagType] = {}  # tag -> its type, from its node's DataType
+
+    @property
+    def learned_types(self) -> Mapping[str, tagtypes.TagType]:
+        return self._types
 
     async def _connected(self) -> Any:
         if self._client is not None:
@@ -88,6 +97,7 @@ class OpcUaSource(PolledSource):
             raise SourceError(f"{device.endpoint}: cannot connect ({_why(err)})") from None
         self._attempt = 0
         self._client, self._reads = client, _read_all(device)
+        await self._learn_types(client)
         if device.mode == "subscribe":
             try:
                 await self._subscribe(client)
@@ -98,6 +108,21 @@ class OpcUaSource(PolledSource):
                 raise SourceError(f"{device.endpoint}: cannot subscribe ({_why(err)})") from None
         log.info("device %s: connected to %s", device.name, device.endpoint)
         return client
+
+    async def _learn_types(self, client: Any) -> None:
+        """Each tag's type from its node's DataType attribute (one Read); a node that says none keeps its
+        value's own type."""
+        from asyncua import ua
+
+        params = _read_all(self.device, ua.AttributeIds.DataType)  # type: ignore[attr-defined]
+        try:
+            results = await within(client.uaclient.read(params), self.device.timeout)
+        except Exception as err:  # any failure here: the values are still read, with their own types
+            log.warning("device %s: cannot read the DataType of its nodes (%s): values keep their own types",
+                        self.device.name, _why(err))
+            return
+        self._types = {node.name: tag_type(dv.Value.Value if dv.Value is not None else None)
+                       for node, dv in zip(self.device.nodes, results, strict=False)}
 
     async def _subscribe(self, client: Any) -> None:
         from asyncua import ua
@@ -158,7 +183,7 @@ class OpcUaSource(PolledSource):
                 values[node.name], quality[node.name] = None, ERROR
                 continue
             status = dv.StatusCode
-            value = _number(dv.Value.Value if dv.Value is not None else None)
+            value = _typed(dv.Value.Value if dv.Value is not None else None, self._types.get(node.name))
             if not status.is_good() or value is None:
                 why = status.name if not status.is_good() else "not a number"
                 problems.append(f"{node.name} ({node.node}): {why}")
@@ -273,15 +298,15 @@ def _validator(device: str, pki: str, told: set[str] | None) -> Any:
     return validate
 
 
-def _read_all(device: OpcUaDevice) -> Any:
-    """One Read request for the value of every node of the device."""
+def _read_all(device: OpcUaDevice, attribute: int | None = None) -> Any:
+    """One Read request for the value (or another attribute) of every node of the device."""
     from asyncua import ua
 
     params = ua.ReadParameters()
     for node in device.nodes:
         rv = ua.ReadValueId()
         rv.NodeId = ua.NodeId.from_string(node.node)
-        rv.AttributeId = ua.AttributeIds.Value  # type: ignore[attr-defined]
+        rv.AttributeId = ua.AttributeIds.Value if attribute is None else attribute  # type: ignore[attr-defined]
         params.NodesToRead.append(rv)
     return params
 
@@ -308,12 +333,32 @@ def _application_uri(cert_file: str) -> str | None:
     return uris[0] if uris else None
 
 
-def _number(value: Any) -> float | None:
+# The built-in DataTypes (namespace 0) by their numeric id, as Sparkplug B names them.
+DATATYPES = {1: "Boolean", 2: "Int8", 3: "UInt8", 4: "Int16", 5: "UInt16", 6: "Int32", 7: "UInt32",
+             8: "Int64", 9: "UInt64", 10: "Float", 11: "Double"}
+
+
+def tag_type(datatype: Any) -> tagtypes.TagType:
+    """The type a node's DataType (a NodeId) gives its tag; a type not built in (Number, an enumeration)
+    leaves the value its own type."""
+    name = DATATYPES.get(datatype.Identifier) if getattr(datatype, "NamespaceIndex", None) == 0 else None
+    if name == "Boolean":
+        return tagtypes.BOOLEAN
+    if name == "Float":
+        return tagtypes.FLOAT
+    if name == "Double":
+        return tagtypes.DOUBLE
+    return tagtypes.integer(name) if name is not None else tagtypes.AS_SENT
+
+
+def _typed(value: Any, kind: tagtypes.TagType | None) -> float | None:
+    """A value as its tag's type says (an exact int for an integer); None for what is not a finite number."""
     if isinstance(value, bool):
-        return 1.0 if value else 0.0
-    if isinstance(value, (int, float)):
-        number = float(value)
-        return number if number == number and abs(number) != float("inf") else None
+        return int(value)
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value == value and abs(value) != float("inf"):
+        return (kind or tagtypes.AS_SENT).shape(value)
     return None
 
 

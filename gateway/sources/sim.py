@@ -9,6 +9,13 @@ import sim
 from gateway.config import SimDevice
 from gateway.sample import Sample
 from gateway.sources.poll import PolledSource
+from gateway.tagtypes import TagType, of_registers
+
+
+def tag_types(device: SimDevice) -> dict[str, TagType]:
+    """The simulated PLC's map gives the tags their types: a `sim` device reads as its Modbus twin."""
+    from sim.plc import MAPS
+    return of_registers(device.tags, MAPS.get(device.profile, ()))
 
 
 class SimSource(PolledSource):

@@ -1,18 +1,27 @@
-"""The uplink as a Sparkplug B edge node (`upstream.format: sparkplug_b`; docs/upstream.md).
+"""Sparkplug B 3.0 as the uplink's format (`upstream.format: sparkplug_b`; docs/upstream.md).
 
-The outbox stays what it is: committed rows in seq order, each a device's JSON message. On the
-way out they become Sparkplug: a device's telemetry, counters and anomaly state are DDATA of its
-metrics (aliases only, the sample's own timestamp); a device whose every tag is in error gets
-DDEATH, and DBIRTH again when it reads. `seq` runs 0-255 over all node messages of a session.
+`SparkplugFormat` is a `gateway.uplink.Format`: the uplink delivers, this module only says what
+goes on the wire. The outbox stays what it is: committed rows in seq order, each a device's
+message with its device, kind and time (`outbox.Message`). On the way out they become metrics of
+the device (`metrics.py`): telemetry, counters, the anomaly, the machine state, alarms, live OEE
+and the last closed shift, each metric with the time of its value.
+
+The session (specification 3.0, chapters 5-6):
+- The Will is NDEATH with bdSeq (Int64); bdSeq is the previous CONNECT's plus one (0-255), counted
+  only when a CONNECT actually went out, and kept on disk so that it survives a kill -9.
+- NBIRTH (seq 0) opens the session; with a primary host, only once its STATE says online. Every
+  device that has been read gets a DBIRTH with its latest values; a device not read yet is born
+  with its first reading (never with nulls it could have filled).
+- A row older than the current NBIRTH goes out as history (`is_historical` on every metric), never
+  as live data: after a kill -9, a reconnect, a rebirth or the primary host's return.
+- Live DDATA carries what differs from what this session's host was told (emptied at every birth).
+- A device whose every tag is in error gets DDEATH, and DBIRTH again when it reads.
+- `seq` runs 0-255 over every node message of a session. Commands: rebirth only; writes refused.
 
 Durability at QoS 0: the specification sends NDATA/DDATA at QoS 0, so no PUBACK says a row
-arrived. After each batch of DDATA the uplink publishes one QoS 1 message on its own topic
-(`edge-gateway/{group}/{node}/delivered`, outside the Sparkplug namespace); the broker handles
-the packets of one connection in order, so its PUBACK for that message means every DDATA before
-it on the same TCP connection was received, and only then are those rows deleted. A connection
-lost before that PUBACK sends the batch again: duplicates only within one batch (`max_inflight`).
-What the broker does with the DDATA after receiving it (a host that is not subscribed at QoS 0
-gets nothing) is beyond any edge node, as for every Sparkplug client.
+arrived. The uplink closes each batch with `marker()`, one QoS 1 message on its own topic
+(`edge-gateway/{group}/{node}/delivered`, outside the Sparkplug namespace); its PUBACK means every
+DDATA before it on the same connection was received, and only then are those rows deleted.
 """
 
 from __future__ import annotations
@@ -21,170 +30,255 @@ import json
 import logging
 import os
 import time
-from datetime import datetime
+from collections.abc import Callable, Mapping
 from typing import Any
-
-import paho.mqtt.client as mqtt
 
 from gateway.config import Config
 from gateway.logs import fields
-from gateway.outbox import Message, Outbox
+from gateway.outbox import Message
 from gateway.sparkplug import metrics
 from gateway.sparkplug import sparkplug_b_pb2 as pb
-from gateway.uplink import Uplink
+from gateway.tagtypes import TagType
+from gateway.uplink import Packet, Reaction
 
 log = logging.getLogger("edge_gateway.sparkplug")
 
+BIRTH_WAIT = 5.0  # seconds the births wait for every device's first reading
 HEALTH_METRICS = (("Health/backlog_messages", int(pb.UInt64)), ("Health/dropped", int(pb.UInt64)),
                   ("Health/store_errors", int(pb.UInt64)), ("Health/uptime_s", int(pb.Double)))
 
 
-class SparkplugUplink(Uplink):
-    def __init__(self, config: Config, store: Outbox, *, state_path: str, scored: dict[str, bool]) -> None:
+class SparkplugFormat:
+    def __init__(self, config: Config, *, state_path: str, scored: Mapping[str, bool],
+                 types_of: Callable[[str], Mapping[str, TagType]], clock: Callable[[], float] = time.time) -> None:
         sp = config.upstream.sparkplug
         group = sp.group_id if sp is not None and sp.group_id else config.gateway.site
         node = sp.edge_node_id if sp is not None and sp.edge_node_id else config.gateway.id
-        super().__init__(config.upstream, store, client_id=config.upstream.client_id or node,
-                         status_topic="", offline_payload=b"")
+        self.client_id = config.upstream.client_id or node
+        self.online_payload = b""  # the JSON status has no place here: births and deaths say it
         self.topics = metrics.Topics(group, node)
-        self.root = config.topic_root
-        self.metrics = metrics.NodeMetrics(HEALTH_METRICS, config.devices, scored)
+        self.types_of = types_of
+        self.metrics = metrics.NodeMetrics(HEALTH_METRICS, config.devices,
+                                           {d.name: types_of(d.name) for d in config.devices}, scored)
+        self.clock = clock
         self.state_path = state_path
-        self.bdseq = self._load_bdseq()
-        self.seq = 0
-        self.dead: set[str] = set()  # devices announced dead (DDEATH) in this session
-        self.last: dict[str, dict[str, Any]] = {d: {} for d in self.metrics.devices}  # for births
-        # What this session's host has been told, per device: DDATA carries what differs from it. Emptied
-        # at every birth, so that rows sent again after a reconnect go out whole, never "unchanged".
-        self.told: dict[str, dict[str, Any]] = {d: {} for d in self.metrics.devices}
-        self._batches: dict[int, list[tuple[int, int]]] = {}
-        self._refused: set[str] = set()
+        self.bdseq = self._load_bdseq()  # the bdSeq of the last CONNECT sent (None: never)
         self.host = sp.primary_host_id if sp is not None else None
-        self.host_online = self.host is None  # with a primary host: nothing but births until it says online
-        self.live_since = 0.0  # rows created before the birth that follows the host's return are historical
+        self.host_online = self.host is None
+        self.seq = 0
+        self.born_at: float | None = None  # time of this session's NBIRTH; rows older than it are history
+        self.born: set[str] = set()  # devices with a DBIRTH in this session
+        self.dead: set[str] = set()  # devices whose last reading failed as a whole
+        self.last: dict[str, dict[str, tuple[Any, int]]] = {d: {} for d in self.metrics.devices}  # value, ms
+        self.told: dict[str, dict[str, Any]] = {d: {} for d in self.metrics.devices}
+        self.health: dict[str, tuple[Any, int]] = {}
+        self.host_ts = 0  # the newest STATE timestamp seen: an older one is stale and ignored
+        self._waiting_since: float | None = None  # when the births began to wait for first readings
+        self._refused: set[str] = set()
 
-    # -- bdSeq: 0-255, one per connect, kept across restarts --------------------------------
-    def _load_bdseq(self) -> int:
+    # -- bdSeq: 0-255, +1 per CONNECT sent, kept across restarts -----------------------------
+    def _load_bdseq(self) -> int | None:
         try:
             with open(self.state_path, encoding="utf-8") as fh:
                 return int(json.load(fh)["bdSeq"]) % 256
         except (OSError, ValueError, KeyError, TypeError):
-            return 0
+            return None
 
-    def _save_bdseq(self, value: int) -> None:
+    def _next_bdseq(self) -> int:
+        return 0 if self.bdseq is None else (self.bdseq + 1) % 256
+
+    def will(self) -> Packet:
+        return Packet(self.topics.node_topic("NDEATH"), metrics.death(self._next_bdseq()), 1, False)
+
+    def connect_sent(self) -> None:
+        self.bdseq = self._next_bdseq()
         tmp = f"{self.state_path}.tmp"
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump({"bdSeq": value}, fh)
+        with open(tmp, "w", encoding="utf-8") as fh:  # the Will names it: it must survive a kill -9
+            json.dump({"bdSeq": self.bdseq}, fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, self.state_path)
 
     # -- the session's edges ---------------------------------------------------------------
-    def _will(self, client: mqtt.Client) -> None:
-        self.bdseq = (self.bdseq + 1) % 256
-        self._save_bdseq(self.bdseq)  # the Will of this connection names it: it must survive a kill -9
-        client.will_set(self.topics.node_topic("NDEATH"), metrics.death(self.bdseq), qos=1, retain=False)
-
-    def _session_started(self, client: mqtt.Client) -> None:
-        client.subscribe([(self.topics.node_topic("NCMD"), 1), (self.topics.device_topic("DCMD", "+"), 1)])
+    def subscriptions(self) -> list[tuple[str, int]]:
+        subs = [(self.topics.node_topic("NCMD"), 1), (self.topics.device_topic("DCMD", "+"), 1)]
         if self.host is not None:
-            self.host_online = False  # until its STATE (retained) says otherwise on this connection
-            client.message_callback_add(metrics.Topics.state(self.host), self._host_state)
-            client.subscribe(metrics.Topics.state(self.host), qos=1)
-        # One filter for NCMD and DCMD/+ alike ('#' matches the parent level): each command handled once.
-        client.message_callback_add(f"{metrics.NAMESPACE}/{self.topics.group}/+/{self.topics.node}/#", self._command)
-        self._births(client)
+            subs.append((metrics.Topics.state(self.host), 1))
+        return subs
 
-    def _host_state(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
-        if self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._handle_host_state, client, bytes(message.payload))
+    def session_started(self, newest: Callable[[], list[Message]]) -> list[Packet]:
+        """The births, once the primary host (if any) is online and every device has been read (or is
+        dead), or BIRTH_WAIT after that: a DBIRTH carries current values, not nulls it could have had."""
+        if not self.host_online or self.born_at is not None:
+            return []
+        now = self.clock()
+        if self._waiting_since is None:
+            self._waiting_since = now
+        for msg in newest():
+            if msg.device in self.last:
+                _, failed = self._remember(msg, historical=True)
+                if msg.kind == "telemetry" and failed:  # its newest reading failed: born when it reads again
+                    self.dead.add(msg.device)
+        unread = [d for d in self.metrics.devices if not self.last[d] and d not in self.dead]
+        if unread and now - self._waiting_since < BIRTH_WAIT:
+            return []
+        return self._births()
 
-    def _handle_host_state(self, client: mqtt.Client, data: bytes) -> None:
-        """The primary host's STATE ({"online": true|false, "timestamp": ms}): data flows only while online."""
-        if client is not self._client:
-            return
-        try:
-            online = json.loads(data).get("online") is True
-        except (ValueError, AttributeError):
-            self._refuse(metrics.Topics.state(self.host or ""), "a STATE that is not {\"online\": ..., ...} JSON")
-            return
-        if online == self.host_online:
-            return
-        self.host_online = online
-        if online:  # born again, then the backlog as history, then live
-            log.info("primary host %s is online: birth, then %d stored messages as history", self.host,
-                     self.store.stats.messages, extra=fields(event="sparkplug_host_online"))
-            self._births(client)
-            self.live_since = time.time()
-            self._forget_inflight()
-            self._cursor = 0
-            self._wake.set()
-        else:
-            log.warning("primary host %s is offline: storing until it is back", self.host,
-                        extra=fields(event="sparkplug_host_offline"))
+    @property
+    def ready(self) -> bool:
+        return self.host_online and self.born_at is not None
 
-    def _births(self, client: mqtt.Client) -> None:
-        """NBIRTH (seq 0) and one DBIRTH per device that is not dead, every metric with its current value."""
-        now = _ms(time.time())
-        self.seq = 0
+    def lost(self) -> None:
+        self.host_online = self.host is None
+        self.born_at = self._waiting_since = None
+        self.born.clear()
+
+    def farewell(self) -> Packet:
+        """An orderly end sends NDEATH itself (the Will is only for an unannounced one)."""
+        return Packet(self.topics.node_topic("NDEATH"), metrics.death(self._next_bdseq() if self.bdseq is None
+                                                                       else self.bdseq, _ms(self.clock())), 1)
+
+    def marker(self, last_seq: int) -> Packet:
+        return Packet(f"edge-gateway/{self.topics.group}/{self.topics.node}/delivered", str(last_seq).encode(), 1)
+
+    def _births(self) -> list[Packet]:
+        """NBIRTH (seq 0) and, right after it, a DBIRTH for every device not dead, each metric with its latest
+        value (tck-id-payloads-dbirth-order)."""
+        now = self.clock()
+        self.born_at, self.seq = now, 0
+        self.born.clear()
         self.told = {d: {} for d in self.metrics.devices}
-        node = self.metrics.node
-        values = [(node[metrics.BDSEQ], self.bdseq), (node[metrics.REBIRTH], False),
-                  *((node[name], None) for name, _ in HEALTH_METRICS)]
-        client.publish(self.topics.node_topic("NBIRTH"), metrics.payload(now, 0, values, birth=True), qos=0)
-        for device in self.metrics.devices:
-            if device not in self.dead:
-                client.publish(*self._dbirth(device, now), qos=0)
+        node, at = self.metrics.node, _ms(now)
+        values = [(node[metrics.BDSEQ], self.bdseq, at), (node[metrics.REBIRTH], False, at),
+                  *((node[name], *self.health.get(name, (None, at))) for name, _ in HEALTH_METRICS)]
+        packets = [Packet(self.topics.node_topic("NBIRTH"), metrics.payload(at, 0, values, birth=True))]
+        packets += [self._dbirth(device) for device in self.metrics.devices if device not in self.dead]
+        return packets
 
-    def _dbirth(self, device: str, ts_ms: int) -> tuple[str, bytes]:
-        """A device's birth: every metric, with the last value the uplink has seen (null before any)."""
-        known = self.last[device]
-        values = [(m, known.get(name)) for name, m in self.metrics.devices[device].items()]
-        return self.topics.device_topic("DBIRTH", device), metrics.payload(ts_ms, self._next_seq(), values, birth=True)
+    def _dbirth(self, device: str) -> Packet:
+        """A device's birth: every metric with its latest value and that value's time (null: never had one)."""
+        self.metrics.retype(device, self.types_of(device))
+        self.born.add(device)
+        known, told = self.last[device], self.told[device]
+        at = _ms(self.clock())
+        values = []
+        for name, m in self.metrics.devices[device].items():
+            value, ts = known.get(name, (None, at))
+            values.append((m, value, ts))
+            told[name] = value
+        return Packet(self.topics.device_topic("DBIRTH", device), metrics.payload(at, self._next_seq(), values, birth=True))
 
     def _next_seq(self) -> int:
         self.seq = (self.seq + 1) % 256
         return self.seq
 
-    def _farewell(self, client: mqtt.Client) -> mqtt.MQTTMessageInfo:
-        """An orderly end sends NDEATH itself (the Will is only for an unannounced one)."""
-        return client.publish(self.topics.node_topic("NDEATH"), metrics.death(self.bdseq), qos=1)
+    # -- data ------------------------------------------------------------------------------------
+    def data(self, msg: Message) -> list[Packet]:
+        """One stored row as Sparkplug messages (none for what has no metric)."""
+        device = msg.device
+        if device is None or device not in self.metrics.devices or self.born_at is None:
+            return []
+        known = self.metrics.devices[device]
+        ts = _ms(msg.created)
+        historical = msg.created < self.born_at  # older than this session's birth: history, whatever it says
+        values, failed = self._remember(msg, historical)
+        packets = []
+        if device not in self.born:  # dead: born again by a good reading (a live one carries its values)
+            if failed or msg.kind != "telemetry":
+                return []  # a counters row of a dead device does not bring it back to life
+            self.dead.discard(device)
+            packets.append(self._dbirth(device))
+            if not historical:
+                return packets
+        if historical:
+            if values:
+                packets.append(Packet(self.topics.device_topic("DDATA", device), metrics.payload(
+                    ts, self._next_seq(), [(known[n], v, ts) for n, v in values.items()], historical=True)))
+            return packets
+        if failed:  # the device cannot be read: dead until it reads again
+            self.born.discard(device)
+            return [Packet(self.topics.device_topic("DDEATH", device), metrics.payload(ts, self._next_seq(), []))]
+        told = self.told[device]
+        changed = [(known[n], v, ts) for n, v in values.items() if n not in told or told[n] != v]
+        told.update(values)
+        if not changed:
+            return []
+        return [Packet(self.topics.device_topic("DDATA", device), metrics.payload(ts, self._next_seq(), changed))]
 
-    def publish_live(self, topic: str, payload: bytes, retain: bool = False) -> bool:
-        """Health becomes NDATA of the node's health metrics; the JSON status has no place here (the
-        node's birth and death say it)."""
-        client = self._client
-        if not topic.endswith("/health") or client is None or not self.connected or not self.host_online:
-            return False  # with a primary host that is not online: nothing but births
-        report = json.loads(payload)
+    def _remember(self, msg: Message, historical: bool) -> tuple[dict[str, Any], bool]:
+        """The metrics a row sets, and whether it is a reading that failed as a whole; the device's latest
+        values (for births) and whether it is dead follow the row unless something newer is known."""
+        assert msg.device is not None
+        body = msg.body
+        ts = _ms(msg.created)
+        known = self.metrics.devices[msg.device]
+        values = {name: v for name, v in _values(msg.kind, body, ts).items() if name in known}
+        failed = msg.kind == "telemetry" and bool(body.get("quality")) and all(
+            tag in body["quality"] for tag in body["values"])
+        last = self.last[msg.device]
+        if msg.kind == "telemetry" and not historical:
+            (self.dead.add if failed else self.dead.discard)(msg.device)
+        if not failed:
+            for name, v in values.items():
+                if not historical or name not in last or last[name][1] <= ts:
+                    last[name] = (v, ts)
+        return values, failed
+
+    def live(self, topic: str, payload: bytes, retain: bool, body: Mapping[str, Any] | None) -> list[Packet]:
+        """Health becomes NDATA of the node's health metrics; the JSON status has no place here."""
+        if getattr(topic, "kind", None) != "health" or body is None or self.born_at is None:
+            return []
+        at = _ms(self.clock())
+        report = {"Health/backlog_messages": body["backlog"]["messages"], "Health/dropped": body["dropped"],
+                  "Health/store_errors": body["store_errors"], "Health/uptime_s": body["uptime_s"]}
+        self.health = {name: (v, at) for name, v in report.items()}
         node = self.metrics.node
-        values = [(node["Health/backlog_messages"], report["backlog"]["messages"]), (node["Health/dropped"], report["dropped"]),
-                  (node["Health/store_errors"], report["store_errors"]), (node["Health/uptime_s"], report["uptime_s"])]
-        client.publish(self.topics.node_topic("NDATA"), metrics.payload(_ms(time.time()), self._next_seq(), values),
-                       qos=0)
-        return True
+        return [Packet(self.topics.node_topic("NDATA"), metrics.payload(
+            at, self._next_seq(), [(node[name], v, at) for name, v in report.items()]))]
 
-    # -- commands: rebirth only; the gateway stays read-only ---------------------------------
-    def _command(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
-        """On paho's thread: handed to the loop's thread."""
-        if self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._handle_command, client, message.topic, bytes(message.payload))
-
-    def _handle_command(self, client: mqtt.Client, topic: str, data: bytes) -> None:
-        if client is not self._client:
-            return
+    # -- what the host says: its STATE, and commands (rebirth only; the gateway stays read-only) --------
+    def received(self, topic: str, payload: bytes) -> Reaction:
+        if self.host is not None and topic == metrics.Topics.state(self.host):
+            return self._host_state(payload)
         try:
-            command = pb.Payload.FromString(data)
+            command = pb.Payload.FromString(payload)
         except Exception:  # protobuf raises DecodeError (and others) on bytes that are not a payload
             self._refuse(topic, "not a Sparkplug B payload")
-            return
+            return Reaction()
+        reaction = Reaction()
         for m in command.metrics:
-            if m.name == metrics.REBIRTH and m.boolean_value:
+            if m.name == metrics.REBIRTH and m.boolean_value and topic == self.topics.node_topic("NCMD"):
+                if not self.host_online:
+                    continue  # born when the primary host is back
                 log.info("rebirth requested on %s: sending NBIRTH and every DBIRTH", topic,
                          extra=fields(event="sparkplug_rebirth"))
-                self._births(client)
+                reaction.packets = self._births()
             else:
                 self._refuse(topic, f"a write to {m.name or f'alias {m.alias}'}")
+        return reaction
+
+    def _host_state(self, data: bytes) -> Reaction:
+        """The primary host's STATE ({"online": true|false, "timestamp": ms}): births and data only while online."""
+        try:
+            state = json.loads(data)
+            online, stamp = state.get("online") is True, int(state.get("timestamp") or 0)
+        except (ValueError, AttributeError, TypeError):
+            self._refuse(metrics.Topics.state(self.host or ""), "a STATE that is not {\"online\": ..., ...} JSON")
+            return Reaction()
+        if stamp < self.host_ts:  # tck-id-message-flow-edge-node-birth-publish-phid-wait-timestamp
+            return Reaction()
+        self.host_ts = stamp
+        if online == self.host_online:
+            return Reaction()
+        self.host_online = online
+        if not online:  # tck-id-operational-behavior-edge-node-termination-host-offline: NDEATH, disconnect
+            log.warning("primary host %s is offline: ending the session, storing until it is back", self.host,
+                        extra=fields(event="sparkplug_host_offline"))
+            farewell = self.farewell() if self.born_at is not None else None
+            return Reaction([farewell] if farewell else [], reconnect=True)
+        log.info("primary host %s is online: birth, then the stored messages, those older than it as history",
+                 self.host, extra=fields(event="sparkplug_host_online"))
+        return Reaction(resend=True)  # the uplink asks for the births, then sends from the oldest row
 
     def _refuse(self, topic: str, what: str) -> None:
         key = f"{topic}: {what}"
@@ -193,84 +287,40 @@ class SparkplugUplink(Uplink):
             log.warning("refused %s on %s: the gateway is read-only towards its devices", what, topic,
                         extra=fields(event="sparkplug_refused"))
 
-    # -- data ------------------------------------------------------------------------------------
-    def _send(self, client: mqtt.Client, batch: list[Message]) -> None:
-        if not self.host_online:
-            return  # the rows stay in the outbox until the primary host is back
-        sent: list[tuple[int, int]] = []
-        for msg in batch:
-            for topic, payload in self._translate(client, msg, historical=msg.created < self.live_since):
-                client.publish(topic, payload, qos=0)
-            sent.append((msg.seq, msg.size))
-            self.store.hold(msg.seq)
-            self._cursor = msg.seq
-            self.stats.published += 1
-        if sent:  # its PUBACK means the broker has every packet sent before it on this connection
-            info = client.publish(f"edge-gateway/{self.topics.group}/{self.topics.node}/delivered",
-                                  str(sent[-1][0]).encode(), qos=1)
-            if info.rc == mqtt.MQTT_ERR_SUCCESS:
-                self._batches[info.mid] = sent
-                self._inflight[info.mid] = (sent[-1][0], 0)
 
-    def _on_publish(self, client: mqtt.Client, mid: int, reason: Any, properties: Any) -> None:
-        batch = self._batches.pop(mid, None) if client is self._client else None
-        if batch is None:
-            super()._on_publish(client, mid, reason, properties)
-            return
-        self._inflight.pop(mid, None)
-        for seq, size in batch:
-            self.store.ack(seq, size)
-            self.stats.acked += 1
-            self._acks.append(time.monotonic())
-        self.stats.last_ack = time.time()
-        self._wake.set()
-
-    def _forget_inflight(self) -> None:
-        self._batches.clear()
-        super()._forget_inflight()
-
-    def _translate(self, client: mqtt.Client, msg: Message, historical: bool = False) -> list[tuple[str, bytes]]:
-        """One outbox row as Sparkplug messages (none for what has no metric)."""
-        parts = msg.topic[len(self.root) + 1:].split("/") if msg.topic.startswith(self.root + "/") else []
-        if len(parts) != 2 or parts[0] not in self.metrics.devices:
-            return []
-        device, kind = parts
-        doc = json.loads(msg.payload)
-        known = self.metrics.devices[device]
-        ts = _ms(_time(doc["ts"]))
-        values: dict[str, Any] = {}
-        if kind == "telemetry":
-            bad = doc.get("quality", {})
-            if bad and all(tag in bad for tag in doc["values"]):  # the device cannot be read
-                if device in self.dead:
-                    return []
-                self.dead.add(device)
-                return [(self.topics.device_topic("DDEATH", device), metrics.payload(ts, self._next_seq(), []))]
-            values = dict(doc["values"])
-            if "score" in doc:
-                values["anomaly/score"] = doc["score"]
-        elif kind == "counters":
-            for name, c in doc["counters"].items():
-                values[f"counters/{name}/total"], values[f"counters/{name}/shift"] = c["total"], c["shift"]
-        elif kind == "anomaly":
-            values["anomaly/active"] = doc["event"] == "start"
-        told = self.told[device]
-        changed = [(known[name], v) for name, v in values.items() if name in known and (name not in told or told[name] != v)]
-        self.last[device].update(values)
-        told.update(values)
-        if device in self.dead:  # a good reading: born again, with these values; nothing else while dead
-            if kind != "telemetry":
-                return []
-            self.dead.discard(device)
-            return [self._dbirth(device, ts)]
-        if not changed:
-            return []
-        return [(self.topics.device_topic("DDATA", device),
-                 metrics.payload(ts, self._next_seq(), changed, historical=historical))]
-
-
-def _time(text: str) -> float:
-    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+def _values(kind: str, body: Mapping[str, Any], ts_ms: int) -> dict[str, Any]:
+    """The device metrics a stored message sets (names as `metrics.device_metrics` declares them)."""
+    values: dict[str, Any] = {}
+    if kind == "telemetry":
+        values.update(body["values"])
+        if "score" in body:
+            values["Anomaly/Score"] = body["score"]
+    elif kind == "counters":
+        for name, c in body["counters"].items():
+            values[f"counters/{name}/total"], values[f"counters/{name}/shift"] = c["total"], c["shift"]
+    elif kind == "anomaly":
+        values["Anomaly/Active"], values["Anomaly/Score"] = body["event"] == "start", body["score"]
+    elif kind == "state":
+        reason = body.get("reason") or {}
+        values.update({"State": body["state"], "State/Reason Code": reason.get("code"),
+                       "State/Reason": reason.get("text")})
+    elif kind == "alarm":
+        prefix = f"Alarms/{body['name']}"
+        values.update({f"{prefix}/Active": body["event"] == "start", f"{prefix}/Value": body["value"],
+                       f"{prefix}/Limit": body["limit"]})
+    elif kind == "oee":
+        values.update({"OEE/Availability": body.get("availability"), "OEE/Performance": body.get("performance"),
+                       "OEE/Quality": body.get("quality_rate"), "OEE/OEE": body.get("oee")})
+    elif kind == "shift":
+        values.update({"Shift/Last/ID": body["shift_id"], "Shift/Last/Name": body["shift"],
+                       "Shift/Last/Start": ts_ms - round(body["length_s"] * 1000), "Shift/Last/End": ts_ms,
+                       "Shift/Last/Partial": body["partial"], "Shift/Last/Total": body.get("total"),
+                       "Shift/Last/Good": body.get("good"), "Shift/Last/Defect": body.get("defect"),
+                       "Shift/Last/Quality": body.get("quality_rate"),
+                       "Shift/Last/Availability": body.get("availability"),
+                       "Shift/Last/Performance": body.get("performance"), "Shift/Last/OEE": body.get("oee"),
+                       "Shift/Last/Anomaly Minutes": body.get("anomaly_minutes")})
+    return values
 
 
 def _ms(ts: float) -> int:
