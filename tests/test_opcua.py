@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 
 import pytest
 from conftest import ENV, ROOT, gateway_config, spawn, wait_until
@@ -324,7 +325,8 @@ def test_the_subscribe_sample_time_is_the_newest_source_timestamp():
 
     from gateway.sources.opcua import OpcUaSource
 
-    t0 = dt.datetime(2026, 1, 2, 3, 4, 5, 250000, tzinfo=dt.timezone.utc)
+    # a counter that changed 1 s ago (b) and one that changes while we watch (a, stamped 4 s ahead)
+    t0 = dt.datetime.fromtimestamp(round(time.time()) - 4, dt.timezone.utc)
 
     async def body(server, variables, port):
         a, b = variables
@@ -334,7 +336,7 @@ def test_the_subscribe_sample_time_is_the_newest_source_timestamp():
                                                 '      - {name: b, node: "ns=2;s=T.b"}\n'))
         try:
             first = await source.read()
-            await a.write_value(ua.DataValue(ua.Variant(9, ua.VariantType.UInt32), SourceTimestamp=t0 + dt.timedelta(seconds=5)))
+            await a.write_value(ua.DataValue(ua.Variant(9, ua.VariantType.UInt32), SourceTimestamp=t0 + dt.timedelta(seconds=8)))
             for _ in range(100):
                 await asyncio.sleep(0.05)
                 second = await source.read()
@@ -345,7 +347,42 @@ def test_the_subscribe_sample_time_is_the_newest_source_timestamp():
             await source.aclose()
     first, second = with_server(body)
     assert (first.values, first.ts) == ({"a": 7, "b": 8}, t0.timestamp() + 3)
-    assert (second.values, second.ts) == ({"a": 9, "b": 8}, t0.timestamp() + 5)
+    assert (second.values, second.ts) == ({"a": 9, "b": 8}, t0.timestamp() + 8)
+
+
+@pytest.mark.parametrize("mode", ["subscribe", "poll"])
+def test_while_nothing_changes_the_sample_time_moves_on_and_an_old_source_timestamp_is_not_taken(mode):
+    """A value unchanged since last week is current now: samples are stamped with the server's time of
+    the read and advance, so publish intervals, max_silence and shifts go on while a machine stands still."""
+    import asyncio
+    import datetime as dt
+
+    from asyncua import ua
+
+    from gateway.sources.opcua import OpcUaSource
+
+    last_week = dt.datetime.fromtimestamp(time.time() - 7 * 86400, dt.timezone.utc)
+
+    async def body(server, variables, port):
+        for v in variables:
+            await v.write_value(ua.DataValue(ua.Variant(3, ua.VariantType.UInt32), SourceTimestamp=last_week))
+        source = OpcUaSource(opcua_device(port, '      - {name: a, node: "ns=2;s=T.a"}\n'
+                                                '      - {name: b, node: "ns=2;s=T.b"}\n', mode=mode))
+        try:
+            samples = []
+            for _ in range(4):
+                samples.append(await source.read())
+                await asyncio.sleep(0.3)
+            return samples
+        finally:
+            await source.aclose()
+    before = time.time()
+    samples = with_server(body)
+    assert all(s.values == {"a": 3, "b": 3} for s in samples)
+    times = [s.ts for s in samples]
+    assert times[0] >= before - 5, "a week-old SourceTimestamp is not the time of a value read now"
+    assert times[-1] <= time.time()
+    assert all(b > a for a, b in zip(times, times[1:])), times
 
 
 def test_an_unknown_server_certificate_is_refused_until_trusted_and_a_pinned_one_works(tmp_path, capsys, caplog):

@@ -5,15 +5,17 @@ at connect; `tag_type`): integers as exact ints (Int64/UInt64 too), a Boolean as
 the 7 significant digits a float32 holds, a Double as it is; a bad StatusCode as that tag's
 quality `error`.
 
-- `mode: poll` reads every node of the device in one Read request per interval; the sample
-  time is the newest SourceTimestamp the server gave (else the time of the read).
+- `mode: poll` reads every node of the device in one Read request per interval.
 - `mode: subscribe` (the default) asks for a subscription publishing every `interval`
   (keep-alive at least every 3) and still makes one Sample per interval, from the last values
-  received; its time is, as in poll mode, the newest SourceTimestamp among them (an unchanged
-  value is current while the subscription lives). Values are kept by the parsed NodeId, so
+  received (an unchanged value is current while the subscription lives). Values are kept by the parsed NodeId, so
   `ns=0;i=2259` and asyncua's canonical `i=2259` are one node. Quiet for 3 intervals, the values
   are `stale`; for 5 (at least 2 timeouts), not even a keep-alive, the subscription has stalled
   and the session is dropped and made again.
+- A sample's time (`_time_of`), in both modes: the newest SourceTimestamp when a value changed
+  since the last sample, so a counter at `ts` is the server's count at `ts`; while nothing
+  changes (or the newest is older than a few intervals), the time of the read, so the
+  sample clock moves on while a machine stands still. Never backwards.
 
 Server certificates (with `security:`): one pinned by `server_cert_file` is the only one
 accepted; else the trust store decides (`opcua_trust`: `<pki_dir>/trusted/`), and an unknown
@@ -67,6 +69,8 @@ class OpcUaSource(PolledSource):
         self._latest: dict[Any, Any] = {}  # ua.NodeId -> its last DataValue, in subscribe mode
         self._ids: list[Any] = []  # the parsed ua.NodeId of each configured node, in order
         self._types: dict[str, tagtypes.TagType] = {}  # tag -> its type, from its node's DataType
+        self._newest_seen: float | None = None  # the newest SourceTimestamp of any sample so far
+        self._last_ts: float | None = None  # the time of the last sample
 
     @property
     def learned_types(self) -> Mapping[str, tagtypes.TagType]:
@@ -191,14 +195,30 @@ class OpcUaSource(PolledSource):
                 continue
             values[node.name], quality[node.name] = value, OK
             if dv.SourceTimestamp is not None:
-                stamp = dv.SourceTimestamp  # asyncua gives UTC, with or without tzinfo
-                ts = (stamp if stamp.tzinfo else stamp.replace(tzinfo=dt.timezone.utc)).timestamp()
+                ts = _utc(dv.SourceTimestamp)
                 newest = ts if newest is None else max(newest, ts)
             if stale:  # the subscription has gone quiet: the last values, not current ones
                 quality[node.name] = STALE
         if problems and len(problems) == len(device.nodes):
             raise SourceError(f"{device.endpoint}: " + "; ".join(problems))
-        return Sample(device.name, newest or time.time(), values, quality, "; ".join(problems) or None)
+        return Sample(device.name, self._time_of(newest), values, quality, "; ".join(problems) or None)
+
+    def _time_of(self, newest: float | None) -> float:
+        """A sample's time. When a value changed since the last sample, the newest SourceTimestamp: the
+        values are known as of then (a counter at `ts` is the server's count at `ts`). When none did, or
+        the newest is older than a few intervals (a value unchanged since the weekend), the time of
+        this read (keep the server's clock and ours on NTP): the values still stand then, and the sample clock (publish interval,
+        max_silence, shifts) moves on while a machine stands still. Never before the last sample."""
+        now = time.time()
+        changed = newest is not None and (self._newest_seen is None or newest > self._newest_seen)
+        if newest is not None:
+            self._newest_seen = newest if self._newest_seen is None else max(self._newest_seen, newest)
+        recent = newest is not None and now - newest <= max(3 * self.device.interval, 5.0)
+        ts = newest if changed and recent and newest is not None else now
+        if self._last_ts is not None:
+            ts = max(ts, self._last_ts)
+        self._last_ts = ts
+        return ts
 
     async def aclose(self) -> None:
         client, self._client = self._client, None
@@ -309,6 +329,11 @@ def _read_all(device: OpcUaDevice, attribute: int | None = None) -> Any:
         rv.AttributeId = ua.AttributeIds.Value if attribute is None else attribute  # type: ignore[attr-defined]
         params.NodesToRead.append(rv)
     return params
+
+
+def _utc(stamp: Any) -> float:
+    """UNIX time of an OPC UA DateTime (asyncua gives UTC, with or without tzinfo)."""
+    return float((stamp if stamp.tzinfo else stamp.replace(tzinfo=dt.timezone.utc)).timestamp())
 
 
 async def _close(client: Any) -> None:
