@@ -87,6 +87,12 @@ def _parser() -> argparse.ArgumentParser:
     from gateway import broker
     broker.add_arguments(sub.add_parser("broker", help="run the local MQTT broker for plant sensors (amqtt)"),
                          sub.add_parser("broker-user", help="add, change or remove a local broker user"))
+    web_user = sub.add_parser("web-user", help="add, change or remove a user of the web page (web.users_file)")
+    web_user.add_argument("name")
+    web_user.add_argument("--users", default="/etc/edge-gateway/web-users",
+                          help="the web page's users file (default %(default)s)")
+    web_user.add_argument("--generate", metavar="FILE", help="make up a password and write it to FILE (0640)")
+    web_user.add_argument("--delete", action="store_true", help="remove the user")
     from gateway import modelcli
     modelcli.add_arguments(sub)
     demo = sub.add_parser("demo", help="everything on this machine: simulated plant, broker, gateway, live view")
@@ -97,8 +103,8 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Commands that need the [broker] extra (amqtt, and pwdlib for its password hashes).
-EXTRAS = {"broker": ("amqtt",), "broker-user": ("pwdlib",), "demo": ("amqtt",)}
+# Commands that need an extra: [broker] (amqtt, and pwdlib for its password hashes), [web] (the same hashes).
+EXTRAS = {"broker": ("amqtt",), "broker-user": ("pwdlib",), "demo": ("amqtt",), "web-user": ("pwdlib", "argon2")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,11 +124,13 @@ def main(argv: list[str] | None = None) -> int:
     needs = EXTRAS.get(args.command)
     if needs is not None and (absent := missing(*needs)):
         print(f"edge-gateway {args.command} needs {', '.join(absent)}, which is not installed: "
-              f"pip install 'edge-gateway[broker]' (install.sh --with-local-broker installs it)", file=sys.stderr)
+              + ("pip install 'edge-gateway[web]' (install.sh --with-web installs it)" if args.command == "web-user"
+                 else "pip install 'edge-gateway[broker]' (install.sh --with-local-broker installs it)"),
+              file=sys.stderr)
         return EX_UNAVAILABLE
-    if args.command in ("broker", "broker-user"):
+    if args.command in ("broker", "broker-user", "web-user"):
         from gateway import broker
-        if args.command == "broker-user":
+        if args.command in ("broker-user", "web-user"):  # the same name:argon2-hash file format
             return broker.user_command(args)
         logs.setup("info")
         return broker.serve_file(args.config)
