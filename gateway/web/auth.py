@@ -37,7 +37,6 @@ MAX_CLIENTS = 4096  # failing clients remembered (the oldest are forgotten first
 @dataclass
 class Failing:
     times: deque[float] = field(default_factory=deque)
-    logged: float = 0.0
     count: int = 0
 
 
@@ -51,6 +50,7 @@ class Users:
         self._key = secrets.token_bytes(32)
         self._passed: OrderedDict[bytes, tuple[str, float]] = OrderedDict()
         self._failing: OrderedDict[str, Failing] = OrderedDict()
+        self._logged: OrderedDict[str, float] = OrderedDict()  # client -> when its failures were last logged
         self._one_at_a_time = asyncio.Semaphore(1)
         self._hasher: object | None = None
 
@@ -72,6 +72,14 @@ class Users:
                     hashes[name] = hashed
         self._hashes, self._mtime = hashes, mtime
         self._passed.clear()
+
+    def known(self, header: str | None) -> str | None:
+        """The user, when `header` passed recently: taken without a hash check, even from a blocked client."""
+        if header is None:
+            return None
+        key = hmac.new(self._key, header.encode("utf-8", "surrogateescape"), hashlib.sha256).digest()
+        known = self._passed.get(key)
+        return known[0] if known is not None and time.monotonic() - known[1] < REMEMBER else None
 
     def blocked(self, client: str, now: float | None = None) -> float:
         """Seconds until `client` may try again (0: it may)."""
@@ -127,11 +135,15 @@ class Users:
             self._failing.popitem(last=False)
         f.times.append(now)
         f.count += 1
-        if not f.logged or now - f.logged >= 10 * WINDOW:
+        logged = self._logged.get(client)
+        if logged is None or now - logged >= 10 * WINDOW:
+            self._logged.pop(client, None)
+            self._logged[client] = now
+            while len(self._logged) > MAX_CLIENTS:
+                self._logged.popitem(last=False)
             log.warning("web: failed login%s from %s (%d so far); further failures from it are not logged for %.0f "
                         "minutes, and after %d in %.0fs it must wait", f" as {name!r}" if name else "", client,
                         f.count, 10 * WINDOW / 60, MAX_FAILURES, WINDOW, extra=fields(None, "web_login_failed"))
-            f.logged = now
 
 
 def _decode(header: str) -> tuple[str | None, str | None]:

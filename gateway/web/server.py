@@ -27,6 +27,8 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestHandler
 
 from gateway.config import WebSection
 from gateway.config.schema import loopback
@@ -110,11 +112,12 @@ class Site:
         try:
             if self.users is not None:
                 client = request.remote or "?"
-                wait = self.users.blocked(client)
+                header = request.headers.get("Authorization")
+                wait = 0.0 if self.users.known(header) else self.users.blocked(client)
                 if wait > 0:
                     resp: web.StreamResponse = _error(429, f"too many failed logins; try again in {math.ceil(wait)}s")
                     resp.headers["Retry-After"] = str(math.ceil(wait))
-                elif await self.users.check(request.headers.get("Authorization"), client) is None:
+                elif await self.users.check(header, client) is None:
                     resp = _error(401, "login required")
                     resp.headers["WWW-Authenticate"] = 'Basic realm="edge-gateway", charset="UTF-8"'
                 else:
@@ -155,7 +158,7 @@ class Site:
         return body
 
     async def status(self, request: web.Request) -> web.StreamResponse:
-        body = self._cached("status", lambda: json.dumps(view.status(self.gw), separators=(",", ":")).encode())
+        body = self._cached("status", lambda: json.dumps(view.status(self.gw, self.rec), separators=(",", ":")).encode())
         return web.Response(body=body, content_type="application/json")
 
     async def devices(self, request: web.Request) -> web.StreamResponse:
@@ -287,6 +290,28 @@ class _Busy(asyncio.Protocol):
         transport.close()
 
 
+class _Handler(RequestHandler):
+    """aiohttp's connection handler, whose answer to a request it cannot parse (a header or path over the
+    limits, garbage) is a short JSON 400 with the security headers, logged in one line without a traceback,
+    and never echoes what was sent."""
+
+    def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        if not isinstance(exc, HttpProcessingError) or status >= 500:
+            return super().handle_error(request, status, exc, message)
+        log.debug("web: refused a malformed request from %s (%s)", request.remote, type(exc).__name__)
+        if request.writer.output_size > 0:
+            raise ConnectionError("a response was already sent")
+        resp = _error(status, "malformed or oversized request (a line or header over 8 KiB?)")
+        resp.headers.update(HEADERS)
+        resp.force_close()
+        return resp
+
+
+HANDLER_ARGS: dict[str, Any] = {"access_log": None, "keepalive_timeout": IDLE_LIMIT, "max_line_size": 8190, "max_field_size": 8190,
+                                "max_headers": 64}
+
+
 def tls_context(cfg: WebSection) -> ssl.SSLContext | None:
     if cfg.tls is None:
         return None
@@ -299,8 +324,7 @@ def tls_context(cfg: WebSection) -> ssl.SSLContext | None:
 async def serve(gw: Gateway, cfg: WebSection) -> None:
     """Serve until cancelled; a port that cannot be had is retried every 5 s, never fatal to the plant."""
     site = Site(gw, cfg)
-    runner = web.AppRunner(site.app(), access_log=None, keepalive_timeout=IDLE_LIMIT, max_line_size=8190,
-                           max_field_size=8190, max_headers=64)
+    runner = web.AppRunner(site.app(), **HANDLER_ARGS)
     await runner.setup()
     handler = runner.server
     assert handler is not None
@@ -308,7 +332,9 @@ async def serve(gw: Gateway, cfg: WebSection) -> None:
     loop = asyncio.get_running_loop()
 
     def protocol() -> asyncio.BaseProtocol:
-        return _Busy() if len(handler.connections) >= MAX_CONNECTIONS else handler()
+        if len(handler.connections) >= MAX_CONNECTIONS:
+            return _Busy()
+        return _Handler(handler, loop=loop, **HANDLER_ARGS)
 
     server = None
     failed = None
@@ -316,7 +342,7 @@ async def serve(gw: Gateway, cfg: WebSection) -> None:
     try:
         while server is None:
             try:
-                server = await loop.create_server(protocol, host, port, ssl=tls_context(cfg), backlog=128,
+                server = await loop.create_server(protocol, host, port, ssl=tls_context(cfg), backlog=1024,
                                                   reuse_address=True)
             except (OSError, ssl.SSLError) as err:
                 if str(err) != failed:

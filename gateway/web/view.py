@@ -76,6 +76,7 @@ class Recorder:
         self.gw = gateway
         self.tracks: dict[str, AnomalyTrack] = {}
         self.latency = Histogram()
+        self.recent: deque[float] = deque(maxlen=1000)  # the newest inference latencies (µs), for `status`
         self.events_total: dict[str, int] = {}
         self.snapshot = b"{}"
         self.ticks = 0
@@ -115,7 +116,9 @@ class Recorder:
         lst = r.scoring.scorer.state.latency_us
         ident, seen = self._seen.get(r.name, (0, 0))
         start = seen if id(lst) == ident and seen <= len(lst) else 0
-        self.latency.observe(lst[start:])
+        new = lst[start:]
+        self.latency.observe(new)
+        self.recent.extend(new)
         self._seen[r.name] = (id(lst), len(lst))
 
     def anomaly(self, name: str, now: float | None = None) -> dict[str, Any] | None:
@@ -145,12 +148,16 @@ def runner_of(gw: Gateway, name: str) -> DeviceRunner | None:
 
 
 # -- the API's documents ---------------------------------------------------------------------
-def status(gw: Gateway, now: float | None = None) -> dict[str, Any]:
+def status(gw: Gateway, rec: Recorder, now: float | None = None) -> dict[str, Any]:
     """What `edge-gateway status --json` prints, from memory (the health loop's latencies are not taken)."""
     now = time.time() if now is None else now
     report = health.report(gw.config.gateway.id, gw.started, gw.outbox, gw.uplink, [], now=now, history=gw.history)
     report["devices"] = {r.name: r.health_report() for r in gw.devices}
     report["counters"] = {r.name: counters(r) for r in gw.devices}
+    if rec.recent:  # as health.report says it, over the newest windows rather than the last health interval
+        lat = sorted(rec.recent)
+        report["inference_us"] = {"windows": len(lat), "mean": round(sum(lat) / len(lat), 1),
+                                  "p95": round(lat[int(0.95 * (len(lat) - 1))], 1), "max": round(lat[-1], 1)}
     report["running"] = True
     report["age_s"] = 0.0
     return report
@@ -194,7 +201,7 @@ def devices(gw: Gateway) -> list[dict[str, Any]]:
 def live(gw: Gateway, rec: Recorder) -> dict[str, Any]:
     """The live page's snapshot: every device, the gateway's health, each scored device's newest point."""
     now = time.time()
-    st = status(gw, now)
+    st = status(gw, rec, now)
     points = {}
     for name, track in rec.tracks.items():
         if track.points:
