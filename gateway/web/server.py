@@ -19,6 +19,8 @@ import asyncio
 import json
 import logging
 import math
+import os
+import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -47,6 +49,11 @@ IDLE_LIMIT = 15.0  # seconds an idle keep-alive connection is kept
 WRITE_LIMIT = 10.0  # seconds a live stream may take to take one update
 MAX_ROWS = 1000  # history rows per page
 CACHE_S = 0.5
+# asyncio accepts up to `backlog` connections in one go, before the loop runs anything else: a small batch
+# keeps a flood of connections from holding the device loops up; the rest wait in the kernel's queue,
+# which is made longer (QUEUE) so that a burst waits there rather than in SYN retries of seconds.
+BACKLOG = 32
+QUEUE = 4096
 TICK_S = 1.0
 STATIC = {"app.js": "text/javascript", "app.css": "text/css", "uplot.min.js": "text/javascript",
           "uplot.min.css": "text/css", "uplot.LICENSE": "text/plain"}
@@ -321,6 +328,16 @@ def tls_context(cfg: WebSection) -> ssl.SSLContext | None:
     return ctx
 
 
+def _lengthen_queue(server: asyncio.AbstractServer) -> None:
+    """listen(QUEUE) on the server's sockets, keeping asyncio's small accept batch (BACKLOG)."""
+    for ts in getattr(server, "sockets", ()):
+        sock = socket.socket(fileno=os.dup(ts.fileno()))  # the same listening socket, through a second fd
+        try:
+            sock.listen(QUEUE)
+        finally:
+            sock.close()
+
+
 async def serve(gw: Gateway, cfg: WebSection) -> None:
     """Serve until cancelled; a port that cannot be had is retried every 5 s, never fatal to the plant."""
     site = Site(gw, cfg)
@@ -342,13 +359,14 @@ async def serve(gw: Gateway, cfg: WebSection) -> None:
     try:
         while server is None:
             try:
-                server = await loop.create_server(protocol, host, port, ssl=tls_context(cfg), backlog=1024,
+                server = await loop.create_server(protocol, host, port, ssl=tls_context(cfg), backlog=BACKLOG,
                                                   reuse_address=True)
             except (OSError, ssl.SSLError) as err:
                 if str(err) != failed:
                     log.error("web: cannot serve on %s: %s; retrying every 5s", cfg.listen, err)
                     failed = str(err)
                 await asyncio.sleep(5)
+        _lengthen_queue(server)
         scheme = "https" if cfg.tls else "http"
         log.info("web: status page on %s://%s/ (%s)", scheme, cfg.listen,
                  "login required" if cfg.users_file else "no login: loopback only")
