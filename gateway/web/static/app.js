@@ -134,7 +134,7 @@
       cursor: {show: true, drag: {x: false, y: false}},
       scales: {x: {time: true}, y: {range: (u, min, max) => [0, Math.max(threshold * 1.5, max || 0) * 1.05]}},
       series: [{}, {label: "score", stroke: "#1f6feb", width: 1.5, spanGaps: false},
-               {label: "threshold", stroke: "#b42318", dash: [6, 4], width: 1}],
+               {label: "threshold", stroke: "#b42318", dash: [6, 4], width: 1, points: {show: false}}],
       axes: [{}, {size: 44}],
       hooks: {drawClear: [shade]},
     };
