@@ -312,3 +312,28 @@ def test_ten_thousand_requests_and_a_stalled_client_do_not_slow_the_devices(tmp_
         silent.close()
     assert "Traceback" not in proc.logs()
     assert proc.stop() == 0
+
+
+@pytest.mark.parametrize("web", [False, True])
+def test_aiohttp_and_prometheus_client_are_imported_only_with_a_web_section(tmp_path, mosquitto, gateway, web):
+    from conftest import spawn
+
+    report = tmp_path / "modules.json"
+    port = free_port()
+    extra = f'web: {{listen: "127.0.0.1:{port}"}}' if web else ""
+    devices = "\n  - {name: pump1, source: sim, profile: pump, seed: 1, interval: 100ms}"
+    gw = gateway(gateway_config(tmp_path / "data", mosquitto.port, devices, extra=extra))
+    gw.proc = spawn(
+        [sys.executable, "-c", "import atexit, json, runpy, sys\n"
+         f"atexit.register(lambda: json.dump(sorted(sys.modules), open({str(report)!r}, 'w')))\n"
+         f"sys.argv = ['edge-gateway', 'run', '-c', {str(gw.config)!r}]\n"
+         "try:\n    runpy.run_module('gateway', run_name='__main__')\nexcept SystemExit:\n    pass\n"],
+        gw.log, cwd=ROOT, env=ENV)
+    wait_until(lambda: "first sample read" in gw.logs(), 30, what="the device to be read")
+    if web:
+        wait_until(lambda: "web: status page on" in gw.logs(), 10, what="the page to be served")
+    assert gw.stop() == 0
+    modules = {m.split(".")[0] for m in json.loads(report.read_text())}
+    web_modules = {"aiohttp", "prometheus_client"} & modules
+    assert web_modules == ({"aiohttp", "prometheus_client"} if web else set()), web_modules
+    assert ("gateway.web" in json.loads(report.read_text())) is web
