@@ -278,7 +278,9 @@ async def _hammer(port: int, count: int, limit_s: float) -> dict[str, int]:
 
 
 def test_ten_thousand_requests_and_a_stalled_client_do_not_slow_the_devices(tmp_path, mosquitto, gateway):
-    # Four devices at 4 Hz (the figure is 1 Hz): a loop held up for a quarter of a second skips a tick.
+    # Four devices at 4 Hz (devices run at 1 Hz by default): a loop held up for a quarter of a second skips a
+    # tick. (At 10 Hz one tick in ~40 s of this flood was seen skipped here, on a 2-core machine shared with
+    # the client: asyncio runs every ready connection's callback in one pass.)
     devices = "".join(f"\n  - {{name: pump{i}, source: sim, profile: pump, seed: {i}, interval: 250ms}}" for i in range(4))
     proc, base = start_daemon(tmp_path, mosquitto, gateway, devices=devices)
     port = int(base.rsplit(":", 1)[1])
@@ -300,12 +302,14 @@ def test_ten_thousand_requests_and_a_stalled_client_do_not_slow_the_devices(tmp_
         served = outcomes.get("HTTP/1.1 200", 0)
         busy = outcomes.get("HTTP/1.1 503", 0)
         assert served + busy + sum(v for k, v in outcomes.items() if "Error" in k) == 10_000, outcomes
-        assert served >= 200, outcomes  # beyond MAX_CONNECTIONS at once, 503 (shedding load); serving nothing is not
+        # Beyond 256 served at once the rest wait their turn (503 only past 10,000 waiting or 10 s of waiting).
+        assert served >= 9000, outcomes
         status, doc = get_json(base + "/api/v1/status")
         assert status == 200
         skipped = {name: d["skipped_ticks"] for name, d in doc["devices"].items()}
         assert skipped == dict.fromkeys(skipped, 0), skipped
         growth = _rss(pid) - rss_before
+        print(f"RSS grew by {growth / 1024**2:.1f} MiB")
         assert growth < 80 * 1024**2, f"RSS grew by {growth / 1024**2:.0f} MiB under load"
     finally:
         stalled.close()

@@ -4,7 +4,8 @@ Read-only: only GET (and HEAD) routes exist; nothing here changes the gateway or
 It must never slow the device loops, so every answer is cheap and bounded:
 - `Recorder.tick` (once a second) builds the live snapshot once; every watcher of the page
   gets the same bytes, and a watcher that stops reading is dropped after `WRITE_LIMIT`;
-- at most `MAX_CONNECTIONS` connections are served, more are answered 503 at once; at most
+- at most `MAX_CONNECTIONS` connections are served at once; up to `MAX_WAITING` more wait (not
+  read) for a free slot for at most `WAIT_LIMIT`, beyond that 503 at once (`Gate`); at most
   `MAX_STREAMS` live streams; an idle connection is closed after `IDLE_LIMIT`;
 - a request line or header over 8 KiB is refused (400) by aiohttp's parser before any
   handler runs; a history page has at most `MAX_ROWS` rows;
@@ -20,9 +21,11 @@ import json
 import logging
 import math
 import os
+import resource
 import socket
 import ssl
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from importlib import resources
@@ -44,6 +47,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("edge_gateway.web")
 
 MAX_CONNECTIONS = 256
+MAX_WAITING = 10_000  # each holds a file descriptor: `serve` raises the soft limit to the hard one
+WAIT_LIMIT = 10.0  # seconds a connection may wait for a free slot
 MAX_STREAMS = 32
 IDLE_LIMIT = 15.0  # seconds an idle keep-alive connection is kept
 WRITE_LIMIT = 10.0  # seconds a live stream may take to take one update
@@ -289,7 +294,7 @@ BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n
 
 
 class _Busy(asyncio.Protocol):
-    """A connection beyond MAX_CONNECTIONS: 503 and closed, before anything is read."""
+    """A connection beyond MAX_CONNECTIONS + MAX_WAITING: 503 and closed, before anything is read."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.WriteTransport)
@@ -300,7 +305,14 @@ class _Busy(asyncio.Protocol):
 class _Handler(RequestHandler):
     """aiohttp's connection handler, whose answer to a request it cannot parse (a header or path over the
     limits, garbage) is a short JSON 400 with the security headers, logged in one line without a traceback,
-    and never echoes what was sent."""
+    and never echoes what was sent. Its slot goes to the next waiting connection when it closes."""
+
+    gate: Gate | None = None
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        super().connection_lost(exc)
+        if self.gate is not None:
+            self.gate.release()
 
     def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
@@ -319,6 +331,69 @@ HANDLER_ARGS: dict[str, Any] = {"access_log": None, "keepalive_timeout": IDLE_LI
                                 "max_headers": 64}
 
 
+class _Waiting(asyncio.Protocol):
+    """A connection waiting for a slot, not read meanwhile; closed after WAIT_LIMIT."""
+
+    def __init__(self, gate: Gate) -> None:
+        self.gate = gate
+        self.transport: asyncio.Transport | None = None
+        self.timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        transport.pause_reading()
+        self.transport = transport
+        self.timer = asyncio.get_running_loop().call_later(WAIT_LIMIT, self._expire)
+        self.gate.waiting.append(self)
+        asyncio.get_running_loop().call_soon(self.gate.release)  # a slot may have freed meanwhile
+
+    def _expire(self) -> None:
+        if self.transport is not None:
+            self.transport.write(BUSY)
+            self.transport.close()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.transport = None
+        if self.timer is not None:
+            self.timer.cancel()
+
+
+class Gate:
+    """At most MAX_CONNECTIONS connections in aiohttp's hands; then up to MAX_WAITING wait; then 503."""
+
+    def __init__(self, server: web.Server, loop: asyncio.AbstractEventLoop) -> None:
+        self.server = server
+        self.loop = loop
+        self.waiting: deque[_Waiting] = deque()
+
+    def __call__(self) -> asyncio.BaseProtocol:
+        if len(self.server.connections) < MAX_CONNECTIONS and not self.waiting:
+            return self._handler()
+        if len(self.waiting) < MAX_WAITING:
+            return _Waiting(self)
+        return _Busy()
+
+    def _handler(self) -> _Handler:
+        handler = _Handler(self.server, loop=self.loop, **HANDLER_ARGS)
+        handler.gate = self
+        return handler
+
+    def release(self) -> None:
+        """A slot is free: hand it to the oldest connection still waiting."""
+        while self.waiting and len(self.server.connections) < MAX_CONNECTIONS:
+            wait = self.waiting.popleft()
+            transport = wait.transport
+            if transport is None or transport.is_closing():
+                continue
+            if wait.timer is not None:
+                wait.timer.cancel()
+            wait.transport = None
+            handler = self._handler()
+            transport.set_protocol(handler)
+            handler.connection_made(transport)
+            transport.resume_reading()
+
+
 def tls_context(cfg: WebSection) -> ssl.SSLContext | None:
     if cfg.tls is None:
         return None
@@ -326,6 +401,14 @@ def tls_context(cfg: WebSection) -> ssl.SSLContext | None:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(cfg.tls.cert_file, cfg.tls.key_file)
     return ctx
+
+
+def _more_files(wanted: int) -> None:
+    """Raise the soft limit of open files towards `wanted` (within the hard limit), for waiting connections."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
 def _lengthen_queue(server: asyncio.AbstractServer) -> None:
@@ -340,6 +423,7 @@ def _lengthen_queue(server: asyncio.AbstractServer) -> None:
 
 async def serve(gw: Gateway, cfg: WebSection) -> None:
     """Serve until cancelled; a port that cannot be had is retried every 5 s, never fatal to the plant."""
+    _more_files(MAX_CONNECTIONS + MAX_WAITING + 1024)
     site = Site(gw, cfg)
     runner = web.AppRunner(site.app(), **HANDLER_ARGS)
     await runner.setup()
@@ -348,10 +432,7 @@ async def serve(gw: Gateway, cfg: WebSection) -> None:
     host, port = cfg.address
     loop = asyncio.get_running_loop()
 
-    def protocol() -> asyncio.BaseProtocol:
-        if len(handler.connections) >= MAX_CONNECTIONS:
-            return _Busy()
-        return _Handler(handler, loop=loop, **HANDLER_ARGS)
+    protocol = Gate(handler, loop)
 
     server = None
     failed = None
