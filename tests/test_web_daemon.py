@@ -341,3 +341,27 @@ def test_aiohttp_and_prometheus_client_are_imported_only_with_a_web_section(tmp_
     web_modules = {"aiohttp", "prometheus_client"} & modules
     assert web_modules == ({"aiohttp", "prometheus_client"} if web else set()), web_modules
     assert ("gateway.web" in json.loads(report.read_text())) is web
+
+
+def test_https_with_the_configured_certificate_and_a_login(tmp_path, mosquitto, gateway):
+    import ssl
+
+    from gateway.broker import set_user
+
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", "web.key", "-out", "web.pem"],
+                   cwd=tmp_path, check=True, capture_output=True, timeout=60)
+    users = tmp_path / "web-users"
+    set_user(str(users), "alice", "correct horse battery")
+    proc, base = start_daemon(tmp_path, mosquitto, gateway, web=f', users_file: "{users}", tls: {{cert_file: '
+                                                                 f'"{tmp_path}/web.pem", key_file: "{tmp_path}/web.key"}}')
+    https = base.replace("http://", "https://")
+    ctx = ssl.create_default_context(cafile=str(tmp_path / "web.pem"))
+    auth = {"Authorization": "Basic " + base64.b64encode(b"alice:correct horse battery").decode()}
+    with urllib.request.urlopen(urllib.request.Request(https + "/api/v1/devices", headers=auth), context=ctx,
+                                timeout=15) as resp:
+        assert resp.status == 200 and [d["name"] for d in json.load(resp)["devices"]] == ["pump1", "flexo1"]
+    with pytest.raises(urllib.error.URLError):  # an unverified certificate is refused by a client that checks
+        urllib.request.urlopen(https + "/api/v1/status", timeout=15)
+    assert "status page on https://" in proc.logs()
+    assert proc.stop() == 0
