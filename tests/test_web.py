@@ -135,3 +135,16 @@ def test_units_are_read_from_the_tag_names():
 
     assert [unit_of(t) for t in ("bearing_temp_c", "flow_l_min", "vibration_mm_s", "motor_current_a",
                                  "machine_status")] == ["°C", "l/min", "mm/s", "A", None]
+
+
+def test_odd_values_in_the_web_section_are_config_errors_never_a_crash():
+    from test_fuzz import ODD_VALUES
+
+    for key in ("listen", "users_file", "tls", "tls.cert_file"):
+        for odd in ODD_VALUES:
+            section = f"{{tls: {{cert_file: {odd}, key_file: /k}}}}" if key == "tls.cert_file" else f"{{{key}: {odd}}}"
+            for text in (BASE + f"web: {section}\n", BASE + f"web: {odd}\n"):
+                try:
+                    config.parse(text, "gateway.yaml")
+                except ConfigError as err:
+                    assert str(err).startswith("gateway.yaml"), str(err)
