@@ -2,7 +2,7 @@
 
 Read-only: only GET (and HEAD) routes exist; nothing here changes the gateway or a PLC.
 It must never slow the device loops, so every answer is cheap and bounded:
-- `Recorder.tick` (once a second) builds the live snapshot once; every watcher of the page
+- `Recorder.tick` (once a second) builds the live snapshot once, only while a page watches; every watcher
   gets the same bytes, and a watcher that stops reading is dropped after `WRITE_LIMIT`;
 - at most `MAX_CONNECTIONS` connections are served at once; up to `MAX_WAITING` more wait (not
   read) for a free slot for at most `WAIT_LIMIT`, beyond that 503 at once (`Gate`); at most
@@ -242,9 +242,11 @@ class Site:
             resp = web.StreamResponse(headers={**HEADERS, "Content-Type": "text/event-stream",
                                                "Cache-Control": "no-store"})
             await resp.prepare(request)
+            snapshot = self.rec.snap() if self.streams == 1 else self.rec.snapshot  # the first watcher: fresh
             while True:
-                await asyncio.wait_for(resp.write(b"data: " + self.rec.snapshot + b"\n\n"), WRITE_LIMIT)
+                await asyncio.wait_for(resp.write(b"data: " + snapshot + b"\n\n"), WRITE_LIMIT)
                 await self.tick.wait()
+                snapshot = self.rec.snapshot
         except (asyncio.TimeoutError, ConnectionError):
             return resp  # a watcher that stopped reading or went away
         finally:
@@ -253,7 +255,7 @@ class Site:
     # -- the clock ---------------------------------------------------------------------------------
     async def run_ticks(self) -> None:
         while True:
-            self.rec.tick()
+            self.rec.tick(watched=self.streams > 0)
             event, self.tick = self.tick, asyncio.Event()
             event.set()
             await asyncio.sleep(TICK_S)

@@ -82,7 +82,8 @@ class Recorder:
         self.ticks = 0
         self._seen: dict[str, tuple[int, int]] = {}  # device -> (id of its latency list, items seen)
 
-    def tick(self, now: float | None = None) -> None:
+    def tick(self, now: float | None = None, watched: bool = True) -> None:
+        """Record this second; build the live snapshot only when a page is `watched`."""
         now = time.time() if now is None else now
         for r in self.gw.devices:
             if r.scoring is None:
@@ -90,7 +91,13 @@ class Recorder:
             self._track(r, now)
             self._latencies(r)
         self.ticks += 1
+        if watched:
+            self.snap()
+
+    def snap(self) -> bytes:
+        """The live snapshot, built now."""
         self.snapshot = json.dumps(live(self.gw, self), separators=(",", ":")).encode()
+        return self.snapshot
 
     def _track(self, r: DeviceRunner, now: float) -> None:
         assert r.scoring is not None
