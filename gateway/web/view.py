@@ -37,7 +37,7 @@ LATENCY_BUCKETS_US = (50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0
 # simulated plant and most PLC tag lists write it (`bearing_temp_c`, `flow_l_min`).
 UNITS = (("_temp_c", "°C"), ("_c", "°C"), ("_bar", "bar"), ("_rpm", "rpm"), ("_mm_s", "mm/s"),
          ("_l_min", "l/min"), ("_m_min", "m/min"), ("_a", "A"), ("_n", "N"), ("_s", "s"), ("_pct", "%"),
-         ("_kw", "kW"), ("_v", "V"), ("_hz", "Hz"), ("_kpa", "kPa"))
+         ("_kw", "kW"), ("_v", "V"), ("_hz", "Hz"), ("_kpa", "kPa"), ("_h", "h"), ("_mm", "mm"), ("_kg", "kg"))
 
 
 def unit_of(tag: str) -> str | None:
