@@ -4,6 +4,7 @@
 #   sudo ./install.sh --with-local-broker  also the local MQTT broker for plant sensors
 #   sudo ./install.sh --with-sparkplug     also Sparkplug B to the upstream (protobuf)
 #   sudo ./install.sh --with-opcua         also OPC UA devices (asyncua)
+#   sudo ./install.sh --with-web           also the read-only status page, API and /metrics (aiohttp)
 #   sudo ./install.sh --uninstall          remove the program and units; keep config and data
 #   sudo ./install.sh --uninstall --purge  also remove /etc/edge-gateway, /var/lib/edge-gateway, the user
 #   ./install.sh --dry-run ...             only say what would be done
@@ -11,7 +12,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-DRY=0 UNINSTALL=0 PURGE=0 BROKER=0 SPARKPLUG=0 OPCUA=0
+DRY=0 UNINSTALL=0 PURGE=0 BROKER=0 SPARKPLUG=0 OPCUA=0 WEB=0
 for arg in "$@"; do
     case "$arg" in
         --dry-run) DRY=1 ;;
@@ -20,7 +21,8 @@ for arg in "$@"; do
         --with-local-broker) BROKER=1 ;;
         --with-sparkplug) SPARKPLUG=1 ;;
         --with-opcua) OPCUA=1 ;;
-        -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
+        --with-web) WEB=1 ;;
+        -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
         *) echo "install.sh: unknown option $arg (see --help)" >&2; exit 64 ;;
     esac
 done
@@ -93,10 +95,11 @@ EXTRAS="anomaly"  # the TFLite runtime (LiteRT) and numpy for the anomaly model;
 [ $BROKER -eq 1 ] && EXTRAS="$EXTRAS,broker"
 [ $SPARKPLUG -eq 1 ] && EXTRAS="$EXTRAS,sparkplug"
 [ $OPCUA -eq 1 ] && EXTRAS="$EXTRAS,opcua"
+[ $WEB -eq 1 ] && EXTRAS="$EXTRAS,web"
 PACKAGE=".[$EXTRAS]"
 # Re-running with the same source and options changes nothing; a changed source is an upgrade.
 STAMP="$PACKAGE $(find gateway sim setup.cfg pyproject.toml -type f \( -name '*.py' -o -name '*.cfg' \
-    -o -name '*.toml' \) -print0 | sort -z | xargs -0 sha256sum | sha256sum | cut -d' ' -f1)"
+    -o -name '*.toml' -o -path 'gateway/web/static/*' \) -print0 | sort -z | xargs -0 sha256sum | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$PREFIX/.installed-from" 2>/dev/null)" = "$STAMP" ]; then
     say "the program in $PREFIX is already this version"
 else

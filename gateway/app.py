@@ -98,6 +98,10 @@ class Gateway:
         return self._outbox
 
     @property
+    def history(self) -> History | None:
+        return self._history
+
+    @property
     def uplink(self) -> Uplink:
         assert self._uplink is not None, "use `async with Gateway(...)`"
         return self._uplink
@@ -155,6 +159,9 @@ class Gateway:
         sup.start(self._commit_loop(), "commit")
         sup.start(self._health_loop(), "health")
         sup.start(self._reload_loop(), "reload")
+        if self.config.web is not None:
+            from gateway.web.server import serve  # aiohttp only when web: is configured
+            sup.start(serve(self, self.config.web), "web")
         if self.notifier.watchdog_interval:
             sup.start(self._watchdog_loop(), "watchdog")
         # Ready once the config is loaded and the outbox open: not waiting for the broker.
@@ -203,7 +210,7 @@ class Gateway:
 
     async def _drain(self) -> None:
         sup = self._sup
-        await sup.stop("commit", "health", "reload", "watchdog")
+        await sup.stop("web", "commit", "health", "reload", "watchdog")
         await self._stop_devices()
         await self._stop_broker()
         await self.uplink.stop(flush_timeout=FLUSH_LIMIT)
@@ -338,6 +345,8 @@ class Gateway:
         self.outbox.bounds = _bounds(new)
         if new.outbox.sync != old.outbox.sync:
             log.warning("outbox.sync %s applies from the next start", new.outbox.sync)
+        if new.web != old.web:
+            log.warning("the web section's change applies from the next start")
         new_uplink = (new.upstream, new.topic_root, new.gateway.id) != (old.upstream, old.topic_root, old.gateway.id)
         if new_uplink:
             await self.uplink.stop(flush_timeout=2.0)

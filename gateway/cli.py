@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 
 from gateway import __version__, modelcli
-from gateway.commands import broker, counters, daemon, demo, opcua, outbox, sim, status
+from gateway.commands import broker, counters, daemon, demo, opcua, outbox, sim, status, web
 from gateway.commands.common import Parser, Subparsers
 
 
@@ -21,7 +21,7 @@ def _parser() -> argparse.ArgumentParser:
                                                      "durable outbox → upstream MQTT.")
     parser.add_argument("--version", action="version", version=f"edge-gateway {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    for command in (daemon, status, outbox, counters, opcua, sim, broker):
+    for command in (daemon, status, outbox, counters, opcua, sim, broker, web):
         command.add_to(sub)
     _add_model_commands(sub)
     demo.add_to(sub)

@@ -35,7 +35,7 @@ CONFIG = """\
 gateway: {{id: demo-gw, site: demo-plant, data_dir: "{data_dir}", timezone: Europe/Berlin, health_interval: 2s}}
 upstream: {{host: 127.0.0.1, port: {port}, max_inflight: 50, reconnect: {{min: 500ms, max: 5s}}}}
 outbox: {{max_messages: 100000, commit_interval: 100ms}}
-shifts: [{{name: A, start: "06:00"}}, {{name: B, start: "14:00"}}, {{name: C, start: "22:00"}}]
+{web}shifts: [{{name: A, start: "06:00"}}, {{name: B, start: "14:00"}}, {{name: C, start: "22:00"}}]
 devices:
   - name: pump1
     source: modbus_tcp
@@ -88,6 +88,7 @@ class Watcher:
         self.seqs: set[int] = set()
         self.duplicates = 0
         self.received = 0
+        self.page: str | None = None  # the gateway's status page, when it serves one
 
     def on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         try:
@@ -205,6 +206,17 @@ def _pump_model() -> str:
     return "    model: pump-ae\n" if (MODEL_DIRS[0] / "pump-ae.tflite").exists() else ""
 
 
+def _web_installed() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("aiohttp", "prometheus_client"))
+
+
+def _web(port: int | None) -> str:
+    """The web section: the status page on loopback, when the [web] extra is installed."""
+    return f'web: {{listen: "127.0.0.1:{port}"}}\n' if port is not None else ""
+
+
 @functools.cache
 def _start_after() -> int:
     """How many windows in a row above the threshold start an event, as the shipped model says."""
@@ -239,6 +251,7 @@ async def _demo(workdir: str, duration: float | None, plain: bool, fault_after: 
     from sim.serve import serve
 
     port, plc_port = free_port(), free_port()
+    web_port = free_port() if _web_installed() else None
     broker = await embedded_broker.start(f"127.0.0.1:{port}", allow_anonymous=True)
     plant = SimPlant({1: ("pump", 7), 2: ("flexo_line", 11)}, counter_bits=16, counter_near_top=True)
     plant.units[1].machine.inject("bearing_wear", at=fault_after, severity=0.9, ramp=30.0)
@@ -247,7 +260,7 @@ async def _demo(workdir: str, duration: float | None, plain: bool, fault_after: 
     with open(config_path, "w", encoding="utf-8") as fh:
         fh.write(CONFIG.format(data_dir=os.path.join(workdir, "data"), port=port, plc_port=plc_port,
                                pump_registers=registers_yaml(PUMP_MAP), flexo_registers=registers_yaml(FLEXO_MAP),
-                               pump_model=_pump_model()))
+                               pump_model=_pump_model(), web=_web(web_port)))
     root = "edge/demo-plant/demo-gw"
     watcher = Watcher(root)
     sub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="demo-view")
@@ -261,6 +274,11 @@ async def _demo(workdir: str, duration: float | None, plain: bool, fault_after: 
                                stdout=log_file, stderr=subprocess.STDOUT)
     print(f"demo: broker on 127.0.0.1:{port}, simulated PLCs on Modbus TCP 127.0.0.1:{plc_port} (units 1, 2), "
           f"gateway pid {gateway.pid}, config {config_path}", flush=True)
+    if web_port is not None:
+        watcher.page = f"http://127.0.0.1:{web_port}/"
+        print(f"demo: the gateway's status page: {watcher.page}", flush=True)
+    else:
+        print("demo: no status page (pip install 'edge-gateway[web]' for one)", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

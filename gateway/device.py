@@ -42,6 +42,7 @@ class DeviceRunner:
         self.events = Events(device, outbox, topics, self.counting) if device.oee or device.alarms else None
         self.publishing = Publishing(device, outbox, topics, self.counting, self.scoring)
         self.history = history
+        self.last_sample: Sample | None = None  # for the web page: the newest reading, as it came
 
     async def run(self) -> None:
         """Process every sample the source yields, until cancelled."""
@@ -50,6 +51,7 @@ class DeviceRunner:
 
     def process(self, sample: Sample) -> None:
         self.health.polls += 1
+        self.last_sample = sample
         try:
             self._process(sample)
         except Exception as err:  # a bug must not take the device loop (or the plant) down

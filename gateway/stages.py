@@ -9,6 +9,7 @@ starting or ending is told to the shift book.
 from __future__ import annotations
 
 import logging
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from gateway import contract, counters, tagtypes
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
     from gateway.anomaly import DeviceScorer, Event, Model
 
 log = logging.getLogger("edge_gateway.device")
+CLOSED_KEPT = 21  # closed-shift summaries kept in memory for the web API: a week of three shifts
 
 
 class Counting:
@@ -46,6 +48,7 @@ class Counting:
         self.rows: dict[str, CounterRow] = {name: row for (_, name), row in outbox.counters(device.name).items()}
         self.changed = bool(device.counters)  # totals moved since the last counters message
         self._problems: dict[str, str] = {}
+        self.closed: deque[dict[str, Any]] = deque(maxlen=CLOSED_KEPT)  # the last closed-shift summaries (web)
 
     def observe(self, sample: Sample) -> None:
         """Shifts first (a boundary closes the old shift before the counters move to the new one), then counters."""
@@ -119,6 +122,7 @@ class Counting:
             if oee is not None and not rec.missed:  # the live OEE's last word on the shift: its summary's figures
                 self.outbox.stage(self._oee_topic, self.live_oee(rec, rec.end, final=True), created=rec.end)
             self.outbox.stage(self._shift_topic, payload, created=rec.end)
+            self.closed.append(payload)
             log.info("device %s: shift %s closed%s", name, rec.shift_id,
                      " (missed: the gateway was down)" if rec.missed else
                      " (partial)" if payload["partial"] else "", extra=fields(name, "shift_closed"))

@@ -33,6 +33,7 @@ from gateway.config.schema import (
                                    SimDevice,
                                    TlsSection,
                                    UpstreamSection,
+                                   WebSection,
 )
 from gateway.errors import ConfigError
 
@@ -67,6 +68,7 @@ __all__ = [
                                    "SimDevice",
                                    "TlsSection",
                                    "UpstreamSection",
+                                   "WebSection",
                                    "load",
                                    "load_lines",
                                    "parse",

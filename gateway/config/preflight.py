@@ -46,9 +46,27 @@ def preflight(config: Config, file: str) -> Prepared:
     if config.local_broker.enabled and importlib.util.find_spec("amqtt") is None:
         problems.append(("local_broker.enabled", "the embedded broker needs amqtt: "
                                                  "pip install 'edge-gateway[broker]' (install.sh does)"))
+    if config.web is not None:
+        problems += _web(config)
     if problems:
         raise ConfigError(file, problems, lines_of(file))
     return Prepared(models)
+
+
+def _web(config: Config) -> list[tuple[str, str]]:
+    """The [web] extra installed, and the users and TLS files readable."""
+    web = config.web
+    assert web is not None
+    needs = ["aiohttp", "prometheus_client"] + (["pwdlib", "argon2"] if web.users_file else [])
+    absent = [name for name in needs if importlib.util.find_spec(name) is None]
+    problems = [("web", f"the web page needs {', '.join(absent)}: pip install 'edge-gateway[web]' "
+                        "(install.sh --with-web)")] if absent else []
+    files = [("web.users_file", web.users_file)]
+    if web.tls is not None:
+        files += [("web.tls.cert_file", web.tls.cert_file), ("web.tls.key_file", web.tls.key_file)]
+    return problems + [(path, f'expected a readable file, got "{name}" (missing or not readable)')
+                       for path, name in files if name is not None and not (os.path.isfile(name)
+                                                                             and os.access(name, os.R_OK))]
 
 
 def with_files(err: ConfigError) -> ConfigError:

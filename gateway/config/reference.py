@@ -31,6 +31,7 @@ SECTIONS: list[tuple[str, type]] = [
     ("devices[].counters[]", schema.CounterSection), ("devices[].publish", schema.PublishSection),
     ("devices[].oee", schema.OeeSection), ("devices[].alarms[]", schema.AlarmSection),
     ("devices[].history", schema.HistorySection),
+    ("web", schema.WebSection), ("web.tls", schema.WebTlsSection),
 ]
 
 

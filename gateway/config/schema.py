@@ -9,6 +9,7 @@ against these classes by a test).
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
 from collections.abc import Mapping
@@ -207,6 +208,54 @@ class LocalBrokerSection:
     def address(self) -> tuple[str, int]:
         host, _, port = self.listen.rpartition(":")
         return host, int(port)
+
+
+@dataclass(frozen=True)
+class WebTlsSection:
+    cert_file: str = setting(string(), doc="the page's certificate (PEM), with its chain")
+    key_file: str = setting(string(), doc="its private key (PEM)")
+
+
+@dataclass(frozen=True)
+class WebSection:
+    """The read-only status page, JSON API and /metrics (the [web] extra)."""
+    listen: str = setting(string(re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[^:\s\[\]]+):\d{1,5}$"),
+                                 'HOST:PORT such as "127.0.0.1:8470"'),
+                          "127.0.0.1:8470", doc="where the page is served; loopback unless users_file is set")
+    users_file: str | None = setting(optional(string()), None,
+                                     doc="users (hashed passwords), made with `edge-gateway web-user`; required "
+                                         "for a listen address other than loopback")
+    tls: WebTlsSection | None = setting(optional(section(WebTlsSection)), None, doc="serve HTTPS")
+
+    @staticmethod
+    def rules(v: Fields) -> list[Problem]:
+        if not v.ok("listen", "users_file"):
+            return []
+        host = v["listen"].rpartition(":")[0]
+        port = int(v["listen"].rpartition(":")[2])
+        if not 1 <= port <= 65535:
+            return [("listen", f"expected a port from 1 to 65535, got {port}")]
+        if v["users_file"] is None and not loopback(host):
+            return [("users_file", f"required when listen is not a loopback address (got {host}): anyone on the "
+                                   "network could read the plant's data; create users with `edge-gateway "
+                                   "web-user NAME --users FILE`, or listen on 127.0.0.1")]
+        return []
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, _, port = self.listen.rpartition(":")
+        return host.strip("[]"), int(port)
+
+
+def loopback(host: str) -> bool:
+    """Whether HOST (a name or an address) only reaches this machine."""
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -673,6 +722,8 @@ class Config:
     local_broker: LocalBrokerSection = setting(section(LocalBrokerSection), {}, doc="the broker for plant sensors")
     shifts: tuple[ShiftSection, ...] = setting(list_of(section(ShiftSection)), [], doc="shift start times")
     devices: tuple[Device, ...] = setting(list_of(device), doc="the machines read")
+    web: WebSection | None = setting(optional(section(WebSection)), None,
+                                     doc="the read-only status page, API and /metrics (`web: {}` for the defaults)")
 
     @staticmethod
     def rules(v: Fields) -> list[Problem]:

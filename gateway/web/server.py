@@ -1,0 +1,464 @@
+"""The web server (aiohttp) in the daemon's own event loop: the page, `/api/v1/`, `/metrics`, the live stream.
+
+Read-only: only GET (and HEAD) routes exist; nothing here changes the gateway or a PLC.
+It must never slow the device loops, so every answer is cheap and bounded:
+- `Recorder.tick` (once a second) builds the live snapshot once, only while a page watches; every watcher
+  gets the same bytes, and a watcher that stops reading is dropped after `WRITE_LIMIT`;
+- at most `MAX_CONNECTIONS` connections are served at once; up to `MAX_WAITING` more wait (not
+  read) for a free slot for at most `WAIT_LIMIT`, beyond that 503 at once (`Gate`); at most
+  `MAX_STREAMS` live streams; an idle connection is closed after `IDLE_LIMIT`;
+- a request line or header over 8 KiB is refused (400) by aiohttp's parser before any
+  handler runs; a history page has at most `MAX_ROWS` rows;
+- `/api/v1/status` and `/metrics` are rendered at most once per `CACHE_S`.
+Errors are JSON `{"error": ..., "status": ...}` with their status code, never a traceback.
+Every answer carries the security headers; none carries CORS headers (same origin only).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import os
+import resource
+import socket
+import ssl
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestHandler
+
+from gateway.config import WebSection
+from gateway.config.schema import loopback
+from gateway.web import view
+from gateway.web.auth import Users
+from gateway.web.metrics import CONTENT_TYPE, Exposition
+
+if TYPE_CHECKING:
+    from gateway.app import Gateway
+
+log = logging.getLogger("edge_gateway.web")
+
+MAX_CONNECTIONS = 256
+MAX_WAITING = 10_000  # each holds a file descriptor: `serve` raises the soft limit to the hard one
+WAIT_LIMIT = 10.0  # seconds a connection may wait for a free slot
+MAX_STREAMS = 32
+IDLE_LIMIT = 15.0  # seconds an idle keep-alive connection is kept
+WRITE_LIMIT = 10.0  # seconds a live stream may take to take one update
+MAX_ROWS = 1000  # history rows per page
+CACHE_S = 0.5
+# asyncio accepts up to `backlog` connections in one go, before the loop runs anything else: a small batch
+# keeps a flood of connections from holding the device loops up; the rest wait in the kernel's queue,
+# which is made longer (QUEUE) so that a burst waits there rather than in SYN retries of seconds.
+BACKLOG = 32
+QUEUE = 4096
+TICK_S = 1.0
+STATIC = {"app.js": "text/javascript", "app.css": "text/css", "uplot.min.js": "text/javascript",
+          "uplot.min.css": "text/css", "uplot.LICENSE": "text/plain"}
+HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+                               "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cross-Origin-Resource-Policy": "same-origin",
+}
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _json(body: Any, status: int = 200) -> web.Response:
+    return web.Response(body=json.dumps(body, separators=(",", ":"), allow_nan=False).encode(), status=status,
+                        content_type="application/json")
+
+
+def _error(status: int, message: str) -> web.Response:
+    return _json({"error": message, "status": status}, status)
+
+
+class Site:
+    """The routes, over the running gateway."""
+
+    def __init__(self, gw: Gateway, cfg: WebSection) -> None:
+        self.gw = gw
+        self.cfg = cfg
+        self.rec = view.Recorder(gw)
+        self.metrics = Exposition(gw, self.rec)
+        self.users = Users(cfg.users_file) if cfg.users_file else None
+        self.streams = 0
+        self.tick = asyncio.Event()
+        self._cache: dict[str, tuple[float, bytes]] = {}
+        self._static = {name: resources.files("gateway.web").joinpath("static").joinpath(name).read_bytes()
+                        for name in (*STATIC, "index.html")}
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self._guard], client_max_size=64 * 1024)
+        r = app.router
+        r.add_get("/", self.index)
+        r.add_get("/static/{name}", self.static)
+        r.add_get("/api/v1/status", self.status)
+        r.add_get("/api/v1/devices", self.devices)
+        r.add_get("/api/v1/devices/{name}", self.device)
+        r.add_get("/api/v1/devices/{name}/history", self.history)
+        r.add_get("/api/v1/devices/{name}/anomaly", self.anomaly)
+        r.add_get("/api/v1/shifts", self.shifts)
+        r.add_get("/api/v1/live", self.live)
+        r.add_get("/metrics", self.prometheus)
+        return app
+
+    @web.middleware
+    async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Login, JSON errors and the security headers, around every route."""
+        try:
+            if self.users is not None:
+                client = request.remote or "?"
+                header = request.headers.get("Authorization")
+                wait = 0.0 if self.users.known(header) else self.users.blocked(client)
+                if wait > 0:
+                    resp: web.StreamResponse = _error(429, f"too many failed logins; try again in {math.ceil(wait)}s")
+                    resp.headers["Retry-After"] = str(math.ceil(wait))
+                elif await self.users.check(header, client) is None:
+                    resp = _error(401, "login required")
+                    resp.headers["WWW-Authenticate"] = 'Basic realm="edge-gateway", charset="UTF-8"'
+                else:
+                    resp = await handler(request)
+            else:
+                resp = await handler(request)
+        except ApiError as err:
+            resp = _error(err.status, str(err))
+        except web.HTTPException as err:  # aiohttp's own 404/405 for an unknown path or method
+            resp = _error(err.status, err.reason)
+        except Exception:  # a bug in a page must not reach the client as a traceback, nor stop the daemon
+            log.exception("web: unexpected error answering %s", request.path[:200])
+            resp = _error(500, "internal error (logged by the gateway)")
+        if not resp.prepared:
+            resp.headers.update(HEADERS)
+            if request.path.startswith(("/api/", "/metrics")):
+                resp.headers["Cache-Control"] = "no-store"
+        return resp
+
+    # -- routes ---------------------------------------------------------------------------------
+    async def index(self, request: web.Request) -> web.StreamResponse:
+        return web.Response(body=self._static["index.html"], content_type="text/html", charset="utf-8")
+
+    async def static(self, request: web.Request) -> web.StreamResponse:
+        name = request.match_info["name"]
+        if name not in STATIC:
+            raise ApiError(404, "no such file")
+        return web.Response(body=self._static[name], content_type=STATIC[name],
+                            headers={"Cache-Control": "max-age=3600"})
+
+    def _cached(self, key: str, render: Callable[[], bytes]) -> bytes:
+        now = time.monotonic()
+        hit = self._cache.get(key)
+        if hit is not None and now - hit[0] < CACHE_S:
+            return hit[1]
+        body = render()
+        self._cache[key] = (now, body)
+        return body
+
+    async def status(self, request: web.Request) -> web.StreamResponse:
+        body = self._cached("status", lambda: json.dumps(view.status(self.gw, self.rec), separators=(",", ":")).encode())
+        return web.Response(body=body, content_type="application/json")
+
+    async def devices(self, request: web.Request) -> web.StreamResponse:
+        return _json({"devices": view.devices(self.gw)})
+
+    def _runner(self, request: web.Request) -> Any:
+        return self._named(request.match_info["name"])
+
+    def _named(self, name: str) -> Any:
+        runner = view.runner_of(self.gw, name)
+        if runner is None:
+            raise ApiError(404, f"no device {name[:100]!r} (devices: {', '.join(r.name for r in self.gw.devices)})")
+        return runner
+
+    async def device(self, request: web.Request) -> web.StreamResponse:
+        return _json(view.device(self.gw, self._runner(request)))
+
+    async def anomaly(self, request: web.Request) -> web.StreamResponse:
+        runner = self._runner(request)
+        doc = self.rec.anomaly(runner.name)
+        if doc is None:
+            raise ApiError(404, f"device {runner.name} has no anomaly model (devices[].model)")
+        return _json(doc)
+
+    async def history(self, request: web.Request) -> web.StreamResponse:
+        runner = self._runner(request)
+        history = self.gw.history
+        if runner.history is None or history is None:
+            raise ApiError(404, f"device {runner.name} records no history (devices[].history)")
+        q = request.query
+        now = time.time()
+        end = _time(q.get("to"), "to", now)
+        start = _time(q.get("from"), "from", end - 3600.0)
+        limit = _int(q.get("limit"), "limit", MAX_ROWS, 1, MAX_ROWS)
+        if start > end:
+            raise ApiError(400, "from: expected a time before to")
+        tags, rows = history.export(runner.name, start, end)
+        out: list[list[Any]] = []
+        more = None
+        for ts, values in rows:
+            if len(out) == limit:
+                more = ts
+                break
+            out.append([round(ts, 3), *values])
+        close = getattr(rows, "close", None)
+        if close is not None:
+            close()
+        return _json({"device": runner.name, "from": start, "to": end, "columns": ["ts", *tags], "rows": out,
+                      "next_from": more})
+
+    async def shifts(self, request: web.Request) -> web.StreamResponse:
+        q = request.query
+        last = _int(q.get("last"), "last", 10, 1, 100)
+        wanted = q.get("device")
+        runners = self.gw.devices
+        if wanted is not None:
+            runners = [self._named(wanted)]
+        return _json({"shifts": {r.name: view.shifts(r, last) for r in runners}})
+
+    async def prometheus(self, request: web.Request) -> web.StreamResponse:
+        return web.Response(body=self._cached("metrics", self.metrics.render), headers={"Content-Type": CONTENT_TYPE})
+
+    async def live(self, request: web.Request) -> web.StreamResponse:
+        """Server-Sent Events: the snapshot now and after every tick, until the client goes."""
+        if self.streams >= MAX_STREAMS:
+            raise ApiError(503, f"{MAX_STREAMS} pages are watching already; try again later")
+        self.streams += 1
+        try:
+            resp = web.StreamResponse(headers={**HEADERS, "Content-Type": "text/event-stream",
+                                               "Cache-Control": "no-store"})
+            await resp.prepare(request)
+            snapshot = self.rec.snap() if self.streams == 1 else self.rec.snapshot  # the first watcher: fresh
+            while True:
+                await asyncio.wait_for(resp.write(b"data: " + snapshot + b"\n\n"), WRITE_LIMIT)
+                await self.tick.wait()
+                snapshot = self.rec.snapshot
+        except (asyncio.TimeoutError, ConnectionError):
+            return resp  # a watcher that stopped reading or went away
+        finally:
+            self.streams -= 1
+
+    # -- the clock ---------------------------------------------------------------------------------
+    async def run_ticks(self) -> None:
+        while True:
+            self.rec.tick(watched=self.streams > 0)
+            event, self.tick = self.tick, asyncio.Event()
+            event.set()
+            await asyncio.sleep(TICK_S)
+
+
+def _time(text: str | None, what: str, default: float) -> float:
+    """A UNIX time or an RFC 3339 time from the query; ApiError 400 when it is neither."""
+    if text is None or text == "":
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        try:
+            value = datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            raise ApiError(400, f"{what}: expected a UNIX time or an RFC 3339 time such as "
+                                f"2026-11-24T06:00:00Z, got {text[:40]!r}") from None
+    if not math.isfinite(value):
+        raise ApiError(400, f"{what}: expected a finite time, got {text[:40]!r}")
+    return value
+
+
+def _int(text: str | None, what: str, default: int, low: int, high: int) -> int:
+    if text is None or text == "":
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = low - 1
+    if not low <= value <= high:
+        raise ApiError(400, f"{what}: expected a whole number from {low} to {high}, got {text[:40]!r}")
+    return value
+
+
+_BUSY_BODY = b'{"error":"too many connections","status":503}'
+BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+        b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(_BUSY_BODY), _BUSY_BODY))
+
+
+class _Busy(asyncio.Protocol):
+    """A connection beyond MAX_CONNECTIONS + MAX_WAITING: 503 and closed, before anything is read."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.WriteTransport)
+        transport.write(BUSY)
+        transport.close()
+
+
+class _Handler(RequestHandler):
+    """aiohttp's connection handler, whose answer to a request it cannot parse (a header or path over the
+    limits, garbage) is a short JSON 400 with the security headers, logged in one line without a traceback,
+    and never echoes what was sent. Its slot goes to the next waiting connection when it closes."""
+
+    gate: Gate | None = None
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        super().connection_lost(exc)
+        if self.gate is not None:
+            self.gate.release()
+
+    def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        if not isinstance(exc, HttpProcessingError) or status >= 500:
+            return super().handle_error(request, status, exc, message)
+        log.debug("web: refused a malformed request from %s (%s)", request.remote, type(exc).__name__)
+        if request.writer.output_size > 0:
+            raise ConnectionError("a response was already sent")
+        resp = _error(status, "malformed or oversized request (a line or header over 8 KiB?)")
+        resp.headers.update(HEADERS)
+        resp.force_close()
+        return resp
+
+
+HANDLER_ARGS: dict[str, Any] = {"access_log": None, "keepalive_timeout": IDLE_LIMIT, "max_line_size": 8190, "max_field_size": 8190,
+                                "max_headers": 64}
+
+
+class _Waiting(asyncio.Protocol):
+    """A connection waiting for a slot, not read meanwhile; closed after WAIT_LIMIT."""
+
+    def __init__(self, gate: Gate) -> None:
+        self.gate = gate
+        self.transport: asyncio.Transport | None = None
+        self.timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        transport.pause_reading()
+        self.transport = transport
+        self.timer = asyncio.get_running_loop().call_later(WAIT_LIMIT, self._expire)
+        self.gate.waiting.append(self)
+        asyncio.get_running_loop().call_soon(self.gate.release)  # a slot may have freed meanwhile
+
+    def _expire(self) -> None:
+        if self.transport is not None:
+            self.transport.write(BUSY)
+            self.transport.close()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.transport = None
+        if self.timer is not None:
+            self.timer.cancel()
+
+
+class Gate:
+    """At most MAX_CONNECTIONS connections in aiohttp's hands; then up to MAX_WAITING wait; then 503."""
+
+    def __init__(self, server: web.Server, loop: asyncio.AbstractEventLoop) -> None:
+        self.server = server
+        self.loop = loop
+        self.waiting: deque[_Waiting] = deque()
+
+    def __call__(self) -> asyncio.BaseProtocol:
+        if len(self.server.connections) < MAX_CONNECTIONS and not self.waiting:
+            return self._handler()
+        if len(self.waiting) < MAX_WAITING:
+            return _Waiting(self)
+        return _Busy()
+
+    def _handler(self) -> _Handler:
+        handler = _Handler(self.server, loop=self.loop, **HANDLER_ARGS)
+        handler.gate = self
+        return handler
+
+    def release(self) -> None:
+        """A slot is free: hand it to the oldest connection still waiting."""
+        while self.waiting and len(self.server.connections) < MAX_CONNECTIONS:
+            wait = self.waiting.popleft()
+            transport = wait.transport
+            if transport is None or transport.is_closing():
+                continue
+            if wait.timer is not None:
+                wait.timer.cancel()
+            wait.transport = None
+            handler = self._handler()
+            transport.set_protocol(handler)
+            handler.connection_made(transport)
+            transport.resume_reading()
+
+
+def tls_context(cfg: WebSection) -> ssl.SSLContext | None:
+    if cfg.tls is None:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cfg.tls.cert_file, cfg.tls.key_file)
+    return ctx
+
+
+def _more_files(wanted: int) -> None:
+    """Raise the soft limit of open files towards `wanted` (within the hard limit), for waiting connections."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
+def _lengthen_queue(server: asyncio.AbstractServer) -> None:
+    """listen(QUEUE) on the server's sockets, keeping asyncio's small accept batch (BACKLOG)."""
+    for ts in getattr(server, "sockets", ()):
+        sock = socket.socket(fileno=os.dup(ts.fileno()))  # the same listening socket, through a second fd
+        try:
+            sock.listen(QUEUE)
+        finally:
+            sock.close()
+
+
+async def serve(gw: Gateway, cfg: WebSection) -> None:
+    """Serve until cancelled; a port that cannot be had is retried every 5 s, never fatal to the plant."""
+    _more_files(MAX_CONNECTIONS + MAX_WAITING + 1024)
+    site = Site(gw, cfg)
+    runner = web.AppRunner(site.app(), **HANDLER_ARGS)
+    await runner.setup()
+    handler = runner.server
+    assert handler is not None
+    host, port = cfg.address
+    loop = asyncio.get_running_loop()
+
+    protocol = Gate(handler, loop)
+
+    server = None
+    failed = None
+    ticks = asyncio.ensure_future(site.run_ticks())
+    try:
+        while server is None:
+            try:
+                server = await loop.create_server(protocol, host, port, ssl=tls_context(cfg), backlog=BACKLOG,
+                                                  reuse_address=True)
+            except (OSError, ssl.SSLError) as err:
+                if str(err) != failed:
+                    log.error("web: cannot serve on %s: %s; retrying every 5s", cfg.listen, err)
+                    failed = str(err)
+                await asyncio.sleep(5)
+        _lengthen_queue(server)
+        scheme = "https" if cfg.tls else "http"
+        log.info("web: status page on %s://%s/ (%s)", scheme, cfg.listen,
+                 "login required" if cfg.users_file else "no login: loopback only")
+        if cfg.users_file and not cfg.tls and not loopback(host):
+            log.warning("web: logins cross the network unencrypted; set web.tls to serve HTTPS")
+        await asyncio.Event().wait()
+    finally:
+        ticks.cancel()
+        if server is not None:
+            server.close()
+        await runner.cleanup()
+        await asyncio.gather(ticks, return_exceptions=True)
