@@ -15,7 +15,6 @@ time the sample was taken (RFC 3339, UTC, milliseconds), never the time of sendi
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -165,11 +164,10 @@ class ShiftFacts(Protocol):
     def alarm_count(self) -> dict[str, int]: ...
 
 
-def shift(device: str, rec: ShiftFacts, specs: Iterable[CounterSpec], rows: Mapping[str, CounterRow],
-          ideal_rate: float | None, has_oee: bool, gap_limit: float, scored: bool = False,
+def shift(device: str, rec: ShiftFacts, figures: Payload, has_oee: bool, gap_limit: float, scored: bool = False,
           reasons: Mapping[int, str] | None = None) -> Payload:
-    """A closed shift: counts by kind, quality rate, and with `oee:` availability, performance, OEE, the
-    down time by stop reason; time and starts of each alarm."""
+    """A closed shift: its `figures` (counts by kind, quality rate, and with `oee:` availability,
+    performance, OEE: `shiftbook.figures`), the down time by stop reason; time and starts of each alarm."""
     length = rec.end - rec.start
     payload: Payload = {
         "device": device, "ts": rfc3339(rec.end), "shift_id": rec.shift_id, "shift": rec.name,
@@ -179,39 +177,13 @@ def shift(device: str, rec: ShiftFacts, specs: Iterable[CounterSpec], rows: Mapp
     if rec.missed:
         payload.update(counters={}, missed=True)
         return payload
-    payload.update(figures(rec, specs, rows, ideal_rate, has_oee))
+    payload.update(figures)
     if has_oee:
         payload["downtime_by_reason"] = downtime_by_reason(rec.down_by_reason, reasons or {})
     payload["anomaly_minutes"] = round(rec.anomaly_s / 60.0, 2) if scored else None  # None: no model attached
     payload["alarms"] = {name: {"count": rec.alarm_count.get(name, 0), "minutes": round(rec.alarm_s.get(name, 0.0) / 60.0, 2)}
                          for name in sorted(set(rec.alarm_s) | set(rec.alarm_count))}
     return payload
-
-
-def figures(rec: ShiftFacts, specs: Iterable[CounterSpec], rows: Mapping[str, CounterRow],
-            ideal_rate: float | None, has_oee: bool) -> Payload:
-    """A shift's counts and OEE so far: what the closed shift and the live OEE both say, computed alike."""
-    specs = list(specs)
-    shift_counts = {c.name: (rows[c.name].shift_total if c.name in rows and rows[c.name].shift_id == rec.shift_id
-                             else 0) for c in specs}
-    kinds = {kind: sum(shift_counts[c.name] for c in specs if c.kind == kind) for kind in ("total", "good", "defect")}
-    has = {kind: any(c.kind == kind for c in specs) for kind in ("total", "good", "defect")}
-    total = kinds["total"] if has["total"] else kinds["good"] + kinds["defect"]
-    good = kinds["good"] if has["good"] else total - kinds["defect"]
-    quality = good / total if total and (has["defect"] or has["good"]) else None
-    out: Payload = {"counters": shift_counts, "total": total, "good": good, "defect": total - good,
-                    "quality_rate": _round(quality)}
-    if has_oee:
-        state = rec.state_s
-        planned = rec.observed_s - state["planned_stop"] - state["unknown"]
-        availability = state["running"] / planned if planned > 0 else None
-        performance = (total / (ideal_rate / 60.0 * state["running"])
-                       if ideal_rate and state["running"] > 0 else None)
-        factors = (availability, performance, quality)
-        out.update(state_s={k: round(v, 3) for k, v in state.items()}, availability=_round(availability),
-                   performance=_round(performance),
-                   oee=_round(math.prod(f for f in factors if f is not None)) if None not in factors else None)
-    return out
 
 
 def downtime_by_reason(seconds: Mapping[str, float], reasons: Mapping[int, str]) -> list[Payload]:
@@ -247,12 +219,12 @@ def alarm(device: str, ts: float, kind: str, name: str, severity: str, tag: str,
     return payload
 
 
-def live_oee(device: str, ts: float, rec: ShiftFacts, specs: Iterable[CounterSpec], rows: Mapping[str, CounterRow],
-             ideal_rate: float | None, current: str | None, stop_reason: Payload | None, final: bool = False) -> Payload:
-    """The running shift so far (`final`: the shift just closed, equal to its summary)."""
+def live_oee(device: str, ts: float, rec: ShiftFacts, figures: Payload, current: str | None,
+             stop_reason: Payload | None, final: bool = False) -> Payload:
+    """The running shift so far, with its `figures` (`final`: the shift just closed, equal to its summary)."""
     payload: Payload = {"ts": rfc3339(ts), "device": device, "shift_id": rec.shift_id, "shift": rec.name,
                         "start": rfc3339(rec.start), "observed_s": round(rec.observed_s, 3)}
-    payload.update(figures(rec, specs, rows, ideal_rate, True))
+    payload.update(figures)
     payload.update(state=current, reason=stop_reason)
     if final:
         payload["final"] = True
@@ -271,7 +243,3 @@ def status(state: str, gateway_id: str, version: str, started: float,
 def health(report: Mapping[str, Any]) -> bytes:
     """The health message (built by `report.py`, which owns its fields)."""
     return encode(dict(report))
-
-
-def _round(x: float | None) -> float | None:
-    return None if x is None else round(x, 4)

@@ -11,11 +11,13 @@ start-up (partial), and shifts it missed entirely are reported as `missed`.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from gateway.config import OeeSection
+from gateway.contract import CounterSpec, Payload, ShiftFacts
+from gateway.counters import CounterRow
 from gateway.shifts import Shift, ShiftCalendar
 
 STATES = ("running", "idle", "down", "planned_stop", "unknown")
@@ -148,3 +150,33 @@ class ShiftBook:
             rec.down_by_reason[key] = rec.down_by_reason.get(key, 0.0) + dt
         for name in rec.active_alarms:
             rec.alarm_s[name] = rec.alarm_s.get(name, 0.0) + dt
+
+
+def figures(rec: ShiftFacts, specs: Iterable[CounterSpec], rows: Mapping[str, CounterRow],
+            ideal_rate: float | None, has_oee: bool) -> Payload:
+    """A shift's counts and OEE so far: what the closed shift and the live OEE both say, computed alike."""
+    specs = list(specs)
+    shift_counts = {c.name: (rows[c.name].shift_total if c.name in rows and rows[c.name].shift_id == rec.shift_id
+                             else 0) for c in specs}
+    kinds = {kind: sum(shift_counts[c.name] for c in specs if c.kind == kind) for kind in ("total", "good", "defect")}
+    has = {kind: any(c.kind == kind for c in specs) for kind in ("total", "good", "defect")}
+    total = kinds["total"] if has["total"] else kinds["good"] + kinds["defect"]
+    good = kinds["good"] if has["good"] else total - kinds["defect"]
+    quality = good / total if total and (has["defect"] or has["good"]) else None
+    out: Payload = {"counters": shift_counts, "total": total, "good": good, "defect": total - good,
+                    "quality_rate": _round(quality)}
+    if has_oee:
+        state = rec.state_s
+        planned = rec.observed_s - state["planned_stop"] - state["unknown"]
+        availability = state["running"] / planned if planned > 0 else None
+        performance = (total / (ideal_rate / 60.0 * state["running"])
+                       if ideal_rate and state["running"] > 0 else None)
+        factors = (availability, performance, quality)
+        out.update(state_s={k: round(v, 3) for k, v in state.items()}, availability=_round(availability),
+                   performance=_round(performance),
+                   oee=_round(math.prod(f for f in factors if f is not None)) if None not in factors else None)
+    return out
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 4)

@@ -12,7 +12,7 @@ import logging
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-from gateway import contract, counters, tagtypes
+from gateway import contract, counters, shiftbook, tagtypes
 from gateway.config import CounterSection, Device
 from gateway.contract import Topics
 from gateway.counters import CounterRow
@@ -69,8 +69,12 @@ class Counting:
         oee = self.device.oee
         assert oee is not None
         reason = contract.reason(rec.last_reason, oee.reasons) if oee.reason_tag else None
-        return contract.live_oee(self.device.name, ts, rec, self.device.counters, self.rows, oee.ideal_rate,
-                                 rec.last_state, reason, final)
+        return contract.live_oee(self.device.name, ts, rec, self.figures(rec), rec.last_state, reason, final)
+
+    def figures(self, rec: ShiftRecord) -> dict[str, Any]:
+        """The shift's counts and, with `oee:`, its OEE so far (the live OEE and the closed shift alike)."""
+        oee = self.device.oee
+        return shiftbook.figures(rec, self.device.counters, self.rows, oee.ideal_rate if oee else None, oee is not None)
 
     def stage_counters(self, ts: float) -> None:
         payload = contract.counters(self.device.name, ts, self.device.counters, self.rows)
@@ -116,8 +120,7 @@ class Counting:
         name = self.device.name
         for rec in closed:
             oee = self.device.oee
-            payload = contract.shift(name, rec, self.device.counters, self.rows,
-                                     oee.ideal_rate if oee else None, oee is not None, self.gap_limit, self.scored,
+            payload = contract.shift(name, rec, self.figures(rec), oee is not None, self.gap_limit, self.scored,
                                      oee.reasons if oee else None)
             if oee is not None and not rec.missed:  # the live OEE's last word on the shift: its summary's figures
                 self.outbox.stage(self._oee_topic, self.live_oee(rec, rec.end, final=True), created=rec.end)

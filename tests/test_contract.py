@@ -7,7 +7,7 @@ import re
 
 from conftest import ROOT
 
-from gateway import contract
+from gateway import contract, shiftbook
 from gateway.contract import Topics
 from gateway.counters import CounterRow
 from gateway.shiftbook import ShiftRecord
@@ -58,7 +58,8 @@ def test_counters_and_shift():
     rec.down_by_reason.update({"11": 600.0, "31": 2700.0, "none": 300.0})
     rec.alarm_s.update(bearing_hot=90.0)
     rec.alarm_count.update(bearing_hot=2)
-    payload = contract.shift("line1", rec, specs[:2], rows, 0.5, True, 5.0, scored=True,
+    figures = shiftbook.figures(rec, specs[:2], rows, 0.5, True)
+    payload = contract.shift("line1", rec, figures, True, 5.0, scored=True,
                              reasons={11: "web break", 31: "electrical fault"})
     assert payload == {
         "device": "line1", "ts": "2025-11-24T16:00:00.250Z", "shift_id": "2025-11-24/A", "shift": "A",
@@ -71,9 +72,8 @@ def test_counters_and_shift():
                                {"code": 11, "reason": "web break", "seconds": 600.0},
                                {"code": None, "reason": None, "seconds": 300.0}],
         "alarms": {"bearing_hot": {"count": 2, "minutes": 1.5}}}
-    # The live OEE of the running shift is computed by the same function: at the end, the same figures.
-    live = contract.live_oee("line1", TS, rec, specs[:2], rows, 0.5, "down", {"code": 31, "text": "electrical fault"},
-                             final=True)
+    # The live OEE of the running shift carries the same figures: at the end, the same numbers.
+    live = contract.live_oee("line1", TS, rec, figures, "down", {"code": 31, "text": "electrical fault"}, final=True)
     assert {k: live[k] for k in ("availability", "performance", "oee", "quality_rate", "total", "state_s")} == \
         {k: payload[k] for k in ("availability", "performance", "oee", "quality_rate", "total", "state_s")}
     assert live["state"] == "down" and live["reason"] == {"code": 31, "text": "electrical fault"} and live["final"]

@@ -19,8 +19,7 @@ from gateway import __version__
 from gateway.shiftbook import STATES as MACHINE_STATES
 
 if TYPE_CHECKING:
-    from gateway.app import Gateway
-    from gateway.web.view import Recorder
+    from gateway.web.view import Gateway, Recorder
 
 DEVICE_STATES = ("starting", "ok", "degraded", "error")
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"

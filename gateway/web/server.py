@@ -42,7 +42,7 @@ from gateway.web.auth import Users
 from gateway.web.metrics import CONTENT_TYPE, Exposition
 
 if TYPE_CHECKING:
-    from gateway.app import Gateway
+    from gateway.web.view import Gateway
 
 log = logging.getLogger("edge_gateway.web")
 

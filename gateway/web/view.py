@@ -19,14 +19,36 @@ import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from gateway import __version__, report, sources, tagtypes
 from gateway.units import rfc3339
 
 if TYPE_CHECKING:
-    from gateway.app import Gateway
+    from gateway.config import Config
     from gateway.device import DeviceRunner
+    from gateway.history import History
+    from gateway.outbox import Outbox
+    from gateway.uplink import Uplink
+
+
+
+class Gateway(Protocol):
+    """What the web window reads of the running daemon (`app.Gateway`), and nothing it could change."""
+
+    @property
+    def config(self) -> Config: ...
+    @property
+    def started(self) -> float: ...
+    @property
+    def devices(self) -> list[DeviceRunner]: ...
+    @property
+    def outbox(self) -> Outbox: ...
+    @property
+    def uplink(self) -> Uplink: ...
+    @property
+    def history(self) -> History | None: ...
+
 
 HOUR = 3600.0
 MAX_EVENTS = 50  # anomaly events kept per device (those of the last hour are drawn)
