@@ -1,9 +1,11 @@
 """The stages of one device's pipeline: counting (counters and shifts) → scoring → events → publishing.
 
 Each stage takes a Sample, keeps its own state, and stages what it has to say in the
-outbox through `contract`; none reaches into another. The device runner (`device.py`)
-calls them in order and passes between them the one thing they share: an anomaly event
-starting or ending is told to the shift book.
+outbox through `contract`. What they share is handed to them, and named here: `Events` and
+`Publishing` are given the device's `Counting` — events add machine-state and alarm time to
+its shift book and read the live OEE from it; publishing sends the counters message beside
+the telemetry (when totals moved, or at `max_silence`). The device runner (`device.py`) calls
+the stages in order and tells the shift book when an anomaly event starts or ends.
 """
 
 from __future__ import annotations
