@@ -47,7 +47,7 @@ def test_the_shipped_model_and_a_good_config_pass(tmp_path):
     ("bad_json", "model pump-ae: its metadata {dir}/pump-ae.json is not valid JSON"),
     ("deep_json", "model pump-ae: its metadata {dir}/pump-ae.json is not valid JSON"),
     ("window", "pump-ae.tflite takes [1, {size}] and gives [1, {size}], but its metadata says window 20 x 10 tags"),
-    ("format1", "its metadata {dir}/pump-ae.json is format 1, this gateway reads format 2: train it again"),
+    ("format1", "its metadata {dir}/pump-ae.json is format 1, this gateway reads format 3: train it again"),
     ("short", "its metadata {dir}/pump-ae.json is not usable: inputs.center, inputs.spread, inputs.drift and "
               "error_scale need one entry per tag"),
 ])
@@ -136,9 +136,12 @@ def test_gaps_beyond_the_forward_fill_limit_are_not_scored(model):
         scorer.push(t, {**dict(zip(TAGS, row.tolist())), "flow_l_min": None})
     assert scorer.state.score is None and "flow_l_min" in scorer.state.why_unscored
     before = scorer.state.unscored
-    for t, row in enumerate(rows[75:75 + model.window], start=75):
+    span = max(model.window, model.context)  # the autoencoder's window and the statistics' context
+    for t, row in enumerate(rows[75:75 + span - 1], start=75):
         scorer.push(t, dict(zip(TAGS, row.tolist())))
-    assert scorer.state.unscored > before and scorer.state.score is not None  # once the gap left the window
+    assert scorer.state.score is None
+    scorer.push(75 + span, dict(zip(TAGS, rows[75 + span].tolist())))
+    assert scorer.state.unscored > before and scorer.state.score is not None  # once the gap left the context
 
 
 def test_bearing_wear_raises_an_anomaly_event_and_a_normal_run_does_not(tmp_path, mosquitto, gateway, subscribe):
