@@ -13,8 +13,9 @@ limit, the file's sha256). Each sample is turned into inputs one tag at a time, 
 Every `stride` samples, per tag, over the last `context` inputs (`Stats`):
 
 - *level*: the mean |input| (a sustained shift or a wider spread);
-- *T²*: Hotelling's T² of the window's mean input in the principal subspace of commissioning
-  (several tags leaving their joint normal region), split over the tags;
+- *SPE* (Q statistic): how far the window's mean input lies outside the principal subspace of
+  commissioning (tags that moved together now move apart: a broken correlation, not a new
+  operating point along the old one), as √SPE split over the tags;
 - *forecast residual*: the mean |one-step change| against its normal level (a noisier tag);
 - *autoencoder*: the int8 TFLite model's reconstruction error over the last `window` inputs,
   divided by each tag's normal error.
@@ -55,7 +56,7 @@ REQUIRED = ("format", "tags", "window", "stride", "interval_s", "inputs", "error
 MODEL_DIRS = (Path(__file__).resolve().parent.parent / "models", Path("/opt/edge-gateway/models"))
 DRIFT_CAP = 0.5  # the drift tags together contribute at most this share of the threshold: they cannot raise an
 # alarm alone
-COMPONENTS = ("level", "t2", "residual", "autoencoder")
+COMPONENTS = ("level", "spe", "residual", "autoencoder")
 
 
 class Inputs:
@@ -248,10 +249,10 @@ class Model:
 class Stats:
     """The statistics over the last `context` inputs, per tag, and their fusion into contributions."""
 
-    def __init__(self, context: int, t2_matrix: np.ndarray, residual_scale: np.ndarray, norms: Sequence[float],
+    def __init__(self, context: int, off_subspace: np.ndarray, residual_scale: np.ndarray, norms: Sequence[float],
                  weights: Sequence[float], drift: np.ndarray, drift_cap: float) -> None:
         self.context = context
-        self.t2 = t2_matrix  # (tags, tags): P diag(1 / variance of the window mean along each component) P^T
+        self.off = off_subspace  # (tags, tags): I - P P^T, P the principal components of commissioning
         self.inv_residual = 1.0 / residual_scale
         self.scale = np.asarray(weights, dtype=np.float64) / np.asarray(norms, dtype=np.float64)
         self.drift = drift if drift.any() else None
@@ -260,23 +261,24 @@ class Stats:
     @classmethod
     def from_meta(cls, stats: Mapping[str, Any], tags: int, threshold: float, drift: np.ndarray) -> Stats:
         context = int(stats["context"])
-        t2 = np.asarray(stats["t2_matrix"], dtype=np.float64)
+        off = np.asarray(stats["off_subspace"], dtype=np.float64)
         residual = np.asarray(stats["residual_scale"], dtype=np.float64)
         norms = [float(stats["norms"][c]) for c in COMPONENTS]
         weights = [float(stats["weights"][c]) for c in COMPONENTS]
-        if context < 2 or t2.shape != (tags, tags) or residual.shape != (tags,) or min(residual) <= 0 \
+        if context < 2 or off.shape != (tags, tags) or residual.shape != (tags,) or min(residual) <= 0 \
                 or min(norms) <= 0 or min(weights) < 0:
-            raise ValueError(f"stats need context 2 or more, a {tags} x {tags} t2_matrix, one residual_scale per "
+            raise ValueError(f"stats need context 2 or more, a {tags} x {tags} off_subspace, one residual_scale per "
                              f"tag and norms above 0")
-        return cls(context, t2, residual, norms, weights, drift, DRIFT_CAP * threshold)
+        return cls(context, off, residual, norms, weights, drift, DRIFT_CAP * threshold)
 
     def components(self, z: np.ndarray, dz: np.ndarray, ae: np.ndarray) -> np.ndarray:
         """(4, tags): each statistic's per-tag part, in its own units (`COMPONENTS` order)."""
         mean = z.mean(axis=0)
         level = np.abs(z).mean(axis=0)
-        t2 = np.maximum(mean * (self.t2 @ mean), 0.0)
+        spe = np.square(self.off @ mean)
+        spe /= max(float(spe.sum()), 1e-12) ** 0.5  # shares of √SPE: linear in a shift, as level is
         residual = np.maximum(dz.mean(axis=0) * self.inv_residual - 1.0, 0.0)
-        return np.stack((level, t2, residual, ae))
+        return np.stack((level, spe, residual, ae))
 
     def contributions(self, parts: np.ndarray) -> np.ndarray:
         """Each tag's share of the score: the weighted sum of its normalised statistics; the drift tags' together

@@ -13,8 +13,7 @@ recordings give better ones:
 4. A dense autoencoder, its width sized to the windows, trained with input noise, MAE loss and
    early stopping on the held-out part (best epoch kept), then converted to full-integer int8.
 5. The statistics over `context` samples (see gateway/anomaly.py), fitted on all of it: the
-   principal subspace of the inputs with the spread of each component's window mean (T²), each
-   tag's normal one-step change (forecast residual).
+   principal subspace of the inputs (SPE), each tag's normal one-step change (forecast residual).
 6. Calibration through the daemon's own `DeviceScorer` (causal, sample by sample): each tag's
    normal autoencoder error on the held-out part, each statistic's 99th percentile, then the
    threshold for the false-alarm rate asked for (`false_alarms`, events per second of normal
@@ -62,7 +61,7 @@ DRIFT_R2 = 0.5
 WEEK = 7 * 86400.0
 VOUCH = 10  # a recording vouches for false-alarm rates down to one per this many times its length
 CALIBRATION_BLOCKS = 30  # held-out blocks needed to calibrate on the held-out part alone
-WEIGHTS = {"level": 1.0, "t2": 1.0, "residual": 0.5, "autoencoder": 0.5}
+WEIGHTS = {"level": 1.0, "spe": 1.0, "residual": 0.5, "autoencoder": 0.5}
 
 
 class MissingExtra(GatewayError):
@@ -378,8 +377,8 @@ def _train(name: str, recordings: Sequence[Recording], out_dir: Path, opts: Opti
     tmp_meta.write_text(json.dumps(meta, indent=1) + "\n")
     os.replace(tmp_tflite, tflite_path)
     os.replace(tmp_meta, meta_path)
-    report.say(f"statistics over {context} samples ({context * interval:g} s): level, T² in "
-               f"{len(stats['t2_components'])} principal component(s), forecast residual, autoencoder")
+    report.say(f"statistics over {context} samples ({context * interval:g} s): level, SPE off "
+               f"{len(stats['components'])} principal component(s), forecast residual, autoencoder")
     report.say(f"threshold {threshold:.4f} for {rate_text(opts.false_alarms)} false events in normal running: "
                f"{meta['false_alarms']['method']}")
     if not meta["false_alarms"]["reachable"]:
@@ -479,8 +478,8 @@ def _scores(model: Model, grid: np.ndarray, start: int) -> np.ndarray:
 
 def _fit_stats(grids: list[np.ndarray], center: np.ndarray, spread: np.ndarray, drift: Sequence[bool],
                baseline_s: float, interval: float, context: int) -> dict[str, Any]:
-    """The principal subspace (90 % of the variance) with the spread of each component's window mean, and each
-    tag's normal |one-step change|."""
+    """The projection off the principal subspace (90 % of the variance of the inputs), and each tag's normal
+    |one-step change|."""
     inputs = [Inputs(center, spread, drift, baseline_s, interval).run(g) for g in grids]
     rows = np.concatenate([z[~np.isnan(z).any(axis=1)] for z in inputs])
     tags = rows.shape[1]
@@ -491,18 +490,10 @@ def _fit_stats(grids: list[np.ndarray], center: np.ndarray, spread: np.ndarray, 
     share = np.cumsum(values) / max(float(values.sum()), 1e-12)
     q = int(min(tags, np.searchsorted(share, 0.9) + 1))
     basis = vectors[:, :q]
-    means = []
-    for z in inputs:
-        if len(z) >= context:
-            view = np.lib.stride_tricks.sliding_window_view(z, context, axis=0)  # (n, tags, context)
-            m = view.mean(axis=2)
-            means.append(m[~np.isnan(m).any(axis=1)])
-    window_means = np.concatenate(means) if means else rows
-    spread_means = np.maximum((window_means @ basis).var(axis=0), 1e-4 * np.maximum(values[:q], 1e-6))
-    t2 = basis @ np.diag(1.0 / spread_means) @ basis.T
+    off = np.eye(tags) - basis @ basis.T
     steps = np.concatenate([np.abs(np.diff(z, axis=0)) for z in inputs])
     residual = np.maximum(np.nanmean(steps, axis=0), 1e-3)
-    return {"context": context, "t2_matrix": [_floats(r) for r in t2], "t2_components": _floats(values[:q]),
+    return {"context": context, "off_subspace": [_floats(r) for r in off], "components": _floats(values[:q]),
             "residual_scale": _floats(residual), "norms": dict.fromkeys(COMPONENTS, 1.0), "weights": dict(WEIGHTS)}
 
 
