@@ -252,10 +252,12 @@ class Stats:
     def __init__(self, context: int, off_subspace: np.ndarray, residual_scale: np.ndarray, norms: Sequence[float],
                  weights: Sequence[float], drift: np.ndarray, drift_cap: float) -> None:
         self.context = context
-        self.off = off_subspace  # (tags, tags): I - P P^T, P the principal components of commissioning
-        self.inv_residual = 1.0 / residual_scale
-        self.scale = np.asarray(weights, dtype=np.float64) / np.asarray(norms, dtype=np.float64)
-        self.drift = drift if drift.any() else None
+        self.off = off_subspace.astype(np.float32)  # (tags, tags): I - P P^T, P the principal components
+        # Sums over the context, not means: the 1/n is folded into these constants (µs count per window).
+        self.inv_n = np.float32(1.0 / context)
+        self.inv_residual = (1.0 / (residual_scale * (context - 1))).astype(np.float32)
+        self.scale = (np.asarray(weights, dtype=np.float64) / np.asarray(norms, dtype=np.float64)).astype(np.float32)
+        self.drift = drift.astype(np.float32) if drift.any() else None
         self.drift_cap = drift_cap  # the most the drift tags together may contribute
 
     @classmethod
@@ -271,23 +273,26 @@ class Stats:
                              f"tag and norms above 0")
         return cls(context, off, residual, norms, weights, drift, DRIFT_CAP * threshold)
 
-    def components(self, z: np.ndarray, dz: np.ndarray, ae: np.ndarray) -> np.ndarray:
-        """(4, tags): each statistic's per-tag part, in its own units (`COMPONENTS` order)."""
-        mean = z.mean(axis=0)
-        level = np.abs(z).mean(axis=0)
-        spe = np.square(self.off @ mean)
-        spe /= max(float(spe.sum()), 1e-12) ** 0.5  # shares of √SPE: linear in a shift, as level is
-        residual = np.maximum(dz.mean(axis=0) * self.inv_residual - 1.0, 0.0)
-        return np.stack((level, spe, residual, ae))
+    def components(self, z: np.ndarray, dz: np.ndarray, ae: np.ndarray, parts: np.ndarray) -> np.ndarray:
+        """`parts` (4, tags) filled with each statistic's per-tag part, in its own units (`COMPONENTS` order)."""
+        np.multiply(np.abs(z).sum(axis=0), self.inv_n, out=parts[0])  # level: mean |input|
+        residual = self.off @ (z.sum(axis=0) * self.inv_n)  # the window's mean, off the principal subspace
+        np.square(residual, out=parts[1])
+        parts[1] *= 1.0 / max(float(parts[1].sum()), 1e-12) ** 0.5  # shares of √SPE: linear in a shift, as level
+        np.multiply(dz.sum(axis=0), self.inv_residual, out=parts[2])  # mean |one-step change| / its normal level
+        parts[2] -= 1.0
+        np.maximum(parts[2], 0.0, out=parts[2])
+        parts[3] = ae
+        return parts
 
     def contributions(self, parts: np.ndarray) -> np.ndarray:
         """Each tag's share of the score: the weighted sum of its normalised statistics; the drift tags' together
         scaled down to at most `drift_cap`."""
         out = self.scale @ parts
         if self.drift is not None:
-            total = float(out[self.drift].sum())
+            total = float(out @ self.drift)
             if total > self.drift_cap:
-                out[self.drift] *= self.drift_cap / total
+                out *= 1.0 - self.drift * (1.0 - self.drift_cap / total)
         return cast(np.ndarray, out)
 
 
@@ -362,6 +367,7 @@ class DeviceScorer:
         self.state = ScoreState()
         self.errors: np.ndarray | None = None  # the last scored window's contribution per tag
         self.parts: np.ndarray | None = None  # and its statistics (`COMPONENTS` x tags), before fusion
+        self._parts = np.empty((len(COMPONENTS), t), dtype=np.float32)
         self._event_start: float | None = None
         self._peak = 0.0
 
@@ -403,7 +409,7 @@ class DeviceScorer:
         self.state.why_unscored = None
         start = time.perf_counter()
         ae = m.tag_errors(self.buf[-m.window:].reshape(-1))
-        self.parts = m.stats.components(self.buf[-m.context:], self.dbuf[-m.context + 1:], ae)
+        self.parts = m.stats.components(self.buf[-m.context:], self.dbuf[-m.context + 1:], ae, self._parts)
         err = m.stats.contributions(self.parts)
         self.state.latency_us.append((time.perf_counter() - start) * 1e6)
         score = float(err.sum())
