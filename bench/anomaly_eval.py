@@ -26,6 +26,7 @@ rate (share of anomalous rows not flagged), detection delay (onset to the first 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -166,6 +167,7 @@ def table(title: str, result: dict[str, Tally]) -> Tally:
 
 
 def own_model_possible() -> bool:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before the import: TensorFlow's C++ notices are not figures
     try:
         import tensorflow  # noqa: F401
     except ImportError:

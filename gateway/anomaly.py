@@ -1,21 +1,32 @@
-"""Anomaly scoring with an int8 TFLite autoencoder: one ring buffer per device, one invoke per window.
+"""Anomaly scoring: four statistics of the same inputs, fused, and a sequential event rule.
 
-The model is a `.tflite` file and its metadata `.json` (format 2: tags in order, window, stride,
-the input transform, each tag's normal error, threshold, event rule, forward-fill limit, the
-file's sha256). Each sample is turned into inputs one tag at a time, causally (`Inputs`):
+The model is a `.tflite` file and its metadata `.json` (format 3: tags in order, window, stride,
+context, the input transform, each statistic's normal level, threshold, event rule, forward-fill
+limit, the file's sha256). Each sample is turned into inputs one tag at a time, causally (`Inputs`):
 
-- a *level* tag is centred and scaled by its commissioning median and spread;
-- a *drift* tag (temperatures that follow the weather or heat up over a shift) is fed as its
-  deviation from a slow moving baseline, so a level never seen in commissioning is not news.
+- a *level* tag is centred and scaled by its commissioning median and spread: a level never seen
+  in commissioning is evidence, never adapted away;
+- a *drift* tag (one that trends in normal running: a temperature heating up) is fed as its
+  deviation from a slow moving baseline. The baseline stands still while the device is in an
+  event, so a sustained change stays visible for as long as it lasts.
 
-Every `stride` samples the last `window` inputs are quantized with the model's own
-scale/zero-point and reconstructed. Each tag's mean absolute error over the window is divided by
-that tag's own normal error (measured at training on held-out running), so a noisy tag does not
-drown a quiet one; a drift tag's share is capped, so one drifting tag cannot raise an alarm
-alone. The score is the mean of these normalised errors (about 1 in normal running); each tag's
-share of it names the tags that contribute most. A missing value is forward-filled up to
-`ffill_limit` samples; a longer gap leaves the window unscored (said as such, never taken as
-normal) until the gap has left the window.
+Every `stride` samples, per tag, over the last `context` inputs (`Stats`):
+
+- *level*: the mean |input| (a sustained shift or a wider spread);
+- *SPE* (Q statistic): how far the window's mean input lies outside the principal subspace of
+  commissioning (tags that moved together now move apart: a broken correlation, not a new
+  operating point along the old one), as √SPE split over the tags;
+- *forecast residual*: the mean |one-step change| against its normal level (a noisier tag);
+- *autoencoder*: the int8 TFLite model's reconstruction error over the last `window` inputs,
+  divided by each tag's normal error.
+
+Each statistic is divided by its own normal level (its 99th percentile over commissioning) and
+weighted; a tag's contribution is the sum, the score the sum over tags (the drift tags' contributions
+together are capped: drifting tags cannot raise an alarm alone). An event starts when the cumulative sum
+of (score / threshold - 1), floored at 0, reaches `h` (CUSUM: one big window or several modest
+ones), and ends when that sum has stayed at 0 for `end_after` windows, so one disturbance is one
+event. A missing value is forward-filled up to `ffill_limit` samples; a longer gap leaves windows
+unscored (said as such, never taken as normal) until the gap has left the context.
 
 The runtime is `ai_edge_litert` (LiteRT), else `tflite_runtime` (the same Interpreter API).
 TensorFlow is never imported here.
@@ -39,10 +50,13 @@ import numpy as np
 
 from gateway.errors import ModelError
 
-FORMAT = 2
-REQUIRED = ("format", "tags", "window", "stride", "interval_s", "inputs", "error_scale", "threshold", "sha256")
+FORMAT = 3
+REQUIRED = ("format", "tags", "window", "stride", "interval_s", "inputs", "error_scale", "stats", "threshold",
+            "sha256")
 MODEL_DIRS = (Path(__file__).resolve().parent.parent / "models", Path("/opt/edge-gateway/models"))
-DRIFT_CAP = 3.0  # a drift tag's normalised error counts up to this much: it cannot raise an alarm alone
+DRIFT_CAP = 0.5  # the drift tags together contribute at most this share of the threshold: they cannot raise an
+# alarm alone
+COMPONENTS = ("level", "spe", "residual", "autoencoder")
 
 
 class Inputs:
@@ -61,13 +75,15 @@ class Inputs:
     def from_meta(cls, inputs: Mapping[str, Any], interval: float) -> Inputs:
         return cls(inputs["center"], inputs["spread"], inputs["drift"], float(inputs["baseline_s"]), interval)
 
-    def push(self, row: np.ndarray) -> np.ndarray:
-        """One row of raw values (NaN where missing) → its inputs (NaN where missing)."""
+    def push(self, row: np.ndarray, follow: bool = True) -> np.ndarray:
+        """One row of raw values (NaN where missing) → its inputs (NaN where missing); `follow=False` (in an
+        event) holds the drift baselines where they are."""
         start = np.isnan(self.baseline) & ~np.isnan(row)
         self.baseline[start] = row[start]
         level = np.where(self.drift, row - self.baseline, row - self.center) * self.inv_spread
-        seen = ~np.isnan(row)
-        self.baseline[seen] += self.alpha * (row[seen] - self.baseline[seen])
+        if follow:
+            seen = ~np.isnan(row)
+            self.baseline[seen] += self.alpha * (row[seen] - self.baseline[seen])
         return cast(np.ndarray, level)
 
     def run(self, rows: np.ndarray) -> np.ndarray:
@@ -160,14 +176,18 @@ class Model:
             self.drift = np.asarray(inputs["drift"], dtype=bool)
             self.inv_error = (1.0 / np.asarray(meta["error_scale"], dtype=np.float64)).astype(np.float32)
             events = meta.get("events", {})
-            self.start_after, self.end_after = int(events.get("start_after", 3)), int(events.get("end_after", 6))
+            self.cusum_h, self.cusum_cap = float(events.get("h", 1.0)), float(events.get("cap", 4.0))
+            self.start_after, self.end_after = int(events.get("start_after", 1)), int(events.get("end_after", 10))
+            self.stats = Stats.from_meta(meta["stats"], n, self.threshold, self.drift)
             self.ffill_limit = int(meta.get("ffill_limit", 5))
             self.top_n = int(meta.get("top_tags", 3))
             self.flatline_tags = set(meta.get("flatline_tags", self.tags))
             self.flatline_after = int(meta.get("flatline_after", self.window))  # samples of one exact value
             if self.window < 1 or self.stride < 1 or self.interval <= 0 or not math.isfinite(self.threshold) \
-                    or self.threshold <= 0:
-                raise ValueError("window and stride need to be 1 or more, interval_s and threshold above 0")
+                    or self.threshold <= 0 or self.cusum_h <= 0 or self.end_after < 1:
+                raise ValueError("window, stride and events.end_after need to be 1 or more, interval_s, threshold and "
+                                 "events.h above 0")
+            self.context = self.stats.context
         except (KeyError, TypeError, ValueError) as err:
             why = f"lacks {err}" if isinstance(err, KeyError) else str(err)
             raise ModelError(f"its metadata {meta_path} is not usable: {why}") from None
@@ -194,7 +214,6 @@ class Model:
         self.size = len(data)
         # (window*tags, tags): sums each tag's errors over the window, / window, / the tag's normal error.
         self._weights = np.tile(np.diag(self.inv_error / self.window), (self.window, 1)).astype(np.float32)
-        self._cap = np.where(self.drift, DRIFT_CAP, np.inf).astype(np.float32) if self.drift.any() else None
         self._qbuf = np.empty((1, size), dtype=np.int8 if self.int8 else np.float32)
 
     def new_inputs(self) -> Inputs:
@@ -205,10 +224,7 @@ class Model:
         diff = self.reconstruct(flat)
         np.subtract(diff, flat, out=diff)
         np.abs(diff, out=diff)
-        err = diff @ self._weights  # mean over the window and division by the tag's normal error, in one product
-        if self._cap is not None:
-            np.minimum(err, self._cap, out=err)
-        return cast(np.ndarray, err)
+        return diff @ self._weights  # mean over the window and division by the normal error, in one product
 
     def reconstruct(self, flat: np.ndarray) -> np.ndarray:
         """One scaled window (window*tags floats) → its reconstruction, in scaled units."""
@@ -228,6 +244,56 @@ class Model:
         self.interpreter.set_tensor(self._in, self._qbuf)
         self.interpreter.invoke()
         return cast(np.ndarray, self.interpreter.get_tensor(self._out)[0])
+
+
+class Stats:
+    """The statistics over the last `context` inputs, per tag, and their fusion into contributions."""
+
+    def __init__(self, context: int, off_subspace: np.ndarray, residual_scale: np.ndarray, norms: Sequence[float],
+                 weights: Sequence[float], drift: np.ndarray, drift_cap: float) -> None:
+        self.context = context
+        self.off = off_subspace.astype(np.float32)  # (tags, tags): I - P P^T, P the principal components
+        # Sums over the context, not means: the 1/n is folded into these constants (µs count per window).
+        self.inv_n = np.float32(1.0 / context)
+        self.inv_residual = (1.0 / (residual_scale * (context - 1))).astype(np.float32)
+        self.scale = (np.asarray(weights, dtype=np.float64) / np.asarray(norms, dtype=np.float64)).astype(np.float32)
+        self.drift = drift.astype(np.float32) if drift.any() else None
+        self.drift_cap = drift_cap  # the most the drift tags together may contribute
+
+    @classmethod
+    def from_meta(cls, stats: Mapping[str, Any], tags: int, threshold: float, drift: np.ndarray) -> Stats:
+        context = int(stats["context"])
+        off = np.asarray(stats["off_subspace"], dtype=np.float64)
+        residual = np.asarray(stats["residual_scale"], dtype=np.float64)
+        norms = [float(stats["norms"][c]) for c in COMPONENTS]
+        weights = [float(stats["weights"][c]) for c in COMPONENTS]
+        if context < 2 or off.shape != (tags, tags) or residual.shape != (tags,) or min(residual) <= 0 \
+                or min(norms) <= 0 or min(weights) < 0:
+            raise ValueError(f"stats need context 2 or more, a {tags} x {tags} off_subspace, one residual_scale per "
+                             f"tag and norms above 0")
+        return cls(context, off, residual, norms, weights, drift, DRIFT_CAP * threshold)
+
+    def components(self, z: np.ndarray, dz: np.ndarray, ae: np.ndarray, parts: np.ndarray) -> np.ndarray:
+        """`parts` (4, tags) filled with each statistic's per-tag part, in its own units (`COMPONENTS` order)."""
+        np.multiply(np.abs(z).sum(axis=0), self.inv_n, out=parts[0])  # level: mean |input|
+        residual = self.off @ (z.sum(axis=0) * self.inv_n)  # the window's mean, off the principal subspace
+        np.square(residual, out=parts[1])
+        parts[1] *= 1.0 / max(float(parts[1].sum()), 1e-12) ** 0.5  # shares of √SPE: linear in a shift, as level
+        np.multiply(dz.sum(axis=0), self.inv_residual, out=parts[2])  # mean |one-step change| / its normal level
+        parts[2] -= 1.0
+        np.maximum(parts[2], 0.0, out=parts[2])
+        parts[3] = ae
+        return parts
+
+    def contributions(self, parts: np.ndarray) -> np.ndarray:
+        """Each tag's share of the score: the weighted sum of its normalised statistics; the drift tags' together
+        scaled down to at most `drift_cap`."""
+        out = self.scale @ parts
+        if self.drift is not None:
+            total = float(out @ self.drift)
+            if total > self.drift_cap:
+                out *= 1.0 - self.drift * (1.0 - self.drift_cap / total)
+        return cast(np.ndarray, out)
 
 
 _loaded: dict[Path, tuple[tuple[tuple[int, int], ...], Model]] = {}
@@ -281,22 +347,27 @@ class ScoreState:
 
 
 class DeviceScorer:
-    """One device's input transform, ring buffer, forward fill, scoring schedule and event hysteresis."""
+    """One device's input transform, ring buffers, forward fill, scoring schedule and event rule."""
 
     def __init__(self, model: Model) -> None:
         self.model = model
-        w, t = model.window, len(model.tags)
+        t = len(model.tags)
         self.inputs = model.new_inputs()
-        self.buf = np.zeros((w, t), dtype=np.float32)
+        self.span = max(model.window, model.context)  # samples a window needs
+        self.buf = np.zeros((self.span, t), dtype=np.float32)  # the last inputs; the autoencoder sees the newest
+        self.dbuf = np.zeros((self.span, t), dtype=np.float32)  # |one-step change| of each input
         self.filled = 0  # samples in the buffer since the last unfillable gap
         self.last = np.full(t, np.nan, dtype=np.float64)
         self.missing_run = np.zeros(t, dtype=np.int64)
         self.same_run = np.zeros(t, dtype=np.int64)  # samples in a row that repeat the last raw value exactly
         self._raw = np.full(t, np.nan, dtype=np.float64)
         self.since_score = 0
-        self.above = self.below = 0
+        self.cusum = 0.0  # sum of (score / threshold - 1), floored at 0
+        self.quiet = 0  # windows in a row with the sum at 0, in an event
         self.state = ScoreState()
-        self.errors: np.ndarray | None = None  # the last scored window's normalised error per tag
+        self.errors: np.ndarray | None = None  # the last scored window's contribution per tag
+        self.parts: np.ndarray | None = None  # and its statistics (`COMPONENTS` x tags), before fusion
+        self._parts = np.empty((len(COMPONENTS), t), dtype=np.float32)
         self._event_start: float | None = None
         self._peak = 0.0
 
@@ -311,40 +382,45 @@ class DeviceScorer:
         row = np.where(bad & (self.missing_run <= m.ffill_limit), self.last, row)  # forward fill, within the limit
         row[~np.isfinite(row)] = np.nan
         self.last = row
+        previous = self.buf[-1].copy()
         self.buf[:-1] = self.buf[1:]  # shift in place: no new array per sample
-        self.buf[-1] = self.inputs.push(row)
+        self.dbuf[:-1] = self.dbuf[1:]
+        self.buf[-1] = self.inputs.push(row, follow=not self.state.active)
         gap = np.isnan(row)
         if gap.any():
-            self.filled = 0  # this window and the next `window` ones contain a real gap
+            self.filled = 0  # this window and the next `span` ones contain a real gap
             self.buf[-1][gap] = 0.0
             names = ", ".join(t for t, g in zip(m.tags, gap, strict=True) if g)
             self.state.why_unscored = f"no value for {names} beyond the forward-fill limit"
         else:
-            self.filled = min(self.filled + 1, m.window)
+            self.filled = min(self.filled + 1, self.span)
+        self.dbuf[-1] = np.abs(self.buf[-1] - previous) if self.filled > 1 else 0.0
         self.since_score += 1
         if self.since_score < m.stride:
             return None
         self.since_score = 0
-        if self.filled < m.window:
+        if self.filled < self.span:
             self.state.score = None
-            self.errors = None
+            self.errors = self.parts = None
             self.state.unscored += 1
             if self.state.why_unscored is None:
-                self.state.why_unscored = "warming up: fewer samples than one window"
+                self.state.why_unscored = f"warming up: fewer samples than one context ({self.span})"
             return None
         self.state.why_unscored = None
         start = time.perf_counter()
-        err = m.tag_errors(self.buf.reshape(-1))
+        ae = m.tag_errors(self.buf[-m.window:].reshape(-1))
+        self.parts = m.stats.components(self.buf[-m.context:], self.dbuf[-m.context + 1:], ae, self._parts)
+        err = m.stats.contributions(self.parts)
         self.state.latency_us.append((time.perf_counter() - start) * 1e6)
-        score = float(err.mean())
+        score = float(err.sum())
         self.errors = err
         self.state.score = score
         self.state.scored += 1
         # A live sensor never repeats its value exactly for a whole window: a stuck one does. Its
-        # reconstruction error is small (no noise to miss), so the autoencoder alone cannot see it.
+        # statistics are small (no noise at all), so they alone cannot see it.
         flatlined = [int(i) for i in np.nonzero(self.same_run >= m.flatline_after - 1)[0]
                      if m.tags[i] in m.flatline_tags]
-        return self._hysteresis(ts, score, err, flatlined)
+        return self._cusum(ts, score, err, flatlined)
 
     def top_tags(self, err: np.ndarray, flat: Sequence[int] = ()) -> list[dict[str, Any]]:
         total = float(err.sum()) or 1.0
@@ -352,19 +428,24 @@ class DeviceScorer:
         return [{"tag": self.model.tags[i], "share": round(float(err[i]) / total, 3),
                  **({"flatline": True} if i in flat else {})} for i in order[: self.model.top_n]]
 
-    def _hysteresis(self, ts: float, score: float, err: np.ndarray, flat: Sequence[int] = ()) -> Event | None:
+    def _cusum(self, ts: float, score: float, err: np.ndarray, flat: Sequence[int] = ()) -> Event | None:
+        """CUSUM on the score against the threshold: a big excess starts an event at once, a modest one after
+        a few windows; an event ends when the sum has stayed at 0 for `end_after` windows."""
         m = self.model
-        if score > m.threshold or flat:
-            self.above, self.below = self.above + 1, 0
+        excess = score / m.threshold - 1.0
+        if flat:
+            excess = max(excess, m.cusum_h)
+        self.cusum = min(m.cusum_cap, max(0.0, self.cusum + excess))
+        if self.state.active:
             self._peak = max(self._peak, score)
-        else:
-            self.above, self.below = 0, self.below + 1
-        if not self.state.active and self.above >= m.start_after:
-            self.state.active, self._event_start, self._peak = True, ts, score
+            self.quiet = self.quiet + 1 if self.cusum == 0.0 else 0
+            if self.quiet >= m.end_after:
+                self.state.active = False
+                return Event("end", score, self.top_tags(err), started=self._event_start, peak=self._peak)
+            return None
+        if self.cusum >= m.cusum_h:
+            self.state.active, self._event_start, self._peak, self.quiet = True, ts, score, 0
             return Event("start", score, self.top_tags(err, flat))
-        if self.state.active and self.below >= m.end_after:
-            self.state.active = False
-            return Event("end", score, self.top_tags(err), started=self._event_start, peak=self._peak)
         return None
 
     def take_latency(self) -> list[float]:

@@ -43,7 +43,12 @@ def add_arguments(sub: Any) -> None:
                        "comma-separated, or 'none' (default: detected, those with a trend)")
     train.add_argument("--baseline", default="60s", help="the drift baseline's time constant (default %(default)s)")
     train.add_argument("--epochs", type=int, default=200, help="at most this many (early stopping ends sooner)")
-    train.add_argument("--margin", type=float, default=1.5, help="threshold margin (default %(default)s)")
+    train.add_argument("--context", type=int, default=30, help="samples the statistics look back over "
+                       "(default %(default)s)")
+    train.add_argument("--false-alarms", default="1/week", metavar="RATE", help="false events you accept per time "
+                       "of normal running, e.g. 1/week, 2/day, 1/h (default %(default)s)")
+    train.add_argument("--plot", metavar="FILE", help="a report of the calibration part: .html or .png "
+                       "(needs the [plot] extra)")
     score = actions.add_parser("score", help="replay a CSV recording through a model, row by row, as the daemon "
                                "scores")
     score.add_argument("name")
@@ -52,6 +57,8 @@ def add_arguments(sub: Any) -> None:
     score.add_argument("--model-dir", metavar="DIR", help="default: here if NAME.tflite is here, else the installed "
                        "models")
     score.add_argument("--out", default="-", metavar="FILE", help="per-row CSV (default: stdout)")
+    score.add_argument("--plot", metavar="FILE", help="a report: score against threshold, events, each tag's "
+                       "contribution, the top tags' values; .html or .png (needs the [plot] extra)")
     for name, text in (("list", "the installed models and whether each can be loaded"),
                        ("show", "one model's metadata")):
         p = actions.add_parser(name, help=text)
@@ -120,8 +127,10 @@ def _csv_list(text: str | None) -> list[str] | None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from gateway.recording import DataError, read_csv
-    from gateway.training import Options, train
+    from gateway.training import Options, parse_rate, train
     if bool(args.csv) == bool(args.device):
         raise _Usage("give either --csv FILE (repeatable) or --device DEV -c CONFIG")
     interval = None
@@ -148,14 +157,32 @@ def _train(args: argparse.Namespace) -> int:
         if len(r) == 0:
             raise DataError(f"{r.source}: no rows")
     drift = _csv_list(args.drift_tags)
-    opts = Options(window=args.window, interval=interval, baseline_s=baseline, epochs=args.epochs, margin=args.margin,
-                   drift_tags=[] if drift == ["none"] else drift)
-    if args.window < 2 or args.epochs < 1:
-        raise _Usage("--window needs 2 or more, --epochs 1 or more")
+    try:
+        rate = parse_rate(args.false_alarms)
+    except ValueError:
+        raise _Usage(f"--false-alarms {args.false_alarms!r}: expected a count per time, e.g. 1/week, 2/day or "
+                     f"0.5/h") from None
+    opts = Options(window=args.window, interval=interval, baseline_s=baseline, epochs=args.epochs,
+                   context=args.context, false_alarms=rate, drift_tags=[] if drift == ["none"] else drift)
+    if args.window < 2 or args.epochs < 1 or args.context < 2:
+        raise _Usage("--window and --context need 2 or more, --epochs 1 or more")
+    if args.plot:
+        _plot_check(args.plot)
     report = train(args.name, recordings, Path(args.out), opts, progress=_progress_bar())
     if sys.stderr.isatty():
         print(file=sys.stderr)  # end the bar's line
     print("\n".join(report.lines))
+    if args.plot:
+        from gateway import replay
+        from gateway.anomaly import Model
+        from gateway.recording import Recording
+        model = Model(Path(args.out) / f"{args.name}.tflite", Path(args.out) / f"{args.name}.json")
+        grid, start = max(report.held_out, key=lambda h: len(h[0]) - h[1])
+        t0 = 0.0
+        rec = Recording("the calibration part", model.tags, t0 + np.arange(len(grid)) * model.interval, grid)
+        rows = list(replay.replay(model, rec))[start:]
+        _write_plot(args.plot, model, rows, rec.select(model.tags).values[start:],
+                    f"model {model.name}: the calibration part of its training data")
     print(f"to deploy: copy {args.name}.tflite and {args.name}.json into gateway.model_dir, set "
           f"devices[].model: {args.name}, then edge-gateway check-config and systemctl reload edge-gateway")
     return EX_OK
@@ -290,14 +317,35 @@ def _score(args: argparse.Namespace) -> int:
     recording = read_csv(args.csv, time_column=args.time_column)
     for note in recording.notes:
         print(f"{recording.source}: {note}", file=sys.stderr)
+    if args.plot:
+        _plot_check(args.plot)
+    rows: list[replay.Row] = []
     if args.out == "-":
-        summary = replay.write(model, recording, sys.stdout)
+        summary = replay.write(model, recording, sys.stdout, keep=rows)
     else:
         with open(args.out, "w", newline="") as out:
-            summary = replay.write(model, recording, out)
+            summary = replay.write(model, recording, out, keep=rows)
     print(f"model {model.name} (threshold {model.threshold:.4g}) on {args.csv}: {summary.text(model.interval)}",
           file=sys.stderr)
+    print(summary.expected(model), file=sys.stderr)
+    if args.plot:
+        _write_plot(args.plot, model, rows, recording.select(model.tags).values, f"model {model.name} on {args.csv}")
     return EX_OK
+
+
+def _plot_check(path: str) -> None:
+    """Refuse a plot that cannot be written before the work, not after."""
+    from gateway.anomaly_report import MissingPlot, check
+    try:
+        check(path)
+    except MissingPlot as err:
+        raise _Usage(str(err)) from None
+
+
+def _write_plot(path: str, model: Any, rows: list[Any], values: Any, title: str) -> None:
+    from gateway.anomaly_report import write
+    write(path, model, rows, values, title)
+    print(f"report written to {path}", file=sys.stderr)
 
 
 def _describe(name: str, directory: Path) -> dict[str, Any]:
@@ -310,7 +358,8 @@ def _describe(name: str, directory: Path) -> dict[str, Any]:
     drift = [t for t, d in zip(m.tags, meta["inputs"]["drift"], strict=True) if d]
     return {"name": name, "ok": True, "tags": m.tags, "drift_tags": drift, "window": m.window, "stride": m.stride,
             "interval_s": m.interval, "threshold": m.threshold, "bytes": m.size,
-            "events": {"start_after": m.start_after, "end_after": m.end_after},
+            "events": {"h": m.cusum_h, "end_after": m.end_after}, "context": m.context,
+            "false_alarms": meta.get("false_alarms", {}),
             "training": meta.get("training", {}), "versions": meta.get("versions", {}), "sha256": meta["sha256"]}
 
 
@@ -343,8 +392,11 @@ def _show(args: argparse.Namespace) -> int:
     lines = [f"model {d['name']} in {directory}",
              f"  tags ({len(d['tags'])}): {', '.join(d['tags'])}",
              f"  drift tags: {', '.join(d['drift_tags']) or 'none'}",
-             f"  window {d['window']} samples every {d['interval_s']:g} s, stride {d['stride']}; "
-             f"event after {d['events']['start_after']} windows above, ends after {d['events']['end_after']} below",
+             f"  window {d['window']} samples (statistics over {d['context']}) every {d['interval_s']:g} s, stride "
+             f"{d['stride']}; an event starts when the CUSUM of score/threshold - 1 reaches {d['events']['h']:g}, "
+             f"ends after {d['events']['end_after']} windows at 0",
+             f"  false alarms: {d['false_alarms'].get('asked', '?')} asked, the recording vouches for "
+             f"{d['false_alarms'].get('vouched_down_to', '?')}",
              f"  threshold {d['threshold']:.4g}: {t.get('threshold_rule', 'not recorded')}",
              f"  trained on {t.get('samples', '?')} samples from {', '.join(t.get('recordings', [])) or '?'}; "
              f"{t.get('epochs', '?')} epochs, validation error {t.get('validation_error', '?')}",

@@ -26,6 +26,7 @@ class Row:
     score: float | None  # None: no window was scored at this row
     state: str  # normal | anomaly | not_scored
     top_tags: list[str]
+    contributions: np.ndarray | None = None  # each tag's share of the score, when scored at this row
 
 
 @dataclass
@@ -35,6 +36,15 @@ class Summary:
     events: int = 0
     rows_anomaly: int = 0
     rows_not_scored: int = 0
+
+    def expected(self, model: Model) -> str:
+        """The false events the model's calibration expects over this span of normal running, beside those seen."""
+        rate = float(model.meta.get("false_alarms", {}).get("per_second", 0.0))
+        span = self.rows * model.interval
+        hours = span / 3600
+        return (f"false events expected in {hours:.2f} h of normal running at the calibrated "
+                f"{model.meta.get('false_alarms', {}).get('asked', '?')}: {rate * span:.2g}; events seen: "
+                f"{self.events} (those outside known faults are false)")
 
     def text(self, interval: float) -> str:
         share = self.rows_anomaly / self.rows if self.rows else 0.0
@@ -68,11 +78,12 @@ def replay(model: Model, recording: Recording) -> Iterator[Row]:
         top: list[str] = []
         if fresh and scorer.errors is not None:
             top = [t["tag"] for t in scorer.top_tags(scorer.errors)]
-        yield Row(float(ts), scorer.state.score if fresh else None, state, top)
+        yield Row(float(ts), scorer.state.score if fresh else None, state, top,
+                  scorer.errors.copy() if fresh and scorer.errors is not None else None)
 
 
-def write(model: Model, recording: Recording, out: IO[str]) -> Summary:
-    """The per-row CSV (`COLUMNS`) on `out`; the summary for stderr."""
+def write(model: Model, recording: Recording, out: IO[str], keep: list[Row] | None = None) -> Summary:
+    """The per-row CSV (`COLUMNS`) on `out`; the summary for stderr; every row appended to `keep` if given."""
     summary = Summary()
     writer = csv.writer(out)
     writer.writerow(COLUMNS)
@@ -80,6 +91,8 @@ def write(model: Model, recording: Recording, out: IO[str]) -> Summary:
     threshold = f"{model.threshold:.6g}"
     for row in replay(model, recording):
         summary.rows += 1
+        if keep is not None:
+            keep.append(row)
         summary.windows_scored += row.score is not None
         summary.rows_anomaly += row.state == "anomaly"
         summary.rows_not_scored += row.state == "not_scored"

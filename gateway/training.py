@@ -12,25 +12,37 @@ recordings give better ones:
 3. Windows at stride 1. The last 20 % of each recording (after a gap of one window) is held out.
 4. A dense autoencoder, its width sized to the windows, trained with input noise, MAE loss and
    early stopping on the held-out part (best epoch kept), then converted to full-integer int8.
-5. Calibration on the held-out part, scored by the int8 model through the daemon's own
-   `DeviceScorer` (causal, sample by sample): each tag's normal error (so every tag weighs
-   alike), then the threshold = the `quantile` of held-out scores × `margin`, the margin
-   widened when the held-out part is short. How it was set is written into the metadata.
+5. The statistics over `context` samples (see gateway/anomaly.py), fitted on all of it: the
+   principal subspace of the inputs (SPE), each tag's normal one-step change (forecast residual).
+6. Calibration through the daemon's own `DeviceScorer` (causal, sample by sample): each tag's
+   normal autoencoder error on the held-out part, each statistic's 99th percentile, then the
+   threshold for the false-alarm rate asked for (`false_alarms`, events per second of normal
+   running): the maxima of the fused score over blocks of one context are fitted with a Gumbel
+   distribution (an extreme-value fit, by moments), and the threshold is its quantile for that
+   rate per block, never below the highest score seen. The held-out part is used when it holds
+   30 blocks or more, else all of the recording (the autoencoder's share is then in-sample on its
+   training part). A rate below what the recording can vouch for (one false event per ten times
+   its length) is said, with the recording it would take. How it was set is written into the
+   metadata.
 
 TensorFlow is imported here only (the `[train]` extra); the daemon never imports this module.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import math
 import os
 import platform
 import random
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +50,7 @@ from typing import Any
 import numpy as np
 
 from gateway import __version__
-from gateway.anomaly import FORMAT, DeviceScorer, Inputs, Model
+from gateway.anomaly import COMPONENTS, FORMAT, DeviceScorer, Inputs, Model
 from gateway.errors import GatewayError
 from gateway.recording import DataError, Recording
 
@@ -46,6 +58,10 @@ SEED = 7
 HOLDOUT = 0.2  # share of each recording held out for early stopping and calibration
 MIN_TRAIN_WINDOWS, MIN_HOLDOUT_WINDOWS = 120, 30
 DRIFT_R2 = 0.5
+WEEK = 7 * 86400.0
+VOUCH = 10  # a recording vouches for false-alarm rates down to one per this many times its length
+CALIBRATION_BLOCKS = 30  # held-out blocks needed to calibrate on the held-out part alone
+WEIGHTS = {"level": 1.0, "spe": 1.0, "residual": 0.5, "autoencoder": 0.5}
 
 
 class MissingExtra(GatewayError):
@@ -62,10 +78,11 @@ class Options:
     drift_tags: Sequence[str] | None = None  # None: detected
     epochs: int = 200  # at most; early stopping ends sooner
     patience: int = 12
-    quantile: float = 99.5
-    margin: float = 1.5
-    start_after: int = 3
-    end_after: int = 5
+    context: int = 30  # samples the statistics look back over
+    false_alarms: float = 1 / WEEK  # false events per second of normal running
+    cusum_h: float = 1.0
+    cusum_cap: float = 2.0
+    end_after: int = 10
     seed: int = SEED
     description: str = ""
 
@@ -73,13 +90,17 @@ class Options:
 @dataclass
 class Report:
     lines: list[str] = field(default_factory=list)
+    held_out: list[tuple[np.ndarray, int]] = field(default_factory=list)  # (grid, first calibration sample)
 
     def say(self, text: str) -> None:
         self.lines.append(text)
 
 
 def _tensorflow() -> Any:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # Set before the import: TensorFlow's C++ logging (oneDNN notices, node_def_util errors) reads them once.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    os.environ.setdefault("ABSL_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("TF_DETERMINISTIC_OPS", "1")
     try:
         import tensorflow as tf
@@ -137,6 +158,44 @@ def _windows(inputs: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray]:
 def train(name: str, recordings: Sequence[Recording], out_dir: Path, opts: Options,
           progress: Callable[[int, int, float, float], None] | None = None) -> Report:
     """Train, convert, calibrate and write `out_dir/NAME.tflite` and `NAME.json`; the report says what was done."""
+    with _tensorflow_quiet():
+        return _train(name, recordings, out_dir, opts, progress)
+
+
+@contextlib.contextmanager
+def _tensorflow_quiet() -> Iterator[None]:
+    """TensorFlow's C++ side writes to fd 2 whatever the log level says (oneDNN notices, absl's "log messages
+    before InitializeLog", node_def_util errors): fd 2 goes to a file meanwhile, and is shown only if training
+    fails. Our own lines (the progress bar) still reach the user: sys.stderr is a copy of the real fd 2."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(2)
+    captured = tempfile.TemporaryFile()
+    os.dup2(captured.fileno(), 2)
+    stderr = sys.stderr
+    sys.stderr = os.fdopen(os.dup(saved), "w", buffering=1)
+    failed = True
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Keras's UserWarnings are about its own API, not the user's data
+            for name in ("tensorflow", "absl", "h5py"):
+                logging.getLogger(name).setLevel(logging.ERROR)
+            yield
+        failed = False
+    finally:
+        sys.stderr.flush()
+        sys.stderr.close()
+        sys.stderr = stderr
+        os.dup2(saved, 2)
+        os.close(saved)
+        if failed:
+            captured.seek(0)
+            sys.stderr.write(captured.read().decode(errors="replace")[-4000:])
+        captured.close()
+
+
+def _train(name: str, recordings: Sequence[Recording], out_dir: Path, opts: Options,
+           progress: Callable[[int, int, float, float], None] | None) -> Report:
     report = Report()
     tags = list(recordings[0].tags)
     for r in recordings[1:]:
@@ -250,14 +309,18 @@ def train(name: str, recordings: Sequence[Recording], out_dir: Path, opts: Optio
     int8 = _quiet(converter.convert)
 
     flatline = _flatline(tags, grids, window)
+    context = max(2, opts.context)
+    stats = _fit_stats(grids, center, spread, drift, opts.baseline_s, interval, context)
     meta: dict[str, Any] = {
         "format": FORMAT, "name": name,
-        "description": opts.description or f"dense autoencoder on {window}-sample windows of {len(tags)} tags",
+        "description": opts.description or (f"fused statistics over {context} samples and a dense autoencoder on "
+                                             f"{window}-sample windows of {len(tags)} tags"),
         "tags": tags, "window": window, "stride": opts.stride, "interval_s": interval,
         "inputs": {"center": _floats(center), "spread": _floats(spread), "drift": [bool(d) for d in drift],
                    "baseline_s": opts.baseline_s},
-        "error_scale": [1.0] * len(tags), "threshold": 1.0,
-        "events": {"start_after": opts.start_after, "end_after": opts.end_after},
+        "error_scale": [1.0] * len(tags), "stats": stats, "threshold": 1e12,  # no event while calibrating
+        "events": {"rule": "cusum", "h": opts.cusum_h, "cap": opts.cusum_cap, "start_after": 1,
+                   "end_after": opts.end_after},
         "ffill_limit": opts.ffill_limit, "top_tags": min(3, len(tags)), **flatline,
         "sha256": hashlib.sha256(int8).hexdigest(),
     }
@@ -267,27 +330,44 @@ def train(name: str, recordings: Sequence[Recording], out_dir: Path, opts: Optio
     tmp_tflite.write_bytes(int8)
     tmp_meta.write_text(json.dumps(meta))
 
-    # Calibration, through the daemon's own scorer, on the held-out part of each recording.
-    per_tag = _held_out_errors(Model(tmp_tflite, tmp_meta), grids, hold_ranges, window)
-    error_scale = np.maximum(per_tag.mean(axis=0), 1e-6)
-    meta["error_scale"] = _floats(error_scale)
+    # Calibration, through the daemon's own scorer. 1: each tag's normal autoencoder error, held out.
+    span = max(window, context)
+    parts = _parts(Model(tmp_tflite, tmp_meta), grids, [cut + span - 1 for cut in hold_ranges])
+    meta["error_scale"] = _floats(np.maximum(parts[:, 3, :].mean(axis=0), 1e-6))
+    # 2: each statistic's normal level, on the held-out part when it is long enough, else on all of it.
+    held_blocks = len(parts) // span
+    on_held_out = held_blocks >= CALIBRATION_BLOCKS
+    starts = [cut + span - 1 for cut in hold_ranges] if on_held_out else [span - 1] * len(grids)
     tmp_meta.write_text(json.dumps(meta))
+    totals = _parts(Model(tmp_tflite, tmp_meta), grids, starts).sum(axis=2)
+    stats["norms"] = {c: float(f"{max(float(np.percentile(totals[:, i], 99)), 1e-6):.8g}")
+                      for i, c in enumerate(COMPONENTS)}
+    tmp_meta.write_text(json.dumps(meta))
+    # 3: the threshold for the false-alarm rate asked for, from the fused scores' block maxima.
     model = Model(tmp_tflite, tmp_meta)
-    scores = _held_out_errors(model, grids, hold_ranges, window).mean(axis=1)
-    q = float(np.percentile(scores, opts.quantile))
-    margin = opts.margin * (1.0 + 2.0 / math.sqrt(len(scores) / window))  # fewer independent windows: more margin
-    threshold = q * margin
+    blocks = [_scores(model, g, start) for g, start in zip(grids, starts, strict=True)]
+    fit = extreme_threshold(blocks, span, interval, opts.false_alarms)
+    threshold = fit["threshold"]
     meta["threshold"] = round(threshold, 6)
+    span_s = rows * interval
+    vouched = 1.0 / (VOUCH * span_s)
+    meta["false_alarms"] = {
+        "per_second": opts.false_alarms, "asked": rate_text(opts.false_alarms), "vouched_down_to": rate_text(vouched),
+        "reachable": opts.false_alarms >= vouched, "recording_s": round(span_s, 3),
+        "calibration_windows": int(sum(len(b) for b in blocks)),
+        "needs_s": round(1.0 / (VOUCH * opts.false_alarms), 1),
+        "method": (f"Gumbel fit (by moments) to the maxima of the fused score over {fit['blocks']} blocks of "
+                   f"{span} samples ({'held-out part' if on_held_out else 'all of the recording'}): location "
+                   f"{fit['mu']:.4g}, scale {fit['beta']:.4g}; quantile for {fit['p_block']:.3g} per block "
+                   f"= {fit['quantile']:.4g}, highest score seen {fit['highest']:.4g}"),
+    }
     meta["training"] = {
         "recordings": [r.source for r in recordings], "samples": rows, "windows": len(xt),
-        "held_out_windows": len(scores), "epochs": len(losses), "best_epoch": best + 1,
+        "held_out_windows": len(xv), "epochs": len(losses), "best_epoch": best + 1,
         "max_epochs": opts.epochs, "loss": "mae", "widths": [size, hidden, code, hidden, size],
         "validation_error": round(float(val[best]), 6), "rng_seed": opts.seed,
-        "threshold_rule": (f"{opts.quantile:g}th percentile of {len(scores)} held-out window scores "
-                           f"({q:.4f}) x margin {margin:.3f} (= {opts.margin:g} x (1 + 2/sqrt(held-out windows / "
-                           f"window)))"),
-        "held_out": {"mean": round(float(scores.mean()), 6), "p99": round(float(np.percentile(scores, 99)), 6),
-                     "max": round(float(scores.max()), 6)},
+        "threshold_rule": f"{rate_text(opts.false_alarms)} false events in normal running: "
+                          + meta["false_alarms"]["method"],
         "drift": "named" if opts.drift_tags is not None else f"detected: trend R² >= {DRIFT_R2} in a recording",
     }
     meta["versions"] = {"edge-gateway": __version__, "tensorflow": tf.__version__, "numpy": np.__version__,
@@ -297,7 +377,15 @@ def train(name: str, recordings: Sequence[Recording], out_dir: Path, opts: Optio
     tmp_meta.write_text(json.dumps(meta, indent=1) + "\n")
     os.replace(tmp_tflite, tflite_path)
     os.replace(tmp_meta, meta_path)
-    report.say(f"threshold {threshold:.4f}: {meta['training']['threshold_rule']}")
+    report.say(f"statistics over {context} samples ({context * interval:g} s): level, SPE off "
+               f"{len(stats['components'])} principal component(s), forecast residual, autoencoder")
+    report.say(f"threshold {threshold:.4f} for {rate_text(opts.false_alarms)} false events in normal running: "
+               f"{meta['false_alarms']['method']}")
+    if not meta["false_alarms"]["reachable"]:
+        report.say(f"note: {span_s / 60:.0f} min of normal running vouch for about {rate_text(vouched)} false "
+                   f"events at most; {rate_text(opts.false_alarms)} is an extrapolation of the fit. Record at "
+                   f"least {_duration(meta['false_alarms']['needs_s'])} of normal running to vouch for it")
+    report.held_out = [(g, start) for g, start in zip(grids, starts, strict=True)]
     report.say(f"wrote {tflite_path} ({len(int8) / 1024:.0f} KiB, int8) and {meta_path}")
     return report
 
@@ -365,21 +453,95 @@ def _flatline(tags: list[str], grids: list[np.ndarray], window: int) -> dict[str
     return {"flatline_tags": eligible, "flatline_after": after}
 
 
-def _scored(model: Model, grid: np.ndarray, start: int) -> list[np.ndarray]:
+def _parts(model: Model, grids: list[np.ndarray], starts: list[int]) -> np.ndarray:
+    """(windows, statistics, tags): each scored window's statistics from `start` on, as the daemon computes them
+    (the scorer runs from each recording's start, so that drift baselines are warm)."""
+    out = []
+    for grid, start in zip(grids, starts, strict=True):
+        scorer = DeviceScorer(model)
+        for i, row in enumerate(grid):
+            scorer.push(float(i), dict(zip(model.tags, row.tolist(), strict=True)))
+            if i >= start and scorer.parts is not None and scorer.since_score == 0:
+                out.append(scorer.parts.copy())
+    return np.stack(out)
+
+
+def _scores(model: Model, grid: np.ndarray, start: int) -> np.ndarray:
     scorer = DeviceScorer(model)
     out = []
     for i, row in enumerate(grid):
         scorer.push(float(i), dict(zip(model.tags, row.tolist(), strict=True)))
-        if i >= start and scorer.errors is not None and scorer.since_score == 0:
-            out.append(scorer.errors.copy())
-    return out
+        if i >= start and scorer.state.score is not None and scorer.since_score == 0:
+            out.append(scorer.state.score)
+    return np.asarray(out)
 
 
-def _held_out_errors(model: Model, grids: list[np.ndarray], cuts: list[int], window: int) -> np.ndarray:
-    """Each held-out window's per-tag error, as the daemon computes it (the scorer runs from each recording's
-    start, so that drift baselines are warm)."""
-    errs = [e for g, cut in zip(grids, cuts, strict=True) for e in _scored(model, g, cut + window - 1)]
-    return np.stack(errs)
+def _fit_stats(grids: list[np.ndarray], center: np.ndarray, spread: np.ndarray, drift: Sequence[bool],
+               baseline_s: float, interval: float, context: int) -> dict[str, Any]:
+    """The projection off the principal subspace (90 % of the variance of the inputs), and each tag's normal
+    |one-step change|."""
+    inputs = [Inputs(center, spread, drift, baseline_s, interval).run(g) for g in grids]
+    rows = np.concatenate([z[~np.isnan(z).any(axis=1)] for z in inputs])
+    tags = rows.shape[1]
+    cov = np.atleast_2d(np.cov(rows.T))
+    values, vectors = np.linalg.eigh(cov)
+    order = np.argsort(values)[::-1]
+    values, vectors = values[order], vectors[:, order]
+    share = np.cumsum(values) / max(float(values.sum()), 1e-12)
+    q = int(min(tags, np.searchsorted(share, 0.9) + 1))
+    basis = vectors[:, :q]
+    off = np.eye(tags) - basis @ basis.T
+    steps = np.concatenate([np.abs(np.diff(z, axis=0)) for z in inputs])
+    residual = np.maximum(np.nanmean(steps, axis=0), 1e-3)
+    return {"context": context, "off_subspace": [_floats(r) for r in off], "components": _floats(values[:q]),
+            "residual_scale": _floats(residual), "norms": dict.fromkeys(COMPONENTS, 1.0), "weights": dict(WEIGHTS)}
+
+
+def extreme_threshold(scores: Sequence[np.ndarray], block: int, interval: float, rate: float) -> dict[str, float]:
+    """The score exceeded by the maximum of a block of `block` windows with probability `rate` x block time: a
+    Gumbel fit (by moments) to the block maxima of each recording's scores; never below the highest score."""
+    maxima = np.array([s[i:i + block].max() for s in scores for i in range(0, len(s) - block + 1, block)])
+    if len(maxima) < 3:
+        raise DataError(f"too little normal running to set a threshold: {len(maxima)} blocks of {block} samples, "
+                        f"at least 3 are needed")
+    beta = max(float(maxima.std()) * math.sqrt(6) / math.pi, 1e-6 * float(maxima.mean()))
+    mu = float(maxima.mean()) - 0.5772 * beta
+    p = min(0.5, rate * block * interval)
+    quantile = mu - beta * math.log(-math.log1p(-p))
+    highest = float(max(s.max() for s in scores if len(s)))
+    return {"threshold": max(quantile, highest), "quantile": quantile, "highest": highest, "mu": mu, "beta": beta,
+            "p_block": p, "blocks": float(len(maxima))}
+
+
+UNITS = (("s", 1.0), ("min", 60.0), ("h", 3600.0), ("hour", 3600.0), ("d", 86400.0), ("day", 86400.0),
+         ("w", WEEK), ("week", WEEK), ("month", 30 * 86400.0), ("year", 365 * 86400.0))
+
+
+def parse_rate(text: str) -> float:
+    """'1/week', '2 / day', '0.5/h' → events per second; ValueError otherwise."""
+    count, _, unit = text.replace(" ", "").partition("/")
+    unit = unit.rstrip("s") if unit not in ("s",) else unit
+    seconds = dict(UNITS).get(unit.lower())
+    value = float(count)
+    if seconds is None or not math.isfinite(value) or value <= 0:
+        raise ValueError(text)
+    return value / seconds
+
+
+def rate_text(per_second: float) -> str:
+    """Events per second in the largest unit that keeps the count at 1 or more, e.g. '1/week'."""
+    for unit, seconds in (("min", 60.0), ("h", 3600.0), ("day", 86400.0), ("week", WEEK), ("year", 365 * 86400.0)):
+        if per_second * seconds >= 0.999:
+            return f"{per_second * seconds:.3g}/{unit}"
+    return f"{per_second:.3g}/s"
+
+
+def _duration(seconds: float) -> str:
+    if seconds >= 2 * 86400:
+        return f"{seconds / 86400:.1f} days"
+    if seconds >= 7200:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 60:.0f} min"
 
 
 def _floats(values: np.ndarray) -> list[float]:

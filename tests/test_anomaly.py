@@ -47,7 +47,7 @@ def test_the_shipped_model_and_a_good_config_pass(tmp_path):
     ("bad_json", "model pump-ae: its metadata {dir}/pump-ae.json is not valid JSON"),
     ("deep_json", "model pump-ae: its metadata {dir}/pump-ae.json is not valid JSON"),
     ("window", "pump-ae.tflite takes [1, {size}] and gives [1, {size}], but its metadata says window 20 x 10 tags"),
-    ("format1", "its metadata {dir}/pump-ae.json is format 1, this gateway reads format 2: train it again"),
+    ("format1", "its metadata {dir}/pump-ae.json is format 1, this gateway reads format 3: train it again"),
     ("short", "its metadata {dir}/pump-ae.json is not usable: inputs.center, inputs.spread, inputs.drift and "
               "error_scale need one entry per tag"),
 ])
@@ -136,9 +136,12 @@ def test_gaps_beyond_the_forward_fill_limit_are_not_scored(model):
         scorer.push(t, {**dict(zip(TAGS, row.tolist())), "flow_l_min": None})
     assert scorer.state.score is None and "flow_l_min" in scorer.state.why_unscored
     before = scorer.state.unscored
-    for t, row in enumerate(rows[75:75 + model.window], start=75):
+    span = max(model.window, model.context)  # the autoencoder's window and the statistics' context
+    for t, row in enumerate(rows[75:75 + span - 1], start=75):
         scorer.push(t, dict(zip(TAGS, row.tolist())))
-    assert scorer.state.unscored > before and scorer.state.score is not None  # once the gap left the window
+    assert scorer.state.score is None
+    scorer.push(75 + span, dict(zip(TAGS, rows[75 + span].tolist())))
+    assert scorer.state.unscored > before and scorer.state.score is not None  # once the gap left the context
 
 
 def test_bearing_wear_raises_an_anomaly_event_and_a_normal_run_does_not(tmp_path, mosquitto, gateway, subscribe):
@@ -192,3 +195,97 @@ def test_bearing_wear_raises_an_anomaly_event_and_a_normal_run_does_not(tmp_path
     assert not [m for m in modules if m.split(".")[0] == "tensorflow"]
     # Nor the optional protocols of other sources and formats, which this config does not use.
     assert not [m for m in modules if m.split(".")[0] in ("asyncua", "amqtt") or m.startswith("google.protobuf")]
+
+
+def flagged(model, rows):
+    """Each row's state (True: in an event) and the events, as the daemon's scorer gives them."""
+    scorer = DeviceScorer(model)
+    state, events = [], []
+    for t, row in enumerate(rows):
+        event = scorer.push(float(t), dict(zip(TAGS, row.tolist())))
+        if event is not None:
+            events.append((t, event.kind))
+        state.append(scorer.state.active)
+    return np.array(state), events
+
+
+def test_a_sustained_step_in_a_level_tag_is_one_event_for_as_long_as_it_lasts(model):
+    rows = run(4343, 1500)
+    tag = TAGS.index("discharge_pressure_bar")
+    assert not model.meta["inputs"]["drift"][tag]
+    step = rows.copy()
+    step[600:1200, tag] += 8 * model.meta["inputs"]["spread"][tag]  # a blocked line: the level moves and stays
+    state, events = flagged(model, step)
+    assert [kind for _, kind in events].count("start") == 1, events
+    start = events[0][0]
+    assert 600 <= start < 660
+    assert state[start:1200].all()  # kept while the step lasts: no baseline follows a level tag
+    assert not state[1300:].any()  # and over once it is gone
+    assert not flagged(model, rows)[0].any()
+
+
+def test_a_slow_drift_of_a_drift_tag_raises_no_event(model):
+    rows = run(4344, 3600)
+    tag = TAGS.index("bearing_temp_c")
+    assert model.meta["inputs"]["drift"][tag]
+    drifting = rows.copy()
+    drifting[:, tag] += np.arange(len(rows)) * 6.0 / 3600  # 6 °C in an hour: far beyond commissioning's levels
+    state, events = flagged(model, drifting)
+    assert not events and not state.any()
+
+
+def test_a_higher_false_alarm_rate_gives_a_lower_threshold():
+    from gateway.training import extreme_threshold, parse_rate, rate_text
+    assert parse_rate("1/week") == pytest.approx(1 / (7 * 86400))
+    assert parse_rate("2 / day") == pytest.approx(2 / 86400) and parse_rate("0.5/h") == pytest.approx(0.5 / 3600)
+    for bad in ("often", "1/fortnight", "-1/day", "0/day"):
+        with pytest.raises(ValueError):
+            parse_rate(bad)
+    assert rate_text(parse_rate("1/week")) == "1/week" and rate_text(parse_rate("3/h")) == "3/h"
+    scores = [np.random.default_rng(5).gamma(4.0, 0.5, 3000)]
+    thresholds = [extreme_threshold(scores, 30, 1.0, parse_rate(r))["threshold"]
+                  for r in ("1/year", "1/week", "1/day", "1/h")]
+    assert thresholds == sorted(thresholds, reverse=True) and len(set(thresholds)) == 4
+    assert min(thresholds) >= scores[0].max()  # never below the highest score of normal running
+
+
+@pytest.mark.parametrize("suffix", [".png", ".html"])
+def test_plot_writes_a_file_a_viewer_opens(model, tmp_path, suffix):
+    pytest.importorskip("matplotlib")
+    import base64
+    import struct
+    from html.parser import HTMLParser
+
+    from gateway import replay
+    from gateway.anomaly_report import write
+    from gateway.recording import Recording
+    rows = run(4345, 900, faults=[{"kind": "cavitation", "at": 400.0, "ramp": 0.0, "duration": 200.0}])
+    rec = Recording("test", list(TAGS), 1.79e9 + np.arange(len(rows), dtype=float), rows.astype(np.float64))
+    replayed = list(replay.replay(model, rec))
+    path = tmp_path / f"report{suffix}"
+    write(str(path), model, replayed, rec.values, "cavitation at 400 s")
+    data = path.read_bytes()
+    if suffix == ".html":
+        class Page(HTMLParser):
+            def __init__(self):
+                super().__init__()
+                self.tags, self.images, self.tables = [], [], []
+
+            def handle_starttag(self, tag, attrs):
+                self.tags.append(tag)
+                a = dict(attrs)
+                if tag == "img":
+                    self.images.append(a["src"])
+                if tag == "table":
+                    self.tables.append(a.get("id"))
+
+        page = Page()
+        page.feed(data.decode())
+        assert page.tags[:2] == ["html", "head"] and "body" in page.tags
+        assert page.tables == ["summary", "events"]
+        assert len(page.images) == 1 and page.images[0].startswith("data:image/png;base64,")
+        data = base64.b64decode(page.images[0].split(",", 1)[1])
+        assert "cavitation" in path.read_text() or "events" in path.read_text()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    width, height = struct.unpack(">II", data[16:24])
+    assert width >= 800 and height >= 600 and len(data) > 20_000

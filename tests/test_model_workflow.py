@@ -94,9 +94,11 @@ def test_record_export_train_score_deploy(tmp_path, mosquitto, gateway, subscrib
     t0 = 1.79e9
     write_csv(tmp_path / "fault.csv", TAGS, [(t0 + i * INTERVAL, r) for i, r in enumerate(fault.tolist())])
     result = cli("model", "score", "pump-local", "--csv", str(tmp_path / "fault.csv"), "--model-dir", str(models),
-                 "--out", str(tmp_path / "scored.csv"))
+                 "--out", str(tmp_path / "scored.csv"), "--plot", str(tmp_path / "report.png"))
     assert result.returncode == 0, result.stderr
     assert "windows scored" in result.stderr and "anomaly event(s)" in result.stderr
+    assert "false events expected in " in result.stderr and "events seen: 1 " in result.stderr  # one fault, one event
+    assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with open(tmp_path / "scored.csv") as f:
         scored = list(csv.DictReader(f))
     assert len(scored) == len(fault)
@@ -108,7 +110,7 @@ def test_record_export_train_score_deploy(tmp_path, mosquitto, gateway, subscrib
     result = cli("model", "list", "--model-dir", str(models))
     assert result.returncode == 0 and "pump-local" in result.stdout and "10 tags" in result.stdout
     result = cli("model", "show", "pump-local", "--model-dir", str(models))
-    assert result.returncode == 0 and "threshold" in result.stdout and "percentile" in result.stdout
+    assert result.returncode == 0 and "threshold" in result.stdout and "Gumbel" in result.stdout
 
     # Deploy: model_dir, devices[].model, check-config, reload; the event goes upstream.
     up = subscribe(mosquitto.port, topic="edge/lab/test-gw/#")
@@ -136,3 +138,31 @@ def test_model_list_says_which_models_cannot_be_used(tmp_path):
     (models / "pump-ae.json").write_text("{}")
     result = cli("model", "list", "--model-dir", str(models))
     assert "pump-ae" in result.stdout and "cannot be used" in result.stdout
+
+
+def test_false_alarms_sets_the_threshold_quietly_and_is_recorded(tmp_path):
+    """Seven minutes of commissioning at two operating points in the user's words; TensorFlow says nothing."""
+    rows = run(41, 420)
+    write_csv(tmp_path / "normal.csv", TAGS, [(1.79e9 + i, r) for i, r in enumerate(rows.tolist())])
+    thresholds, said = {}, {}
+    for rate in ("1/week", "20/day"):
+        out = tmp_path / rate.replace("/", "-per-")
+        result = cli("model", "train", "m", "--csv", str(tmp_path / "normal.csv"), "--epochs", "3",
+                     "--false-alarms", rate, "--out", str(out), "--plot", str(out / "held-out.html"))
+        assert result.returncode == 0, result.stderr
+        # Only our own lines on stderr: the progress bar and the report's path, none of TensorFlow's.
+        noise = [line for line in result.stderr.splitlines()
+                 if not line.startswith(("training: epoch", "report written to"))]
+        assert noise == [], noise
+        meta = json.loads((out / "m.json").read_text())
+        assert meta["false_alarms"]["asked"] == rate
+        assert meta["false_alarms"]["per_second"] == pytest.approx({"1/week": 1 / 604800, "20/day": 20 / 86400}[rate])
+        assert "Gumbel" in meta["training"]["threshold_rule"]
+        thresholds[rate], said[rate] = meta["threshold"], result.stdout
+        assert (out / "held-out.html").read_text().startswith("<!DOCTYPE html>")
+    assert thresholds["20/day"] < thresholds["1/week"]
+    # Seven minutes cannot vouch for one false event a week: said, with what it would take.
+    assert "Record at least 16.8 h of normal running to vouch for it" in said["1/week"]
+    assert meta["false_alarms"]["needs_s"] == pytest.approx(86400 / 200, abs=0.1)
+    result = cli("model", "train", "m", "--csv", str(tmp_path / "normal.csv"), "--false-alarms", "often")
+    assert result.returncode == 64 and "--false-alarms 'often'" in result.stderr
