@@ -101,7 +101,7 @@ def test_every_endpoint_answers_from_the_running_daemon(tmp_path, mosquitto, gat
 
     # status: what `edge-gateway status --json` prints, from memory
     wait_until(lambda: (proc.workdir / "data" / "state.json").exists(), 10, what="the state file")
-    wait_until(lambda: "inference_us" in get_json(base + "/api/v1/status")[1], 10, what="windows scored")
+    wait_until(lambda: "inference_us" in get_json(base + "/api/v1/status")[1], 40, what="windows scored")
     status, doc = get_json(base + "/api/v1/status")
     cli = subprocess.run([sys.executable, "-m", "gateway", "status", "--json", "-c", str(proc.config)],
                          capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=60)
