@@ -1,9 +1,15 @@
 """The outbox: one SQLite file holding the messages owed to the upstream, the counters and the sequence.
 
 Messages and counter states are staged in memory and written together in ONE
-transaction every commit interval, so a counter's new total and the message
-that reports it are on disk together or not at all. The uplink reads only
-committed rows; a row is deleted only after the broker acknowledged it.
+transaction, so a counter's new total and the message that reports it are on disk
+together or not at all. The uplink reads only committed rows; a row is deleted only
+after the broker acknowledged it.
+
+When to commit is `commit_loop`'s job (a group commit): the first message staged
+after a commit rings `on_stage`, and the loop commits at once, taking everything
+staged by then; what is staged while it commits goes into the next one. A bound on
+commits per second (`max_rate`) spaces them for flash storage; state alone (counter
+rows, acknowledgements to delete) waits at most `interval` for a message to ride with.
 
 Bounds (messages, bytes, age) are enforced inside the same transaction; every
 drop is counted in the `meta` table so the count survives restarts.
@@ -11,12 +17,13 @@ drop is counted in the `meta` table so the count survives restarts.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 import sqlite3
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -61,6 +68,10 @@ CREATE TABLE IF NOT EXISTS counter_audit (
 """
 # Messages kept in memory while the disk refuses writes (disk full, I/O error).
 PENDING_LIMIT = 50_000
+# The share of the event loop's time that group commits may take at most: a commit that took
+# d seconds (an fsync with `sync: full`) is followed by one no sooner than d × (1/BUSY_SHARE - 1)
+# later, and what is staged meanwhile goes into it.
+BUSY_SHARE = 0.25
 
 
 @dataclass
@@ -116,6 +127,8 @@ class Outbox:
         self._held: set[int] = set()
         self._acked_max = 0
         self._pending_dropped = 0
+        # Rung by the first message staged after a commit (see `commit_loop`); not per message.
+        self.on_stage: Callable[[], None] | None = None
 
     @classmethod
     def open(cls, path: str, *, bounds: Bounds | None = None, sync: str = "normal") -> Outbox:
@@ -159,8 +172,11 @@ class Outbox:
         """Give `payload` the next seq and queue it for the next commit; return the seq."""
         self.last_seq += 1
         data = contract.encode({"seq": self.last_seq, **payload})
-        self._pending.append(Message(self.last_seq, topic, data, created or time.time()))
-        if len(self._pending) > PENDING_LIMIT:  # the disk has refused writes for a long time
+        pending = self._pending
+        pending.append(Message(self.last_seq, topic, data, created or time.time()))
+        if len(pending) == 1 and self.on_stage is not None:
+            self.on_stage()
+        elif len(pending) > PENDING_LIMIT:  # the disk has refused writes for a long time
             self._drop_pending()
         return self.last_seq
 
@@ -206,6 +222,12 @@ class Outbox:
     def pending(self) -> int:
         return len(self._pending)
 
+    @property
+    def dirty(self) -> bool:
+        """Whether the next commit has anything to write (messages, state, rows to delete)."""
+        return bool(self._pending or self._pending_counters or self._pending_shifts or self._pending_states
+                    or self._acked)
+
     def _drop_pending(self) -> None:
         if self.bounds.when_full == "drop_newest":
             victim = self._pending.pop()
@@ -241,7 +263,7 @@ class Outbox:
 
         Returns False, keeping everything staged, when the disk refuses the write.
         """
-        if not (self._pending or self._pending_counters or self._pending_shifts or self._pending_states or self._acked):
+        if not self.dirty:
             return True
         now = now or time.time()
         db = self._db
@@ -365,6 +387,56 @@ class Outbox:
     def close(self) -> None:
         self.commit()
         self._db.close()
+
+
+async def commit_loop(outbox: Outbox, on_commit: Callable[[int], None], *, interval: float = 0.1,
+                      max_rate: float = 0.0, group: bool = True) -> None:
+    """Commit `outbox` until cancelled; after each commit, `on_commit(n)` with n the messages it wrote.
+
+    Group commit: the first message staged after a commit wakes the loop, which commits at once
+    (one turn of the event loop later), so an idle gateway writes a message within a millisecond
+    and a busy one batches whatever was staged meanwhile. A commit runs on the loop's thread, so
+    the next one starts no sooner than BUSY_SHARE of the loop's time allows (with `sync: full`
+    each commit waits for an fsync); `max_rate` > 0 keeps them at least 1/max_rate apart (flash
+    wear: a message then waits up to that long). State without a message (counter rows,
+    acknowledged rows to delete) and a failed write wait at most `interval`.
+    `group=False` is the previous cadence: one commit every `interval`, whatever is staged.
+    """
+    loop = asyncio.get_running_loop()
+    min_gap = 1.0 / max_rate if max_rate > 0 else 0.0
+    next_start = 0.0
+    bell: asyncio.Future[None] | None = None
+
+    def ring() -> None:
+        if bell is not None and not bell.done():
+            bell.set_result(None)
+    if group:
+        outbox.on_stage = ring
+    try:
+        while True:
+            if not group or not outbox.pending:
+                bell = loop.create_future()
+                timer = loop.call_later(interval, ring)
+                try:
+                    await bell
+                finally:
+                    timer.cancel()
+                    bell = None
+            if group and (wait := next_start - loop.time()) > 0:
+                await asyncio.sleep(wait)
+            start = loop.time()
+            before = outbox.stats.committed
+            ok = outbox.commit()
+            end = loop.time()
+            next_start = max(start + min_gap, end + (end - start) * (1 / BUSY_SHARE - 1))
+            if ok:
+                on_commit(outbox.stats.committed - before)
+            else:  # the disk refuses writes: everything stays staged; try again after `interval`
+                await asyncio.sleep(interval)
+    finally:
+        if outbox.on_stage is ring:
+            outbox.on_stage = None
+
 
 
 def _open(path: str, sync: str) -> sqlite3.Connection:
