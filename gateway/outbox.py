@@ -68,10 +68,16 @@ CREATE TABLE IF NOT EXISTS counter_audit (
 """
 # Messages kept in memory while the disk refuses writes (disk full, I/O error).
 PENDING_LIMIT = 50_000
-# The share of the event loop's time that group commits may take at most: a commit that took
-# d seconds (an fsync with `sync: full`) is followed by one no sooner than d × (1/BUSY_SHARE - 1)
-# later, and what is staged meanwhile goes into it.
-BUSY_SHARE = 0.25
+# How the group commit spaces commits. A commit blocks the event loop (an fsync with `sync: full`):
+# one that took d seconds is followed by the next no sooner than d × (1/BUSY_SHARE - 1) later, so
+# commits take at most that share of the loop. And each commit costs the same whatever it holds
+# (and the uplink's wake-up after it): while the process uses more than CALM of a core (smoothed
+# over BUSY_WINDOW), commits spread out, up to the timer's `interval` at a whole core, where a
+# sample waits in line anyway. bench/pipeline.py (at a whole core) and bench/latency.py (500
+# samples/s) measure both ends.
+BUSY_SHARE = 0.5
+CALM = 0.5
+BUSY_WINDOW = 0.25  # seconds
 
 
 @dataclass
@@ -395,16 +401,15 @@ async def commit_loop(outbox: Outbox, on_commit: Callable[[int], None], *, inter
 
     Group commit: the first message staged after a commit wakes the loop, which commits at once
     (one turn of the event loop later), so an idle gateway writes a message within a millisecond
-    and a busy one batches whatever was staged meanwhile. A commit runs on the loop's thread, so
-    the next one starts no sooner than BUSY_SHARE of the loop's time allows (with `sync: full`
-    each commit waits for an fsync); `max_rate` > 0 keeps them at least 1/max_rate apart (flash
-    wear: a message then waits up to that long). State without a message (counter rows,
-    acknowledged rows to delete) and a failed write wait at most `interval`.
+    and a busy one batches whatever was staged meanwhile. How soon the next commit may start
+    follows from what the last one cost (see BUSY_SHARE); `max_rate` > 0 also keeps them at least
+    1/max_rate apart (flash wear: a message then waits up to that long). State without a message
+    (counter rows, acknowledged rows to delete) and a failed write wait at most `interval`.
     `group=False` is the previous cadence: one commit every `interval`, whatever is staged.
     """
     loop = asyncio.get_running_loop()
     min_gap = 1.0 / max_rate if max_rate > 0 else 0.0
-    next_start = 0.0
+    next_start, last_end, last_cpu, busy = 0.0, loop.time(), time.process_time(), 0.0
     bell: asyncio.Future[None] | None = None
 
     def ring() -> None:
@@ -427,8 +432,14 @@ async def commit_loop(outbox: Outbox, on_commit: Callable[[int], None], *, inter
             start = loop.time()
             before = outbox.stats.committed
             ok = outbox.commit()
-            end = loop.time()
-            next_start = max(start + min_gap, end + (end - start) * (1 / BUSY_SHARE - 1))
+            end, cpu = loop.time(), time.process_time()
+            # The process's CPU share (smoothed over about a second): near a whole core, the loop is saturated
+            # and a sample waits in line anyway; then commits spread out, so that their cost is shared by more.
+            weight = min(1.0, (end - last_end) / BUSY_WINDOW)
+            busy = min(1.0, busy + weight * ((cpu - last_cpu) / max(end - last_end, 1e-6) - busy))
+            saturation = max(0.0, (busy - CALM) / (1 - CALM))  # 0 up to CALM of a core, 1 at a whole core
+            next_start = max(start + min_gap, end + (end - start) * (1 / BUSY_SHARE - 1), end + saturation * interval)
+            last_end, last_cpu = end, cpu
             if ok:
                 on_commit(outbox.stats.committed - before)
             else:  # the disk refuses writes: everything stays staged; try again after `interval`
@@ -436,7 +447,6 @@ async def commit_loop(outbox: Outbox, on_commit: Callable[[int], None], *, inter
     finally:
         if outbox.on_stage is ring:
             outbox.on_stage = None
-
 
 
 def _open(path: str, sync: str) -> sqlite3.Connection:
