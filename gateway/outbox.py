@@ -133,6 +133,7 @@ class Outbox:
         self._held: set[int] = set()
         self._acked_max = 0
         self._pending_dropped = 0
+        self._meta_seq = -1  # last_seq as the meta table holds it
         # Rung by the first message staged after a commit (see `commit_loop`); not per message.
         self.on_stage: Callable[[], None] | None = None
 
@@ -283,18 +284,24 @@ class Outbox:
                 self._insert(db, admitted, now)
                 messages += len(admitted)
                 size += sum(m.size for m in admitted)
-                for (device, name), row in self._pending_counters.items():
-                    db.execute("INSERT OR REPLACE INTO counters VALUES (?, ?, ?, ?, ?, ?, ?)",
-                               (device, name, row.last_raw, row.total, row.shift_total, row.shift_id, row.updated))
-                db.executemany("INSERT OR REPLACE INTO shifts VALUES (?, ?)", self._pending_shifts.items())
-                db.executemany("INSERT OR REPLACE INTO device_state VALUES (?, ?, ?)",
-                               ((d, k, r) for (d, k), r in self._pending_states.items()))
+                # One statement per kind, none for what has nothing staged: a group commit often holds one message.
+                if self._pending_counters:
+                    db.executemany("INSERT OR REPLACE INTO counters VALUES (?, ?, ?, ?, ?, ?, ?)",
+                                   [(device, name, row.last_raw, row.total, row.shift_total, row.shift_id, row.updated)
+                                    for (device, name), row in self._pending_counters.items()])
+                if self._pending_shifts:
+                    db.executemany("INSERT OR REPLACE INTO shifts VALUES (?, ?)", self._pending_shifts.items())
+                if self._pending_states:
+                    db.executemany("INSERT OR REPLACE INTO device_state VALUES (?, ?, ?)",
+                                   ((d, k, r) for (d, k), r in self._pending_states.items()))
                 dropped = [(m.seq, m.size) for m in refused] + self._trim(db, now, messages, size)
                 messages -= len(dropped) - len(refused)
                 size -= sum(b for _, b in dropped) - sum(m.size for m in refused)
                 dropped_total = self.stats.dropped + self._pending_dropped + len(dropped)
-                db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
-                               (("last_seq", self.last_seq), ("dropped", dropped_total)))
+                if self.last_seq != self._meta_seq:
+                    db.execute("INSERT OR REPLACE INTO meta VALUES ('last_seq', ?)", (self.last_seq,))
+                if dropped_total != self.stats.dropped:
+                    db.execute("INSERT OR REPLACE INTO meta VALUES ('dropped', ?)", (dropped_total,))
                 db.execute("COMMIT")
             except BaseException:
                 if db.in_transaction:
@@ -311,6 +318,7 @@ class Outbox:
         if self.stats.last_error is not None:
             log.warning("outbox writes work again (%d messages kept in memory now written)", len(self._pending))
             self.stats.last_error = None
+        self._meta_seq = self.last_seq
         self.stats.committed += len(admitted)
         self.stats.messages, self.stats.bytes, self.stats.dropped = messages, size, dropped_total
         for seq, _ in sorted(dropped):
