@@ -202,6 +202,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0, help="measured window per configuration at 1 Hz "
                                                                      "(10 Hz: a third of it)")
     parser.add_argument("--quick", action="store_true", help="only 10 Hz, 1 and 50 devices, sync normal")
+    parser.add_argument("--only", metavar="HZ,DEVICES,SYNC", help="only this configuration, e.g. 10,50,full")
     parser.add_argument("--profile", metavar="PREFIX", help="record the daemon with py-spy (collapsed stacks)")
     parser.add_argument("--max-commit-rate", type=float, default=0, help="outbox.max_commit_rate of the group runs")
     parser.add_argument("--plc", help=argparse.SUPPRESS)  # DEVICES;INTERVAL;EPOCH: be the PLC
@@ -213,6 +214,9 @@ def main() -> None:
     matrix = [(hz, n, sync) for sync in ("normal", "full") for hz in (1, 10) for n in (1, 50)]
     if args.quick:
         matrix = [(10, n, "normal") for n in (1, 50)]
+    if args.only:
+        hz, n, sync = args.only.split(",")
+        matrix = [(int(hz), int(n), sync)]
     epoch = float(int(time.time()))
     print("latency in ms: median, p90, p99, max, count; CPU µs per sample of the daemon process")
     print("group = group commit (default); timer = outbox.group_commit: false (a commit every 100 ms), same run")

@@ -69,13 +69,13 @@ CREATE TABLE IF NOT EXISTS counter_audit (
 # Messages kept in memory while the disk refuses writes (disk full, I/O error).
 PENDING_LIMIT = 50_000
 # How the group commit spaces commits. A commit blocks the event loop (an fsync with `sync: full`):
-# one that took d seconds is followed by the next no sooner than d × (1/BUSY_SHARE - 1) later, so
-# commits take at most that share of the loop. And each commit costs the same whatever it holds
+# when commits take d seconds (a moving average), one is followed by the next no sooner than
+# d × (1/BUSY_SHARE - 1) later, so commits take at most that share of the loop. And each commit costs the same whatever it holds
 # (and the uplink's wake-up after it): while the process uses more than CALM of a core (smoothed
 # over BUSY_WINDOW), commits spread out, up to the timer's `interval` at a whole core, where a
 # sample waits in line anyway. bench/pipeline.py (at a whole core) and bench/latency.py (500
 # samples/s) measure both ends.
-BUSY_SHARE = 0.5
+BUSY_SHARE = 0.2
 CALM = 0.5
 BUSY_WINDOW = 0.25  # seconds
 
@@ -417,7 +417,7 @@ async def commit_loop(outbox: Outbox, on_commit: Callable[[int], None], *, inter
     """
     loop = asyncio.get_running_loop()
     min_gap = 1.0 / max_rate if max_rate > 0 else 0.0
-    next_start, last_end, last_cpu, busy = 0.0, loop.time(), time.process_time(), 0.0
+    next_start, last_end, last_cpu, busy, took = 0.0, loop.time(), time.process_time(), 0.0, 0.0
     bell: asyncio.Future[None] | None = None
 
     def ring() -> None:
@@ -446,7 +446,9 @@ async def commit_loop(outbox: Outbox, on_commit: Callable[[int], None], *, inter
             weight = min(1.0, (end - last_end) / BUSY_WINDOW)
             busy = min(1.0, busy + weight * ((cpu - last_cpu) / max(end - last_end, 1e-6) - busy))
             saturation = max(0.0, (busy - CALM) / (1 - CALM))  # 0 up to CALM of a core, 1 at a whole core
-            next_start = max(start + min_gap, end + (end - start) * (1 / BUSY_SHARE - 1), end + saturation * interval)
+            # What commits take, smoothed: a WAL checkpoint now and then must not hold back the next ones.
+            took += 0.1 * (end - start - took)
+            next_start = max(start + min_gap, end + took * (1 / BUSY_SHARE - 1), end + saturation * interval)
             last_end, last_cpu = end, cpu
             if ok:
                 on_commit(outbox.stats.committed - before)
