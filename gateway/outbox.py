@@ -70,10 +70,10 @@ CREATE TABLE IF NOT EXISTS counter_audit (
 PENDING_LIMIT = 50_000
 # How the group commit spaces commits. A commit blocks the event loop (an fsync with `sync: full`):
 # when commits take d seconds (a moving average), one is followed by the next no sooner than
-# d × (1/BUSY_SHARE - 1) later, so commits take at most that share of the loop. And each commit costs the same whatever it holds
-# (and the uplink's wake-up after it): while the process uses more than CALM of a core (smoothed
-# over BUSY_WINDOW), commits spread out, up to the timer's `interval` at a whole core, where a
-# sample waits in line anyway. bench/pipeline.py (at a whole core) and bench/latency.py (500
+# d × (1/BUSY_SHARE - 1) later, so commits take at most that share of the loop. And each commit
+# costs the same whatever it holds (and the uplink's wake-up after it): while the process uses
+# more than CALM of a core (smoothed over BUSY_WINDOW), commits spread out, up to the timer's
+# `interval` at a whole core, where a sample waits in line anyway. bench/pipeline.py (at a whole core) and bench/latency.py (500
 # samples/s) measure both ends.
 BUSY_SHARE = 0.2
 CALM = 0.5
@@ -323,7 +323,10 @@ class Outbox:
         self.stats.messages, self.stats.bytes, self.stats.dropped = messages, size, dropped_total
         for seq, _ in sorted(dropped):
             self._count_drop(seq)
-        if not dropped and not self._pending_dropped:
+        # Over once a commit drops nothing and leaves room: with small group commits, one that just fits
+        # while the outbox is still full is not the end of the episode (the next message would be dropped).
+        if not dropped and not self._pending_dropped and messages < self.bounds.max_messages \
+                and size < self.bounds.max_bytes:
             self._end_drop_episode()
         self._pending_dropped = 0
         self._pending.clear()
@@ -441,7 +444,7 @@ async def commit_loop(outbox: Outbox, on_commit: Callable[[int], None], *, inter
             before = outbox.stats.committed
             ok = outbox.commit()
             end, cpu = loop.time(), time.process_time()
-            # The process's CPU share (smoothed over about a second): near a whole core, the loop is saturated
+            # The process's CPU share (smoothed over BUSY_WINDOW): near a whole core, the loop is saturated
             # and a sample waits in line anyway; then commits spread out, so that their cost is shared by more.
             weight = min(1.0, (end - last_end) / BUSY_WINDOW)
             busy = min(1.0, busy + weight * ((cpu - last_cpu) / max(end - last_end, 1e-6) - busy))

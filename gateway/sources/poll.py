@@ -1,12 +1,13 @@
 """Polling on a drift-free schedule: a source's `read()` becomes a stream of samples.
 
-The first poll is at once; tick k ≥ 1 is due at start + phase + k × interval, where the phase
+The first poll is at once; then tick k is due at start + phase + k × interval, where the phase
 is the device's own fixed share of the interval (from a hash of its name, as Prometheus offsets
 its scrapes). So devices with the same interval are not all read in the same millisecond: their
 samples reach the pipeline spread over the interval rather than in one burst that the last of
-them waits through (bench/latency.py: read → received at 50 devices × 10 Hz). A poll that runs late skips the ticks it overran
-(counted in `skipped_ticks`) rather than bunching reads together; a read that takes longer
-than the source's deadline, or raises SourceError, becomes a failed Sample.
+them waits through (bench/latency.py: read → received at 50 devices × 10 Hz). A poll that runs
+late skips the ticks it overran (counted in `skipped_ticks`) rather than bunching reads
+together; a read that takes longer than the source's deadline, or raises SourceError, becomes
+a failed Sample.
 """
 
 from __future__ import annotations
