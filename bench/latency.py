@@ -1,6 +1,7 @@
 """From a register changing on the PLC to the message at an upstream subscriber: where the time goes.
 
-    .venv/bin/python bench/latency.py [--seconds 20] [--quick]
+    .venv/bin/python bench/latency.py [--seconds 30] [--quick | --only HZ,DEVICES,SYNC]
+                                      [--max-commit-rate R] [--profile PREFIX]
 
 A Modbus TCP server (its own process, one port per device) changes a uint32 register of each
 device at random times, 0.5–1.5 poll intervals apart; the register holds the time of its own

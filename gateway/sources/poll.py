@@ -1,13 +1,13 @@
 """Polling on a drift-free schedule: a source's `read()` becomes a stream of samples.
 
-The first poll is at once; then tick k is due at start + phase + k × interval, where the phase
-is the device's own fixed share of the interval (from a hash of its name, as Prometheus offsets
-its scrapes). So devices with the same interval are not all read in the same millisecond: their
-samples reach the pipeline spread over the interval rather than in one burst that the last of
-them waits through (bench/latency.py: read → received at 50 devices × 10 Hz). A poll that runs
-late skips the ticks it overran (counted in `skipped_ticks`) rather than bunching reads
-together; a read that takes longer than the source's deadline, or raises SourceError, becomes
-a failed Sample.
+The first poll is at once; then tick k is due at start + phase + k × interval (the first of
+them at least half an interval after it), where the phase is the device's own fixed share of
+the interval (from a hash of its name, as Prometheus offsets its scrapes). So devices with the
+same interval are not all read in the same millisecond: their samples reach the pipeline spread
+over the interval rather than in one burst that the last of them waits through
+(bench/latency.py: read → received at 50 devices × 10 Hz). A poll that runs late skips the
+ticks it overran (counted in `skipped_ticks`) rather than bunching reads together; a read that
+takes longer than the source's deadline, or raises SourceError, becomes a failed Sample.
 """
 
 from __future__ import annotations
@@ -63,12 +63,14 @@ class PolledSource:
     async def samples(self) -> AsyncIterator[Sample]:
         loop = asyncio.get_running_loop()
         interval = self.interval
-        start, tick = loop.time() + self.phase, 0
-        yield await self.read_once()  # the first poll at once, then on the device's phase
+        # The first poll at once, the next on the device's phase but never less than half an interval
+        # later: two reads in a row would make a sample of nothing that changed.
+        phase = self.phase if self.phase >= interval / 2 else self.phase + interval
+        start, tick = loop.time() + phase - interval, 0
         while True:
-            await asyncio.sleep(max(0.0, start + tick * interval - loop.time()))
             yield await self.read_once()  # the time the consumer takes counts towards this tick
             elapsed = loop.time() - start
             due = max(tick + 1, math.floor(elapsed / interval) + 1)
             self._skipped += due - tick - 1
             tick = due
+            await asyncio.sleep(max(0.0, start + tick * interval - loop.time()))
