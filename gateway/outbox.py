@@ -134,6 +134,7 @@ class Outbox:
         self._acked_max = 0
         self._pending_dropped = 0
         self._meta_seq = -1  # last_seq as the meta table holds it
+        self._written_seq = 0  # the highest seq written by an earlier commit (or found at open)
         # Rung by the first message staged after a commit (see `commit_loop`); not per message.
         self.on_stage: Callable[[], None] | None = None
 
@@ -144,6 +145,7 @@ class Outbox:
         outbox._reload_topics()
         db = outbox._db
         outbox.last_seq = max(outbox._meta("last_seq"), db.execute("SELECT coalesce(max(seq), 0) FROM outbox").fetchone()[0])
+        outbox._written_seq = outbox.last_seq
         outbox.stats.dropped = outbox._meta("dropped")
         outbox.stats.messages, outbox.stats.bytes = db.execute(
             "SELECT count(*), coalesce(sum(length(payload)), 0) FROM outbox").fetchone()
@@ -318,7 +320,7 @@ class Outbox:
         if self.stats.last_error is not None:
             log.warning("outbox writes work again (%d messages kept in memory now written)", len(self._pending))
             self.stats.last_error = None
-        self._meta_seq = self.last_seq
+        self._meta_seq = self._written_seq = self.last_seq
         self.stats.committed += len(admitted)
         self.stats.messages, self.stats.bytes, self.stats.dropped = messages, size, dropped_total
         for seq, _ in sorted(dropped):
@@ -379,9 +381,12 @@ class Outbox:
         inflight = json.dumps(sorted(self._held))
         oldest = db.execute("SELECT created FROM outbox ORDER BY seq LIMIT 1").fetchone()
         if oldest and oldest[0] < now - self.bounds.max_age:  # rows are in time order: expire from the front
+            # Only rows of earlier commits: a message that arrives already older than max_age (a sensor's own
+            # old timestamp) gets its one chance to be published rather than being dropped as it is written.
             dropped = db.execute("DELETE FROM outbox WHERE seq IN (SELECT seq FROM outbox ORDER BY seq LIMIT 10000) "
-                                 "AND created < ? AND seq NOT IN (SELECT value FROM json_each(?)) "
-                                 "RETURNING seq, length(payload)", (now - self.bounds.max_age, inflight)).fetchall()
+                                 "AND created < ? AND seq <= ? AND seq NOT IN (SELECT value FROM json_each(?)) "
+                                 "RETURNING seq, length(payload)",
+                                 (now - self.bounds.max_age, self._written_seq, inflight)).fetchall()
         messages -= len(dropped)
         size -= sum(b for _, b in dropped)
         over, over_bytes = messages - self.bounds.max_messages, size - self.bounds.max_bytes
