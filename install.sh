@@ -62,11 +62,13 @@ fi
 # -- uninstall ---------------------------------------------------------------------------------
 if [ $UNINSTALL -eq 1 ]; then
     if systemd_running; then
-        for unit in edge-gateway.service edge-gateway-broker.service; do
+        instances=$(systemctl list-units --all --plain --no-legend 'edge-gateway@*.service' 2>/dev/null | awk '{print $1}')
+        for unit in edge-gateway.service edge-gateway-broker.service $instances; do
             run systemctl disable --now "$unit" 2>/dev/null || true
         done
     fi
-    run rm -f "$UNITS/edge-gateway.service" "$UNITS/edge-gateway-broker.service" "$BIN/edge-gateway"
+    run rm -f "$UNITS/edge-gateway.service" "$UNITS/edge-gateway@.service" "$UNITS/edge-gateway-broker.service" \
+        "$BIN/edge-gateway"
     run rm -rf "$PREFIX"
     systemd_running && run systemctl daemon-reload
     if [ $PURGE -eq 1 ]; then
@@ -113,6 +115,7 @@ run mkdir -p "$PREFIX/models"
 run install -m 0644 models/pump-ae.tflite models/pump-ae.json "$PREFIX/models/"
 run ln -sfn /opt/edge-gateway/venv/bin/edge-gateway "$BIN/edge-gateway"
 run install -m 0644 systemd/edge-gateway.service "$UNITS/edge-gateway.service"
+run install -m 0644 "systemd/edge-gateway@.service" "$UNITS/edge-gateway@.service"  # several per box: operations.md
 run install -m 0644 systemd/edge-gateway-broker.service "$UNITS/edge-gateway-broker.service"
 
 # An engineer's files are never overwritten; secrets are root:edge-gateway 0640.

@@ -4,7 +4,10 @@ An asyncua server in its own process holds 500 Double variables and changes ever
 second. The gateway's device pipeline (in this process) reads them as 10 `source: opcua` devices
 of 50 nodes, first in `mode: subscribe`, then in `mode: poll`; then 10 Modbus devices of 50
 registers at 1 s from `edge-gateway sim` (the same tag count, the same pipeline). Printed: samples
-per second, CPU per sample, and the process's RSS after each.
+per second, CPU per sample, and the process's RSS after each. The floors, in the same run: an
+asyncua read loop (one client per device, `read_values` of its 50 nodes every second, nothing
+done with them) and the same with pymodbus (one read of 50 registers), which is what any
+program reading these tags costs; the ratios say how far the pipeline is from them.
 
     .venv/bin/python bench/opcua.py [--seconds 20]
 """
@@ -102,6 +105,50 @@ async def measure(text: str, seconds: float, data: str) -> dict:
     return {"samples": polls, "wall": wall, "cpu": cpu, "errors": errors, "rss": rss_mib()}
 
 
+async def floor(kind: str, port: int, seconds: float) -> dict:
+    """The cheapest loop reading the same tags: no pipeline, no storage."""
+    readers = []
+    if kind == "opcua":
+        from asyncua import Client
+
+        for d in range(DEVICES):
+            client = Client(f"opc.tcp://127.0.0.1:{port}/bench/", timeout=2)
+            await client.connect()
+            nodes = [client.get_node(f"ns=2;s=Dev{d}.n{n}") for n in range(NODES)]
+            readers.append((client, lambda c=client, ns=nodes: c.read_values(ns)))
+    else:
+        from pymodbus.client import AsyncModbusTcpClient
+
+        span = modbus_bench.REGISTERS + sum(1 for i in range(modbus_bench.REGISTERS) if i % 3 == 2)  # float32: 2
+        for unit in range(1, DEVICES + 1):
+            client = AsyncModbusTcpClient("127.0.0.1", port=port)
+            await client.connect()
+            readers.append((client, lambda c=client, u=unit: c.read_holding_registers(0, count=span, device_id=u)))
+    count = 0
+
+    async def loop(read) -> None:
+        nonlocal count
+        while True:
+            await read()
+            count += 1
+            await asyncio.sleep(1.0)
+    for _, read in readers:  # the first read outside the measurement, as for the gateway
+        await read()
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    tasks = [asyncio.create_task(loop(read)) for _, read in readers]
+    await asyncio.sleep(seconds)
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    for client, _ in readers:
+        if kind == "opcua":
+            await client.disconnect()
+        else:
+            client.close()
+    return {"samples": count, "wall": wall, "cpu": cpu, "errors": 0, "rss": rss_mib()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=20.0)
@@ -129,6 +176,8 @@ def main() -> None:
             modbus_bench.INTERVAL = 1.0
             results["baseline: modbus poll"] = asyncio.run(
                 measure(modbus_bench.gateway_yaml(plc_port, ""), args.seconds, data))
+            results["floor: asyncua reads"] = asyncio.run(floor("opcua", port, args.seconds))
+            results["floor: pymodbus reads"] = asyncio.run(floor("modbus", plc_port, args.seconds))
     finally:
         for proc in (server, plc):
             proc.kill()
@@ -139,6 +188,15 @@ def main() -> None:
         print(f"  {name:<22} {r['samples'] / r['wall']:6.1f} samples/s (of {DEVICES}), "
               f"{r['cpu'] / max(1, r['samples']) * 1e6:7.0f} CPU-µs per sample, errors {r['errors']}, "
               f"RSS after {r['rss']:.1f} MiB")
+
+    def us(name: str) -> float:
+        r = results[name]
+        return r["cpu"] / max(1, r["samples"]) * 1e6
+    modbus = us("baseline: modbus poll")
+    print(f"ratios: opcua poll / modbus poll {us('opcua poll') / modbus:.2f}, opcua subscribe / modbus poll "
+          f"{us('opcua subscribe') / modbus:.2f}; opcua poll / asyncua floor {us('opcua poll') / us('floor: asyncua reads'):.2f}, "
+          f"modbus poll / pymodbus floor {modbus / us('floor: pymodbus reads'):.2f}; "
+          f"asyncua floor / pymodbus floor {us('floor: asyncua reads') / us('floor: pymodbus reads'):.2f}")
 
 
 if __name__ == "__main__":

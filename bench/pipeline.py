@@ -2,10 +2,19 @@
 
 Every sample of a simulated pump and flexo line becomes a telemetry message (and a
 counters message when a count changed), committed to the SQLite outbox in batches,
-published QoS 1 and deleted on PUBACK. Printed next to plain paho publishing QoS 1
-to the same mosquitto, measured in the same run.
+published QoS 1 and deleted on PUBACK, committed by the daemon's own group commit
+(`outbox.commit_loop`). Printed next to, in the same run:
 
-    .venv/bin/python bench/pipeline.py [--samples 20000] [--format json|sparkplug_b]
+- the floor: the cheapest program doing the same work without our guarantees — the same
+  simulated reads, each sample encoded as JSON ({ts, device, values}) and published by plain
+  paho at QoS 1 (its network thread, up to 100 in flight), waiting for every PUBACK; no
+  storage, no counters. The ratio CPU per sample / floor's says how close to the limit we are;
+- plain paho publishing QoS 1 to the same mosquitto (message rate).
+
+    .venv/bin/python bench/pipeline.py [--samples 20000] [--repeat 2] [--format json|sparkplug_b] [--timer]
+
+JSON runs the group commit and the timer it replaced (a commit every 100 ms, outbox.group_commit:
+false) alternately with the floor, `--repeat` times each.
 
 With `--format sparkplug_b` the same samples, with the line's machine events (state, live OEE, an
 alarm), go through the JSON format and through the Sparkplug B format (DDATA at QoS 0 with a
@@ -27,7 +36,7 @@ from common import mosquitto, raw_paho_rate
 from gateway import config
 from gateway.contract import Topics
 from gateway.device import DeviceRunner
-from gateway.outbox import Outbox
+from gateway.outbox import Outbox, commit_loop
 from gateway.shifts import ShiftCalendar
 from gateway.sources import Links, open_source, tag_types
 from gateway.uplink import Format, JsonFormat, Uplink
@@ -66,7 +75,8 @@ EVENTS = """    oee: {{status_tag: machine_status, states: {{1: running, 2: idle
 """
 
 
-async def run_pipeline(port: int, samples: int, data: str, fmt: str = "json", events: bool = False) -> dict:
+async def run_pipeline(port: int, samples: int, data: str, fmt: str = "json", group: bool = True,
+                       events: bool = True) -> dict:
     text = (CONFIG + EVENTS) if events else CONFIG
     cfg = config.parse(text.format(data=data, port=port).replace("max_inflight: 100}",
                                                                   f"max_inflight: 100, format: {fmt}}}"))
@@ -86,12 +96,10 @@ async def run_pipeline(port: int, samples: int, data: str, fmt: str = "json", ev
     while not uplink.connected:
         await asyncio.sleep(0.01)
 
-    async def commit_loop():
-        while True:
-            await asyncio.sleep(cfg.outbox.commit_interval)
-            if store.commit():
-                uplink.wake()
-    committer = asyncio.create_task(commit_loop())
+    def committed(messages: int) -> None:
+        if messages:
+            uplink.wake()
+    committer = asyncio.create_task(commit_loop(store, committed, interval=cfg.outbox.commit_interval, group=group))
     cpu0, t0 = time.process_time(), time.perf_counter()
     wire0 = WIRE["bytes"]
     done = 0
@@ -112,39 +120,111 @@ async def run_pipeline(port: int, samples: int, data: str, fmt: str = "json", ev
     return {"samples": done, "messages": produced, "wall": wall, "cpu": cpu, "wire": WIRE["bytes"] - wire0}
 
 
+async def run_floor(port: int, samples: int) -> dict:
+    """The same simulated reads, JSON-encoded and published QoS 1 by plain paho; no storage, no counters."""
+    import json
+    import threading
+
+    import paho.mqtt.client as mqtt
+
+    cfg = config.parse(CONFIG.format(data="/nonexistent", port=port))
+    links = Links()
+    sources = [open_source(d, links) for d in cfg.devices]
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-floor-{os.getpid()}")
+    client.max_inflight_messages_set(100)
+    window = threading.Semaphore(200)  # paho's 16-bit message ids: keep what is unacknowledged bounded
+    all_acked = threading.Event()
+    acked = 0
+
+    def on_publish(c, u, mid, rc, p):
+        nonlocal acked
+        acked += 1
+        window.release()
+        if acked >= samples:
+            all_acked.set()
+    client.on_publish = on_publish
+    connected = threading.Event()
+    client.on_connect = lambda c, u, f, rc, p: connected.set()
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    connected.wait(10)
+    topics = [f"{cfg.topic_root}/{d.name}/telemetry" for d in cfg.devices]
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    done = 0
+    while done < samples:
+        for source, topic in zip(sources, topics):
+            sample = await source.read_once()
+            window.acquire()
+            client.publish(topic, json.dumps({"ts": sample.ts, "device": sample.device, "values": sample.values},
+                                             separators=(",", ":")).encode(), qos=1)
+        done += len(sources)
+    all_acked.wait(60)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    client.loop_stop()
+    client.disconnect()
+    return {"samples": done, "messages": done, "wall": wall, "cpu": cpu}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=20000)
     parser.add_argument("--format", choices=("json", "sparkplug_b"), default="json")
+    parser.add_argument("--timer", action="store_true", help="with --format sparkplug_b: commit every 100 ms (the "
+                                                             "cadence before group commit)")
+    parser.add_argument("--repeat", type=int, default=2)
     args = parser.parse_args()
     if args.format == "sparkplug_b":
-        return compare_formats(args.samples)
-    with mosquitto() as (port, _), tempfile.TemporaryDirectory() as data:
-        result = asyncio.run(run_pipeline(port, args.samples, data))
-        payload = b"x" * 330  # about the size of a pump telemetry message
-        raw = raw_paho_rate(port, result["messages"], payload)
-    sps = result["samples"] / result["wall"]
-    mps = result["messages"] / result["wall"]
-    print(f"pipeline: {result['samples']} samples -> {result['messages']} messages, all acknowledged by mosquitto")
-    print(f"  samples/s            {sps:10.0f}")
-    print(f"  messages/s           {mps:10.0f}")
-    print(f"  CPU µs per sample    {result['cpu'] / result['samples'] * 1e6:10.1f}   (whole process, both cores' time)")
-    print("baseline: raw paho -> mosquitto QoS 1, same message count, same run")
-    print(f"  messages/s           {raw:10.0f}")
-    print(f"gateway pipeline message rate = {mps / raw * 100:.0f} % of the raw paho rate")
+        return compare_formats(args.samples, not args.timer)
+    with mosquitto() as (port, _):
+        floor, group, timer = [], [], []
+        for _ in range(args.repeat):  # interleaved, so that a busy moment of the machine hits all three alike
+            floor.append(asyncio.run(run_floor(port, args.samples)))
+            for runs, commit in ((group, True), (timer, False)):
+                with tempfile.TemporaryDirectory() as data:
+                    runs.append(asyncio.run(run_pipeline(port, args.samples, data, group=commit)))
+        raw = raw_paho_rate(port, group[0]["messages"], b"x" * 330)  # about the size of a pump telemetry message
+
+    def us(runs: list[dict]) -> list[float]:
+        return [r["cpu"] / r["samples"] * 1e6 for r in runs]
+
+    def rate(runs: list[dict], key: str = "samples") -> list[float]:
+        return [r[key] / r["wall"] for r in runs]
+
+    def span(xs: list[float], fmt: str = "{:.0f}") -> str:
+        return fmt.format(min(xs)) if len(xs) == 1 else f"{fmt.format(min(xs))}–{fmt.format(max(xs))}"
+    print(f"pipeline: {args.samples} samples per run, {args.repeat} runs of each, interleaved; every message "
+          "acknowledged by mosquitto")
+    print(f"{'':<34} {'samples/s':>12} {'messages/s':>12} {'CPU-µs/sample':>14} {'× floor':>10}")
+    f_us = us(floor)
+    for label, runs in (("group commit (the daemon's)", group), ("timer, every 100 ms (before)", timer),
+                        ("floor: reads -> JSON -> paho", floor)):
+        ratios = [a / b for a, b in zip(us(runs), f_us)]
+        print(f"{label:<34} {span(rate(runs)):>12} {span(rate(runs, 'messages')):>12} {span(us(runs)):>14} "
+              f"{span(ratios, '{:.2f}'):>10}")
+    g_t = [a / b for a, b in zip(us(group), us(timer))]
+    print(f"group commit / timer, CPU per sample, run by run: {span(g_t, '{:.2f}')}")
+    print(f"baseline: raw paho -> mosquitto QoS 1, same message count, same run: {raw:.0f} messages/s "
+          f"(the pipeline: {max(rate(group, 'messages')) / raw * 100:.0f} % of it)")
 
 
-def compare_formats(samples: int) -> None:
+def compare_formats(samples: int, group: bool = True) -> None:
     _count_wire()
     results = {}
     for fmt in ("json", "sparkplug_b"):
         with mosquitto() as (port, _), tempfile.TemporaryDirectory() as data:
-            results[fmt] = asyncio.run(run_pipeline(port, samples, data, fmt, events=True))
+            results[fmt] = asyncio.run(run_pipeline(port, samples, data, fmt, group))
+    with mosquitto() as (port, _):
+        floor = asyncio.run(run_floor(port, samples))
     print(f"pipeline, {samples} samples each, JSON and Sparkplug B in the same run, every row deleted only once "
           "the broker has it")
     for fmt, r in results.items():
         print(f"  {fmt:<12} {r['samples'] / r['wall']:8.0f} samples/s   {r['cpu'] / r['samples'] * 1e6:7.1f} CPU-µs "
               f"per sample   {r['wire'] / r['samples']:6.1f} bytes on the wire per sample")
+    floor_us = floor["cpu"] / floor["samples"] * 1e6
+    print(f"  {'floor':<12} {floor['samples'] / floor['wall']:8.0f} samples/s   {floor_us:7.1f} CPU-µs per sample "
+          "(the same reads -> JSON -> plain paho QoS 1, no storage)")
+    for fmt, r in results.items():
+        print(f"  {fmt}: {r['cpu'] / r['samples'] * 1e6 / floor_us:.2f} × the floor's CPU per sample")
     j, s = results["json"], results["sparkplug_b"]
     print(f"baseline: json (same run). sparkplug_b: {s['wire'] / j['wire'] * 100:.0f} % of the bytes, "
           f"{(s['cpu'] / s['samples']) / (j['cpu'] / j['samples']) * 100:.0f} % of the CPU per sample")

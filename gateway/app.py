@@ -33,7 +33,7 @@ from gateway.history import FILE as HISTORY_FILE
 from gateway.history import Bounds as HistoryBounds
 from gateway.history import History
 from gateway.notify import Notifier
-from gateway.outbox import Bounds, Outbox, lock
+from gateway.outbox import Bounds, Outbox, commit_loop, lock
 from gateway.shifts import ShiftCalendar
 from gateway.sources import Links, open_source, tag_types
 from gateway.supervise import Supervisor, within
@@ -66,6 +66,7 @@ class Gateway:
         self._history: History | None = None
         self._uplink: Uplink | None = None
         self._links: Links | None = None
+        self._history_committed = 0.0
 
     # -- life cycle ------------------------------------------------------------------------
     async def __aenter__(self) -> Gateway:
@@ -251,9 +252,19 @@ class Gateway:
 
     # -- timers -------------------------------------------------------------------------------
     async def _commit_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.outbox.commit_interval)
-            self._commit()
+        """A group commit (see `outbox.commit_loop`); the uplink publishes right after each one."""
+        out = self.config.outbox
+        await commit_loop(self.outbox, self._committed, interval=out.commit_interval, max_rate=out.max_commit_rate,
+                          group=out.group_commit)
+
+    def _committed(self, messages: int) -> None:
+        if messages:
+            self.uplink.wake()
+        # The history (training data, not owed to anyone) keeps the timer's cadence: fewer transactions.
+        now = time.monotonic()
+        if self._history is not None and now - self._history_committed >= self.config.outbox.commit_interval:
+            self._history_committed = now
+            self._history.commit()
 
     def _commit(self) -> None:
         if self._history is not None:
@@ -347,6 +358,10 @@ class Gateway:
             log.warning("outbox.sync %s applies from the next start", new.outbox.sync)
         if new.web != old.web:
             log.warning("the web section's change applies from the next start")
+        cadence = ("group_commit", "max_commit_rate", "commit_interval")
+        new_cadence = any(getattr(new.outbox, k) != getattr(old.outbox, k) for k in cadence)
+        if new_cadence:
+            await self._sup.stop("commit")
         new_uplink = (new.upstream, new.topic_root, new.gateway.id) != (old.upstream, old.topic_root, old.gateway.id)
         if new_uplink:
             await self.uplink.stop(flush_timeout=2.0)
@@ -359,6 +374,8 @@ class Gateway:
             await self._start_broker()
         if new_uplink:
             self._sup.start(self.uplink.run(), "uplink")
+        if new_cadence:
+            self._sup.start(self._commit_loop(), "commit")
         logging.getLogger().setLevel(new.gateway.log_level.upper())
         self._start_devices()
         log.info("config reloaded: %d devices%s; the outbox keeps its %d messages", len(self.devices),

@@ -1,9 +1,15 @@
 """The outbox: one SQLite file holding the messages owed to the upstream, the counters and the sequence.
 
 Messages and counter states are staged in memory and written together in ONE
-transaction every commit interval, so a counter's new total and the message
-that reports it are on disk together or not at all. The uplink reads only
-committed rows; a row is deleted only after the broker acknowledged it.
+transaction, so a counter's new total and the message that reports it are on disk
+together or not at all. The uplink reads only committed rows; a row is deleted only
+after the broker acknowledged it.
+
+When to commit is `commit_loop`'s job (a group commit): the first message staged
+after a commit rings `on_stage`, and the loop commits at once, taking everything
+staged by then; what is staged while it commits goes into the next one. A bound on
+commits per second (`max_rate`) spaces them for flash storage; state alone (counter
+rows, acknowledgements to delete) waits at most `interval` for a message to ride with.
 
 Bounds (messages, bytes, age) are enforced inside the same transaction; every
 drop is counted in the `meta` table so the count survives restarts.
@@ -11,12 +17,13 @@ drop is counted in the `meta` table so the count survives restarts.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 import sqlite3
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -61,6 +68,16 @@ CREATE TABLE IF NOT EXISTS counter_audit (
 """
 # Messages kept in memory while the disk refuses writes (disk full, I/O error).
 PENDING_LIMIT = 50_000
+# How the group commit spaces commits. A commit blocks the event loop (an fsync with `sync: full`):
+# when commits take d seconds (a moving average), one is followed by the next no sooner than
+# d × (1/BUSY_SHARE - 1) later, so commits take at most that share of the loop. And each commit
+# costs the same whatever it holds (and the uplink's wake-up after it): while the process uses
+# more than CALM of a core (smoothed over BUSY_WINDOW), commits spread out, up to the timer's
+# `interval` at a whole core, where a sample waits in line anyway. bench/pipeline.py (at a whole core) and bench/latency.py (500
+# samples/s) measure both ends.
+BUSY_SHARE = 0.2
+CALM = 0.5
+BUSY_WINDOW = 0.25  # seconds
 
 
 @dataclass
@@ -135,6 +152,10 @@ class Outbox:
         self._held: set[int] = set()
         self._acked_max = 0
         self._pending_dropped = 0
+        self._meta_seq = -1  # last_seq as the meta table holds it
+        self._written_seq = 0  # the highest seq written by an earlier commit (or found at open)
+        # Rung by the first message staged after a commit (see `commit_loop`); not per message.
+        self.on_stage: Callable[[], None] | None = None
 
     @classmethod
     def open(cls, path: str, *, bounds: Bounds | None = None, sync: str = "normal") -> Outbox:
@@ -143,6 +164,7 @@ class Outbox:
         outbox._reload_topics()
         db = outbox._db
         outbox.last_seq = max(outbox._meta("last_seq"), db.execute("SELECT coalesce(max(seq), 0) FROM outbox").fetchone()[0])
+        outbox._written_seq = outbox.last_seq
         outbox.stats.dropped = outbox._meta("dropped")
         outbox.stats.messages, outbox.stats.bytes = db.execute(
             "SELECT count(*), coalesce(sum(length(payload)), 0) FROM outbox").fetchone()
@@ -184,9 +206,12 @@ class Outbox:
         """Give `payload` the next seq and queue it for the next commit; return the seq."""
         self.last_seq += 1
         body = {"seq": self.last_seq, **payload}
-        self._pending.append(Message(self.last_seq, contract.Route.of(topic), contract.encode(body),
-                                     created or time.time(), body))
-        if len(self._pending) > PENDING_LIMIT:  # the disk has refused writes for a long time
+        pending = self._pending
+        pending.append(Message(self.last_seq, contract.Route.of(topic), contract.encode(body),
+                               created or time.time(), body))
+        if len(pending) == 1 and self.on_stage is not None:
+            self.on_stage()
+        elif len(pending) > PENDING_LIMIT:  # the disk has refused writes for a long time
             self._drop_pending()
         return self.last_seq
 
@@ -232,6 +257,12 @@ class Outbox:
     def pending(self) -> int:
         return len(self._pending)
 
+    @property
+    def dirty(self) -> bool:
+        """Whether the next commit has anything to write (messages, state, rows to delete)."""
+        return bool(self._pending or self._pending_counters or self._pending_shifts or self._pending_states
+                    or self._acked)
+
     def _drop_pending(self) -> None:
         if self.bounds.when_full == "drop_newest":
             victim = self._pending.pop()
@@ -267,7 +298,7 @@ class Outbox:
 
         Returns False, keeping everything staged, when the disk refuses the write.
         """
-        if not (self._pending or self._pending_counters or self._pending_shifts or self._pending_states or self._acked):
+        if not self.dirty:
             return True
         now = now or time.time()
         db = self._db
@@ -281,18 +312,24 @@ class Outbox:
                 self._insert(db, admitted, now)
                 messages += len(admitted)
                 size += sum(m.size for m in admitted)
-                for (device, name), row in self._pending_counters.items():
-                    db.execute("INSERT OR REPLACE INTO counters VALUES (?, ?, ?, ?, ?, ?, ?)",
-                               (device, name, row.last_raw, row.total, row.shift_total, row.shift_id, row.updated))
-                db.executemany("INSERT OR REPLACE INTO shifts VALUES (?, ?)", self._pending_shifts.items())
-                db.executemany("INSERT OR REPLACE INTO device_state VALUES (?, ?, ?)",
-                               ((d, k, r) for (d, k), r in self._pending_states.items()))
+                # One statement per kind, none for what has nothing staged: a group commit often holds one message.
+                if self._pending_counters:
+                    db.executemany("INSERT OR REPLACE INTO counters VALUES (?, ?, ?, ?, ?, ?, ?)",
+                                   [(device, name, row.last_raw, row.total, row.shift_total, row.shift_id, row.updated)
+                                    for (device, name), row in self._pending_counters.items()])
+                if self._pending_shifts:
+                    db.executemany("INSERT OR REPLACE INTO shifts VALUES (?, ?)", self._pending_shifts.items())
+                if self._pending_states:
+                    db.executemany("INSERT OR REPLACE INTO device_state VALUES (?, ?, ?)",
+                                   ((d, k, r) for (d, k), r in self._pending_states.items()))
                 dropped = [(m.seq, m.size) for m in refused] + self._trim(db, now, messages, size)
                 messages -= len(dropped) - len(refused)
                 size -= sum(b for _, b in dropped) - sum(m.size for m in refused)
                 dropped_total = self.stats.dropped + self._pending_dropped + len(dropped)
-                db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
-                               (("last_seq", self.last_seq), ("dropped", dropped_total)))
+                if self.last_seq != self._meta_seq:
+                    db.execute("INSERT OR REPLACE INTO meta VALUES ('last_seq', ?)", (self.last_seq,))
+                if dropped_total != self.stats.dropped:
+                    db.execute("INSERT OR REPLACE INTO meta VALUES ('dropped', ?)", (dropped_total,))
                 db.execute("COMMIT")
             except BaseException:
                 if db.in_transaction:
@@ -309,11 +346,15 @@ class Outbox:
         if self.stats.last_error is not None:
             log.warning("outbox writes work again (%d messages kept in memory now written)", len(self._pending))
             self.stats.last_error = None
+        self._meta_seq = self._written_seq = self.last_seq
         self.stats.committed += len(admitted)
         self.stats.messages, self.stats.bytes, self.stats.dropped = messages, size, dropped_total
         for seq, _ in sorted(dropped):
             self._count_drop(seq)
-        if not dropped and not self._pending_dropped:
+        # Over once a commit drops nothing and leaves room: with small group commits, one that just fits
+        # while the outbox is still full is not the end of the episode (the next message would be dropped).
+        if not dropped and not self._pending_dropped and messages < self.bounds.max_messages \
+                and size < self.bounds.max_bytes:
             self._end_drop_episode()
         self._pending_dropped = 0
         self._pending.clear()
@@ -366,9 +407,12 @@ class Outbox:
         inflight = json.dumps(sorted(self._held))
         oldest = db.execute("SELECT created FROM outbox ORDER BY seq LIMIT 1").fetchone()
         if oldest and oldest[0] < now - self.bounds.max_age:  # rows are in time order: expire from the front
+            # Only rows of earlier commits: a message that arrives already older than max_age (a sensor's own
+            # old timestamp) gets its one chance to be published rather than being dropped as it is written.
             dropped = db.execute("DELETE FROM outbox WHERE seq IN (SELECT seq FROM outbox ORDER BY seq LIMIT 10000) "
-                                 "AND created < ? AND seq NOT IN (SELECT value FROM json_each(?)) "
-                                 "RETURNING seq, length(payload)", (now - self.bounds.max_age, inflight)).fetchall()
+                                 "AND created < ? AND seq <= ? AND seq NOT IN (SELECT value FROM json_each(?)) "
+                                 "RETURNING seq, length(payload)",
+                                 (now - self.bounds.max_age, self._written_seq, inflight)).fetchall()
         messages -= len(dropped)
         size -= sum(b for _, b in dropped)
         over, over_bytes = messages - self.bounds.max_messages, size - self.bounds.max_bytes
@@ -391,6 +435,62 @@ class Outbox:
     def close(self) -> None:
         self.commit()
         self._db.close()
+
+
+async def commit_loop(outbox: Outbox, on_commit: Callable[[int], None], *, interval: float = 0.1,
+                      max_rate: float = 0.0, group: bool = True) -> None:
+    """Commit `outbox` until cancelled; after each commit, `on_commit(n)` with n the messages it wrote.
+
+    Group commit: the first message staged after a commit wakes the loop, which commits at once
+    (one turn of the event loop later), so an idle gateway writes a message within a millisecond
+    and a busy one batches whatever was staged meanwhile. How soon the next commit may start
+    follows from what the last one cost (see BUSY_SHARE); `max_rate` > 0 also keeps them at least
+    1/max_rate apart (flash wear: a message then waits up to that long). State without a message
+    (counter rows, acknowledged rows to delete) and a failed write wait at most `interval`.
+    `group=False` is the previous cadence: one commit every `interval`, whatever is staged.
+    """
+    loop = asyncio.get_running_loop()
+    min_gap = 1.0 / max_rate if max_rate > 0 else 0.0
+    next_start, last_end, last_cpu, busy, took = 0.0, loop.time(), time.process_time(), 0.0, 0.0
+    bell: asyncio.Future[None] | None = None
+
+    def ring() -> None:
+        if bell is not None and not bell.done():
+            bell.set_result(None)
+    if group:
+        outbox.on_stage = ring
+    try:
+        while True:
+            if not group or not outbox.pending:
+                bell = loop.create_future()
+                timer = loop.call_later(interval, ring)
+                try:
+                    await bell
+                finally:
+                    timer.cancel()
+                    bell = None
+            if group and (wait := next_start - loop.time()) > 0:
+                await asyncio.sleep(wait)
+            start = loop.time()
+            before = outbox.stats.committed
+            ok = outbox.commit()
+            end, cpu = loop.time(), time.process_time()
+            # The process's CPU share (smoothed over BUSY_WINDOW): near a whole core, the loop is saturated
+            # and a sample waits in line anyway; then commits spread out, so that their cost is shared by more.
+            weight = min(1.0, (end - last_end) / BUSY_WINDOW)
+            busy = min(1.0, busy + weight * ((cpu - last_cpu) / max(end - last_end, 1e-6) - busy))
+            saturation = max(0.0, (busy - CALM) / (1 - CALM))  # 0 up to CALM of a core, 1 at a whole core
+            # What commits take, smoothed: a WAL checkpoint now and then must not hold back the next ones.
+            took += 0.1 * (end - start - took)
+            next_start = max(start + min_gap, end + took * (1 / BUSY_SHARE - 1), end + saturation * interval)
+            last_end, last_cpu = end, cpu
+            if ok:
+                on_commit(outbox.stats.committed - before)
+            else:  # the disk refuses writes: everything stays staged; try again after `interval`
+                await asyncio.sleep(interval)
+    finally:
+        if outbox.on_stage is ring:
+            outbox.on_stage = None
 
 
 def _open(path: str, sync: str) -> sqlite3.Connection:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from datetime import datetime, timezone
 
@@ -42,5 +43,21 @@ def parse_size(text: str | int) -> int:
 
 def rfc3339(ts: float) -> str:
     """A UNIX time as RFC 3339 UTC with milliseconds: `2026-11-24T06:00:00.123Z`."""
-    dt = datetime.fromtimestamp(ts, tz=timezone.utc)
-    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+    # Every message carries one and most fall in the same second as the one before: the date and
+    # time of day are formatted once per second (bench/scale.py: 6 % of the pipeline's CPU before).
+    frac, whole = math.modf(ts)
+    micro = round(frac * 1e6)  # as datetime.fromtimestamp rounds: to the microsecond, half to even
+    second = int(whole)
+    if micro >= 1_000_000:
+        second, micro = second + 1, micro - 1_000_000
+    elif micro < 0:
+        second, micro = second - 1, micro + 1_000_000
+    global _second, _prefix
+    if second != _second:
+        _prefix = datetime.fromtimestamp(second, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.")
+        _second = second
+    return f"{_prefix}{micro // 1000:03d}Z"
+
+
+_second: int | None = None
+_prefix = ""

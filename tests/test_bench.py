@@ -22,6 +22,7 @@ RUNS = [
     ("modbus.py", "baseline:", "--seconds", "1"),
     ("startup.py", "baseline:", "--seconds", "2"),
     ("scale.py", "bare µs", "--seconds", "0.5", "--max-devices", "10"),
+    ("latency.py", "sync normal, timer:", "--quick", "--seconds", "1"),
     ("inference.py", "(same run)", "--seconds", "1"),
     ("opcua.py", "baseline: modbus poll", "--seconds", "2"),
     ("fleet.py", "  old  reconnect after the broker is back", "--gateways", "1", "--outage", "2"),

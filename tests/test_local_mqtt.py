@@ -178,8 +178,10 @@ def test_mqtt_device_fed_garbage_then_good_data(tmp_path, mosquitto, gateway, su
     wait_until(lambda: len(up.on("/pump1/telemetry")) > before + 5, 10, what="pump1 to go on")
     seqs = up.seqs()
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
-    health = json.loads((tmp_path / "data" / "state.json").read_text())
-    assert health["devices"]["pump7"]["errors"] >= 9
+    # The state file is written every health_interval (1 s): wait for one written after the errors.
+    state = tmp_path / "data" / "state.json"
+    wait_until(lambda: state.exists() and json.loads(state.read_text())["devices"]["pump7"]["errors"] >= 9, 10,
+               what="the state file to count the errors")
     sensor.disconnect()
     sensor.loop_stop()
     assert gw.stop() == 0

@@ -171,7 +171,12 @@ class OutboxSection:
     max_age: float = setting(duration(1), 7 * 86400.0, doc="older messages are dropped")
     when_full: str = setting(one_of("drop_oldest", "drop_newest"), "drop_oldest", doc="which end gives way")
     sync: str = setting(one_of("normal", "full"), "normal", doc="SQLite synchronous: full survives power loss")
-    commit_interval: float = setting(duration(0.001, 1.0), 0.1, doc="one transaction this often")
+    group_commit: bool = setting(boolean, True, doc="commit as soon as a message is staged; false: one "
+                                                    "commit every commit_interval (the earlier cadence)")
+    max_commit_rate: float = setting(number(0, 10_000), 0.0, doc="commits per second at most, 0: no bound "
+                                                                 "(flash wear; a message may wait 1/rate)")
+    commit_interval: float = setting(duration(0.001, 1.0), 0.1, doc="state without a message (counter rows, "
+                                                                    "acknowledged rows to delete) waits at most this")
 
 
 @dataclass(frozen=True)
