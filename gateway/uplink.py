@@ -73,8 +73,10 @@ class Format(Protocol):
         """The Will of the next CONNECT; must not change state (the attempt may never send a CONNECT)."""
         ...
 
-    def connect_sent(self) -> None:
-        """The CONNECT carrying `will()` went out (Sparkplug: bdSeq counts it)."""
+    def connect_answered(self) -> None:
+        """The broker answered the CONNECT carrying `will()` (a CONNACK, accepted or refused): it saw that
+        Will (Sparkplug: bdSeq counts it). A CONNECT written into a connection that closed unanswered (a
+        proxy whose broker is down) does not count: no broker ever held its Will."""
         ...
 
     def subscriptions(self) -> list[tuple[str, int]]:
@@ -132,7 +134,7 @@ class JsonFormat:
     def will(self) -> Packet:
         return Packet(self.status_topic, self.offline_payload, 1, True)
 
-    def connect_sent(self) -> None:
+    def connect_answered(self) -> None:
         pass
 
     def subscriptions(self) -> list[tuple[str, int]]:
@@ -335,9 +337,8 @@ class Uplink:
             # paho writes the CONNECT once the socket (and TLS) is up: returning means it went out.
             await asyncio.to_thread(client.connect, self.cfg.host, self.cfg.effective_port,
                                     int(self.cfg.keepalive))
-            self.format.connect_sent()
             client.loop_start()
-            reason = await within(asyncio.shield(self._connack), max(5.0, self.cfg.keepalive))
+            reason = await within(asyncio.shield(self._connack), CONNACK_LIMIT)
         except ssl.SSLCertVerificationError as err:
             await self._drop_client()
             raise UplinkError(f"TLS certificate verification failed for {where}: {err.verify_message}") from None
@@ -346,14 +347,16 @@ class Uplink:
             raise UplinkError(f"TLS handshake with {where} failed: {err.reason or err}") from None
         except (OSError, asyncio.TimeoutError) as err:
             # Refused, reset, unreachable or no TCP answer: nothing on the broker's side did any work.
-            # No CONNACK in time on a connection the broker took is the broker struggling.
+            # No CONNACK in time on a connection the broker took is the broker struggling (or a partition
+            # behind a proxy: CONNACK_LIMIT bounds how long one attempt can hold a healed network back).
             reached = self._connack_missing(client)
             await self._drop_client()
             why = getattr(err, "strerror", None) or str(err) or "no answer in time"
             raise UplinkError(f"cannot connect to {where}: {why}", reached=reached) from None
-        if reason is None:
+        if reason is None:  # a proxy whose broker is down, or a broker turning connections away: cheap to retry
             await self._drop_client()
-            raise UplinkError(f"{where} closed the connection before accepting it (no CONNACK)")
+            raise UplinkError(f"{where} closed the connection before accepting it (no CONNACK)", reached=False)
+        self.format.connect_answered()
         if reason.is_failure:
             await self._drop_client()
             raise UplinkError(f"{where} refused the connection: {reason}")
@@ -527,6 +530,7 @@ class Uplink:
 
 
 LOOP_STOP_LIMIT = 3.0  # seconds to wait for paho's network thread to end
+CONNACK_LIMIT = 10.0  # seconds a CONNECT waits for its CONNACK (a broker answers in milliseconds)
 SESSION_RETRY = 3.0  # seconds after which a format that is not ready is asked again, commits or not
 
 

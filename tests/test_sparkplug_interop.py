@@ -64,6 +64,7 @@ def tahu():
     finally:
         proc.stdin.close()  # type: ignore[union-attr]
         proc.wait(10)
+        proc.stdout.close()  # type: ignore[union-attr]
 
 
 class Host:

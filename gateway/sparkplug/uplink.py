@@ -90,7 +90,7 @@ class SparkplugFormat:
     def will(self) -> Packet:
         return Packet(self.topics.node_topic("NDEATH"), metrics.death(self._next_bdseq()), 1, False)
 
-    def connect_sent(self) -> None:
+    def connect_answered(self) -> None:
         self.bdseq = self._next_bdseq()
         tmp = f"{self.state_path}.tmp"
         with open(tmp, "w", encoding="utf-8") as fh:  # the Will names it: it must survive a kill -9
