@@ -16,6 +16,10 @@ QoS >= 1 packet made from it, or, when its packets are all QoS 0 (Sparkplug's DD
 PUBACK of the next QoS >= 1 packet on the same connection: the broker handles one connection's
 packets in order, so that PUBACK means everything before it arrived. A batch that ends with such
 rows is closed by the format's `marker()` packet.
+
+Order: rows go out in seq order. A format that is `live_first` (Sparkplug) has two streams once its
+session is ready: the rows committed since (live) at once, and the backlog staged before (history)
+in the rest of the window, each in seq order, until the backlog is out; then one stream again.
 """
 
 from __future__ import annotations
@@ -68,6 +72,9 @@ class Format(Protocol):
 
     client_id: str
     online_payload: bytes  # the retained status the gateway last gave (JSON publishes it)
+    # Whether rows committed after the session became ready go out at once, ahead of the older backlog
+    # (Sparkplug: the backlog is history and may follow live data); else every row in seq order (JSON).
+    live_first: bool
 
     def will(self) -> Packet:
         """The Will of the next CONNECT; must not change state (the attempt may never send a CONNECT)."""
@@ -130,6 +137,7 @@ class JsonFormat:
         self.qos = qos
 
     ready = True
+    live_first = False  # subscribers de-duplicate on seq and expect it in order
 
     def will(self) -> Packet:
         return Packet(self.status_topic, self.offline_payload, 1, True)
@@ -187,7 +195,9 @@ class Uplink:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: mqtt.Client | None = None
         self._inflight: dict[int, list[tuple[int, int]]] = {}  # paho mid -> the rows its PUBACK acknowledges
-        self._cursor = 0  # highest seq handed to paho on this connection
+        self._cursor = 0  # highest seq handed to paho on this connection (of the backlog, while it replays apart)
+        self._split: int | None = None  # live_first: rows above it are live, at or below it the backlog (0: none)
+        self._live_cursor = 0  # highest seq above the split handed to paho
         self._wake = asyncio.Event()
         self._progress = asyncio.Event()  # an acknowledgement arrived or the pump found nothing to send
         self._lost = asyncio.Event()
@@ -402,7 +412,8 @@ class Uplink:
         """Whatever was in flight is owed again, oldest first."""
         self._inflight.clear()
         self.store.release_all()
-        self._cursor = 0
+        self._cursor = self._live_cursor = 0
+        self._split = None  # drawn when the format is ready (Sparkplug: at the births)
         self._caught_up = True
         self._wake.set()
 
@@ -493,31 +504,47 @@ class Uplink:
                 self._start_session(client)
                 if not self.format.ready:
                     continue
+            if self._split is None:  # the session is ready: what is staged by now is the backlog
+                self._split = self.store.last_seq if self.format.live_first else 0
+                self._live_cursor = self._split
             room = self.cfg.max_inflight - len(self._inflight)  # QoS >= 1 packets awaiting their PUBACK
-            # While a backlog drains, refill in batches rather than one query per acknowledgement.
-            if room <= 0 or (not self._caught_up and room < max(1, self.cfg.max_inflight // 4)):
+            if room <= 0:
                 continue
-            batch = self.store.fetch(self._cursor, room)
-            self._caught_up = len(batch) < room
-            self._send(client, batch)
-            if not batch:
+            sent = False
+            if self._split:  # live rows first: a long backlog (history) must not hold them back
+                live = self.store.fetch(self._live_cursor, room)
+                self._live_cursor = self._send(client, live, self._live_cursor)
+                room -= bool(live)
+                sent = bool(live)
+            # While a backlog drains, refill in batches rather than one query per acknowledgement.
+            if room > 0 and (self._caught_up or room >= max(1, self.cfg.max_inflight // 4)):
+                batch = self.store.fetch(self._cursor, room)
+                older = [m for m in batch if m.seq <= self._split] if self._split else batch
+                self._caught_up = len(batch) < room
+                self._cursor = self._send(client, older, self._cursor)
+                sent = sent or bool(older)
+                if len(older) < len(batch):  # the backlog is out (what is above was committed after it)
+                    self._cursor, self._split = self._live_cursor, 0  # one stream again, in seq order
+                    self._wake.set()
+            if not sent:
                 self._progress.set()
 
-    def _send(self, client: mqtt.Client, batch: list[Message]) -> None:
+    def _send(self, client: mqtt.Client, batch: list[Message], cursor: int) -> int:
         """Hand each row's packets to paho; a row is acknowledged by the PUBACK of its last QoS >= 1
-        packet, or of the next one on this connection (the format's marker closes the batch)."""
+        packet, or of the next one on this connection (the format's marker closes the batch). Returns
+        the cursor: the seq of the last row handed over (`cursor` if none)."""
         unconfirmed: list[tuple[int, int]] = []
         for msg in batch:
             last_mid = None
             for p in self.format.data(msg):
                 info = client.publish(p.topic, p.payload, qos=p.qos, retain=p.retain)
                 if info.rc != mqtt.MQTT_ERR_SUCCESS:  # the connection just went; resend after reconnect
-                    return
+                    return cursor
                 if p.qos > 0:
                     last_mid = info.mid
             unconfirmed.append((msg.seq, msg.size))
             self.store.hold(msg.seq)
-            self._cursor = msg.seq
+            cursor = msg.seq
             self.stats.published += 1
             if last_mid is not None:
                 self._inflight[last_mid] = unconfirmed
@@ -527,6 +554,7 @@ class Uplink:
             info = client.publish(p.topic, p.payload, qos=p.qos, retain=p.retain)
             if info.rc == mqtt.MQTT_ERR_SUCCESS:
                 self._inflight[info.mid] = unconfirmed
+        return cursor
 
 
 LOOP_STOP_LIMIT = 3.0  # seconds to wait for paho's network thread to end
