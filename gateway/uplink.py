@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import socket
 import ssl
 import time
 from collections import deque
@@ -195,6 +196,7 @@ class Uplink:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: mqtt.Client | None = None
         self._inflight: dict[int, list[tuple[int, int]]] = {}  # paho mid -> the rows its PUBACK acknowledges
+        self._sent_at: dict[int, float] = {}  # paho mid -> when it was handed to paho (monotonic)
         self._cursor = 0  # highest seq handed to paho on this connection (of the backlog, while it replays apart)
         self._split: int | None = None  # live_first: rows above it are live, at or below it the backlog (0: none)
         self._live_cursor = 0  # highest seq above the split handed to paho
@@ -302,7 +304,11 @@ class Uplink:
                 attempt += 1
                 continue
             attempt = 0
-            await self._lost.wait()
+            while not self._lost.is_set():
+                try:
+                    await within(self._lost.wait(), 1.0)
+                except asyncio.TimeoutError:
+                    self._check_acks()
             await self._drop_client()
             if not self._stop_event.is_set():  # the first attempt after a loss: soon, spread over the fleet
                 await self._sleep(down(0, self.cfg.reconnect.min, self.cfg.reconnect.down_max, self._rng))
@@ -411,6 +417,7 @@ class Uplink:
     def _restart_delivery(self) -> None:
         """Whatever was in flight is owed again, oldest first."""
         self._inflight.clear()
+        self._sent_at.clear()
         self.store.release_all()
         self._cursor = self._live_cursor = 0
         self._split = None  # drawn when the format is ready (Sparkplug: at the births)
@@ -426,6 +433,7 @@ class Uplink:
         client, self._client = self._client, None
         self._session_over()
         self._inflight.clear()
+        self._sent_at.clear()
         self.store.release_all()
         self._progress.set()
         if client is not None:
@@ -463,6 +471,7 @@ class Uplink:
         if client is not self._client:
             return
         rows = self._inflight.pop(mid, None)
+        sent = self._sent_at.pop(mid, None)
         if rows is None:  # a live message (status, health, births)
             return
         for seq, size in rows:
@@ -473,6 +482,34 @@ class Uplink:
         self._acks.extend([now] * len(rows))
         self._progress.set()
         self._wake.set()
+        # The broker acknowledges one connection's packets in the order it received them: one sent well
+        # before this one and still unacknowledged never arrived (a network that dropped data and came back).
+        if sent is not None and any(t < sent - ACK_GRACE for t in self._sent_at.values()):
+            self._abandon(client, "packets sent before one the broker acknowledged were never acknowledged "
+                                  "(the network lost them)")
+
+    def _check_acks(self) -> None:
+        """Once a second while connected: a packet unacknowledged for longer than the keepalive means a
+        connection that stalls or lost it (the window full of lost packets would stall delivery for good)."""
+        client = self._client
+        if client is not None and self._sent_at:
+            waited = time.monotonic() - min(self._sent_at.values())
+            if waited > max(ACK_LIMIT, self.cfg.keepalive):
+                self._abandon(client, f"no acknowledgement from the broker for {waited:.0f} s")
+
+    def _abandon(self, client: mqtt.Client, why: str) -> None:
+        """End a connection that lost packets as a broken one (no DISCONNECT: the broker publishes the
+        Will), and connect again; what was in flight is sent again, oldest first."""
+        if client is not self._client or self._lost.is_set():
+            return
+        self._fail(why)
+        self._leaving = True  # said why already
+        sock = client.socket()
+        try:
+            if isinstance(sock, socket.socket):  # an SSLSocket is one too
+                sock.shutdown(socket.SHUT_RDWR)  # paho's thread sees the end and reports the disconnect
+        except OSError:
+            pass
 
     def _on_message(self, client: mqtt.Client, message: mqtt.MQTTMessage) -> None:
         if client is not self._client or not self.connected:
@@ -542,6 +579,7 @@ class Uplink:
                     return cursor
                 if p.qos > 0:
                     last_mid = info.mid
+                    self._sent_at[info.mid] = time.monotonic()
             unconfirmed.append((msg.seq, msg.size))
             self.store.hold(msg.seq)
             cursor = msg.seq
@@ -554,10 +592,13 @@ class Uplink:
             info = client.publish(p.topic, p.payload, qos=p.qos, retain=p.retain)
             if info.rc == mqtt.MQTT_ERR_SUCCESS:
                 self._inflight[info.mid] = unconfirmed
+                self._sent_at[info.mid] = time.monotonic()
         return cursor
 
 
 LOOP_STOP_LIMIT = 3.0  # seconds to wait for paho's network thread to end
+ACK_GRACE = 5.0  # seconds by which a packet may be acknowledged after one sent later (a broker that reorders)
+ACK_LIMIT = 30.0  # seconds a packet may wait for its acknowledgement (at least the keepalive)
 CONNACK_LIMIT = 10.0  # seconds a CONNECT waits for its CONNACK (a broker answers in milliseconds)
 SESSION_RETRY = 3.0  # seconds after which a format that is not ready is asked again, commits or not
 

@@ -319,3 +319,49 @@ def test_live_data_goes_out_while_a_long_backlog_still_replays_as_history(mosqui
     assert data.count(True) == backlog and data.count(False) == 1
     assert live < len(data) - 200, f"the live sample came after {live} of {backlog} historical ones"
     assert kinds[0] == ("NBIRTH", False) and kinds[1][0] == "DBIRTH"
+
+
+def test_a_network_that_drops_data_and_comes_back_is_noticed_and_nothing_is_lost(mosquitto, gate, gateway, tmp_path):
+    """A partition that swallows what passes (a proxy's blackhole) and then heals without cutting the
+    connection: the markers sent meanwhile never get their PUBACK, while later ones do. Before, their
+    rows waited for a reconnect that never came and the window clogged (a long enough partition stopped
+    every DDATA for good); now the gateway ends the connection as broken (the Will's NDEATH), is born again
+    and sends those rows as history."""
+    import csv
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ENV, ROOT
+
+    from gateway.recording import parse_time
+
+    host = Host(mosquitto.port)
+    g = gate(mosquitto.port)
+    try:
+        devices = "\n  - {name: pump1, source: sim, profile: pump, seed: 3, interval: 20ms, history: {keep: 1d}}\n"
+        text = gateway_config(tmp_path / "data", g.port, devices=devices, upstream=", format: sparkplug_b")
+        gw = gateway(text).start()
+        wait_until(lambda: len(host.of("DDATA")) > 20, 30, what="data")
+        g.dropping = True
+        time.sleep(6)
+        g.dropping = False  # healed: the same connection carries data again
+        wait_until(lambda: len(host.of("NBIRTH")) == 2, 30, what="a new session after the lost packets")
+        wait_until(lambda: any(m.is_historical for _, p in host.of("DDATA") for m in p.metrics), 30,
+                   what="what the partition swallowed, as history")
+        time.sleep(1)
+        assert gw.stop() == 0
+        assert "never acknowledged (the network lost them)" in gw.logs()
+    finally:
+        host.close()
+    kinds = [t.split("/")[2] for t, _ in host.messages]
+    assert "NDEATH" in kinds[:kinds.index("NBIRTH", 1)]  # the Will: the broken session's death, before the birth
+    export = subprocess.run([sys.executable, "-m", "gateway", "history", "export", "pump1", "-c", str(gw.config),
+                             "--csv", str(tmp_path / "h.csv")], capture_output=True, text=True, env=ENV, cwd=ROOT,
+                            timeout=60)
+    assert export.returncode == 0, export.stderr
+    with open(tmp_path / "h.csv") as fh:
+        recorded = sorted(round(parse_time(row["time"]) * 1000) for row in csv.DictReader(fh))
+    sent = {p.timestamp for _, p in host.of("DDATA")}
+    lost = [r for r in recorded if not {r - 1, r, r + 1} & sent]
+    assert not lost and len(recorded) > 300, (len(lost), len(recorded))
