@@ -363,12 +363,12 @@ class Uplink:
             raise UplinkError(f"TLS handshake with {where} failed: {err.reason or err}") from None
         except (OSError, asyncio.TimeoutError) as err:
             # Refused, reset, unreachable or no TCP answer: nothing on the broker's side did any work.
-            # No CONNACK in time on a connection the broker took is the broker struggling (or a partition
-            # behind a proxy: CONNACK_LIMIT bounds how long one attempt can hold a healed network back).
-            reached = self._connack_missing(client)
+            # No CONNACK in time is a struggling broker or, as often, a proxy whose far side is cut off:
+            # retried as a broker that is down, since the CONNACK_LIMIT wait already spaces the attempts
+            # (an exponential wait would hold a healed network back for up to reconnect.max).
             await self._drop_client()
-            why = getattr(err, "strerror", None) or str(err) or "no answer in time"
-            raise UplinkError(f"cannot connect to {where}: {why}", reached=reached) from None
+            why = getattr(err, "strerror", None) or str(err) or f"no CONNACK within {CONNACK_LIMIT:g} s"
+            raise UplinkError(f"cannot connect to {where}: {why}", reached=False) from None
         if reason is None:  # a proxy whose broker is down, or a broker turning connections away: cheap to retry
             await self._drop_client()
             raise UplinkError(f"{where} closed the connection before accepting it (no CONNACK)", reached=False)
@@ -403,16 +403,6 @@ class Uplink:
         self._publish(client, self.format.session_started(self.store.newest))
         if not self.format.ready and self._loop is not None:
             self._loop.call_later(SESSION_RETRY, self._wake.set)
-
-    def _connack_missing(self, client: mqtt.Client) -> bool:
-        """Whether the broker took the TCP connection and then gave no CONNACK in time."""
-        if self._connack is not None and self._connack.done():
-            return False
-        sock = client.socket()
-        try:
-            return sock is not None and getattr(sock, "getpeername", lambda: None)() is not None
-        except OSError:
-            return False
 
     def _restart_delivery(self) -> None:
         """Whatever was in flight is owed again, oldest first."""
