@@ -16,6 +16,10 @@ QoS >= 1 packet made from it, or, when its packets are all QoS 0 (Sparkplug's DD
 PUBACK of the next QoS >= 1 packet on the same connection: the broker handles one connection's
 packets in order, so that PUBACK means everything before it arrived. A batch that ends with such
 rows is closed by the format's `marker()` packet.
+
+Order: rows go out in seq order. A format that is `live_first` (Sparkplug) has two streams once its
+session is ready: the rows committed since (live) at once, and the backlog staged before (history)
+in the rest of the window, each in seq order, until the backlog is out; then one stream again.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import socket
 import ssl
 import time
 from collections import deque
@@ -68,13 +73,18 @@ class Format(Protocol):
 
     client_id: str
     online_payload: bytes  # the retained status the gateway last gave (JSON publishes it)
+    # Whether rows committed after the session became ready go out at once, ahead of the older backlog
+    # (Sparkplug: the backlog is history and may follow live data); else every row in seq order (JSON).
+    live_first: bool
 
     def will(self) -> Packet:
         """The Will of the next CONNECT; must not change state (the attempt may never send a CONNECT)."""
         ...
 
-    def connect_sent(self) -> None:
-        """The CONNECT carrying `will()` went out (Sparkplug: bdSeq counts it)."""
+    def connect_answered(self) -> None:
+        """The broker answered the CONNECT carrying `will()` (a CONNACK, accepted or refused): it saw that
+        Will (Sparkplug: bdSeq counts it). A CONNECT written into a connection that closed unanswered (a
+        proxy whose broker is down) does not count: no broker ever held its Will."""
         ...
 
     def subscriptions(self) -> list[tuple[str, int]]:
@@ -128,11 +138,12 @@ class JsonFormat:
         self.qos = qos
 
     ready = True
+    live_first = False  # subscribers de-duplicate on seq and expect it in order
 
     def will(self) -> Packet:
         return Packet(self.status_topic, self.offline_payload, 1, True)
 
-    def connect_sent(self) -> None:
+    def connect_answered(self) -> None:
         pass
 
     def subscriptions(self) -> list[tuple[str, int]]:
@@ -185,7 +196,10 @@ class Uplink:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: mqtt.Client | None = None
         self._inflight: dict[int, list[tuple[int, int]]] = {}  # paho mid -> the rows its PUBACK acknowledges
-        self._cursor = 0  # highest seq handed to paho on this connection
+        self._sent_at: dict[int, float] = {}  # paho mid -> when it was handed to paho (monotonic)
+        self._cursor = 0  # highest seq handed to paho on this connection (of the backlog, while it replays apart)
+        self._split: int | None = None  # live_first: rows above it are live, at or below it the backlog (0: none)
+        self._live_cursor = 0  # highest seq above the split handed to paho
         self._wake = asyncio.Event()
         self._progress = asyncio.Event()  # an acknowledgement arrived or the pump found nothing to send
         self._lost = asyncio.Event()
@@ -290,7 +304,11 @@ class Uplink:
                 attempt += 1
                 continue
             attempt = 0
-            await self._lost.wait()
+            while not self._lost.is_set():
+                try:
+                    await within(self._lost.wait(), 1.0)
+                except asyncio.TimeoutError:
+                    self._check_acks()
             await self._drop_client()
             if not self._stop_event.is_set():  # the first attempt after a loss: soon, spread over the fleet
                 await self._sleep(down(0, self.cfg.reconnect.min, self.cfg.reconnect.down_max, self._rng))
@@ -335,9 +353,8 @@ class Uplink:
             # paho writes the CONNECT once the socket (and TLS) is up: returning means it went out.
             await asyncio.to_thread(client.connect, self.cfg.host, self.cfg.effective_port,
                                     int(self.cfg.keepalive))
-            self.format.connect_sent()
             client.loop_start()
-            reason = await within(asyncio.shield(self._connack), max(5.0, self.cfg.keepalive))
+            reason = await within(asyncio.shield(self._connack), CONNACK_LIMIT)
         except ssl.SSLCertVerificationError as err:
             await self._drop_client()
             raise UplinkError(f"TLS certificate verification failed for {where}: {err.verify_message}") from None
@@ -346,14 +363,16 @@ class Uplink:
             raise UplinkError(f"TLS handshake with {where} failed: {err.reason or err}") from None
         except (OSError, asyncio.TimeoutError) as err:
             # Refused, reset, unreachable or no TCP answer: nothing on the broker's side did any work.
-            # No CONNACK in time on a connection the broker took is the broker struggling.
-            reached = self._connack_missing(client)
+            # No CONNACK in time is a struggling broker or, as often, a proxy whose far side is cut off:
+            # retried as a broker that is down, since the CONNACK_LIMIT wait already spaces the attempts
+            # (an exponential wait would hold a healed network back for up to reconnect.max).
             await self._drop_client()
-            why = getattr(err, "strerror", None) or str(err) or "no answer in time"
-            raise UplinkError(f"cannot connect to {where}: {why}", reached=reached) from None
-        if reason is None:
+            why = getattr(err, "strerror", None) or str(err) or f"no CONNACK within {CONNACK_LIMIT:g} s"
+            raise UplinkError(f"cannot connect to {where}: {why}", reached=False) from None
+        if reason is None:  # a proxy whose broker is down, or a broker turning connections away: cheap to retry
             await self._drop_client()
-            raise UplinkError(f"{where} closed the connection before accepting it (no CONNACK)")
+            raise UplinkError(f"{where} closed the connection before accepting it (no CONNACK)", reached=False)
+        self.format.connect_answered()
         if reason.is_failure:
             await self._drop_client()
             raise UplinkError(f"{where} refused the connection: {reason}")
@@ -385,21 +404,13 @@ class Uplink:
         if not self.format.ready and self._loop is not None:
             self._loop.call_later(SESSION_RETRY, self._wake.set)
 
-    def _connack_missing(self, client: mqtt.Client) -> bool:
-        """Whether the broker took the TCP connection and then gave no CONNACK in time."""
-        if self._connack is not None and self._connack.done():
-            return False
-        sock = client.socket()
-        try:
-            return sock is not None and getattr(sock, "getpeername", lambda: None)() is not None
-        except OSError:
-            return False
-
     def _restart_delivery(self) -> None:
         """Whatever was in flight is owed again, oldest first."""
         self._inflight.clear()
+        self._sent_at.clear()
         self.store.release_all()
-        self._cursor = 0
+        self._cursor = self._live_cursor = 0
+        self._split = None  # drawn when the format is ready (Sparkplug: at the births)
         self._caught_up = True
         self._wake.set()
 
@@ -412,6 +423,7 @@ class Uplink:
         client, self._client = self._client, None
         self._session_over()
         self._inflight.clear()
+        self._sent_at.clear()
         self.store.release_all()
         self._progress.set()
         if client is not None:
@@ -449,6 +461,7 @@ class Uplink:
         if client is not self._client:
             return
         rows = self._inflight.pop(mid, None)
+        sent = self._sent_at.pop(mid, None)
         if rows is None:  # a live message (status, health, births)
             return
         for seq, size in rows:
@@ -459,6 +472,34 @@ class Uplink:
         self._acks.extend([now] * len(rows))
         self._progress.set()
         self._wake.set()
+        # The broker acknowledges one connection's packets in the order it received them: one sent well
+        # before this one and still unacknowledged never arrived (a network that dropped data and came back).
+        if sent is not None and any(t < sent - ACK_GRACE for t in self._sent_at.values()):
+            self._abandon(client, "packets sent before one the broker acknowledged were never acknowledged "
+                                  "(the network lost them)")
+
+    def _check_acks(self) -> None:
+        """Once a second while connected: a packet unacknowledged for longer than the keepalive means a
+        connection that stalls or lost it (the window full of lost packets would stall delivery for good)."""
+        client = self._client
+        if client is not None and self._sent_at:
+            waited = time.monotonic() - min(self._sent_at.values())
+            if waited > max(ACK_LIMIT, self.cfg.keepalive):
+                self._abandon(client, f"no acknowledgement from the broker for {waited:.0f} s")
+
+    def _abandon(self, client: mqtt.Client, why: str) -> None:
+        """End a connection that lost packets as a broken one (no DISCONNECT: the broker publishes the
+        Will), and connect again; what was in flight is sent again, oldest first."""
+        if client is not self._client or self._lost.is_set():
+            return
+        self._fail(why)
+        self._leaving = True  # said why already
+        sock = client.socket()
+        try:
+            if isinstance(sock, socket.socket):  # an SSLSocket is one too
+                sock.shutdown(socket.SHUT_RDWR)  # paho's thread sees the end and reports the disconnect
+        except OSError:
+            pass
 
     def _on_message(self, client: mqtt.Client, message: mqtt.MQTTMessage) -> None:
         if client is not self._client or not self.connected:
@@ -490,31 +531,48 @@ class Uplink:
                 self._start_session(client)
                 if not self.format.ready:
                     continue
+            if self._split is None:  # the session is ready: what is staged by now is the backlog
+                self._split = self.store.last_seq if self.format.live_first else 0
+                self._live_cursor = self._split
             room = self.cfg.max_inflight - len(self._inflight)  # QoS >= 1 packets awaiting their PUBACK
-            # While a backlog drains, refill in batches rather than one query per acknowledgement.
-            if room <= 0 or (not self._caught_up and room < max(1, self.cfg.max_inflight // 4)):
+            if room <= 0:
                 continue
-            batch = self.store.fetch(self._cursor, room)
-            self._caught_up = len(batch) < room
-            self._send(client, batch)
-            if not batch:
+            sent = False
+            if self._split:  # live rows first: a long backlog (history) must not hold them back
+                live = self.store.fetch(self._live_cursor, room)
+                self._live_cursor = self._send(client, live, self._live_cursor)
+                room -= bool(live)
+                sent = bool(live)
+            # While a backlog drains, refill in batches rather than one query per acknowledgement.
+            if room > 0 and (self._caught_up or room >= max(1, self.cfg.max_inflight // 4)):
+                batch = self.store.fetch(self._cursor, room)
+                older = [m for m in batch if m.seq <= self._split] if self._split else batch
+                self._caught_up = len(batch) < room
+                self._cursor = self._send(client, older, self._cursor)
+                sent = sent or bool(older)
+                if len(older) < len(batch):  # the backlog is out (what is above was committed after it)
+                    self._cursor, self._split = self._live_cursor, 0  # one stream again, in seq order
+                    self._wake.set()
+            if not sent:
                 self._progress.set()
 
-    def _send(self, client: mqtt.Client, batch: list[Message]) -> None:
+    def _send(self, client: mqtt.Client, batch: list[Message], cursor: int) -> int:
         """Hand each row's packets to paho; a row is acknowledged by the PUBACK of its last QoS >= 1
-        packet, or of the next one on this connection (the format's marker closes the batch)."""
+        packet, or of the next one on this connection (the format's marker closes the batch). Returns
+        the cursor: the seq of the last row handed over (`cursor` if none)."""
         unconfirmed: list[tuple[int, int]] = []
         for msg in batch:
             last_mid = None
             for p in self.format.data(msg):
                 info = client.publish(p.topic, p.payload, qos=p.qos, retain=p.retain)
                 if info.rc != mqtt.MQTT_ERR_SUCCESS:  # the connection just went; resend after reconnect
-                    return
+                    return cursor
                 if p.qos > 0:
                     last_mid = info.mid
+                    self._sent_at[info.mid] = time.monotonic()
             unconfirmed.append((msg.seq, msg.size))
             self.store.hold(msg.seq)
-            self._cursor = msg.seq
+            cursor = msg.seq
             self.stats.published += 1
             if last_mid is not None:
                 self._inflight[last_mid] = unconfirmed
@@ -524,9 +582,14 @@ class Uplink:
             info = client.publish(p.topic, p.payload, qos=p.qos, retain=p.retain)
             if info.rc == mqtt.MQTT_ERR_SUCCESS:
                 self._inflight[info.mid] = unconfirmed
+                self._sent_at[info.mid] = time.monotonic()
+        return cursor
 
 
 LOOP_STOP_LIMIT = 3.0  # seconds to wait for paho's network thread to end
+ACK_GRACE = 5.0  # seconds by which a packet may be acknowledged after one sent later (a broker that reorders)
+ACK_LIMIT = 30.0  # seconds a packet may wait for its acknowledgement (at least the keepalive)
+CONNACK_LIMIT = 10.0  # seconds a CONNECT waits for its CONNACK (a broker answers in milliseconds)
 SESSION_RETRY = 3.0  # seconds after which a format that is not ready is asked again, commits or not
 
 

@@ -26,6 +26,7 @@ RUNS = [
     ("inference.py", "(same run)", "--seconds", "1"),
     ("opcua.py", "baseline: modbus poll", "--seconds", "2"),
     ("fleet.py", "  old  reconnect after the broker is back", "--gateways", "1", "--outage", "2"),
+    ("sparkplug_host.py", "baseline: the JSON uplink", "--devices", "2", "--offline", "2"),
     ("anomaly_eval.py", "scored by the plant-wide pump-ae", "--runs", "1", "--normal-hours", "0.1", "--own-hours", "0"),
 ]
 

@@ -65,3 +65,41 @@ def test_a_broker_that_refuses_us_is_backed_off_from_exponentially(tmp_path):
     waits = asyncio.run(main())
     assert waits[0] < 1.0 and waits[-1] > 20, waits  # 0.5 s doubling towards reconnect.max (60 s)
     assert waits == sorted(waits) or max(waits) > 20
+
+
+@pytest.mark.parametrize("peer", ["closes at once", "never answers"])
+def test_a_proxy_whose_broker_is_gone_is_tried_again_within_seconds(tmp_path, monkeypatch, peer):
+    """A proxy or load balancer takes the TCP connection while its broker is down or cut off: it closes
+    at once, or the CONNECT vanishes. Neither costs a broker anything; an exponential wait (to 60 s)
+    would hold the gateway back long after the network healed."""
+    import socket
+    import threading
+
+    from gateway import uplink as uplink_module
+    monkeypatch.setattr(uplink_module, "CONNACK_LIMIT", 0.3)  # the wait for a CONNACK that never comes
+    done = threading.Event()
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.1)
+    held: list[socket.socket] = []
+
+    def serve() -> None:
+        with server:
+            while not done.is_set():
+                try:
+                    conn, _ = server.accept()
+                except OSError:
+                    continue
+                if peer == "closes at once":
+                    conn.close()
+                else:
+                    held.append(conn)  # read nothing, answer nothing
+        for conn in held:
+            conn.close()
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
+        waits = asyncio.run(recorded_waits(tmp_path, server.getsockname()[1], 8))
+    finally:
+        done.set()
+        thread.join(5)
+    assert all(0.5 <= w <= 2.0 for w in waits), waits  # reconnect.min .. reconnect.down_max

@@ -257,3 +257,111 @@ def test_broker_cuts_and_kill_9_lose_nothing_at_the_broker(mosquitto, gate, gate
     # A kill -9 may lose the samples of its last commit interval (history is written just before the outbox).
     assert all(killed - 1.0 <= r / 1000 <= killed for r in lost), (len(lost), len(recorded))
     assert len(recorded) > 200
+
+
+def test_live_data_goes_out_while_a_long_backlog_still_replays_as_history(mosquitto, tmp_path):
+    """The backlog of an outage replays as history beside live data, not ahead of it: a sample committed
+    after the births reaches the host before the last of 2,000 older ones (a window of 10 rows here,
+    so the replay takes seconds). Before, live data waited behind the whole backlog (a host saw none for
+    27 s after its STATE online)."""
+    import asyncio
+    import time
+
+    from gateway import config, contract, sources
+    from gateway.outbox import Outbox
+    from gateway.sparkplug.uplink import SparkplugFormat
+    from gateway.uplink import Uplink
+
+    cfg = config.parse(gateway_config(tmp_path / "data", mosquitto.port,
+                                      devices="\n  - {name: pump1, source: sim, profile: pump}\n",
+                                      upstream=", max_inflight: 10, format: sparkplug_b"))
+    fmt = SparkplugFormat(cfg, state_path=str(tmp_path / "sparkplug.json"), scored={},
+                          types_of=lambda device: sources.tag_types(cfg.devices[0]))
+    store = Outbox.open(str(tmp_path / "outbox.db"))
+    route = contract.Topics("edge/lab/test-gw").telemetry("pump1")
+    t0 = time.time() - 100
+    backlog = 2000
+    for i in range(backlog):
+        ts = t0 + i * 0.01
+        store.stage(route, contract.telemetry("pump1", ts, {"motor_rpm": 1000.0 + i}, {}, simulated=True), created=ts)
+    store.commit()
+    host = Host(mosquitto.port)
+
+    def wait(predicate, timeout: float, what: str):
+        async def poll():
+            deadline = time.monotonic() + timeout
+            while not predicate():
+                assert time.monotonic() < deadline, f"timed out waiting for {what}"
+                await asyncio.sleep(0.01)
+        return poll()
+
+    def historical() -> int:
+        return sum(1 for _, p in host.of("DDATA") if p.metrics[0].is_historical)
+
+    async def main() -> None:
+        async with Uplink(cfg.upstream, store, fmt) as uplink:
+            await wait(lambda: host.of("NBIRTH"), 20, "the births")
+            now = time.time()
+            store.stage(route, contract.telemetry("pump1", now, {"motor_rpm": 1.0}, {}, simulated=True), created=now)
+            store.commit()
+            uplink.wake()
+            await wait(lambda: historical() >= backlog, 120, "the whole backlog")
+            store.commit()  # the acknowledged rows deleted, as the daemon's commit loop does
+    try:
+        asyncio.run(main())
+    finally:
+        host.close()
+        store.close()
+    kinds = [(t.split("/")[2], p.metrics[0].is_historical if p is not None and p.metrics else None)
+             for t, p in host.messages]
+    data = [h for k, h in kinds if k == "DDATA"]
+    live = data.index(False)
+    assert data.count(True) == backlog and data.count(False) == 1
+    assert live < len(data) - 200, f"the live sample came after {live} of {backlog} historical ones"
+    assert kinds[0] == ("NBIRTH", False) and kinds[1][0] == "DBIRTH"
+
+
+def test_a_network_that_drops_data_and_comes_back_is_noticed_and_nothing_is_lost(mosquitto, gate, gateway, tmp_path):
+    """A partition that swallows what passes (a proxy's blackhole) and then heals without cutting the
+    connection: the markers sent meanwhile never get their PUBACK, while later ones do. Before, their
+    rows waited for a reconnect that never came and the window clogged (a long enough partition stopped
+    every DDATA for good); now the gateway ends the connection as broken (the Will's NDEATH), is born again
+    and sends those rows as history."""
+    import csv
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ENV, ROOT
+
+    from gateway.recording import parse_time
+
+    host = Host(mosquitto.port)
+    g = gate(mosquitto.port)
+    try:
+        devices = "\n  - {name: pump1, source: sim, profile: pump, seed: 3, interval: 20ms, history: {keep: 1d}}\n"
+        text = gateway_config(tmp_path / "data", g.port, devices=devices, upstream=", format: sparkplug_b")
+        gw = gateway(text).start()
+        wait_until(lambda: len(host.of("DDATA")) > 20, 30, what="data")
+        g.dropping = True
+        time.sleep(6)
+        g.dropping = False  # healed: the same connection carries data again
+        wait_until(lambda: len(host.of("NBIRTH")) == 2, 30, what="a new session after the lost packets")
+        wait_until(lambda: any(m.is_historical for _, p in host.of("DDATA") for m in p.metrics), 30,
+                   what="what the partition swallowed, as history")
+        time.sleep(1)
+        assert gw.stop() == 0
+        assert "never acknowledged (the network lost them)" in gw.logs()
+    finally:
+        host.close()
+    kinds = [t.split("/")[2] for t, _ in host.messages]
+    assert "NDEATH" in kinds[:kinds.index("NBIRTH", 1)]  # the Will: the broken session's death, before the birth
+    export = subprocess.run([sys.executable, "-m", "gateway", "history", "export", "pump1", "-c", str(gw.config),
+                             "--csv", str(tmp_path / "h.csv")], capture_output=True, text=True, env=ENV, cwd=ROOT,
+                            timeout=60)
+    assert export.returncode == 0, export.stderr
+    with open(tmp_path / "h.csv") as fh:
+        recorded = sorted(round(parse_time(row["time"]) * 1000) for row in csv.DictReader(fh))
+    sent = {p.timestamp for _, p in host.of("DDATA")}
+    lost = [r for r in recorded if not {r - 1, r, r + 1} & sent]
+    assert not lost and len(recorded) > 300, (len(lost), len(recorded))

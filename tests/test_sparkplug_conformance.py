@@ -83,7 +83,7 @@ def decode(packets: list[Packet]) -> list[tuple[str, pb.Payload]]:
 
 def born(fmt: SparkplugFormat, clock: Clock, rows: Rows) -> list[Packet]:
     """Connect, and the births once both devices have a reading in the outbox."""
-    fmt.connect_sent()
+    fmt.connect_answered()
     return fmt.session_started(lambda: [rows.pump(clock.now - 0.5), rows.line(clock.now - 0.4)])
 
 
@@ -109,14 +109,39 @@ def test_tck_id_topics_nbirth_bdseq_increment_payloads_ndeath_bdseq_and_will_mes
     assert pb.Payload.FromString(wrap.will().payload).metrics[0].long_value == 0
 
 
-def test_tck_id_topics_nbirth_bdseq_increment_counts_connects_sent_not_attempts(tmp_path):
-    """A broker that cannot be reached gets no CONNECT: bdSeq must not move (a host once saw it jump 2 -> 15)."""
+@pytest.mark.parametrize("peer", ["nothing listens", "a proxy whose broker is down"])
+def test_tck_id_topics_nbirth_bdseq_increment_counts_connects_the_broker_answered_not_attempts(tmp_path, peer):
+    """A broker that cannot be reached never sees a CONNECT: bdSeq must not move (a host once saw it jump
+    2 -> 15). That includes a proxy that takes the TCP connection, reads the CONNECT and closes (its broker
+    is down): the CONNECT went out, but no broker holds its Will. Only a CONNACK proves one did."""
+    import socket
+    import threading
+
     from conftest import free_port, gateway_config
 
     from gateway.outbox import Outbox
     from gateway.uplink import Uplink
 
-    cfg = config.parse(gateway_config(tmp_path / "data", free_port(), upstream=", format: sparkplug_b"))
+    port = free_port()
+    done = threading.Event()
+    proxy = threading.Thread()
+    if peer != "nothing listens":
+        server = socket.create_server(("127.0.0.1", port))
+        server.settimeout(0.1)
+
+        def accept_and_close() -> None:
+            with server:
+                while not done.is_set():
+                    try:
+                        conn, _ = server.accept()
+                    except OSError:  # the timeout: look at `done` again
+                        continue
+                    with conn:
+                        conn.settimeout(2)
+                        conn.recv(1024)  # the CONNECT arrives here, and goes no further
+        proxy = threading.Thread(target=accept_and_close)
+        proxy.start()
+    cfg = config.parse(gateway_config(tmp_path / "data", port, upstream=", format: sparkplug_b"))
     fmt = SparkplugFormat(cfg, state_path=str(tmp_path / "sparkplug.json"), scored={},
                           types_of=lambda device: {})
     store = Outbox.open(str(tmp_path / "outbox.db"))
@@ -141,6 +166,11 @@ def test_tck_id_topics_nbirth_bdseq_increment_counts_connects_sent_not_attempts(
             await uplink.stop(flush_timeout=0)
     asyncio.run(main())
     store.close()
+    done.set()
+    if proxy.is_alive():
+        proxy.join(5)
+    # and retried on the quick schedule of a broker that is down (reconnect.down_max), not backed off to minutes
+    assert max(attempts) <= cfg.upstream.reconnect.down_max
     assert len(attempts) >= 5 and fmt.bdseq is None and not (tmp_path / "sparkplug.json").exists()
     assert pb.Payload.FromString(fmt.will().payload).metrics[0].long_value == 0
 
@@ -149,7 +179,7 @@ def test_tck_id_payloads_dbirth_order_operational_behavior_data_publish_dbirth_v
     """Births wait for the first readings, then NBIRTH and every DBIRTH at once, with current values."""
     fmt, clock = make(tmp_path)
     rows = Rows()
-    fmt.connect_sent()
+    fmt.connect_answered()
     assert fmt.session_started(lambda: [rows.pump(T0 - 0.5)]) == [] and not fmt.ready  # line1 not read yet
     births = decode(fmt.session_started(lambda: [rows.pump(T0 - 0.5), rows.line(T0 - 0.4)]))
     assert [k for k, _ in births] == ["NBIRTH", "DBIRTH", "DBIRTH"] and fmt.ready
@@ -166,7 +196,7 @@ def test_tck_id_payloads_dbirth_order_operational_behavior_data_publish_dbirth_v
 def test_births_stop_waiting_for_a_device_that_never_reads(tmp_path):
     fmt, clock = make(tmp_path)
     rows = Rows()
-    fmt.connect_sent()
+    fmt.connect_answered()
     assert fmt.session_started(lambda: [rows.pump(T0)]) == []
     clock.now += BIRTH_WAIT
     births = decode(fmt.session_started(lambda: []))
@@ -291,7 +321,7 @@ def test_machine_events_are_device_metrics_declared_in_the_dbirth(tmp_path):
 def test_tck_id_message_flow_edge_node_birth_publish_phid_wait_online_timestamp_and_host_offline(tmp_path):
     fmt, clock = make(tmp_path, "primary_host_id: scada-1")
     rows = Rows()
-    fmt.connect_sent()
+    fmt.connect_answered()
     assert ("spBv1.0/STATE/scada-1", 1) in fmt.subscriptions()
     newest = lambda: [rows.pump(T0), rows.line(T0)]  # noqa: E731
     assert fmt.session_started(newest) == [] and not fmt.ready  # tck-id-operational-behavior-edge-node-birth-sequence-wait
@@ -333,7 +363,7 @@ def test_a_tag_is_declared_with_the_type_its_source_learned_by_the_time_of_the_d
                           types_of=lambda device: learned[device], clock=clock)
     learned["pump1"] = {**learned["pump1"], "motor_rpm": tagtypes.integer("Int64")}
     rows = Rows()
-    fmt.connect_sent()
+    fmt.connect_answered()
     pump = {m.name: m for m in decode(fmt.session_started(lambda: [rows.pump(T0), rows.line(T0)]))[1][1].metrics}
     assert pump["motor_rpm"].datatype == pb.Int64 and pump["bearing_temp_c"].datatype == pb.Double
 
@@ -343,7 +373,7 @@ def test_a_device_dead_at_the_birth_is_born_by_its_next_good_reading_even_one_st
     reading, although older than the NBIRTH (history), brings its DBIRTH, then goes out as history."""
     fmt, clock = make(tmp_path)
     rows = Rows()
-    fmt.connect_sent()
+    fmt.connect_answered()
     births = decode(fmt.session_started(lambda: [rows.pump(T0 - 1, failed=True), rows.line(T0 - 1)]))
     assert [t for t, _ in births] == ["NBIRTH", "DBIRTH"]  # line1 only
     assert fmt.data(rows.pump(T0 - 0.9, failed=True)) == []

@@ -13,7 +13,8 @@ The session (specification 3.0, chapters 5-6):
   device that has been read gets a DBIRTH with its latest values; a device not read yet is born
   with its first reading (never with nulls it could have filled).
 - A row older than the current NBIRTH goes out as history (`is_historical` on every metric), never
-  as live data: after a kill -9, a reconnect, a rebirth or the primary host's return.
+  as live data: after a kill -9, a reconnect, a rebirth or the primary host's return. The backlog
+  replays beside live data (`live_first`): live rows at once, history in seq order behind them.
 - Live DDATA carries what differs from what this session's host was told (emptied at every birth).
 - A device whose every tag is in error gets DDEATH, and DBIRTH again when it reads.
 - `seq` runs 0-255 over every node message of a session. Commands: rebirth only; writes refused.
@@ -49,6 +50,11 @@ HEALTH_METRICS = (("Health/backlog_messages", int(pb.UInt64)), ("Health/dropped"
 
 
 class SparkplugFormat:
+    # What is committed after the births goes out at once; the backlog from before them follows as history,
+    # interleaved (the specification lets historical data follow live data): a long outage's history must
+    # not hold back live data.
+    live_first = True
+
     def __init__(self, config: Config, *, state_path: str, scored: Mapping[str, bool],
                  types_of: Callable[[str], Mapping[str, TagType]], clock: Callable[[], float] = time.time) -> None:
         sp = config.upstream.sparkplug
@@ -90,7 +96,7 @@ class SparkplugFormat:
     def will(self) -> Packet:
         return Packet(self.topics.node_topic("NDEATH"), metrics.death(self._next_bdseq()), 1, False)
 
-    def connect_sent(self) -> None:
+    def connect_answered(self) -> None:
         self.bdseq = self._next_bdseq()
         tmp = f"{self.state_path}.tmp"
         with open(tmp, "w", encoding="utf-8") as fh:  # the Will names it: it must survive a kill -9
