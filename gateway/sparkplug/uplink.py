@@ -45,6 +45,7 @@ from gateway.uplink import Packet, Reaction
 log = logging.getLogger("edge_gateway.sparkplug")
 
 BIRTH_WAIT = 5.0  # seconds the births wait for every device's first reading
+MAX_REFUSALS_LOGGED = 100  # kinds of refused commands and STATEs logged (each once); beyond, only counted
 HEALTH_METRICS = (("Health/backlog_messages", int(pb.UInt64)), ("Health/dropped", int(pb.UInt64)),
                   ("Health/store_errors", int(pb.UInt64)), ("Health/uptime_s", int(pb.Double)))
 
@@ -80,7 +81,8 @@ class SparkplugFormat:
         self.health: dict[str, tuple[Any, int]] = {}
         self.host_ts = 0  # the newest STATE timestamp seen: an older one is stale and ignored
         self._waiting_since: float | None = None  # when the births began to wait for first readings
-        self._refused: set[str] = set()
+        self._refused: set[str] = set()  # the kinds of refused messages logged
+        self.refused = 0  # messages refused: commands other than a rebirth, STATEs that are not one
 
     # -- bdSeq: 0-255, +1 per CONNECT sent, kept across restarts -----------------------------
     def _load_bdseq(self) -> int | None:
@@ -253,25 +255,37 @@ class SparkplugFormat:
             return Reaction()
         reaction = Reaction()
         for m in command.metrics:
-            if m.name == metrics.REBIRTH and m.boolean_value and topic == self.topics.node_topic("NCMD"):
+            if m.name == metrics.REBIRTH and m.WhichOneof("value") == "boolean_value" and m.boolean_value \
+                    and topic == self.topics.node_topic("NCMD"):
                 if not self.host_online:
                     continue  # born when the primary host is back
                 log.info("rebirth requested on %s: sending NBIRTH and every DBIRTH", topic,
                          extra=fields(event="sparkplug_rebirth"))
                 reaction.packets = self._births()
+            elif m.name == metrics.REBIRTH:
+                self._refuse(topic, "a Rebirth that is not Boolean true on NCMD")
             else:
-                self._refuse(topic, f"a write to {m.name or f'alias {m.alias}'}")
+                self._refuse(topic, f"a write to {_shown(m.name) if m.name else f'alias {m.alias}'}")
         return reaction
 
     def _host_state(self, data: bytes) -> Reaction:
-        """The primary host's STATE ({"online": true|false, "timestamp": ms}): births and data only while online."""
+        """The primary host's STATE ({"online": true|false, "timestamp": ms}): births and data only while online.
+
+        Anything else (not JSON, `online` not a boolean, `timestamp` not a whole number of ms) is refused
+        and changes nothing: a bad STATE neither ends the session nor hides the host's next good one."""
+        topic = metrics.Topics.state(self.host or "")
         try:
             state = json.loads(data)
-            online, stamp = state.get("online") is True, int(state.get("timestamp") or 0)
-        except (ValueError, AttributeError, TypeError):
-            self._refuse(metrics.Topics.state(self.host or ""), "a STATE that is not {\"online\": ..., ...} JSON")
+        except (ValueError, RecursionError):  # RecursionError: JSON nested thousands deep
+            state = None
+        online, stamp = state.get("online") if isinstance(state, dict) else None, \
+            state.get("timestamp", 0) if isinstance(state, dict) else None
+        if not isinstance(online, bool) or isinstance(stamp, bool) or not isinstance(stamp, int) \
+                or not 0 <= stamp < 2**63:
+            self._refuse(topic, 'a STATE that is not {"online": true|false, "timestamp": ms} JSON', command=False)
             return Reaction()
         if stamp < self.host_ts:  # tck-id-message-flow-edge-node-birth-publish-phid-wait-timestamp
+            self._refuse(topic, "a STATE older than the last one (a stale retained message)", command=False)
             return Reaction()
         self.host_ts = stamp
         if online == self.host_online:
@@ -286,12 +300,27 @@ class SparkplugFormat:
                  self.host, extra=fields(event="sparkplug_host_online"))
         return Reaction(resend=True)  # the uplink asks for the births, then sends from the oldest row
 
-    def _refuse(self, topic: str, what: str) -> None:
+    def _refuse(self, topic: str, what: str, command: bool = True) -> None:
+        """Count a refused message; log each kind once (at most MAX_REFUSALS_LOGGED kinds: names are the
+        sender's, and a sender of endless new names must not fill the log or the memory)."""
+        self.refused += 1
+        topic = topic if len(topic) <= 200 else f"{topic[:180]}…"  # a DCMD's device part is the sender's
         key = f"{topic}: {what}"
-        if key not in self._refused:
-            self._refused.add(key)
-            log.warning("refused %s on %s: the gateway is read-only towards its devices", what, topic,
-                        extra=fields(event="sparkplug_refused"))
+        if key in self._refused or len(self._refused) > MAX_REFUSALS_LOGGED:
+            return
+        self._refused.add(key)
+        why = "the gateway is read-only towards its devices" if command else "ignored"
+        if len(self._refused) > MAX_REFUSALS_LOGGED:
+            log.warning("refused %s on %s: %s; more kinds of refused messages are counted, not logged", what,
+                        topic, why, extra=fields(event="sparkplug_refused", refused=self.refused))
+        else:
+            log.warning("refused %s on %s: %s", what, topic, why, extra=fields(event="sparkplug_refused",
+                                                                            refused=self.refused))
+
+
+def _shown(name: str) -> str:
+    """A metric name from the wire as a log shows it: quoted, at most 80 characters."""
+    return json.dumps(name if len(name) <= 80 else f"{name[:60]}… ({len(name)} characters)", ensure_ascii=False)
 
 
 def _values(kind: str, body: Mapping[str, Any], ts_ms: int) -> dict[str, Any]:

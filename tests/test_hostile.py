@@ -1,0 +1,107 @@
+"""Hostile input from the network, in process: what a broken or malicious peer sends is refused,
+counted and logged once, and changes nothing. The same against real processes (mosquitto, the
+daemon, its web server): tests/test_hostile_daemon.py."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("google.protobuf")
+
+from gateway import config, sources  # noqa: E402
+from gateway.sparkplug import sparkplug_b_pb2 as pb  # noqa: E402
+from gateway.sparkplug.uplink import BIRTH_WAIT, MAX_REFUSALS_LOGGED, SparkplugFormat  # noqa: E402
+
+CONFIG = """
+gateway: {id: gw1, site: plant-a}
+upstream: {host: 127.0.0.1, format: sparkplug_b, sparkplug: {primary_host_id: scada-1}}
+devices: [{name: pump1, source: sim, profile: pump}]
+"""
+STATE = "spBv1.0/STATE/scada-1"
+NCMD, DCMD = "spBv1.0/plant-a/NCMD/gw1", "spBv1.0/plant-a/DCMD/gw1/pump1"
+NOW_MS = 1_795_500_000_000
+
+
+def online(tmp_path: Path) -> SparkplugFormat:
+    """A Sparkplug session whose primary host said online, births sent."""
+    cfg = config.parse(CONFIG)
+    types = {d.name: sources.tag_types(d) for d in cfg.devices}
+    now = [NOW_MS / 1000]
+    fmt = SparkplugFormat(cfg, state_path=str(tmp_path / "sparkplug.json"), scored={}, types_of=types.__getitem__,
+                          clock=lambda: now[0])
+    fmt.connect_sent()
+    assert fmt.received(STATE, json.dumps({"online": True, "timestamp": NOW_MS}).encode()).resend
+    assert fmt.session_started(lambda: []) == []  # waiting for the device's first reading
+    now[0] += BIRTH_WAIT
+    assert fmt.session_started(lambda: []) and fmt.ready
+    return fmt
+
+
+def command(**metric: object) -> bytes:
+    payload = pb.Payload(timestamp=1)
+    m = payload.metrics.add()
+    for key, value in metric.items():
+        setattr(m, key, value)
+    return payload.SerializeToString()
+
+
+REBIRTH = command(name="Node Control/Rebirth", datatype=pb.Boolean, boolean_value=True)
+BAD_STATES = [b"", b"\xff\xfe", b"not json", b"[]", b"null", b"1", b'"online"', b"{" * 100_000,
+              b"[" * 100_000 + b"]" * 100_000,
+              b'{"online": true, "timestamp": 1e400}', b'{"online": true, "timestamp": Infinity}',
+              b'{"online": true, "timestamp": NaN}', b'{"online": true, "timestamp": -1}',
+              b'{"online": true, "timestamp": 1.5e12}', b'{"online": true, "timestamp": "1795500000001"}',
+              b'{"online": true, "timestamp": [1]}', b'{"online": true, "timestamp": true}',
+              b'{"online": true, "timestamp": 1' + b"0" * 30 + b"}",
+              # a wrong type must neither end the session (offline) nor, by a far-future time, hide the next
+              b'{"online": "false", "timestamp": 99999999999999}', b'{"online": 0, "timestamp": 99999999999999}',
+              b'{"timestamp": 99999999999999}', b'{"online": null}']
+
+
+def test_a_bad_state_is_refused_and_changes_nothing_then_the_hosts_next_good_one_counts(tmp_path, caplog):
+    fmt = online(tmp_path)
+    with caplog.at_level(logging.INFO):
+        for body in BAD_STATES:
+            reaction = fmt.received(STATE, body)
+            assert (reaction.packets, reaction.reconnect, reaction.resend) == ([], False, False), body[:60]
+            assert fmt.ready, body[:60]
+        # an old STATE (a stale retained one) is ignored too
+        assert not fmt.received(STATE, json.dumps({"online": False, "timestamp": NOW_MS - 1}).encode()).reconnect
+    assert fmt.refused == len(BAD_STATES) + 1
+    refusals = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert len(refusals) == 2 and "Traceback" not in caplog.text, refusals  # each kind once
+    off = fmt.received(STATE, json.dumps({"online": False, "timestamp": NOW_MS + 1}).encode())
+    assert off.reconnect and [p.topic for p in off.packets] == ["spBv1.0/plant-a/NDEATH/gw1"]
+
+
+def test_bad_commands_are_refused_counted_and_logged_once_per_kind_never_a_rebirth(tmp_path, caplog):
+    fmt = online(tmp_path)
+    rng = random.Random(7)
+    garbage = [bytes(rng.randrange(256) for _ in range(rng.randrange(1, 300))) for _ in range(300)]
+    truncated = [REBIRTH[:i] for i in range(1, len(REBIRTH))]
+    wrong = [command(name="Node Control/Rebirth", datatype=pb.Int32, int_value=1),
+             command(name="Node Control/Rebirth", datatype=pb.String, string_value="true"),
+             command(name="Node Control/Rebirth", datatype=pb.Boolean, boolean_value=False),
+             command(name="Node Control/Rebirth", datatype=pb.Boolean, is_null=True),
+             command(alias=2**63, datatype=pb.Boolean, boolean_value=True)]
+    huge = [b"\x0a" + b"\xff" * 2_000_000, command(name="x" * 2_000_000, datatype=pb.String, string_value="y")]
+    names = [command(name=f"Plant/Write{i}", datatype=pb.Double, double_value=i) for i in range(5000)]
+    sent = 0
+    with caplog.at_level(logging.INFO):
+        for payload in garbage + truncated + wrong + huge + names:
+            for topic in (NCMD, DCMD):
+                sent += 1
+                reaction = fmt.received(topic, payload)
+                assert (reaction.packets, reaction.reconnect) == ([], False)
+        assert fmt.received(DCMD, REBIRTH).packets == []  # a rebirth is a node command
+        assert fmt.received(NCMD, REBIRTH).packets  # and still obeyed on NCMD
+    assert sent - len(garbage) * 2 <= fmt.refused <= sent + 1  # garbage may decode as an empty payload
+    lines = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert len(lines) == MAX_REFUSALS_LOGGED + 1 and "counted, not logged" in lines[-1]
+    assert max(len(line) for line in lines) < 400  # the 2 MB name is not echoed
+    assert "Traceback" not in caplog.text
