@@ -34,7 +34,7 @@ def online(tmp_path: Path) -> SparkplugFormat:
     now = [NOW_MS / 1000]
     fmt = SparkplugFormat(cfg, state_path=str(tmp_path / "sparkplug.json"), scored={}, types_of=types.__getitem__,
                           clock=lambda: now[0])
-    fmt.connect_sent()
+    fmt.connect_answered()
     assert fmt.received(STATE, json.dumps({"online": True, "timestamp": NOW_MS}).encode()).resend
     assert fmt.session_started(lambda: []) == []  # waiting for the device's first reading
     now[0] += BIRTH_WAIT
