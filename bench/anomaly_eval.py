@@ -38,7 +38,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from gateway.anomaly import DeviceScorer, Model  # noqa: E402
+from gateway.anomaly.model import DeviceScorer, Model  # noqa: E402
 from sim.pump import TAGS  # noqa: E402
 from sim.scenarios import run  # noqa: E402
 
@@ -179,8 +179,8 @@ def own_model_possible() -> bool:
 def own_model(hours: float, out: Path) -> Model | None:
     if not own_model_possible():
         return None
-    from gateway.recording import Recording
-    from gateway.training import Options, train
+    from gateway.anomaly.recording import Recording
+    from gateway.anomaly.training import Options, train
     rows = run(77, hours * 3600, start_hour=3.0, **PUMP_B)
     rec = Recording("pump B, normal running", list(TAGS), 1.79e9 + np.arange(len(rows), dtype=float),
                     rows.astype(np.float64))
@@ -191,8 +191,8 @@ def own_model(hours: float, out: Path) -> Model | None:
 
 
 def short_commissioning(runs: int, out: Path) -> None:
-    from gateway.recording import Recording
-    from gateway.training import Options, train
+    from gateway.anomaly.recording import Recording
+    from gateway.anomaly.training import Options, train
     total = Tally()
     per_kind: dict[str, Tally] = {}
     for kind in ("bearing_wear", "cavitation", "seal_leak"):

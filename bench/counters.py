@@ -17,7 +17,7 @@ import time
 import common  # noqa: F401  (puts the project on sys.path)
 
 from gateway import counters
-from gateway.outbox import Outbox
+from gateway.store.outbox import Outbox
 
 
 def run(path: str, samples: int, batch: int, sync: str) -> float:

@@ -22,10 +22,10 @@ from common import free_port, mosquitto, raw_paho_rate
 
 import sim
 from gateway import config
-from gateway.outbox import Outbox
 from gateway.sample import Sample
+from gateway.store.outbox import Outbox
 from gateway.units import rfc3339
-from gateway.uplink import JsonFormat, Uplink
+from gateway.uplink.mqtt import JsonFormat, Uplink
 
 
 def fill(path: str, count: int) -> tuple[int, int]:

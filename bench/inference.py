@@ -23,7 +23,7 @@ from startup import bare_python, devices, gateway, rss_mib
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from gateway.anomaly import DeviceScorer, Model  # noqa: E402
+from gateway.anomaly.model import DeviceScorer, Model  # noqa: E402
 from sim.pump import TAGS  # noqa: E402
 from sim.scenarios import run  # noqa: E402
 

@@ -29,10 +29,10 @@ from common import free_port, wait_port
 
 from gateway import config
 from gateway.contract import Topics
-from gateway.device import DeviceRunner
-from gateway.outbox import Outbox
+from gateway.pipeline.device import DeviceRunner
 from gateway.shifts import ShiftCalendar
 from gateway.sources import Links, open_source
+from gateway.store.outbox import Outbox
 
 DEVICES, NODES = 10, 50
 

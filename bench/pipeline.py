@@ -35,11 +35,11 @@ from common import mosquitto, raw_paho_rate
 
 from gateway import config
 from gateway.contract import Topics
-from gateway.device import DeviceRunner
-from gateway.outbox import Outbox, commit_loop
+from gateway.pipeline.device import DeviceRunner
 from gateway.shifts import ShiftCalendar
 from gateway.sources import Links, open_source, tag_types
-from gateway.uplink import Format, JsonFormat, Uplink
+from gateway.store.outbox import Outbox, commit_loop
+from gateway.uplink.mqtt import Format, JsonFormat, Uplink
 
 WIRE = {"bytes": 0}
 
@@ -85,7 +85,7 @@ async def run_pipeline(port: int, samples: int, data: str, fmt: str = "json", gr
     links = Links()
     runners = [DeviceRunner(d, open_source(d, links), store, Topics(cfg.topic_root), shifts) for d in cfg.devices]
     if fmt == "sparkplug_b":
-        from gateway.sparkplug.uplink import SparkplugFormat
+        from gateway.uplink.sparkplug.uplink import SparkplugFormat
         types = {r.name: tag_types(r.device, r.source) for r in runners}
         out: Format = SparkplugFormat(cfg, state_path=os.path.join(data, "sparkplug.json"), scored={},
                                       types_of=types.__getitem__)

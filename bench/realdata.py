@@ -44,7 +44,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from gateway.recording import read_csv, write_csv  # noqa: E402
+from gateway.anomaly.recording import read_csv, write_csv  # noqa: E402
 
 PREVIOUS = "04720f1"  # the last commit with the 10-sample autoencoder alone (issue 24's "now")
 NAB = ("machine_temperature_system_failure", "ambient_temperature_system_failure",

@@ -34,11 +34,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from gateway import config  # noqa: E402
 from gateway.contract import Topics  # noqa: E402
-from gateway.device import DeviceRunner  # noqa: E402
-from gateway.outbox import Outbox, commit_loop  # noqa: E402
+from gateway.pipeline.device import DeviceRunner  # noqa: E402
 from gateway.sample import Sample  # noqa: E402
 from gateway.shifts import ShiftCalendar  # noqa: E402
 from gateway.sources.poll import PolledSource  # noqa: E402
+from gateway.store.outbox import Outbox, commit_loop  # noqa: E402
 
 
 class Synthetic(PolledSource):

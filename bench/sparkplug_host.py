@@ -32,7 +32,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 from common import free_port, mosquitto, wait_port
 
-from gateway.sparkplug import sparkplug_b_pb2 as pb
+from gateway.uplink.sparkplug import sparkplug_b_pb2 as pb
 
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "scada-1"
@@ -227,7 +227,7 @@ def json_baseline(tmp: str, args: argparse.Namespace) -> dict[str, float]:
 
 
 def _age(body: dict) -> float:
-    from gateway.recording import parse_time
+    from gateway.anomaly.recording import parse_time
     return time.time() - parse_time(body["ts"])
 
 

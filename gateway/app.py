@@ -27,20 +27,20 @@ from gateway import __version__, contract, datadir, report
 from gateway import config as configuration
 from gateway.config import Config, LocalBrokerSection, Prepared
 from gateway.contract import Topics
-from gateway.device import DeviceRunner
 from gateway.errors import AlreadyRunning, ConfigError
-from gateway.history import FILE as HISTORY_FILE
-from gateway.history import Bounds as HistoryBounds
-from gateway.history import History
 from gateway.notify import Notifier
-from gateway.outbox import Bounds, Outbox, commit_loop, lock
+from gateway.pipeline.device import DeviceRunner
 from gateway.shifts import ShiftCalendar
 from gateway.sources import Links, open_source, tag_types
+from gateway.store.history import FILE as HISTORY_FILE
+from gateway.store.history import Bounds as HistoryBounds
+from gateway.store.history import History
+from gateway.store.outbox import Bounds, Outbox, commit_loop, lock
 from gateway.supervise import Supervisor, within
 from gateway.tagtypes import TagType
-from gateway.uplink import Format, JsonFormat, Uplink
+from gateway.uplink.mqtt import Format, JsonFormat, Uplink
 
-log = logging.getLogger("edge_gateway")
+log = logging.getLogger("edge_gateway.app")
 
 DRAIN_LIMIT = 10.0  # seconds the whole shutdown drain may take
 FLUSH_LIMIT = 5.0  # of which, delivering what is in flight
@@ -131,7 +131,7 @@ class Gateway:
                         for d in config.devices]
         fmt: Format | None = None
         if uplink and config.upstream.format == "sparkplug_b":
-            from gateway.sparkplug.uplink import SparkplugFormat  # protobuf only when Sparkplug is used
+            from gateway.uplink.sparkplug.uplink import SparkplugFormat  # protobuf only when Sparkplug is used
             fmt = SparkplugFormat(config, state_path=datadir.path(gw.data_dir, datadir.SPARKPLUG),
                                   scored={d.name: d.model is not None for d in config.devices}, types_of=self._tag_types)
         elif uplink:

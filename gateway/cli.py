@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import argparse
 
-from gateway import __version__, modelcli
+from gateway import __version__
 from gateway.commands import broker, counters, daemon, demo, opcua, outbox, sim, status, web
+from gateway.commands import model as modelcli
 from gateway.commands.common import Parser, Subparsers
 
 

@@ -202,7 +202,7 @@ def _pump_model() -> str:
 
     if not (importlib.util.find_spec("ai_edge_litert") or importlib.util.find_spec("tflite_runtime")):
         return ""
-    from gateway.anomaly import MODEL_DIRS
+    from gateway.anomaly.model import MODEL_DIRS
     return "    model: pump-ae\n" if (MODEL_DIRS[0] / "pump-ae.tflite").exists() else ""
 
 
@@ -221,7 +221,7 @@ def _web(port: int | None) -> str:
 def _start_after() -> int:
     """How many windows in a row above the threshold start an event, as the shipped model says."""
     try:
-        from gateway.anomaly import MODEL_DIRS
+        from gateway.anomaly.model import MODEL_DIRS
         with open(MODEL_DIRS[0] / "pump-ae.json", encoding="utf-8") as fh:
             return int(json.load(fh)["events"]["start_after"])
     except (OSError, ValueError, KeyError, TypeError, ImportError):

@@ -18,10 +18,10 @@ from gateway import datadir
 from gateway.units import rfc3339
 
 if TYPE_CHECKING:
-    from gateway.device import DeviceRunner
-    from gateway.history import History
-    from gateway.outbox import Outbox
-    from gateway.uplink import Uplink
+    from gateway.pipeline.device import DeviceRunner
+    from gateway.store.history import History
+    from gateway.store.outbox import Outbox
+    from gateway.uplink.mqtt import Uplink
 
 log = logging.getLogger("edge_gateway.report")
 

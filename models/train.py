@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from gateway.recording import write_csv  # noqa: E402
+from gateway.anomaly.recording import write_csv  # noqa: E402
 from sim.pump import TAGS  # noqa: E402
 from sim.scenarios import run  # noqa: E402
 

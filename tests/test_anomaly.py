@@ -14,7 +14,7 @@ from conftest import ENV, ROOT, gateway_config, spawn, wait_until
 
 pytest.importorskip("ai_edge_litert")
 
-from gateway.anomaly import DeviceScorer, Model  # noqa: E402
+from gateway.anomaly.model import DeviceScorer, Model  # noqa: E402
 from sim.pump import TAGS  # noqa: E402
 from sim.scenarios import run  # noqa: E402
 
@@ -191,7 +191,7 @@ def test_bearing_wear_raises_an_anomaly_event_and_a_normal_run_does_not(tmp_path
     gw.proc.send_signal(signal.SIGTERM)
     assert gw.proc.wait(20) == 0
     modules = json.loads(report.read_text())
-    assert "gateway.anomaly" in modules and any(m.startswith("ai_edge_litert") for m in modules)
+    assert "gateway.anomaly.model" in modules and any(m.startswith("ai_edge_litert") for m in modules)
     assert not [m for m in modules if m.split(".")[0] == "tensorflow"]
     # Nor the optional protocols of other sources and formats, which this config does not use.
     assert not [m for m in modules if m.split(".")[0] in ("asyncua", "amqtt") or m.startswith("google.protobuf")]
@@ -235,7 +235,7 @@ def test_a_slow_drift_of_a_drift_tag_raises_no_event(model):
 
 
 def test_a_higher_false_alarm_rate_gives_a_lower_threshold():
-    from gateway.training import extreme_threshold, parse_rate, rate_text
+    from gateway.anomaly.training import extreme_threshold, parse_rate, rate_text
     assert parse_rate("1/week") == pytest.approx(1 / (7 * 86400))
     assert parse_rate("2 / day") == pytest.approx(2 / 86400) and parse_rate("0.5/h") == pytest.approx(0.5 / 3600)
     for bad in ("often", "1/fortnight", "-1/day", "0/day"):
@@ -256,9 +256,9 @@ def test_plot_writes_a_file_a_viewer_opens(model, tmp_path, suffix):
     import struct
     from html.parser import HTMLParser
 
-    from gateway import replay
-    from gateway.anomaly_report import write
-    from gateway.recording import Recording
+    from gateway.anomaly import replay
+    from gateway.anomaly.recording import Recording
+    from gateway.anomaly.report import write
     rows = run(4345, 900, faults=[{"kind": "cavitation", "at": 400.0, "ramp": 0.0, "duration": 200.0}])
     rec = Recording("test", list(TAGS), 1.79e9 + np.arange(len(rows), dtype=float), rows.astype(np.float64))
     replayed = list(replay.replay(model, rec))

@@ -7,10 +7,11 @@ import re
 
 from conftest import ROOT
 
-from gateway import contract, shiftbook
+from gateway import contract
 from gateway.contract import Topics
 from gateway.counters import CounterRow
-from gateway.shiftbook import ShiftRecord
+from gateway.pipeline import shiftbook
+from gateway.pipeline.shiftbook import ShiftRecord
 
 TS = 1_764_000_000.25  # 2025-11-24T16:00:00.250Z
 

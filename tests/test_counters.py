@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway import counters
-from gateway.outbox import Outbox
+from gateway.store.outbox import Outbox
 
 
 def test_rule():

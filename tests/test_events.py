@@ -12,10 +12,10 @@ from test_shifts import NoSource, utc
 
 from gateway import config
 from gateway.contract import Topics
-from gateway.device import DeviceRunner
-from gateway.outbox import Bounds, Outbox
+from gateway.pipeline.device import DeviceRunner
 from gateway.sample import ERROR, OK, Sample
 from gateway.shifts import ShiftCalendar
+from gateway.store.outbox import Bounds, Outbox
 
 # The shift tests' line, with a stop reason register, live OEE and two alarms.
 CONFIG = SHIFTS_CONFIG.replace(
@@ -166,7 +166,7 @@ def test_check_config_names_each_events_problem(tmp_path):
 def test_with_anomaly_raises_only_while_the_real_model_sees_the_simulated_bearing_wear(tmp_path):
     pytest.importorskip("ai_edge_litert")
     import sim
-    from gateway import anomaly
+    from gateway.anomaly import model as anomaly
 
     cfg = config.parse("""
 gateway: {id: g, site: s}
@@ -212,7 +212,7 @@ devices:
 
 
 def utc_seconds(text: str) -> float:
-    from gateway.recording import parse_time
+    from gateway.anomaly.recording import parse_time
     return parse_time(text)
 
 
@@ -266,7 +266,7 @@ def test_an_alarm_without_clear_or_for_does_not_chatter_on_a_value_wavering_at_i
     """85 °C ± 0.5 for 3 s at 10 samples a second: raised once (it was 9 times in 3 s), then
     cleared once when the value falls past the default deadband (2 % of 85: at 83.3)."""
     from gateway.config import AlarmSection
-    from gateway.events import AlarmWatch
+    from gateway.pipeline.events import AlarmWatch
 
     hot = AlarmSection(name="hot", tag="temp", above=85.0)
     low = AlarmSection(name="low", tag="flow", below=5.0)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 
 from gateway.counters import CounterRow
-from gateway.outbox import Outbox, commit_loop
+from gateway.store.outbox import Outbox, commit_loop
 
 LONG = 60.0  # seconds: the timer cadence that must not be what commits
 

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from gateway.history import Bounds, History
 from gateway.sample import ERROR, STALE, Sample
+from gateway.store.history import Bounds, History
 
 TAGS = ("flow", "temp")
 NOW = time.time()
@@ -71,7 +71,7 @@ def test_a_full_disk_drops_samples_logs_once_and_recovers(tmp_path, caplog):
     store = History.open(tmp_path / "history.db")
     store.configure({"p1": Bounds(10**6, 10**9)})
     store.db.execute("PRAGMA max_page_count = 8")  # SQLite's own "database or disk is full"
-    caplog.set_level(logging.INFO, "edge_gateway.history")
+    caplog.set_level(logging.INFO, "edge_gateway.store.history")
     for round_ in range(3):
         for t in range(2000):
             store.add("p1", TAGS, sample(round_ * 10000.0 + t))

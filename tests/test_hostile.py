@@ -14,8 +14,8 @@ import pytest
 pytest.importorskip("google.protobuf")
 
 from gateway import config, sources  # noqa: E402
-from gateway.sparkplug import sparkplug_b_pb2 as pb  # noqa: E402
-from gateway.sparkplug.uplink import BIRTH_WAIT, MAX_REFUSALS_LOGGED, SparkplugFormat  # noqa: E402
+from gateway.uplink.sparkplug import sparkplug_b_pb2 as pb  # noqa: E402
+from gateway.uplink.sparkplug.uplink import BIRTH_WAIT, MAX_REFUSALS_LOGGED, SparkplugFormat  # noqa: E402
 
 CONFIG = """
 gateway: {id: gw1, site: plant-a}

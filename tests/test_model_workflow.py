@@ -19,7 +19,7 @@ pytest.importorskip("ai_edge_litert")
 pytest.importorskip("tensorflow")
 
 from gateway import datadir  # noqa: E402
-from gateway.recording import write_csv  # noqa: E402
+from gateway.anomaly.recording import write_csv  # noqa: E402
 from sim.pump import TAGS  # noqa: E402
 from sim.scenarios import run  # noqa: E402
 

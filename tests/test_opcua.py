@@ -231,7 +231,7 @@ def test_counters_stay_exact_across_a_server_restart_while_the_plc_counts_on(mos
     assert last["counters"]["produced"]["total"] > 60  # the counts made while the server was down are in it
     assert "was reset" not in gw.logs() and "jumped" not in gw.logs()
     # The sample time is the server's SourceTimestamp: the moment of each count, to the millisecond.
-    from gateway.recording import parse_time
+    from gateway.anomaly.recording import parse_time
     for t in telemetry:
         assert abs(parse_time(t["ts"]) - (t0 + t["values"]["produced_raw"] / 20)) < 0.002, t
 

@@ -4,8 +4,8 @@ beyond a tag's deadband, and at least every `max_silence`), on the sample clock.
 from __future__ import annotations
 
 from gateway import config
+from gateway.pipeline.stages import PublishPolicy
 from gateway.sample import ERROR, OK, Sample
-from gateway.stages import PublishPolicy
 
 HEAD = """\
 gateway: {id: gw1, site: plant-a, data_dir: /tmp/edge-gw-policy, timezone: UTC}

@@ -11,8 +11,8 @@ import pytest
 from conftest import free_port, gateway_config
 
 from gateway import config
-from gateway.outbox import Outbox
-from gateway.uplink import JsonFormat, Uplink
+from gateway.store.outbox import Outbox
+from gateway.uplink.mqtt import JsonFormat, Uplink
 
 
 async def recorded_waits(tmp_path: Path, port: int, count: int) -> list[float]:
@@ -75,7 +75,7 @@ def test_a_proxy_whose_broker_is_gone_is_tried_again_within_seconds(tmp_path, mo
     import socket
     import threading
 
-    from gateway import uplink as uplink_module
+    from gateway.uplink import mqtt as uplink_module
     monkeypatch.setattr(uplink_module, "CONNACK_LIMIT", 0.3)  # the wait for a CONNACK that never comes
     done = threading.Event()
     server = socket.create_server(("127.0.0.1", 0))

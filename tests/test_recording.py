@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import ENV, ROOT
 
-from gateway.recording import DataError, format_time, parse_time, read_csv, write_csv
+from gateway.anomaly.recording import DataError, format_time, parse_time, read_csv, write_csv
 
 
 def write(tmp_path, text: str, name: str = "rec.csv"):

@@ -10,10 +10,10 @@ import pytest
 
 from gateway.config import parse
 from gateway.contract import Topics
-from gateway.device import DeviceRunner
-from gateway.outbox import Bounds, Outbox
+from gateway.pipeline.device import DeviceRunner
 from gateway.sample import Sample
 from gateway.shifts import ShiftCalendar
+from gateway.store.outbox import Bounds, Outbox
 
 CONFIG = """
 gateway: {id: g, site: s, timezone: Europe/Berlin}

@@ -12,7 +12,7 @@ from conftest import gateway_config, wait_until
 
 pytest.importorskip("google.protobuf")
 
-from gateway.sparkplug import sparkplug_b_pb2 as pb  # noqa: E402
+from gateway.uplink.sparkplug import sparkplug_b_pb2 as pb  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -145,7 +145,7 @@ def test_primary_host_offline_stores_then_online_replays_history_in_order_nothin
                              "--csv", str(tmp_path / "h.csv")], capture_output=True, text=True, env=ENV, cwd=ROOT,
                             timeout=60)
     assert export.returncode == 0, export.stderr
-    from gateway.recording import parse_time
+    from gateway.anomaly.recording import parse_time
     with open(tmp_path / "h.csv") as fh:
         recorded = {round(parse_time(row["time"]) * 1000) for row in csv.DictReader(fh)}
     sent = set(stamps)  # the export rounds to the ms, telemetry truncates: the same sample within 1 ms
@@ -210,7 +210,7 @@ def test_broker_cuts_and_kill_9_lose_nothing_at_the_broker(mosquitto, gate, gate
 
     from conftest import ENV, ROOT
 
-    from gateway.recording import parse_time
+    from gateway.anomaly.recording import parse_time
 
     host = Host(mosquitto.port)
     g = gate(mosquitto.port)
@@ -268,9 +268,9 @@ def test_live_data_goes_out_while_a_long_backlog_still_replays_as_history(mosqui
     import time
 
     from gateway import config, contract, sources
-    from gateway.outbox import Outbox
-    from gateway.sparkplug.uplink import SparkplugFormat
-    from gateway.uplink import Uplink
+    from gateway.store.outbox import Outbox
+    from gateway.uplink.mqtt import Uplink
+    from gateway.uplink.sparkplug.uplink import SparkplugFormat
 
     cfg = config.parse(gateway_config(tmp_path / "data", mosquitto.port,
                                       devices="\n  - {name: pump1, source: sim, profile: pump}\n",
@@ -334,7 +334,7 @@ def test_a_network_that_drops_data_and_comes_back_is_noticed_and_nothing_is_lost
 
     from conftest import ENV, ROOT
 
-    from gateway.recording import parse_time
+    from gateway.anomaly.recording import parse_time
 
     host = Host(mosquitto.port)
     g = gate(mosquitto.port)

@@ -19,10 +19,10 @@ pytest.importorskip("google.protobuf")
 
 from gateway import config, contract, sources  # noqa: E402
 from gateway.counters import CounterRow  # noqa: E402
-from gateway.outbox import Message  # noqa: E402
-from gateway.sparkplug import sparkplug_b_pb2 as pb  # noqa: E402
-from gateway.sparkplug.uplink import BIRTH_WAIT, SparkplugFormat  # noqa: E402
-from gateway.uplink import Packet  # noqa: E402
+from gateway.store.outbox import Message  # noqa: E402
+from gateway.uplink.mqtt import Packet  # noqa: E402
+from gateway.uplink.sparkplug import sparkplug_b_pb2 as pb  # noqa: E402
+from gateway.uplink.sparkplug.uplink import BIRTH_WAIT, SparkplugFormat  # noqa: E402
 
 CONFIG = """
 gateway: {id: gw1, site: plant-a}
@@ -119,8 +119,8 @@ def test_tck_id_topics_nbirth_bdseq_increment_counts_connects_the_broker_answere
 
     from conftest import free_port, gateway_config
 
-    from gateway.outbox import Outbox
-    from gateway.uplink import Uplink
+    from gateway.store.outbox import Outbox
+    from gateway.uplink.mqtt import Uplink
 
     port = free_port()
     done = threading.Event()

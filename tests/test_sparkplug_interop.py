@@ -23,7 +23,7 @@ from conftest import gateway_config, wait_until
 
 pytest.importorskip("google.protobuf")
 
-from gateway.sparkplug import sparkplug_b_pb2 as pb  # noqa: E402
+from gateway.uplink.sparkplug import sparkplug_b_pb2 as pb  # noqa: E402
 
 pytestmark = pytest.mark.slow
 INTEROP = Path(__file__).parent / "interop"

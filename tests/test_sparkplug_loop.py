@@ -285,7 +285,7 @@ def test_crash_broker_network_and_host_loops_keep_every_session_whole_and_lose_n
                                 cwd=ROOT, timeout=60)
         assert export.returncode == 0, export.stderr
         with open(tmp_path / f"{device}.csv") as fh:
-            from gateway.recording import parse_time
+            from gateway.anomaly.recording import parse_time
             recorded = sorted(round(parse_time(row["time"]) * 1000) for row in csv.DictReader(fh))
         lost = [r for r in recorded if not {r - 1, r, r + 1} & sent[device]
                 and not any(k - 1.0 <= r / 1000 <= k for k in kills)]

@@ -8,8 +8,8 @@ import pytest
 pytest.importorskip("google.protobuf")
 
 from gateway import config, sources  # noqa: E402
-from gateway.sparkplug import metrics  # noqa: E402
-from gateway.sparkplug import sparkplug_b_pb2 as pb  # noqa: E402
+from gateway.uplink.sparkplug import metrics  # noqa: E402
+from gateway.uplink.sparkplug import sparkplug_b_pb2 as pb  # noqa: E402
 
 CFG = config.parse("""
 gateway: {id: line3-gw1, site: plant-a}

@@ -8,7 +8,7 @@ import os
 import pytest
 
 from gateway.counters import CounterRow
-from gateway.outbox import Bounds, Outbox
+from gateway.store.outbox import Bounds, Outbox
 
 
 def payloads(store: Outbox) -> list[dict]:

@@ -13,8 +13,8 @@ import pytest
 from conftest import free_port, gateway_config
 
 from gateway import config, contract
-from gateway.outbox import Outbox
-from gateway.uplink import JsonFormat, Uplink
+from gateway.store.outbox import Outbox
+from gateway.uplink.mqtt import JsonFormat, Uplink
 
 
 def test_the_uplink_is_an_async_context_manager_that_delivers_before_it_closes(tmp_path):

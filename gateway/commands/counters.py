@@ -31,7 +31,7 @@ def counters(args: argparse.Namespace) -> int:
     cfg = load(args.config)
     if cfg is None:
         return EX_CONFIG
-    from gateway import admin
+    from gateway.store import admin
 
     path = datadir.path(cfg.gateway.data_dir, datadir.OUTBOX)
     try:
@@ -66,8 +66,8 @@ def counters(args: argparse.Namespace) -> int:
 def _set_counter(args: argparse.Namespace, cfg: configuration.Config, path: str) -> int:
     import getpass
 
-    from gateway import admin
-    from gateway import outbox as store
+    from gateway.store import admin
+    from gateway.store import outbox as store
 
     if args.device is None or args.name is None or args.value is None or args.value < 0 or not args.reason:
         print("usage: edge-gateway counters set DEVICE NAME VALUE --reason TEXT", file=sys.stderr)

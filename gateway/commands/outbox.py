@@ -26,8 +26,8 @@ def outbox(args: argparse.Namespace) -> int:
     cfg = load(args.config)
     if cfg is None:
         return EX_CONFIG
-    from gateway import admin
-    from gateway import outbox as store
+    from gateway.store import admin
+    from gateway.store import outbox as store
 
     path = datadir.path(cfg.gateway.data_dir, datadir.OUTBOX)
     try:

@@ -31,7 +31,7 @@ def status(path: str, as_json: bool) -> int:
     except (OSError, ValueError) as err:
         print(f"no state in {state_path} ({err}); has the gateway run?", file=sys.stderr)
         return EX_UNAVAILABLE
-    from gateway.outbox import held
+    from gateway.store.outbox import held
 
     running = held(cfg.gateway.data_dir)
     age = max(0.0, time.time() - os.path.getmtime(state_path))

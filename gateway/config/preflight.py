@@ -18,7 +18,7 @@ from gateway.config.schema import Config
 from gateway.errors import ConfigError, ModelError
 
 if TYPE_CHECKING:
-    from gateway.anomaly import Model
+    from gateway.anomaly.model import Model
 
 
 @dataclass
@@ -115,7 +115,7 @@ def _models(config: Config) -> tuple[dict[str, Model], list[tuple[str, str]]]:
     if not wanted:
         return {}, []  # numpy and the runtime are not even imported
     try:
-        from gateway import anomaly  # numpy and the TFLite runtime only when a model is configured
+        from gateway.anomaly import model as anomaly  # numpy and the TFLite runtime only when a model is configured
     except ImportError as err:
         why = f"anomaly models need numpy and a TFLite runtime ({err}): pip install 'edge-gateway[anomaly]'"
         return {}, [(f"devices[{i}].model", f"device {d.name}: {why}") for i, d in wanted]

@@ -27,7 +27,7 @@ from gateway.sample import ERROR, OK, Sample
 from gateway.sources.poll import PolledSource
 from gateway.supervise import within
 
-log = logging.getLogger("edge_gateway.modbus")
+log = logging.getLogger("edge_gateway.sources.modbus")
 
 EXCEPTION_NAMES = {
     1: "ILLEGAL_FUNCTION", 2: "ILLEGAL_DATA_ADDRESS", 3: "ILLEGAL_DATA_VALUE", 4: "SLAVE_DEVICE_FAILURE",

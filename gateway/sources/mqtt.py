@@ -34,7 +34,7 @@ from gateway.retry import backoff, down
 from gateway.sample import ERROR, OK, Sample
 from gateway.supervise import in_daemon_thread, within
 
-log = logging.getLogger("edge_gateway.mqtt_source")
+log = logging.getLogger("edge_gateway.sources.mqtt")
 
 QUEUE_LIMIT = 1000  # messages per device waiting for the pipeline; beyond this the oldest are dropped
 

@@ -50,7 +50,7 @@ from gateway.sources.opcua_trust import Untrusted, fingerprint, pki_dir, reject,
 from gateway.sources.poll import PolledSource
 from gateway.supervise import within
 
-log = logging.getLogger("edge_gateway.opcua")
+log = logging.getLogger("edge_gateway.sources.opcua")
 
 
 class OpcUaSource(PolledSource):

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 from gateway.logs import fields
 
-log = logging.getLogger("edge_gateway.web")
+log = logging.getLogger("edge_gateway.web.auth")
 
 REMEMBER = 600.0  # seconds a login that passed is taken without checking its hash again
 WINDOW = 60.0

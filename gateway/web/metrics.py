@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry, ProcessCollector, generate_late
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from gateway import __version__
-from gateway.shiftbook import STATES as MACHINE_STATES
+from gateway.pipeline.shiftbook import STATES as MACHINE_STATES
 
 if TYPE_CHECKING:
     from gateway.web.view import Gateway, Recorder

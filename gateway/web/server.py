@@ -44,7 +44,7 @@ from gateway.web.metrics import CONTENT_TYPE, Exposition
 if TYPE_CHECKING:
     from gateway.web.view import Gateway
 
-log = logging.getLogger("edge_gateway.web")
+log = logging.getLogger("edge_gateway.web.server")
 
 MAX_CONNECTIONS = 256
 MAX_WAITING = 10_000  # each holds a file descriptor: `serve` raises the soft limit to the hard one

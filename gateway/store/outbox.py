@@ -31,7 +31,7 @@ from gateway import contract, datadir
 from gateway.counters import CounterRow
 from gateway.logs import fields
 
-log = logging.getLogger("edge_gateway.outbox")
+log = logging.getLogger("edge_gateway.store.outbox")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);

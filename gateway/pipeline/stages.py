@@ -14,23 +14,24 @@ import logging
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-from gateway import contract, counters, shiftbook, tagtypes
+from gateway import contract, counters, tagtypes
 from gateway.config import CounterSection, Device
 from gateway.contract import Topics
 from gateway.counters import CounterRow
-from gateway.events import AlarmWatch, StateWatch
 from gateway.logs import fields
-from gateway.outbox import Outbox
+from gateway.pipeline import shiftbook
+from gateway.pipeline.events import AlarmWatch, StateWatch
+from gateway.pipeline.shiftbook import ShiftBook, ShiftRecord
 from gateway.sample import OK, Sample
-from gateway.shiftbook import ShiftBook, ShiftRecord
 from gateway.shifts import ShiftCalendar
 from gateway.sources import tag_types
+from gateway.store.outbox import Outbox
 from gateway.units import rfc3339
 
 if TYPE_CHECKING:
-    from gateway.anomaly import DeviceScorer, Event, Model
+    from gateway.anomaly.model import DeviceScorer, Event, Model
 
-log = logging.getLogger("edge_gateway.device")
+log = logging.getLogger("edge_gateway.pipeline.stages")
 CLOSED_KEPT = 21  # closed-shift summaries kept in memory for the web API: a week of three shifts
 
 
@@ -246,7 +247,7 @@ class Scoring:
     """The anomaly model: every `stride` samples a window is scored; events go upstream at once."""
 
     def __init__(self, device: Device, model: Model, outbox: Outbox, topics: Topics) -> None:
-        from gateway.anomaly import DeviceScorer  # numpy and the runtime only when a model is attached
+        from gateway.anomaly.model import DeviceScorer  # numpy and the runtime only when a model is attached
 
         self.device = device
         self.scorer: DeviceScorer = DeviceScorer(model)

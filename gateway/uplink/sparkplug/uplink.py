@@ -1,6 +1,6 @@
 """Sparkplug B 3.0 as the uplink's format (`upstream.format: sparkplug_b`; docs/upstream.md).
 
-`SparkplugFormat` is a `gateway.uplink.Format`: the uplink delivers, this module only says what
+`SparkplugFormat` is a `gateway.uplink.mqtt.Format`: the uplink delivers, this module only says what
 goes on the wire. The outbox stays what it is: committed rows in seq order, each a device's
 message with its device, kind and time (`outbox.Message`). On the way out they become metrics of
 the device (`metrics.py`): telemetry, counters, the anomaly, the machine state, alarms, live OEE
@@ -36,13 +36,13 @@ from typing import Any
 
 from gateway.config import Config
 from gateway.logs import fields
-from gateway.outbox import Message
-from gateway.sparkplug import metrics
-from gateway.sparkplug import sparkplug_b_pb2 as pb
+from gateway.store.outbox import Message
 from gateway.tagtypes import TagType
-from gateway.uplink import Packet, Reaction
+from gateway.uplink.mqtt import Packet, Reaction
+from gateway.uplink.sparkplug import metrics
+from gateway.uplink.sparkplug import sparkplug_b_pb2 as pb
 
-log = logging.getLogger("edge_gateway.sparkplug")
+log = logging.getLogger("edge_gateway.uplink.sparkplug.uplink")
 
 BIRTH_WAIT = 5.0  # seconds the births wait for every device's first reading
 MAX_REFUSALS_LOGGED = 100  # kinds of refused commands and STATEs logged (each once); beyond, only counted

@@ -2,7 +2,7 @@
 
 Offline tools for commissioning an anomaly model on one's own machine: record (`history:` on
 a device), export, train, replay, deploy. numpy and the TFLite runtime are imported only here
-and only when asked for; TensorFlow only by `model train` (gateway/training.py).
+and only when asked for; TensorFlow only by `model train` (gateway/anomaly/training.py).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from gateway.errors import EX_CANTCREAT, EX_CONFIG, EX_DATAERR, EX_OK, EX_UNAVAI
 from gateway.units import parse_duration
 
 if TYPE_CHECKING:
-    from gateway.recording import Recording
+    from gateway.anomaly.recording import Recording
 
 
 def add_arguments(sub: Any) -> None:
@@ -88,8 +88,8 @@ def model_command(args: argparse.Namespace) -> int:
     except ImportError:
         return _fail("anomaly models need numpy and a TFLite runtime: pip install 'edge-gateway[anomaly]'",
                      EX_UNAVAILABLE)
-    from gateway.recording import DataError
-    from gateway.training import MissingExtra
+    from gateway.anomaly.recording import DataError
+    from gateway.anomaly.training import MissingExtra
     try:
         if args.action == "train":
             return _train(args)
@@ -113,7 +113,7 @@ class _Usage(Exception):
 
 
 def _time(text: str | None, what: str) -> float | None:
-    from gateway.recording import parse_time
+    from gateway.anomaly.recording import parse_time
     if text is None:
         return None
     ts = parse_time(text)
@@ -129,8 +129,8 @@ def _csv_list(text: str | None) -> list[str] | None:
 def _train(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from gateway.recording import DataError, read_csv
-    from gateway.training import Options, parse_rate, train
+    from gateway.anomaly.recording import DataError, read_csv
+    from gateway.anomaly.training import Options, parse_rate, train
     if bool(args.csv) == bool(args.device):
         raise _Usage("give either --csv FILE (repeatable) or --device DEV -c CONFIG")
     interval = None
@@ -173,9 +173,9 @@ def _train(args: argparse.Namespace) -> int:
         print(file=sys.stderr)  # end the bar's line
     print("\n".join(report.lines))
     if args.plot:
-        from gateway import replay
-        from gateway.anomaly import Model
-        from gateway.recording import Recording
+        from gateway.anomaly import replay
+        from gateway.anomaly.model import Model
+        from gateway.anomaly.recording import Recording
         model = Model(Path(args.out) / f"{args.name}.tflite", Path(args.out) / f"{args.name}.json")
         grid, start = max(report.held_out, key=lambda h: len(h[0]) - h[1])
         t0 = 0.0
@@ -209,7 +209,7 @@ def _from_history(config_path: str, device: str, start: float | None, end: float
                   ) -> tuple[Recording, float]:
     import numpy as np
 
-    from gateway.recording import DataError, Recording
+    from gateway.anomaly.recording import DataError, Recording
     cfg = configuration.load(config_path)
     dev = next((d for d in cfg.devices if d.name == device), None)
     tags, rows = _export(cfg, device, start, end)
@@ -234,8 +234,8 @@ def _export(cfg: configuration.Config, device: str, start: float | None, end: fl
 
 def _store(cfg: configuration.Config) -> tuple[Any, Path]:
     """The recorded history, read-only; a DataError when there is none or it cannot be opened."""
-    from gateway.history import FILE, History
-    from gateway.recording import DataError
+    from gateway.anomaly.recording import DataError
+    from gateway.store.history import FILE, History
     path = Path(cfg.gateway.data_dir) / FILE
     if not path.exists():
         raise DataError(f"no history recorded yet: {path} does not exist (give a device history: in the config)")
@@ -246,12 +246,12 @@ def _store(cfg: configuration.Config) -> tuple[Any, Path]:
 
 
 def _damaged(path: Path, err: sqlite3.Error) -> Exception:
-    from gateway.recording import DataError
+    from gateway.anomaly.recording import DataError
     return DataError(f"cannot read the history {path}: {err}")
 
 
 def history_command(args: argparse.Namespace) -> int:
-    from gateway.recording import DataError
+    from gateway.anomaly.recording import DataError
     try:
         cfg = configuration.load(args.config)
     except configuration.ConfigError as err:
@@ -268,7 +268,7 @@ def history_command(args: argparse.Namespace) -> int:
 
 
 def _history(args: argparse.Namespace, store: Any, path: Path) -> int:
-    from gateway.recording import format_time, write_csv
+    from gateway.anomaly.recording import format_time, write_csv
     if args.action == "stats":
         for device, count, first, last in store.devices():
             span = f"{format_time(first)} .. {format_time(last)}" if first is not None and last is not None else "-"
@@ -294,7 +294,7 @@ def _history(args: argparse.Namespace, store: Any, path: Path) -> int:
 
 
 def _model_dir(args: argparse.Namespace, name: str | None = None) -> Path:
-    from gateway.anomaly import model_dir
+    from gateway.anomaly.model import model_dir
     if getattr(args, "model_dir", None):
         return Path(args.model_dir)
     if name is not None and Path(f"{name}.tflite").exists():
@@ -309,9 +309,9 @@ def _model_dir(args: argparse.Namespace, name: str | None = None) -> Path:
 
 
 def _score(args: argparse.Namespace) -> int:
-    from gateway import replay
-    from gateway.anomaly import Model
-    from gateway.recording import read_csv
+    from gateway.anomaly import replay
+    from gateway.anomaly.model import Model
+    from gateway.anomaly.recording import read_csv
     directory = _model_dir(args, args.name)
     model = Model(directory / f"{args.name}.tflite", directory / f"{args.name}.json")
     recording = read_csv(args.csv, time_column=args.time_column)
@@ -335,7 +335,7 @@ def _score(args: argparse.Namespace) -> int:
 
 def _plot_check(path: str) -> None:
     """Refuse a plot that cannot be written before the work, not after."""
-    from gateway.anomaly_report import MissingPlot, check
+    from gateway.anomaly.report import MissingPlot, check
     try:
         check(path)
     except MissingPlot as err:
@@ -343,13 +343,13 @@ def _plot_check(path: str) -> None:
 
 
 def _write_plot(path: str, model: Any, rows: list[Any], values: Any, title: str) -> None:
-    from gateway.anomaly_report import write
+    from gateway.anomaly.report import write
     write(path, model, rows, values, title)
     print(f"report written to {path}", file=sys.stderr)
 
 
 def _describe(name: str, directory: Path) -> dict[str, Any]:
-    from gateway.anomaly import Model
+    from gateway.anomaly.model import Model
     try:
         m = Model(directory / f"{name}.tflite", directory / f"{name}.json")
     except ModelError as err:

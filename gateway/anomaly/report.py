@@ -54,7 +54,7 @@ def events(rows: Sequence[Any]) -> list[tuple[int, int]]:
 
 
 def write(path: str, model: Any, rows: Sequence[Any], values: np.ndarray, title: str) -> None:
-    """Write the report for replayed `rows` (gateway.replay.Row) and the recording's raw `values` (rows x tags)."""
+    """Write the report for replayed `rows` (gateway.anomaly.replay.Row) and the recording's raw `values` (rows x tags)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -14,19 +14,19 @@ from typing import TYPE_CHECKING, Any
 
 from gateway.config import Device
 from gateway.contract import Topics
-from gateway.health import DeviceHealth
-from gateway.history import History
-from gateway.outbox import Outbox
+from gateway.pipeline.health import DeviceHealth
+from gateway.pipeline.stages import Counting, Events, Publishing, scoring_for
 from gateway.sample import Sample
 from gateway.shifts import ShiftCalendar
 from gateway.sources import Source
-from gateway.stages import Counting, Events, Publishing, scoring_for
+from gateway.store.history import History
+from gateway.store.outbox import Outbox
 from gateway.units import rfc3339
 
 if TYPE_CHECKING:
-    from gateway.anomaly import Model
+    from gateway.anomaly.model import Model
 
-log = logging.getLogger("edge_gateway.device")
+log = logging.getLogger("edge_gateway.pipeline.device")
 
 
 class DeviceRunner:

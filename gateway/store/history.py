@@ -24,7 +24,7 @@ from pathlib import Path
 from gateway import datadir
 from gateway.sample import OK, Sample
 
-log = logging.getLogger("edge_gateway.history")
+log = logging.getLogger("edge_gateway.store.history")
 
 FILE = datadir.HISTORY
 ROW_OVERHEAD = 40  # bytes per row beside its values: rowid, series, time, record and index entry

@@ -12,7 +12,7 @@ recordings give better ones:
 3. Windows at stride 1. The last 20 % of each recording (after a gap of one window) is held out.
 4. A dense autoencoder, its width sized to the windows, trained with input noise, MAE loss and
    early stopping on the held-out part (best epoch kept), then converted to full-integer int8.
-5. The statistics over `context` samples (see gateway/anomaly.py), fitted on all of it: the
+5. The statistics over `context` samples (see gateway/anomaly/model.py), fitted on all of it: the
    principal subspace of the inputs (SPE), each tag's normal one-step change (forecast residual).
 6. Calibration through the daemon's own `DeviceScorer` (causal, sample by sample): each tag's
    normal autoencoder error on the held-out part, each statistic's 99th percentile, then the
@@ -50,9 +50,9 @@ from typing import Any
 import numpy as np
 
 from gateway import __version__
-from gateway.anomaly import COMPONENTS, FORMAT, DeviceScorer, Inputs, Model
+from gateway.anomaly.model import COMPONENTS, FORMAT, DeviceScorer, Inputs, Model
+from gateway.anomaly.recording import DataError, Recording
 from gateway.errors import GatewayError
-from gateway.recording import DataError, Recording
 
 SEED = 7
 HOLDOUT = 0.2  # share of each recording held out for early stopping and calibration

@@ -26,8 +26,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.sparkplug import sparkplug_b_pb2 as pb
 from gateway.tagtypes import TagType
+from gateway.uplink.sparkplug import sparkplug_b_pb2 as pb
 
 NAMESPACE = "spBv1.0"
 REBIRTH = "Node Control/Rebirth"

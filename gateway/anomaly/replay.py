@@ -14,8 +14,8 @@ from typing import IO
 
 import numpy as np
 
-from gateway.anomaly import DeviceScorer, Model
-from gateway.recording import Recording, format_time
+from gateway.anomaly.model import DeviceScorer, Model
+from gateway.anomaly.recording import Recording, format_time
 
 COLUMNS = ("time", "score", "threshold", "state", "top_tags")
 

@@ -8,7 +8,7 @@ Two parts with one seam between them:
   per row in JSON, one per batch of QoS 0 rows in Sparkplug), and acknowledges a row to the
   outbox only when the broker has acknowledged it. Callbacks from paho's thread are handed
   to the event loop; all state lives on the loop's thread.
-- A `Format` (JSON here, Sparkplug B in `gateway.sparkplug.uplink`) turns a stored message into
+- A `Format` (JSON here, Sparkplug B in `gateway.uplink.sparkplug.uplink`) turns a stored message into
   packets: the Will, what starts a session, the data, the farewell. It never sees paho.
 
 Acknowledgement rule, the same for every format: a row is acknowledged by the PUBACK of the last
@@ -43,11 +43,11 @@ from gateway.config import UpstreamSection
 from gateway.credentials import read_secret
 from gateway.errors import UplinkError
 from gateway.logs import fields
-from gateway.outbox import Message, Outbox
 from gateway.retry import backoff, down
+from gateway.store.outbox import Message, Outbox
 from gateway.supervise import in_daemon_thread, run_all, within
 
-log = logging.getLogger("edge_gateway.uplink")
+log = logging.getLogger("edge_gateway.uplink.mqtt")
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from typing import Any
 
 from gateway.logs import fields
 
-log = logging.getLogger("edge_gateway.health")
+log = logging.getLogger("edge_gateway.pipeline.health")
 
 
 @dataclass

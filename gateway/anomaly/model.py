@@ -53,7 +53,7 @@ from gateway.errors import ModelError
 FORMAT = 3
 REQUIRED = ("format", "tags", "window", "stride", "interval_s", "inputs", "error_scale", "stats", "threshold",
             "sha256")
-MODEL_DIRS = (Path(__file__).resolve().parent.parent / "models", Path("/opt/edge-gateway/models"))
+MODEL_DIRS = (Path(__file__).resolve().parents[2] / "models", Path("/opt/edge-gateway/models"))
 DRIFT_CAP = 0.5  # the drift tags together contribute at most this share of the threshold: they cannot raise an
 # alarm alone
 COMPONENTS = ("level", "spe", "residual", "autoencoder")
