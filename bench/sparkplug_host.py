@@ -4,7 +4,7 @@ the same backlog as the baseline, in the same run.
 
 Each gateway is the real daemon (`python -m gateway run`) against one mosquitto, with DEVICES
 simulated pumps read every 1/HZ s. The host is a paho client here that decodes with the bindings of
-the official sparkplug_b.proto (tests/test_sparkplug_loop.py decodes every message with Tahu's).
+the official sparkplug_b.proto (tests/system/test_sparkplug_loop.py decodes every message with Tahu's).
 
 - kill -9 -> NBIRTH: the daemon killed and started again (host online): start to NBIRTH. JSON: start
   to its first message (the retained status online).

@@ -11,7 +11,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, spawn, wait_until
+
+from tests.helpers import ROOT, spawn, wait_until
 
 INTEROP = ROOT / "tests" / "interop"
 

@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import re
 
-from conftest import ROOT
-
 from gateway import contract
 from gateway.contract import Topics
 from gateway.counters import CounterRow
 from gateway.pipeline import shiftbook
 from gateway.pipeline.shiftbook import ShiftRecord
+from tests.helpers import ROOT
 
 TS = 1_764_000_000.25  # 2025-11-24T16:00:00.250Z
 

@@ -96,9 +96,8 @@ def test_kill_9_at_random_points_never_loses_or_double_counts(mosquitto, gateway
     import sys
     import time
 
-    from conftest import ENV, ROOT, free_port, gateway_config, wait_until
-
     from sim.plc import FLEXO_MAP, registers_yaml
+    from tests.helpers import ENV, ROOT, free_port, gateway_config, wait_until
 
     port, truth = free_port(), tmp_path / "truth.json"
     plc = subprocess.Popen([sys.executable, "-m", "gateway", "sim", "--modbus-tcp", f"127.0.0.1:{port}",
@@ -151,7 +150,7 @@ def test_kill_9_at_random_points_never_loses_or_double_counts(mosquitto, gateway
 def test_restarting_a_simulated_line_near_the_top_adds_nothing(mosquitto, gateway, subscribe, tmp_path):
     """The simulated PLC starts again near the top of its 16-bit counters with the gateway: a jump no
     machine can make, re-baselined with a counter_suspect line, not 65,000 defects."""
-    from conftest import gateway_config, wait_until
+    from tests.helpers import gateway_config, wait_until
 
     devices = """
   - name: line1

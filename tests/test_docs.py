@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from conftest import ROOT
-
 from gateway import cli
+from tests.helpers import ROOT
 
 
 def test_every_command_is_documented():

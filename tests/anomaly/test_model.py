@@ -1,0 +1,292 @@
+"""The int8 autoencoder: model checks at config time, quantization, events end to end, no TensorFlow."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.helpers import ENV, ROOT, gateway_config, spawn, wait_until
+
+pytest.importorskip("ai_edge_litert")
+
+from gateway.anomaly.model import DeviceScorer, Model  # noqa: E402
+from sim.pump import TAGS  # noqa: E402
+from sim.scenarios import run  # noqa: E402
+
+MODELS = ROOT / "models"
+PUMP = "  - {name: pump1, source: sim, profile: pump, seed: 3, interval: 1s, model: pump-ae}\n"
+
+
+@pytest.fixture(scope="module")
+def model() -> Model:
+    return Model(MODELS / "pump-ae.tflite", MODELS / "pump-ae.json")
+
+
+def check(tmp_path, devices: str, model_dir) -> subprocess.CompletedProcess:
+    text = gateway_config(tmp_path / "data", 1883, devices="\n" + devices).replace(
+        "health_interval: 1s}", f'health_interval: 1s, model_dir: "{model_dir}"}}')
+    (tmp_path / "gateway.yaml").write_text(text)
+    return subprocess.run([sys.executable, "-m", "gateway", "check-config", str(tmp_path / "gateway.yaml")],
+                          capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=60)
+
+
+def test_the_shipped_model_and_a_good_config_pass(tmp_path):
+    result = check(tmp_path, PUMP, MODELS)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("damage,expected", [
+    ("missing", "model pump-ae: cannot read {dir}/pump-ae.tflite: No such file or directory"),
+    ("not_tflite", "model pump-ae: {dir}/pump-ae.tflite is not a TFLite model (no TFL3 identifier)"),
+    ("hash", "model pump-ae: pump-ae.tflite does not match its metadata: sha256"),
+    ("bad_json", "model pump-ae: its metadata {dir}/pump-ae.json is not valid JSON"),
+    ("deep_json", "model pump-ae: its metadata {dir}/pump-ae.json is not valid JSON"),
+    ("window", "pump-ae.tflite takes [1, {size}] and gives [1, {size}], but its metadata says window 20 x 10 tags"),
+    ("format1", "its metadata {dir}/pump-ae.json is format 1, this gateway reads format 3: train it again"),
+    ("short", "its metadata {dir}/pump-ae.json is not usable: inputs.center, inputs.spread, inputs.drift and "
+              "error_scale need one entry per tag"),
+])
+def test_a_bad_model_is_a_config_error_naming_device_model_and_mismatch(tmp_path, damage, expected):
+    d = tmp_path / "models"
+    d.mkdir()
+    shutil.copy(MODELS / "pump-ae.tflite", d)
+    meta = json.loads((MODELS / "pump-ae.json").read_text())
+    if damage == "missing":
+        (d / "pump-ae.tflite").unlink()
+    elif damage == "not_tflite":
+        (d / "pump-ae.tflite").write_bytes(b"PK\x03\x04 a zip, not a model" * 10)
+    elif damage == "hash":
+        data = bytearray((d / "pump-ae.tflite").read_bytes())
+        data[-1] ^= 0xFF
+        (d / "pump-ae.tflite").write_bytes(bytes(data))
+    elif damage == "window":
+        size = meta["window"] * len(meta["tags"])
+        meta["window"] = 20
+    elif damage == "format1":
+        del meta["format"]
+    elif damage == "short":
+        meta["error_scale"] = meta["error_scale"][:3]
+    text = {"bad_json": "{not json", "deep_json": "[" * 10000 + "]" * 10000}.get(damage, json.dumps(meta))
+    (d / "pump-ae.json").write_text(text)
+    result = check(tmp_path, PUMP, d)
+    assert result.returncode == 78
+    assert "devices[0].model: device pump1: " in result.stderr
+    assert expected.format(dir=d, size=locals().get("size")) in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_model_that_does_not_fit_the_device_is_a_config_error(tmp_path):
+    line = ("  - {name: line1, source: sim, profile: flexo_line, seed: 1, interval: 1s, model: pump-ae}\n"
+            "  - {name: pump2, source: sim, profile: pump, seed: 1, interval: 100ms, model: pump-ae}\n"
+            "  - {name: pump3, source: sim, profile: pump, seed: 1, interval: 100ms, time_scale: 10, model: pump-ae}\n")
+    result = check(tmp_path, line, MODELS)
+    assert result.returncode == 78
+    assert "devices[0].model: device line1: model pump-ae needs tags motor_rpm, bearing_temp_c" in result.stderr
+    assert ("devices[1].model: device pump2: model pump-ae was trained on one sample every 1s, but the device "
+            "gives one every 0.1s") in result.stderr
+    assert "devices[2]" not in result.stderr  # 100 ms of wall time are 1 s of simulated time
+
+
+def replay(model, rows):
+    scorer = DeviceScorer(model)
+    scores = []
+    for t, row in enumerate(rows):
+        scorer.push(float(t), dict(zip(TAGS, row.tolist())))
+        scores.append(scorer.state.score)
+    return np.array([np.nan if s is None else s for s in scores])
+
+
+def test_quantize_dequantize_round_trip(model):
+    assert model.int8 and model.in_scale > 0
+    lo = (-128 - model.in_zero) * model.in_scale
+    hi = (127 - model.in_zero) * model.in_scale
+    x = np.linspace(lo, hi, model.window * len(model.tags), dtype=np.float32)
+    q = np.clip(np.round(x / model.in_scale) + model.in_zero, -128, 127)
+    back = (q - model.in_zero) * model.in_scale
+    assert np.max(np.abs(back - x)) <= model.in_scale / 2 + 1e-6
+    # Beyond the representative range the input saturates; the error still compares with the true input.
+    far = np.zeros_like(x)
+    far[::10] = 10 * hi
+    assert np.abs(model.reconstruct(far) - far).max() > 5 * hi
+
+
+def test_normal_running_scores_below_the_threshold_and_a_fault_above(model):
+    normal = replay(model, run(4242, 900))
+    assert np.nanmax(normal) < model.threshold
+    assert 0.5 < np.nanmedian(normal) < 2.0  # errors are normalised per tag: about 1 in normal running
+    broken = replay(model, run(4242, 900, faults=[{"kind": "cavitation", "at": 300.0, "ramp": 0.0}]))
+    assert np.nanmin(broken[330:]) > model.threshold
+
+
+def test_gaps_beyond_the_forward_fill_limit_are_not_scored(model):
+    scorer = DeviceScorer(model)
+    rows = run(77, 200)
+    for t, row in enumerate(rows[:60]):
+        scorer.push(t, dict(zip(TAGS, row.tolist())))
+    assert scorer.state.score is not None
+    for t, row in enumerate(rows[60:60 + model.ffill_limit], start=60):  # short gaps are filled
+        scorer.push(t, {**dict(zip(TAGS, row.tolist())), "flow_l_min": None})
+    assert scorer.state.score is not None
+    for t, row in enumerate(rows[65:75], start=65):
+        scorer.push(t, {**dict(zip(TAGS, row.tolist())), "flow_l_min": None})
+    assert scorer.state.score is None and "flow_l_min" in scorer.state.why_unscored
+    before = scorer.state.unscored
+    span = max(model.window, model.context)  # the autoencoder's window and the statistics' context
+    for t, row in enumerate(rows[75:75 + span - 1], start=75):
+        scorer.push(t, dict(zip(TAGS, row.tolist())))
+    assert scorer.state.score is None
+    scorer.push(75 + span, dict(zip(TAGS, rows[75 + span].tolist())))
+    assert scorer.state.unscored > before and scorer.state.score is not None  # once the gap left the context
+
+
+def test_bearing_wear_raises_an_anomaly_event_and_a_normal_run_does_not(tmp_path, mosquitto, gateway, subscribe):
+    """Simulated time runs 20x: 50 ms polls are 1 s samples. No TensorFlow may be imported meanwhile."""
+    devices = """
+  - name: worn
+    source: sim
+    profile: pump
+    seed: 8101
+    interval: 50ms
+    time_scale: 20
+    model: pump-ae
+    faults: [{fault: bearing_wear, at: 120s, severity: 0.8, ramp: 30s}]
+  - {name: healthy, source: sim, profile: pump, seed: 8102, interval: 50ms, time_scale: 20, model: pump-ae}
+"""
+    # A TensorFlow that would be found if anything tried to import it.
+    fake = tmp_path / "fake-tf" / "tensorflow"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("")
+    report = tmp_path / "modules.json"
+    up = subscribe(mosquitto.port, topic="edge/lab/test-gw/#")
+    gw = gateway(gateway_config(tmp_path / "data", mosquitto.port, devices=devices))
+    gw.proc = spawn(
+        [sys.executable, "-c", "import atexit, json, runpy, sys\n"
+         f"atexit.register(lambda: json.dump(sorted(sys.modules), open({str(report)!r}, 'w')))\n"
+         f"sys.argv = ['edge-gateway', 'run', '-c', {str(gw.config)!r}]\n"
+         "try:\n    runpy.run_module('gateway', run_name='__main__')\nexcept SystemExit:\n    pass\n"],
+        gw.log, cwd=ROOT,
+        env={**ENV, "PYTHONPATH": f"{ROOT}:{fake.parent}"})
+    start = wait_until(lambda: [p for p in up.on("/worn/anomaly") if p["event"] == "start"], 60,
+                       what="an anomaly event for the worn pump")[0]
+    assert start["score"] > start["threshold"]
+    top = [t["tag"] for t in start["top_tags"]]
+    assert {"bearing_temp_c", "vibration_mm_s"} & set(top), top
+    assert "device worn: anomaly started" in gw.logs()
+    # The healthy pump has run as long as the worn one, and longer by the end of this test.
+    n = len(up.on("/worn/telemetry"))
+    healthy = wait_until(lambda: len(h := up.on("/healthy/telemetry")) > n + 60 and h, 30, what="the healthy run")
+    assert all(p["threshold"] == start["threshold"] for p in healthy)
+    assert any(p["score"] is not None for p in healthy)
+    assert not up.on("/healthy/anomaly")
+    worn = up.on("/worn/telemetry")
+    assert max(p["score"] or 0 for p in worn) > start["threshold"]
+    health = wait_until(lambda: [p for p in up.on("/health") if "inference_us" in p], 10, what="health")[-1]
+    assert health["inference_us"]["mean"] > 0
+    assert health["devices"]["worn"]["anomaly"]["state"] == "anomaly"
+    gw.proc.send_signal(signal.SIGTERM)
+    assert gw.proc.wait(20) == 0
+    modules = json.loads(report.read_text())
+    assert "gateway.anomaly.model" in modules and any(m.startswith("ai_edge_litert") for m in modules)
+    assert not [m for m in modules if m.split(".")[0] == "tensorflow"]
+    # Nor the optional protocols of other sources and formats, which this config does not use.
+    assert not [m for m in modules if m.split(".")[0] in ("asyncua", "amqtt") or m.startswith("google.protobuf")]
+
+
+def flagged(model, rows):
+    """Each row's state (True: in an event) and the events, as the daemon's scorer gives them."""
+    scorer = DeviceScorer(model)
+    state, events = [], []
+    for t, row in enumerate(rows):
+        event = scorer.push(float(t), dict(zip(TAGS, row.tolist())))
+        if event is not None:
+            events.append((t, event.kind))
+        state.append(scorer.state.active)
+    return np.array(state), events
+
+
+def test_a_sustained_step_in_a_level_tag_is_one_event_for_as_long_as_it_lasts(model):
+    rows = run(4343, 1500)
+    tag = TAGS.index("discharge_pressure_bar")
+    assert not model.meta["inputs"]["drift"][tag]
+    step = rows.copy()
+    step[600:1200, tag] += 8 * model.meta["inputs"]["spread"][tag]  # a blocked line: the level moves and stays
+    state, events = flagged(model, step)
+    assert [kind for _, kind in events].count("start") == 1, events
+    start = events[0][0]
+    assert 600 <= start < 660
+    assert state[start:1200].all()  # kept while the step lasts: no baseline follows a level tag
+    assert not state[1300:].any()  # and over once it is gone
+    assert not flagged(model, rows)[0].any()
+
+
+def test_a_slow_drift_of_a_drift_tag_raises_no_event(model):
+    rows = run(4344, 3600)
+    tag = TAGS.index("bearing_temp_c")
+    assert model.meta["inputs"]["drift"][tag]
+    drifting = rows.copy()
+    drifting[:, tag] += np.arange(len(rows)) * 6.0 / 3600  # 6 °C in an hour: far beyond commissioning's levels
+    state, events = flagged(model, drifting)
+    assert not events and not state.any()
+
+
+def test_a_higher_false_alarm_rate_gives_a_lower_threshold():
+    from gateway.anomaly.training import extreme_threshold, parse_rate, rate_text
+    assert parse_rate("1/week") == pytest.approx(1 / (7 * 86400))
+    assert parse_rate("2 / day") == pytest.approx(2 / 86400) and parse_rate("0.5/h") == pytest.approx(0.5 / 3600)
+    for bad in ("often", "1/fortnight", "-1/day", "0/day"):
+        with pytest.raises(ValueError):
+            parse_rate(bad)
+    assert rate_text(parse_rate("1/week")) == "1/week" and rate_text(parse_rate("3/h")) == "3/h"
+    scores = [np.random.default_rng(5).gamma(4.0, 0.5, 3000)]
+    thresholds = [extreme_threshold(scores, 30, 1.0, parse_rate(r))["threshold"]
+                  for r in ("1/year", "1/week", "1/day", "1/h")]
+    assert thresholds == sorted(thresholds, reverse=True) and len(set(thresholds)) == 4
+    assert min(thresholds) >= scores[0].max()  # never below the highest score of normal running
+
+
+@pytest.mark.parametrize("suffix", [".png", ".html"])
+def test_plot_writes_a_file_a_viewer_opens(model, tmp_path, suffix):
+    pytest.importorskip("matplotlib")
+    import base64
+    import struct
+    from html.parser import HTMLParser
+
+    from gateway.anomaly import replay
+    from gateway.anomaly.recording import Recording
+    from gateway.anomaly.report import write
+    rows = run(4345, 900, faults=[{"kind": "cavitation", "at": 400.0, "ramp": 0.0, "duration": 200.0}])
+    rec = Recording("test", list(TAGS), 1.79e9 + np.arange(len(rows), dtype=float), rows.astype(np.float64))
+    replayed = list(replay.replay(model, rec))
+    path = tmp_path / f"report{suffix}"
+    write(str(path), model, replayed, rec.values, "cavitation at 400 s")
+    data = path.read_bytes()
+    if suffix == ".html":
+        class Page(HTMLParser):
+            def __init__(self):
+                super().__init__()
+                self.tags, self.images, self.tables = [], [], []
+
+            def handle_starttag(self, tag, attrs):
+                self.tags.append(tag)
+                a = dict(attrs)
+                if tag == "img":
+                    self.images.append(a["src"])
+                if tag == "table":
+                    self.tables.append(a.get("id"))
+
+        page = Page()
+        page.feed(data.decode())
+        assert page.tags[:2] == ["html", "head"] and "body" in page.tags
+        assert page.tables == ["summary", "events"]
+        assert len(page.images) == 1 and page.images[0].startswith("data:image/png;base64,")
+        data = base64.b64decode(page.images[0].split(",", 1)[1])
+        assert "cavitation" in path.read_text() or "events" in path.read_text()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    width, height = struct.unpack(">II", data[16:24])
+    assert width >= 800 and height >= 600 and len(data) > 20_000

@@ -1,0 +1,148 @@
+"""Recordings as plants export them: CSV edge cases, the sample grid, and `model` errors before any training."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from gateway.anomaly.recording import DataError, format_time, parse_time, read_csv, write_csv
+from tests.helpers import ENV, ROOT
+
+
+def write(tmp_path, text: str, name: str = "rec.csv"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_semicolons_decimal_commas_and_a_named_datetime_column(tmp_path):
+    path = write(tmp_path, "datetime;Accelerometer1RMS;Temperature;anomaly\n"
+                           "2020-03-09 10:14:33;0,0273;71,4;0\n"
+                           "2020-03-09 10:14:34;0,0278;71,5;0\n")
+    rec = read_csv(path)
+    assert rec.tags == ["Accelerometer1RMS", "Temperature", "anomaly"]
+    assert rec.values[0].tolist() == [0.0273, 71.4, 0.0]
+    assert rec.times[1] - rec.times[0] == 1.0
+    assert format_time(rec.times[0]) == "2020-03-09T10:14:33Z"  # no zone: UTC
+
+
+def test_missing_cells_unsorted_and_duplicate_times_and_a_text_column(tmp_path):
+    path = write(tmp_path, "when,flow,note,pressure\n"
+                           "2026-11-24T06:00:02Z,3.0,ok,\n"
+                           "2026-11-24T06:00:00Z,1.0,ok,5.0\n"
+                           "2026-11-24T06:00:01Z,,ok,5.1\n"
+                           "2026-11-24T06:00:02Z,3.5,late,5.2\n"
+                           "2026-11-24T06:00:03Z,n/a,ok,5.3\n")
+    rec = read_csv(path)
+    assert rec.tags == ["flow", "pressure"]  # the time column found by its cells; the text column left out
+    assert [format_time(t) for t in rec.times] == [f"2026-11-24T06:00:0{i}Z" for i in range(4)]
+    flow = rec.values[:, 0]
+    assert flow[0] == 1.0 and math.isnan(flow[1]) and flow[2] == 3.5 and math.isnan(flow[3])  # last of a time wins
+    assert "column note left out: not numeric" in rec.notes
+    assert "rows put in time order" in rec.notes
+    assert any("time given twice" in n for n in rec.notes)
+    assert any("flow: 1 cell(s) not a number" in n for n in rec.notes)
+
+
+def test_epoch_seconds_and_milliseconds_in_a_time_column(tmp_path):
+    rec = read_csv(write(tmp_path, "ts,a\n1790000000,1\n1790000001,2\n"))
+    assert rec.times.tolist() == [1790000000.0, 1790000001.0]
+    rec = read_csv(write(tmp_path, "timestamp,a\n1790000000000,1\n1790000000500,2\n"))
+    assert rec.times.tolist() == [1790000000.0, 1790000000.5]
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("", "empty file"),
+    ("a,b\n1,2\n3,4\n", "no time column found among a, b: name it with --time-column"),
+    ("time,a\n2026-11-24T06:00:00Z,1\nyesterday,2\n", ":3: column time: 'yesterday' is not a time"),
+    ("time,a\n2026-11-24T06:00:00Z,1,7\n", ":2: 3 cells, but the header names 2 columns"),
+    ("time,a,a\n2026-11-24T06:00:00Z,1,2\n", "column a appears more than once"),
+    ("time,label\n2026-11-24T06:00:00Z,on\n", "no numeric column besides the time column time"),
+    ("time,a\n2026-11-24T06:00:00Z," + "9" * 10_000_000 + "\n", "not a CSV recording: field larger than field limit"),
+])
+def test_what_cannot_be_read_is_said_with_file_and_line(tmp_path, text, expected):
+    with pytest.raises(DataError) as err:
+        read_csv(write(tmp_path, text))
+    assert expected in str(err.value)
+    assert str(tmp_path / "rec.csv") in str(err.value)
+
+
+def test_named_tags_and_time_column(tmp_path):
+    path = write(tmp_path, "t;x;y\n2026-11-24 06:00:00;1;2\n2026-11-24 06:00:01;3;4\n")
+    assert read_csv(path, time_column="t", tags=["y"]).values.tolist() == [[2.0], [4.0]]
+    with pytest.raises(DataError, match="no column z"):
+        read_csv(path, tags=["z"])
+    with pytest.raises(DataError, match="no time column 'when'"):
+        read_csv(path, time_column="when")
+
+
+def test_not_utf8_bytes_are_read_as_latin1(tmp_path):
+    path = tmp_path / "rec.csv"
+    path.write_bytes("time;Temp\xe9rature\n2026-11-24 06:00:00;1,5\n".encode("latin-1"))
+    assert read_csv(path).tags == ["Temp\xe9rature"]
+
+
+def test_the_grid_puts_rows_in_their_slots_and_cuts_long_gaps(tmp_path):
+    rows = [(0.0, [1.0]), (1.0, [2.0]), (3.0, [4.0]), (1000.0, [5.0])]
+    write_csv(tmp_path / "g.csv", ["a"], [(1.79e9 + t, v) for t, v in rows])
+    rec = read_csv(tmp_path / "g.csv")
+    times, values = rec.on_grid(1.0, max_gap=5)
+    a = values[:, 0]
+    assert a[:2].tolist() == [1.0, 2.0] and np.isnan(a[2]) and a[3] == 4.0 and a[-1] == 5.0
+    assert np.isnan(a[4:-1]).all()
+    assert len(values) == 4 + 6  # 996 missing seconds count as 6: enough to break every window across them
+    assert times[-1] == 1.79e9 + 1000.0
+
+
+def test_export_format_round_trips(tmp_path):
+    write_csv(tmp_path / "x.csv", ["a", "b"], [(1.79e9, [1.5, None]), (1.79e9 + 0.25, [2.0, 3.0])])
+    text = (tmp_path / "x.csv").read_text().splitlines()
+    assert text[0] == "time,a,b"
+    assert text[1] == f"{format_time(1.79e9)},1.5,"
+    assert text[2].startswith(format_time(1.79e9)[:-1] + ".250Z")
+    rec = read_csv(tmp_path / "x.csv")
+    assert rec.times[1] - rec.times[0] == pytest.approx(0.25)
+    assert parse_time("2026-11-24T06:00:00+01:00") == parse_time("2026-11-24T05:00:00Z")
+
+
+def test_too_few_rows_is_exit_65_before_any_training(tmp_path):
+    write_csv(tmp_path / "short.csv", ["a", "b"],
+              [(1.79e9 + i, [math.sin(i), math.cos(i)]) for i in range(90)])
+    result = subprocess.run([sys.executable, "-m", "gateway", "model", "train", "m", "--csv",
+                             str(tmp_path / "short.csv"), "--out", str(tmp_path)],
+                            capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=120)
+    assert result.returncode == 65, result.stderr
+    assert "too little normal running to train on: 90 samples" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not list(tmp_path.glob("m.*"))
+
+
+@pytest.mark.parametrize("args,code,expected", [
+    (["train", "m"], 64, "give either --csv FILE (repeatable) or --device DEV -c CONFIG"),
+    (["train", "m", "--csv", "/nonexistent.csv"], 65, "cannot read /nonexistent.csv"),
+    (["score", "nosuch", "--csv", "x.csv", "--model-dir", "/tmp"], 65, "model nosuch: cannot read /tmp/nosuch.tflite"),
+])
+def test_model_command_errors(tmp_path, args, code, expected):
+    result = subprocess.run([sys.executable, "-m", "gateway", "model", *args], capture_output=True, text=True,
+                            env=ENV, cwd=tmp_path, timeout=60)
+    assert result.returncode == code, result.stderr
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_damaged_history_file_is_exit_65_not_a_traceback(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "history.db").write_bytes(b"\x00garbage, not SQLite" * 5000)
+    (tmp_path / "gw.yaml").write_text(f'gateway: {{id: w, site: lab, data_dir: "{data}"}}\n'
+                                      "upstream: {host: 127.0.0.1}\n"
+                                      "devices: [{name: p1, source: sim, profile: pump, history: {}}]\n")
+    for args in (["history", "export", "p1", "--csv", "x.csv"], ["model", "train", "m", "--device", "p1"]):
+        result = subprocess.run([sys.executable, "-m", "gateway", *args, "-c", str(tmp_path / "gw.yaml")],
+                                capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=60)
+        assert result.returncode == 65, result.stderr
+        assert "cannot read the history" in result.stderr and "Traceback" not in result.stderr

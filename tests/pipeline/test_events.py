@@ -1,0 +1,257 @@
+"""Machine events through the real device pipeline and SQLite, with scripted PLC values: state changes with
+stop reasons, limit alarms (delay, hysteresis, bad quality, anomaly gating), live OEE, and restarts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from gateway import config
+from gateway.contract import Topics
+from gateway.pipeline.device import DeviceRunner
+from gateway.sample import Sample
+from gateway.shifts import ShiftCalendar
+from gateway.store.outbox import Bounds, Outbox
+from tests.helpers import LINE_CONFIG as SHIFTS_CONFIG
+from tests.helpers import Line as ScriptedLine
+from tests.helpers import NoSource, utc
+
+# The shift tests' line, with a stop reason register, live OEE and two alarms.
+CONFIG = SHIFTS_CONFIG.replace(
+    "    oee: {status_tag: machine_status, states: {1: running, 2: idle, 3: down, 4: planned_stop}, ideal_rate: 120}\n",
+    """    oee:
+      status_tag: machine_status
+      states: {1: running, 2: idle, 3: down, 4: planned_stop}
+      ideal_rate: 120
+      reason_tag: stop_reason
+      reasons: {11: web break, 12: ink change, 21: no material, 31: electrical fault}
+      live_interval: 30m
+    alarms:
+      - {name: dryer_hot, tag: dryer_temp_c, above: 85, for: 3m, clear: 80, severity: high}
+      - {name: slow, tag: line_speed_m_min, below: 100, severity: low}
+""")
+
+
+class Line(ScriptedLine):
+    """The shift tests' line with a stop reason register, live OEE and two alarms."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, CONFIG)
+
+
+def minutes(line: Line, t: float, n: int, status: int, reason: int = 0, made: int = 0, **kw) -> float:
+    for _ in range(n):
+        line.sample(t, status, reason, made, **kw)
+        t += 60
+    return t
+
+
+def test_state_events_with_reasons_and_exact_durations_across_a_boundary_and_a_restart(tmp_path):
+    line = Line(tmp_path / "g.db")
+    t = utc("2026-11-24T12:00:00")  # 13:00 local, shift A
+    t = minutes(line, t, 20, 1, made=100)                       # running 20 min
+    t = minutes(line, t, 15, 3, reason=11)                      # down: web break
+    t = minutes(line, t, 10, 1, made=100)
+    t = minutes(line, t, 10, 3, reason=31)                      # down across 14:00: electrical fault
+    line.restart()                                              # the gateway restarts while the line is down
+    t = minutes(line, t, 20, 3, reason=31)
+    t = minutes(line, t, 5, 2, reason=77)                       # idle, a code nobody wrote down
+    t = minutes(line, t, 5, 1, made=100)
+    states = line.on("state")
+    assert [(s["previous"], s["state"]) for s in states] == [
+        (None, "running"), ("running", "down"), ("down", "running"), ("running", "down"), ("down", "idle"),
+        ("idle", "running")]
+    assert [s["previous_duration_s"] for s in states[1:]] == [1200.0, 900.0, 600.0, 1800.0, 300.0]  # exact
+    assert states[1]["reason"] == {"code": 11, "text": "web break"}
+    assert states[3]["reason"] == {"code": 31, "text": "electrical fault"}
+    assert "reason" not in states[2] and "reason" not in states[4]  # it left down, not running
+    assert states[3]["since"] == "2026-11-24T12:45:00.000Z"  # the sample time of the change
+    # Shift A closed at 14:00 local: its down time, by reason, adds up to its down time.
+    a = line.on("shift")[0]
+    assert a["shift_id"] == "2026-11-24/A"
+    by_reason = a["downtime_by_reason"]
+    assert by_reason == [{"code": 11, "reason": "web break", "seconds": 900.0},
+                         {"code": 31, "reason": "electrical fault", "seconds": 900.0}] or \
+        by_reason == [{"code": 31, "reason": "electrical fault", "seconds": 900.0},
+                      {"code": 11, "reason": "web break", "seconds": 900.0}]
+    assert sum(r["seconds"] for r in by_reason) == a["state_s"]["down"]
+    # At the boundary, the live OEE's last word on shift A is the summary's own figures.
+    final = [o for o in line.on("oee") if o.get("final")]
+    assert len(final) == 1 and final[0]["shift_id"] == "2026-11-24/A"
+    for key in ("availability", "performance", "oee", "quality_rate", "total", "state_s", "counters"):
+        assert final[0][key] == a[key], key
+    live = [o for o in line.on("oee") if not o.get("final")]
+    assert live[-1]["shift_id"] == "2026-11-24/B" and live[-1]["state"] in ("down", "idle", "running")
+    # An unknown code is its number with no text.
+    assert line.runner.health_report()["machine"]["state"] == "running"
+
+
+def test_alarm_delay_hysteresis_and_bad_quality_hold(tmp_path):
+    line = Line(tmp_path / "g.db")
+    t = utc("2026-11-24T08:00:00")
+    t = minutes(line, t, 2, 1, dryer=90.0)     # 2 min above 85: not yet (for: 3m)
+    t = minutes(line, t, 1, 1, dryer=70.0)     # back: the delay starts again
+    assert line.on("alarm") == []
+    t = minutes(line, t, 4, 1, dryer=86.0)     # 3 min above: raised at the fourth sample
+    start = [a for a in line.on("alarm") if a["name"] == "dryer_hot"]
+    assert [(a["event"], a["value"], a["limit"], a["severity"]) for a in start] == [("start", 86.0, 85.0, "high")]
+    assert start[0]["ts"] == "2026-11-24T08:06:00.000Z"
+    t = minutes(line, t, 3, 1, dryer=82.0)     # below the limit but above clear: still active
+    t = minutes(line, t, 3, 1, dryer=None)     # the sensor fails: neither raises nor clears
+    assert line.runner.health_report()["alarms"] == {"active": ["dryer_hot"], "unknown": ["dryer_hot"]}
+    line.restart()                             # active across a restart: no second start
+    t = minutes(line, t, 2, 1, dryer=84.0)
+    t = minutes(line, t, 1, 1, dryer=79.0)     # at or below clear: ended, once
+    ended = [a for a in line.on("alarm") if a["name"] == "dryer_hot"]
+    assert [a["event"] for a in ended] == ["start", "end"]
+    assert ended[1]["started"] == ended[0]["ts"] and ended[1]["duration_s"] == 9 * 60.0
+    assert line.runner.health_report()["alarms"] == {"active": [], "unknown": []}
+    # A below-limit alarm without delay, and the shift summary's count and minutes per alarm.
+    t = minutes(line, t, 2, 1, speed=50.0)
+    t = minutes(line, t, 1, 1, speed=150.0)
+    slow = [a["event"] for a in line.on("alarm") if a["name"] == "slow"]
+    assert slow == ["start", "end"]
+    minutes(line, utc("2026-11-24T13:00:00"), 1, 1)  # 14:00 local: shift A closes
+    a = line.on("shift")[0]
+    assert a["alarms"] == {"dryer_hot": {"count": 1, "minutes": 9.0}, "slow": {"count": 1, "minutes": 2.0}}
+
+
+def test_check_config_names_each_events_problem(tmp_path):
+    bad = CONFIG.replace("reason_tag: stop_reason", "reason_tag: stop_reasn").replace(
+        "clear: 80, severity: high", "clear: 90, severity: urgent").replace(
+        "tag: line_speed_m_min, below: 100", "tag: speed, below: 100").replace(
+        "      reasons: {11: web break, 12: ink change, 21: no material, 31: electrical fault}\n", "")
+    with pytest.raises(config.ConfigError) as caught:
+        config.parse(bad, "g.yaml")
+    text = str(caught.value)
+    for expected in ('devices[0].oee.reasons: required with reason_tag',
+                     'devices[0].alarms[0].severity: expected one of low, medium, high, critical, got "urgent"',
+                     "devices[0].alarms[0].clear: expected at most the limit (above: 85)",
+                     'devices[0].oee.reason_tag: expected one of this device\'s tags',
+                     'devices[0].alarms[1].tag: expected one of this device\'s tags'):
+        assert expected in text, text
+    assert all(line.startswith("g.yaml:") for line in text.splitlines())
+
+
+def test_with_anomaly_raises_only_while_the_real_model_sees_the_simulated_bearing_wear(tmp_path):
+    pytest.importorskip("ai_edge_litert")
+    import sim
+    from gateway.anomaly import model as anomaly
+
+    cfg = config.parse("""
+gateway: {id: g, site: s}
+upstream: {host: h}
+devices:
+  - name: pump1
+    source: sim
+    profile: pump
+    model: pump-ae
+    alarms:
+      - {name: bearing_hot, tag: bearing_temp_c, above: 85, for: 10s, clear: 80, severity: high}
+      - {name: bearing_hot_anomaly, tag: bearing_temp_c, above: 85, with_anomaly: true, severity: critical}
+""")
+    model = anomaly.load("pump-ae", anomaly.model_dir())
+    store = Outbox.open(str(tmp_path / "g.db"), bounds=Bounds(max_age=10 * 365 * 86400.0))
+    runner = DeviceRunner(cfg.devices[0], NoSource(), store, Topics("root"), ShiftCalendar([], "UTC"), model=model)
+    pump = sim.make("pump", 4)
+    pump.inject("bearing_wear", at=1800.0, ramp=600.0)
+    t0, active, hot = 1_795_000_000.0, [], []
+    for i in range(5400):
+        readings = {tag: round(v, 3) for tag, v in pump.step(1.0).items()}
+        runner.process(Sample.from_readings("pump1", t0 + i, readings))
+        active.append(runner.scoring.scorer.state.active)
+        hot.append(readings["bearing_temp_c"] > 85)
+    assert store.commit()
+    messages = [(m.topic.split("/")[-1], json.loads(m.payload)) for m in store.fetch(0, 10**7)]
+    store.close()
+    alarms = [p for k, p in messages if k == "alarm"]
+    anomalies = [p for k, p in messages if k == "anomaly"]
+    assert anomalies and anomalies[0]["event"] == "start" and any(hot), "the wear must heat the bearing past 85 °C"
+    plain = [a for a in alarms if a["name"] == "bearing_hot"]
+    gated = [a for a in alarms if a["name"] == "bearing_hot_anomaly"]
+    assert plain and plain[0]["event"] == "start" and gated and gated[0]["event"] == "start"
+    assert gated[0]["severity"] == "critical" and gated[0]["value"] > 85
+    first_hot = hot.index(True)
+    first_active = active.index(True)
+    start_index = round(utc_seconds(gated[0]["ts"]) - t0)
+    assert start_index >= max(first_hot, first_active)  # only when both hold
+    for a in gated:  # every start of the gated alarm falls inside an anomaly event
+        if a["event"] == "start":
+            assert active[round(utc_seconds(a["ts"]) - t0)]
+    assert utc_seconds(plain[0]["ts"]) - t0 >= first_hot + 10  # `for: 10s`
+
+
+def utc_seconds(text: str) -> float:
+    from gateway.anomaly.recording import parse_time
+    return parse_time(text)
+
+
+def test_an_alarm_active_across_kill_9_ends_exactly_once(mosquitto, gateway, subscribe, tmp_path):
+    """The daemon, killed -9 while the simulated bearing is hot: after the restart (the in-process
+    simulator starts cold again) the alarm ends once, and no second start is sent."""
+    import subprocess
+    import sys
+
+    from tests.helpers import ENV, ROOT, gateway_config, wait_until
+
+    devices = """
+  - name: pump1
+    source: sim
+    profile: pump
+    seed: 2
+    interval: 100ms
+    time_scale: 100
+    faults: [{fault: bearing_wear, at: 0s, ramp: 60s}]
+    alarms: [{name: bearing_hot, tag: bearing_temp_c, above: 85, clear: 80, severity: high}]
+  - name: line1
+    source: sim
+    profile: flexo_line
+    interval: 100ms
+    oee: {status_tag: machine_status, states: {1: running, 2: idle, 3: down, 4: planned_stop}, ideal_rate: 120,
+          reason_tag: stop_reason, reasons: {11: web break}, live_interval: 1s}
+"""
+    sub = subscribe(mosquitto.port, topic="edge/lab/test-gw/pump1/alarm")
+    config_text = gateway_config(tmp_path / "data", mosquitto.port, devices=devices)
+    first = gateway(config_text).start()
+    wait_until(lambda: sub.on("/alarm"), 60, what="the bearing alarm to start")
+
+    def status() -> str:
+        return subprocess.run([sys.executable, "-m", "gateway", "status", "-c", str(first.config)], capture_output=True,
+                              text=True, env=ENV, cwd=ROOT, timeout=30).stdout
+    wait_until(lambda: "alarms  active: bearing_hot" in status(), 20, what="status to show the active alarm")
+    shown = status()
+    assert "  machine running since " in shown and "  oee     " in shown and "availability" in shown, shown
+    first.kill()
+    second = gateway(config_text).start()
+    wait_until(lambda: [a for a in sub.on("/alarm") if a["event"] == "end"], 30, what="the alarm to end")
+    assert second.stop() == 0
+    alarms = {a["seq"]: a for a in sub.on("/alarm")}  # a message resent after kill -9 has the same seq
+    assert [a["event"] for _, a in sorted(alarms.items())] == ["start", "end"], alarms
+    start, end = (a for _, a in sorted(alarms.items()))
+    assert end["started"] == start["ts"] and end["value"] <= 80
+    assert "Traceback" not in first.logs() + second.logs()
+
+
+def test_an_alarm_without_clear_or_for_does_not_chatter_on_a_value_wavering_at_its_limit():
+    """85 °C ± 0.5 for 3 s at 10 samples a second: raised once (it was 9 times in 3 s), then
+    cleared once when the value falls past the default deadband (2 % of 85: at 83.3)."""
+    from gateway.config import AlarmSection
+    from gateway.pipeline.events import AlarmWatch
+
+    hot = AlarmSection(name="hot", tag="temp", above=85.0)
+    low = AlarmSection(name="low", tag="flow", below=5.0)
+    watch = AlarmWatch((hot, low))
+    events = []
+    for i in range(30):
+        wave = 0.5 if i % 2 else -0.5
+        events += watch.observe(i / 10, {"temp": 85 + wave, "flow": 5 - wave / 10}, {"temp": True, "flow": True},
+                                False)
+    assert [(e.rule.name, e.kind) for e in events] == [("hot", "start"), ("low", "start")]
+    events = watch.observe(3.0, {"temp": 83.4, "flow": 5.09}, {"temp": True, "flow": True}, False)
+    assert events == []  # back inside the limits, not yet past the deadband
+    events = watch.observe(3.1, {"temp": 83.3, "flow": 5.1}, {"temp": True, "flow": True}, False)
+    assert [(e.rule.name, e.kind) for e in events] == [("hot", "end"), ("low", "end")]
+    # An explicit clear at the limit is the user's choice: no deadband.
+    assert AlarmSection(name="x", tag="t", above=85.0, clear=85.0).clear_at == 85.0

@@ -1,0 +1,85 @@
+"""Shift summaries and OEE, driven sample by sample through the real device pipeline and SQLite."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.helpers import Line, utc
+
+
+def run_minutes(line: Line, start: float, minutes: int, status: int = 1, per_minute: int = 0) -> float:
+    t = start
+    for _ in range(minutes):
+        line.sample(t, status, made=per_minute)
+        t += 60
+    return t
+
+
+@pytest.mark.parametrize("day,expected_hours", [("2026-03-28", 7), ("2026-10-24", 9)])
+def test_night_shift_across_dst_closes_once_at_local_time(tmp_path, day, expected_hours):
+    line = Line(tmp_path / "g.db", defect_every=100)
+    start = utc(f"{day}T19:30:00")  # 20:30 or 21:30 local: inside shift B
+    run_minutes(line, start, 60 * 20)
+    shifts = line.shifts()
+    ids = [s["shift_id"] for s in shifts]
+    assert len(ids) == len(set(ids)), "every shift closes exactly once"
+    night = next(s for s in shifts if s["shift_id"] == f"{day}/C")
+    assert night["length_s"] == expected_hours * 3600
+    assert night["start"].endswith("T21:00:00.000Z" if day.startswith("2026-03") else "T20:00:00.000Z")
+    assert night["partial"] is False and night["observed_s"] == expected_hours * 3600
+    assert shifts[0]["shift_id"] == f"{day}/B" and shifts[0]["partial"] is True  # joined mid-shift
+    line.close()
+
+
+def test_gateway_down_across_two_boundaries(tmp_path):
+    line = Line(tmp_path / "g.db", defect_every=100)
+    run_minutes(line, utc("2026-11-24T05:00:00"), 240, per_minute=100)  # 06:00..10:00 local, shift A
+    line.close()  # the gateway goes down at 10:00 local, and comes back the next day at 07:00 local
+    again = Line(tmp_path / "g.db", defect_every=100)
+    again.produced, again.defects = line.produced + 5000, line.defects + 50  # the PLC kept counting
+    run_minutes(again, utc("2026-11-25T06:00:00"), 10, per_minute=100)
+    shifts = again.shifts()
+    assert [s["shift_id"] for s in shifts] == ["2026-11-24/A", "2026-11-24/B", "2026-11-24/C"]
+    a, b, c = shifts
+    assert a["partial"] is True and a["observed_s"] == 239 * 60 and a["counters"]["produced"] == 239 * 100
+    assert b["missed"] is True and c["missed"] is True and b["partial"] is True
+    assert b["length_s"] == 8 * 3600
+    # The counts made while the gateway was down appear in the shift it came back in.
+    counters = [json.loads(m.payload) for m in again.store.fetch(0, 10**6) if m.topic.endswith("/counters")]
+    assert counters[-1]["counters"]["produced"]["total"] == again.produced - 100  # the first raw value is the baseline
+    assert counters[-1]["counters"]["produced"]["shift_id"] == "2026-11-25/A"
+    again.close()
+
+
+def test_oee_of_a_scripted_shift_matches_the_hand_computation(tmp_path):
+    line = Line(tmp_path / "g.db", defect_every=100)
+    t = utc("2026-11-24T05:00:00")  # 06:00 local: shift A starts
+    script = [(4, 30, 0), (1, 240, 108), (2, 60, 0), (3, 30, 0), (1, 110, 108), (2, 10, 0)]  # 480 minutes
+    for status, minutes, per_minute in script:
+        # Production during a minute shows in the next sample's raw counter.
+        for _ in range(minutes):
+            line.sample(t, status)
+            t += 60
+            for _ in range(per_minute):
+                line.produced += 1
+                if line.produced % 100 == 0:
+                    line.defects += 1
+    line.sample(t, 2)  # 14:00 local: shift B begins, A closes
+    a = line.shifts()[0]
+    # By hand: running 350 min, idle 70, down 30, planned stop 30; 108 pieces per running minute.
+    produced = 108 * 350
+    defects = produced // 100
+    assert (a["total"], a["defect"], a["good"]) == (produced, defects, produced - defects)
+    assert a["state_s"] == {"running": 350 * 60, "idle": 70 * 60, "down": 30 * 60, "planned_stop": 30 * 60,
+                            "unknown": 0}
+    availability = 350 / (480 - 30)
+    performance = produced / (120 * 350)
+    quality = (produced - defects) / produced
+    assert a["availability"] == round(availability, 4)
+    assert a["performance"] == round(performance, 4) == 0.9
+    assert a["quality_rate"] == round(quality, 4) == 0.99
+    assert a["oee"] == round(availability * performance * quality, 4) == 0.693
+    assert a["partial"] is False
+    line.close()

@@ -1,0 +1,181 @@
+"""OPC UA against a server we did not write: node-opcua (tests/interop/opcua_server.js), read by the
+gateway's own OpcUaSource. Poll and subscribe (with a namespace-0 node), a server restart, a username
+login, and an untrusted then trusted server certificate."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+
+from gateway.config import parse
+from gateway.errors import SourceError
+from gateway.ports import free_port
+from tests.helpers import gateway_config
+from tests.interop_node import node_script, stop
+from tests.sources.test_opcua import make_certificate
+
+pytest.importorskip("asyncua")
+pytestmark = pytest.mark.slow
+
+NODES = {"count": "ns=1;s=Count", "temp": "ns=1;s=Temp", "level": "ns=1;s=Level", "running": "ns=1;s=Running",
+         "big": "ns=1;s=Big", "small": "ns=1;s=Small", "state": "ns=0;i=2259"}
+
+
+def server(tmp_path, port: int, *args: str, t0: float | None = None):
+    return node_script("opcua_server.js", [str(port), str(tmp_path / "node-pki"), "--t0", str(t0 or time.time()),
+                                           *args], tmp_path / "node-opcua.log")
+
+
+def device(tmp_path, port: int, mode: str, extra: str = "", nodes: dict[str, str] = NODES):
+    listed = "".join(f'      - {{name: {name}, node: "{node}"}}\n' for name, node in nodes.items())
+    text = gateway_config(tmp_path / "data", 1883, devices=f"""
+  - name: press1
+    source: opcua
+    endpoint: opc.tcp://127.0.0.1:{port}/interop
+    mode: {mode}
+    interval: 200ms
+    timeout: 2s
+{extra}    nodes:
+{listed}""")
+    (tmp_path / "gateway.yaml").write_text(text)
+    return parse(text).devices[0]
+
+
+async def read_until_ok(source, seconds: float = 30):
+    """Read every 0.2 s until a sample has every tag good (the source keeps its own backoff)."""
+    deadline = time.monotonic() + seconds
+    last = None
+    while time.monotonic() < deadline:
+        sample = await source.read_once()
+        if not sample.failed and all(q == "ok" for q in sample.quality.values()):
+            return sample
+        last = sample.problem
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"no good sample within {seconds}s: {last}")
+
+
+@pytest.mark.parametrize("mode", ["poll", "subscribe"])
+def test_values_and_source_timestamps_from_node_opcua(tmp_path, mode):
+    from gateway.sources.opcua import OpcUaSource
+
+    port, t0 = free_port(), time.time()
+    proc = server(tmp_path, port, t0=t0)
+
+    async def run():
+        source = OpcUaSource(device(tmp_path, port, mode), str(tmp_path / "pki"))
+        try:
+            first = await read_until_ok(source)
+            await asyncio.sleep(0.5)
+            return first, await read_until_ok(source)
+        finally:
+            await source.aclose()
+    try:
+        first, second = asyncio.run(run())
+    finally:
+        stop(proc)
+    for sample in (first, second):
+        values = sample.values
+        assert {k: v for k, v in values.items() if k != "count"} == \
+            {"temp": 21.5, "level": 12.5, "running": 1, "big": 2**40 + 7, "small": -5, "state": 0}, values
+        # The sample time is the newest SourceTimestamp: the moment the counter took its value.
+        assert abs(sample.ts - (t0 + values["count"] / 10)) < 0.002, (sample.ts, t0, values["count"])
+    assert second.values["count"] > first.values["count"]
+
+
+def test_a_node_opcua_server_restart_is_survived(tmp_path):
+    from gateway.sources.opcua import OpcUaSource
+
+    port, t0 = free_port(), time.time()
+    proc = server(tmp_path, port, t0=t0)
+
+    async def run():
+        nonlocal proc
+        source = OpcUaSource(device(tmp_path, port, "subscribe", nodes={"count": NODES["count"]}), str(tmp_path))
+        try:
+            before = await read_until_ok(source)
+            stop(proc)
+            deadline = time.monotonic() + 30
+            while not (failed := await source.read_once()).failed and time.monotonic() < deadline:
+                await asyncio.sleep(0.2)
+            proc = server(tmp_path, port, t0=t0)
+            return before, failed, await read_until_ok(source)
+        finally:
+            await source.aclose()
+    try:
+        before, failed, after = asyncio.run(run())
+    finally:
+        stop(proc)
+    assert failed.failed and failed.problem
+    assert after.values["count"] > before.values["count"] + 10  # it counted on while its server was down
+    assert abs(after.ts - (t0 + after.values["count"] / 10)) < 0.002
+
+
+def test_a_username_login_against_node_opcua(tmp_path):
+    """Over SignAndEncrypt with a pinned server certificate. (Over a session without security
+    node-opcua refuses the password that asyncua then sends in plain text: BadIdentityTokenInvalid.)"""
+    from gateway.sources.opcua import OpcUaSource
+
+    port = free_port()
+    (tmp_path / "right.pass").write_text("s3cret-pw\n")
+    (tmp_path / "wrong.pass").write_text("not-it\n")
+    server_cert, server_key = make_certificate(tmp_path, "node-server", "urn:edge-gateway:node-opcua", server=True)
+    client_cert, client_key = make_certificate(tmp_path, "gateway", "urn:edge-gateway:test-gw", server=False)
+    proc = server(tmp_path, port, "--user", "gw", "--password", "s3cret-pw", "--cert", server_cert, "--key", server_key)
+
+    async def run(password_file: str):
+        login = (f"    security: {{policy: Basic256Sha256, cert_file: {client_cert}, key_file: {client_key}, "
+                 f"server_cert_file: {server_cert}}}\n    username: gw\n    password_file: {password_file}\n")
+        source = OpcUaSource(device(tmp_path, port, "poll", login, nodes={"temp": NODES["temp"]}), str(tmp_path))
+        try:
+            return await source.read()
+        except SourceError as err:
+            return str(err)
+        finally:
+            await source.aclose()
+    try:
+        right = asyncio.run(run(str(tmp_path / "right.pass")))
+        wrong = asyncio.run(run(str(tmp_path / "wrong.pass")))
+    finally:
+        stop(proc)
+    assert not isinstance(right, str) and right.values == {"temp": 21.5}, right
+    assert isinstance(wrong, str) and "cannot connect" in wrong and "not-it" not in wrong, wrong
+
+
+def test_node_opcua_certificate_untrusted_then_trusted(tmp_path, capsys, caplog):
+    """Basic256Sha256 SignAndEncrypt: node-opcua's certificate is refused (and kept in rejected/) until
+    `edge-gateway opcua trust press1`; the server is left unchanged between the two."""
+    from gateway.cli import main
+    from gateway.sources.opcua import OpcUaSource
+
+    port = free_port()
+    server_cert, server_key = make_certificate(tmp_path, "node-server", "urn:edge-gateway:node-opcua", server=True)
+    client_cert, client_key = make_certificate(tmp_path, "gateway", "urn:edge-gateway:test-gw", server=False)
+    proc = server(tmp_path, port, "--cert", server_cert, "--key", server_key)
+    security = f"    security: {{policy: Basic256Sha256, cert_file: {client_cert}, key_file: {client_key}}}\n"
+
+    async def run():
+        source = OpcUaSource(device(tmp_path, port, "subscribe", security, nodes={"temp": NODES["temp"]}),
+                             str(tmp_path / "data" / "pki"))
+        try:
+            try:
+                await source.read()
+            except SourceError as err:
+                refused = str(err)
+            else:
+                raise AssertionError("an untrusted server certificate was accepted")
+            assert main(["opcua", "trust", "press1", "-c", str(tmp_path / "gateway.yaml")]) == 0
+            return refused, await read_until_ok(source, 60)
+        finally:
+            await source.aclose()
+    try:
+        refused, trusted = asyncio.run(run())
+    finally:
+        stop(proc)
+    assert "is not trusted" in refused, refused
+    assert [r for r in caplog.records if "edge-gateway opcua trust press1" in r.getMessage()]
+    assert trusted.values == {"temp": 21.5}
+    assert Path(server_cert).read_bytes() in [p.read_bytes() for p in (tmp_path / "data" / "pki" / "trusted").iterdir()]
+    assert "trusted: " in capsys.readouterr().out

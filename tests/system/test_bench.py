@@ -1,0 +1,41 @@
+"""Every benchmark still runs against today's code (at a tiny size) and prints its same-run baseline.
+
+Nothing here times anything: figures come from running bench/ itself (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import ENV, ROOT
+
+pytestmark = pytest.mark.slow  # it starts brokers and simulated PLCs
+
+# script, how its baseline is introduced in what it prints, a tiny size
+RUNS = [
+    ("counters.py", "transaction per sample", "--samples", "300"),
+    ("pipeline.py", "baseline:", "--samples", "300"),
+    ("pipeline.py", "baseline: json (same run)", "--samples", "300", "--format", "sparkplug_b"),
+    ("drain.py", "baseline:", "--messages", "300"),
+    ("modbus.py", "baseline:", "--seconds", "1"),
+    ("startup.py", "baseline:", "--seconds", "2"),
+    ("scale.py", "bare µs", "--seconds", "0.5", "--max-devices", "10"),
+    ("latency.py", "sync normal, timer:", "--quick", "--seconds", "1"),
+    ("inference.py", "(same run)", "--seconds", "1"),
+    ("opcua.py", "baseline: modbus poll", "--seconds", "2"),
+    ("fleet.py", "  old  reconnect after the broker is back", "--gateways", "1", "--outage", "2"),
+    ("sparkplug_host.py", "baseline: the JSON uplink", "--devices", "2", "--offline", "2"),
+    ("anomaly_eval.py", "scored by the plant-wide pump-ae", "--runs", "1", "--normal-hours", "0.1", "--own-hours", "0"),
+]
+
+
+@pytest.mark.parametrize("script,baseline,args", [(r[0], r[1], r[2:]) for r in RUNS], ids=[r[0] for r in RUNS])
+def test_the_benchmark_runs_and_prints_its_baseline(script, baseline, args):
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], capture_output=True, text=True,
+                            env=ENV, cwd=ROOT, timeout=240)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert baseline in result.stdout, result.stdout

@@ -1,0 +1,103 @@
+"""The commands a user types: the demo, status while the daemon runs, the health topic."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import ENV, ROOT, gateway_config, wait_until
+
+pytestmark = pytest.mark.slow  # it starts processes: the gateway, brokers, the installer
+
+
+def test_demo_runs_everything_and_stops_by_itself():
+    result = subprocess.run([sys.executable, "-m", "gateway", "demo", "--duration", "12", "--plain",
+                             "--fault-after", "3"], capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=90)
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "[pump1] state ok" in out and "[flexo1] state ok" in out
+    assert "counter produced" in out and "bearing wear injected" in out
+    assert "(stops after 12s, or Ctrl-C)" in out and "(Ctrl-C to stop)" not in out
+    assert re.search(r"running +1 ", out) and re.search(r"machine_status +[1-4] ", out)  # not 1.00
+    summary = out.strip().splitlines()
+    demo_over = next(line for line in summary if line.startswith("demo over:"))
+    assert "gaps 0, duplicates 0, final gateway status offline" in demo_over
+    assert int(demo_over.split()[2]) > 20  # messages received
+
+
+def test_health_topic_and_local_status(mosquitto, gateway, subscribe, tmp_path):
+    sub = subscribe(mosquitto.port, topic="edge/lab/test-gw/health")
+    gw = gateway(gateway_config(tmp_path / "data", mosquitto.port)).start()
+    health = wait_until(lambda: [h for h in sub.on("/health") if h["upstream"]["acked"] > 0], 20,
+                        what="health")[-1]
+    assert set(health["backlog"]) == {"messages", "bytes", "oldest_age_s", "uncommitted"}
+    assert health["dropped"] == 0 and health["upstream"]["connected"] is True
+    assert health["upstream"]["reconnects"] == 0 and health["upstream"]["last_error"] is None
+    assert health["devices"]["pump1"]["state"] == "ok" and health["devices"]["pump1"]["polls"] > 0
+    status = subprocess.run([sys.executable, "-m", "gateway", "status", "-c", str(gw.config)], capture_output=True,
+                            text=True, env=ENV, cwd=ROOT, timeout=30)
+    assert status.returncode == 0, status.stderr
+    assert "upstream  connected" in status.stdout
+    assert "device    pump1" in status.stdout and "counter produced" in status.stdout
+    raw = subprocess.run([sys.executable, "-m", "gateway", "status", "--json", "-c", str(gw.config)],
+                         capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=30)
+    assert json.loads(raw.stdout)["counters"]["line1"]["produced"]["total"] >= 0
+    assert json.loads(raw.stdout)["running"] is True
+    assert gw.stop() == 0
+    # Stopped: status says so and how old its state is, instead of "up 37s" and every device ok.
+    after = subprocess.run([sys.executable, "-m", "gateway", "status", "-c", str(gw.config)], capture_output=True,
+                           text=True, env=ENV, cwd=ROOT, timeout=30)
+    assert after.returncode == 69
+    first = after.stdout.splitlines()[0]
+    assert first.startswith("gateway test-gw  NOT RUNNING: what follows is its last state, from ") and " ago)" in first
+    assert "(up " not in after.stdout and "start it with: sudo systemctl start edge-gateway" in after.stdout
+    raw = subprocess.run([sys.executable, "-m", "gateway", "status", "--json", "-c", str(gw.config)],
+                         capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=30)
+    assert raw.returncode == 69 and json.loads(raw.stdout)["running"] is False
+
+
+def test_counters_show_set_baseline_and_audit(mosquitto, gateway, tmp_path):
+    gw = gateway(gateway_config(tmp_path / "data", mosquitto.port)).start()
+    cli = [sys.executable, "-m", "gateway", "counters", "-c", str(gw.config)]
+
+    def run(*args):
+        return subprocess.run([*cli, *args], capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=30)
+    wait_until(lambda: "line1" in run("show").stdout, 20, what="the counter to be committed")
+    refused = run("set", "line1", "produced", "1000", "--reason", "PLC swapped")
+    assert refused.returncode == 69 and "stop it first" in refused.stderr
+    assert gw.stop() == 0
+    assert run("set", "line1", "nope", "5", "--reason", "x").returncode == 64
+    assert run("set", "line1", "produced", "1000").returncode == 64  # a reason is required
+    done = run("set", "line1", "produced", "1000", "--reason", "PLC swapped")
+    assert done.returncode == 0, done.stderr
+    shown = json.loads(run("show", "--json").stdout)
+    row = next(r for r in shown if r["name"] == "produced")
+    assert row["total"] == 1000 and row["last_raw"] is None  # the next value read is the new baseline
+    audit = json.loads(run("audit", "--json").stdout)
+    assert audit[-1]["new_total"] == 1000 and audit[-1]["reason"] == "PLC swapped"
+    restarted = gateway(gw.config.read_text()).start()
+    wait_until(lambda: next(r for r in json.loads(run("show", "--json").stdout)
+                            if r["name"] == "produced")["last_raw"] is not None, 20, what="a new baseline")
+    assert restarted.stop() == 0
+    after = next(r for r in json.loads(run("show", "--json").stdout) if r["name"] == "produced")
+    assert after["total"] >= 1000  # counted on from the baseline, no jump from the new PLC's raw value
+    assert after["total"] < 1000 + 500  # not 1000 + the new raw value
+
+
+@pytest.mark.parametrize("command,module", [(["demo", "--duration", "1"], "amqtt"),
+                                            (["broker-user", "sensor1"], "pwdlib"),
+                                            (["broker", "-c", "/nonexistent"], "amqtt")])
+def test_a_command_whose_extra_is_not_installed_names_it_and_exits_69(tmp_path, command, module):
+    """As on a box installed without --with-local-broker: the module is not importable."""
+    absent = tmp_path / "absent"
+    absent.mkdir()
+    (absent / f"{module}.py").write_text(f"raise ModuleNotFoundError(\"No module named '{module}'\")\n")
+    result = subprocess.run([sys.executable, "-m", "gateway", *command], capture_output=True, text=True,
+                            env={**ENV, "PYTHONPATH": f"{absent}:{ROOT}"}, cwd=ROOT, timeout=60, stdin=subprocess.DEVNULL)
+    assert result.returncode == 69, result.stderr
+    assert result.stderr == (f"edge-gateway {command[0]} needs {module}, which is not installed: pip install "
+                             "'edge-gateway[broker]' (install.sh --with-local-broker installs it)\n")

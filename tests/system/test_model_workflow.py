@@ -1,0 +1,169 @@
+"""Commissioning a model on one's own machine, as a user would, with real parts: a sim pump recorded by the
+running gateway (`history:`), `kill -9` while recording, `history export`, `model train` (TensorFlow, few
+epochs), `model score` on a recording with a fault, `model list/show`, deploy, and the anomaly event upstream."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.helpers import ENV, ROOT, gateway_config, wait_until
+
+pytestmark = pytest.mark.slow
+pytest.importorskip("ai_edge_litert")
+pytest.importorskip("tensorflow")
+
+from gateway import datadir  # noqa: E402
+from gateway.anomaly.recording import write_csv  # noqa: E402
+from sim.pump import TAGS  # noqa: E402
+from sim.scenarios import run  # noqa: E402
+
+INTERVAL = 0.05  # 50 ms samples: minutes of recording in seconds of test
+
+
+def cli(*args, cwd=ROOT, timeout=300):
+    return subprocess.run([sys.executable, "-m", "gateway", *args], capture_output=True, text=True, env=ENV,
+                          cwd=cwd, timeout=timeout)
+
+
+def exported(config, device, out):
+    result = cli("history", "export", device, "-c", str(config), "--csv", str(out))
+    assert result.returncode == 0, result.stderr
+    with open(out) as f:
+        return list(csv.reader(f))
+
+
+def test_record_export_train_score_deploy(tmp_path, mosquitto, gateway, subscribe):
+    recorded = "\n  - {name: pump1, source: sim, profile: pump, seed: 31, interval: 50ms, history: {keep: 1d}}\n"
+    gw = gateway(gateway_config(tmp_path / "data", mosquitto.port, devices=recorded)).start()
+    wait_until(lambda: (tmp_path / "data" / "history.db").exists(), 20, what="history.db")
+    wait_until(lambda: len(exported(gw.config, "pump1", tmp_path / "a.csv")) > 400, 60, what="400 samples recorded")
+    before = exported(gw.config, "pump1", tmp_path / "a.csv")
+    state = tmp_path / "data" / datadir.STATE
+    health = wait_until(lambda: state.exists() and json.loads(state.read_text()).get("history"), 20,
+                        what="history in the health report")
+    assert health == {"devices": ["pump1"], "dropped": 0, "error": None}
+    gw.kill()  # kill -9 while recording: what was committed stays, the file opens again
+    after = exported(gw.config, "pump1", tmp_path / "normal.csv")
+    assert after[0] == ["time", *TAGS]
+    assert after[1:len(before)] == before[1:]
+    times = [r[0] for r in after[1:]]
+    assert times == sorted(set(times))
+    result = cli("history", "stats", "-c", str(gw.config))
+    assert result.returncode == 0 and "pump1: " in result.stdout
+
+    # Train straight from the recorded history, as `--device` does.
+    result = cli("model", "train", "from-history", "--device", "pump1", "-c", str(gw.config), "--epochs", "2",
+                 "--out", str(tmp_path / "m2"))
+    assert result.returncode == 0, result.stderr
+    assert f"{len(after) - 1} rows" in result.stdout and "wrote" in result.stdout
+    assert json.loads((tmp_path / "m2" / "from-history.json").read_text())["interval_s"] == pytest.approx(INTERVAL)
+    result = cli("model", "train", "x", "--device", "nosuch", "-c", str(gw.config))
+    assert result.returncode == 65 and "device nosuch: no recorded samples" in result.stderr
+
+    # Train on the recording, with a constant column and a missing cell added, as real exports have.
+    rows = after[1:]
+    with open(tmp_path / "normal.csv", "w", newline="") as f:
+        w = csv.writer(f, delimiter=";")
+        w.writerow(["time", *TAGS, "setpoint"])
+        for i, r in enumerate(rows):
+            cells = [c.replace(".", ",") for c in r[1:]]
+            if i == 50:
+                cells[2] = ""
+            w.writerow([r[0], *cells, "7"])
+    models = tmp_path / "models"
+    result = cli("model", "train", "pump-local", "--csv", str(tmp_path / "normal.csv"), "--epochs", "8",
+                 "--out", str(models))
+    assert result.returncode == 0, result.stderr
+    assert "tag setpoint left out: constant in training" in result.stdout
+    assert "training: epoch    1/8" in result.stderr  # the progress, on stderr
+    assert "threshold" in result.stdout and (models / "pump-local.tflite").exists()
+    meta = json.loads((models / "pump-local.json").read_text())
+    assert meta["tags"] == list(TAGS) and meta["interval_s"] == pytest.approx(INTERVAL)
+    assert (models / "pump-local.tflite").stat().st_size <= 150 * 1024
+
+    # Replay: normal running then cavitation, scored row by row.
+    onset = 400
+    fault = run(32, 800 * INTERVAL, interval=INTERVAL,
+                faults=[{"kind": "cavitation", "severity": 1.0, "at": onset * INTERVAL, "ramp": 0.0}])
+    t0 = 1.79e9
+    write_csv(tmp_path / "fault.csv", TAGS, [(t0 + i * INTERVAL, r) for i, r in enumerate(fault.tolist())])
+    result = cli("model", "score", "pump-local", "--csv", str(tmp_path / "fault.csv"), "--model-dir", str(models),
+                 "--out", str(tmp_path / "scored.csv"), "--plot", str(tmp_path / "report.png"))
+    assert result.returncode == 0, result.stderr
+    assert "windows scored" in result.stderr and "anomaly event(s)" in result.stderr
+    assert "false events expected in " in result.stderr and "events seen: 1 " in result.stderr  # one fault, one event
+    assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with open(tmp_path / "scored.csv") as f:
+        scored = list(csv.DictReader(f))
+    assert len(scored) == len(fault)
+    state = np.array([r["state"] for r in scored])
+    assert (state[:onset] != "anomaly").mean() > 0.95  # normal running is not flagged
+    assert (state[onset + 20:] == "anomaly").mean() > 0.9  # the fault is
+    assert state[0] == "not_scored" and scored[0]["score"] == ""
+
+    result = cli("model", "list", "--model-dir", str(models))
+    assert result.returncode == 0 and "pump-local" in result.stdout and "10 tags" in result.stdout
+    result = cli("model", "show", "pump-local", "--model-dir", str(models))
+    assert result.returncode == 0 and "threshold" in result.stdout and "Gumbel" in result.stdout
+
+    # Deploy: model_dir, devices[].model, check-config, reload; the event goes upstream.
+    up = subscribe(mosquitto.port, topic="edge/lab/test-gw/#")
+    deployed = ("\n  - {name: pump1, source: sim, profile: pump, seed: 33, interval: 50ms, model: pump-local,\n"
+                "     faults: [{fault: cavitation, at: 15s, severity: 1.0, ramp: 0s}]}\n")
+    text = gateway_config(tmp_path / "data", mosquitto.port, devices=deployed).replace(
+        "health_interval: 1s}", f'health_interval: 1s, model_dir: "{models}"}}')
+    gw.config.write_text(text)
+    result = cli("check-config", str(gw.config))
+    assert result.returncode == 0, result.stderr
+    gw.start()
+    start = wait_until(lambda: [p for p in up.on("/pump1/anomaly") if p["event"] == "start"], 60,
+                       what="an anomaly event upstream")[0]
+    assert start["model"] == "pump-local" and start["score"] > start["threshold"]
+    assert gw.stop() == 0
+
+
+def test_model_list_says_which_models_cannot_be_used(tmp_path):
+    models = tmp_path / "models"
+    models.mkdir()
+    for suffix in (".tflite", ".json"):
+        shutil.copy(ROOT / "models" / f"pump-ae{suffix}", models)
+    result = cli("model", "list", "--model-dir", str(models))
+    assert result.returncode == 0 and "pump-ae" in result.stdout
+    (models / "pump-ae.json").write_text("{}")
+    result = cli("model", "list", "--model-dir", str(models))
+    assert "pump-ae" in result.stdout and "cannot be used" in result.stdout
+
+
+def test_false_alarms_sets_the_threshold_quietly_and_is_recorded(tmp_path):
+    """Seven minutes of commissioning at two operating points in the user's words; TensorFlow says nothing."""
+    rows = run(41, 420)
+    write_csv(tmp_path / "normal.csv", TAGS, [(1.79e9 + i, r) for i, r in enumerate(rows.tolist())])
+    thresholds, said = {}, {}
+    for rate in ("1/week", "20/day"):
+        out = tmp_path / rate.replace("/", "-per-")
+        result = cli("model", "train", "m", "--csv", str(tmp_path / "normal.csv"), "--epochs", "3",
+                     "--false-alarms", rate, "--out", str(out), "--plot", str(out / "held-out.html"))
+        assert result.returncode == 0, result.stderr
+        # Only our own lines on stderr: the progress bar and the report's path, none of TensorFlow's.
+        noise = [line for line in result.stderr.splitlines()
+                 if not line.startswith(("training: epoch", "report written to"))]
+        assert noise == [], noise
+        meta = json.loads((out / "m.json").read_text())
+        assert meta["false_alarms"]["asked"] == rate
+        assert meta["false_alarms"]["per_second"] == pytest.approx({"1/week": 1 / 604800, "20/day": 20 / 86400}[rate])
+        assert "Gumbel" in meta["training"]["threshold_rule"]
+        thresholds[rate], said[rate] = meta["threshold"], result.stdout
+        assert (out / "held-out.html").read_text().startswith("<!DOCTYPE html>")
+    assert thresholds["20/day"] < thresholds["1/week"]
+    # Seven minutes cannot vouch for one false event a week: said, with what it would take.
+    assert "Record at least 16.8 h of normal running to vouch for it" in said["1/week"]
+    assert meta["false_alarms"]["needs_s"] == pytest.approx(86400 / 200, abs=0.1)
+    result = cli("model", "train", "m", "--csv", str(tmp_path / "normal.csv"), "--false-alarms", "often")
+    assert result.returncode == 64 and "--false-alarms 'often'" in result.stderr

@@ -1,0 +1,195 @@
+"""Store-and-forward under real faults: brokers killed, the gateway killed -9, a full disk, a corrupt file.
+
+Every test here is bounded in time; every process it starts is killed by a fixture.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+
+import pytest
+
+from tests.helpers import BrokerProcess, gateway_config, wait_until
+
+pytestmark = pytest.mark.slow  # it starts processes: the gateway, brokers, the installer
+
+ROOT = "edge/lab/test-gw"
+FAST_DEVICES = """
+  - {name: pump1, source: sim, profile: pump, seed: 3, interval: 50ms}
+  - name: line1
+    source: sim
+    profile: flexo_line
+    interval: 50ms
+    plc: {counter_bits: 16, rate_per_min: 3000}
+    counters: [{name: produced, register: produced_raw, bits: 16}]
+"""
+MAX_INFLIGHT = 20
+
+
+def assert_every_seq_in_order(seqs: list[int], first: int = 1, window: int = MAX_INFLIGHT) -> None:
+    """Every seq from `first` to the last, none missing; first arrivals in order; duplicates only
+    from the in-flight window resent after a reconnect."""
+    assert seqs, "nothing arrived"
+    seen: set[int] = set()
+    highest = 0
+    order = []
+    for seq in seqs:
+        if seq in seen:
+            assert highest - seq < window, f"duplicate {seq} is older than the in-flight window (highest {highest})"
+            continue
+        seen.add(seq)
+        order.append(seq)
+        highest = max(highest, seq)
+    missing = sorted(set(range(first, max(seen) + 1)) - seen)
+    assert not missing, f"{len(missing)} seqs never arrived: {missing[:20]}"
+    assert order == sorted(order), "first arrivals out of seq order"
+
+
+def upstream(gate_port: int, extra: str = "") -> str:
+    return f", max_inflight: {MAX_INFLIGHT}{extra}"
+
+
+def test_repeated_broker_outages_lose_nothing(broker, gate, gateway, subscribe, tmp_path):
+    g = gate(broker.port)
+    sub = subscribe(broker.port, topic=f"{ROOT}/+/+")
+    config = gateway_config(tmp_path / "data", g.port, devices=FAST_DEVICES, upstream=upstream(g.port))
+    gw = gateway(config).start()
+    wait_until(lambda: len(sub.seqs()) > 50, 20, what="traffic before the first outage")
+    for outage in range(2):
+        g.is_open = False  # after the restart the subscriber goes first
+        # The network drops first, then the broker is killed -9. A broker sends PUBACK before it has
+        # written the message on to its subscribers, so killing it mid-stream can lose messages it had
+        # acknowledged: that is the broker's durability, which no publisher can repair. Cutting the
+        # link first means every acknowledged message had reached the subscriber, so a gap could only be
+        # the gateway's loss; the messages in flight at the cut got no PUBACK and must be resent.
+        g.cut()
+        time.sleep(0.5)
+        broker.kill()  # SIGKILL: the broker process is gone
+        time.sleep(10)  # the gateway keeps sampling into its outbox
+        assert gw.proc.poll() is None, "the gateway must survive the outage"
+        subscribed = sub.subscriptions
+        broker.start()
+        wait_until(lambda: sub.subscriptions > subscribed, 15, what="the subscriber to subscribe again")
+        g.is_open = True
+        backlog_end = max(sub.seqs()) + 300  # roughly what the outage piled up
+        wait_until(lambda: max(sub.seqs()) > backlog_end, 30, what=f"the backlog of outage {outage + 1} to drain")
+    assert gw.stop() == 0
+    assert_every_seq_in_order(sub.seqs())
+    assert gw.logs().count("connected to upstream") >= 3
+    assert "lost the connection" in gw.logs()
+
+
+def test_kill_9_during_a_burst_and_while_the_broker_is_down(mosquitto, gate, gateway, subscribe, tmp_path):
+    g = gate(mosquitto.port)
+    sub = subscribe(mosquitto.port, topic=f"{ROOT}/+/+")
+    config = gateway_config(tmp_path / "data", g.port, devices=FAST_DEVICES, upstream=upstream(g.port))
+    first = gateway(config).start()
+    wait_until(lambda: len(sub.seqs()) > 100, 20, what="a burst")
+    first.kill()  # kill -9 while publishing
+    g.is_open = False
+    subscribed = sub.subscriptions
+    mosquitto.kill()
+    second = gateway(config).start()  # restarts with the broker down: samples pile up in the outbox
+    time.sleep(4)
+    second.kill()  # kill -9 while the broker is down
+    third = gateway(config).start()
+    time.sleep(2)
+    mosquitto.start()
+    wait_until(lambda: sub.subscriptions > subscribed, 15, what="the subscriber to subscribe again")
+    g.is_open = True
+    time.sleep(3)
+    assert third.stop() == 0
+    assert_every_seq_in_order(sub.seqs())
+    # Everything committed arrived: the outbox is empty and the last seq matches what was sent.
+    out = subprocess.run([*gateway_cli(), "outbox", "--json", "-c", str(third.config)], capture_output=True,
+                         text=True, timeout=30)
+    info = json.loads(out.stdout)
+    assert info["messages"] == 0
+    assert info["next_seq"] - 1 == max(sub.seqs())
+
+
+def gateway_cli() -> list[str]:
+    import sys
+    return [sys.executable, "-m", "gateway"]
+
+
+@pytest.mark.parametrize("policy", ["drop_oldest", "drop_newest"])
+def test_bounded_outbox_counts_every_drop(policy, mosquitto, gate, gateway, subscribe, tmp_path):
+    g = gate(mosquitto.port)
+    g.is_open = False  # the upstream is unreachable from the start
+    sub = subscribe(mosquitto.port, topic=f"{ROOT}/#")
+    extra = f"outbox: {{max_messages: 50, when_full: {policy}}}"
+    gw = gateway(gateway_config(tmp_path / "data", g.port, devices=FAST_DEVICES, extra=extra,
+                                upstream=upstream(g.port))).start()
+    wait_until(lambda: "outbox full" in gw.logs(), 20, what="the outbox to fill")
+    time.sleep(1)
+    g.is_open = True
+    wait_until(lambda: len(sub.on("/health")) >= 2, 20, what="health upstream")
+    assert gw.stop() == 0
+    seqs = sorted(set(sub.seqs()))
+    dropped = seqs[-1] - len(seqs)  # every seq below the last that never arrived was dropped
+    health = sub.on("/health")[-1]
+    assert health["dropped"] == dropped > 0
+    if policy == "drop_oldest":
+        missing = sorted(set(range(1, seqs[-1] + 1)) - set(seqs))
+        assert missing[:seqs[0] - 1] == list(range(1, seqs[0])), "the oldest were dropped"
+        # While the backlog drains the outbox may still be full: then the oldest rows not in flight go,
+        # i.e. a few just after the in-flight window (all counted: the health check above).
+        later = missing[seqs[0] - 1:]
+        assert all(m > seqs[0] for m in later) and len(later) <= 50
+    else:
+        assert seqs[:50] == list(range(1, 51)), "the first 50 kept, the newest dropped"
+        gap_end = seqs[50] - 1
+        assert f"dropped seq 51..{gap_end}" in gw.logs()
+    assert gw.logs().count("outbox full") == 1, "logged once per episode, not once per message"
+
+
+def test_full_disk_is_survived_and_recovered_from(mosquitto, gate, gateway, subscribe, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=320k", "tmpfs", str(data)]).returncode:
+        pytest.skip("needs root to mount a small tmpfs as data_dir")
+    try:
+        g = gate(mosquitto.port)
+        g.is_open = False
+        sub = subscribe(mosquitto.port, topic=f"{ROOT}/#")
+        gw = gateway(gateway_config(data, g.port, devices=FAST_DEVICES, upstream=upstream(g.port))).start()
+        wait_until(lambda: "outbox write failed" in gw.logs(), 60, what="the disk to fill")
+        time.sleep(2)
+        assert gw.proc.poll() is None, "a full disk must not stop the gateway"
+        subprocess.run(["mount", "-o", "remount,size=32m", str(data)], check=True)  # space comes back
+        wait_until(lambda: "outbox writes work again" in gw.logs(), 20, what="recovery")
+        g.is_open = True
+        wait_until(lambda: len(sub.on("/health")) >= 1, 20, what="health")
+        assert gw.stop() == 0
+        assert_every_seq_in_order(sub.seqs())
+        assert sub.on("/health")[-1]["store_errors"] > 0
+        assert gw.logs().count("outbox write failed") == 1
+    finally:
+        subprocess.run(["umount", "-l", str(data)])
+
+
+def test_corrupt_outbox_at_start_is_moved_aside(broker, gateway, subscribe, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "gateway.db").write_bytes(b"this is not sqlite" * 1000)
+    sub = subscribe(broker.port, topic=f"{ROOT}/+/+")
+    gw = gateway(gateway_config(data, broker.port)).start()
+    wait_until(lambda: len(sub.seqs()) > 10, 20, what="telemetry despite the corrupt file")
+    assert gw.stop() == 0
+    assert "is unreadable" in gw.logs() and "moved aside" in gw.logs()
+    assert [p for p in os.listdir(data) if p.startswith("gateway.db.corrupt-")]
+
+
+def test_second_instance_on_the_same_data_dir_is_refused(gateway, tmp_path):
+    port = BrokerProcess("mosquitto", tmp_path).port  # nothing listens: the first keeps retrying
+    config = gateway_config(tmp_path / "data", port)
+    first = gateway(config).start()
+    wait_until(lambda: "started" in first.logs(), 20, what="the first instance")
+    second = subprocess.run([*gateway_cli(), "run", "-c", str(first.config)], capture_output=True, text=True,
+                            timeout=30)
+    assert second.returncode == 69
+    assert "another edge-gateway is running with data_dir" in second.stderr

@@ -1,0 +1,259 @@
+"""The supervised task tree, in process: a loop that fails ends the daemon (after a drain), the stop
+trigger is the caller's, a reload survives any bytes in the file, the watchdog sees every loop."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from gateway import config
+from gateway.app import Gateway, LoopFailed
+from gateway.errors import AlreadyRunning
+from gateway.notify import Notifier
+from gateway.supervise import LoopEnded, Supervisor, run_all
+from tests.helpers import free_port, gateway_config
+
+
+class Recorder(Notifier):
+    """The sd_notify messages, recorded instead of sent."""
+
+    def __init__(self, watchdog_interval: float = 0.0) -> None:
+        super().__init__(env={})
+        self.watchdog_interval = watchdog_interval
+        self.sent: list[str] = []
+
+    def send(self, *fields: str) -> None:
+        self.sent.extend(fields)
+
+
+def make_config(tmp_path: Path) -> tuple[Path, config.Config]:
+    # Nothing listens on the upstream port: the uplink retries in the background, which is all it should do.
+    path = tmp_path / "gateway.yaml"
+    path.write_text(gateway_config(tmp_path / "data", free_port()))
+    return path, config.load(str(path))
+
+
+async def wait_for(predicate, what: str, timeout: float = 10.0) -> None:
+    async def poll() -> None:
+        while not predicate():
+            await asyncio.sleep(0.02)
+    try:
+        await asyncio.wait_for(poll(), timeout)
+    except asyncio.TimeoutError:
+        raise AssertionError(f"timed out after {timeout}s waiting for {what}") from None
+
+
+def test_the_caller_stops_it_and_the_drain_keeps_the_outbox(tmp_path):
+    path, cfg = make_config(tmp_path)
+
+    async def main() -> None:
+        shutdown = asyncio.Event()
+        notifier = Recorder()
+        async with Gateway(cfg, str(path), notifier) as gw:
+            run = asyncio.create_task(gw.run(shutdown))
+            await wait_for(lambda: gw.outbox.stats.messages >= 10, "ten committed messages")
+            shutdown.set()
+            await run
+            assert "READY=1" in notifier.sent and "STOPPING=1" in notifier.sent
+            kept = gw.outbox.stats.messages
+        state = json.loads((tmp_path / "data" / "state.json").read_text())
+        assert state["backlog"]["messages"] == kept > 0
+        assert set(state["devices"]) == {"pump1", "line1"}
+    asyncio.run(main())
+
+
+def test_a_loop_that_raises_ends_the_daemon_with_its_traceback(tmp_path, caplog):
+    path, cfg = make_config(tmp_path)
+
+    async def main() -> None:
+        async with Gateway(cfg, str(path), Recorder()) as gw:
+            committed = 0
+            real_commit = gw.outbox.commit
+
+            def commit(now: float | None = None) -> bool:  # a bug in the commit path, on the 5th commit
+                nonlocal committed
+                committed += 1
+                if committed == 5:
+                    raise RuntimeError("a bug in the commit path")
+                return real_commit(now)
+            gw.outbox.commit = commit  # type: ignore[method-assign]
+            with pytest.raises(LoopFailed, match="task commit failed"):
+                await asyncio.wait_for(gw.run(asyncio.Event()), 20)
+    with caplog.at_level(logging.ERROR):
+        asyncio.run(main())
+    crash = [r for r in caplog.records if "task commit failed" in r.getMessage()]
+    assert crash and crash[0].exc_info and "a bug in the commit path" in str(crash[0].exc_info[1])
+
+
+def test_a_crashed_uplink_pump_ends_the_uplink():
+    async def main() -> None:
+        async def pump() -> None:
+            await asyncio.sleep(0.01)
+            raise RuntimeError("pump bug")
+
+        async def connection() -> None:
+            await asyncio.Event().wait()
+        with pytest.raises(RuntimeError, match="pump bug"):
+            await run_all(connection=connection(), pump=pump())
+        assert len(asyncio.all_tasks()) == 1  # the connection loop was cancelled and awaited, not left behind
+    asyncio.run(main())
+
+
+def test_a_loop_that_returns_is_a_failure_and_the_watchdog_sees_it():
+    async def main() -> None:
+        sup = Supervisor()
+
+        async def forever() -> None:
+            await asyncio.Event().wait()
+
+        async def returns() -> None:
+            await asyncio.sleep(0.01)
+        sup.start(forever(), "forever")
+        assert sup.alive()
+        sup.start(returns(), "returns")
+        name, error = await asyncio.wait_for(sup.wait(), 5)
+        assert name == "returns" and isinstance(error, LoopEnded)
+        assert not sup.alive()
+        await sup.aclose()
+        assert len(asyncio.all_tasks()) == 1
+    asyncio.run(main())
+
+
+def test_reload_survives_bytes_that_are_not_yaml_and_applies_a_good_file_later(tmp_path, caplog):
+    path, cfg = make_config(tmp_path)
+    good = path.read_bytes()
+
+    async def main() -> None:
+        async with Gateway(cfg, str(path), Recorder()) as gw:
+            run = asyncio.create_task(gw.run(asyncio.Event()))
+            await wait_for(lambda: gw.outbox.stats.messages > 0, "a committed message")
+            path.write_bytes(b"\xff\xfe not UTF-8 \x80")
+            gw.reload_requested.set()
+            await wait_for(lambda: any("reload refused" in r.getMessage() for r in caplog.records),
+                           "the bad reload to be refused")
+            path.write_bytes(good.replace(b"health_interval: 1s", b"health_interval: 2s"))
+            gw.reload_requested.set()
+            await wait_for(lambda: gw.config.gateway.health_interval == 2.0, "the good reload to apply")
+            assert not run.done()
+            run.cancel()
+            await asyncio.gather(run, return_exceptions=True)
+    with caplog.at_level(logging.INFO):
+        asyncio.run(main())
+    refused = [r.getMessage() for r in caplog.records if "reload refused" in r.getMessage()]
+    assert refused == [f"reload refused, the running config stays: {path}: line 1: not UTF-8 text: byte 0xff at "
+                       f"offset 0; save the file as UTF-8"]
+
+
+def test_a_second_gateway_on_the_same_data_dir_is_refused(tmp_path):
+    path, cfg = make_config(tmp_path)
+
+    async def main() -> None:
+        async with Gateway(cfg, str(path), Recorder()):
+            with pytest.raises(AlreadyRunning):
+                async with Gateway(cfg, str(path), Recorder()):
+                    pass
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("completes", [True, False])
+def test_a_deadline_never_swallows_a_cancellation(completes):
+    """Cancelled as what it waits for completes (or not): the task ends cancelled, it does not carry on.
+    (asyncio.wait_for before Python 3.12 returns the result instead, and a device loop ran on.)"""
+    from gateway.supervise import within
+
+    async def main() -> None:
+        fut = asyncio.get_running_loop().create_future()
+        task = asyncio.create_task(within(fut, 5))
+        await asyncio.sleep(0)  # the task is waiting now
+        if completes:
+            fut.set_result(1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    asyncio.run(main())
+
+
+def test_a_second_stop_skips_a_drain_that_hangs(tmp_path, caplog):
+    path, cfg = make_config(tmp_path)
+
+    async def main() -> None:
+        shutdown, force = asyncio.Event(), asyncio.Event()
+        async with Gateway(cfg, str(path), Recorder()) as gw:
+            async def stuck(flush_timeout: float = 0.0) -> None:  # an upstream that never lets go
+                await asyncio.Event().wait()
+            gw.uplink.stop = stuck  # type: ignore[method-assign]
+            run = asyncio.create_task(gw.run(shutdown, force))
+            await wait_for(lambda: gw.outbox.stats.messages > 0, "a committed message")
+            shutdown.set()
+            await wait_for(lambda: any("stopping:" in r.getMessage() for r in caplog.records), "the drain")
+            force.set()
+            await asyncio.wait_for(run, 5)  # well inside the 10 s drain bound
+    with caplog.at_level(logging.INFO):
+        asyncio.run(main())
+    assert any("shutdown drain skipped by a second signal" in r.getMessage() for r in caplog.records)
+
+
+def test_a_deadline_that_passes_cancels_and_awaits_what_it_waited_for():
+    from gateway.supervise import within
+
+    async def main() -> None:
+        ended = asyncio.Event()
+
+        async def slow() -> None:
+            try:
+                await asyncio.sleep(10)
+            finally:
+                ended.set()
+        with pytest.raises(asyncio.TimeoutError):
+            await within(slow(), 0.05)
+        assert ended.is_set()
+        assert await within(asyncio.sleep(0, "ok"), 1) == "ok"
+    asyncio.run(main())
+
+
+def test_a_deadline_passes_on_a_cancellation_that_the_awaited_code_swallows():
+    """A library coroutine that catches CancelledError and returns normally must not keep us running."""
+    from gateway.supervise import within
+
+    async def main() -> None:
+        started = asyncio.Event()
+
+        async def swallows() -> str:
+            started.set()
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                return "carried on"
+            return "slept"
+        task = asyncio.create_task(within(swallows(), 5))
+        await started.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    asyncio.run(main())
+
+
+def test_a_damaged_history_file_is_logged_and_the_devices_run_on(tmp_path, caplog):
+    path = tmp_path / "gateway.yaml"
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "history.db").write_bytes(b"\x00not SQLite at all" * 5000)
+    path.write_text(gateway_config(tmp_path / "data", free_port(), devices="""
+  - {name: pump1, source: sim, profile: pump, seed: 3, interval: 50ms, history: {}}
+"""))
+    cfg = config.load(str(path))
+
+    async def main() -> None:
+        async with Gateway(cfg, str(path), Recorder()) as gw:
+            run = asyncio.create_task(gw.run(asyncio.Event()))
+            await wait_for(lambda: gw.outbox.stats.messages > 0, "a committed message")
+            assert gw.health()["devices"]["pump1"]["polls"] > 0
+            run.cancel()
+            await asyncio.gather(run, return_exceptions=True)
+    asyncio.run(main())
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert any("history" in e and "cannot be opened (file is not a database)" in e for e in errors), errors
+    assert not any(r.exc_info for r in caplog.records)

@@ -1,0 +1,72 @@
+"""The uplink's delivery core with the JSON format, in process against the embedded amqtt broker:
+it runs as an async context manager and, on leaving it, delivers what is owed, says offline and
+disconnects (no polling stop)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+
+import paho.mqtt.client as mqtt
+import pytest
+
+from gateway import config, contract
+from gateway.store.outbox import Outbox
+from gateway.uplink.mqtt import JsonFormat, Uplink
+from tests.helpers import free_port, gateway_config
+
+
+def test_the_uplink_is_an_async_context_manager_that_delivers_before_it_closes(tmp_path):
+    pytest.importorskip("amqtt")
+    from gateway import broker
+
+    topics = contract.Topics("edge/lab/gw")
+    received: list[tuple[str, bytes]] = []
+    lock = threading.Lock()
+
+    def on_message(client, userdata, message) -> None:
+        with lock:
+            received.append((message.topic, bytes(message.payload)))
+
+    async def main() -> None:
+        port = free_port()
+        server = await broker.start(f"127.0.0.1:{port}", allow_anonymous=True)
+        sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="uplink-test-sub")
+        sub.on_message = on_message
+        store = Outbox.open(str(tmp_path / "outbox.db"))
+        try:
+            await asyncio.to_thread(sub.connect, "127.0.0.1", port)
+            sub.loop_start()
+            sub.subscribe("edge/#", qos=1)
+            await asyncio.sleep(0.2)  # the SUBACK
+            upstream = config.parse(gateway_config(tmp_path / "data", port)).upstream
+            fmt = JsonFormat(client_id="uplink-test", status_topic=topics.status, offline_payload=b'{"state":"offline"}')
+            fmt.online_payload = b'{"state":"online"}'
+            async with Uplink(upstream, store, fmt, flush_timeout=10) as uplink:
+                for _ in range(200):  # connected within 10 s
+                    if uplink.connected:
+                        break
+                    await asyncio.sleep(0.05)
+                assert uplink.connected
+                for i in range(50):
+                    store.stage(topics.telemetry("pump1"), {"ts": "2026-12-05T08:00:00.000Z", "i": i}, created=i)
+                store.commit()
+                uplink.wake()
+            # Left: every row acknowledged before the farewell.
+            store.commit()
+            assert store.stats.messages == 0 and uplink.stats.acked == 50 and not uplink.connected
+            await asyncio.sleep(0.3)  # the subscriber's copies
+        finally:
+            sub.loop_stop()
+            sub.disconnect()
+            store.close()
+            await server.shutdown()
+
+    asyncio.run(main())
+    with lock:
+        got = list(received)
+    data = [json.loads(p)["i"] for t, p in got if t.endswith("/telemetry")]
+    assert data == list(range(50))
+    status = [p for t, p in got if t == topics.status]
+    assert status[0] == b'{"state":"online"}' and status[-1] == b'{"state":"offline"}'

@@ -1,0 +1,150 @@
+"""The web window's fast tier: the `web:` section's safe defaults, the users file and its login checks.
+
+The page, the API and /metrics against a running daemon are in test_web_daemon.py and
+test_web_browser.py (slow).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import subprocess
+import sys
+
+import pytest
+
+from gateway import config
+from gateway.errors import ConfigError
+from tests.helpers import ENV, ROOT
+
+pytest.importorskip("aiohttp")
+
+BASE = """\
+gateway: {id: gw1, site: plant-a, data_dir: /tmp/edge-gw-web-test}
+upstream: {host: 127.0.0.1}
+devices:
+  - {name: pump1, source: sim, profile: pump, seed: 1}
+"""
+
+
+def test_without_a_web_section_there_is_no_web_page():
+    assert config.parse(BASE).web is None
+
+
+def test_the_defaults_listen_on_loopback_without_a_login():
+    web = config.parse(BASE + "web: {}\n").web
+    assert web is not None
+    assert (web.listen, web.users_file, web.tls) == ("127.0.0.1:8470", None, None)
+    assert web.address == ("127.0.0.1", 8470)
+
+
+@pytest.mark.parametrize("listen", ["127.0.0.1:8470", "127.0.0.2:9000", "localhost:8470", "[::1]:8470"])
+def test_a_loopback_listen_needs_no_users(listen):
+    assert config.parse(BASE + f'web: {{listen: "{listen}"}}\n').web is not None
+
+
+@pytest.mark.parametrize("listen", ["0.0.0.0:8470", "192.0.2.7:8470", "gateway.local:8470", "[::]:8470"])
+def test_a_listen_beyond_loopback_without_users_is_a_config_error_naming_the_line(listen):
+    with pytest.raises(ConfigError) as err:
+        config.parse(BASE + f'web: {{listen: "{listen}"}}\n', "gateway.yaml")
+    text = str(err.value)
+    assert "gateway.yaml:5: web.users_file: required when listen is not a loopback address" in text
+    assert "edge-gateway web-user" in text
+
+
+def test_a_listen_beyond_loopback_with_users_is_taken():
+    web = config.parse(BASE + 'web: {listen: "0.0.0.0:8470", users_file: /etc/edge-gateway/web-users}\n').web
+    assert web is not None and web.users_file == "/etc/edge-gateway/web-users"
+
+
+@pytest.mark.parametrize("snippet,message", [
+    ('web: {listen: "8470"}', 'web.listen: expected HOST:PORT such as "127.0.0.1:8470"'),
+    ('web: {listen: "127.0.0.1:99999"}', "web.listen: expected a port from 1 to 65535, got 99999"),
+    ("web: {tls: {cert_file: /x.pem}}", "web.tls.key_file: required"),
+    ("web: {user_file: /x}", "web.user_file: unknown key"),
+])
+def test_bad_web_keys_are_named(snippet, message):
+    with pytest.raises(ConfigError) as err:
+        config.parse(BASE + snippet + "\n", "gateway.yaml")
+    assert message in str(err.value)
+
+
+def test_check_config_exits_78_for_a_plant_network_listen_without_users(tmp_path):
+    path = tmp_path / "gateway.yaml"
+    path.write_text(BASE + 'web: {listen: "0.0.0.0:8470"}\n')
+    result = subprocess.run([sys.executable, "-m", "gateway", "check-config", str(path)], capture_output=True,
+                            text=True, env=ENV, cwd=ROOT, timeout=60)
+    assert result.returncode == 78
+    assert f"{path}:5: web.users_file: required when listen is not a loopback address" in result.stderr
+
+
+def test_check_config_names_a_users_file_that_cannot_be_read(tmp_path):
+    path = tmp_path / "gateway.yaml"
+    path.write_text(BASE + f'web: {{listen: "0.0.0.0:8470", users_file: "{tmp_path}/nope"}}\n')
+    result = subprocess.run([sys.executable, "-m", "gateway", "check-config", str(path)], capture_output=True,
+                            text=True, env=ENV, cwd=ROOT, timeout=60)
+    assert result.returncode == 78
+    assert f'web.users_file: expected a readable file, got "{tmp_path}/nope"' in result.stderr
+
+
+# -- the users file and logins --------------------------------------------------------------------
+def _basic(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+def test_web_user_writes_a_hash_never_the_password(tmp_path):
+    users = tmp_path / "web-users"
+    result = subprocess.run([sys.executable, "-m", "gateway", "web-user", "alice", "--users", str(users)],
+                            input="correct horse battery\n", capture_output=True, text=True, env=ENV, cwd=ROOT,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    text = users.read_text()
+    assert text.startswith("alice:$argon2") and "correct horse" not in text
+    assert users.stat().st_mode & 0o777 == 0o640
+
+
+def test_a_login_passes_with_the_right_password_only_and_failures_are_logged_once_and_limited(tmp_path, caplog):
+    from gateway.broker import set_user
+    from gateway.web import auth
+
+    path = tmp_path / "web-users"
+    set_user(str(path), "alice", "correct horse battery")
+    users = auth.Users(str(path))
+
+    async def main() -> None:
+        assert await users.check(_basic("alice", "correct horse battery"), "10.0.0.1") == "alice"
+        assert await users.check(None, "10.0.0.2") is None  # no credentials yet: not a failure
+        assert users.blocked("10.0.0.2") == 0
+        for _ in range(auth.MAX_FAILURES):
+            assert await users.check(_basic("alice", "wrong"), "10.0.0.2") is None
+        assert await users.check(_basic("mallory", "x"), "10.0.0.3") is None
+        assert await users.check("Basic !!!not-base64", "10.0.0.4") is None
+
+    with caplog.at_level(logging.WARNING, logger="edge_gateway.web"):
+        asyncio.run(main())
+    failed = [r.getMessage() for r in caplog.records if "failed login" in r.getMessage()]
+    assert len([m for m in failed if "10.0.0.2" in m]) == 1, failed  # once per client, not per attempt
+    assert any("10.0.0.3" in m for m in failed) and any("10.0.0.4" in m for m in failed)
+    assert all("wrong" not in m and "correct horse" not in m for m in failed)  # nothing secret logged
+    assert users.blocked("10.0.0.2") > 0 and users.blocked("10.0.0.3") == 0
+
+
+def test_units_are_read_from_the_tag_names():
+    from gateway.web.view import unit_of
+
+    assert [unit_of(t) for t in ("bearing_temp_c", "flow_l_min", "vibration_mm_s", "motor_current_a",
+                                 "machine_status")] == ["°C", "l/min", "mm/s", "A", None]
+
+
+def test_odd_values_in_the_web_section_are_config_errors_never_a_crash():
+    from tests.config.test_fuzz import ODD_VALUES
+
+    for key in ("listen", "users_file", "tls", "tls.cert_file"):
+        for odd in ODD_VALUES:
+            section = f"{{tls: {{cert_file: {odd}, key_file: /k}}}}" if key == "tls.cert_file" else f"{{{key}: {odd}}}"
+            for text in (BASE + f"web: {section}\n", BASE + f"web: {odd}\n"):
+                try:
+                    config.parse(text, "gateway.yaml")
+                except ConfigError as err:
+                    assert str(err).startswith("gateway.yaml"), str(err)
