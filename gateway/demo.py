@@ -10,7 +10,6 @@ After `--fault-after` seconds the pump's bearings start to wear.
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import os
 import shutil
@@ -161,7 +160,7 @@ class Watcher:
                     event = self.anomalies.get(device)
                     said = "normal"
                     if tele.get("score") is not None and tele["score"] > tele["threshold"]:
-                        said = f"above the threshold (an event starts after {_start_after()} windows in a row above it)"
+                        said = "above the threshold (an event starts once the excess over it adds up: one disturbance, one event)"
                     if event and event["event"] == "start":
                         said = "ANOMALY since " + event["ts"] + ", top tags " + ", ".join(
                             t["tag"] for t in event["top_tags"])
@@ -215,17 +214,6 @@ def _web_installed() -> bool:
 def _web(port: int | None) -> str:
     """The web section: the status page on loopback, when the [web] extra is installed."""
     return f'web: {{listen: "127.0.0.1:{port}"}}\n' if port is not None else ""
-
-
-@functools.cache
-def _start_after() -> int:
-    """How many windows in a row above the threshold start an event, as the shipped model says."""
-    try:
-        from gateway.anomaly.model import MODEL_DIRS
-        with open(MODEL_DIRS[0] / "pump-ae.json", encoding="utf-8") as fh:
-            return int(json.load(fh)["events"]["start_after"])
-    except (OSError, ValueError, KeyError, TypeError, ImportError):
-        return 3
 
 
 def _fmt(value: float | None) -> str:
