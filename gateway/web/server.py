@@ -270,7 +270,7 @@ def _time(text: str | None, what: str, default: float) -> float:
     except ValueError:
         try:
             value = datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
-        except ValueError:
+        except (ValueError, OverflowError, OSError):  # year 1 at +14:00 is before the epoch's range
             raise ApiError(400, f"{what}: expected a UNIX time or an RFC 3339 time such as "
                                 f"2026-11-24T06:00:00Z, got {text[:40]!r}") from None
     if not math.isfinite(value):

@@ -148,3 +148,12 @@ def test_odd_values_in_the_web_section_are_config_errors_never_a_crash():
                     config.parse(text, "gateway.yaml")
                 except ConfigError as err:
                     assert str(err).startswith("gateway.yaml"), str(err)
+
+
+@pytest.mark.parametrize("text", ["nan", "1e400", "-inf", "\udcff", "2026-13-45T99:00:00Z", "0001-01-01T00:00:00+14:00x"])
+def test_an_absurd_history_time_is_a_400_never_an_exception(text):
+    from gateway.web.server import ApiError, _time
+
+    with pytest.raises(ApiError) as err:
+        _time(text, "from", 0.0)
+    assert err.value.status == 400 and "expected" in str(err.value)
