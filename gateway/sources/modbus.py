@@ -100,6 +100,15 @@ class Link:
         self.last_wait = 0.0  # the wait before the next attempt, as last decided (for the tests)
         self._rng = random.Random()
         self._clock = clock
+        self._budgets: dict[str, float] = {}  # device -> the longest one of its polls may hold the link
+
+    def share(self, device: str, budget: float) -> None:
+        """A device polls over this link; one of its polls holds it for at most `budget` seconds."""
+        self._budgets[device] = budget
+
+    def budget(self) -> float:
+        """The longest a poll may take here: its own transactions after every other device's in the queue."""
+        return sum(self._budgets.values())
 
     async def _connected(self) -> Any:
         if self.client is not None and self.client.connected:
@@ -228,12 +237,18 @@ class ModbusSource(PolledSource):
         link = link_for(device, links)
         reads = plan(device.registers, max_gap=device.max_gap if device.max_gap is not None else DEFAULT_MAX_GAP,
                      max_per_read=device.max_registers_per_read)
-        # The whole poll may take one timeout per request (plus the line's silences).
-        super().__init__(device.name, device.tags, device.interval, len(reads) * (device.timeout + link.gap) + 0.5)
+        # A poll may take one timeout per request (plus the line's silences), after waiting for the
+        # requests of the other devices on the same connection or line (their own timeouts).
+        link.share(device.name, len(reads) * (device.timeout + link.gap))
+        super().__init__(device.name, device.tags, device.interval, 0.0)
         self.device = device
         self.link = link
         self.reads = reads
         self.unit = device.unit if device.unit is not None else 1
+
+    @property
+    def deadline(self) -> float:
+        return self.link.budget() + 0.5  # the link's as it is now: devices may join it after this one
 
     async def read(self) -> Sample:
         ts = time.time()

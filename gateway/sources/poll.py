@@ -33,9 +33,14 @@ class PolledSource:
         self.device_name = device_name
         self.tags = tags
         self.interval = interval
-        self.deadline = deadline
+        self._deadline = deadline
         self._skipped = 0
         self.phase = interval * (zlib.crc32(device_name.encode()) / 2**32)
+
+    @property
+    def deadline(self) -> float:
+        """The longest one `read()` may take before it is given up as failed."""
+        return self._deadline
 
     @property
     def skipped_ticks(self) -> int:

@@ -117,6 +117,11 @@ class Format(Protocol):
         """A QoS >= 1 packet closing a batch of QoS 0 packets (its PUBACK acknowledges them)."""
         ...
 
+    def probe(self, last_seq: int) -> Packet:
+        """A QoS >= 1 packet that tells a subscriber nothing new: its PUBACK shows the connection carries
+        data again after packets sent before it went unacknowledged (`last_seq`: the last row handed over)."""
+        ...
+
     def farewell(self) -> Packet:
         """The QoS >= 1 packet an orderly end sends (the Will is for an unannounced one)."""
         ...
@@ -164,6 +169,9 @@ class JsonFormat:
     def marker(self, last_seq: int) -> Packet:  # never needed: every row is QoS >= 1
         return Packet(f"{self.status_topic}/delivered", str(last_seq).encode(), 1)
 
+    def probe(self, last_seq: int) -> Packet:
+        return Packet(self.status_topic, self.online_payload, 1, True)  # the retained status, as it already is
+
     def farewell(self) -> Packet:
         return Packet(self.status_topic, self.offline_payload, 1, True)
 
@@ -197,6 +205,7 @@ class Uplink:
         self._client: mqtt.Client | None = None
         self._inflight: dict[int, list[tuple[int, int]]] = {}  # paho mid -> the rows its PUBACK acknowledges
         self._sent_at: dict[int, float] = {}  # paho mid -> when it was handed to paho (monotonic)
+        self._probes: dict[int, float] = {}  # paho mid -> when a probe was sent (see _check_acks)
         self._cursor = 0  # highest seq handed to paho on this connection (of the backlog, while it replays apart)
         self._split: int | None = None  # live_first: rows above it are live, at or below it the backlog (0: none)
         self._live_cursor = 0  # highest seq above the split handed to paho
@@ -408,6 +417,7 @@ class Uplink:
         """Whatever was in flight is owed again, oldest first."""
         self._inflight.clear()
         self._sent_at.clear()
+        self._probes.clear()
         self.store.release_all()
         self._cursor = self._live_cursor = 0
         self._split = None  # drawn when the format is ready (Sparkplug: at the births)
@@ -424,6 +434,7 @@ class Uplink:
         self._session_over()
         self._inflight.clear()
         self._sent_at.clear()
+        self._probes.clear()
         self.store.release_all()
         self._progress.set()
         if client is not None:
@@ -462,7 +473,11 @@ class Uplink:
             return
         rows = self._inflight.pop(mid, None)
         sent = self._sent_at.pop(mid, None)
-        if rows is None:  # a live message (status, health, births)
+        if rows is None:  # a live message (status, health, births), or a probe
+            probed = self._probes.pop(mid, None)
+            if probed is not None and any(t < probed - ACK_GRACE for t in self._sent_at.values()):
+                self._abandon(client, "packets sent before one the broker acknowledged were never acknowledged "
+                                      "(the network lost them)")
             return
         for seq, size in rows:
             self.store.ack(seq, size)
@@ -483,9 +498,19 @@ class Uplink:
         connection that stalls or lost it (the window full of lost packets would stall delivery for good)."""
         client = self._client
         if client is not None and self._sent_at:
-            waited = time.monotonic() - min(self._sent_at.values())
+            now = time.monotonic()
+            waited = now - min(self._sent_at.values())
             if waited > max(ACK_LIMIT, self.cfg.keepalive):
                 self._abandon(client, f"no acknowledgement from the broker for {waited:.0f} s")
+            elif waited > ACK_GRACE and self.connected:
+                # A window full of lost packets sends nothing more whose PUBACK would show the loss once the
+                # network carries data again: a probe does, within a second of the heal rather than at the
+                # keepalive bound.
+                p = self.format.probe(max(self._cursor, self._live_cursor))
+                info = client.publish(p.topic, p.payload, qos=p.qos, retain=p.retain)
+                if info.rc == mqtt.MQTT_ERR_SUCCESS:
+                    self._probes = {mid: t for mid, t in self._probes.items() if now - t < ACK_LIMIT}
+                    self._probes[info.mid] = now
 
     def _abandon(self, client: mqtt.Client, why: str) -> None:
         """End a connection that lost packets as a broken one (no DISCONNECT: the broker publishes the

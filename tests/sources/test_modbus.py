@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import math
+import os
 import re
 import shutil
 import signal
@@ -307,12 +308,22 @@ def rtu_line(tmp_path: Path, *sim_args: str):
         wait_until(lambda: a.exists() and b.exists(), 10, what="socat's pty pair")
         server = spawn([sys.executable, "-m", "gateway", "sim", "--modbus-rtu", str(a), "--baudrate", "38400", "--parity",
                         "N", *sim_args], tmp_path / "rtu-sim.log", "w", env=ENV, cwd=ROOT)
+        wait_until(lambda: holds_open(server.pid, a), 20, what="the simulated plant to open its end of the line")
         yield b
     finally:
         for proc in (server, socat):
             if proc is not None:
                 proc.kill()
                 proc.wait(10)
+
+
+def holds_open(pid: int, path: Path) -> bool:
+    """Whether process `pid` has `path` (a symlink to a pty) open now."""
+    target = os.path.realpath(path)
+    try:
+        return any(os.path.realpath(fd) == target for fd in Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:  # it exited, or a descriptor closed while we looked
+        return False
 
 
 def rtu_devices(port: Path, units, interval: str, timeout: str) -> str:
@@ -342,7 +353,6 @@ def test_rtu_over_a_pseudo_terminal_pair(mosquitto, gateway, subscribe, tmp_path
 
 
 def test_garbage_answers_are_an_error_not_a_crash(sim_server, mosquitto, gateway, subscribe, tmp_path):
-    import os
     import socket
 
     garbage = socket.create_server(("127.0.0.1", 0))

@@ -84,7 +84,7 @@ def test_births_aliases_seq_wrap_rebirth_refused_write_and_bdseq_on_the_will(mos
         host.command("spBv1.0/plant-a/DCMD/gw1/pump1", "motor_rpm", pb.Double, double_value=0.0)
         host.command("spBv1.0/plant-a/NCMD/gw1", "Node Control/Rebirth", pb.Boolean, boolean_value=True)
         wait_until(lambda: len(host.of("NBIRTH")) == 2 and len(host.of("DBIRTH")) == 2, 20, what="the rebirth")
-        wait_until(lambda: "refused a write to motor_rpm" in gw.logs(), 10, what="the refusal")
+        wait_until(lambda: 'refused a write to "motor_rpm"' in gw.logs(), 10, what="the refusal")
         gw.kill()  # kill -9: the Will says the node died, with this session's bdSeq
         wait_until(lambda: host.of("NDEATH"), 60, what="NDEATH from the Will")
         death = host.of("NDEATH")[0][1]
@@ -348,7 +348,7 @@ def test_a_network_that_drops_data_and_comes_back_is_noticed_and_nothing_is_lost
                    what="what the partition swallowed, as history")
         time.sleep(1)
         assert gw.stop() == 0
-        assert "never acknowledged (the network lost them)" in gw.logs()
+        assert "never acknowledged (the network lost them)" in gw.logs(), gw.logs()[-4000:]
     finally:
         host.close()
     kinds = [t.split("/")[2] for t, _ in host.messages]

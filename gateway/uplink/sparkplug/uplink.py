@@ -149,6 +149,9 @@ class SparkplugFormat:
     def marker(self, last_seq: int) -> Packet:
         return Packet(f"edge-gateway/{self.topics.group}/{self.topics.node}/delivered", str(last_seq).encode(), 1)
 
+    def probe(self, last_seq: int) -> Packet:
+        return self.marker(last_seq)
+
     def _births(self) -> list[Packet]:
         """NBIRTH (seq 0) and, right after it, a DBIRTH for every device not dead, each metric with its latest
         value (tck-id-payloads-dbirth-order)."""
