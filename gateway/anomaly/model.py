@@ -41,6 +41,7 @@ import math
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -343,7 +344,12 @@ class ScoreState:
     unscored: int = 0  # windows due but not scored (gap longer than the forward-fill limit)
     active: bool = False  # an anomaly event is open
     why_unscored: str | None = None
-    latency_us: list[float] = field(default_factory=list)
+    latency_us: list[float] = field(default_factory=list)  # since the health loop last took them
+    recent_us: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_LATENCIES))  # the newest, for readers
+    timed: int = 0  # windows timed since the start: a reader of `recent_us` knows how many are new
+
+
+RECENT_LATENCIES = 256
 
 
 class DeviceScorer:
@@ -411,7 +417,10 @@ class DeviceScorer:
         ae = m.tag_errors(self.buf[-m.window:].reshape(-1))
         self.parts = m.stats.components(self.buf[-m.context:], self.dbuf[-m.context + 1:], ae, self._parts)
         err = m.stats.contributions(self.parts)
-        self.state.latency_us.append((time.perf_counter() - start) * 1e6)
+        took = (time.perf_counter() - start) * 1e6
+        self.state.latency_us.append(took)
+        self.state.recent_us.append(took)
+        self.state.timed += 1
         score = float(err.sum())
         self.errors = err
         self.state.score = score

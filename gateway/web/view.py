@@ -102,7 +102,7 @@ class Recorder:
         self.events_total: dict[str, int] = {}
         self.snapshot = b"{}"
         self.ticks = 0
-        self._seen: dict[str, tuple[int, int]] = {}  # device -> (id of its latency list, items seen)
+        self._seen: dict[str, int] = {}  # device -> windows timed when last looked
 
     def tick(self, now: float | None = None, watched: bool = True) -> None:
         """Record this second; build the live snapshot only when a page is `watched`."""
@@ -140,15 +140,15 @@ class Recorder:
         track.active = state.active
 
     def _latencies(self, r: DeviceRunner) -> None:
-        """New inference latencies since the last tick; the health loop takes (and replaces) the list."""
+        """The inference latencies timed since the last tick (the health loop takes its own list: not this)."""
         assert r.scoring is not None
-        lst = r.scoring.scorer.state.latency_us
-        ident, seen = self._seen.get(r.name, (0, 0))
-        start = seen if id(lst) == ident and seen <= len(lst) else 0
-        new = lst[start:]
+        state = r.scoring.scorer.state
+        seen = self._seen.get(r.name, 0)
+        fresh = min(state.timed - seen, len(state.recent_us)) if state.timed >= seen else len(state.recent_us)
+        new = list(state.recent_us)[len(state.recent_us) - fresh:] if fresh > 0 else []
         self.latency.observe(new)
         self.recent.extend(new)
-        self._seen[r.name] = (id(lst), len(lst))
+        self._seen[r.name] = state.timed
 
     def anomaly(self, name: str, now: float | None = None) -> dict[str, Any] | None:
         """The device's score over the last hour and its events, or None when no model scores it."""

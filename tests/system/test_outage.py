@@ -144,7 +144,11 @@ def test_bounded_outbox_counts_every_drop(policy, mosquitto, gate, gateway, subs
         assert seqs[:50] == list(range(1, 51)), "the first 50 kept, the newest dropped"
         gap_end = seqs[50] - 1
         assert f"dropped seq 51..{gap_end}" in gw.logs()
-    assert gw.logs().count("outbox full") == 1, "logged once per episode, not once per message"
+    # Once per episode, not once per message. While the backlog drains, a slow moment may fill the
+    # outbox again: a second episode, logged at its start and its end like the first.
+    logs = gw.logs()
+    episodes, ended = logs.count("outbox full"), logs.count("drop episode over")
+    assert 1 <= episodes <= 3 and ended <= episodes <= ended + 1 and dropped > 3 * episodes, (episodes, ended, dropped)
 
 
 def test_full_disk_is_survived_and_recovered_from(mosquitto, gate, gateway, subscribe, tmp_path):
