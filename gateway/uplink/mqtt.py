@@ -246,8 +246,8 @@ class Uplink:
                      body: Mapping[str, Any] | None = None) -> bool:
         """Publish a message that is not stored (status, health); False when not connected or not ready."""
         client = self._client
-        if not self.connected or client is None or not self.format.ready:
-            return False
+        if not self.connected or client is None or not self.format.ready or self._overdue() > ACK_GRACE:
+            return False  # overdue: the network may be swallowing packets (the probes find out)
         packets = self.format.live(topic, payload, retain, body)
         for p in packets:
             client.publish(p.topic, p.payload, qos=p.qos, retain=p.retain)
@@ -326,7 +326,9 @@ class Uplink:
     def _new_client(self) -> mqtt.Client:
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.format.client_id, clean_session=True,
                              protocol=mqtt.MQTTv311, reconnect_on_failure=False)
-        client.max_inflight_messages_set(self.cfg.max_inflight + 8)  # room for status, health, markers
+        # Room beyond the window for status, health and probes: paho queues a QoS 1 packet past its limit,
+        # and a queued probe is never sent while lost packets hold the slots.
+        client.max_inflight_messages_set(self.cfg.max_inflight + LIVE_ROOM)
         client.max_queued_messages_set(0)
         if self.cfg.username:
             client.username_pw_set(self.cfg.username, read_secret(self.cfg.password_file))
@@ -499,18 +501,21 @@ class Uplink:
         client = self._client
         if client is not None and self._sent_at:
             now = time.monotonic()
-            waited = now - min(self._sent_at.values())
+            waited = self._overdue()
             if waited > max(ACK_LIMIT, self.cfg.keepalive):
                 self._abandon(client, f"no acknowledgement from the broker for {waited:.0f} s")
-            elif waited > ACK_GRACE and self.connected:
+            elif waited > ACK_GRACE and self.connected and len(self._probes) < LIVE_ROOM // 2:
                 # A window full of lost packets sends nothing more whose PUBACK would show the loss once the
                 # network carries data again: a probe does, within a second of the heal rather than at the
-                # keepalive bound.
+                # keepalive bound. (Each lost probe holds one of paho's slots until the connection ends.)
                 p = self.format.probe(max(self._cursor, self._live_cursor))
                 info = client.publish(p.topic, p.payload, qos=p.qos, retain=p.retain)
                 if info.rc == mqtt.MQTT_ERR_SUCCESS:
-                    self._probes = {mid: t for mid, t in self._probes.items() if now - t < ACK_LIMIT}
                     self._probes[info.mid] = now
+
+    def _overdue(self) -> float:
+        """Seconds the oldest packet in flight has waited for its PUBACK (0 with none)."""
+        return time.monotonic() - min(self._sent_at.values()) if self._sent_at else 0.0
 
     def _abandon(self, client: mqtt.Client, why: str) -> None:
         """End a connection that lost packets as a broken one (no DISCONNECT: the broker publishes the
@@ -613,6 +618,7 @@ class Uplink:
 
 LOOP_STOP_LIMIT = 3.0  # seconds to wait for paho's network thread to end
 ACK_GRACE = 5.0  # seconds by which a packet may be acknowledged after one sent later (a broker that reorders)
+LIVE_ROOM = 64  # QoS 1 packets paho may have in flight beyond the window: live messages stop while overdue
 ACK_LIMIT = 30.0  # seconds a packet may wait for its acknowledgement (at least the keepalive)
 CONNACK_LIMIT = 10.0  # seconds a CONNECT waits for its CONNACK (a broker answers in milliseconds)
 SESSION_RETRY = 3.0  # seconds after which a format that is not ready is asked again, commits or not

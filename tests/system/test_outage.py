@@ -82,6 +82,31 @@ def test_repeated_broker_outages_lose_nothing(broker, gate, gateway, subscribe, 
     assert "lost the connection" in gw.logs()
 
 
+def test_a_network_that_swallows_data_and_heals_without_a_cut_is_noticed_within_seconds(mosquitto, gate, gateway,
+                                                                                        subscribe, tmp_path):
+    """A blackhole (the proxy reads and discards, both ways; the TCP connection stays): the in-flight
+    window fills with messages that never arrive, so nothing more is sent whose PUBACK would show it.
+    The gateway probes with the retained status: once the network carries data again the probe's PUBACK
+    comes while older messages still have none, and the gateway reconnects and resends them. Without
+    the probe only the keepalive bound (30 s) noticed."""
+    g = gate(mosquitto.port)
+    sub = subscribe(mosquitto.port, topic=f"{ROOT}/+/+")
+    gw = gateway(gateway_config(tmp_path / "data", g.port, devices=FAST_DEVICES, upstream=upstream(g.port))).start()
+    wait_until(lambda: len(sub.seqs()) > 50, 20, what="traffic before the partition")
+    g.dropping = True
+    time.sleep(7)  # the window fills (20 in flight at 40 messages/s), and probes are lost too
+    g.dropping = False
+    healed = time.monotonic()
+    wait_until(lambda: "never acknowledged (the network lost them)" in gw.logs(), 10, what="the loss to be noticed")
+    noticed = time.monotonic() - healed
+    wait_until(lambda: gw.logs().count("connected to upstream") >= 2, 15, what="the reconnect")
+    last = max(sub.seqs()) + 100
+    wait_until(lambda: max(sub.seqs()) > last, 20, what="the backlog to drain")
+    assert gw.stop() == 0
+    assert noticed < 10 and "no acknowledgement from the broker for" not in gw.logs()
+    assert_every_seq_in_order(sub.seqs())
+
+
 def test_kill_9_during_a_burst_and_while_the_broker_is_down(mosquitto, gate, gateway, subscribe, tmp_path):
     g = gate(mosquitto.port)
     sub = subscribe(mosquitto.port, topic=f"{ROOT}/+/+")
