@@ -58,7 +58,10 @@ class BrokerProcess:
         if self.kind == "mosquitto":
             conf = self.workdir / f"mosquitto-{self.port}.conf"
             # `user root`: as root, mosquitto would otherwise drop to a user that cannot read tmp_path.
-            conf.write_text("user root\npersistence false\n" + (self.extra_conf or
+            # `max_queued_messages 0`: a test's subscriber (Python, decoding under CPU load) may fall behind a
+            # replayed backlog; past 1,000 queued messages mosquitto drops QoS 0 messages to it ("Outgoing
+            # messages are being dropped"), a loss between broker and subscriber that no publisher can see.
+            conf.write_text("user root\npersistence false\nmax_queued_messages 0\n" + (self.extra_conf or
                             f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"))
             return [shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(conf)]
         return [sys.executable, "-m", "gateway.broker", "--listen", f"127.0.0.1:{self.port}", "--allow-anonymous"]
