@@ -140,7 +140,7 @@ def test_crash_broker_network_and_host_loops_keep_every_session_whole_and_lose_n
 """
     text = gateway_config(tmp_path / "data", g.port, devices=devices,
                           upstream=f", format: sparkplug_b, sparkplug: {{primary_host_id: {HOST_ID}}}")
-    kills: list[float] = []
+    kills: list[tuple[float, float]] = []
     to_live: list[tuple[str, float]] = []  # (what, seconds from STATE online to the first live DDATA)
     to_birth: list[float] = []  # seconds from a restart to its NBIRTH
 
@@ -167,8 +167,9 @@ def test_crash_broker_network_and_host_loops_keep_every_session_whole_and_lose_n
         for cycle in range(2):
             # kill -9 and a restart: the Will's NDEATH, a new session, the killed session's rows as history
             time.sleep(1.5)
-            kills.append(time.time())
+            killing = time.time()
             gw.kill()
+            kills.append((killing, time.time()))  # samples are taken until the signal lands
             wait_until(lambda: rec.of("NDEATH"), 30, what="NDEATH from the Will")
             gw = gateway(text).start()
             restarted = time.monotonic()
@@ -289,5 +290,5 @@ def test_crash_broker_network_and_host_loops_keep_every_session_whole_and_lose_n
             from gateway.anomaly.recording import parse_time
             recorded = sorted(round(parse_time(row["time"]) * 1000) for row in csv.DictReader(fh))
         lost = [r for r in recorded if not {r - 1, r, r + 1} & sent[device]
-                and not any(k - 1.0 <= r / 1000 <= k for k in kills)]
+                and not any(a - 1.0 <= r / 1000 <= b for a, b in kills)]
         assert not lost, (device, len(lost), len(recorded), lost[:10])
