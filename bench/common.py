@@ -19,6 +19,35 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from gateway.ports import free_port, listening  # noqa: E402  (re-exported for the benchmarks)
 
 
+@contextmanager
+def daemon(config_text: str, tmp: str):
+    """`edge-gateway run` with this configuration (written into `tmp`); yields (pid, seconds from exec to
+    READY=1, read from its NOTIFY_SOCKET as systemd would); terminated at the end."""
+    import socket
+
+    config = Path(tmp) / "gateway.yaml"
+    config.write_text(config_text)
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(f"{tmp}/notify.sock")
+    notify.settimeout(30)
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "gateway", "run", "-c", str(config)],
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
+                                 "NOTIFY_SOCKET": f"{tmp}/notify.sock"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while b"READY=1" not in notify.recv(4096):
+            pass
+        yield proc.pid, time.perf_counter() - start
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        notify.close()
+
+
+SHIFTS = 'shifts: [{name: A, start: "06:00"}, {name: B, start: "14:00"}, {name: C, start: "22:00"}]\n'
+
+
 def wait_port(port: int, timeout: float) -> None:
     """Until something listens on 127.0.0.1:port (or the timeout passes)."""
     deadline = time.monotonic() + timeout

@@ -9,8 +9,6 @@ PyYAML, pymodbus, sqlite3), measured in the same run: what the interpreter alone
 from __future__ import annotations
 
 import argparse
-import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,9 +16,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from common import mosquitto
-
-ROOT = Path(__file__).resolve().parent.parent
+from common import SHIFTS, daemon, mosquitto
 
 
 def devices(model: str | None = None) -> str:
@@ -42,27 +38,10 @@ def rss_mib(pid: int) -> float:
 @contextmanager
 def gateway(device_yaml: str):
     """`edge-gateway run` with these devices and a mosquitto upstream; yields (pid, seconds to READY=1)."""
-    with mosquitto() as (port, _), tempfile.TemporaryDirectory() as tmp:
-        config = Path(tmp) / "gateway.yaml"
-        config.write_text(f"gateway: {{id: bench, site: lab, data_dir: {tmp}/data, timezone: Europe/Berlin}}\n"
-                          f"upstream: {{host: 127.0.0.1, port: {port}}}\n"
-                          'shifts: [{name: A, start: "06:00"}, {name: B, start: "14:00"}, {name: C, start: "22:00"}]\n'
-                          f"devices:{device_yaml}\n")
-        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        notify.bind(f"{tmp}/notify.sock")
-        notify.settimeout(30)
-        start = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-m", "gateway", "run", "-c", str(config)],
-                                env={**os.environ, "PYTHONPATH": str(ROOT), "NOTIFY_SOCKET": f"{tmp}/notify.sock"},
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            while b"READY=1" not in notify.recv(4096):
-                pass
-            yield proc.pid, time.perf_counter() - start
-        finally:
-            proc.terminate()
-            proc.wait(30)
-            notify.close()
+    with mosquitto() as (port, _), tempfile.TemporaryDirectory() as tmp, daemon(
+            f"gateway: {{id: bench, site: lab, data_dir: {tmp}/data, timezone: Europe/Berlin}}\n"
+            f"upstream: {{host: 127.0.0.1, port: {port}}}\n{SHIFTS}devices:{device_yaml}\n", tmp) as started:
+        yield started
 
 
 def bare_python(imports: str) -> tuple[float, float]:

@@ -24,7 +24,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from common import mosquitto
+from common import SHIFTS, daemon, mosquitto
 from startup import devices, rss_mib
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,28 +42,11 @@ def cpu_seconds(pid: int) -> float:
 @contextmanager
 def gateway(upstream: int, web_port: int | None, model: str | None = "pump-ae"):
     """`edge-gateway run` with 10 devices; yields (pid, seconds from exec to READY=1)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        config = Path(tmp) / "gateway.yaml"
-        web = f'web: {{listen: "127.0.0.1:{web_port}"}}\n' if web_port else ""
-        config.write_text(f"gateway: {{id: bench, site: lab, data_dir: {tmp}/data, timezone: Europe/Berlin}}\n"
-                          f"upstream: {{host: 127.0.0.1, port: {upstream}}}\n{web}"
-                          'shifts: [{name: A, start: "06:00"}, {name: B, start: "14:00"}, {name: C, start: "22:00"}]\n'
-                          f"devices:{devices(model)}\n")
-        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        notify.bind(f"{tmp}/notify.sock")
-        notify.settimeout(30)
-        start = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-m", "gateway", "run", "-c", str(config)],
-                                env={**os.environ, "PYTHONPATH": str(ROOT), "NOTIFY_SOCKET": f"{tmp}/notify.sock"},
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            while b"READY=1" not in notify.recv(4096):
-                pass
-            yield proc.pid, time.perf_counter() - start
-        finally:
-            proc.terminate()
-            proc.wait(30)
-            notify.close()
+    web = f'web: {{listen: "127.0.0.1:{web_port}"}}\n' if web_port else ""
+    with tempfile.TemporaryDirectory() as tmp, daemon(
+            f"gateway: {{id: bench, site: lab, data_dir: {tmp}/data, timezone: Europe/Berlin}}\n"
+            f"upstream: {{host: 127.0.0.1, port: {upstream}}}\n{web}{SHIFTS}devices:{devices(model)}\n", tmp) as started:
+        yield started
 
 
 def wait_listening(port: int, timeout: float = 20) -> None:

@@ -199,6 +199,26 @@ def test_a_device_in_error_gets_ddeath_and_dbirth_again_when_it_reads(mosquitto,
         host.close()
 
 
+def unsent(gw, host: Host, tmp_path) -> tuple[list[int], list[int]]:
+    """The sample times (ms) pump1's history recorded, as `edge-gateway history export` gives them, and
+    those of them no DDATA carried."""
+    import csv
+    import subprocess
+    import sys
+
+    from gateway.anomaly.recording import parse_time
+    from tests.helpers import ENV, ROOT
+
+    export = subprocess.run([sys.executable, "-m", "gateway", "history", "export", "pump1", "-c", str(gw.config),
+                             "--csv", str(tmp_path / "h.csv")], capture_output=True, text=True, env=ENV, cwd=ROOT,
+                            timeout=60)
+    assert export.returncode == 0, export.stderr
+    with open(tmp_path / "h.csv") as fh:
+        recorded = sorted(round(parse_time(row["time"]) * 1000) for row in csv.DictReader(fh))
+    sent = {p.timestamp for _, p in host.of("DDATA")}
+    return recorded, [r for r in recorded if not {r - 1, r, r + 1} & sent]
+
+
 def births_at(host: Host) -> list[tuple[str, float]]:
     """Each NBIRTH/DBIRTH's time (s), and each DBIRTH metric's newest timestamp: what a failure shows."""
     return [(t.split("/")[2], p.timestamp / 1000, max((m.timestamp for m in p.metrics), default=0) / 1000)
@@ -214,13 +234,7 @@ def broker_said(broker, word: str) -> list[str]:
 def test_broker_cuts_and_kill_9_lose_nothing_at_the_broker(mosquitto, gate, gateway, tmp_path):
     """QoS 0 DDATA, rows deleted only after the QoS 1 marker behind them is acknowledged: through network
     cuts and a kill -9, every recorded sample reaches the host, except those a crash never committed."""
-    import csv
-    import subprocess
-    import sys
     import time
-
-    from gateway.anomaly.recording import parse_time
-    from tests.helpers import ENV, ROOT
 
     host = Host(mosquitto.port)
     g = gate(mosquitto.port)
@@ -257,14 +271,7 @@ def test_broker_cuts_and_kill_9_lose_nothing_at_the_broker(mosquitto, gate, gate
     assert old and all(m.is_historical for p in old for m in p.metrics)
     assert all(m.HasField("timestamp") for t, p in host.messages if p is not None for m in p.metrics
                if "/NDEATH/" not in t)
-    export = subprocess.run([sys.executable, "-m", "gateway", "history", "export", "pump1", "-c", str(gw.config),
-                             "--csv", str(tmp_path / "h.csv")], capture_output=True, text=True, env=ENV, cwd=ROOT,
-                            timeout=60)
-    assert export.returncode == 0, export.stderr
-    with open(tmp_path / "h.csv") as fh:
-        recorded = sorted(round(parse_time(row["time"]) * 1000) for row in csv.DictReader(fh))
-    sent = {p.timestamp for _, p in host.of("DDATA")}
-    lost = [r for r in recorded if not {r - 1, r, r + 1} & sent]
+    recorded, lost = unsent(gw, host, tmp_path)
     # A kill -9 may lose the samples of its last commit interval (history is written just before the outbox).
     assert all(killing - 1.0 <= r / 1000 <= killed for r in lost), (len(lost), len(recorded), killing, killed,
                                                                    [r / 1000 for r in lost], births_at(host),
@@ -340,13 +347,7 @@ def test_a_network_that_drops_data_and_comes_back_is_noticed_and_nothing_is_lost
     rows waited for a reconnect that never came and the window clogged (a long enough partition stopped
     every DDATA for good); now the gateway ends the connection as broken (the Will's NDEATH), is born again
     and sends those rows as history."""
-    import csv
-    import subprocess
-    import sys
     import time
-
-    from gateway.anomaly.recording import parse_time
-    from tests.helpers import ENV, ROOT
 
     host = Host(mosquitto.port)
     g = gate(mosquitto.port)
@@ -368,12 +369,5 @@ def test_a_network_that_drops_data_and_comes_back_is_noticed_and_nothing_is_lost
         host.close()
     kinds = [t.split("/")[2] for t, _ in host.messages]
     assert "NDEATH" in kinds[:kinds.index("NBIRTH", 1)]  # the Will: the broken session's death, before the birth
-    export = subprocess.run([sys.executable, "-m", "gateway", "history", "export", "pump1", "-c", str(gw.config),
-                             "--csv", str(tmp_path / "h.csv")], capture_output=True, text=True, env=ENV, cwd=ROOT,
-                            timeout=60)
-    assert export.returncode == 0, export.stderr
-    with open(tmp_path / "h.csv") as fh:
-        recorded = sorted(round(parse_time(row["time"]) * 1000) for row in csv.DictReader(fh))
-    sent = {p.timestamp for _, p in host.of("DDATA")}
-    lost = [r for r in recorded if not {r - 1, r, r + 1} & sent]
+    recorded, lost = unsent(gw, host, tmp_path)
     assert not lost and len(recorded) > 300, (len(lost), len(recorded))
