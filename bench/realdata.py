@@ -16,11 +16,20 @@ threshold), faults with an event starting inside them, false events per hour of 
 median detection delay (fault start to its first flagged row).
 
 Data (not shipped: the benchmark takes a path). DIR holds one CSV per recording: a time column,
-one column per tag and a 0/1 column `anomaly` (the label). NAB's real-machine series with known
-causes (numenta/NAB, MIT licence) are converted by:
+one column per tag and a 0/1 column `anomaly` (the label). Two public sets are converted here:
 
+- Cranfield's multiphase flow facility (Ruiz-Cárcel, Cao, Mba, Lao, Samuel, "Statistical process
+  monitoring of a multiphase flow facility", Control Engineering Practice 42, 2015): a real
+  pilot plant (air/water through a riser and two separators), 23-24 tags at 1 Hz, six kinds of
+  fault introduced on purpose, 16 runs (`FaultyCase1.mat` to `FaultyCase6.mat` of its
+  `CVACaseStudy` release; the fault intervals are the paper's Table 2). The 13 runs with at least
+  7 minutes of normal running before their fault are used. Converting needs scipy (`pip install
+  scipy`, not a dependency of the project);
+- NAB's real-machine series with known causes (numenta/NAB, MIT licence): single tags, every 5 min.
+
+    .venv/bin/python bench/realdata.py --prepare-cranfield DIR_WITH_MAT_FILES --data /tmp/realdata
     git clone --depth 1 https://github.com/numenta/NAB /tmp/NAB
-    .venv/bin/python bench/realdata.py --prepare-nab /tmp/NAB --data /tmp/realdata
+    .venv/bin/python bench/realdata.py --prepare-nab /tmp/NAB --data /tmp/realdata-nab
     .venv/bin/python bench/realdata.py --data /tmp/realdata [--commission 420] [--false-alarms 1/week]
 """
 
@@ -68,6 +77,56 @@ def prepare_nab(nab: Path, out: Path) -> None:
                 ts = _utc(t)
                 w.writerow([t.replace(" ", "T") + "Z", v, int(any(a <= ts <= b for a, b in spans))])
         print(f"wrote {out / f'nab-{name}.csv'} ({len(rows)} rows)")
+
+
+# Cranfield's columns in the order of its .mat files (variable 24, the 2-inch line, only for fault case 6), and
+# each run's fault intervals (1-based samples, both ends included) from the paper's Table 2.
+CRANFIELD_TAGS = ("PT312_air_pressure", "PT401_riser_bottom_pressure", "PT408_riser_top_pressure",
+                  "PT403_top_separator_pressure", "PT501_3phase_separator_pressure", "dP_riser", "dP_VC404",
+                  "FT305_air_flow", "FT104_water_flow", "FT407_riser_flow", "LI405_top_separator_level",
+                  "FT406_top_separator_flow", "FT407_riser_density", "FT406_top_separator_density",
+                  "FT104_water_density", "FT407_riser_temp", "FT406_top_separator_temp", "FT104_water_temp",
+                  "LI504_3phase_separator_level", "VC501_valve", "VC302_air_valve", "VC101_water_valve",
+                  "PO1_pump_current", "PT417_2inch_line_pressure")
+CRANFIELD_FAULTS = {
+    "Set1_1": [(1566, 5181)], "Set1_2": [(657, 3777)], "Set1_3": [(691, 3691)],
+    "Set2_1": [(2244, 6616)], "Set2_2": [(476, 2656)], "Set2_3": [(331, 2467)],
+    "Set3_1": [(1136, 8352)], "Set3_2": [(333, 5871)], "Set3_3": [(596, 9566)],
+    "Set4_1": [(953, 6294)], "Set4_2": [(851, 3851)], "Set4_3": [(241, 3241)],
+    "Set5_1": [(686, 1172), (1772, 2253)], "Set5_2": [(1633, 2955), (7031, 7553), (8057, 10608)],
+    "Set6_1": [(1723, 2800)], "Set6_2": [(1037, 4830)],
+}
+
+
+def prepare_cranfield(src: Path, out: Path, commission: int) -> None:
+    """Each faulty run of FaultyCase1-6.mat as a CSV, 1 s apart from an arbitrary start; runs whose first fault
+    comes before `commission` samples are left out (they leave nothing to commission on)."""
+    try:
+        from scipy.io import loadmat
+    except ImportError:
+        sys.exit("converting the .mat files needs scipy: pip install scipy")
+    out.mkdir(parents=True, exist_ok=True)
+    start = dt.datetime(2020, 1, 1, tzinfo=dt.timezone.utc)
+    for case in range(1, 7):
+        sets = loadmat(src / f"FaultyCase{case}.mat")
+        tags = CRANFIELD_TAGS if case == 6 else CRANFIELD_TAGS[:23]
+        for run in sorted(k for k in sets if k in CRANFIELD_FAULTS):
+            values = np.asarray(sets[run], dtype=float)[:, :len(tags)]
+            faults = CRANFIELD_FAULTS[run]
+            if faults[0][0] - 1 < commission:
+                print(f"{run}: left out, its fault starts after {faults[0][0] - 1} samples")
+                continue
+            label = np.zeros(len(values), dtype=int)
+            for a, b in faults:
+                label[a - 1:b] = 1
+            path = out / f"cranfield-{run}-fault{case}.csv"
+            with open(path, "w", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(["time", *tags, "anomaly"])
+                for i, (row, y) in enumerate(zip(values, label, strict=True)):
+                    stamp = (start + dt.timedelta(seconds=i)).strftime("%Y-%m-%dT%H:%M:%SZ")
+                    w.writerow([stamp, *(f"{v:.10g}" for v in row), y])
+            print(f"wrote {path} ({len(values)} rows, {len(tags)} tags, {len(faults)} fault(s))")
 
 
 def _utc(text: str) -> float:
@@ -232,6 +291,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, metavar="DIR", help="labelled recordings (see the docstring)")
     parser.add_argument("--prepare-nab", metavar="NAB", help="convert a NAB checkout into DIR, then stop")
+    parser.add_argument("--prepare-cranfield", metavar="MAT_DIR", help="convert Cranfield's FaultyCase1-6.mat into "
+                        "DIR, then stop")
     parser.add_argument("--commission", type=int, default=420, help="rows of normal running to train on "
                         "(default %(default)s: 7 minutes at 1 Hz)")
     parser.add_argument("--false-alarms", default="1/week", help="the new method's operating point")
@@ -239,6 +300,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.prepare_nab:
         prepare_nab(Path(args.prepare_nab), Path(args.data))
+        return
+    if args.prepare_cranfield:
+        prepare_cranfield(Path(args.prepare_cranfield), Path(args.data), args.commission)
         return
     files = sorted(Path(args.data).glob("*.csv"))
     if not files:

@@ -13,7 +13,8 @@ recordings give better ones:
 4. A dense autoencoder, its width sized to the windows, trained with input noise, MAE loss and
    early stopping on the held-out part (best epoch kept), then converted to full-integer int8.
 5. The statistics over `context` samples (see gateway/anomaly/model.py), fitted on all of it: the
-   principal subspace of the inputs (SPE), each tag's normal one-step change (forecast residual).
+   principal subspace of the level tags' inputs (SPE), each tag's normal one-step change (forecast
+   residual).
 6. Calibration through the daemon's own `DeviceScorer` (causal, sample by sample): each tag's
    normal autoencoder error on the held-out part, each statistic's 99th percentile, then the
    threshold for the false-alarm rate asked for (`false_alarms`, events per second of normal
@@ -21,9 +22,13 @@ recordings give better ones:
    distribution (an extreme-value fit, by moments), and the threshold is its quantile for that
    rate per block, never below the highest score seen. The held-out part is used when it holds
    30 blocks or more, else all of the recording (the autoencoder's share is then in-sample on its
-   training part). A rate below what the recording can vouch for (one false event per ten times
-   its length) is said, with the recording it would take. How it was set is written into the
-   metadata.
+   training part). Scores of rows the statistics were fitted on run lower than the same machine's
+   later: each third of each recording is also scored by statistics fitted on the other two
+   thirds, and the threshold is multiplied by how much higher those scores run (the geometric mean
+   over the folds of their highest score over the highest in-sample one; at most 4, and a factor
+   above 2 is said: the recording's parts show different running). A rate below what the
+   recording can vouch for (one false event per ten times its length) is said, with the recording
+   it would take. How it was set is written into the metadata.
 
 TensorFlow is imported here only (the `[train]` extra); the daemon never imports this module.
 """
@@ -61,6 +66,11 @@ DRIFT_R2 = 0.5
 WEEK = 7 * 86400.0
 VOUCH = 10  # a recording vouches for false-alarm rates down to one per this many times its length
 CALIBRATION_BLOCKS = 30  # held-out blocks needed to calibrate on the held-out part alone
+FOLDS = 3  # parts of each recording scored out of fold for the threshold
+FOLD_SPREAD = 0.5  # a fold's spreads are at least this share of the whole recording's
+# The out-of-fold factor on the threshold: above UNSEEN_WARN training says the parts of the recording show
+# different running; it is at most UNSEEN_CAP (a threshold that high would miss real faults).
+UNSEEN_WARN, UNSEEN_CAP = 2.0, 4.0
 WEIGHTS = {"level": 1.0, "spe": 1.0, "residual": 0.5, "autoencoder": 0.5}
 
 
@@ -242,16 +252,7 @@ def _train(name: str, recordings: Sequence[Recording], out_dir: Path, opts: Opti
         opts.baseline_s, ", ".join(drift_tags) if drift_tags else "none") +
         (" (detected: a trend across a recording)" if opts.drift_tags is None and drift_tags else ""))
 
-    center = np.nanmedian(allrows, axis=0)
-    noise = np.array([max(_noise(g[:, j]) for g in grids) for j in range(len(tags))])
-    level_spread = np.nanstd(allrows, axis=0)
-    deviations = np.concatenate([Inputs(center, np.ones(len(tags)), drift, opts.baseline_s, interval).run(g)
-                                 for g in grids]) if drift_tags else allrows - center
-    drift_spread = np.nanstd(deviations, axis=0)
-    spread = np.where(drift, drift_spread, level_spread)
-    floor = np.maximum(noise, 1e-6 * np.maximum(1.0, np.abs(center)))
-    spread = np.maximum(spread, floor)
-    spread = np.where(spread > 0, spread, 1.0)
+    center, spread = _scales(grids, drift, opts.baseline_s, interval)
 
     # Windows, split in time: the last part of each recording is held out.
     train_x, hold_x, hold_ranges = [], [], []
@@ -339,15 +340,17 @@ def _train(name: str, recordings: Sequence[Recording], out_dir: Path, opts: Opti
     on_held_out = held_blocks >= CALIBRATION_BLOCKS
     starts = [cut + span - 1 for cut in hold_ranges] if on_held_out else [span - 1] * len(grids)
     tmp_meta.write_text(json.dumps(meta))
-    totals = _parts(Model(tmp_tflite, tmp_meta), grids, starts).sum(axis=2)
-    stats["norms"] = {c: float(f"{max(float(np.percentile(totals[:, i], 99)), 1e-6):.8g}")
-                      for i, c in enumerate(COMPONENTS)}
+    stats["norms"] = _norms(Model(tmp_tflite, tmp_meta), grids, starts)
     tmp_meta.write_text(json.dumps(meta))
-    # 3: the threshold for the false-alarm rate asked for, from the fused scores' block maxima.
+    # 3: the threshold for the false-alarm rate asked for, from the fused scores' block maxima: of the recording
+    # as the model saw it, and of each fold scored by statistics fitted without it (running they never saw).
     model = Model(tmp_tflite, tmp_meta)
     blocks = [_scores(model, g, start) for g, start in zip(grids, starts, strict=True)]
     fit = extreme_threshold(blocks, span, interval, opts.false_alarms)
-    threshold = fit["threshold"]
+    ratios = _out_of_fold(meta, tmp_tflite, meta_path.with_suffix(".fold.tmp"), grids, drift, opts.baseline_s,
+                          interval, context)
+    unseen = float(np.exp(np.mean(np.log(ratios)))) if ratios else 1.0  # geometric mean over the folds
+    threshold = fit["threshold"] * min(unseen, UNSEEN_CAP)
     meta["threshold"] = round(threshold, 6)
     span_s = rows * interval
     vouched = 1.0 / (VOUCH * span_s)
@@ -356,10 +359,14 @@ def _train(name: str, recordings: Sequence[Recording], out_dir: Path, opts: Opti
         "reachable": opts.false_alarms >= vouched, "recording_s": round(span_s, 3),
         "calibration_windows": int(sum(len(b) for b in blocks)),
         "needs_s": round(1.0 / (VOUCH * opts.false_alarms), 1),
-        "method": (f"Gumbel fit (by moments) to the maxima of the fused score over {fit['blocks']} blocks of "
+        "method": (f"Gumbel fit (by moments) to the maxima of the fused score over {fit['blocks']:.0f} blocks of "
                    f"{span} samples ({'held-out part' if on_held_out else 'all of the recording'}): location "
                    f"{fit['mu']:.4g}, scale {fit['beta']:.4g}; quantile for {fit['p_block']:.3g} per block "
-                   f"= {fit['quantile']:.4g}, highest score seen {fit['highest']:.4g}"),
+                   f"= {fit['quantile']:.4g}, highest score seen {fit['highest']:.4g}; x {min(unseen, UNSEEN_CAP):.3g} "
+                   f"for running the statistics never saw (out of {FOLDS} folds in time, each scored by statistics "
+                   f"fitted on the others: its highest score over theirs, geometric mean {unseen:.3g}"
+                   f"{f', at most {UNSEEN_CAP:g}' if unseen > UNSEEN_CAP else ''})"),
+        "out_of_fold": {"folds": FOLDS, "ratios": [round(r, 4) for r in ratios], "factor": round(min(unseen, UNSEEN_CAP), 4)},
     }
     meta["training"] = {
         "recordings": [r.source for r in recordings], "samples": rows, "windows": len(xt),
@@ -381,6 +388,11 @@ def _train(name: str, recordings: Sequence[Recording], out_dir: Path, opts: Opti
                f"{len(stats['components'])} principal component(s), forecast residual, autoencoder")
     report.say(f"threshold {threshold:.4f} for {rate_text(opts.false_alarms)} false events in normal running: "
                f"{meta['false_alarms']['method']}")
+    if unseen > UNSEEN_WARN:
+        report.say(f"note: scored by statistics fitted on the rest of the recording, its parts score {unseen:.1f}x "
+                   f"higher than on their own: the recording shows running that changes from part to part (another "
+                   f"operating point, a slow drift). The threshold allows for {min(unseen, UNSEEN_CAP):.1f}x; running "
+                   f"the recording did not show will still raise events: record one that covers it")
     if not meta["false_alarms"]["reachable"]:
         report.say(f"note: {span_s / 60:.0f} min of normal running vouch for about {rate_text(vouched)} false "
                    f"events at most; {rate_text(opts.false_alarms)} is an extrapolation of the fit. Record at "
@@ -388,6 +400,22 @@ def _train(name: str, recordings: Sequence[Recording], out_dir: Path, opts: Opti
     report.held_out = [(g, start) for g, start in zip(grids, starts, strict=True)]
     report.say(f"wrote {tflite_path} ({len(int8) / 1024:.0f} KiB, int8) and {meta_path}")
     return report
+
+
+def _scales(grids: list[np.ndarray], drift: Sequence[bool], baseline_s: float,
+            interval: float) -> tuple[np.ndarray, np.ndarray]:
+    """Each tag's centre (median) and normal spread: of its level, or for a drift tag of its deviation from the
+    baseline; never below its white noise."""
+    grids = [g for g in grids if len(g)]
+    allrows = np.concatenate(grids)
+    center = np.nanmedian(allrows, axis=0)
+    noise = np.array([max(_noise(g[:, j]) for g in grids) for j in range(allrows.shape[1])])
+    level_spread = np.nanstd(allrows, axis=0)
+    deviations = np.concatenate([Inputs(center, np.ones(len(center)), drift, baseline_s, interval).run(g)
+                                 for g in grids]) if any(drift) else allrows - center
+    spread = np.where(drift, np.nanstd(deviations, axis=0), level_spread)
+    spread = np.maximum(spread, np.maximum(noise, 1e-6 * np.maximum(1.0, np.abs(center))))
+    return center, np.where(spread > 0, spread, 1.0)
 
 
 def _interval(recordings: Sequence[Recording]) -> float:
@@ -466,31 +494,79 @@ def _parts(model: Model, grids: list[np.ndarray], starts: list[int]) -> np.ndarr
     return np.stack(out)
 
 
-def _scores(model: Model, grid: np.ndarray, start: int) -> np.ndarray:
+def _scores(model: Model, grid: np.ndarray, start: int, stop: int | None = None) -> np.ndarray:
+    """The fused scores of the windows ending at rows `start` to `stop` (the scorer warms up on the rows before)."""
     scorer = DeviceScorer(model)
     out = []
-    for i, row in enumerate(grid):
+    for i, row in enumerate(grid[:stop]):
         scorer.push(float(i), dict(zip(model.tags, row.tolist(), strict=True)))
         if i >= start and scorer.state.score is not None and scorer.since_score == 0:
             out.append(scorer.state.score)
     return np.asarray(out)
 
 
+def _norms(model: Model, grids: list[np.ndarray], starts: list[int]) -> dict[str, float]:
+    """Each statistic's normal level: its 99th percentile (summed over tags) over the windows from `starts` on."""
+    totals = _parts(model, grids, starts).sum(axis=2)
+    return {c: float(f"{max(float(np.percentile(totals[:, i], 99)), 1e-6):.8g}") for i, c in enumerate(COMPONENTS)}
+
+
+def _out_of_fold(meta: dict[str, Any], tflite: Path, path: Path, grids: list[np.ndarray], drift: Sequence[bool],
+                 baseline_s: float, interval: float, context: int) -> list[float]:
+    """How much higher the score runs on running the statistics never saw than on what they were fitted on: each
+    recording cut in `FOLDS` parts in time, each part scored by centres, spreads, principal subspace and norms
+    fitted on the other parts (the autoencoder is shared); per part, its highest score over the highest score of
+    those other parts, at least 1. A fold's spreads are never below `FOLD_SPREAD` x the whole recording's, so that
+    a tag that moved in one part only is not scaled by a near-zero spread in the others."""
+    span = max(int(meta["window"]), context)
+    whole = np.asarray(meta["inputs"]["spread"], dtype=np.float64)
+    ratios = []
+    try:
+        for k in range(FOLDS):
+            cuts = [(k * len(g) // FOLDS, (k + 1) * len(g) // FOLDS) for g in grids]
+            rest = [piece for g, (a, b) in zip(grids, cuts, strict=True) for piece in (g[:a], g[b:])
+                    if len(piece) > span]
+            if not rest:
+                continue
+            center, spread = _scales(rest, drift, baseline_s, interval)
+            spread = np.maximum(spread, FOLD_SPREAD * whole)
+            stats = _fit_stats(rest, center, spread, drift, baseline_s, interval, context)
+            fold = {**meta, "inputs": {**meta["inputs"], "center": _floats(center), "spread": _floats(spread)},
+                    "stats": stats, "threshold": 1e12}
+            path.write_text(json.dumps(fold))
+            stats["norms"] = _norms(Model(tflite, path), rest, [span - 1] * len(rest))
+            path.write_text(json.dumps(fold))
+            model = Model(tflite, path)
+            seen = np.concatenate([_scores(model, piece, span - 1) for piece in rest])
+            unseen = np.concatenate([_scores(model, g, max(a, span - 1), b)
+                                     for g, (a, b) in zip(grids, cuts, strict=True)])
+            if len(seen) and len(unseen):
+                ratios.append(max(1.0, float(unseen.max()) / max(float(seen.max()), 1e-12)))
+    finally:
+        path.unlink(missing_ok=True)
+    return ratios
+
+
 def _fit_stats(grids: list[np.ndarray], center: np.ndarray, spread: np.ndarray, drift: Sequence[bool],
                baseline_s: float, interval: float, context: int) -> dict[str, Any]:
-    """The projection off the principal subspace (90 % of the variance of the inputs), and each tag's normal
-    |one-step change|."""
+    """The projection off the principal subspace (90 % of the variance of the level tags' inputs), and each tag's
+    normal |one-step change|."""
     inputs = [Inputs(center, spread, drift, baseline_s, interval).run(g) for g in grids]
     rows = np.concatenate([z[~np.isnan(z).any(axis=1)] for z in inputs])
     tags = rows.shape[1]
-    cov = np.atleast_2d(np.cov(rows.T))
+    # The subspace of the level tags alone when there are both kinds: a drift tag's deviation (its baseline held
+    # in an event) must not spill into the level tags' SPE, where its cap would not hold.
+    level = ~np.asarray(drift, dtype=bool)
+    among = np.nonzero(level)[0] if 0 < level.sum() < tags else np.arange(tags)
+    cov = np.atleast_2d(np.cov(rows[:, among].T))
     values, vectors = np.linalg.eigh(cov)
     order = np.argsort(values)[::-1]
     values, vectors = values[order], vectors[:, order]
     share = np.cumsum(values) / max(float(values.sum()), 1e-12)
-    q = int(min(tags, np.searchsorted(share, 0.9) + 1))
+    q = int(min(len(among), np.searchsorted(share, 0.9) + 1))
     basis = vectors[:, :q]
-    off = np.eye(tags) - basis @ basis.T
+    off = np.zeros((tags, tags))
+    off[np.ix_(among, among)] = np.eye(len(among)) - basis @ basis.T
     steps = np.concatenate([np.abs(np.diff(z, axis=0)) for z in inputs])
     residual = np.maximum(np.nanmean(steps, axis=0), 1e-3)
     return {"context": context, "off_subspace": [_floats(r) for r in off], "components": _floats(values[:q]),
