@@ -24,8 +24,8 @@ recordings give better ones:
    30 blocks or more, else all of the recording (the autoencoder's share is then in-sample on its
    training part). Scores of rows the statistics were fitted on run lower than the same machine's
    later: each third of each recording is also scored by statistics fitted on the other two
-   thirds, and the threshold is multiplied by how much higher those scores run (the geometric mean
-   over the folds of their highest score over the highest in-sample one; at most 4, and a factor
+   thirds, and the threshold is multiplied by how much higher those scores run (the mean over the
+   folds of their highest score over the highest in-sample one; at most 4, and a factor
    above 2 is said: the recording's parts show different running). A rate below what the
    recording can vouch for (one false event per ten times its length) is said, with the recording
    it would take. How it was set is written into the metadata.
@@ -67,7 +67,7 @@ WEEK = 7 * 86400.0
 VOUCH = 10  # a recording vouches for false-alarm rates down to one per this many times its length
 CALIBRATION_BLOCKS = 30  # held-out blocks needed to calibrate on the held-out part alone
 FOLDS = 3  # parts of each recording scored out of fold for the threshold
-FOLD_SPREAD = 0.5  # a fold's spreads are at least this share of the whole recording's
+FOLD_SPREAD = 0.1  # a fold's spreads are at least this share of the whole recording's
 # The out-of-fold factor on the threshold: above UNSEEN_WARN training says the parts of the recording show
 # different running; it is at most UNSEEN_CAP (a threshold that high would miss real faults).
 UNSEEN_WARN, UNSEEN_CAP = 2.0, 4.0
@@ -349,7 +349,7 @@ def _train(name: str, recordings: Sequence[Recording], out_dir: Path, opts: Opti
     fit = extreme_threshold(blocks, span, interval, opts.false_alarms)
     ratios = _out_of_fold(meta, tmp_tflite, meta_path.with_suffix(".fold.tmp"), grids, drift, opts.baseline_s,
                           interval, context)
-    unseen = float(np.exp(np.mean(np.log(ratios)))) if ratios else 1.0  # geometric mean over the folds
+    unseen = float(np.mean(ratios)) if ratios else 1.0
     threshold = fit["threshold"] * min(unseen, UNSEEN_CAP)
     meta["threshold"] = round(threshold, 6)
     span_s = rows * interval
@@ -364,7 +364,7 @@ def _train(name: str, recordings: Sequence[Recording], out_dir: Path, opts: Opti
                    f"{fit['mu']:.4g}, scale {fit['beta']:.4g}; quantile for {fit['p_block']:.3g} per block "
                    f"= {fit['quantile']:.4g}, highest score seen {fit['highest']:.4g}; x {min(unseen, UNSEEN_CAP):.3g} "
                    f"for running the statistics never saw (out of {FOLDS} folds in time, each scored by statistics "
-                   f"fitted on the others: its highest score over theirs, geometric mean {unseen:.3g}"
+                   f"fitted on the others: its highest score over theirs, mean {unseen:.3g}"
                    f"{f', at most {UNSEEN_CAP:g}' if unseen > UNSEEN_CAP else ''})"),
         "out_of_fold": {"folds": FOLDS, "ratios": [round(r, 4) for r in ratios], "factor": round(min(unseen, UNSEEN_CAP), 4)},
     }

@@ -167,3 +167,25 @@ def test_false_alarms_sets_the_threshold_quietly_and_is_recorded(tmp_path):
     assert meta["false_alarms"]["needs_s"] == pytest.approx(86400 / 200, abs=0.1)
     result = cli("model", "train", "m", "--csv", str(tmp_path / "normal.csv"), "--false-alarms", "often")
     assert result.returncode == 64 and "--false-alarms 'often'" in result.stderr
+
+
+def test_the_threshold_allows_for_running_the_statistics_never_saw(tmp_path):
+    """Scored by statistics fitted on the rest, a part of the recording at another operating point scores far
+    higher than on its own: the threshold allows for it (at most 4x) and training says to record that running;
+    a steady recording keeps its threshold."""
+    steady = run(43, 420, valve=(0.8, 0.8))
+    moved = np.vstack([steady[:280], run(44, 140, valve=(0.62, 0.62))])
+    factors = {}
+    for name, rows in (("steady", steady), ("moved", moved)):
+        write_csv(tmp_path / f"{name}.csv", TAGS, [(1.79e9 + i, r) for i, r in enumerate(rows.tolist())])
+        out = tmp_path / name
+        result = cli("model", "train", "m", "--csv", str(tmp_path / f"{name}.csv"), "--epochs", "3", "--out", str(out))
+        assert result.returncode == 0, result.stderr
+        meta = json.loads((out / "m.json").read_text())
+        fold = meta["false_alarms"]["out_of_fold"]
+        assert fold["folds"] == 3 and len(fold["ratios"]) == 3 and min(fold["ratios"]) >= 1.0
+        factors[name] = fold["factor"]
+        assert f"x {fold['factor']:.3g} for running the statistics never saw" in meta["training"]["threshold_rule"]
+        said = "record one that covers it" in result.stdout
+        assert said == (fold["factor"] > 2), result.stdout
+    assert factors["steady"] < 2 < factors["moved"] <= 4
