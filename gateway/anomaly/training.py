@@ -538,8 +538,10 @@ def _out_of_fold(meta: dict[str, Any], tflite: Path, path: Path, grids: list[np.
             path.write_text(json.dumps(fold))
             model = Model(tflite, path)
             seen = np.concatenate([_scores(model, piece, span - 1) for piece in rest])
-            unseen = np.concatenate([_scores(model, g, max(a, span - 1), b)
-                                     for g, (a, b) in zip(grids, cuts, strict=True)])
+            # The scorer warms up on the rows before the part (a context, and five drift baselines' time).
+            warm = [max(0, a - span - int(5 * baseline_s / interval)) for a, _ in cuts]
+            unseen = np.concatenate([_scores(model, g[lo:b], max(a - lo, span - 1))
+                                     for g, (a, b), lo in zip(grids, cuts, warm, strict=True)])
             if len(seen) and len(unseen):
                 ratios.append(max(1.0, float(unseen.max()) / max(float(seen.max()), 1e-12)))
     finally:
