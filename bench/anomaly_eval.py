@@ -19,9 +19,10 @@ rate (share of anomalous rows not flagged), detection delay (onset to the first 
    recording (the commissioning), then the next 20 minutes replayed, a fault from minute 10 to 15
    of them. The sim's process changes its valve setpoint every few minutes, so the replay meets
    operating points the 7 minutes never showed: the hardest case here (`--short` runs per fault).
-   Then the same with the valve held at one position, as on a test rig: one operating point.
+   Then the same with the valve held at one position, as on a test rig: one operating point
+   (`--steady` runs per fault).
 
-    .venv/bin/python bench/anomaly_eval.py [--runs 4] [--normal-hours 24] [--own-hours 3] [--short 2]
+    .venv/bin/python bench/anomaly_eval.py [--runs 4] [--normal-hours 24] [--own-hours 3] [--short 2] [--steady 2]
 """
 
 from __future__ import annotations
@@ -228,6 +229,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=4, help="runs per fault and severity")
     parser.add_argument("--normal-hours", type=float, default=24.0, help="hours of normal running per trap")
     parser.add_argument("--short", type=int, default=2, help="runs per fault of the 7-minute protocol (0: skip)")
+    parser.add_argument("--steady", type=int, default=2, help="runs per fault of the 7-minute protocol at one "
+                        "operating point (0: skip)")
     parser.add_argument("--own-hours", type=float, default=3.0, help="pump B's commissioning recording, hours "
                         "(0: skip training)")
     args = parser.parse_args()
@@ -254,10 +257,12 @@ def main() -> None:
                 far, per_day = normal(own, args.normal_hours, seeds, PUMP_B)
                 print(f"normal running, pump B, its own model, {args.normal_hours:g} h: {far:.2%} of rows flagged, "
                       f"{per_day:.2f} events per 24 h")
-    if args.short > 0 and own_model_possible():
+    if (args.short > 0 or args.steady > 0) and own_model_possible():
         with tempfile.TemporaryDirectory() as tmp:
-            short_commissioning(args.short, Path(tmp))
-            short_commissioning(args.short, Path(tmp), steady=True)
+            if args.short > 0:
+                short_commissioning(args.short, Path(tmp))
+            if args.steady > 0:
+                short_commissioning(args.steady, Path(tmp), steady=True)
 
 
 if __name__ == "__main__":

@@ -142,8 +142,9 @@ def test_model_list_says_which_models_cannot_be_used(tmp_path):
 
 
 def test_false_alarms_sets_the_threshold_quietly_and_is_recorded(tmp_path):
-    """Seven minutes of commissioning at two operating points in the user's words; TensorFlow says nothing."""
-    rows = run(41, 420)
+    """Seven minutes of steady commissioning, the false alarms in the user's words; TensorFlow says nothing; the
+    threshold's out-of-fold factor stays small (the parts of a steady recording score alike)."""
+    rows = run(43, 420, valve=(0.8, 0.8))
     write_csv(tmp_path / "normal.csv", TAGS, [(1.79e9 + i, r) for i, r in enumerate(rows.tolist())])
     thresholds, said = {}, {}
     for rate in ("1/week", "20/day"):
@@ -159,6 +160,7 @@ def test_false_alarms_sets_the_threshold_quietly_and_is_recorded(tmp_path):
         assert meta["false_alarms"]["asked"] == rate
         assert meta["false_alarms"]["per_second"] == pytest.approx({"1/week": 1 / 604800, "20/day": 20 / 86400}[rate])
         assert "Gumbel" in meta["training"]["threshold_rule"]
+        assert meta["false_alarms"]["out_of_fold"]["factor"] < 2 and "record one that covers it" not in result.stdout
         thresholds[rate], said[rate] = meta["threshold"], result.stdout
         assert (out / "held-out.html").read_text().startswith("<!DOCTYPE html>")
     assert thresholds["20/day"] < thresholds["1/week"]
@@ -171,21 +173,15 @@ def test_false_alarms_sets_the_threshold_quietly_and_is_recorded(tmp_path):
 
 def test_the_threshold_allows_for_running_the_statistics_never_saw(tmp_path):
     """Scored by statistics fitted on the rest, a part of the recording at another operating point scores far
-    higher than on its own: the threshold allows for it (at most 4x) and training says to record that running;
-    a steady recording keeps its threshold."""
-    steady = run(43, 420, valve=(0.8, 0.8))
-    moved = np.vstack([steady[:280], run(44, 140, valve=(0.62, 0.62))])
-    factors = {}
-    for name, rows in (("steady", steady), ("moved", moved)):
-        write_csv(tmp_path / f"{name}.csv", TAGS, [(1.79e9 + i, r) for i, r in enumerate(rows.tolist())])
-        out = tmp_path / name
-        result = cli("model", "train", "m", "--csv", str(tmp_path / f"{name}.csv"), "--epochs", "3", "--out", str(out))
-        assert result.returncode == 0, result.stderr
-        meta = json.loads((out / "m.json").read_text())
-        fold = meta["false_alarms"]["out_of_fold"]
-        assert fold["folds"] == 3 and len(fold["ratios"]) == 3 and min(fold["ratios"]) >= 1.0
-        factors[name] = fold["factor"]
-        assert f"x {fold['factor']:.3g} for running the statistics never saw" in meta["training"]["threshold_rule"]
-        said = "record one that covers it" in result.stdout
-        assert said == (fold["factor"] > 2), result.stdout
-    assert factors["steady"] < 2 < factors["moved"] <= 4
+    higher than on its own: the threshold allows for it (at most 4x) and training says to record that running
+    (a steady recording keeps its factor below 2: test_false_alarms_sets_the_threshold_quietly_and_is_recorded)."""
+    rows = np.vstack([run(43, 420, valve=(0.8, 0.8))[:280], run(44, 140, valve=(0.62, 0.62))])
+    write_csv(tmp_path / "moved.csv", TAGS, [(1.79e9 + i, r) for i, r in enumerate(rows.tolist())])
+    result = cli("model", "train", "m", "--csv", str(tmp_path / "moved.csv"), "--epochs", "3", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    meta = json.loads((tmp_path / "m.json").read_text())
+    fold = meta["false_alarms"]["out_of_fold"]
+    assert fold["folds"] == 3 and len(fold["ratios"]) == 3 and min(fold["ratios"]) >= 1.0
+    assert 2 < fold["factor"] <= 4 and max(fold["ratios"]) == fold["ratios"][2]  # the last third moved
+    assert f"x {fold['factor']:.3g} for running the statistics never saw" in meta["training"]["threshold_rule"]
+    assert "record one that covers it" in result.stdout, result.stdout
