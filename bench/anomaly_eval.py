@@ -22,7 +22,7 @@ rate (share of anomalous rows not flagged), detection delay (onset to the first 
    Then the same with the valve held at one position, as on a test rig: one operating point
    (`--steady` runs per fault).
 
-    .venv/bin/python bench/anomaly_eval.py [--runs 4] [--normal-hours 24] [--own-hours 3] [--short 2] [--steady 2]
+    .venv/bin/python bench/anomaly_eval.py [--runs 4] [--normal-hours 24] [--own-hours 3] [--short 2] [--steady 2] [--epochs N]
 """
 
 from __future__ import annotations
@@ -192,7 +192,7 @@ def own_model(hours: float, out: Path) -> Model | None:
     return Model(out / "pump-b.tflite", out / "pump-b.json")
 
 
-def short_commissioning(runs: int, out: Path, steady: bool = False) -> None:
+def short_commissioning(runs: int, out: Path, steady: bool = False, epochs: int | None = None) -> None:
     from gateway.anomaly.recording import Recording
     from gateway.anomaly.training import Options, train
     total = Tally()
@@ -208,7 +208,7 @@ def short_commissioning(runs: int, out: Path, steady: bool = False) -> None:
                        **({"valve": (valve, valve)} if steady else {}))
             rec = Recording("commissioning", list(TAGS), 1.79e9 + np.arange(commission, dtype=float),
                             rows[:commission].astype(np.float64))
-            train("short", [rec], out, Options())
+            train("short", [rec], out, Options(**({"epochs": epochs} if epochs else {})))
             model = Model(out / "short.tflite", out / "short.json")
             flagged, _ = flags(model, rows)  # the scorer runs on from the commissioning, as the daemon would
             truth = np.zeros(length, dtype=bool)
@@ -231,6 +231,8 @@ def main() -> None:
     parser.add_argument("--short", type=int, default=2, help="runs per fault of the 7-minute protocol (0: skip)")
     parser.add_argument("--steady", type=int, default=2, help="runs per fault of the 7-minute protocol at one "
                         "operating point (0: skip)")
+    parser.add_argument("--epochs", type=int, help="at most this many epochs per training of the 7-minute protocol "
+                        "(default: model train's; fewer for a quick run)")
     parser.add_argument("--own-hours", type=float, default=3.0, help="pump B's commissioning recording, hours "
                         "(0: skip training)")
     args = parser.parse_args()
@@ -260,9 +262,9 @@ def main() -> None:
     if (args.short > 0 or args.steady > 0) and own_model_possible():
         with tempfile.TemporaryDirectory() as tmp:
             if args.short > 0:
-                short_commissioning(args.short, Path(tmp))
+                short_commissioning(args.short, Path(tmp), epochs=args.epochs)
             if args.steady > 0:
-                short_commissioning(args.steady, Path(tmp), steady=True)
+                short_commissioning(args.steady, Path(tmp), steady=True, epochs=args.epochs)
 
 
 if __name__ == "__main__":
