@@ -342,8 +342,8 @@ def _train(name: str, recordings: Sequence[Recording], out_dir: Path, opts: Opti
     tmp_meta.write_text(json.dumps(meta))
     stats["norms"] = _norms(Model(tmp_tflite, tmp_meta), grids, starts)
     tmp_meta.write_text(json.dumps(meta))
-    # 3: the threshold for the false-alarm rate asked for, from the fused scores' block maxima: of the recording
-    # as the model saw it, and of each fold scored by statistics fitted without it (running they never saw).
+    # 3: the threshold for the false-alarm rate asked for, from the fused scores' block maxima, times how much
+    # higher the score runs on parts of the recording the statistics were not fitted on (running never seen).
     model = Model(tmp_tflite, tmp_meta)
     blocks = [_scores(model, g, start) for g, start in zip(grids, starts, strict=True)]
     fit = extreme_threshold(blocks, span, interval, opts.false_alarms)
