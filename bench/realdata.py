@@ -103,12 +103,19 @@ def prepare_cranfield(src: Path, out: Path, commission: int) -> None:
     comes before `commission` samples are left out (they leave nothing to commission on)."""
     try:
         from scipy.io import loadmat
+        from scipy.io.matlab import MatReadError
     except ImportError:
         sys.exit("converting the .mat files needs scipy: pip install scipy")
     out.mkdir(parents=True, exist_ok=True)
     start = dt.datetime(2020, 1, 1, tzinfo=dt.timezone.utc)
     for case in range(1, 7):
-        sets = loadmat(src / f"FaultyCase{case}.mat")
+        path = src / f"FaultyCase{case}.mat"
+        if not path.is_file():
+            sys.exit(f"{path}: no such file (MAT_DIR holds FaultyCase1.mat to FaultyCase6.mat)")
+        try:
+            sets = loadmat(path)
+        except (OSError, ValueError, MatReadError) as err:  # unreadable, or not a MATLAB file
+            sys.exit(f"cannot read {path}: {err}")
         tags = CRANFIELD_TAGS if case == 6 else CRANFIELD_TAGS[:23]
         for run in sorted(k for k in sets if k in CRANFIELD_FAULTS):
             values = np.asarray(sets[run], dtype=float)[:, :len(tags)]

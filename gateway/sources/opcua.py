@@ -174,14 +174,13 @@ class OpcUaSource(PolledSource):
         sub = self._subscription
         quiet = max(5 * device.interval, 2 * device.timeout)
         last = getattr(sub, "last_publish_at", None)
-        if self._consumer is not None and self._consumer.done():  # the subscription ended under us
-            asyncio.get_running_loop().create_task(self.aclose())
-            raise SourceError(f"{device.endpoint}: the subscription ended; reconnecting")
-        if last is not None and time.monotonic() - last > quiet:
-            asyncio.get_running_loop().create_task(self.aclose())
-            raise SourceError(f"{device.endpoint}: the subscription delivered nothing, not even a keep-alive, "
-                              f"for {quiet:g}s; reconnecting")
         quiet_for = time.monotonic() - last if last is not None else 0.0
+        ended = self._consumer is not None and self._consumer.done()  # the subscription ended under us
+        if ended or quiet_for > quiet:
+            asyncio.get_running_loop().create_task(self.aclose())
+            raise SourceError(f"{device.endpoint}: " + ("the subscription ended" if ended else
+                              f"the subscription delivered nothing, not even a keep-alive, for {quiet:g}s")
+                              + "; reconnecting")
         return self._sample([self._latest.get(nodeid) for nodeid in self._ids], stale=quiet_for > 3 * device.interval)
 
     def _sample(self, results: list[Any], stale: bool = False) -> Sample:
