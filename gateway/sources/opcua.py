@@ -8,10 +8,13 @@ quality `error`.
 - `mode: poll` reads every node of the device in one Read request per interval.
 - `mode: subscribe` (the default) asks for a subscription publishing every `interval`
   (keep-alive at least every 3) and still makes one Sample per interval, from the last values
-  received (an unchanged value is current while the subscription lives). Values are kept by the parsed NodeId, so
-  `ns=0;i=2259` and asyncua's canonical `i=2259` are one node. Quiet for 3 intervals, the values
+  received (an unchanged value is current while the subscription lives). Each node is a
+  monitored item whose handle is its position. Quiet for 3 intervals, the values
   are `stale`; for 5 (at least 2 timeouts), not even a keep-alive, the subscription has stalled
   and the session is dropped and made again.
+- The session, its security and the services used once per session (DataType, CreateSubscription,
+  CreateMonitoredItems) are asyncua's; the Read and the Publish, every interval, are encoded once
+  and decoded straight from the bytes by `opcua_wire` (asyncua's general codec was most of the CPU).
 - A sample's time (`_time_of`), in both modes: the newest SourceTimestamp when a value changed
   since the last sample, so a counter at `ts` is the server's count at `ts`; while nothing
   changes (or the newest is older than a few intervals), the time of the read, so the
@@ -31,12 +34,11 @@ backoff (`retry.down` while the server cannot be reached at all, exponential whe
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import logging
 import os
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from gateway import tagtypes
@@ -47,6 +49,7 @@ from gateway.logs import fields
 from gateway.retry import backoff, down
 from gateway.sample import ERROR, OK, STALE, Sample
 from gateway.sources.opcua_trust import Untrusted, fingerprint, pki_dir, reject, trusted
+from gateway.sources.opcua_wire import Ended, ReadCall, Reading, Subscription, fits
 from gateway.sources.poll import PolledSource
 from gateway.supervise import within
 
@@ -64,11 +67,9 @@ class OpcUaSource(PolledSource):
         self._attempt = 0
         self._retry_at = 0.0
         self._rng = random.Random()
-        self._reads: Any = None  # the ReadParameters of every node, built once per session
-        self._subscription: Any = None
-        self._consumer: asyncio.Task[None] | None = None  # takes the subscription's changes into _latest
-        self._latest: dict[Any, Any] = {}  # ua.NodeId -> its last DataValue, in subscribe mode
-        self._ids: list[Any] = []  # the parsed ua.NodeId of each configured node, in order
+        self._read: ReadCall | None = None  # the Read of every node, encoded once per session (mode: poll)
+        self._subscription: Subscription | None = None  # mode: subscribe
+        self._publishing: asyncio.Task[str] | None = None  # the subscription's Publish loop: why it ended
         self._types: dict[str, tagtypes.TagType] = {}  # tag -> its type, from its node's DataType
         self._newest_seen: float | None = None  # the newest SourceTimestamp of any sample so far
         self._last_ts: float | None = None  # the time of the last sample
@@ -100,8 +101,14 @@ class OpcUaSource(PolledSource):
             self._attempt += 1
             await _close(client)
             raise SourceError(f"{device.endpoint}: cannot connect ({_why(err)})") from None
+        if not fits(client.uaclient):
+            await _close(client)
+            self._retry_at = time.monotonic() + 30.0
+            raise SourceError(f"{device.endpoint}: cannot read with asyncua {_asyncua_version()}: this gateway "
+                              "works with asyncua 2.1 (install edge-gateway[opcua] to get it)")
         self._attempt = 0
-        self._client, self._reads = client, _read_all(device)
+        self._client = client
+        self._read = ReadCall(client.uaclient, _read_all(device)) if device.mode == "poll" else None
         await self._learn_types(client)
         if device.mode == "subscribe":
             try:
@@ -130,80 +137,69 @@ class OpcUaSource(PolledSource):
                        for node, dv in zip(self.device.nodes, results, strict=False)}
 
     async def _subscribe(self, client: Any) -> None:
+        """A subscription publishing every interval (a keep-alive at least every 3, alive for 30), and its
+        Publish loop; returns when every node has its first value, or after the timeout."""
         from asyncua import ua
-        from asyncua.common.subscription import OverflowPolicy
 
         device = self.device
-        params = ua.CreateSubscriptionParameters()
-        params.RequestedPublishingInterval = device.interval * 1000.0
-        params.RequestedMaxKeepAliveCount = 3
-        params.RequestedLifetimeCount = 30
-        params.PublishingEnabled = True
-        self._latest = {}
-        # Keyed by the parsed NodeId, never by the text: asyncua hands back `i=2259` for `ns=0;i=2259`.
-        self._ids = [ua.NodeId.from_string(n.node) for n in device.nodes]
-        # Iterator mode: asyncua queues each change and one task takes them (its handler mode makes a task
-        # per value: most of the CPU of a subscribed sample). Oldest dropped past 20 changes a node: a
-        # newer value of each node follows.
-        self._subscription = await within(client.create_subscription(
-            params, None, queue_maxsize=20 * len(self._ids), overflow=OverflowPolicy.DROP_OLDEST), device.timeout)
-        self._consumer = asyncio.get_running_loop().create_task(_keep_latest(self._subscription, self._latest))
-        nodes = [client.get_node(nodeid) for nodeid in self._ids]
-        results = await within(self._subscription.subscribe_data_change(nodes), device.timeout)
-        for nodeid, result in zip(self._ids, results if isinstance(results, list) else [results], strict=False):
-            if not isinstance(result, int):  # a StatusCode instead of a handle: the node is refused
-                self._latest[nodeid] = _refused()
+        # Parsed, never compared as text: the server may write `ns=0;i=2259` as `i=2259`.
+        nodeids = [ua.NodeId.from_string(n.node) for n in device.nodes]
+        subscription = Subscription(client.uaclient, nodeids, device.interval, keepalive=3, lifetime=30)
+        await within(subscription.open(device.timeout), device.timeout + 1.0)
+        self._subscription = subscription
+        self._publishing = asyncio.get_running_loop().create_task(_publish(subscription))
         deadline = time.monotonic() + device.timeout  # the initial values come with the first publish
-        while len(self._latest) < len(set(self._ids)) and time.monotonic() < deadline:
+        while None in subscription.latest and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
 
     async def read(self) -> Sample:
-        client = await self._connected()
+        await self._connected()
         device = self.device
-        if device.mode == "subscribe":
-            return self._from_subscription()
+        if self._subscription is not None:
+            return self._from_subscription(self._subscription)
+        read = self._read
+        assert read is not None  # connected: the session's Read is made
         try:
-            results = await within(client.uaclient.read(self._reads), device.timeout)
+            results = await within(read(device.timeout), device.timeout)
         except Exception as err:  # the session or the connection is gone: a fresh client next time
             await self.aclose()
             raise SourceError(f"{device.endpoint}: read failed ({_why(err)}); reconnecting") from None
         return self._sample(results)
 
-    def _from_subscription(self) -> Sample:
+    def _from_subscription(self, sub: Subscription) -> Sample:
         device = self.device
-        sub = self._subscription
         quiet = max(5 * device.interval, 2 * device.timeout)
-        last = getattr(sub, "last_publish_at", None)
+        last = sub.last_publish_at
         quiet_for = time.monotonic() - last if last is not None else 0.0
-        ended = self._consumer is not None and self._consumer.done()  # the subscription ended under us
+        publishing = self._publishing
+        ended = publishing is not None and publishing.done()  # the subscription ended under us
         if ended or quiet_for > quiet:
             asyncio.get_running_loop().create_task(self.aclose())
-            raise SourceError(f"{device.endpoint}: " + ("the subscription ended" if ended else
-                              f"the subscription delivered nothing, not even a keep-alive, for {quiet:g}s")
-                              + "; reconnecting")
-        return self._sample([self._latest.get(nodeid) for nodeid in self._ids], stale=quiet_for > 3 * device.interval)
+            why = (f"the subscription ended ({publishing.result()})" if publishing is not None and ended else
+                   f"the subscription delivered nothing, not even a keep-alive, for {quiet:g}s")
+            raise SourceError(f"{device.endpoint}: {why}; reconnecting")
+        return self._sample(sub.latest, stale=quiet_for > 3 * device.interval)
 
-    def _sample(self, results: list[Any], stale: bool = False) -> Sample:
+    def _sample(self, results: Sequence[Reading | None], stale: bool = False) -> Sample:
         device = self.device
         values: dict[str, float | None] = {}
         quality: dict[str, str] = {}
         problems: list[str] = []
         newest: float | None = None
-        for node, dv in zip(device.nodes, results, strict=False):
-            if dv is None:  # subscribed, no value yet
+        for node, reading in zip(device.nodes, results, strict=False):
+            if reading is None:  # subscribed, no value yet
                 problems.append(f"{node.name} ({node.node}): no value yet")
                 values[node.name], quality[node.name] = None, ERROR
                 continue
-            status = dv.StatusCode
-            value = _typed(dv.Value.Value if dv.Value is not None else None, self._types.get(node.name))
-            if not status.is_good() or value is None:
-                why = status.name if not status.is_good() else "not a number"
+            value = _typed(reading.value, self._types.get(node.name))
+            if not reading.good or value is None:
+                why = _status_name(reading.status) if not reading.good else "not a number"
                 problems.append(f"{node.name} ({node.node}): {why}")
                 values[node.name], quality[node.name] = None, ERROR
                 continue
             values[node.name], quality[node.name] = value, OK
-            if dv.SourceTimestamp is not None:
-                ts = _utc(dv.SourceTimestamp)
+            ts = reading.source_time
+            if ts is not None:
                 newest = ts if newest is None else max(newest, ts)
             if stale:  # the subscription has gone quiet: the last values, not current ones
                 quality[node.name] = STALE
@@ -230,10 +226,11 @@ class OpcUaSource(PolledSource):
 
     async def aclose(self) -> None:
         client, self._client = self._client, None
-        consumer, self._consumer = self._consumer, None
+        publishing, self._publishing = self._publishing, None
+        self._read = None
         self._subscription = None
-        if consumer is not None:
-            consumer.cancel()
+        if publishing is not None:
+            publishing.cancel()
         if client is not None:
             await _close(client)
 
@@ -265,29 +262,38 @@ async def unknown_nodes(config: Any) -> list[tuple[str, str]]:
     return [problem for problems in found for problem in problems]
 
 
-async def _keep_latest(subscription: Any, latest: dict[Any, Any]) -> None:
-    """Keep each node's last DataValue, as the subscription delivers them (until it is deleted)."""
-    from asyncua.common.subscription import DataChangeEvent
-
+async def _publish(subscription: Subscription) -> str:
+    """The subscription's Publish loop, until it or the connection ends: why (the device's next read says it)."""
     try:
-        async for event in subscription:
-            if isinstance(event, DataChangeEvent):
-                latest[event.node.nodeid] = event.data.monitored_item.Value
-    except Exception as err:  # never a traceback in the log: the device's next read says the subscription ended
-        log.debug("subscription consumer ended: %s", _why(err))
+        await subscription.run()
+    except Ended as err:  # the server ended it
+        return str(err)
+    except Exception as err:  # the connection ended; never a traceback in the log
+        return _why(err)
+    return "its Publish loop stopped"
 
 
-def _refused() -> Any:
-    """A DataValue standing for a node the server refused to monitor."""
+def _asyncua_version() -> str:
+    from importlib.metadata import version
+    return version("asyncua")
+
+
+def _status_name(code: int) -> str:
+    """A StatusCode's name, as the server's log and the specification write it (BadNodeIdUnknown)."""
     from asyncua import ua
-    return ua.DataValue(StatusCode=ua.StatusCode(ua.StatusCodes.BadNodeIdUnknown))  # type: ignore[attr-defined, arg-type]
+    return ua.StatusCode(code).name  # type: ignore[arg-type]
 
 
 def _client(device: OpcUaDevice) -> Any:
     """A fresh asyncua client for the device, with its login (a broken client is never reused)."""
     from asyncua.client.client import Client
 
-    client = Client(device.endpoint, timeout=device.timeout)
+    # asyncua probes the server's state every `watchdog_intervall` (1 s by default): a second Read per
+    # second beside ours. Our own reads and Publishes notice a dead connection every interval
+    # (`read`, `_from_subscription`) and keep the session alive, so its probe can be rare.
+    client = Client(device.endpoint, timeout=device.timeout, watchdog_intervall=30.0)
+    # Its check of the subscriptions it made, every 0.5 s, has none to check (opcua_wire makes ours).
+    client._stale_check_interval = 30.0
     if device.username and device.password_file:
         client.set_user(device.username)
         client.set_password(read_secret(device.password_file) or "")
@@ -339,11 +345,6 @@ def _read_all(device: OpcUaDevice, attribute: int | None = None) -> Any:
         rv.AttributeId = ua.AttributeIds.Value if attribute is None else attribute  # type: ignore[attr-defined]
         params.NodesToRead.append(rv)
     return params
-
-
-def _utc(stamp: Any) -> float:
-    """UNIX time of an OPC UA DateTime (asyncua gives UTC, with or without tzinfo)."""
-    return float((stamp if stamp.tzinfo else stamp.replace(tzinfo=dt.timezone.utc)).timestamp())
 
 
 async def _close(client: Any) -> None:

@@ -498,3 +498,97 @@ def test_the_daemon_refuses_an_unknown_server_certificate_until_the_cli_trusts_i
     finally:
         server.kill()
         server.wait(10)
+
+
+@pytest.mark.parametrize("mode", ["subscribe", "poll"])
+def test_values_the_lean_decoder_leaves_to_asyncua_still_read_and_the_other_tags_too(mode):
+    """An array and a text node (answers the gateway's own decoder leaves to asyncua's codec): those
+    tags are `not a number`, the others read on, in both modes."""
+    import asyncio
+
+    from asyncua import ua
+
+    from gateway.sources.opcua import OpcUaSource
+
+    async def body(server, variables, port):
+        idx = await server.get_namespace_index("urn:test")
+        await server.nodes.objects.add_variable(ua.NodeId("T.arr", idx), "arr", ua.Variant([1.0, 2.0], ua.VariantType.Double))
+        await server.nodes.objects.add_variable(ua.NodeId("T.text", idx), "text", ua.Variant(ua.LocalizedText("x")))
+        await variables[0].write_value(ua.Variant(41, ua.VariantType.UInt32))
+        source = OpcUaSource(opcua_device(port, '      - {name: a, node: "ns=2;s=T.a"}\n'
+                                                '      - {name: arr, node: "ns=2;s=T.arr"}\n'
+                                                '      - {name: text, node: "ns=2;s=T.text"}\n', mode))
+        try:
+            first = await source.read()
+            await variables[0].write_value(ua.Variant(42, ua.VariantType.UInt32))
+            for _ in range(100):
+                await asyncio.sleep(0.05)
+                second = await source.read()
+                if second.values["a"] == 42:
+                    break
+            lean = source._read if mode == "poll" else source._subscription
+            return first, second, lean.left_to_asyncua
+        finally:
+            await source.aclose()
+    first, second, left = with_server(body)
+    for sample in (first, second):
+        assert sample.quality == {"a": "ok", "arr": "error", "text": "error"}, sample.problem
+        assert "arr (ns=2;s=T.arr): not a number" in sample.problem and "text (ns=2;s=T.text): not a number" in sample.problem
+    assert (first.values["a"], second.values["a"]) == (41, 42)
+    assert left >= 1
+
+
+def test_a_subscription_the_server_deletes_is_made_again():
+    import asyncio
+
+    from asyncua import ua
+
+    from gateway.errors import SourceError
+    from gateway.sources.opcua import OpcUaSource
+
+    async def body(server, variables, port):
+        source = OpcUaSource(opcua_device(port, '      - {name: a, node: "ns=2;s=T.a"}\n'))
+        try:
+            before = await source.read()
+            service = server.iserver.subscription_service
+            await service.delete_subscriptions(list(service.subscriptions))
+            await variables[0].write_value(ua.Variant(5, ua.VariantType.UInt32))
+            problems, after = [], None
+            for _ in range(300):
+                await asyncio.sleep(0.05)
+                try:
+                    sample = await source.read()
+                except SourceError as err:
+                    problems.append(str(err))
+                    continue
+                if problems and sample.values["a"] == 5 and sample.quality["a"] == "ok":
+                    after = sample
+                    break
+            return before, problems, after
+        finally:
+            await source.aclose()
+    before, problems, after = with_server(body)
+    assert before.values == {"a": 0}
+    assert problems and "reconnecting" in problems[0], problems
+    assert after is not None, problems[-3:]
+
+
+def test_an_asyncua_without_the_parts_the_gateway_uses_is_named_not_a_traceback(monkeypatch):
+    """Another asyncua release may move what opcua_wire uses: the device says which asyncua it needs."""
+    from gateway.errors import SourceError
+    from gateway.sources import opcua
+    from gateway.sources.opcua_wire import fits
+
+    monkeypatch.setattr(opcua, "fits", lambda uaclient: False)
+
+    async def body(server, variables, port):
+        source = opcua.OpcUaSource(opcua_device(port, '      - {name: a, node: "ns=2;s=T.a"}\n', "poll"))
+        try:
+            await source.read()
+        except SourceError as err:
+            return str(err)
+        finally:
+            await source.aclose()
+    said = with_server(body)
+    assert "this gateway works with asyncua 2.1" in said, said
+    assert not fits(object())
