@@ -25,7 +25,7 @@ RUNS = [
     ("scale.py", "bare µs", "--seconds", "0.5", "--max-devices", "10"),
     ("latency.py", "sync normal, timer:", "--quick", "--seconds", "1"),
     ("inference.py", "(same run)", "--seconds", "1"),
-    ("opcua.py", "baseline: modbus poll", "--seconds", "2"),
+    ("opcua.py", "baseline: modbus poll", "--seconds", "1"),
     ("fleet.py", "  old  reconnect after the broker is back", "--gateways", "1", "--outage", "2"),
     ("sparkplug_host.py", "baseline: the JSON uplink", "--devices", "2", "--offline", "2"),
     ("anomaly_eval.py", "scored by the plant-wide pump-ae", "--runs", "1", "--normal-hours", "0.1", "--own-hours", "0",
