@@ -46,7 +46,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("edge_gateway.web.server")
 
-MAX_CONNECTIONS = 256
+MAX_CONNECTIONS = 64  # each served connection is work in one pass of the loop the devices share: few enough that a
+# pass stays well under a 250 ms poll interval (at 256 a flood of requests held it up past one)
 MAX_WAITING = 10_000  # each holds a file descriptor: `serve` raises the soft limit to the hard one
 WAIT_LIMIT = 10.0  # seconds a connection may wait for a free slot
 MAX_STREAMS = 32

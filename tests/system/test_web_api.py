@@ -302,7 +302,7 @@ def test_ten_thousand_requests_and_a_stalled_client_do_not_slow_the_devices(tmp_
         served = outcomes.get("HTTP/1.1 200", 0)
         busy = outcomes.get("HTTP/1.1 503", 0)
         assert served + busy + sum(v for k, v in outcomes.items() if "Error" in k) == 10_000, outcomes
-        # Beyond 256 served at once the rest wait their turn (503 only past 10,000 waiting or 10 s of waiting).
+        # Beyond 64 served at once the rest wait their turn (503 only past 10,000 waiting or 10 s of waiting).
         assert served >= 9000, outcomes
         status, doc = get_json(base + "/api/v1/status")
         assert status == 200
