@@ -204,7 +204,8 @@ class Uplink:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: mqtt.Client | None = None
         self._inflight: dict[int, list[tuple[int, int]]] = {}  # paho mid -> the rows its PUBACK acknowledges
-        self._sent_at: dict[int, float] = {}  # paho mid -> when it was handed to paho (monotonic)
+        # paho mid -> when it was handed to paho (monotonic), in the order sent (`_sent`): the first is the oldest
+        self._sent_at: dict[int, float] = {}
         self._probes: dict[int, float] = {}  # paho mid -> when a probe was sent (see _check_acks)
         self._cursor = 0  # highest seq handed to paho on this connection (of the backlog, while it replays apart)
         self._split: int | None = None  # live_first: rows above it are live, at or below it the backlog (0: none)
@@ -477,7 +478,7 @@ class Uplink:
         sent = self._sent_at.pop(mid, None)
         if rows is None:  # a live message (status, health, births), or a probe
             probed = self._probes.pop(mid, None)
-            if probed is not None and any(t < probed - ACK_GRACE for t in self._sent_at.values()):
+            if probed is not None and self._oldest_sent(probed) < probed - ACK_GRACE:
                 self._abandon(client, "packets sent before one the broker acknowledged were never acknowledged "
                                       "(the network lost them)")
             return
@@ -491,7 +492,7 @@ class Uplink:
         self._wake.set()
         # The broker acknowledges one connection's packets in the order it received them: one sent well
         # before this one and still unacknowledged never arrived (a network that dropped data and came back).
-        if sent is not None and any(t < sent - ACK_GRACE for t in self._sent_at.values()):
+        if sent is not None and self._oldest_sent(sent) < sent - ACK_GRACE:
             self._abandon(client, "packets sent before one the broker acknowledged were never acknowledged "
                                   "(the network lost them)")
 
@@ -515,7 +516,18 @@ class Uplink:
 
     def _overdue(self) -> float:
         """Seconds the oldest packet in flight has waited for its PUBACK (0 with none)."""
-        return time.monotonic() - min(self._sent_at.values()) if self._sent_at else 0.0
+        now = time.monotonic()
+        return now - self._oldest_sent(now)
+
+    def _sent(self, mid: int) -> None:
+        """A QoS 1 packet handed to paho now. (A mid paho gives again moves to the end: the order stays
+        the order sent, so the oldest is found without a look at every packet in flight on each PUBACK.)"""
+        self._sent_at.pop(mid, None)
+        self._sent_at[mid] = time.monotonic()
+
+    def _oldest_sent(self, default: float) -> float:
+        """When the oldest packet still in flight was sent; `default` with none."""
+        return next(iter(self._sent_at.values()), default)
 
     def _abandon(self, client: mqtt.Client, why: str) -> None:
         """End a connection that lost packets as a broken one (no DISCONNECT: the broker publishes the
@@ -599,7 +611,7 @@ class Uplink:
                     return cursor
                 if p.qos > 0:
                     last_mid = info.mid
-                    self._sent_at[info.mid] = time.monotonic()
+                    self._sent(info.mid)
             unconfirmed.append((msg.seq, msg.size))
             self.store.hold(msg.seq)
             cursor = msg.seq
@@ -612,7 +624,7 @@ class Uplink:
             info = client.publish(p.topic, p.payload, qos=p.qos, retain=p.retain)
             if info.rc == mqtt.MQTT_ERR_SUCCESS:
                 self._inflight[info.mid] = unconfirmed
-                self._sent_at[info.mid] = time.monotonic()
+                self._sent(info.mid)
         return cursor
 
 
