@@ -49,7 +49,7 @@ from gateway.logs import fields
 from gateway.retry import backoff, down
 from gateway.sample import ERROR, OK, STALE, Sample
 from gateway.sources.opcua_trust import Untrusted, fingerprint, pki_dir, reject, trusted
-from gateway.sources.opcua_wire import Ended, ReadCall, Reading, Subscription, fits
+from gateway.sources.opcua_wire import Ended, ReadCall, Reading, Subscription, fits, why
 from gateway.sources.poll import PolledSource
 from gateway.supervise import within
 
@@ -100,7 +100,7 @@ class OpcUaSource(PolledSource):
                                                  else down(self._attempt, 0.5, 2.0, self._rng))
             self._attempt += 1
             await _close(client)
-            raise SourceError(f"{device.endpoint}: cannot connect ({_why(err)})") from None
+            raise SourceError(f"{device.endpoint}: cannot connect ({why(err)})") from None
         if not fits(client.uaclient):
             await _close(client)
             self._retry_at = time.monotonic() + 30.0
@@ -117,7 +117,7 @@ class OpcUaSource(PolledSource):
                 await self.aclose()
                 self._retry_at = time.monotonic() + backoff(self._attempt, 0.5, 30.0, 0.3, self._rng)
                 self._attempt += 1
-                raise SourceError(f"{device.endpoint}: cannot subscribe ({_why(err)})") from None
+                raise SourceError(f"{device.endpoint}: cannot subscribe ({why(err)})") from None
         log.info("device %s: connected to %s", device.name, device.endpoint)
         return client
 
@@ -131,7 +131,7 @@ class OpcUaSource(PolledSource):
             results = await within(client.uaclient.read(params), self.device.timeout)
         except Exception as err:  # any failure here: the values are still read, with their own types
             log.warning("device %s: cannot read the DataType of its nodes (%s): values keep their own types",
-                        self.device.name, _why(err))
+                        self.device.name, why(err))
             return
         self._types = {node.name: tag_type(dv.Value.Value if dv.Value is not None else None)
                        for node, dv in zip(self.device.nodes, results, strict=False)}
@@ -163,7 +163,7 @@ class OpcUaSource(PolledSource):
             results = await within(read(device.timeout), device.timeout)
         except Exception as err:  # the session or the connection is gone: a fresh client next time
             await self.aclose()
-            raise SourceError(f"{device.endpoint}: read failed ({_why(err)}); reconnecting") from None
+            raise SourceError(f"{device.endpoint}: read failed ({why(err)}); reconnecting") from None
         return self._sample(results)
 
     def _from_subscription(self, sub: Subscription) -> Sample:
@@ -269,7 +269,7 @@ async def _publish(subscription: Subscription) -> str:
     except Ended as err:  # the server ended it
         return str(err)
     except Exception as err:  # the connection ended; never a traceback in the log
-        return _why(err)
+        return why(err)
     return "its Publish loop stopped"
 
 
@@ -397,6 +397,3 @@ def _typed(value: Any, kind: tagtypes.TagType | None) -> float | None:
         return (kind or tagtypes.AS_SENT).shape(value)
     return None
 
-
-def _why(err: BaseException) -> str:
-    return (str(err) or type(err).__name__)[:200]

@@ -331,7 +331,7 @@ class Subscription:
             except BadTimeout:  # the server's limit on how long a Publish waits
                 continue
             except UaStatusCodeError as err:
-                raise Ended(_why(err)) from None
+                raise Ended(why(err)) from None
             if subscription != self.id:
                 raise Ended(f"the server publishes subscription {subscription}, not {self.id}")
             self.last_publish_at = time.monotonic()
@@ -404,5 +404,6 @@ def _acknowledgements(subscription: int, sequences: list[int]) -> bytes:
     return _I32.pack(len(sequences)) + b"".join(struct.pack("<II", subscription, n) for n in sequences)
 
 
-def _why(err: BaseException) -> str:
+def why(err: BaseException) -> str:
+    """An error as one short line for the device's message (its type when it says nothing)."""
     return (str(err) or type(err).__name__)[:200]
