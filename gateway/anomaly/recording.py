@@ -112,11 +112,13 @@ def parse_time(text: str, epoch: bool = False) -> float | None:
 
 
 def format_time(ts: float) -> str:
-    """RFC 3339 UTC, to the millisecond when the time has a fraction of a second."""
-    stamp = datetime.fromtimestamp(ts, tz=timezone.utc)
-    text = stamp.strftime("%Y-%m-%dT%H:%M:%S")
-    millis = round((ts - math.floor(ts)) * 1000)
-    return f"{text}.{millis:03d}Z" if millis and millis < 1000 else f"{text}Z"
+    """RFC 3339 UTC, rounded to the millisecond; without a fraction when that is a whole second."""
+    second = math.floor(ts)
+    millis = round((ts - second) * 1000)
+    if millis == 1000:  # within half a millisecond of the next second: it is that second (not this one)
+        second, millis = second + 1, 0
+    text = datetime.fromtimestamp(second, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{text}.{millis:03d}Z" if millis else f"{text}Z"
 
 
 def _number(text: str, decimal_comma: bool) -> float:

@@ -98,6 +98,24 @@ def test_the_grid_puts_rows_in_their_slots_and_cuts_long_gaps(tmp_path):
     assert times[-1] == 1.79e9 + 1000.0
 
 
+@pytest.mark.parametrize("ts", [1796559094.9996, 1796559094.99951, 1796559094.9999996, 1796559094.9994,
+                                1796559095.0, 1796559095.0004, 1796559095.02, 1.79e9 - 0.0003])
+def test_a_time_half_a_millisecond_before_a_second_is_exported_as_that_second_not_the_one_before(ts):
+    """The export gives a sample's time to the millisecond, as a Sparkplug DDATA stamps it (round(ts × 1000)).
+    Before, a time within half a millisecond of the next second came out a whole second early
+    (12:11:34.9996 as 12:11:34Z): the Sparkplug tests took such a sample, which a DDATA had carried at
+    ...:35.000, for one never sent (1796559095000 and 1796554900000 ms, both "lost" on a whole second)."""
+    assert round(parse_time(format_time(ts)) * 1000) == round(ts * 1000)
+
+
+def test_an_exported_history_keeps_its_time_order_across_each_second(tmp_path):
+    times = [1796559094.0 + 0.0197 + 0.02 * i for i in range(200)]  # 20 ms apart, one a second at .9997
+    write_csv(tmp_path / "h.csv", ["a"], [(t, [float(i)]) for i, t in enumerate(times)])
+    rec = read_csv(tmp_path / "h.csv")
+    assert "rows put in time order" not in rec.notes
+    assert [round(t * 1000) for t in rec.times] == [round(t * 1000) for t in times]
+
+
 def test_export_format_round_trips(tmp_path):
     write_csv(tmp_path / "x.csv", ["a", "b"], [(1.79e9, [1.5, None]), (1.79e9 + 0.25, [2.0, 3.0])])
     text = (tmp_path / "x.csv").read_text().splitlines()
