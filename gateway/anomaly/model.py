@@ -25,7 +25,13 @@ weighted; a tag's contribution is the sum, the score the sum over tags (the drif
 together are capped: drifting tags cannot raise an alarm alone). An event starts when the cumulative sum
 of (score / threshold - 1), floored at 0, reaches `h` (CUSUM: one big window or several modest
 ones), and ends when that sum has stayed at 0 for `end_after` windows, so one disturbance is one
-event. A missing value is forward-filled up to `ffill_limit` samples; a longer gap leaves windows
+event. It also ends when the score has *subsided*: stayed below `subside` x the event's level (the
+highest its smoothed score reached) for `end_after` windows. A machine often does not come straight
+back to where it was commissioned after a fault (a bearing cools for minutes, a rig settles at
+another point); that rest would otherwise hold the event open for as long as it lasts. The threshold
+is then held at the level the event subsided to, and comes down as the machine settles (to `settle`
+x its smoothed score, never below the model's threshold): what remains of the disturbance raises no
+new event, a new one on top of it does. A missing value is forward-filled up to `ffill_limit` samples; a longer gap leaves windows
 unscored (said as such, never taken as normal) until the gap has left the context.
 
 The runtime is `ai_edge_litert` (LiteRT), else `tflite_runtime` (the same Interpreter API).
@@ -179,15 +185,18 @@ class Model:
             events = meta.get("events", {})
             self.cusum_h, self.cusum_cap = float(events.get("h", 1.0)), float(events.get("cap", 4.0))
             self.start_after, self.end_after = int(events.get("start_after", 1)), int(events.get("end_after", 10))
+            self.subside = float(events.get("subside", 0.0))  # 0: events end only back below the threshold
+            self.settle = float(events.get("settle", 2.0))
             self.stats = Stats.from_meta(meta["stats"], n, self.threshold, self.drift)
             self.ffill_limit = int(meta.get("ffill_limit", 5))
             self.top_n = int(meta.get("top_tags", 3))
             self.flatline_tags = set(meta.get("flatline_tags", self.tags))
             self.flatline_after = int(meta.get("flatline_after", self.window))  # samples of one exact value
             if self.window < 1 or self.stride < 1 or self.interval <= 0 or not math.isfinite(self.threshold) \
-                    or self.threshold <= 0 or self.cusum_h <= 0 or self.end_after < 1:
+                    or self.threshold <= 0 or self.cusum_h <= 0 or self.end_after < 1 \
+                    or not 0 <= self.subside < 1 or not self.settle >= 1:
                 raise ValueError("window, stride and events.end_after need to be 1 or more, interval_s, threshold and "
-                                 "events.h above 0")
+                                 "events.h above 0, events.subside from 0 to below 1, events.settle 1 or more")
             self.context = self.stats.context
         except (KeyError, TypeError, ValueError) as err:
             why = f"lacks {err}" if isinstance(err, KeyError) else str(err)
@@ -333,13 +342,16 @@ class Event:
     kind: str  # start | end
     score: float
     top: list[dict[str, Any]]
+    threshold: float  # in effect: the model's, or held higher after an event that subsided
     started: float | None = None
     peak: float | None = None
+    subsided: bool = False  # an end: the score fell well below the event's level, not yet below the threshold
 
 
 @dataclass
 class ScoreState:
     score: float | None = None  # the last window's score; None before the first window or across a gap
+    threshold: float = math.inf  # in effect now: the model's, or held higher while the machine settles after an event
     scored: int = 0
     unscored: int = 0  # windows due but not scored (gap longer than the forward-fill limit)
     active: bool = False  # an anomaly event is open
@@ -350,6 +362,8 @@ class ScoreState:
 
 
 RECENT_LATENCIES = 256
+LEVEL_ALPHA = 0.1  # per window: an event's level follows its score over about 10 windows
+SETTLE_ALPHA = 0.05  # per window: a held threshold follows the settling score over about 20 windows
 
 
 class DeviceScorer:
@@ -370,7 +384,10 @@ class DeviceScorer:
         self.since_score = 0
         self.cusum = 0.0  # sum of (score / threshold - 1), floored at 0
         self.quiet = 0  # windows in a row with the sum at 0, in an event
-        self.state = ScoreState()
+        self.low = 0  # windows in a row below `subside` x the event's level, in an event
+        self.level = 0.0  # the score smoothed: in an event, for its level; after one, for settling
+        self.event_level = 0.0  # the highest `level` reached in this event
+        self.state = ScoreState(threshold=model.threshold)
         self.errors: np.ndarray | None = None  # the last scored window's contribution per tag
         self.parts: np.ndarray | None = None  # and its statistics (`COMPONENTS` x tags), before fusion
         self._parts = np.empty((len(COMPONENTS), t), dtype=np.float32)
@@ -439,22 +456,34 @@ class DeviceScorer:
 
     def _cusum(self, ts: float, score: float, err: np.ndarray, flat: Sequence[int] = ()) -> Event | None:
         """CUSUM on the score against the threshold: a big excess starts an event at once, a modest one after
-        a few windows; an event ends when the sum has stayed at 0 for `end_after` windows."""
-        m = self.model
-        excess = score / m.threshold - 1.0
+        a few windows; an event ends when the sum has stayed at 0 for `end_after` windows, or when the score
+        has subsided (then the threshold is held until the machine settles)."""
+        m, st = self.model, self.state
+        if st.active:
+            self._peak = max(self._peak, score)
+            self.level += LEVEL_ALPHA * (score - self.level)
+            self.event_level = max(self.event_level, self.level)
+            self.cusum = min(m.cusum_cap, max(0.0, self.cusum + score / m.threshold - 1.0))
+            self.quiet = self.quiet + 1 if self.cusum == 0.0 else 0
+            self.low = self.low + 1 if score < m.subside * self.event_level else 0
+            if self.quiet < m.end_after and self.low < m.end_after:
+                return None
+            subsided = self.quiet < m.end_after
+            st.active, self.cusum, self.low, self.level = False, 0.0, 0, score
+            st.threshold = max(m.threshold, m.subside * self.event_level) if subsided else m.threshold
+            return Event("end", score, self.top_tags(err), st.threshold, started=self._event_start, peak=self._peak,
+                         subsided=subsided)
+        if st.threshold > m.threshold:  # held after an event that subsided: down as the machine settles
+            self.level += SETTLE_ALPHA * (score - self.level)
+            st.threshold = max(m.threshold, min(st.threshold, m.settle * self.level))
+        excess = score / st.threshold - 1.0
         if flat:
             excess = max(excess, m.cusum_h)
         self.cusum = min(m.cusum_cap, max(0.0, self.cusum + excess))
-        if self.state.active:
-            self._peak = max(self._peak, score)
-            self.quiet = self.quiet + 1 if self.cusum == 0.0 else 0
-            if self.quiet >= m.end_after:
-                self.state.active = False
-                return Event("end", score, self.top_tags(err), started=self._event_start, peak=self._peak)
-            return None
         if self.cusum >= m.cusum_h:
-            self.state.active, self._event_start, self._peak, self.quiet = True, ts, score, 0
-            return Event("start", score, self.top_tags(err, flat))
+            st.active, self._event_start, self._peak, self.quiet, self.low = True, ts, score, 0, 0
+            self.level = self.event_level = score
+            return Event("start", score, self.top_tags(err, flat), st.threshold)
         return None
 
     def take_latency(self) -> list[float]:

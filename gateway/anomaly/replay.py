@@ -26,6 +26,7 @@ class Row:
     score: float | None  # None: no window was scored at this row
     state: str  # normal | anomaly | not_scored
     top_tags: list[str]
+    threshold: float  # in effect at this row: the model's, or held higher after an event that subsided
     contributions: np.ndarray | None = None  # each tag's share of the score, when scored at this row
 
 
@@ -78,7 +79,7 @@ def replay(model: Model, recording: Recording) -> Iterator[Row]:
         top: list[str] = []
         if fresh and scorer.errors is not None:
             top = [t["tag"] for t in scorer.top_tags(scorer.errors)]
-        yield Row(float(ts), scorer.state.score if fresh else None, state, top,
+        yield Row(float(ts), scorer.state.score if fresh else None, state, top, scorer.state.threshold,
                   scorer.errors.copy() if fresh and scorer.errors is not None else None)
 
 
@@ -88,7 +89,6 @@ def write(model: Model, recording: Recording, out: IO[str], keep: list[Row] | No
     writer = csv.writer(out)
     writer.writerow(COLUMNS)
     was_active = False
-    threshold = f"{model.threshold:.6g}"
     for row in replay(model, recording):
         summary.rows += 1
         if keep is not None:
@@ -98,7 +98,7 @@ def write(model: Model, recording: Recording, out: IO[str], keep: list[Row] | No
         summary.rows_not_scored += row.state == "not_scored"
         summary.events += row.state == "anomaly" and not was_active
         was_active = row.state == "anomaly"
-        writer.writerow([format_time(row.ts), "" if row.score is None else f"{row.score:.6g}", threshold,
+        writer.writerow([format_time(row.ts), "" if row.score is None else f"{row.score:.6g}", f"{row.threshold:.6g}",
                          row.state, " ".join(row.top_tags)])
     return summary
 

@@ -77,7 +77,10 @@ def write(path: str, model: Any, rows: Sequence[Any], values: np.ndarray, title:
                              gridspec_kw={"height_ratios": [2, 2] + [1] * len(top)})
     ax = axes[0]
     ax.plot(times, score, lw=0.8, color="tab:blue", label="score")
-    ax.axhline(model.threshold, color="tab:red", lw=1, ls="--", label=f"threshold {model.threshold:.3g}")
+    held = np.array([r.threshold for r in rows])
+    ax.plot(times, held, color="tab:red", lw=1, ls="--", drawstyle="steps-post",
+            label=f"threshold {model.threshold:.3g}" + (" (held higher after an event that subsided)"
+                                                        if (held > model.threshold).any() else ""))
     if np.isfinite(score).any() and np.nanmin(score) > 0:
         ax.set_yscale("log")
     ax.set_ylabel("score")

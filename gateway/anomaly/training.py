@@ -93,6 +93,8 @@ class Options:
     cusum_h: float = 1.0
     cusum_cap: float = 2.0
     end_after: int = 10
+    subside: float = 0.6  # an event also ends when its score stays below this share of the event's level
+    settle: float = 2.0  # then the threshold is held at that level, down to this x the settling score
     seed: int = SEED
     description: str = ""
 
@@ -321,7 +323,7 @@ def _train(name: str, recordings: Sequence[Recording], out_dir: Path, opts: Opti
                    "baseline_s": opts.baseline_s},
         "error_scale": [1.0] * len(tags), "stats": stats, "threshold": 1e12,  # no event while calibrating
         "events": {"rule": "cusum", "h": opts.cusum_h, "cap": opts.cusum_cap, "start_after": 1,
-                   "end_after": opts.end_after},
+                   "end_after": opts.end_after, "subside": opts.subside, "settle": opts.settle},
         "ffill_limit": opts.ffill_limit, "top_tags": min(3, len(tags)), **flatline,
         "sha256": hashlib.sha256(int8).hexdigest(),
     }

@@ -260,7 +260,8 @@ class Scoring:
 
     @property
     def threshold(self) -> float:
-        return float(self.scorer.model.threshold)
+        """In effect now: the model's, or held higher while the machine settles after an event that subsided."""
+        return float(self.scorer.state.threshold)
 
     def push(self, sample: Sample) -> Event | None:
         """Score the sample's window when one is due; the event, when one starts or ends."""
@@ -269,13 +270,18 @@ class Scoring:
         if event is None:
             return None
         model, name = self.scorer.model, self.device.name
-        self.outbox.stage(self._topic, contract.anomaly(name, sample.ts, event.kind, event.score, model.threshold,
+        self.outbox.stage(self._topic, contract.anomaly(name, sample.ts, event.kind, event.score, event.threshold,
                                                         model.name, event.top, event.started, event.peak),
                           created=sample.ts)
         tags = ", ".join(t["tag"] + (" (flatline)" if t.get("flatline") else "") for t in event.top)
         if event.kind == "start":
             log.warning("device %s: anomaly started: score %.4f > threshold %.4f; top tags %s", name,
-                        event.score, model.threshold, tags, extra=fields(name, "anomaly_start"))
+                        event.score, event.threshold, tags, extra=fields(name, "anomaly_start"))
+        elif event.subsided:
+            log.warning("device %s: anomaly ended after %.0fs (peak score %.4f): the score subsided to %.4f; the "
+                        "threshold is held at %.4f (model %.4f) until the machine settles", name,
+                        sample.ts - (event.started or sample.ts), event.peak or 0.0, event.score, event.threshold,
+                        model.threshold, extra=fields(name, "anomaly_end"))
         else:
             log.warning("device %s: anomaly ended after %.0fs (peak score %.4f)", name,
                         sample.ts - (event.started or sample.ts), event.peak or 0.0,
@@ -286,7 +292,7 @@ class Scoring:
         st = self.scorer.state
         return {"model": self.scorer.model.name, "state": "anomaly" if st.active else
                 ("normal" if st.score is not None else "not scored"), "score": st.score,
-                "threshold": self.threshold, "windows_scored": st.scored,
+                "threshold": self.threshold, "model_threshold": self.scorer.model.threshold, "windows_scored": st.scored,
                 "windows_not_scored": st.unscored, "why_not_scored": st.why_unscored}
 
     def take_latency(self) -> list[float]:

@@ -225,6 +225,36 @@ def test_a_sustained_step_in_a_level_tag_is_one_event_for_as_long_as_it_lasts(mo
     assert not flagged(model, rows)[0].any()
 
 
+def test_an_event_that_subsides_ends_and_the_threshold_is_held_until_the_machine_settles(model):
+    """A fault that goes but leaves the machine short of where it was commissioned (a line half cleared): the
+    event ends when the score has fallen well below its level, what remains raises no new event, and a new
+    disturbance once the machine is back raises one at the model's own threshold."""
+    assert model.subside > 0
+    rows = run(4345, 2400)
+    tag = TAGS.index("discharge_pressure_bar")
+    spread = model.meta["inputs"]["spread"][tag]
+    x = rows.copy()
+    x[600:900, tag] += 12 * spread  # blocked
+    x[900:1500, tag] += 3 * spread  # partly cleared: above the threshold, far below the blockage
+    x[1900:2100, tag] += 12 * spread  # blocked again, after the machine came back
+    scorer = DeviceScorer(model)
+    events, held = [], np.zeros(len(x))
+    for t, row in enumerate(x):
+        event = scorer.push(float(t), dict(zip(TAGS, row.tolist())))
+        if event is not None:
+            events.append((t, event))
+        held[t] = scorer.state.threshold
+        if 1000 <= t < 1500:
+            assert scorer.state.score is not None and scorer.state.score > model.threshold  # no longer in an event
+    assert [e.kind for _, e in events] == ["start", "end", "start", "end"], events
+    (start, _), (end, subsided) = events[:2]
+    assert 600 <= start < 630 and 900 <= end < 960
+    assert subsided.subsided and subsided.threshold > 2 * model.threshold  # held: what remains raises nothing
+    assert (held[end:1500] > model.threshold).all()
+    assert (held[1600:1900] == model.threshold).all()  # settled once the rest of the blockage went
+    assert 1900 <= events[2][0] < 1930 and events[2][1].threshold == model.threshold
+
+
 def test_a_slow_drift_of_a_drift_tag_raises_no_event(model):
     rows = run(4344, 3600)
     tag = TAGS.index("bearing_temp_c")
