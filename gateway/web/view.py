@@ -160,7 +160,7 @@ class Recorder:
         since = now - HOUR
         pts = [p for p in track.points if p[0] >= since]
         return {"device": name, "threshold": runner.scoring.threshold, "model": runner.scoring.scorer.model.name,
-                "ts": [p[0] for p in pts], "score": [p[1] for p in pts],
+                "ts": [p[0] for p in pts], "score": [p[1] for p in pts], "thresholds": [p[2] for p in pts],
                 "events": [_event(e) for e in track.events if e["end"] is None or e["end"] >= since]}
 
 

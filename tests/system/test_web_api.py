@@ -137,7 +137,7 @@ def test_every_endpoint_answers_from_the_running_daemon(tmp_path, mosquitto, gat
     assert status == 400 and "limit" in page["error"]
 
     status, anomaly = get_json(base + "/api/v1/devices/pump1/anomaly")
-    assert status == 200 and len(anomaly["ts"]) == len(anomaly["score"]) > 0
+    assert status == 200 and len(anomaly["ts"]) == len(anomaly["score"]) == len(anomaly["thresholds"]) > 0
 
     status, shifts = get_json(base + "/api/v1/shifts?device=flexo1&last=3")
     assert status == 200 and shifts == {"shifts": {"flexo1": []}}  # no shift has closed in this test's minutes

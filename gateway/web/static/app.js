@@ -143,10 +143,10 @@
     fetch(`/api/v1/devices/${encodeURIComponent(name)}/anomaly`).then((r) => r.ok ? r.json() : null).then((doc) => {
       if (!doc) return;
       const known = ch.ts.length ? ch.ts[0] : Infinity;
-      const older = doc.ts.map((t, i) => [t, doc.score[i]]).filter((p) => p[0] < known);
+      const older = doc.ts.map((t, i) => [t, doc.score[i], doc.thresholds[i]]).filter((p) => p[0] < known);
       ch.ts.unshift(...older.map((p) => p[0]));
       ch.score.unshift(...older.map((p) => p[1]));
-      ch.thr.unshift(...older.map(() => doc.threshold));
+      ch.thr.unshift(...older.map((p) => p[2]));
       ch.events = doc.events;
       redraw(name);
     }).catch(() => {});
