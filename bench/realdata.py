@@ -55,7 +55,7 @@ sys.path.insert(0, str(ROOT))
 
 from gateway.anomaly.recording import read_csv, write_csv  # noqa: E402
 
-PREVIOUS = "04720f1"  # the last commit with the 10-sample autoencoder alone (issue 24's "now")
+PREVIOUS = "e04144d"  # the last commit before events could end by subsiding (stop 29's recipe)
 NAB = ("machine_temperature_system_failure", "ambient_temperature_system_failure",
        "ec2_request_latency_system_failure", "cpu_utilization_asg_misconfiguration", "rogue_agent_key_hold")
 TRIVIAL_WINDOW = 60
@@ -242,7 +242,9 @@ def through_cli(root: Path, commission: Path, replay: Path, work: Path, extra: l
     with open(scored) as f:
         rows = list(csv.DictReader(f))
     flagged = np.array([r["state"] == "anomaly" for r in rows], dtype=bool)
-    score = np.array([float(r["score"]) / float(r["threshold"]) if r["score"] else np.nan for r in rows])
+    # The model's own threshold, not the row's (held higher after an event that subsided): AUC ranks the score.
+    threshold = float(json.loads((work / "m.json").read_text())["threshold"])
+    score = np.array([float(r["score"]) / threshold if r["score"] else np.nan for r in rows])
     score = _hold(score)
     starts = [i for i in range(len(flagged)) if flagged[i] and (i == 0 or not flagged[i - 1])]
     return Result(flagged, score, starts)
