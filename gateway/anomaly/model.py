@@ -459,13 +459,14 @@ class DeviceScorer:
         a few windows; an event ends when the sum has stayed at 0 for `end_after` windows, or when the score
         has subsided (then the threshold is held until the machine settles)."""
         m, st = self.model, self.state
-        if st.active:
+        if st.active:  # against the model's threshold: the event lasts until the score is back below it
             self._peak = max(self._peak, score)
             self.level += LEVEL_ALPHA * (score - self.level)
             self.event_level = max(self.event_level, self.level)
-            self.cusum = min(m.cusum_cap, max(0.0, self.cusum + score / m.threshold - 1.0))
+            excess = max(score / m.threshold - 1.0, m.cusum_h if flat else -math.inf)  # a stuck sensor holds it
+            self.cusum = min(m.cusum_cap, max(0.0, self.cusum + excess))
             self.quiet = self.quiet + 1 if self.cusum == 0.0 else 0
-            self.low = self.low + 1 if score < m.subside * self.event_level else 0
+            self.low = self.low + 1 if score < m.subside * self.event_level and not flat else 0
             if self.quiet < m.end_after and self.low < m.end_after:
                 return None
             subsided = self.quiet < m.end_after
@@ -476,9 +477,7 @@ class DeviceScorer:
         if st.threshold > m.threshold:  # held after an event that subsided: down as the machine settles
             self.level += SETTLE_ALPHA * (score - self.level)
             st.threshold = max(m.threshold, min(st.threshold, m.settle * self.level))
-        excess = score / st.threshold - 1.0
-        if flat:
-            excess = max(excess, m.cusum_h)
+        excess = max(score / st.threshold - 1.0, m.cusum_h if flat else -math.inf)
         self.cusum = min(m.cusum_cap, max(0.0, self.cusum + excess))
         if self.cusum >= m.cusum_h:
             st.active, self._event_start, self._peak, self.quiet, self.low = True, ts, score, 0, 0

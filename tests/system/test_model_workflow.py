@@ -167,6 +167,8 @@ def test_false_alarms_sets_the_threshold_quietly_and_is_recorded(tmp_path):
     # Seven minutes cannot vouch for one false event a week: said, with what it would take.
     assert "Record at least 16.8 h of normal running to vouch for it" in said["1/week"]
     assert meta["false_alarms"]["needs_s"] == pytest.approx(86400 / 200, abs=0.1)
+    # Nor can they say how long a tag may hold one value: no stuck-sensor check, said so.
+    assert meta["flatline_tags"] == [] and "no stuck-sensor check: it needs 60 min" in said["1/week"]
     result = cli("model", "train", "m", "--csv", str(tmp_path / "normal.csv"), "--false-alarms", "often")
     assert result.returncode == 64 and "--false-alarms 'often'" in result.stderr
 
