@@ -255,6 +255,20 @@ def test_an_event_that_subsides_ends_and_the_threshold_is_held_until_the_machine
     assert 1900 <= events[2][0] < 1930 and events[2][1].threshold == model.threshold
 
 
+def test_a_stuck_sensor_is_one_event_for_as_long_as_it_stays_stuck(model):
+    """Its statistics are small (no noise at all), so the score stays below the threshold: the flatline alone
+    raises the event and holds it, neither ending it after a few quiet windows nor starting it anew."""
+    rows = run(4346, 1500)
+    tag = TAGS.index("flow_l_min")
+    assert "flow_l_min" in model.flatline_tags
+    stuck = rows.copy()
+    stuck[600:1200, tag] = stuck[600, tag]
+    state, events = flagged(model, stuck)
+    assert [kind for _, kind in events] == ["start", "end"], events
+    assert 600 + model.flatline_after - 2 <= events[0][0] < 640 and 1200 <= events[1][0] < 1260
+    assert state[640:1200].all() and not state[1260:].any()
+
+
 def test_a_slow_drift_of_a_drift_tag_raises_no_event(model):
     rows = run(4344, 3600)
     tag = TAGS.index("bearing_temp_c")
