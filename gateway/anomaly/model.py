@@ -31,8 +31,9 @@ back to where it was commissioned after a fault (a bearing cools for minutes, a 
 another point); that rest would otherwise hold the event open for as long as it lasts. The threshold
 is then held at the level the event subsided to, and comes down as the machine settles (to `settle`
 x its smoothed score, never below the model's threshold): what remains of the disturbance raises no
-new event, a new one on top of it does. A missing value is forward-filled up to `ffill_limit` samples; a longer gap leaves windows
-unscored (said as such, never taken as normal) until the gap has left the context.
+new event, a new one on top of it does. A missing value is forward-filled up to `ffill_limit` samples;
+a longer gap leaves windows unscored (said as such, never taken as normal) until the gap has left the
+context.
 
 The runtime is `ai_edge_litert` (LiteRT), else `tflite_runtime` (the same Interpreter API).
 TensorFlow is never imported here.
