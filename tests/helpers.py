@@ -124,8 +124,10 @@ class Subscriber:
             return [p["seq"] for _, p, _ in self.messages if "seq" in p]
 
     def close(self) -> None:
-        self.client.loop_stop()
+        # DISCONNECT first: it wakes paho's network thread, which then ends at once; loop_stop() first
+        # waits out the thread's select (up to 1 s) on every test's teardown.
         self.client.disconnect()
+        self.client.loop_stop()
 
 
 class TcpGate:
