@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import time
+from datetime import datetime
 
 import pytest
 
@@ -27,6 +28,7 @@ FAST_DEVICES = """
     counters: [{name: produced, register: produced_raw, bits: 16}]
 """
 MAX_INFLIGHT = 20
+OUTAGE = 4.0  # seconds: some 240 messages pile up (12 in-flight windows); the reconnect backoff reaches its 1 s cap
 
 
 def assert_every_seq_in_order(seqs: list[int], first: int = 1, window: int = MAX_INFLIGHT) -> None:
@@ -52,6 +54,22 @@ def upstream(gate_port: int, extra: str = "") -> str:
     return f", max_inflight: {MAX_INFLIGHT}{extra}"
 
 
+def sampled_after(sub, t: float) -> bool:
+    """Telemetry sampled after wall time t has arrived. JSON goes out as one stream in seq order, so every
+    row committed before t (a backlog) went out before it."""
+    return any(datetime.fromisoformat(p["ts"].replace("Z", "+00:00")).timestamp() > t
+               for p in sub.on("/telemetry")[-50:])
+
+
+def state_since(data_dir, t: float) -> dict | None:
+    """The gateway's state file (written every health_interval), if an instance wrote it after wall time t."""
+    try:
+        state = json.loads((data_dir / "state.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return state if datetime.fromisoformat(state["ts"].replace("Z", "+00:00")).timestamp() > t else None
+
+
 def test_repeated_broker_outages_lose_nothing(broker, gate, gateway, subscribe, tmp_path):
     g = gate(broker.port)
     sub = subscribe(broker.port, topic=f"{ROOT}/+/+")
@@ -68,14 +86,14 @@ def test_repeated_broker_outages_lose_nothing(broker, gate, gateway, subscribe, 
         g.cut()
         time.sleep(0.5)
         broker.kill()  # SIGKILL: the broker process is gone
-        time.sleep(10)  # the gateway keeps sampling into its outbox
+        time.sleep(OUTAGE)  # the gateway keeps sampling into its outbox
         assert gw.proc.poll() is None, "the gateway must survive the outage"
         subscribed = sub.subscriptions
         broker.start()
         wait_until(lambda: sub.subscriptions > subscribed, 15, what="the subscriber to subscribe again")
         g.is_open = True
-        backlog_end = max(sub.seqs()) + 300  # roughly what the outage piled up
-        wait_until(lambda: max(sub.seqs()) > backlog_end, 30, what=f"the backlog of outage {outage + 1} to drain")
+        reopened = time.time()
+        wait_until(lambda: sampled_after(sub, reopened), 30, what=f"the backlog of outage {outage + 1} to drain")
     assert gw.stop() == 0
     assert_every_seq_in_order(sub.seqs())
     assert gw.logs().count("connected to upstream") >= 3
@@ -117,15 +135,20 @@ def test_kill_9_during_a_burst_and_while_the_broker_is_down(mosquitto, gate, gat
     g.is_open = False
     subscribed = sub.subscriptions
     mosquitto.kill()
+    data = tmp_path / "data"
+    started = time.time()
     second = gateway(config).start()  # restarts with the broker down: samples pile up in the outbox
-    time.sleep(4)
+    wait_until(lambda: (s := state_since(data, started)) and min(d["polls"] for d in s["devices"].values()) >= 20,
+               20, what="the second instance to store a second of samples")
     second.kill()  # kill -9 while the broker is down
+    started = time.time()
     third = gateway(config).start()
-    time.sleep(2)
+    wait_until(lambda: state_since(data, started), 20, what="the third instance to run with the broker down")
     mosquitto.start()
     wait_until(lambda: sub.subscriptions > subscribed, 15, what="the subscriber to subscribe again")
     g.is_open = True
-    time.sleep(3)
+    reopened = time.time()
+    wait_until(lambda: sampled_after(sub, reopened), 30, what="the backlog to drain")
     assert third.stop() == 0
     assert_every_seq_in_order(sub.seqs())
     # Everything committed arrived: the outbox is empty and the last seq matches what was sent.
