@@ -100,6 +100,7 @@ class Site:
         self.users = Users(cfg.users_file) if cfg.users_file else None
         self.streams = 0
         self.tick = asyncio.Event()
+        self.closing = False  # the daemon stops: live streams end at their next wake-up
         self._cache: dict[str, tuple[float, bytes]] = {}
         self._static = {name: resources.files("gateway.web").joinpath("static").joinpath(name).read_bytes()
                         for name in (*STATIC, "index.html")}
@@ -117,7 +118,14 @@ class Site:
         r.add_get("/api/v1/shifts", self.shifts)
         r.add_get("/api/v1/live", self.live)
         r.add_get("/metrics", self.prometheus)
+        app.on_shutdown.append(self._end_streams)
         return app
+
+    async def _end_streams(self, app: web.Application) -> None:
+        """On stop, before aiohttp waits for the handlers: a live stream never ends by itself, so an open page
+        would hold the daemon's ordered drain (which stops the web first) until its limit cut it short."""
+        self.closing = True
+        self.tick.set()
 
     @web.middleware
     async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -244,10 +252,11 @@ class Site:
                                                "Cache-Control": "no-store"})
             await resp.prepare(request)
             snapshot = self.rec.snap() if self.streams == 1 else self.rec.snapshot  # the first watcher: fresh
-            while True:
+            while not self.closing:
                 await asyncio.wait_for(resp.write(b"data: " + snapshot + b"\n\n"), WRITE_LIMIT)
                 await self.tick.wait()
                 snapshot = self.rec.snapshot
+            return resp  # the daemon stops
         except (asyncio.TimeoutError, ConnectionError):
             return resp  # a watcher that stopped reading or went away
         finally:

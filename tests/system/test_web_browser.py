@@ -74,3 +74,5 @@ def test_the_page_shows_both_machines_live_and_shades_the_anomaly(tmp_path, mosq
     browser.screenshot(out / "web-phone.png")
     assert browser.errors == [], browser.errors
     assert proc.stop() == 0
+    # The page is still open: its live stream ends with the web server, so the ordered drain is not cut short.
+    assert "shutdown drain" not in proc.logs(), proc.logs()[-600:]
