@@ -27,10 +27,13 @@ pytest.importorskip("aiohttp")
 pytestmark = pytest.mark.slow
 
 # A pump scored by the shipped model (time_scale 20: the model's 1 s interval from 50 ms reads), its
-# bearings wearing from simulated second FAULT_AT, and a flexo line with counters, OEE and an alarm:
+# bearings wearing from simulated second `fault_at`, and a flexo line with counters, OEE and an alarm:
 # the two machines of the demo.
 FAULT_AT = 300  # simulated seconds: 15 s of real time
-DEVICES = f"""
+
+
+def demo_devices(fault_at: int = FAULT_AT) -> str:
+    return f"""
   - name: pump1
     source: sim
     profile: pump
@@ -39,7 +42,7 @@ DEVICES = f"""
     time_scale: 20
     model: pump-ae
     history: {{}}
-    faults: [{{fault: bearing_wear, at: {FAULT_AT}s, severity: 0.8, ramp: 30s}}]
+    faults: [{{fault: bearing_wear, at: {fault_at}s, severity: 0.8, ramp: 30s}}]
     alarms: [{{name: bearing_hot, tag: bearing_temp_c, above: 85, for: 10s, clear: 80, severity: high}}]
   - name: flexo1
     source: sim
@@ -53,6 +56,9 @@ DEVICES = f"""
           reason_tag: stop_reason, reasons: {{11: web break, 12: ink change}}, live_interval: 2s}}
     alarms: [{{name: dryer_cold, tag: dryer_temp_c, below: 50, for: 30s, clear: 55, severity: low}}]
 """
+
+
+DEVICES = demo_devices()
 
 
 def start_daemon(tmp_path: Path, mosquitto: Any, gateway: Any, web: str = "", devices: str = DEVICES) -> tuple[Any, str]:

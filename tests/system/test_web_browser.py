@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import pytest
 
-from tests.system.test_web_api import start_daemon
+from tests.system.test_web_api import demo_devices, start_daemon
 from tests.web_cdp import Browser, artifacts_dir, chromium
 
 pytest.importorskip("aiohttp")
 pytestmark = pytest.mark.slow
+FAULT_AT = 120  # simulated seconds: 6 s of real time, once the page shows the chart
 
 
 @pytest.fixture
@@ -26,7 +27,7 @@ def browser():
 
 
 def test_the_page_shows_both_machines_live_and_shades_the_anomaly(tmp_path, mosquitto, gateway, browser):
-    proc, base = start_daemon(tmp_path, mosquitto, gateway)
+    proc, base = start_daemon(tmp_path, mosquitto, gateway, devices=demo_devices(FAULT_AT))
     browser.open(base + "/")
     browser.wait_for("document.querySelectorAll('article.card').length === 2", 20, "both device cards")
     browser.wait_for("document.getElementById('conn').textContent === 'live'", 10, "the live stream")
@@ -48,7 +49,7 @@ def test_the_page_shows_both_machines_live_and_shades_the_anomaly(tmp_path, mosq
     first = browser.wait_for(points, 15, "the first chart points")
     browser.wait_for(f"{points} >= {first} + 3", 15, "the chart to gain points")
 
-    # the bearing wear (simulated second 300, 15 s in) raises an event: it is drawn shaded, with its top tags
+    # the bearing wear (from simulated second FAULT_AT) raises an event: it is drawn shaded, with its top tags
     events = "Number(document.querySelector('article[data-device=\"pump1\"] .chart').dataset.events || 0)"
     browser.wait_for(f"{events} >= 1", 90, "the anomaly event on the chart")
     # The shading is drawn on the chart's (transparent) canvas: count its pixels, red at 18 % alpha.
