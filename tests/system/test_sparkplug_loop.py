@@ -112,8 +112,8 @@ class PrimaryHost:
 
     def drop(self) -> None:
         if self.client is not None:
+            self.client.disconnect()  # first: paho's thread then ends at once (loop_stop first waits up to 1 s)
             self.client.loop_stop()
-            self.client.disconnect()
             self.client = None
 
 
