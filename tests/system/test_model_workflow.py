@@ -20,7 +20,7 @@ pytest.importorskip("ai_edge_litert")
 pytest.importorskip("tensorflow")
 
 from gateway import datadir  # noqa: E402
-from gateway.anomaly.recording import write_csv  # noqa: E402
+from gateway.anomaly.recording import parse_time, write_csv  # noqa: E402
 from sim.pump import TAGS  # noqa: E402
 from sim.scenarios import run  # noqa: E402
 
@@ -53,7 +53,7 @@ def test_record_export_train_score_deploy(tmp_path, mosquitto, gateway, subscrib
     after = exported(gw.config, "pump1", tmp_path / "normal.csv")
     assert after[0] == ["time", *TAGS]
     assert after[1:len(before)] == before[1:]
-    times = [r[0] for r in after[1:]]
+    times = [parse_time(r[0]) for r in after[1:]]  # as times: "…:24Z" comes before "…:24.050Z", not after
     assert times == sorted(set(times))
     result = cli("history", "stats", "-c", str(gw.config))
     assert result.returncode == 0 and "pump1: " in result.stdout
