@@ -375,6 +375,7 @@ class ScoreState:
 
 
 RECENT_LATENCIES = 256
+INPUT_LIMIT = 1e4  # spreads
 LEVEL_ALPHA = 0.1  # per window: an event's level follows its score over about 10 windows
 SETTLE_ALPHA = 0.05  # per window: a held threshold follows the settling score over about 20 windows
 
@@ -421,7 +422,9 @@ class DeviceScorer:
         previous = self.buf[-1].copy()
         self.buf[:-1] = self.buf[1:]  # shift in place: no new array per sample
         self.dbuf[:-1] = self.dbuf[1:]
-        self.buf[-1] = self.inputs.push(row, follow=not self.state.active)
+        # An input beyond INPUT_LIMIT spreads is held there: far past any threshold, and its statistics stay finite
+        # (a reading of 1e30 would overflow them into a NaN score, which no event rule can compare).
+        self.buf[-1] = np.clip(self.inputs.push(row, follow=not self.state.active), -INPUT_LIMIT, INPUT_LIMIT)
         gap = np.isnan(row)
         if gap.any():
             self.filled = 0  # this window and the next `span` ones contain a real gap

@@ -269,6 +269,25 @@ def test_a_stuck_sensor_is_one_event_for_as_long_as_it_stays_stuck(model):
     assert state[640:1200].all() and not state[1260:].any()
 
 
+@pytest.mark.parametrize("reading", [1e30, -1e300])
+def test_an_absurd_reading_is_one_event_and_the_detector_comes_back(model, reading):
+    """A value the statistics would overflow on (a NaN score no rule can compare) is held at 10,000 spreads:
+    one event while it lasts, and the model's own threshold again once it has left the window."""
+    rows = run(4347, 900).astype(np.float64)
+    tag = TAGS.index("flow_l_min")
+    rows[300:320, tag] = reading
+    scorer = DeviceScorer(model)
+    events, scores = [], []
+    for t, row in enumerate(rows):
+        event = scorer.push(float(t), dict(zip(TAGS, row.tolist())))
+        if event is not None:
+            events.append((t, event.kind))
+        scores.append(scorer.state.score)
+    assert [kind for _, kind in events] == ["start", "end"] and 300 <= events[0][0] < 305, events
+    assert all(s is not None and np.isfinite(s) for s in scores[300:400])
+    assert scorer.state.threshold == model.threshold and not scorer.state.active
+
+
 def test_a_slow_drift_of_a_drift_tag_raises_no_event(model):
     rows = run(4344, 3600)
     tag = TAGS.index("bearing_temp_c")
