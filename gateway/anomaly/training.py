@@ -312,7 +312,8 @@ def _train(name: str, recordings: Sequence[Recording], out_dir: Path, opts: Opti
     converter.inference_output_type = tf.int8
     int8 = _quiet(converter.convert)
 
-    flatline = _flatline(tags, grids, window, interval)
+    stuck_check = rows * interval >= FLATLINE_EVIDENCE_S
+    flatline = _flatline(tags, grids, window, stuck_check)
     context = max(2, opts.context)
     stats = _fit_stats(grids, center, spread, drift, opts.baseline_s, interval, context)
     meta: dict[str, Any] = {
@@ -400,7 +401,7 @@ def _train(name: str, recordings: Sequence[Recording], out_dir: Path, opts: Opti
         report.say(f"note: {span_s / 60:.0f} min of normal running vouch for about {rate_text(vouched)} false "
                    f"events at most; {rate_text(opts.false_alarms)} is an extrapolation of the fit. Record at "
                    f"least {_duration(meta['false_alarms']['needs_s'])} of normal running to vouch for it")
-    if not flatline["flatline_tags"] and rows * interval < FLATLINE_EVIDENCE_S:
+    if not stuck_check:
         report.say(f"note: no stuck-sensor check: it needs {_duration(FLATLINE_EVIDENCE_S)} of normal running to know "
                    f"how long each tag may hold one value ({_duration(rows * interval)} given)")
     report.held_out = [(g, start) for g, start in zip(grids, starts, strict=True)]
@@ -479,14 +480,13 @@ def _quiet(call: Callable[[], bytes]) -> bytes:
             os.close(copy)
 
 
-def _flatline(tags: list[str], grids: list[np.ndarray], window: int, interval: float) -> dict[str, Any]:
+def _flatline(tags: list[str], grids: list[np.ndarray], window: int, check: bool) -> dict[str, Any]:
     """Tags that never hold one exact value long in normal running: a long repeat means a stuck sensor. Only
-    from an hour of normal running on: a shorter one cannot tell a stuck sensor from a slow tag, a valve at
+    with `check` (an hour of normal running): a shorter one cannot tell a stuck sensor from a slow tag, a valve at
     rest or a historian that logs a value only when it changes (Cranfield's rig: tags that never repeated in
     its first 7 minutes held one value for 1-10 minutes later, in normal running, on 7 of 13 runs)."""
     longest = [max(_longest_repeat(g[:, j]) for g in grids) for j in range(len(tags))]
-    enough = sum(len(g) for g in grids) * interval >= FLATLINE_EVIDENCE_S
-    eligible = [t for t, n in zip(tags, longest, strict=True) if n < 10 and enough]
+    eligible = [t for t, n in zip(tags, longest, strict=True) if n < 10 and check]
     after = max(30, window, 3 * max((n for t, n in zip(tags, longest, strict=True) if t in eligible), default=0))
     return {"flatline_tags": eligible, "flatline_after": after}
 

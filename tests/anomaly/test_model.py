@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -198,16 +199,34 @@ def test_bearing_wear_raises_an_anomaly_event_and_a_normal_run_does_not(tmp_path
     assert not [m for m in modules if m.split(".")[0] in ("asyncua", "amqtt") or m.startswith("google.protobuf")]
 
 
-def flagged(model, rows):
-    """Each row's state (True: in an event) and the events, as the daemon's scorer gives them."""
+@dataclass
+class Trace:
+    """Rows fed through the daemon's scorer: per row, whether in an event, the score and the threshold in
+    effect; the events with their rows; the scorer as it ended."""
+    scorer: DeviceScorer
+    state: np.ndarray
+    scores: list
+    thresholds: np.ndarray
+    events: list
+
+
+def trace(model, rows) -> Trace:
     scorer = DeviceScorer(model)
-    state, events = [], []
+    state, scores, thresholds, events = [], [], [], []
     for t, row in enumerate(rows):
         event = scorer.push(float(t), dict(zip(TAGS, row.tolist())))
         if event is not None:
-            events.append((t, event.kind))
+            events.append((t, event))
         state.append(scorer.state.active)
-    return np.array(state), events
+        scores.append(scorer.state.score)
+        thresholds.append(scorer.state.threshold)
+    return Trace(scorer, np.array(state), scores, np.array(thresholds), events)
+
+
+def flagged(model, rows):
+    """Each row's state (True: in an event) and the events, as the daemon's scorer gives them."""
+    traced = trace(model, rows)
+    return traced.state, [(t, event.kind) for t, event in traced.events]
 
 
 def test_a_sustained_step_in_a_level_tag_is_one_event_for_as_long_as_it_lasts(model):
@@ -237,15 +256,9 @@ def test_an_event_that_subsides_ends_and_the_threshold_is_held_until_the_machine
     x[600:900, tag] += 12 * spread  # blocked
     x[900:1500, tag] += 3 * spread  # partly cleared: above the threshold, far below the blockage
     x[1900:2100, tag] += 12 * spread  # blocked again, after the machine came back
-    scorer = DeviceScorer(model)
-    events, held = [], np.zeros(len(x))
-    for t, row in enumerate(x):
-        event = scorer.push(float(t), dict(zip(TAGS, row.tolist())))
-        if event is not None:
-            events.append((t, event))
-        held[t] = scorer.state.threshold
-        if 1000 <= t < 1500:
-            assert scorer.state.score is not None and scorer.state.score > model.threshold  # no longer in an event
+    traced = trace(model, x)
+    events, held = traced.events, traced.thresholds
+    assert all(s is not None and s > model.threshold for s in traced.scores[1000:1500])  # no longer in an event
     assert [e.kind for _, e in events] == ["start", "end", "start", "end"], events
     (start, _), (end, subsided) = events[:2]
     assert 600 <= start < 630 and 900 <= end < 960
@@ -276,16 +289,11 @@ def test_an_absurd_reading_is_one_event_and_the_detector_comes_back(model, readi
     rows = run(4347, 900).astype(np.float64)
     tag = TAGS.index("flow_l_min")
     rows[300:320, tag] = reading
-    scorer = DeviceScorer(model)
-    events, scores = [], []
-    for t, row in enumerate(rows):
-        event = scorer.push(float(t), dict(zip(TAGS, row.tolist())))
-        if event is not None:
-            events.append((t, event.kind))
-        scores.append(scorer.state.score)
+    traced = trace(model, rows)
+    events = [(t, event.kind) for t, event in traced.events]
     assert [kind for _, kind in events] == ["start", "end"] and 300 <= events[0][0] < 305, events
-    assert all(s is not None and np.isfinite(s) for s in scores[300:400])
-    assert scorer.state.threshold == model.threshold and not scorer.state.active
+    assert all(s is not None and np.isfinite(s) for s in traced.scores[300:400])
+    assert traced.scorer.state.threshold == model.threshold and not traced.scorer.state.active
 
 
 def test_a_slow_drift_of_a_drift_tag_raises_no_event(model):
