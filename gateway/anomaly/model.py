@@ -195,7 +195,11 @@ class Model:
             Inputs.from_meta(inputs, self.interval)  # the transform can be built
             self.drift = np.asarray(inputs["drift"], dtype=bool)
             self.inv_error = (1.0 / np.asarray(meta["error_scale"], dtype=np.float64)).astype(np.float32)
-            events = meta.get("events", {})
+            events, alarms = meta.get("events", {}), meta.get("false_alarms", {})
+            if not isinstance(events, dict) or not isinstance(alarms, dict):
+                raise ValueError("events and false_alarms need to be objects")
+            self.false_alarm_rate = float(alarms.get("per_second", 0.0))  # per second of normal running, calibrated
+            self.false_alarms_asked = str(alarms.get("asked", "?"))  # as the user said it: 1/week
             self.cusum_h, self.cusum_cap = float(events.get("h", 1.0)), float(events.get("cap", 4.0))
             self.start_after, self.end_after = int(events.get("start_after", 1)), int(events.get("end_after", 10))
             self.subside = float(events.get("subside", 0.0))  # 0: events end only back below the threshold
@@ -207,9 +211,11 @@ class Model:
             self.flatline_after = int(meta.get("flatline_after", self.window))  # samples of one exact value
             if self.window < 1 or self.stride < 1 or self.interval <= 0 or not math.isfinite(self.threshold) \
                     or self.threshold <= 0 or self.cusum_h <= 0 or self.end_after < 1 \
-                    or not 0 <= self.subside < 1 or not self.settle >= 1:
+                    or not 0 <= self.subside < 1 or not 1 <= self.settle < math.inf \
+                    or not 0 <= self.false_alarm_rate < math.inf:
                 raise ValueError("window, stride and events.end_after need to be 1 or more, interval_s, threshold and "
-                                 "events.h above 0, events.subside from 0 to below 1, events.settle 1 or more")
+                                 "events.h above 0, events.subside from 0 to below 1, events.settle 1 or more, "
+                                 "false_alarms.per_second 0 or more")
             self.context = self.stats.context
         except (KeyError, TypeError, ValueError) as err:
             why = f"lacks {err}" if isinstance(err, KeyError) else str(err)

@@ -40,11 +40,10 @@ class Summary:
 
     def expected(self, model: Model) -> str:
         """The false events the model's calibration expects over this span of normal running, beside those seen."""
-        rate = float(model.meta.get("false_alarms", {}).get("per_second", 0.0))
         span = self.rows * model.interval
         hours = span / 3600
         return (f"false events expected in {hours:.2f} h of normal running at the calibrated "
-                f"{model.meta.get('false_alarms', {}).get('asked', '?')}: {rate * span:.2g}; events seen: "
+                f"{model.false_alarms_asked}: {model.false_alarm_rate * span:.2g}; events seen: "
                 f"{self.events} (those outside known faults are false)")
 
     def text(self, interval: float) -> str:

@@ -129,12 +129,11 @@ def _summary(model: Any, rows: Sequence[Any], spans: list[tuple[int, int]], scor
     n = len(rows)
     flagged = sum(r.state == "anomaly" for r in rows)
     span_s = n * model.interval
-    rate = float(model.meta.get("false_alarms", {}).get("per_second", 0.0))
     return [
         ("model", f"{model.name}: {len(model.tags)} tags, threshold {model.threshold:.4g}"),
         ("rows", f"{n} ({span_s / 3600:.2f} h), {int(np.isfinite(score).sum())} windows scored"),
         ("events", f"{len(spans)}; {flagged} rows in anomaly ({flagged / max(1, n):.1%})"),
-        ("false events expected", f"{rate * span_s:.2g} in this span if it was all normal running "
-                                  f"({model.meta.get('false_alarms', {}).get('asked', '?')})"),
+        ("false events expected", f"{model.false_alarm_rate * span_s:.2g} in this span if it was all normal running "
+                                  f"({model.false_alarms_asked})"),
         ("highest score", f"{np.nanmax(score):.4g}" if np.isfinite(score).any() else "-"),
     ]

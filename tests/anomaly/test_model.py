@@ -52,6 +52,8 @@ def test_the_shipped_model_and_a_good_config_pass(tmp_path):
     ("format1", "its metadata {dir}/pump-ae.json is format 1, this gateway reads format 3: train it again"),
     ("short", "its metadata {dir}/pump-ae.json is not usable: inputs.center, inputs.spread, inputs.drift and "
               "error_scale need one entry per tag"),
+    ("events_list", "its metadata {dir}/pump-ae.json is not usable: events and false_alarms need to be objects"),
+    ("settle_inf", "its metadata {dir}/pump-ae.json is not usable: window, stride and events.end_after need"),
 ])
 def test_a_bad_model_is_a_config_error_naming_device_model_and_mismatch(tmp_path, damage, expected):
     d = tmp_path / "models"
@@ -73,6 +75,10 @@ def test_a_bad_model_is_a_config_error_naming_device_model_and_mismatch(tmp_path
         del meta["format"]
     elif damage == "short":
         meta["error_scale"] = meta["error_scale"][:3]
+    elif damage == "events_list":
+        meta["events"] = [meta["events"]]
+    elif damage == "settle_inf":
+        meta["events"]["settle"] = float("inf")  # a threshold held for ever
     text = {"bad_json": "{not json", "deep_json": "[" * 10000 + "]" * 10000}.get(damage, json.dumps(meta))
     (d / "pump-ae.json").write_text(text)
     result = check(tmp_path, PUMP, d)
