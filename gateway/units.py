@@ -1,4 +1,4 @@
-"""Durations (`250ms`, `10s`, `7d`), sizes (`512MiB`) and timestamps as the contract writes them."""
+"""Durations (`250ms`, `10s`, `7d`), sizes (`512MiB`), timestamps as the contract writes them, numbers read back."""
 
 from __future__ import annotations
 
@@ -61,3 +61,9 @@ def rfc3339(ts: float) -> str:
 
 _second: int | None = None
 _prefix = ""
+
+
+def finite(value: object) -> float | None:
+    """A JSON number that is a finite float, or None (a missing, mistyped or non-finite field read back)."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+        else None

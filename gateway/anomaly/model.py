@@ -58,6 +58,7 @@ from typing import Any, cast
 import numpy as np
 
 from gateway.errors import ModelError
+from gateway.units import finite
 
 FORMAT = 3
 REQUIRED = ("format", "tags", "window", "stride", "interval_s", "inputs", "error_scale", "stats", "threshold",
@@ -178,6 +179,7 @@ class Model:
             raise ModelError(f"{tflite_path.name} does not match its metadata: sha256 {digest[:16]}..., "
                              f"metadata says {str(meta['sha256'])[:16]}... (a model swapped without its .json?)")
         self.meta = meta
+        self.identity = digest  # what a saved event state was scored by (`DeviceScorer.resume`)
         try:
             self.name = str(meta.get("name", tflite_path.stem))
             self.tags: list[str] = [str(t) for t in meta["tags"]]
@@ -507,9 +509,44 @@ class DeviceScorer:
             return Event("start", score, self.top_tags(err, flat), st.threshold)
         return None
 
+    @property
+    def settling(self) -> bool:
+        """An event is open, or the threshold is still held after one: state a restart must not forget."""
+        return self.state.active or self.state.threshold > self.model.threshold
+
+    def event_state(self) -> dict[str, Any]:
+        """What a restart must not forget, as JSON: an open event (when it started, its peak, level and sum, and
+        the drift baselines it holds still), or the threshold held after one and the level it settles on."""
+        st = self.state
+        return {"model": self.model.identity, "name": self.model.name, "active": st.active, "started": self._event_start,
+                "peak": self._peak, "level": self.level, "event_level": self.event_level, "cusum": self.cusum,
+                "threshold": st.threshold,
+                "baseline": [None if math.isnan(b) else float(b) for b in self.inputs.baseline] if st.active else None}
+
+    def resume(self, record: Mapping[str, Any]) -> None:
+        """Take up `event_state()` after a restart: an open event stays open (no second start; its end says when it
+        started) and a held threshold stays held. Saved with another model, only the open event carries over: the
+        new model decides when it ends. Anything else in `record` is ignored."""
+        m, st = self.model, self.state
+        num = finite
+        same = record.get("model") == m.identity
+        if record.get("active") is True and (started := num(record.get("started"))) is not None:
+            st.active, self._event_start, self.cusum = True, started, m.cusum_h
+            if same:
+                self.cusum = min(m.cusum_cap, max(0.0, num(record.get("cusum")) or 0.0))
+                self._peak = num(record.get("peak")) or 0.0
+                self.level = num(record.get("level")) or 0.0
+                self.event_level = num(record.get("event_level")) or self.level
+                baseline = record.get("baseline")
+                if isinstance(baseline, list) and len(baseline) == len(m.tags):
+                    self.inputs.baseline = np.array([math.nan if (b := num(v)) is None else b for v in baseline])
+        elif same and (held := num(record.get("threshold"))) is not None and held > m.threshold:
+            st.threshold, self.level = held, num(record.get("level")) or held / m.settle
+
     def take_latency(self) -> list[float]:
         out, self.state.latency_us = self.state.latency_us, []
         return out
+
 
 
 def _number(value: object) -> float:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from gateway.config import Device
 from gateway.contract import Topics
 from gateway.pipeline.health import DeviceHealth
-from gateway.pipeline.stages import Counting, Events, Publishing, scoring_for
+from gateway.pipeline.stages import Counting, Events, Publishing, UnwatchedEvent, scoring_for
 from gateway.sample import Sample
 from gateway.shifts import ShiftCalendar
 from gateway.sources import Source
@@ -40,6 +40,7 @@ class DeviceRunner:
         self.scoring = scoring_for(device, model, outbox, topics)
         self.counting = Counting(device, outbox, topics, shifts, scored=self.scoring is not None)
         self.events = Events(device, outbox, topics, self.counting) if device.oee or device.alarms else None
+        self.unwatched = UnwatchedEvent.of(device, outbox, topics, self.counting) if self.scoring is None else None
         self.publishing = Publishing(device, outbox, topics, self.counting, self.scoring)
         self.history = history
         self.last_sample: Sample | None = None  # for the web page: the newest reading, as it came
@@ -65,6 +66,9 @@ class DeviceRunner:
         else:
             self.health.sampled(sample.ts, sample.bad_tags, sample.problem)
             self.counting.observe(sample)
+        if self.unwatched is not None:
+            self.unwatched.end(sample.ts)
+            self.unwatched = None
         if self.scoring is not None and (event := self.scoring.push(sample)) is not None:
             self.counting.anomaly(sample.ts, event.kind == "start")
         if self.events is not None:
@@ -74,9 +78,12 @@ class DeviceRunner:
             self.history.add(self.name, self.device.tags, sample)
 
     def flush(self) -> None:
-        """At shutdown: report counter totals that changed since the last counters message."""
+        """At shutdown: report counter totals that changed since the last counters message; keep the anomaly
+        event state as it is now (between samples it is saved every `SAVE_EVERY` windows)."""
         if self.counting.changed and self.health.last_sample is not None:
             self.counting.stage_counters(self.health.last_sample)
+        if self.scoring is not None and self.scoring.scorer.settling:
+            self.scoring.save()
 
     def health_report(self) -> dict[str, Any]:
         h = self.health

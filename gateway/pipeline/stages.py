@@ -26,7 +26,7 @@ from gateway.sample import OK, Sample
 from gateway.shifts import ShiftCalendar
 from gateway.sources import tag_types
 from gateway.store.outbox import Outbox
-from gateway.units import rfc3339
+from gateway.units import finite, rfc3339
 
 if TYPE_CHECKING:
     from gateway.anomaly.model import DeviceScorer, Event, Model
@@ -67,6 +67,7 @@ class Counting:
 
     def anomaly(self, ts: float, active: bool) -> None:
         self.book.anomaly(ts, active)
+        self.save_book()  # in the transaction of the event: a kill -9 cannot leave the shift counting anomaly time
 
     def live_oee(self, rec: ShiftRecord, ts: float, final: bool = False) -> dict[str, Any]:
         oee = self.device.oee
@@ -132,8 +133,12 @@ class Counting:
             log.info("device %s: shift %s closed%s", name, rec.shift_id,
                      " (missed: the gateway was down)" if rec.missed else
                      " (partial)" if payload["partial"] else "", extra=fields(name, "shift_closed"))
+        self.save_book()
+
+    def save_book(self) -> None:
+        """The running shift's record, when it changed: with the next commit, beside the messages that changed it."""
         if self.book.changed and self.book.current is not None:
-            self.outbox.stage_shift(name, self.book.current.to_json())
+            self.outbox.stage_shift(self.device.name, self.book.current.to_json())
             self.book.changed = False
 
     def _problem(self, counter: CounterSection, problem: str | None) -> None:
@@ -227,6 +232,7 @@ class Events:
                 log.info("device %s: every alarm has a good reading again", name, extra=fields(name, "alarm_known"))
         if events or now_unknown != unknown:
             self.outbox.stage_state(name, "alarms", alarms.to_json())
+            self.counting.save_book()
 
     def status(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -243,6 +249,9 @@ class Events:
         return out
 
 
+SAVE_EVERY = 30  # windows: how stale a saved open event's level or a held threshold may be after a kill -9
+
+
 class Scoring:
     """The anomaly model: every `stride` samples a window is scored; events go upstream at once."""
 
@@ -253,6 +262,10 @@ class Scoring:
         self.scorer: DeviceScorer = DeviceScorer(model)
         self.outbox = outbox
         self._topic = topics.anomaly(device.name)
+        if (saved := outbox.device_state(device.name, "anomaly")) is not None:
+            self.scorer.resume(saved)
+        self._saved_at = 0  # windows scored when the event state was last staged
+        self._saved_settling = self.scorer.settling
 
     @property
     def score(self) -> float | None:
@@ -266,7 +279,12 @@ class Scoring:
     def push(self, sample: Sample) -> Event | None:
         """Score the sample's window when one is due; the event, when one starts or ends."""
         values = {tag: v if sample.quality.get(tag, OK) == OK else None for tag, v in sample.values.items()}
-        event = self.scorer.push(sample.ts, values)
+        scorer = self.scorer
+        event = scorer.push(sample.ts, values)
+        settling = scorer.settling
+        if event is not None or settling != self._saved_settling or \
+                (settling and scorer.state.scored - self._saved_at >= SAVE_EVERY):
+            self.save()  # in the transaction of the event it reports: a restart neither repeats a start nor loses an end
         if event is None:
             return None
         model, name = self.scorer.model, self.device.name
@@ -287,6 +305,11 @@ class Scoring:
                         sample.ts - (event.started or sample.ts), event.peak or 0.0,
                         extra=fields(name, "anomaly_end"))
         return event
+
+    def save(self) -> None:
+        """Stage the event state (`DeviceScorer.event_state`) for the next commit."""
+        self.outbox.stage_state(self.device.name, "anomaly", self.scorer.event_state())
+        self._saved_at, self._saved_settling = self.scorer.state.scored, self.scorer.settling
 
     def status(self) -> dict[str, Any]:
         st = self.scorer.state
@@ -369,5 +392,29 @@ class Publishing:
 
 def scoring_for(device: Device, model: Model | None, outbox: Outbox, topics: Topics) -> Scoring | None:
     return Scoring(device, model, outbox, topics) if model is not None else None
+
+
+class UnwatchedEvent:
+    """An anomaly event left open when the device lost its model (taken out of the config while the event was
+    open): ended at the device's first sample, so that upstream and the shift book do not wait for an end forever."""
+
+    def __init__(self, device: Device, outbox: Outbox, topics: Topics, counting: Counting, saved: dict[str, Any]) -> None:
+        self.device, self.outbox, self.counting, self.saved = device, outbox, counting, saved
+        self._topic = topics.anomaly(device.name)
+
+    @classmethod
+    def of(cls, device: Device, outbox: Outbox, topics: Topics, counting: Counting) -> UnwatchedEvent | None:
+        saved = outbox.device_state(device.name, "anomaly")
+        return cls(device, outbox, topics, counting, saved) if saved and saved.get("active") is True else None
+
+    def end(self, ts: float) -> None:
+        name, saved = self.device.name, self.saved
+        started, peak, level, threshold = (finite(saved.get(k)) for k in ("started", "peak", "level", "threshold"))
+        self.outbox.stage(self._topic, contract.anomaly(name, ts, "end", level or 0.0, threshold or 0.0,
+                                                        str(saved.get("name", "?")), [], started, peak), created=ts)
+        self.outbox.stage_state(name, "anomaly", {"active": False})
+        self.counting.anomaly(ts, False)
+        log.warning("device %s: the anomaly event open since %s ended: the device has no model any more", name,
+                    rfc3339(started) if started is not None else "before the restart", extra=fields(name, "anomaly_end"))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import signal
 import subprocess
@@ -367,3 +368,35 @@ def test_plot_writes_a_file_a_viewer_opens(model, tmp_path, suffix):
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
     width, height = struct.unpack(">II", data[16:24])
     assert width >= 800 and height >= 600 and len(data) > 20_000
+
+
+def test_a_saved_event_state_resumes_only_what_it_can_vouch_for(model):
+    """`resume` takes up an open event (any model: the new one decides its end) and a held threshold (the same
+    model only); a record it cannot read, field by field, is ignored: a restart never fails on it."""
+    open_event = {"model": model.identity, "name": model.name, "active": True, "started": 100.0, "peak": 30.0,
+                  "level": 20.0, "event_level": 25.0, "cusum": 2.0, "threshold": model.threshold,
+                  "baseline": [None] * len(model.tags)}
+    scorer = DeviceScorer(model)
+    scorer.resume(open_event)
+    assert scorer.state.active and scorer.event_state()["started"] == 100.0 and scorer.event_level == 25.0
+    other = DeviceScorer(model)
+    other.resume({**open_event, "model": "another model's digest"})
+    assert other.state.active and other.event_state()["started"] == 100.0 and other.event_level == 0.0
+    held = {"model": model.identity, "active": False, "threshold": 3 * model.threshold, "level": 5.0}
+    scorer = DeviceScorer(model)
+    scorer.resume(held)
+    assert scorer.state.threshold == 3 * model.threshold and scorer.settling
+    scorer = DeviceScorer(model)
+    scorer.resume({**held, "model": "another model's digest"})
+    assert scorer.state.threshold == model.threshold and not scorer.settling
+    for bad in ({}, {"active": "yes", "started": 1.0}, {"active": True, "started": "x"}, {"active": True},
+                {**open_event, "peak": "high", "level": None, "cusum": [1], "baseline": [1.0]},
+                {**open_event, "baseline": ["x"] * len(model.tags)}, {**held, "threshold": float("inf")},
+                {**held, "threshold": -1.0}, {**held, "threshold": True}):
+        scorer = DeviceScorer(model)
+        scorer.resume(bad)
+        rows = run(5, 40)
+        for t, row in enumerate(rows):
+            scorer.push(200.0 + t, dict(zip(TAGS, row.tolist())))
+        assert scorer.state.score is not None and math.isfinite(scorer.state.score), bad
+        assert math.isfinite(scorer.state.threshold) and scorer.state.threshold >= model.threshold, bad

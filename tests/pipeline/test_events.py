@@ -255,3 +255,133 @@ def test_an_alarm_without_clear_or_for_does_not_chatter_on_a_value_wavering_at_i
     assert [(e.rule.name, e.kind) for e in events] == [("hot", "end"), ("low", "end")]
     # An explicit clear at the limit is the user's choice: no deadband.
     assert AlarmSection(name="x", tag="t", above=85.0, clear=85.0).clear_at == 85.0
+
+
+def _pump_pipeline(path: Path, model):
+    cfg = config.parse("""
+gateway: {id: g, site: s}
+upstream: {host: h}
+devices:
+  - {name: pump1, source: sim, profile: pump, model: pump-ae}
+""")
+    store = Outbox.open(str(path), bounds=Bounds(max_age=10 * 365 * 86400.0))
+    calendar = ShiftCalendar([("day", "00:00")], "UTC")
+    return store, DeviceRunner(cfg.devices[0], NoSource(), store, Topics("root"), calendar, model=model)
+
+
+def test_an_anomaly_event_open_across_a_restart_ends_exactly_once_and_a_held_threshold_is_kept(tmp_path):
+    """The gateway stops without a word (kill -9: the last commit is all that is kept) while the bearing
+    wear's event is open, and again while its threshold is held after it subsided. The machine goes on;
+    each restart resumes the event's state: no second start, one end that knows when the event started,
+    the held threshold as it was, and the shift's anomaly time stops with the event."""
+    pytest.importorskip("ai_edge_litert")
+    import sim
+    from gateway.anomaly import model as anomaly
+
+    model = anomaly.load("pump-ae", anomaly.model_dir())
+    pump = sim.make("pump", 4)
+    pump.inject("bearing_wear", at=600.0, ramp=120.0, duration=900.0)
+    t0, path, messages = 1_795_000_000.0, tmp_path / "g.db", []
+    store, runner = _pump_pipeline(path, model)
+    restarts: list[tuple[str, float]] = []
+
+    def collect() -> None:
+        for m in store.fetch(0, 10**7):
+            messages.append((m.topic.split("/")[-1], json.loads(m.payload)))
+            store.ack(m.seq, len(m.payload))
+        assert store.commit()
+
+    for i in range(4000):
+        readings = {tag: round(v, 3) for tag, v in pump.step(1.0).items()}
+        if any(t <= i < t + 20 for _, t in restarts):
+            continue  # the gateway is down: these samples are never read
+        if len(restarts) == 2 and i > restarts[1][1] + 300:
+            break
+        runner.process(Sample.from_readings("pump1", t0 + i, readings))
+        assert store.commit()
+        st = runner.scoring.scorer.state
+        if not restarts and st.active and i > 600 + 200:  # well inside the event
+            restarts.append(("open", i))
+        elif len(restarts) == 1 and not st.active and st.threshold > model.threshold * 1.5:
+            restarts.append(("held", i))
+            held = st.threshold
+        else:
+            continue
+        collect()
+        store, runner = _pump_pipeline(path, model)  # kill -9: nothing closed, a new process on the same file
+        if restarts[-1][0] == "held":
+            assert runner.scoring.threshold == pytest.approx(held)
+            assert runner.health_report()["anomaly"]["threshold"] == pytest.approx(held)
+        else:
+            assert runner.scoring.scorer.state.active and runner.health_report()["anomaly"]["state"] == "anomaly"
+    collect()
+    assert [kind for kind, _ in restarts] == ["open", "held"], restarts
+    events = [p for k, p in messages if k == "anomaly"]
+    assert [e["event"] for e in events][:2] == ["start", "end"], events
+    start, end = events[:2]
+    assert end["started"] == start["ts"] and end["duration_s"] > 200
+    shift = runner.counting.book.current
+    assert shift is not None and not shift.in_anomaly
+    assert shift.anomaly_s == pytest.approx(end["duration_s"], abs=30)  # the shift counts the event's time once
+    store.close()
+
+
+def test_an_anomaly_event_left_open_by_a_model_taken_out_of_the_config_ends_once(tmp_path):
+    """The device's model is taken out of the config while its event is open: the next start ends that event
+    (upstream and the shift book would otherwise wait for an end forever), once."""
+    pytest.importorskip("ai_edge_litert")
+    import sim
+    from gateway.anomaly import model as anomaly
+
+    pump = sim.make("pump", 4)
+    pump.inject("cavitation", at=120.0, ramp=0.0)
+    t0, path = 1_795_000_000.0, tmp_path / "g.db"
+    store, runner = _pump_pipeline(path, anomaly.load("pump-ae", anomaly.model_dir()))
+    t = 0
+    while not runner.scoring.scorer.state.active:
+        runner.process(Sample.from_readings("pump1", t0 + t, pump.step(1.0)))
+        assert store.commit() and t < 600
+        t += 1
+    for _ in range(2):  # two restarts without the model: one end
+        store, runner = _pump_pipeline(path, None)
+        for _ in range(5):
+            runner.process(Sample.from_readings("pump1", t0 + t, pump.step(1.0)))
+            assert store.commit()
+            t += 1
+    events = [json.loads(m.payload) for m in store.fetch(0, 10**7) if m.topic.endswith("/anomaly")]
+    assert [e["event"] for e in events] == ["start", "end"], events
+    assert events[1]["started"] == events[0]["ts"] and events[1]["model"] == "pump-ae"
+    assert not runner.counting.book.current.in_anomaly
+    store.close()
+
+
+def test_an_anomaly_event_open_across_kill_9_ends_exactly_once(mosquitto, gateway, subscribe, tmp_path):
+    """The daemon, killed -9 while cavitation's anomaly event is open: after the restart (the in-process simulator
+    starts again before the fault) the event ends once, saying when it started, and no second start is sent
+    before that end; the fault coming back later is a new event."""
+    pytest.importorskip("ai_edge_litert")
+    from tests.helpers import gateway_config, wait_until
+
+    devices = """
+  - name: pump1
+    source: sim
+    profile: pump
+    seed: 3
+    interval: 50ms
+    time_scale: 20
+    model: pump-ae
+    faults: [{fault: cavitation, at: 60s, ramp: 0s, duration: 120s}]
+"""
+    sub = subscribe(mosquitto.port, topic="edge/lab/test-gw/pump1/anomaly")
+    config_text = gateway_config(tmp_path / "data", mosquitto.port, devices=devices)
+    first = gateway(config_text).start()
+    wait_until(lambda: sub.on("/anomaly"), 60, what="the cavitation's anomaly event to start")
+    first.kill()
+    second = gateway(config_text).start()
+    wait_until(lambda: len({a["seq"] for a in sub.on("/anomaly")}) >= 3, 60, what="the event to end and come back")
+    assert second.stop() == 0
+    events = [a for _, a in sorted({a["seq"]: a for a in sub.on("/anomaly")}.items())]  # a resend keeps its seq
+    kinds = [e["event"] for e in events]
+    assert kinds[:3] == ["start", "end", "start"] and "start,start" not in ",".join(kinds), kinds
+    assert events[1]["started"] == events[0]["ts"]
+    assert "Traceback" not in first.logs() + second.logs()
