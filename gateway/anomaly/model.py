@@ -521,31 +521,41 @@ class DeviceScorer:
         return {"model": self.model.identity, "name": self.model.name, "active": st.active, "started": self._event_start,
                 "peak": self._peak, "level": self.level, "event_level": self.event_level, "cusum": self.cusum,
                 "threshold": st.threshold,
-                "baseline": [None if math.isnan(b) else float(b) for b in self.inputs.baseline] if st.active else None}
+                **({"baseline": [None if math.isnan(b) else float(b) for b in self.inputs.baseline],
+                    "raw": [None if math.isnan(r) else float(r) for r in self._raw],
+                    "same_run": [int(n) for n in self.same_run]} if st.active else {})}
 
     def resume(self, record: Mapping[str, Any]) -> None:
         """Take up `event_state()` after a restart: an open event stays open (no second start; its end says when it
         started) and a held threshold stays held. Saved with another model, only the open event carries over: the
         new model decides when it ends. Anything else in `record` is ignored."""
         m, st = self.model, self.state
-        num = finite
         same = record.get("model") == m.identity
-        if record.get("active") is True and (started := num(record.get("started"))) is not None:
+        if record.get("active") is True and (started := finite(record.get("started"))) is not None:
             st.active, self._event_start, self.cusum = True, started, m.cusum_h
             if same:
-                self.cusum = min(m.cusum_cap, max(0.0, num(record.get("cusum")) or 0.0))
-                self._peak = num(record.get("peak")) or 0.0
-                self.level = num(record.get("level")) or 0.0
-                self.event_level = num(record.get("event_level")) or self.level
-                baseline = record.get("baseline")
-                if isinstance(baseline, list) and len(baseline) == len(m.tags):
-                    self.inputs.baseline = np.array([math.nan if (b := num(v)) is None else b for v in baseline])
-        elif same and (held := num(record.get("threshold"))) is not None and held > m.threshold:
-            st.threshold, self.level = held, num(record.get("level")) or held / m.settle
+                self.cusum = min(m.cusum_cap, max(0.0, finite(record.get("cusum")) or 0.0))
+                self._peak = finite(record.get("peak")) or 0.0
+                self.level = finite(record.get("level")) or 0.0
+                self.event_level = finite(record.get("event_level")) or self.level
+                self.inputs.baseline = _floats(record.get("baseline"), self.inputs.baseline)
+                # A sensor stuck before the restart is still stuck after it: its run of one value goes on.
+                self._raw = _floats(record.get("raw"), self._raw)
+                runs = _floats(record.get("same_run"), self.same_run.astype(np.float64))
+                self.same_run = np.where(np.isnan(runs), 0, np.clip(runs, 0, 2**31)).astype(np.int64)
+        elif same and (held := finite(record.get("threshold"))) is not None and held > m.threshold:
+            st.threshold, self.level = held, finite(record.get("level")) or held / m.settle
 
     def take_latency(self) -> list[float]:
         out, self.state.latency_us = self.state.latency_us, []
         return out
+
+
+def _floats(saved: object, default: np.ndarray) -> np.ndarray:
+    """A saved list of numbers (None: NaN) of `default`'s length as an array, or `default` if it is not one."""
+    if not isinstance(saved, list) or len(saved) != len(default):
+        return default
+    return np.array([math.nan if (v := finite(x)) is None else v for x in saved], dtype=np.float64)
 
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import shutil
@@ -217,10 +218,16 @@ class Trace:
     events: list
 
 
-def trace(model, rows) -> Trace:
+def trace(model, rows, restart_at: int | None = None) -> Trace:
+    """The scorer's view of `rows`; with `restart_at`, a new scorer takes up the old one's saved event state at
+    that row (a restart, with no samples lost)."""
     scorer = DeviceScorer(model)
     state, scores, thresholds, events = [], [], [], []
     for t, row in enumerate(rows):
+        if t == restart_at:
+            saved = json.loads(json.dumps(scorer.event_state()))  # as the outbox keeps it
+            scorer = DeviceScorer(model)
+            scorer.resume(saved)
         event = scorer.push(float(t), dict(zip(TAGS, row.tolist())))
         if event is not None:
             events.append((t, event))
@@ -230,9 +237,9 @@ def trace(model, rows) -> Trace:
     return Trace(scorer, np.array(state), scores, np.array(thresholds), events)
 
 
-def flagged(model, rows):
+def flagged(model, rows, restart_at: int | None = None):
     """Each row's state (True: in an event) and the events, as the daemon's scorer gives them."""
-    traced = trace(model, rows)
+    traced = trace(model, rows, restart_at)
     return traced.state, [(t, event.kind) for t, event in traced.events]
 
 
@@ -275,18 +282,25 @@ def test_an_event_that_subsides_ends_and_the_threshold_is_held_until_the_machine
     assert 1900 <= events[2][0] < 1930 and events[2][1].threshold == model.threshold
 
 
-def test_a_stuck_sensor_is_one_event_for_as_long_as_it_stays_stuck(model):
+@pytest.mark.parametrize("flatline_after, restart_at", [(None, None), (200, None), (200, 900)])
+def test_a_stuck_sensor_is_one_event_for_as_long_as_it_stays_stuck(model, flatline_after, restart_at):
     """Its statistics are small (no noise at all), so the score stays below the threshold: the flatline alone
-    raises the event and holds it, neither ending it after a few quiet windows nor starting it anew."""
-    rows = run(4346, 1500)
+    raises the event and holds it, neither ending it after a few quiet windows nor starting it anew; across
+    a restart too (the sensor's run of one value goes on: a model that lets a tag hold a value for 200 samples
+    would otherwise end the event after warming up, and start it again 200 samples later)."""
+    if flatline_after is not None:
+        model = copy.copy(model)
+        model.flatline_after = flatline_after
+    rows = run(4346, 1500, valve=(0.75, 0.75))  # one operating point: the stuck value stays plausible
     tag = TAGS.index("flow_l_min")
     assert "flow_l_min" in model.flatline_tags
     stuck = rows.copy()
     stuck[600:1200, tag] = stuck[600, tag]
-    state, events = flagged(model, stuck)
+    state, events = flagged(model, stuck, restart_at)
     assert [kind for _, kind in events] == ["start", "end"], events
-    assert 600 + model.flatline_after - 2 <= events[0][0] < 640 and 1200 <= events[1][0] < 1260
-    assert state[640:1200].all() and not state[1260:].any()
+    start = 600 + model.flatline_after
+    assert start - 2 <= events[0][0] < start + 40 and 1200 <= events[1][0] < 1260
+    assert state[start + 40:1200].all() and not state[1260:].any()
 
 
 @pytest.mark.parametrize("reading", [1e30, -1e300])
