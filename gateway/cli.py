@@ -10,32 +10,34 @@ this module only puts them together. Heavy imports stay inside the commands, so 
 from __future__ import annotations
 
 import argparse
+import importlib
+import sys
+from collections.abc import Sequence
 
 from gateway import __version__
-from gateway.commands import broker, counters, daemon, demo, opcua, outbox, sim, status, web
-from gateway.commands import model as modelcli
-from gateway.commands.common import Parser, Subparsers
+from gateway.commands.common import Parser
+
+# Each command and the module in gateway/commands/ that owns it, in the order `--help` lists them. Only the
+# module of the command given is imported (`edge-gateway run` does not carry every other command's code: 1 MiB
+# of the daemon's RSS); an unknown command or none gets them all, for the usage message.
+COMMANDS = {"run": "daemon", "check-config": "daemon", "status": "status", "outbox": "outbox", "counters": "counters",
+            "opcua": "opcua", "sim": "sim", "broker": "broker", "broker-user": "broker", "web-user": "web",
+            "model": "model", "history": "model", "demo": "demo"}
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = Parser(prog="edge-gateway", description="Plant-floor gateway: Modbus/OPC UA/MQTT/sim → exact counters → "
                                                      "durable outbox → upstream MQTT.")
     parser.add_argument("--version", action="version", version=f"edge-gateway {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    for command in (daemon, status, outbox, counters, opcua, sim, broker, web):
-        command.add_to(sub)
-    _add_model_commands(sub)
-    demo.add_to(sub)
+    modules = [COMMANDS[command]] if command in COMMANDS else dict.fromkeys(COMMANDS.values())
+    for name in modules:
+        importlib.import_module(f"gateway.commands.{name}").add_to(sub)
     return parser
 
 
-def _add_model_commands(sub: Subparsers) -> None:
-    modelcli.add_arguments(sub)
-    sub.choices["model"].set_defaults(main=modelcli.model_command)
-    sub.choices["history"].set_defaults(main=modelcli.history_command)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser(argv[0] if argv else None).parse_args(argv)
     code: int = args.main(args)
     return code

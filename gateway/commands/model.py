@@ -23,8 +23,9 @@ if TYPE_CHECKING:
     from gateway.anomaly.recording import Recording
 
 
-def add_arguments(sub: Any) -> None:
+def add_to(sub: Any) -> None:
     model = sub.add_parser("model", help="train, check and list anomaly models (see docs/anomaly.md)")
+    model.set_defaults(main=model_command)
     actions = model.add_subparsers(dest="action", required=True, parser_class=type(model))
     train = actions.add_parser("train", help="train a model from CSV recordings or a device's recorded history")
     train.add_argument("name", help="the model's name: NAME.tflite and NAME.json are written")
@@ -69,6 +70,7 @@ def add_arguments(sub: Any) -> None:
         p.add_argument("-c", "--config", default=configuration.DEFAULT_PATH, help="config file, for its model_dir")
         p.add_argument("--json", action="store_true")
     history = sub.add_parser("history", help="export a device's recorded samples (devices[].history)")
+    history.set_defaults(main=history_command)
     history.add_argument("action", choices=("export", "stats"))
     history.add_argument("device", nargs="?")
     history.add_argument("-c", "--config", default=configuration.DEFAULT_PATH, help="config file (default %(default)s)")
