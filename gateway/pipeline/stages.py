@@ -262,7 +262,7 @@ class Scoring:
         self.scorer: DeviceScorer = DeviceScorer(model)
         self.outbox = outbox
         self._topic = topics.anomaly(device.name)
-        if (saved := outbox.device_state(device.name, "anomaly")) is not None:
+        if isinstance(saved := outbox.device_state(device.name, "anomaly"), dict):
             self.scorer.resume(saved)
         self._saved_at = 0  # windows scored when the event state was last staged
         self._saved_settling = self.scorer.settling
@@ -405,7 +405,8 @@ class UnwatchedEvent:
     @classmethod
     def of(cls, device: Device, outbox: Outbox, topics: Topics, counting: Counting) -> UnwatchedEvent | None:
         saved = outbox.device_state(device.name, "anomaly")
-        return cls(device, outbox, topics, counting, saved) if saved and saved.get("active") is True else None
+        return cls(device, outbox, topics, counting, saved) if isinstance(saved, dict) and saved.get("active") is True \
+            else None
 
     def end(self, ts: float) -> None:
         name, saved = self.device.name, self.saved

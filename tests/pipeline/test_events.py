@@ -385,3 +385,27 @@ def test_an_anomaly_event_open_across_kill_9_ends_exactly_once(mosquitto, gatewa
     assert kinds[:3] == ["start", "end", "start"] and "start,start" not in ",".join(kinds), kinds
     assert events[1]["started"] == events[0]["ts"]
     assert "Traceback" not in first.logs() + second.logs()
+
+
+@pytest.mark.parametrize("record", [[1, 2], 7, "active", None, {"active": True, "started": "yesterday"}])
+def test_a_saved_anomaly_state_that_is_not_one_starts_the_device_all_the_same(tmp_path, record):
+    """Whatever the outbox holds as a device's anomaly state (a file edited by hand, a bug of a later version),
+    the device starts, with its model or without, and scores."""
+    pytest.importorskip("ai_edge_litert")
+    import sim
+    from gateway.anomaly import model as anomaly
+
+    store, _ = _pump_pipeline(tmp_path / "g.db", None)
+    store.stage_state("pump1", "anomaly", record)  # type: ignore[arg-type]
+    assert store.commit()
+    store.close()
+    pump = sim.make("pump", 4)
+    for model in (anomaly.load("pump-ae", anomaly.model_dir()), None):
+        store, runner = _pump_pipeline(tmp_path / "g.db", model)
+        for t in range(40):
+            runner.process(Sample.from_readings("pump1", 1_795_000_000.0 + t, pump.step(1.0)))
+        assert runner.health.errors == 0
+        if model is not None:
+            assert runner.scoring.score is not None and not runner.scoring.scorer.state.active
+        assert not [m for m in store.fetch(0, 10**7) if m.topic.endswith("/anomaly")]
+        store.close()
