@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from gateway.config import AlarmSection
+from gateway.store.outbox import restore
 
 
 @dataclass
@@ -41,7 +42,7 @@ class StateChange:
 
 class StateWatch:
     def __init__(self, saved: dict[str, Any] | None = None) -> None:
-        self.current = MachineState(**saved) if saved else MachineState()
+        self.current = restore(MachineState, saved) or MachineState()
 
     def observe(self, ts: float, state: str, reason: int | None) -> StateChange | None:
         """The state derived from this sample (as the shift book derives it); a change when it differs."""
@@ -78,8 +79,8 @@ class AlarmEvent:
 class AlarmWatch:
     def __init__(self, rules: tuple[AlarmSection, ...], saved: dict[str, Any] | None = None) -> None:
         self.rules = rules
-        saved = saved or {}
-        self.states = {r.name: AlarmState(**saved[r.name]) if r.name in saved else AlarmState() for r in rules}
+        saved = saved if isinstance(saved, dict) else {}
+        self.states = {r.name: restore(AlarmState, saved.get(r.name)) or AlarmState() for r in rules}
 
     def observe(self, ts: float, values: dict[str, float | None], good: dict[str, bool],
                 anomaly: bool) -> list[AlarmEvent]:

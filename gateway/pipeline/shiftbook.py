@@ -19,6 +19,7 @@ from gateway.config import OeeSection
 from gateway.contract import CounterSpec, Payload, ShiftFacts
 from gateway.counters import CounterRow
 from gateway.shifts import Shift, ShiftCalendar
+from gateway.store.outbox import restore
 
 STATES = ("running", "idle", "down", "planned_stop", "unknown")
 MAX_MISSED = 21  # a week of three shifts; beyond that one line in the log says how many more
@@ -57,7 +58,7 @@ class ShiftBook:
         self.calendar = calendar
         self.oee = oee
         self.gap_limit = gap_limit
-        self.current = ShiftRecord(**record) if record else None
+        self.current = restore(ShiftRecord, record)
         self.changed = False  # the record needs persisting
 
     def state_of(self, value: float | None) -> str:

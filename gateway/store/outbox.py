@@ -18,6 +18,7 @@ drop is counted in the `meta` table so the count survives restarts.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -25,7 +26,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 from gateway import contract, datadir
 from gateway.counters import CounterRow
@@ -491,6 +492,22 @@ async def commit_loop(outbox: Outbox, on_commit: Callable[[int], None], *, inter
     finally:
         if outbox.on_stage is ring:
             outbox.on_stage = None
+
+
+Record = TypeVar("Record")
+
+
+def restore(cls: type[Record], record: object) -> Record | None:
+    """A dataclass from a record this outbox kept (`device_state`, `shift_record`): its known fields only, since
+    a later version may have written more (a rollback) and an earlier one fewer (they take their defaults).
+    None when it cannot be one: the caller starts afresh, and says so."""
+    if not isinstance(record, dict) or not dataclasses.is_dataclass(cls):
+        return None
+    known = {f.name for f in dataclasses.fields(cls)}
+    try:
+        return cls(**{k: v for k, v in record.items() if k in known})
+    except (TypeError, ValueError):
+        return None
 
 
 def _open(path: str, sync: str) -> sqlite3.Connection:

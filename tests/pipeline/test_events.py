@@ -118,6 +118,43 @@ def test_alarm_delay_hysteresis_and_bad_quality_hold(tmp_path):
     assert a["alarms"] == {"dryer_hot": {"count": 1, "minutes": 9.0}, "slow": {"count": 1, "minutes": 2.0}}
 
 
+def _rewrite_saved(line: Line, change) -> None:
+    """Every record the outbox keeps for the line (machine state, alarms, running shift) passed through `change`,
+    as another version of the gateway, or a hand, might have left them."""
+    store = line.store
+    for kind in ("machine", "alarms"):
+        store.stage_state("line1", kind, change(store.device_state("line1", kind)))
+    store.stage_shift("line1", change(store.shift_record("line1")))
+    assert store.commit()
+
+
+def test_saved_states_with_fields_of_a_later_version_are_taken_up_and_unreadable_ones_start_afresh(tmp_path):
+    """A rollback after a newer version wrote its records: the fields this version knows are taken up (the
+    machine down since 10:00, the alarm active, the shift's running figures), the others ignored. A record
+    that is not one at all starts that state afresh: never a crash at start."""
+    line = Line(tmp_path / "g.db")
+    t = minutes(line, utc("2026-11-24T08:00:00"), 10, 1, made=100, dryer=90.0)
+    t = minutes(line, t, 5, 3, reason=11, dryer=90.0)
+    down_since = line.runner.health_report()["machine"]["since"]
+    assert line.runner.health_report()["alarms"]["active"] == ["dryer_hot"]
+    _rewrite_saved(line, lambda r: {**r, "from_a_later_version": [1, {"x": None}]} |
+                   ({k: {**v, "later": True} for k, v in r.items() if isinstance(v, dict) and "active" in v}))
+    line.restart()
+    report = line.runner.health_report()
+    assert report["machine"]["state"] == "down" and report["machine"]["since"] == down_since
+    assert report["alarms"]["active"] == ["dryer_hot"]
+    t = minutes(line, t, 5, 1, made=100, dryer=70.0)
+    assert [a["event"] for a in line.on("alarm")] == ["start", "end"]  # no second start: the state was taken up
+    for garbage in ([1, 2], "down", 7, {"state": "down"}):
+        _rewrite_saved(line, lambda _, g=garbage: g)
+        line.restart()
+        t = minutes(line, t, 2, 1, made=10)
+        assert line.runner.health_report()["machine"]["state"] == "running"
+        assert line.runner.health.errors == 0
+    minutes(line, utc("2026-11-24T13:00:00"), 1, 1)  # 14:00 local: shift A closes, partial after the garbage
+    assert line.on("shift")[-1]["shift_id"].endswith("/A")
+
+
 def test_check_config_names_each_events_problem(tmp_path):
     bad = CONFIG.replace("reason_tag: stop_reason", "reason_tag: stop_reasn").replace(
         "clear: 80, severity: high", "clear: 90, severity: urgent").replace(
