@@ -558,7 +558,6 @@ def _floats(saved: object, default: np.ndarray) -> np.ndarray:
     return np.array([math.nan if (v := finite(x)) is None else v for x in saved], dtype=np.float64)
 
 
-
 def _number(value: object) -> float:
     try:
         return float(value)  # type: ignore[arg-type]

@@ -417,5 +417,3 @@ class UnwatchedEvent:
         self.counting.anomaly(ts, False)
         log.warning("device %s: the anomaly event open since %s ended: the device has no model any more", name,
                     rfc3339(started) if started is not None else "before the restart", extra=fields(name, "anomaly_end"))
-
-
