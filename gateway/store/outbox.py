@@ -228,13 +228,14 @@ class Outbox:
         in the transaction of the messages that report it, so a restart neither repeats nor loses one."""
         self._pending_states[(device, kind)] = json.dumps(record)
 
-    def device_state(self, device: str, kind: str) -> dict[str, Any] | None:
+    def device_state(self, device: str, kind: str) -> Any:
+        """What `stage_state` kept, decoded (check its shape: `restore`); None if nothing, or nothing readable."""
         row = self._db.execute("SELECT record FROM device_state WHERE device = ? AND kind = ?", (device, kind)).fetchone()
-        return json.loads(row[0]) if row else None
+        return _decoded(row, device, f"{kind} state")
 
-    def shift_record(self, device: str) -> dict[str, Any] | None:
+    def shift_record(self, device: str) -> Any:
         row = self._db.execute("SELECT record FROM shifts WHERE device = ?", (device,)).fetchone()
-        return json.loads(row[0]) if row else None
+        return _decoded(row, device, "running shift")
 
     def hold(self, seq: int) -> None:
         """`seq` is in flight: the bounds must not drop it, it may well arrive."""
@@ -492,6 +493,19 @@ async def commit_loop(outbox: Outbox, on_commit: Callable[[int], None], *, inter
     finally:
         if outbox.on_stage is ring:
             outbox.on_stage = None
+
+
+def _decoded(row: tuple[Any, ...] | None, device: str, what: str) -> Any:
+    """A kept record's JSON, or None when it is not JSON (a file damaged or edited by hand): that state starts
+    afresh, and the log says so."""
+    if row is None:
+        return None
+    try:
+        return json.loads(row[0])
+    except (TypeError, ValueError, RecursionError) as err:  # RecursionError: nested thousands deep
+        log.warning("device %s: its saved %s cannot be read (%s): it starts afresh", device, what,
+                    type(err).__name__, extra=fields(device, "state_unreadable"))
+        return None
 
 
 Record = TypeVar("Record")

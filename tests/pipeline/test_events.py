@@ -453,3 +453,32 @@ def test_a_saved_anomaly_state_that_is_not_one_starts_the_device_all_the_same(tm
             assert runner.scoring.score is not None and not runner.scoring.scorer.state.active
         assert not [m for m in store.fetch(0, 10**7) if m.topic.endswith("/anomaly")]
         store.close()
+
+
+@pytest.mark.parametrize("text", ["[" * 10_000 + "]" * 10_000, "{not json", b"\xff\xfe\x00", ""])
+def test_saved_records_that_are_not_json_start_afresh_with_a_warning(tmp_path, caplog, text):
+    """A damaged outbox file, or one edited by hand: nested 10,000 deep, not JSON, not UTF-8, empty. Each state
+    (anomaly, machine, running shift) starts afresh with one warning; the device starts and scores."""
+    import sqlite3
+
+    pytest.importorskip("ai_edge_litert")
+    import sim
+    from gateway.anomaly import model as anomaly
+
+    path = tmp_path / "g.db"
+    store, runner = _pump_pipeline(path, None)
+    pump = sim.make("pump", 4)
+    runner.process(Sample.from_readings("pump1", 1_795_000_000.0, pump.step(1.0)))
+    store.stage_state("pump1", "anomaly", {"active": True, "started": 1_795_000_000.0})
+    assert store.commit()
+    store.close()
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE device_state SET record = ?", (text,))
+        db.execute("UPDATE shifts SET record = ?", (text,))
+    store, runner = _pump_pipeline(path, anomaly.load("pump-ae", anomaly.model_dir()))
+    for t in range(1, 40):
+        runner.process(Sample.from_readings("pump1", 1_795_000_000.0 + t, pump.step(1.0)))
+    assert runner.health.errors == 0 and runner.scoring.score is not None and not runner.scoring.scorer.state.active
+    assert "its saved anomaly state cannot be read" in caplog.text and "its saved running shift" in caplog.text
+    assert "Traceback" not in caplog.text
+    store.close()
