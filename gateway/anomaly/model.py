@@ -521,8 +521,7 @@ class DeviceScorer:
         return {"model": self.model.identity, "name": self.model.name, "active": st.active, "started": self._event_start,
                 "peak": self._peak, "level": self.level, "event_level": self.event_level, "cusum": self.cusum,
                 "threshold": st.threshold,
-                **({"baseline": [None if math.isnan(b) else float(b) for b in self.inputs.baseline],
-                    "raw": [None if math.isnan(r) else float(r) for r in self._raw],
+                **({"baseline": _listed(self.inputs.baseline), "raw": _listed(self._raw),
                     "same_run": [int(n) for n in self.same_run]} if st.active else {})}
 
     def resume(self, record: Mapping[str, Any]) -> None:
@@ -549,6 +548,11 @@ class DeviceScorer:
     def take_latency(self) -> list[float]:
         out, self.state.latency_us = self.state.latency_us, []
         return out
+
+
+def _listed(values: np.ndarray) -> list[float | None]:
+    """An array as JSON keeps it (NaN: None), for `_floats` to read back."""
+    return [None if math.isnan(v) else float(v) for v in values]
 
 
 def _floats(saved: object, default: np.ndarray) -> np.ndarray:
