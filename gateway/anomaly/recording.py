@@ -4,7 +4,9 @@ What `model train` and `model score` read, and what `history export` writes: a t
 and one column per tag. Reading is forgiving in the ways plant exports differ and strict where a
 wrong guess would corrupt a model:
 
-- the delimiter is `,` or `;` (detected from the header); with `;`, a decimal comma is accepted;
+- the delimiter is `,`, `;` or a tab (the one the header holds most of); with `;` or a tab, a decimal
+  comma is accepted. The text is UTF-8, UTF-16 with its byte-order mark (a spreadsheet's "Unicode
+  text"), else read as Latin-1;
 - the time column is the one named, else the first whose name says time (`time`, `timestamp`,
   `datetime`, `date`, `ts`), else the first whose cells read as times. A time is RFC 3339 /
   ISO 8601 (no zone = UTC) or, in a column so named, epoch seconds (milliseconds when > 1e11);
@@ -33,6 +35,8 @@ from gateway.errors import GatewayError
 
 TIME_NAMES = ("time", "timestamp", "datetime", "date", "ts", "date_time", "time_stamp")
 _ISO_HINT = re.compile(r"^\d{4}-\d{2}-\d{2}")
+DELIMITERS = (",", ";", "\t")  # on a tie, the first
+UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
 
 
 class DataError(GatewayError):
@@ -139,15 +143,12 @@ def read_csv(path: str | Path, *, time_column: str | None = None, tags: Sequence
         raw = path.read_bytes()
     except OSError as err:
         raise DataError(f"cannot read {path}: {err.strerror}") from None
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        text = raw.decode("latin-1")  # a spreadsheet's export: its tag names may be off, its numbers are not
+    text = _decoded(raw)
     lines = text.splitlines()
     if not lines or not lines[0].strip():
         raise DataError(f"{path}: empty file, or no header line")
     header_line = lines[0]
-    delimiter = ";" if header_line.count(";") > header_line.count(",") else ","
+    delimiter = max(DELIMITERS, key=header_line.count)
     try:
         rows = list(csv.reader(lines, delimiter=delimiter))
     except csv.Error as err:  # a cell beyond the csv module's limit (128 KiB): not a recording
@@ -171,7 +172,7 @@ def read_csv(path: str | Path, *, time_column: str | None = None, tags: Sequence
             raise DataError(f"{path}:{lineno}: column {header[t_index]}: {cell.strip()!r} is not a time "
                             f"(RFC 3339, e.g. 2026-03-09T10:14:33Z{', or epoch seconds' if epoch else ''})")
         times.append(ts)
-    decimal_comma = delimiter == ";"
+    decimal_comma = delimiter != ","
     notes: list[str] = []
     names: list[str] = []
     values: list[list[float]] = []
@@ -204,6 +205,15 @@ def read_csv(path: str | Path, *, time_column: str | None = None, tags: Sequence
     if len(t) and not keep.all():
         notes.append(f"{int((~keep).sum())} row(s) with a time given twice: the last one kept")
     return Recording(str(path), names, t[keep], v[keep], notes)
+
+
+def _decoded(raw: bytes) -> str:
+    for encoding in ("utf-16", "utf-8-sig") if raw.startswith(UTF16_BOMS) else ("utf-8-sig",):
+        try:
+            return raw.decode(encoding)
+        except UnicodeDecodeError:
+            pass
+    return raw.decode("latin-1")  # a spreadsheet's export: its tag names may be off, its numbers are not
 
 
 def _time_column(path: Path, header: list[str], columns: list[tuple[str, ...]], named: str | None) -> int:

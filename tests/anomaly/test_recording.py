@@ -86,6 +86,22 @@ def test_not_utf8_bytes_are_read_as_latin1(tmp_path):
     assert read_csv(path).tags == ["Temp\xe9rature"]
 
 
+def test_a_spreadsheets_unicode_text_export_utf16_tabs_and_decimal_commas(tmp_path):
+    path = tmp_path / "rec.txt"
+    text = "Zeit\tDruck bar\tTemperatur \u00b0C\r\n2026-11-24 06:00:00\t1,25\t71,5\r\n2026-11-24 06:00:01\t1,5\t\r\n"
+    path.write_bytes(b"\xff\xfe" + text.encode("utf-16-le"))  # Excel: Save as "Unicode Text (*.txt)"
+    rec = read_csv(path, time_column="Zeit")
+    assert rec.tags == ["Druck bar", "Temperatur \u00b0C"]
+    assert rec.values[:, 0].tolist() == [1.25, 1.5]
+    assert rec.values[0, 1] == 71.5 and math.isnan(rec.values[1, 1])
+
+
+def test_tab_separated_with_decimal_points(tmp_path):
+    path = write(tmp_path, "time\tflow\n2026-11-24T06:00:00Z\t3.5\n2026-11-24T06:00:01Z\t4\n")
+    rec = read_csv(path)
+    assert rec.tags == ["flow"] and rec.values[:, 0].tolist() == [3.5, 4.0]
+
+
 def test_the_grid_puts_rows_in_their_slots_and_cuts_long_gaps(tmp_path):
     rows = [(0.0, [1.0]), (1.0, [2.0]), (3.0, [4.0]), (1000.0, [5.0])]
     write_csv(tmp_path / "g.csv", ["a"], [(1.79e9 + t, v) for t, v in rows])
