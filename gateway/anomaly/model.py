@@ -67,6 +67,7 @@ MODEL_DIRS = (Path(__file__).resolve().parents[2] / "models", Path("/opt/edge-ga
 DRIFT_CAP = 0.5  # the drift tags together contribute at most this share of the threshold: they cannot raise an
 # alarm alone
 COMPONENTS = ("level", "spe", "residual", "autoencoder")
+MAX_CONTEXT = 10_000  # samples the statistics look back over: the scorer keeps them, per device
 
 
 class Inputs:
@@ -194,6 +195,7 @@ class Model:
                 raise ValueError(f"inputs.center, inputs.spread, inputs.drift and error_scale need one entry per tag "
                                  f"({n} tags), spreads and error scales above 0")
             self.inputs = dict(inputs)
+            _check_numbers(inputs, meta["error_scale"], meta["stats"])
             Inputs.from_meta(inputs, self.interval)  # the transform can be built
             self.drift = np.asarray(inputs["drift"], dtype=bool)
             self.inv_error = (1.0 / np.asarray(meta["error_scale"], dtype=np.float64)).astype(np.float32)
@@ -219,7 +221,7 @@ class Model:
                                  "events.h above 0, events.subside from 0 to below 1, events.settle 1 or more, "
                                  "false_alarms.per_second 0 or more")
             self.context = self.stats.context
-        except (KeyError, TypeError, ValueError) as err:
+        except (KeyError, TypeError, ValueError, ArithmeticError) as err:  # ArithmeticError: an int of Infinity
             why = f"lacks {err}" if isinstance(err, KeyError) else str(err)
             raise ModelError(f"its metadata {meta_path} is not usable: {why}") from None
         try:
@@ -298,10 +300,10 @@ class Stats:
         residual = np.asarray(stats["residual_scale"], dtype=np.float64)
         norms = [float(stats["norms"][c]) for c in COMPONENTS]
         weights = [float(stats["weights"][c]) for c in COMPONENTS]
-        if context < 2 or off.shape != (tags, tags) or residual.shape != (tags,) or min(residual) <= 0 \
-                or min(norms) <= 0 or min(weights) < 0:
-            raise ValueError(f"stats need context 2 or more, a {tags} x {tags} off_subspace, one residual_scale per "
-                             f"tag and norms above 0")
+        if not 2 <= context <= MAX_CONTEXT or off.shape != (tags, tags) or residual.shape != (tags,) \
+                or min(residual) <= 0 or min(norms) <= 0 or min(weights) < 0:
+            raise ValueError(f"stats need a context from 2 to {MAX_CONTEXT}, a {tags} x {tags} off_subspace, one "
+                             f"residual_scale per tag and norms above 0")
         return cls(context, off, residual, norms, weights, drift, DRIFT_CAP * threshold)
 
     def components(self, z: np.ndarray, dz: np.ndarray, ae: np.ndarray, parts: np.ndarray) -> np.ndarray:
@@ -325,6 +327,21 @@ class Stats:
             if total > self.drift_cap:
                 out *= 1.0 - self.drift * (1.0 - self.drift_cap / total)
         return cast(np.ndarray, out)
+
+
+def _check_numbers(inputs: Mapping[str, Any], error_scale: Sequence[float], stats: Mapping[str, Any]) -> None:
+    """The metadata's numbers are finite and in ranges where no scale factor overflows float32 (what training
+    writes is far inside them): hand-edited or damaged metadata fails here, with the field named."""
+    checks = (("inputs.center", inputs["center"], -1e15, 1e15), ("inputs.spread", inputs["spread"], 1e-12, 1e15),
+              ("inputs.baseline_s", [inputs["baseline_s"]], 0.0, 1e9), ("error_scale", error_scale, 1e-12, 1e15),
+              ("stats.off_subspace", stats["off_subspace"], -1.001, 1.001),  # I - P P^T: entries within +-1
+              ("stats.residual_scale", stats["residual_scale"], 1e-12, 1e15),
+              ("stats.norms", [stats["norms"][c] for c in COMPONENTS], 1e-9, 1e15),
+              ("stats.weights", [stats["weights"][c] for c in COMPONENTS], 0.0, 1e3))
+    for name, values, low, high in checks:
+        a = np.asarray(values, dtype=np.float64)
+        if not np.all((a >= low) & (a <= high)):  # NaN fails every comparison
+            raise ValueError(f"{name} needs numbers from {low:g} to {high:g}")
 
 
 _loaded: dict[Path, tuple[tuple[tuple[int, int], ...], Model]] = {}
@@ -384,6 +401,7 @@ class ScoreState:
 
 RECENT_LATENCIES = 256
 INPUT_LIMIT = 1e4  # spreads
+RAW_LIMIT = 1e250  # a reading beyond is held there: with a spread of 1e-12 or more (`_check_numbers`), no overflow
 LEVEL_ALPHA = 0.1  # per window: an event's level follows its score over about 10 windows
 SETTLE_ALPHA = 0.05  # per window: a held threshold follows the settling score over about 20 windows
 
@@ -420,6 +438,7 @@ class DeviceScorer:
         """Add one sample; return an anomaly event when one starts or ends."""
         m = self.model
         row = np.array([_number(values.get(tag)) for tag in m.tags], dtype=np.float64)
+        np.clip(row, -RAW_LIMIT, RAW_LIMIT, out=row)  # (1e308 - center) / spread would overflow: a warning per reading
         bad = ~np.isfinite(row)
         self.missing_run = np.where(bad, self.missing_run + 1, 0)
         self.same_run = np.where(bad, self.same_run, np.where(row == self._raw, self.same_run + 1, 0))

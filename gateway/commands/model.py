@@ -131,6 +131,7 @@ def _csv_list(text: str | None) -> list[str] | None:
 def _train(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from gateway.anomaly.model import MAX_CONTEXT
     from gateway.anomaly.recording import DataError, read_csv
     from gateway.anomaly.training import Options, parse_rate, train
     if bool(args.csv) == bool(args.device):
@@ -145,6 +146,16 @@ def _train(args: argparse.Namespace) -> int:
         baseline = parse_duration(args.baseline)
     except ValueError:
         raise _Usage(f"--baseline {args.baseline!r}: expected a duration such as 60s or 10m") from None
+    drift = _csv_list(args.drift_tags)
+    try:
+        rate = parse_rate(args.false_alarms)
+    except ValueError:
+        raise _Usage(f"--false-alarms {args.false_alarms!r}: expected a count per time, e.g. 1/week, 2/day or "
+                     f"0.5/h") from None
+    if args.window < 2 or args.epochs < 1 or not 2 <= args.context <= MAX_CONTEXT:
+        raise _Usage(f"--window needs 2 or more, --context 2 to {MAX_CONTEXT}, --epochs 1 or more")
+    if args.plot:
+        _plot_check(args.plot)
     tags = _csv_list(args.tags)
     if args.csv:
         recordings = [read_csv(f, time_column=args.time_column, tags=tags) for f in args.csv]
@@ -158,18 +169,8 @@ def _train(args: argparse.Namespace) -> int:
             print(f"{r.source}: {note}", file=sys.stderr)
         if len(r) == 0:
             raise DataError(f"{r.source}: no rows")
-    drift = _csv_list(args.drift_tags)
-    try:
-        rate = parse_rate(args.false_alarms)
-    except ValueError:
-        raise _Usage(f"--false-alarms {args.false_alarms!r}: expected a count per time, e.g. 1/week, 2/day or "
-                     f"0.5/h") from None
     opts = Options(window=args.window, interval=interval, baseline_s=baseline, epochs=args.epochs,
                    context=args.context, false_alarms=rate, drift_tags=[] if drift == ["none"] else drift)
-    if args.window < 2 or args.epochs < 1 or args.context < 2:
-        raise _Usage("--window and --context need 2 or more, --epochs 1 or more")
-    if args.plot:
-        _plot_check(args.plot)
     report = train(args.name, recordings, Path(args.out), opts, progress=_progress_bar())
     if sys.stderr.isatty():
         print(file=sys.stderr)  # end the bar's line

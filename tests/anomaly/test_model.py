@@ -56,6 +56,11 @@ def test_the_shipped_model_and_a_good_config_pass(tmp_path):
               "error_scale need one entry per tag"),
     ("events_list", "its metadata {dir}/pump-ae.json is not usable: events and false_alarms need to be objects"),
     ("settle_inf", "its metadata {dir}/pump-ae.json is not usable: window, stride and events.end_after need"),
+    ("end_after_inf", "its metadata {dir}/pump-ae.json is not usable: cannot convert float infinity to integer"),
+    ("tiny_spread", "its metadata {dir}/pump-ae.json is not usable: inputs.spread needs numbers from 1e-12 to 1e+15"),
+    ("nan_norm", "its metadata {dir}/pump-ae.json is not usable: stats.norms needs numbers from 1e-09 to 1e+15"),
+    ("huge_off", "its metadata {dir}/pump-ae.json is not usable: stats.off_subspace needs numbers from -1.001"),
+    ("huge_context", "its metadata {dir}/pump-ae.json is not usable: stats need a context from 2 to 10000"),
 ])
 def test_a_bad_model_is_a_config_error_naming_device_model_and_mismatch(tmp_path, damage, expected):
     d = tmp_path / "models"
@@ -81,6 +86,16 @@ def test_a_bad_model_is_a_config_error_naming_device_model_and_mismatch(tmp_path
         meta["events"] = [meta["events"]]
     elif damage == "settle_inf":
         meta["events"]["settle"] = float("inf")  # a threshold held for ever
+    elif damage == "end_after_inf":
+        meta["events"]["end_after"] = float("inf")  # JSON's Infinity, as Python writes it
+    elif damage == "tiny_spread":
+        meta["inputs"]["spread"][0] = 1e-320  # its inverse overflows: every score NaN
+    elif damage == "nan_norm":
+        meta["stats"]["norms"]["level"] = float("nan")
+    elif damage == "huge_off":
+        meta["stats"]["off_subspace"][0][0] = 1e39  # beyond float32: infinite
+    elif damage == "huge_context":
+        meta["stats"]["context"] = 10**9  # buffers of 10**9 samples per device
     text = {"bad_json": "{not json", "deep_json": "[" * 10000 + "]" * 10000}.get(damage, json.dumps(meta))
     (d / "pump-ae.json").write_text(text)
     result = check(tmp_path, PUMP, d)
@@ -303,12 +318,14 @@ def test_a_stuck_sensor_is_one_event_for_as_long_as_it_stays_stuck(model, flatli
     assert state[start + 40:1200].all() and not state[1260:].any()
 
 
-@pytest.mark.parametrize("reading", [1e30, -1e300])
-def test_an_absurd_reading_is_one_event_and_the_detector_comes_back(model, reading):
+@pytest.mark.filterwarnings("error")  # numpy's overflow warning would be a line in the journal per reading
+@pytest.mark.parametrize("reading,name", [(1e30, "flow_l_min"), (-1e300, "flow_l_min"),
+                                          (1.7e308, "oil_pressure_bar")])  # a spread of 0.05: x 20 overflows
+def test_an_absurd_reading_is_one_event_and_the_detector_comes_back(model, reading, name):
     """A value the statistics would overflow on (a NaN score no rule can compare) is held at 10,000 spreads:
     one event while it lasts, and the model's own threshold again once it has left the window."""
     rows = run(4347, 900).astype(np.float64)
-    tag = TAGS.index("flow_l_min")
+    tag = TAGS.index(name)
     rows[300:320, tag] = reading
     traced = trace(model, rows)
     events = [(t, event.kind) for t, event in traced.events]

@@ -158,6 +158,7 @@ def test_too_few_rows_is_exit_65_before_any_training(tmp_path):
 @pytest.mark.parametrize("args,code,expected", [
     (["train", "m"], 64, "give either --csv FILE (repeatable) or --device DEV -c CONFIG"),
     (["train", "m", "--csv", "/nonexistent.csv"], 65, "cannot read /nonexistent.csv"),
+    (["train", "m", "--csv", "x.csv", "--context", "20000"], 64, "--context 2 to 10000"),
     (["score", "nosuch", "--csv", "x.csv", "--model-dir", "/tmp"], 65, "model nosuch: cannot read /tmp/nosuch.tflite"),
 ])
 def test_model_command_errors(tmp_path, args, code, expected):
