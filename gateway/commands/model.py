@@ -362,8 +362,17 @@ def _describe(name: str, directory: Path) -> dict[str, Any]:
     return {"name": name, "ok": True, "tags": m.tags, "drift_tags": drift, "window": m.window, "stride": m.stride,
             "interval_s": m.interval, "threshold": m.threshold, "bytes": m.size,
             "events": {"h": m.cusum_h, "end_after": m.end_after}, "context": m.context,
-            "false_alarms": meta.get("false_alarms", {}),
-            "training": meta.get("training", {}), "versions": meta.get("versions", {}), "sha256": meta["sha256"]}
+            "false_alarms": meta.get("false_alarms", {}), "training": _record(meta.get("training")),
+            "versions": _record(meta.get("versions")), "sha256": meta["sha256"]}
+
+
+def _names(value: object) -> str:
+    return ", ".join(map(str, value)) if isinstance(value, list) and value else "?"
+
+
+def _record(value: object) -> dict[str, Any]:
+    """What training wrote to describe itself (shown, never used to score): an object, else nothing."""
+    return value if isinstance(value, dict) else {}
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -401,7 +410,7 @@ def _show(args: argparse.Namespace) -> int:
              f"  false alarms: {d['false_alarms'].get('asked', '?')} asked, the recording vouches for "
              f"{d['false_alarms'].get('vouched_down_to', '?')}",
              f"  threshold {d['threshold']:.4g}: {t.get('threshold_rule', 'not recorded')}",
-             f"  trained on {t.get('samples', '?')} samples from {', '.join(t.get('recordings', [])) or '?'}; "
+             f"  trained on {t.get('samples', '?')} samples from {_names(t.get('recordings'))}; "
              f"{t.get('epochs', '?')} epochs, validation error {t.get('validation_error', '?')}",
              f"  {d['bytes'] / 1024:.0f} KiB int8, sha256 {d['sha256'][:16]}..., "
              f"versions {', '.join(f'{k} {v}' for k, v in d['versions'].items())}"]

@@ -318,6 +318,20 @@ def test_a_stuck_sensor_is_one_event_for_as_long_as_it_stays_stuck(model, flatli
     assert state[start + 40:1200].all() and not state[1260:].any()
 
 
+@pytest.mark.parametrize("training,versions", [(None, []), ({"recordings": [1, None], "samples": "x"}, "2.0")])
+def test_model_show_reads_what_training_wrote_about_itself_as_whatever_it_is(tmp_path, training, versions):
+    """`training` and `versions` only describe the model (never used to score): edited into another type, the
+    model still loads and `model show` shows what it can."""
+    meta = json.loads((MODELS / "pump-ae.json").read_text())
+    meta["training"], meta["versions"] = training, versions
+    shutil.copy(MODELS / "pump-ae.tflite", tmp_path)
+    (tmp_path / "pump-ae.json").write_text(json.dumps(meta))
+    result = subprocess.run([sys.executable, "-m", "gateway", "model", "show", "pump-ae", "--model-dir", str(tmp_path)],
+                            capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=60)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert "model pump-ae in" in result.stdout and "samples from " in result.stdout
+
+
 @pytest.mark.filterwarnings("error")  # numpy's overflow warning would be a line in the journal per reading
 @pytest.mark.parametrize("reading,name", [(1e30, "flow_l_min"), (-1e300, "flow_l_min"),
                                           (1.7e308, "oil_pressure_bar")])  # a spread of 0.05: x 20 overflows
