@@ -26,8 +26,9 @@ COMMANDS = {"run": "daemon", "check-config": "daemon", "status": "status", "outb
 
 
 def _parser(command: str | None = None) -> argparse.ArgumentParser:
-    parser = Parser(prog="edge-gateway", description="Plant-floor gateway: Modbus/OPC UA/MQTT/sim → exact counters → "
-                                                     "durable outbox → upstream MQTT.")
+    parser = Parser(prog="edge-gateway", usage=f"%(prog)s [-h] [--version] {{{','.join(COMMANDS)}}} ...",
+                    description="Plant-floor gateway: Modbus/OPC UA/MQTT/sim → exact counters → durable outbox → "
+                                "upstream MQTT.")  # the usage names every command, also when one module is loaded
     parser.add_argument("--version", action="version", version=f"edge-gateway {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     modules = [COMMANDS[command]] if command in COMMANDS else dict.fromkeys(COMMANDS.values())

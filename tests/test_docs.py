@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+import pytest
+
 from gateway import cli
 from tests.helpers import ROOT
 
@@ -14,6 +16,14 @@ def test_every_command_is_documented():
     doc = (ROOT / "docs" / "operations.md").read_text()
     missing = [name for name in commands if f"`edge-gateway {name}" not in doc]
     assert not missing, f"docs/operations.md does not document: {', '.join(missing)}"
+
+
+def test_a_usage_error_in_one_command_still_lists_every_command(capsys):
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["check-config", "-c", "x.yaml"])  # only the daemon's module is loaded for it
+    assert exit.value.code == 64
+    usage = capsys.readouterr().err.splitlines()[0]
+    assert usage == f"usage: edge-gateway [-h] [--version] {{{','.join(cli.COMMANDS)}}} ...", usage
 
 
 def test_the_readme_is_short_and_links_every_page():
