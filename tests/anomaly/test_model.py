@@ -57,7 +57,7 @@ def test_the_shipped_model_and_a_good_config_pass(tmp_path):
     ("events_list", "its metadata {dir}/pump-ae.json is not usable: events and false_alarms need to be objects"),
     ("settle_inf", "its metadata {dir}/pump-ae.json is not usable: window, stride and events.end_after need"),
     ("end_after_inf", "its metadata {dir}/pump-ae.json is not usable: cannot convert float infinity to integer"),
-    ("tiny_spread", "its metadata {dir}/pump-ae.json is not usable: inputs.spread needs numbers from 1e-12 to 1e+15"),
+    ("tiny_spread", "its metadata {dir}/pump-ae.json is not usable: inputs.spread needs numbers from 1e-12 to 1e+200"),
     ("nan_norm", "its metadata {dir}/pump-ae.json is not usable: stats.norms needs numbers from 1e-09 to 1e+15"),
     ("huge_off", "its metadata {dir}/pump-ae.json is not usable: stats.off_subspace needs numbers from -1.001"),
     ("huge_context", "its metadata {dir}/pump-ae.json is not usable: stats need a context from 2 to 10000"),
