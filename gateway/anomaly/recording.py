@@ -12,7 +12,7 @@ wrong guess would corrupt a model:
   ISO 8601 (no zone = UTC) or, in a column so named, epoch seconds (milliseconds when > 1e11);
 - every numeric column is a tag unless `tags` names them; a cell that is empty or not a number
   is a missing value; a column that holds no number at all is left out and said so;
-- rows are put in time order; a time given twice keeps its last row.
+- rows are put in time order; a time given twice keeps its last row (a replay keeps every row as given).
 
 Any problem is a `DataError` naming the file, and where it helps, the line and column.
 """
@@ -136,8 +136,10 @@ def _number(text: str, decimal_comma: bool) -> float:
     return value if math.isfinite(value) else math.nan
 
 
-def read_csv(path: str | Path, *, time_column: str | None = None, tags: Sequence[str] | None = None) -> Recording:
-    """A CSV file as a `Recording`; see the module's docstring for what is accepted."""
+def read_csv(path: str | Path, *, time_column: str | None = None, tags: Sequence[str] | None = None,
+             as_given: bool = False) -> Recording:
+    """A CSV file as a `Recording`; see the module's docstring for what is accepted. `as_given`: every row, in
+    the file's order (a replay gives one result per row of the file, to be set beside it)."""
     path = Path(path)
     try:
         raw = path.read_bytes()
@@ -196,10 +198,17 @@ def read_csv(path: str | Path, *, time_column: str | None = None, tags: Sequence
         values.append(numbers)
     if not names:
         raise DataError(f"{path}: no numeric column besides the time column {header[t_index]}")
-    order = np.argsort(np.asarray(times), kind="stable")
-    t = np.asarray(times)[order]
-    v = np.asarray(values, dtype=np.float64).T[order] if body else np.empty((0, len(names)))
-    if len(t) and np.any(np.diff(np.asarray(times)) < 0):
+    v = np.asarray(values, dtype=np.float64).T if body else np.empty((0, len(names)))
+    t = np.asarray(times, dtype=np.float64)
+    steps = np.diff(t)
+    back, repeated = int((steps < 0).sum()), int((steps == 0).sum())
+    if as_given:
+        if back or repeated:
+            notes.append(f"{back} row(s) earlier than the row before, {repeated} with its time: all kept as given")
+        return Recording(str(path), names, t, v, notes)
+    order = np.argsort(t, kind="stable")
+    t, v = t[order], v[order]
+    if back:
         notes.append("rows put in time order")
     keep = np.append(t[1:] != t[:-1], True) if len(t) else np.empty(0, dtype=bool)
     if len(t) and not keep.all():

@@ -317,7 +317,7 @@ def _score(args: argparse.Namespace) -> int:
     from gateway.anomaly.recording import read_csv
     directory = _model_dir(args, args.name)
     model = Model(directory / f"{args.name}.tflite", directory / f"{args.name}.json")
-    recording = read_csv(args.csv, time_column=args.time_column)
+    recording = read_csv(args.csv, time_column=args.time_column, as_given=True)  # one result per row of the file
     for note in recording.notes:
         print(f"{recording.source}: {note}", file=sys.stderr)
     if args.plot:

@@ -332,6 +332,25 @@ def test_model_show_reads_what_training_wrote_about_itself_as_whatever_it_is(tmp
     assert "model pump-ae in" in result.stdout and "samples from " in result.stdout
 
 
+def test_a_replay_gives_one_row_per_row_of_the_file_in_its_order(tmp_path):
+    """A historian's export repeats a time or steps back (a clock set back): `model score` still gives one
+    result per row of the file, in the file's order, so that it can be set beside the file's own columns."""
+    from gateway.anomaly.recording import write_csv
+    rows = run(4348, 120)
+    times = [1.79e9 + i for i in range(120)]
+    times[50] = times[49]  # a time given twice
+    times[80], times[81] = times[81], times[80]  # two rows swapped
+    write_csv(tmp_path / "in.csv", list(TAGS), zip(times, rows.tolist(), strict=True))
+    result = subprocess.run([sys.executable, "-m", "gateway", "model", "score", "pump-ae", "--model-dir", str(MODELS),
+                             "--csv", str(tmp_path / "in.csv"), "--out", str(tmp_path / "out.csv")],
+                            capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "1 row(s) earlier than the row before, 1 with its time: all kept as given" in result.stderr
+    given = [line.split(",")[0] for line in (tmp_path / "in.csv").read_text().splitlines()]
+    scored = [line.split(",")[0] for line in (tmp_path / "out.csv").read_text().splitlines()]
+    assert scored == given
+
+
 @pytest.mark.filterwarnings("error")  # numpy's overflow warning would be a line in the journal per reading
 @pytest.mark.parametrize("reading,name", [(1e30, "flow_l_min"), (-1e300, "flow_l_min"),
                                           (1.7e308, "oil_pressure_bar")])  # a spread of 0.05: x 20 overflows
