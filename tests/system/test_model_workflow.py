@@ -5,6 +5,7 @@ epochs), `model score` on a recording with a fault, `model list/show`, deploy, a
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -15,9 +16,11 @@ import pytest
 
 from tests.helpers import ENV, ROOT, gateway_config, wait_until
 
-pytestmark = pytest.mark.slow
+# TensorFlow is found, not imported, here: importing it takes seconds, and collection (also of the fast tier,
+# which deselects these tests) would pay them. The `model train` subprocesses import it.
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None,
+                                                   reason="needs the [train] extra (TensorFlow)")]
 pytest.importorskip("ai_edge_litert")
-pytest.importorskip("tensorflow")
 
 from gateway import datadir  # noqa: E402
 from gateway.anomaly.recording import parse_time, write_csv  # noqa: E402
