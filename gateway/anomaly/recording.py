@@ -204,7 +204,8 @@ def read_csv(path: str | Path, *, time_column: str | None = None, tags: Sequence
     back, repeated = int((steps < 0).sum()), int((steps == 0).sum())
     if as_given:
         if back or repeated:
-            notes.append(f"{back} row(s) earlier than the row before, {repeated} with its time: all kept as given")
+            notes.append(f"{back} row(s) earlier than the row before, {repeated} at the same time as the row before: "
+                         f"all kept, in the file's order")
         return Recording(str(path), names, t, v, notes)
     order = np.argsort(t, kind="stable")
     t, v = t[order], v[order]

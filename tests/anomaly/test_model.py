@@ -345,7 +345,7 @@ def test_a_replay_gives_one_row_per_row_of_the_file_in_its_order(tmp_path):
                              "--csv", str(tmp_path / "in.csv"), "--out", str(tmp_path / "out.csv")],
                             capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=60)
     assert result.returncode == 0, result.stderr
-    assert "1 row(s) earlier than the row before, 1 with its time: all kept as given" in result.stderr
+    assert "1 row(s) earlier than the row before, 1 at the same time as the row before: all kept" in result.stderr
     given = [line.split(",")[0] for line in (tmp_path / "in.csv").read_text().splitlines()]
     scored = [line.split(",")[0] for line in (tmp_path / "out.csv").read_text().splitlines()]
     assert scored == given
