@@ -190,12 +190,11 @@ class Model:
             inputs = meta["inputs"]
             n = len(self.tags)
             columns = (inputs["center"], inputs["spread"], inputs["drift"], meta["error_scale"])
-            if any(len(c) != n for c in columns) or min(map(float, inputs["spread"])) <= 0 \
-                    or min(map(float, meta["error_scale"])) <= 0:
+            if any(len(c) != n for c in columns):
                 raise ValueError(f"inputs.center, inputs.spread, inputs.drift and error_scale need one entry per tag "
-                                 f"({n} tags), spreads and error scales above 0")
+                                 f"({n} tags)")
+            _check_numbers(inputs, meta["error_scale"], meta["stats"])  # spreads, scales and norms above 0, ...
             self.inputs = dict(inputs)
-            _check_numbers(inputs, meta["error_scale"], meta["stats"])
             Inputs.from_meta(inputs, self.interval)  # the transform can be built
             self.drift = np.asarray(inputs["drift"], dtype=bool)
             self.inv_error = (1.0 / np.asarray(meta["error_scale"], dtype=np.float64)).astype(np.float32)
@@ -300,10 +299,9 @@ class Stats:
         residual = np.asarray(stats["residual_scale"], dtype=np.float64)
         norms = [float(stats["norms"][c]) for c in COMPONENTS]
         weights = [float(stats["weights"][c]) for c in COMPONENTS]
-        if not 2 <= context <= MAX_CONTEXT or off.shape != (tags, tags) or residual.shape != (tags,) \
-                or min(residual) <= 0 or min(norms) <= 0 or min(weights) < 0:
-            raise ValueError(f"stats need a context from 2 to {MAX_CONTEXT}, a {tags} x {tags} off_subspace, one "
-                             f"residual_scale per tag and norms above 0")
+        if not 2 <= context <= MAX_CONTEXT or off.shape != (tags, tags) or residual.shape != (tags,):
+            raise ValueError(f"stats need a context from 2 to {MAX_CONTEXT}, a {tags} x {tags} off_subspace and one "
+                             f"residual_scale per tag")  # their values: `_check_numbers`, before
         return cls(context, off, residual, norms, weights, drift, DRIFT_CAP * threshold)
 
     def components(self, z: np.ndarray, dz: np.ndarray, ae: np.ndarray, parts: np.ndarray) -> np.ndarray:
