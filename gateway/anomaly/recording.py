@@ -23,6 +23,7 @@ import csv
 import math
 import os
 import re
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -59,7 +60,7 @@ class Recording:
     def select(self, tags: Sequence[str]) -> Recording:
         missing = [t for t in tags if t not in self.tags]
         if missing:
-            raise DataError(f"{self.source}: no column {', '.join(missing)} (it has {', '.join(self.tags)})")
+            raise DataError(f"{self.source}: no column {_listed(missing)} (it has {_listed(self.tags)})")
         index = [self.tags.index(t) for t in tags]
         return Recording(self.source, list(tags), self.times, self.values[:, index], self.notes)
 
@@ -157,9 +158,10 @@ def read_csv(path: str | Path, *, time_column: str | None = None, tags: Sequence
         raise DataError(f"{path}: not a CSV recording: {err}") from None
     header = [h.strip() for h in rows[0]]
     body = [r for r in rows[1:] if any(c.strip() for c in r)]
-    if len(set(header)) != len(header):
-        twice = sorted({h for h in header if header.count(h) > 1})
-        raise DataError(f"{path}: column {', '.join(twice)} appears more than once in the header")
+    position = {h: i for i, h in enumerate(header)}  # by name in one step: a header may have a million columns
+    if len(position) != len(header):
+        twice = sorted(h for h, n in Counter(header).items() if n > 1)
+        raise DataError(f"{path}: column {_listed(twice)} appears more than once in the header")
     columns: list[tuple[str, ...]] = [tuple(r[i] if i < len(r) else "" for r in body) for i in range(len(header))]
     for lineno, r in enumerate(rows[1:], start=2):
         if len(r) > len(header) and any(c.strip() for c in r[len(header):]):
@@ -179,11 +181,11 @@ def read_csv(path: str | Path, *, time_column: str | None = None, tags: Sequence
     names: list[str] = []
     values: list[list[float]] = []
     wanted = list(tags) if tags else [h for i, h in enumerate(header) if i != t_index]
-    unknown = [t for t in wanted if t not in header]
+    unknown = [t for t in wanted if t not in position]
     if unknown:
-        raise DataError(f"{path}: no column {', '.join(unknown)} (it has {', '.join(header)})")
+        raise DataError(f"{path}: no column {_listed(unknown)} (it has {_listed(header)})")
     for name in wanted:
-        cells = columns[header.index(name)]
+        cells = columns[position[name]]
         numbers = [_number(c, decimal_comma) for c in cells]
         given = sum(1 for c in cells if c.strip())
         good = sum(1 for v in numbers if not math.isnan(v))
@@ -217,6 +219,12 @@ def read_csv(path: str | Path, *, time_column: str | None = None, tags: Sequence
     return Recording(str(path), names, t[keep], v[keep], notes)
 
 
+def _listed(names: Sequence[str], most: int = 20) -> str:
+    """Names for a message: the first `most`, and how many more."""
+    more = f" and {len(names) - most} more" if len(names) > most else ""
+    return ", ".join(names[:most]) + more
+
+
 def _decoded(raw: bytes) -> str:
     for encoding in ("utf-16", "utf-8-sig") if raw.startswith(UTF16_BOMS) else ("utf-8-sig",):
         try:
@@ -229,7 +237,7 @@ def _decoded(raw: bytes) -> str:
 def _time_column(path: Path, header: list[str], columns: list[tuple[str, ...]], named: str | None) -> int:
     if named is not None:
         if named not in header:
-            raise DataError(f"{path}: no time column {named!r} (it has {', '.join(header)})")
+            raise DataError(f"{path}: no time column {named!r} (it has {_listed(header)})")
         return header.index(named)
     for i, h in enumerate(header):
         if h.lower() in TIME_NAMES:
@@ -238,7 +246,7 @@ def _time_column(path: Path, header: list[str], columns: list[tuple[str, ...]], 
         sample = [c for c in column[:50] if c.strip()]
         if sample and all(parse_time(c) is not None for c in sample):
             return i
-    raise DataError(f"{path}: no time column found among {', '.join(header)}: name it with --time-column")
+    raise DataError(f"{path}: no time column found among {_listed(header)}: name it with --time-column")
 
 
 def write_csv(target: str | Path | IO[str], tags: Sequence[str],

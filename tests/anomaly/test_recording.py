@@ -102,6 +102,15 @@ def test_tab_separated_with_decimal_points(tmp_path):
     assert rec.tags == ["flow"] and rec.values[:, 0].tolist() == [3.5, 4.0]
 
 
+def test_a_header_of_thousands_of_columns_is_named_in_a_bounded_message(tmp_path):
+    header = ",".join(f"t{i}" for i in range(5000))
+    path = write(tmp_path, f"time,{header}\n2026-11-24T06:00:00Z,{','.join(['1'] * 5000)}\n")
+    with pytest.raises(DataError) as err:
+        read_csv(path, tags=["flow"])
+    assert str(err.value).endswith("no column flow (it has time, t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11, "
+                                   "t12, t13, t14, t15, t16, t17, t18 and 4981 more)")
+
+
 def test_the_grid_puts_rows_in_their_slots_and_cuts_long_gaps(tmp_path):
     rows = [(0.0, [1.0]), (1.0, [2.0]), (3.0, [4.0]), (1000.0, [5.0])]
     write_csv(tmp_path / "g.csv", ["a"], [(1.79e9 + t, v) for t, v in rows])
