@@ -621,10 +621,12 @@ def rate_text(per_second: float) -> str:
     for unit, seconds in (("min", 60.0), ("h", 3600.0), ("day", 86400.0), ("week", WEEK), ("year", 365 * 86400.0)):
         if per_second * seconds >= 0.999:
             return f"{per_second * seconds:.3g}/{unit}"
-    return f"{per_second:.3g}/s"
+    return f"{per_second * 365 * 86400:.3g}/year"
 
 
 def _duration(seconds: float) -> str:
+    if seconds >= 2 * 365 * 86400:
+        return f"{seconds / (365 * 86400):.3g} years"
     if seconds >= 2 * 86400:
         return f"{seconds / 86400:.1f} days"
     if seconds >= 7200:

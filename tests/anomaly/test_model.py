@@ -378,13 +378,15 @@ def test_a_slow_drift_of_a_drift_tag_raises_no_event(model):
 
 
 def test_a_higher_false_alarm_rate_gives_a_lower_threshold():
-    from gateway.anomaly.training import extreme_threshold, parse_rate, rate_text
+    from gateway.anomaly.training import _duration, extreme_threshold, parse_rate, rate_text
     assert parse_rate("1/week") == pytest.approx(1 / (7 * 86400))
     assert parse_rate("2 / day") == pytest.approx(2 / 86400) and parse_rate("0.5/h") == pytest.approx(0.5 / 3600)
     for bad in ("often", "1/fortnight", "-1/day", "0/day"):
         with pytest.raises(ValueError):
             parse_rate(bad)
     assert rate_text(parse_rate("1/week")) == "1/week" and rate_text(parse_rate("3/h")) == "3/h"
+    assert rate_text(parse_rate("1e-300/week")) == "5.21e-299/year"  # not 1.65e-306/s
+    assert _duration(7e305) == "2.22e+298 years"  # not a number of days 306 digits long
     scores = [np.random.default_rng(5).gamma(4.0, 0.5, 3000)]
     thresholds = [extreme_threshold(scores, 30, 1.0, parse_rate(r))["threshold"]
                   for r in ("1/year", "1/week", "1/day", "1/h")]
