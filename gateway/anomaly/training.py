@@ -215,7 +215,11 @@ def _train(name: str, recordings: Sequence[Recording], out_dir: Path, opts: Opti
         if r.tags != tags:
             raise DataError(f"{r.source} has columns {', '.join(r.tags)}, but {recordings[0].source} has "
                             f"{', '.join(tags)}: give --tags to pick the same ones from each")
-    interval = opts.interval or _interval(recordings)
+    steps = [s for r in recordings if (s := r.median_interval()) is not None]
+    interval = opts.interval or _interval(steps)
+    if opts.interval and steps and interval < 0.5 * min(steps):
+        raise DataError(f"--interval {interval:g}s is finer than the recordings' own step ({min(steps):g} s): most "
+                        f"samples would be missing. Give --interval {min(steps):g}s, or leave it out")
     window = opts.window
     grids = [r.on_grid(interval, window + opts.ffill_limit + 1)[1] for r in recordings]
     rows = sum(len(g) for g in grids)
@@ -425,8 +429,8 @@ def _scales(grids: list[np.ndarray], drift: Sequence[bool], baseline_s: float,
     return center, np.where(spread > 0, spread, 1.0)
 
 
-def _interval(recordings: Sequence[Recording]) -> float:
-    steps = [s for r in recordings if (s := r.median_interval()) is not None]
+def _interval(steps: Sequence[float]) -> float:
+    """The sample interval: the median of the recordings' own median steps."""
     if not steps:
         raise DataError("cannot tell the sample interval from fewer than two rows: give --interval")
     return round(float(np.median(steps)), 6)

@@ -124,8 +124,17 @@ def _time(text: str | None, what: str) -> float | None:
     return ts
 
 
-def _csv_list(text: str | None) -> list[str] | None:
-    return [t.strip() for t in text.split(",") if t.strip()] if text else None
+def _csv_list(text: str | None, option: str) -> list[str] | None:
+    """`a, b` → ['a', 'b']; None when the option is not given. Naming no tag, or one twice, is a usage error."""
+    if text is None:
+        return None
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise _Usage(f"{option} {text!r} names no tag: give them comma-separated, e.g. {option} pressure,flow")
+    twice = sorted({t for t in names if names.count(t) > 1})
+    if twice:
+        raise _Usage(f"{option} names {', '.join(twice)} more than once")
+    return names
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -137,16 +146,22 @@ def _train(args: argparse.Namespace) -> int:
     if bool(args.csv) == bool(args.device):
         raise _Usage("give either --csv FILE (repeatable) or --device DEV -c CONFIG")
     interval = None
-    if args.interval:
+    if args.interval is not None:
         try:
             interval = parse_duration(args.interval)
         except ValueError:
-            raise _Usage(f"--interval {args.interval!r}: expected a duration such as 1s or 500ms") from None
+            interval = 0.0
+        if not interval > 0:
+            raise _Usage(f"--interval {args.interval!r}: expected a duration above 0, such as 1s or 500ms")
     try:
         baseline = parse_duration(args.baseline)
     except ValueError:
-        raise _Usage(f"--baseline {args.baseline!r}: expected a duration such as 60s or 10m") from None
-    drift = _csv_list(args.drift_tags)
+        baseline = 0.0
+    if not baseline > 0:
+        raise _Usage(f"--baseline {args.baseline!r}: expected a duration above 0, such as 60s or 10m")
+    drift = _csv_list(args.drift_tags, "--drift-tags")
+    if drift and "none" in drift and len(drift) > 1:
+        raise _Usage("--drift-tags none stands alone: it means no tag is a drift tag")
     try:
         rate = parse_rate(args.false_alarms)
     except ValueError:
@@ -156,7 +171,7 @@ def _train(args: argparse.Namespace) -> int:
         raise _Usage(f"--window needs 2 or more, --context 2 to {MAX_CONTEXT}, --epochs 1 or more")
     if args.plot:
         _plot_check(args.plot)
-    tags = _csv_list(args.tags)
+    tags = _csv_list(args.tags, "--tags")
     if args.csv:
         recordings = [read_csv(f, time_column=args.time_column, tags=tags) for f in args.csv]
     else:

@@ -168,6 +168,11 @@ def test_too_few_rows_is_exit_65_before_any_training(tmp_path):
     (["train", "m"], 64, "give either --csv FILE (repeatable) or --device DEV -c CONFIG"),
     (["train", "m", "--csv", "/nonexistent.csv"], 65, "cannot read /nonexistent.csv"),
     (["train", "m", "--csv", "x.csv", "--context", "20000"], 64, "--context 2 to 10000"),
+    (["train", "m", "--csv", "x.csv", "--tags", ",,"], 64, "--tags ',,' names no tag"),
+    (["train", "m", "--csv", "x.csv", "--tags", "a,b,a"], 64, "--tags names a more than once"),
+    (["train", "m", "--csv", "x.csv", "--drift-tags", "none,a"], 64, "--drift-tags none stands alone"),
+    (["train", "m", "--csv", "x.csv", "--interval", "0s"], 64, "--interval '0s': expected a duration above 0"),
+    (["train", "m", "--csv", "x.csv", "--baseline", "0s"], 64, "--baseline '0s': expected a duration above 0"),
     (["score", "nosuch", "--csv", "x.csv", "--model-dir", "/tmp"], 65, "model nosuch: cannot read /tmp/nosuch.tflite"),
 ])
 def test_model_command_errors(tmp_path, args, code, expected):
@@ -176,6 +181,16 @@ def test_model_command_errors(tmp_path, args, code, expected):
     assert result.returncode == code, result.stderr
     assert expected in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_an_interval_finer_than_the_recording_is_exit_65_before_any_training(tmp_path):
+    write_csv(tmp_path / "x.csv", ["a", "b"], [(1.79e9 + i, [math.sin(i), math.cos(i)]) for i in range(600)])
+    result = subprocess.run([sys.executable, "-m", "gateway", "model", "train", "m", "--csv", "x.csv",
+                             "--interval", "100ms"], capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=60)
+    assert result.returncode == 65, result.stderr
+    assert ("--interval 0.1s is finer than the recordings' own step (1 s): most samples would be missing. Give "
+            "--interval 1s, or leave it out") in result.stderr
+    assert not list(tmp_path.glob("m.*"))
 
 
 def test_a_damaged_history_file_is_exit_65_not_a_traceback(tmp_path):
