@@ -1,6 +1,6 @@
 """The `edge-gateway` command. Exit codes follow sysexits: 0 ok, 64 usage, 69 service
 unavailable, 70 internal error (a supervised loop failed: systemd restarts us), 73 cannot
-create (data_dir), 78 config error.
+create (data_dir), 78 config error; 141 (as for SIGPIPE) when stdout's reader has gone, with no message.
 
 Each command owns its arguments and its work, in `gateway/commands/` (`add_to` registers it);
 this module only puts them together. Heavy imports stay inside the commands, so that
@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import signal
 import sys
 from collections.abc import Sequence
 
 from gateway import __version__
 from gateway.commands.common import Parser
+
+EX_PIPE = 128 + signal.SIGPIPE  # what a shell reports for a tool that stopped because its reader went away
 
 # Each command and the module in gateway/commands/ that owns it, in the order `--help` lists them. Only the
 # module of the command given is imported (`edge-gateway run` does not carry every other command's code: 1 MiB
@@ -40,5 +44,9 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser(argv[0] if argv else None).parse_args(argv)
-    code: int = args.main(args)
+    try:
+        code: int = args.main(args)
+    except BrokenPipeError:  # `edge-gateway model score ... | head`: the reader has gone, as it may
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the exit's flush is quiet too
+        return EX_PIPE
     return code

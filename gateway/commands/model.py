@@ -8,6 +8,7 @@ and only when asked for; TensorFlow only by `model train` (gateway/anomaly/train
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sqlite3
@@ -106,6 +107,8 @@ def model_command(args: argparse.Namespace) -> int:
         return _fail(str(err), EX_UNAVAILABLE)
     except _Usage as err:
         return _fail(str(err), EX_USAGE)
+    except BrokenPipeError:
+        raise  # stdout's reader has gone: `cli.main` ends quietly
     except OSError as err:
         return _fail(f"{err.filename or ''}: {err.strerror}", EX_CANTCREAT)
 
@@ -305,6 +308,8 @@ def _history(args: argparse.Namespace, store: Any, path: Path) -> int:
         return _fail(f"device {args.device}: nothing recorded (recorded devices: {known})", EX_DATAERR)
     try:
         count = write_csv(sys.stdout if args.csv == "-" else args.csv, tags, rows)
+    except BrokenPipeError:
+        raise
     except OSError as err:
         return _fail(f"cannot write {args.csv}: {err.strerror}", EX_CANTCREAT)
     print(f"{count} samples of {args.device} ({', '.join(tags)}) written to {args.csv}", file=sys.stderr)
@@ -341,8 +346,11 @@ def _score(args: argparse.Namespace) -> int:
     if args.out == "-":
         summary = replay.write(model, recording, sys.stdout, keep=rows)
     else:
-        with open(args.out, "w", newline="") as out:
-            summary = replay.write(model, recording, out, keep=rows)
+        try:
+            with open(args.out, "w", newline="") as out:
+                summary = replay.write(model, recording, out, keep=rows)
+        except OSError as err:  # a disk that fills up mid-way names no file: name it
+            raise OSError(err.errno, err.strerror, args.out) from None
     print(f"model {model.name} (threshold {model.threshold:.4g}) on {args.csv}: {summary.text(model.interval)}",
           file=sys.stderr)
     print(summary.expected(model), file=sys.stderr)
@@ -358,6 +366,9 @@ def _plot_check(path: str) -> None:
         check(path)
     except MissingPlot as err:
         raise _Usage(str(err)) from None
+    folder = Path(path).parent
+    if not folder.is_dir():
+        raise OSError(errno.ENOENT, f"no directory {folder} to write it in", path)
 
 
 def _write_plot(path: str, model: Any, rows: list[Any], values: Any, title: str) -> None:

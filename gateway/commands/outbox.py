@@ -43,6 +43,8 @@ def outbox(args: argparse.Namespace) -> int:
             print(f"exported {n} messages to {args.file}", file=sys.stderr)
             return EX_OK
         info = admin.inspect(path)
+    except BrokenPipeError:
+        raise  # `outbox export - | head`: `cli.main` ends quietly
     except (OSError, sqlite3.Error) as err:
         print(f"cannot read the outbox {path}: {err}", file=sys.stderr)
         return EX_UNAVAILABLE

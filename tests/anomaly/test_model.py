@@ -351,6 +351,27 @@ def test_a_replay_gives_one_row_per_row_of_the_file_in_its_order(tmp_path):
     assert scored == given
 
 
+def test_where_the_results_cannot_go_is_said_by_name_or_quietly(tmp_path):
+    """A full disk names the file (it said ': No space left on device'); a plot with no directory is refused
+    before the replay; a reader that goes away (`| head`) ends the command with no message, as for SIGPIPE."""
+    from gateway.anomaly.recording import write_csv
+    write_csv(tmp_path / "in.csv", list(TAGS), zip([1.79e9 + i for i in range(3000)], run(4349, 3000).tolist(),
+                                                   strict=True))
+    score = [sys.executable, "-m", "gateway", "model", "score", "pump-ae", "--model-dir", str(MODELS),
+             "--csv", str(tmp_path / "in.csv")]
+    for extra, expected in ((["--out", "/dev/full"], "edge-gateway: /dev/full: No space left on device\n"),
+                            (["--plot", str(tmp_path / "no" / "r.html")],
+                             f"edge-gateway: {tmp_path}/no/r.html: no directory {tmp_path}/no to write it in\n")):
+        result = subprocess.run(score + extra, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=60)
+        assert result.returncode == 73 and result.stderr.endswith(expected), result.stderr
+    with subprocess.Popen(score, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV, cwd=ROOT) as reader:
+        assert reader.stdout is not None and reader.stderr is not None
+        assert reader.stdout.readline().startswith(b"time,score,threshold,state")
+        reader.stdout.close()  # `| head -1`
+        assert reader.wait(timeout=60) == 141
+        assert reader.stderr.read() == b""
+
+
 @pytest.mark.filterwarnings("error")  # numpy's overflow warning would be a line in the journal per reading
 @pytest.mark.parametrize("reading,name", [(1e30, "flow_l_min"), (-1e300, "flow_l_min"),
                                           (1.7e308, "oil_pressure_bar")])  # a spread of 0.05: x 20 overflows
