@@ -251,13 +251,26 @@ def _time_column(path: Path, header: list[str], columns: list[tuple[str, ...]], 
 
 def write_csv(target: str | Path | IO[str], tags: Sequence[str],
               rows: Iterable[tuple[float, Sequence[float | None]]]) -> int:
-    """`time` (RFC 3339 UTC) and one column per tag; a missing value is an empty cell. Returns the rows written."""
+    """`time` (RFC 3339 UTC) and one column per tag; a missing value is an empty cell. Returns the rows written.
+
+    A file is written whole or not at all (beside it, then renamed over it; through a symlink, the file it names).
+    Anything else that exists there (/dev/stdout, a named pipe, a device) is written to as it is: renaming over
+    it would replace the device node itself."""
     if not isinstance(target, (str, Path)):
         return _write_rows(target, tags, rows)
-    tmp = Path(f"{target}.tmp")
-    with open(tmp, "w", newline="") as out:
-        count = _write_rows(out, tags, rows)
-    os.replace(tmp, target)
+    path = Path(target)
+    if path.exists() and not path.is_file():
+        with open(path, "w", newline="") as out:
+            return _write_rows(out, tags, rows)
+    path = path.resolve()
+    tmp = path.with_name(f"{path.name}.tmp")
+    try:
+        with open(tmp, "w", newline="") as out:
+            count = _write_rows(out, tags, rows)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no half-written .tmp behind
+        raise
     return count
 
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import math
+import os
+import stat
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -191,6 +195,43 @@ def test_an_interval_finer_than_the_recording_is_exit_65_before_any_training(tmp
     assert ("--interval 0.1s is finer than the recordings' own step (1 s): most samples would be missing. Give "
             "--interval 1s, or leave it out") in result.stderr
     assert not list(tmp_path.glob("m.*"))
+
+
+def test_an_export_to_a_device_a_pipe_or_a_link_leaves_it_in_place(tmp_path):
+    """`history export --csv PATH` writes a file beside and renames it over the target: whole or not at all. Renamed
+    over /dev/full (as root) it replaced the device node with a regular file; over a link, the link."""
+    rows = [(1.79e9 + i, [float(i), None]) for i in range(100)]
+    with pytest.raises(OSError) as full:
+        write_csv("/dev/full", ["a", "b"], rows)
+    assert full.value.errno == errno.ENOSPC and stat.S_ISCHR(os.stat("/dev/full").st_mode)
+    real, link = tmp_path / "real.csv", tmp_path / "link.csv"
+    real.write_text("old\n")
+    link.symlink_to(real)
+    assert write_csv(link, ["a", "b"], rows) == 100
+    assert link.is_symlink() and real.read_text().startswith("time,a,b\n") and len(real.read_text().splitlines()) == 101
+    fifo, got = tmp_path / "fifo", []
+    os.mkfifo(fifo)
+    reader = threading.Thread(target=lambda: got.append(fifo.read_text()))
+    reader.start()
+    assert write_csv(fifo, ["a", "b"], rows) == 100
+    reader.join(10)
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode) and len(got[0].splitlines()) == 101
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo", "link.csv", "real.csv"]  # no .tmp left
+
+
+def test_an_export_that_fills_the_disk_leaves_nothing_behind(tmp_path):
+    small = tmp_path / "small"
+    small.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(small)]).returncode:
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        (small / "x.csv").write_text("the last good export\n")
+        with pytest.raises(OSError) as full:
+            write_csv(small / "x.csv", ["a"], [(1.79e9 + i, [float(i)]) for i in range(10_000)])
+        assert full.value.errno == errno.ENOSPC
+        assert [p.name for p in small.iterdir()] == ["x.csv"] and (small / "x.csv").read_text() == "the last good export\n"
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
 
 
 def test_a_damaged_history_file_is_exit_65_not_a_traceback(tmp_path):
