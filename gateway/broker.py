@@ -30,6 +30,7 @@ from typing import Any
 import yaml
 
 from gateway.errors import EX_CANTCREAT, EX_CONFIG, EX_DATAERR, EX_OK
+from gateway.files import STDOUT, replacing
 from gateway.units import parse_size
 
 log = logging.getLogger("edge_gateway.broker")
@@ -196,17 +197,9 @@ def set_user(users_file: str, name: str, password: str | None) -> None:
 
 
 def _write_private(path: str, text: str, owner: tuple[int, int] | None = None) -> None:
-    tmp = f"{path}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
-    try:
-        os.fchmod(fd, 0o640)
-        if owner is not None and os.geteuid() == 0:
-            os.fchown(fd, *owner)
-        os.write(fd, text.encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    """`text` into `path`, mode 0640 (and `owner`, as root) before a byte is written (`files.replacing`)."""
+    with replacing(path, 0o640, owner) as out:
+        out.write(text)
 
 
 def user_command(args: argparse.Namespace) -> int:
@@ -233,8 +226,10 @@ def user_command(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as err:
         print(f"broker-user: {err}", file=sys.stderr)
         return EX_CANTCREAT
-    print(f"{args.users}: user {args.name} set" + (f"; its password is in {args.generate} (mode 0640)"
-                                                   if args.generate else ""))
+    shown = args.generate in STDOUT  # the password is the output: this line goes beside it, to stderr
+    where = "on standard output" if shown else f"in {args.generate} (mode 0640)"
+    print(f"{args.users}: user {args.name} set" + (f"; its password is {where}" if args.generate else ""),
+          file=sys.stderr if shown else sys.stdout)
     return EX_OK
 
 
@@ -242,8 +237,8 @@ def add_arguments(broker: argparse.ArgumentParser, user: argparse.ArgumentParser
     broker.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="amqtt config file (default %(default)s)")
     user.add_argument("name")
     user.add_argument("--users", default=DEFAULT_USERS, help="the broker's password file (default %(default)s)")
-    user.add_argument("--generate", metavar="FILE",
-                      help="make up a password and write it to FILE (0640): for the gateway's own login")
+    user.add_argument("--generate", metavar="FILE", help="make up a password and write it to FILE (0640; - for "
+                                                         "standard output): for the gateway's own login")
     user.add_argument("--delete", action="store_true", help="remove the user")
 
 

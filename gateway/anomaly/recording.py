@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -33,6 +32,7 @@ from typing import IO
 import numpy as np
 
 from gateway.errors import GatewayError
+from gateway.files import replacing
 
 TIME_NAMES = ("time", "timestamp", "datetime", "date", "ts", "date_time", "time_stamp")
 _ISO_HINT = re.compile(r"^\d{4}-\d{2}-\d{2}")
@@ -252,26 +252,11 @@ def _time_column(path: Path, header: list[str], columns: list[tuple[str, ...]], 
 def write_csv(target: str | Path | IO[str], tags: Sequence[str],
               rows: Iterable[tuple[float, Sequence[float | None]]]) -> int:
     """`time` (RFC 3339 UTC) and one column per tag; a missing value is an empty cell. Returns the rows written.
-
-    A file is written whole or not at all (beside it, then renamed over it; through a symlink, the file it names).
-    Anything else that exists there (/dev/stdout, a named pipe, a device) is written to as it is: renaming over
-    it would replace the device node itself."""
+    A path is written whole or not at all (`files.replacing`)."""
     if not isinstance(target, (str, Path)):
         return _write_rows(target, tags, rows)
-    path = Path(target)
-    if path.exists() and not path.is_file():
-        with open(path, "w", newline="") as out:
-            return _write_rows(out, tags, rows)
-    path = path.resolve()
-    tmp = path.with_name(f"{path.name}.tmp")
-    try:
-        with open(tmp, "w", newline="") as out:
-            count = _write_rows(out, tags, rows)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a full disk leaves no half-written .tmp behind
-        raise
-    return count
+    with replacing(target) as out:
+        return _write_rows(out, tags, rows)
 
 
 def _write_rows(out: IO[str], tags: Sequence[str], rows: Iterable[tuple[float, Sequence[float | None]]]) -> int:

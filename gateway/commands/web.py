@@ -18,7 +18,8 @@ def add_to(sub: Subparsers) -> None:
     parser.add_argument("name")
     parser.add_argument("--users", default="/etc/edge-gateway/web-users",
                         help="the web page's users file (default %(default)s)")
-    parser.add_argument("--generate", metavar="FILE", help="make up a password and write it to FILE (0640)")
+    parser.add_argument("--generate", metavar="FILE",
+                        help="make up a password and write it to FILE (0640; - for standard output)")
     parser.add_argument("--delete", action="store_true", help="remove the user")
     parser.set_defaults(main=web_user)
 

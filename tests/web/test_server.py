@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import os
+import stat
 import subprocess
 import sys
 
@@ -102,6 +104,30 @@ def test_web_user_writes_a_hash_never_the_password(tmp_path):
     text = users.read_text()
     assert text.startswith("alice:$argon2") and "correct horse" not in text
     assert users.stat().st_mode & 0o777 == 0o640
+
+
+def test_a_generated_password_goes_to_standard_output_or_a_pipe_and_a_linked_users_file_stays_linked(tmp_path):
+    """`--generate -` prints the password alone (the note goes to stderr); a named pipe is written, not renamed
+    over; a users file kept as a symlink (config management) keeps its link, the file it names is rewritten."""
+    real, link, fifo = tmp_path / "users.real", tmp_path / "web-users", tmp_path / "secret.fifo"
+    real.write_text("")
+    link.symlink_to(real)
+    web_user = [sys.executable, "-m", "gateway", "web-user"]
+    result = subprocess.run(web_user + ["alice", "--users", str(link), "--generate", "-"], capture_output=True,
+                            text=True, env=ENV, cwd=ROOT, timeout=60)
+    assert result.returncode == 0, result.stderr
+    password = result.stdout.strip()
+    assert len(password) >= 16 and result.stdout == password + "\n"
+    assert result.stderr == f"{link}: user alice set; its password is on standard output\n"
+    os.mkfifo(fifo)
+    with subprocess.Popen(web_user + ["bob", "--users", str(link), "--generate", str(fifo)], env=ENV, cwd=ROOT,
+                          stdout=subprocess.DEVNULL) as writer:
+        secret = fifo.read_text().strip()  # blocks until the command opens the pipe, returns when it closes it
+        assert writer.wait(timeout=60) == 0
+    assert len(secret) >= 16 and stat.S_ISFIFO(os.stat(fifo).st_mode)
+    assert link.is_symlink() and real.stat().st_mode & 0o777 == 0o640
+    assert [line.split(":")[0] for line in real.read_text().splitlines()] == ["alice", "bob"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["secret.fifo", "users.real", "web-users"]
 
 
 def test_a_login_passes_with_the_right_password_only_and_failures_are_logged_once_and_limited(tmp_path, caplog):

@@ -1,0 +1,53 @@
+"""Writing a file a user names (an export, a users file, a generated password): whole or not at all, and never
+in place of something that is not a file."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+
+STDOUT = ("-", "/dev/stdout", "/dev/fd/1", "/proc/self/fd/1")
+
+
+@contextlib.contextmanager
+def replacing(path: str | Path, mode: int = 0o644, owner: tuple[int, int] | None = None) -> Iterator[IO[str]]:
+    """A text stream for `path`.
+
+    A file is written beside it, with `mode` (and `owner`, as root) before a byte is in it, and renamed over it
+    once all is written and synced; through a symlink, over the file it names (the link stays). On any error the
+    half-written one is removed and the old file stays.
+
+    Anything else is written to as it is, its mode left alone: standard output (`-`, /dev/stdout: through the
+    process's own stream, so that a redirect to a file is not overwritten by a second open of it), and whatever
+    exists under /dev or /proc or is not a regular file (a named pipe, a device). Renaming over those would
+    replace the node itself: as root, even /dev/full.
+    """
+    if str(path) in STDOUT:
+        sys.stdout.flush()
+        yield sys.stdout
+        sys.stdout.flush()
+        return
+    target = Path(path)
+    if (target.exists() and not target.is_file()) or target.absolute().parts[1:2] in (("dev",), ("proc",)):
+        with open(target, "w", newline="", encoding="utf-8") as out:
+            yield out
+        return
+    target = target.resolve()
+    tmp = target.with_name(f"{target.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.fchmod(fd, mode)  # whatever the umask
+        if owner is not None and os.geteuid() == 0:
+            os.fchown(fd, *owner)
+        with open(fd, "w", newline="", encoding="utf-8") as out:
+            yield out
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
