@@ -9,7 +9,8 @@ import sys
 
 from gateway import datadir
 from gateway.commands.common import Subparsers, config_option, load
-from gateway.errors import EX_CONFIG, EX_OK, EX_UNAVAILABLE, EX_USAGE
+from gateway.errors import EX_CANTCREAT, EX_CONFIG, EX_OK, EX_UNAVAILABLE, EX_USAGE
+from gateway.files import replacing
 
 
 def add_to(sub: Subparsers) -> None:
@@ -35,11 +36,15 @@ def outbox(args: argparse.Namespace) -> int:
             if not args.file:
                 print("edge-gateway outbox export: name the file to write (or - for stdout)", file=sys.stderr)
                 return EX_USAGE
-            if args.file == "-":
-                n = admin.export(path, sys.stdout)
-            else:
-                with open(args.file, "w", encoding="utf-8") as out:
+            admin.inspect(path)  # the outbox can be read: an error after this is the file's
+            try:
+                with replacing(args.file) as out:
                     n = admin.export(path, out)
+            except BrokenPipeError:
+                raise
+            except OSError as err:  # a full disk mid-way names no file: name it
+                print(f"cannot write {args.file}: {err.strerror}", file=sys.stderr)
+                return EX_CANTCREAT
             print(f"exported {n} messages to {args.file}", file=sys.stderr)
             return EX_OK
         info = admin.inspect(path)

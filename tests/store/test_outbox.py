@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
 from gateway.counters import CounterRow
 from gateway.store.outbox import Bounds, Outbox
+from tests.helpers import ENV
 
 
 def payloads(store: Outbox) -> list[dict]:
@@ -115,3 +118,34 @@ def test_rows_in_flight_are_never_dropped(tmp_path):
     store.commit()
     assert [m["seq"] for m in payloads(store)] == [1, 2, 4]  # seq 3 dropped, not the rows in flight
     assert store.stats.dropped == 1
+
+
+def test_outbox_export_writes_every_message_or_says_which_file_it_could_not(tmp_path):
+    """`outbox export FILE`: one JSON line per waiting message, written whole; a full disk or a missing folder is
+    the file's error, exit 73 (it said 'cannot read the outbox ...', exit 69); `-` is standard output."""
+    data = tmp_path / "data"
+    data.mkdir()
+    store = Outbox.open(str(data / "gateway.db"))
+    for i in range(3):
+        store.stage(f"edge/lab/w/p{i}/telemetry", {"i": i})
+    store.commit()
+    store.close()
+    config = tmp_path / "gw.yaml"
+    config.write_text(f'gateway: {{id: w, site: lab, data_dir: "{data}"}}\nupstream: {{host: 127.0.0.1}}\n'
+                      "devices: [{name: p1, source: sim, profile: pump}]\n")
+
+    def export(target: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "gateway", "outbox", "export", target, "-c", str(config)],
+                              capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=60)
+
+    done = export(str(tmp_path / "out.jsonl"))
+    assert done.returncode == 0 and done.stderr == f"exported 3 messages to {tmp_path}/out.jsonl\n", done.stderr
+    lines = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [(m["seq"], m["topic"], m["payload"]["i"]) for m in lines] == [(i + 1, f"edge/lab/w/p{i}/telemetry", i)
+                                                                         for i in range(3)]
+    shown = export("-")
+    assert shown.returncode == 0 and shown.stdout == (tmp_path / "out.jsonl").read_text()
+    for target, why in (("/dev/full", "No space left on device"), (f"{tmp_path}/no/out.jsonl", "No such file or directory")):
+        failed = export(target)
+        assert failed.returncode == 73 and failed.stderr == f"cannot write {target}: {why}\n", failed.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "gw.yaml", "out.jsonl"]  # no .tmp left
