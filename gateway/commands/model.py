@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from gateway import config as configuration
 from gateway.errors import EX_CANTCREAT, EX_CONFIG, EX_DATAERR, EX_OK, EX_UNAVAILABLE, EX_USAGE, ModelError
+from gateway.files import replacing
 from gateway.units import parse_duration
 
 if TYPE_CHECKING:
@@ -343,14 +344,13 @@ def _score(args: argparse.Namespace) -> int:
     if args.plot:
         _plot_check(args.plot)
     rows: list[replay.Row] = []
-    if args.out == "-":
-        summary = replay.write(model, recording, sys.stdout, keep=rows)
-    else:
-        try:
-            with open(args.out, "w", newline="") as out:
-                summary = replay.write(model, recording, out, keep=rows)
-        except OSError as err:  # a disk that fills up mid-way names no file: name it
-            raise OSError(err.errno, err.strerror, args.out) from None
+    try:
+        with replacing(args.out) as out:  # a file whole or not at all; - is standard output
+            summary = replay.write(model, recording, out, keep=rows)
+    except BrokenPipeError:
+        raise
+    except OSError as err:  # a disk that fills up mid-way names no file: name it
+        raise OSError(err.errno, err.strerror, args.out) from None
     print(f"model {model.name} (threshold {model.threshold:.4g}) on {args.csv}: {summary.text(model.interval)}",
           file=sys.stderr)
     print(summary.expected(model), file=sys.stderr)
