@@ -24,6 +24,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+MAX_TOTAL = 2**53 - 1  # the largest total `counters set` takes: exact in any JSON reader (a double), far from
+# SQLite's 2^63 - 1 (a total set near that overflowed the next commit: a crash loop); counting there takes centuries
+
 
 @dataclass
 class CounterRow:

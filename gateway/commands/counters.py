@@ -12,6 +12,7 @@ import time
 from gateway import config as configuration
 from gateway import datadir
 from gateway.commands.common import Subparsers, config_option, load
+from gateway.counters import MAX_TOTAL
 from gateway.errors import EX_CONFIG, EX_OK, EX_UNAVAILABLE, EX_USAGE
 
 
@@ -69,8 +70,12 @@ def _set_counter(args: argparse.Namespace, cfg: configuration.Config, path: str)
     from gateway.store import admin
     from gateway.store import outbox as store
 
-    if args.device is None or args.name is None or args.value is None or args.value < 0 or not args.reason:
+    if args.device is None or args.name is None or args.value is None or not args.reason:
         print("usage: edge-gateway counters set DEVICE NAME VALUE --reason TEXT", file=sys.stderr)
+        return EX_USAGE
+    if not 0 <= args.value <= MAX_TOTAL:
+        print(f"counters set: VALUE {args.value} is not a total from 0 to {MAX_TOTAL} (2^53 - 1, the most an "
+              f"upstream JSON reader holds exactly)", file=sys.stderr)
         return EX_USAGE
     device = next((d for d in cfg.devices if d.name == args.device), None)
     if device is None or args.name not in {c.name for c in device.counters}:

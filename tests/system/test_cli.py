@@ -72,6 +72,9 @@ def test_counters_show_set_baseline_and_audit(mosquitto, gateway, tmp_path):
     assert gw.stop() == 0
     assert run("set", "line1", "nope", "5", "--reason", "x").returncode == 64
     assert run("set", "line1", "produced", "1000").returncode == 64  # a reason is required
+    for value in ("-5", str(2**53), str(2**63)):  # 2^63 was a traceback; a total near it crashed the daemon's commit
+        huge = run("set", "line1", "produced", value, "--reason", "x")
+        assert huge.returncode == 64 and f"VALUE {value} is not a total from 0 to {2**53 - 1}" in huge.stderr
     done = run("set", "line1", "produced", "1000", "--reason", "PLC swapped")
     assert done.returncode == 0, done.stderr
     shown = json.loads(run("show", "--json").stdout)
