@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import math
 import statistics
+import subprocess
+import sys
 
 import pytest
 
 import sim
 from sim.pump import TAGS as PUMP_TAGS
+from tests.helpers import ENV, ROOT
 
 
 def run(machine, seconds: int, dt: float = 1.0) -> list[dict]:
@@ -105,3 +108,22 @@ def test_the_config_knows_each_profile_by_the_tags_the_simulator_yields():
     from gateway.config import SIM_PROFILES
 
     assert {name: tuple(cls.tags) for name, cls in sim.PROFILES.items()} == SIM_PROFILES
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--modbus-tcp", "127.0.0.1:99999"], "--modbus-tcp '127.0.0.1:99999': expected HOST:PORT with a port from 0 to 65535"),
+    (["--units", "300=pump:1"], "--units '300=pump:1': expected UNIT=PROFILE:SEED, a unit from 0 to 247"),
+    (["--units", "1=pump:1,1=pump:2"], "--units names unit 1 twice"),
+    (["--fault", "2:bearing_wear"], "--fault '2:bearing_wear': unit 2 is not a pump unit"),
+    (["--fault", "1:nosuch"], "KIND one of bearing_wear, cavitation, seal_leak, stuck_sensor, spike, dropout"),
+    (["--exception", "1:99"], "--exception 1:99: a Modbus exception code is one of 1, 2, 3, 4, 5, 6, 7, 8, 10, 11"),
+    (["--delay", "1:-5"], "--delay 1:-5: expected seconds from 0"),
+    (["--mqtt-interval", "0"], "--mqtt-interval 0: expected a number above 0"),
+])
+def test_the_simulator_names_a_bad_argument_and_exits_64(args, expected):
+    """They were tracebacks (a port above 65535, a unit id above 254), a puzzle ('bad argument (9)'), or taken and
+    failing later: an exception code pymodbus cannot send, a fault kind that does nothing, a busy MQTT loop."""
+    result = subprocess.run([sys.executable, "-m", "gateway", "sim", *(["--modbus-tcp", "127.0.0.1:0"]
+                             if "--modbus-tcp" not in args else []), *args], capture_output=True, text=True, env=ENV,
+                            cwd=ROOT, timeout=30)
+    assert result.returncode == 64 and expected in result.stderr and "Traceback" not in result.stderr, result.stderr
