@@ -153,13 +153,24 @@ async def _serve(config: dict[str, Any], description: str) -> None:
 def serve_file(path: str) -> int:
     """`edge-gateway broker -c FILE`: 0 after SIGTERM, 78 for a bad config file."""
     try:
-        with open(path, encoding="utf-8") as fh:
-            cfg = yaml.safe_load(fh)
+        with open(path, "rb") as fh:
+            data = fh.read()
+        cfg = yaml.safe_load(data.decode("utf-8"))
     except OSError as err:
         print(f"{path}: cannot read the file: {err.strerror}", file=sys.stderr)
         return EX_CONFIG
+    except UnicodeDecodeError as err:  # any bytes in the file are a config error, never a traceback
+        line = data[:err.start].count(b"\n") + 1
+        print(f"{path}:{line}: not UTF-8 text: byte 0x{data[err.start]:02x} at offset {err.start}; save the file as "
+              f"UTF-8", file=sys.stderr)
+        return EX_CONFIG
     except yaml.YAMLError as err:
-        print(f"{path}: not valid YAML: {err}", file=sys.stderr)
+        mark = getattr(err, "problem_mark", None)
+        print(f"{path}{f':{mark.line + 1}' if mark else ''}: not valid YAML: {getattr(err, 'problem', None) or err}",
+              file=sys.stderr)
+        return EX_CONFIG
+    except RecursionError:
+        print(f"{path}: not a config: the YAML is nested too deeply", file=sys.stderr)
         return EX_CONFIG
     problems = check_config(cfg, path)
     if problems:

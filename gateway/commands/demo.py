@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from gateway.commands.common import Subparsers
-from gateway.errors import EX_UNAVAILABLE, missing
+from gateway.errors import EX_UNAVAILABLE, EX_USAGE, missing
 
 
 def add_to(sub: Subparsers) -> None:
@@ -19,6 +20,13 @@ def add_to(sub: Subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.duration is not None and not 0 < args.duration < math.inf:
+        print(f"edge-gateway demo: --duration {args.duration:g}: expected seconds above 0 (or leave it out: Ctrl-C)",
+              file=sys.stderr)
+        return EX_USAGE
+    if not 0 <= args.fault_after < math.inf:
+        print(f"edge-gateway demo: --fault-after {args.fault_after:g}: expected seconds from 0", file=sys.stderr)
+        return EX_USAGE
     if absent := missing("amqtt"):
         print(f"edge-gateway demo needs {', '.join(absent)}, which is not installed: "
               f"pip install 'edge-gateway[broker]' (install.sh --with-local-broker installs it)", file=sys.stderr)

@@ -112,6 +112,19 @@ def test_local_broker_config_without_authentication_is_refused(tmp_path):
     assert result.returncode == 78 and "missing.users (create users with: edge-gateway broker-user" in result.stderr
 
 
+@pytest.mark.parametrize("data,expected", [
+    (b'listeners:\n  default: {type: tcp, bind: "\xff"}\n',
+     "amqtt.yaml:2: not UTF-8 text: byte 0xff at offset 41; save the file as UTF-8"),
+    (b"listeners: [\n", "amqtt.yaml:2: not valid YAML: expected the node content, but found '<stream end>'"),
+    (b"[" * 100_000, "amqtt.yaml: not a config: the YAML is nested too deeply"),
+])
+def test_any_bytes_in_the_local_broker_config_are_a_config_error(tmp_path, data, expected):
+    """Not UTF-8 and nested 100,000 deep were tracebacks; a YAML error now names its line."""
+    (tmp_path / "amqtt.yaml").write_bytes(data)
+    result = cli("broker", "-c", str(tmp_path / "amqtt.yaml"))
+    assert result.returncode == 78 and result.stderr == f"{tmp_path}/{expected}\n", result.stderr
+
+
 def test_embedded_broker_needs_a_password_file_unless_anonymous_is_allowed(tmp_path):
     text = gateway_config(tmp_path / "data", 1883, extra="local_broker: {enabled: true}")
     (tmp_path / "gateway.yaml").write_text(text)

@@ -104,3 +104,13 @@ def test_a_command_whose_extra_is_not_installed_names_it_and_exits_69(tmp_path, 
     assert result.returncode == 69, result.stderr
     assert result.stderr == (f"edge-gateway {command[0]} needs {module}, which is not installed: pip install "
                              "'edge-gateway[broker]' (install.sh --with-local-broker installs it)\n")
+
+
+@pytest.mark.parametrize("args,expected", [(["--duration", "0"], "--duration 0: expected seconds above 0"),
+                                           (["--duration", "nan"], "--duration nan: expected seconds above 0"),
+                                           (["--fault-after", "-5"], "--fault-after -5: expected seconds from 0")])
+def test_demo_refuses_a_duration_it_cannot_keep(args, expected):
+    """A duration of 0 or less started everything and stopped at once with an empty log; nan ran forever."""
+    result = subprocess.run([sys.executable, "-m", "gateway", "demo", *args], capture_output=True, text=True, env=ENV,
+                            cwd=ROOT, timeout=30)
+    assert result.returncode == 64 and expected in result.stderr, result.stderr
