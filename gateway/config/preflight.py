@@ -64,9 +64,7 @@ def _web(config: Config) -> list[tuple[str, str]]:
     files = [("web.users_file", web.users_file)]
     if web.tls is not None:
         files += [("web.tls.cert_file", web.tls.cert_file), ("web.tls.key_file", web.tls.key_file)]
-    return problems + [(path, f'expected a readable file, got "{name}" (missing or not readable)')
-                       for path, name in files if name is not None and not (os.path.isfile(name)
-                                                                             and os.access(name, os.R_OK))]
+    return problems + _files([(path, name) for path, name in files if name is not None])
 
 
 def with_files(err: ConfigError) -> ConfigError:
@@ -105,9 +103,32 @@ def _unreadable(config: Any) -> list[tuple[str, str]]:
             security = _get(device, "security")
             files += [(f"devices[{i}].security.{key}", _get(security, key))
                       for key in ("cert_file", "key_file", "server_cert_file")]
-    return [(path, f'expected a readable file, got "{name}" (missing or not readable)')
-            for path, name in files
-            if isinstance(name, str) and name and not (os.path.isfile(name) and os.access(name, os.R_OK))]
+    return _files([(path, name) for path, name in files if isinstance(name, str) and name])
+
+
+def _files(files: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Each named file readable; a password or users file (read as text by the gateway) UTF-8 text too."""
+    problems = []
+    for path, name in files:
+        if not (os.path.isfile(name) and os.access(name, os.R_OK)):
+            problems.append((path, f'expected a readable file, got "{name}" (missing or not readable)'))
+        elif path.endswith(("password_file", "users_file")) and (why := _not_text(name)):
+            problems.append((path, why))
+    return problems
+
+
+def _not_text(name: str) -> str | None:
+    """Why the file `name` is not UTF-8 text (a secret or a users file saved in another encoding), or None."""
+    try:
+        with open(name, "rb") as fh:
+            data = fh.read()
+        data.decode("utf-8")
+    except OSError:
+        return None  # it was readable a moment ago: the daemon will say what it finds
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        return f'expected UTF-8 text in "{name}", got byte 0x{data[err.start]:02x} on line {line}; save it as UTF-8'
+    return None
 
 
 def _models(config: Config) -> tuple[dict[str, Model], list[tuple[str, str]]]:

@@ -64,12 +64,26 @@ class Users:
             return
         if mtime == self._mtime:
             return
-        hashes = {}
-        with open(self.path, encoding="utf-8") as fh:
-            for line in fh:
-                name, sep, hashed = line.strip().partition(":")
-                if sep and name and hashed:
-                    hashes[name] = hashed
+        hashes, garbled = {}, []
+        try:
+            with open(self.path, "rb") as fh:
+                lines = fh.read().splitlines()
+        except OSError as err:
+            log.error("web: cannot read the users file %s (%s): nobody can log in", self.path, err.strerror)
+            lines = []
+        for number, raw in enumerate(lines, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:  # edited in another encoding: that line's user cannot log in, the others can
+                garbled.append(number)
+                continue
+            name, sep, hashed = line.strip().partition(":")
+            if sep and name and hashed:
+                hashes[name] = hashed
+        if garbled:  # once per version of the file
+            log.error("web: the users file %s has %d line(s) that are not UTF-8 text (line %s): their users cannot "
+                      "log in; make them again with edge-gateway web-user", self.path, len(garbled),
+                      ", ".join(map(str, garbled[:5])) + (", ..." if len(garbled) > 5 else ""))
         self._hashes, self._mtime = hashes, mtime
         self._passed.clear()
 

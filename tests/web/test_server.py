@@ -90,6 +90,45 @@ def test_check_config_names_a_users_file_that_cannot_be_read(tmp_path):
     assert f'web.users_file: expected a readable file, got "{tmp_path}/nope"' in result.stderr
 
 
+def test_check_config_names_a_users_or_password_file_that_is_not_utf8(tmp_path):
+    """Saved in another encoding they passed check-config; then every page answered 500 with a traceback in the
+    journal (the users file), or the uplink retried a decode error forever (the password file)."""
+    (tmp_path / "users").write_bytes(b"alice:\xff\xfe garbled\n")
+    (tmp_path / "secret").write_bytes(b"p\xe4ssword\n")  # Latin-1
+    path = tmp_path / "gateway.yaml"
+    path.write_text(BASE.replace("upstream: {host: 127.0.0.1}", f'upstream: {{host: 127.0.0.1, username: gw, '
+                                 f'password_file: "{tmp_path}/secret"}}') +
+                    f'web: {{listen: "0.0.0.0:8470", users_file: "{tmp_path}/users"}}\n')
+    result = subprocess.run([sys.executable, "-m", "gateway", "check-config", str(path)], capture_output=True,
+                            text=True, env=ENV, cwd=ROOT, timeout=60)
+    assert result.returncode == 78
+    assert result.stderr.splitlines() == [
+        f'{path}:2: upstream.password_file: expected UTF-8 text in "{tmp_path}/secret", got byte 0xe4 on line 1; '
+        "save it as UTF-8",
+        f'{path}:5: web.users_file: expected UTF-8 text in "{tmp_path}/users", got byte 0xff on line 1; save it as '
+        "UTF-8"]
+
+
+def test_a_users_file_garbled_after_start_locks_out_its_line_only_and_says_so_once(tmp_path, caplog):
+    from gateway.broker import set_user
+    from gateway.web import auth
+
+    path = tmp_path / "web-users"
+    set_user(str(path), "bob", "correct horse battery")
+    path.write_bytes(b"alice:\xff\xfe garbled\n" + path.read_bytes())
+    users = auth.Users(str(path))
+
+    async def main() -> None:
+        assert await users.check(_basic("bob", "correct horse battery"), "10.0.0.1") == "bob"
+        assert await users.check(_basic("alice", "x"), "10.0.0.2") is None
+
+    with caplog.at_level(logging.WARNING, logger="edge_gateway.web"):
+        asyncio.run(main())
+    garbled = [r.getMessage() for r in caplog.records if "not UTF-8" in r.getMessage()]
+    assert garbled == [f"web: the users file {path} has 1 line(s) that are not UTF-8 text (line 1): their users "
+                       "cannot log in; make them again with edge-gateway web-user"]
+
+
 # -- the users file and logins --------------------------------------------------------------------
 def _basic(user: str, password: str) -> str:
     return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
