@@ -30,7 +30,7 @@ from typing import Any
 import yaml
 
 from gateway.errors import EX_CANTCREAT, EX_CONFIG, EX_DATAERR, EX_OK
-from gateway.files import STDOUT, replacing
+from gateway.files import STDOUT, not_text, replacing
 from gateway.units import parse_size
 
 log = logging.getLogger("edge_gateway.broker")
@@ -83,6 +83,9 @@ def check_config(cfg: Any, file: str) -> list[str]:
         elif not os.access(users, os.R_OK):
             problems.append(f"{file}: plugins.{FILE_AUTH}.password_file: cannot read {users} "
                             "(create users with: edge-gateway broker-user NAME)")
+        elif why := not_text(users):  # amqtt would stop with a traceback
+            problems.append(f"{file}: plugins.{FILE_AUTH}.password_file: {why}, or make its users again with "
+                            "edge-gateway broker-user NAME")
     return problems
 
 
@@ -196,7 +199,7 @@ def set_user(users_file: str, name: str, password: str | None) -> None:
         raise ValueError(f"user name {name!r}: expected no spaces or colons")
     lines = []
     try:
-        with open(users_file, encoding="utf-8") as fh:
+        with open(users_file, encoding="utf-8", errors="surrogateescape") as fh:  # a garbled line is kept as it is
             lines = [ln.rstrip("\n") for ln in fh if ln.split(":", 1)[0].strip() != name]
         st = os.stat(users_file)
         owner = (st.st_uid, st.st_gid)
@@ -209,7 +212,7 @@ def set_user(users_file: str, name: str, password: str | None) -> None:
 
 def _write_private(path: str, text: str, owner: tuple[int, int] | None = None) -> None:
     """`text` into `path`, mode 0640 (and `owner`, as root) before a byte is written (`files.replacing`)."""
-    with replacing(path, 0o640, owner) as out:
+    with replacing(path, 0o640, owner, errors="surrogateescape") as out:
         out.write(text)
 
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from gateway.config.load import document, lines_of
 from gateway.config.schema import Config
 from gateway.errors import ConfigError, ModelError
+from gateway.files import not_text
 
 if TYPE_CHECKING:
     from gateway.anomaly.model import Model
@@ -112,23 +113,9 @@ def _files(files: list[tuple[str, str]]) -> list[tuple[str, str]]:
     for path, name in files:
         if not (os.path.isfile(name) and os.access(name, os.R_OK)):
             problems.append((path, f'expected a readable file, got "{name}" (missing or not readable)'))
-        elif path.endswith(("password_file", "users_file")) and (why := _not_text(name)):
+        elif path.endswith(("password_file", "users_file")) and (why := not_text(name)):
             problems.append((path, why))
     return problems
-
-
-def _not_text(name: str) -> str | None:
-    """Why the file `name` is not UTF-8 text (a secret or a users file saved in another encoding), or None."""
-    try:
-        with open(name, "rb") as fh:
-            data = fh.read()
-        data.decode("utf-8")
-    except OSError:
-        return None  # it was readable a moment ago: the daemon will say what it finds
-    except UnicodeDecodeError as err:
-        line = data[:err.start].count(b"\n") + 1
-        return f'expected UTF-8 text in "{name}", got byte 0x{data[err.start]:02x} on line {line}; save it as UTF-8'
-    return None
 
 
 def _models(config: Config) -> tuple[dict[str, Model], list[tuple[str, str]]]:

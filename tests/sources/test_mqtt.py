@@ -125,6 +125,22 @@ def test_any_bytes_in_the_local_broker_config_are_a_config_error(tmp_path, data,
     assert result.returncode == 78 and result.stderr == f"{tmp_path}/{expected}\n", result.stderr
 
 
+def test_a_users_file_in_another_encoding_is_kept_by_broker_user_and_refused_by_the_broker(tmp_path):
+    """amqtt stopped with a traceback on such a file, and broker-user said only "'utf-8' codec can't decode"."""
+    users = tmp_path / "local-broker.users"
+    users.write_bytes(b"old:\xff\xfe from another editor\n")
+    added = cli("broker-user", "sensor1", "--users", str(users), stdin="s3nsor-secret\n")
+    assert added.returncode == 0, added.stderr
+    kept, new = users.read_bytes().splitlines()
+    assert kept == b"old:\xff\xfe from another editor" and new.startswith(b"sensor1:$argon2")
+    (tmp_path / "amqtt.yaml").write_text((ROOT / "broker_config" / "amqtt.yaml").read_text().replace(
+        "/etc/edge-gateway/local-broker.users", str(users)))
+    result = cli("broker", "-c", str(tmp_path / "amqtt.yaml"))
+    assert result.returncode == 78 and "Traceback" not in result.stderr
+    assert (f'password_file: expected UTF-8 text in "{users}", got byte 0xff on line 1; save it as UTF-8, or make its '
+            "users again with edge-gateway broker-user NAME") in result.stderr
+
+
 def test_embedded_broker_needs_a_password_file_unless_anonymous_is_allowed(tmp_path):
     text = gateway_config(tmp_path / "data", 1883, extra="local_broker: {enabled: true}")
     (tmp_path / "gateway.yaml").write_text(text)
