@@ -351,6 +351,7 @@ def test_a_replay_gives_one_row_per_row_of_the_file_in_its_order(tmp_path):
     assert scored == given
 
 
+@pytest.mark.slow  # subprocesses of the CLI: the fast tier keeps under a minute
 def test_where_the_results_cannot_go_is_said_by_name_or_quietly(tmp_path):
     """A full disk names the file (it said ': No space left on device'); a plot with no directory is refused
     before the replay; a reader that goes away (`| head`) ends the command with no message, as for SIGPIPE."""

@@ -145,6 +145,7 @@ def test_web_user_writes_a_hash_never_the_password(tmp_path):
     assert users.stat().st_mode & 0o777 == 0o640
 
 
+@pytest.mark.slow  # subprocesses of the CLI: the fast tier keeps under a minute
 def test_a_generated_password_goes_to_standard_output_or_a_pipe_and_a_linked_users_file_stays_linked(tmp_path):
     """`--generate -` prints the password alone (the note goes to stderr); a named pipe is written, not renamed
     over; a users file kept as a symlink (config management) keeps its link, the file it names is rewritten."""
