@@ -35,9 +35,18 @@ def status(path: str, as_json: bool) -> int:
 
     running = held(cfg.gateway.data_dir)
     age = max(0.0, time.time() - os.path.getmtime(state_path))
-    if as_json:
-        print(json.dumps({**state, "running": running, "age_s": round(age, 1)}, indent=2))
-        return EX_OK if running is not False else EX_UNAVAILABLE
+    try:
+        if as_json:
+            print(json.dumps({**state, "running": running, "age_s": round(age, 1)}, indent=2))
+            return EX_OK if running is not False else EX_UNAVAILABLE
+        return _show(state, running, age, cfg.gateway.health_interval)
+    except (KeyError, TypeError, AttributeError, ValueError) as err:  # damaged, or written by another version
+        print(f"the state in {state_path} is not one this version writes ({type(err).__name__}: {err}); the gateway "
+              f"writes it anew every {cfg.gateway.health_interval:g}s while it runs", file=sys.stderr)
+        return EX_UNAVAILABLE
+
+
+def _show(state: dict[str, Any], running: bool | None, age: float, health_interval: float) -> int:
     up = state["upstream"]
     backlog = state["backlog"]
     if running is False:
@@ -64,9 +73,9 @@ def status(path: str, as_json: bool) -> int:
     if running is False:
         print("start it with: sudo systemctl start edge-gateway (why it stopped: journalctl -u edge-gateway)")
         return EX_UNAVAILABLE
-    if age > 3 * cfg.gateway.health_interval + 5:
+    if age > 3 * health_interval + 5:
         print(f"note: this state is {_ago(age)} old, but it should be rewritten every "
-              f"{cfg.gateway.health_interval:g}s: is the gateway stuck?" if running else
+              f"{health_interval:g}s: is the gateway stuck?" if running else
               f"note: this state is {_ago(age)} old (whether the gateway runs cannot be told from here)")
     return EX_OK
 

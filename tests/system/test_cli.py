@@ -114,3 +114,17 @@ def test_demo_refuses_a_duration_it_cannot_keep(args, expected):
     result = subprocess.run([sys.executable, "-m", "gateway", "demo", *args], capture_output=True, text=True, env=ENV,
                             cwd=ROOT, timeout=30)
     assert result.returncode == 64 and expected in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("state", ["[]", "null", '{"devices": 5}', '{"gateway_id": "w", "upstream": {}}'])
+def test_status_of_a_state_file_it_did_not_write_is_said_not_a_traceback(tmp_path, state, capsys):
+    """Damaged, or left by another version: `status` (and `status --json`) said KeyError/TypeError tracebacks."""
+    from gateway.cli import main
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "state.json").write_text(state)
+    config = tmp_path / "gw.yaml"
+    config.write_text(gateway_config(tmp_path / "data", 1883))
+    said = f"the state in {tmp_path}/data/state.json is not one this version writes ("
+    assert main(["status", "-c", str(config)]) == 69 and capsys.readouterr().err.startswith(said)
+    if not state.startswith("{"):  # --json shows any object as it is; a list or null is said the same way
+        assert main(["status", "--json", "-c", str(config)]) == 69 and capsys.readouterr().err.startswith(said)
