@@ -105,3 +105,16 @@ def test_bad_commands_are_refused_counted_and_logged_once_per_kind_never_a_rebir
     assert len(lines) == MAX_REFUSALS_LOGGED + 1 and "counted, not logged" in lines[-1]
     assert max(len(line) for line in lines) < 400  # the 2 MB name is not echoed
     assert "Traceback" not in caplog.text
+
+
+@pytest.mark.parametrize("saved", [b'{"bdSeq": 1e400}', b'{"bdSeq": Infinity}', b'{"bdSeq": NaN}', b"[" * 100_000,
+                                   b"\xff\xfe", b'{"bdSeq": [7]}', b"null"])
+def test_a_damaged_session_file_starts_a_new_session_from_bdseq_0(tmp_path, saved):
+    """sparkplug.json is the gateway's own, but a disk or a hand can damage it: 1e400 (Infinity) raised OverflowError
+    and nesting 100,000 deep RecursionError at start, a crash loop under systemd. Now: bdSeq from 0, as new."""
+    (tmp_path / "sparkplug.json").write_bytes(saved)
+    cfg = config.parse(CONFIG)
+    types = {d.name: sources.tag_types(d) for d in cfg.devices}
+    fmt = SparkplugFormat(cfg, state_path=str(tmp_path / "sparkplug.json"), scored={}, types_of=types.__getitem__)
+    death = pb.Payload.FromString(fmt.will().payload)
+    assert [(m.name, m.long_value) for m in death.metrics] == [("bdSeq", 0)]

@@ -86,10 +86,11 @@ class SparkplugFormat:
 
     # -- bdSeq: 0-255, +1 per CONNECT sent, kept across restarts -----------------------------
     def _load_bdseq(self) -> int | None:
+        """The bdSeq saved by the last session; None (a new one from 0) when the file is missing or damaged."""
         try:
             with open(self.state_path, encoding="utf-8") as fh:
                 return int(json.load(fh)["bdSeq"]) % 256
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, ArithmeticError, RecursionError):  # 1e400, nested deep
             return None
 
     def _next_bdseq(self) -> int:
