@@ -174,7 +174,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.window < 2 or args.epochs < 1 or not 2 <= args.context <= MAX_CONTEXT:
         raise _Usage(f"--window needs 2 or more, --context 2 to {MAX_CONTEXT}, --epochs 1 or more")
     if args.plot:
-        _plot_check(args.plot)
+        _plot_check(args.plot, made=args.out)
     tags = _csv_list(args.tags, "--tags")
     if args.csv:
         recordings = [read_csv(f, time_column=args.time_column, tags=tags) for f in args.csv]
@@ -359,15 +359,16 @@ def _score(args: argparse.Namespace) -> int:
     return EX_OK
 
 
-def _plot_check(path: str) -> None:
-    """Refuse a plot that cannot be written before the work, not after."""
+def _plot_check(path: str, made: str | None = None) -> None:
+    """Refuse a plot that cannot be written before the work, not after: its folder exists, or is `made` by the
+    command (`model train --out DIR` makes DIR)."""
     from gateway.anomaly.report import MissingPlot, check
     try:
         check(path)
     except MissingPlot as err:
         raise _Usage(str(err)) from None
     folder = Path(path).parent
-    if not folder.is_dir():
+    if not folder.is_dir() and (made is None or folder.resolve() != Path(made).resolve()):
         raise OSError(errno.ENOENT, f"no directory {folder} to write it in", path)
 
 

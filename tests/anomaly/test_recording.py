@@ -177,6 +177,8 @@ def test_too_few_rows_is_exit_65_before_any_training(tmp_path):
     (["train", "m", "--csv", "x.csv", "--drift-tags", "none,a"], 64, "--drift-tags none stands alone"),
     (["train", "m", "--csv", "x.csv", "--interval", "0s"], 64, "--interval '0s': expected a duration above 0"),
     (["train", "m", "--csv", "x.csv", "--baseline", "0s"], 64, "--baseline '0s': expected a duration above 0"),
+    (["train", "m", "--csv", "x.csv", "--plot", "/nonexistent/r.html"], 73,  # before any training, not after
+     "/nonexistent/r.html: no directory /nonexistent to write it in"),  # (--out DIR --plot DIR/r.html: DIR is made)
     (["score", "nosuch", "--csv", "x.csv", "--model-dir", "/tmp"], 65, "model nosuch: cannot read /tmp/nosuch.tflite"),
 ])
 def test_model_command_errors(tmp_path, args, code, expected, capsys, monkeypatch):
