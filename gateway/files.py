@@ -14,14 +14,14 @@ STDOUT = ("-", "/dev/stdout", "/dev/fd/1", "/proc/self/fd/1")
 
 
 @contextlib.contextmanager
-def replacing(path: str | Path, mode: int = 0o644, owner: tuple[int, int] | None = None,
+def replacing(path: str | Path, mode: int | None = None, owner: tuple[int, int] | None = None,
               errors: str = "strict") -> Iterator[IO[str]]:
     """A text stream for `path`.
 
-    A file is written beside it, with `mode` (and `owner`, as root) before a byte is in it, and renamed over it
-    once all is written and synced; through a symlink, over the file it names (the link stays). On any error the
-    half-written one is removed and the old file stays. `errors="surrogateescape"` writes back bytes that were read
-    the same way (a line in another encoding, kept as it was).
+    A file is written beside it, with `mode` (else as the umask says; and `owner`, as root) before a byte is in
+    it, and renamed over it once all is written and synced; through a symlink, over the file it names (the link
+    stays). On any error the half-written one is removed and the old file stays. `errors="surrogateescape"` writes
+    back bytes that were read the same way (a line in another encoding, kept as it was).
 
     Anything else is written to as it is, its mode left alone: standard output (`-`, /dev/stdout: through the
     process's own stream, so that a redirect to a file is not overwritten by a second open of it), and whatever
@@ -40,9 +40,10 @@ def replacing(path: str | Path, mode: int = 0o644, owner: tuple[int, int] | None
         return
     target = target.resolve()
     tmp = target.with_name(f"{target.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666 if mode is None else mode)
     try:
-        os.fchmod(fd, mode)  # whatever the umask
+        if mode is not None:
+            os.fchmod(fd, mode)  # whatever the umask
         if owner is not None and os.geteuid() == 0:
             os.fchown(fd, *owner)
         with open(fd, "w", newline="", encoding="utf-8", errors=errors) as out:
