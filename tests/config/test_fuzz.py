@@ -137,7 +137,7 @@ def _check(path: Path, data: bytes, seed: int, n: int, caplog: pytest.LogCapture
     return code
 
 
-@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow)])
 def test_fuzzed_configs_end_in_0_or_78_with_messages_never_a_traceback(tmp_path, seed, caplog):
     with caplog.at_level(logging.DEBUG):
         codes = fuzz(seed, MUTATIONS // 3, tmp_path, caplog)
