@@ -308,7 +308,7 @@ def _history(args: argparse.Namespace, store: Any, path: Path) -> int:
         known = ", ".join(d for d, *_ in store.devices()) or "none"
         return _fail(f"device {args.device}: nothing recorded (recorded devices: {known})", EX_DATAERR)
     try:
-        count = write_csv(sys.stdout if args.csv == "-" else args.csv, tags, rows)
+        count = write_csv(args.csv, tags, rows)  # - is standard output (`files.replacing`)
     except BrokenPipeError:
         raise
     except OSError as err:

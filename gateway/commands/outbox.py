@@ -36,7 +36,7 @@ def outbox(args: argparse.Namespace) -> int:
             if not args.file:
                 print("edge-gateway outbox export: name the file to write (or - for stdout)", file=sys.stderr)
                 return EX_USAGE
-            admin.inspect(path)  # the outbox can be read: an error after this is the file's
+            admin.reader(path).close()  # there is an outbox: an OSError after this is the file's
             try:
                 with replacing(args.file) as out:
                     n = admin.export(path, out)

@@ -13,7 +13,8 @@ import time
 from typing import IO, Any
 
 
-def _reader(path: str) -> sqlite3.Connection:
+def reader(path: str) -> sqlite3.Connection:
+    """The outbox, read-only; FileNotFoundError when there is none (opening reads nothing yet)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"no outbox at {path}")
     return sqlite3.connect(f"file:{path}?mode=ro", uri=True)
@@ -21,7 +22,7 @@ def _reader(path: str) -> sqlite3.Connection:
 
 def inspect(path: str) -> dict[str, Any]:
     """What is waiting in the outbox: counts, bytes, seq range, age, per topic."""
-    db = _reader(path)
+    db = reader(path)
     try:
         count, size, first, last, oldest = db.execute(
             "SELECT count(*), coalesce(sum(length(payload)), 0), min(seq), max(seq), min(created) FROM outbox"
@@ -39,7 +40,7 @@ def inspect(path: str) -> dict[str, Any]:
 
 def export(path: str, out: IO[str]) -> int:
     """Write every waiting message as one JSON line (seq, topic, created, payload); return how many."""
-    db = _reader(path)
+    db = reader(path)
     n = 0
     try:
         rows = db.execute("SELECT seq, topic, created, payload FROM outbox JOIN topics ON topics.id = topic_id "
@@ -67,7 +68,7 @@ def purge(path: str) -> int:
 
 
 def _read_all(path: str, query: str) -> list[tuple[Any, ...]]:
-    db = _reader(path)
+    db = reader(path)
     try:
         return db.execute(query).fetchall()
     finally:
