@@ -258,8 +258,10 @@ async def _demo(workdir: str, duration: float | None, plain: bool, fault_after: 
     sub.loop_start()
     log_path = os.path.join(workdir, "gateway.log")
     log_file = open(log_path, "w", encoding="utf-8")
+    # Its own session: Ctrl-C reaches the demo only, which stops the gateway with one SIGTERM. From the terminal's
+    # process group it got both, and a second signal skips the shutdown drain ("drain skipped" in the log).
     gateway = subprocess.Popen([sys.executable, "-m", "gateway", "run", "-c", config_path],
-                               stdout=log_file, stderr=subprocess.STDOUT)
+                               stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
     print(f"demo: broker on 127.0.0.1:{port}, simulated PLCs on Modbus TCP 127.0.0.1:{plc_port} (units 1, 2), "
           f"gateway pid {gateway.pid}, config {config_path}", flush=True)
     if web_port is not None:
@@ -269,7 +271,7 @@ async def _demo(workdir: str, duration: float | None, plain: bool, fault_after: 
         print("demo: no status page (pip install 'edge-gateway[web]' for one)", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # SIGHUP: the terminal closed; stop the gateway too
         loop.add_signal_handler(sig, stop.set)
     start = time.monotonic()
     last_plain = 0.0

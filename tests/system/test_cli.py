@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -128,3 +130,20 @@ def test_status_of_a_state_file_it_did_not_write_is_said_not_a_traceback(tmp_pat
     assert main(["status", "-c", str(config)]) == 69 and capsys.readouterr().err.startswith(said)
     if not state.startswith("{"):  # --json shows any object as it is; a list or null is said the same way
         assert main(["status", "--json", "-c", str(config)]) == 69 and capsys.readouterr().err.startswith(said)
+
+
+def test_ctrl_c_stops_the_demo_and_its_gateway_with_one_clean_drain():
+    """Ctrl-C reaches the terminal's whole process group. The gateway got it beside the demo's own SIGTERM, and a
+    second signal skips the shutdown drain: the demo's last lines said "shutdown drain skipped"."""
+    with subprocess.Popen([sys.executable, "-m", "gateway", "demo", "--plain"], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, env=ENV, cwd=ROOT, start_new_session=True) as demo:
+        assert demo.stdout is not None
+        lines = []
+        for line in demo.stdout:
+            lines.append(line)
+            if "messages" in line and "received" in line or len(lines) > 200:  # the first view: all is running
+                break
+        os.killpg(demo.pid, signal.SIGINT)  # as a terminal does
+        out = "".join(lines) + demo.stdout.read()
+        assert demo.wait(timeout=60) == 0, out
+    assert "demo over:" in out and "stopped; 0 messages kept" in out and "drain skipped" not in out, out
