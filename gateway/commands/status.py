@@ -28,7 +28,7 @@ def status(path: str, as_json: bool) -> int:
     try:
         with open(state_path, encoding="utf-8") as fh:
             state = json.load(fh)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, RecursionError) as err:  # RecursionError: JSON nested thousands deep
         print(f"no state in {state_path} ({err}); has the gateway run?", file=sys.stderr)
         return EX_UNAVAILABLE
     from gateway.store.outbox import held

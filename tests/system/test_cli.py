@@ -118,6 +118,16 @@ def test_demo_refuses_a_duration_it_cannot_keep(args, expected):
     assert result.returncode == 64 and expected in result.stderr, result.stderr
 
 
+def test_status_of_a_state_file_nested_100000_deep_is_no_state_not_a_traceback(tmp_path, capsys):
+    from gateway.cli import main
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "state.json").write_text("[" * 100_000 + "]" * 100_000)
+    config = tmp_path / "gw.yaml"
+    config.write_text(gateway_config(tmp_path / "data", 1883))
+    assert main(["status", "-c", str(config)]) == 69
+    assert capsys.readouterr().err.startswith(f"no state in {tmp_path}/data/state.json (maximum recursion depth")
+
+
 @pytest.mark.parametrize("state", ["[]", "null", '{"devices": 5}', '{"gateway_id": "w", "upstream": {}}'])
 def test_status_of_a_state_file_it_did_not_write_is_said_not_a_traceback(tmp_path, state, capsys):
     """Damaged, or left by another version: `status` (and `status --json`) said KeyError/TypeError tracebacks."""
