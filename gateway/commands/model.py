@@ -13,6 +13,7 @@ import json
 import os
 import sqlite3
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -135,7 +136,7 @@ def _csv_list(text: str | None, option: str) -> list[str] | None:
     names = [t.strip() for t in text.split(",") if t.strip()]
     if not names:
         raise _Usage(f"{option} {text!r} names no tag: give them comma-separated, e.g. {option} pressure,flow")
-    twice = sorted({t for t in names if names.count(t) > 1})
+    twice = sorted(t for t, n in Counter(names).items() if n > 1)  # linear: a pasted list may be long
     if twice:
         raise _Usage(f"{option} names {', '.join(twice)} more than once")
     return names
