@@ -55,7 +55,7 @@ sys.path.insert(0, str(ROOT))
 
 from gateway.anomaly.recording import read_csv, write_csv  # noqa: E402
 
-PREVIOUS = "e04144d"  # the last commit before events could end by subsiding (stop 29's recipe)
+PREVIOUS = "7c8c6ee"  # the last commit before the level statistic averaged first (stop 34's recipe)
 NAB = ("machine_temperature_system_failure", "ambient_temperature_system_failure",
        "ec2_request_latency_system_failure", "cpu_utilization_asg_misconfiguration", "rogue_agent_key_hold")
 TRIVIAL_WINDOW = 60

@@ -12,7 +12,8 @@ limit, the file's sha256). Each sample is turned into inputs one tag at a time, 
 
 Every `stride` samples, per tag, over the last `context` inputs (`Stats`):
 
-- *level*: the mean |input| (a sustained shift or a wider spread);
+- *level*: the |mean input| (a sustained shift: averaged first, a shift of a fraction of a noisy tag's
+  spread shows; a model trained before stats.level existed keeps the mean |input|);
 - *SPE* (Q statistic): how far the window's mean input lies outside the principal subspace of
   commissioning (tags that moved together now move apart: a broken correlation, not a new
   operating point along the old one), as √SPE split over the tags;
@@ -67,6 +68,7 @@ MODEL_DIRS = (Path(__file__).resolve().parents[2] / "models", Path("/opt/edge-ga
 DRIFT_CAP = 0.5  # the drift tags together contribute at most this share of the threshold: they cannot raise an
 # alarm alone
 COMPONENTS = ("level", "spe", "residual", "autoencoder")
+LEVEL = "abs_mean"  # the level statistic: |mean input| over the context (stats.level; "mean_abs" before)
 MAX_CONTEXT = 10_000  # samples the statistics look back over: the scorer keeps them, per device
 
 
@@ -282,8 +284,9 @@ class Stats:
     """The statistics over the last `context` inputs, per tag, and their fusion into contributions."""
 
     def __init__(self, context: int, off_subspace: np.ndarray, residual_scale: np.ndarray, norms: Sequence[float],
-                 weights: Sequence[float], drift: np.ndarray, drift_cap: float) -> None:
+                 weights: Sequence[float], drift: np.ndarray, drift_cap: float, level: str = LEVEL) -> None:
         self.context = context
+        self.mean_first = level == LEVEL  # else "mean_abs": a model trained before (its norms are of that)
         self.off = off_subspace.astype(np.float32)  # (tags, tags): I - P P^T, P the principal components
         # Sums over the context, not means: the 1/n is folded into these constants (µs count per window).
         self.inv_n = np.float32(1.0 / context)
@@ -302,12 +305,19 @@ class Stats:
         if not 2 <= context <= MAX_CONTEXT or off.shape != (tags, tags) or residual.shape != (tags,):
             raise ValueError(f"stats need a context from 2 to {MAX_CONTEXT}, a {tags} x {tags} off_subspace and one "
                              f"residual_scale per tag")  # their values: `_check_numbers`, before
-        return cls(context, off, residual, norms, weights, drift, DRIFT_CAP * threshold)
+        level = stats.get("level", "mean_abs")
+        if level not in (LEVEL, "mean_abs"):
+            raise ValueError(f"stats.level needs {LEVEL!r} or 'mean_abs', not {str(level)[:40]!r}")
+        return cls(context, off, residual, norms, weights, drift, DRIFT_CAP * threshold, level)
 
     def components(self, z: np.ndarray, dz: np.ndarray, ae: np.ndarray, parts: np.ndarray) -> np.ndarray:
         """`parts` (4, tags) filled with each statistic's per-tag part, in its own units (`COMPONENTS` order)."""
-        np.multiply(np.abs(z).sum(axis=0), self.inv_n, out=parts[0])  # level: mean |input|
-        residual = self.off @ (z.sum(axis=0) * self.inv_n)  # the window's mean, off the principal subspace
+        mean = z.sum(axis=0) * self.inv_n
+        if self.mean_first:
+            np.abs(mean, out=parts[0])  # level: |mean input|, its noise averaged away first
+        else:
+            np.multiply(np.abs(z).sum(axis=0), self.inv_n, out=parts[0])  # level: mean |input|
+        residual = self.off @ mean  # the window's mean, off the principal subspace
         np.square(residual, out=parts[1])
         parts[1] *= 1.0 / max(float(parts[1].sum()), 1e-12) ** 0.5  # shares of √SPE: linear in a shift, as level
         np.multiply(dz.sum(axis=0), self.inv_residual, out=parts[2])  # mean |one-step change| / its normal level

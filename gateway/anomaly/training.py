@@ -55,7 +55,7 @@ from typing import Any
 import numpy as np
 
 from gateway import __version__
-from gateway.anomaly.model import COMPONENTS, FORMAT, DeviceScorer, Inputs, Model
+from gateway.anomaly.model import COMPONENTS, FORMAT, LEVEL, DeviceScorer, Inputs, Model
 from gateway.anomaly.recording import DataError, Recording
 from gateway.errors import GatewayError
 
@@ -586,7 +586,8 @@ def _fit_stats(grids: list[np.ndarray], center: np.ndarray, spread: np.ndarray, 
     steps = np.concatenate([np.abs(np.diff(z, axis=0)) for z in inputs])
     residual = np.maximum(np.nanmean(steps, axis=0), 1e-3)
     return {"context": context, "off_subspace": [_floats(r) for r in off], "components": _floats(values[:q]),
-            "residual_scale": _floats(residual), "norms": dict.fromkeys(COMPONENTS, 1.0), "weights": dict(WEIGHTS)}
+            "residual_scale": _floats(residual), "norms": dict.fromkeys(COMPONENTS, 1.0), "weights": dict(WEIGHTS),
+            "level": LEVEL}
 
 
 def extreme_threshold(scores: Sequence[np.ndarray], block: int, interval: float, rate: float) -> dict[str, float]:

@@ -18,7 +18,7 @@ from tests.helpers import ENV, ROOT, gateway_config, spawn, wait_until
 
 pytest.importorskip("ai_edge_litert")
 
-from gateway.anomaly.model import DeviceScorer, Model  # noqa: E402
+from gateway.anomaly.model import DeviceScorer, Model, Stats  # noqa: E402
 from sim.pump import TAGS  # noqa: E402
 from sim.scenarios import run  # noqa: E402
 
@@ -61,6 +61,8 @@ def test_the_shipped_model_and_a_good_config_pass(tmp_path):
     ("nan_norm", "its metadata {dir}/pump-ae.json is not usable: stats.norms needs numbers from 1e-09 to 1e+15"),
     ("huge_off", "its metadata {dir}/pump-ae.json is not usable: stats.off_subspace needs numbers from -1.001"),
     ("huge_context", "its metadata {dir}/pump-ae.json is not usable: stats need a context from 2 to 10000"),
+    ("level", "its metadata {dir}/pump-ae.json is not usable: stats.level needs 'abs_mean' or 'mean_abs', not "
+              "\"{{'a': 'dict'}}\""),
 ])
 def test_a_bad_model_is_a_config_error_naming_device_model_and_mismatch(tmp_path, damage, expected):
     d = tmp_path / "models"
@@ -96,6 +98,8 @@ def test_a_bad_model_is_a_config_error_naming_device_model_and_mismatch(tmp_path
         meta["stats"]["off_subspace"][0][0] = 1e39  # beyond float32: infinite
     elif damage == "huge_context":
         meta["stats"]["context"] = 10**9  # buffers of 10**9 samples per device
+    elif damage == "level":
+        meta["stats"]["level"] = {"a": "dict"}
     text = {"bad_json": "{not json", "deep_json": "[" * 10000 + "]" * 10000}.get(damage, json.dumps(meta))
     (d / "pump-ae.json").write_text(text)
     result = check(tmp_path, PUMP, d)
@@ -103,6 +107,29 @@ def test_a_bad_model_is_a_config_error_naming_device_model_and_mismatch(tmp_path
     assert "devices[0].model: device pump1: " in result.stderr
     assert expected.format(dir=d, size=locals().get("size")) in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_the_level_is_the_mean_input_and_a_model_trained_before_keeps_the_mean_of_its_size(model, tmp_path):
+    """Averaged first, a shift of half a noisy tag's spread stands out of its noise (the mean |input| of white
+    noise is 0.8 whatever the window); a model trained before `stats.level` existed has norms of the mean |input|
+    and keeps it."""
+    stats, n = model.meta["stats"], len(model.tags)
+    z = np.random.default_rng(3).normal(size=(stats["context"], n)).astype(np.float32)
+    z[:, 0] += 0.5
+    dz, ae = np.abs(np.diff(z, axis=0)), np.zeros(n, dtype=np.float32)
+    drift = np.zeros(n, dtype=bool)
+    level = Stats.from_meta(stats, n, 1.0, drift).components(z, dz, ae, np.empty((4, n), np.float32))[0]
+    before = {k: v for k, v in stats.items() if k != "level"}
+    mean_abs = Stats.from_meta(before, n, 1.0, drift).components(z, dz, ae, np.empty((4, n), np.float32))[0]
+    np.testing.assert_allclose(level, np.abs(z.mean(axis=0)), atol=1e-5)
+    np.testing.assert_allclose(mean_abs, np.abs(z).mean(axis=0), atol=1e-5)
+    assert stats["level"] == "abs_mean" and level[0] > 2 * level[1:].mean()
+    d = tmp_path / "models"
+    d.mkdir()
+    shutil.copy(MODELS / "pump-ae.tflite", d)
+    (d / "pump-ae.json").write_text(json.dumps({**model.meta, "stats": before}))
+    result = check(tmp_path, PUMP, d)
+    assert result.returncode == 0, result.stderr
 
 
 def test_a_model_that_does_not_fit_the_device_is_a_config_error(tmp_path):
