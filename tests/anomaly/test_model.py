@@ -130,6 +130,11 @@ def test_the_level_is_the_mean_input_and_a_model_trained_before_keeps_the_mean_o
     (d / "pump-ae.json").write_text(json.dumps({**model.meta, "stats": before}))
     result = check(tmp_path, PUMP, d)
     assert result.returncode == 0, result.stderr
+    for directory, said in ((d, "level: mean |input| (trained before the level averaged first: train it again"),
+                            (MODELS, "level: |mean input| over the statistics' samples")):
+        result = subprocess.run([sys.executable, "-m", "gateway", "model", "show", "pump-ae", "--model-dir",
+                                 str(directory)], capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=60)
+        assert result.returncode == 0 and said in result.stdout, result.stdout
 
 
 def test_a_model_that_does_not_fit_the_device_is_a_config_error(tmp_path):
