@@ -286,6 +286,7 @@ class Stats:
     def __init__(self, context: int, off_subspace: np.ndarray, residual_scale: np.ndarray, norms: Sequence[float],
                  weights: Sequence[float], drift: np.ndarray, drift_cap: float, level: str = LEVEL) -> None:
         self.context = context
+        self.level = level
         self.mean_first = level == LEVEL  # else "mean_abs": a model trained before (its norms are of that)
         self.off = off_subspace.astype(np.float32)  # (tags, tags): I - P P^T, P the principal components
         # Sums over the context, not means: the 1/n is folded into these constants (µs count per window).

@@ -390,7 +390,7 @@ def _describe(name: str, directory: Path) -> dict[str, Any]:
     return {"name": name, "ok": True, "tags": m.tags, "drift_tags": drift, "window": m.window, "stride": m.stride,
             "interval_s": m.interval, "threshold": m.threshold, "bytes": m.size,
             "events": {"h": m.cusum_h, "end_after": m.end_after}, "context": m.context,
-            "level": "abs_mean" if m.stats.mean_first else "mean_abs",
+            "level": m.stats.level,
             "false_alarms": meta.get("false_alarms", {}), "training": _record(meta.get("training")),
             "versions": _record(meta.get("versions")), "sha256": meta["sha256"]}
 
@@ -422,6 +422,7 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
+    from gateway.anomaly.model import LEVEL
     directory = _model_dir(args, args.name)
     if not (directory / f"{args.name}.json").exists():
         raise ModelError(f"no {args.name}.json in {directory}")
@@ -436,7 +437,7 @@ def _show(args: argparse.Namespace) -> int:
              f"  window {d['window']} samples (statistics over {d['context']}) every {d['interval_s']:g} s, stride "
              f"{d['stride']}; an event starts when the CUSUM of score/threshold - 1 reaches {d['events']['h']:g}, "
              f"ends after {d['events']['end_after']} windows at 0",
-             "  level: |mean input| over the statistics' samples" if d["level"] == "abs_mean" else
+             "  level: |mean input| over the statistics' samples" if d["level"] == LEVEL else
              "  level: mean |input| (trained before the level averaged first: train it again to see a shift of a "
              "few spreads in a noisy tag)",
              f"  false alarms: {d['false_alarms'].get('asked', '?')} asked, the recording vouches for "
