@@ -12,6 +12,7 @@ machine would name them. The evaluation (bench/anomaly_eval.py) uses seeds 5000 
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
@@ -42,11 +43,12 @@ def main() -> None:
             path = Path(tmp) / f"pump-seed{seed}.csv"
             start = T0 + i * 2 * 86400
             write_csv(path, TAGS, [(start + k, r) for k, r in enumerate(rows.tolist())])
-            files += ["--csv", str(path)]
+            files += ["--csv", path.name]  # named as the metadata keeps them, not by the temporary folder
             print(f"seed {seed}: {len(rows)} samples -> {path.name}", flush=True)
         cmd = [sys.executable, "-m", "gateway", "model", "train", "pump-ae", *files, "--interval", "1s",
-               "--drift-tags", ",".join(DRIFT), "--out", args.out]
-        sys.exit(subprocess.call(cmd, cwd=ROOT))
+               "--drift-tags", ",".join(DRIFT), "--out", str(Path(args.out).resolve())]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))}
+        sys.exit(subprocess.call(cmd, cwd=tmp, env=env))
 
 
 if __name__ == "__main__":
