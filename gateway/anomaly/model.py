@@ -68,7 +68,8 @@ MODEL_DIRS = (Path(__file__).resolve().parents[2] / "models", Path("/opt/edge-ga
 DRIFT_CAP = 0.5  # the drift tags together contribute at most this share of the threshold: they cannot raise an
 # alarm alone
 COMPONENTS = ("level", "spe", "residual", "autoencoder")
-LEVEL = "abs_mean"  # the level statistic: |mean input| over the context (stats.level; "mean_abs" before)
+LEVEL = "abs_mean"  # the level statistic: |mean input| over the context (stats.level)
+LEVEL_BEFORE = "mean_abs"  # a model trained before stats.level: the mean |input|, which its norms are of
 MAX_CONTEXT = 10_000  # samples the statistics look back over: the scorer keeps them, per device
 
 
@@ -287,7 +288,7 @@ class Stats:
                  weights: Sequence[float], drift: np.ndarray, drift_cap: float, level: str = LEVEL) -> None:
         self.context = context
         self.level = level
-        self.mean_first = level == LEVEL  # else "mean_abs": a model trained before (its norms are of that)
+        self.mean_first = level == LEVEL  # else LEVEL_BEFORE (a per-window test of a bool, not of a string)
         self.off = off_subspace.astype(np.float32)  # (tags, tags): I - P P^T, P the principal components
         # Sums over the context, not means: the 1/n is folded into these constants (µs count per window).
         self.inv_n = np.float32(1.0 / context)
@@ -306,9 +307,9 @@ class Stats:
         if not 2 <= context <= MAX_CONTEXT or off.shape != (tags, tags) or residual.shape != (tags,):
             raise ValueError(f"stats need a context from 2 to {MAX_CONTEXT}, a {tags} x {tags} off_subspace and one "
                              f"residual_scale per tag")  # their values: `_check_numbers`, before
-        level = stats.get("level", "mean_abs")
-        if level not in (LEVEL, "mean_abs"):
-            raise ValueError(f"stats.level needs {LEVEL!r} or 'mean_abs', not {str(level)[:40]!r}")
+        level = stats.get("level", LEVEL_BEFORE)
+        if level not in (LEVEL, LEVEL_BEFORE):
+            raise ValueError(f"stats.level needs {LEVEL!r} or {LEVEL_BEFORE!r}, not {str(level)[:40]!r}")
         return cls(context, off, residual, norms, weights, drift, DRIFT_CAP * threshold, level)
 
     def components(self, z: np.ndarray, dz: np.ndarray, ae: np.ndarray, parts: np.ndarray) -> np.ndarray:
