@@ -20,9 +20,11 @@ rate (share of anomalous rows not flagged), detection delay (onset to the first 
    of them. The sim's process changes its valve setpoint every few minutes, so the replay meets
    operating points the 7 minutes never showed: the hardest case here (`--short` runs per fault).
    Then the same with the valve held at one position, as on a test rig: one operating point
-   (`--steady` runs per fault).
+   (`--steady` runs per fault); and that again with every tag read as a small PLC's registers give
+   them, in whole degrees, rpm, amperes, 10 L/min, 0.1 bar and 0.1 mm/s (`--coarse` runs per fault).
 
-    .venv/bin/python bench/anomaly_eval.py [--runs 4] [--normal-hours 24] [--own-hours 3] [--short 2] [--steady 2] [--epochs N]
+    .venv/bin/python bench/anomaly_eval.py [--runs 4] [--normal-hours 24] [--own-hours 3] [--short 2] [--steady 2]
+        [--coarse 2] [--epochs N]
 """
 
 from __future__ import annotations
@@ -54,6 +56,9 @@ EXPECTED = {
     "seal_leak": {"oil_pressure_bar", "discharge_pressure_bar", "flow_l_min", "casing_temp_c"},
 }
 PUMP_B = {"valve": (0.3, 0.5), "rpm": 1780.0}
+PLC_STEPS = {"motor_rpm": 1.0, "bearing_temp_c": 1.0, "oil_pressure_bar": 0.1, "vibration_mm_s": 0.1, "flow_l_min": 10.0,
+             "suction_pressure_bar": 0.1, "discharge_pressure_bar": 0.1, "motor_current_a": 1.0, "casing_temp_c": 1.0,
+             "ambient_temp_c": 1.0}  # a register's resolution per tag: most of them step less often than they vary
 SEASON = {"season_c": 8.0, "season_per_day": 0.5}
 
 
@@ -192,7 +197,8 @@ def own_model(hours: float, out: Path) -> Model | None:
     return Model(out / "pump-b.tflite", out / "pump-b.json")
 
 
-def short_commissioning(runs: int, out: Path, steady: bool = False, epochs: int | None = None) -> None:
+def short_commissioning(runs: int, out: Path, steady: bool = False, epochs: int | None = None,
+                        coarse: bool = False) -> None:
     from gateway.anomaly.recording import Recording
     from gateway.anomaly.training import Options, train
     total = Tally()
@@ -206,6 +212,9 @@ def short_commissioning(runs: int, out: Path, steady: bool = False, epochs: int 
             valve = 0.6 + 0.05 * (seed % 7)  # held there: one operating point, as on a test rig
             rows = run(seed, length, start_hour=(seed * 5) % 24, faults=[fault],
                        **({"valve": (valve, valve)} if steady else {}))
+            if coarse:
+                steps = np.array([PLC_STEPS[tag] for tag in TAGS])
+                rows = np.round(rows / steps) * steps
             rec = Recording("commissioning", list(TAGS), 1.79e9 + np.arange(commission, dtype=float),
                             rows[:commission].astype(np.float64))
             train("short", [rec], out, Options(**({"epochs": epochs} if epochs else {})))
@@ -217,8 +226,8 @@ def short_commissioning(runs: int, out: Path, steady: bool = False, epochs: int 
             t.runs += 1
         total.merge(t)
     print("the real-data protocol on the simulator: trained on 7 min, the next 20 min replayed (fault minutes 10-15)"
-          + (", the valve held at one position (one operating point):" if steady else
-             ", the valve moving every few minutes:"))
+          + (", the valve held at one position (one operating point)" if steady else
+             ", the valve moving every few minutes") + (", the tags read in a PLC's steps:" if coarse else ":"))
     for kind, t in per_kind.items():
         print(f"  {kind:<14} F1 {t.f1:.2f}, false {t.far:.1%}, missed {t.mar:.1%} ({t.runs} runs)")
     print(f"  {'all':<14} F1 {total.f1:.2f}, false {total.far:.1%}, missed {total.mar:.1%}")
@@ -226,11 +235,13 @@ def short_commissioning(runs: int, out: Path, steady: bool = False, epochs: int 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=4, help="runs per fault and severity")
+    parser.add_argument("--runs", type=int, default=4, help="runs per fault and severity (0: skip)")
     parser.add_argument("--normal-hours", type=float, default=24.0, help="hours of normal running per trap")
     parser.add_argument("--short", type=int, default=2, help="runs per fault of the 7-minute protocol (0: skip)")
     parser.add_argument("--steady", type=int, default=2, help="runs per fault of the 7-minute protocol at one "
                         "operating point (0: skip)")
+    parser.add_argument("--coarse", type=int, default=2, help="runs per fault of the 7-minute protocol at one "
+                        "operating point, the tags read in a PLC's steps (0: skip)")
     parser.add_argument("--epochs", type=int, help="at most this many epochs per training of the 7-minute protocol "
                         "(default: model train's; fewer for a quick run)")
     parser.add_argument("--own-hours", type=float, default=3.0, help="pump B's commissioning recording, hours "
@@ -241,7 +252,8 @@ def main() -> None:
     print(f"pump-ae: {ae.window} x {len(ae.tags)} window, stride {ae.stride}, threshold {ae.threshold:.4g}; "
           f"{args.runs} runs x {len(SEVERITIES)} severities per fault, onset at {ONSET} s of {LENGTH} s; every row "
           f"scored online")
-    table("pump A (the machine pump-ae was commissioned on), unseen seeds:", evaluate(ae, fault_runs(args.runs, {})))
+    if args.runs > 0:
+        table("pump A (the machine pump-ae was commissioned on), unseen seeds:", evaluate(ae, fault_runs(args.runs, {})))
     seeds = (6000, 6001, 6002)
     far, per_day = normal(ae, args.normal_hours, seeds, {})
     print(f"normal running, pump A, {args.normal_hours:g} h: {far:.2%} of rows flagged, {per_day:.2f} events per 24 h")
@@ -255,16 +267,19 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             own = own_model(args.own_hours, Path(tmp))
             if own is not None:
-                table("pump B, its own model, unseen seeds:", evaluate(own, fault_runs(args.runs, PUMP_B)))
+                if args.runs > 0:
+                    table("pump B, its own model, unseen seeds:", evaluate(own, fault_runs(args.runs, PUMP_B)))
                 far, per_day = normal(own, args.normal_hours, seeds, PUMP_B)
                 print(f"normal running, pump B, its own model, {args.normal_hours:g} h: {far:.2%} of rows flagged, "
                       f"{per_day:.2f} events per 24 h")
-    if (args.short > 0 or args.steady > 0) and own_model_possible():
+    if (args.short > 0 or args.steady > 0 or args.coarse > 0) and own_model_possible():
         with tempfile.TemporaryDirectory() as tmp:
             if args.short > 0:
                 short_commissioning(args.short, Path(tmp), epochs=args.epochs)
             if args.steady > 0:
                 short_commissioning(args.steady, Path(tmp), steady=True, epochs=args.epochs)
+            if args.coarse > 0:
+                short_commissioning(args.coarse, Path(tmp), steady=True, epochs=args.epochs, coarse=True)
 
 
 if __name__ == "__main__":

@@ -69,6 +69,7 @@ FLATLINE_EVIDENCE_S = 3600.0  # normal running the stuck-sensor check needs to k
 CALIBRATION_BLOCKS = 30  # held-out blocks needed to calibrate on the held-out part alone
 FOLDS = 3  # parts of each recording scored out of fold for the threshold
 FOLD_SPREAD = 0.1  # a fold's spreads are at least this share of the whole recording's
+COARSE_SHARE = 0.9  # a tag that held one value this share of the rows is read too coarsely to show its range
 # The out-of-fold factor on the threshold: above UNSEEN_WARN training says the parts of the recording show
 # different running; it is at most UNSEEN_CAP (a threshold that high would miss real faults).
 UNSEEN_WARN, UNSEEN_CAP = 2.0, 4.0
@@ -260,6 +261,8 @@ def _train(name: str, recordings: Sequence[Recording], out_dir: Path, opts: Opti
         (" (detected: a trend across a recording)" if opts.drift_tags is None and drift_tags else ""))
 
     center, spread = _scales(grids, drift, opts.baseline_s, interval)
+    for line in _coarse(tags, grids):
+        report.say(line)
 
     # Windows, split in time: the last part of each recording is held out.
     train_x, hold_x, hold_ranges = [], [], []
@@ -342,7 +345,9 @@ def _train(name: str, recordings: Sequence[Recording], out_dir: Path, opts: Opti
     # Calibration, through the daemon's own scorer. 1: each tag's normal autoencoder error, held out.
     span = max(window, context)
     parts = _parts(Model(tmp_tflite, tmp_meta), grids, [cut + span - 1 for cut in hold_ranges])
-    meta["error_scale"] = _floats(np.maximum(parts[:, 3, :].mean(axis=0), 1e-6))
+    share, step = _resolution(grids)  # a coarse tag's error: at least a step, as its spread and its residual
+    meta["error_scale"] = _floats(np.maximum(parts[:, 3, :].mean(axis=0),
+                                             np.where(share >= COARSE_SHARE, step / spread, 1e-6)))
     # 2: each statistic's normal level, on the held-out part when it is long enough, else on all of it.
     held_blocks = len(parts) // span
     on_held_out = held_blocks >= CALIBRATION_BLOCKS
@@ -416,7 +421,7 @@ def _train(name: str, recordings: Sequence[Recording], out_dir: Path, opts: Opti
 def _scales(grids: list[np.ndarray], drift: Sequence[bool], baseline_s: float,
             interval: float) -> tuple[np.ndarray, np.ndarray]:
     """Each tag's centre (median) and normal spread: of its level, or for a drift tag of its deviation from the
-    baseline; never below its white noise."""
+    baseline; never below its white noise, nor, for a tag read coarser than it varies, below one step."""
     grids = [g for g in grids if len(g)]
     allrows = np.concatenate(grids)
     center = np.nanmedian(allrows, axis=0)
@@ -426,7 +431,32 @@ def _scales(grids: list[np.ndarray], drift: Sequence[bool], baseline_s: float,
                                  for g in grids]) if any(drift) else allrows - center
     spread = np.where(drift, np.nanstd(deviations, axis=0), level_spread)
     spread = np.maximum(spread, np.maximum(noise, 1e-6 * np.maximum(1.0, np.abs(center))))
+    share, step = _resolution(grids)
+    spread = np.where(share >= COARSE_SHARE, np.maximum(spread, step), spread)  # a read step is normal
     return center, np.where(spread > 0, spread, 1.0)
+
+
+def _resolution(grids: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Each tag's share of rows at its most common value, and its typical step (the median of its changes)."""
+    share, step = [], []
+    for j in range(grids[0].shape[1]):
+        col = np.concatenate([g[:, j] for g in grids])
+        col = col[~np.isnan(col)]
+        steps = np.abs(np.concatenate([np.diff(g[:, j]) for g in grids]))
+        steps = steps[np.isfinite(steps) & (steps > 0)]
+        share.append(np.unique(col, return_counts=True)[1].max() / len(col) if len(col) else 0.0)
+        step.append(float(np.median(steps)) if len(steps) else 0.0)
+    return np.asarray(share), np.asarray(step)
+
+
+def _coarse(tags: list[str], grids: list[np.ndarray]) -> list[str]:
+    """A note for each tag read in steps coarser than its normal variation (a whole-degree register): it held
+    one value in most rows, so its spread is taken as one step, and a shift of less than that is not seen."""
+    share, step = _resolution(grids)
+    return [f"note: {tag} held one value in {s:.0%} of the rows (its readings move in steps of {q:.4g}): its "
+            f"normal range is hidden below one step, so a step counts as one spread and a change smaller than a "
+            f"step is not seen. Read it finer, or record running in which it moves"
+            for tag, s, q in zip(tags, share, step, strict=True) if s >= COARSE_SHARE and q > 0]
 
 
 def _interval(steps: Sequence[float]) -> float:
@@ -572,8 +602,11 @@ def _fit_stats(grids: list[np.ndarray], center: np.ndarray, spread: np.ndarray, 
     tags = rows.shape[1]
     # The subspace of the level tags alone when there are both kinds: a drift tag's deviation (its baseline held
     # in an event) must not spill into the level tags' SPE, where its cap would not hold.
+    # Nor a coarse tag's: its few steps would be the smallest variance, off the subspace alone.
     level = ~np.asarray(drift, dtype=bool)
-    among = np.nonzero(level)[0] if 0 < level.sum() < tags else np.arange(tags)
+    held, step = _resolution(grids)
+    fine = held < COARSE_SHARE
+    among = next((np.nonzero(pick)[0] for pick in (level & fine, fine) if pick.any()), np.arange(tags))
     cov = np.atleast_2d(np.cov(rows[:, among].T))
     values, vectors = np.linalg.eigh(cov)
     order = np.argsort(values)[::-1]
@@ -585,6 +618,8 @@ def _fit_stats(grids: list[np.ndarray], center: np.ndarray, spread: np.ndarray, 
     off[np.ix_(among, among)] = np.eye(len(among)) - basis @ basis.T
     steps = np.concatenate([np.abs(np.diff(z, axis=0)) for z in inputs])
     residual = np.maximum(np.nanmean(steps, axis=0), 1e-3)
+    # A coarse tag's rare steps are its resolution, not noise: it is noisier only when it moves a step every sample.
+    residual = np.where(fine, residual, np.maximum(residual, step / spread))
     return {"context": context, "off_subspace": [_floats(r) for r in off], "components": _floats(values[:q]),
             "residual_scale": _floats(residual), "norms": dict.fromkeys(COMPONENTS, 1.0), "weights": dict(WEIGHTS),
             "level": LEVEL}

@@ -32,7 +32,7 @@ RUNS = [
     ("fleet.py", "  old  reconnect after the broker is back", "--gateways", "1", "--outage", "2"),
     ("sparkplug_host.py", "baseline: the JSON uplink", "--devices", "2", "--offline", "2"),
     ("anomaly_eval.py", "scored by the plant-wide pump-ae", "--runs", "1", "--normal-hours", "0.1", "--own-hours", "0",
-     "--short", "1", "--steady", "0", "--epochs", "3"),
+     "--short", "1", "--steady", "0", "--coarse", "0", "--epochs", "3"),
 ]
 
 

@@ -1,0 +1,37 @@
+"""Training's treatment of a tag read coarser than it varies (a whole-degree register): in-process, no TensorFlow."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from gateway.anomaly.training import _coarse, _fit_stats, _scales
+
+
+def rig(rows=1200, seed=3):
+    """Three noisy tags and an oil temperature of 45 ± 0.2 °C read in whole degrees: one value in 99 % of rows."""
+    rng = np.random.default_rng(seed)
+    x = np.asarray([2.0, 11.0, 3.5, 45.0]) + np.asarray([0.3, 0.2, 0.05, 0.2]) * rng.normal(size=(rows, 4))
+    x[:, 3] = np.round(x[:, 3])
+    return x
+
+
+def test_a_tag_read_coarser_than_it_varies_is_said_and_one_step_is_its_normal_spread():
+    grids, drift = [rig()], [False] * 4
+    center, spread = _scales(grids, drift, 60.0, 1.0)
+    assert spread[3] == 1.0  # one step (its few steps alone gave about 0.13: a step counted as 7 spreads)
+    assert (spread[:3] == _scales([grids[0][:, :3]], drift[:3], 60.0, 1.0)[1]).all()  # the others as they were
+    notes = _coarse(["vibration", "current", "pressure", "oil_temp"], grids)
+    assert len(notes) == 1 and notes[0].startswith("note: oil_temp held one value in 99% of the rows (its readings "
+                                                   "move in steps of 1)")
+    stats = _fit_stats(grids, center, spread, drift, 60.0, 1.0, 30)
+    off = np.asarray(stats["off_subspace"])
+    assert not off[3].any() and not off[:, 3].any()  # its steps are not the subspace's smallest variance
+    assert stats["residual_scale"][3] == 1.0  # noisier only when it moves a step every sample
+    assert max(stats["residual_scale"][:3]) < 1.2  # the others' mean |one-step change|, about 2/sqrt(pi)
+
+
+def test_a_tag_that_moves_through_its_values_is_not_coarse():
+    x = rig()
+    x[:, 3] = np.round(45.0 + 2.0 * np.random.default_rng(4).normal(size=len(x)))  # ±2 °C in whole degrees
+    center, spread = _scales([x], [False] * 4, 60.0, 1.0)
+    assert spread[3] == _scales([x[:, 3:]], [False], 60.0, 1.0)[1][0] > 1.0 and _coarse(["a", "b", "c", "oil_temp"], [x]) == []
