@@ -346,8 +346,8 @@ def _train(name: str, recordings: Sequence[Recording], out_dir: Path, opts: Opti
     span = max(window, context)
     parts = _parts(Model(tmp_tflite, tmp_meta), grids, [cut + span - 1 for cut in hold_ranges])
     share, step = _resolution(grids)  # a coarse tag's error: at least a step, as its spread and its residual
-    meta["error_scale"] = _floats(np.maximum(parts[:, 3, :].mean(axis=0),
-                                             np.where(share >= COARSE_SHARE, step / spread, 1e-6)))
+    floor = np.where(share >= COARSE_SHARE, step / spread, 0.0)
+    meta["error_scale"] = _floats(np.maximum(parts[:, 3, :].mean(axis=0), np.maximum(floor, 1e-6)))
     # 2: each statistic's normal level, on the held-out part when it is long enough, else on all of it.
     held_blocks = len(parts) // span
     on_held_out = held_blocks >= CALIBRATION_BLOCKS

@@ -35,3 +35,14 @@ def test_a_tag_that_moves_through_its_values_is_not_coarse():
     x[:, 3] = np.round(45.0 + 2.0 * np.random.default_rng(4).normal(size=len(x)))  # ±2 °C in whole degrees
     center, spread = _scales([x], [False] * 4, 60.0, 1.0)
     assert spread[3] == _scales([x[:, 3:]], [False], 60.0, 1.0)[1][0] > 1.0 and _coarse(["a", "b", "c", "oil_temp"], [x]) == []
+
+
+def test_a_tag_that_changed_only_across_gaps_has_no_step_and_keeps_its_spread():
+    x = rig()
+    x[:, 3] = 45.0
+    x[1150:1170, 3] = np.nan  # a gap longer than the forward fill, after which the reading is one degree higher
+    x[1170:, 3] = 46.0
+    center, spread = _scales([x], [False] * 4, 60.0, 1.0)
+    assert 0 < spread[3] < 1.0 and _coarse(["a", "b", "c", "oil_temp"], [x]) == []
+    stats = _fit_stats([x], center, spread, [False] * 4, 60.0, 1.0, 30)
+    assert np.isfinite(stats["residual_scale"]).all() and min(stats["residual_scale"]) >= 1e-3
