@@ -56,7 +56,7 @@ import numpy as np
 
 from gateway import __version__
 from gateway.anomaly.model import COMPONENTS, FORMAT, LEVEL, DeviceScorer, Inputs, Model
-from gateway.anomaly.recording import DataError, Recording
+from gateway.anomaly.recording import DataError, Recording, format_time
 from gateway.errors import GatewayError
 
 SEED = 7
@@ -70,6 +70,10 @@ CALIBRATION_BLOCKS = 30  # held-out blocks needed to calibrate on the held-out p
 FOLDS = 3  # parts of each recording scored out of fold for the threshold
 FOLD_SPREAD = 0.1  # a fold's spreads are at least this share of the whole recording's
 COARSE_SHARE = 0.9  # a tag that held one value this share of the rows is read too coarsely to show its range
+# A glitch: at most GLITCH_SAMPLES readings GLITCH_SPREADS noise levels away from the readings on either side, which
+# agree with each other (a poll read as 0, a dropped sensor). Where they are more than GLITCH_SHARE of a tag's
+# samples, they are the tag's nature, not glitches.
+GLITCH_SAMPLES, GLITCH_SPREADS, GLITCH_SHARE = 3, 10.0, 0.01
 # The out-of-fold factor on the threshold: above UNSEEN_WARN training says the parts of the recording show
 # different running; it is at most UNSEEN_CAP (a threshold that high would miss real faults).
 UNSEEN_WARN, UNSEEN_CAP = 2.0, 4.0
@@ -222,10 +226,13 @@ def _train(name: str, recordings: Sequence[Recording], out_dir: Path, opts: Opti
         raise DataError(f"--interval {interval:g}s is finer than the recordings' own step ({min(steps):g} s): most "
                         f"samples would be missing. Give --interval {min(steps):g}s, or leave it out")
     window = opts.window
-    grids = [r.on_grid(interval, window + opts.ffill_limit + 1)[1] for r in recordings]
+    on_grid = [r.on_grid(interval, window + opts.ffill_limit + 1) for r in recordings]
+    grids = [g for _, g in on_grid]
     rows = sum(len(g) for g in grids)
     report.say(f"{len(recordings)} recording(s), {sum(len(r) for r in recordings)} rows -> {rows} samples "
                f"every {interval:g} s ({rows * interval / 60:.1f} min)")
+    for line in _drop_glitches(tags, on_grid):
+        report.say(line)
     grids = [_ffill(g, opts.ffill_limit) for g in grids]
     allrows = np.concatenate(grids)
 
@@ -434,6 +441,45 @@ def _scales(grids: list[np.ndarray], drift: Sequence[bool], baseline_s: float,
     share, step = _resolution(grids)
     spread = np.where(share >= COARSE_SHARE, np.maximum(spread, step), spread)  # a read step is normal
     return center, np.where(spread > 0, spread, 1.0)
+
+
+def _glitches(y: np.ndarray) -> np.ndarray:
+    """Where a tag's readings glitch (see GLITCH_SAMPLES): a mask, all False when they are the tag's nature."""
+    mask = np.zeros(len(y), dtype=bool)
+    steps = np.abs(np.diff(y))
+    steps = steps[np.isfinite(steps)]
+    moved = steps[steps > 0]
+    if not len(moved):
+        return mask
+    # The noise level from the typical step (robust to the glitches themselves), at least one step of a coarse tag.
+    level = max(1.048 * float(np.median(steps)), float(np.median(moved)))
+    for length in range(1, GLITCH_SAMPLES + 1):
+        before, after = y[:-length - 1], y[length + 1:]
+        middle = (before + after) / 2
+        with np.errstate(invalid="ignore"):
+            hit = np.abs(after - before) <= 3 * level
+            for k in range(length):
+                hit &= np.abs(y[1 + k:len(y) - length + k] - middle) > GLITCH_SPREADS * level
+        for i in np.nonzero(hit)[0]:
+            mask[i + 1:i + 1 + length] = True
+    return mask if mask.sum() <= GLITCH_SHARE * len(y) else np.zeros(len(y), dtype=bool)
+
+
+def _drop_glitches(tags: list[str], on_grid: list[tuple[np.ndarray, np.ndarray]]) -> list[str]:
+    """Glitches become missing values (in place), as the daemon would fill them; a note for each tag that had
+    any. Learnt as normal, one glitch made every spread and norm it touched tens of times too wide."""
+    notes = []
+    for j, tag in enumerate(tags):
+        found = []
+        for times, g in on_grid:
+            mask = _glitches(g[:, j])
+            found += [(times[i], float(g[i, j])) for i in np.nonzero(mask)[0]]
+            g[mask, j] = np.nan
+        if found:
+            notes.append(f"note: {tag}: {len(found)} reading(s) standing alone, far from the readings around them "
+                         f"(the first: {found[0][1]:g} at {format_time(found[0][0])}), left out of training as "
+                         f"missing: a glitch is not normal running. In operation such a reading raises an event")
+    return notes
 
 
 def _resolution(grids: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

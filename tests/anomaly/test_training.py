@@ -46,3 +46,35 @@ def test_a_tag_that_changed_only_across_gaps_has_no_step_and_keeps_its_spread():
     assert 0 < spread[3] < 1.0 and _coarse(["a", "b", "c", "oil_temp"], [x]) == []
     stats = _fit_stats([x], center, spread, [False] * 4, 60.0, 1.0, 30)
     assert np.isfinite(stats["residual_scale"]).all() and min(stats["residual_scale"]) >= 1e-3
+
+
+def test_a_glitch_is_a_reading_or_three_far_from_the_readings_on_either_side_and_rare():
+    from gateway.anomaly.training import _glitches
+    y = 3.5 + 0.05 * np.random.default_rng(5).normal(size=1200)
+    assert not _glitches(y).any()  # noise alone
+    g = y.copy()
+    g[500], g[800:802] = 0.0, 655.35  # a poll read as 0; two at the register's top
+    assert list(np.nonzero(_glitches(g))[0]) == [500, 800, 801]
+    g = y.copy()
+    g[600:] += 2.0  # a step that stays is the machine, not a glitch
+    g[900:904] = 0.0  # four readings of 0 are more than a glitch
+    assert not _glitches(g).any()
+    g = np.round(45.0 + 0.2 * np.random.default_rng(6).normal(size=1200))  # whole degrees: its steps are one
+    g[300] = 0.0
+    assert list(np.nonzero(_glitches(g))[0]) == [300]
+    g = y.copy()
+    g[::50] = 0.0  # one reading in 50: the tag's nature, kept
+    assert not _glitches(g).any()
+
+
+def test_glitches_become_missing_values_and_are_said_with_the_first_one():
+    from gateway.anomaly.training import _drop_glitches
+    x = rig()
+    x[500, 2] = 0.0
+    x[700, 2] = np.nan  # a missing value next to nothing unusual stays missing, and is no glitch
+    times = 1.79e9 + np.arange(len(x), dtype=float)
+    notes = _drop_glitches(["vibration", "current", "pressure", "oil_temp"], [(times, x)])
+    assert np.isnan(x[500, 2]) and np.isnan(x[:, 2]).sum() == 2
+    assert notes == ["note: pressure: 1 reading(s) standing alone, far from the readings around them (the first: 0 "
+                     "at 2026-09-21T14:21:40Z), left out of training as missing: a glitch is not normal running. "
+                     "In operation such a reading raises an event"]
