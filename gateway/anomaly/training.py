@@ -451,8 +451,12 @@ def _glitches(y: np.ndarray) -> np.ndarray:
     moved = steps[steps > 0]
     if not len(moved):
         return mask
-    # The noise level from the typical step (robust to the glitches themselves), at least one step of a coarse tag.
-    level = max(1.048 * float(np.median(steps)), float(np.median(moved)))
+    # The noise level from the typical step (robust to the glitches themselves), at least one step of a coarse tag,
+    # and at least the spread of the tag's own readings (from their median distance to the median, robust too):
+    # a held tag's short moves are far from its typical step of nearly nothing, but not from its readings.
+    values = y[np.isfinite(y)]
+    spread = 1.4826 * float(np.median(np.abs(values - np.median(values))))
+    level = max(1.048 * float(np.median(steps)), float(np.median(moved)), spread)
     for length in range(1, GLITCH_SAMPLES + 1):
         before, after = y[:-length - 1], y[length + 1:]
         middle = (before + after) / 2
