@@ -231,8 +231,11 @@ def _train(name: str, recordings: Sequence[Recording], out_dir: Path, opts: Opti
     rows = sum(len(g) for g in grids)
     report.say(f"{len(recordings)} recording(s), {sum(len(r) for r in recordings)} rows -> {rows} samples "
                f"every {interval:g} s ({rows * interval / 60:.1f} min)")
-    for line in _drop_glitches(tags, on_grid):
-        report.say(line)
+    glitches = _drop_glitches(tags, on_grid)
+    for tag, found in glitches.items():
+        report.say(f"note: {tag}: {len(found)} reading(s) standing alone, far from the readings around them (the "
+                   f"first: {found[0][1]:g} at {format_time(found[0][0])}), left out of training as missing: a "
+                   f"glitch is not normal running. In operation such a reading raises an event")
     grids = [_ffill(g, opts.ffill_limit) for g in grids]
     allrows = np.concatenate(grids)
 
@@ -268,8 +271,11 @@ def _train(name: str, recordings: Sequence[Recording], out_dir: Path, opts: Opti
         (" (detected: a trend across a recording)" if opts.drift_tags is None and drift_tags else ""))
 
     center, spread = _scales(grids, drift, opts.baseline_s, interval)
-    for line in _coarse(tags, grids):
-        report.say(line)
+    coarse = _coarse(tags, grids)
+    for tag, (held, unit) in coarse.items():
+        report.say(f"note: {tag} held one value in {held:.0%} of the rows (its readings move in steps of {unit:.4g}): "
+                   f"its normal range is hidden below one step, so a step counts as one spread and a change smaller "
+                   f"than a step is not seen. Read it finer, or record running in which it moves")
 
     # Windows, split in time: the last part of each recording is held out.
     train_x, hold_x, hold_ranges = [], [], []
@@ -396,6 +402,8 @@ def _train(name: str, recordings: Sequence[Recording], out_dir: Path, opts: Opti
         "threshold_rule": f"{rate_text(opts.false_alarms)} false events in normal running: "
                           + meta["false_alarms"]["method"],
         "drift": "named" if opts.drift_tags is not None else f"detected: trend R² >= {DRIFT_R2} in a recording",
+        "coarse": {tag: round(unit, 9) for tag, (_, unit) in coarse.items()},  # tag: its step, its least spread
+        "glitches": {tag: len(found) for tag, found in glitches.items()},  # tag: readings left out as missing
     }
     meta["versions"] = {"edge-gateway": __version__, "tensorflow": tf.__version__, "numpy": np.__version__,
                         "python": platform.python_version()}
@@ -469,21 +477,19 @@ def _glitches(y: np.ndarray) -> np.ndarray:
     return mask if mask.sum() <= GLITCH_SHARE * len(y) else np.zeros(len(y), dtype=bool)
 
 
-def _drop_glitches(tags: list[str], on_grid: list[tuple[np.ndarray, np.ndarray]]) -> list[str]:
-    """Glitches become missing values (in place), as the daemon would fill them; a note for each tag that had
-    any. Learnt as normal, one glitch made every spread and norm it touched tens of times too wide."""
-    notes = []
+def _drop_glitches(tags: list[str], on_grid: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, list[tuple[float, float]]]:
+    """Glitches become missing values (in place), as the daemon would fill them; per tag that had any, their
+    (time, reading). Learnt as normal, one glitch made every spread and norm it touched tens of times too wide."""
+    glitches = {}
     for j, tag in enumerate(tags):
         found = []
         for times, g in on_grid:
             mask = _glitches(g[:, j])
-            found += [(times[i], float(g[i, j])) for i in np.nonzero(mask)[0]]
+            found += [(float(times[i]), float(g[i, j])) for i in np.nonzero(mask)[0]]
             g[mask, j] = np.nan
         if found:
-            notes.append(f"note: {tag}: {len(found)} reading(s) standing alone, far from the readings around them "
-                         f"(the first: {found[0][1]:g} at {format_time(found[0][0])}), left out of training as "
-                         f"missing: a glitch is not normal running. In operation such a reading raises an event")
-    return notes
+            glitches[tag] = found
+    return glitches
 
 
 def _resolution(grids: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -499,14 +505,12 @@ def _resolution(grids: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(share), np.asarray(step)
 
 
-def _coarse(tags: list[str], grids: list[np.ndarray]) -> list[str]:
-    """A note for each tag read in steps coarser than its normal variation (a whole-degree register): it held
-    one value in most rows, so its spread is taken as one step, and a shift of less than that is not seen."""
+def _coarse(tags: list[str], grids: list[np.ndarray]) -> dict[str, tuple[float, float]]:
+    """The tags read in steps coarser than their normal variation (a whole-degree register), with the share of
+    rows at their most common value and their step: the spread is taken as one step, a smaller shift not seen."""
     share, step = _resolution(grids)
-    return [f"note: {tag} held one value in {s:.0%} of the rows (its readings move in steps of {q:.4g}): its "
-            f"normal range is hidden below one step, so a step counts as one spread and a change smaller than a "
-            f"step is not seen. Read it finer, or record running in which it moves"
-            for tag, s, q in zip(tags, share, step, strict=True) if s >= COARSE_SHARE and q > 0]
+    return {tag: (float(s), float(q)) for tag, s, q in zip(tags, share, step, strict=True)
+            if s >= COARSE_SHARE and q > 0}
 
 
 def _interval(steps: Sequence[float]) -> float:

@@ -399,6 +399,14 @@ def _names(value: object) -> str:
     return ", ".join(map(str, value)) if isinstance(value, list) and value else "?"
 
 
+def _pairs(value: object) -> str | None:
+    """A {tag: figure} that training wrote, as 'tag (figure), ...' (each cut short); None when it is no such thing."""
+    if not isinstance(value, dict) or not value:
+        return None
+    shown = [f"{str(k)[:40]} ({str(v)[:40]})" for k, v in list(value.items())[:20]]
+    return ", ".join(shown) + (f", and {len(value) - 20} more" if len(value) > 20 else "")
+
+
 def _record(value: object) -> dict[str, Any]:
     """What training wrote to describe itself (shown, never used to score): an object, else nothing."""
     return value if isinstance(value, dict) else {}
@@ -445,6 +453,10 @@ def _show(args: argparse.Namespace) -> int:
              f"  threshold {d['threshold']:.4g}: {t.get('threshold_rule', 'not recorded')}",
              f"  trained on {t.get('samples', '?')} samples from {_names(t.get('recordings'))}; "
              f"{t.get('epochs', '?')} epochs, validation error {t.get('validation_error', '?')}",
+             *([f"  read coarser than they vary (a step is one spread): {coarse}"]
+               if (coarse := _pairs(t.get("coarse"))) else []),
+             *([f"  glitches left out of training (readings): {glitches}"]
+               if (glitches := _pairs(t.get("glitches"))) else []),
              f"  {d['bytes'] / 1024:.0f} KiB int8, sha256 {d['sha256'][:16]}..., "
              f"versions {', '.join(f'{k} {v}' for k, v in d['versions'].items())}"]
     print("\n".join(lines))

@@ -350,7 +350,11 @@ def test_a_stuck_sensor_is_one_event_for_as_long_as_it_stays_stuck(model, flatli
     assert state[start + 40:1200].all() and not state[1260:].any()
 
 
-@pytest.mark.parametrize("training,versions", [(None, []), ({"recordings": [1, None], "samples": "x"}, "2.0")])
+@pytest.mark.parametrize("training,versions", [
+    (None, []), ({"recordings": [1, None], "samples": "x"}, "2.0"),
+    ({"coarse": "x" * 1_000_000, "glitches": [1, 2]}, {}),
+    ({"coarse": {"x" * 1000: {"a": None}}, "glitches": {f"t{i}": i for i in range(25)}}, {}),
+])
 def test_model_show_reads_what_training_wrote_about_itself_as_whatever_it_is(tmp_path, training, versions):
     """`training` and `versions` only describe the model (never used to score): edited into another type, the
     model still loads and `model show` shows what it can."""
@@ -362,6 +366,9 @@ def test_model_show_reads_what_training_wrote_about_itself_as_whatever_it_is(tmp
                             capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=60)
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
     assert "model pump-ae in" in result.stdout and "samples from " in result.stdout
+    if isinstance(training, dict) and isinstance(training.get("glitches"), dict):  # cut short, and said so
+        assert f"coarser than they vary (a step is one spread): {'x' * 40} ({{'a': None}})" in result.stdout
+        assert "t19 (19), and 5 more" in result.stdout and len(result.stdout) < 5000
 
 
 def test_a_replay_gives_one_row_per_row_of_the_file_in_its_order(tmp_path):

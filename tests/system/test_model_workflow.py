@@ -215,6 +215,9 @@ def test_a_shift_of_a_few_spreads_in_one_of_several_noisy_tags_at_one_operating_
             "is hidden below one step, so a step counts as one spread") in result.stdout, result.stdout
     assert ("note: pressure: 1 reading(s) standing alone, far from the readings around them (the first: 0 at "
             "2026-09-21T14:21:40Z), left out of training as missing") in result.stdout, result.stdout
+    shown = cli("model", "show", "rig", "--model-dir", str(tmp_path)).stdout  # and so does the model, later
+    assert "read coarser than they vary (a step is one spread): oil_temp (1.0)" in shown, shown
+    assert "glitches left out of training (readings): pressure (1)" in shown, shown
     result = cli("model", "score", "rig", "--model-dir", str(tmp_path), "--csv", str(tmp_path / "shift.csv"),
                  "--out", str(tmp_path / "scored.csv"))
     assert result.returncode == 0, result.stderr
