@@ -358,8 +358,8 @@ def _train(name: str, recordings: Sequence[Recording], out_dir: Path, opts: Opti
     # Calibration, through the daemon's own scorer. 1: each tag's normal autoencoder error, held out.
     span = max(window, context)
     parts = _parts(Model(tmp_tflite, tmp_meta), grids, [cut + span - 1 for cut in hold_ranges])
-    share, step = _resolution(grids)  # a coarse tag's error: at least a step, as its spread and its residual
-    floor = np.where(share >= COARSE_SHARE, step / spread, 0.0)
+    # A coarse tag's normal error is at least a step, as its spread and its one-step change are.
+    floor = np.array([coarse[t][1] if t in coarse else 0.0 for t in tags]) / spread
     meta["error_scale"] = _floats(np.maximum(parts[:, 3, :].mean(axis=0), np.maximum(floor, 1e-6)))
     # 2: each statistic's normal level, on the held-out part when it is long enough, else on all of it.
     held_blocks = len(parts) // span
