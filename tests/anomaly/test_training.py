@@ -1,10 +1,11 @@
-"""Training's treatment of a tag read coarser than it varies (a whole-degree register): in-process, no TensorFlow."""
+"""Training's treatment of commissioning data that made models deaf, in-process (no TensorFlow): a tag read coarser
+than it varies (a whole-degree register), and glitches (a poll read as 0)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from gateway.anomaly.training import _coarse, _fit_stats, _scales
+from gateway.anomaly.training import _coarse, _drop_glitches, _fit_stats, _glitches, _scales
 
 
 def rig(rows=1200, seed=3):
@@ -32,7 +33,8 @@ def test_a_tag_that_moves_through_its_values_is_not_coarse():
     x = rig()
     x[:, 3] = np.round(45.0 + 2.0 * np.random.default_rng(4).normal(size=len(x)))  # ±2 °C in whole degrees
     center, spread = _scales([x], [False] * 4, 60.0, 1.0)
-    assert spread[3] == _scales([x[:, 3:]], [False], 60.0, 1.0)[1][0] > 1.0 and _coarse(["a", "b", "c", "oil_temp"], [x]) == {}
+    assert spread[3] == _scales([x[:, 3:]], [False], 60.0, 1.0)[1][0] > 1.0
+    assert _coarse(["a", "b", "c", "oil_temp"], [x]) == {}
 
 
 def test_a_tag_that_changed_only_across_gaps_has_no_step_and_keeps_its_spread():
@@ -47,7 +49,6 @@ def test_a_tag_that_changed_only_across_gaps_has_no_step_and_keeps_its_spread():
 
 
 def test_a_glitch_is_a_reading_or_three_far_from_the_readings_on_either_side_and_rare():
-    from gateway.anomaly.training import _glitches
     y = 3.5 + 0.05 * np.random.default_rng(5).normal(size=1200)
     assert not _glitches(y).any()  # noise alone
     g = y.copy()
@@ -66,7 +67,6 @@ def test_a_glitch_is_a_reading_or_three_far_from_the_readings_on_either_side_and
 
 
 def test_glitches_become_missing_values_with_their_time_and_reading():
-    from gateway.anomaly.training import _drop_glitches
     x = rig()
     x[500, 2] = 0.0
     x[700, 2] = np.nan  # a missing value next to nothing unusual stays missing, and is no glitch
