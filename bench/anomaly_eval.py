@@ -203,6 +203,7 @@ def short_commissioning(runs: int, out: Path, steady: bool = False, epochs: int 
     from gateway.anomaly.training import Options, train
     total = Tally()
     per_kind: dict[str, Tally] = {}
+    plc_steps = np.array([PLC_STEPS[tag] for tag in TAGS])
     for kind in ("bearing_wear", "cavitation", "seal_leak"):
         t = per_kind[kind] = Tally()
         for i in range(runs):
@@ -213,8 +214,7 @@ def short_commissioning(runs: int, out: Path, steady: bool = False, epochs: int 
             rows = run(seed, length, start_hour=(seed * 5) % 24, faults=[fault],
                        **({"valve": (valve, valve)} if steady else {}))
             if coarse:
-                steps = np.array([PLC_STEPS[tag] for tag in TAGS])
-                rows = np.round(rows / steps) * steps
+                rows = np.round(rows / plc_steps) * plc_steps
             rec = Recording("commissioning", list(TAGS), 1.79e9 + np.arange(commission, dtype=float),
                             rows[:commission].astype(np.float64))
             train("short", [rec], out, Options(**({"epochs": epochs} if epochs else {})))

@@ -472,8 +472,9 @@ def _glitches(y: np.ndarray) -> np.ndarray:
             hit = np.abs(after - before) <= 3 * level
             for k in range(length):
                 hit &= np.abs(y[1 + k:len(y) - length + k] - middle) > GLITCH_SPREADS * level
-        for i in np.nonzero(hit)[0]:
-            mask[i + 1:i + 1 + length] = True
+        starts = np.nonzero(hit)[0] + 1
+        for k in range(length):
+            mask[starts + k] = True
     return mask if mask.sum() <= GLITCH_SHARE * len(y) else np.zeros(len(y), dtype=bool)
 
 
