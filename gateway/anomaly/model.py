@@ -285,13 +285,20 @@ class Stats:
     """The statistics over the last `context` inputs, per tag, and their fusion into contributions."""
 
     def __init__(self, context: int, off_subspace: np.ndarray, residual_scale: np.ndarray, norms: Sequence[float],
-                 weights: Sequence[float], drift: np.ndarray, drift_cap: float, level: str = LEVEL) -> None:
+                 weights: Sequence[float], drift: np.ndarray, drift_cap: float, level: str = LEVEL,
+                 level_scale: np.ndarray | None = None) -> None:
         self.context = context
         self.level = level
         self.mean_first = level == LEVEL  # else LEVEL_BEFORE (a per-window test of a bool, not of a string)
         self.off = off_subspace.astype(np.float32)  # (tags, tags): I - P P^T, P the principal components
         # Sums over the context, not means: the 1/n is folded into these constants (µs count per window).
         self.inv_n = np.float32(1.0 / context)
+        # Each tag's level over its own normal level (a slow or heating tag's is higher than a noisy one's, so it
+        # cannot set everyone's norm), their root sum of squares split over the tags; a model trained before
+        # stats.level_scale has none: the levels summed as they are.
+        self.per_tag = level_scale is not None
+        scale = np.ones(len(residual_scale)) if level_scale is None else np.asarray(level_scale, dtype=np.float64)
+        self.inv_level = (1.0 / (scale * context)).astype(np.float32)
         self.inv_residual = (1.0 / (residual_scale * (context - 1))).astype(np.float32)
         self.scale = (np.asarray(weights, dtype=np.float64) / np.asarray(norms, dtype=np.float64)).astype(np.float32)
         self.drift = drift.astype(np.float32) if drift.any() else None
@@ -310,15 +317,23 @@ class Stats:
         level = stats.get("level", LEVEL_BEFORE)
         if level not in (LEVEL, LEVEL_BEFORE):
             raise ValueError(f"stats.level needs {LEVEL!r} or {LEVEL_BEFORE!r}, not {str(level)[:40]!r}")
-        return cls(context, off, residual, norms, weights, drift, DRIFT_CAP * threshold, level)
+        level_scale = stats.get("level_scale")
+        if level_scale is not None and np.shape(level_scale) != (tags,):
+            raise ValueError(f"stats.level_scale needs one number per tag ({tags} tags)")
+        return cls(context, off, residual, norms, weights, drift, DRIFT_CAP * threshold, level, level_scale)
 
     def components(self, z: np.ndarray, dz: np.ndarray, ae: np.ndarray, parts: np.ndarray) -> np.ndarray:
         """`parts` (4, tags) filled with each statistic's per-tag part, in its own units (`COMPONENTS` order)."""
-        mean = z.sum(axis=0) * self.inv_n
+        total = z.sum(axis=0)
+        mean = total * self.inv_n
         if self.mean_first:
-            np.abs(mean, out=parts[0])  # level: |mean input|, its noise averaged away first
+            np.abs(total, out=parts[0])  # level: |mean input|, its noise averaged away first
         else:
-            np.multiply(np.abs(z).sum(axis=0), self.inv_n, out=parts[0])  # level: mean |input|
+            np.abs(z).sum(axis=0, out=parts[0])  # level: mean |input|
+        parts[0] *= self.inv_level  # over the context, and over the tag's own normal level
+        if self.per_tag:  # shares of their root sum of squares, as SPE's: one tag's shift not diluted by the others
+            np.square(parts[0], out=parts[0])
+            parts[0] *= 1.0 / max(float(parts[0].sum()), 1e-12) ** 0.5
         residual = self.off @ mean  # the window's mean, off the principal subspace
         np.square(residual, out=parts[1])
         parts[1] *= 1.0 / max(float(parts[1].sum()), 1e-12) ** 0.5  # shares of √SPE: linear in a shift, as level
@@ -347,6 +362,7 @@ def _check_numbers(inputs: Mapping[str, Any], error_scale: Sequence[float], stat
               ("stats.off_subspace", stats["off_subspace"], -1.001, 1.001),  # I - P P^T: entries within +-1
               ("stats.residual_scale", stats["residual_scale"], 1e-12, 1e15),
               ("stats.norms", [stats["norms"][c] for c in COMPONENTS], 1e-9, 1e15),
+              ("stats.level_scale", stats.get("level_scale", []), 1e-9, 1e15),
               ("stats.weights", [stats["weights"][c] for c in COMPONENTS], 0.0, 1e3))
     for name, values, low, high in checks:
         a = np.asarray(values, dtype=np.float64)

@@ -69,6 +69,9 @@ FLATLINE_EVIDENCE_S = 3600.0  # normal running the stuck-sensor check needs to k
 CALIBRATION_BLOCKS = 30  # held-out blocks needed to calibrate on the held-out part alone
 FOLDS = 3  # parts of each recording scored out of fold for the threshold
 FOLD_SPREAD = 0.1  # a fold's spreads are at least this share of the whole recording's
+# A tag's normal level (|mean input| over the context) is taken as at least white noise's 99th percentile: 2.576
+# spreads over the root of the context. A tag that hardly moved in commissioning is no more sensitive than that.
+LEVEL_FLOOR = 2.576
 COARSE_SHARE = 0.9  # a tag that held one value this share of the rows is read too coarsely to show its range
 # A glitch: at most GLITCH_SAMPLES readings GLITCH_SPREADS noise levels away from the readings on either side, which
 # agree with each other (a poll read as 0, a dropped sensor). Where they are more than GLITCH_SHARE of a tag's
@@ -366,7 +369,7 @@ def _train(name: str, recordings: Sequence[Recording], out_dir: Path, opts: Opti
     on_held_out = held_blocks >= CALIBRATION_BLOCKS
     starts = [cut + span - 1 for cut in hold_ranges] if on_held_out else [span - 1] * len(grids)
     tmp_meta.write_text(json.dumps(meta))
-    stats["norms"] = _norms(Model(tmp_tflite, tmp_meta), grids, starts)
+    stats["norms"], stats["level_scale"] = _norms(Model(tmp_tflite, tmp_meta), grids, starts)
     tmp_meta.write_text(json.dumps(meta))
     # 3: the threshold for the false-alarm rate asked for, from the fused scores' block maxima, times how much
     # higher the score runs on parts of the recording the statistics were not fitted on (running never seen).
@@ -604,10 +607,16 @@ def _scores(model: Model, grid: np.ndarray, start: int, stop: int | None = None)
     return np.asarray(out)
 
 
-def _norms(model: Model, grids: list[np.ndarray], starts: list[int]) -> dict[str, float]:
-    """Each statistic's normal level: its 99th percentile (summed over tags) over the windows from `starts` on."""
-    totals = _parts(model, grids, starts).sum(axis=2)
-    return {c: float(f"{max(float(np.percentile(totals[:, i], 99)), 1e-6):.8g}") for i, c in enumerate(COMPONENTS)}
+def _norms(model: Model, grids: list[np.ndarray], starts: list[int]) -> tuple[dict[str, float], list[float]]:
+    """Each tag's normal level (its |mean input|'s 99th percentile, at least white noise's: `LEVEL_FLOOR`), and each
+    statistic's normal level: its 99th percentile, over the tags (the level: the root sum of squares of each tag's
+    over its own), over the windows from `starts` on. `model` has no level scale yet."""
+    parts = _parts(model, grids, starts)
+    level_scale = np.maximum(np.percentile(parts[:, 0, :], 99, axis=0), LEVEL_FLOOR / math.sqrt(model.context))
+    totals = parts.sum(axis=2)
+    totals[:, 0] = np.sqrt(np.square(parts[:, 0, :] / level_scale).sum(axis=1))
+    norms = {c: float(f"{max(float(np.percentile(totals[:, i], 99)), 1e-6):.8g}") for i, c in enumerate(COMPONENTS)}
+    return norms, _floats(level_scale)
 
 
 def _out_of_fold(meta: dict[str, Any], tflite: Path, path: Path, grids: list[np.ndarray], drift: Sequence[bool],
@@ -633,7 +642,7 @@ def _out_of_fold(meta: dict[str, Any], tflite: Path, path: Path, grids: list[np.
             fold = {**meta, "inputs": {**meta["inputs"], "center": _floats(center), "spread": _floats(spread)},
                     "stats": stats, "threshold": 1e12}
             path.write_text(json.dumps(fold))
-            stats["norms"] = _norms(Model(tflite, path), rest, [span - 1] * len(rest))
+            stats["norms"], stats["level_scale"] = _norms(Model(tflite, path), rest, [span - 1] * len(rest))
             path.write_text(json.dumps(fold))
             model = Model(tflite, path)
             seen = np.concatenate([_scores(model, piece, span - 1) for piece in rest])

@@ -391,6 +391,7 @@ def _describe(name: str, directory: Path) -> dict[str, Any]:
             "interval_s": m.interval, "threshold": m.threshold, "bytes": m.size,
             "events": {"h": m.cusum_h, "end_after": m.end_after}, "context": m.context,
             "level": m.stats.level,
+            "level_per_tag": m.stats.per_tag,
             "false_alarms": meta.get("false_alarms", {}), "training": _record(meta.get("training")),
             "versions": _record(meta.get("versions")), "sha256": meta["sha256"]}
 
@@ -448,6 +449,9 @@ def _show(args: argparse.Namespace) -> int:
              "  level: |mean input| over the statistics' samples" if d["level"] == LEVEL else
              "  level: mean |input| (trained before the level averaged first: train it again to see a shift of a "
              "few spreads in a noisy tag)",
+             "  each tag's level over its own normal level, then their root sum of squares" if d["level_per_tag"] else
+             "  the tags' levels summed as they are (trained before each was taken over its own normal level: a slow "
+             "or heating tag sets the norm of all; train it again to see a shift in a noisy tag beside one)",
              f"  false alarms: {d['false_alarms'].get('asked', '?')} asked, the recording vouches for "
              f"{d['false_alarms'].get('vouched_down_to', '?')}",
              f"  threshold {d['threshold']:.4g}: {t.get('threshold_rule', 'not recorded')}",

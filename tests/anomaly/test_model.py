@@ -63,6 +63,9 @@ def test_the_shipped_model_and_a_good_config_pass(tmp_path):
     ("huge_context", "its metadata {dir}/pump-ae.json is not usable: stats need a context from 2 to 10000"),
     ("level", "its metadata {dir}/pump-ae.json is not usable: stats.level needs 'abs_mean' or 'mean_abs', not "
               "\"{{'a': 'dict'}}\""),
+    ("level_scale_short", "its metadata {dir}/pump-ae.json is not usable: stats.level_scale needs one number per tag "
+                          "(10 tags)"),
+    ("level_scale_zero", "its metadata {dir}/pump-ae.json is not usable: stats.level_scale needs numbers from 1e-09"),
 ])
 def test_a_bad_model_is_a_config_error_naming_device_model_and_mismatch(tmp_path, damage, expected):
     d = tmp_path / "models"
@@ -100,6 +103,10 @@ def test_a_bad_model_is_a_config_error_naming_device_model_and_mismatch(tmp_path
         meta["stats"]["context"] = 10**9  # buffers of 10**9 samples per device
     elif damage == "level":
         meta["stats"]["level"] = {"a": "dict"}
+    elif damage == "level_scale_short":
+        meta["stats"]["level_scale"] = [1.0, 2.0]
+    elif damage == "level_scale_zero":
+        meta["stats"]["level_scale"] = [0.0] * len(meta["tags"])  # every level infinite
     text = {"bad_json": "{not json", "deep_json": "[" * 10000 + "]" * 10000}.get(damage, json.dumps(meta))
     (d / "pump-ae.json").write_text(text)
     result = check(tmp_path, PUMP, d)
@@ -111,30 +118,38 @@ def test_a_bad_model_is_a_config_error_naming_device_model_and_mismatch(tmp_path
 
 def test_the_level_is_the_mean_input_and_a_model_trained_before_keeps_the_mean_of_its_size(model, tmp_path):
     """Averaged first, a shift of half a noisy tag's spread stands out of its noise (the mean |input| of white
-    noise is 0.8 whatever the window); a model trained before `stats.level` existed has norms of the mean |input|
-    and keeps it."""
+    noise is 0.8 whatever the window); each tag's over its own normal level, their root sum of squares split over
+    the tags. A model trained before `stats.level_scale` sums the tags' |mean input| as they are; one trained before
+    `stats.level` existed has norms of the mean |input| and keeps it."""
     stats, n = model.meta["stats"], len(model.tags)
     z = np.random.default_rng(3).normal(size=(stats["context"], n)).astype(np.float32)
     z[:, 0] += 0.5
     dz, ae = np.abs(np.diff(z, axis=0)), np.zeros(n, dtype=np.float32)
     drift = np.zeros(n, dtype=bool)
-    level = Stats.from_meta(stats, n, 1.0, drift).components(z, dz, ae, np.empty((4, n), np.float32))[0]
-    before = {k: v for k, v in stats.items() if k != "level"}
-    mean_abs = Stats.from_meta(before, n, 1.0, drift).components(z, dz, ae, np.empty((4, n), np.float32))[0]
-    np.testing.assert_allclose(level, np.abs(z.mean(axis=0)), atol=1e-5)
-    np.testing.assert_allclose(mean_abs, np.abs(z).mean(axis=0), atol=1e-5)
-    assert stats["level"] == "abs_mean" and level[0] > 2 * level[1:].mean()
+
+    def level(meta_stats):
+        return Stats.from_meta(meta_stats, n, 1.0, drift).components(z, dz, ae, np.empty((4, n), np.float32))[0]
+
+    own = np.abs(z.mean(axis=0)) / np.asarray(stats["level_scale"])
+    np.testing.assert_allclose(level(stats), own ** 2 / np.sqrt(np.sum(own ** 2)), rtol=1e-4)
+    summed = {k: v for k, v in stats.items() if k != "level_scale"}
+    np.testing.assert_allclose(level(summed), np.abs(z.mean(axis=0)), atol=1e-5)
+    before = {k: v for k, v in summed.items() if k != "level"}
+    np.testing.assert_allclose(level(before), np.abs(z).mean(axis=0), atol=1e-5)
+    assert stats["level"] == "abs_mean" and level(stats)[0] > 2 * level(stats)[1:].mean()
     d = tmp_path / "models"
     d.mkdir()
     shutil.copy(MODELS / "pump-ae.tflite", d)
     (d / "pump-ae.json").write_text(json.dumps({**model.meta, "stats": before}))
     result = check(tmp_path, PUMP, d)
     assert result.returncode == 0, result.stderr
-    for directory, said in ((d, "level: mean |input| (trained before the level averaged first: train it again"),
-                            (MODELS, "level: |mean input| over the statistics' samples")):
+    for directory, said in ((d, ["level: mean |input| (trained before the level averaged first: train it again",
+                                 "the tags' levels summed as they are (trained before each was taken over its own"]),
+                            (MODELS, ["level: |mean input| over the statistics' samples",
+                                      "each tag's level over its own normal level, then their root sum of squares"])):
         result = subprocess.run([sys.executable, "-m", "gateway", "model", "show", "pump-ae", "--model-dir",
                                  str(directory)], capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=60)
-        assert result.returncode == 0 and said in result.stdout, result.stdout
+        assert result.returncode == 0 and all(line in result.stdout for line in said), result.stdout
 
 
 def test_a_model_that_does_not_fit_the_device_is_a_config_error(tmp_path):
