@@ -196,6 +196,8 @@ class Model:
             if any(len(c) != n for c in columns):
                 raise ValueError(f"inputs.center, inputs.spread, inputs.drift and error_scale need one entry per tag "
                                  f"({n} tags)")
+            if "level_scale" in meta["stats"] and np.shape(meta["stats"]["level_scale"]) != (n,):  # a 1 MB string
+                raise ValueError(f"stats.level_scale needs one number per tag ({n} tags)")  # is not quoted below
             _check_numbers(inputs, meta["error_scale"], meta["stats"])  # spreads, scales and norms above 0, ...
             self.inputs = dict(inputs)
             Inputs.from_meta(inputs, self.interval)  # the transform can be built
@@ -317,10 +319,8 @@ class Stats:
         level = stats.get("level", LEVEL_BEFORE)
         if level not in (LEVEL, LEVEL_BEFORE):
             raise ValueError(f"stats.level needs {LEVEL!r} or {LEVEL_BEFORE!r}, not {str(level)[:40]!r}")
-        level_scale = stats.get("level_scale")
-        if level_scale is not None and np.shape(level_scale) != (tags,):
-            raise ValueError(f"stats.level_scale needs one number per tag ({tags} tags)")
-        return cls(context, off, residual, norms, weights, drift, DRIFT_CAP * threshold, level, level_scale)
+        return cls(context, off, residual, norms, weights, drift, DRIFT_CAP * threshold, level,
+                   stats.get("level_scale"))  # its shape: `Model`, before its numbers are read
 
     def components(self, z: np.ndarray, dz: np.ndarray, ae: np.ndarray, parts: np.ndarray) -> np.ndarray:
         """`parts` (4, tags) filled with each statistic's per-tag part, in its own units (`COMPONENTS` order)."""
