@@ -292,9 +292,8 @@ class Stats:
         self.context = context
         self.level = level
         self.mean_first = level == LEVEL  # else LEVEL_BEFORE (a per-window test of a bool, not of a string)
-        self.off = off_subspace.astype(np.float32)  # (tags, tags): I - P P^T, P the principal components
         # Sums over the context, not means: the 1/n is folded into these constants (µs count per window).
-        self.inv_n = np.float32(1.0 / context)
+        self.off_n = (off_subspace / context).astype(np.float32)  # (tags, tags): I - P P^T, P the principal components
         # Each tag's level over its own normal level (a slow or heating tag's is higher than a noisy one's, so it
         # cannot set everyone's norm), their root sum of squares split over the tags; a model trained before
         # stats.level_scale has none: the levels summed as they are.
@@ -325,18 +324,17 @@ class Stats:
     def components(self, z: np.ndarray, dz: np.ndarray, ae: np.ndarray, parts: np.ndarray) -> np.ndarray:
         """`parts` (4, tags) filled with each statistic's per-tag part, in its own units (`COMPONENTS` order)."""
         total = z.sum(axis=0)
-        mean = total * self.inv_n
-        if self.mean_first:
-            np.abs(total, out=parts[0])  # level: |mean input|, its noise averaged away first
-        else:
-            np.abs(z).sum(axis=0, out=parts[0])  # level: mean |input|
-        parts[0] *= self.inv_level  # over the context, and over the tag's own normal level
+        level = total if self.mean_first else np.abs(z).sum(axis=0)  # level: |mean input| (before: mean |input|)
+        np.multiply(level, self.inv_level, out=parts[0])  # over the context, and over the tag's own normal level
         if self.per_tag:  # shares of their root sum of squares, as SPE's: one tag's shift not diluted by the others
+            squares = float(parts[0] @ parts[0])  # a dot product: a third of what .sum() costs on a few tags
             np.square(parts[0], out=parts[0])
-            parts[0] *= 1.0 / max(float(parts[0].sum()), 1e-12) ** 0.5
-        residual = self.off @ mean  # the window's mean, off the principal subspace
+            parts[0] *= 1.0 / max(squares, 1e-12) ** 0.5
+        else:
+            np.abs(parts[0], out=parts[0])
+        residual = self.off_n @ total  # the window's mean, off the principal subspace
         np.square(residual, out=parts[1])
-        parts[1] *= 1.0 / max(float(parts[1].sum()), 1e-12) ** 0.5  # shares of √SPE: linear in a shift, as level
+        parts[1] *= 1.0 / max(float(residual @ residual), 1e-12) ** 0.5  # shares of √SPE: linear in a shift
         np.multiply(dz.sum(axis=0), self.inv_residual, out=parts[2])  # mean |one-step change| / its normal level
         parts[2] -= 1.0
         np.maximum(parts[2], 0.0, out=parts[2])
