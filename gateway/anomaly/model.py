@@ -68,6 +68,7 @@ MODEL_DIRS = (Path(__file__).resolve().parents[2] / "models", Path("/opt/edge-ga
 DRIFT_CAP = 0.5  # the drift tags together contribute at most this share of the threshold: they cannot raise an
 # alarm alone
 COMPONENTS = ("level", "spe", "residual", "autoencoder")
+SCALE_LIMIT = 1e200  # the largest centre or spread of a tag: its inverse and its products stay finite
 LEVEL = "abs_mean"  # the level statistic: |mean input| over the context (stats.level)
 LEVEL_BEFORE = "mean_abs"  # a model trained before stats.level: the mean |input|, which its norms are of
 MAX_CONTEXT = 10_000  # samples the statistics look back over: the scorer keeps them, per device
@@ -355,7 +356,8 @@ class Stats:
 def _check_numbers(inputs: Mapping[str, Any], error_scale: Sequence[float], stats: Mapping[str, Any]) -> None:
     """The metadata's numbers are finite and in ranges where no scale factor overflows float32 (what training
     writes is far inside them): hand-edited or damaged metadata fails here, with the field named."""
-    checks = (("inputs.center", inputs["center"], -1e200, 1e200), ("inputs.spread", inputs["spread"], 1e-12, 1e200),
+    checks = (("inputs.center", inputs["center"], -SCALE_LIMIT, SCALE_LIMIT),
+              ("inputs.spread", inputs["spread"], 1e-12, SCALE_LIMIT),
               ("inputs.baseline_s", [inputs["baseline_s"]], 0.0, 1e9), ("error_scale", error_scale, 1e-12, 1e15),
               ("stats.off_subspace", stats["off_subspace"], -1.001, 1.001),  # I - P P^T: entries within +-1
               ("stats.residual_scale", stats["residual_scale"], 1e-12, 1e15),

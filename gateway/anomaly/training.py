@@ -55,7 +55,7 @@ from typing import Any
 import numpy as np
 
 from gateway import __version__
-from gateway.anomaly.model import COMPONENTS, FORMAT, LEVEL, DeviceScorer, Inputs, Model
+from gateway.anomaly.model import COMPONENTS, FORMAT, LEVEL, SCALE_LIMIT, DeviceScorer, Inputs, Model
 from gateway.anomaly.recording import DataError, Recording, format_time
 from gateway.errors import GatewayError
 
@@ -203,6 +203,9 @@ def _tensorflow_quiet() -> Iterator[None]:
                 logging.getLogger(name).setLevel(logging.ERROR)
             yield
         failed = False
+    except DataError:  # the user's data, said in our words: TensorFlow's notices would only bury it
+        failed = False
+        raise
     finally:
         sys.stderr.flush()
         sys.stderr.close()
@@ -274,6 +277,12 @@ def _train(name: str, recordings: Sequence[Recording], out_dir: Path, opts: Opti
         (" (detected: a trend across a recording)" if opts.drift_tags is None and drift_tags else ""))
 
     center, spread = _scales(grids, drift, opts.baseline_s, interval)
+    wild = [(t, float(np.nanmax(np.abs(allrows[:, j])))) for j, t in enumerate(tags)
+            if not (abs(center[j]) <= SCALE_LIMIT and spread[j] <= SCALE_LIMIT)]
+    if wild:
+        raise DataError(f"{', '.join(f'tag {t} reads up to {top:.3g}' for t, top in wild)}: beyond what a model can "
+                        f"scale (centre and spread within {SCALE_LIMIT:g}), and more often than a glitch. Such "
+                        f"readings are no measurement: leave those rows out, or the tag (--tags)")
     coarse = _coarse(tags, grids)
     for tag, (held, unit) in coarse.items():
         report.say(f"note: {tag} held one value in {held:.0%} of the rows (its readings move in steps of {unit:.4g}): "

@@ -168,6 +168,20 @@ def test_too_few_rows_is_exit_65_before_any_training(tmp_path):
     assert not list(tmp_path.glob("m.*"))
 
 
+def test_readings_beyond_what_a_model_can_scale_are_exit_65_naming_the_tag_before_any_training(tmp_path):
+    """Seven readings of 1e250 in 600 (more than a glitch) made a spread no model can hold: training failed on its
+    own temporary metadata, with TensorFlow's notices on stderr."""
+    write_csv(tmp_path / "wild.csv", ["a", "b"],
+              [(1.79e9 + i, [1e250 if i % 97 == 0 else math.sin(i), math.cos(i)]) for i in range(600)])
+    result = subprocess.run([sys.executable, "-m", "gateway", "model", "train", "m", "--csv",
+                             str(tmp_path / "wild.csv"), "--out", str(tmp_path)],
+                            capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=120)
+    assert result.returncode == 65, result.stderr
+    assert "tag a reads up to 1e+250: beyond what a model can scale" in result.stderr
+    assert "Traceback" not in result.stderr and "oneDNN" not in result.stderr and ".tmp" not in result.stderr
+    assert not list(tmp_path.glob("m.*"))
+
+
 @pytest.mark.parametrize("args,code,expected", [
     (["train", "m"], 64, "give either --csv FILE (repeatable) or --device DEV -c CONFIG"),
     (["train", "m", "--csv", "/nonexistent.csv"], 65, "cannot read /nonexistent.csv"),
