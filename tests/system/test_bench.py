@@ -32,7 +32,7 @@ RUNS = [
     ("fleet.py", "  old  reconnect after the broker is back", "--gateways", "1", "--outage", "2"),
     ("sparkplug_host.py", "baseline: the JSON uplink", "--devices", "2", "--offline", "2"),
     ("anomaly_eval.py", "scored by the plant-wide pump-ae", "--runs", "1", "--normal-hours", "0.1", "--own-hours", "0",
-     "--short", "1", "--steady", "0", "--coarse", "0", "--epochs", "3"),
+     "--short", "1", "--steady", "0", "--coarse", "0", "--after", "1", "--after-minutes", "7", "--epochs", "3"),
 ]
 
 
@@ -60,3 +60,6 @@ def test_the_benchmark_runs_and_prints_its_baseline(runs, script, baseline, args
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     assert baseline in result.stdout, result.stdout
+    if script == "anomaly_eval.py":  # and its figure for the hour after a short commissioning
+        assert "the hour after commissioning" in result.stdout and "commissioned on 7 min, drift tags detected: " \
+            in result.stdout, result.stdout
