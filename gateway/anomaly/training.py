@@ -66,6 +66,11 @@ DRIFT_R2 = 0.5
 WEEK = 7 * 86400.0
 VOUCH = 10  # a recording vouches for false-alarm rates down to one per this many times its length
 FLATLINE_EVIDENCE_S = 3600.0  # normal running the stuck-sensor check needs to know how long a tag may hold a value
+# Normal running that shows a machine's slow changes (the day's temperature, the temperatures and pressures that follow
+# it): below the noise within minutes, beyond a short recording's range within the hour. On the simulated pump at one
+# operating point, the hour after 7 min of commissioning raised 1.8 false events/h (54 % of its rows flagged; 1.7/h and
+# 14 % with the temperatures named as drift tags), after 30 min 1.0/h, after 2 h none (bench/anomaly_eval.py --after).
+SLOW_EVIDENCE_S = 7200.0
 CALIBRATION_BLOCKS = 30  # held-out blocks needed to calibrate on the held-out part alone
 FOLDS = 3  # parts of each recording scored out of fold for the threshold
 FOLD_SPREAD = 0.1  # a fold's spreads are at least this share of the whole recording's
@@ -437,6 +442,12 @@ def _train(name: str, recordings: Sequence[Recording], out_dir: Path, opts: Opti
         report.say(f"note: {span_s / 60:.0f} min of normal running vouch for about {rate_text(vouched)} false "
                    f"events at most; {rate_text(opts.false_alarms)} is an extrapolation of the fit. Record at "
                    f"least {_duration(meta['false_alarms']['needs_s'])} of normal running to vouch for it")
+    if span_s < SLOW_EVIDENCE_S:
+        report.say(f"note: {_duration(span_s)} of normal running cannot show the machine's slow changes (the day's "
+                   f"temperature, the temperatures and pressures that follow it): within the next hour they can leave "
+                   f"the range this recording showed and raise events. Record at least {_duration(SLOW_EVIDENCE_S)} of "
+                   f"normal running (naming the tags that follow the weather or the load with --drift-tags shortens "
+                   f"those events, it does not prevent them)")
     if not stuck_check:
         report.say(f"note: no stuck-sensor check: it needs {_duration(FLATLINE_EVIDENCE_S)} of normal running to know "
                    f"how long each tag may hold one value ({_duration(rows * interval)} given)")

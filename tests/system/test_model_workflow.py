@@ -181,8 +181,23 @@ def test_false_alarms_sets_the_threshold_quietly_and_is_recorded(tmp_path):
     assert meta["false_alarms"]["needs_s"] == pytest.approx(86400 / 200, abs=0.1)
     # Nor can they say how long a tag may hold one value: no stuck-sensor check, said so.
     assert meta["flatline_tags"] == [] and "no stuck-sensor check: it needs 60 min" in said["1/week"]
+    # Nor show the machine's slow changes (the day's temperature and what follows it): said, with what it would take.
+    assert "7 min of normal running cannot show the machine's slow changes" in said["1/week"]
+    assert "Record at least 2.0 h of normal running (naming the tags" in said["1/week"]
     result = cli("model", "train", "m", "--csv", str(tmp_path / "normal.csv"), "--false-alarms", "often")
     assert result.returncode == 64 and "--false-alarms 'often'" in result.stderr
+
+
+def test_two_hours_of_commissioning_are_not_told_to_record_longer_for_slow_changes_or_stuck_sensors(tmp_path):
+    """Two hours of normal running, one sample every 10 s: long enough for the machine's slow changes and for the
+    stuck-sensor check, so training says neither (seven minutes say both: the test above)."""
+    rows = run(45, 7200, interval=10.0, valve=(0.8, 0.8))
+    write_csv(tmp_path / "normal.csv", TAGS, [(1.79e9 + 10 * i, r) for i, r in enumerate(rows.tolist())])
+    result = cli("model", "train", "m", "--csv", str(tmp_path / "normal.csv"), "--epochs", "3", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert f"{len(rows)} rows -> {len(rows)} samples every 10 s (120.0 min)" in result.stdout
+    assert "slow changes" not in result.stdout and "no stuck-sensor check" not in result.stdout
+    assert json.loads((tmp_path / "m.json").read_text())["flatline_tags"]  # the check is on
 
 
 def test_the_threshold_allows_for_running_the_statistics_never_saw(tmp_path):
