@@ -228,6 +228,8 @@ class Model:
             self.context = self.stats.context
         except (KeyError, TypeError, ValueError, ArithmeticError) as err:  # ArithmeticError: an int of Infinity
             why = f"lacks {err}" if isinstance(err, KeyError) else str(err)
+            if len(why) > 300:  # float() quotes the string it could not read, which may be a megabyte
+                why = why[:300] + f"... ({len(why)} characters)"
             raise ModelError(f"its metadata {meta_path} is not usable: {why}") from None
         try:
             with _quiet_stderr():

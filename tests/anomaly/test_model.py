@@ -66,6 +66,7 @@ def test_the_shipped_model_and_a_good_config_pass(tmp_path):
     ("level_scale_short", "its metadata {dir}/pump-ae.json is not usable: stats.level_scale needs one number per tag "
                           "(10 tags)"),
     ("level_scale_zero", "its metadata {dir}/pump-ae.json is not usable: stats.level_scale needs numbers from 1e-09"),
+    ("rate_string", "its metadata {dir}/pump-ae.json is not usable: could not convert string to float: 'xxxx"),
 ])
 def test_a_bad_model_is_a_config_error_naming_device_model_and_mismatch(tmp_path, damage, expected):
     d = tmp_path / "models"
@@ -107,6 +108,8 @@ def test_a_bad_model_is_a_config_error_naming_device_model_and_mismatch(tmp_path
         meta["stats"]["level_scale"] = "9" * 1_000_000  # a string of one entry per character: not quoted back
     elif damage == "level_scale_zero":
         meta["stats"]["level_scale"] = [0.0] * len(meta["tags"])  # every level infinite
+    elif damage == "rate_string":
+        meta["false_alarms"]["per_second"] = "x" * 1_000_000  # float() quotes it: cut short, not a megabyte back
     text = {"bad_json": "{not json", "deep_json": "[" * 10000 + "]" * 10000}.get(damage, json.dumps(meta))
     (d / "pump-ae.json").write_text(text)
     result = check(tmp_path, PUMP, d)
