@@ -55,7 +55,7 @@ from typing import Any
 import numpy as np
 
 from gateway import __version__
-from gateway.anomaly.model import COMPONENTS, FORMAT, LEVEL, SCALE_LIMIT, DeviceScorer, Inputs, Model
+from gateway.anomaly.model import COMPONENTS, FORMAT, LEVEL, SCALE_LIMIT, SLOW_EVIDENCE_S, DeviceScorer, Inputs, Model
 from gateway.anomaly.recording import DataError, Recording, format_time
 from gateway.errors import GatewayError
 
@@ -66,11 +66,6 @@ DRIFT_R2 = 0.5
 WEEK = 7 * 86400.0
 VOUCH = 10  # a recording vouches for false-alarm rates down to one per this many times its length
 FLATLINE_EVIDENCE_S = 3600.0  # normal running the stuck-sensor check needs to know how long a tag may hold a value
-# Normal running that shows a machine's slow changes (the day's temperature, the temperatures and pressures that follow
-# it): below the noise within minutes, beyond a short recording's range within the hour. On the simulated pump at one
-# operating point, the hour after 7 min of commissioning raised 1.8 false events/h (54 % of its rows flagged; 1.7/h and
-# 14 % with the temperatures named as drift tags), after 30 min 1.0/h, after 2 h none (bench/anomaly_eval.py --after).
-SLOW_EVIDENCE_S = 7200.0
 CALIBRATION_BLOCKS = 30  # held-out blocks needed to calibrate on the held-out part alone
 FOLDS = 3  # parts of each recording scored out of fold for the threshold
 FOLD_SPREAD = 0.1  # a fold's spreads are at least this share of the whole recording's

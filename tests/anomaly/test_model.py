@@ -67,6 +67,7 @@ def test_the_shipped_model_and_a_good_config_pass(tmp_path):
                           "(10 tags)"),
     ("level_scale_zero", "its metadata {dir}/pump-ae.json is not usable: stats.level_scale needs numbers from 1e-09"),
     ("rate_string", "its metadata {dir}/pump-ae.json is not usable: could not convert string to float: 'xxxx"),
+    ("recording_negative", "its metadata {dir}/pump-ae.json is not usable: window, stride and events.end_after need"),
 ])
 def test_a_bad_model_is_a_config_error_naming_device_model_and_mismatch(tmp_path, damage, expected):
     d = tmp_path / "models"
@@ -110,6 +111,8 @@ def test_a_bad_model_is_a_config_error_naming_device_model_and_mismatch(tmp_path
         meta["stats"]["level_scale"] = [0.0] * len(meta["tags"])  # every level infinite
     elif damage == "rate_string":
         meta["false_alarms"]["per_second"] = "x" * 1_000_000  # float() quotes it: cut short, not a megabyte back
+    elif damage == "recording_negative":
+        meta["false_alarms"]["recording_s"] = -420.0
     text = {"bad_json": "{not json", "deep_json": "[" * 10000 + "]" * 10000}.get(damage, json.dumps(meta))
     (d / "pump-ae.json").write_text(text)
     result = check(tmp_path, PUMP, d)

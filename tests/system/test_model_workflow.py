@@ -111,6 +111,8 @@ def test_record_export_train_score_deploy(tmp_path, mosquitto, gateway, subscrib
     assert result.returncode == 0, result.stderr
     assert "windows scored" in result.stderr and "anomaly event(s)" in result.stderr
     assert "false events expected in " in result.stderr and "events seen: 1 " in result.stderr  # one fault, one event
+    # Commissioned on seconds: the expectation cannot cover the slow changes since, said beside it.
+    assert "too short to show the machine's slow changes: the events they raise are not in that figure" in result.stderr
     assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with open(tmp_path / "scored.csv") as f:
         scored = list(csv.DictReader(f))
@@ -198,6 +200,9 @@ def test_two_hours_of_commissioning_are_not_told_to_record_longer_for_slow_chang
     assert f"{len(rows)} rows -> {len(rows)} samples every 10 s (120.0 min)" in result.stdout
     assert "slow changes" not in result.stdout and "no stuck-sensor check" not in result.stdout
     assert json.loads((tmp_path / "m.json").read_text())["flatline_tags"]  # the check is on
+    result = cli("model", "score", "m", "--csv", str(tmp_path / "normal.csv"), "--model-dir", str(tmp_path))
+    assert result.returncode == 0 and "false events expected in 2.00 h" in result.stderr, result.stderr
+    assert "too short" not in result.stderr
 
 
 def test_the_threshold_allows_for_running_the_statistics_never_saw(tmp_path):
