@@ -378,6 +378,19 @@ def _check_numbers(inputs: Mapping[str, Any], error_scale: Sequence[float], stat
             raise ValueError(f"{name} needs numbers from {low:g} to {high:g}")
 
 
+def duration_text(seconds: float) -> str:
+    """A span as a user reads it: 45 s, 7 min, 16.8 h, 3.5 days."""
+    if seconds >= 2 * 365 * 86400:
+        return f"{seconds / (365 * 86400):.3g} years"
+    if seconds >= 2 * 86400:
+        return f"{seconds / 86400:.1f} days"
+    if seconds >= 7200:
+        return f"{seconds / 3600:.1f} h"
+    if seconds >= 120:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds:.0f} s"
+
+
 _loaded: dict[Path, tuple[tuple[tuple[int, int], ...], Model]] = {}
 
 

@@ -14,7 +14,7 @@ from typing import IO
 
 import numpy as np
 
-from gateway.anomaly.model import SLOW_EVIDENCE_S, DeviceScorer, Model
+from gateway.anomaly.model import SLOW_EVIDENCE_S, DeviceScorer, Model, duration_text
 from gateway.anomaly.recording import Recording, format_time
 
 COLUMNS = ("time", "score", "threshold", "state", "top_tags")
@@ -46,7 +46,7 @@ class Summary:
         return (f"false events expected in {hours:.2f} h of normal running at the calibrated "
                 f"{model.false_alarms_asked}: {model.false_alarm_rate * span:.2g}; events seen: "
                 f"{self.events} (those outside known faults are false)" +
-                (f"; commissioned on {model.commissioned_s / 60:.0f} min of normal running, too short to show the "
+                (f"; commissioned on {duration_text(model.commissioned_s)} of normal running, too short to show the "
                  f"machine's slow changes: the events they raise are not in that figure" if short else ""))
 
     def text(self, interval: float) -> str:

@@ -55,7 +55,17 @@ from typing import Any
 import numpy as np
 
 from gateway import __version__
-from gateway.anomaly.model import COMPONENTS, FORMAT, LEVEL, SCALE_LIMIT, SLOW_EVIDENCE_S, DeviceScorer, Inputs, Model
+from gateway.anomaly.model import (
+    COMPONENTS,
+    FORMAT,
+    LEVEL,
+    SCALE_LIMIT,
+    SLOW_EVIDENCE_S,
+    DeviceScorer,
+    Inputs,
+    Model,
+    duration_text,
+)
 from gateway.anomaly.recording import DataError, Recording, format_time
 from gateway.errors import GatewayError
 
@@ -436,16 +446,16 @@ def _train(name: str, recordings: Sequence[Recording], out_dir: Path, opts: Opti
     if not meta["false_alarms"]["reachable"]:
         report.say(f"note: {span_s / 60:.0f} min of normal running vouch for about {rate_text(vouched)} false "
                    f"events at most; {rate_text(opts.false_alarms)} is an extrapolation of the fit. Record at "
-                   f"least {_duration(meta['false_alarms']['needs_s'])} of normal running to vouch for it")
+                   f"least {duration_text(meta['false_alarms']['needs_s'])} of normal running to vouch for it")
     if span_s < SLOW_EVIDENCE_S:
-        report.say(f"note: {_duration(span_s)} of normal running cannot show the machine's slow changes (the day's "
+        report.say(f"note: {duration_text(span_s)} of normal running cannot show the machine's slow changes (the day's "
                    f"temperature, the temperatures and pressures that follow it): within the next hour they can leave "
-                   f"the range this recording showed and raise events. Record at least {_duration(SLOW_EVIDENCE_S)} of "
+                   f"the range this recording showed and raise events. Record at least {duration_text(SLOW_EVIDENCE_S)} of "
                    f"normal running (naming the tags that follow the weather or the load with --drift-tags shortens "
                    f"those events, it does not prevent them)")
     if not stuck_check:
-        report.say(f"note: no stuck-sensor check: it needs {_duration(FLATLINE_EVIDENCE_S)} of normal running to know "
-                   f"how long each tag may hold one value ({_duration(rows * interval)} given)")
+        report.say(f"note: no stuck-sensor check: it needs {duration_text(FLATLINE_EVIDENCE_S)} of normal running to know "
+                   f"how long each tag may hold one value ({duration_text(rows * interval)} given)")
     report.held_out = [(g, start) for g, start in zip(grids, starts, strict=True)]
     report.say(f"wrote {tflite_path} ({len(int8) / 1024:.0f} KiB, int8) and {meta_path}")
     return report
@@ -741,16 +751,6 @@ def rate_text(per_second: float) -> str:
         if per_second * seconds >= 0.999:
             return f"{per_second * seconds:.3g}/{unit}"
     return f"{per_second * 365 * 86400:.3g}/year"
-
-
-def _duration(seconds: float) -> str:
-    if seconds >= 2 * 365 * 86400:
-        return f"{seconds / (365 * 86400):.3g} years"
-    if seconds >= 2 * 86400:
-        return f"{seconds / 86400:.1f} days"
-    if seconds >= 7200:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 60:.0f} min"
 
 
 def _floats(values: np.ndarray) -> list[float]:

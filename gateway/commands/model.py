@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from gateway import config as configuration
 from gateway.errors import EX_CANTCREAT, EX_CONFIG, EX_DATAERR, EX_OK, EX_UNAVAILABLE, EX_USAGE, ModelError
 from gateway.files import replacing
-from gateway.units import parse_duration
+from gateway.units import finite, parse_duration
 
 if TYPE_CHECKING:
     from gateway.anomaly.recording import Recording
@@ -431,7 +431,7 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    from gateway.anomaly.model import LEVEL
+    from gateway.anomaly.model import LEVEL, SLOW_EVIDENCE_S, duration_text
     directory = _model_dir(args, args.name)
     if not (directory / f"{args.name}.json").exists():
         raise ModelError(f"no {args.name}.json in {directory}")
@@ -457,6 +457,9 @@ def _show(args: argparse.Namespace) -> int:
              f"  threshold {d['threshold']:.4g}: {t.get('threshold_rule', 'not recorded')}",
              f"  trained on {t.get('samples', '?')} samples from {_names(t.get('recordings'))}; "
              f"{t.get('epochs', '?')} epochs, validation error {t.get('validation_error', '?')}",
+             *([f"  commissioned on {duration_text(span)} of normal running: too short to show the machine's slow "
+                f"changes, which raise events within the hour; record {duration_text(SLOW_EVIDENCE_S)} or more and train "
+                f"it again"] if 0 < (span := finite(d["false_alarms"].get("recording_s")) or 0.0) < SLOW_EVIDENCE_S else []),
              *([f"  read coarser than they vary (a step is one spread): {coarse}"]
                if (coarse := _pairs(t.get("coarse"))) else []),
              *([f"  glitches left out of training (readings): {glitches}"]

@@ -156,6 +156,7 @@ def test_the_level_is_the_mean_input_and_a_model_trained_before_keeps_the_mean_o
         result = subprocess.run([sys.executable, "-m", "gateway", "model", "show", "pump-ae", "--model-dir",
                                  str(directory)], capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=60)
         assert result.returncode == 0 and all(line in result.stdout for line in said), result.stdout
+        assert "too short to show the machine's slow changes" not in result.stdout  # two simulated days
 
 
 def test_a_model_that_does_not_fit_the_device_is_a_config_error(tmp_path):
@@ -460,7 +461,8 @@ def test_a_slow_drift_of_a_drift_tag_raises_no_event(model):
 
 
 def test_a_higher_false_alarm_rate_gives_a_lower_threshold():
-    from gateway.anomaly.training import _duration, extreme_threshold, parse_rate, rate_text
+    from gateway.anomaly.model import duration_text
+    from gateway.anomaly.training import extreme_threshold, parse_rate, rate_text
     assert parse_rate("1/week") == pytest.approx(1 / (7 * 86400))
     assert parse_rate("2 / day") == pytest.approx(2 / 86400) and parse_rate("0.5/h") == pytest.approx(0.5 / 3600)
     for bad in ("often", "1/fortnight", "-1/day", "0/day"):
@@ -468,7 +470,8 @@ def test_a_higher_false_alarm_rate_gives_a_lower_threshold():
             parse_rate(bad)
     assert rate_text(parse_rate("1/week")) == "1/week" and rate_text(parse_rate("3/h")) == "3/h"
     assert rate_text(parse_rate("1e-300/week")) == "5.21e-299/year"  # not 1.65e-306/s
-    assert _duration(7e305) == "2.22e+298 years"  # not a number of days 306 digits long
+    assert duration_text(7e305) == "2.22e+298 years"  # not a number of days 306 digits long
+    assert [duration_text(s) for s in (21.3, 420, 7200, 86400 * 3)] == ["21 s", "7 min", "2.0 h", "3.0 days"]
     scores = [np.random.default_rng(5).gamma(4.0, 0.5, 3000)]
     thresholds = [extreme_threshold(scores, 30, 1.0, parse_rate(r))["threshold"]
                   for r in ("1/year", "1/week", "1/day", "1/h")]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -126,6 +127,8 @@ def test_record_export_train_score_deploy(tmp_path, mosquitto, gateway, subscrib
     assert result.returncode == 0 and "pump-local" in result.stdout and "10 tags" in result.stdout
     result = cli("model", "show", "pump-local", "--model-dir", str(models))
     assert result.returncode == 0 and "threshold" in result.stdout and "Gumbel" in result.stdout
+    assert re.search(r"commissioned on \d+ s of normal running: too short to show the machine's slow changes",
+                     result.stdout), result.stdout  # seconds of recording, said in seconds
 
     # Deploy: model_dir, devices[].model, check-config, reload; the event goes upstream.
     up = subscribe(mosquitto.port, topic="edge/lab/test-gw/#")
