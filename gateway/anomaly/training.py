@@ -444,7 +444,7 @@ def _train(name: str, recordings: Sequence[Recording], out_dir: Path, opts: Opti
                    f"operating point, a slow drift). The threshold allows for {min(unseen, UNSEEN_CAP):.1f}x; running "
                    f"the recording did not show will still raise events: record one that covers it")
     if not meta["false_alarms"]["reachable"]:
-        report.say(f"note: {span_s / 60:.0f} min of normal running vouch for about {rate_text(vouched)} false "
+        report.say(f"note: {duration_text(span_s)} of normal running vouch for about {rate_text(vouched)} false "
                    f"events at most; {rate_text(opts.false_alarms)} is an extrapolation of the fit. Record at "
                    f"least {duration_text(meta['false_alarms']['needs_s'])} of normal running to vouch for it")
     if span_s < SLOW_EVIDENCE_S:
