@@ -202,10 +202,18 @@ def own_model(hours: float, out: Path) -> Model | None:
     return Model(out / "pump-b.tflite", out / "pump-b.json")
 
 
-def short_commissioning(runs: int, out: Path, steady: bool = False, epochs: int | None = None,
-                        coarse: bool = False) -> None:
+def commissioned(rows: np.ndarray, out: Path, epochs: int | None = None, drift_tags: list[str] | None = None) -> Model:
+    """A model trained by `model train`'s code on `rows` (one per second), as a user commissions one."""
     from gateway.anomaly.recording import Recording
     from gateway.anomaly.training import Options, train
+    rec = Recording("commissioning", list(TAGS), 1.79e9 + np.arange(len(rows), dtype=float), rows.astype(np.float64))
+    train("commissioned", [rec], out, Options(**({"epochs": epochs} if epochs else {}),
+                                              **({"drift_tags": drift_tags} if drift_tags else {})))
+    return Model(out / "commissioned.tflite", out / "commissioned.json")
+
+
+def short_commissioning(runs: int, out: Path, steady: bool = False, epochs: int | None = None,
+                        coarse: bool = False) -> None:
     total = Tally()
     per_kind: dict[str, Tally] = {}
     plc_steps = np.array([PLC_STEPS[tag] for tag in TAGS])
@@ -220,10 +228,7 @@ def short_commissioning(runs: int, out: Path, steady: bool = False, epochs: int 
                        **({"valve": (valve, valve)} if steady else {}))
             if coarse:
                 rows = np.round(rows / plc_steps) * plc_steps
-            rec = Recording("commissioning", list(TAGS), 1.79e9 + np.arange(commission, dtype=float),
-                            rows[:commission].astype(np.float64))
-            train("short", [rec], out, Options(**({"epochs": epochs} if epochs else {})))
-            model = Model(out / "short.tflite", out / "short.json")
+            model = commissioned(rows[:commission], out, epochs)
             flagged, starts = flags(model, rows)  # the scorer runs on from the commissioning, as the daemon would
             truth = np.zeros(length, dtype=bool)
             truth[onset:onset + 300] = True
@@ -248,8 +253,6 @@ def hour_after(seeds: int, minutes: Sequence[float], out: Path, epochs: int | No
     """Normal running only, at one operating point: a model commissioned on the first M minutes of a recording, then
     the next hour replayed. Slow changes (ambient over the day, the temperatures following it, the oil pressure
     following the bearing) are below the noise within 7 minutes and beyond their range within the hour."""
-    from gateway.anomaly.recording import Recording
-    from gateway.anomaly.training import Options, train
     print(f"the hour after commissioning, normal running only, the valve held ({seeds} runs each):")
     cases = [(m, None) for m in minutes] + [(min(minutes), TEMPERATURES)]
     for m, named in cases:
@@ -258,11 +261,7 @@ def hour_after(seeds: int, minutes: Sequence[float], out: Path, epochs: int | No
             seed = 8100 + 17 * k
             valve = 0.6 + 0.05 * (seed % 7)
             rows = run(seed, commission + 3600, start_hour=(seed * 5) % 24, valve=(valve, valve))
-            rec = Recording("commissioning", list(TAGS), 1.79e9 + np.arange(commission, dtype=float),
-                            rows[:commission].astype(np.float64))
-            train("after", [rec], out, Options(**({"epochs": epochs} if epochs else {}),
-                                               **({"drift_tags": named} if named else {})))
-            flagged, starts = flags(Model(out / "after.tflite", out / "after.json"), rows)
+            flagged, starts = flags(commissioned(rows[:commission], out, epochs, named), rows)
             events += sum(row >= commission for row, _ in starts)
             flagged_rows += int(flagged[commission:].sum())
             replayed += len(rows) - commission

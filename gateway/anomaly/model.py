@@ -262,6 +262,12 @@ class Model:
         self._weights = np.tile(np.diag(self.inv_error / self.window), (self.window, 1)).astype(np.float32)
         self._qbuf = np.empty((1, size), dtype=np.int8 if self.int8 else np.float32)
 
+    @property
+    def commissioned_short(self) -> bool:
+        """Trained on less normal running than shows the machine's slow changes (`SLOW_EVIDENCE_S`); a model that
+        does not say how long (trained before it was recorded) is not taken as short."""
+        return 0 < self.commissioned_s < SLOW_EVIDENCE_S
+
     def new_inputs(self) -> Inputs:
         return Inputs.from_meta(self.inputs, self.interval)
 

@@ -14,7 +14,7 @@ from typing import IO
 
 import numpy as np
 
-from gateway.anomaly.model import SLOW_EVIDENCE_S, DeviceScorer, Model, duration_text
+from gateway.anomaly.model import DeviceScorer, Model, duration_text
 from gateway.anomaly.recording import Recording, format_time
 
 COLUMNS = ("time", "score", "threshold", "state", "top_tags")
@@ -42,12 +42,12 @@ class Summary:
         """The false events the model's calibration expects over this span of normal running, beside those seen."""
         span = self.rows * model.interval
         hours = span / 3600
-        short = 0 < model.commissioned_s < SLOW_EVIDENCE_S
         return (f"false events expected in {hours:.2f} h of normal running at the calibrated "
                 f"{model.false_alarms_asked}: {model.false_alarm_rate * span:.2g}; events seen: "
                 f"{self.events} (those outside known faults are false)" +
                 (f"; commissioned on {duration_text(model.commissioned_s)} of normal running, too short to show the "
-                 f"machine's slow changes: the events they raise are not in that figure" if short else ""))
+                 f"machine's slow changes: the events they raise are not in that figure" if model.commissioned_short
+                 else ""))
 
     def text(self, interval: float) -> str:
         share = self.rows_anomaly / self.rows if self.rows else 0.0

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from gateway import config as configuration
 from gateway.errors import EX_CANTCREAT, EX_CONFIG, EX_DATAERR, EX_OK, EX_UNAVAILABLE, EX_USAGE, ModelError
 from gateway.files import replacing
-from gateway.units import finite, parse_duration
+from gateway.units import parse_duration
 
 if TYPE_CHECKING:
     from gateway.anomaly.recording import Recording
@@ -392,6 +392,7 @@ def _describe(name: str, directory: Path) -> dict[str, Any]:
             "events": {"h": m.cusum_h, "end_after": m.end_after}, "context": m.context,
             "level": m.stats.level,
             "level_per_tag": m.stats.per_tag,
+            "commissioned_s": m.commissioned_s, "commissioned_short": m.commissioned_short,
             "false_alarms": meta.get("false_alarms", {}), "training": _record(meta.get("training")),
             "versions": _record(meta.get("versions")), "sha256": meta["sha256"]}
 
@@ -457,9 +458,9 @@ def _show(args: argparse.Namespace) -> int:
              f"  threshold {d['threshold']:.4g}: {t.get('threshold_rule', 'not recorded')}",
              f"  trained on {t.get('samples', '?')} samples from {_names(t.get('recordings'))}; "
              f"{t.get('epochs', '?')} epochs, validation error {t.get('validation_error', '?')}",
-             *([f"  commissioned on {duration_text(span)} of normal running: too short to show the machine's slow "
-                f"changes, which raise events within the hour; record {duration_text(SLOW_EVIDENCE_S)} or more and train "
-                f"it again"] if 0 < (span := finite(d["false_alarms"].get("recording_s")) or 0.0) < SLOW_EVIDENCE_S else []),
+             *([f"  commissioned on {duration_text(d['commissioned_s'])} of normal running: too short to show the "
+                f"machine's slow changes, which raise events within the hour; record {duration_text(SLOW_EVIDENCE_S)} "
+                f"or more and train it again"] if d["commissioned_short"] else []),
              *([f"  read coarser than they vary (a step is one spread): {coarse}"]
                if (coarse := _pairs(t.get("coarse"))) else []),
              *([f"  glitches left out of training (readings): {glitches}"]
