@@ -60,7 +60,7 @@ class Recording:
     def select(self, tags: Sequence[str]) -> Recording:
         missing = [t for t in tags if t not in self.tags]
         if missing:
-            raise DataError(f"{self.source}: no column {_listed(missing)} (it has {_listed(self.tags)})")
+            raise DataError(f"{self.source}: no column {names_text(missing)} (it has {names_text(self.tags)})")
         index = [self.tags.index(t) for t in tags]
         return Recording(self.source, list(tags), self.times, self.values[:, index], self.notes)
 
@@ -161,7 +161,7 @@ def read_csv(path: str | Path, *, time_column: str | None = None, tags: Sequence
     position = {h: i for i, h in enumerate(header)}  # by name in one step: a header may have a million columns
     if len(position) != len(header):
         twice = sorted(h for h, n in Counter(header).items() if n > 1)
-        raise DataError(f"{path}: column {_listed(twice)} appears more than once in the header")
+        raise DataError(f"{path}: column {names_text(twice)} appears more than once in the header")
     columns: list[tuple[str, ...]] = [tuple(r[i] if i < len(r) else "" for r in body) for i in range(len(header))]
     for lineno, r in enumerate(rows[1:], start=2):
         if len(r) > len(header) and any(c.strip() for c in r[len(header):]):
@@ -183,7 +183,7 @@ def read_csv(path: str | Path, *, time_column: str | None = None, tags: Sequence
     wanted = list(tags) if tags else [h for i, h in enumerate(header) if i != t_index]
     unknown = [t for t in wanted if t not in position]
     if unknown:
-        raise DataError(f"{path}: no column {_listed(unknown)} (it has {_listed(header)})")
+        raise DataError(f"{path}: no column {names_text(unknown)} (it has {names_text(header)})")
     for name in wanted:
         cells = columns[position[name]]
         numbers = [_number(c, decimal_comma) for c in cells]
@@ -219,10 +219,10 @@ def read_csv(path: str | Path, *, time_column: str | None = None, tags: Sequence
     return Recording(str(path), names, t[keep], v[keep], notes)
 
 
-def _listed(names: Sequence[str], most: int = 20) -> str:
-    """Names for a message: the first `most`, and how many more."""
+def names_text(names: Sequence[str], most: int = 20, longest: int = 60) -> str:
+    """Names for a message: the first `most`, each cut to `longest` characters, and how many more."""
     more = f" and {len(names) - most} more" if len(names) > most else ""
-    return ", ".join(names[:most]) + more
+    return ", ".join(n if len(n) <= longest else n[:longest] + "..." for n in names[:most]) + more
 
 
 def _decoded(raw: bytes) -> str:
@@ -237,7 +237,7 @@ def _decoded(raw: bytes) -> str:
 def _time_column(path: Path, header: list[str], columns: list[tuple[str, ...]], named: str | None) -> int:
     if named is not None:
         if named not in header:
-            raise DataError(f"{path}: no time column {named!r} (it has {_listed(header)})")
+            raise DataError(f"{path}: no time column {named!r} (it has {names_text(header)})")
         return header.index(named)
     for i, h in enumerate(header):
         if h.lower() in TIME_NAMES:
@@ -246,7 +246,7 @@ def _time_column(path: Path, header: list[str], columns: list[tuple[str, ...]], 
         sample = [c for c in column[:50] if c.strip()]
         if sample and all(parse_time(c) is not None for c in sample):
             return i
-    raise DataError(f"{path}: no time column found among {_listed(header)}: name it with --time-column")
+    raise DataError(f"{path}: no time column found among {names_text(header)}: name it with --time-column")
 
 
 def write_csv(target: str | Path | IO[str], tags: Sequence[str],

@@ -398,7 +398,9 @@ def _describe(name: str, directory: Path) -> dict[str, Any]:
 
 
 def _names(value: object) -> str:
-    return ", ".join(map(str, value)) if isinstance(value, list) and value else "?"
+    """The recordings training wrote it was trained on: the first few, each cut short (a file name can be anything)."""
+    from gateway.anomaly.recording import names_text
+    return names_text([str(v) for v in value], most=5) if isinstance(value, list) and value else "?"
 
 
 def _pairs(value: object) -> str | None:

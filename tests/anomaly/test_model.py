@@ -376,6 +376,7 @@ def test_a_stuck_sensor_is_one_event_for_as_long_as_it_stays_stuck(model, flatli
     (None, []), ({"recordings": [1, None], "samples": "x"}, "2.0"),
     ({"coarse": "x" * 1_000_000, "glitches": [1, 2]}, {}),
     ({"coarse": {"x" * 1000: {"a": None}}, "glitches": {f"t{i}": i for i in range(25)}}, {}),
+    ({"recordings": ["r" * 1_000_000, *range(10)]}, {}),
 ])
 def test_model_show_reads_what_training_wrote_about_itself_as_whatever_it_is(tmp_path, training, versions):
     """`training` and `versions` only describe the model (never used to score): edited into another type, the
@@ -391,6 +392,8 @@ def test_model_show_reads_what_training_wrote_about_itself_as_whatever_it_is(tmp
     if isinstance(training, dict) and isinstance(training.get("glitches"), dict):  # cut short, and said so
         assert f"coarser than they vary (a step is one spread): {'x' * 40} ({{'a': None}})" in result.stdout
         assert "t19 (19), and 5 more" in result.stdout and len(result.stdout) < 5000
+    if isinstance(training, dict) and isinstance(training.get("recordings"), list) and len(training["recordings"]) > 5:
+        assert f"samples from {'r' * 60}..., 0, 1, 2, 3 and 6 more" in result.stdout and len(result.stdout) < 5000
 
 
 def test_a_replay_gives_one_row_per_row_of_the_file_in_its_order(tmp_path):

@@ -115,6 +115,13 @@ def test_a_header_of_thousands_of_columns_is_named_in_a_bounded_message(tmp_path
                                    "t12, t13, t14, t15, t16, t17, t18 and 4981 more)")
 
 
+def test_a_header_of_one_20_000_character_name_is_cut_short_in_the_message(tmp_path):
+    path = write(tmp_path, "[" * 10000 + "]" * 10000 + "\n")  # JSON nested 10,000 deep, given as a recording
+    with pytest.raises(DataError) as err:
+        read_csv(path)
+    assert str(err.value).endswith(f"no time column found among {'[' * 60}...: name it with --time-column")
+
+
 def test_the_grid_puts_rows_in_their_slots_and_cuts_long_gaps(tmp_path):
     rows = [(0.0, [1.0]), (1.0, [2.0]), (3.0, [4.0]), (1000.0, [5.0])]
     write_csv(tmp_path / "g.csv", ["a"], [(1.79e9 + t, v) for t, v in rows])
