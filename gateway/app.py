@@ -127,7 +127,7 @@ class Gateway:
         self.devices = [DeviceRunner(d, open_source(d, self._links), self.outbox, self.topics, shifts,
                                      on_state_change=self._device_state_changed,
                                      model=prepared.models.get(d.model) if d.model else None,
-                                     history=self._history if d.history else None)
+                                     history=self._history if d.history else None, config_path=self.config_path)
                         for d in config.devices]
         fmt: Format | None = None
         if uplink and config.upstream.format == "sparkplug_b":

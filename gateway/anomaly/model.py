@@ -268,6 +268,13 @@ class Model:
         does not say how long (trained before it was recorded) is not taken as short."""
         return 0 < self.commissioned_s < SLOW_EVIDENCE_S
 
+    def short_note(self) -> str | None:
+        """What `model show`, health and the journal say of a model commissioned short; None for any other."""
+        if not self.commissioned_short:
+            return None
+        return (f"commissioned on {duration_text(self.commissioned_s)} of normal running: too short to show the "
+                f"machine's slow changes, which raise events within the hour")
+
     def new_inputs(self) -> Inputs:
         return Inputs.from_meta(self.inputs, self.interval)
 

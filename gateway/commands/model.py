@@ -393,6 +393,7 @@ def _describe(name: str, directory: Path) -> dict[str, Any]:
             "level": m.stats.level,
             "level_per_tag": m.stats.per_tag,
             "commissioned_s": m.commissioned_s, "commissioned_short": m.commissioned_short,
+            "commissioned_note": m.short_note(),
             "false_alarms": meta.get("false_alarms", {}), "training": _record(meta.get("training")),
             "versions": _record(meta.get("versions")), "sha256": meta["sha256"]}
 
@@ -460,9 +461,8 @@ def _show(args: argparse.Namespace) -> int:
              f"  threshold {d['threshold']:.4g}: {t.get('threshold_rule', 'not recorded')}",
              f"  trained on {t.get('samples', '?')} samples from {_names(t.get('recordings'))}; "
              f"{t.get('epochs', '?')} epochs, validation error {t.get('validation_error', '?')}",
-             *([f"  commissioned on {duration_text(d['commissioned_s'])} of normal running: too short to show the "
-                f"machine's slow changes, which raise events within the hour; record {duration_text(SLOW_EVIDENCE_S)} "
-                f"or more and train it again"] if d["commissioned_short"] else []),
+             *([f"  {d['commissioned_note']}; record {duration_text(SLOW_EVIDENCE_S)} or more and train it again"]
+               if d["commissioned_note"] else []),
              *([f"  read coarser than they vary (a step is one spread): {coarse}"]
                if (coarse := _pairs(t.get("coarse"))) else []),
              *([f"  glitches left out of training (readings): {glitches}"]

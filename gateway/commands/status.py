@@ -66,6 +66,8 @@ def _show(state: dict[str, Any], running: bool | None, age: float, health_interv
             print(f"  model   {a['model']:<14} {a['state']}  score {score} / threshold {a['threshold']:.4f}  "
                   f"windows {a['windows_scored']} scored, {a['windows_not_scored']} not"
                   + (f" ({a['why_not_scored']})" if a.get("why_not_scored") else ""))
+            if a.get("note"):
+                print(f"  note    {a['note']}")
         for counter, c in state.get("counters", {}).get(name, {}).items():
             print(f"  counter {counter:<14} total {c['total']}  shift {c['shift']} ({c['shift_id'] or '-'})")
         for line in _events(dev):

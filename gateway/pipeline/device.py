@@ -32,12 +32,12 @@ log = logging.getLogger("edge_gateway.pipeline.device")
 class DeviceRunner:
     def __init__(self, device: Device, source: Source, outbox: Outbox, topics: Topics, shifts: ShiftCalendar,
                  on_state_change: Callable[[], None] = lambda: None, model: Model | None = None,
-                 history: History | None = None) -> None:
+                 history: History | None = None, config_path: str | None = None) -> None:
         self.device = device
         self.name = device.name
         self.source = source
         self.health = DeviceHealth(device.name, device.tags, on_state_change)
-        self.scoring = scoring_for(device, model, outbox, topics)
+        self.scoring = scoring_for(device, model, outbox, topics, config_path)
         self.counting = Counting(device, outbox, topics, shifts, scored=self.scoring is not None)
         self.events = Events(device, outbox, topics, self.counting) if device.oee or device.alarms else None
         self.unwatched = UnwatchedEvent.of(device, outbox, topics, self.counting) if self.scoring is None else None

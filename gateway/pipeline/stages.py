@@ -11,11 +11,12 @@ the stages in order and tells the shift book when an anomaly event starts or end
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from gateway import contract, counters, tagtypes
-from gateway.config import CounterSection, Device
+from gateway.config import DEFAULT_PATH, CounterSection, Device
 from gateway.contract import Topics
 from gateway.counters import CounterRow
 from gateway.logs import fields
@@ -255,11 +256,15 @@ SAVE_EVERY = 30  # windows: how stale a saved open event's level or a held thres
 class Scoring:
     """The anomaly model: every `stride` samples a window is scored; events go upstream at once."""
 
-    def __init__(self, device: Device, model: Model, outbox: Outbox, topics: Topics) -> None:
+    def __init__(self, device: Device, model: Model, outbox: Outbox, topics: Topics,
+                 config_path: str | None = None) -> None:
         from gateway.anomaly.model import DeviceScorer  # numpy and the runtime only when a model is attached
 
         self.device = device
         self.scorer: DeviceScorer = DeviceScorer(model)
+        self.note = short_model_note(device, model, config_path, time.time())
+        if self.note is not None:
+            log.warning("device %s: %s", device.name, self.note, extra=fields(device.name, "anomaly_model_short"))
         self.outbox = outbox
         self._topic = topics.anomaly(device.name)
         if isinstance(saved := outbox.device_state(device.name, "anomaly"), dict):
@@ -316,7 +321,8 @@ class Scoring:
         return {"model": self.scorer.model.name, "state": "anomaly" if st.active else
                 ("normal" if st.score is not None else "not scored"), "score": st.score,
                 "threshold": self.threshold, "model_threshold": self.scorer.model.threshold, "windows_scored": st.scored,
-                "windows_not_scored": st.unscored, "why_not_scored": st.why_unscored}
+                "windows_not_scored": st.unscored, "why_not_scored": st.why_unscored,
+                "commissioned_s": self.scorer.model.commissioned_s or None, "note": self.note}
 
     def take_latency(self) -> list[float]:
         return self.scorer.take_latency()
@@ -390,8 +396,28 @@ class Publishing:
             self._last_counters_ts = sample.ts
 
 
-def scoring_for(device: Device, model: Model | None, outbox: Outbox, topics: Topics) -> Scoring | None:
-    return Scoring(device, model, outbox, topics) if model is not None else None
+def scoring_for(device: Device, model: Model | None, outbox: Outbox, topics: Topics,
+                config_path: str | None = None) -> Scoring | None:
+    return Scoring(device, model, outbox, topics, config_path) if model is not None else None
+
+
+def short_model_note(device: Device, model: Model, config_path: str | None, now: float) -> str | None:
+    """For a model commissioned on too little normal running (`Model.short_note`): what to expect of it, and how to
+    train it again from this device's own running; None for any other model."""
+    from gateway.anomaly.model import SLOW_EVIDENCE_S, duration_text
+
+    said = model.short_note()
+    if said is None:
+        return None
+    enough = duration_text(SLOW_EVIDENCE_S)
+    if device.history is None:
+        how = (f"give the device a history (devices[].history) to record them on the box, then train it again from "
+               f"it (edge-gateway model train {model.name} --device {device.name})")
+    else:
+        config = f" -c {config_path}" if config_path and config_path != DEFAULT_PATH else ""
+        how = (f"this device's history records them: once it holds {enough} of normal running, run "
+               f"edge-gateway model train {model.name} --device {device.name}{config} --from {rfc3339(now)[:19]}Z")
+    return f"model {model.name} was {said}. Train it again from {enough} or more of normal running: {how}"
 
 
 class UnwatchedEvent:

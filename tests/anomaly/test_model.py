@@ -554,3 +554,30 @@ def test_a_saved_event_state_resumes_only_what_it_can_vouch_for(model):
             scorer.push(200.0 + t, dict(zip(TAGS, row.tolist())))
         assert scorer.state.score is not None and math.isfinite(scorer.state.score), bad
         assert math.isfinite(scorer.state.threshold) and scorer.state.threshold >= model.threshold, bad
+
+
+def test_a_model_commissioned_short_says_what_to_expect_and_how_to_train_it_again_from_the_device(model, tmp_path):
+    """The daemon's journal line, health and `status` note for a model trained on minutes (commands run as given:
+    tests/system/test_model_workflow.py); none for a model trained on days, as the shipped one is."""
+    from gateway.config import DEFAULT_PATH, load
+    from gateway.pipeline.stages import short_model_note
+    from gateway.units import rfc3339
+    devices = ("\n  - {name: pump1, source: sim, profile: pump, seed: 3, interval: 1s, model: pump-ae}\n"
+               "  - {name: pump2, source: sim, profile: pump, seed: 4, interval: 1s, model: pump-ae,"
+               " history: {keep: 1d}}\n")
+    path = tmp_path / "gateway.yaml"
+    path.write_text(gateway_config(tmp_path / "data", 1883, devices=devices))
+    plain, recorded = load(str(path)).devices
+    assert model.short_note() is None and short_model_note(recorded, model, str(path), 0.0) is None
+    short = copy.copy(model)
+    short.commissioned_s = 420.0
+    said = ("model pump-ae was commissioned on 7 min of normal running: too short to show the machine's slow "
+            "changes, which raise events within the hour. Train it again from 2.0 h or more of normal running: ")
+    assert short_model_note(plain, short, str(path), 1.79e9) == said + (
+        "give the device a history (devices[].history) to record them on the box, then train it again from it "
+        "(edge-gateway model train pump-ae --device pump1)")
+    assert short_model_note(recorded, short, str(path), 1.79e9) == said + (
+        f"this device's history records them: once it holds 2.0 h of normal running, run edge-gateway model train "
+        f"pump-ae --device pump2 -c {path} --from {rfc3339(1.79e9)[:19]}Z")
+    assert short_model_note(recorded, short, DEFAULT_PATH, 1.79e9).endswith(
+        f"--device pump2 --from {rfc3339(1.79e9)[:19]}Z")  # the default config needs no -c

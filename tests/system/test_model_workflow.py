@@ -133,7 +133,7 @@ def test_record_export_train_score_deploy(tmp_path, mosquitto, gateway, subscrib
     # Deploy: model_dir, devices[].model, check-config, reload; the event goes upstream.
     up = subscribe(mosquitto.port, topic="edge/lab/test-gw/#")
     deployed = ("\n  - {name: pump1, source: sim, profile: pump, seed: 33, interval: 50ms, model: pump-local,\n"
-                "     faults: [{fault: cavitation, at: 15s, severity: 1.0, ramp: 0s}]}\n")
+                "     history: {keep: 1d}, faults: [{fault: cavitation, at: 15s, severity: 1.0, ramp: 0s}]}\n")
     text = gateway_config(tmp_path / "data", mosquitto.port, devices=deployed).replace(
         "health_interval: 1s}", f'health_interval: 1s, model_dir: "{models}"}}')
     gw.config.write_text(text)
@@ -143,6 +143,22 @@ def test_record_export_train_score_deploy(tmp_path, mosquitto, gateway, subscrib
     start = wait_until(lambda: [p for p in up.on("/pump1/anomaly") if p["event"] == "start"], 60,
                        what="an anomaly event upstream")[0]
     assert start["model"] == "pump-local" and start["score"] > start["threshold"]
+    # Commissioned on seconds: the journal, health and `status` say what to expect of it and how to train it again
+    # from this device's own history, with a command that runs as given.
+    said = re.search(r"device pump1: model pump-local was commissioned on \d+ s of normal running: too short to show "
+                     r"the machine's slow changes, which raise events within the hour\. Train it again from 2\.0 h or "
+                     r"more of normal running: this device's history records them: once it holds 2\.0 h of normal "
+                     r"running, run (edge-gateway model train .*)$", gw.logs(), re.M)
+    assert said, gw.logs()[-3000:]
+    command = said.group(1).split()
+    assert command[3:9] == ["pump-local", "--device", "pump1", "-c", str(gw.config), "--from"], command
+    result = cli("status", "-c", str(gw.config))
+    assert "  note    model pump-local was commissioned on " in result.stdout, result.stdout
+    wait_until(lambda: len(exported(gw.config, "pump1", tmp_path / "b.csv")) > len(after) + 500, 60,
+               what="500 samples recorded since the deploy")
+    result = cli(*command[1:], "--epochs", "2", "--out", str(tmp_path / "m3"))
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "m3" / "pump-local.json").read_text())["tags"] == list(TAGS)
     assert gw.stop() == 0
 
 

@@ -61,11 +61,15 @@ def demo_devices(fault_at: int = FAULT_AT) -> str:
 DEVICES = demo_devices()
 
 
-def start_daemon(tmp_path: Path, mosquitto: Any, gateway: Any, web: str = "", devices: str = DEVICES) -> tuple[Any, str]:
+def start_daemon(tmp_path: Path, mosquitto: Any, gateway: Any, web: str = "", devices: str = DEVICES,
+                 model_dir: Path | None = None) -> tuple[Any, str]:
     """The gateway with `web:` on a free loopback port; (process, base URL) once the page answers."""
     port = free_port()
     extra = f'web: {{listen: "127.0.0.1:{port}"{web}}}'
-    proc = gateway(gateway_config(tmp_path / "data", mosquitto.port, devices, extra=extra)).start()
+    text = gateway_config(tmp_path / "data", mosquitto.port, devices, extra=extra)
+    if model_dir is not None:
+        text = text.replace("health_interval: 1s}", f'health_interval: 1s, model_dir: "{model_dir}"}}')
+    proc = gateway(text).start()
     base = f"http://127.0.0.1:{port}"
 
     def up() -> bool:

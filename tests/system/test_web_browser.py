@@ -8,13 +8,18 @@ event once the model raises it. Screenshots (desktop and phone width) are kept a
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
 
+from tests.helpers import ROOT
 from tests.system.test_web_api import demo_devices, start_daemon
 from tests.web_cdp import Browser, artifacts_dir, chromium
 
 pytest.importorskip("aiohttp")
 pytestmark = pytest.mark.slow
+MODELS = ROOT / "models"
 FAULT_AT = 120  # simulated seconds: 6 s of real time, once the page shows the chart
 
 
@@ -27,7 +32,14 @@ def browser():
 
 
 def test_the_page_shows_both_machines_live_and_shades_the_anomaly(tmp_path, mosquitto, gateway, browser):
-    proc, base = start_daemon(tmp_path, mosquitto, gateway, devices=demo_devices(FAULT_AT))
+    # The shipped model, as if commissioned on 7 minutes: the same scorer, and the page says what to expect of it.
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(MODELS / "pump-ae.tflite", models)
+    meta = json.loads((MODELS / "pump-ae.json").read_text())
+    meta["false_alarms"]["recording_s"] = 420.0
+    (models / "pump-ae.json").write_text(json.dumps(meta))
+    proc, base = start_daemon(tmp_path, mosquitto, gateway, devices=demo_devices(FAULT_AT), model_dir=models)
     browser.open(base + "/")
     browser.wait_for("document.querySelectorAll('article.card').length === 2", 20, "both device cards")
     browser.wait_for("document.getElementById('conn').textContent === 'live'", 10, "the live stream")
@@ -43,6 +55,11 @@ def test_the_page_shows_both_machines_live_and_shades_the_anomaly(tmp_path, mosq
     assert browser.evaluate("document.querySelector('article[data-device=\"flexo1\"]').textContent.includes('OEE')") \
         or browser.wait_for("document.querySelector('article[data-device=\"flexo1\"]').textContent.includes('OEE')",
                             10, "the live OEE")
+
+    advice = browser.wait_for("document.querySelector('article[data-device=\"pump1\"] .model-note').textContent", 10,
+                              "the note on a model commissioned short")
+    assert advice.startswith("model pump-ae was commissioned on 7 min of normal running: too short") and \
+        "edge-gateway model train pump-ae --device pump1 -c " in advice, advice
 
     # the anomaly chart gains points while we watch
     points = "Number(document.querySelector('article[data-device=\"pump1\"] .chart').dataset.points || 0)"

@@ -53,9 +53,10 @@
     c = {el, state, when, machine, oee, counters, alarms, table, rows: {}};
     if (dev.anomaly) {
       const box = $("div", "chart"), legend = $("div", "legend"), note = $("div", "event-note"), plot = $("div");
-      box.append(legend, plot, note);
+      const advice = $("div", "model-note");
+      box.append(legend, advice, plot, note);
       el.append(box);
-      c.chart = {box, legend, note, plot};
+      c.chart = {box, legend, advice, note, plot};
     }
     document.getElementById("devices").append(el);
     cards[dev.name] = c;
@@ -104,6 +105,7 @@
     c.chart.legend.textContent = `anomaly score ${fmt(an.score)} / threshold ${fmt(an.threshold)} · ${an.state}` +
       (top ? ` · top tags: ${top}` : "");
     c.chart.legend.className = "legend " + (an.state === "anomaly" ? "alarm" : "");
+    c.chart.advice.textContent = an.note || "";
     if (!charts[dev.name]) makeChart(dev.name, c.chart, an.threshold);
   }
 
