@@ -11,6 +11,7 @@ the stages in order and tells the shift book when an anomaly event starts or end
 from __future__ import annotations
 
 import logging
+import shlex
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
@@ -410,13 +411,14 @@ def short_model_note(device: Device, model: Model, config_path: str | None, now:
     if said is None:
         return None
     enough = duration_text(SLOW_EVIDENCE_S)
+    command = f"edge-gateway model train {model.name} --device {device.name}" + (
+        f" -c {shlex.quote(config_path)}" if config_path and config_path != DEFAULT_PATH else "")
     if device.history is None:
         how = (f"give the device a history (devices[].history) to record them on the box, then train it again from "
-               f"it (edge-gateway model train {model.name} --device {device.name})")
+               f"it ({command})")
     else:
-        config = f" -c {config_path}" if config_path and config_path != DEFAULT_PATH else ""
-        how = (f"this device's history records them: once it holds {enough} of normal running, run "
-               f"edge-gateway model train {model.name} --device {device.name}{config} --from {rfc3339(now)[:19]}Z")
+        how = (f"this device's history records them: once it holds {enough} of normal running, run {command} "
+               f"--from {rfc3339(now)[:19]}Z")
     return f"model {model.name} was {said}. Train it again from {enough} or more of normal running: {how}"
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import shlex
 import shutil
 import signal
 import subprocess
@@ -565,7 +566,7 @@ def test_a_model_commissioned_short_says_what_to_expect_and_how_to_train_it_agai
     devices = ("\n  - {name: pump1, source: sim, profile: pump, seed: 3, interval: 1s, model: pump-ae}\n"
                "  - {name: pump2, source: sim, profile: pump, seed: 4, interval: 1s, model: pump-ae,"
                " history: {keep: 1d}}\n")
-    path = tmp_path / "gateway.yaml"
+    path = tmp_path / "the plant's gateway.yaml"  # quoted in the command, so that it runs as given
     path.write_text(gateway_config(tmp_path / "data", 1883, devices=devices))
     plain, recorded = load(str(path)).devices
     assert model.short_note() is None and short_model_note(recorded, model, str(path), 0.0) is None
@@ -574,10 +575,11 @@ def test_a_model_commissioned_short_says_what_to_expect_and_how_to_train_it_agai
     said = ("model pump-ae was commissioned on 7 min of normal running: too short to show the machine's slow "
             "changes, which raise events within the hour. Train it again from 2.0 h or more of normal running: ")
     assert short_model_note(plain, short, str(path), 1.79e9) == said + (
-        "give the device a history (devices[].history) to record them on the box, then train it again from it "
-        "(edge-gateway model train pump-ae --device pump1)")
+        f"give the device a history (devices[].history) to record them on the box, then train it again from it "
+        f"(edge-gateway model train pump-ae --device pump1 -c {shlex.quote(str(path))})")
     assert short_model_note(recorded, short, str(path), 1.79e9) == said + (
         f"this device's history records them: once it holds 2.0 h of normal running, run edge-gateway model train "
-        f"pump-ae --device pump2 -c {path} --from {rfc3339(1.79e9)[:19]}Z")
+        f"pump-ae --device pump2 -c {shlex.quote(str(path))} --from {rfc3339(1.79e9)[:19]}Z")
+    assert "'" in shlex.quote(str(path))
     assert short_model_note(recorded, short, DEFAULT_PATH, 1.79e9).endswith(
         f"--device pump2 --from {rfc3339(1.79e9)[:19]}Z")  # the default config needs no -c

@@ -8,6 +8,7 @@ import csv
 import importlib.util
 import json
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -150,7 +151,7 @@ def test_record_export_train_score_deploy(tmp_path, mosquitto, gateway, subscrib
                      r"more of normal running: this device's history records them: once it holds 2\.0 h of normal "
                      r"running, run (edge-gateway model train .*)$", gw.logs(), re.M)
     assert said, gw.logs()[-3000:]
-    command = said.group(1).split()
+    command = shlex.split(said.group(1))
     assert command[3:9] == ["pump-local", "--device", "pump1", "-c", str(gw.config), "--from"], command
     result = cli("status", "-c", str(gw.config))
     assert "  note    model pump-local was commissioned on " in result.stdout, result.stdout
