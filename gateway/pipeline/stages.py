@@ -263,9 +263,10 @@ class Scoring:
 
         self.device = device
         self.scorer: DeviceScorer = DeviceScorer(model)
-        self.note = short_model_note(device, model, config_path, time.time())
-        if self.note is not None:
-            log.warning("device %s: %s", device.name, self.note, extra=fields(device.name, "anomaly_model_short"))
+        self.recommission = Recommission.of(device, model, config_path, time.time())
+        if self.recommission is not None:
+            log.warning("device %s: %s", device.name, self.recommission.note,
+                        extra=fields(device.name, "anomaly_model_short"))
         self.outbox = outbox
         self._topic = topics.anomaly(device.name)
         if isinstance(saved := outbox.device_state(device.name, "anomaly"), dict):
@@ -276,6 +277,11 @@ class Scoring:
     @property
     def score(self) -> float | None:
         return self.scorer.state.score
+
+    @property
+    def note(self) -> str | None:
+        """For a model commissioned short: what to expect of it and how to train it again (`Recommission`)."""
+        return self.recommission.note if self.recommission is not None else None
 
     @property
     def threshold(self) -> float:
@@ -291,6 +297,9 @@ class Scoring:
         if event is not None or settling != self._saved_settling or \
                 (settling and scorer.state.scored - self._saved_at >= SAVE_EVERY):
             self.save()  # in the transaction of the event it reports: a restart neither repeats a start nor loses an end
+        if (r := self.recommission) is not None and r.watching and \
+                (said := r.observe(sample.ts, event is not None and event.kind == "start")) is not None:
+            log.warning("device %s: %s", self.device.name, said, extra=fields(self.device.name, "anomaly_model_ready"))
         if event is None:
             return None
         model, name = self.scorer.model, self.device.name
@@ -402,24 +411,60 @@ def scoring_for(device: Device, model: Model | None, outbox: Outbox, topics: Top
     return Scoring(device, model, outbox, topics, config_path) if model is not None else None
 
 
-def short_model_note(device: Device, model: Model, config_path: str | None, now: float) -> str | None:
-    """For a model commissioned on too little normal running (`Model.short_note`): what to expect of it, and how to
-    train it again from this device's own running; None for any other model."""
-    from gateway.anomaly.model import SLOW_EVIDENCE_S, duration_text
+class Recommission:
+    """A model commissioned on too little normal running (`Model.short_note`), on one device: what to expect of it,
+    and how to train it again from the device's own running. On a device with a history, once that history holds
+    enough running since the model was taken up, it says so (once) with the span and the events in it."""
 
-    said = model.short_note()
-    if said is None:
-        return None
-    enough = duration_text(SLOW_EVIDENCE_S)
-    command = f"edge-gateway model train {model.name} --device {device.name}" + (
-        f" -c {shlex.quote(config_path)}" if config_path and config_path != DEFAULT_PATH else "")
-    if device.history is None:
-        how = (f"give the device a history (devices[].history) to record them on the box, then train it again from "
-               f"it ({command})")
-    else:
-        how = (f"this device's history records them: once it holds {enough} of normal running, run {command} "
-               f"--from {rfc3339(now)[:19]}Z")
-    return f"model {model.name} was {said}. Train it again from {enough} or more of normal running: {how}"
+    def __init__(self, device: Device, model: Model, config_path: str | None, now: float) -> None:
+        from gateway.anomaly.model import SLOW_EVIDENCE_S, duration_text
+
+        self.model_name = model.name
+        self.span_s = SLOW_EVIDENCE_S
+        self.enough = duration_text(SLOW_EVIDENCE_S)
+        self.command = f"edge-gateway model train {model.name} --device {device.name}" + (
+            f" -c {shlex.quote(config_path)}" if config_path and config_path != DEFAULT_PATH else "")
+        self.watching = device.history is not None  # for the span recorded since the first sample
+        self.since: float | None = None
+        self.events = 0  # anomaly events started since
+        self.first_event: float | None = None
+        if device.history is None:
+            how = (f"give the device a history (devices[].history) to record them on the box, then train it again "
+                   f"from it ({self.command})")
+        else:
+            how = (f"this device's history records them: once it holds {self.enough} of normal running, run "
+                   f"{self.command} --from {_second(now)}")
+        self.note = (f"model {model.name} was {model.short_note()}. Train it again from {self.enough} or more of "
+                     f"normal running: {how}")
+
+    @classmethod
+    def of(cls, device: Device, model: Model, config_path: str | None, now: float) -> Recommission | None:
+        return cls(device, model, config_path, now) if model.short_note() is not None else None
+
+    def observe(self, ts: float, started: bool) -> str | None:
+        """One sample (while `watching`): the new note, once the history holds `span_s` of running since the first."""
+        if self.since is None:
+            self.since = ts
+        if started:
+            self.events += 1
+            self.first_event = ts if self.first_event is None else self.first_event
+        if ts - self.since < self.span_s:
+            return None
+        self.watching = False
+        if self.first_event is None:
+            events = f"model {self.model_name} raised no anomaly event in it"
+        else:
+            events = (f"model {self.model_name} raised {self.events} anomaly event(s) in it, the first at "
+                      f"{_second(self.first_event)}: if one was a fault, leave it out with --from/--to")
+        self.note = (f"its history now holds {self.enough} of running since model {self.model_name} was taken up; "
+                     f"{events}. If that was normal running, train the model again from it: {self.command} --from "
+                     f"{_second(self.since)} --to {_second(ts + 1)}")
+        return self.note
+
+
+def _second(ts: float) -> str:
+    """RFC 3339 UTC to the second (as `model train --from/--to` take it)."""
+    return rfc3339(ts)[:19] + "Z"
 
 
 class UnwatchedEvent:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from tests.helpers import ENV, ROOT, gateway_config, spawn, wait_until
+from tests.helpers import ENV, ROOT, NoSource, gateway_config, spawn, wait_until
 
 pytest.importorskip("ai_edge_litert")
 
@@ -557,29 +557,60 @@ def test_a_saved_event_state_resumes_only_what_it_can_vouch_for(model):
         assert math.isfinite(scorer.state.threshold) and scorer.state.threshold >= model.threshold, bad
 
 
-def test_a_model_commissioned_short_says_what_to_expect_and_how_to_train_it_again_from_the_device(model, tmp_path):
-    """The daemon's journal line, health and `status` note for a model trained on minutes (commands run as given:
-    tests/system/test_model_workflow.py); none for a model trained on days, as the shipped one is."""
+def test_a_model_commissioned_short_says_what_to_expect_and_how_to_train_it_again_from_the_device(model, tmp_path,
+                                                                                                 caplog):
+    """The daemon's journal line, health and `status` note for a model trained on minutes (its command runs as given:
+    tests/system/test_model_workflow.py); none for a model trained on days, as the shipped one is. On a device with a
+    history, once 2 h of its running are recorded, the note says so, with the span and the events in it."""
     from gateway.config import DEFAULT_PATH, load
-    from gateway.pipeline.stages import short_model_note
+    from gateway.contract import Topics
+    from gateway.pipeline.device import DeviceRunner
+    from gateway.pipeline.stages import Recommission
+    from gateway.sample import Sample
+    from gateway.shifts import ShiftCalendar
+    from gateway.store.outbox import Bounds, Outbox
     from gateway.units import rfc3339
+    from sim.pump import Pump
     devices = ("\n  - {name: pump1, source: sim, profile: pump, seed: 3, interval: 1s, model: pump-ae}\n"
                "  - {name: pump2, source: sim, profile: pump, seed: 4, interval: 1s, model: pump-ae,"
                " history: {keep: 1d}}\n")
     path = tmp_path / "the plant's gateway.yaml"  # quoted in the command, so that it runs as given
     path.write_text(gateway_config(tmp_path / "data", 1883, devices=devices))
     plain, recorded = load(str(path)).devices
-    assert model.short_note() is None and short_model_note(recorded, model, str(path), 0.0) is None
+    assert model.short_note() is None and Recommission.of(recorded, model, str(path), 0.0) is None
     short = copy.copy(model)
     short.commissioned_s = 420.0
     said = ("model pump-ae was commissioned on 7 min of normal running: too short to show the machine's slow "
             "changes, which raise events within the hour. Train it again from 2.0 h or more of normal running: ")
-    assert short_model_note(plain, short, str(path), 1.79e9) == said + (
+    config = shlex.quote(str(path))
+    assert "'" in config
+    t0 = 1.79e9
+    assert Recommission(plain, short, str(path), t0).note == said + (
         f"give the device a history (devices[].history) to record them on the box, then train it again from it "
-        f"(edge-gateway model train pump-ae --device pump1 -c {shlex.quote(str(path))})")
-    assert short_model_note(recorded, short, str(path), 1.79e9) == said + (
+        f"(edge-gateway model train pump-ae --device pump1 -c {config})")
+    assert Recommission(recorded, short, str(path), t0).note == said + (
         f"this device's history records them: once it holds 2.0 h of normal running, run edge-gateway model train "
-        f"pump-ae --device pump2 -c {shlex.quote(str(path))} --from {rfc3339(1.79e9)[:19]}Z")
-    assert "'" in shlex.quote(str(path))
-    assert short_model_note(recorded, short, DEFAULT_PATH, 1.79e9).endswith(
-        f"--device pump2 --from {rfc3339(1.79e9)[:19]}Z")  # the default config needs no -c
+        f"pump-ae --device pump2 -c {config} --from {rfc3339(t0)[:19]}Z")
+    assert Recommission(recorded, short, DEFAULT_PATH, t0).note.endswith(
+        f"--device pump2 --from {rfc3339(t0)[:19]}Z")  # the default config needs no -c
+
+    # The device runs on, one sample a second, a fault in the first hour: after 2 h, the note says the history is
+    # ready, from the first sample to the last, and the event it holds; health carries it.
+    store = Outbox.open(str(tmp_path / "g.db"), bounds=Bounds(max_age=10 * 365 * 86400.0))
+    runner = DeviceRunner(recorded, NoSource(), store, Topics("root"), ShiftCalendar([("day", "00:00")], "UTC"),
+                          model=short, config_path=str(path))
+    pump = Pump(4)
+    pump.inject("cavitation", at=1800.0, ramp=0.0, duration=300.0, severity=1.0)
+    for i in range(7202):
+        runner.process(Sample.from_readings("pump2", t0 + i, {k: round(v, 3) for k, v in pump.step(1.0).items()}))
+        if i % 1000 == 0:
+            assert store.commit()
+    note = runner.health_report()["anomaly"]["note"]
+    logged = [(r.getMessage(), getattr(r, "event", None)) for r in caplog.records if r.name.startswith("edge_gateway")]
+    assert [e for _, e in logged if e and e.startswith("anomaly_model")] == ["anomaly_model_short", "anomaly_model_ready"]
+    assert ("device pump2: " + note, "anomaly_model_ready") in logged  # once, as health says it
+    assert note.startswith("its history now holds 2.0 h of running since model pump-ae was taken up; model pump-ae "
+                           "raised 1 anomaly event(s) in it, the first at "), note
+    assert note.endswith(f"If that was normal running, train the model again from it: edge-gateway model train pump-ae "
+                         f"--device pump2 -c {config} --from {rfc3339(t0)[:19]}Z --to {rfc3339(t0 + 7201)[:19]}Z")
+    store.close()
