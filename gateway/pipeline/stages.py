@@ -420,6 +420,7 @@ class Recommission:
         from gateway.anomaly.model import SLOW_EVIDENCE_S, duration_text
 
         self.model_name = model.name
+        self.commissioned = duration_text(model.commissioned_s)
         self.span_s = SLOW_EVIDENCE_S
         self.enough = duration_text(SLOW_EVIDENCE_S)
         self.command = f"edge-gateway model train {model.name} --device {device.name}" + (
@@ -452,11 +453,12 @@ class Recommission:
             return None
         self.watching = False
         if self.first_event is None:
-            events = f"model {self.model_name} raised no anomaly event in it"
+            events = "it raised no anomaly event in them"
         else:
-            events = (f"model {self.model_name} raised {self.events} anomaly event(s) in it, the first at "
-                      f"{_second(self.first_event)}: if one was a fault, leave it out with --from/--to")
-        self.note = (f"its history now holds {self.enough} of running since model {self.model_name} was taken up; "
+            events = (f"it raised {self.events} anomaly event(s) in them, the first at {_second(self.first_event)}: "
+                      f"if one was a fault, leave it out with --from/--to")
+        self.note = (f"model {self.model_name} was commissioned on {self.commissioned} of normal running; this "
+                     f"device's history now holds {self.enough} of its running since the model was taken up, and "
                      f"{events}. If that was normal running, train the model again from it: {self.command} --from "
                      f"{_second(self.since)} --to {_second(ts + 1)}")
         return self.note

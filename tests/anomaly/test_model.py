@@ -609,8 +609,9 @@ def test_a_model_commissioned_short_says_what_to_expect_and_how_to_train_it_agai
     logged = [(r.getMessage(), getattr(r, "event", None)) for r in caplog.records if r.name.startswith("edge_gateway")]
     assert [e for _, e in logged if e and e.startswith("anomaly_model")] == ["anomaly_model_short", "anomaly_model_ready"]
     assert ("device pump2: " + note, "anomaly_model_ready") in logged  # once, as health says it
-    assert note.startswith("its history now holds 2.0 h of running since model pump-ae was taken up; model pump-ae "
-                           "raised 1 anomaly event(s) in it, the first at "), note
+    assert note.startswith("model pump-ae was commissioned on 7 min of normal running; this device's history now "
+                           "holds 2.0 h of its running since the model was taken up, and it raised 1 anomaly event(s) "
+                           "in them, the first at "), note
     assert note.endswith(f"If that was normal running, train the model again from it: edge-gateway model train pump-ae "
                          f"--device pump2 -c {config} --from {rfc3339(t0)[:19]}Z --to {rfc3339(t0 + 7201)[:19]}Z")
     store.close()
