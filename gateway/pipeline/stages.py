@@ -298,7 +298,7 @@ class Scoring:
                 (settling and scorer.state.scored - self._saved_at >= SAVE_EVERY):
             self.save()  # in the transaction of the event it reports: a restart neither repeats a start nor loses an end
         if (r := self.recommission) is not None and r.watching and \
-                (said := r.observe(sample.ts, event is not None and event.kind == "start")) is not None:
+                (said := r.observe(sample.ts, not sample.failed, event is not None and event.kind == "start")):
             log.warning("device %s: %s", self.device.name, said, extra=fields(self.device.name, "anomaly_model_ready"))
         if event is None:
             return None
@@ -411,6 +411,9 @@ def scoring_for(device: Device, model: Model | None, outbox: Outbox, topics: Top
     return Scoring(device, model, outbox, topics, config_path) if model is not None else None
 
 
+GAP_SAMPLES = 5  # a longer gap between a device's samples is not running the history recorded (as the scorer's fill)
+
+
 class Recommission:
     """A model commissioned on too little normal running (`Model.short_note`), on one device: what to expect of it,
     and how to train it again from the device's own running. On a device with a history, once that history holds
@@ -425,8 +428,11 @@ class Recommission:
         self.enough = duration_text(SLOW_EVIDENCE_S)
         self.command = f"edge-gateway model train {model.name} --device {device.name}" + (
             f" -c {shlex.quote(config_path)}" if config_path and config_path != DEFAULT_PATH else "")
-        self.watching = device.history is not None  # for the span recorded since the first sample
+        self.watching = device.history is not None  # for the running recorded since the first sample
         self.since: float | None = None
+        self.last: float | None = None
+        self.recorded_s = 0.0  # running recorded since: sample to sample, gaps of more than GAP_SAMPLES not counted
+        self.gap_s = GAP_SAMPLES * device.interval
         self.events = 0  # anomaly events started since
         self.first_event: float | None = None
         if device.history is None:
@@ -442,14 +448,20 @@ class Recommission:
     def of(cls, device: Device, model: Model, config_path: str | None, now: float) -> Recommission | None:
         return cls(device, model, config_path, now) if model.short_note() is not None else None
 
-    def observe(self, ts: float, started: bool) -> str | None:
-        """One sample (while `watching`): the new note, once the history holds `span_s` of running since the first."""
+    def observe(self, ts: float, read: bool, started: bool) -> str | None:
+        """One sample (while `watching`; `read`: not a failed read): the new note, once the history holds `span_s` of
+        running since the first."""
+        if not read:
+            return None
         if self.since is None:
             self.since = ts
+        elif self.last is not None and 0 < ts - self.last <= self.gap_s:
+            self.recorded_s += ts - self.last
+        self.last = ts
         if started:
             self.events += 1
             self.first_event = ts if self.first_event is None else self.first_event
-        if ts - self.since < self.span_s:
+        if self.recorded_s < self.span_s:
             return None
         self.watching = False
         if self.first_event is None:

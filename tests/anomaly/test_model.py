@@ -601,10 +601,19 @@ def test_a_model_commissioned_short_says_what_to_expect_and_how_to_train_it_agai
                           model=short, config_path=str(path))
     pump = Pump(4)
     pump.inject("cavitation", at=1800.0, ramp=0.0, duration=300.0, severity=1.0)
-    for i in range(7202):
-        runner.process(Sample.from_readings("pump2", t0 + i, {k: round(v, 3) for k, v in pump.step(1.0).items()}))
+    # Down for an hour in between (off, then reads failing): not counted as recorded running.
+    down = range(3000, 6600)
+    for i in range(7202 + len(down)):
+        readings = {k: round(v, 3) for k, v in pump.step(1.0).items()}
+        if i in down:
+            if i > 5000:
+                runner.process(Sample.failure("pump2", t0 + i, tuple(readings), "timed out"))
+            continue
+        runner.process(Sample.from_readings("pump2", t0 + i, readings))
         if i % 1000 == 0:
             assert store.commit()
+        if i == 7200:
+            assert runner.health_report()["anomaly"]["note"].startswith(said)  # not yet: 2 h less the hour down
     note = runner.health_report()["anomaly"]["note"]
     logged = [(r.getMessage(), getattr(r, "event", None)) for r in caplog.records if r.name.startswith("edge_gateway")]
     assert [e for _, e in logged if e and e.startswith("anomaly_model")] == ["anomaly_model_short", "anomaly_model_ready"]
@@ -613,5 +622,5 @@ def test_a_model_commissioned_short_says_what_to_expect_and_how_to_train_it_agai
                            "holds 2.0 h of its running since the model was taken up, and it raised 1 anomaly event(s) "
                            "in them, the first at "), note
     assert note.endswith(f"If that was normal running, train the model again from it: edge-gateway model train pump-ae "
-                         f"--device pump2 -c {config} --from {rfc3339(t0)[:19]}Z --to {rfc3339(t0 + 7201)[:19]}Z")
+                         f"--device pump2 -c {config} --from {rfc3339(t0)[:19]}Z --to {rfc3339(t0 + 7202 + len(down))[:19]}Z")
     store.close()
