@@ -37,7 +37,7 @@ class DeviceRunner:
         self.name = device.name
         self.source = source
         self.health = DeviceHealth(device.name, device.tags, on_state_change)
-        self.scoring = scoring_for(device, model, outbox, topics, config_path)
+        self.scoring = scoring_for(device, model, outbox, topics, config_path, recorded=history is not None)
         self.counting = Counting(device, outbox, topics, shifts, scored=self.scoring is not None)
         self.events = Events(device, outbox, topics, self.counting) if device.oee or device.alarms else None
         self.unwatched = UnwatchedEvent.of(device, outbox, topics, self.counting) if self.scoring is None else None

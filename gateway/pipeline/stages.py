@@ -258,12 +258,12 @@ class Scoring:
     """The anomaly model: every `stride` samples a window is scored; events go upstream at once."""
 
     def __init__(self, device: Device, model: Model, outbox: Outbox, topics: Topics,
-                 config_path: str | None = None) -> None:
+                 config_path: str | None = None, recorded: bool = False) -> None:
         from gateway.anomaly.model import DeviceScorer  # numpy and the runtime only when a model is attached
 
         self.device = device
         self.scorer: DeviceScorer = DeviceScorer(model)
-        self.recommission = Recommission.of(device, model, config_path, time.time())
+        self.recommission = Recommission.of(device, model, config_path, time.time(), recorded)
         if self.recommission is not None:
             log.warning("device %s: %s", device.name, self.recommission.note,
                         extra=fields(device.name, "anomaly_model_short"))
@@ -407,8 +407,8 @@ class Publishing:
 
 
 def scoring_for(device: Device, model: Model | None, outbox: Outbox, topics: Topics,
-                config_path: str | None = None) -> Scoring | None:
-    return Scoring(device, model, outbox, topics, config_path) if model is not None else None
+                config_path: str | None = None, recorded: bool = False) -> Scoring | None:
+    return Scoring(device, model, outbox, topics, config_path, recorded) if model is not None else None
 
 
 GAP_SAMPLES = 5  # a longer gap between a device's samples is not running the history recorded (as the scorer's fill)
@@ -419,7 +419,8 @@ class Recommission:
     and how to train it again from the device's own running. On a device with a history, once that history holds
     enough running since the model was taken up, it says so (once) with the span and the events in it."""
 
-    def __init__(self, device: Device, model: Model, config_path: str | None, now: float) -> None:
+    def __init__(self, device: Device, model: Model, config_path: str | None, now: float, recorded: bool) -> None:
+        """`recorded`: the device's samples go into the history (configured, and the file could be opened)."""
         from gateway.anomaly.model import SLOW_EVIDENCE_S, duration_text
 
         self.model_name = model.name
@@ -428,7 +429,7 @@ class Recommission:
         self.enough = duration_text(SLOW_EVIDENCE_S)
         self.command = f"edge-gateway model train {model.name} --device {device.name}" + (
             f" -c {shlex.quote(config_path)}" if config_path and config_path != DEFAULT_PATH else "")
-        self.watching = device.history is not None  # for the running recorded since the first sample
+        self.watching = recorded  # for the running recorded since the first sample
         self.since: float | None = None
         self.last: float | None = None
         self.recorded_s = 0.0  # running recorded since: sample to sample, gaps of more than GAP_SAMPLES not counted
@@ -438,6 +439,9 @@ class Recommission:
         if device.history is None:
             how = (f"give the device a history (devices[].history) to record them on the box, then train it again "
                    f"from it ({self.command})")
+        elif not recorded:
+            how = (f"this device's history is not being recorded (the journal says why): once it is, train it again "
+                   f"from {self.enough} of it ({self.command})")
         else:
             how = (f"this device's history records them: once it holds {self.enough} of normal running, run "
                    f"{self.command} --from {_second(now)}")
@@ -445,8 +449,9 @@ class Recommission:
                      f"normal running: {how}")
 
     @classmethod
-    def of(cls, device: Device, model: Model, config_path: str | None, now: float) -> Recommission | None:
-        return cls(device, model, config_path, now) if model.short_note() is not None else None
+    def of(cls, device: Device, model: Model, config_path: str | None, now: float, recorded: bool
+           ) -> Recommission | None:
+        return cls(device, model, config_path, now, recorded) if model.short_note() is not None else None
 
     def observe(self, ts: float, read: bool, started: bool) -> str | None:
         """One sample (while `watching`; `read`: not a failed read): the new note, once the history holds `span_s` of

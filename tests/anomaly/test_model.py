@@ -568,6 +568,7 @@ def test_a_model_commissioned_short_says_what_to_expect_and_how_to_train_it_agai
     from gateway.pipeline.stages import Recommission
     from gateway.sample import Sample
     from gateway.shifts import ShiftCalendar
+    from gateway.store.history import History
     from gateway.store.outbox import Bounds, Outbox
     from gateway.units import rfc3339
     from sim.pump import Pump
@@ -577,7 +578,7 @@ def test_a_model_commissioned_short_says_what_to_expect_and_how_to_train_it_agai
     path = tmp_path / "the plant's gateway.yaml"  # quoted in the command, so that it runs as given
     path.write_text(gateway_config(tmp_path / "data", 1883, devices=devices))
     plain, recorded = load(str(path)).devices
-    assert model.short_note() is None and Recommission.of(recorded, model, str(path), 0.0) is None
+    assert model.short_note() is None and Recommission.of(recorded, model, str(path), 0.0, True) is None
     short = copy.copy(model)
     short.commissioned_s = 420.0
     said = ("model pump-ae was commissioned on 7 min of normal running: too short to show the machine's slow "
@@ -585,20 +586,24 @@ def test_a_model_commissioned_short_says_what_to_expect_and_how_to_train_it_agai
     config = shlex.quote(str(path))
     assert "'" in config
     t0 = 1.79e9
-    assert Recommission(plain, short, str(path), t0).note == said + (
+    assert Recommission(plain, short, str(path), t0, False).note == said + (
         f"give the device a history (devices[].history) to record them on the box, then train it again from it "
         f"(edge-gateway model train pump-ae --device pump1 -c {config})")
-    assert Recommission(recorded, short, str(path), t0).note == said + (
+    assert Recommission(recorded, short, str(path), t0, True).note == said + (
         f"this device's history records them: once it holds 2.0 h of normal running, run edge-gateway model train "
         f"pump-ae --device pump2 -c {config} --from {rfc3339(t0)[:19]}Z")
-    assert Recommission(recorded, short, DEFAULT_PATH, t0).note.endswith(
+    assert Recommission(recorded, short, DEFAULT_PATH, t0, True).note.endswith(
         f"--device pump2 --from {rfc3339(t0)[:19]}Z")  # the default config needs no -c
+    assert Recommission(recorded, short, DEFAULT_PATH, t0, False).note == said + (  # history.db could not be opened
+        "this device's history is not being recorded (the journal says why): once it is, train it again from 2.0 h "
+        "of it (edge-gateway model train pump-ae --device pump2)")
 
     # The device runs on, one sample a second, a fault in the first hour: after 2 h, the note says the history is
     # ready, from the first sample to the last, and the event it holds; health carries it.
     store = Outbox.open(str(tmp_path / "g.db"), bounds=Bounds(max_age=10 * 365 * 86400.0))
+    history = History.open(tmp_path / "history.db")
     runner = DeviceRunner(recorded, NoSource(), store, Topics("root"), ShiftCalendar([("day", "00:00")], "UTC"),
-                          model=short, config_path=str(path))
+                          model=short, config_path=str(path), history=history)
     pump = Pump(4)
     pump.inject("cavitation", at=1800.0, ramp=0.0, duration=300.0, severity=1.0)
     # Down for an hour in between (off, then reads failing): not counted as recorded running.
@@ -624,3 +629,4 @@ def test_a_model_commissioned_short_says_what_to_expect_and_how_to_train_it_agai
     assert note.endswith(f"If that was normal running, train the model again from it: edge-gateway model train pump-ae "
                          f"--device pump2 -c {config} --from {rfc3339(t0)[:19]}Z --to {rfc3339(t0 + 7202 + len(down))[:19]}Z")
     store.close()
+    history.close()
