@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from gateway.app import Gateway, LoopFailed
 from gateway.errors import AlreadyRunning
 from gateway.notify import Notifier
 from gateway.supervise import LoopEnded, Supervisor, run_all
-from tests.helpers import free_port, gateway_config
+from tests.helpers import ROOT, free_port, gateway_config
 
 
 class Recorder(Notifier):
@@ -241,16 +242,25 @@ def test_a_damaged_history_file_is_logged_and_the_devices_run_on(tmp_path, caplo
     path = tmp_path / "gateway.yaml"
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "history.db").write_bytes(b"\x00not SQLite at all" * 5000)
+    # Scored by the shipped model as if commissioned on 7 minutes: its note must not promise a history.
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(ROOT / "models" / "pump-ae.tflite", models)
+    meta = json.loads((ROOT / "models" / "pump-ae.json").read_text())
+    meta["false_alarms"]["recording_s"] = 420.0
+    (models / "pump-ae.json").write_text(json.dumps(meta))
     path.write_text(gateway_config(tmp_path / "data", free_port(), devices="""
-  - {name: pump1, source: sim, profile: pump, seed: 3, interval: 50ms, history: {}}
-"""))
+  - {name: pump1, source: sim, profile: pump, seed: 3, interval: 50ms, history: {}, model: pump-ae, time_scale: 20}
+""").replace("health_interval: 1s}", f'health_interval: 1s, model_dir: "{models}"}}'))
     cfg = config.load(str(path))
 
     async def main() -> None:
-        async with Gateway(cfg, str(path), Recorder()) as gw:
+        async with Gateway(cfg, str(path), Recorder(), prepared=config.preflight(cfg, str(path))) as gw:
             run = asyncio.create_task(gw.run(asyncio.Event()))
             await wait_for(lambda: gw.outbox.stats.messages > 0, "a committed message")
             assert gw.health()["devices"]["pump1"]["polls"] > 0
+            assert "this device's history is not being recorded (the journal says why)" in \
+                gw.health()["devices"]["pump1"]["anomaly"]["note"]
             run.cancel()
             await asyncio.gather(run, return_exceptions=True)
     asyncio.run(main())
