@@ -593,6 +593,11 @@ class DeviceScorer:
         """An event is open, or the threshold is still held after one: state a restart must not forget."""
         return self.state.active or self.state.threshold > self.model.threshold
 
+    @property
+    def event_started(self) -> float | None:
+        """When the event open now, or the one the held threshold follows, started; None when not `settling`."""
+        return self._event_start if self.settling else None
+
     def event_state(self) -> dict[str, Any]:
         """What a restart must not forget, as JSON: an open event (when it started, its peak, level and sum, and
         the drift baselines it holds still), or the threshold held after one and the level it settles on."""
@@ -623,6 +628,7 @@ class DeviceScorer:
                 self.same_run = np.where(np.isnan(runs), 0, np.clip(runs, 0, 2**31)).astype(np.int64)
         elif same and (held := finite(record.get("threshold"))) is not None and held > m.threshold:
             st.threshold, self.level = held, finite(record.get("level")) or held / m.settle
+            self._event_start = finite(record.get("started"))
 
     def take_latency(self) -> list[float]:
         out, self.state.latency_us = self.state.latency_us, []

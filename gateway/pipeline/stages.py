@@ -11,18 +11,18 @@ the stages in order and tells the shift book when an anomaly event starts or end
 from __future__ import annotations
 
 import logging
-import shlex
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from gateway import contract, counters, tagtypes
-from gateway.config import DEFAULT_PATH, CounterSection, Device
+from gateway.config import CounterSection, Device
 from gateway.contract import Topics
 from gateway.counters import CounterRow
 from gateway.logs import fields
 from gateway.pipeline import shiftbook
 from gateway.pipeline.events import AlarmWatch, StateWatch
+from gateway.pipeline.modelnotes import OutOfModel, Recommission
 from gateway.pipeline.shiftbook import ShiftBook, ShiftRecord
 from gateway.sample import OK, Sample
 from gateway.shifts import ShiftCalendar
@@ -267,6 +267,7 @@ class Scoring:
         if self.recommission is not None:
             log.warning("device %s: %s", device.name, self.recommission.note,
                         extra=fields(device.name, "anomaly_model_short"))
+        self.out_of_model = OutOfModel(device, model, config_path, recorded)
         self.outbox = outbox
         self._topic = topics.anomaly(device.name)
         if isinstance(saved := outbox.device_state(device.name, "anomaly"), dict):
@@ -280,7 +281,10 @@ class Scoring:
 
     @property
     def note(self) -> str | None:
-        """For a model commissioned short: what to expect of it and how to train it again (`Recommission`)."""
+        """For a device outside its model for hours (`OutOfModel`), or a model commissioned short (`Recommission`):
+        what it means and how to train the model again."""
+        if self.out_of_model.note is not None:
+            return self.out_of_model.note
         return self.recommission.note if self.recommission is not None else None
 
     @property
@@ -300,6 +304,10 @@ class Scoring:
         if (r := self.recommission) is not None and r.watching and \
                 (said := r.observe(sample.ts, not sample.failed, event is not None and event.kind == "start")):
             log.warning("device %s: %s", self.device.name, said, extra=fields(self.device.name, "anomaly_model_ready"))
+        if (fit := self.out_of_model.observe(sample.ts, scorer)) is not None:
+            text, what = fit
+            log.log(logging.INFO if what == "anomaly_model_fits" else logging.WARNING, "device %s: %s",
+                    self.device.name, text, extra=fields(self.device.name, what))
         if event is None:
             return None
         model, name = self.scorer.model, self.device.name
@@ -409,81 +417,6 @@ class Publishing:
 def scoring_for(device: Device, model: Model | None, outbox: Outbox, topics: Topics,
                 config_path: str | None = None, recorded: bool = False) -> Scoring | None:
     return Scoring(device, model, outbox, topics, config_path, recorded) if model is not None else None
-
-
-GAP_SAMPLES = 5  # a longer gap between a device's samples is not running the history recorded (as the scorer's fill)
-
-
-class Recommission:
-    """A model commissioned on too little normal running (`Model.short_note`), on one device: what to expect of it,
-    and how to train it again from the device's own running. On a device with a history, once that history holds
-    enough running since the model was taken up, it says so (once) with the span and the events in it."""
-
-    def __init__(self, device: Device, model: Model, config_path: str | None, now: float, recorded: bool) -> None:
-        """`recorded`: the device's samples go into the history (configured, and the file could be opened)."""
-        from gateway.anomaly.model import SLOW_EVIDENCE_S, duration_text
-
-        self.model_name = model.name
-        self.commissioned = duration_text(model.commissioned_s)
-        self.span_s = SLOW_EVIDENCE_S
-        self.enough = duration_text(SLOW_EVIDENCE_S)
-        self.command = f"edge-gateway model train {model.name} --device {device.name}" + (
-            f" -c {shlex.quote(config_path)}" if config_path and config_path != DEFAULT_PATH else "")
-        self.watching = recorded  # for the running recorded since the first sample
-        self.since: float | None = None
-        self.last: float | None = None
-        self.recorded_s = 0.0  # running recorded since: sample to sample, gaps of more than GAP_SAMPLES not counted
-        self.gap_s = GAP_SAMPLES * device.interval
-        self.events = 0  # anomaly events started since
-        self.first_event: float | None = None
-        if device.history is None:
-            how = (f"give the device a history (devices[].history) to record them on the box, then train it again "
-                   f"from it ({self.command})")
-        elif not recorded:
-            how = (f"this device's history is not being recorded (the journal says why): once it is, train it again "
-                   f"from {self.enough} of it ({self.command})")
-        else:
-            how = (f"this device's history records them: once it holds {self.enough} of normal running, run "
-                   f"{self.command} --from {_second(now)}")
-        self.note = (f"model {model.name} was {model.short_note()}. Train it again from {self.enough} or more of "
-                     f"normal running: {how}")
-
-    @classmethod
-    def of(cls, device: Device, model: Model, config_path: str | None, now: float, recorded: bool
-           ) -> Recommission | None:
-        return cls(device, model, config_path, now, recorded) if model.short_note() is not None else None
-
-    def observe(self, ts: float, read: bool, started: bool) -> str | None:
-        """One sample (while `watching`; `read`: not a failed read): the new note, once the history holds `span_s` of
-        running since the first."""
-        if not read:
-            return None
-        if self.since is None:
-            self.since = ts
-        elif self.last is not None and 0 < ts - self.last <= self.gap_s:
-            self.recorded_s += ts - self.last
-        self.last = ts
-        if started:
-            self.events += 1
-            self.first_event = ts if self.first_event is None else self.first_event
-        if self.recorded_s < self.span_s:
-            return None
-        self.watching = False
-        if self.first_event is None:
-            events = "it raised no anomaly event in them"
-        else:
-            events = (f"it raised {self.events} anomaly event(s) in them, the first at {_second(self.first_event)}: "
-                      f"if one was a fault, leave it out with --from/--to")
-        self.note = (f"model {self.model_name} was commissioned on {self.commissioned} of normal running; this "
-                     f"device's history now holds {self.enough} of its running since the model was taken up, and "
-                     f"{events}. If that was normal running, train the model again from it: {self.command} --from "
-                     f"{_second(self.since)} --to {_second(ts + 1)}")
-        return self.note
-
-
-def _second(ts: float) -> str:
-    """RFC 3339 UTC to the second (as `model train --from/--to` take it)."""
-    return rfc3339(ts)[:19] + "Z"
 
 
 class UnwatchedEvent:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import shlex
 import shutil
@@ -565,7 +566,7 @@ def test_a_model_commissioned_short_says_what_to_expect_and_how_to_train_it_agai
     from gateway.config import DEFAULT_PATH, load
     from gateway.contract import Topics
     from gateway.pipeline.device import DeviceRunner
-    from gateway.pipeline.stages import Recommission
+    from gateway.pipeline.modelnotes import Recommission
     from gateway.sample import Sample
     from gateway.shifts import ShiftCalendar
     from gateway.store.history import History
@@ -628,5 +629,107 @@ def test_a_model_commissioned_short_says_what_to_expect_and_how_to_train_it_agai
                            "in them, the first at "), note
     assert note.endswith(f"If that was normal running, train the model again from it: edge-gateway model train pump-ae "
                          f"--device pump2 -c {config} --from {rfc3339(t0)[:19]}Z --to {rfc3339(t0 + 7202 + len(down))[:19]}Z")
+    store.close()
+    history.close()
+
+
+def test_a_device_outside_its_model_for_hours_is_said_once_with_how_to_train_it_again_and_once_when_back(
+        model, tmp_path, caplog):
+    """The pump runs at another speed (another duty, as the shipped model never saw) for 2.5 h, across a restart,
+    then back at its own: the journal says once, 2 h after the event began, what that means and the command that
+    trains the model from the device's history around it (health's note too); once more when it fits again. A
+    threshold held for 2 h after an event that subsided is said as such, counted from before a restart."""
+    from gateway.config import load
+    from gateway.contract import Topics
+    from gateway.pipeline.device import DeviceRunner
+    from gateway.sample import Sample
+    from gateway.shifts import ShiftCalendar
+    from gateway.store.history import History
+    from gateway.store.outbox import Bounds, Outbox
+    from gateway.units import rfc3339
+    from sim.pump import NOMINAL_RPM, Pump
+    caplog.set_level(logging.INFO, logger="edge_gateway")  # the daemon's level: "fits again" is news, not a warning
+    devices = ("\n  - {name: pump1, source: sim, profile: pump, seed: 3, interval: 1s, model: pump-ae}\n"
+               "  - {name: pump2, source: sim, profile: pump, seed: 4, interval: 1s, model: pump-ae,"
+               " history: {keep: 1d}}\n")
+    path = tmp_path / "gateway.yaml"
+    path.write_text(gateway_config(tmp_path / "data", 1883, devices=devices))
+    plain, recorded = load(str(path)).devices
+    store = Outbox.open(str(tmp_path / "g.db"), bounds=Bounds(max_age=10 * 365 * 86400.0))
+    history = History.open(tmp_path / "history.db")
+
+    def runner() -> DeviceRunner:
+        return DeviceRunner(recorded, NoSource(), store, Topics("root"), ShiftCalendar([("day", "00:00")], "UTC"),
+                            model=model, config_path=str(path), history=history)
+
+    def said() -> list[tuple[str, str]]:
+        return [(r.getMessage(), r.event) for r in caplog.records
+                if r.name.startswith("edge_gateway") and getattr(r, "event", "").startswith("anomaly_model")]
+
+    t0, pump, device = 1.79e9, Pump(4), runner()
+    other = (600, 600 + 9000)  # 2.5 h at another speed
+    started = None
+    for i in range(other[1] + 1800):
+        pump._rpm = 1650.0 if other[0] <= i < other[1] else NOMINAL_RPM
+        device.process(Sample.from_readings("pump2", t0 + i, {k: round(v, 3) for k, v in pump.step(1.0).items()}))
+        if started is None and device.health_report()["anomaly"]["state"] == "anomaly":
+            started = t0 + i
+        if i % 1000 == 0:
+            assert store.commit()
+        if i == 3600:
+            assert said() == [] and device.health_report()["anomaly"]["note"] is None
+            assert store.commit()
+            device = runner()  # a restart, the event open: its start is kept, and the span counts from it
+        if started is not None and i == started - t0 + 7190:
+            assert said() == []  # not yet
+    assert started is not None and other[0] <= started - t0 < other[0] + 60
+    (unfit, e1), (back, e2) = said()
+    assert (e1, e2) == ("anomaly_model_unfit", "anomaly_model_fits")
+    assert unfit.startswith(f"device pump2: model pump-ae has not fitted the machine's running for 2.0 h: an anomaly "
+                            f"event has been open since {rfc3339(started)[:19]}Z; the tags furthest from it now: ")
+    assert ("Either a fault has lasted that long, or the machine now runs where the model's commissioning never saw "
+            "it (another operating point, another season). If it runs normally, train the model again from running "
+            "that covers this and its usual running: the device's history holds it: edge-gateway model train pump-ae "
+            f"--device pump2 -c {path} --from {rfc3339(started - 7200)[:19]}Z takes the 2.0 h before it began and all "
+            f"of it since") in unfit
+    assert back.startswith("device pump2: model pump-ae fits the machine's running again, after 2.")
+    assert device.health_report()["anomaly"]["note"] is None  # the shipped model is not commissioned short
+
+    # A threshold held after an event that subsided, saved before a restart: counted from that event's start.
+    t1 = t0 + 20000
+    held = {"model": model.identity, "active": False, "started": t1 - 3 * 3600.0, "threshold": 50 * model.threshold,
+            "level": 30 * model.threshold}
+    store.stage_state("pump2", "anomaly", held)
+    assert store.commit()
+    caplog.clear()
+    device = runner()
+    for i in range(40):  # said once warmed up (a resumed event may end then, as it does after a long stop)
+        device.process(Sample.from_readings("pump2", t1 + i, {k: round(v, 3) for k, v in pump.step(1.0).items()}))
+        assert (device.health_report()["anomaly"]["note"] is None) == (device.scoring.score is None)
+    note = device.health_report()["anomaly"]["note"]
+    assert note.startswith(f"model pump-ae has not fitted the machine's running for 3.0 h: the threshold has been "
+                           f"held at {50 * model.threshold:.4g} (model {model.threshold:.4g}) since an anomaly event "
+                           f"that started at {rfc3339(t1 - 3 * 3600)[:19]}Z subsided; the tags furthest from it now: "), note
+    assert said() == [("device pump2: " + note, "anomaly_model_unfit")]
+    # Another event begins in the threshold held after the first: the span goes on from the first's start.
+    from gateway.pipeline.modelnotes import OutOfModel
+    out, scorer = OutOfModel(recorded, model, str(path), True), DeviceScorer(model)
+    for i in range(40):
+        scorer.push(t1 + i, {k: round(v, 3) for k, v in pump.step(1.0).items()})
+    scorer.resume({**held, "started": t1 - 3600.0})
+    assert out.observe(t1 + 40, scorer) is None and out.since == t1 - 3600.0
+    scorer.resume({"model": model.identity, "active": True, "started": t1 - 600.0})
+    assert out.observe(t1 + 3600, scorer)[0].startswith(
+        f"model pump-ae has not fitted the machine's running for 2.0 h: anomaly events have been open, or the "
+        f"threshold held after them, since {rfc3339(t1 - 3600)[:19]}Z; the tags furthest from it now: ")
+    # The same on a device without a history: how to get one.
+    plain_scoring = DeviceRunner(plain, NoSource(), store, Topics("root"), ShiftCalendar([("day", "00:00")], "UTC"),
+                                 model=model, config_path=str(path)).scoring
+    plain_scoring.scorer.resume(held)
+    for i in range(40):
+        plain_scoring.push(Sample.from_readings("pump1", t1 + i, {k: round(v, 3) for k, v in pump.step(1.0).items()}))
+    assert plain_scoring.note.endswith("give the device a history (devices[].history) to record it on the box, then "
+                                       f"train it again from it (edge-gateway model train pump-ae --device pump1 -c "
+                                       f"{path})")
     store.close()
     history.close()
