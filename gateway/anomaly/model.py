@@ -594,6 +594,13 @@ class DeviceScorer:
         return self.state.active or self.state.threshold > self.model.threshold
 
     @property
+    def outside(self) -> bool:
+        """The machine runs where its model does not call normal: an event is open, or the threshold is held after one
+        while the score (smoothed) is still above the model's threshold. Not while it settles below it, however
+        slowly the held threshold comes down."""
+        return self.state.active or (self.settling and self.level >= self.model.threshold)
+
+    @property
     def event_started(self) -> float | None:
         """When the event open now, or the one the held threshold follows, started; None when not `settling`."""
         return self._event_start if self.settling else None

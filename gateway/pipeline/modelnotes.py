@@ -104,10 +104,10 @@ class Recommission:
 
 
 class OutOfModel:
-    """A device that has run outside its model for `after_s` (`SLOW_EVIDENCE_S`) or more: an anomaly event open, or the
-    threshold held after one that subsided, all that time. `observe` says so once, and once more when the machine is
-    back within the model; `note` holds it meanwhile. The span counts from the start of the event that began it (an
-    open event's start survives a restart, as the event does)."""
+    """A device that has run outside its model (`DeviceScorer.outside`) for `after_s` (`SLOW_EVIDENCE_S`) or more: an
+    anomaly event open, or the score above the model's threshold after one that subsided, all that time. `observe`
+    says so once, and once more when the machine is back within the model; `note` holds it meanwhile. The span counts
+    from the start of the event that began it (an open event's start survives a restart, as the event does)."""
 
     def __init__(self, device: Device, model: Model, config_path: str | None, recorded: bool) -> None:
         from gateway.anomaly.model import SLOW_EVIDENCE_S
@@ -122,7 +122,7 @@ class OutOfModel:
     def observe(self, ts: float, scorer: DeviceScorer) -> tuple[str, str] | None:
         """After each sample: (what to log, its journal EVENT) when the device has been outside its model for
         `after_s`, and when it is back within it after that; None otherwise (the common case: two tests)."""
-        if not scorer.settling:
+        if not scorer.outside:
             if self.since is None:
                 return None
             lasted, was = ts - self.since, self.note
@@ -139,17 +139,16 @@ class OutOfModel:
             return None  # (no score: warming up after a restart, when a resumed event may still end, or a gap)
         from gateway.anomaly.model import duration_text
 
-        st, model, since = scorer.state, scorer.model, second(self.since)
-        held = f"at {st.threshold:.4g} (model {model.threshold:.4g})"
+        since = second(self.since)
         if scorer.event_started != self.since:  # another event began in the threshold held after the first
-            what = f"anomaly events have been open, or the threshold held after them, since {since}" + (
-                "" if st.active else f"; it is held {held}")
-        elif st.active:
+            what = f"anomaly events have been open, or the score above the model's threshold after them, since {since}"
+        elif scorer.state.active:
             what = f"an anomaly event has been open since {since}"
         else:
-            what = f"the threshold has been held {held} since an anomaly event that started at {since} subsided"
+            what = (f"the score has stayed above the model's threshold (alarms held above it) since an anomaly event "
+                    f"that started at {since} subsided")
         if scorer.errors is not None:
-            what += "; the tags furthest from it now: " + ", ".join(t["tag"] for t in scorer.top_tags(scorer.errors))
+            what += "; the tags furthest from it: " + ", ".join(t["tag"] for t in scorer.top_tags(scorer.errors))
         enough = duration_text(self.after_s)
         how = self.unrecorded or (f"the device's history holds it: {self.command} --from "
                                   f"{second(self.since - self.after_s)} takes the {enough} before it began and all of it "
