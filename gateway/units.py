@@ -67,3 +67,13 @@ def finite(value: object) -> float | None:
     """A JSON number that is a finite float, or None (a missing, mistyped or non-finite field read back)."""
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
         else None
+
+
+LAST_INSTANT = 253402300799.0  # 9999-12-31T23:59:59Z: the last time `rfc3339` can write
+
+
+def instant(value: object) -> float | None:
+    """A UNIX time read back that `rfc3339` can write (1970 to 9999), or None: a damaged record's time must not fail
+    every message that carries it."""
+    ts = finite(value)
+    return ts if ts is not None and 0.0 <= ts <= LAST_INSTANT else None

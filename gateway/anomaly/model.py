@@ -59,7 +59,7 @@ from typing import Any, cast
 import numpy as np
 
 from gateway.errors import ModelError
-from gateway.units import finite
+from gateway.units import finite, instant
 
 FORMAT = 3
 REQUIRED = ("format", "tags", "window", "stride", "interval_s", "inputs", "error_scale", "stats", "threshold",
@@ -621,7 +621,7 @@ class DeviceScorer:
         new model decides when it ends. Anything else in `record` is ignored."""
         m, st = self.model, self.state
         same = record.get("model") == m.identity
-        if record.get("active") is True and (started := finite(record.get("started"))) is not None:
+        if record.get("active") is True and (started := instant(record.get("started"))) is not None:
             st.active, self._event_start, self.cusum = True, started, m.cusum_h
             if same:
                 self.cusum = min(m.cusum_cap, max(0.0, finite(record.get("cusum")) or 0.0))
@@ -635,7 +635,7 @@ class DeviceScorer:
                 self.same_run = np.where(np.isnan(runs), 0, np.clip(runs, 0, 2**31)).astype(np.int64)
         elif same and (held := finite(record.get("threshold"))) is not None and held > m.threshold:
             st.threshold, self.level = held, finite(record.get("level")) or held / m.settle
-            self._event_start = finite(record.get("started"))
+            self._event_start = instant(record.get("started"))
 
     def take_latency(self) -> list[float]:
         out, self.state.latency_us = self.state.latency_us, []

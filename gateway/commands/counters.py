@@ -38,10 +38,12 @@ def counters(args: argparse.Namespace) -> int:
     try:
         if args.action == "set":
             return _set_counter(args, cfg, path)
-        rows = admin.counter_audit(path) if args.action == "audit" else admin.counter_rows(path)
+        rows, damaged = (admin.counter_audit(path), []) if args.action == "audit" else admin.counter_rows(path)
     except (OSError, sqlite3.Error) as err:
         print(f"cannot read {path}: {err}", file=sys.stderr)
         return EX_UNAVAILABLE
+    for note in damaged:
+        print(f"{path}: counter {note}: shown as the gateway takes it up, those fields afresh", file=sys.stderr)
     if args.action == "audit":
         keys = ("at", "device", "name", "old_total", "new_total", "reason", "by_user")
     else:

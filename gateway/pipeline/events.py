@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from gateway.config import AlarmSection
+from gateway.config.schema import MACHINE_STATES
 from gateway.store.outbox import restore
 
 
@@ -29,6 +30,10 @@ class MachineState:
     state: str | None = None
     since: float | None = None
     reason: int | None = None
+
+    def damage(self) -> str | None:
+        """What `restore` must not take up besides the types: a state no sample derives."""
+        return None if self.state in (None, *MACHINE_STATES, "unknown") else f"state: {self.state[:40]!r}"
 
 
 @dataclass(frozen=True)
@@ -41,8 +46,8 @@ class StateChange:
 
 
 class StateWatch:
-    def __init__(self, saved: dict[str, Any] | None = None) -> None:
-        self.current = restore(MachineState, saved) or MachineState()
+    def __init__(self, saved: dict[str, Any] | None = None, device: str | None = None) -> None:
+        self.current = restore(MachineState, saved, device, "machine state") or MachineState()
 
     def observe(self, ts: float, state: str, reason: int | None) -> StateChange | None:
         """The state derived from this sample (as the shift book derives it); a change when it differs."""
@@ -77,10 +82,12 @@ class AlarmEvent:
 
 
 class AlarmWatch:
-    def __init__(self, rules: tuple[AlarmSection, ...], saved: dict[str, Any] | None = None) -> None:
+    def __init__(self, rules: tuple[AlarmSection, ...], saved: dict[str, Any] | None = None,
+                 device: str | None = None) -> None:
         self.rules = rules
         saved = saved if isinstance(saved, dict) else {}
-        self.states = {r.name: restore(AlarmState, saved.get(r.name)) or AlarmState() for r in rules}
+        self.states = {r.name: restore(AlarmState, saved.get(r.name), device, f"state of alarm {r.name}") or
+                       AlarmState() for r in rules}
 
     def observe(self, ts: float, values: dict[str, float | None], good: dict[str, bool],
                 anomaly: bool) -> list[AlarmEvent]:

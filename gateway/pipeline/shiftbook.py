@@ -44,6 +44,18 @@ class ShiftRecord:
     alarm_s: dict[str, float] = field(default_factory=dict)  # observed seconds each alarm was active
     alarm_count: dict[str, int] = field(default_factory=dict)  # alarms started in this shift
 
+    def damage(self) -> str | None:
+        """What `restore` must not take up besides the types: keys and states no sample writes, a shift that ends
+        before it starts."""
+        if set(self.state_s) != set(STATES):
+            return f"state_s: {sorted(self.state_s)[:6]}"
+        if self.last_state not in (None, *STATES):
+            return f"last_state: {self.last_state[:40]!r}"
+        if (bad := next((k for k in self.down_by_reason if k != "none" and not (k.isascii() and k.isdigit())),
+                        None)) is not None:
+            return f"down_by_reason: {bad[:40]!r}"
+        return None if self.start <= self.end else "end before start"
+
     @classmethod
     def of(cls, shift: Shift) -> ShiftRecord:
         return cls(shift.id, shift.name, shift.start.timestamp(), shift.end.timestamp())
@@ -54,11 +66,11 @@ class ShiftRecord:
 
 class ShiftBook:
     def __init__(self, calendar: ShiftCalendar, oee: OeeSection | None, gap_limit: float,
-                 record: Mapping[str, Any] | None = None) -> None:
+                 record: Mapping[str, Any] | None = None, device: str | None = None) -> None:
         self.calendar = calendar
         self.oee = oee
         self.gap_limit = gap_limit
-        self.current = restore(ShiftRecord, record)
+        self.current = restore(ShiftRecord, record, device, "running shift")
         self.changed = False  # the record needs persisting
 
     def state_of(self, value: float | None) -> str:

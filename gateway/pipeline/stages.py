@@ -28,7 +28,7 @@ from gateway.sample import OK, Sample
 from gateway.shifts import ShiftCalendar
 from gateway.sources import tag_types
 from gateway.store.outbox import Outbox
-from gateway.units import finite, rfc3339
+from gateway.units import finite, instant, rfc3339
 
 if TYPE_CHECKING:
     from gateway.anomaly.model import DeviceScorer, Event, Model
@@ -49,7 +49,7 @@ class Counting:
         self._shift_topic = topics.shift(device.name)
         self._oee_topic = topics.oee(device.name)
         self.gap_limit = max(3 * device.interval, 5.0)
-        self.book = ShiftBook(shifts, device.oee, self.gap_limit, outbox.shift_record(device.name))
+        self.book = ShiftBook(shifts, device.oee, self.gap_limit, outbox.shift_record(device.name), device.name)
         self.rows: dict[str, CounterRow] = {name: row for (_, name), row in outbox.counters(device.name).items()}
         self.changed = bool(device.counters)  # totals moved since the last counters message
         self._problems: dict[str, str] = {}
@@ -166,8 +166,8 @@ class Events:
         self.outbox = outbox
         self.counting = counting
         name = device.name
-        self.machine = StateWatch(outbox.device_state(name, "machine")) if device.oee else None
-        self.alarms = AlarmWatch(device.alarms, outbox.device_state(name, "alarms")) if device.alarms else None
+        self.machine = StateWatch(outbox.device_state(name, "machine"), name) if device.oee else None
+        self.alarms = AlarmWatch(device.alarms, outbox.device_state(name, "alarms"), name) if device.alarms else None
         self._topics = {"state": topics.state(name), "alarm": topics.alarm(name), "oee": topics.oee(name)}
         self._types = tag_types(device)
         self._next_live: float | None = None
@@ -435,7 +435,8 @@ class UnwatchedEvent:
 
     def end(self, ts: float) -> None:
         name, saved = self.device.name, self.saved
-        started, peak, level, threshold = (finite(saved.get(k)) for k in ("started", "peak", "level", "threshold"))
+        started = instant(saved.get("started"))
+        peak, level, threshold = (finite(saved.get(k)) for k in ("peak", "level", "threshold"))
         self.outbox.stage(self._topic, contract.anomaly(name, ts, "end", level or 0.0, threshold or 0.0,
                                                         str(saved.get("name", "?")), [], started, peak), created=ts)
         self.outbox.stage_state(name, "anomaly", {"active": False})

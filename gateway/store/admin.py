@@ -75,10 +75,19 @@ def _read_all(path: str, query: str) -> list[tuple[Any, ...]]:
         db.close()
 
 
-def counter_rows(path: str) -> list[tuple[Any, ...]]:
-    """(device, name, total, shift_total, shift_id, last_raw, updated) of every counter, read-only."""
-    return _read_all(path, "SELECT device, name, total, shift_total, shift_id, last_raw, updated FROM counters "
-                           "ORDER BY device, name")
+def counter_rows(path: str) -> tuple[list[tuple[Any, ...]], list[str]]:
+    """(device, name, total, shift_total, shift_id, last_raw, updated) of every counter, read-only, as the gateway
+    takes them up (`outbox.counter_row`), and what was damaged: `device/name is damaged (field: value; ...)`."""
+    from gateway.store.outbox import counter_row
+
+    rows, damaged = [], []
+    for device, name, total, shift_total, shift_id, last_raw, updated in _read_all(
+            path, "SELECT device, name, total, shift_total, shift_id, last_raw, updated FROM counters "
+                  "ORDER BY device, name"):
+        row, bad = counter_row(last_raw, total, shift_total, shift_id, updated)
+        rows.append((str(device), str(name), row.total, row.shift_total, row.shift_id, row.last_raw, row.updated))
+        damaged += [f"{device}/{name} is damaged ({'; '.join(bad)})"] if bad else []
+    return rows, damaged
 
 
 def set_counter(path: str, device: str, name: str, total: int, reason: str, user: str) -> int | None:

@@ -24,13 +24,16 @@ import logging
 import os
 import sqlite3
 import time
+import types
+import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import IO, Any, TypeVar
 
 from gateway import contract, datadir
-from gateway.counters import CounterRow
+from gateway.counters import MAX_TOTAL, CounterRow
 from gateway.logs import fields
+from gateway.units import instant
 
 log = logging.getLogger("edge_gateway.store.outbox")
 
@@ -180,7 +183,15 @@ class Outbox:
         """Committed counter states (optionally of one device), by (device, name)."""
         query = "SELECT device, name, last_raw, total, shift_total, shift_id, updated FROM counters"
         rows = self._db.execute(query + (" WHERE device = ?" if device else ""), (device,) if device else ())
-        return {(d, n): CounterRow(*rest) for d, n, *rest in rows}
+        out = {}
+        for d, n, *rest in rows:
+            out[(d, n)], damaged = counter_row(*rest)
+            if damaged:
+                log.warning("device %s: its saved counter %s is damaged (%s): %s", d, n, "; ".join(damaged),
+                            "its lifetime or shift total starts again from 0" if any(
+                                k.startswith(("total", "shift_total")) for k in damaged) else
+                            "the next reading is a new baseline, nothing is added", extra=fields(d, "state_unreadable"))
+        return out
 
     def fetch(self, after_seq: int, limit: int) -> list[Message]:
         """Committed, not yet acknowledged messages with seq > after_seq, oldest first."""
@@ -511,17 +522,86 @@ def _decoded(row: tuple[Any, ...] | None, device: str, what: str) -> Any:
 Record = TypeVar("Record")
 
 
-def restore(cls: type[Record], record: object) -> Record | None:
+def restore(cls: type[Record], record: object, device: str | None = None, what: str = "state") -> Record | None:
     """A dataclass from a record this outbox kept (`device_state`, `shift_record`): its known fields only, since
     a later version may have written more (a rollback) and an earlier one fewer (they take their defaults).
-    None when it cannot be one: the caller starts afresh, and says so."""
-    if not isinstance(record, dict) or not dataclasses.is_dataclass(cls):
+    None when there is none, or it cannot be one: each field must be of its declared type, a number finite and
+    within what a message can carry (`_fits`), and the class's own `damage()` must find nothing. A damaged record
+    (a file damaged or edited by hand) would fail every sample that reads it: the caller starts afresh, and the
+    log says so."""
+    if record is None or not dataclasses.is_dataclass(cls):
         return None
-    known = {f.name for f in dataclasses.fields(cls)}
-    try:
-        return cls(**{k: v for k, v in record.items() if k in known})
-    except (TypeError, ValueError):
-        return None
+    problem: str | None
+    if not isinstance(record, dict):
+        problem = f"a {type(record).__name__}, not an object"
+    else:
+        hints = _hints(cls)
+        values = {f.name: record[f.name] for f in dataclasses.fields(cls) if f.name in record}
+        problem = next((f"{k}: {json.dumps(v)[:40]}" for k, v in values.items() if not _fits(v, hints[k])), None)
+        if problem is None:
+            try:
+                restored = cls(**values)
+            except TypeError:  # a field it needs is missing
+                problem = "fields missing: " + ", ".join(f.name for f in dataclasses.fields(cls) if f.name not in values)
+            else:
+                damage = getattr(restored, "damage", None)
+                if (problem := damage() if damage is not None else None) is None:
+                    return restored
+    log.warning("%sits saved %s is damaged (%s): it starts afresh", f"device {device}: " if device else "", what,
+                problem, extra=fields(device, "state_unreadable"))
+    return None
+
+
+def counter_row(last_raw: Any, total: Any, shift_total: Any, shift_id: Any, updated: Any
+                 ) -> tuple[CounterRow, list[str]]:
+    """A counter's kept state (a row of `counters`), each field that is not what this outbox writes (a file damaged
+    or edited by hand: text, a blob, a count beyond `MAX_TOTAL`) taken afresh, and which they were."""
+    damaged = []
+
+    def count(field: str, value: Any, default: Any) -> Any:
+        if value is default or (isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_TOTAL):
+            return value
+        damaged.append(f"{field}: {value!r:.40}")
+        return default
+
+    row = CounterRow(count("last_raw", last_raw, None), count("total", total, 0),
+                     count("shift_total", shift_total, 0), shift_id if isinstance(shift_id, str) else None,
+                     instant(updated) or 0.0)
+    if shift_id is not None and row.shift_id is None:
+        damaged.append(f"shift_id: {shift_id!r:.40}")
+    if instant(updated) is None:
+        damaged.append(f"updated: {updated!r:.40}")
+    return row, damaged
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
+
+
+def _fits(value: object, hint: Any) -> bool:
+    """`value` read back from JSON is of the declared type: a float is a finite number from 0 to the end of 9999 (the
+    records' times and durations, as `rfc3339` writes them), an int one from 0 to 2^53."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if origin is dict:
+        return isinstance(value, dict) and all(_fits(k, args[0]) and _fits(v, args[1]) for k, v in value.items())
+    if origin is list:
+        return isinstance(value, list) and all(_fits(v, args[0]) for v in value)
+    if hint is type(None):
+        return value is None
+    if hint is bool or hint is str:
+        return isinstance(value, hint)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_TOTAL
+    if hint is float:
+        return instant(value) is not None
+    return True
 
 
 def _open(path: str, sync: str) -> sqlite3.Connection:

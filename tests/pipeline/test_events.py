@@ -4,6 +4,7 @@ stop reasons, limit alarms (delay, hysteresis, bad quality, anomaly gating), liv
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -153,6 +154,53 @@ def test_saved_states_with_fields_of_a_later_version_are_taken_up_and_unreadable
         assert line.runner.health.errors == 0
     minutes(line, utc("2026-11-24T13:00:00"), 1, 1)  # 14:00 local: shift A closes, partial after the garbage
     assert line.on("shift")[-1]["shift_id"].endswith("/A")
+
+
+DAMAGED = ("x", -1e12, 1e300, None, True, [1], {"a": 1}, -5, 10**30, {"running": "x"}, {"banana": 1.0}, ["x", 5])
+
+
+@pytest.mark.parametrize("kind", ["machine", "alarms", "shift"])
+def test_a_saved_state_with_a_damaged_field_starts_afresh_said_once_and_every_sample_goes_on(tmp_path, caplog, kind):
+    """Each field of each record the line keeps (machine state, alarm state, running shift) given a value of another
+    type, or out of range (before 1970, after 9999, negative, beyond 2^53), or keys and states no sample writes: the
+    record, read at the restart, used to fail every sample that reached it with a traceback. Now the record starts
+    afresh, the log says so once with the field, and the line runs on, its state and shift events as before."""
+    line = Line(tmp_path / "g.db")
+    t = minutes(line, utc("2026-11-24T08:00:00"), 10, 1, made=100, dryer=90.0)
+    t = minutes(line, t, 5, 3, reason=11, dryer=90.0)
+    store = line.store
+    good = store.shift_record("line1") if kind == "shift" else store.device_state("line1", kind)
+    target = good["dryer_hot"] if kind == "alarms" else good
+    damaged = []
+    for key in list(target):
+        for value in DAMAGED:
+            record = json.loads(json.dumps(good))
+            (record["dryer_hot"] if kind == "alarms" else record)[key] = value
+            if kind == "shift":
+                store.stage_shift("line1", record)
+            else:
+                store.stage_state("line1", kind, record)
+            assert store.commit()
+            caplog.clear()
+            line.restart()
+            store = line.store
+            t = minutes(line, t, 2, 1, made=10, dryer=70.0)
+            t = minutes(line, t, 2, 3, reason=11, dryer=90.0)
+            assert line.runner.health.errors == 0, (key, value)
+            said = [r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()]
+            assert len(said) <= 1 and all("device line1: its saved " in m and "it starts afresh" in m for m in said)
+            assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info], (key, value)
+            damaged += [(key, json.dumps(value))] if said else []
+            good = store.shift_record("line1") if kind == "shift" else store.device_state("line1", kind)
+            target = good["dryer_hot"] if kind == "alarms" else good
+    for key, value in {"machine": [("since", '"x"'), ("since", "1e+300"), ("state", '"x"'), ("reason", "-5")],
+                       "alarms": [("started", "-1000000000000.0"), ("active", "[1]"), ("pending", "true")],
+                       "shift": [("observed_s", "null"), ("last_state", '"x"'), ("state_s", '{"banana": 1.0}'),
+                                 ("down_by_reason", '{"a": 1}'), ("active_alarms", '["x", 5]'), ("end", "-5"),
+                                 ("alarm_count", '{"running": "x"}')]}[kind]:
+        assert (key, value) in damaged, (key, value, damaged)
+    states = line.on("state")
+    assert states and all(s["state"] in ("running", "down") for s in states)
 
 
 def test_check_config_names_each_events_problem(tmp_path):
@@ -392,6 +440,38 @@ def test_an_anomaly_event_left_open_by_a_model_taken_out_of_the_config_ends_once
     store.close()
 
 
+@pytest.mark.parametrize("started", [-1e12, 1e300, -1e300, 253402300800.0])
+def test_a_saved_anomaly_event_with_a_damaged_start_time_is_not_taken_up_and_every_sample_goes_on(tmp_path, caplog,
+                                                                                                   started):
+    """A saved event state whose start time no message can carry (before 1970, after 9999: a damaged record) failed
+    every sample of the device with a traceback, with its model (the event's end) and without (the unwatched end).
+    Now the event is not taken up (as a start time that is not a number), a held threshold is kept without its
+    start, and the device runs on."""
+    pytest.importorskip("ai_edge_litert")
+    import sim
+    from gateway.anomaly import model as anomaly
+
+    model = anomaly.load("pump-ae", anomaly.model_dir())
+    pump, t0 = sim.make("pump", 4), 1_795_000_000.0
+    for n, (record, with_model) in enumerate([
+            ({"active": True, "started": started, "peak": 9.0, "level": 9.0}, True),
+            ({"active": True, "started": started}, False),
+            ({"active": False, "started": started, "threshold": 3 * model.threshold, "level": 9.0}, True)]):
+        store, runner = _pump_pipeline(tmp_path / f"g{n}.db", model if with_model else None)
+        store.stage_state("pump1", "anomaly", {"model": model.identity, "name": "pump-ae", **record})
+        assert store.commit()
+        store.close()
+        store, runner = _pump_pipeline(tmp_path / f"g{n}.db", model if with_model else None)
+        for i in range(100):
+            runner.process(Sample.from_readings("pump1", t0 + i, pump.step(1.0)))
+            assert store.commit()
+        assert runner.health.errors == 0 and runner.health.state == "ok"
+        if with_model:
+            assert runner.health_report()["anomaly"]["windows_scored"] > 0
+        store.close()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+
+
 @pytest.mark.parametrize("how", ["kill -9", "stop", "reload"])
 def test_an_anomaly_event_open_across_kill_9_ends_exactly_once(mosquitto, gateway, subscribe, tmp_path, how):
     """The daemon, killed -9 (or stopped, or reloaded) while cavitation's anomaly event is open: after the restart
@@ -482,3 +562,33 @@ def test_saved_records_that_are_not_json_start_afresh_with_a_warning(tmp_path, c
     assert "its saved anomaly state cannot be read" in caplog.text and "its saved running shift" in caplog.text
     assert "Traceback" not in caplog.text
     store.close()
+
+
+@pytest.mark.parametrize("column, value, kept", [
+    ("last_raw", "'x'", True), ("last_raw", "X'00ff'", True), ("last_raw", "-5", True),
+    ("total", "'x'", False), ("total", "9223372036854775807", False), ("total", "1.5", False),
+    ("shift_total", "X'00ff'", True), ("shift_id", "X'00'", True), ("updated", "'x'", True), ("updated", "-1e300", True)])
+def test_a_saved_counter_with_a_damaged_field_is_said_and_counting_goes_on(tmp_path, caplog, column, value, kept):
+    """A counter's row edited by hand or damaged (text or a blob in a number's column, a total past 2^53 that the next
+    commit could not store): the line used to fail every sample, or every commit. Now the field starts afresh, said
+    once with what it held, and counting goes on: the lifetime total is kept unless it was the damaged field."""
+    import sqlite3
+
+    line = Line(tmp_path / "g.db")
+    t = minutes(line, utc("2026-11-24T08:00:00"), 3, 1, made=10)
+    before = line.store.counters("line1")[("line1", "produced")].total
+    line.store.close()
+    db = sqlite3.connect(tmp_path / "g.db")
+    db.execute(f"UPDATE counters SET {column} = {value} WHERE name = 'produced'")
+    db.commit()
+    db.close()
+    line.restart()
+    minutes(line, t, 5, 1, made=10)
+    said = [r.getMessage() for r in caplog.records if "its saved counter produced is damaged" in r.getMessage()]
+    assert len(said) == 1 and f"({column}: " in said[0], said
+    assert line.runner.health.errors == 0
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    total = line.store.counters("line1")[("line1", "produced")].total
+    # 50 made since; a damaged last raw value makes the first reading a new baseline: its 10 are not counted.
+    assert total == (before if kept else 0) + (40 if column == "last_raw" else 50)
+    assert line.on("counters")[-1]["counters"]["produced"]["total"] == total

@@ -93,6 +93,37 @@ def test_counters_show_set_baseline_and_audit(mosquitto, gateway, tmp_path):
     assert after["total"] < 1000 + 500  # not 1000 + the new raw value
 
 
+def test_counters_show_says_which_saved_counter_is_damaged_and_shows_it_as_the_gateway_takes_it_up(tmp_path):
+    """Text in a count's column, a blob in the last raw value's: `counters show` was a traceback (text and --json)."""
+    import sqlite3
+
+    from gateway import datadir
+    from gateway.counters import CounterRow
+    from gateway.store.outbox import Outbox
+
+    config = tmp_path / "gateway.yaml"
+    config.write_text(gateway_config(tmp_path / "data", 1883))
+    store = Outbox.open(str(tmp_path / "data" / datadir.OUTBOX))
+    for name in ("produced", "defects"):
+        store.stage_counter("line1", name, CounterRow(5, 100, 10, "2026-11-24/A", 1.79e9))
+    assert store.commit()
+    store.close()
+    db = sqlite3.connect(tmp_path / "data" / datadir.OUTBOX)
+    db.execute("UPDATE counters SET last_raw = X'00ff', updated = 'x' WHERE name = 'produced'")
+    db.execute("UPDATE counters SET total = 'x' WHERE name = 'defects'")
+    db.commit()
+    db.close()
+    for args in ([], ["--json"]):
+        shown = subprocess.run([sys.executable, "-m", "gateway", "counters", "show", "-c", str(config), *args],
+                               capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=30)
+        assert shown.returncode == 0 and "Traceback" not in shown.stderr, shown.stderr
+        assert "counter line1/defects is damaged (total: 'x'): shown as the gateway takes it up" in shown.stderr
+        assert "counter line1/produced is damaged (last_raw: b'\\x00\\xff'; updated: 'x')" in shown.stderr
+    rows = {r["name"]: r for r in json.loads(shown.stdout)}
+    assert (rows["defects"]["total"], rows["defects"]["last_raw"]) == (0, 5)
+    assert (rows["produced"]["total"], rows["produced"]["last_raw"]) == (100, None)
+
+
 @pytest.mark.parametrize("command,module", [(["demo", "--duration", "1"], "amqtt"),
                                             (["broker-user", "sensor1"], "pwdlib"),
                                             (["broker", "-c", "/nonexistent"], "amqtt")])
