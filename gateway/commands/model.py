@@ -235,22 +235,24 @@ def _from_history(config_path: str, device: str, start: float | None, end: float
     from gateway.anomaly.recording import DataError, Recording
     cfg = configuration.load(config_path)
     dev = next((d for d in cfg.devices if d.name == device), None)
-    tags, rows = _export(cfg, device, start, end)
-    data = list(rows)
+    tags, data, damaged = _export(cfg, device, start, end)
     if not data:
         raise DataError(f"device {device}: no recorded samples{' in that time range' if start or end else ''} "
                         f"(does it have history: in {config_path}?)")
     times = np.array([t for t, _ in data])
     values = np.array([[np.nan if v is None else v for v in vs] for _, vs in data], dtype=np.float64)
     interval = dev.interval if dev is not None else 0.0
-    return Recording(f"history of {device}", tags, times, values), interval
+    notes = [f"{damaged} damaged series or row(s) left out (not what the gateway writes: a file damaged or edited by "
+             f"hand)"] if damaged else []
+    return Recording(f"history of {device}", tags, times, values, notes), interval
 
 
 def _export(cfg: configuration.Config, device: str, start: float | None, end: float | None) -> Any:
+    """The device's tags, rows, and how many damaged series or rows were left out (`History.export`)."""
     store, path = _store(cfg)
     try:
         tags, rows = store.export(device, start, end)
-        return tags, list(rows)
+        return tags, list(rows), store.damaged
     except sqlite3.Error as err:
         raise _damaged(path, err) from None
 
@@ -305,6 +307,9 @@ def _history(args: argparse.Namespace, store: Any, path: Path) -> int:
     except _Usage as err:
         return _fail(str(err), EX_USAGE)
     tags, rows = store.export(args.device, start, end)
+    if not tags and store.damaged:
+        return _fail(f"device {args.device}: {path} holds {store.damaged} series of it, all damaged (not what the "
+                     f"gateway writes: a file damaged or edited by hand)", EX_DATAERR)
     if not tags:
         known = ", ".join(d for d, *_ in store.devices()) or "none"
         return _fail(f"device {args.device}: nothing recorded (recorded devices: {known})", EX_DATAERR)
@@ -315,6 +320,9 @@ def _history(args: argparse.Namespace, store: Any, path: Path) -> int:
     except OSError as err:
         return _fail(f"cannot write {args.csv}: {err.strerror}", EX_CANTCREAT)
     print(f"{count} samples of {args.device} ({', '.join(tags)}) written to {args.csv}", file=sys.stderr)
+    if store.damaged:
+        print(f"{path}: {store.damaged} damaged series or row(s) of {args.device} left out (not what the gateway "
+              f"writes: a file damaged or edited by hand)", file=sys.stderr)
     return EX_OK
 
 

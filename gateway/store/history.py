@@ -23,6 +23,7 @@ from pathlib import Path
 
 from gateway import datadir
 from gateway.sample import OK, Sample
+from gateway.units import LAST_INSTANT
 
 log = logging.getLogger("edge_gateway.store.history")
 
@@ -43,6 +44,15 @@ class Bounds:
     max_bytes: int
 
 
+def _names(text: object) -> list[str] | None:
+    """A series' tags as kept (a JSON list of names), or None when they are not."""
+    try:
+        names = json.loads(text) if isinstance(text, str) else None
+    except (ValueError, RecursionError):
+        return None
+    return names if isinstance(names, list) and names and all(isinstance(n, str) for n in names) else None
+
+
 class History:
     """One SQLite file for every device that keeps history. Not thread-safe: the event loop's thread only."""
 
@@ -56,6 +66,7 @@ class History:
         self._bytes: dict[str, int] = {}
         self.failing: str | None = None
         self.dropped = 0
+        self.damaged = 0  # series and rows `export` left out: not what the gateway writes
         self._last_trim = 0.0
 
     @classmethod
@@ -156,25 +167,35 @@ class History:
 
     def export(self, device: str, start: float | None = None, end: float | None = None
                ) -> tuple[list[str], Iterator[tuple[float, list[float | None]]]]:
-        """The device's tags (the union over its series, in first-seen order) and its rows in time order."""
+        """The device's tags (the union over its series, in first-seen order) and its rows in time order. What the
+        gateway never writes (a file damaged or edited by hand) is left out and counted in `damaged`: a series whose
+        tags are not a list of names, a row whose values are not one float64 per tag; a row whose time is not a time
+        from 1970 to 9999 is not in any span."""
         series = self.db.execute("SELECT id, tags FROM series WHERE device = ? ORDER BY id", (device,)).fetchall()
         tags: list[str] = []
         layout: dict[int, list[str]] = {}
         for sid, text in series:
-            layout[sid] = json.loads(text)
-            tags += [t for t in layout[sid] if t not in tags]
+            if (names := _names(text)) is None:
+                self.damaged += 1
+                continue
+            layout[sid] = names
+            tags += [t for t in names if t not in tags]
 
         def rows() -> Iterator[tuple[float, list[float | None]]]:
             if not layout:
                 return
             marks = ",".join("?" * len(layout))
+            span = (max(0.0, -math.inf if start is None else start), min(LAST_INSTANT, math.inf if end is None else end))
             cursor = self.db.execute(
                 f"SELECT series, ts, data FROM samples WHERE series IN ({marks}) AND ts >= ? AND ts <= ? "
-                f"ORDER BY ts", (*layout, -math.inf if start is None else start, math.inf if end is None else end))
+                f"AND typeof(ts) IN ('real', 'integer') ORDER BY ts", (*layout, *span))
             for sid, ts, data in cursor:
                 names = layout[sid]
+                if not isinstance(data, bytes) or len(data) != 8 * len(names):
+                    self.damaged += 1
+                    continue
                 values = dict(zip(names, struct.unpack(f"<{len(names)}d", data), strict=True))
-                yield ts, [None if (v := values.get(t)) is None or math.isnan(v) else v for t in tags]
+                yield float(ts), [None if (v := values.get(t)) is None or math.isnan(v) else v for t in tags]
 
         return tags, rows()
 
@@ -182,7 +203,8 @@ class History:
         """Each recorded device: samples, first and last time."""
         return [tuple(r) for r in self.db.execute(
             "SELECT device, COUNT(samples.ts), MIN(samples.ts), MAX(samples.ts) FROM series "
-            "LEFT JOIN samples ON samples.series = series.id GROUP BY device ORDER BY device")]
+            "LEFT JOIN samples ON samples.series = series.id AND typeof(samples.ts) IN ('real', 'integer') "
+            "AND samples.ts BETWEEN 0 AND ? GROUP BY device ORDER BY device", (LAST_INSTANT,))]
 
     def _series_id(self, device: str, tags: tuple[str, ...]) -> int:
         text = json.dumps(list(tags))

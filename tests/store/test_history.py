@@ -100,3 +100,50 @@ def test_a_reader_sees_only_committed_rows_while_the_daemon_writes(tmp_path):
     reader.db.close()
     store.close()
     assert [t for t, _ in rows(History.open(tmp_path / "history.db"))[1]] == [NOW - 2, NOW - 1]  # close commits
+
+
+def test_a_damaged_history_file_is_exported_without_what_the_gateway_never_writes(tmp_path):
+    """Rows and series edited by hand or damaged: a blob of the wrong size or text for the values, text or a time
+    past 9999 or before 1970 for the time, tags that are not a list of names. `history export` and `stats` (and the
+    web API and `model train --device`, through `export`) were a traceback; now they leave those out, and say so."""
+    import subprocess
+    import sys
+
+    from tests.helpers import ENV, ROOT, gateway_config
+
+    data = tmp_path / "data"
+    data.mkdir()
+    store = History.open(data / "history.db")
+    store.configure({"p1": Bounds(keep=10**10, max_bytes=10**6)})
+    for i in range(10):
+        store.add("p1", TAGS, sample(NOW + i, 1.0 + i, 20.0))
+    store.add("p2", TAGS, sample(NOW, 1.0, 20.0))
+    store.commit(now=NOW + 20)
+    store.close()
+    db = sqlite3.connect(data / "history.db")
+    for i, change in enumerate(("data = X'00ff'", "data = 'text'", "ts = 'x'", "ts = 1e300", "ts = -1e15"), 2):
+        db.execute(f"UPDATE samples SET {change} WHERE ts = ?", (NOW + i,))
+    db.execute("UPDATE series SET tags = '[1, 2]' WHERE device = 'p2'")
+    db.commit()
+    db.close()
+    store = History.open(data / "history.db", readonly=True)
+    tags, got = rows(store)
+    assert tags == ["flow", "temp"] and len(got) == 5 and store.damaged == 2  # 3 rows not in any span: not counted
+    assert all(v == [1.0 + (ts - NOW), 20.0] for ts, v in got)
+    assert rows(store, "p2") == ([], []) and store.damaged == 3
+    assert [(d, n) for d, n, *_ in store.devices()] == [("p1", 7), ("p2", 1)]
+    store.close()
+    config = tmp_path / "gateway.yaml"
+    config.write_text(gateway_config(data, 1883))
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "gateway", "history", *args, "-c", str(config)], capture_output=True,
+                              text=True, env=ENV, cwd=ROOT, timeout=60)
+    exported = cli("export", "p1", "--csv", str(tmp_path / "p1.csv"))
+    assert exported.returncode == 0 and "Traceback" not in exported.stderr, exported.stderr
+    assert "5 samples of p1" in exported.stderr and "2 damaged series or row(s) of p1 left out" in exported.stderr
+    assert len((tmp_path / "p1.csv").read_text().splitlines()) == 6
+    refused = cli("export", "p2", "--csv", str(tmp_path / "p2.csv"))
+    assert refused.returncode == 65 and "holds 1 series of it, all damaged" in refused.stderr, refused.stderr
+    stats = cli("stats")
+    assert stats.returncode == 0 and "p1: 7 samples" in stats.stdout, stats.stderr
