@@ -33,7 +33,7 @@ from typing import IO, Any, TypeVar
 from gateway import contract, datadir
 from gateway.counters import MAX_TOTAL, CounterRow
 from gateway.logs import fields
-from gateway.units import instant
+from gateway.units import LAST_INSTANT, instant
 
 log = logging.getLogger("edge_gateway.store.outbox")
 
@@ -165,6 +165,7 @@ class Outbox:
     def open(cls, path: str, *, bounds: Bounds | None = None, sync: str = "normal") -> Outbox:
         """Open (or create) the outbox file: seq, counts and drops as they were left."""
         outbox = cls(_open(path, sync), path, bounds)
+        outbox._repair()
         outbox._reload_topics()
         db = outbox._db
         outbox.last_seq = max(outbox._meta("last_seq"), db.execute("SELECT coalesce(max(seq), 0) FROM outbox").fetchone()[0])
@@ -173,6 +174,43 @@ class Outbox:
         outbox.stats.messages, outbox.stats.bytes = db.execute(
             "SELECT count(*), coalesce(sum(length(payload)), 0) FROM outbox").fetchone()
         return outbox
+
+    def _repair(self) -> None:
+        """Take out what the gateway never writes (a file damaged or edited by hand), which would fail the uplink at
+        every start, a crash loop under systemd: messages whose topic is lost (no topic row, or one that is not
+        text) cannot be delivered and are dropped (counted as drops); a creation time that is not a time from 1970 to
+        9999 becomes now; a meta value that is not an integer is recounted. Said once, at the start."""
+        db, now = self._db, time.time()
+        text_topics = "SELECT id FROM topics WHERE typeof(topic) = 'text'"
+        lost = db.execute(f"SELECT count(*), min(seq), max(seq) FROM outbox WHERE topic_id NOT IN ({text_topics})"
+                          ).fetchone()
+        untimed = "NOT (typeof(created) IN ('real', 'integer') AND created BETWEEN 0 AND ?)"
+        (retimed,) = db.execute(f"SELECT count(*) FROM outbox WHERE {untimed}", (LAST_INSTANT,)).fetchone()
+        (bad_meta,) = db.execute("SELECT count(*) FROM meta WHERE typeof(value) != 'integer'").fetchone()
+        if not (lost[0] or retimed or bad_meta):
+            return
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute("DELETE FROM meta WHERE typeof(value) != 'integer'")
+            # No seq is given twice: not the dropped messages' (they may have reached the upstream unacknowledged).
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('last_seq', ?)",
+                       (max(self._meta("last_seq"), db.execute("SELECT coalesce(max(seq), 0) FROM outbox").fetchone()[0]),))
+            if lost[0]:
+                db.execute(f"DELETE FROM outbox WHERE topic_id NOT IN ({text_topics})")
+                db.execute("INSERT OR REPLACE INTO meta VALUES ('dropped', ?)", (self._meta("dropped") + lost[0],))
+            db.execute("DELETE FROM topics WHERE typeof(topic) != 'text'")
+            db.execute(f"UPDATE outbox SET created = ? WHERE {untimed}", (now, LAST_INSTANT))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        log.error("outbox %s held what the gateway never writes (a file damaged or edited by hand): %s", self.path,
+                  "; ".join(part for part in (
+                      f"{lost[0]} message(s) whose topic is lost, seq {lost[1]} to {lost[2]}: dropped, they cannot be "
+                      f"delivered" if lost[0] else "",
+                      f"{retimed} creation time(s) that are not a time: taken as now" if retimed else "",
+                      f"{bad_meta} count(s) that are not a number: counted again" if bad_meta else "") if part),
+                  extra=fields(None, "outbox_drop" if lost[0] else "state_unreadable"))
 
     # -- reading ---------------------------------------------------------------
     def _meta(self, key: str) -> int:

@@ -73,6 +73,7 @@ class Format(Protocol):
 
     client_id: str
     online_payload: bytes  # the retained status the gateway last gave (JSON publishes it)
+    damaged: int  # rows it could not send: not what the gateway writes (Sparkplug; JSON sends rows as stored)
     # Whether rows committed after the session became ready go out at once, ahead of the older backlog
     # (Sparkplug: the backlog is history and may follow live data); else every row in seq order (JSON).
     live_first: bool
@@ -137,6 +138,7 @@ class JsonFormat:
 
     def __init__(self, *, client_id: str, status_topic: str, offline_payload: bytes, qos: int = 1) -> None:
         self.client_id = client_id
+        self.damaged = 0
         self.status_topic = status_topic
         self.offline_payload = offline_payload
         self.online_payload = b""

@@ -149,3 +149,47 @@ def test_outbox_export_writes_every_message_or_says_which_file_it_could_not(tmp_
         failed = export(target)
         assert failed.returncode == 73 and failed.stderr == f"cannot write {target}: {why}\n", failed.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "gw.yaml", "out.jsonl"]  # no .tmp left
+
+
+def test_a_damaged_outbox_file_is_repaired_at_open_said_once_and_delivers_the_rest(tmp_path, caplog):
+    """Rows the gateway never writes (a disk or a hand): a message whose topic row is gone or not text, a creation
+    time that is text or past 9999, a count that is not a number. The uplink failed on them at every start, a crash
+    loop under systemd (exit 70), and `Outbox.open` itself on a topic that is not text. Now the open takes them out
+    (undeliverable messages as drops, times as now), says so once, and every other message is fetched in order."""
+    import sqlite3
+    import time
+
+    path = str(tmp_path / "g.db")
+    store = Outbox.open(path, bounds=Bounds(max_age=10 * 365 * 86400.0))
+    for i in range(10):
+        store.stage("root/pump1/telemetry", {"i": i}, created=1.79e9 + i)
+    store.stage("root/line1/telemetry", {"i": 10}, created=1.79e9 + 10)
+    assert store.commit()
+    store.close()
+    db = sqlite3.connect(path)
+    db.execute("UPDATE outbox SET topic_id = 999 WHERE seq = 2")
+    db.execute("UPDATE topics SET topic = X'00ff' WHERE topic = 'root/line1/telemetry'")
+    db.execute("UPDATE outbox SET created = 'x' WHERE seq = 3")
+    db.execute("UPDATE outbox SET created = 1e300 WHERE seq = 4")
+    db.execute("INSERT OR REPLACE INTO meta VALUES ('last_seq', 'x')")
+    db.commit()
+    db.close()
+    before = time.time()
+    store = Outbox.open(path, bounds=Bounds(max_age=10 * 365 * 86400.0))
+    messages = store.fetch(0, 100)
+    assert [m.seq for m in messages] == [1, 3, 4, 5, 6, 7, 8, 9, 10]
+    assert all(m.topic == "root/pump1/telemetry" for m in messages)
+    assert [json.loads(m.payload)["i"] for m in messages] == [0, 2, 3, 4, 5, 6, 7, 8, 9]
+    assert messages[1].created >= before and messages[2].created >= before and messages[0].created == 1.79e9
+    assert store.stats.dropped == 2 and store.stats.messages == 9 and store.last_seq == 11
+    assert store.stage("root/pump1/telemetry", {}) == 12
+    said = [r.getMessage() for r in caplog.records if "never writes" in r.getMessage()]
+    assert len(said) == 1 and "2 message(s) whose topic is lost, seq 2 to 11: dropped" in said[0], said
+    assert "2 creation time(s) that are not a time: taken as now" in said[0]
+    assert "1 count(s) that are not a number: counted again" in said[0]
+    assert store.commit()
+    store.close()
+    caplog.clear()
+    store = Outbox.open(path, bounds=Bounds(max_age=10 * 365 * 86400.0))
+    assert not [r for r in caplog.records if "never writes" in r.getMessage()] and store.stats.dropped == 2
+    store.close()

@@ -118,3 +118,38 @@ def test_a_damaged_session_file_starts_a_new_session_from_bdseq_0(tmp_path, save
     fmt = SparkplugFormat(cfg, state_path=str(tmp_path / "sparkplug.json"), scored={}, types_of=types.__getitem__)
     death = pb.Payload.FromString(fmt.will().payload)
     assert [(m.name, m.long_value) for m in death.metrics] == [("bdSeq", 0)]
+
+
+DAMAGED_ROWS = [b"not json", b"\x00\xff", b"[1, 2]", b"null", b'{"seq": 1}', b'{"values": [1]}',
+                b'{"values": {"motor_rpm": "fast"}}', b'{"values": {"motor_rpm": [1]}}',
+                b'{"values": {"motor_rpm": 1}, "quality": 5}', b"[" * 100_000]
+
+
+def test_outbox_rows_the_gateway_never_writes_are_not_sent_said_once_and_the_session_goes_on(tmp_path, caplog):
+    """A damaged or hand-edited outbox row (not JSON, not the contract's shape, a value its metric cannot carry) was
+    an exception in the uplink at every start: a crash loop under systemd (exit 70). Through `data` and through the
+    births' newest rows, it is now sent as nothing, logged once, counted; good rows around it go out as before."""
+    from gateway.contract import Topics
+    from gateway.store.outbox import Message
+
+    fmt = online(tmp_path)
+    topic = Topics("edge/plant-a/gw1").telemetry("pump1")
+    good = Message(1, topic, json.dumps({"values": {"motor_rpm": 1480.0}}).encode(), NOW_MS / 1000 + 10)
+    assert [p.topic for p in fmt.data(good)] == ["spBv1.0/plant-a/DDATA/gw1/pump1"]
+    for seq, payload in enumerate(DAMAGED_ROWS, 2):
+        assert fmt.data(Message(seq, topic, payload, NOW_MS / 1000 + seq + 10)) == [], payload[:40]
+    again = Message(99, topic, json.dumps({"values": {"motor_rpm": 1490.0}}).encode(), NOW_MS / 1000 + 200)
+    assert [p.topic for p in fmt.data(again)] == ["spBv1.0/plant-a/DDATA/gw1/pump1"]
+    assert fmt.damaged == len(DAMAGED_ROWS)
+    said = [r.getMessage() for r in caplog.records if "not what the gateway writes" in r.getMessage()]
+    assert said == ["outbox message 2 (edge/plant-a/gw1/pump1/telemetry) is not what the gateway writes (its file "
+                    "damaged or edited by hand): not sent as Sparkplug; any more are counted (health: "
+                    "upstream.damaged)"]
+    # The next session's births read the newest rows: a damaged one among them is passed over.
+    fmt.lost()
+    fmt.connect_answered()
+    assert fmt.received(STATE, json.dumps({"online": True, "timestamp": NOW_MS + 1}).encode()).resend
+    births = fmt.session_started(lambda: [Message(100, topic, b'{"values": {"motor_rpm": "x"}}', NOW_MS / 1000 + 300)])
+    assert births and fmt.damaged == len(DAMAGED_ROWS) + 1
+    dbirth = next(pb.Payload.FromString(p.payload) for p in births if "/DBIRTH/" in p.topic)
+    assert next(m.double_value for m in dbirth.metrics if m.name == "motor_rpm") == 1490.0

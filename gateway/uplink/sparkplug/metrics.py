@@ -22,6 +22,7 @@ decoders (and Ignition) read it; signed integers up to 32 bits go in `int_value`
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -134,6 +135,16 @@ def _set(metric: Any, datatype: int, value: Any) -> None:
         metric.string_value = str(value)
     else:
         metric.double_value = float(value)
+
+
+def fits(datatype: int, value: Any) -> bool:
+    """Whether `_set` can carry `value` in a metric of `datatype`: a string in a string, a finite number (or a
+    boolean) in any other, no value in any."""
+    if value is None:
+        return True
+    if datatype in (pb.String, pb.Text):
+        return isinstance(value, str)
+    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def payload(ts_ms: int, seq: int | None, values: Iterable[tuple[Metric, Any, int]], *, birth: bool = False,

@@ -83,6 +83,7 @@ class SparkplugFormat:
         self._waiting_since: float | None = None  # when the births began to wait for first readings
         self._refused: set[str] = set()  # the kinds of refused messages logged
         self.refused = 0  # messages refused: commands other than a rebirth, STATEs that are not one
+        self.damaged = 0  # outbox rows not sent: not what the gateway writes (`_parsed`)
 
     # -- bdSeq: 0-255, +1 per CONNECT sent, kept across restarts -----------------------------
     def _load_bdseq(self) -> int | None:
@@ -124,8 +125,8 @@ class SparkplugFormat:
         if self._waiting_since is None:
             self._waiting_since = now
         for msg in newest():
-            if msg.device in self.last:
-                _, failed = self._remember(msg, historical=True)
+            if msg.device in self.last and (parsed := self._parsed(msg)) is not None:
+                _, failed = self._remember(msg, *parsed, historical=True)
                 if msg.kind == "telemetry" and failed:  # its newest reading failed: born when it reads again
                     self.dead.add(msg.device)
         unread = [d for d in self.metrics.devices if not self.last[d] and d not in self.dead]
@@ -190,10 +191,12 @@ class SparkplugFormat:
         device = msg.device
         if device is None or device not in self.metrics.devices or self.born_at is None:
             return []
+        if (parsed := self._parsed(msg)) is None:
+            return []
         known = self.metrics.devices[device]
         ts = _ms(msg.created)
         historical = msg.created < self.born_at  # older than this session's birth: history, whatever it says
-        values, failed = self._remember(msg, historical)
+        values, failed = self._remember(msg, *parsed, historical=historical)
         packets = []
         if device not in self.born:  # dead: born again by a good reading (a live one carries its values)
             if failed or msg.kind != "telemetry":
@@ -217,16 +220,35 @@ class SparkplugFormat:
             return []
         return [Packet(self.topics.device_topic("DDATA", device), metrics.payload(ts, self._next_seq(), changed))]
 
-    def _remember(self, msg: Message, historical: bool) -> tuple[dict[str, Any], bool]:
-        """The metrics a row sets, and whether it is a reading that failed as a whole; the device's latest
-        values (for births) and whether it is dead follow the row unless something newer is known."""
+    def _parsed(self, msg: Message) -> tuple[dict[str, Any], bool] | None:
+        """The metrics a row sets, and whether it is a reading that failed as a whole; None for a row the gateway
+        never writes (its outbox file damaged or edited by hand: not JSON, not the contract's shape, a value its
+        metric's datatype cannot carry), which would otherwise fail this row's packets or the next birth, at every
+        start. Such a row is sent as nothing: said once, then counted (`damaged`)."""
         assert msg.device is not None
-        body = msg.body
-        ts = _ms(msg.created)
         known = self.metrics.devices[msg.device]
-        values = {name: v for name, v in _values(msg.kind, body, ts).items() if name in known}
-        failed = msg.kind == "telemetry" and bool(body.get("quality")) and all(
-            tag in body["quality"] for tag in body["values"])
+        try:
+            body = msg.body
+            values = {name: v for name, v in _values(msg.kind, body, _ms(msg.created)).items() if name in known}
+            failed = msg.kind == "telemetry" and bool(body.get("quality")) and all(
+                tag in body["quality"] for tag in body["values"])
+            if all(metrics.fits(known[name].datatype, v) for name, v in values.items()):
+                return values, bool(failed)
+        except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
+            pass
+        if not self.damaged:
+            log.error("outbox message %d (%s) is not what the gateway writes (its file damaged or edited by hand): "
+                      "not sent as Sparkplug; any more are counted (health: upstream.damaged)", msg.seq, msg.topic,
+                      extra=fields(msg.device, "outbox_drop", seq=msg.seq))
+        self.damaged += 1
+        return None
+
+    def _remember(self, msg: Message, values: dict[str, Any], failed: bool, historical: bool
+                  ) -> tuple[dict[str, Any], bool]:
+        """The row's metrics (`_parsed`): the device's latest values (for births) and whether it is dead follow the
+        row unless something newer is known."""
+        assert msg.device is not None
+        ts = _ms(msg.created)
         last = self.last[msg.device]
         if msg.kind == "telemetry" and not historical:
             (self.dead.add if failed else self.dead.discard)(msg.device)
