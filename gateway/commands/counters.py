@@ -38,12 +38,14 @@ def counters(args: argparse.Namespace) -> int:
     try:
         if args.action == "set":
             return _set_counter(args, cfg, path)
-        rows, damaged = (admin.counter_audit(path), []) if args.action == "audit" else admin.counter_rows(path)
+        rows, damaged = admin.counter_audit(path) if args.action == "audit" else admin.counter_rows(path)
     except (OSError, sqlite3.Error) as err:
         print(f"cannot read {path}: {err}", file=sys.stderr)
         return EX_UNAVAILABLE
+    shown = ("counter audit {}: shown with - for what is not a time or a count" if args.action == "audit" else
+             "counter {}: shown as the gateway takes it up, those fields afresh")
     for note in damaged:
-        print(f"{path}: counter {note}: shown as the gateway takes it up, those fields afresh", file=sys.stderr)
+        print(f"{path}: {shown.format(note)}", file=sys.stderr)
     if args.action == "audit":
         keys = ("at", "device", "name", "old_total", "new_total", "reason", "by_user")
     else:
@@ -53,10 +55,11 @@ def counters(args: argparse.Namespace) -> int:
         print(json.dumps(records, indent=2))
         return EX_OK
     for r in records:
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.get("at") or r.get("updated") or 0))
+        at = r.get("at") if args.action == "audit" else r.get("updated")
+        when = "-" if at is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at))
         if args.action == "audit":
-            print(f"{when}  {r['device']}/{r['name']}: {r['old_total']} -> {r['new_total']} by {r['by_user']}: "
-                  f"{r['reason']}")
+            print(f"{when}  {r['device']}/{r['name']}: {_shown(r['old_total'])} -> {_shown(r['new_total'])} by "
+                  f"{r['by_user']}: {r['reason']}")
         else:
             print(f"{r['device']:<16} {r['name']:<14} total {r['total']:>12}  shift {r['shift']:>9} "
                   f"({r['shift_id'] or '-'})  last raw {r['last_raw'] if r['last_raw'] is not None else '-'}  "
@@ -64,6 +67,10 @@ def counters(args: argparse.Namespace) -> int:
     if not records:
         print("no counters yet" if args.action == "show" else "no baseline was ever set")
     return EX_OK
+
+
+def _shown(count: int | None) -> str:
+    return "-" if count is None else str(count)
 
 
 def _set_counter(args: argparse.Namespace, cfg: configuration.Config, path: str) -> int:

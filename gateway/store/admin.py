@@ -12,6 +12,9 @@ import sqlite3
 import time
 from typing import IO, Any
 
+from gateway.counters import MAX_TOTAL
+from gateway.units import instant
+
 
 def reader(path: str) -> sqlite3.Connection:
     """The outbox, read-only; FileNotFoundError when there is none (opening reads nothing yet)."""
@@ -109,6 +112,25 @@ def set_counter(path: str, device: str, name: str, total: int, reason: str, user
     return old
 
 
-def counter_audit(path: str) -> list[tuple[Any, ...]]:
-    return _read_all(path, "SELECT at, device, name, old_total, new_total, reason, by_user FROM counter_audit "
-                           "ORDER BY id")
+def counter_audit(path: str) -> tuple[list[tuple[Any, ...]], list[str]]:
+    """(at, device, name, old_total, new_total, reason, by_user) of every baseline set, in order, read-only; a field
+    that `set_counter` never writes (a file damaged or edited by hand) as None (a time, a count) or as text, and which
+    entries had one: `entry N is damaged`."""
+    rows, damaged = [], []
+    for n, row in enumerate(_read_all(path, "SELECT at, device, name, old_total, new_total, reason, by_user FROM "
+                                            "counter_audit ORDER BY id"), 1):
+        at, device, name, old, new, reason, user = row
+        fixed = (instant(at), _text(device), _text(name), _count(old), _count(new), _text(reason), _text(user))
+        if fixed != tuple(row):
+            damaged.append(f"entry {n} is damaged")
+        rows.append(fixed)
+    return rows, damaged
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else (
+        value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value))
+
+
+def _count(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_TOTAL else None

@@ -94,7 +94,8 @@ def test_counters_show_set_baseline_and_audit(mosquitto, gateway, tmp_path):
 
 
 def test_counters_show_says_which_saved_counter_is_damaged_and_shows_it_as_the_gateway_takes_it_up(tmp_path):
-    """Text in a count's column, a blob in the last raw value's: `counters show` was a traceback (text and --json)."""
+    """Text in a count's column, a blob in the last raw value's: `counters show` was a traceback (text and --json),
+    and `counters audit` on an entry with text for its time and a blob for a count."""
     import sqlite3
 
     from gateway import datadir
@@ -111,8 +112,17 @@ def test_counters_show_says_which_saved_counter_is_damaged_and_shows_it_as_the_g
     db = sqlite3.connect(tmp_path / "data" / datadir.OUTBOX)
     db.execute("UPDATE counters SET last_raw = X'00ff', updated = 'x' WHERE name = 'produced'")
     db.execute("UPDATE counters SET total = 'x' WHERE name = 'defects'")
+    db.execute("INSERT INTO counter_audit (at, device, name, old_total, new_total, reason, by_user) "
+               "VALUES ('x', 'line1', 'produced', X'00', 1e300, X'ff', 'me')")
     db.commit()
     db.close()
+    for args in ([], ["--json"]):  # and the audit
+        audit = subprocess.run([sys.executable, "-m", "gateway", "counters", "audit", "-c", str(config), *args],
+                               capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=30)
+        assert audit.returncode == 0 and "Traceback" not in audit.stderr, audit.stderr
+        assert "counter audit entry 1 is damaged: shown with - for what is not a time or a count" in audit.stderr
+    assert json.loads(audit.stdout) == [{"at": None, "device": "line1", "name": "produced", "old_total": None,
+                                         "new_total": None, "reason": "\ufffd", "by_user": "me"}]
     for args in ([], ["--json"]):
         shown = subprocess.run([sys.executable, "-m", "gateway", "counters", "show", "-c", str(config), *args],
                                capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=30)
