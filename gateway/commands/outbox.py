@@ -39,13 +39,17 @@ def outbox(args: argparse.Namespace) -> int:
             admin.reader(path).close()  # there is an outbox: an OSError after this is the file's
             try:
                 with replacing(args.file) as out:
-                    n = admin.export(path, out)
+                    n, damaged = admin.export(path, out)
             except BrokenPipeError:
                 raise
             except OSError as err:  # a full disk mid-way names no file: name it
                 print(f"cannot write {args.file}: {err.strerror}", file=sys.stderr)
                 return EX_CANTCREAT
             print(f"exported {n} messages to {args.file}", file=sys.stderr)
+            if damaged:
+                print(f"{damaged} of them are not what the gateway writes (the outbox damaged or edited by hand): a "
+                      f"payload that is not JSON is given as text in damaged_payload, a time that is not one as null",
+                      file=sys.stderr)
             return EX_OK
         info = admin.inspect(path)
     except BrokenPipeError:

@@ -13,7 +13,7 @@ import time
 from typing import IO, Any
 
 from gateway.counters import MAX_TOTAL
-from gateway.units import instant
+from gateway.units import LAST_INSTANT, instant
 
 
 def reader(path: str) -> sqlite3.Connection:
@@ -27,10 +27,13 @@ def inspect(path: str) -> dict[str, Any]:
     """What is waiting in the outbox: counts, bytes, seq range, age, per topic."""
     db = reader(path)
     try:
+        # What the gateway never writes (a file damaged or edited by hand) is not counted as what it means: a
+        # creation time that is not a time, a count that is not a number (the gateway repairs both when it opens).
         count, size, first, last, oldest = db.execute(
-            "SELECT count(*), coalesce(sum(length(payload)), 0), min(seq), max(seq), min(created) FROM outbox"
+            "SELECT count(*), coalesce(sum(length(payload)), 0), min(seq), max(seq), min(CASE WHEN typeof(created) IN "
+            "('real', 'integer') AND created BETWEEN 0 AND ? THEN created END) FROM outbox", (LAST_INSTANT,)
         ).fetchone()
-        meta = dict(db.execute("SELECT key, value FROM meta"))
+        meta = {k: v for k, v in db.execute("SELECT key, value FROM meta") if _count(v) is not None}
         per_topic = db.execute("SELECT topic, count(*) FROM outbox JOIN topics ON topics.id = topic_id "
                                "GROUP BY topic ORDER BY count(*) DESC").fetchall()
     finally:
@@ -38,23 +41,31 @@ def inspect(path: str) -> dict[str, Any]:
     on_disk = sum(os.path.getsize(path + s) for s in ("", "-wal") if os.path.exists(path + s))
     return {"messages": count, "payload_bytes": size, "file_bytes": on_disk, "first_seq": first, "last_seq": last,
             "oldest_age_s": round(time.time() - oldest, 1) if oldest else None, "next_seq": meta.get("last_seq", 0) + 1,
-            "dropped": meta.get("dropped", 0), "purged": meta.get("purged", 0), "topics": dict(per_topic)}
+            "dropped": meta.get("dropped", 0), "purged": meta.get("purged", 0),
+            "topics": {_text(t): n for t, n in per_topic}}
 
 
-def export(path: str, out: IO[str]) -> int:
-    """Write every waiting message as one JSON line (seq, topic, created, payload); return how many."""
+def export(path: str, out: IO[str]) -> tuple[int, int]:
+    """Write every waiting message as one JSON line (seq, topic, created, payload); return how many, and how many of
+    them the gateway never wrote (a file damaged or edited by hand): a payload that is not JSON is given as text in
+    `damaged_payload` (bytes that are not UTF-8 replaced), a creation time that is not a time as null."""
     db = reader(path)
-    n = 0
+    n = damaged = 0
     try:
         rows = db.execute("SELECT seq, topic, created, payload FROM outbox JOIN topics ON topics.id = topic_id "
                           "ORDER BY seq")
         for seq, topic, created, payload in rows:
-            out.write(json.dumps({"seq": seq, "topic": topic, "created": created,
-                                  "payload": json.loads(payload)}, separators=(",", ":")) + "\n")
+            record = {"seq": seq, "topic": _text(topic), "created": instant(created)}
+            try:
+                record["payload"] = json.loads(payload)
+            except (ValueError, TypeError, RecursionError):
+                record["damaged_payload"] = _text(payload)
+            damaged += record["created"] is None or "damaged_payload" in record or record["topic"] != topic
+            out.write(json.dumps(record, separators=(",", ":")) + "\n")
             n += 1
     finally:
         db.close()
-    return n
+    return n, damaged
 
 
 def purge(path: str) -> int:

@@ -149,6 +149,25 @@ def test_outbox_export_writes_every_message_or_says_which_file_it_could_not(tmp_
         failed = export(target)
         assert failed.returncode == 73 and failed.stderr == f"cannot write {target}: {why}\n", failed.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "gw.yaml", "out.jsonl"]  # no .tmp left
+    # A damaged outbox (not yet opened by the gateway, which repairs it): `stats` and `export` were tracebacks.
+    import sqlite3
+
+    db = sqlite3.connect(data / "gateway.db")
+    db.execute("UPDATE outbox SET payload = X'00ff', created = 'x' WHERE seq = 2")
+    db.execute("UPDATE topics SET topic = X'ff' WHERE topic = 'edge/lab/w/p0/telemetry'")
+    db.execute("INSERT OR REPLACE INTO meta VALUES ('dropped', 'x')")
+    db.commit()
+    db.close()
+    shown = export("-")
+    assert shown.returncode == 0 and "2 of them are not what the gateway writes" in shown.stderr, shown.stderr
+    lines = [json.loads(line) for line in shown.stdout.splitlines()]
+    assert lines[0]["topic"] == "\ufffd" and lines[1]["damaged_payload"] == "\x00\ufffd" and lines[1]["created"] is None
+    assert lines[2]["payload"]["i"] == 2
+    for args in ([], ["--json"]):
+        stats = subprocess.run([sys.executable, "-m", "gateway", "outbox", "stats", *args, "-c", str(config)],
+                               capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=60)
+        assert stats.returncode == 0 and "Traceback" not in stats.stderr, stats.stderr
+    assert json.loads(stats.stdout)["dropped"] == 0 and json.loads(stats.stdout)["messages"] == 3
 
 
 def test_a_damaged_outbox_file_is_repaired_at_open_said_once_and_delivers_the_rest(tmp_path, caplog):
