@@ -212,12 +212,17 @@ class OpcUaSource(PolledSource):
         values are known as of then (a counter at `ts` is the server's count at `ts`). When none did, or
         the newest is older than a few intervals (a value unchanged since the weekend), the time of
         this read (keep the server's clock and ours on NTP): the values still stand then, and the sample clock (publish interval,
-        max_silence, shifts) moves on while a machine stands still. Never before the last sample."""
+        max_silence, shifts) moves on while a machine stands still. Never before the last sample. A SourceTimestamp
+        ahead of our clock by more than that is not taken at all: since no sample goes back, one from a server clock
+        set wrong (or the year 30000 a DateTime can say) held every later sample there, past what a message can carry."""
         now = time.time()
+        slack = max(3 * self.device.interval, 5.0)
+        if newest is not None and newest - now > slack:
+            newest = None
         changed = newest is not None and (self._newest_seen is None or newest > self._newest_seen)
         if newest is not None:
             self._newest_seen = newest if self._newest_seen is None else max(self._newest_seen, newest)
-        recent = newest is not None and now - newest <= max(3 * self.device.interval, 5.0)
+        recent = newest is not None and now - newest <= slack
         ts = newest if changed and recent and newest is not None else now
         if self._last_ts is not None:
             ts = max(ts, self._last_ts)

@@ -385,6 +385,38 @@ def test_while_nothing_changes_the_sample_time_moves_on_and_an_old_source_timest
     assert all(b > a for a, b in zip(times, times[1:])), times
 
 
+def test_a_source_timestamp_from_a_server_clock_far_ahead_is_not_taken_and_does_not_hold_later_samples():
+    """A server whose clock says 2200 (or any time ahead of ours by more than a few intervals): its SourceTimestamp
+    became the sample time, and since a sample never goes back, every later one stayed in 2200 too, even after the
+    server's clock was set right. Now such a time is not taken: the sample is stamped with the read."""
+    import datetime as dt
+
+    from asyncua import ua
+
+    from gateway.sources.opcua import OpcUaSource
+
+    ahead = dt.datetime(2200, 1, 1, tzinfo=dt.timezone.utc)
+
+    async def body(server, variables, port):
+        source = OpcUaSource(opcua_device(port, '      - {name: a, node: "ns=2;s=T.a"}\n', mode="poll"))
+        try:
+            samples = []
+            for i in range(3):
+                await variables[0].write_value(ua.DataValue(ua.Variant(i, ua.VariantType.UInt32), SourceTimestamp=ahead))
+                samples.append(await source.read())
+            right = dt.datetime.now(dt.timezone.utc)
+            await variables[0].write_value(ua.DataValue(ua.Variant(7, ua.VariantType.UInt32), SourceTimestamp=right))
+            samples.append(await source.read())
+            return samples, right.timestamp()
+        finally:
+            await source.aclose()
+    before = time.time()
+    samples, right = with_server(body)
+    assert [s.values["a"] for s in samples] == [0, 1, 2, 7]
+    assert all(before - 1 <= s.ts <= time.time() + 1 for s in samples), [s.ts for s in samples]
+    assert samples[-1].ts == pytest.approx(right, abs=1e-3)  # the server's clock set right: its time is taken again
+
+
 def test_an_unknown_server_certificate_is_refused_until_trusted_and_a_pinned_one_works(tmp_path, capsys, caplog):
     """The trust store as Ignition and Kepware keep it: refused and written to rejected/ with the
     words to trust it; `edge-gateway opcua trust DEVICE` moves it to trusted/ and the next attempt reads."""
