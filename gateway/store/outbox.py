@@ -626,7 +626,7 @@ def _hints(cls: type) -> dict[str, Any]:
 
 def _fits(value: object, hint: Any) -> bool:
     """`value` read back from JSON is of the declared type: a float is a finite number from 0 to the end of 9999 (the
-    records' times and durations, as `rfc3339` writes them), an int one from 0 to 2^53."""
+    records' times and durations, as `rfc3339` writes them), an int one from 0 to `MAX_TOTAL` (2^53 - 1)."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
         return any(_fits(value, a) for a in args)
