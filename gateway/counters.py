@@ -28,6 +28,12 @@ MAX_TOTAL = 2**53 - 1  # the largest total `counters set` takes: exact in any JS
 # SQLite's 2^63 - 1 (a total set near that overflowed the next commit: a crash loop); counting there takes centuries
 
 
+def total_of(value: object) -> int | None:
+    """A count read back (a total, a raw value, a meta count) as the gateway writes it: an int from 0 to
+    `MAX_TOTAL`; None for anything else (a file damaged or edited by hand)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_TOTAL else None
+
+
 @dataclass
 class CounterRow:
     """A counter's state: the last raw value read, the lifetime and shift totals."""

@@ -12,7 +12,7 @@ import sqlite3
 import time
 from typing import IO, Any
 
-from gateway.counters import MAX_TOTAL
+from gateway.counters import total_of
 from gateway.units import LAST_INSTANT, instant
 
 
@@ -33,7 +33,7 @@ def inspect(path: str) -> dict[str, Any]:
             "SELECT count(*), coalesce(sum(length(payload)), 0), min(seq), max(seq), min(CASE WHEN typeof(created) IN "
             "('real', 'integer') AND created BETWEEN 0 AND ? THEN created END) FROM outbox", (LAST_INSTANT,)
         ).fetchone()
-        meta = {k: v for k, v in db.execute("SELECT key, value FROM meta") if _count(v) is not None}
+        meta = {k: v for k, v in db.execute("SELECT key, value FROM meta") if total_of(v) is not None}
         per_topic = db.execute("SELECT topic, count(*) FROM outbox JOIN topics ON topics.id = topic_id "
                                "GROUP BY topic ORDER BY count(*) DESC").fetchall()
     finally:
@@ -131,7 +131,7 @@ def counter_audit(path: str) -> tuple[list[tuple[Any, ...]], list[str]]:
     for n, row in enumerate(_read_all(path, "SELECT at, device, name, old_total, new_total, reason, by_user FROM "
                                             "counter_audit ORDER BY id"), 1):
         at, device, name, old, new, reason, user = row
-        fixed = (instant(at), _text(device), _text(name), _count(old), _count(new), _text(reason), _text(user))
+        fixed = (instant(at), _text(device), _text(name), total_of(old), total_of(new), _text(reason), _text(user))
         if fixed != tuple(row):
             damaged.append(f"entry {n} is damaged")
         rows.append(fixed)
@@ -141,7 +141,3 @@ def counter_audit(path: str) -> tuple[list[tuple[Any, ...]], list[str]]:
 def _text(value: Any) -> str:
     return value if isinstance(value, str) else (
         value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value))
-
-
-def _count(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_TOTAL else None

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any, TypeVar
 
 from gateway import contract, datadir
-from gateway.counters import MAX_TOTAL, CounterRow
+from gateway.counters import CounterRow, total_of
 from gateway.logs import fields
 from gateway.units import LAST_INSTANT, instant
 
@@ -165,33 +165,34 @@ class Outbox:
     def open(cls, path: str, *, bounds: Bounds | None = None, sync: str = "normal") -> Outbox:
         """Open (or create) the outbox file: seq, counts and drops as they were left."""
         outbox = cls(_open(path, sync), path, bounds)
-        outbox._repair()
+        outbox.stats.messages, outbox.stats.bytes = outbox._repair()
         outbox._reload_topics()
         db = outbox._db
         outbox.last_seq = max(outbox._meta("last_seq"), db.execute("SELECT coalesce(max(seq), 0) FROM outbox").fetchone()[0])
         outbox._written_seq = outbox.last_seq
         outbox.stats.dropped = outbox._meta("dropped")
-        outbox.stats.messages, outbox.stats.bytes = db.execute(
-            "SELECT count(*), coalesce(sum(length(payload)), 0) FROM outbox").fetchone()
         return outbox
 
-    def _repair(self) -> None:
+    def _repair(self) -> tuple[int, int]:
         """Take out what the gateway never writes (a file damaged or edited by hand), which would fail the uplink at
         every start, a crash loop under systemd: messages whose topic is lost (no topic row, or one that is not
         text) cannot be delivered and are dropped (counted as drops); a creation time that is not a time from 1970 to
-        9999 becomes now; a meta value that is not an integer is recounted. Said once, at the start."""
+        9999 becomes now; a meta value that is not an integer is recounted. Said once, at the start. Returns the
+        messages waiting and their payload bytes, counted in the same pass."""
         db, now = self._db, time.time()
         text_topics = "SELECT id FROM topics WHERE typeof(topic) = 'text'"
         untimed = "NOT (typeof(created) IN ('real', 'integer') AND created BETWEEN 0 AND ?)"
         lost_rows = f"topic_id NOT IN ({text_topics})"
-        # One pass over the messages at every start (a backlog of 500,000 here: 130 ms), more only when damaged.
-        n_lost, retimed = db.execute(f"SELECT coalesce(sum({lost_rows}), 0), coalesce(sum({untimed}), 0) FROM outbox",
-                                     (LAST_INSTANT,)).fetchone()
+        waiting = "SELECT count(*), coalesce(sum(length(payload)), 0) FROM outbox"
+        # One pass over the messages at every start, the count of what waits with it; more only when damaged.
+        messages, size, n_lost, retimed = db.execute(
+            f"SELECT count(*), coalesce(sum(length(payload)), 0), coalesce(sum({lost_rows}), 0), "
+            f"coalesce(sum({untimed}), 0) FROM outbox", (LAST_INSTANT,)).fetchone()
         lost = (n_lost, *db.execute(f"SELECT min(seq), max(seq) FROM outbox WHERE {lost_rows}").fetchone()) \
             if n_lost else (0, None, None)
         (bad_meta,) = db.execute("SELECT count(*) FROM meta WHERE typeof(value) != 'integer'").fetchone()
         if not (lost[0] or retimed or bad_meta):
-            return
+            return messages, size
         db.execute("BEGIN IMMEDIATE")
         try:
             db.execute("DELETE FROM meta WHERE typeof(value) != 'integer'")
@@ -214,6 +215,8 @@ class Outbox:
                       f"{retimed} creation time(s) that are not a time: taken as now" if retimed else "",
                       f"{bad_meta} count(s) that are not a number: counted again" if bad_meta else "") if part),
                   extra=fields(None, "outbox_drop" if lost[0] else "state_unreadable"))
+        messages, size = db.execute(waiting).fetchone()
+        return messages, size
 
     # -- reading ---------------------------------------------------------------
     def _meta(self, key: str) -> int:
@@ -600,17 +603,18 @@ def counter_row(last_raw: Any, total: Any, shift_total: Any, shift_id: Any, upda
     damaged = []
 
     def count(field: str, value: Any, default: Any) -> Any:
-        if value is default or (isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_TOTAL):
+        if value is default or total_of(value) is not None:
             return value
         damaged.append(f"{field}: {value!r:.40}")
         return default
 
+    when = instant(updated)
     row = CounterRow(count("last_raw", last_raw, None), count("total", total, 0),
                      count("shift_total", shift_total, 0), shift_id if isinstance(shift_id, str) else None,
-                     instant(updated) or 0.0)
+                     when or 0.0)
     if shift_id is not None and row.shift_id is None:
         damaged.append(f"shift_id: {shift_id!r:.40}")
-    if instant(updated) is None:
+    if when is None:
         damaged.append(f"updated: {updated!r:.40}")
     return row, damaged
 
@@ -639,7 +643,7 @@ def _fits(value: object, hint: Any) -> bool:
     if hint is bool or hint is str:
         return isinstance(value, hint)
     if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_TOTAL
+        return total_of(value) is not None
     if hint is float:
         return instant(value) is not None
     return True
