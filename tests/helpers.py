@@ -306,7 +306,7 @@ devices:
 class NoSource:
     """The samples are fed by the test."""
 
-    skipped_ticks = 0
+    skipped_ticks = dropped = 0
 
     async def samples(self):
         raise AssertionError("not polled")

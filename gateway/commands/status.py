@@ -60,7 +60,8 @@ def _show(state: dict[str, Any], running: bool | None, age: float, health_interv
           f"dropped {state['dropped']}; store errors {state['store_errors']}")
     for name, dev in state["devices"].items():
         print(f"device    {name:<16} {dev['state']:<9} last sample {dev['last_sample'] or '-'}  "
-              f"errors {dev['errors']}  {dev['last_error'] or ''}")
+              f"errors {dev['errors']}" + (f"  dropped {dev['dropped']}" if dev.get("dropped") else "")
+              + f"  {dev['last_error'] or ''}")
         if a := dev.get("anomaly"):
             score = "-" if a["score"] is None else f"{a['score']:.4f}"
             print(f"  model   {a['model']:<14} {a['state']}  score {score} / threshold {a['threshold']:.4f}  "

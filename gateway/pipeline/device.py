@@ -88,7 +88,8 @@ class DeviceRunner:
     def health_report(self) -> dict[str, Any]:
         h = self.health
         report: dict[str, Any] = {"state": h.state, "polls": h.polls, "errors": h.errors,
-                                  "skipped_ticks": self.source.skipped_ticks, "bad_tags": h.bad_tags,
+                                  "skipped_ticks": self.source.skipped_ticks, "dropped": self.source.dropped,
+                                  "bad_tags": h.bad_tags,
                                   "last_error": h.last_error,
                                   "last_sample": rfc3339(h.last_sample) if h.last_sample else None}
         if self.scoring is not None:

@@ -36,6 +36,11 @@ class Source(Protocol):
         """Polls skipped because one took longer than the interval (0 for a pushing source)."""
         ...
 
+    @property
+    def dropped(self) -> int:
+        """Readings dropped unread because they came faster than the pipeline took them (0 for a polled source)."""
+        ...
+
 
 @runtime_checkable
 class TypedSource(Protocol):

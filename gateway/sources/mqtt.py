@@ -30,6 +30,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from gateway.config import LocalBrokerSection, MqttDevice
 from gateway.credentials import read_secret
 from gateway.errors import SourceError
+from gateway.logs import fields
 from gateway.retry import backoff, down
 from gateway.sample import ERROR, OK, Sample
 from gateway.supervise import in_daemon_thread, within
@@ -122,8 +123,8 @@ class MqttLink:
                 if mqtt.topic_matches_sub(source.device.topic, message.topic):
                     if size > limit:  # never parsed: a 10 MB JSON document would stay in the heap
                         loop.call_soon_threadsafe(source.deliver_error, SourceError(
-                            f"a message of {size} bytes on {message.topic} is above local_broker.max_message_size "
-                            f"({limit} bytes); dropped"))
+                            f"a message above local_broker.max_message_size ({limit} bytes) on {source.device.topic}: "
+                            f"{size} bytes on {message.topic}, dropped"))
                     else:
                         loop.call_soon_threadsafe(source.deliver, message.topic, message.payload, arrived)
 
@@ -155,7 +156,8 @@ class MqttSource:
     def __init__(self, device: MqttDevice, link: MqttLink) -> None:
         self.device = device
         self.link = link
-        self.dropped = 0
+        self.dropped = 0  # messages dropped unread because the pipeline fell behind (health's `dropped`)
+        self._dropping = False  # since the first drop, until the queue is empty again: said once each way
         self._queue: asyncio.Queue[Sample | SourceError] | None = None
         link.add(self)
 
@@ -169,6 +171,11 @@ class MqttSource:
         if queue.qsize() >= QUEUE_LIMIT:
             queue.get_nowait()
             self.dropped += 1
+            if not self._dropping:
+                self._dropping = True
+                log.warning("device %s: messages on %s arrive faster than they are processed: with %d waiting, "
+                            "the oldest are dropped (counted in health's dropped)", self.device.name,
+                            self.device.topic, QUEUE_LIMIT, extra=fields(self.device.name, "messages_dropped"))
         queue.put_nowait(decode(self.device, payload, arrived))
 
     def deliver_error(self, err: SourceError) -> None:
@@ -182,6 +189,10 @@ class MqttSource:
                 item = await within(self._q().get(), silence)
             except asyncio.TimeoutError:
                 item = SourceError(f"no message on {device.topic} for {silence:g}s")
+            if self._dropping and self._q().empty():
+                self._dropping = False
+                log.info("device %s: caught up with its messages (%d dropped so far)", device.name, self.dropped,
+                         extra=fields(device.name, "messages_caught_up"))
             if isinstance(item, SourceError):
                 yield Sample.failure(device.name, time.time(), device.tags, str(item))
             else:
@@ -196,11 +207,11 @@ def decode(device: MqttDevice, payload: bytes | bytearray, arrived: float) -> Sa
     try:
         doc = json.loads(payload)
     except RecursionError:
-        return SourceError(f"JSON nested too deeply on {device.topic} (payload {_preview(payload)})")
+        return SourceError(f"JSON nested too deeply on {device.topic}: payload {_preview(payload)}")
     except ValueError as err:  # not JSON, not UTF-8/16/32, or an integer of thousands of digits
         return SourceError(f"malformed JSON on {device.topic}: {err} (payload {_preview(payload)})")
     if not isinstance(doc, dict):
-        return SourceError(f"expected a JSON object on {device.topic}, got {type(doc).__name__} "
+        return SourceError(f"expected a JSON object on {device.topic}: got {type(doc).__name__} "
                            f"(payload {_preview(payload)})")
     values: dict[str, float | None] = {}
     quality: dict[str, str] = {}

@@ -46,6 +46,10 @@ class PolledSource:
     def skipped_ticks(self) -> int:
         return self._skipped
 
+    @property
+    def dropped(self) -> int:
+        return 0  # a poll is read when the pipeline asks for it
+
     async def read(self) -> Sample:
         raise NotImplementedError
 

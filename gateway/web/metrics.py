@@ -70,6 +70,9 @@ def _devices(gw: Gateway, rec: Recorder) -> Iterator[Metric]:
                                       labels=d),
         "skipped": CounterMetricFamily("edge_gateway_device_skipped_ticks", "poll ticks missed because a read ran late",
                                        labels=d),
+        "dropped": CounterMetricFamily("edge_gateway_device_dropped",
+                                       "readings dropped unread: a sensor sent faster than they were processed",
+                                       labels=d),
         "state": GaugeMetricFamily("edge_gateway_device_state", "1 for the device's current state",
                                    labels=["device", "state"]),
         "last": GaugeMetricFamily("edge_gateway_device_last_sample_timestamp_seconds", "UNIX time of the last sample",
@@ -98,6 +101,7 @@ def _devices(gw: Gateway, rec: Recorder) -> Iterator[Metric]:
         fams["samples"].add_metric([name], h.polls)
         fams["errors"].add_metric([name], h.errors)
         fams["skipped"].add_metric([name], r.source.skipped_ticks)
+        fams["dropped"].add_metric([name], r.source.dropped)
         for state in DEVICE_STATES:
             fams["state"].add_metric([name, state], 1 if h.state == state else 0)
         if h.last_sample is not None:

@@ -183,6 +183,12 @@ def test_mqtt_device_fed_garbage_then_good_data(tmp_path, mosquitto, gateway, su
     assert bad["values"] == {"motor_rpm": None, "bearing_temp_c": None}
     assert bad["quality"] == {"motor_rpm": "error", "bearing_temp_c": "error"}
     assert gw.logs().count("malformed JSON on plant/pump7/state") == 1
+    # Another kind of garbage, each payload different: said once too.
+    for i in range(5):
+        send(f"[{i}]".encode())
+    wait_until(lambda: len([p for p in pump7() if p["values"]["motor_rpm"] is None]) >= 10, 20,
+               what="the arrays as error samples")
+    assert gw.logs().count("expected a JSON object") == 1
 
     # A wrong type and a missing field: only those tags are bad.
     for _ in range(3):
@@ -211,6 +217,7 @@ def test_mqtt_device_fed_garbage_then_good_data(tmp_path, mosquitto, gateway, su
     state = tmp_path / "data" / "state.json"
     wait_until(lambda: state.exists() and json.loads(state.read_text())["devices"]["pump7"]["errors"] >= 9, 10,
                what="the state file to count the errors")
+    assert json.loads(state.read_text())["devices"]["pump7"]["dropped"] == 0  # all taken: none dropped
     sensor.disconnect()
     sensor.loop_stop()
     assert gw.stop() == 0
@@ -308,12 +315,14 @@ def test_a_message_above_max_message_size_is_refused_by_the_broker_and_by_the_ga
     gw = gateway(gateway_config(tmp_path / "data", mosquitto.port, devices=devices, extra=extra)).start()
     wait_until(lambda: "connected to the local broker" in gw.logs(), 20, what="the gateway to subscribe")
     sensor = connect(mosquitto.port, name="sensor")
-    sensor.publish("plant/temp1", json.dumps({"t": 1, "pad": "x" * 70_000}).encode(), qos=1).wait_for_publish(10)
+    for pad in (70_000, 80_000):  # two sizes, one kind of error: logged once
+        sensor.publish("plant/temp1", json.dumps({"t": 1, "pad": "x" * pad}).encode(), qos=1).wait_for_publish(10)
     sensor.publish("plant/temp1", json.dumps({"t": 2}).encode(), qos=1).wait_for_publish(10)
-    wait_until(lambda: [p["values"]["t"] for p in up.on("/temp1/telemetry")][:2] == [None, 2], 20,
-               what="the refused message as an error sample, then the good one")
-    assert "a message of 70019 bytes on plant/temp1 is above local_broker.max_message_size (65536 bytes); " \
-           "dropped" in gw.logs()
+    wait_until(lambda: [p["values"]["t"] for p in up.on("/temp1/telemetry")][:3] == [None, None, 2], 20,
+               what="the refused messages as error samples, then the good one")
+    assert gw.logs().count("a message above local_broker.max_message_size (65536 bytes) on plant/temp1: "
+                           "70019 bytes on plant/temp1, dropped") == 1
+    assert "80019 bytes" not in gw.logs()
     state = tmp_path / "data" / "state.json"
     wait_until(lambda: state.exists() and json.loads(state.read_text())["devices"]["temp1"]["errors"] >= 1, 30,
                what="the error counted in health")

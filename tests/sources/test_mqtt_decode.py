@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+import logging
+
 import pytest
 
 from gateway import config
@@ -87,3 +91,38 @@ def test_fuzzed_payloads_are_a_sample_or_a_source_error_and_always_encode():
         assert isinstance(result, (Sample, SourceError)), payload
         if isinstance(result, Sample):
             contract.encode(contract.telemetry("s1", result.ts, result.values, result.quality))
+
+
+def test_a_flood_beyond_the_queue_drops_the_oldest_counted_and_said_once_each_way(caplog):
+    """Messages that come faster than the pipeline takes them: the oldest waiting are dropped, counted
+    (health's `dropped`), said once when it starts and once when the device has caught up."""
+    from gateway.sources.mqtt import QUEUE_LIMIT, MqttLink, MqttSource
+
+    async def flood() -> list[float]:
+        source = MqttSource(DEVICE, MqttLink(config.parse(_LOCAL).local_broker, "g"))
+        taken: list[float] = []
+        stream = source.samples()
+        for rounds in range(2):
+            for i in range(QUEUE_LIMIT + 25):  # paho's thread delivers while the pipeline is busy
+                source.deliver("plant/s1", json.dumps({"t": i, "x": {"flow": 1}}).encode(), 1_700_000_000.0 + i)
+            for _ in range(QUEUE_LIMIT):
+                taken.append((await anext(stream)).values["temp"])
+        await stream.aclose()
+        assert source.dropped == 50
+        return taken
+
+    with caplog.at_level(logging.INFO, logger="edge_gateway.sources.mqtt"):
+        taken = asyncio.run(flood())
+    assert taken[:2] == [25.0, 26.0] and taken[QUEUE_LIMIT - 1] == QUEUE_LIMIT + 24  # the newest kept
+    said = [r.getMessage() for r in caplog.records]
+    assert sum("arrive faster than they are processed" in m for m in said) == 2  # once per flood
+    assert sum("caught up with its messages" in m for m in said) == 2
+    assert "(50 dropped so far)" in said[-1]
+
+
+_LOCAL = """gateway: {id: g, site: s}
+upstream: {host: h}
+local_broker: {listen: "127.0.0.1:1883", client: {username: gw, password_file: /dev/null}}
+devices:
+  - {name: s1, source: mqtt, topic: plant/s1, fields: {temp: t}}
+"""
