@@ -68,6 +68,7 @@ MODEL_DIRS = (Path(__file__).resolve().parents[2] / "models", Path("/opt/edge-ga
 DRIFT_CAP = 0.5  # the drift tags together contribute at most this share of the threshold: they cannot raise an
 # alarm alone
 COMPONENTS = ("level", "spe", "residual", "autoencoder")
+INTERVAL_RANGE = (1e-3, 1e7)  # seconds between samples a model may be trained on: 1 ms to 115 days
 SCALE_LIMIT = 1e200  # the largest centre or spread of a tag: its inverse and its products stay finite
 LEVEL = "abs_mean"  # the level statistic: |mean input| over the context (stats.level)
 LEVEL_BEFORE = "mean_abs"  # a model trained before stats.level: the mean |input|, which its norms are of
@@ -191,7 +192,9 @@ class Model:
         self.meta = meta
         self.identity = digest  # what a saved event state was scored by (`DeviceScorer.resume`)
         try:
-            self.name = str(meta.get("name", tflite_path.stem))
+            name = meta.get("name")  # printed to a terminal: no control characters, no megabyte
+            self.name = name if isinstance(name, str) and name.isprintable() and 0 < len(name) <= 100 \
+                else tflite_path.stem
             self.tags: list[str] = [str(t) for t in meta["tags"]]
             self.window, self.stride = int(meta["window"]), int(meta["stride"])
             self.interval = float(meta["interval_s"])
@@ -199,7 +202,7 @@ class Model:
             inputs = meta["inputs"]
             n = len(self.tags)
             columns = (inputs["center"], inputs["spread"], inputs["drift"], meta["error_scale"])
-            if any(len(c) != n for c in columns):
+            if any(np.shape(c) != (n,) for c in columns):  # one flat entry each: [[1], [2]] is two lists
                 raise ValueError(f"inputs.center, inputs.spread, inputs.drift and error_scale need one entry per tag "
                                  f"({n} tags)")
             if "level_scale" in meta["stats"] and np.shape(meta["stats"]["level_scale"]) != (n,):  # a 1 MB string
@@ -224,13 +227,14 @@ class Model:
             self.top_n = int(meta.get("top_tags", 3))
             self.flatline_tags = set(meta.get("flatline_tags", self.tags))
             self.flatline_after = int(meta.get("flatline_after", self.window))  # samples of one exact value
-            if self.window < 1 or self.stride < 1 or self.interval <= 0 or not math.isfinite(self.threshold) \
-                    or self.threshold <= 0 or self.cusum_h <= 0 or self.end_after < 1 \
-                    or not 0 <= self.subside < 1 or not 1 <= self.settle < math.inf \
+            if self.window < 1 or self.stride < 1 or not INTERVAL_RANGE[0] <= self.interval <= INTERVAL_RANGE[1] \
+                    or not 0 < self.threshold < math.inf or not 0 < self.cusum_h <= self.cusum_cap < math.inf \
+                    or self.end_after < 1 or not 0 <= self.subside < 1 or not 1 <= self.settle < math.inf \
                     or not 0 <= self.false_alarm_rate < math.inf or not 0 <= self.commissioned_s < math.inf:
-                raise ValueError("window, stride and events.end_after need to be 1 or more, interval_s, threshold and "
-                                 "events.h above 0, events.subside from 0 to below 1, events.settle 1 or more, "
-                                 "false_alarms.per_second and false_alarms.recording_s 0 or more")
+                raise ValueError(f"window, stride and events.end_after need to be 1 or more, interval_s from "
+                                 f"{INTERVAL_RANGE[0]:g} to {INTERVAL_RANGE[1]:g}, threshold above 0, events.h above 0 "
+                                 f"and events.cap h or more, events.subside from 0 to below 1, events.settle 1 or "
+                                 f"more, false_alarms.per_second and false_alarms.recording_s 0 or more, all finite")
             self.context = self.stats.context
         except (KeyError, TypeError, ValueError, ArithmeticError) as err:  # ArithmeticError: an int of Infinity
             why = f"lacks {err}" if isinstance(err, KeyError) else str(err)

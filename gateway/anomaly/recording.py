@@ -9,7 +9,8 @@ wrong guess would corrupt a model:
   text"), else read as Latin-1;
 - the time column is the one named, else the first whose name says time (`time`, `timestamp`,
   `datetime`, `date`, `ts`), else the first whose cells read as times. A time is RFC 3339 /
-  ISO 8601 (no zone = UTC) or, in a column so named, epoch seconds (milliseconds when > 1e11);
+  ISO 8601 (no zone = UTC) or, in a column so named, epoch seconds (milliseconds when > 1e11), from the
+  year 1 to 9999 UTC;
 - every numeric column is a tag unless `tags` names them; a cell that is empty or not a number
   is a missing value; a column that holds no number at all is left out and said so;
 - rows are put in time order; a time given twice keeps its last row (a replay keeps every row as given).
@@ -33,6 +34,7 @@ import numpy as np
 
 from gateway.errors import GatewayError
 from gateway.files import replacing
+from gateway.units import LAST_INSTANT
 
 TIME_NAMES = ("time", "timestamp", "datetime", "date", "ts", "date_time", "time_stamp")
 _ISO_HINT = re.compile(r"^\d{4}-\d{2}-\d{2}")
@@ -90,6 +92,12 @@ class Recording:
         return times, out
 
 
+MAX_BYTES = 512 << 20  # a CSV larger than this is read by parts (a week of 50 tags at 1 Hz is about 300 MiB)
+_LINE_END = re.compile(r"\r\n|\r|\n")
+FIRST_INSTANT = datetime(1, 1, 1, tzinfo=timezone.utc).timestamp()  # the times a recording may hold: those
+# `format_time` can write back (a replay's rows, history's export), 0001-01-01 to 9999-12-31 UTC
+
+
 def parse_time(text: str, epoch: bool = False) -> float | None:
     """Epoch seconds from an RFC 3339 / ISO 8601 time (no zone = UTC) or, when `epoch`, a number."""
     text = text.strip()
@@ -102,7 +110,8 @@ def parse_time(text: str, epoch: bool = False) -> float | None:
             return None
         if not math.isfinite(value):
             return None
-        return value / 1000.0 if abs(value) > 1e11 else value
+        value = value / 1000.0 if abs(value) > 1e11 else value
+        return value if FIRST_INSTANT <= value <= LAST_INSTANT else None  # microseconds are past the year 9999
     if not _ISO_HINT.match(text):
         return None
     if text[-1] in "zZ":
@@ -113,7 +122,8 @@ def parse_time(text: str, epoch: bool = False) -> float | None:
         return None
     if stamp.tzinfo is None:
         stamp = stamp.replace(tzinfo=timezone.utc)
-    return stamp.timestamp()
+    ts = stamp.timestamp()
+    return ts if FIRST_INSTANT <= ts <= LAST_INSTANT else None  # 9999-12-31T23:00-05:00 is the year 10000 in UTC
 
 
 def format_time(ts: float) -> str:
@@ -143,11 +153,17 @@ def read_csv(path: str | Path, *, time_column: str | None = None, tags: Sequence
     the file's order (a replay gives one result per row of the file, to be set beside it)."""
     path = Path(path)
     try:
-        raw = path.read_bytes()
+        with path.open("rb") as f:
+            raw = f.read(MAX_BYTES + 1)  # not read_bytes(): /dev/zero, or a stream, has no end
     except OSError as err:
         raise DataError(f"cannot read {path}: {err.strerror}") from None
+    if len(raw) > MAX_BYTES:
+        raise DataError(f"{path}: larger than {MAX_BYTES >> 20} MiB, more than this reads at once: give it in parts "
+                        f"(model train takes --csv more than once)")
     text = _decoded(raw)
-    lines = text.splitlines()
+    lines = _LINE_END.split(text)  # not str.splitlines(): a Windows-1252 "…" (0x85) is a line end to it
+    if lines and not lines[-1]:
+        lines.pop()
     if not lines or not lines[0].strip():
         raise DataError(f"{path}: empty file, or no header line")
     header_line = lines[0]
@@ -174,13 +190,16 @@ def read_csv(path: str | Path, *, time_column: str | None = None, tags: Sequence
         ts = parse_time(cell, epoch)
         if ts is None:
             raise DataError(f"{path}:{lineno}: column {header[t_index]}: {cell.strip()!r} is not a time "
-                            f"(RFC 3339, e.g. 2026-03-09T10:14:33Z{', or epoch seconds' if epoch else ''})")
+                            f"(RFC 3339, e.g. 2026-03-09T10:14:33Z{', or epoch seconds or milliseconds' if epoch else ''}"
+                            f", from the year 1 to 9999 UTC)")
         times.append(ts)
     decimal_comma = delimiter != ","
     notes: list[str] = []
     names: list[str] = []
     values: list[list[float]] = []
-    wanted = list(tags) if tags else [h for i, h in enumerate(header) if i != t_index]
+    wanted = list(tags) if tags else [h for i, h in enumerate(header) if i != t_index and h]
+    if not tags and "" in position and position[""] != t_index:  # pandas writes its row index so: no tag
+        notes.append(f"column {position[''] + 1} left out: it has no name")
     unknown = [t for t in wanted if t not in position]
     if unknown:
         raise DataError(f"{path}: no column {names_text(unknown)} (it has {names_text(header)})")
@@ -192,8 +211,9 @@ def read_csv(path: str | Path, *, time_column: str | None = None, tags: Sequence
         if tags is None and given and good == 0:
             notes.append(f"column {name} left out: not numeric")
             continue
-        if tags is not None and given and good == 0:
-            raise DataError(f"{path}: column {name} holds no number (first cell {cells[0].strip()!r})")
+        if tags is not None and body and good == 0:  # a tag asked for (or a model's) that no row gives
+            raise DataError(f"{path}: column {name} holds no number (" +
+                            (f"first cell {cells[0].strip()!r})" if given else "every cell empty)"))
         if good < given:
             notes.append(f"column {name}: {given - good} cell(s) not a number, taken as missing")
         names.append(name)

@@ -13,6 +13,7 @@ import base64
 import datetime as dt
 import html
 import io
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ from gateway.errors import GatewayError
 
 SUFFIXES = (".png", ".html", ".htm")
 TOP = 3  # raw tags shown
+STACKED = 9  # tags stacked by name in the contributions; beyond, the rest as one
+DRAWN = 1e15  # raw readings beyond this size are left out of the picture (and said)
 
 
 class MissingPlot(GatewayError):
@@ -87,19 +90,31 @@ def write(path: str, model: Any, rows: Sequence[Any], values: np.ndarray, title:
     ax.legend(loc="upper left", fontsize=8)
     ax.set_title(title, fontsize=10)
     ax = axes[1]
+    shown = [int(i) for i in np.argsort(weight)[::-1][:STACKED]] if len(tags) > STACKED + 1 else list(range(len(tags)))
+    stack, labels = np.nan_to_num(contrib[:, shown]), [tags[j] for j in shown]
+    if len(shown) < len(tags):  # 23 tags (or 2000) in one legend say nothing: the largest, and the rest as one
+        stack = np.column_stack([stack, np.nan_to_num(np.delete(contrib, shown, axis=1)).sum(axis=1)])
+        labels.append(f"{len(tags) - len(shown)} other tags")
     if len(rows):
-        ax.stackplot(times, np.nan_to_num(contrib).T, labels=tags, linewidth=0)
+        ax.stackplot(times, stack.T, labels=labels, linewidth=0)
     ax.set_ylabel("contribution")
-    ax.legend(loc="upper left", fontsize=7, ncol=min(5, len(tags)))
+    ax.legend(loc="upper left", fontsize=7, ncol=min(5, len(labels)))
     for k, j in enumerate(top):
         a = axes[2 + k]
-        a.plot(times, values[:, j], lw=0.7, color="black")
+        raw = np.array(values[:, j], dtype=np.float64)
+        wild = ~(np.abs(raw) <= DRAWN)  # a reading of 1e308 is no measurement, and no axis can hold it
+        raw[wild] = np.nan
+        a.plot(times, raw, lw=0.7, color="black")
         a.set_ylabel(tags[j], fontsize=8)
+        if wild.any() and np.isfinite(values[:, j]).any():
+            a.set_title(f"{int(wild.sum())} reading(s) beyond +-{DRAWN:g} not drawn", fontsize=7, loc="left")
     for a in axes:
         for first, end in spans:
             a.axvspan(times[first], times[end], color="tab:red", alpha=0.15, lw=0)
     axes[-1].set_xlabel("time (UTC)")
-    fig.tight_layout()
+    with warnings.catch_warnings():  # a layout it cannot fit is still a readable figure
+        warnings.simplefilter("ignore")
+        fig.tight_layout()
     summary = _summary(model, rows, spans, score)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)

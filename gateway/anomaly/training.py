@@ -58,6 +58,7 @@ from gateway import __version__
 from gateway.anomaly.model import (
     COMPONENTS,
     FORMAT,
+    INTERVAL_RANGE,
     LEVEL,
     SCALE_LIMIT,
     SLOW_EVIDENCE_S,
@@ -70,6 +71,7 @@ from gateway.anomaly.recording import DataError, Recording, format_time
 from gateway.errors import GatewayError
 
 SEED = 7
+SMALLEST_SPREAD = 1e-11  # a tag varying less than this is constant (what a model's metadata takes: 1e-12 and up)
 HOLDOUT = 0.2  # share of each recording held out for early stopping and calibration
 MIN_TRAIN_WINDOWS, MIN_HOLDOUT_WINDOWS = 120, 30
 DRIFT_R2 = 0.5
@@ -241,10 +243,18 @@ def _train(name: str, recordings: Sequence[Recording], out_dir: Path, opts: Opti
     if opts.interval and steps and interval < 0.5 * min(steps):
         raise DataError(f"--interval {interval:g}s is finer than the recordings' own step ({min(steps):g} s): most "
                         f"samples would be missing. Give --interval {min(steps):g}s, or leave it out")
+    if not INTERVAL_RANGE[0] <= interval <= INTERVAL_RANGE[1]:
+        raise DataError(f"a sample every {interval:g} s: a model takes {INTERVAL_RANGE[0]:g} s to "
+                        f"{INTERVAL_RANGE[1]:g} s between samples (--interval)")
     window = opts.window
     on_grid = [r.on_grid(interval, window + opts.ffill_limit + 1) for r in recordings]
     grids = [g for _, g in on_grid]
     rows = sum(len(g) for g in grids)
+    if max(len(g) for g in grids) < 2 * window:
+        spans = [r.times[-1] - r.times[0] for r in recordings if len(r)]
+        raise DataError(f"a sample every {interval:g} s gives the longest recording {max(len(g) for g in grids)} "
+                        f"sample(s) (it spans {duration_text(max(spans, default=0.0))}): too few to train on. Give "
+                        f"longer recordings" + (", or a shorter --interval" if opts.interval else ""))
     report.say(f"{len(recordings)} recording(s), {sum(len(r) for r in recordings)} rows -> {rows} samples "
                f"every {interval:g} s ({rows * interval / 60:.1f} min)")
     glitches = _drop_glitches(tags, on_grid)
@@ -262,7 +272,8 @@ def _train(name: str, recordings: Sequence[Recording], out_dir: Path, opts: Opti
         if np.isnan(col).all():
             report.say(f"tag {tag} left out: no value in the recordings")
             continue
-        if np.nanmax(col) - np.nanmin(col) <= 1e-9 * max(1.0, abs(float(np.nanmedian(col)))):
+        # Relative to the tag's size: a leakage current of 2e-10 A that varies by 10 % is not constant.
+        if np.nanmax(col) - np.nanmin(col) <= 1e-9 * abs(float(np.nanmedian(col))) + SMALLEST_SPREAD:
             report.say(f"tag {tag} left out: constant in training ({np.nanmedian(col):g}), so its normal noise is unknown")
             continue
         keep.append(j)
@@ -314,6 +325,18 @@ def _train(name: str, recordings: Sequence[Recording], out_dir: Path, opts: Opti
                         f"{len(xv)} held-out windows of {window}; at least {MIN_TRAIN_WINDOWS} and "
                         f"{MIN_HOLDOUT_WINDOWS} are needed, about {need_rows} samples "
                         f"({need_rows * interval / 60:.1f} min at {interval:g} s) without gaps")
+    context = max(2, opts.context)
+    span = max(window, context)  # the rows one score looks back over
+    if opts.false_alarms * span * interval > 0.5:  # the threshold is a quantile of one context's highest score
+        raise DataError(f"--false-alarms {rate_text(opts.false_alarms)}: more than one false event in every two "
+                        f"contexts ({2 * span * interval:g} s) is no threshold; ask for fewer, e.g. 1/day")
+    full = sum(max(0, len(g) - (cut + span - 1)) for g, cut in zip(grids, hold_ranges, strict=True))
+    if full < MIN_HOLDOUT_WINDOWS:  # calibration scores the held-out part: each score needs a whole context
+        need_rows = math.ceil((span + MIN_HOLDOUT_WINDOWS) / HOLDOUT)
+        raise DataError(f"too little normal running for a context of {span} samples: the held-out part (the last "
+                        f"{HOLDOUT:.0%} of each recording) holds {full} scores; at least {MIN_HOLDOUT_WINDOWS} are "
+                        f"needed, about {need_rows} samples ({need_rows * interval / 60:.1f} min at {interval:g} s) "
+                        f"without gaps, or a shorter --context")
     report.say(f"windows of {window} x {len(tags)}, stride 1: {len(xt)} for training, {len(xv)} held out "
                f"(the last {HOLDOUT:.0%} of each recording)")
 
@@ -356,7 +379,6 @@ def _train(name: str, recordings: Sequence[Recording], out_dir: Path, opts: Opti
 
     stuck_check = rows * interval >= FLATLINE_EVIDENCE_S
     flatline = _flatline(tags, grids, window, stuck_check)
-    context = max(2, opts.context)
     stats = _fit_stats(grids, center, spread, drift, opts.baseline_s, interval, context)
     meta: dict[str, Any] = {
         "format": FORMAT, "name": name,
@@ -378,7 +400,6 @@ def _train(name: str, recordings: Sequence[Recording], out_dir: Path, opts: Opti
     tmp_meta.write_text(json.dumps(meta))
 
     # Calibration, through the daemon's own scorer. 1: each tag's normal autoencoder error, held out.
-    span = max(window, context)
     parts = _parts(Model(tmp_tflite, tmp_meta), grids, [cut + span - 1 for cut in hold_ranges])
     # A coarse tag's normal error is at least a step, as its spread and its one-step change are.
     floor = np.array([coarse[t][1] if t in coarse else 0.0 for t in tags]) / spread
@@ -473,7 +494,7 @@ def _scales(grids: list[np.ndarray], drift: Sequence[bool], baseline_s: float,
     deviations = np.concatenate([Inputs(center, np.ones(len(center)), drift, baseline_s, interval).run(g)
                                  for g in grids]) if any(drift) else allrows - center
     spread = np.where(drift, np.nanstd(deviations, axis=0), level_spread)
-    spread = np.maximum(spread, np.maximum(noise, 1e-6 * np.maximum(1.0, np.abs(center))))
+    spread = np.maximum(spread, np.maximum(noise, np.maximum(1e-6 * np.abs(center), SMALLEST_SPREAD)))
     share, step = _resolution(grids)
     spread = np.where(share >= COARSE_SHARE, np.maximum(spread, step), spread)  # a read step is normal
     return center, np.where(spread > 0, spread, 1.0)
@@ -618,6 +639,9 @@ def _parts(model: Model, grids: list[np.ndarray], starts: list[int]) -> np.ndarr
             scorer.push(float(i), dict(zip(model.tags, row.tolist(), strict=True)))
             if i >= start and scorer.parts is not None and scorer.since_score == 0:
                 out.append(scorer.parts.copy())
+    if not out:  # gaps left no whole context where one was expected
+        raise DataError(f"too little normal running without gaps to calibrate on: no whole context of "
+                        f"{model.context} samples in the part scored")
     return np.stack(out)
 
 
@@ -730,7 +754,8 @@ def extreme_threshold(scores: Sequence[np.ndarray], block: int, interval: float,
             "p_block": p, "blocks": float(len(maxima))}
 
 
-UNITS = (("s", 1.0), ("min", 60.0), ("h", 3600.0), ("hour", 3600.0), ("d", 86400.0), ("day", 86400.0),
+UNITS = (("s", 1.0), ("second", 1.0), ("m", 60.0), ("min", 60.0), ("minute", 60.0), ("h", 3600.0),
+         ("hour", 3600.0), ("d", 86400.0), ("day", 86400.0),
          ("w", WEEK), ("week", WEEK), ("month", 30 * 86400.0), ("year", 365 * 86400.0))
 
 

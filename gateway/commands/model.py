@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gateway import config as configuration
+from gateway.config.schema import NAME
 from gateway.errors import EX_CANTCREAT, EX_CONFIG, EX_DATAERR, EX_OK, EX_UNAVAILABLE, EX_USAGE, ModelError
 from gateway.files import replacing
 from gateway.units import parse_duration
@@ -96,6 +97,10 @@ def model_command(args: argparse.Namespace) -> int:
     from gateway.anomaly.recording import DataError
     from gateway.anomaly.training import MissingExtra
     try:
+        name = getattr(args, "name", None)
+        if name is not None and not NAME.match(name):  # a file name in --out or the model dir, and a config value
+            raise _Usage(f"model name {name[:80]!r}: lower-case letters, digits, _ and - only, as "
+                         f"devices[].model takes it (e.g. pump-ae)")
         if args.action == "train":
             return _train(args)
         if args.action == "score":
@@ -145,7 +150,7 @@ def _csv_list(text: str | None, option: str) -> list[str] | None:
 def _train(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from gateway.anomaly.model import MAX_CONTEXT
+    from gateway.anomaly.model import INTERVAL_RANGE, MAX_CONTEXT
     from gateway.anomaly.recording import DataError, read_csv
     from gateway.anomaly.training import Options, parse_rate, train
     if bool(args.csv) == bool(args.device):
@@ -156,8 +161,9 @@ def _train(args: argparse.Namespace) -> int:
             interval = parse_duration(args.interval)
         except ValueError:
             interval = 0.0
-        if not interval > 0:
-            raise _Usage(f"--interval {args.interval!r}: expected a duration above 0, such as 1s or 500ms")
+        if not INTERVAL_RANGE[0] <= interval <= INTERVAL_RANGE[1]:
+            raise _Usage(f"--interval {args.interval!r}: expected a duration from {INTERVAL_RANGE[0]:g} s to "
+                         f"{INTERVAL_RANGE[1]:g} s, such as 1s or 500ms")
     try:
         baseline = parse_duration(args.baseline)
     except ValueError:
@@ -344,12 +350,24 @@ def _model_dir(args: argparse.Namespace, name: str | None = None) -> Path:
 def _score(args: argparse.Namespace) -> int:
     from gateway.anomaly import replay
     from gateway.anomaly.model import Model
-    from gateway.anomaly.recording import read_csv
+    from gateway.anomaly.recording import DataError, read_csv
     directory = _model_dir(args, args.name)
     model = Model(directory / f"{args.name}.tflite", directory / f"{args.name}.json")
-    recording = read_csv(args.csv, time_column=args.time_column, as_given=True)  # one result per row of the file
+    # One result per row of the file; only the model's tags are read (another column may hold anything).
+    recording = read_csv(args.csv, time_column=args.time_column, tags=model.tags, as_given=True)
     for note in recording.notes:
         print(f"{recording.source}: {note}", file=sys.stderr)
+    if len(recording) == 0:
+        raise DataError(f"{recording.source}: no rows")
+    step = recording.median_interval()
+    if step is not None and not 2 / 3 <= step / model.interval <= 1.5:
+        print(f"{recording.source}: note: a row every {step:g} s, but model {model.name} takes a sample every "
+              f"{model.interval:g} s: " + (
+                  "each row is scored as one of its samples, so the machine's changes look that much faster"
+                  if step < model.interval else
+                  f"the slots between rows are missing samples, and a gap of more than {model.ffill_limit} leaves "
+                  f"the windows over it unscored") +
+              f". Give the file a row every {model.interval:g} s, or train a model on this rate", file=sys.stderr)
     if args.plot:
         _plot_check(args.plot)
     rows: list[replay.Row] = []

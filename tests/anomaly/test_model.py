@@ -70,6 +70,15 @@ def test_the_shipped_model_and_a_good_config_pass(tmp_path):
     ("level_scale_zero", "its metadata {dir}/pump-ae.json is not usable: stats.level_scale needs numbers from 1e-09"),
     ("rate_string", "its metadata {dir}/pump-ae.json is not usable: could not convert string to float: 'xxxx"),
     ("recording_negative", "its metadata {dir}/pump-ae.json is not usable: window, stride and events.end_after need"),
+    # Loaded before, and then: a traceback in the scorer, infinite figures, or events silently never raised.
+    ("center_nested", "its metadata {dir}/pump-ae.json is not usable: inputs.center, inputs.spread, inputs.drift and "
+                      "error_scale need one entry per tag (10 tags)"),
+    ("interval_tiny", "is not usable: window, stride and events.end_after need to be 1 or more, interval_s from 0.001 "
+                      "to 1e+07"),
+    ("interval_huge", "is not usable: window, stride and events.end_after need to be 1 or more, interval_s from"),
+    ("h_nan", "events.h above 0 and events.cap h or more"),
+    ("cap_nan", "events.h above 0 and events.cap h or more"),
+    ("cap_below_h", "events.h above 0 and events.cap h or more"),
 ])
 def test_a_bad_model_is_a_config_error_naming_device_model_and_mismatch(tmp_path, damage, expected):
     d = tmp_path / "models"
@@ -115,6 +124,14 @@ def test_a_bad_model_is_a_config_error_naming_device_model_and_mismatch(tmp_path
         meta["false_alarms"]["per_second"] = "x" * 1_000_000  # float() quotes it: cut short, not a megabyte back
     elif damage == "recording_negative":
         meta["false_alarms"]["recording_s"] = -420.0
+    elif damage == "center_nested":
+        meta["inputs"]["center"] = [[c] for c in meta["inputs"]["center"]]
+    elif damage in ("interval_tiny", "interval_huge"):
+        meta["interval_s"] = 1e-320 if damage == "interval_tiny" else 1e308
+    elif damage == "h_nan":
+        meta["events"]["h"] = "NaN"
+    elif damage in ("cap_nan", "cap_below_h"):
+        meta["events"]["cap"] = float("nan") if damage == "cap_nan" else -1
     text = {"bad_json": "{not json", "deep_json": "[" * 10000 + "]" * 10000}.get(damage, json.dumps(meta))
     (d / "pump-ae.json").write_text(text)
     result = check(tmp_path, PUMP, d)
@@ -741,3 +758,37 @@ def test_a_device_outside_its_model_for_hours_is_said_once_with_how_to_train_it_
                                        f"{path})")
     store.close()
     history.close()
+
+
+@pytest.mark.slow  # subprocesses of the CLI: the fast tier keeps under a minute
+def test_score_says_what_a_file_cannot_give_and_plots_readings_no_axis_can_hold(tmp_path):
+    """Found by fuzzing `model score`: a header-only file was '0 rows', exit 0; a tag column of 'nan' was first
+    'left out: not numeric', then 'no column'; a file at 10 s for a 1-s model scored nothing and said not why; one
+    reading of 1e308 (or a tag held there) failed the plot inside matplotlib."""
+    pytest.importorskip("matplotlib")
+    from gateway.anomaly.recording import write_csv
+    score = [sys.executable, "-m", "gateway", "model", "score", "pump-ae", "--model-dir", str(MODELS), "--csv"]
+
+    def scored(name: str, times, rows, *extra: str) -> subprocess.CompletedProcess:
+        write_csv(tmp_path / name, list(TAGS), zip(times, rows, strict=True))
+        return subprocess.run([*score, str(tmp_path / name), "--out", "/dev/null", *extra], capture_output=True,
+                              text=True, env=ENV, cwd=ROOT, timeout=60)
+
+    result = scored("empty.csv", [], [])
+    assert result.returncode == 65 and result.stderr.endswith("empty.csv: no rows\n"), result.stderr
+    rows = run(4350, 600).astype(np.float64)
+    nan = rows.copy()
+    nan[:, 1] = np.nan
+    result = scored("nan.csv", 1.79e9 + np.arange(600.0), nan.tolist())
+    assert result.returncode == 65 and f"nan.csv: column {TAGS[1]} holds no number" in result.stderr, result.stderr
+    result = scored("slow.csv", 1.79e9 + 10 * np.arange(600.0), rows.tolist())
+    assert result.returncode == 0, result.stderr
+    assert ("slow.csv: note: a row every 10 s, but model pump-ae takes a sample every 1 s: the slots between rows are "
+            "missing samples, and a gap of more than 5 leaves the windows over it unscored") in result.stderr
+    wild = rows.copy()
+    wild[300, 0], wild[301, 0], wild[:, 2] = 1e308, -1e308, 1e308
+    for suffix in (".png", ".html"):
+        result = scored("wild.csv", 1.79e9 + np.arange(600.0), wild.tolist(), "--plot", str(tmp_path / f"r{suffix}"))
+        assert result.returncode == 0 and "Traceback" not in result.stderr and "Warning" not in result.stderr, \
+            result.stderr
+        assert (tmp_path / f"r{suffix}").stat().st_size > 10_000

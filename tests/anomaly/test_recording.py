@@ -67,12 +67,35 @@ def test_epoch_seconds_and_milliseconds_in_a_time_column(tmp_path):
     ("time,a,a\n2026-11-24T06:00:00Z,1,2\n", "column a appears more than once"),
     ("time,label\n2026-11-24T06:00:00Z,on\n", "no numeric column besides the time column time"),
     ("time,a\n2026-11-24T06:00:00Z," + "9" * 10_000_000 + "\n", "not a CSV recording: field larger than field limit"),
+    # Times no replay or export could write back (a traceback in `model score` before): epoch microseconds, the
+    # year 9999 at -05:00 (10000 in UTC), a damaged epoch cell.
+    ("time,a\n1772323200000000,1\n", ":2: column time: '1772323200000000' is not a time (RFC 3339, e.g. "
+                                     "2026-03-09T10:14:33Z, or epoch seconds or milliseconds, from the year 1 to 9999"),
+    ("time,a\n9999-12-31T23:00:00-05:00,1\n", ":2: column time: '9999-12-31T23:00:00-05:00' is not a time"),
+    ("time,a\n1772323200,1\n1e300,2\n", ":3: column time: '1e300' is not a time"),
 ])
 def test_what_cannot_be_read_is_said_with_file_and_line(tmp_path, text, expected):
     with pytest.raises(DataError) as err:
         read_csv(write(tmp_path, text))
     assert expected in str(err.value)
     assert str(tmp_path / "rec.csv") in str(err.value)
+
+
+def test_a_windows_1252_export_splits_only_at_line_ends_and_an_unnamed_index_column_is_no_tag(tmp_path):
+    """str.splitlines() broke a line at 0x85 (Windows-1252's "...", read as Latin-1 U+0085): the good row after it
+    was refused as line 3. pandas writes its row index as a column without a name: it is no tag."""
+    path = tmp_path / "rec.csv"
+    path.write_bytes(b",time,a,state\r\n0,2026-11-24T06:00:00Z,1.5,Running\x85\r\n1,2026-11-24T06:00:01Z,2.5,Stop\x0c\r\n")
+    rec = read_csv(path)
+    assert rec.tags == ["a"] and rec.values[:, 0].tolist() == [1.5, 2.5] and len(rec.times) == 2
+    assert "column 1 left out: it has no name" in rec.notes and "column state left out: not numeric" in rec.notes
+
+
+def test_a_file_without_end_is_refused_not_read_into_memory(tmp_path, monkeypatch):
+    from gateway.anomaly import recording
+    monkeypatch.setattr(recording, "MAX_BYTES", 1000)  # 512 MiB here: /dev/zero, or a stream, read up to there
+    with pytest.raises(DataError, match="larger than 0 MiB, more than this reads at once: give it in parts"):
+        read_csv(write(tmp_path, "time,a\n" + "2026-11-24T06:00:00Z,1\n" * 100))
 
 
 def test_named_tags_and_time_column(tmp_path):
@@ -196,7 +219,11 @@ def test_readings_beyond_what_a_model_can_scale_are_exit_65_naming_the_tag_befor
     (["train", "m", "--csv", "x.csv", "--tags", ",,"], 64, "--tags ',,' names no tag"),
     (["train", "m", "--csv", "x.csv", "--tags", "a,b,a"], 64, "--tags names a more than once"),
     (["train", "m", "--csv", "x.csv", "--drift-tags", "none,a"], 64, "--drift-tags none stands alone"),
-    (["train", "m", "--csv", "x.csv", "--interval", "0s"], 64, "--interval '0s': expected a duration above 0"),
+    (["train", "m", "--csv", "x.csv", "--interval", "0s"], 64, "--interval '0s': expected a duration from 0.001 s"),
+    (["train", "m", "--csv", "x.csv", "--interval", "1000d"], 64, "to 1e+07 s, such as 1s or 500ms"),
+    (["train", "../escaped", "--csv", "x.csv"], 64, "model name '../escaped': lower-case letters, digits, _ and - only"),
+    (["train", "", "--csv", "x.csv"], 64, "model name '': lower-case letters"),
+    (["score", "a/b", "--csv", "x.csv"], 64, "model name 'a/b': lower-case letters"),
     (["train", "m", "--csv", "x.csv", "--baseline", "0s"], 64, "--baseline '0s': expected a duration above 0"),
     (["train", "m", "--csv", "x.csv", "--plot", "/nonexistent/r.html"], 73,  # before any training, not after
      "/nonexistent/r.html: no directory /nonexistent to write it in"),  # (--out DIR --plot DIR/r.html: DIR is made)
@@ -216,6 +243,27 @@ def test_an_interval_finer_than_the_recording_is_exit_65_before_any_training(tmp
     assert result.returncode == 65, result.stderr
     assert ("--interval 0.1s is finer than the recordings' own step (1 s): most samples would be missing. Give "
             "--interval 1s, or leave it out") in result.stderr
+    assert not list(tmp_path.glob("m.*"))
+
+
+@pytest.mark.parametrize("args,expected", [
+    # A context longer than the held-out part (the last 20 %, 120 of 600 rows): a traceback in np.stack before.
+    (["--context", "150"], "too little normal running for a context of 150 samples: the held-out part (the last 20% "
+                           "of each recording) holds 0 scores; at least 30 are needed, about 900 samples (15.0 min at "
+                           "1 s) without gaps, or a shorter --context"),
+    # More false events than there are contexts: silently the same threshold as 1/min before, claimed as asked.
+    (["--false-alarms", "1/s"], "--false-alarms 60/min: more than one false event in every two contexts (60 s) is no "
+                                "threshold; ask for fewer, e.g. 1/day"),
+    # An interval that leaves a 10-minute recording a sample or two.
+    (["--interval", "4h"], "a sample every 14400 s gives the longest recording 1 sample(s) (it spans 10 min): too few "
+                           "to train on. Give longer recordings, or a shorter --interval"),
+])
+def test_options_the_recording_cannot_serve_are_exit_65_before_any_training(tmp_path, args, expected):
+    write_csv(tmp_path / "x.csv", ["a", "b"], [(1.79e9 + i, [math.sin(i), math.cos(i)]) for i in range(600)])
+    result = subprocess.run([sys.executable, "-m", "gateway", "model", "train", "m", "--csv", "x.csv", *args],
+                            capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=60)
+    assert result.returncode == 65, result.stderr
+    assert expected in result.stderr and "Traceback" not in result.stderr
     assert not list(tmp_path.glob("m.*"))
 
 
