@@ -258,6 +258,7 @@ def test_an_interval_finer_than_the_recording_is_exit_65_before_any_training(tmp
     (["--interval", "4h"], "a sample every 14400 s gives the longest recording 1 sample(s) (it spans 10 min): too few "
                            "to train on. Give longer recordings, or a shorter --interval"),
 ])
+@pytest.mark.slow  # subprocesses of the CLI: the fast tier keeps under a minute
 def test_options_the_recording_cannot_serve_are_exit_65_before_any_training(tmp_path, args, expected):
     write_csv(tmp_path / "x.csv", ["a", "b"], [(1.79e9 + i, [math.sin(i), math.cos(i)]) for i in range(600)])
     result = subprocess.run([sys.executable, "-m", "gateway", "model", "train", "m", "--csv", "x.csv", *args],
