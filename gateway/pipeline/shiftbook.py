@@ -88,8 +88,8 @@ class ShiftBook:
         """A sample at `ts` with the status (and stop reason) tags' values; returns the shifts this closed."""
         closed = self.tick(ts)
         rec = self.current
-        if rec is None:
-            return closed
+        if rec is None or (rec.last_ts is not None and ts < rec.last_ts) or ts < rec.start:
+            return closed  # from before the last sample (a clock set back): the book's time only goes forward
         if rec.last_ts is not None and 0 < ts - rec.last_ts <= self.gap_limit:
             self._attribute(rec, ts - rec.last_ts)
         rec.last_ts, rec.last_state = ts, self.state_of(status)
@@ -104,8 +104,8 @@ class ShiftBook:
         shift = self.calendar.at(now)
         assert shift is not None  # a calendar with shifts always has one running
         rec = self.current
-        if rec is not None and rec.shift_id == shift.id:
-            return []
+        if rec is not None and (rec.shift_id == shift.id or now < rec.start):
+            return []  # (before the running shift: a clock set back does not close it, nor open a past one)
         closed: list[ShiftRecord] = []
         if rec is not None:
             # The time from the last sample up to the boundary still belongs to the old shift.

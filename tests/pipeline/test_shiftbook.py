@@ -83,3 +83,18 @@ def test_oee_of_a_scripted_shift_matches_the_hand_computation(tmp_path):
     assert a["oee"] == round(availability * performance * quality, 4) == 0.693
     assert a["partial"] is False
     line.close()
+
+
+def test_a_clock_set_back_neither_closes_the_running_shift_nor_reopens_a_past_one(tmp_path):
+    """Samples from before the last one (a box's clock stepped back by NTP, a sensor's late message): the shift
+    book's time goes only forward. Before, one such sample closed the running shift as partial, opened the old one,
+    and the next sample closed that again: two summaries of each, and time counted twice."""
+    line = Line(tmp_path / "g.db", defect_every=100)
+    t = run_minutes(line, utc("2026-11-24T05:00:00"), 120, per_minute=100)  # 06:00..08:00 local, shift A
+    run_minutes(line, utc("2026-11-24T04:00:00"), 3, per_minute=100)  # 05:00 local: yesterday's shift C
+    t = run_minutes(line, t, 60 * 8, per_minute=100)  # on to 16:00 local, into shift B
+    shifts = line.shifts()
+    assert [s["shift_id"] for s in shifts] == ["2026-11-24/A"]
+    a = shifts[0]
+    assert a["partial"] is False and a["observed_s"] == 8 * 3600
+    line.close()
