@@ -77,3 +77,16 @@ def instant(value: object) -> float | None:
     every message that carries it."""
     ts = finite(value)
     return ts if ts is not None and 0.0 <= ts <= LAST_INSTANT else None
+
+
+def duration_text(seconds: float) -> str:
+    """A span as a user reads it: 45 s, 7 min, 16.8 h, 3.5 days."""
+    if seconds >= 2 * 365 * 86400:
+        return f"{seconds / (365 * 86400):.3g} years"
+    if seconds >= 2 * 86400:
+        return f"{seconds / 86400:.1f} days"
+    if seconds >= 7200:
+        return f"{seconds / 3600:.1f} h"
+    if seconds >= 120:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds:.0f} s"

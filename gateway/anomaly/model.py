@@ -59,7 +59,7 @@ from typing import Any, cast
 import numpy as np
 
 from gateway.errors import ModelError
-from gateway.units import finite, instant
+from gateway.units import duration_text, finite, instant
 
 FORMAT = 3
 REQUIRED = ("format", "tags", "window", "stride", "interval_s", "inputs", "error_scale", "stats", "threshold",
@@ -393,19 +393,6 @@ def _check_numbers(inputs: Mapping[str, Any], error_scale: Sequence[float], stat
         a = np.asarray(values, dtype=np.float64)
         if not np.all((a >= low) & (a <= high)):  # NaN fails every comparison
             raise ValueError(f"{name} needs numbers from {low:g} to {high:g}")
-
-
-def duration_text(seconds: float) -> str:
-    """A span as a user reads it: 45 s, 7 min, 16.8 h, 3.5 days."""
-    if seconds >= 2 * 365 * 86400:
-        return f"{seconds / (365 * 86400):.3g} years"
-    if seconds >= 2 * 86400:
-        return f"{seconds / 86400:.1f} days"
-    if seconds >= 7200:
-        return f"{seconds / 3600:.1f} h"
-    if seconds >= 120:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds:.0f} s"
 
 
 _loaded: dict[Path, tuple[tuple[tuple[int, int], ...], Model]] = {}

@@ -14,8 +14,9 @@ from typing import IO
 
 import numpy as np
 
-from gateway.anomaly.model import DeviceScorer, Model, duration_text
+from gateway.anomaly.model import DeviceScorer, Model
 from gateway.anomaly.recording import Recording, format_time
+from gateway.units import duration_text
 
 COLUMNS = ("time", "score", "threshold", "state", "top_tags")
 

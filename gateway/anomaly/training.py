@@ -65,10 +65,10 @@ from gateway.anomaly.model import (
     DeviceScorer,
     Inputs,
     Model,
-    duration_text,
 )
 from gateway.anomaly.recording import DataError, Recording, format_time
 from gateway.errors import GatewayError
+from gateway.units import duration_text
 
 SEED = 7
 SMALLEST_SPREAD = 1e-11  # a tag varying less than this is constant (what a model's metadata takes: 1e-12 and up)

@@ -461,7 +461,8 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    from gateway.anomaly.model import LEVEL, SLOW_EVIDENCE_S, duration_text
+    from gateway.anomaly.model import LEVEL, SLOW_EVIDENCE_S
+    from gateway.units import duration_text
     directory = _model_dir(args, args.name)
     if not (directory / f"{args.name}.json").exists():
         raise ModelError(f"no {args.name}.json in {directory}")

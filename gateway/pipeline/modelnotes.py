@@ -17,7 +17,7 @@ import shlex
 from typing import TYPE_CHECKING
 
 from gateway.config import DEFAULT_PATH, Device
-from gateway.units import rfc3339
+from gateway.units import duration_text, rfc3339
 
 if TYPE_CHECKING:
     from gateway.anomaly.model import DeviceScorer, Model
@@ -50,7 +50,7 @@ class Recommission:
 
     def __init__(self, device: Device, model: Model, config_path: str | None, now: float, recorded: bool) -> None:
         """`recorded`: the device's samples go into the history (configured, and the file could be opened)."""
-        from gateway.anomaly.model import SLOW_EVIDENCE_S, duration_text
+        from gateway.anomaly.model import SLOW_EVIDENCE_S
 
         self.model_name = model.name
         self.commissioned = duration_text(model.commissioned_s)
@@ -129,7 +129,6 @@ class OutOfModel:
             self.since = self.note = None
             if was is None:
                 return None
-            from gateway.anomaly.model import duration_text
 
             return (f"model {self.model_name} fits the machine's running again, after {duration_text(lasted)} outside "
                     f"it", "anomaly_model_fits")
@@ -137,7 +136,6 @@ class OutOfModel:
             self.since = scorer.event_started if scorer.event_started is not None else ts
         if self.note is not None or ts - self.since < self.after_s or scorer.state.score is None:
             return None  # (no score: warming up after a restart, when a resumed event may still end, or a gap)
-        from gateway.anomaly.model import duration_text
 
         since = second(self.since)
         if scorer.event_started != self.since:  # another event began in the threshold held after the first

@@ -34,6 +34,7 @@ from gateway.logs import fields
 from gateway.retry import backoff, down
 from gateway.sample import ERROR, OK, Sample
 from gateway.supervise import in_daemon_thread, within
+from gateway.units import duration_text, rfc3339
 
 log = logging.getLogger("edge_gateway.sources.mqtt")
 
@@ -158,6 +159,7 @@ class MqttSource:
         self.link = link
         self.dropped = 0  # messages dropped unread because the pipeline fell behind (health's `dropped`)
         self._dropping = False  # since the first drop, until the queue is empty again: said once each way
+        self._last_ts: float | None = None
         self._queue: asyncio.Queue[Sample | SourceError] | None = None
         link.add(self)
 
@@ -193,10 +195,14 @@ class MqttSource:
                 self._dropping = False
                 log.info("device %s: caught up with its messages (%d dropped so far)", device.name, self.dropped,
                          extra=fields(device.name, "messages_caught_up"))
-            if isinstance(item, SourceError):
-                yield Sample.failure(device.name, time.time(), device.tags, str(item))
-            else:
-                yield item
+            sample = Sample.failure(device.name, time.time(), device.tags, str(item)) \
+                if isinstance(item, SourceError) else item
+            # Never before the last sample (a sensor's late or reordered message): the pipeline's clock, its
+            # shifts, counters and events, only goes forward.
+            if self._last_ts is not None and sample.ts < self._last_ts:
+                sample.ts = self._last_ts
+            self._last_ts = sample.ts
+            yield sample
 
     async def aclose(self) -> None:
         await self.link.aclose()
@@ -233,6 +239,12 @@ def decode(device: MqttDevice, payload: bytes | bytearray, arrived: float) -> Sa
         if parsed is None:
             problems.append(f"timestamp field {device.timestamp_field} "
                             f"{'missing' if not found else 'not a time: ' + _show(raw)}; arrival time used")
+        elif not arrived - LATE_S <= parsed <= arrived + max(3 * device.interval, AHEAD_S):
+            # A sensor whose clock was never set (1970) or runs ahead would take the device's shifts, counters
+            # and events there: its message counts from when it came.
+            problems.append(f"timestamp field {device.timestamp_field} far from the arrival time (a sensor clock not "
+                            f"set?): {rfc3339(parsed)}, {duration_text(abs(parsed - arrived))} "
+                            f"{'before' if parsed < arrived else 'after'} it; arrival time used")
         else:
             ts = parsed
     return Sample(device.name, ts, values, quality, "; ".join(problems) or None)
@@ -258,8 +270,11 @@ def _number(value: Any) -> float | None:
     return number if math.isfinite(number) else None
 
 
-# Sample times a sensor may give: UNIX seconds from 1970 up to the year 3000 (beyond: a broken clock).
+# Sample times a sensor may give: UNIX seconds from 1970 up to the year 3000 (beyond: a broken clock), and of
+# those only within a day before its message arrived (a sensor that buffered while the broker was away) and a
+# minute (or 3 intervals) after it (clocks a little apart).
 LATEST_TS = 32503680000.0
+LATE_S, AHEAD_S = 86400.0, 60.0
 
 
 def _timestamp(raw: Any) -> float | None:

@@ -483,8 +483,8 @@ def test_a_slow_drift_of_a_drift_tag_raises_no_event(model):
 
 
 def test_a_higher_false_alarm_rate_gives_a_lower_threshold():
-    from gateway.anomaly.model import duration_text
     from gateway.anomaly.training import extreme_threshold, parse_rate, rate_text
+    from gateway.units import duration_text
     assert parse_rate("1/week") == pytest.approx(1 / (7 * 86400))
     assert parse_rate("2 / day") == pytest.approx(2 / 86400) and parse_rate("0.5/h") == pytest.approx(0.5 / 3600)
     for bad in ("often", "1/fortnight", "-1/day", "0/day"):

@@ -7,11 +7,13 @@ import os
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
 
+from gateway.units import rfc3339
 from tests.helpers import ENV, ROOT, NotifySocket, free_port, gateway_config, listening, wait_until
 
 pytestmark = pytest.mark.slow  # it starts processes: the gateway, brokers, the installer
@@ -200,11 +202,13 @@ def test_mqtt_device_fed_garbage_then_good_data(tmp_path, mosquitto, gateway, su
     wait_until(lambda: pump7()[-1]["quality"] == {"bearing_temp_c": "error"}, 20, what="a missing field")
 
     # Good data: its own timestamp, all tags ok, the recovery said once.
-    send(json.dumps({"rpm": 1481.5, "bearing": {"temp_c": 42.25}, "ts": "2026-11-24T06:00:00.250Z"}).encode())
-    send(json.dumps({"rpm": 1482, "bearing": {"temp_c": 42.5}, "ts": 1795500000123}).encode())
+    # (a sensor's clock may run ahead a little; never before the device's last sample, the error samples' time)
+    t = round(time.time()) + 20
+    send(json.dumps({"rpm": 1481.5, "bearing": {"temp_c": 42.25}, "ts": rfc3339(t + 0.25)}).encode())
+    send(json.dumps({"rpm": 1482, "bearing": {"temp_c": 42.5}, "ts": (t + 1) * 1000 + 123}).encode())
     wait_until(lambda: pump7()[-1]["values"] == {"motor_rpm": 1482.0, "bearing_temp_c": 42.5}, 20, what="good data")
     good = pump7()[-2:]
-    assert [p["ts"] for p in good] == ["2026-11-24T06:00:00.250Z", "2026-11-24T06:00:00.123Z"]
+    assert [p["ts"] for p in good] == [rfc3339(t + 0.25), rfc3339(t + 1.123)]
     assert all("quality" not in p for p in good)
     assert "device pump7: recovered, all tags ok" in gw.logs()
 

@@ -52,8 +52,44 @@ def test_bad_fields_are_bad_tags_and_the_rest_is_kept():
                                          ("2023-11-14T22:13:20Z", 1_700_000_000.0)])
 def test_sample_time_in_seconds_milliseconds_or_rfc3339(ts, expected):
     import json
-    sample = decode(DEVICE, json.dumps({"t": 1, "x": {"flow": 2}, "ts": ts}).encode(), 0.0)
+    sample = decode(DEVICE, json.dumps({"t": 1, "x": {"flow": 2}, "ts": ts}).encode(), 1_700_000_002.0)
     assert isinstance(sample, Sample) and sample.ts == expected and sample.problem is None
+
+
+@pytest.mark.parametrize("ts,kept", [
+    (1_700_000_000 - 12 * 3600, True),  # buffered by the sensor while the broker was away: its own time
+    (1_700_000_000 + 30, True),  # a clock a little ahead
+    (1, False),  # a clock never set: 1970
+    (1_700_000_000 - 2 * 86400, False),
+    (1_700_000_000 + 300, False),  # five minutes ahead: a clock set wrong
+])
+def test_a_sample_time_far_from_the_arrival_is_a_sensor_clock_not_set_and_said(ts, kept):
+    """A sensor whose clock was never set (1970) took the device's shifts there: each message closed the running
+    shift and sent summaries of 1970's. Its message counts from when it came, and the device says why."""
+    sample = decode(DEVICE, json.dumps({"t": 1, "x": {"flow": 2}, "ts": ts}).encode(), 1_700_000_000.0)
+    assert isinstance(sample, Sample) and sample.values == {"temp": 1.0, "flow": 2.0}
+    if kept:
+        assert sample.ts == ts and sample.problem is None
+    else:
+        assert sample.ts == 1_700_000_000.0
+        assert sample.problem.startswith("timestamp field ts far from the arrival time (a sensor clock not set?): ")
+        assert sample.problem.endswith("; arrival time used")
+
+
+def test_sample_times_only_go_forward():
+    """A late or reordered message is taken at the last sample's time: the pipeline's clock never goes back."""
+    from gateway.sources.mqtt import MqttLink, MqttSource
+
+    async def times() -> list[float]:
+        source = MqttSource(DEVICE, MqttLink(config.parse(_LOCAL).local_broker, "g"))
+        stream = source.samples()
+        for ts in (1_700_000_010, 1_700_000_005, 1_700_000_011):
+            source.deliver("plant/s1", json.dumps({"t": 1, "ts": ts}).encode(), 1_700_000_012.0)
+        got = [(await anext(stream)).ts for _ in range(3)]
+        await stream.aclose()
+        return got
+
+    assert asyncio.run(times()) == [1_700_000_010.0, 1_700_000_010.0, 1_700_000_011.0]
 
 
 @pytest.mark.parametrize("ts", [1e15, 1e20, -1, "9999-12-31T23:59:59-14:00", "0001-01-01T00:00:00+14:00",
