@@ -47,8 +47,11 @@ from gateway.modbus_map import WIDTH
 DEFAULT_PATH = "/etc/edge-gateway/gateway.yaml"
 REGISTER_TYPES = ("uint16", "int16", "uint32", "int32", "float32", "float64", "bool")
 TABLES = ("holding", "input", "coil", "discrete")
-NAME = re.compile(r"^[a-z0-9_-]+$")
-TAG = re.compile(r"^[A-Za-z0-9_.-]+$")
+NAME = re.compile(r"^[a-z0-9_-]{1,64}$")  # part of every topic: 64 at most keeps one far below MQTT's 65,535 bytes
+TAG = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")
+SPARKPLUG_ID = re.compile(r"^[^/+#\x00]{1,64}$")  # a level of a Sparkplug topic
+# An MQTT topic filter: levels split by /, each a name without + # or NUL, or + alone; # alone, last; 1,024 at most.
+TOPIC_FILTER = re.compile(r"^(?=[\s\S]{1,1024}$)(?:(?:\+|[^/+#\x00]*)/)*(?:\+|#|[^/+#\x00]*)$")
 MACHINE_STATES = ("running", "idle", "down", "planned_stop")
 # The tags each simulated machine yields, in order: the contract of `source: sim` (sim/ implements it;
 # tests/test_sim.py holds the two together). Written here so that the config needs nothing of sim/.
@@ -68,9 +71,9 @@ def _one_of_tags(tags: tuple[str, ...], got: str) -> str:
 
 @dataclass(frozen=True)
 class GatewaySection:
-    id: str = setting(string(NAME, "lowercase letters, digits, _ and - (e.g. line3-gw1)"),
+    id: str = setting(string(NAME, "up to 64 lowercase letters, digits, _ and - (e.g. line3-gw1)"),
                       doc="this gateway's name, unique in the fleet; part of every topic")
-    site: str = setting(string(NAME, "lowercase letters, digits, _ and - (e.g. plant-a)"), doc="the plant's name")
+    site: str = setting(string(NAME, "up to 64 lowercase letters, digits, _ and - (e.g. plant-a)"), doc="the plant's name")
     data_dir: str = setting(string(), "/var/lib/edge-gateway", doc="the outbox, counters and state file")
     timezone: str = setting(string(), "UTC", doc="IANA time zone; shifts are local time")
     health_interval: float = setting(duration(1, 3600), 10.0, doc="how often health and the state file are written")
@@ -117,11 +120,11 @@ class ReconnectSection:
 
 @dataclass(frozen=True)
 class SparkplugSection:
-    group_id: str | None = setting(optional(string(re.compile(r"^[^/+#]+$"), "no / + or #")), None,
+    group_id: str | None = setting(optional(string(SPARKPLUG_ID, "up to 64 characters, no / + or #")), None,
                                    doc="the Sparkplug group (default: gateway.site)")
-    edge_node_id: str | None = setting(optional(string(re.compile(r"^[^/+#]+$"), "no / + or #")), None,
+    edge_node_id: str | None = setting(optional(string(SPARKPLUG_ID, "up to 64 characters, no / + or #")), None,
                                        doc="the edge node (default: gateway.id)")
-    primary_host_id: str | None = setting(optional(string(re.compile(r"^[^/+#]+$"), "no / + or #")), None,
+    primary_host_id: str | None = setting(optional(string(SPARKPLUG_ID, "up to 64 characters, no / + or #")), None,
                                           doc="births and data only while this host application says online (STATE)")
 
 
@@ -133,7 +136,8 @@ class UpstreamSection:
     username: str | None = setting(optional(string()), None, doc="MQTT user name")
     password_file: str | None = setting(optional(string()), None,
                                         doc="file holding the password (never inline), readable by the service")
-    topic_prefix: str = setting(string(), "edge/{site}/{gateway_id}", doc="the topic root")
+    topic_prefix: str = setting(string(re.compile(r"^[\s\S]{1,512}$"), "a topic root of 512 characters at most"),
+                                "edge/{site}/{gateway_id}", doc="the topic root")
     qos: int = setting(one_of(1, 2), 1, doc="QoS of stored messages")
     max_inflight: int = setting(integer(1, 65535), 100, doc="messages published and not yet acknowledged")
     keepalive: float = setting(duration(5, 3600), 30.0, doc="MQTT keepalive")
@@ -437,7 +441,7 @@ class HistorySection:
 @dataclass(frozen=True)
 class DeviceBase:
     """The keys every device takes."""
-    name: str = setting(string(NAME, "lowercase letters, digits, _ and - (e.g. pump1)"), doc="the device's name")
+    name: str = setting(string(NAME, "up to 64 lowercase letters, digits, _ and - (e.g. pump1)"), doc="the device's name")
     source: str = setting(string(), doc="modbus_tcp, modbus_rtu, opcua, mqtt or sim")
     interval: float = setting(duration(0.01, 86400), 1.0, doc="time between samples")
     timeout: float = setting(duration(0.01, 600), 0.5, doc="one request's time limit")
@@ -589,10 +593,14 @@ class ModbusRtuDevice(ModbusDevice):
 
 @dataclass(frozen=True)
 class MqttDevice(DeviceBase):
-    topic: str = setting(string(), doc="the sensor's topic on the local broker (wildcards allowed)")
+    topic: str = setting(string(TOPIC_FILTER, "an MQTT topic filter: + alone in a level, # alone in the last "
+                                              "(e.g. plant/+/state)"),
+                         doc="the sensor's topic on the local broker (wildcards allowed)")
     fields: dict[str, str] = setting(map_of(string(TAG, "a tag name"), string()), doc="tag: JSON field (dotted path)")
     timestamp_field: str | None = setting(optional(string()), None,
-                                          doc="JSON field with the sample time (epoch s/ms or RFC 3339)")
+                                          doc="JSON field with the sample time (epoch s/ms or RFC 3339); taken when at most a "
+                                              "day before the message arrived and a minute (or 3 intervals) after, "
+                                              "never before the device's last sample")
 
     SOURCE: ClassVar[str] = "mqtt"
 

@@ -80,7 +80,7 @@ BAD = [
                                              'number of bytes up to 1PiB, got "lots"'),
     ("when_full: drop_oldest", "when_full: drop_all",
      'outbox.when_full: expected one of drop_oldest, drop_newest, got "drop_all"'),
-    ("id: line3-gw1", "id: Line 3", 'gateway.id: expected lowercase letters, digits, _ and - (e.g. line3-gw1), '
+    ("id: line3-gw1", "id: Line 3", 'gateway.id: expected up to 64 lowercase letters, digits, _ and - (e.g. line3-gw1), '
                                     'got "Line 3"'),
     ("timezone: Europe/Berlin", "timezone: Europe/Springfield",
      'gateway.timezone: expected an IANA time zone such as "Europe/Berlin", got "Europe/Springfield"'),
@@ -157,6 +157,28 @@ def test_mqtt_device_keys_are_checked(tmp_path):
     assert "devices[2].topic: required for source mqtt, but missing" in result.stderr
 
 
+@pytest.mark.parametrize("snippet,expected", [
+    # paho raised ValueError in on_connect at every attempt, and no mqtt device got a message.
+    ("topic: plant/#/x", 'topic: expected an MQTT topic filter: + alone in a level, # alone in the last '
+                         '(e.g. plant/+/state), got "plant/#/x"'),
+    ("topic: plant/a+/x", "topic: expected an MQTT topic filter"),
+    ("topic: plant/+/state", None),
+    ("topic: '#'", None),
+    # A topic beyond MQTT's 65,535 bytes: the uplink raised at every start (a crash loop), its message waiting.
+    ("name: " + "s" * 65, "name: expected up to 64 lowercase letters, digits, _ and - (e.g. pump1)"),
+])
+def test_what_mqtt_cannot_carry_is_a_config_error(snippet, expected):
+    text = BASE + "  - {name: sensor1, source: mqtt, topic: sensors/1, fields: {temp_c: t}}\n"
+    key = snippet.split(":")[0]
+    text = text.replace(f"{key}: sensor1" if key == "name" else "topic: sensors/1", snippet)
+    if expected is None:
+        config.parse(text)
+        return
+    with pytest.raises(config.ConfigError) as err:
+        config.parse(text)
+    assert f"devices[2].{expected}" in str(err.value)
+
+
 def test_keys_of_another_source_are_refused(tmp_path):
     result = check(tmp_path, BASE.replace("profile: pump, seed: 1,", "profile: pump, host: plc1,"))
     assert result.returncode == 78
@@ -228,7 +250,8 @@ def test_registers_that_read_the_same_address_are_refused_unless_bits_of_one_reg
 
 
 def test_sparkplug_settings_only_with_the_sparkplug_format():
-    for value, expected in (("{group_id: a/b}", 'upstream.sparkplug.group_id: expected no / + or #, got "a/b"'),
+    for value, expected in (("{group_id: a/b}",
+                             'upstream.sparkplug.group_id: expected up to 64 characters, no / + or #, got "a/b"'),
                             ("{group_id: plant-a}", "upstream.sparkplug: only with format: sparkplug_b (the upstream "
                                                     "format is json)")):
         with pytest.raises(config.ConfigError) as caught:
