@@ -19,8 +19,10 @@ import asyncio
 import json
 import logging
 import math
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections import deque
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from typing import Any
 
@@ -59,6 +61,9 @@ class MqttLink:
         self.last_error: str | None = None
         self._client: mqtt.Client | None = None
         self._lost = asyncio.Event()
+        self._inbox: deque[tuple[Callable[..., None], tuple[Any, ...]]] = deque()  # from paho's thread (`_hand_over`)
+        self._inbox_lock = threading.Lock()
+        self._draining = False
 
     def add(self, source: MqttSource) -> None:
         self.sources.append(source)
@@ -123,17 +128,38 @@ class MqttLink:
             for source in self.sources:
                 if mqtt.topic_matches_sub(source.device.topic, message.topic):
                     if size > limit:  # never parsed: a 10 MB JSON document would stay in the heap
-                        loop.call_soon_threadsafe(source.deliver_error, SourceError(
+                        self._hand_over(loop, source.deliver_error, (SourceError(
                             f"a message above local_broker.max_message_size ({limit} bytes) on {source.device.topic}: "
-                            f"{size} bytes on {message.topic}, dropped"))
+                            f"{size} bytes on {message.topic}, dropped"),))
                     else:
-                        loop.call_soon_threadsafe(source.deliver, message.topic, message.payload, arrived)
+                        self._hand_over(loop, source.deliver, (message.topic, message.payload, arrived))
 
         client.on_connect, client.on_disconnect, client.on_message = on_connect, on_disconnect, on_message
         host, port = self.broker.address
         self._client = client
         client.connect(host, port, keepalive=30)
         client.loop_start()
+
+    def _hand_over(self, loop: asyncio.AbstractEventLoop, call: Callable[..., None], args: tuple[Any, ...]) -> None:
+        """From paho's thread to the loop: one wake-up per burst, not per message. Each wake-up is a byte in
+        asyncio's self-pipe, which a flood of sensor messages filled: a signal's byte (SIGTERM, SIGHUP) was then
+        lost, with a traceback on stderr."""
+        with self._inbox_lock:
+            self._inbox.append((call, args))
+            if self._draining:
+                return
+            self._draining = True
+        loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        while True:
+            with self._inbox_lock:
+                if not self._inbox:
+                    self._draining = False
+                    return
+                batch, self._inbox = self._inbox, deque()
+            for call, args in batch:
+                call(*args)
 
     def _disconnect(self) -> None:
         client, self._client = self._client, None
@@ -190,7 +216,10 @@ class MqttSource:
             try:
                 item = await within(self._q().get(), silence)
             except asyncio.TimeoutError:
-                item = SourceError(f"no message on {device.topic} for {silence:g}s")
+                quiet = f"no message on {device.topic} for {silence:g}s"
+                # While the link is down, its reason (refused: Not authorized) is the device's, not the silence.
+                down = self.link.last_error if not self.link.connected else None
+                item = SourceError(f"{down} ({quiet})" if down else quiet)
             if self._dropping and self._q().empty():
                 self._dropping = False
                 log.info("device %s: caught up with its messages (%d dropped so far)", device.name, self.dropped,

@@ -162,3 +162,57 @@ local_broker: {listen: "127.0.0.1:1883", client: {username: gw, password_file: /
 devices:
   - {name: s1, source: mqtt, topic: plant/s1, fields: {temp: t}}
 """
+
+
+def test_a_burst_from_pahos_thread_wakes_the_loop_once_not_per_message():
+    """Each wake-up is a byte in asyncio's self-pipe: a flood filled it, and a SIGTERM's or SIGHUP's byte was lost
+    (with a traceback on stderr). Messages handed over while the loop is busy go in one wake-up, in order."""
+    import threading
+
+    from gateway.sources.mqtt import MqttLink, MqttSource
+
+    async def burst() -> tuple[list[float], int]:
+        loop = asyncio.get_running_loop()
+        link = MqttLink(config.parse(_LOCAL).local_broker, "g")
+        source = MqttSource(DEVICE, link)
+        wakeups = 0
+        real = loop.call_soon_threadsafe
+
+        def counted(*args):
+            nonlocal wakeups
+            wakeups += 1
+            return real(*args)
+
+        loop.call_soon_threadsafe = counted  # type: ignore[method-assign]
+        payloads = [json.dumps({"t": i}).encode() for i in range(900)]
+        sender = threading.Thread(target=lambda: [link._hand_over(loop, source.deliver, ("plant/s1", p, 1.7e9))
+                                                  for p in payloads])
+        sender.start()
+        await asyncio.to_thread(sender.join)
+        stream = source.samples()
+        got = [(await anext(stream)).values["temp"] for _ in range(900)]
+        await stream.aclose()
+        return got, wakeups
+
+    got, wakeups = asyncio.run(burst())
+    assert got == [float(i) for i in range(900)]
+    assert wakeups < 300  # one per burst the loop had not yet taken up: one per message (900) before
+
+
+def test_while_the_local_broker_refuses_the_gateway_its_devices_say_why_not_only_that_they_are_silent():
+    """The refusal (a wrong password) was said once, then overwritten by 'no message on ... for 3s' in health's
+    last_error, hiding why while the broker kept refusing."""
+    from gateway.sources.mqtt import MqttLink, MqttSource
+    fast = config.parse(_LOCAL.replace("fields: {temp: t}}", "fields: {temp: t}, interval: 10ms, timeout: 10ms}"))
+
+    async def silent() -> str | None:
+        link = MqttLink(fast.local_broker, "g")
+        source = MqttSource(fast.devices[0], link)
+        link.last_error = "local broker 127.0.0.1:1883: the local broker refused the connection: Not authorized"
+        stream = source.samples()
+        sample = await anext(stream)
+        await stream.aclose()
+        return sample.problem
+
+    assert asyncio.run(silent()) == ("local broker 127.0.0.1:1883: the local broker refused the connection: Not "
+                                     "authorized (no message on plant/s1 for 0.03s)")
