@@ -43,7 +43,7 @@ def report(gateway_id: str, started: float, outbox: Outbox, uplink: Uplink, devi
         "upstream": {"connected": up.connected, "reconnects": up.reconnects, "published": up.published,
                      "acked": up.acked, "publish_rate": round(uplink.publish_rate(), 2),
                      "last_ack": rfc3339(up.last_ack) if up.last_ack else None, "last_error": up.last_error,
-                     "damaged": uplink.format.damaged},
+                     "damaged": uplink.format.damaged, "stuck": up.stuck},
         "devices": {r.name: r.health_report() for r in devices},
     }
     if history is not None:

@@ -190,6 +190,9 @@ class UplinkStats:
     acked: int = 0
     last_ack: float | None = None
     last_error: str | None = None
+    # The oldest row the broker closed the connection on, again and again, acknowledging nothing: health's
+    # `upstream.stuck` {seq, topic, bytes, closes} once that is STUCK_AFTER times in a row (see `_closed_on`).
+    stuck: dict[str, Any] | None = None
 
 
 class Uplink:
@@ -222,6 +225,8 @@ class Uplink:
         self._acks: deque[float] = deque(maxlen=10_000)
         self._task: asyncio.Task[None] | None = None
         self._leaving = False  # this connection is being ended on purpose
+        self._acked_here = False  # the broker acknowledged a row on this connection
+        self._suspect: tuple[int, int] | None = None  # (oldest row, connections closed on it in a row): `_closed_on`
 
     # -- public -------------------------------------------------------------------------
     @property
@@ -363,6 +368,7 @@ class Uplink:
         self._client = client
         self._lost.clear()
         self._leaving = False
+        self._acked_here = False
         try:
             # paho writes the CONNECT once the socket (and TLS) is up: returning means it went out.
             await asyncio.to_thread(client.connect, self.cfg.host, self.cfg.effective_port,
@@ -470,6 +476,7 @@ class Uplink:
             self._connack.set_result(None)  # closed before CONNACK
         if self.stats.connected and not self._stop_event.is_set() and not self._leaving:
             self._fail(f"lost the connection to {self.cfg.host}:{self.cfg.effective_port} ({reason})")
+            self._closed_on()
         self._session_over()
         self._lost.set()
 
@@ -487,6 +494,9 @@ class Uplink:
         for seq, size in rows:
             self.store.ack(seq, size)
         self.stats.acked += len(rows)
+        self._acked_here = True
+        if self._suspect is not None:
+            self._delivering_again()
         self.stats.last_ack = time.time()
         now = time.monotonic()
         self._acks.extend([now] * len(rows))
@@ -497,6 +507,34 @@ class Uplink:
         if sent is not None and self._oldest_sent(sent) < sent - ACK_GRACE:
             self._abandon(client, "packets sent before one the broker acknowledged were never acknowledged "
                                   "(the network lost them)")
+
+    def _closed_on(self) -> None:
+        """The broker closed a connection on which it acknowledged no row: if it did so on the same oldest row
+        STUCK_AFTER times in a row, that row is what it refuses (a packet above its size limit: mosquitto's
+        max_packet_size; cloud brokers' 128 or 256 KiB), and nothing behind it will go either. Said once and
+        shown in health, naming the row; it is never dropped: raise the limit, or purge the outbox."""
+        sent = [seq for rows in self._inflight.values() for seq, _ in rows]
+        if self._acked_here or not sent:
+            return
+        oldest = min(sent)
+        seq, closes = self._suspect if self._suspect is not None else (None, 0)
+        self._suspect = (oldest, closes + 1 if seq == oldest else 1)
+        if self._suspect[1] != STUCK_AFTER:
+            return
+        msg = next(iter(self.store.fetch(oldest - 1, 1)), None)
+        if msg is None or msg.seq != oldest:
+            return
+        self.stats.stuck = {"seq": oldest, "topic": str(msg.topic), "bytes": msg.size, "closes": STUCK_AFTER}
+        log.error("the upstream closed the connection %d times in a row on the message seq %d (%s, %d bytes) and "
+                  "acknowledged nothing: it refuses that message (a broker limit on packet size, such as mosquitto's "
+                  "max_packet_size?), and nothing behind it is delivered. Raise the limit; the message is kept",
+                  STUCK_AFTER, oldest, msg.topic, msg.size, extra=fields(event="upstream_stuck", seq=oldest))
+
+    def _delivering_again(self) -> None:
+        if self.stats.stuck is not None:
+            log.warning("the upstream acknowledges messages again (the message seq %d went through)",
+                        self.stats.stuck["seq"], extra=fields(event="upstream_unstuck"))
+        self._suspect, self.stats.stuck = None, None
 
     def _check_acks(self) -> None:
         """Once a second while connected: a packet unacknowledged for longer than the keepalive means a
@@ -631,6 +669,7 @@ class Uplink:
 
 
 LOOP_STOP_LIMIT = 3.0  # seconds to wait for paho's network thread to end
+STUCK_AFTER = 5  # connections in a row closed on the same oldest row, none acknowledged: it is refused
 ACK_GRACE = 5.0  # seconds by which a packet may be acknowledged after one sent later (a broker that reorders)
 LIVE_ROOM = 64  # QoS 1 packets paho may have in flight beyond the window: live messages stop while overdue
 ACK_LIMIT = 30.0  # seconds a packet may wait for its acknowledgement (at least the keepalive)

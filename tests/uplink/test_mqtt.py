@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -70,3 +71,61 @@ def test_the_uplink_is_an_async_context_manager_that_delivers_before_it_closes(t
     assert data == list(range(50))
     status = [p for t, p in got if t == topics.status]
     assert status[0] == b'{"state":"online"}' and status[-1] == b'{"state":"offline"}'
+
+
+@pytest.mark.slow  # a real mosquitto, restarted
+def test_a_message_the_broker_refuses_is_named_once_kept_and_delivered_when_the_limit_is_raised(tmp_path, caplog):
+    """mosquitto's max_packet_size below one message's size: it closes the connection at that message, every
+    time, and nothing behind it went either, with two log lines per attempt and nothing saying which. Now the
+    uplink says once which message it is (seq, topic, size), health shows it, and the message is kept: with
+    the limit raised it goes, and the rest after it, in order."""
+    from tests.helpers import BrokerProcess, mosquitto_available
+    if not mosquitto_available():
+        pytest.skip("mosquitto not installed")
+    port = free_port()
+    limited = BrokerProcess("mosquitto", tmp_path, port,
+                            f"max_packet_size 600\nlistener {port} 127.0.0.1\nallow_anonymous true\n").start()
+    topics = contract.Topics("edge/lab/gw")
+    store = Outbox.open(str(tmp_path / "outbox.db"))
+    for i in range(6):  # the fourth is a shift summary of many counters: 2 KB
+        store.stage(topics.telemetry("pump1"), {"i": i, "pad": "x" * (2000 if i == 3 else 10)}, created=time.time())
+    store.commit()
+    upstream = config.parse(gateway_config(tmp_path / "data", port)).upstream
+    fmt = JsonFormat(client_id="stuck-test", status_topic=topics.status, offline_payload=b'{"state":"offline"}')
+
+    async def main() -> dict:
+        nonlocal limited
+        uplink = Uplink(upstream, store, fmt)
+        task = asyncio.create_task(uplink.run())
+        try:
+            for _ in range(400):
+                if uplink.stats.stuck is not None:
+                    break
+                await asyncio.sleep(0.05)
+            stuck = dict(uplink.stats.stuck or {})
+            store.commit()  # (acknowledged rows leave the file at the next commit)
+            assert store.stats.messages == 3  # the first three went; the refused one and those after it wait
+            limited.kill()
+            limited = BrokerProcess("mosquitto", tmp_path, port).start()  # the limit raised
+            for _ in range(400):
+                store.commit()
+                if store.stats.messages == 0 and uplink.stats.stuck is None:
+                    break
+                await asyncio.sleep(0.05)
+            assert store.stats.messages == 0 and uplink.stats.stuck is None
+            return stuck
+        finally:
+            await uplink.stop()
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    try:
+        with caplog.at_level("INFO", logger="edge_gateway.uplink.mqtt"):
+            stuck = asyncio.run(main())
+    finally:
+        limited.kill()
+        store.close()
+    assert stuck["seq"] == 4 and stuck["topic"] == "edge/lab/gw/pump1/telemetry" and stuck["bytes"] > 2000
+    said = [r.getMessage() for r in caplog.records]
+    assert sum("it refuses that message" in m for m in said) == 1
+    assert any("acknowledges messages again (the message seq 4 went through)" in m for m in said)
