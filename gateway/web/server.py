@@ -3,12 +3,15 @@
 Read-only: only GET (and HEAD) routes exist; nothing here changes the gateway or a PLC.
 It must never slow the device loops, so every answer is cheap and bounded:
 - `Recorder.tick` (once a second) builds the live snapshot once, only while a page watches; every watcher
-  gets the same bytes, and a watcher that stops reading is dropped after `WRITE_LIMIT`;
+  gets the same bytes, and a watcher that stops reading is dropped after `WRITE_LIMIT` (once its socket's
+  buffers are full) or at the latest after `LIVE_LIFETIME`, when a page that reads reconnects;
 - at most `MAX_CONNECTIONS` connections are served at once; up to `MAX_WAITING` more wait (not
   read) for a free slot for at most `WAIT_LIMIT`, beyond that 503 at once (`Gate`); at most
-  `MAX_STREAMS` live streams; an idle connection is closed after `IDLE_LIMIT`;
+  `MAX_STREAMS` live streams; an idle connection is closed after `IDLE_LIMIT`, a request whose head
+  takes longer than `HEAD_LIMIT` to arrive with a 408;
 - a request line or header over 8 KiB is refused (400) by aiohttp's parser before any
-  handler runs; a history page has at most `MAX_ROWS` rows;
+  handler runs; a history page has at most `MAX_ROWS` rows, `HISTORY_AT_ONCE` are rendered at a time,
+  each giving the loop back every `HISTORY_SLICE` rows;
 - `/api/v1/status` and `/metrics` are rendered at most once per `CACHE_S`.
 Errors are JSON `{"error": ..., "status": ...}` with their status code, never a traceback.
 Every answer carries the security headers; none carries CORS headers (same origin only).
@@ -53,6 +56,10 @@ WAIT_LIMIT = 10.0  # seconds a connection may wait for a free slot
 MAX_STREAMS = 32
 IDLE_LIMIT = 15.0  # seconds an idle keep-alive connection is kept
 WRITE_LIMIT = 10.0  # seconds a live stream may take to take one update
+HEAD_LIMIT = 5.0  # seconds a request's head may take to arrive, from its first byte (or the connection's start)
+LIVE_LIFETIME = 60.0  # seconds a live stream runs before the page is asked to reconnect (EventSource does, at once)
+HISTORY_AT_ONCE = 2  # history pages rendered at a time; each gives the loop back every HISTORY_SLICE rows
+HISTORY_SLICE = 100
 MAX_ROWS = 1000  # history rows per page
 CACHE_S = 0.5
 # asyncio accepts up to `backlog` connections in one go, before the loop runs anything else: a small batch
@@ -99,6 +106,7 @@ class Site:
         self.metrics = Exposition(gw, self.rec)
         self.users = Users(cfg.users_file) if cfg.users_file else None
         self.streams = 0
+        self.history_turns = asyncio.Semaphore(HISTORY_AT_ONCE)
         self.tick = asyncio.Event()
         self.closing = False  # the daemon stops: live streams end at their next wake-up
         self._cache: dict[str, tuple[float, bytes]] = {}
@@ -216,17 +224,24 @@ class Site:
         limit = _int(q.get("limit"), "limit", MAX_ROWS, 1, MAX_ROWS)
         if start > end:
             raise ApiError(400, "from: expected a time before to")
-        tags, rows = history.export(runner.name, start, end)
-        out: list[list[Any]] = []
-        more = None
-        for ts, values in rows:
-            if len(out) == limit:
-                more = ts
-                break
-            out.append([round(ts, 3), *values])
-        close = getattr(rows, "close", None)
-        if close is not None:
-            close()
+        # A page of 1,000 rows is 50 ms of this loop's time, which the devices share: a few at a time, each giving
+        # the loop back every HISTORY_SLICE rows (300 requests at once made a 50 ms device skip 42 ticks).
+        async with self.history_turns:
+            tags, rows = history.export(runner.name, start, end)
+            out: list[list[Any]] = []
+            more = None
+            try:
+                for ts, values in rows:
+                    if len(out) == limit:
+                        more = ts
+                        break
+                    out.append([round(ts, 3), *values])
+                    if len(out) % HISTORY_SLICE == 0:
+                        await asyncio.sleep(0)
+            finally:
+                close = getattr(rows, "close", None)
+                if close is not None:
+                    close()
         return _json({"device": runner.name, "from": start, "to": end, "columns": ["ts", *tags], "rows": out,
                       "next_from": more})
 
@@ -252,11 +267,16 @@ class Site:
                                                "Cache-Control": "no-store"})
             await resp.prepare(request)
             snapshot = self.rec.snap() if self.streams == 1 else self.rec.snapshot  # the first watcher: fresh
-            while not self.closing:
+            # A page that stops reading is found only once the socket's buffers are full, which at a snapshot a
+            # second takes many minutes: 32 such held every stream. Each stream ends after LIVE_LIFETIME; a page
+            # that reads reconnects at once (EventSource, `retry`), one that does not is gone.
+            ends = time.monotonic() + LIVE_LIFETIME
+            await resp.write(b"retry: 500\n\n")
+            while not self.closing and time.monotonic() < ends:
                 await asyncio.wait_for(resp.write(b"data: " + snapshot + b"\n\n"), WRITE_LIMIT)
                 await self.tick.wait()
                 snapshot = self.rec.snapshot
-            return resp  # the daemon stops
+            return resp  # the daemon stops, or the page reconnects
         except (asyncio.TimeoutError, ConnectionError):
             return resp  # a watcher that stopped reading or went away
         finally:
@@ -314,14 +334,52 @@ class _Busy(asyncio.Protocol):
         transport.close()
 
 
+_SLOW_BODY = b'{"error":"the request took too long to arrive","status":408}'
+SLOW = (b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\nConnection: close\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(_SLOW_BODY), _SLOW_BODY))
+
+
 class _Handler(RequestHandler):
     """aiohttp's connection handler, whose answer to a request it cannot parse (a header or path over the
     limits, garbage) is a short JSON 400 with the security headers, logged in one line without a traceback,
-    and never echoes what was sent. Its slot goes to the next waiting connection when it closes."""
+    and never echoes what was sent. Its slot goes to the next waiting connection when it closes.
+
+    A request's head must arrive within HEAD_LIMIT of its first byte (a new connection's, of the connection):
+    aiohttp waits for ever, so 64 clients sending a header line every few seconds (slowloris) held every slot and
+    the status page and /metrics got 503. An idle keep-alive connection is aiohttp's (closed after IDLE_LIMIT)."""
 
     gate: Gate | None = None
+    _head: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._await_head()
+
+    def data_received(self, data: bytes) -> None:
+        heads = self._request_count
+        super().data_received(data)
+        if self._request_count != heads:  # a whole head arrived (and perhaps the start of the next)
+            self._cancel_head()
+        elif self._head is None:  # the first bytes of the next request on a kept-alive connection
+            self._await_head()
+
+    def _await_head(self) -> None:
+        self._head = asyncio.get_running_loop().call_later(HEAD_LIMIT, self._too_slow)
+
+    def _cancel_head(self) -> None:
+        if self._head is not None:
+            self._head.cancel()
+            self._head = None
+
+    def _too_slow(self) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            log.debug("web: closed a connection whose request took over %g s to arrive", HEAD_LIMIT)
+            transport.write(SLOW)
+            transport.close()
 
     def connection_lost(self, exc: BaseException | None) -> None:
+        self._cancel_head()
         super().connection_lost(exc)
         if self.gate is not None:
             self.gate.release()

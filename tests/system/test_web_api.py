@@ -378,3 +378,65 @@ def test_https_with_the_configured_certificate_and_a_login(tmp_path, mosquitto, 
         urllib.request.urlopen(https + "/api/v1/status", timeout=15)
     assert "status page on https://" in proc.logs()
     assert proc.stop() == 0
+
+
+async def _slowloris(port: int, clients: int, seconds: float) -> list[bytes]:
+    """`clients` connections that send a request's head one line a second (never its end) for `seconds`; what
+    each got back."""
+    async def one(i: int) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(b"GET /api/v1/status HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            ends = time.monotonic() + seconds
+            while time.monotonic() < ends and not reader.at_eof():
+                try:
+                    writer.write(f"X-Slow-{i}: {time.monotonic()}\r\n".encode())
+                    await writer.drain()
+                except ConnectionError:
+                    break
+                try:
+                    return await asyncio.wait_for(reader.read(), 1.0)
+                except asyncio.TimeoutError:
+                    pass
+            return b""
+        finally:
+            writer.close()
+    return await asyncio.gather(*(one(i) for i in range(clients)))
+
+
+def test_clients_sending_their_request_a_line_at_a_time_do_not_lock_out_the_page(tmp_path, mosquitto, gateway):
+    """Slowloris: 70 connections, each sending a header line a second and never the end, held all 64 served
+    slots for as long as they liked: the status page and /metrics waited 10 s and got 503. A request's head
+    must now arrive within 5 s of its first byte (408); the others are served meanwhile."""
+    proc, base = start_daemon(tmp_path, mosquitto, gateway)
+    port = int(base.rsplit(":", 1)[1])
+    wait_until(lambda: _both_devices_read(base), 30, what="both devices to be read")
+
+    async def both() -> tuple[list[bytes], list[int]]:
+        slow = asyncio.ensure_future(_slowloris(port, 70, 9.0))
+        await asyncio.sleep(2.0)  # every slot taken
+        normal = []
+        for _ in range(4):
+            status, _, _ = await asyncio.to_thread(get, base + "/api/v1/status")
+            normal.append(status)
+            await asyncio.sleep(1.0)
+        return await slow, normal
+
+    answers, normal = asyncio.run(both())
+    assert normal == [200] * 4
+    assert all(a.startswith(b"HTTP/1.1 408 Request Timeout") for a in answers), {a[:30] for a in answers}
+    # A kept-alive connection that is merely idle is not a slow request: it is served again after 7 s.
+    with socket.create_connection(("127.0.0.1", port)) as idle:
+        for wait in (7, 0):
+            idle.sendall(b"GET /api/v1/devices HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            assert idle.recv(12) == b"HTTP/1.1 200"
+            time.sleep(wait)
+            while idle.recv(65536, socket.MSG_DONTWAIT) if _readable(idle) else b"":
+                pass
+    assert "Traceback" not in proc.logs()
+    assert proc.stop() == 0
+
+
+def _readable(sock: socket.socket) -> bool:
+    import select
+    return bool(select.select([sock], [], [], 0)[0])

@@ -188,9 +188,18 @@
   function connect() {
     const conn = document.getElementById("conn");
     const src = new EventSource("/api/v1/live");
-    src.onopen = () => { conn.textContent = "live"; conn.className = "pill ok"; };
-    src.onmessage = (m) => { try { onSnapshot(JSON.parse(m.data)); } catch (e) { console.warn("bad update", e); } };
-    src.onerror = () => { conn.textContent = "reconnecting…"; conn.className = "pill bad"; };
+    // The server ends each stream after a minute and the page reconnects at once: "reconnecting" only when
+    // that takes longer than a few seconds.
+    let lost = null;
+    const live = () => { clearTimeout(lost); lost = null; conn.textContent = "live"; conn.className = "pill ok"; };
+    src.onopen = live;
+    src.onmessage = (m) => {
+      if (lost !== null) live();
+      try { onSnapshot(JSON.parse(m.data)); } catch (e) { console.warn("bad update", e); }
+    };
+    src.onerror = () => {
+      if (lost === null) lost = setTimeout(() => { conn.textContent = "reconnecting…"; conn.className = "pill bad"; }, 3000);
+    };
   }
 
   window.addEventListener("resize", () => {
