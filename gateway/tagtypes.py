@@ -2,11 +2,12 @@
 
 A PLC register says it: a bit or a coil is a Boolean, an unscaled integer register an
 integer, a scaled one a number with the resolution its scale gives (`scale: 0.1` → one
-decimal: 43.8, never 43.800000000000004), a float32 a number of 7 significant digits (what
-a float32 holds: 12.3, never 12.300000190734863). An OPC UA node says it by its DataType
-(`sources/opcua.py:tag_type`, learned at connect). The simulated source gives the types of the
-simulated PLC's map (`sources/sim.py`), so a `sim` device reads as its Modbus twin. MQTT sensors
-say nothing of their types: their numbers go out as they were sent.
+decimal: 43.8, never 43.800000000000004), a float32 the shortest number that reads back as the
+same float32 (7 to 9 significant digits: 12.3, never 12.300000190734863; 16777215, never 16777220).
+An OPC UA node says it by its DataType (`sources/opcua.py:tag_type`, learned at connect). The
+simulated source gives the types of the simulated PLC's map (`sources/sim.py`), so a `sim` device
+reads as its Modbus twin. MQTT sensors say nothing of their types: their numbers go out as they
+were sent.
 
 This is the one rule: `sources.tag_types` asks each source for its tags' types, the JSON
 telemetry is shaped by them and Sparkplug B declares `datatype` (its name for the type: Boolean,
@@ -15,6 +16,7 @@ Int16 ... UInt64, Float, Double) from them. This module knows no source: it is t
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -45,6 +47,8 @@ class TagType:
             return value if type(value) is int else round(value)
         if self.decimals is not None:
             return round(value, self.decimals)
+        if self.datatype == "Float":
+            return _float32(value)
         if self.significant is not None:
             return float(f"{value:.{self.significant}g}")
         return value
@@ -83,6 +87,26 @@ def of_registers(tags: Iterable[str], registers: Iterable[Register]) -> dict[str
 
 def shape(values: Mapping[str, float | None], types: Mapping[str, TagType]) -> dict[str, float | int | None]:
     return {tag: types.get(tag, AS_SENT).shape(value) for tag, value in values.items()}
+
+
+_F32 = struct.Struct("<f")
+
+
+def _float32(value: float) -> float:
+    """The shortest decimal (7 to 9 significant digits) that reads back as the same float32: 12.3, never
+    12.300000190734863; a totaliser's 16777215, never the 16777220 that 7 digits give (another float32)."""
+    try:
+        exact = _F32.pack(value)
+    except OverflowError:  # beyond float32 (a scaled or mistyped value): as it is
+        return value
+    for digits in (7, 8):
+        text = float(f"{value:.{digits}g}")
+        try:
+            if _F32.pack(text) == exact:
+                return text
+        except OverflowError:  # 3.4028235e38 at 7 digits rounds past the largest float32
+            pass
+    return float(f"{value:.9g}")  # 9 digits always read back
 
 
 def _decimals(x: float) -> int:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
+
 from gateway import contract
 from gateway.contract import Topics
 from gateway.counters import CounterRow
@@ -108,6 +110,21 @@ def test_values_go_out_as_the_register_map_types_them():
                                         b'"temp":43.8,"level":-38.75,"flow":12.3,"energy":0.30000000000000004,'
                                         b'"on":1,"door":0,"kwh":123456.789}}')
     assert tagtypes.shape({"temp": None, "flow": float("nan")}, types) == {"temp": None, "flow": None}
+
+
+@pytest.mark.parametrize("held,published", [(16777215.0, 16777215.0), (12345678.0, 12345678.0),
+                                            (1.0000001, 1.0000001), (3.4028235e38, 3.4028235e38), (12.3, 12.3),
+                                            (-0.0, -0.0), (1e-45, 1.401298e-45)])
+def test_a_float32_goes_out_as_the_shortest_number_that_reads_back_as_it(held, published):
+    """Seven significant digits made a PLC totaliser's 16777215 into 16777220, another float32 (so were
+    12345678 and 1.0000001): a fuzzing pass against Modbus float32 registers and OPC UA Float nodes found it."""
+    import struct
+
+    from gateway import tagtypes
+    f32 = struct.Struct("<f")
+    value = f32.unpack(f32.pack(held))[0]  # as the PLC holds it: 12.300000190734863
+    out = tagtypes.FLOAT.shape(value)
+    assert out == published and f32.pack(out) == f32.pack(value)
 
 
 def test_a_simulated_device_says_so():
