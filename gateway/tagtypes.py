@@ -60,6 +60,23 @@ FLOAT = TagType(significant=7, datatype="Float")  # what a float32 holds
 DOUBLE = TagType(datatype="Double")
 
 
+# The values an integer or Boolean datatype holds (a Float or Double holds any finite number).
+RANGES = {"Boolean": (0, 1), "Int8": (-2**7, 2**7 - 1), "UInt8": (0, 2**8 - 1), "Int16": (-2**15, 2**15 - 1),
+          "UInt16": (0, 2**16 - 1), "Int32": (-2**31, 2**31 - 1), "UInt32": (0, 2**32 - 1),
+          "Int64": (-2**63, 2**63 - 1), "UInt64": (0, 2**64 - 1)}
+
+
+def fits(value: float | int, kind: TagType) -> bool:
+    """Whether a value read is one its tag's datatype holds: a whole number within its range for an integer or a
+    Boolean (a node that says Int32 and serves 2.5, or a Boolean serving 7, is not read as 2 or 7)."""
+    if kind.datatype not in RANGES:
+        return True
+    if isinstance(value, float) and not value.is_integer():
+        return False
+    low, high = RANGES[kind.datatype]
+    return low <= value <= high
+
+
 def integer(datatype: str) -> TagType:
     """An integer tag of a Sparkplug integer datatype (Int16 ... UInt64)."""
     return TagType("int", datatype=datatype)

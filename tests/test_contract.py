@@ -160,3 +160,11 @@ def test_opc_ua_values_are_typed_by_their_nodes_datatype():
     assert contract.encode(payload).endswith(b'"values":{"big":9007199254740993,"f":12.3}}')
     from gateway.sample import Sample
     assert Sample.from_readings("m", 0.0, {"big": 9007199254740993}).values == {"big": 9007199254740993}
+    # A value the node's DataType does not hold (the server serves another type than at connect): no value,
+    # said; before, an Int32 node serving 2.5 was published as 2, 1e300 as a 301-digit integer, a Boolean's 7 as 7.
+    from gateway.sources.opcua import _unfit
+    for datatype_id, value in ((6, 2.5), (6, 0.4), (6, 1e300), (6, 2**31), (1, 7), (1, 2.0), (3, -1), (9, 2**64)):
+        kind = tag_type(ua.NodeId(datatype_id, 0))
+        assert _typed(value, kind) is None, (datatype_id, value)
+        assert _unfit(value, kind).endswith(f"is not a {kind.datatype} (the node's DataType)")
+    assert typed(6, 7.0)[1] == 7 and typed(1, 0.0)[1] == 0  # a whole number in range: taken

@@ -191,9 +191,10 @@ class OpcUaSource(PolledSource):
                 problems.append(f"{node.name} ({node.node}): no value yet")
                 values[node.name], quality[node.name] = None, ERROR
                 continue
-            value = _typed(reading.value, self._types.get(node.name))
+            kind = self._types.get(node.name, tagtypes.AS_SENT)
+            value = _typed(reading.value, kind)
             if not reading.good or value is None:
-                why = _status_name(reading.status) if not reading.good else "not a number"
+                why = _status_name(reading.status) if not reading.good else _unfit(reading.value, kind)
                 problems.append(f"{node.name} ({node.node}): {why}")
                 values[node.name], quality[node.name] = None, ERROR
                 continue
@@ -392,13 +393,23 @@ def tag_type(datatype: Any) -> tagtypes.TagType:
     return tagtypes.integer(name) if name is not None else tagtypes.AS_SENT
 
 
-def _typed(value: Any, kind: tagtypes.TagType | None) -> float | None:
-    """A value as its tag's type says (an exact int for an integer); None for what is not a finite number."""
+def _typed(value: Any, kind: tagtypes.TagType) -> float | None:
+    """A value as its tag's type says (an exact int for an integer); None for what is not a finite number, or
+    not one the node's DataType holds (the type is learned at connect; a server may serve another since)."""
     if isinstance(value, bool):
-        return int(value)
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float) and value == value and abs(value) != float("inf"):
-        return (kind or tagtypes.AS_SENT).shape(value)
-    return None
+        value = int(value)
+    if isinstance(value, float) and (value != value or abs(value) == float("inf")):
+        return None
+    if not isinstance(value, (int, float)) or not tagtypes.fits(value, kind):
+        return None
+    return value if isinstance(value, int) else kind.shape(value)
+
+
+def _unfit(value: Any, kind: tagtypes.TagType) -> str:
+    """Why a good reading's value is not taken."""
+    if isinstance(value, bool):
+        value = int(value)
+    if isinstance(value, (int, float)) and value == value and abs(value) != float("inf"):
+        return f"{value:.10g} is not a {kind.datatype} (the node's DataType)"
+    return "not a number"
 
