@@ -166,5 +166,5 @@ def test_opc_ua_values_are_typed_by_their_nodes_datatype():
     for datatype_id, value in ((6, 2.5), (6, 0.4), (6, 1e300), (6, 2**31), (1, 7), (1, 2.0), (3, -1), (9, 2**64)):
         kind = tag_type(ua.NodeId(datatype_id, 0))
         assert _typed(value, kind) is None, (datatype_id, value)
-        assert _unfit(value, kind).endswith(f"is not a {kind.datatype} (the node's DataType)")
+        assert _unfit(value, kind).endswith(f"does not fit the node's DataType, {kind.datatype}")
     assert typed(6, 7.0)[1] == 7 and typed(1, 0.0)[1] == 0  # a whole number in range: taken

@@ -410,6 +410,6 @@ def _unfit(value: Any, kind: tagtypes.TagType) -> str:
     if isinstance(value, bool):
         value = int(value)
     if isinstance(value, (int, float)) and value == value and abs(value) != float("inf"):
-        return f"{value:.10g} is not a {kind.datatype} (the node's DataType)"
+        return f"{value:.10g} does not fit the node's DataType, {kind.datatype}"
     return "not a number"
 
