@@ -545,6 +545,22 @@ def _register_rules(v: Fields) -> list[Problem]:
     return problems
 
 
+def _counter_widths(v: Fields) -> list[Problem]:
+    """A counter on a 16-bit register with 32 bits (the default) took its wrap at 65535 for a reset and lost
+    the counts at every wrap: a counter's bits must not exceed its register's."""
+    regs = {r.name: r for r in items(v["registers"]) if isinstance(r, RegisterSection)}
+    problems: list[Problem] = []
+    for i, counter in enumerate(items(v["counters"])):
+        reg = regs.get(part(counter, "register"))
+        bits = part(counter, "bits")
+        if reg is not None and reg.type in ("uint16", "int16") and reg.bit is None and isinstance(bits, int) \
+                and bits > 16:
+            problems.append((f"counters[{i}].bits", f"expected 16: its register {reg.name} is a {reg.type} of 16 "
+                                                    f"bits; at {bits} (the default is 32) each of its wraps would be "
+                                                    f"taken for a reset and its counts lost"))
+    return problems
+
+
 def _span(reg: RegisterSection) -> tuple[int, int]:
     """The first and last address a register entry reads."""
     return reg.address, reg.address + (1 if reg.table in ("coil", "discrete") else WIDTH[reg.type]) - 1
@@ -573,7 +589,7 @@ class ModbusDevice(DeviceBase):
 
     @classmethod
     def rules(cls, v: Fields) -> list[Problem]:
-        return _register_rules(v) + super().rules(v)
+        return _register_rules(v) + _counter_widths(v) + super().rules(v)
 
 
 @dataclass(frozen=True)
