@@ -170,10 +170,10 @@ class Link:
                 if self.serial:
                     self._discard_input()
                 raise self._unit_failed(unit, f"{self.name}: no valid response (unit {unit}): {err}") from None
-            except MalformedAnswer as err:
+            except MalformedAnswer as err:  # dropped, and the unit left alone as one that gives no valid answer
                 self._drop()
-                raise SourceError(f"{self.name}: malformed answer (unit {unit}, {read.table} {read.address}+"
-                                  f"{read.count}): {err}; dropped the connection") from None
+                raise self._unit_failed(unit, f"{self.name}: malformed answer (unit {unit}, {read.table} "
+                                              f"{read.address}+{read.count}): {err}; dropped the connection") from None
             finally:
                 if self.gap:
                     await asyncio.sleep(self.gap)
@@ -182,11 +182,11 @@ class Link:
                 got = len(response.bits if bits else response.registers)
                 wanted = 8 * -(-read.count // 8) if bits else read.count  # bits come in whole bytes
                 if response.function_code != _CODES[read.table] or got != wanted:
-                    self._drop()
-                    raise SourceError(f"{self.name}: answer does not match the request (unit {unit}, "
-                                      f"{read.table} {read.address}+{read.count}: got function "
-                                      f"{response.function_code} with {got} {'bits' if bits else 'registers'}); "
-                                      "dropped the connection")
+                    self._drop()  # (and reconnected with the unit's backoff: 99 connections in 20 s before)
+                    raise self._unit_failed(unit, f"{self.name}: answer does not match the request (unit {unit}, "
+                                                  f"{read.table} {read.address}+{read.count}: got function "
+                                                  f"{response.function_code} with {got} "
+                                                  f"{'bits' if bits else 'registers'}); dropped the connection")
             self._attempt = 0  # an answer: the PLC is back
             self._silent.pop(unit, None)
             return response
@@ -269,8 +269,8 @@ class ModbusSource(PolledSource):
                 offset = reg.address - read.address
                 value = decode(words[offset:offset + width(reg)], reg)
                 values[reg.name], quality[reg.name] = value, OK if value is not None else ERROR
-        if problems and len(problems) == len(self.reads):
-            raise SourceError(f"unit {self.unit}: " + "; ".join(problems))
+        if problems and len(problems) == len(self.reads):  # worded as the link's errors: one state, logged once
+            raise SourceError(f"{self.link.name}: unit {self.unit}: " + "; ".join(problems))
         values = {reg.name: values[reg.name] for reg in self.device.registers}  # the configured order
         return Sample(self.device.name, ts, values, {tag: quality[tag] for tag in values}, "; ".join(problems) or None)
 
