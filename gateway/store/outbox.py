@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any, TypeVar
 
 from gateway import contract, datadir
-from gateway.counters import CounterRow, total_of
+from gateway.counters import MAX_TOTAL, CounterRow, total_of
 from gateway.logs import fields
 from gateway.units import LAST_INSTANT, instant
 
@@ -190,12 +190,15 @@ class Outbox:
             f"coalesce(sum({untimed}), 0) FROM outbox", (LAST_INSTANT,)).fetchone()
         lost = (n_lost, *db.execute(f"SELECT min(seq), max(seq) FROM outbox WHERE {lost_rows}").fetchone()) \
             if n_lost else (0, None, None)
-        (bad_meta,) = db.execute("SELECT count(*) FROM meta WHERE typeof(value) != 'integer'").fetchone()
+        # A count that is not an integer, or one no message can carry (last_seq 2**63 - 1 overflowed the next seq
+        # at the first commit, every start: a crash loop), is counted again.
+        bad_value = f"typeof(value) != 'integer' OR value NOT BETWEEN 0 AND {MAX_TOTAL}"
+        (bad_meta,) = db.execute(f"SELECT count(*) FROM meta WHERE {bad_value}").fetchone()
         if not (lost[0] or retimed or bad_meta):
             return messages, size
         db.execute("BEGIN IMMEDIATE")
         try:
-            db.execute("DELETE FROM meta WHERE typeof(value) != 'integer'")
+            db.execute(f"DELETE FROM meta WHERE {bad_value}")
             # No seq is given twice: not the dropped messages' (they may have reached the upstream unacknowledged).
             db.execute("INSERT OR REPLACE INTO meta VALUES ('last_seq', ?)",
                        (max(self._meta("last_seq"), db.execute("SELECT coalesce(max(seq), 0) FROM outbox").fetchone()[0]),))
@@ -213,7 +216,7 @@ class Outbox:
                       f"{lost[0]} message(s) whose topic is lost, seq {lost[1]} to {lost[2]}: dropped, they cannot be "
                       f"delivered" if lost[0] else "",
                       f"{retimed} creation time(s) that are not a time: taken as now" if retimed else "",
-                      f"{bad_meta} count(s) that are not a number: counted again" if bad_meta else "") if part),
+                      f"{bad_meta} count(s) that are not a count: counted again" if bad_meta else "") if part),
                   extra=fields(None, "outbox_drop" if lost[0] else "state_unreadable"))
         messages, size = db.execute(waiting).fetchone()
         return messages, size
