@@ -166,16 +166,11 @@ class Model:
     def __init__(self, tflite_path: str | Path, meta_path: str | Path, *, verify_hash: bool = True) -> None:
         tflite_path, meta_path = Path(tflite_path), Path(meta_path)
         self.path = tflite_path
-        try:
-            data = tflite_path.read_bytes()
-        except OSError as err:
-            raise ModelError(f"cannot read {tflite_path}: {err.strerror}") from None
+        data = _read(tflite_path)
         if len(data) < 8 or data[4:8] != b"TFL3":
             raise ModelError(f"{tflite_path} is not a TFLite model (no TFL3 identifier)")
         try:
-            meta = json.loads(meta_path.read_text())
-        except OSError as err:
-            raise ModelError(f"cannot read its metadata {meta_path}: {err.strerror}") from None
+            meta = json.loads(_read(meta_path, "its metadata "))
         except (ValueError, RecursionError) as err:  # RecursionError: arrays nested thousands deep
             raise ModelError(f"its metadata {meta_path} is not valid JSON: {str(err) or type(err).__name__}") from None
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
@@ -235,6 +230,8 @@ class Model:
                                  f"{INTERVAL_RANGE[0]:g} to {INTERVAL_RANGE[1]:g}, threshold above 0, events.h above 0 "
                                  f"and events.cap h or more, events.subside from 0 to below 1, events.settle 1 or "
                                  f"more, false_alarms.per_second and false_alarms.recording_s 0 or more, all finite")
+            if self.flatline_after < 2:  # 0: every tag of every device a stuck sensor, an event at once
+                raise ValueError(f"flatline_after needs 2 or more (training writes 30 or more), not {self.flatline_after}")
             self.context = self.stats.context
         except (KeyError, TypeError, ValueError, ArithmeticError) as err:  # ArithmeticError: an int of Infinity
             why = f"lacks {err}" if isinstance(err, KeyError) else str(err)
@@ -396,6 +393,24 @@ def _check_numbers(inputs: Mapping[str, Any], error_scale: Sequence[float], stat
 
 
 _loaded: dict[Path, tuple[tuple[tuple[int, int], ...], Model]] = {}
+
+
+MAX_FILE = 64 << 20  # a model's file larger than this is no model of ours (they are KiB): not read into memory
+
+
+def _read(path: Path, what: str = "") -> bytes:
+    """A model's file, which must be a regular file of at most MAX_FILE bytes: a FIFO froze the daemon's loop at
+    a reload, and a link to /dev/zero took 2.8 GB in 4 s."""
+    try:
+        if not path.is_file():
+            raise ModelError(f"{what}{path} is not a regular file" if path.exists() else
+                             f"cannot read {what}{path}: No such file or directory")
+        if path.stat().st_size > MAX_FILE:
+            raise ModelError(f"{what}{path} is larger than {MAX_FILE >> 20} MiB: not a model")
+        with path.open("rb") as f:
+            return f.read(MAX_FILE + 1)[:MAX_FILE]
+    except OSError as err:
+        raise ModelError(f"cannot read {what}{path}: {err.strerror}") from None
 
 
 def load(name: str, directory: Path) -> Model:
@@ -606,11 +621,16 @@ class DeviceScorer:
                 **({"baseline": _listed(self.inputs.baseline), "raw": _listed(self._raw),
                     "same_run": [int(n) for n in self.same_run]} if st.active else {})}
 
-    def resume(self, record: Mapping[str, Any]) -> None:
+    def resume(self, record: Mapping[str, Any]) -> str | None:
         """Take up `event_state()` after a restart: an open event stays open (no second start; its end says when it
         started) and a held threshold stays held. Saved with another model, only the open event carries over: the
-        new model decides when it ends. Anything else in `record` is ignored."""
+        new model decides when it ends. Anything else in `record` is ignored. Returns what is damaged in a record
+        the scorer never writes (a file edited by hand: `active: "yes"`), which it cannot take up; else None."""
         m, st = self.model, self.state
+        active = record.get("active", False)
+        if not isinstance(active, bool) or (active and instant(record.get("started")) is None):
+            field = "active" if not isinstance(active, bool) else "started"
+            return f"{field}: {json.dumps(record.get(field))[:40]}"
         same = record.get("model") == m.identity
         if record.get("active") is True and (started := instant(record.get("started"))) is not None:
             st.active, self._event_start, self.cusum = True, started, m.cusum_h
@@ -627,6 +647,7 @@ class DeviceScorer:
         elif same and (held := finite(record.get("threshold"))) is not None and held > m.threshold:
             st.threshold, self.level = held, finite(record.get("level")) or held / m.settle
             self._event_start = instant(record.get("started"))
+        return None
 
     def take_latency(self) -> list[float]:
         out, self.state.latency_us = self.state.latency_us, []

@@ -270,8 +270,12 @@ class Scoring:
         self.out_of_model = OutOfModel(device, model, config_path, recorded)
         self.outbox = outbox
         self._topic = topics.anomaly(device.name)
-        if isinstance(saved := outbox.device_state(device.name, "anomaly"), dict):
-            self.scorer.resume(saved)
+        saved = outbox.device_state(device.name, "anomaly")
+        damage = (self.scorer.resume(saved) if isinstance(saved, dict) else
+                  None if saved is None else f"a {type(saved).__name__}, not an object")
+        if damage is not None:  # an event open before it is not taken up: said, as other damaged saved state
+            log.warning("device %s: its saved anomaly event is damaged (%s): it starts afresh", device.name, damage,
+                        extra=fields(device.name, "state_unreadable"))
         self._saved_at = 0  # windows scored when the event state was last staged
         self._saved_settling = self.scorer.settling
 

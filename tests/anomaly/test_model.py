@@ -6,6 +6,7 @@ import copy
 import json
 import logging
 import math
+import os
 import shlex
 import shutil
 import signal
@@ -79,6 +80,12 @@ def test_the_shipped_model_and_a_good_config_pass(tmp_path):
     ("h_nan", "events.h above 0 and events.cap h or more"),
     ("cap_nan", "events.h above 0 and events.cap h or more"),
     ("cap_below_h", "events.h above 0 and events.cap h or more"),
+    # Every device scoring it in an event at once, every tag a stuck sensor.
+    ("flatline_zero", "is not usable: flatline_after needs 2 or more (training writes 30 or more), not 0"),
+    # Read on the daemon's loop at a reload: a FIFO froze it; a link to /dev/zero took 2.8 GB in 4 s.
+    ("fifo", "model pump-ae: {dir}/pump-ae.tflite is not a regular file"),
+    ("dev_zero", "model pump-ae: {dir}/pump-ae.tflite is not a regular file"),
+    ("meta_fifo", "model pump-ae: its metadata {dir}/pump-ae.json is not a regular file"),
 ])
 def test_a_bad_model_is_a_config_error_naming_device_model_and_mismatch(tmp_path, damage, expected):
     d = tmp_path / "models"
@@ -132,8 +139,16 @@ def test_a_bad_model_is_a_config_error_naming_device_model_and_mismatch(tmp_path
         meta["events"]["h"] = "NaN"
     elif damage in ("cap_nan", "cap_below_h"):
         meta["events"]["cap"] = float("nan") if damage == "cap_nan" else -1
+    elif damage == "flatline_zero":
+        meta["flatline_after"] = 0
+    elif damage in ("fifo", "dev_zero"):
+        (d / "pump-ae.tflite").unlink()
+        os.mkfifo(d / "pump-ae.tflite") if damage == "fifo" else (d / "pump-ae.tflite").symlink_to("/dev/zero")
     text = {"bad_json": "{not json", "deep_json": "[" * 10000 + "]" * 10000}.get(damage, json.dumps(meta))
-    (d / "pump-ae.json").write_text(text)
+    if damage == "meta_fifo":
+        os.mkfifo(d / "pump-ae.json")
+    else:
+        (d / "pump-ae.json").write_text(text)
     result = check(tmp_path, PUMP, d)
     assert result.returncode == 78
     assert "devices[0].model: device pump1: " in result.stderr

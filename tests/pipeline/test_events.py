@@ -592,3 +592,26 @@ def test_a_saved_counter_with_a_damaged_field_is_said_and_counting_goes_on(tmp_p
     # 50 made since; a damaged last raw value makes the first reading a new baseline: its 10 are not counted.
     assert total == (before if kept else 0) + (40 if column == "last_raw" else 50)
     assert line.on("counters")[-1]["counters"]["produced"]["total"] == total
+
+
+@pytest.mark.parametrize("record,said", [({"active": "yes", "started": 1_795_000_000.0}, 'active: "yes"'),
+                                         ({"active": True, "started": "x"}, 'started: "x"'),
+                                         ([1, 2], "a list, not an object")])
+def test_a_damaged_saved_anomaly_event_is_said_once_and_the_device_scores_on(tmp_path, caplog, record, said):
+    """A fuzzing pass: a saved open event edited by hand (`active: "yes"`) was dropped without a word, and the
+    next event's start came upstream with no end for the first."""
+    pytest.importorskip("ai_edge_litert")
+    from gateway.anomaly import model as anomaly
+
+    model = anomaly.load("pump-ae", anomaly.model_dir())
+    path = tmp_path / "g.db"
+    store, _ = _pump_pipeline(path, model)
+    store.stage_state("pump1", "anomaly", record)
+    assert store.commit()
+    store.close()
+    with caplog.at_level(logging.WARNING):
+        store, runner = _pump_pipeline(path, model)
+    lines = [r.getMessage() for r in caplog.records if "saved anomaly event" in r.getMessage()]
+    assert lines == [f"device pump1: its saved anomaly event is damaged ({said}): it starts afresh"]
+    assert not runner.scoring.scorer.state.active
+    store.close()
