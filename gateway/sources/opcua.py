@@ -73,6 +73,7 @@ class OpcUaSource(PolledSource):
         self._types: dict[str, tagtypes.TagType] = {}  # tag -> its type, from its node's DataType
         self._newest_seen: float | None = None  # the newest SourceTimestamp of any sample so far
         self._last_ts: float | None = None  # the time of the last sample
+        self._mute = 0  # sessions in a row whose subscription never published: the next waits, doubling
 
     @property
     def learned_types(self) -> Mapping[str, tagtypes.TagType]:
@@ -118,7 +119,9 @@ class OpcUaSource(PolledSource):
                 self._retry_at = time.monotonic() + backoff(self._attempt, 0.5, 30.0, 0.3, self._rng)
                 self._attempt += 1
                 raise SourceError(f"{device.endpoint}: cannot subscribe ({why(err)})") from None
-        log.info("device %s: connected to %s", device.name, device.endpoint)
+        # Said once; again only after a session that published (a server that never does is reconnected, backing
+        # off, without a line each time: 1,000 an hour before).
+        (log.debug if self._mute else log.info)("device %s: connected to %s", device.name, device.endpoint)
         return client
 
     async def _learn_types(self, client: Any) -> None:
@@ -175,9 +178,14 @@ class OpcUaSource(PolledSource):
         ended = publishing is not None and publishing.done()  # the subscription ended under us
         if ended or quiet_for > quiet:
             asyncio.get_running_loop().create_task(self.aclose())
+            if not sub.published:  # this session's subscription never published: the server accepts, stays mute
+                self._retry_at = time.monotonic() + backoff(self._mute, 0.5, 30.0, 0.3, self._rng)
+                self._mute += 1
             why = (f"the subscription ended ({publishing.result()})" if publishing is not None and ended else
                    f"the subscription delivered nothing, not even a keep-alive, for {quiet:g}s")
             raise SourceError(f"{device.endpoint}: {why}; reconnecting")
+        if sub.published:
+            self._mute = 0
         return self._sample(sub.latest, stale=quiet_for > 3 * device.interval)
 
     def _sample(self, results: Sequence[Reading | None], stale: bool = False) -> Sample:

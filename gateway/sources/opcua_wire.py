@@ -285,6 +285,7 @@ class Subscription:
         self.id = 0
         self.latest: list[Reading | None] = [None] * len(nodeids)
         self.last_publish_at: float | None = None  # time.monotonic() of the last answer, a keep-alive too
+        self.published = False  # any Publish answered (the subscription's creation sets last_publish_at too)
         self.left_to_asyncua = 0
 
     async def open(self, timeout: float) -> None:
@@ -335,6 +336,7 @@ class Subscription:
             if subscription != self.id:
                 raise Ended(f"the server publishes subscription {subscription}, not {self.id}")
             self.last_publish_at = time.monotonic()
+            self.published = True
             acks = [sequence] if sequence is not None else []
             for handle, reading in changes:
                 if 0 <= handle < len(self.latest):

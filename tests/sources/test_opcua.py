@@ -624,3 +624,45 @@ def test_an_asyncua_without_the_parts_the_gateway_uses_is_named_not_a_traceback(
     said = with_server(body)
     assert "this gateway works with asyncua 2.1" in said, said
     assert not fits(object())
+
+
+def test_a_server_that_accepts_a_subscription_and_never_publishes_is_backed_off_and_said_once(monkeypatch, caplog):
+    """A fuzzing pass: such a server got a new session every ~3.5 s for ever, each with an INFO 'connected' line
+    (1,000 an hour). Sessions in a row whose subscription never published now wait, 0.5 s doubling to 30 s, and
+    'connected' is said once."""
+    import asyncio
+    import logging
+
+    from asyncua.server import uaprocessor
+
+    from gateway.errors import SourceError
+    from gateway.sources.opcua import OpcUaSource
+
+    async def nothing(self, *args, **kwargs):
+        return None
+    monkeypatch.setattr(uaprocessor.UaProcessor, "forward_publish_response", nothing)  # every Publish swallowed
+    monkeypatch.setattr(uaprocessor.UaProcessor, "_send_publish_request_timeout", lambda self, *args: None)
+
+    async def body(server, variables, port):
+        source = OpcUaSource(parse(opcua_config(port, '      - {name: a, node: "ns=2;s=T.a"}\n').replace(
+            "timeout: 2s", "timeout: 300ms")).devices[0])
+        sessions = 0
+        try:
+            ends = asyncio.get_running_loop().time() + 12.0
+            while asyncio.get_running_loop().time() < ends:
+                before = len(server.iserver.subscription_service.subscriptions)
+                try:
+                    await source.read()
+                except SourceError:
+                    pass
+                sessions += len(server.iserver.subscription_service.subscriptions) > before
+                await asyncio.sleep(0.2)
+            return sessions
+        finally:
+            await source.aclose()
+
+    with caplog.at_level(logging.DEBUG, logger="edge_gateway.sources.opcua"):
+        sessions = with_server(body)
+    connected = [r for r in caplog.records if "connected to" in r.getMessage() and r.levelno >= logging.INFO]
+    assert len(connected) == 1, [r.getMessage() for r in connected]
+    assert sessions <= 5, sessions  # 0.5, 1, 2, 4 s waits in 12 s; every ~1.5 s before (8 here)
