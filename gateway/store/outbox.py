@@ -353,6 +353,14 @@ class Outbox:
             self.stats.drop_episode = []
 
     # -- the one transaction -------------------------------------------------------------
+    def _release_wal(self) -> None:
+        """After a failed write (a full disk): move what the WAL holds into the database and cut the WAL to
+        nothing, so that the space it took is there for the next commit. Fails quietly when it cannot."""
+        try:
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        except sqlite3.Error:
+            pass
+
     def commit(self, now: float | None = None) -> bool:
         """Write staged messages and counters, delete acknowledged rows, enforce the bounds.
 
@@ -397,6 +405,7 @@ class Outbox:
                 raise
         except sqlite3.Error as err:
             self._reload_topics()  # ids cached during the rolled-back transaction were never written
+            self._release_wal()
             self.stats.write_errors += 1
             if self.stats.last_error != str(err):
                 log.error("outbox write failed (%s): %d messages kept in memory, retrying",
@@ -652,6 +661,9 @@ def _fits(value: object, hint: Any) -> bool:
     return True
 
 
+WAL_LIMIT = 1 << 20  # bytes the WAL file keeps after a checkpoint resets it
+
+
 def _open(path: str, sync: str) -> sqlite3.Connection:
     """Open (or create) the store; a file that is not a readable database is moved aside."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -672,6 +684,12 @@ def _connect(path: str, sync: str) -> sqlite3.Connection:
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     try:
         db.execute("PRAGMA journal_mode = WAL")
+        # A WAL grown while the broker was away keeps its size when it is reset, unless this says otherwise: on a
+        # small disk it held the space the next commits needed, and they failed again once space came back.
+        # And checkpointed at a quarter of SQLite's default: on a disk of a few MB the WAL filled it before its
+        # first checkpoint, the database file never grew, and nothing could be moved out of the WAL any more.
+        db.execute(f"PRAGMA journal_size_limit = {WAL_LIMIT}")
+        db.execute(f"PRAGMA wal_autocheckpoint = {WAL_LIMIT // 4096}")
         db.execute(f"PRAGMA synchronous = {'FULL' if sync == 'full' else 'NORMAL'}")
         db.executescript(SCHEMA)
         db.execute("SELECT count(*) FROM outbox").fetchone()
