@@ -77,6 +77,7 @@ class Gateway:
         try:
             self._outbox = Outbox.open(datadir.path(gw.data_dir, datadir.OUTBOX), bounds=_bounds(self.config),
                                   sync=self.config.outbox.sync)
+            self._outbox.keep_above(report.saved_seq(gw.data_dir))
         except BaseException:
             self._lock.close()
             raise
@@ -217,7 +218,8 @@ class Gateway:
         await self.uplink.stop(flush_timeout=FLUSH_LIMIT)
         await sup.stop("uplink")
         self.outbox.commit()  # the last acknowledgements
-        report.write_state(self.config.gateway.data_dir, self.health(), self.devices)
+        report.write_state(self.config.gateway.data_dir, self.health(), self.devices, self.outbox.seq_mark(
+            self.config.gateway.health_interval))
 
     # -- devices ------------------------------------------------------------------------------
     def _start_devices(self) -> None:
@@ -278,7 +280,8 @@ class Gateway:
             await asyncio.sleep(self.config.gateway.health_interval)
             latest = self.health()
             self.uplink.publish_live(self.topics.health, contract.health(latest), body=latest)
-            report.write_state(self.config.gateway.data_dir, latest, self.devices)
+            report.write_state(self.config.gateway.data_dir, latest, self.devices,
+                               self.outbox.seq_mark(self.config.gateway.health_interval))
             self.notifier.status(self.status_line())
 
     async def _watchdog_loop(self) -> None:

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from gateway import datadir
+from gateway.counters import MAX_TOTAL
 from gateway.units import rfc3339
 
 if TYPE_CHECKING:
@@ -55,11 +56,15 @@ def report(gateway_id: str, started: float, outbox: Outbox, uplink: Uplink, devi
     return health
 
 
-def write_state(data_dir: str, health: dict[str, Any], devices: Iterable[DeviceRunner]) -> None:
-    """The local state file read by `edge-gateway status` (no broker needed): the report plus counters."""
+def write_state(data_dir: str, health: dict[str, Any], devices: Iterable[DeviceRunner],
+                seq: dict[str, int] | None = None) -> None:
+    """The local state file read by `edge-gateway status` (no broker needed): the report plus counters, and the
+    outbox's seq (`Outbox.seq_mark`), which the next start checks the outbox against."""
     health = {**health, "counters": {r.name: {name: {"total": row.total, "shift": row.shift_total,
                                                      "shift_id": row.shift_id}
                                               for name, row in r.counting.rows.items()} for r in devices}}
+    if seq is not None:
+        health["seq"] = seq
     path = datadir.path(data_dir, datadir.STATE)
     try:
         with open(path + ".tmp", "w", encoding="utf-8") as fh:
@@ -67,6 +72,19 @@ def write_state(data_dir: str, health: dict[str, Any], devices: Iterable[DeviceR
         os.replace(path + ".tmp", path)
     except OSError as err:  # a full disk must not stop the health loop
         log.debug("cannot write %s: %s", path, err)
+
+
+def saved_seq(data_dir: str) -> dict[str, int] | None:
+    """The seq mark the last state file kept (`write_state`), if it is one."""
+    try:
+        with open(datadir.path(data_dir, datadir.STATE), encoding="utf-8") as fh:
+            mark = json.load(fh).get("seq")
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return None
+    if not isinstance(mark, dict) or not all(type(mark.get(k)) is int and 0 <= mark[k] <= MAX_TOTAL
+                                             for k in ("last", "floor")):
+        return None
+    return {"last": mark["last"], "floor": mark["floor"]}
 
 
 def status_line(devices: Sequence[DeviceRunner], outbox: Outbox, uplink: Uplink) -> str:

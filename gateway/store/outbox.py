@@ -21,6 +21,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import math
 import os
 import sqlite3
 import time
@@ -157,6 +158,7 @@ class Outbox:
         self._acked_max = 0
         self._pending_dropped = 0
         self._meta_seq = -1  # last_seq as the meta table holds it
+        self._mark_from: tuple[float, int] | None = None  # (when, last_seq) of the first seq_mark
         self._written_seq = 0  # the highest seq written by an earlier commit (or found at open)
         # Rung by the first message staged after a commit (see `commit_loop`); not per message.
         self.on_stage: Callable[[], None] | None = None
@@ -353,6 +355,29 @@ class Outbox:
             self.stats.drop_episode = []
 
     # -- the one transaction -------------------------------------------------------------
+    def seq_mark(self, every: float) -> dict[str, int]:
+        """For the state file, written every `every` seconds: the last seq committed (only those can have been
+        sent), and a floor above any this process could commit before the next write (ten times its rate since
+        the start, at least 1,000)."""
+        now, last = time.monotonic(), self._written_seq
+        if self._mark_from is None:
+            self._mark_from = (now, last)
+        since, first = self._mark_from
+        rate = (last - first) / max(now - since, 1.0)
+        return {"last": last, "floor": last + max(1000, math.ceil(10 * rate * every))}
+
+    def keep_above(self, mark: dict[str, int] | None) -> None:
+        """At the start: an outbox behind the state file's last seq lost its last commits (a power loss with
+        `sync: normal`, a WAL deleted, a file moved aside); those seqs may have reached the upstream, which drops
+        a seq it has seen (de-duplication on gateway id and seq). Numbering goes on above the floor, said once."""
+        if mark is None or self.last_seq >= mark["last"]:
+            return
+        log.error("outbox %s: its last seq is %d, but the gateway had given seq %d: its last commits were lost "
+                  "(a power loss with sync: normal, a file deleted or moved aside). Numbering goes on from %d, so "
+                  "that no seq is given twice; the seqs between are lost", self.path, self.last_seq, mark["last"],
+                  mark["floor"] + 1, extra=fields(None, "state_unreadable"))
+        self.last_seq = max(mark["floor"], mark["last"])
+
     def _release_wal(self) -> None:
         """After a failed write (a full disk): move what the WAL holds into the database and cut the WAL to
         nothing, so that the space it took is there for the next commit. Fails quietly when it cannot."""
