@@ -28,6 +28,7 @@ from gateway import config as configuration
 from gateway.config import Config, LocalBrokerSection, Prepared
 from gateway.contract import Topics
 from gateway.errors import AlreadyRunning, ConfigError
+from gateway.logs import fields
 from gateway.notify import Notifier
 from gateway.pipeline.device import DeviceRunner
 from gateway.shifts import ShiftCalendar
@@ -177,6 +178,10 @@ class Gateway:
         log.info("stopping: committing and delivering what is in flight")
         await self._drain_within(DRAIN_LIMIT, force)
         log.info("stopped; %d messages kept in the outbox for the next start", self.outbox.stats.messages)
+        if self.outbox.pending:  # held in memory while the disk refused them: said, never lost without a word
+            log.error("%d messages held in memory could not be written (%s) and are lost; their seqs are a gap "
+                      "upstream", self.outbox.pending, self.outbox.stats.last_error or "the store refused them",
+                      extra=fields(None, "outbox_drop"))
         if crash is not None:
             raise LoopFailed(f"task {crash[0]} failed: {crash[1]!r}")
 

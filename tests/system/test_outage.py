@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import time
 from datetime import datetime
@@ -225,6 +226,26 @@ def test_full_disk_is_survived_and_recovered_from(mosquitto, gate, gateway, subs
         assert_every_seq_in_order(sub.seqs())
         assert sub.on("/health")[-1]["store_errors"] > 0
         assert gw.logs().count("outbox write failed") == 1
+    finally:
+        subprocess.run(["umount", "-l", str(data)])
+
+
+def test_a_stop_while_the_disk_is_full_says_how_many_messages_are_lost(mosquitto, gate, gateway, tmp_path):
+    """A fuzzing pass: stopped while the disk was full, the messages held in memory were thrown away and the log
+    said only '0 messages kept in the outbox'."""
+    data = tmp_path / "data"
+    data.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=320k", "tmpfs", str(data)]).returncode:
+        pytest.skip("needs root to mount a small tmpfs as data_dir")
+    try:
+        g = gate(mosquitto.port)
+        g.is_open = False
+        gw = gateway(gateway_config(data, g.port, devices=FAST_DEVICES, upstream=upstream(g.port))).start()
+        wait_until(lambda: "outbox write failed" in gw.logs(), 60, what="the disk to fill")
+        time.sleep(1)
+        assert gw.stop() == 0
+        assert re.search(r"\d+ messages held in memory could not be written \(database or disk is full\) and are "
+                         r"lost; their seqs are a gap upstream", gw.logs()), gw.logs()[-2000:]
     finally:
         subprocess.run(["umount", "-l", str(data)])
 
