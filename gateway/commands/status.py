@@ -37,6 +37,8 @@ def status(path: str, as_json: bool) -> int:
     age = max(0.0, time.time() - os.path.getmtime(state_path))
     try:
         if as_json:
+            if isinstance(state, dict):
+                state.pop("seq", None)  # the outbox's seq mark: for the next start (`Outbox.keep_above`), not a status
             print(json.dumps({**state, "running": running, "age_s": round(age, 1)}, indent=2))
             return EX_OK if running is not False else EX_UNAVAILABLE
         return _show(state, running, age, cfg.gateway.health_interval)
