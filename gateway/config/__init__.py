@@ -34,6 +34,7 @@ from gateway.config.schema import (
                                    TlsSection,
                                    UpstreamSection,
                                    WebSection,
+                                   counter_bits,
 )
 from gateway.errors import ConfigError
 
@@ -69,6 +70,7 @@ __all__ = [
                                    "TlsSection",
                                    "UpstreamSection",
                                    "WebSection",
+                                   "counter_bits",
                                    "load",
                                    "load_lines",
                                    "parse",

@@ -321,7 +321,8 @@ class RegisterSection:
 class CounterSection:
     name: str = setting(string(TAG, "a counter name of letters, digits, _ . -"), doc="the counter")
     register: str = setting(string(), doc="the tag holding the raw PLC counter")
-    bits: int = setting(one_of(16, 32), 32, doc="where the raw counter wraps")
+    bits: int | None = setting(optional(one_of(16, 32)), None,
+                               doc="where the raw counter wraps (default: 16 on a 16-bit Modbus register, else 32)")
     reset_threshold: float = setting(number(0.0001, 0.9999), 0.1,
                                      doc="a drop larger than this share of the range is a reset, not a wrap")
     kind: str = setting(one_of("total", "good", "defect"), "total", doc="its part in OEE quality")
@@ -545,9 +546,20 @@ def _register_rules(v: Fields) -> list[Problem]:
     return problems
 
 
+def counter_bits(device: DeviceBase, counter: CounterSection) -> int:
+    """Where a counter's raw value wraps: its `bits`, else its register's width (16 for a 16-bit Modbus register,
+    else 32). With 32 on a 16-bit register, each wrap was taken for a reset and its counts lost."""
+    if counter.bits is not None:
+        return counter.bits
+    for reg in getattr(device, "registers", ()):
+        if reg.name == counter.register and reg.type in ("uint16", "int16") and reg.bit is None:
+            return 16
+    return 32
+
+
 def _counter_widths(v: Fields) -> list[Problem]:
-    """A counter on a 16-bit register with 32 bits (the default) took its wrap at 65535 for a reset and lost
-    the counts at every wrap: a counter's bits must not exceed its register's."""
+    """A counter given 32 bits on a 16-bit register took its wrap at 65535 for a reset and lost the counts at
+    every wrap: a counter's bits must not exceed its register's."""
     regs = {r.name: r for r in items(v["registers"]) if isinstance(r, RegisterSection)}
     problems: list[Problem] = []
     for i, counter in enumerate(items(v["counters"])):
@@ -555,9 +567,9 @@ def _counter_widths(v: Fields) -> list[Problem]:
         bits = part(counter, "bits")
         if reg is not None and reg.type in ("uint16", "int16") and reg.bit is None and isinstance(bits, int) \
                 and bits > 16:
-            problems.append((f"counters[{i}].bits", f"expected 16: its register {reg.name} is a {reg.type} of 16 "
-                                                    f"bits; at {bits} (the default is 32) each of its wraps would be "
-                                                    f"taken for a reset and its counts lost"))
+            problems.append((f"counters[{i}].bits", f"expected 16 (or no bits: the register's width): its "
+                                                    f"register {reg.name} is a {reg.type} of 16 bits; at {bits} each "
+                                                    f"of its wraps would be taken for a reset and its counts lost"))
     return problems
 
 

@@ -16,7 +16,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from gateway import contract, counters, tagtypes
-from gateway.config import CounterSection, Device
+from gateway.config import CounterSection, Device, counter_bits
 from gateway.contract import Topics
 from gateway.counters import CounterRow
 from gateway.logs import fields
@@ -93,18 +93,19 @@ class Counting:
         shift_id = shift.id if shift else None
         name = self.device.name
         for counter in self.device.counters:
-            raw = counters.raw_value(sample.values.get(counter.register), counter.bits)
+            bits = counter_bits(self.device, counter)
+            raw = counters.raw_value(sample.values.get(counter.register), bits)
             if raw is None:
-                self._problem(counter, f"register {counter.register} gave no valid {counter.bits}-bit counter "
+                self._problem(counter, f"register {counter.register} gave no valid {bits}-bit counter "
                                        f"value ({sample.values.get(counter.register)!r})")
                 continue
             self._problem(counter, None)
             previous = self.rows.get(counter.name)
-            row, step = counters.advance(previous, raw, counter.bits, counter.reset_threshold, shift_id, sample.ts,
+            row, step = counters.advance(previous, raw, bits, counter.reset_threshold, shift_id, sample.ts,
                                          counter.max_rate)
             if step.event == "wrap" and previous is not None:
                 log.info("device %s: counter %s wrapped at %d bits (raw %d -> %d)", name, counter.name,
-                         counter.bits, previous.last_raw, raw,
+                         bits, previous.last_raw, raw,
                          extra=fields(name, "counter_wrap", counter=counter.name))
             elif step.event == "suspect" and previous is not None:
                 log.warning("device %s: counter %s jumped from raw %d to %d (%d counts in %.0fs), more than the "

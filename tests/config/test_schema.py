@@ -179,16 +179,18 @@ def test_what_mqtt_cannot_carry_is_a_config_error(snippet, expected):
     assert f"devices[2].{expected}" in str(err.value)
 
 
-def test_a_counter_wider_than_its_16_bit_register_is_refused_where_it_would_lose_counts():
-    """A fuzzing pass: `counters: [{register: <a uint16>}]` kept the default 32 bits, so the PLC's wrap from
-    65533 to 2 was taken for a reset, and 5 counts became 2."""
+def test_a_counter_on_a_16_bit_register_wraps_at_16_bits_and_32_is_refused():
+    """A fuzzing pass: `counters: [{register: <a uint16>}]` took 32 bits, so the PLC's wrap from 65533 to 2 was
+    taken for a reset, and 5 counts became 2. Without `bits` it is now the register's width; 32 is refused."""
     counter = "    counters: [{name: made, register: motor_rpm%s}]\n"
-    text = BASE + MODBUS % "int16" + counter % ""
+    device = config.parse(BASE + MODBUS % "int16" + counter % "").devices[2]
+    assert config.counter_bits(device, device.counters[0]) == 16
+    assert config.counter_bits(config.parse(BASE).devices[1], config.parse(BASE).devices[1].counters[0]) == 16
     with pytest.raises(config.ConfigError) as err:
-        config.parse(text)
-    assert ("devices[2].counters[0].bits: expected 16: its register motor_rpm is a uint16 of 16 bits; at 32 (the "
-            "default is 32) each of its wraps would be taken for a reset and its counts lost") in str(err.value)
-    config.parse(BASE + MODBUS % "int16" + counter % ", bits: 16")
+        config.parse(BASE + MODBUS % "int16" + counter % ", bits: 32")
+    assert ("devices[2].counters[0].bits: expected 16 (or no bits: the register's width): its register motor_rpm is "
+            "a uint16 of 16 bits; at 32 each of its wraps would be taken for a reset and its counts lost"
+            ) in str(err.value)
 
 
 def test_keys_of_another_source_are_refused(tmp_path):
