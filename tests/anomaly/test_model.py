@@ -87,6 +87,7 @@ def test_the_shipped_model_and_a_good_config_pass(tmp_path):
     ("dev_zero", "model pump-ae: {dir}/pump-ae.tflite is not a regular file"),
     ("meta_fifo", "model pump-ae: its metadata {dir}/pump-ae.json is not a regular file"),
 ])
+@pytest.mark.slow  # 40 runs of check-config: the fast tier keeps under a minute
 def test_a_bad_model_is_a_config_error_naming_device_model_and_mismatch(tmp_path, damage, expected):
     d = tmp_path / "models"
     d.mkdir()
