@@ -83,8 +83,9 @@ def test_a_message_the_broker_refuses_is_named_once_kept_and_delivered_when_the_
     if not mosquitto_available():
         pytest.skip("mosquitto not installed")
     port = free_port()
-    limited = BrokerProcess("mosquitto", tmp_path, port,
-                            f"max_packet_size 600\nlistener {port} 127.0.0.1\nallow_anonymous true\n").start()
+    brokers = [BrokerProcess("mosquitto", tmp_path, port,
+                             f"max_packet_size 600\nlistener {port} 127.0.0.1\nallow_anonymous true\n")]
+    brokers[0].start()
     topics = contract.Topics("edge/lab/gw")
     store = Outbox.open(str(tmp_path / "outbox.db"))
     for i in range(6):  # the fourth is a shift summary of many counters: 2 KB
@@ -94,7 +95,6 @@ def test_a_message_the_broker_refuses_is_named_once_kept_and_delivered_when_the_
     fmt = JsonFormat(client_id="stuck-test", status_topic=topics.status, offline_payload=b'{"state":"offline"}')
 
     async def main() -> dict:
-        nonlocal limited
         uplink = Uplink(upstream, store, fmt)
         task = asyncio.create_task(uplink.run())
         try:
@@ -105,8 +105,9 @@ def test_a_message_the_broker_refuses_is_named_once_kept_and_delivered_when_the_
             stuck = dict(uplink.stats.stuck or {})
             store.commit()  # (acknowledged rows leave the file at the next commit)
             assert store.stats.messages == 3  # the first three went; the refused one and those after it wait
-            limited.kill()
-            limited = BrokerProcess("mosquitto", tmp_path, port).start()  # the limit raised
+            brokers[0].kill()
+            brokers.append(BrokerProcess("mosquitto", tmp_path, port))  # the limit raised
+            brokers[-1].start()
             for _ in range(400):
                 store.commit()
                 if store.stats.messages == 0 and uplink.stats.stuck is None:
@@ -123,7 +124,8 @@ def test_a_message_the_broker_refuses_is_named_once_kept_and_delivered_when_the_
         with caplog.at_level("INFO", logger="edge_gateway.uplink.mqtt"):
             stuck = asyncio.run(main())
     finally:
-        limited.kill()
+        for b in brokers:  # every broker this test started, also when it failed half-way
+            b.kill()
         store.close()
     assert stuck["seq"] == 4 and stuck["topic"] == "edge/lab/gw/pump1/telemetry" and stuck["bytes"] > 2000
     said = [r.getMessage() for r in caplog.records]
