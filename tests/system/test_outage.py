@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import time
+from contextlib import contextmanager
 from datetime import datetime
 
 import pytest
@@ -200,17 +201,27 @@ def test_bounded_outbox_counts_every_drop(policy, mosquitto, gate, gateway, subs
     assert 1 <= episodes <= 3 and ended <= episodes <= ended + 1 and dropped > 3 * episodes, (episodes, ended, dropped)
 
 
-def test_full_disk_is_survived_and_recovered_from(mosquitto, gate, gateway, subscribe, tmp_path):
+@contextmanager
+def full_disk(tmp_path, gate, gateway, port: int):
+    """A gateway whose data_dir is a 320 KiB tmpfs, the upstream cut off (the gate), once the disk is full:
+    (data dir, gate, gateway). Unmounted after."""
     data = tmp_path / "data"
     data.mkdir()
     if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=320k", "tmpfs", str(data)]).returncode:
         pytest.skip("needs root to mount a small tmpfs as data_dir")
     try:
-        g = gate(mosquitto.port)
+        g = gate(port)
         g.is_open = False
-        sub = subscribe(mosquitto.port, topic=f"{ROOT}/#")
         gw = gateway(gateway_config(data, g.port, devices=FAST_DEVICES, upstream=upstream(g.port))).start()
         wait_until(lambda: "outbox write failed" in gw.logs(), 60, what="the disk to fill")
+        yield data, g, gw
+    finally:
+        subprocess.run(["umount", "-l", str(data)])
+
+
+def test_full_disk_is_survived_and_recovered_from(mosquitto, gate, gateway, subscribe, tmp_path):
+    sub = subscribe(mosquitto.port, topic=f"{ROOT}/#")
+    with full_disk(tmp_path, gate, gateway, mosquitto.port) as (data, g, gw):
         time.sleep(2)
         assert gw.proc.poll() is None, "a full disk must not stop the gateway"
         # Some space comes back, a couple of MB: the WAL that filled the disk is checkpointed and cut (before, it
@@ -226,28 +237,16 @@ def test_full_disk_is_survived_and_recovered_from(mosquitto, gate, gateway, subs
         assert_every_seq_in_order(sub.seqs())
         assert sub.on("/health")[-1]["store_errors"] > 0
         assert gw.logs().count("outbox write failed") == 1
-    finally:
-        subprocess.run(["umount", "-l", str(data)])
 
 
 def test_a_stop_while_the_disk_is_full_says_how_many_messages_are_lost(mosquitto, gate, gateway, tmp_path):
     """A fuzzing pass: stopped while the disk was full, the messages held in memory were thrown away and the log
     said only '0 messages kept in the outbox'."""
-    data = tmp_path / "data"
-    data.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=320k", "tmpfs", str(data)]).returncode:
-        pytest.skip("needs root to mount a small tmpfs as data_dir")
-    try:
-        g = gate(mosquitto.port)
-        g.is_open = False
-        gw = gateway(gateway_config(data, g.port, devices=FAST_DEVICES, upstream=upstream(g.port))).start()
-        wait_until(lambda: "outbox write failed" in gw.logs(), 60, what="the disk to fill")
+    with full_disk(tmp_path, gate, gateway, mosquitto.port) as (_, _, gw):
         time.sleep(1)
         assert gw.stop() == 0
         assert re.search(r"\d+ messages held in memory could not be written \(database or disk is full\) and are "
                          r"lost; their seqs are a gap upstream", gw.logs()), gw.logs()[-2000:]
-    finally:
-        subprocess.run(["umount", "-l", str(data)])
 
 
 def test_corrupt_outbox_at_start_is_moved_aside(broker, gateway, subscribe, tmp_path):
