@@ -46,6 +46,7 @@ class Counting:
         self.shifts = shifts
         self.scored = scored
         self._counters_topic = topics.counters(device.name)
+        self._bits = {c.name: counter_bits(device, c) for c in device.counters}  # once, not per sample
         self._shift_topic = topics.shift(device.name)
         self._oee_topic = topics.oee(device.name)
         self.gap_limit = max(3 * device.interval, 5.0)
@@ -93,7 +94,7 @@ class Counting:
         shift_id = shift.id if shift else None
         name = self.device.name
         for counter in self.device.counters:
-            bits = counter_bits(self.device, counter)
+            bits = self._bits[counter.name]
             raw = counters.raw_value(sample.values.get(counter.register), bits)
             if raw is None:
                 self._problem(counter, f"register {counter.register} gave no valid {bits}-bit counter "
