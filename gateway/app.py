@@ -129,13 +129,14 @@ class Gateway:
         self.devices = [DeviceRunner(d, open_source(d, self._links), self.outbox, self.topics, shifts,
                                      on_state_change=self._device_state_changed,
                                      model=prepared.models.get(d.model) if d.model else None,
+                                     model_error=prepared.unusable.get(d.name),
                                      history=self._history if d.history else None, config_path=self.config_path)
                         for d in config.devices]
         fmt: Format | None = None
         if uplink and config.upstream.format == "sparkplug_b":
             from gateway.uplink.sparkplug.uplink import SparkplugFormat  # protobuf only when Sparkplug is used
             fmt = SparkplugFormat(config, state_path=datadir.path(gw.data_dir, datadir.SPARKPLUG),
-                                  scored={d.name: d.model is not None for d in config.devices}, types_of=self._tag_types)
+                                  scored={r.name: r.scoring is not None for r in self.devices}, types_of=self._tag_types)
         elif uplink:
             fmt = JsonFormat(client_id=config.upstream.client_id or gw.id, status_topic=self.topics.status,
                              offline_payload=self._status("offline"), qos=config.upstream.qos)

@@ -92,5 +92,7 @@ def status_line(devices: Sequence[DeviceRunner], outbox: Outbox, uplink: Uplink)
     ok = sum(1 for r in devices if r.health.state == "ok")
     up = uplink.stats
     age = f"{time.time() - up.last_ack:.0f}s ago" if up.last_ack else "never"
-    return (f"{ok}/{len(devices)} devices ok, backlog {outbox.stats.messages} msgs, upstream "
+    unusable = sum(1 for r in devices if r.model_error is not None)
+    return (f"{ok}/{len(devices)} devices ok, " + (f"{unusable} model(s) UNUSABLE, " if unusable else "")
+            + f"backlog {outbox.stats.messages} msgs, upstream "
             f"{'connected' if up.connected else 'NOT connected'}, last publish {age}")

@@ -32,7 +32,7 @@ def load(path: str) -> configuration.Config | None:
         return None
 
 
-def prepare(path: str) -> tuple[configuration.Config, configuration.Prepared] | None:
+def prepare(path: str, *, isolate_models: bool = False) -> tuple[configuration.Config, configuration.Prepared] | None:
     """The config and what preflight loaded (models); None after printing every problem."""
     try:
         cfg = configuration.load(path)
@@ -40,7 +40,7 @@ def prepare(path: str) -> tuple[configuration.Config, configuration.Prepared] | 
         print(configuration.with_files(err), file=sys.stderr)  # the files it names too: every problem at once
         return None
     try:
-        return cfg, configuration.preflight(cfg, path)
+        return cfg, configuration.preflight(cfg, path, isolate_models=isolate_models)
     except configuration.ConfigError as err:
         print(err, file=sys.stderr)
         return None

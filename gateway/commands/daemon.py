@@ -35,7 +35,7 @@ def check_config(path: str) -> int:
 
 
 def run(path: str) -> int:
-    ready = prepare(path)
+    ready = prepare(path, isolate_models=True)  # a model that cannot serve its device stops only its scoring
     if ready is None:
         return EX_CONFIG
     cfg, prepared = ready

@@ -67,6 +67,8 @@ def _show(state: dict[str, Any], running: bool | None, age: float, health_interv
         print(f"device    {name:<16} {dev['state']:<9} last sample {dev['last_sample'] or '-'}  "
               f"errors {dev['errors']}" + (f"  dropped {dev['dropped']}" if dev.get("dropped") else "")
               + f"  {dev['last_error'] or ''}")
+        if unusable := dev.get("model_error"):
+            print(f"  model   UNUSABLE, not scored: {unusable} (once it is fixed: sudo systemctl reload edge-gateway)")
         if a := dev.get("anomaly"):
             score = "-" if a["score"] is None else f"{a['score']:.4f}"
             print(f"  model   {a['model']:<14} {a['state']}  score {score} / threshold {a['threshold']:.4f}  "

@@ -24,19 +24,32 @@ if TYPE_CHECKING:
 
 @dataclass
 class Prepared:
-    """What preflight loaded, for the daemon to use: one model per name, shared by its devices."""
+    """What preflight loaded, for the daemon to use: one model per name, shared by its devices; and, when the
+    daemon starts, why a device's model cannot serve it (that device runs without anomaly scoring)."""
     models: dict[str, Model] = field(default_factory=dict)
+    unusable: dict[str, str] = field(default_factory=dict)
 
 
-def preflight(config: Config, file: str) -> Prepared:
-    """Check what the config points at; raise ConfigError listing every problem."""
+def preflight(config: Config, file: str, *, isolate_models: bool = False) -> Prepared:
+    """Check what the config points at; raise ConfigError listing every problem.
+
+    With `isolate_models` (the daemon's start), a model that cannot serve its device is not a problem of the
+    config but of that device: it is left in `Prepared.unusable`, and the other devices run (DESIGN.md,
+    guarantee 5). `check-config` and a reload are strict: a reload keeps the running config instead."""
     problems: list[tuple[str, str]] = []
     if not config.devices:  # the config install.sh leaves: inert until the machines are described
         problems.append(("devices", "no devices yet: describe your machines here (templates in the file, every key "
                                     "in docs/configuration.md); the gateway does not run without one"))
     problems += _unreadable(config)
     models, model_problems = _models(config)
-    problems += model_problems
+    unusable: dict[str, str] = {}
+    if isolate_models:
+        for path, why in model_problems:
+            device = config.devices[int(path[len("devices["):path.index("]")])]
+            why = why.removeprefix(f"device {device.name}: ")
+            unusable[device.name] = f"{unusable[device.name]}; {why}" if device.name in unusable else why
+    else:
+        problems += model_problems
     if config.upstream.format == "sparkplug_b" and importlib.util.find_spec("google.protobuf") is None:
         problems.append(("upstream.format", "Sparkplug B needs protobuf: pip install 'edge-gateway[sparkplug]' "
                                             "(install.sh --with-sparkplug)"))
@@ -51,7 +64,7 @@ def preflight(config: Config, file: str) -> Prepared:
         problems += _web(config)
     if problems:
         raise ConfigError(file, problems, lines_of(file))
-    return Prepared(models)
+    return Prepared(models, unusable)
 
 
 def _web(config: Config) -> list[tuple[str, str]]:

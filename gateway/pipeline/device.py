@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from gateway.config import Device
 from gateway.contract import Topics
+from gateway.logs import fields
 from gateway.pipeline.health import DeviceHealth
 from gateway.pipeline.stages import Counting, Events, Publishing, UnwatchedEvent, scoring_for
 from gateway.sample import Sample
@@ -32,7 +33,8 @@ log = logging.getLogger("edge_gateway.pipeline.device")
 class DeviceRunner:
     def __init__(self, device: Device, source: Source, outbox: Outbox, topics: Topics, shifts: ShiftCalendar,
                  on_state_change: Callable[[], None] = lambda: None, model: Model | None = None,
-                 history: History | None = None, config_path: str | None = None) -> None:
+                 model_error: str | None = None, history: History | None = None,
+                 config_path: str | None = None) -> None:
         self.device = device
         self.name = device.name
         self.source = source
@@ -40,7 +42,15 @@ class DeviceRunner:
         self.scoring = scoring_for(device, model, outbox, topics, config_path, recorded=history is not None)
         self.counting = Counting(device, outbox, topics, shifts, scored=self.scoring is not None)
         self.events = Events(device, outbox, topics, self.counting) if device.oee or device.alarms else None
-        self.unwatched = UnwatchedEvent.of(device, outbox, topics, self.counting) if self.scoring is None else None
+        # Why the configured model cannot serve this device (the daemon started without it; a reload takes it up).
+        self.model_error = model_error
+        if model_error is not None:
+            log.error("device %s: model %s cannot be used, the device runs without anomaly scoring until it is fixed "
+                      "and the config reloaded (systemctl reload edge-gateway): %s", self.name, device.model,
+                      model_error, extra=fields(self.name, "anomaly_model_unusable"))
+        self.unwatched = UnwatchedEvent.of(device, outbox, topics, self.counting,
+                                           "its model cannot be used" if model_error else "the device has no model any "
+                                           "more") if self.scoring is None else None
         self.publishing = Publishing(device, outbox, topics, self.counting, self.scoring)
         self.history = history
         self.last_sample: Sample | None = None  # for the web page: the newest reading, as it came
@@ -94,6 +104,8 @@ class DeviceRunner:
                                   "last_sample": rfc3339(h.last_sample) if h.last_sample else None}
         if self.scoring is not None:
             report["anomaly"] = self.scoring.status()
+        if self.model_error is not None:
+            report["model_error"] = f"model {self.device.model}: {self.model_error}"
         if self.events is not None:
             report.update(self.events.status())
         return report

@@ -427,17 +427,19 @@ def scoring_for(device: Device, model: Model | None, outbox: Outbox, topics: Top
 
 class UnwatchedEvent:
     """An anomaly event left open when the device lost its model (taken out of the config while the event was
-    open): ended at the device's first sample, so that upstream and the shift book do not wait for an end forever."""
+    open, or unusable at the next start): ended at the device's first sample, so that upstream and the shift
+    book do not wait for an end forever."""
 
-    def __init__(self, device: Device, outbox: Outbox, topics: Topics, counting: Counting, saved: dict[str, Any]) -> None:
-        self.device, self.outbox, self.counting, self.saved = device, outbox, counting, saved
+    def __init__(self, device: Device, outbox: Outbox, topics: Topics, counting: Counting, saved: dict[str, Any],
+                 why: str) -> None:
+        self.device, self.outbox, self.counting, self.saved, self.why = device, outbox, counting, saved, why
         self._topic = topics.anomaly(device.name)
 
     @classmethod
-    def of(cls, device: Device, outbox: Outbox, topics: Topics, counting: Counting) -> UnwatchedEvent | None:
+    def of(cls, device: Device, outbox: Outbox, topics: Topics, counting: Counting, why: str) -> UnwatchedEvent | None:
         saved = outbox.device_state(device.name, "anomaly")
-        return cls(device, outbox, topics, counting, saved) if isinstance(saved, dict) and saved.get("active") is True \
-            else None
+        return cls(device, outbox, topics, counting, saved, why) \
+            if isinstance(saved, dict) and saved.get("active") is True else None
 
     def end(self, ts: float) -> None:
         name, saved = self.device.name, self.saved
@@ -447,5 +449,6 @@ class UnwatchedEvent:
                                                         str(saved.get("name", "?")), [], started, peak), created=ts)
         self.outbox.stage_state(name, "anomaly", {"active": False})
         self.counting.anomaly(ts, False)
-        log.warning("device %s: the anomaly event open since %s ended: the device has no model any more", name,
-                    rfc3339(started) if started is not None else "before the restart", extra=fields(name, "anomaly_end"))
+        log.warning("device %s: the anomaly event open since %s ended: %s", name,
+                    rfc3339(started) if started is not None else "before the restart", self.why,
+                    extra=fields(name, "anomaly_end"))

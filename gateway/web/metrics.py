@@ -89,6 +89,9 @@ def _devices(gw: Gateway, rec: Recorder) -> Iterator[Metric]:
         "events": CounterMetricFamily("edge_gateway_anomaly_events", "anomaly events started (since the daemon started)",
                                       labels=d),
         "scored": CounterMetricFamily("edge_gateway_anomaly_windows_scored", "windows scored", labels=d),
+        "unusable": GaugeMetricFamily("edge_gateway_anomaly_model_unusable",
+                                      "1 when the device's configured model could not be loaded at start: not scored",
+                                      labels=d),
         "pieces": CounterMetricFamily("edge_gateway_counter_pieces", "lifetime count of each counter",
                                       labels=["device", "counter"]),
         "shift": GaugeMetricFamily("edge_gateway_counter_shift_pieces", "count of each counter in the running shift",
@@ -122,6 +125,8 @@ def _devices(gw: Gateway, rec: Recorder) -> Iterator[Metric]:
                 value = ev.last_live.get(key)
                 if value is not None:
                     fams["oee"].add_metric([name, part], value)
+        if r.device.model is not None:
+            fams["unusable"].add_metric([name], 1 if r.model_error is not None else 0)
         if r.scoring is not None:
             st = r.scoring.scorer.state
             if st.score is not None:

@@ -48,9 +48,10 @@
     const title = $("h2", null, dev.name), state = $("span", "pill"), when = $("span", "muted");
     head.append(title, state, when);
     const machine = $("div", "row"), oee = $("div", "row"), counters = $("div", "row"), alarms = $("div", "row");
+    const model = $("div", "alarm model-error");
     const table = $("table");
-    el.append(head, machine, oee, alarms, counters, table);
-    c = {el, state, when, machine, oee, counters, alarms, table, rows: {}};
+    el.append(head, model, machine, oee, alarms, counters, table);
+    c = {el, state, when, model, machine, oee, counters, alarms, table, rows: {}};
     if (dev.anomaly) {
       const box = $("div", "chart"), legend = $("div", "legend"), note = $("div", "event-note"), plot = $("div");
       const advice = $("div", "model-note");
@@ -68,6 +69,7 @@
     c.state.textContent = dev.state;
     c.state.className = "pill " + stateClass(dev.state);
     c.when.textContent = `last sample ${ago(dev.last_sample)} · ${dev.source} · ${dev.polls} samples, ${dev.errors} errors`;
+    c.model.textContent = dev.model_error ? `not scored: ${dev.model_error} (fix it, then reload the gateway)` : "";
     const m = dev.machine;
     c.machine.replaceChildren(...(m ? [kv("machine", m.state), kv("since", m.since ? new Date(m.since).toLocaleTimeString() : "—"),
       kv("stop reason", m.reason ? `${m.reason.code} ${m.reason.text || ""}` : "—")] : []));
