@@ -43,6 +43,7 @@ from gateway.uplink.mqtt import Format, JsonFormat, Uplink
 
 log = logging.getLogger("edge_gateway.app")
 
+HISTORY_RETRY = 10.0  # seconds between tries to open a history file that could not be opened (a full disk)
 DRAIN_LIMIT = 10.0  # seconds the whole shutdown drain may take
 FLUSH_LIMIT = 5.0  # of which, delivering what is in flight
 
@@ -68,6 +69,8 @@ class Gateway:
         self._uplink: Uplink | None = None
         self._links: Links | None = None
         self._history_committed = 0.0
+        self._history_error: str | None = None  # why the history could not be opened; tried again meanwhile
+        self._history_retry = 0.0
 
     # -- life cycle ------------------------------------------------------------------------
     async def __aenter__(self) -> Gateway:
@@ -118,12 +121,9 @@ class Gateway:
         self._links = Links(config.local_broker, gw.id, gw.data_dir)
         recorded = {d.name: HistoryBounds(d.history.keep, d.history.max_bytes) for d in config.devices if d.history}
         if recorded and self._history is None:
-            path = os.path.join(gw.data_dir, HISTORY_FILE)
-            try:
-                self._history = History.open(path)
-            except sqlite3.Error as err:  # history is for training: a damaged file must not stop the plant's data
-                log.error("history %s cannot be opened (%s): samples are not recorded; move the file away and "
-                          "reload to start a new one", path, err)
+            self._open_history()
+        elif not recorded:
+            self._history_error = None  # no device wants it any more
         if self._history is not None:
             self._history.configure(recorded)
         self.devices = [DeviceRunner(d, open_source(d, self._links), self.outbox, self.topics, shifts,
@@ -143,6 +143,35 @@ class Gateway:
         if fmt is not None:
             self._uplink = Uplink(config.upstream, self.outbox, fmt)
         self.uplink.online_payload = self._status("online")
+
+    def _open_history(self) -> bool:
+        """Open the history; on failure say so once and try again every HISTORY_RETRY (from the health loop)."""
+        path = os.path.join(self.config.gateway.data_dir, HISTORY_FILE)
+        try:
+            self._history = History.open(path)
+        except sqlite3.Error as err:  # history is for training: a damaged file must not stop the plant's data
+            self._history_retry = time.monotonic() + HISTORY_RETRY
+            if self._history_error is None:
+                log.error("history %s cannot be opened (%s): samples are not recorded; tried again every %gs "
+                          "(a full disk that gets space back), a damaged file must be moved away", path, err,
+                          HISTORY_RETRY)
+            self._history_error = f"{path} cannot be opened: {err}"
+            return False
+        if self._history_error is not None:
+            log.warning("history %s opened: samples are recorded again", path)
+        self._history_error = None
+        return True
+
+    async def _retry_history(self) -> None:
+        """The history wanted, not open, and due for another try: once it opens, the devices are built again on
+        the running config (as at a reload) to record into it."""
+        wanted = any(d.history for d in self.config.devices)
+        if self._history is not None or self._history_error is None or not wanted \
+                or time.monotonic() < self._history_retry or not self._open_history():
+            return
+        await self._stop_devices()
+        self._build(self.config, self.prepared, uplink=False)
+        self._start_devices()
 
     def _tag_types(self, device: str) -> dict[str, TagType]:
         """A device's tag types as its source gives them now (an OPC UA source learns them at connect)."""
@@ -252,8 +281,11 @@ class Gateway:
         return contract.status(state, self.config.gateway.id, __version__, self.started, devices)
 
     def health(self) -> dict[str, Any]:
-        return report.report(self.config.gateway.id, self.started, self.outbox, self.uplink, self.devices,
-                             history=self._history)
+        health = report.report(self.config.gateway.id, self.started, self.outbox, self.uplink, self.devices,
+                               history=self._history)
+        if self._history is None and self._history_error is not None:
+            health["history"] = {"devices": [], "dropped": 0, "error": self._history_error}
+        return health
 
     def status_line(self) -> str:
         return report.status_line(self.devices, self.outbox, self.uplink)
@@ -284,6 +316,7 @@ class Gateway:
     async def _health_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.gateway.health_interval)
+            await self._retry_history()
             latest = self.health()
             self.uplink.publish_live(self.topics.health, contract.health(latest), body=latest)
             report.write_state(self.config.gateway.data_dir, latest, self.devices,

@@ -63,6 +63,8 @@ def _show(state: dict[str, Any], running: bool | None, age: float, health_interv
               f"({stuck['topic']}, {stuck['bytes']} bytes): a limit on packet size? Nothing behind it is delivered")
     print(f"backlog   {backlog['messages']} messages, {backlog['bytes']} bytes, oldest {backlog['oldest_age_s']}s; "
           f"dropped {state['dropped']}; store errors {state['store_errors']}")
+    if (history := state.get("history")) and history.get("error"):
+        print(f"history   NOT recorded: {history['error']}")
     for name, dev in state["devices"].items():
         print(f"device    {name:<16} {dev['state']:<9} last sample {dev['last_sample'] or '-'}  "
               f"errors {dev['errors']}" + (f"  dropped {dev['dropped']}" if dev.get("dropped") else "")

@@ -8,14 +8,17 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
+import sys
 import time
 from contextlib import contextmanager
 from datetime import datetime
 
 import pytest
 
-from tests.helpers import BrokerProcess, gateway_config, wait_until
+from tests.helpers import ENV, BrokerProcess, gateway_config, wait_until
+from tests.helpers import ROOT as REPO
 
 pytestmark = pytest.mark.slow  # it starts processes: the gateway, brokers, the installer
 
@@ -220,10 +223,16 @@ def full_disk(tmp_path, gate, gateway, port: int):
 
 
 def test_full_disk_is_survived_and_recovered_from(mosquitto, gate, gateway, subscribe, tmp_path):
+    """Also the history: a reload on the full disk adds one, which cannot be opened; once the disk has space it
+    opens by itself (before, it stayed off until the next reload)."""
     sub = subscribe(mosquitto.port, topic=f"{ROOT}/#")
     with full_disk(tmp_path, gate, gateway, mosquitto.port) as (data, g, gw):
         time.sleep(2)
         assert gw.proc.poll() is None, "a full disk must not stop the gateway"
+        gw.config.write_text(gw.config.read_text().replace(
+            "interval: 50ms}", "interval: 50ms, history: {keep: 1h, max_bytes: 1MiB}}", 1))
+        gw.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: "history.db cannot be opened" in gw.logs(), 20, what="the history refused by the disk")
         # Some space comes back, a couple of MB: the WAL that filled the disk is checkpointed and cut (before, it
         # grew to SQLite's 4 MB checkpoint first, filled the disk again, and delivery stopped for good).
         subprocess.run(["mount", "-o", "remount,size=2m", str(data)], check=True)
@@ -237,6 +246,13 @@ def test_full_disk_is_survived_and_recovered_from(mosquitto, gate, gateway, subs
         assert_every_seq_in_order(sub.seqs())
         assert sub.on("/health")[-1]["store_errors"] > 0
         assert gw.logs().count("outbox write failed") == 1
+        assert gw.logs().count("history.db cannot be opened") == 1
+        assert "history.db opened: samples are recorded again" in gw.logs()
+        export = subprocess.run([sys.executable, "-m", "gateway", "history", "export", "pump1", "-c", str(gw.config),
+                                 "--csv", str(tmp_path / "pump1.csv")], capture_output=True, text=True, env=ENV,
+                                cwd=REPO, timeout=60)
+        assert export.returncode == 0, export.stderr
+        assert len((tmp_path / "pump1.csv").read_text().splitlines()) > 20
 
 
 def test_a_stop_while_the_disk_is_full_says_how_many_messages_are_lost(mosquitto, gate, gateway, tmp_path):
