@@ -424,7 +424,10 @@ def test_clients_sending_their_request_a_line_at_a_time_do_not_lock_out_the_page
 
     answers, normal = asyncio.run(both())
     assert normal == [200] * 4
-    assert all(a.startswith(b"HTTP/1.1 408 Request Timeout") for a in answers), {a[:30] for a in answers}
+    # The 64 served get their 408; the 6 beyond them wait for a slot, and one that waited past 10 s (a loaded
+    # machine) is closed unanswered: nothing else.
+    timed_out = [a for a in answers if a.startswith(b"HTTP/1.1 408 Request Timeout")]
+    assert len(timed_out) >= 64 and all(a in timed_out or a == b"" for a in answers), {a[:30] for a in answers}
     # A kept-alive connection that is merely idle is not a slow request: it is served again after 7 s.
     with socket.create_connection(("127.0.0.1", port)) as idle:
         for wait in (7, 0):
