@@ -45,9 +45,9 @@ class DeviceRunner:
         # Why the configured model cannot serve this device (the daemon started without it; a reload takes it up).
         self.model_error = model_error
         if model_error is not None:
-            log.error("device %s: model %s cannot be used, the device runs without anomaly scoring until it is fixed "
-                      "and the config reloaded (systemctl reload edge-gateway): %s", self.name, device.model,
-                      model_error, extra=fields(self.name, "anomaly_model_unusable"))
+            log.error("device %s: its model cannot be used, the device runs without anomaly scoring until it is "
+                      "fixed and the config reloaded (systemctl reload edge-gateway): %s", self.name, model_error,
+                      extra=fields(self.name, "anomaly_model_unusable"))
         self.unwatched = UnwatchedEvent.of(device, outbox, topics, self.counting,
                                            "its model cannot be used" if model_error else "the device has no model any "
                                            "more") if self.scoring is None else None
@@ -105,7 +105,7 @@ class DeviceRunner:
         if self.scoring is not None:
             report["anomaly"] = self.scoring.status()
         if self.model_error is not None:
-            report["model_error"] = f"model {self.device.model}: {self.model_error}"
+            report["model_error"] = self.model_error
         if self.events is not None:
             report.update(self.events.status())
         return report

@@ -104,19 +104,27 @@ class ShiftBook:
         shift = self.calendar.at(now)
         assert shift is not None  # a calendar with shifts always has one running
         rec = self.current
+        start, end = shift.start.timestamp(), shift.end.timestamp()
+        if rec is not None and rec.shift_id == shift.id and (rec.start, rec.end) != (start, end) and now >= rec.start:
+            rec.start, rec.end = start, end  # its times changed in the config: it ends when the calendar now says
+            self.changed = True
         if rec is not None and (rec.shift_id == shift.id or now < rec.start):
             return []  # (before the running shift: a clock set back does not close it, nor open a past one)
         closed: list[ShiftRecord] = []
+        cut = rec is not None and now < rec.end  # another shift now, before this one's end: the calendar changed
         if rec is not None:
+            if cut:  # (a reload or restart with other shifts or timezone): it ends here, never in the future
+                rec.end = now
             # The time from the last sample up to the boundary still belongs to the old shift.
             if rec.last_ts is not None and 0 < rec.end - rec.last_ts and now - rec.last_ts <= self.gap_limit:
                 self._attribute(rec, rec.end - rec.last_ts)
             closed.append(rec)
-            closed += self._missed(rec.end, shift.start.timestamp())
+            closed += self._missed(rec.end, start)
         self.current = ShiftRecord.of(shift)
         if rec is not None and rec.last_ts is not None and now - rec.last_ts <= self.gap_limit:
-            # Continuous observation across the boundary: the new shift starts observed.
-            self.current.last_ts, self.current.last_state = self.current.start, rec.last_state
+            # Continuous observation across the boundary: the new shift starts observed (after a change of the
+            # calendar, from now: its time before was not watched as this shift).
+            self.current.last_ts, self.current.last_state = (now if cut else start), rec.last_state
         if rec is not None:
             self.current.in_anomaly = rec.in_anomaly
             self.current.last_reason = rec.last_reason

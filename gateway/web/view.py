@@ -211,7 +211,7 @@ def device(gw: Gateway, r: DeviceRunner) -> dict[str, Any]:
         "polls": h.polls, "errors": h.errors, "skipped_ticks": r.source.skipped_ticks,
         "dropped": r.source.dropped, "last_error": h.last_error, "bad_tags": h.bad_tags, "tags": tags, "counters": counters(r),
         "history": r.history is not None,
-        "model_error": f"model {r.device.model}: {r.model_error}" if r.model_error is not None else None,
+        "model_error": r.model_error,
     }
     if r.events is not None:
         out.update(r.events.status())

@@ -344,13 +344,14 @@ def test_a_model_unusable_at_start_leaves_only_its_device_unscored_until_a_reloa
     assert "model_error" not in health["devices"]["plain"]
     status = subprocess.run([sys.executable, "-m", "gateway", "status", "-c", str(gw.config)], capture_output=True,
                             text=True, env=ENV, cwd=ROOT, timeout=60)
-    assert "model   UNUSABLE, not scored: model pump-ae:" in status.stdout, status.stdout
+    assert "model   UNUSABLE, not scored: model pump-ae: " in status.stdout, status.stdout
+    assert "model pump-ae: model pump-ae" not in status.stdout
     with urllib.request.urlopen(f"http://127.0.0.1:{web}/api/v1/devices/scored", timeout=15) as resp:
         assert "is not a TFLite model" in json.load(resp)["model_error"]
     with urllib.request.urlopen(f"http://127.0.0.1:{web}/metrics", timeout=15) as resp:
         metrics = resp.read().decode()
     assert 'edge_gateway_anomaly_model_unusable{device="scored"} 1.0' in metrics
-    assert gw.logs().count("cannot be used, the device runs without anomaly scoring") == 1
+    assert gw.logs().count("its model cannot be used, the device runs without anomaly scoring") == 1
     (models / "pump-ae.tflite").write_bytes(good)
     gw.proc.send_signal(signal.SIGHUP)
     wait_until(lambda: any(p.get("score") is not None for p in up.on("/scored/telemetry")), 30,

@@ -98,3 +98,45 @@ def test_a_clock_set_back_neither_closes_the_running_shift_nor_reopens_a_past_on
     a = shifts[0]
     assert a["partial"] is False and a["observed_s"] == 8 * 3600
     line.close()
+
+
+def test_a_change_of_timezone_or_shift_times_ends_the_running_shift_now_and_never_in_the_future(tmp_path):
+    """A fuzzing pass: a restart (or reload) with another timezone closed the running shift at its old end, hours
+    ahead, credited those hours as observed, and started the new shift observed from its start, hours before."""
+    from tests.helpers import LINE_CONFIG
+
+    line = Line(tmp_path / "g.db", defect_every=100)
+    t = run_minutes(line, utc("2026-11-24T13:00:00"), 60, per_minute=100)  # 14:00..15:00 Berlin, shift B
+    line.close()
+    tokyo = Line(tmp_path / "g.db", LINE_CONFIG.replace("Europe/Berlin", "Asia/Tokyo"), defect_every=100)
+    tokyo.produced, tokyo.defects = line.produced, line.defects
+    t = run_minutes(tokyo, t, 60 * 4, per_minute=100)  # 23:00 Tokyo (shift C) .. 03:00, then a boundary at 06:00
+    t = run_minutes(tokyo, t, 60 * 4, per_minute=100)
+    shifts = tokyo.shifts()
+    assert [s["shift_id"] for s in shifts] == ["2026-11-24/B", "2026-11-24/C"]
+    b, c = shifts
+    assert b["end"] == "2026-11-24T14:00:00.000Z" and b["length_s"] == 3600 and b["observed_s"] == 3600
+    assert b["counters"]["produced"] == 5900  # (the first sample's count is the baseline)
+    # Tokyo's night shift began at 13:00Z; it was watched from 14:00Z to its end at 21:00Z: 7 of its 8 hours.
+    assert c["start"] == "2026-11-24T13:00:00.000Z" and c["end"] == "2026-11-24T21:00:00.000Z"
+    assert c["partial"] is True and c["observed_s"] == 7 * 3600
+    tokyo.close()
+
+
+def test_shift_times_changed_while_a_shift_runs_end_it_at_its_new_end(tmp_path):
+    """Shift C moved from 22:00 to 21:00 while B runs: B ends at 21:00 with 7 hours, and the hour to 22:00 is C's
+    only (before, B reported 22:00, 8 hours long and observed)."""
+    from tests.helpers import LINE_CONFIG
+
+    line = Line(tmp_path / "g.db", defect_every=100)
+    t = run_minutes(line, utc("2026-11-24T13:00:00"), 60, per_minute=100)  # 14:00..15:00 Berlin, shift B
+    line.close()
+    again = Line(tmp_path / "g.db", LINE_CONFIG.replace('"22:00"', '"21:00"'), defect_every=100)
+    again.produced, again.defects = line.produced, line.defects
+    run_minutes(again, t, 60 * 16, per_minute=100)  # to 07:00 Berlin
+    b, c = again.shifts()
+    assert b["shift_id"] == "2026-11-24/B" and b["end"] == "2026-11-24T20:00:00.000Z"
+    assert b["length_s"] == 7 * 3600 and b["observed_s"] == 7 * 3600 and b["partial"] is False
+    assert c["shift_id"] == "2026-11-24/C" and c["start"] == "2026-11-24T20:00:00.000Z"
+    assert c["observed_s"] == 9 * 3600 and c["partial"] is False  # 21:00 to 06:00
+    again.close()
