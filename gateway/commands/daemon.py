@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import sqlite3
 import sys
 
 from gateway import config as configuration
 from gateway import logs
 from gateway.commands.common import Subparsers, config_option, prepare
+from gateway.entry import HELD_HUP, hold_hup
 from gateway.errors import EX_CANTCREAT, EX_CONFIG, EX_OK, EX_SOFTWARE, EX_UNAVAILABLE
 
 log = logging.getLogger("edge_gateway.commands.daemon")
@@ -35,6 +37,8 @@ def check_config(path: str) -> int:
 
 
 def run(path: str) -> int:
+    if signal.getsignal(signal.SIGHUP) is signal.SIG_DFL:  # not started by the console script (gateway/entry.py)
+        hold_hup()
     ready = prepare(path, isolate_models=True)  # a model that cannot serve its device stops only its scoring
     if ready is None:
         return EX_CONFIG
@@ -51,8 +55,6 @@ def run(path: str) -> int:
 
 async def _serve(cfg: configuration.Config, path: str, prepared: configuration.Prepared) -> int:
     """The daemon under its signals: SIGTERM/SIGINT stop (a second one skips the drain), SIGHUP reloads."""
-    import signal
-
     from gateway.app import Gateway, LoopFailed
     from gateway.errors import AlreadyRunning
 
@@ -66,6 +68,9 @@ async def _serve(cfg: configuration.Config, path: str, prepared: configuration.P
     try:
         async with Gateway(cfg, config_path=path, prepared=prepared) as gateway:
             loop.add_signal_handler(signal.SIGHUP, gateway.reload_requested.set)
+            if HELD_HUP:
+                log.info("a reload was asked for while starting: reloading now")
+                gateway.reload_requested.set()
             await gateway.run(shutdown, force)
     except AlreadyRunning as err:
         log.error("%s", err)
