@@ -69,6 +69,7 @@ class Gateway:
         self._uplink: Uplink | None = None
         self._links: Links | None = None
         self._history_committed = 0.0
+        self._broker_users: bytes | None = None  # the embedded broker's users file as it started with it
         self._history_error: str | None = None  # why the history could not be opened; tried again meanwhile
         self._history_retry = 0.0
 
@@ -359,6 +360,7 @@ class Gateway:
 
     async def _start_broker(self) -> None:
         if self.config.local_broker.enabled:
+            self._broker_users = _read(self.config.local_broker.password_file)
             up = asyncio.Event()
             self._sup.start(self._local_broker(self.config.local_broker, up), "local-broker")
             try:  # so that the mqtt devices find it listening; a broker that cannot start is retried
@@ -408,7 +410,11 @@ class Gateway:
         if new_uplink:
             await self.uplink.stop(flush_timeout=2.0)
             await self._sup.stop("uplink")
-        new_broker = new.local_broker != old.local_broker
+        # amqtt reads its users once: a user added or deleted with `broker-user` takes a restart of the broker
+        new_broker = new.local_broker != old.local_broker or (
+            new.local_broker.enabled and _read(new.local_broker.password_file) != self._broker_users)
+        if new_broker and new.local_broker == old.local_broker:
+            log.info("the local broker's users file changed: the broker restarts with it (sensors reconnect)")
         if new_broker:
             await self._stop_broker()
         self._build(new, prepared, uplink=new_uplink)
@@ -424,6 +430,17 @@ class Gateway:
                  ", new upstream connection" if new_uplink else "", self.outbox.stats.messages)
         self.notifier.ready(self.status_line())
         return True
+
+
+def _read(path: str | None) -> bytes | None:
+    """A file's bytes (None: no file, or unreadable: preflight has said so)."""
+    if not path:
+        return None
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(1 << 20)
+    except OSError:
+        return None
 
 
 def _bounds(config: Config) -> Bounds:

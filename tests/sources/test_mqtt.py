@@ -153,6 +153,37 @@ def test_embedded_broker_needs_a_password_file_unless_anonymous_is_allowed(tmp_p
     assert cli("check-config", str(tmp_path / "gateway.yaml")).returncode == 0
 
 
+def test_a_reload_after_broker_user_restarts_the_embedded_broker_with_its_users(tmp_path, mosquitto, gateway,
+                                                                                 subscribe):
+    """A fuzzing pass: with the embedded broker, a user added with broker-user was refused after the reload, and a
+    deleted one still logged in: amqtt reads its users once, and the broker restarted only on a changed section."""
+    import signal
+
+    users, secret = make_users(tmp_path)
+    local = free_port()
+    devices = "\n  - {name: pump1, source: sim, profile: pump, seed: 3, interval: 100ms}\n"
+    _, gw = start_with_local_broker(tmp_path, mosquitto, gateway, subscribe, devices, local, users, secret)
+    first = wait_until(lambda: (c := connect(local, "sensor1", "s3nsor-secret")) and not isinstance(c, str) and c,
+                       20, what="sensor1 to log in")
+    first.disconnect()
+    first.loop_stop()
+    assert cli("broker-user", "sensor2", "--users", users, stdin="an0ther-secret\n").returncode == 0
+    assert cli("broker-user", "sensor1", "--users", users, "--delete").returncode == 0
+    gw.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: "the broker restarts with it" in gw.logs() and gw.logs().count("local broker listening") == 2,
+               20, what="the broker to restart")
+    second = wait_until(lambda: (c := connect(local, "sensor2", "an0ther-secret")) and not isinstance(c, str) and c,
+                        20, what="sensor2 to log in")
+    second.disconnect()
+    second.loop_stop()
+    assert connect(local, "sensor1", "s3nsor-secret") == "Not authorized"
+    gw.proc.send_signal(signal.SIGHUP)  # nothing changed: the broker and its sensors are left alone
+    wait_until(lambda: gw.logs().count("config reloaded") == 2, 20, what="the second reload")
+    assert gw.logs().count("local broker listening") == 2
+    assert gw.stop() == 0
+    assert "an0ther-secret" not in gw.logs()
+
+
 def test_mqtt_device_fed_garbage_then_good_data(tmp_path, mosquitto, gateway, subscribe):
     users, secret = make_users(tmp_path)
     local = free_port()
