@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 from gateway import __version__
 from gateway.commands.common import Parser
+from gateway.errors import EX_NOPERM
 
 EX_PIPE = 128 + signal.SIGPIPE  # what a shell reports for a tool that stopped because its reader went away
 
@@ -49,4 +50,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `edge-gateway model score ... | head`: the reader has gone, as it may
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the exit's flush is quiet too
         return EX_PIPE
+    except PermissionError as err:  # the data_dir is the service user's (0750): an operator without sudo
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"edge-gateway {argv[0]}: {where}permission denied: run it as root or as the service user "
+              "(sudo edge-gateway ..., or sudo -u edge-gateway edge-gateway ...)", file=sys.stderr)
+        return EX_NOPERM
     return code

@@ -3,7 +3,8 @@
     GatewayError
      ├── ConfigError       the config file is wrong: every problem listed, exit 78 (reload: refused, old kept)
      ├── SourceError       a read failed: counted and reported for that device only; the loop goes on
-     ├── ModelError        an anomaly model cannot be used: a config problem at start, exit 78
+     ├── ModelError        an anomaly model cannot be used: check-config 78, a reload refused; at start
+     │                     only its device goes unscored
      ├── UplinkError       the upstream cannot be reached: logged once per change, retried with backoff
      └── AlreadyRunning    another gateway holds the data_dir: exit 69
 
@@ -17,8 +18,10 @@ from collections.abc import Mapping, Sequence
 
 # Exit codes (sysexits), for every command: 0 ok, 64 usage, 65 bad input data, 69 a required service
 # or resource unavailable, 70 internal error (systemd restarts the daemon), 73 cannot create a file,
-# 78 config error (systemd does not restart: it will not fix itself).
-EX_OK, EX_USAGE, EX_DATAERR, EX_UNAVAILABLE, EX_SOFTWARE, EX_CANTCREAT, EX_CONFIG = 0, 64, 65, 69, 70, 73, 78
+# 77 permission denied (a command run without the rights to the data_dir), 78 config error (systemd
+# does not restart: it will not fix itself).
+EX_OK, EX_USAGE, EX_DATAERR, EX_UNAVAILABLE, EX_SOFTWARE, EX_CANTCREAT, EX_NOPERM, EX_CONFIG = \
+    0, 64, 65, 69, 70, 73, 77, 78
 
 
 def missing(*modules: str) -> list[str]:

@@ -18,8 +18,12 @@ from gateway.units import LAST_INSTANT, instant
 
 def reader(path: str) -> sqlite3.Connection:
     """The outbox, read-only; FileNotFoundError when there is none (opening reads nothing yet)."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no outbox at {path}")
+    try:
+        os.stat(path)  # (os.path.exists is False also for a file the user may not see: that is said as such)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no outbox at {path}") from None
+    if not os.access(path, os.R_OK):
+        raise PermissionError(13, "Permission denied", path)
     return sqlite3.connect(f"file:{path}?mode=ro", uri=True)
 
 

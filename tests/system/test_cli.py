@@ -198,3 +198,26 @@ def test_ctrl_c_stops_the_demo_and_its_gateway_with_one_clean_drain():
         out = "".join(lines) + demo.stdout.read()
         assert demo.wait(timeout=60) == 0, out
     assert "demo over:" in out and "stopped; 0 messages kept" in out and "drain skipped" not in out, out
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not __import__("shutil").which("setpriv"), reason="needs root and setpriv")
+def test_a_data_dir_the_user_may_not_read_is_said_as_such_never_a_traceback(tmp_path):
+    """A fuzzing pass: an operator without sudo (the data_dir is the service user's, 0750) got a traceback from
+    `history stats`, and `outbox` said there was no outbox."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "gateway.db").touch()
+    (data / "history.db").touch()
+    os.chmod(tmp_path, 0o755)
+    os.chown(data, 1000, 1000)
+    os.chmod(data, 0o700)
+    (tmp_path / "gateway.yaml").write_text(gateway_config(data, 1883).replace("interval: 100ms}",
+                                                                              "interval: 100ms, history: {}}", 1))
+    without_root = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search,-fowner"]
+    for command in (["history", "stats"], ["history", "export", "pump1", "--csv", "-"], ["outbox"], ["counters"]):
+        result = subprocess.run([*without_root, sys.executable, "-m", "gateway", *command, "-c",
+                                 str(tmp_path / "gateway.yaml")], capture_output=True, text=True, env=ENV, cwd=ROOT,
+                                timeout=60)
+        assert result.returncode in (69, 73, 77), (command, result.returncode, result.stderr)
+        assert "Traceback" not in result.stderr and "ermission denied" in result.stderr, (command, result.stderr)
+        assert "no outbox" not in result.stderr
