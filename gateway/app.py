@@ -176,8 +176,8 @@ class Gateway:
 
     def _tag_types(self, device: str) -> dict[str, TagType]:
         """A device's tag types as its source gives them now (an OPC UA source learns them at connect)."""
-        runner = next(r for r in self.devices if r.name == device)
-        return tag_types(runner.device, runner.source)
+        runner = next((r for r in self.devices if r.name == device), None)
+        return tag_types(runner.device, runner.source) if runner is not None else {}
 
     async def run(self, shutdown: asyncio.Event, force: asyncio.Event | None = None) -> None:
         """Run until `shutdown` is set (then drain) or a loop fails (then drain and raise LoopFailed).
@@ -407,6 +407,11 @@ class Gateway:
         if new_cadence:
             await self._sup.stop("commit")
         new_uplink = (new.upstream, new.topic_root, new.gateway.id) != (old.upstream, old.topic_root, old.gateway.id)
+        if new.upstream.format == "sparkplug_b" and not new_uplink and _births(new, prepared) != _births(old, self.prepared):
+            # Sparkplug: the births declare every device and metric, so a device, tag, counter, alarm or model added
+            # or taken out needs a new session (NDEATH, NBIRTH, each DBIRTH), or its data has nothing to go under.
+            new_uplink = True
+            log.info("the devices changed: a new Sparkplug session, with their births")
         if new_uplink:
             await self.uplink.stop(flush_timeout=2.0)
             await self._sup.stop("uplink")
@@ -430,6 +435,11 @@ class Gateway:
                  ", new upstream connection" if new_uplink else "", self.outbox.stats.messages)
         self.notifier.ready(self.status_line())
         return True
+
+
+def _births(config: Config, prepared: Prepared) -> tuple[Any, ...]:
+    """What a Sparkplug session's births are made of: each device as configured, and whether it is scored."""
+    return tuple((d, d.model is not None and d.name not in prepared.unusable) for d in config.devices)
 
 
 def _read(path: str | None) -> bytes | None:

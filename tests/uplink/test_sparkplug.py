@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -94,6 +95,43 @@ def test_births_aliases_seq_wrap_rebirth_refused_write_and_bdseq_on_the_will(mos
         assert {m.name: m for m in host.of("NBIRTH")[-1][1].metrics}["bdSeq"].long_value == (bdseq + 1) % 256
         assert again.stop() == 0
         assert "Traceback" not in gw.logs() + again.logs()
+    finally:
+        host.close()
+
+
+def test_a_reload_that_adds_or_removes_a_device_is_a_new_session_with_its_births(mosquitto, gateway, tmp_path):
+    """A fuzzing pass: a device added by SIGHUP was polled, but its rows were acknowledged and deleted unsent (the
+    old session's births did not know it); after one was removed, a rebirth raised StopIteration and the next
+    reconnect ended the daemon (exit 70)."""
+    import signal
+
+    host = Host(mosquitto.port)
+    try:
+        one = "\n  - {name: pump1, source: sim, profile: pump, seed: 3, interval: 50ms}\n"
+        two = one + "  - {name: pump2, source: sim, profile: pump, seed: 4, interval: 50ms}\n"
+        gw = gateway(gateway_config(tmp_path / "data", mosquitto.port, devices=one,
+                                    upstream=", format: sparkplug_b")).start()
+        wait_until(lambda: len(host.of("DDATA")) > 3, 30, what="data")
+        gw.config.write_text(gw.config.read_text().replace(one, two))
+        gw.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: [t for t, _ in host.of("DDATA") if t.endswith("/pump2")], 30, what="pump2's data")
+        assert [t for t, _ in host.of("DBIRTH") if t.endswith("/pump2")]
+        assert len(host.of("NBIRTH")) == 2 and len(host.of("NDEATH")) == 1  # the old session ended, a new began
+        gw.config.write_text(gw.config.read_text().replace(two, one))
+        gw.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: len(host.of("NBIRTH")) == 3, 30, what="the session without pump2")
+        host.command("spBv1.0/lab/NCMD/test-gw", "Node Control/Rebirth", pb.Boolean, boolean_value=True)
+        wait_until(lambda: len(host.of("NBIRTH")) == 4, 30, what="the rebirth")
+        births = [t for t, _ in host.messages if "BIRTH" in t]
+        assert births[-2:] == ["spBv1.0/lab/NBIRTH/test-gw", "spBv1.0/lab/DBIRTH/test-gw/pump1"]
+        mosquitto.kill()
+        wait_until(lambda: "lost the connection" in gw.logs(), 30, what="the broker gone")
+        mosquitto.start()
+        wait_until(lambda: "connected to upstream" in gw.logs().split("lost the connection")[-1], 30,
+                   what="connected again after the broker's restart")
+        time.sleep(1)  # its births are out: before, the uplink ended here (StopIteration), and the daemon with 70
+        assert gw.proc.poll() is None and gw.stop() == 0
+        assert "Traceback" not in gw.logs()
     finally:
         host.close()
 

@@ -83,7 +83,8 @@ class SparkplugFormat:
         self._waiting_since: float | None = None  # when the births began to wait for first readings
         self._refused: set[str] = set()  # the kinds of refused messages logged
         self.refused = 0  # messages refused: commands other than a rebirth, STATEs that are not one
-        self.damaged = 0  # outbox rows not sent: not what the gateway writes (`_parsed`)
+        self.damaged = 0  # outbox rows not sent: not what the gateway writes (`_parsed`), or of a device gone
+        self.gone: set[str] = set()  # devices with rows in the outbox that the config no longer has
 
     # -- bdSeq: 0-255, +1 per CONNECT sent, kept across restarts -----------------------------
     def _load_bdseq(self) -> int | None:
@@ -189,6 +190,9 @@ class SparkplugFormat:
     def data(self, msg: Message) -> list[Packet]:
         """One stored row as Sparkplug messages (none for what has no metric)."""
         device = msg.device
+        if device is not None and device not in self.metrics.devices:
+            self._unconfigured(msg, device)
+            return []
         if device is None or device not in self.metrics.devices or self.born_at is None:
             return []
         if (parsed := self._parsed(msg)) is None:
@@ -219,6 +223,16 @@ class SparkplugFormat:
         if not changed:
             return []
         return [Packet(self.topics.device_topic("DDATA", device), metrics.payload(ts, self._next_seq(), changed))]
+
+    def _unconfigured(self, msg: Message, device: str) -> None:
+        """A row of a device the config no longer has (taken out by a reload while its rows waited): Sparkplug has
+        no birth to send it under. Said once per device, counted with the rows that cannot be sent (`damaged`)."""
+        if device not in self.gone:
+            self.gone.add(device)
+            log.warning("device %s is no longer in the config: its rows still in the outbox (from seq %d) cannot be "
+                        "sent as Sparkplug without its birth, and are counted in health's upstream.damaged", device,
+                        msg.seq, extra=fields(device, "outbox_drop", seq=msg.seq))
+        self.damaged += 1
 
     def _parsed(self, msg: Message) -> tuple[dict[str, Any], bool] | None:
         """The metrics a row sets, and whether it is a reading that failed as a whole; None for a row the gateway
