@@ -79,6 +79,18 @@ def test_a_bad_state_is_refused_and_changes_nothing_then_the_hosts_next_good_one
     assert off.reconnect and [p.topic for p in off.packets] == ["spBv1.0/plant-a/NDEATH/gw1"]
 
 
+def test_a_host_whose_clock_ran_ahead_and_was_set_right_is_heard_again(tmp_path):
+    """A fuzzing pass: one STATE an hour ahead (the host's clock), then the host's clock set right: every later
+    STATE was taken as stale, and the node waited for an online that never counted, storing, until a restart."""
+    fmt = online(tmp_path)
+    assert fmt.received(STATE, json.dumps({"online": False, "timestamp": NOW_MS + 3_600_000}).encode()).reconnect
+    fmt.connect_answered()
+    back = fmt.received(STATE, json.dumps({"online": True, "timestamp": NOW_MS + 5_000}).encode())
+    assert back.resend and fmt.host_online
+    # a STATE from before the ahead one's arrival is still stale
+    assert not fmt.received(STATE, json.dumps({"online": False, "timestamp": NOW_MS - 1}).encode()).reconnect
+
+
 def test_bad_commands_are_refused_counted_and_logged_once_per_kind_never_a_rebirth(tmp_path, caplog):
     fmt = online(tmp_path)
     rng = random.Random(7)
@@ -105,6 +117,22 @@ def test_bad_commands_are_refused_counted_and_logged_once_per_kind_never_a_rebir
     assert len(lines) == MAX_REFUSALS_LOGGED + 1 and "counted, not logged" in lines[-1]
     assert max(len(line) for line in lines) < 400  # the 2 MB name is not echoed
     assert "Traceback" not in caplog.text
+
+
+def test_rebirths_by_the_thousand_are_one_set_of_births_and_one_log_line(tmp_path, caplog):
+    """A fuzzing pass: one NCMD of 250,000 Rebirth metrics built the births 250,000 times (51 s without the
+    watchdog: systemd would have killed the daemon); 900 NCMDs a second gave 8,974 NBIRTHs and as many INFO lines."""
+    fmt = online(tmp_path)
+    payload = pb.Payload(timestamp=1)
+    for _ in range(50_000):
+        m = payload.metrics.add()
+        m.name, m.datatype, m.boolean_value = "Node Control/Rebirth", pb.Boolean, True
+    with caplog.at_level(logging.INFO):
+        births = fmt.received(NCMD, payload.SerializeToString()).packets
+        assert [p.topic for p in births] == ["spBv1.0/plant-a/NBIRTH/gw1", "spBv1.0/plant-a/DBIRTH/gw1/pump1"]
+        storm = [fmt.received(NCMD, REBIRTH).packets for _ in range(1000)]
+    assert storm == [[]] * 1000  # the births of a moment ago answer them (at most one set a second)
+    assert len([r for r in caplog.records if "rebirth requested" in r.getMessage()]) == 1
 
 
 @pytest.mark.parametrize("saved", [b'{"bdSeq": 1e400}', b'{"bdSeq": Infinity}', b'{"bdSeq": NaN}', b"[" * 100_000,

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -45,6 +46,7 @@ from gateway.uplink.sparkplug import sparkplug_b_pb2 as pb
 log = logging.getLogger("edge_gateway.uplink.sparkplug.uplink")
 
 BIRTH_WAIT = 5.0  # seconds the births wait for every device's first reading
+REBIRTH_GAP = 1.0  # seconds: births sent this recently answer a rebirth request (`_rebirth`)
 MAX_REFUSALS_LOGGED = 100  # kinds of refused commands and STATEs logged (each once); beyond, only counted
 HEALTH_METRICS = (("Health/backlog_messages", int(pb.UInt64)), ("Health/dropped", int(pb.UInt64)),
                   ("Health/store_errors", int(pb.UInt64)), ("Health/uptime_s", int(pb.Double)))
@@ -85,6 +87,8 @@ class SparkplugFormat:
         self.refused = 0  # messages refused: commands other than a rebirth, STATEs that are not one
         self.damaged = 0  # outbox rows not sent: not what the gateway writes (`_parsed`), or of a device gone
         self.gone: set[str] = set()  # devices with rows in the outbox that the config no longer has
+        self.last_rebirth = self.last_rebirth_log = -math.inf  # monotonic times (`_rebirth`)
+        self.rebirths_asked = 0
 
     # -- bdSeq: 0-255, +1 per CONNECT sent, kept across restarts -----------------------------
     def _load_bdseq(self) -> int | None:
@@ -294,19 +298,34 @@ class SparkplugFormat:
             self._refuse(topic, "not a Sparkplug B payload")
             return Reaction()
         reaction = Reaction()
+        rebirth = False
         for m in command.metrics:
             if m.name == metrics.REBIRTH and m.WhichOneof("value") == "boolean_value" and m.boolean_value \
                     and topic == self.topics.node_topic("NCMD"):
-                if not self.host_online:
-                    continue  # born when the primary host is back
-                log.info("rebirth requested on %s: sending NBIRTH and every DBIRTH", topic,
-                         extra=fields(event="sparkplug_rebirth"))
-                reaction.packets = self._births()
+                rebirth = self.host_online  # (born when the primary host is back); once per command, however many
             elif m.name == metrics.REBIRTH:
                 self._refuse(topic, "a Rebirth that is not Boolean true on NCMD")
             else:
                 self._refuse(topic, f"a write to {_shown(m.name) if m.name else f'alias {m.alias}'}")
+        if rebirth:
+            reaction.packets = self._rebirth(topic)
         return reaction
+
+    def _rebirth(self, topic: str) -> list[Packet]:
+        """NBIRTH and every DBIRTH, unless births went out less than REBIRTH_GAP ago: those answer any request
+        made before them, and a host (or anyone) asking hundreds of times a second must not multiply the node's
+        traffic. Said at most once a minute, with how many were asked for."""
+        now = time.monotonic()
+        self.rebirths_asked += 1
+        if now - self.last_rebirth_log >= 60.0:
+            log.info("rebirth requested on %s: sending NBIRTH and every DBIRTH (%d request(s) since the last such "
+                     "line; births at most every %gs)", topic, self.rebirths_asked, REBIRTH_GAP,
+                     extra=fields(event="sparkplug_rebirth"))
+            self.last_rebirth_log, self.rebirths_asked = now, 0
+        if now - self.last_rebirth < REBIRTH_GAP:
+            return []
+        self.last_rebirth = now
+        return self._births()
 
     def _host_state(self, data: bytes) -> Reaction:
         """The primary host's STATE ({"online": true|false, "timestamp": ms}): births and data only while online.
@@ -327,7 +346,9 @@ class SparkplugFormat:
         if stamp < self.host_ts:  # tck-id-message-flow-edge-node-birth-publish-phid-wait-timestamp
             self._refuse(topic, "a STATE older than the last one (a stale retained message)", command=False)
             return Reaction()
-        self.host_ts = stamp
+        # Kept no later than this box's clock: a host whose clock ran ahead, then was set right, would otherwise have
+        # every later STATE taken as stale, and the node wait for an online that never counts.
+        self.host_ts = min(stamp, int(self.clock() * 1000))
         if online == self.host_online:
             return Reaction()
         self.host_online = online
