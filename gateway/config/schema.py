@@ -113,8 +113,8 @@ class ReconnectSection:
                               doc="longest wait while the broker cannot be reached at all (refused, unreachable): "
                                   "each wait is drawn evenly up to it, so a fleet returns spread out")
     max: float = setting(duration(0.05, 86400), 60.0,
-                         doc="longest wait after the broker refused us or did not finish the handshake "
-                             "(exponential)")
+                         doc="longest wait after the broker refused us, did not finish the handshake, or closed "
+                             "the connection within 10 s of accepting it, time after time (exponential)")
     jitter: float = setting(number(0, 1), 0.3, doc="random share of each exponential wait")
 
 

@@ -309,26 +309,37 @@ class Uplink:
     # -- connection ----------------------------------------------------------------------
     async def _connection_loop(self) -> None:
         """Connect, deliver, reconnect with jittered backoff; after stop(), wait to be cancelled."""
-        attempt = 0
+        attempt = flaps = 0
+        policy = self.cfg.reconnect
         while not self._stop_event.is_set():
             try:
                 await self._connect()
             except UplinkError as err:
                 self._fail(str(err))
-                policy = self.cfg.reconnect
                 await self._sleep(backoff(attempt, policy.min, policy.max, policy.jitter, self._rng) if err.reached
                                   else down(attempt, policy.min, policy.down_max, self._rng))
                 attempt += 1
                 continue
-            attempt = 0
+            attempt, connected = 0, time.monotonic()
             while not self._lost.is_set():
                 try:
                     await within(self._lost.wait(), 1.0)
                 except asyncio.TimeoutError:
                     self._check_acks()
+            leaving = self._leaving
             await self._drop_client()
-            if not self._stop_event.is_set():  # the first attempt after a loss: soon, spread over the fleet
-                await self._sleep(down(0, self.cfg.reconnect.min, self.cfg.reconnect.down_max, self._rng))
+            if self._stop_event.is_set():
+                break
+            # The first attempt after a loss: soon, spread over the fleet. A connection the broker keeps closing
+            # within seconds of accepting it waits longer each time, as a refusal does.
+            flaps = flaps + 1 if time.monotonic() - connected < SHORT_LIVED and not leaving else 0
+            if flaps == FLAPS_SAID:
+                log.warning("the upstream closed the connection within %gs of accepting it %d times in a row: another "
+                            "client with the client_id %r (a cloned gateway?), an ACL, or a packet above its size "
+                            "limit; waiting longer between attempts (up to reconnect.max)", SHORT_LIVED, flaps,
+                            self.format.client_id, extra=fields(event="upstream_flapping"))
+            await self._sleep(backoff(flaps, policy.min, policy.max, policy.jitter, self._rng) if flaps
+                              else down(1, policy.min, policy.down_max, self._rng))
         await asyncio.Event().wait()  # stopped: the owner cancels us
 
     def _new_client(self) -> mqtt.Client:
@@ -669,6 +680,8 @@ class Uplink:
 
 
 LOOP_STOP_LIMIT = 3.0  # seconds to wait for paho's network thread to end
+SHORT_LIVED = 10.0  # seconds: a connection closed sooner by the broker is a flap (`_connection_loop`)
+FLAPS_SAID = 3  # flaps in a row that are said, once
 STUCK_AFTER = 5  # connections in a row closed on the same oldest row, none acknowledged: it is refused
 ACK_GRACE = 5.0  # seconds by which a packet may be acknowledged after one sent later (a broker that reorders)
 LIVE_ROOM = 64  # QoS 1 packets paho may have in flight beyond the window: live messages stop while overdue

@@ -103,3 +103,42 @@ def test_a_proxy_whose_broker_is_gone_is_tried_again_within_seconds(tmp_path, mo
         done.set()
         thread.join(5)
     assert all(0.5 <= w <= 2.0 for w in waits), waits  # reconnect.min .. reconnect.down_max
+
+
+def test_a_broker_that_closes_each_connection_it_accepts_is_backed_off_from_and_said_once(tmp_path, caplog):
+    """A fuzzing pass: a broker that closes every connection right after its CONNACK (another client with this
+    client_id taking the session over, an ACL) was connected to again every 0.55 s exactly, for ever, with an
+    ERROR and a WARNING each time: in step across a fleet, and nothing said what was going on."""
+    import logging
+    import socket
+    import threading
+
+    done = threading.Event()
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.1)
+
+    def serve() -> None:
+        with server:
+            while not done.is_set():
+                try:
+                    conn, _ = server.accept()
+                except OSError:
+                    continue
+                with conn:
+                    conn.settimeout(2)
+                    try:
+                        conn.recv(1024)  # the CONNECT
+                        conn.sendall(b"\x20\x02\x00\x00")  # CONNACK: accepted; then the connection is closed
+                    except OSError:
+                        pass
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
+        with caplog.at_level(logging.WARNING):
+            waits = asyncio.run(recorded_waits(tmp_path, server.getsockname()[1], 8))
+    finally:
+        done.set()
+        thread.join(5)
+    assert waits[0] <= 2.0 and waits[-1] > 20, waits  # doubling from reconnect.min towards reconnect.max
+    said = [r.getMessage() for r in caplog.records if "within 10s of accepting it" in r.getMessage()]
+    assert len(said) == 1 and "'reconnect-test'" in said[0], said
