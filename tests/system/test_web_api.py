@@ -398,6 +398,8 @@ async def _slowloris(port: int, clients: int, seconds: float) -> list[bytes]:
                     return await asyncio.wait_for(reader.read(), 1.0)
                 except asyncio.TimeoutError:
                     pass
+                except ConnectionError:  # reset: closed unanswered (one that waited past 10 s for a slot)
+                    break
             return b""
         finally:
             writer.close()
