@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from gateway import contract, counters, tagtypes
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
     from gateway.anomaly.model import DeviceScorer, Event, Model
 
 log = logging.getLogger("edge_gateway.pipeline.stages")
+COUNTER_REGISTERS = "counter_registers"  # the device state kind: each counter's register (`_rebase_moved_counters`)
 CLOSED_KEPT = 21  # closed-shift summaries kept in memory for the web API: a week of three shifts
 
 
@@ -52,9 +54,29 @@ class Counting:
         self.gap_limit = max(3 * device.interval, 5.0)
         self.book = ShiftBook(shifts, device.oee, self.gap_limit, outbox.shift_record(device.name), device.name)
         self.rows: dict[str, CounterRow] = {name: row for (_, name), row in outbox.counters(device.name).items()}
+        self._rebase_moved_counters()
         self.changed = bool(device.counters)  # totals moved since the last counters message
         self._problems: dict[str, str] = {}
         self.closed: deque[dict[str, Any]] = deque(maxlen=CLOSED_KEPT)  # the last closed-shift summaries (web)
+
+    def _rebase_moved_counters(self) -> None:
+        """A counter given another register (a reload, a restart): its last raw value is the old register's, so
+        the new register's first reading is a baseline, not a count or a PLC reset. The registers are kept in the
+        device state, committed with the next messages."""
+        name = self.device.name
+        registers = {c.name: c.register for c in self.device.counters}
+        saved = self.outbox.device_state(name, COUNTER_REGISTERS)
+        for counter in self.device.counters:
+            old = saved.get(counter.name) if isinstance(saved, dict) else None
+            row = self.rows.get(counter.name)
+            if isinstance(old, str) and old != counter.register and row is not None and row.last_raw is not None:
+                self.rows[counter.name] = replace(row, last_raw=None)
+                self.outbox.stage_counter(name, counter.name, self.rows[counter.name])  # with the registers: one commit
+                log.warning("device %s: counter %s now reads register %s instead of %s: its first reading there is "
+                            "the new baseline; the total goes on from %d", name, counter.name, counter.register, old,
+                            row.total, extra=fields(name, "counter_moved", counter=counter.name))
+        if saved != registers:
+            self.outbox.stage_state(name, COUNTER_REGISTERS, registers)
 
     def observe(self, sample: Sample) -> None:
         """Shifts first (a boundary closes the old shift before the counters move to the new one), then counters."""

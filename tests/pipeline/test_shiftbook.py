@@ -140,3 +140,32 @@ def test_shift_times_changed_while_a_shift_runs_end_it_at_its_new_end(tmp_path):
     assert c["shift_id"] == "2026-11-24/C" and c["start"] == "2026-11-24T20:00:00.000Z"
     assert c["observed_s"] == 9 * 3600 and c["partial"] is False  # 21:00 to 06:00
     again.close()
+
+
+def test_a_counter_moved_to_another_register_starts_from_a_baseline_there_not_a_reset(tmp_path, caplog):
+    """A fuzzing pass: counter `defects` moved from defects_raw to produced_raw by a reload: the old register's last
+    raw value was compared with the new one's, a PLC reset was reported that never happened, and the new register's
+    whole value was added to the total."""
+    import logging
+
+    from tests.helpers import LINE_CONFIG
+
+    line = Line(tmp_path / "g.db", defect_every=10)
+    t = run_minutes(line, utc("2026-11-24T07:00:00"), 30, per_minute=100)  # 300 defects of 3,000 made
+    before = line.runner.counting.rows["defects"].total
+    line.close()
+    moved = LINE_CONFIG.replace("{name: defects, register: defects_raw", "{name: defects, register: produced_raw")
+    with caplog.at_level(logging.INFO):
+        again = Line(tmp_path / "g.db", moved, defect_every=10)
+        again.produced, again.defects = line.produced, line.defects
+        run_minutes(again, t, 10, per_minute=100)
+        assert again.runner.counting.rows["defects"].total == before + 9 * 100  # the first reading is the baseline
+        again.close()
+        third = Line(tmp_path / "g.db", moved, defect_every=10)  # a restart: the register is the saved one now
+        third.produced, third.defects = again.produced, again.defects
+        run_minutes(third, t + 600, 2, per_minute=100)
+        assert third.runner.counting.rows["defects"].total == before + 9 * 100 + 2 * 100
+        third.close()
+    said = [r.getMessage() for r in caplog.records if "counter defects" in r.getMessage()]
+    assert said == [f"device line1: counter defects now reads register produced_raw instead of defects_raw: its "
+                    f"first reading there is the new baseline; the total goes on from {before}"], said
