@@ -121,6 +121,10 @@ class Gateway:
         shifts = ShiftCalendar([(s.name, s.start) for s in config.shifts], gw.timezone)
         self._links = Links(config.local_broker, gw.id, gw.data_dir)
         recorded = {d.name: HistoryBounds(d.history.keep, d.history.max_bytes) for d in config.devices if d.history}
+        if recorded and self._history is not None and self._history.moved():
+            log.warning("history %s was moved away: closing it, a new one is started", self._history.path)
+            self._history.close()
+            self._history = None
         if recorded and self._history is None:
             self._open_history()
         elif not recorded:

@@ -267,3 +267,38 @@ def test_a_damaged_history_file_is_logged_and_the_devices_run_on(tmp_path, caplo
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert any("history" in e and "cannot be opened (file is not a database)" in e for e in errors), errors
     assert not any(r.exc_info for r in caplog.records)
+
+
+def test_a_history_moved_away_is_started_anew_at_the_next_reload(tmp_path, caplog):
+    """A fuzzing pass: the log's advice for a damaged history ('move the file away and reload') did nothing once
+    the file was open: the daemon kept writing to the moved file, and `history export` found no history."""
+    from gateway.store.history import History
+
+    path = tmp_path / "gateway.yaml"
+    path.write_text(gateway_config(tmp_path / "data", free_port(), devices="""
+  - {name: pump1, source: sim, profile: pump, seed: 3, interval: 50ms, history: {}}
+"""))
+    cfg = config.load(str(path))
+    db = tmp_path / "data" / "history.db"
+
+    async def main() -> None:
+        async with Gateway(cfg, str(path), Recorder()) as gw:
+            run = asyncio.create_task(gw.run(asyncio.Event()))
+            await wait_for(lambda: db.exists() and gw.history is not None and gw.history.bounds, "the history")
+            gw.history.commit()
+            db.rename(tmp_path / "moved.db")
+            assert await gw.reload()
+            await wait_for(lambda: db.exists(), "a new history file")
+            await asyncio.sleep(0.5)
+            gw.history.commit()
+            run.cancel()
+            await asyncio.gather(run, return_exceptions=True)
+    with caplog.at_level(logging.INFO):
+        asyncio.run(main())
+    assert any("was moved away: closing it, a new one is started" in r.getMessage() for r in caplog.records)
+    fresh = History.open(db, readonly=True)
+    try:
+        tags, rows = fresh.export("pump1", 0, 1e10)
+        assert len(list(rows)) > 3
+    finally:
+        fresh.close()

@@ -59,6 +59,7 @@ class History:
     def __init__(self, path: str | Path, db: sqlite3.Connection) -> None:
         self.path = Path(path)
         self.db = db
+        self.identity = _identity(self.path)  # the file this connection writes (`moved`)
         self._series: dict[tuple[str, tuple[str, ...]], int] = {}
         self._device_of: dict[int, str] = {}
         self._pending: list[tuple[int, float, bytes, str | None]] = []
@@ -85,6 +86,10 @@ class History:
     def close(self) -> None:
         self.commit()
         self.db.close()
+
+    def moved(self) -> bool:
+        """The file at the path is no longer the one written here: moved away (or replaced) while open."""
+        return _identity(self.path) != self.identity
 
     def configure(self, bounds: dict[str, Bounds]) -> None:
         """The devices that keep history, and their bounds (at start and on reload)."""
@@ -226,3 +231,11 @@ class History:
 
     def _stored_bytes(self, device: str) -> int:
         return self._usage(self._ids(device))[1]
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
