@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from gateway.anomaly.model import DeviceScorer, Event, Model
 
 log = logging.getLogger("edge_gateway.pipeline.stages")
+LIVE_MIN_RUNNING = 60.0  # seconds of running before the live OEE gives performance and OEE
 COUNTER_REGISTERS = "counter_registers"  # the device state kind: each counter's register (`_rebase_moved_counters`)
 CLOSED_KEPT = 21  # closed-shift summaries kept in memory for the web API: a week of three shifts
 
@@ -98,7 +99,12 @@ class Counting:
         oee = self.device.oee
         assert oee is not None
         reason = contract.reason(rec.last_reason, oee.reasons) if oee.reason_tag else None
-        return contract.live_oee(self.device.name, ts, rec, self.figures(rec), rec.last_state, reason, final)
+        figures = self.figures(rec)
+        if not final and rec.state_s["running"] < LIVE_MIN_RUNNING:
+            # The counts of a shift's first sample may have been made before its start (or while the gateway was
+            # down): over seconds of running they read as a performance of thousands of percent.
+            figures.update(performance=None, oee=None)
+        return contract.live_oee(self.device.name, ts, rec, figures, rec.last_state, reason, final)
 
     def figures(self, rec: ShiftRecord) -> dict[str, Any]:
         """The shift's counts and, with `oee:`, its OEE so far (the live OEE and the closed shift alike)."""

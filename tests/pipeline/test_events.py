@@ -85,6 +85,11 @@ def test_state_events_with_reasons_and_exact_durations_across_a_boundary_and_a_r
         assert final[0][key] == a[key], key
     live = [o for o in line.on("oee") if not o.get("final")]
     assert live[-1]["shift_id"] == "2026-11-24/B" and live[-1]["state"] in ("down", "idle", "running")
+    # A shift's first live OEE has had no minute of running: no performance, no OEE (a fuzzing pass saw 32,702 %
+    # from counts read in its first sample); they come once it has.
+    b = [o for o in live if o["shift_id"] == "2026-11-24/B"]
+    assert b[0]["state_s"]["running"] < 60 and (b[0]["performance"], b[0]["oee"]) == (None, None)
+    assert all(o["performance"] is not None for o in b if o["state_s"]["running"] >= 60)
     # An unknown code is its number with no text.
     assert line.runner.health_report()["machine"]["state"] == "running"
 
