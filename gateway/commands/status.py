@@ -59,8 +59,9 @@ def _show(state: dict[str, Any], running: bool | None, age: float, health_interv
     print(f"upstream  {'connected' if up['connected'] else 'NOT connected'}; reconnects {up['reconnects']}; "
           f"last ack {up['last_ack'] or '-'}; last error {up['last_error'] or '-'}")
     if stuck := up.get("stuck"):
-        print(f"  STUCK   the broker closed the connection {stuck['closes']} times in a row on seq {stuck['seq']} "
-              f"({stuck['topic']}, {stuck['bytes']} bytes): a limit on packet size? Nothing behind it is delivered")
+        print(f"  STUCK   the broker closed the connection {stuck['closes']} times in a row after {stuck['topic']} "
+              f"({stuck['bytes']} bytes; the oldest message waiting is seq {stuck['seq']}): a limit on packet size? "
+              "Nothing is delivered")
     print(f"backlog   {backlog['messages']} messages, {backlog['bytes']} bytes, oldest {backlog['oldest_age_s']}s; "
           f"dropped {state['dropped']}; store errors {state['store_errors']}")
     if (history := state.get("history")) and history.get("error"):

@@ -226,6 +226,7 @@ class Uplink:
         self._task: asyncio.Task[None] | None = None
         self._leaving = False  # this connection is being ended on purpose
         self._acked_here = False  # the broker acknowledged a row on this connection
+        self._largest: tuple[str, int] | None = None  # the largest packet of the format's own on this connection
         self._suspect: tuple[int, int] | None = None  # (oldest row, connections closed on it in a row): `_closed_on`
 
     # -- public -------------------------------------------------------------------------
@@ -380,6 +381,7 @@ class Uplink:
         self._lost.clear()
         self._leaving = False
         self._acked_here = False
+        self._largest = None
         try:
             # paho writes the CONNECT once the socket (and TLS) is up: returning means it went out.
             await asyncio.to_thread(client.connect, self.cfg.host, self.cfg.effective_port,
@@ -536,6 +538,15 @@ class Uplink:
         if msg is None or msg.seq != oldest:
             return
         self.stats.stuck = {"seq": oldest, "topic": str(msg.topic), "bytes": msg.size, "closes": STUCK_AFTER}
+        if self._largest is not None and self._largest[1] > msg.size:  # a birth, say, larger than the row
+            topic, size = self._largest
+            self.stats.stuck.update(topic=topic, bytes=size)
+            log.error("the upstream closed the connection %d times in a row and acknowledged nothing, each time after "
+                      "the packet %s (%d bytes), the largest sent on it: a broker limit on packet size (such as "
+                      "mosquitto's max_packet_size, or a cloud broker's 128 or 256 KiB)? Nothing is delivered until "
+                      "the limit is raised (or the device has fewer tags); the messages are kept", STUCK_AFTER, topic,
+                      size, extra=fields(event="upstream_stuck", seq=oldest))
+            return
         log.error("the upstream closed the connection %d times in a row on the message seq %d (%s, %d bytes) and "
                   "acknowledged nothing: it refuses that message (a broker limit on packet size, such as mosquitto's "
                   "max_packet_size?), and nothing behind it is delivered. Raise the limit; the message is kept",
@@ -608,8 +619,12 @@ class Uplink:
                 self._loop.call_later(SESSION_RETRY, self._wake.set)
 
     def _publish(self, client: mqtt.Client, packets: list[Packet]) -> None:
+        """The format's own packets (births, deaths, a session's first messages): the largest is kept, for a
+        broker that closes every connection on it (`_closed_on`)."""
         for p in packets:
             client.publish(p.topic, p.payload, qos=p.qos, retain=p.retain)
+            if self._largest is None or len(p.payload) > self._largest[1]:
+                self._largest = (p.topic, len(p.payload))
 
     # -- delivery --------------------------------------------------------------------------
     async def _pump(self) -> None:

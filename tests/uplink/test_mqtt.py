@@ -131,3 +131,47 @@ def test_a_message_the_broker_refuses_is_named_once_kept_and_delivered_when_the_
     said = [r.getMessage() for r in caplog.records]
     assert sum("it refuses that message" in m for m in said) == 1
     assert any("acknowledges messages again (the message seq 4 went through)" in m for m in said)
+
+
+@pytest.mark.slow  # a real mosquitto
+def test_a_packet_of_the_format_s_own_that_the_broker_refuses_is_the_one_named(tmp_path, caplog):
+    """A fuzzing pass: a Sparkplug DBIRTH above mosquitto's max_packet_size closed every connection, and the log
+    named the oldest row (327 bytes) as the message refused. Here the format's own packet is the retained status
+    of a gateway with many devices: the one named is it, with its size."""
+    from tests.helpers import BrokerProcess, mosquitto_available
+    if not mosquitto_available():
+        pytest.skip("mosquitto not installed")
+    port = free_port()
+    broker = BrokerProcess("mosquitto", tmp_path, port,
+                           f"max_packet_size 600\nlistener {port} 127.0.0.1\nallow_anonymous true\n").start()
+    topics = contract.Topics("edge/lab/gw")
+    store = Outbox.open(str(tmp_path / "outbox.db"))
+    store.stage(topics.telemetry("pump1"), {"i": 0}, created=time.time())
+    store.commit()
+    upstream = config.parse(gateway_config(tmp_path / "data", port)).upstream
+    fmt = JsonFormat(client_id="stuck-test", status_topic=topics.status, offline_payload=b'{"state":"offline"}')
+    fmt.online_payload = json.dumps({"state": "online", "devices": {f"line{i}": "ok" for i in range(200)}}).encode()
+
+    async def main() -> dict:
+        uplink = Uplink(upstream, store, fmt)
+        task = asyncio.create_task(uplink.run())
+        try:
+            for _ in range(400):
+                if uplink.stats.stuck is not None:
+                    break
+                await asyncio.sleep(0.05)
+            return dict(uplink.stats.stuck or {})
+        finally:
+            await uplink.stop()
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    try:
+        with caplog.at_level("INFO", logger="edge_gateway.uplink.mqtt"):
+            stuck = asyncio.run(main())
+    finally:
+        broker.kill()
+        store.close()
+    assert stuck["topic"] == topics.status and stuck["bytes"] == len(fmt.online_payload), stuck
+    said = [r.getMessage() for r in caplog.records if "closed the connection 5 times" in r.getMessage()]
+    assert len(said) == 1 and f"after the packet {topics.status} ({len(fmt.online_payload)} bytes)" in said[0], said
