@@ -51,6 +51,10 @@ def counters(args: argparse.Namespace) -> int:
     else:
         keys = ("device", "name", "total", "shift", "shift_id", "last_raw", "updated")
     records = [dict(zip(keys, row, strict=True)) for row in rows]
+    configured = {(d.name, c.name) for d in cfg.devices for c in d.counters}
+    if args.action == "show":  # a counter renamed or taken out keeps its row (its total, if it comes back)
+        for r in records:
+            r["configured"] = (r["device"], r["name"]) in configured
     if args.json:
         print(json.dumps(records, indent=2))
         return EX_OK
@@ -63,7 +67,7 @@ def counters(args: argparse.Namespace) -> int:
         else:
             print(f"{r['device']:<16} {r['name']:<14} total {r['total']:>12}  shift {r['shift']:>9} "
                   f"({r['shift_id'] or '-'})  last raw {r['last_raw'] if r['last_raw'] is not None else '-'}  "
-                  f"updated {when}")
+                  f"updated {when}" + ("" if r["configured"] else "  (not in the config: kept, not counting)"))
     if not records:
         print("no counters yet" if args.action == "show" else "no baseline was ever set")
     return EX_OK

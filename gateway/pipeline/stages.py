@@ -54,7 +54,9 @@ class Counting:
         self._oee_topic = topics.oee(device.name)
         self.gap_limit = max(3 * device.interval, 5.0)
         self.book = ShiftBook(shifts, device.oee, self.gap_limit, outbox.shift_record(device.name), device.name)
-        self.rows: dict[str, CounterRow] = {name: row for (_, name), row in outbox.counters(device.name).items()}
+        configured = {c.name for c in device.counters}  # a counter taken out keeps its row in the file, unshown
+        self.rows: dict[str, CounterRow] = {name: row for (_, name), row in outbox.counters(device.name).items()
+                                            if name in configured}
         self._rebase_moved_counters()
         self.changed = bool(device.counters)  # totals moved since the last counters message
         self._problems: dict[str, str] = {}

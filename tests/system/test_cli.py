@@ -91,6 +91,13 @@ def test_counters_show_set_baseline_and_audit(mosquitto, gateway, tmp_path):
     after = next(r for r in json.loads(run("show", "--json").stdout) if r["name"] == "produced")
     assert after["total"] >= 1000  # counted on from the baseline, no jump from the new PLC's raw value
     assert after["total"] < 1000 + 500  # not 1000 + the new raw value
+    # The counter renamed in the config: its row is kept (and its total, should it come back), said as such.
+    gw.config.write_text(gw.config.read_text().replace("{name: produced, register: produced_raw",
+                                                       "{name: made, register: produced_raw"))
+    assert after["configured"] is True
+    renamed = {r["name"]: r for r in json.loads(run("show", "--json").stdout)}
+    assert renamed["produced"]["configured"] is False and renamed["produced"]["total"] == after["total"]
+    assert "produced       total" in run("show").stdout and "(not in the config: kept, not counting)" in run("show").stdout
 
 
 def test_counters_show_says_which_saved_counter_is_damaged_and_shows_it_as_the_gateway_takes_it_up(tmp_path):
