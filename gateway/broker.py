@@ -193,21 +193,32 @@ def hash_password(password: str) -> str:
     return Argon2Hasher().hash(password)
 
 
-def set_user(users_file: str, name: str, password: str | None) -> None:
-    """Add, replace (password) or remove (None) a user; the file is rewritten atomically, mode 0640."""
+def set_user(users_file: str, name: str, password: str | None) -> bool:
+    """Add, replace (password) or remove (None) a user; the file is rewritten atomically, mode 0640. False: a user
+    to remove that was not there (nothing written)."""
     if not name or ":" in name or any(c.isspace() for c in name):
         raise ValueError(f"user name {name!r}: expected no spaces or colons")
-    lines = []
+    lines, found = [], False
     try:
         with open(users_file, encoding="utf-8", errors="surrogateescape") as fh:  # a garbled line is kept as it is
-            lines = [ln.rstrip("\n") for ln in fh if ln.split(":", 1)[0].strip() != name]
+            for ln in fh:
+                if ln.split(":", 1)[0].strip() == name:
+                    found = True
+                else:
+                    lines.append(ln.rstrip("\n"))
         st = os.stat(users_file)
         owner = (st.st_uid, st.st_gid)
     except FileNotFoundError:
         owner = None
+    if password is None and not found:
+        return False
     if password is not None:
         lines.append(f"{name}:{hash_password(password)}")
-    _write_private(users_file, "".join(f"{ln}\n" for ln in lines), owner)
+    try:
+        _write_private(users_file, "".join(f"{ln}\n" for ln in lines), owner)
+    except OSError as err:  # (not the temporary file's name: the file the user named)
+        raise OSError(err.errno, f"cannot write {users_file}: {err.strerror}") from None
+    return True
 
 
 def _write_private(path: str, text: str, owner: tuple[int, int] | None = None) -> None:
@@ -218,14 +229,15 @@ def _write_private(path: str, text: str, owner: tuple[int, int] | None = None) -
 
 def user_command(args: argparse.Namespace) -> int:
     """`edge-gateway broker-user NAME`: set a password (asked, from stdin, or generated into a file)."""
+    prog = getattr(args, "command", None) or "broker-user"
     try:
         if args.delete:
-            set_user(args.users, args.name, None)
-            print(f"{args.users}: user {args.name} removed")
+            removed = set_user(args.users, args.name, None)
+            print(f"{args.users}: user {args.name} removed" if removed else
+                  f"{args.users}: there is no user {args.name}; nothing changed")
             return EX_OK
         if args.generate:
             password = secrets.token_urlsafe(24)
-            _write_private(args.generate, password + "\n")
         elif sys.stdin.isatty():
             password = getpass.getpass(f"password for {args.name}: ")
             if password != getpass.getpass("again: "):
@@ -237,8 +249,17 @@ def user_command(args: argparse.Namespace) -> int:
             print("a password needs at least 8 characters; nothing changed", file=sys.stderr)
             return EX_DATAERR
         set_user(args.users, args.name, password)
-    except (OSError, ValueError) as err:
-        print(f"broker-user: {err}", file=sys.stderr)
+        if args.generate:  # after the users file took it: a password is never given out for a user not set
+            try:
+                _write_private(args.generate, password + "\n")
+            except OSError as err:
+                raise OSError(err.errno, f"user {args.name} is set, but its password cannot be written to "
+                                         f"{args.generate}: {err.strerror}; run this again") from None
+    except ValueError as err:
+        print(f"{prog}: {err}", file=sys.stderr)
+        return EX_DATAERR
+    except OSError as err:
+        print(f"{prog}: {err.strerror or err}", file=sys.stderr)
         return EX_CANTCREAT
     shown = args.generate in STDOUT  # the password is the output: this line goes beside it, to stderr
     where = "on standard output" if shown else f"in {args.generate} (mode 0640)"

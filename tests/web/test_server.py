@@ -145,6 +145,26 @@ def test_web_user_writes_a_hash_never_the_password(tmp_path):
     assert users.stat().st_mode & 0o777 == 0o640
 
 
+def test_user_commands_say_what_they_did_with_the_right_code(tmp_path, capsys, monkeypatch):
+    """A fuzzing pass: a bad user name was exit 73 (cannot create) where the docs say 65; web-user's errors said
+    'broker-user:'; deleting a user that never was said 'removed' and made an empty users file; `--generate -`
+    printed a password for a user it then failed to set, naming its temporary file."""
+    import io
+
+    from gateway import cli
+
+    users = tmp_path / "users"
+    monkeypatch.setattr(sys, "stdin", io.StringIO("long enough\n"))
+    assert cli.main(["web-user", "a:b", "--users", str(users)]) == 65
+    assert capsys.readouterr().err.startswith("web-user: user name 'a:b': expected no spaces or colons")
+    assert cli.main(["broker-user", "ghost", "--users", str(users), "--delete"]) == 0
+    assert "there is no user ghost; nothing changed" in capsys.readouterr().out and not users.exists()
+    assert cli.main(["broker-user", "carol", "--users", str(tmp_path / "nowhere" / "users"), "--generate", "-"]) == 73
+    out, err = capsys.readouterr()
+    assert out == "" and f"cannot write {tmp_path / 'nowhere' / 'users'}: No such file or directory" in err
+    assert ".tmp" not in err
+
+
 @pytest.mark.slow  # subprocesses of the CLI: the fast tier keeps under a minute
 def test_a_generated_password_goes_to_standard_output_or_a_pipe_and_a_linked_users_file_stays_linked(tmp_path):
     """`--generate -` prints the password alone (the note goes to stderr); a named pipe is written, not renamed
