@@ -124,6 +124,14 @@ class _Usage(Exception):
     pass
 
 
+def _span(start: str | None, end: str | None) -> tuple[float | None, float | None]:
+    """--from and --to as times; a span that ends before it begins is a usage error (it could hold nothing)."""
+    first, last = _time(start, "--from"), _time(end, "--to")
+    if first is not None and last is not None and last < first:
+        raise _Usage(f"--to {end} is before --from {start}")
+    return first, last
+
+
 def _time(text: str | None, what: str) -> float | None:
     from gateway.anomaly.recording import parse_time
     if text is None:
@@ -186,8 +194,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.csv:
         recordings = [read_csv(f, time_column=args.time_column, tags=tags) for f in args.csv]
     else:
-        recording, device_interval = _from_history(args.config, args.device, _time(args.start, "--from"),
-                                                   _time(args.end, "--to"))
+        recording, device_interval = _from_history(args.config, args.device, *_span(args.start, args.end))
         recordings = [recording.select(tags) if tags else recording]
         interval = interval or device_interval
     for r in recordings:
@@ -309,7 +316,7 @@ def _history(args: argparse.Namespace, store: Any, path: Path) -> int:
     if not args.device or not args.csv:
         return _fail("history export DEVICE --csv FILE [--from TIME] [--to TIME]", EX_USAGE)
     try:
-        start, end = _time(args.start, "--from"), _time(args.end, "--to")
+        start, end = _span(args.start, args.end)
     except _Usage as err:
         return _fail(str(err), EX_USAGE)
     tags, rows = store.export(args.device, start, end)

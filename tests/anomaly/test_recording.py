@@ -317,3 +317,19 @@ def test_a_damaged_history_file_is_exit_65_not_a_traceback(tmp_path):
                                 capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=60)
         assert result.returncode == 65, result.stderr
         assert "cannot read the history" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_span_that_ends_before_it_begins_is_a_usage_error(tmp_path, capsys):
+    """A fuzzing pass: `history export --from 2030... --to 2020...` exited 0 with no row."""
+    from gateway import cli
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (tmp_path / "gw.yaml").write_text(f'gateway: {{id: w, site: lab, data_dir: "{data}"}}\n'
+                                      "upstream: {host: 127.0.0.1}\n"
+                                      "devices: [{name: p1, source: sim, profile: pump, history: {}}]\n")
+    from gateway.store.history import History
+    History.open(data / "history.db").close()
+    for command in (["history", "export", "p1", "--csv", str(tmp_path / "x.csv")], ["model", "train", "m", "--device", "p1"]):
+        code = cli.main([*command, "--from", "2030-01-01", "--to", "2020-01-01", "-c", str(tmp_path / "gw.yaml")])
+        assert code == 64 and "--to 2020-01-01 is before --from 2030-01-01" in capsys.readouterr().err, command
