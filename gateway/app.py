@@ -69,6 +69,7 @@ class Gateway:
         self._uplink: Uplink | None = None
         self._links: Links | None = None
         self._history_committed = 0.0
+        self._state_failed: str | None = None  # why the state file could not be written, said once
         self._broker_users: bytes | None = None  # the embedded broker's users file as it started with it
         self._history_error: str | None = None  # why the history could not be opened; tried again meanwhile
         self._history_retry = 0.0
@@ -190,6 +191,7 @@ class Gateway:
         """
         log.info("edge-gateway %s started: %d devices, topic root %s, outbox %s (%d messages waiting)",
                  __version__, len(self.devices), self.topics.root, self.outbox.path, self.outbox.stats.messages)
+        self._write_state()  # at once: `status` has a state, and the file its room, before the disk can fill
         await self._start_broker()
         self._start_devices()
         sup = self._sup
@@ -258,8 +260,18 @@ class Gateway:
         await self.uplink.stop(flush_timeout=FLUSH_LIMIT)
         await sup.stop("uplink")
         self.outbox.commit()  # the last acknowledgements
-        report.write_state(self.config.gateway.data_dir, self.health(), self.devices, self.outbox.seq_mark(
-            self.config.gateway.health_interval))
+        self._write_state()
+
+    def _write_state(self, health: dict[str, Any] | None = None) -> None:
+        """The state file `status` reads; one that cannot be written is said once, and once when it is again."""
+        failed = report.write_state(self.config.gateway.data_dir, health or self.health(), self.devices,
+                                    self.outbox.seq_mark(self.config.gateway.health_interval))
+        if failed != self._state_failed:
+            if failed:
+                log.warning("%s", failed)
+            elif self._state_failed:
+                log.info("the state file is written again")
+            self._state_failed = failed
 
     # -- devices ------------------------------------------------------------------------------
     def _start_devices(self) -> None:
@@ -324,8 +336,7 @@ class Gateway:
             await self._retry_history()
             latest = self.health()
             self.uplink.publish_live(self.topics.health, contract.health(latest), body=latest)
-            report.write_state(self.config.gateway.data_dir, latest, self.devices,
-                               self.outbox.seq_mark(self.config.gateway.health_interval))
+            self._write_state(latest)
             self.notifier.status(self.status_line())
 
     async def _watchdog_loop(self) -> None:

@@ -57,21 +57,52 @@ def report(gateway_id: str, started: float, outbox: Outbox, uplink: Uplink, devi
 
 
 def write_state(data_dir: str, health: dict[str, Any], devices: Iterable[DeviceRunner],
-                seq: dict[str, int] | None = None) -> None:
+                seq: dict[str, int] | None = None) -> str | None:
     """The local state file read by `edge-gateway status` (no broker needed): the report plus counters, and the
-    outbox's seq (`Outbox.seq_mark`), which the next start checks the outbox against."""
+    outbox's seq (`Outbox.seq_mark`), which the next start checks the outbox against. Returns why it could not be
+    written (None: written)."""
     health = {**health, "counters": {r.name: {name: {"total": row.total, "shift": row.shift_total,
                                                      "shift_id": row.shift_id}
                                               for name, row in r.counting.rows.items()} for r in devices}}
     if seq is not None:
         health["seq"] = seq
     path = datadir.path(data_dir, datadir.STATE)
+    text = json.dumps(health, indent=1)
+    text += " " * (max(2 * len(text), STATE_RESERVE) - len(text))  # room to be rewritten in place (`_overwrite`)
     try:
         with open(path + ".tmp", "w", encoding="utf-8") as fh:
-            json.dump(health, fh, indent=1)
+            fh.write(text)
         os.replace(path + ".tmp", path)
     except OSError as err:  # a full disk must not stop the health loop
-        log.debug("cannot write %s: %s", path, err)
+        _unlink(path + ".tmp")
+        if not _overwrite(path, text.encode()):
+            return f"cannot write the state file {path} ({err.strerror}): edge-gateway status shows the last one " \
+                   "written"
+    return None
+
+
+STATE_RESERVE = 16 * 1024  # bytes the state file takes at least (JSON, padded with spaces)
+
+
+def _overwrite(path: str, data: bytes) -> bool:
+    """`data` over the file's own blocks, when it fits in them: a full disk has none to give a new file, and
+    `status` must not show a state from before it filled. False when it does not fit (nothing written)."""
+    try:
+        with open(path, "r+b") as fh:
+            if len(data) > os.fstat(fh.fileno()).st_size:
+                return False
+            fh.write(data)  # (the same padded size, or less: the blocks it had)
+            fh.truncate()
+        return True
+    except OSError:
+        return False
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def saved_seq(data_dir: str) -> dict[str, int] | None:

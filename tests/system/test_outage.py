@@ -229,6 +229,10 @@ def test_full_disk_is_survived_and_recovered_from(mosquitto, gate, gateway, subs
     with full_disk(tmp_path, gate, gateway, mosquitto.port) as (data, g, gw):
         time.sleep(2)
         assert gw.proc.poll() is None, "a full disk must not stop the gateway"
+        # status shows the state of now, not the last one written before the disk filled (its rewrite in place)
+        state = subprocess.run([sys.executable, "-m", "gateway", "status", "--json", "-c", str(gw.config)],
+                               capture_output=True, text=True, env=ENV, cwd=REPO, timeout=60)
+        assert state.stdout and json.loads(state.stdout)["age_s"] < 5, (state.stdout[:300], state.stderr[-500:])
         gw.config.write_text(gw.config.read_text().replace(
             "interval: 50ms}", "interval: 50ms, history: {keep: 1h, max_bytes: 1MiB}}", 1))
         gw.proc.send_signal(signal.SIGHUP)
