@@ -73,19 +73,33 @@ def test_the_uplink_is_an_async_context_manager_that_delivers_before_it_closes(t
     assert status[0] == b'{"state":"online"}' and status[-1] == b'{"state":"offline"}'
 
 
+def small_packet_broker(tmp_path, port: int):
+    """mosquitto refusing any packet above 600 bytes (it closes the connection on one), started."""
+    from tests.helpers import BrokerProcess, mosquitto_available
+    if not mosquitto_available():
+        pytest.skip("mosquitto not installed")
+    return BrokerProcess("mosquitto", tmp_path, port,
+                         f"max_packet_size 600\nlistener {port} 127.0.0.1\nallow_anonymous true\n").start()
+
+
+async def until_stuck(uplink: Uplink) -> dict:
+    """The uplink's `stuck` once it says so (20 s at most: empty if it never does)."""
+    for _ in range(400):
+        if uplink.stats.stuck is not None:
+            break
+        await asyncio.sleep(0.05)
+    return dict(uplink.stats.stuck or {})
+
+
 @pytest.mark.slow  # a real mosquitto, restarted
 def test_a_message_the_broker_refuses_is_named_once_kept_and_delivered_when_the_limit_is_raised(tmp_path, caplog):
     """mosquitto's max_packet_size below one message's size: it closes the connection at that message, every
     time, and nothing behind it went either, with two log lines per attempt and nothing saying which. Now the
     uplink says once which message it is (seq, topic, size), health shows it, and the message is kept: with
     the limit raised it goes, and the rest after it, in order."""
-    from tests.helpers import BrokerProcess, mosquitto_available
-    if not mosquitto_available():
-        pytest.skip("mosquitto not installed")
+    from tests.helpers import BrokerProcess
     port = free_port()
-    brokers = [BrokerProcess("mosquitto", tmp_path, port,
-                             f"max_packet_size 600\nlistener {port} 127.0.0.1\nallow_anonymous true\n")]
-    brokers[0].start()
+    brokers = [small_packet_broker(tmp_path, port)]
     topics = contract.Topics("edge/lab/gw")
     store = Outbox.open(str(tmp_path / "outbox.db"))
     for i in range(6):  # the fourth is a shift summary of many counters: 2 KB
@@ -98,11 +112,7 @@ def test_a_message_the_broker_refuses_is_named_once_kept_and_delivered_when_the_
         uplink = Uplink(upstream, store, fmt)
         task = asyncio.create_task(uplink.run())
         try:
-            for _ in range(400):
-                if uplink.stats.stuck is not None:
-                    break
-                await asyncio.sleep(0.05)
-            stuck = dict(uplink.stats.stuck or {})
+            stuck = await until_stuck(uplink)
             store.commit()  # (acknowledged rows leave the file at the next commit)
             assert store.stats.messages == 3  # the first three went; the refused one and those after it wait
             brokers[0].kill()
@@ -138,12 +148,8 @@ def test_a_packet_of_the_format_s_own_that_the_broker_refuses_is_the_one_named(t
     """A fuzzing pass: a Sparkplug DBIRTH above mosquitto's max_packet_size closed every connection, and the log
     named the oldest row (327 bytes) as the message refused. Here the format's own packet is the retained status
     of a gateway with many devices: the one named is it, with its size."""
-    from tests.helpers import BrokerProcess, mosquitto_available
-    if not mosquitto_available():
-        pytest.skip("mosquitto not installed")
     port = free_port()
-    broker = BrokerProcess("mosquitto", tmp_path, port,
-                           f"max_packet_size 600\nlistener {port} 127.0.0.1\nallow_anonymous true\n").start()
+    broker = small_packet_broker(tmp_path, port)
     topics = contract.Topics("edge/lab/gw")
     store = Outbox.open(str(tmp_path / "outbox.db"))
     store.stage(topics.telemetry("pump1"), {"i": 0}, created=time.time())
@@ -156,11 +162,7 @@ def test_a_packet_of_the_format_s_own_that_the_broker_refuses_is_the_one_named(t
         uplink = Uplink(upstream, store, fmt)
         task = asyncio.create_task(uplink.run())
         try:
-            for _ in range(400):
-                if uplink.stats.stuck is not None:
-                    break
-                await asyncio.sleep(0.05)
-            return dict(uplink.stats.stuck or {})
+            return await until_stuck(uplink)
         finally:
             await uplink.stop()
             task.cancel()

@@ -5,6 +5,10 @@ that answers and refuses is backed off from exponentially. The waits are recorde
 from __future__ import annotations
 
 import asyncio
+import logging
+import socket
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -67,20 +71,11 @@ def test_a_broker_that_refuses_us_is_backed_off_from_exponentially(tmp_path):
     assert waits == sorted(waits) or max(waits) > 20
 
 
-@pytest.mark.parametrize("peer", ["closes at once", "never answers"])
-def test_a_proxy_whose_broker_is_gone_is_tried_again_within_seconds(tmp_path, monkeypatch, peer):
-    """A proxy or load balancer takes the TCP connection while its broker is down or cut off: it closes
-    at once, or the CONNECT vanishes. Neither costs a broker anything; an exponential wait (to 60 s)
-    would hold the gateway back long after the network healed."""
-    import socket
-    import threading
-
-    from gateway.uplink import mqtt as uplink_module
-    monkeypatch.setattr(uplink_module, "CONNACK_LIMIT", 0.3)  # the wait for a CONNACK that never comes
+def waits_against_peer(tmp_path: Path, handle: Callable[[socket.socket], None], count: int = 8) -> list[float]:
+    """The uplink's first `count` waits against a TCP peer that gives each connection it accepts to `handle`."""
     done = threading.Event()
     server = socket.create_server(("127.0.0.1", 0))
     server.settimeout(0.1)
-    held: list[socket.socket] = []
 
     def serve() -> None:
         with server:
@@ -89,19 +84,29 @@ def test_a_proxy_whose_broker_is_gone_is_tried_again_within_seconds(tmp_path, mo
                     conn, _ = server.accept()
                 except OSError:
                     continue
-                if peer == "closes at once":
-                    conn.close()
-                else:
-                    held.append(conn)  # read nothing, answer nothing
-        for conn in held:
-            conn.close()
+                handle(conn)
     thread = threading.Thread(target=serve)
     thread.start()
     try:
-        waits = asyncio.run(recorded_waits(tmp_path, server.getsockname()[1], 8))
+        return asyncio.run(recorded_waits(tmp_path, server.getsockname()[1], count))
     finally:
         done.set()
         thread.join(5)
+
+
+@pytest.mark.parametrize("peer", ["closes at once", "never answers"])
+def test_a_proxy_whose_broker_is_gone_is_tried_again_within_seconds(tmp_path, monkeypatch, peer):
+    """A proxy or load balancer takes the TCP connection while its broker is down or cut off: it closes
+    at once, or the CONNECT vanishes. Neither costs a broker anything; an exponential wait (to 60 s)
+    would hold the gateway back long after the network healed."""
+    from gateway.uplink import mqtt as uplink_module
+    monkeypatch.setattr(uplink_module, "CONNACK_LIMIT", 0.3)  # the wait for a CONNACK that never comes
+    held: list[socket.socket] = []
+    try:
+        waits = waits_against_peer(tmp_path, socket.socket.close if peer == "closes at once" else held.append)
+    finally:
+        for conn in held:  # (read nothing, answered nothing)
+            conn.close()
     assert all(0.5 <= w <= 2.0 for w in waits), waits  # reconnect.min .. reconnect.down_max
 
 
@@ -109,36 +114,16 @@ def test_a_broker_that_closes_each_connection_it_accepts_is_backed_off_from_and_
     """A fuzzing pass: a broker that closes every connection right after its CONNACK (another client with this
     client_id taking the session over, an ACL) was connected to again every 0.55 s exactly, for ever, with an
     ERROR and a WARNING each time: in step across a fleet, and nothing said what was going on."""
-    import logging
-    import socket
-    import threading
-
-    done = threading.Event()
-    server = socket.create_server(("127.0.0.1", 0))
-    server.settimeout(0.1)
-
-    def serve() -> None:
-        with server:
-            while not done.is_set():
-                try:
-                    conn, _ = server.accept()
-                except OSError:
-                    continue
-                with conn:
-                    conn.settimeout(2)
-                    try:
-                        conn.recv(1024)  # the CONNECT
-                        conn.sendall(b"\x20\x02\x00\x00")  # CONNACK: accepted; then the connection is closed
-                    except OSError:
-                        pass
-    thread = threading.Thread(target=serve)
-    thread.start()
-    try:
-        with caplog.at_level(logging.WARNING):
-            waits = asyncio.run(recorded_waits(tmp_path, server.getsockname()[1], 8))
-    finally:
-        done.set()
-        thread.join(5)
+    def accept_then_close(conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(2)
+            try:
+                conn.recv(1024)  # the CONNECT
+                conn.sendall(b"\x20\x02\x00\x00")  # CONNACK: accepted; then the connection is closed
+            except OSError:
+                pass
+    with caplog.at_level(logging.WARNING):
+        waits = waits_against_peer(tmp_path, accept_then_close)
     assert waits[0] <= 2.0 and waits[-1] > 20, waits  # doubling from reconnect.min towards reconnect.max
     said = [r.getMessage() for r in caplog.records if "within 10s of accepting it" in r.getMessage()]
     assert len(said) == 1 and "'reconnect-test'" in said[0], said
