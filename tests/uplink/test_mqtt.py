@@ -5,9 +5,11 @@ disconnects (no polling stop)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 import time
+from collections.abc import AsyncIterator
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -82,6 +84,18 @@ def small_packet_broker(tmp_path, port: int):
                          f"max_packet_size 600\nlistener {port} 127.0.0.1\nallow_anonymous true\n").start()
 
 
+@contextlib.asynccontextmanager
+async def running(uplink: Uplink) -> AsyncIterator[Uplink]:
+    """The uplink's loop for the block; stopped and awaited after it, also when the block fails."""
+    task = asyncio.create_task(uplink.run())
+    try:
+        yield uplink
+    finally:
+        await uplink.stop()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
 async def until_stuck(uplink: Uplink) -> dict:
     """The uplink's `stuck` once it says so (20 s at most: empty if it never does)."""
     for _ in range(400):
@@ -109,9 +123,7 @@ def test_a_message_the_broker_refuses_is_named_once_kept_and_delivered_when_the_
     fmt = JsonFormat(client_id="stuck-test", status_topic=topics.status, offline_payload=b'{"state":"offline"}')
 
     async def main() -> dict:
-        uplink = Uplink(upstream, store, fmt)
-        task = asyncio.create_task(uplink.run())
-        try:
+        async with running(Uplink(upstream, store, fmt)) as uplink:
             stuck = await until_stuck(uplink)
             store.commit()  # (acknowledged rows leave the file at the next commit)
             assert store.stats.messages == 3  # the first three went; the refused one and those after it wait
@@ -125,10 +137,6 @@ def test_a_message_the_broker_refuses_is_named_once_kept_and_delivered_when_the_
                 await asyncio.sleep(0.05)
             assert store.stats.messages == 0 and uplink.stats.stuck is None
             return stuck
-        finally:
-            await uplink.stop()
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
 
     try:
         with caplog.at_level("INFO", logger="edge_gateway.uplink.mqtt"):
@@ -159,14 +167,8 @@ def test_a_packet_of_the_format_s_own_that_the_broker_refuses_is_the_one_named(t
     fmt.online_payload = json.dumps({"state": "online", "devices": {f"line{i}": "ok" for i in range(200)}}).encode()
 
     async def main() -> dict:
-        uplink = Uplink(upstream, store, fmt)
-        task = asyncio.create_task(uplink.run())
-        try:
+        async with running(Uplink(upstream, store, fmt)) as uplink:
             return await until_stuck(uplink)
-        finally:
-            await uplink.stop()
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
 
     try:
         with caplog.at_level("INFO", logger="edge_gateway.uplink.mqtt"):
