@@ -134,7 +134,8 @@ class Gateway:
             self._history.configure(recorded)
         self.devices = [DeviceRunner(d, open_source(d, self._links), self.outbox, self.topics, shifts,
                                      on_state_change=self._device_state_changed,
-                                     model=prepared.models.get(d.model) if d.model else None,
+                                     model=prepared.models.get(d.model) if d.model and d.name not in
+                                     prepared.unusable else None,  # (a model that loads may still not fit)
                                      model_error=prepared.unusable.get(d.name),
                                      history=self._history if d.history else None, config_path=self.config_path)
                         for d in config.devices]
