@@ -114,6 +114,9 @@ def model_command(args: argparse.Namespace) -> int:
         return _fail(str(err), EX_UNAVAILABLE)
     except _Usage as err:
         return _fail(str(err), EX_USAGE)
+    except configuration.ConfigError as err:  # --device reads the daemon's config (-c)
+        print(err, file=sys.stderr)
+        return EX_CONFIG
     except BrokenPipeError:
         raise  # stdout's reader has gone: `cli.main` ends quietly
     except OSError as err:

@@ -333,3 +333,15 @@ def test_a_span_that_ends_before_it_begins_is_a_usage_error(tmp_path, capsys):
     for command in (["history", "export", "p1", "--csv", str(tmp_path / "x.csv")], ["model", "train", "m", "--device", "p1"]):
         code = cli.main([*command, "--from", "2030-01-01", "--to", "2020-01-01", "-c", str(tmp_path / "gw.yaml")])
         assert code == 64 and "--to 2020-01-01 is before --from 2030-01-01" in capsys.readouterr().err, command
+
+
+def test_model_train_from_a_device_with_a_config_it_cannot_read_is_78_not_a_traceback(tmp_path, capsys):
+    """A docs audit: `model train --device` without -c (no /etc config) or with a broken one ended in a traceback,
+    exit 1, where run, status and history say it in one line and exit 78."""
+    from gateway import cli
+
+    (tmp_path / "bad.yaml").write_text("devices: [\n")
+    for config in (str(tmp_path / "missing.yaml"), str(tmp_path / "bad.yaml")):
+        assert cli.main(["model", "train", "m", "--device", "p1", "--out", str(tmp_path), "-c", config]) == 78
+        err = capsys.readouterr().err
+        assert err.startswith(config) and "Traceback" not in err, err
