@@ -84,8 +84,12 @@ def outbox(args: argparse.Namespace) -> int:
             if not sys.stdin.isatty():
                 print("refusing to purge without confirmation: use --yes", file=sys.stderr)
                 return EX_USAGE
-            answer = input(f"delete {info['messages']} messages (seq {info['first_seq']}..{info['last_seq']}) "
-                           f"that never reached the upstream? type 'yes': ")
+            try:
+                answer = input(f"delete {info['messages']} messages (seq {info['first_seq']}..{info['last_seq']}) "
+                               f"that never reached the upstream? type 'yes': ")
+            except EOFError:  # Ctrl-D: no
+                answer = ""
+                print()
             if answer.strip() != "yes":
                 print("nothing deleted")
                 return EX_OK

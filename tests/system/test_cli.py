@@ -228,3 +228,29 @@ def test_a_data_dir_the_user_may_not_read_is_said_as_such_never_a_traceback(tmp_
         assert result.returncode in (69, 73, 77), (command, result.returncode, result.stderr)
         assert "Traceback" not in result.stderr and "ermission denied" in result.stderr, (command, result.stderr)
         assert "no outbox" not in result.stderr
+
+
+def test_outbox_purge_answered_with_ctrl_d_deletes_nothing_and_says_so(tmp_path):
+    """A docs audit: Ctrl-D at the `type 'yes':` prompt ended in an EOFError traceback."""
+    import pty
+    import time
+
+    from gateway.store.outbox import Outbox
+
+    data = tmp_path / "data"
+    data.mkdir()
+    store = Outbox.open(str(data / "gateway.db"))
+    store.stage("edge/lab/test-gw/pump1/telemetry", {"i": 1}, created=time.time())
+    store.commit()
+    store.close()
+    (tmp_path / "gateway.yaml").write_text(gateway_config(data, 1883))
+    main, terminal = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "gateway", "outbox", "purge", "-c", str(tmp_path / "gateway.yaml")],
+                            stdin=terminal, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV, cwd=ROOT)
+    os.close(terminal)
+    try:
+        os.write(main, b"\x04")  # Ctrl-D: the end of input, no answer
+        out, err = proc.communicate(timeout=30)
+    finally:
+        os.close(main)
+    assert proc.returncode == 0 and "nothing deleted" in out.decode() and "Traceback" not in err.decode(), err
