@@ -37,6 +37,7 @@ import asyncio
 import logging
 import os
 import random
+import re
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -54,6 +55,7 @@ from gateway.sources.poll import PolledSource
 from gateway.supervise import within
 
 log = logging.getLogger("edge_gateway.sources.opcua")
+MAX_REASONS_SAID = 10  # kinds of connect failure logged before a session is made
 
 
 class OpcUaSource(PolledSource):
@@ -66,6 +68,8 @@ class OpcUaSource(PolledSource):
         self._client: Any = None
         self._attempt = 0
         self._retry_at = 0.0
+        self._failure = ""  # why the last connect failed: said with each "not connected" until the next attempt
+        self._reasons: set[str] = set()  # the kinds of connect failure logged (each once, until connected)
         self._rng = random.Random()
         self._read: ReadCall | None = None  # the Read of every node, encoded once per session (mode: poll)
         self._subscription: Subscription | None = None  # mode: subscribe
@@ -74,6 +78,17 @@ class OpcUaSource(PolledSource):
         self._newest_seen: float | None = None  # the newest SourceTimestamp of any sample so far
         self._last_ts: float | None = None  # the time of the last sample
         self._mute = 0  # sessions in a row whose subscription never published: the next waits, doubling
+
+    def _say_failure(self, reason: str) -> None:
+        """Each kind of connect failure, once until a session is made: the device's health logs only its first
+        error, and a server coming up behind a key the client cannot read would otherwise show only that one
+        ("connection refused") while the retries fail for another reason."""
+        kind = re.sub(r"\d+", "#", reason)[:200]
+        if kind not in self._reasons and len(self._reasons) < MAX_REASONS_SAID:
+            self._reasons.add(kind)
+            if len(self._reasons) > 1:  # (the first is the device's own error line)
+                log.warning("device %s: cannot connect to %s: %s", self.device.name, self.device.endpoint, reason,
+                            extra=fields(self.device.name, "device_error"))
 
     @property
     def learned_types(self) -> Mapping[str, tagtypes.TagType]:
@@ -84,7 +99,8 @@ class OpcUaSource(PolledSource):
             return self._client
         now = time.monotonic()
         if now < self._retry_at:
-            raise SourceError(f"{self.device.endpoint}: not connected, next attempt in {self._retry_at - now:.1f}s")
+            raise SourceError(f"{self.device.endpoint}: cannot connect ({self._failure}); next attempt in "
+                              f"{self._retry_at - now:.1f}s")
         device = self.device
         if not self._started:
             self._started = True
@@ -101,13 +117,15 @@ class OpcUaSource(PolledSource):
                                                  else down(self._attempt, 0.5, 2.0, self._rng))
             self._attempt += 1
             await _close(client)
-            raise SourceError(f"{device.endpoint}: cannot connect ({why(err)})") from None
+            self._failure = why(err)
+            self._say_failure(self._failure)
+            raise SourceError(f"{device.endpoint}: cannot connect ({self._failure})") from None
         if not fits(client.uaclient):
             await _close(client)
             self._retry_at = time.monotonic() + 30.0
             raise SourceError(f"{device.endpoint}: cannot read with asyncua {_asyncua_version()}: this gateway "
                               "works with asyncua 2.1 (install edge-gateway[opcua] to get it)")
-        self._attempt = 0
+        self._attempt, self._reasons = 0, set()
         self._client = client
         self._read = ReadCall(client.uaclient, _read_all(device)) if device.mode == "poll" else None
         await self._learn_types(client)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
 import sys
 import time
 
@@ -99,20 +101,33 @@ def test_a_stalled_subscription_is_noticed_and_made_again(mosquitto, gateway, su
 
 
 def test_a_login_with_a_wrong_password_is_refused_and_the_right_one_reads(mosquitto, gateway, subscribe, tmp_path):
+    """Started before its server, the device's first error is "connection refused"; the refused login after it
+    is said too, and status shows it (a docs audit: only the first was ever logged, and status said only
+    "not connected, next attempt in 31.1s")."""
     port = free_port()
     (tmp_path / "server.pass").write_text("s3cret-pw\n")
     (tmp_path / "wrong.pass").write_text("not-it\n")
+    login = "    username: gw\n    password_file: {}\n    nodes:"
+    sub = subscribe(mosquitto.port, topic=f"{TOPIC}/#")
+    wrong = device(port, missing=False).replace("    nodes:", login.format(tmp_path / "wrong.pass"), 1)
+    gw = gateway(gateway_config(tmp_path / "data", mosquitto.port, devices=wrong)).start()
+    wait_until(lambda: "device press1: read failed" in gw.logs(), 30, what="the refused connection")
     server = spawn([sys.executable, "-m", "gateway", "sim", "--opcua", f"127.0.0.1:{port}", "--opcua-user", "gw",
                     "--opcua-password-file", str(tmp_path / "server.pass")], tmp_path / "opcua-sim.log", "a", env=ENV,
                    cwd=ROOT)
     try:
         wait_until(lambda: listening(port) or server.poll() is not None, 30, what="the OPC UA server")
-        login = "    username: gw\n    password_file: {}\n    nodes:"
-        sub = subscribe(mosquitto.port, topic=f"{TOPIC}/#")
-        wrong = device(port, missing=False).replace("    nodes:", login.format(tmp_path / "wrong.pass"), 1)
-        gw = gateway(gateway_config(tmp_path / "data", mosquitto.port, devices=wrong)).start()
-        wait_until(lambda: "device press1: read failed" in gw.logs(), 30, what="the refused login")
-        assert "cannot connect" in gw.logs() and "not-it" not in gw.logs()
+        wait_until(lambda: "device press1: cannot connect to opc.tcp://127.0.0.1:" in gw.logs(), 30,
+                   what="the refused login, said")
+        assert "(BadUserAccessDenied)" in gw.logs()
+        assert "not-it" not in gw.logs()
+
+        def last_error() -> str:
+            status = subprocess.run([sys.executable, "-m", "gateway", "status", "--json", "-c", str(gw.config)],
+                                    capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=60)
+            return json.loads(status.stdout)["devices"]["press1"]["last_error"] or ""
+        wait_until(lambda: "cannot connect (" in (e := last_error()) and "BadUserAccessDenied" in e, 20,
+                   what="status to show why it cannot connect")
         assert gw.stop() == 0
         right = device(port, missing=False).replace("    nodes:", login.format(tmp_path / "server.pass"), 1)
         gw = gateway(gateway_config(tmp_path / "data2", mosquitto.port, devices=right)).start()
