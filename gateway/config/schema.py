@@ -322,7 +322,8 @@ class CounterSection:
     name: str = setting(string(TAG, "a counter name of letters, digits, _ . -"), doc="the counter")
     register: str = setting(string(), doc="the tag holding the raw PLC counter")
     bits: int | None = setting(optional(one_of(16, 32)), None,
-                               doc="where the raw counter wraps (default: 16 on a 16-bit Modbus register, else 32)")
+                               doc="where the raw counter wraps (default: 16 on a 16-bit Modbus register, the "
+                                   "simulated PLC's plc.counter_bits, else 32)")
     reset_threshold: float = setting(number(0.0001, 0.9999), 0.1,
                                      doc="a drop larger than this share of the range is a reset, not a wrap")
     kind: str = setting(one_of("total", "good", "defect"), "total", doc="its part in OEE quality")
@@ -547,10 +548,13 @@ def _register_rules(v: Fields) -> list[Problem]:
 
 
 def counter_bits(device: DeviceBase, counter: CounterSection) -> int:
-    """Where a counter's raw value wraps: its `bits`, else its register's width (16 for a 16-bit Modbus register,
-    else 32). With 32 on a 16-bit register, each wrap was taken for a reset and its counts lost."""
+    """Where a counter's raw value wraps: its `bits`, else its register's width (16 for a 16-bit Modbus register, the
+    simulated PLC's `counter_bits`, else 32). With 32 on a 16-bit register, each wrap was taken for a reset and its counts lost."""
     if counter.bits is not None:
         return counter.bits
+    plc = getattr(device, "plc", None)  # the simulated line's PLC: its counters wrap where it says
+    if plc is not None:
+        return int(plc.counter_bits)
     for reg in getattr(device, "registers", ()):
         if reg.name == counter.register and reg.type in ("uint16", "int16") and reg.bit is None:
             return 16
