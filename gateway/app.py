@@ -120,7 +120,7 @@ class Gateway:
         gw = config.gateway
         self.topics = Topics(config.topic_root)
         shifts = ShiftCalendar([(s.name, s.start) for s in config.shifts], gw.timezone)
-        self._links = Links(config.local_broker, gw.id, gw.data_dir)
+        self._links = Links(config.local_broker, gw.id, gw.data_dir, self.config_path)
         recorded = {d.name: HistoryBounds(d.history.keep, d.history.max_bytes) for d in config.devices if d.history}
         if recorded and self._history is not None and self._history.moved():
             log.warning("history %s was moved away: closing it, a new one is started", self._history.path)

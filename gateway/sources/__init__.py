@@ -71,10 +71,11 @@ class Links:
     """Connections shared by the devices behind one endpoint, serial line or broker; built, never started."""
 
     def __init__(self, local_broker: LocalBrokerSection | None = None, client_id: str = "edge-gateway",
-                 data_dir: str = ".") -> None:
+                 data_dir: str = ".", config_path: str | None = None) -> None:
         self.local_broker = local_broker or LocalBrokerSection()
         self.client_id = client_id
         self.data_dir = data_dir  # where OPC UA's trust store is by default (<data_dir>/pki)
+        self.config_path = config_path  # for the commands the log tells the user to type (their -c)
         self.modbus: dict[str, Link] = {}
         self.mqtt: MqttLink | None = None
 
@@ -91,7 +92,7 @@ def open_source(device: Device, links: Links) -> Source:
     if isinstance(device, OpcUaDevice):
         from gateway.sources.opcua import OpcUaSource
         from gateway.sources.opcua_trust import pki_dir
-        return OpcUaSource(device, pki_dir(device, links.data_dir))
+        return OpcUaSource(device, pki_dir(device, links.data_dir), links.config_path)
     from gateway.sources.mqtt import MqttLink, MqttSource
     if links.mqtt is None:
         links.mqtt = MqttLink(links.local_broker, f"{links.client_id}-local")

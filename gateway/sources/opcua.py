@@ -38,12 +38,13 @@ import logging
 import os
 import random
 import re
+import shlex
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from gateway import tagtypes
-from gateway.config import OpcUaDevice
+from gateway.config import DEFAULT_PATH, OpcUaDevice
 from gateway.credentials import read_secret
 from gateway.errors import SourceError
 from gateway.logs import fields
@@ -59,12 +60,14 @@ MAX_REASONS_SAID = 10  # kinds of connect failure logged before a session is mad
 
 
 class OpcUaSource(PolledSource):
-    def __init__(self, device: OpcUaDevice, pki: str | None = None) -> None:
+    def __init__(self, device: OpcUaDevice, pki: str | None = None, config_path: str | None = None) -> None:
         super().__init__(device.name, device.tags, device.interval, 2 * device.timeout + 0.5)
         self.device = device
         self.pki = pki or pki_dir(device, ".")
         self._started = False
         self._told: set[str] = set()  # the rejected certificates whose how-to-trust line was logged
+        self._trust_command = f"edge-gateway opcua trust {device.name}" + (
+            f" -c {shlex.quote(config_path)}" if config_path and config_path != DEFAULT_PATH else "")
         self._client: Any = None
         self._attempt = 0
         self._retry_at = 0.0
@@ -110,7 +113,7 @@ class OpcUaSource(PolledSource):
                             device.endpoint)
         client = _client(device)
         try:
-            await _connect(client, device, self.pki, self._told)
+            await _connect(client, device, self.pki, self._told, self._trust_command)
         except Exception as err:  # asyncua raises OSError, TimeoutError, ua.UaError and its own on a failed connect
             reached = not isinstance(err, (OSError, asyncio.TimeoutError))
             self._retry_at = time.monotonic() + (backoff(self._attempt, 0.5, 30.0, 0.3, self._rng) if reached
@@ -332,21 +335,22 @@ def _client(device: OpcUaDevice) -> Any:
     return client
 
 
-async def _connect(client: Any, device: OpcUaDevice, pki: str, told: set[str] | None = None) -> None:
+async def _connect(client: Any, device: OpcUaDevice, pki: str, told: set[str] | None = None,
+                   trust_command: str | None = None) -> None:
     """Security (naming the client by its certificate's URI, checking the server's), then the session,
     within the timeout. `told`: the certificates already logged as rejected (None: log none)."""
     if device.security is not None:
         sec = device.security
         client.application_uri = _application_uri(sec.cert_file) or client.application_uri
         if not sec.server_cert_file:  # not pinned: the trust store decides
-            client.certificate_validator = _validator(device.name, pki, told)
+            client.certificate_validator = _validator(device.name, pki, told, trust_command)
         await within(client.set_security_string(f"{sec.policy},{sec.mode},{sec.cert_file},{sec.key_file}"
                                                 + (f",{sec.server_cert_file}" if sec.server_cert_file else "")),
                      device.timeout + 1.0)
     await within(client.connect(), device.timeout + 1.0)
 
 
-def _validator(device: str, pki: str, told: set[str] | None) -> Any:
+def _validator(device: str, pki: str, told: set[str] | None, trust_command: str | None = None) -> Any:
     """asyncua's certificate check at CreateSession: the server's certificate must be in `trusted/`.
 
     The device's error says it is not trusted (logged once per state change, as any); the one
@@ -357,7 +361,7 @@ def _validator(device: str, pki: str, told: set[str] | None) -> Any:
         der = cert.public_bytes(Encoding.DER)
         if trusted(der, pki):
             return
-        how = reject(der, device, pki, cert.subject.rfc4514_string()[:80])
+        how = reject(der, device, pki, cert.subject.rfc4514_string()[:80], trust_command)
         if told is not None and fingerprint(der) not in told:
             told.add(fingerprint(der))
             log.warning("device %s: %s", device, how, extra=fields(device, "opcua_untrusted_certificate"))

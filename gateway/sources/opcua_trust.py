@@ -53,8 +53,9 @@ def trusted(der: bytes, directory: str) -> bool:
     return False
 
 
-def reject(der: bytes, device: str, directory: str, subject: str) -> str:
-    """Write the certificate to `rejected/`; the one message saying how to trust it."""
+def reject(der: bytes, device: str, directory: str, subject: str, command: str | None = None) -> str:
+    """Write the certificate to `rejected/`; the one message saying how to trust it (`command`: the trust command
+    as this daemon's user must type it, with its -c)."""
     folder = os.path.join(directory, "rejected")
     path = os.path.join(folder, f"{device}-{fingerprint(der)[:16]}.der")
     try:
@@ -70,7 +71,7 @@ def reject(der: bytes, device: str, directory: str, subject: str) -> str:
                 f"could not be written to {path} ({err.strerror}): make {directory} writable by the gateway, or "
                 f"put the server's certificate in {os.path.join(directory, 'trusted')}/")
     return (f"the server's certificate ({subject}, SHA-256 {fingerprint(der)[:16]}…) is not trusted; it was written "
-            f"to {path}: if it is the right server, trust it with `edge-gateway opcua trust {device}` or move the "
+            f"to {path}: if it is the right server, trust it with `{command or f'edge-gateway opcua trust {device}'}` or move the "
             f"file to {os.path.join(directory, 'trusted')}/")
 
 

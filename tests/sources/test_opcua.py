@@ -535,7 +535,10 @@ def test_the_daemon_refuses_an_unknown_server_certificate_until_the_cli_trusts_i
         wait_until(lambda: "opcua trust press1" in gw.logs(), 30, what="the how-to-trust line")
         rejected = list((tmp_path / "data" / "pki" / "rejected").iterdir())
         assert len(rejected) == 1
-        trust = subprocess.run([sys.executable, "-m", "gateway", "opcua", "trust", "press1", "-c", str(gw.config)],
+        # The command as the log gives it, with this config's -c (a docs audit: it left -c out)
+        command = f"edge-gateway opcua trust press1 -c {gw.config}"
+        assert f"trust it with `{command}`" in gw.logs()
+        trust = subprocess.run([sys.executable, "-m", "gateway", *command.split()[1:]],
                                capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=60)
         assert trust.returncode == 0, trust.stderr
         wait_until(lambda: [t for t in sub.on("/press1/telemetry") if t["values"]["machine_status"] is not None], 60,
