@@ -23,6 +23,7 @@ from pathlib import Path
 
 from gateway import datadir
 from gateway.sample import OK, Sample
+from gateway.store.outbox import WAL_LIMIT
 from gateway.units import LAST_INSTANT
 
 log = logging.getLogger("edge_gateway.store.history")
@@ -79,6 +80,8 @@ class History:
         db = sqlite3.connect(path, isolation_level=None)
         db.execute("PRAGMA auto_vacuum = INCREMENTAL")  # takes effect on a new file: freed pages can be returned
         db.execute("PRAGMA journal_mode = WAL")
+        db.execute(f"PRAGMA journal_size_limit = {WAL_LIMIT}")  # as the outbox's: 1 MiB, not SQLite's 4 MB
+        db.execute(f"PRAGMA wal_autocheckpoint = {WAL_LIMIT // 4096}")
         db.execute("PRAGMA synchronous = NORMAL")
         db.executescript(_SCHEMA)
         return cls(path, db)

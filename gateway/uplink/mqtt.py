@@ -488,7 +488,9 @@ class Uplink:
         if self._connack is not None and not self._connack.done():
             self._connack.set_result(None)  # closed before CONNACK
         if self.stats.connected and not self._stop_event.is_set() and not self._leaving:
-            self._fail(f"lost the connection to {self.cfg.host}:{self.cfg.effective_port} ({reason})")
+            # paho's word for a socket the peer closed (a broker stopped, restarted, or refusing a packet)
+            said = "closed by the broker or the network" if str(reason) == "Unspecified error" else str(reason)
+            self._fail(f"lost the connection to {self.cfg.host}:{self.cfg.effective_port} ({said})")
             self._closed_on()
         self._session_over()
         self._lost.set()

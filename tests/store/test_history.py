@@ -147,3 +147,19 @@ def test_a_damaged_history_file_is_exported_without_what_the_gateway_never_write
     assert refused.returncode == 65 and "holds 1 series of it, all damaged" in refused.stderr, refused.stderr
     stats = cli("stats")
     assert stats.returncode == 0 and "p1: 7 samples" in stats.stdout, stats.stderr
+
+
+def test_its_wal_is_cut_back_to_a_mebibyte_as_the_outbox_s(tmp_path):
+    """A soak test: history.db-wal stayed at SQLite's 4 MB while the outbox's is held at 1 MiB, as documented."""
+    store = History.open(tmp_path / "history.db")
+    store.configure({"p1": Bounds(keep=10**9, max_bytes=10**9)})
+    t = NOW - 10**6
+    for _ in range(60):
+        for _ in range(1000):
+            t += 1.0
+            store.add("p1", TAGS, sample(t, t % 97, t % 89))
+        store.commit(now=t)
+    wal = (tmp_path / "history.db-wal").stat().st_size
+    assert (tmp_path / "history.db").stat().st_size > 2 * 2**20  # more written than the WAL may keep
+    assert wal <= 1.1 * 2**20, wal
+    store.close()

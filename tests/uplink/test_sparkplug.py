@@ -131,6 +131,7 @@ def test_a_reload_that_adds_or_removes_a_device_is_a_new_session_with_its_births
         assert reborn() == ["spBv1.0/lab/DBIRTH/test-gw/pump1"]
         mosquitto.kill()
         wait_until(lambda: "lost the connection" in gw.logs(), 30, what="the broker gone")
+        assert "(closed by the broker or the network)" in gw.logs()  # not paho's "Unspecified error"
         mosquitto.start()
         wait_until(lambda: "connected to upstream" in gw.logs().split("lost the connection")[-1], 30,
                    what="connected again after the broker's restart")
