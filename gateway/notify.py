@@ -1,10 +1,12 @@
 """A minimal sd_notify: datagrams to $NOTIFY_SOCKET (READY=1, WATCHDOG=1, STATUS=..., RELOADING=1,
-STOPPING=1). Does nothing when the daemon does not run under systemd's notify protocol."""
+STOPPING=1). Does nothing when the daemon does not run under systemd's notify protocol. And the other way:
+a reload (SIGHUP) asked for while the daemon starts is held for it (`hold_hup`)."""
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import time
 from collections.abc import Mapping
@@ -52,3 +54,13 @@ class Notifier:
 
     def watchdog(self) -> None:
         self.send("WATCHDOG=1")
+
+
+HELD_HUP: list[int] = []  # SIGHUPs received before the daemon's own handler (commands/daemon.py reloads then)
+
+
+def hold_hup() -> None:
+    """Python's default for SIGHUP ends the process, and systemd takes that as a clean exit (Restart=on-failure
+    leaves it down): while `run` imports, loads models and opens the outbox (a second or more on a small box),
+    a SIGHUP is held instead."""
+    signal.signal(signal.SIGHUP, lambda signum, frame: HELD_HUP.append(signum))

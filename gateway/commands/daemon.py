@@ -11,8 +11,8 @@ import sys
 from gateway import config as configuration
 from gateway import logs
 from gateway.commands.common import Subparsers, config_option, prepare
-from gateway.entry import HELD_HUP, hold_hup
 from gateway.errors import EX_CANTCREAT, EX_CONFIG, EX_OK, EX_SOFTWARE, EX_UNAVAILABLE
+from gateway.notify import HELD_HUP, hold_hup
 
 log = logging.getLogger("edge_gateway.commands.daemon")
 
@@ -37,7 +37,7 @@ def check_config(path: str) -> int:
 
 
 def run(path: str) -> int:
-    if signal.getsignal(signal.SIGHUP) is signal.SIG_DFL:  # not started by the console script (gateway/entry.py)
+    if signal.getsignal(signal.SIGHUP) is signal.SIG_DFL:  # not started through gateway/entry.py, which holds it
         hold_hup()
     ready = prepare(path, isolate_models=True)  # a model that cannot serve its device stops only its scoring
     if ready is None:

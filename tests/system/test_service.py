@@ -153,7 +153,8 @@ def test_a_sighup_while_starting_is_a_reload_once_started_not_the_end(gateway, t
     # config, the models, the outbox and the loop (a timed signal from outside would race this machine's speed).
     gw.proc = spawn([sys.executable, "-c", "import os, signal, sys\n"
                      f"sys.argv = ['edge-gateway', 'run', '-c', {str(gw.config)!r}]\n"
-                     "import gateway.entry as entry\nentry.hold_hup()\nos.kill(os.getpid(), signal.SIGHUP)\n"
+                     "import gateway.entry as entry\nfrom gateway.notify import hold_hup\nhold_hup()\n"
+                     "os.kill(os.getpid(), signal.SIGHUP)\n"
                      "sys.exit(entry.main())"], gw.log, env=ENV, cwd=ROOT)
     wait_until(lambda: "config reloaded" in gw.logs(), 30, what="the reload")
     assert "a reload was asked for while starting" in gw.logs()
