@@ -170,10 +170,10 @@ class Gateway:
         return True
 
     async def _retry_history(self) -> None:
-        """The history wanted, not open, and due for another try: once it opens, the devices are built again on
+        """The history wanted (`_history_error` is cleared when no device wants it), not open, and due for another
+        try: once it opens, the devices are built again on
         the running config (as at a reload) to record into it."""
-        wanted = any(d.history for d in self.config.devices)
-        if self._history is not None or self._history_error is None or not wanted \
+        if self._history is not None or self._history_error is None \
                 or time.monotonic() < self._history_retry or not self._open_history():
             return
         await self._stop_devices()

@@ -41,15 +41,11 @@ def preflight(config: Config, file: str, *, isolate_models: bool = False) -> Pre
         problems.append(("devices", "no devices yet: describe your machines here (templates in the file, every key "
                                     "in docs/configuration.md); the gateway does not run without one"))
     problems += _unreadable(config)
-    models, model_problems = _models(config)
-    unusable: dict[str, str] = {}
-    if isolate_models:
-        for path, why in model_problems:
-            device = config.devices[int(path[len("devices["):path.index("]")])]
-            why = why.removeprefix(f"device {device.name}: ")
-            unusable[device.name] = f"{unusable[device.name]}; {why}" if device.name in unusable else why
-    else:
-        problems += model_problems
+    models, unfit = _models(config)
+    unusable = {config.devices[i].name: "; ".join(whys) for i, whys in unfit.items()} if isolate_models else {}
+    if not isolate_models:
+        problems += [(f"devices[{i}].model", f"device {config.devices[i].name}: {why}")
+                     for i, whys in unfit.items() for why in whys]
     if config.upstream.format == "sparkplug_b" and importlib.util.find_spec("google.protobuf") is None:
         problems.append(("upstream.format", "Sparkplug B needs protobuf: pip install 'edge-gateway[sparkplug]' "
                                             "(install.sh --with-sparkplug)"))
@@ -131,18 +127,19 @@ def _files(files: list[tuple[str, str]]) -> list[tuple[str, str]]:
     return problems
 
 
-def _models(config: Config) -> tuple[dict[str, Model], list[tuple[str, str]]]:
+def _models(config: Config) -> tuple[dict[str, Model], dict[int, list[str]]]:
+    """Each configured model loaded once; and, by device index, why its model cannot serve that device."""
     wanted = [(i, d) for i, d in enumerate(config.devices) if d.model is not None]
     if not wanted:
-        return {}, []  # numpy and the runtime are not even imported
+        return {}, {}  # numpy and the runtime are not even imported
     try:
         from gateway.anomaly import model as anomaly  # numpy and the TFLite runtime only when a model is configured
     except ImportError as err:
         why = f"anomaly models need numpy and a TFLite runtime ({err}): pip install 'edge-gateway[anomaly]'"
-        return {}, [(f"devices[{i}].model", f"device {d.name}: {why}") for i, d in wanted]
+        return {}, {i: [why] for i, _ in wanted}
     directory = anomaly.model_dir(config.gateway.model_dir)
     loaded: dict[str, Any] = {}
-    problems: list[tuple[str, str]] = []
+    problems: dict[int, list[str]] = {}
     for i, device in wanted:
         name = device.model
         assert name is not None
@@ -154,5 +151,6 @@ def _models(config: Config) -> tuple[dict[str, Model], list[tuple[str, str]]]:
         model = loaded[name]
         whys = [model] if isinstance(model, str) else \
             anomaly.check_device(model, device.tags, device.interval * (getattr(device, "time_scale", None) or 1.0))
-        problems += [(f"devices[{i}].model", f"device {device.name}: {why}") for why in whys]
+        if whys:
+            problems[i] = whys
     return {n: m for n, m in loaded.items() if not isinstance(m, str)}, problems
