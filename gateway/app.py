@@ -132,12 +132,14 @@ class Gateway:
             self._history_error = None  # no device wants it any more
         if self._history is not None:
             self._history.configure(recorded)
+        before = {r.name: r for r in self.devices}  # a reload: what unchanged devices know goes on
         self.devices = [DeviceRunner(d, open_source(d, self._links), self.outbox, self.topics, shifts,
                                      on_state_change=self._device_state_changed,
                                      model=prepared.models.get(d.model) if d.model and d.name not in
                                      prepared.unusable else None,  # (a model that loads may still not fit)
                                      model_error=prepared.unusable.get(d.name),
-                                     history=self._history if d.history else None, config_path=self.config_path)
+                                     history=self._history if d.history else None, config_path=self.config_path,
+                                     before=before.get(d.name))
                         for d in config.devices]
         fmt: Format | None = None
         if uplink and config.upstream.format == "sparkplug_b":
@@ -413,6 +415,7 @@ class Gateway:
             self.notifier.ready("reload refused (data_dir changed); " + self.status_line())
             return False
         await self._stop_devices()
+        scoring = [r.scoring for r in self.devices if r.scoring is not None]
         self.outbox.bounds = _bounds(new)
         if new.outbox.sync != old.outbox.sync:
             log.warning("outbox.sync %s applies from the next start", new.outbox.sync)
@@ -447,7 +450,9 @@ class Gateway:
             self._sup.start(self._commit_loop(), "commit")
         logging.getLogger().setLevel(new.gateway.log_level.upper())
         self._start_devices()
-        log.info("config reloaded: %d devices%s; the outbox keeps its %d messages", len(self.devices),
+        kept = sum(any(r.scoring is s for s in scoring) for r in self.devices)
+        log.info("config reloaded: %d devices%s%s; the outbox keeps its %d messages", len(self.devices),
+                 f" ({kept} scored going on with their context)" if kept else "",
                  ", new upstream connection" if new_uplink else "", self.outbox.stats.messages)
         self.notifier.ready(self.status_line())
         return True

@@ -302,3 +302,53 @@ def test_a_history_moved_away_is_started_anew_at_the_next_reload(tmp_path, caplo
         assert len(list(rows)) > 3
     finally:
         fresh.close()
+
+
+def test_a_reload_keeps_what_an_unchanged_device_knows_and_starts_a_changed_one_afresh(tmp_path, caplog):
+    """A soak found every reload restarting every device: a scored device unscored for a context (30 s for
+    pump-ae) and its poll count back to 0, for a change to another device. An unchanged device goes on; one the
+    reload changes, or whose model file changed, starts afresh."""
+    models = tmp_path / "models"
+    shutil.copytree(ROOT / "models", models)
+    devices = """
+  - {name: kept, source: sim, profile: pump, seed: 3, interval: 50ms, time_scale: 20, model: pump-ae}
+  - {name: changed, source: sim, profile: pump, seed: 4, interval: 50ms, time_scale: 20, model: pump-ae}
+"""
+    path = tmp_path / "gateway.yaml"
+    path.write_text(gateway_config(tmp_path / "data", free_port(), devices=devices).replace(
+        "health_interval: 1s}", f'health_interval: 1s, model_dir: "{models}"}}'))
+    cfg = config.load(str(path))
+
+    def runner(gw: Gateway, name: str):
+        return next(r for r in gw.devices if r.name == name)
+
+    async def main() -> None:
+        async with Gateway(cfg, str(path), Recorder(), config.preflight(cfg, str(path))) as gw:
+            run = asyncio.create_task(gw.run(asyncio.Event()))
+            await wait_for(lambda: all(r.scoring.scorer.state.scored > 3 for r in gw.devices), "scored windows")
+            kept, changed = runner(gw, "kept"), runner(gw, "changed")
+            state = kept.scoring.scorer.state
+            scored, unscored, polls = state.scored, state.unscored, kept.health.polls
+            path.write_text(path.read_text().replace("seed: 4", "seed: 5"))
+            assert await gw.reload()
+            assert runner(gw, "kept").scoring is kept.scoring and runner(gw, "kept").health is kept.health
+            assert runner(gw, "changed").scoring is not changed.scoring
+            assert runner(gw, "changed").scoring.scorer.state.scored == 0
+            assert runner(gw, "changed").counting.closed is changed.counting.closed  # the web page's closed shifts
+            await wait_for(lambda: kept.scoring.scorer.state.scored > scored + 3, "the kept device scoring on")
+            assert kept.health.polls > polls
+            assert state.unscored == unscored  # no window without its context: no warm-up again
+            meta = models / "pump-ae.json"  # the model file changed: its scoring starts afresh
+            data = json.loads(meta.read_text())
+            data["threshold"] *= 1.5
+            meta.write_text(json.dumps(data))
+            assert await gw.reload()
+            assert runner(gw, "kept").scoring is not kept.scoring
+            assert runner(gw, "kept").scoring.scorer.model.threshold == data["threshold"]
+            run.cancel()
+            await asyncio.gather(run, return_exceptions=True)
+    with caplog.at_level(logging.INFO):
+        asyncio.run(main())
+    reloaded = [r.getMessage() for r in caplog.records if r.getMessage().startswith("config reloaded")]
+    assert reloaded[0].startswith("config reloaded: 2 devices (1 scored going on with their context)"), reloaded
+    assert reloaded[1].startswith("config reloaded: 2 devices;"), reloaded

@@ -16,7 +16,7 @@ from gateway.config import Device
 from gateway.contract import Topics
 from gateway.logs import fields
 from gateway.pipeline.health import DeviceHealth
-from gateway.pipeline.stages import Counting, Events, Publishing, UnwatchedEvent, scoring_for
+from gateway.pipeline.stages import Counting, Events, Publishing, Scoring, UnwatchedEvent, scoring_for
 from gateway.sample import Sample
 from gateway.shifts import ShiftCalendar
 from gateway.sources import Source
@@ -34,12 +34,22 @@ class DeviceRunner:
     def __init__(self, device: Device, source: Source, outbox: Outbox, topics: Topics, shifts: ShiftCalendar,
                  on_state_change: Callable[[], None] = lambda: None, model: Model | None = None,
                  model_error: str | None = None, history: History | None = None,
-                 config_path: str | None = None) -> None:
+                 config_path: str | None = None, before: DeviceRunner | None = None) -> None:
         self.device = device
         self.name = device.name
         self.source = source
-        self.health = DeviceHealth(device.name, device.tags, on_state_change)
-        self.scoring = scoring_for(device, model, outbox, topics, config_path, recorded=history is not None)
+        # A reload keeps what an unchanged device knows and no file holds: its health and counts, its newest reading,
+        # its anomaly scorer's context (else each reload left it unscored for a context, and said again that its
+        # model was commissioned short). Any device keeps its closed shifts for the web page.
+        same = before if before is not None and before.device == device else None
+        self.health: DeviceHealth = same.health if same is not None else DeviceHealth(device.name, device.tags,
+                                                                                        on_state_change)
+        self.health.on_change = on_state_change
+        if same is not None and same.scoring is not None and model is not None and \
+                same.scoring.serves(device, model, topics):
+            self.scoring: Scoring | None = same.scoring
+        else:
+            self.scoring = scoring_for(device, model, outbox, topics, config_path, recorded=history is not None)
         self.counting = Counting(device, outbox, topics, shifts, scored=self.scoring is not None)
         self.events = Events(device, outbox, topics, self.counting) if device.oee or device.alarms else None
         # Why the configured model cannot serve this device (the daemon started without it; a reload takes it up).
@@ -53,7 +63,9 @@ class DeviceRunner:
                                            "more") if self.scoring is None else None
         self.publishing = Publishing(device, outbox, topics, self.counting, self.scoring)
         self.history = history
-        self.last_sample: Sample | None = None  # for the web page: the newest reading, as it came
+        self.last_sample: Sample | None = same.last_sample if same is not None else None  # the web page's
+        if before is not None:
+            self.counting.closed = before.counting.closed  # what was closed stays true: the web page's last shifts
 
     async def run(self) -> None:
         """Process every sample the source yields, until cancelled."""

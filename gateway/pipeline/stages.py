@@ -365,6 +365,13 @@ class Scoring:
                         extra=fields(name, "anomaly_end"))
         return event
 
+    def serves(self, device: Device, model: Model, topics: Topics) -> bool:
+        """Whether this scoring can go on as it is for the device, model and topics of a reloaded config: the same
+        device (tags, interval, history), the same model file and metadata, the same anomaly topic."""
+        mine = self.scorer.model
+        return (device == self.device and model.identity == mine.identity and model.meta == mine.meta
+                and topics.anomaly(device.name) == self._topic)
+
     def save(self) -> None:
         """Stage the event state (`DeviceScorer.event_state`) for the next commit."""
         self.outbox.stage_state(self.device.name, "anomaly", self.scorer.event_state())
