@@ -6,7 +6,8 @@ It must never slow the device loops, so every answer is cheap and bounded:
   gets the same bytes, and a watcher that stops reading is dropped after `WRITE_LIMIT` (once its socket's
   buffers are full) or at the latest after `LIVE_LIFETIME`, when a page that reads reconnects;
 - at most `MAX_CONNECTIONS` connections are served at once; up to `MAX_WAITING` more wait (not
-  read) for a free slot for at most `WAIT_LIMIT`, beyond that 503 at once (`Gate`); at most
+  read) for a free slot for at most `WAIT_LIMIT`, beyond that 503 at once (`Gate`); the waiting are
+  served by address in turn, and a full queue makes room for an address with fewer waiting; at most
   `MAX_STREAMS` live streams; an idle connection is closed after `IDLE_LIMIT`, a request whose head
   takes longer than `HEAD_LIMIT` to arrive with a 408;
 - a request line or header over 8 KiB is refused (400) by aiohttp's parser before any
@@ -325,15 +326,6 @@ BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n
         b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(_BUSY_BODY), _BUSY_BODY))
 
 
-class _Busy(asyncio.Protocol):
-    """A connection beyond MAX_CONNECTIONS + MAX_WAITING: 503 and closed, before anything is read."""
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.WriteTransport)
-        transport.write(BUSY)
-        transport.close()
-
-
 _SLOW_BODY = b'{"error":"the request took too long to arrive","status":408}'
 SLOW = (b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\nConnection: close\r\n"
         b"Content-Length: %d\r\n\r\n%s" % (len(_SLOW_BODY), _SLOW_BODY))
@@ -412,12 +404,22 @@ class _Waiting(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         transport.pause_reading()
+        address = _address(transport)
+        if self.gate.queued >= MAX_WAITING and not self.gate.make_room(address):
+            transport.write(BUSY)
+            transport.close()
+            return
         self.transport = transport
         self.timer = asyncio.get_running_loop().call_later(WAIT_LIMIT, self._expire)
-        self.gate.waiting.append(self)
+        self.gate.waiting.setdefault(address, deque()).append(self)
+        self.gate.queued += 1
         asyncio.get_running_loop().call_soon(self.gate.release)  # a slot may have freed meanwhile
 
     def _expire(self) -> None:
+        self.refuse()
+
+    def refuse(self) -> None:
+        """503 and closed, unread."""
         if self.transport is not None:
             self.transport.write(BUSY)
             self.transport.close()
@@ -428,20 +430,39 @@ class _Waiting(asyncio.Protocol):
             self.timer.cancel()
 
 
+def _address(transport: asyncio.BaseTransport) -> str:
+    peer = transport.get_extra_info("peername")
+    return str(peer[0]) if isinstance(peer, tuple) and peer else "?"
+
+
 class Gate:
-    """At most MAX_CONNECTIONS connections in aiohttp's hands; then up to MAX_WAITING wait; then 503."""
+    """At most MAX_CONNECTIONS connections in aiohttp's hands; then up to MAX_WAITING wait; then 503.
+
+    A free slot goes to the addresses waiting in turn, the oldest of each first, and a full queue makes room
+    for a newcomer from an address with fewer waiting: a client that opens thousands of connections (a
+    dashboard gone wrong, a scanner) makes the others wait for one slot, not behind all of its connections,
+    and cannot shut them out by filling the queue."""
 
     def __init__(self, server: web.Server, loop: asyncio.AbstractEventLoop) -> None:
         self.server = server
         self.loop = loop
-        self.waiting: deque[_Waiting] = deque()
+        self.waiting: dict[str, deque[_Waiting]] = {}  # by address, in turn: dict order, the one served goes last
+        self.queued = 0  # in `waiting` (those closed meanwhile included, until their turn comes)
 
     def __call__(self) -> asyncio.BaseProtocol:
-        if len(self.server.connections) < MAX_CONNECTIONS and not self.waiting:
+        if len(self.server.connections) < MAX_CONNECTIONS and not self.queued:
             return self._handler()
-        if len(self.waiting) < MAX_WAITING:
-            return _Waiting(self)
-        return _Busy()
+        return _Waiting(self)  # which waits, or is refused at once when the queue is full (its address decides)
+
+    def make_room(self, address: str) -> bool:
+        """The queue is full: the newest of the address with the most waiting is refused, when that is more than
+        `address` would have; whether there is room for it now."""
+        longest = max(self.waiting, key=lambda a: len(self.waiting[a]))
+        if len(self.waiting[longest]) <= len(self.waiting.get(address, ())) + 1:
+            return False
+        self.waiting[longest].pop().refuse()
+        self.queued -= 1
+        return True
 
     def _handler(self) -> _Handler:
         handler = _Handler(self.server, loop=self.loop, **HANDLER_ARGS)
@@ -449,9 +470,14 @@ class Gate:
         return handler
 
     def release(self) -> None:
-        """A slot is free: hand it to the oldest connection still waiting."""
-        while self.waiting and len(self.server.connections) < MAX_CONNECTIONS:
-            wait = self.waiting.popleft()
+        """A slot is free: hand it to the oldest connection still waiting of the address whose turn it is."""
+        while self.queued and len(self.server.connections) < MAX_CONNECTIONS:
+            address = next(iter(self.waiting))
+            queue = self.waiting.pop(address)
+            wait = queue.popleft()
+            self.queued -= 1
+            if queue:
+                self.waiting[address] = queue  # its next waits for the other addresses' turns
             transport = wait.transport
             if transport is None or transport.is_closing():
                 continue

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import selectors
 import socket
 import subprocess
 import sys
@@ -441,6 +442,46 @@ def test_clients_sending_their_request_a_line_at_a_time_do_not_lock_out_the_page
             time.sleep(wait)
             while idle.recv(65536, socket.MSG_DONTWAIT) if _readable(idle) else b"":
                 pass
+    assert "Traceback" not in proc.logs()
+    assert proc.stop() == 0
+
+
+def test_one_address_opening_thousands_of_connections_does_not_lock_out_another(tmp_path, mosquitto, gateway):
+    """A client gone wrong (or a scanner) opening thousands of connections that say nothing: the waiting were
+    served oldest first, so a page from any other address waited behind all of them (64 every 5 s) and got 503
+    after 10 s, or at once when they filled the queue. The addresses waiting are served in turn now, and a full
+    queue makes room for an address with fewer waiting."""
+    from gateway.web.server import MAX_CONNECTIONS, MAX_WAITING
+
+    proc, base = start_daemon(tmp_path, mosquitto, gateway)
+    port = int(base.rsplit(":", 1)[1])
+    wait_until(lambda: _both_devices_read(base), 30, what="both devices to be read")
+    hog: list[socket.socket] = []
+    try:
+        for _ in range(MAX_CONNECTIONS + MAX_WAITING + 100):
+            hog.append(socket.create_connection(("127.0.0.1", port)))
+        time.sleep(1.0)  # the daemon has taken them: 64 served, 10,000 waiting, the rest refused at once
+        # (asyncio accepts a batch of up to 32 before the first is counted as served: up to 31 more are served)
+        answered = selectors.DefaultSelector()
+        for sock in hog:
+            answered.register(sock, selectors.EVENT_READ)
+        firsts = [key.fileobj.recv(12) for key, _ in answered.select(0)]  # type: ignore[union-attr]
+        refused = firsts.count(b"HTTP/1.1 503")
+        assert 100 - 32 <= refused <= 100 and refused + firsts.count(b"HTTP/1.1 408") == len(firsts), firsts
+        other = socket.socket()  # another address of this machine's loopback, towards the same 127.0.0.1 port
+        other.bind(("127.0.0.2", 0))
+        other.settimeout(20)
+        other.connect(("127.0.0.1", port))
+        began = time.monotonic()
+        other.sendall(b"GET /api/v1/status HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        answer = other.recv(12)
+        waited = time.monotonic() - began
+        other.close()
+        # Served at the first free slot: the hog's first 64 are cut 5 s after they connected (their head never came).
+        assert answer == b"HTTP/1.1 200", (answer, waited)
+    finally:
+        for sock in hog:
+            sock.close()
     assert "Traceback" not in proc.logs()
     assert proc.stop() == 0
 
