@@ -26,10 +26,17 @@ one column per tag and a 0/1 column `anomaly` (the label). Two public sets are c
   7 minutes of normal running before their fault are used. Converting needs scipy (`pip install
   scipy`, not a dependency of the project);
 - NAB's real-machine series with known causes (numenta/NAB, MIT licence): single tags, every 5 min.
+- GECCO Industrial Challenge 2018 (Thüringer Fernwasserversorgung; Zenodo record 3884398, check its
+  licence): a drinking-water supply's quality, 9 tags every minute (temperature, chlorine, pH, redox,
+  conductivity, turbidity, flows), 139,566 rows with an EVENT label. Most of its 51 events were put
+  into the data by the challenge (values no normal row has, in runs of equal length); five are as
+  recorded. Cut here into 19 recordings: each event (those less than 480 normal rows apart as one)
+  with up to 2,000 normal rows before it and 240 after.
 
     .venv/bin/python bench/realdata.py --prepare-cranfield DIR_WITH_MAT_FILES --data /tmp/realdata
     git clone --depth 1 https://github.com/numenta/NAB /tmp/NAB
     .venv/bin/python bench/realdata.py --prepare-nab /tmp/NAB --data /tmp/realdata-nab
+    .venv/bin/python bench/realdata.py --prepare-gecco 1_gecco2018_water_quality.csv --data /tmp/realdata-gecco
     .venv/bin/python bench/realdata.py --data /tmp/realdata [--commission 420] [--false-alarms 1/week]
 """
 
@@ -77,6 +84,44 @@ def prepare_nab(nab: Path, out: Path) -> None:
                 ts = _utc(t)
                 w.writerow([t.replace(" ", "T") + "Z", v, int(any(a <= ts <= b for a, b in spans))])
         print(f"wrote {out / f'nab-{name}.csv'} ({len(rows)} rows)")
+
+
+GECCO_TAGS = ("Tp", "Cl", "pH", "Redox", "Leit", "Trueb", "Cl_2", "Fm", "Fm_2")
+GECCO_BEFORE, GECCO_AFTER, GECCO_MARGIN = 2000, 240, 60  # normal rows kept before and after an event; left between
+
+
+def prepare_gecco(raw: Path, out: Path, commission: int) -> None:
+    """The GECCO 2018 water-quality CSV cut into recordings: each event (or events less than commission + margin
+    normal rows apart) with the normal rows before it (at least `commission`) and after. Its times are local (CEST
+    into CET): the rows are a minute apart, so they are stamped in UTC from the first."""
+    with open(raw, newline="") as f:
+        rows = list(csv.reader(f))
+    header, rows = rows[0], rows[1:]
+    if header[1:] != ["Time", *GECCO_TAGS, "EVENT"]:
+        sys.exit(f"{raw}: not the GECCO 2018 water-quality CSV (columns {header})")
+    values = [["" if v in ("", "NA") else v for v in r[2:11]] for r in rows]
+    label = np.array([r[11] == "TRUE" for r in rows], dtype=int)
+    start = dt.datetime.fromisoformat(rows[0][1]).replace(tzinfo=dt.timezone(dt.timedelta(hours=2)))
+    groups: list[list[tuple[int, int]]] = []  # (first row, last row) of each event, both included
+    for a, b in segments(label.astype(bool)):
+        if groups and a - groups[-1][-1][1] - 1 < commission + GECCO_MARGIN:
+            groups[-1].append((a, b))
+        else:
+            groups.append([(a, b)])
+    begins = [max(g[0][0] - GECCO_BEFORE, prev[-1][1] + 1 + GECCO_MARGIN if prev else 0)
+              for prev, g in zip([None, *groups[:-1]], groups, strict=True)]
+    ends = [min(g[-1][1] + 1 + GECCO_AFTER, nxt) for g, nxt in zip(groups, [*begins[1:], len(rows)], strict=True)]
+    out.mkdir(parents=True, exist_ok=True)
+    for k, (group, begin, end) in enumerate(zip(groups, begins, ends, strict=True), 1):
+        path = out / f"gecco2018-{k:02d}.csv"
+        with open(path, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["time", *GECCO_TAGS, "anomaly"])
+            for i in range(begin, end):
+                stamp = (start + dt.timedelta(minutes=i)).astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+                w.writerow([stamp, *values[i], label[i]])
+        print(f"wrote {path} ({end - begin} rows, {group[0][0] - begin} normal before the first of {len(group)} "
+              f"event(s))")
 
 
 # Cranfield's columns in the order of its .mat files (variable 24, the 2-inch line, only for fault case 6), and
@@ -302,6 +347,8 @@ def main() -> None:
     parser.add_argument("--prepare-nab", metavar="NAB", help="convert a NAB checkout into DIR, then stop")
     parser.add_argument("--prepare-cranfield", metavar="MAT_DIR", help="convert Cranfield's FaultyCase1-6.mat into "
                         "DIR, then stop")
+    parser.add_argument("--prepare-gecco", metavar="CSV", help="convert GECCO 2018's water-quality CSV into DIR, "
+                        "then stop")
     parser.add_argument("--commission", type=int, default=420, help="rows of normal running to train on "
                         "(default %(default)s: 7 minutes at 1 Hz)")
     parser.add_argument("--false-alarms", default="1/week", help="the new method's operating point")
@@ -312,6 +359,9 @@ def main() -> None:
         return
     if args.prepare_cranfield:
         prepare_cranfield(Path(args.prepare_cranfield), Path(args.data), args.commission)
+        return
+    if args.prepare_gecco:
+        prepare_gecco(Path(args.prepare_gecco), Path(args.data), args.commission)
         return
     files = sorted(Path(args.data).glob("*.csv"))
     if not files:
