@@ -73,6 +73,7 @@ class Gateway:
         self._broker_users: bytes | None = None  # the embedded broker's users file as it started with it
         self._history_error: str | None = None  # why the history could not be opened; tried again meanwhile
         self._history_retry = 0.0
+        self._rebuilding = asyncio.Lock()  # a reload and the history's retry both build the devices: one at a time
 
     # -- life cycle ------------------------------------------------------------------------
     async def __aenter__(self) -> Gateway:
@@ -175,12 +176,14 @@ class Gateway:
         """The history wanted (`_history_error` is cleared when no device wants it), not open, and due for another
         try: once it opens, the devices are built again on
         the running config (as at a reload) to record into it."""
-        if self._history is not None or self._history_error is None \
-                or time.monotonic() < self._history_retry or not self._open_history():
+        if self._history is not None or self._history_error is None or time.monotonic() < self._history_retry:
             return
-        await self._stop_devices()
-        self._build(self.config, self.prepared, uplink=False)
-        self._start_devices()
+        async with self._rebuilding:  # a reload waiting meanwhile builds after this, on what this opened
+            if self._history is not None or self._history_error is None or not self._open_history():
+                return  # (a reload meanwhile opened it, or no longer wants it)
+            await self._stop_devices()
+            self._build(self.config, self.prepared, uplink=False)
+            self._start_devices()
 
     def _tag_types(self, device: str) -> dict[str, TagType]:
         """A device's tag types as its source gives them now (an OPC UA source learns them at connect)."""
@@ -414,6 +417,12 @@ class Gateway:
                       old.gateway.data_dir, new.gateway.data_dir)
             self.notifier.ready("reload refused (data_dir changed); " + self.status_line())
             return False
+        async with self._rebuilding:
+            await self._apply(old, new, prepared)
+        return True
+
+    async def _apply(self, old: Config, new: Config, prepared: Prepared) -> None:
+        """A checked config in place of the running one: the devices (and what changed of the rest) built again."""
         await self._stop_devices()
         scoring = [r.scoring for r in self.devices if r.scoring is not None]
         self.outbox.bounds = _bounds(new)
@@ -455,7 +464,6 @@ class Gateway:
                  f" ({kept} scored going on with their context)" if kept else "",
                  ", new upstream connection" if new_uplink else "", self.outbox.stats.messages)
         self.notifier.ready(self.status_line())
-        return True
 
 
 def _births(config: Config, prepared: Prepared) -> tuple[Any, ...]:

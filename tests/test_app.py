@@ -352,3 +352,33 @@ def test_a_reload_keeps_what_an_unchanged_device_knows_and_starts_a_changed_one_
     reloaded = [r.getMessage() for r in caplog.records if r.getMessage().startswith("config reloaded")]
     assert reloaded[0].startswith("config reloaded: 2 devices (1 scored going on with their context)"), reloaded
     assert reloaded[1].startswith("config reloaded: 2 devices;"), reloaded
+
+
+def test_a_reload_and_the_history_opening_at_last_build_the_devices_one_after_the_other(tmp_path, caplog):
+    """An attack pass: the history's retry (every 10 s after it could not be opened) built and started the
+    devices while a reload was waiting; the reload then started them a second time, and the daemon ended (70)."""
+    path = tmp_path / "gateway.yaml"
+    path.write_text(gateway_config(tmp_path / "data", free_port(), devices="""
+  - {name: pump1, source: sim, profile: pump, seed: 3, interval: 50ms, history: {}}
+"""))
+    cfg = config.load(str(path))
+    blocked = tmp_path / "data" / "history.db"
+    blocked.mkdir(parents=True)  # a directory: the history cannot be opened
+
+    async def main() -> None:
+        async with Gateway(cfg, str(path), Recorder()) as gw:
+            run = asyncio.create_task(gw.run(asyncio.Event()))
+            await wait_for(lambda: gw.devices[0].health.polls > 2, "the device")
+            assert gw.history is None
+            blocked.rmdir()
+            gw._history_retry = 0.0  # due now
+            path.write_text(path.read_text().replace("seed: 3", "seed: 4"))
+            assert (await asyncio.gather(gw.reload(), gw._retry_history()))[0] is True
+            await asyncio.sleep(0.3)
+            assert not run.done(), run
+            assert gw.history is not None and [r.device.seed for r in gw.devices] == [4]
+            run.cancel()
+            await asyncio.gather(run, return_exceptions=True)
+    with caplog.at_level(logging.INFO):
+        asyncio.run(main())
+    assert not any("already running" in r.getMessage() or r.exc_info for r in caplog.records)
