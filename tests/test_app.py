@@ -313,6 +313,7 @@ def test_a_reload_keeps_what_an_unchanged_device_knows_and_starts_a_changed_one_
     devices = """
   - {name: kept, source: sim, profile: pump, seed: 3, interval: 50ms, time_scale: 20, model: pump-ae}
   - {name: changed, source: sim, profile: pump, seed: 4, interval: 50ms, time_scale: 20, model: pump-ae}
+  - {name: slow, source: sim, profile: pump, seed: 6, interval: 1s}
 """
     path = tmp_path / "gateway.yaml"
     path.write_text(gateway_config(tmp_path / "data", free_port(), devices=devices).replace(
@@ -325,12 +326,22 @@ def test_a_reload_keeps_what_an_unchanged_device_knows_and_starts_a_changed_one_
     async def main() -> None:
         async with Gateway(cfg, str(path), Recorder(), config.preflight(cfg, str(path))) as gw:
             run = asyncio.create_task(gw.run(asyncio.Event()))
-            await wait_for(lambda: all(r.scoring.scorer.state.scored > 3 for r in gw.devices), "scored windows")
-            kept, changed = runner(gw, "kept"), runner(gw, "changed")
+            await wait_for(lambda: all(r.scoring.scorer.state.scored > 3 for r in gw.devices if r.scoring),
+                           "scored windows")
+            kept, changed, slow = runner(gw, "kept"), runner(gw, "changed"), runner(gw, "slow")
             state = kept.scoring.scorer.state
             scored, unscored, polls = state.scored, state.unscored, kept.health.polls
+            kept.source._skipped = 5  # as if it had overrun 5 ticks: a counter that must not go back at a reload
+            read = slow.health.polls
+            await wait_for(lambda: slow.health.polls > read, "a reading of the slow device")
+            last = slow.health.last_sample
             path.write_text(path.read_text().replace("seed: 4", "seed: 5"))
             assert await gw.reload()
+            assert runner(gw, "kept").skipped_ticks >= 5
+            # its next reading keeps its pace: a second after the last, not at once (a storm of reloads read
+            # every device at each one)
+            await wait_for(lambda: slow.health.polls > read + 1, "the slow device's next reading")
+            assert slow.health.last_sample - last >= 0.9, slow.health.last_sample - last
             assert runner(gw, "kept").scoring is kept.scoring and runner(gw, "kept").health is kept.health
             assert runner(gw, "changed").scoring is not changed.scoring
             assert runner(gw, "changed").scoring.scorer.state.scored == 0
@@ -350,8 +361,8 @@ def test_a_reload_keeps_what_an_unchanged_device_knows_and_starts_a_changed_one_
     with caplog.at_level(logging.INFO):
         asyncio.run(main())
     reloaded = [r.getMessage() for r in caplog.records if r.getMessage().startswith("config reloaded")]
-    assert reloaded[0].startswith("config reloaded: 2 devices (1 scored going on with their context)"), reloaded
-    assert reloaded[1].startswith("config reloaded: 2 devices;"), reloaded
+    assert reloaded[0].startswith("config reloaded: 3 devices (1 scored going on with their context)"), reloaded
+    assert reloaded[1].startswith("config reloaded: 3 devices;"), reloaded
 
 
 def test_a_reload_and_the_history_opening_at_last_build_the_devices_one_after_the_other(tmp_path, caplog):

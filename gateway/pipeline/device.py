@@ -8,7 +8,9 @@ device's error; it cannot stop another device or the uplink.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -64,11 +66,26 @@ class DeviceRunner:
         self.publishing = Publishing(device, outbox, topics, self.counting, self.scoring)
         self.history = history
         self.last_sample: Sample | None = same.last_sample if same is not None else None  # the web page's
+        # The source is new: its counts go on from the old one's, and its first reading keeps the device's pace
+        # (a storm of reloads read every device at each one, and a kept scorer took them as its samples).
+        self._skipped, self._dropped = (same.skipped_ticks, same.dropped) if same is not None else (0, 0)
+        last = same.health.last_sample if same is not None else None
+        self._resume_at = last + device.interval if last is not None else None
         if before is not None:
             self.counting.closed = before.counting.closed  # what was closed stays true: the web page's last shifts
 
+    @property
+    def skipped_ticks(self) -> int:
+        return self._skipped + self.source.skipped_ticks
+
+    @property
+    def dropped(self) -> int:
+        return self._dropped + self.source.dropped
+
     async def run(self) -> None:
         """Process every sample the source yields, until cancelled."""
+        if self._resume_at is not None:  # kept by a reload: not sooner than an interval after its last reading
+            await asyncio.sleep(min(max(0.0, self._resume_at - time.time()), self.device.interval))
         async for sample in self.source.samples():
             self.process(sample)
 
@@ -110,7 +127,7 @@ class DeviceRunner:
     def health_report(self) -> dict[str, Any]:
         h = self.health
         report: dict[str, Any] = {"state": h.state, "polls": h.polls, "errors": h.errors,
-                                  "skipped_ticks": self.source.skipped_ticks, "dropped": self.source.dropped,
+                                  "skipped_ticks": self.skipped_ticks, "dropped": self.dropped,
                                   "bad_tags": h.bad_tags,
                                   "last_error": h.last_error,
                                   "last_sample": rfc3339(h.last_sample) if h.last_sample else None}

@@ -103,8 +103,8 @@ def _devices(gw: Gateway, rec: Recorder) -> Iterator[Metric]:
         name, h = r.name, r.health
         fams["samples"].add_metric([name], h.polls)
         fams["errors"].add_metric([name], h.errors)
-        fams["skipped"].add_metric([name], r.source.skipped_ticks)
-        fams["dropped"].add_metric([name], r.source.dropped)
+        fams["skipped"].add_metric([name], r.skipped_ticks)
+        fams["dropped"].add_metric([name], r.dropped)
         for state in DEVICE_STATES:
             fams["state"].add_metric([name, state], 1 if h.state == state else 0)
         if h.last_sample is not None:

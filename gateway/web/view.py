@@ -208,8 +208,8 @@ def device(gw: Gateway, r: DeviceRunner) -> dict[str, Any]:
     out: dict[str, Any] = {
         "name": r.name, "source": r.device.source, "state": h.state, "interval_s": r.device.interval,
         "last_sample": rfc3339(h.last_sample) if h.last_sample else None, "last_sample_ts": h.last_sample,
-        "polls": h.polls, "errors": h.errors, "skipped_ticks": r.source.skipped_ticks,
-        "dropped": r.source.dropped, "last_error": h.last_error, "bad_tags": h.bad_tags, "tags": tags, "counters": counters(r),
+        "polls": h.polls, "errors": h.errors, "skipped_ticks": r.skipped_ticks,
+        "dropped": r.dropped, "last_error": h.last_error, "bad_tags": h.bad_tags, "tags": tags, "counters": counters(r),
         "history": r.history is not None,
         "model_error": r.model_error,
     }
