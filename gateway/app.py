@@ -147,6 +147,8 @@ class Gateway:
             from gateway.uplink.sparkplug.uplink import SparkplugFormat  # protobuf only when Sparkplug is used
             fmt = SparkplugFormat(config, state_path=datadir.path(gw.data_dir, datadir.SPARKPLUG),
                                   scored={r.name: r.scoring is not None for r in self.devices}, types_of=self._tag_types)
+            if self._uplink is not None and isinstance(self._uplink.format, SparkplugFormat):
+                fmt.take_over(self._uplink.format)  # a reload's new session: its births with what is known
         elif uplink:
             fmt = JsonFormat(client_id=config.upstream.client_id or gw.id, status_topic=self.topics.status,
                              offline_payload=self._status("offline"), qos=config.upstream.qos)

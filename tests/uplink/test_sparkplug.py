@@ -417,3 +417,37 @@ def test_a_network_that_drops_data_and_comes_back_is_noticed_and_nothing_is_lost
     # On a failure: which, and whether the stop kept rows in the outbox (sent at the next start, not lost).
     assert not lost and len(recorded) > 300, (len(lost), len(recorded), lost[:3], recorded[-1],
                                               [line for line in gw.logs().splitlines() if "outbox" in line][-2:])
+
+
+def test_a_new_session_at_a_reload_births_what_the_old_one_knew(mosquitto, gateway, tmp_path):
+    """An attack pass: a reload that began a new session (a device added) sent the DBIRTH of an unchanged device
+    with its active alarm's Active, Value and Limit null: the rows that said so were acknowledged and gone."""
+    import signal
+
+    host = Host(mosquitto.port)
+    try:
+        one = """
+  - name: pump1
+    source: sim
+    profile: pump
+    seed: 3
+    interval: 50ms
+    alarms: [{name: turning, tag: motor_rpm, above: 1, severity: low}]
+"""
+        two = one + "  - {name: pump2, source: sim, profile: pump, seed: 4, interval: 50ms}\n"
+        gw = gateway(gateway_config(tmp_path / "data", mosquitto.port, devices=one,
+                                    upstream=", format: sparkplug_b")).start()
+        wait_until(lambda: "alarm turning raised" in gw.logs() and len(host.of("DDATA")) > 20, 30,
+                   what="the alarm, and data after it")
+        gw.config.write_text(gw.config.read_text().replace(one, two))
+        gw.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: len([t for t, _ in host.of("DBIRTH") if t.endswith("/pump1")]) == 2, 30,
+                   what="pump1's birth in the new session")
+        birth = {m.name: m for m in [p for t, p in host.of("DBIRTH") if t.endswith("/pump1")][-1].metrics}
+        active = birth["Alarms/turning/Active"]
+        assert not active.is_null and active.boolean_value is True
+        assert not birth["Alarms/turning/Limit"].is_null
+        assert gw.stop() == 0
+        assert "Traceback" not in gw.logs()
+    finally:
+        host.close()

@@ -90,6 +90,19 @@ class SparkplugFormat:
         self.last_rebirth = self.last_rebirth_log = -math.inf  # monotonic times (`_rebirth`)
         self.rebirths_asked = 0
 
+    def take_over(self, old: SparkplugFormat) -> None:
+        """A reload's new session: the latest values the old one knew, for the devices and metrics this one
+        still has. Its births would otherwise carry nulls where the rows are acknowledged and gone: an alarm
+        active since before, an open anomaly event, a counter that has not moved since."""
+        for device, known in old.last.items():
+            if device in self.last:
+                now, before = self.metrics.devices[device], old.metrics.devices[device]
+                self.last[device] = {name: vt for name, vt in known.items()
+                                     if name in now and now[name].datatype == before[name].datatype}
+                if device in old.dead:
+                    self.dead.add(device)
+        self.health = dict(old.health)
+
     # -- bdSeq: 0-255, +1 per CONNECT sent, kept across restarts -----------------------------
     def _load_bdseq(self) -> int | None:
         """The bdSeq saved by the last session; None (a new one from 0) when the file is missing or damaged."""
