@@ -209,9 +209,10 @@ def state(device: str, ts: float, new: str, previous: str | None, previous_since
     return payload
 
 
-def alarm(device: str, ts: float, kind: str, name: str, severity: str, tag: str, value: float | int | None, limit: float,
-          started: float | None = None) -> Payload:
-    """An alarm `start`, or its `end` with when it started and how long it lasted."""
+def alarm(device: str, ts: float, kind: str, name: str, severity: str | None, tag: str | None,
+          value: float | int | None, limit: float | None, started: float | None = None) -> Payload:
+    """An alarm `start`, or its `end` with when it started and how long it lasted (severity, tag and limit null:
+    the end of an alarm whose rule a reload took out, started before they were kept with it)."""
     payload: Payload = {"ts": rfc3339(ts), "device": device, "event": kind, "name": name, "severity": severity,
                         "tag": tag, "value": value, "limit": limit}
     if kind == "end" and started is not None:

@@ -393,3 +393,41 @@ def test_a_reload_and_the_history_opening_at_last_build_the_devices_one_after_th
     with caplog.at_level(logging.INFO):
         asyncio.run(main())
     assert not any("already running" in r.getMessage() or r.exc_info for r in caplog.records)
+
+
+def test_an_alarm_whose_rule_a_reload_takes_out_ends(tmp_path, caplog):
+    """An attack pass: a reload that took out the rule of an active alarm (or a device's every rule) left upstream
+    with its start and no end, for ever; docs/events.md says an end is never lost."""
+    alarmed = """
+  - name: pump1
+    source: sim
+    profile: pump
+    seed: 3
+    interval: 50ms
+    alarms: [{name: turning, tag: motor_rpm, above: 1, severity: high}]
+"""
+    path = tmp_path / "gateway.yaml"
+    path.write_text(gateway_config(tmp_path / "data", free_port(), devices=alarmed))
+    cfg = config.load(str(path))
+
+    async def main() -> None:
+        async with Gateway(cfg, str(path), Recorder()) as gw:
+            run = asyncio.create_task(gw.run(asyncio.Event()))
+            await wait_for(lambda: gw.devices[0].events.alarms.active() == ["turning"], "the alarm")
+            path.write_text(path.read_text().replace(
+                "    alarms: [{name: turning, tag: motor_rpm, above: 1, severity: high}]\n", ""))
+            assert await gw.reload()
+            await wait_for(lambda: gw.devices[0].health.polls > 3, "samples after the reload")
+            gw.outbox.commit()
+            run.cancel()
+            await asyncio.gather(run, return_exceptions=True)
+            rows = [m.body for m in gw.outbox.fetch(0, 100_000) if m.topic.endswith("/pump1/alarm")]
+            assert [(r["event"], r["name"]) for r in rows] == [("start", "turning"), ("end", "turning")], rows
+            end = rows[1]
+            assert (end["severity"], end["tag"], end["limit"], end["value"]) == ("high", "motor_rpm", 1, None)
+            assert end["started"] == rows[0]["ts"]
+            assert gw.outbox.device_state("pump1", "alarms") in ({}, None)
+    with caplog.at_level(logging.INFO):
+        asyncio.run(main())
+    assert sum("alarm turning ended: its rule is not in the config any more" in r.getMessage()
+               for r in caplog.records) == 1

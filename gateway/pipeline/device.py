@@ -18,7 +18,7 @@ from gateway.config import Device
 from gateway.contract import Topics
 from gateway.logs import fields
 from gateway.pipeline.health import DeviceHealth
-from gateway.pipeline.stages import Counting, Events, Publishing, Scoring, UnwatchedEvent, scoring_for
+from gateway.pipeline.stages import Counting, Events, OrphanedAlarms, Publishing, Scoring, UnwatchedEvent, scoring_for
 from gateway.sample import Sample
 from gateway.shifts import ShiftCalendar
 from gateway.sources import Source
@@ -63,6 +63,7 @@ class DeviceRunner:
         self.unwatched = UnwatchedEvent.of(device, outbox, topics, self.counting,
                                            "its model cannot be used" if model_error else "the device has no model any "
                                            "more") if self.scoring is None else None
+        self.orphaned = OrphanedAlarms.of(device, outbox, topics, self.counting)
         self.publishing = Publishing(device, outbox, topics, self.counting, self.scoring)
         self.history = history
         self.last_sample: Sample | None = same.last_sample if same is not None else None  # the web page's
@@ -108,6 +109,9 @@ class DeviceRunner:
         if self.unwatched is not None:
             self.unwatched.end(sample.ts)
             self.unwatched = None
+        if self.orphaned is not None:
+            self.orphaned.end(sample.ts)
+            self.orphaned = None
         if self.scoring is not None and (event := self.scoring.push(sample)) is not None:
             self.counting.anomaly(sample.ts, event.kind == "start")
         if self.events is not None:

@@ -70,6 +70,10 @@ class AlarmState:
     started: float | None = None
     pending: float | None = None  # the condition has held since (waiting for `for`)
     unknown: bool = False  # the last reading of its tag was bad
+    # The rule it started under: its end is told with them when a reload takes the rule out (`OrphanedAlarms`).
+    severity: str | None = None
+    tag: str | None = None
+    limit: float | None = None
 
 
 @dataclass(frozen=True)
@@ -115,11 +119,21 @@ class AlarmWatch:
                 st.pending = ts
             if ts - st.pending >= rule.delay:
                 st.active, st.started, st.pending = True, ts, None
+                st.severity, st.tag, st.limit = rule.severity, rule.tag, rule.limit
                 events.append(AlarmEvent(rule, "start", ts, value))
         return events
 
     def active(self) -> list[str]:
         return [name for name, st in self.states.items() if st.active]
+
+    @staticmethod
+    def orphans(rules: tuple[AlarmSection, ...], saved: dict[str, Any] | None,
+                device: str | None = None) -> dict[str, AlarmState]:
+        """Alarms active in `saved` whose rule `rules` no longer has (a reload or a restart took it out)."""
+        names = {r.name for r in rules}
+        found = {name: restore(AlarmState, record, device, f"state of alarm {name}")
+                 for name, record in (saved.items() if isinstance(saved, dict) else ()) if name not in names}
+        return {name: st for name, st in found.items() if st is not None and st.active}
 
     def unknown(self) -> list[str]:
         return [name for name, st in self.states.items() if st.unknown]

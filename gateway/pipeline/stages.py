@@ -22,7 +22,7 @@ from gateway.contract import Topics
 from gateway.counters import CounterRow
 from gateway.logs import fields
 from gateway.pipeline import shiftbook
-from gateway.pipeline.events import AlarmWatch, StateWatch
+from gateway.pipeline.events import AlarmState, AlarmWatch, StateWatch
 from gateway.pipeline.modelnotes import OutOfModel, Recommission
 from gateway.pipeline.shiftbook import ShiftBook, ShiftRecord
 from gateway.sample import OK, Sample
@@ -460,6 +460,34 @@ class Publishing:
 def scoring_for(device: Device, model: Model | None, outbox: Outbox, topics: Topics,
                 config_path: str | None = None, recorded: bool = False) -> Scoring | None:
     return Scoring(device, model, outbox, topics, config_path, recorded) if model is not None else None
+
+
+class OrphanedAlarms:
+    """Alarms active when a reload (or a restart) took their rules out of the config: ended at the device's first
+    sample, so that upstream and the shift book do not wait for an end forever (an end is never lost)."""
+
+    def __init__(self, device: Device, outbox: Outbox, topics: Topics, counting: Counting,
+                 orphans: dict[str, AlarmState]) -> None:
+        self.device, self.outbox, self.counting, self.orphans = device, outbox, counting, orphans
+        self._topic = topics.alarm(device.name)
+
+    @classmethod
+    def of(cls, device: Device, outbox: Outbox, topics: Topics, counting: Counting) -> OrphanedAlarms | None:
+        orphans = AlarmWatch.orphans(device.alarms, outbox.device_state(device.name, "alarms"), device.name)
+        return cls(device, outbox, topics, counting, orphans) if orphans else None
+
+    def end(self, ts: float) -> None:
+        name = self.device.name
+        for alarm, st in self.orphans.items():
+            self.outbox.stage(self._topic, contract.alarm(name, ts, "end", alarm, st.severity, st.tag, None, st.limit,
+                                                          st.started), created=ts)
+            self.counting.book.alarm(alarm, False)
+            log.warning("device %s: alarm %s ended: its rule is not in the config any more", name, alarm,
+                        extra=fields(name, "alarm_end"))
+        saved = self.outbox.device_state(name, "alarms")
+        kept = {k: v for k, v in saved.items() if k not in self.orphans} if isinstance(saved, dict) else {}
+        self.outbox.stage_state(name, "alarms", kept)
+        self.counting.save_book()
 
 
 class UnwatchedEvent:
