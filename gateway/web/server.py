@@ -9,7 +9,8 @@ It must never slow the device loops, so every answer is cheap and bounded:
   read) for a free slot for at most `WAIT_LIMIT`, beyond that 503 at once (`Gate`); the waiting are
   served by address in turn, and a full queue makes room for an address with fewer waiting; at most
   `MAX_STREAMS` live streams; an idle connection is closed after `IDLE_LIMIT`, a request whose head
-  takes longer than `HEAD_LIMIT` to arrive with a 408;
+  takes longer than `HEAD_LIMIT` to arrive with a 408; with TLS, a connection is admitted (served or
+  waiting) before its handshake, which it does in its slot within `HEAD_LIMIT` (`_Handshake`);
 - a request line or header over 8 KiB is refused (400) by aiohttp's parser before any
   handler runs; a history page has at most `MAX_ROWS` rows, `HISTORY_AT_ONCE` are rendered at a time,
   each giving the loop back every `HISTORY_SLICE` rows;
@@ -344,6 +345,8 @@ class _Handler(RequestHandler):
     _head: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.gate is not None:
+            self.gate.busy += 1
         super().connection_made(transport)
         self._await_head()
 
@@ -374,6 +377,7 @@ class _Handler(RequestHandler):
         self._cancel_head()
         super().connection_lost(exc)
         if self.gate is not None:
+            self.gate.busy -= 1
             self.gate.release()
 
     def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
@@ -406,8 +410,8 @@ class _Waiting(asyncio.Protocol):
         transport.pause_reading()
         address = _address(transport)
         if self.gate.queued >= MAX_WAITING and not self.gate.make_room(address):
-            transport.write(BUSY)
-            transport.close()
+            self.transport = transport
+            self.refuse()
             return
         self.transport = transport
         self.timer = asyncio.get_running_loop().call_later(WAIT_LIMIT, self._expire)
@@ -419,15 +423,56 @@ class _Waiting(asyncio.Protocol):
         self.refuse()
 
     def refuse(self) -> None:
-        """503 and closed, unread."""
+        """503 and closed, unread (closed only, before a TLS handshake: a client would take the 503 for garbage)."""
         if self.transport is not None:
-            self.transport.write(BUSY)
+            if self.gate.tls is None:
+                self.transport.write(BUSY)
             self.transport.close()
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.transport = None
         if self.timer is not None:
             self.timer.cancel()
+
+
+class _Handshake(asyncio.Protocol):
+    """A TLS connection given a slot: its handshake, within HEAD_LIMIT, then aiohttp's handler. asyncio's own TLS
+    server does the handshake before any protocol sees the connection, so that connections that never sent a
+    ClientHello were held (for 60 s) outside every limit: 11,600 of them took every file descriptor."""
+
+    def __init__(self, gate: Gate) -> None:
+        self.gate = gate
+        self.early: list[bytes] = []  # what the client sent right after its handshake, before the handler took over
+
+    def data_received(self, data: bytes) -> None:
+        self.early.append(data)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport) and self.gate.tls is not None
+        transport.pause_reading()  # start_tls reads the ClientHello itself
+        self.gate.busy += 1
+        task = self.gate.loop.create_task(self._handshake(transport, self.gate.tls))
+        self.gate.handshakes.add(task)
+        task.add_done_callback(self.gate.handshakes.discard)
+
+    async def _handshake(self, transport: asyncio.Transport, ctx: ssl.SSLContext) -> None:
+        gate = self.gate
+        try:
+            tls = await gate.loop.start_tls(transport, self, ctx, server_side=True, ssl_handshake_timeout=HEAD_LIMIT)
+        except (OSError, ssl.SSLError, asyncio.TimeoutError, ConnectionError) as err:  # a scanner, a silent client
+            log.debug("web: a TLS handshake failed: %s", err)
+            transport.close()
+            tls = None
+        finally:
+            gate.busy -= 1  # the handler counts it again
+        if tls is None or tls.is_closing():
+            gate.release()
+            return
+        handler = gate._handler()
+        tls.set_protocol(handler)
+        handler.connection_made(tls)
+        if self.early:
+            handler.data_received(b"".join(self.early))
 
 
 def _address(transport: asyncio.BaseTransport) -> str:
@@ -443,16 +488,22 @@ class Gate:
     dashboard gone wrong, a scanner) makes the others wait for one slot, not behind all of its connections,
     and cannot shut them out by filling the queue."""
 
-    def __init__(self, server: web.Server, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, server: web.Server, loop: asyncio.AbstractEventLoop, tls: ssl.SSLContext | None = None) -> None:
         self.server = server
         self.loop = loop
+        self.tls = tls  # the handshake is done in a slot (`_Handshake`), never before admission
+        self.busy = 0  # slots held: connections in aiohttp's hands, and TLS handshakes
+        self.handshakes: set[asyncio.Task[None]] = set()
         self.waiting: dict[str, deque[_Waiting]] = {}  # by address, in turn: dict order, the one served goes last
         self.queued = 0  # in `waiting` (those closed meanwhile included, until their turn comes)
 
     def __call__(self) -> asyncio.BaseProtocol:
-        if len(self.server.connections) < MAX_CONNECTIONS and not self.queued:
-            return self._handler()
+        if self.busy < MAX_CONNECTIONS and not self.queued:
+            return self._slot()
         return _Waiting(self)  # which waits, or is refused at once when the queue is full (its address decides)
+
+    def _slot(self) -> _Handler | _Handshake:
+        return _Handshake(self) if self.tls is not None else self._handler()
 
     def make_room(self, address: str) -> bool:
         """The queue is full: the newest of the address with the most waiting is refused, when that is more than
@@ -471,7 +522,7 @@ class Gate:
 
     def release(self) -> None:
         """A slot is free: hand it to the oldest connection still waiting of the address whose turn it is."""
-        while self.queued and len(self.server.connections) < MAX_CONNECTIONS:
+        while self.queued and self.busy < MAX_CONNECTIONS:
             address = next(iter(self.waiting))
             queue = self.waiting.pop(address)
             wait = queue.popleft()
@@ -484,10 +535,11 @@ class Gate:
             if wait.timer is not None:
                 wait.timer.cancel()
             wait.transport = None
-            handler = self._handler()
-            transport.set_protocol(handler)
-            handler.connection_made(transport)
-            transport.resume_reading()
+            slot = self._slot()
+            transport.set_protocol(slot)
+            slot.connection_made(transport)
+            if isinstance(slot, _Handler):
+                transport.resume_reading()  # (a handshake reads when it starts)
 
 
 def tls_context(cfg: WebSection) -> ssl.SSLContext | None:
@@ -536,8 +588,8 @@ async def serve(gw: Gateway, cfg: WebSection) -> None:
     try:
         while server is None:
             try:
-                server = await loop.create_server(protocol, host, port, ssl=tls_context(cfg), backlog=BACKLOG,
-                                                  reuse_address=True)
+                protocol.tls = tls_context(cfg)  # (a certificate that cannot be read is retried with the port)
+                server = await loop.create_server(protocol, host, port, backlog=BACKLOG, reuse_address=True)
             except (OSError, ssl.SSLError) as err:
                 if str(err) != failed:
                     log.error("web: cannot serve on %s: %s; retrying every 5s", cfg.listen, err)
