@@ -345,8 +345,6 @@ class _Handler(RequestHandler):
     _head: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if self.gate is not None:
-            self.gate.busy += 1
         super().connection_made(transport)
         self._await_head()
 
@@ -450,7 +448,6 @@ class _Handshake(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport) and self.gate.tls is not None
         transport.pause_reading()  # start_tls reads the ClientHello itself
-        self.gate.busy += 1
         task = self.gate.loop.create_task(self._handshake(transport, self.gate.tls))
         self.gate.handshakes.add(task)
         task.add_done_callback(self.gate.handshakes.discard)
@@ -463,9 +460,8 @@ class _Handshake(asyncio.Protocol):
             log.debug("web: a TLS handshake failed: %s", err)
             transport.close()
             tls = None
-        finally:
-            gate.busy -= 1  # the handler counts it again
         if tls is None or tls.is_closing():
+            gate.busy -= 1  # its slot is free
             gate.release()
             return
         handler = gate._handler()
@@ -492,7 +488,9 @@ class Gate:
         self.server = server
         self.loop = loop
         self.tls = tls  # the handshake is done in a slot (`_Handshake`), never before admission
-        self.busy = 0  # slots held: connections in aiohttp's hands, and TLS handshakes
+        # Slots held: connections in aiohttp's hands, and TLS handshakes; counted when given (`_slot`), not when
+        # asyncio gets round to connection_made, or a burst accepted in one go took more than MAX_CONNECTIONS.
+        self.busy = 0
         self.handshakes: set[asyncio.Task[None]] = set()
         self.waiting: dict[str, deque[_Waiting]] = {}  # by address, in turn: dict order, the one served goes last
         self.queued = 0  # in `waiting` (those closed meanwhile included, until their turn comes)
@@ -503,6 +501,8 @@ class Gate:
         return _Waiting(self)  # which waits, or is refused at once when the queue is full (its address decides)
 
     def _slot(self) -> _Handler | _Handshake:
+        """A slot's protocol; the slot is free again when its connection closes (a handshake's, if it fails)."""
+        self.busy += 1
         return _Handshake(self) if self.tls is not None else self._handler()
 
     def make_room(self, address: str) -> bool:
