@@ -426,6 +426,10 @@ class Gateway:
     async def _apply(self, old: Config, new: Config, prepared: Prepared) -> None:
         """A checked config in place of the running one: the devices (and what changed of the rest) built again."""
         await self._stop_devices()
+        staying = {d.name for d in new.devices}
+        for runner in self.devices:
+            if runner.name not in staying:  # no later sample will end what it has open
+                runner.close_out("the device is not in the config any more")
         scoring = [r.scoring for r in self.devices if r.scoring is not None]
         self.outbox.bounds = _bounds(new)
         if new.outbox.sync != old.outbox.sync:

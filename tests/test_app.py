@@ -395,16 +395,18 @@ def test_a_reload_and_the_history_opening_at_last_build_the_devices_one_after_th
     assert not any("already running" in r.getMessage() or r.exc_info for r in caplog.records)
 
 
-def test_an_alarm_whose_rule_a_reload_takes_out_ends(tmp_path, caplog):
-    """An attack pass: a reload that took out the rule of an active alarm (or a device's every rule) left upstream
-    with its start and no end, for ever; docs/events.md says an end is never lost."""
-    alarmed = """
+@pytest.mark.parametrize("takes_out", ["the rule", "the device"])
+def test_an_alarm_whose_rule_a_reload_takes_out_ends(tmp_path, caplog, takes_out):
+    """Attack passes: a reload that took out the rule of an active alarm (or a device's every rule, or the device
+    itself) left upstream with its start and no end, for ever; docs/events.md says an end is never lost."""
+    rule = "    alarms: [{name: turning, tag: motor_rpm, above: 1, severity: high}]\n"
+    alarmed = f"""
   - name: pump1
     source: sim
     profile: pump
     seed: 3
     interval: 50ms
-    alarms: [{name: turning, tag: motor_rpm, above: 1, severity: high}]
+{rule}  - {{name: other, source: sim, profile: pump, seed: 4, interval: 50ms}}
 """
     path = tmp_path / "gateway.yaml"
     path.write_text(gateway_config(tmp_path / "data", free_port(), devices=alarmed))
@@ -414,8 +416,9 @@ def test_an_alarm_whose_rule_a_reload_takes_out_ends(tmp_path, caplog):
         async with Gateway(cfg, str(path), Recorder()) as gw:
             run = asyncio.create_task(gw.run(asyncio.Event()))
             await wait_for(lambda: gw.devices[0].events.alarms.active() == ["turning"], "the alarm")
-            path.write_text(path.read_text().replace(
-                "    alarms: [{name: turning, tag: motor_rpm, above: 1, severity: high}]\n", ""))
+            text = path.read_text()
+            path.write_text(text.replace(rule, "") if takes_out == "the rule" else
+                            text.replace(alarmed.split("  - {name: other")[0], "\n"))
             assert await gw.reload()
             await wait_for(lambda: gw.devices[0].health.polls > 3, "samples after the reload")
             gw.outbox.commit()
@@ -429,5 +432,70 @@ def test_an_alarm_whose_rule_a_reload_takes_out_ends(tmp_path, caplog):
             assert gw.outbox.device_state("pump1", "alarms") in ({}, None)
     with caplog.at_level(logging.INFO):
         asyncio.run(main())
-    assert sum("alarm turning ended: its rule is not in the config any more" in r.getMessage()
-               for r in caplog.records) == 1
+    why = "its rule is not in the config any more" if takes_out == "the rule" else \
+        "the device is not in the config any more"
+    assert sum(f"alarm turning ended: {why}" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_after_a_reload_a_failing_device_keeps_its_pace_and_a_sensor_is_taken_as_it_sends(tmp_path):
+    """An attack pass on the pace kept across a reload: it waited from the last good reading, so a device that
+    could not be read was read again at every reload (23 errors in 18 s of reloads, for a 1 s interval); and it
+    held an MQTT sensor's messages for up to an interval (an hour for an hourly sensor), dropping what came
+    meanwhile. A failed reading counts, and a sensor that sends on its own is not paced."""
+    from gateway.sources import Links, open_source
+
+    dead = free_port()
+    devices = f"""
+  - name: plc
+    source: modbus_tcp
+    host: 127.0.0.1
+    port: {dead}
+    unit: 1
+    interval: 1s
+    registers:
+      - {{name: speed, table: holding, address: 1, type: uint16}}
+  - {{name: pump1, source: sim, profile: pump, seed: 3, interval: 50ms}}
+"""
+    path = tmp_path / "gateway.yaml"
+    path.write_text(gateway_config(tmp_path / "data", free_port(), devices=devices))
+    cfg = config.load(str(path))
+
+    async def main() -> None:
+        async with Gateway(cfg, str(path), Recorder()) as gw:
+            run = asyncio.create_task(gw.run(asyncio.Event()))
+            plc = gw.devices[0]
+            await wait_for(lambda: plc.health.errors >= 2, "failed readings")
+            errors = plc.health.errors
+            await wait_for(lambda: plc.health.errors > errors, "another failed reading")
+            last = plc.last_read
+            path.write_text(path.read_text().replace("seed: 3", "seed: 4"))
+            assert await gw.reload()
+            plc = gw.devices[0]
+            await wait_for(lambda: plc.last_read != last, "its next reading", timeout=5)
+            assert plc.last_read - last >= 0.9, plc.last_read - last
+            run.cancel()
+            await asyncio.gather(run, return_exceptions=True)
+    asyncio.run(main())
+
+    sensors = config.parse(f"""
+gateway: {{id: g, site: s, data_dir: "{tmp_path / 'data2'}"}}
+upstream: {{host: 127.0.0.1}}
+local_broker: {{enabled: true, allow_anonymous: true}}
+devices:
+  - {{name: pump7, source: mqtt, topic: plant/pump7/state, interval: 1h, fields: {{rpm: rpm}}}}
+""")
+    from gateway.contract import Topics
+    from gateway.pipeline.device import DeviceRunner
+    from gateway.shifts import ShiftCalendar
+    from gateway.store.outbox import Outbox
+
+    outbox = Outbox.open(str(tmp_path / "outbox.db"))
+    try:
+        device, links = sensors.devices[0], Links(sensors.local_broker)
+        args = (outbox, Topics("r"), ShiftCalendar([], "UTC"))
+        first = DeviceRunner(device, open_source(device, links), *args)
+        first.last_read = 1e9  # it has read
+        again = DeviceRunner(device, open_source(device, links), *args, before=first)
+        assert again._resume_at is None  # its messages are taken as they come
+    finally:
+        outbox.close()

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from gateway.config import Device
@@ -22,6 +23,7 @@ from gateway.pipeline.stages import Counting, Events, OrphanedAlarms, Publishing
 from gateway.sample import Sample
 from gateway.shifts import ShiftCalendar
 from gateway.sources import Source
+from gateway.sources.poll import PolledSource
 from gateway.store.history import History
 from gateway.store.outbox import Outbox
 from gateway.units import rfc3339
@@ -40,6 +42,7 @@ class DeviceRunner:
         self.device = device
         self.name = device.name
         self.source = source
+        self.outbox, self.topics = outbox, topics
         # A reload keeps what an unchanged device knows and no file holds: its health and counts, its newest reading,
         # its anomaly scorer's context (else each reload left it unscored for a context, and said again that its
         # model was commissioned short). Any device keeps its closed shifts for the web page.
@@ -67,11 +70,13 @@ class DeviceRunner:
         self.publishing = Publishing(device, outbox, topics, self.counting, self.scoring)
         self.history = history
         self.last_sample: Sample | None = same.last_sample if same is not None else None  # the web page's
-        # The source is new: its counts go on from the old one's, and its first reading keeps the device's pace
-        # (a storm of reloads read every device at each one, and a kept scorer took them as its samples).
+        # The source is new: its counts go on from the old one's, and a polled one's first reading keeps the
+        # device's pace (a storm of reloads read every device at each one, and a kept scorer took them as its
+        # samples). A sensor that sends on its own is taken as it sends.
         self._skipped, self._dropped = (same.skipped_ticks, same.dropped) if same is not None else (0, 0)
-        last = same.health.last_sample if same is not None else None
-        self._resume_at = last + device.interval if last is not None else None
+        self.last_read: float | None = same.last_read if same is not None else None  # good or failed
+        self._resume_at = self.last_read + device.interval \
+            if self.last_read is not None and isinstance(source, PolledSource) else None
         if before is not None:
             self.counting.closed = before.counting.closed  # what was closed stays true: the web page's last shifts
 
@@ -92,6 +97,7 @@ class DeviceRunner:
 
     def process(self, sample: Sample) -> None:
         self.health.polls += 1
+        self.last_read = time.time()
         self.last_sample = sample
         try:
             self._process(sample)
@@ -119,6 +125,16 @@ class DeviceRunner:
         self.publishing.push(sample)
         if self.history is not None:
             self.history.add(self.name, self.device.tags, sample)
+
+    def close_out(self, why: str) -> None:
+        """Taken out of the config by a reload: its open anomaly event and its active alarms end now, said so (an
+        end is never lost, and no later sample of this device will end them)."""
+        now = time.time()
+        for pending in (UnwatchedEvent.of(self.device, self.outbox, self.topics, self.counting, why),
+                        OrphanedAlarms.of(replace(self.device, alarms=()), self.outbox, self.topics, self.counting,
+                                          why)):
+            if pending is not None:
+                pending.end(now)
 
     def flush(self) -> None:
         """At shutdown: report counter totals that changed since the last counters message; keep the anomaly

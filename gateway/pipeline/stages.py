@@ -467,14 +467,15 @@ class OrphanedAlarms:
     sample, so that upstream and the shift book do not wait for an end forever (an end is never lost)."""
 
     def __init__(self, device: Device, outbox: Outbox, topics: Topics, counting: Counting,
-                 orphans: dict[str, AlarmState]) -> None:
-        self.device, self.outbox, self.counting, self.orphans = device, outbox, counting, orphans
+                 orphans: dict[str, AlarmState], why: str = "its rule is not in the config any more") -> None:
+        self.device, self.outbox, self.counting, self.orphans, self.why = device, outbox, counting, orphans, why
         self._topic = topics.alarm(device.name)
 
     @classmethod
-    def of(cls, device: Device, outbox: Outbox, topics: Topics, counting: Counting) -> OrphanedAlarms | None:
+    def of(cls, device: Device, outbox: Outbox, topics: Topics, counting: Counting,
+           why: str = "its rule is not in the config any more") -> OrphanedAlarms | None:
         orphans = AlarmWatch.orphans(device.alarms, outbox.device_state(device.name, "alarms"), device.name)
-        return cls(device, outbox, topics, counting, orphans) if orphans else None
+        return cls(device, outbox, topics, counting, orphans, why) if orphans else None
 
     def end(self, ts: float) -> None:
         name = self.device.name
@@ -482,8 +483,7 @@ class OrphanedAlarms:
             self.outbox.stage(self._topic, contract.alarm(name, ts, "end", alarm, st.severity, st.tag, None, st.limit,
                                                           st.started), created=ts)
             self.counting.book.alarm(alarm, False)
-            log.warning("device %s: alarm %s ended: its rule is not in the config any more", name, alarm,
-                        extra=fields(name, "alarm_end"))
+            log.warning("device %s: alarm %s ended: %s", name, alarm, self.why, extra=fields(name, "alarm_end"))
         saved = self.outbox.device_state(name, "alarms")
         kept = {k: v for k, v in saved.items() if k not in self.orphans} if isinstance(saved, dict) else {}
         self.outbox.stage_state(name, "alarms", kept)
