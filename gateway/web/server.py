@@ -460,6 +460,10 @@ class _Handshake(asyncio.Protocol):
             log.debug("web: a TLS handshake failed: %s", err)
             transport.close()
             tls = None
+            # Its traceback holds start_tls's frame, and with it asyncio's TLS protocol and its 256 KiB buffer, in a
+            # cycle (the frame's waiter holds the exception) that only a rare full collection frees: 3,000 half
+            # ClientHellos took RSS from 47 to 335 MB. Without it they are freed at once (+22 MB, flat).
+            err.__traceback__ = err.__context__ = None
         if tls is None or tls.is_closing():
             gate.busy -= 1  # its slot is free
             gate.release()
