@@ -31,6 +31,7 @@ from gateway.errors import AlreadyRunning, ConfigError
 from gateway.logs import fields
 from gateway.notify import Notifier
 from gateway.pipeline.device import DeviceRunner
+from gateway.pipeline.stages import end_departed
 from gateway.shifts import ShiftCalendar
 from gateway.sources import Links, open_source, tag_types
 from gateway.store.history import FILE as HISTORY_FILE
@@ -89,6 +90,7 @@ class Gateway:
             self._lock.close()
             raise
         self._build(self.config, self.prepared, uplink=True)
+        self._end_departed(self.config)
         return self
 
     async def __aexit__(self, kind: type[BaseException] | None, err: BaseException | None,
@@ -155,6 +157,11 @@ class Gateway:
         if fmt is not None:
             self._uplink = Uplink(config.upstream, self.outbox, fmt)
         self.uplink.online_payload = self._status("online")
+
+    def _end_departed(self, config: Config) -> None:
+        """What devices taken out of the config (by this reload, or while the daemon was stopped) left open ends
+        now: no later sample of theirs will end it."""
+        end_departed(self.outbox.state_devices() - {d.name for d in config.devices}, self.outbox, self.topics)
 
     def _open_history(self) -> bool:
         """Open the history; on failure say so once and try again every HISTORY_RETRY (from the health loop)."""
@@ -426,10 +433,7 @@ class Gateway:
     async def _apply(self, old: Config, new: Config, prepared: Prepared) -> None:
         """A checked config in place of the running one: the devices (and what changed of the rest) built again."""
         await self._stop_devices()
-        staying = {d.name for d in new.devices}
-        for runner in self.devices:
-            if runner.name not in staying:  # no later sample will end what it has open
-                runner.close_out("the device is not in the config any more")
+        self._end_departed(new)
         scoring = [r.scoring for r in self.devices if r.scoring is not None]
         self.outbox.bounds = _bounds(new)
         if new.outbox.sync != old.outbox.sync:

@@ -12,7 +12,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from gateway.config import Device
@@ -42,7 +41,6 @@ class DeviceRunner:
         self.device = device
         self.name = device.name
         self.source = source
-        self.outbox, self.topics = outbox, topics
         # A reload keeps what an unchanged device knows and no file holds: its health and counts, its newest reading,
         # its anomaly scorer's context (else each reload left it unscored for a context, and said again that its
         # model was commissioned short). Any device keeps its closed shifts for the web page.
@@ -63,10 +61,10 @@ class DeviceRunner:
             log.error("device %s: its model cannot be used, the device runs without anomaly scoring until it is "
                       "fixed and the config reloaded (systemctl reload edge-gateway): %s", self.name, model_error,
                       extra=fields(self.name, "anomaly_model_unusable"))
-        self.unwatched = UnwatchedEvent.of(device, outbox, topics, self.counting,
+        self.unwatched = UnwatchedEvent.of(device.name, outbox, topics, self.counting,
                                            "its model cannot be used" if model_error else "the device has no model any "
                                            "more") if self.scoring is None else None
-        self.orphaned = OrphanedAlarms.of(device, outbox, topics, self.counting)
+        self.orphaned = OrphanedAlarms.of(device.name, device.alarms, outbox, topics, self.counting)
         self.publishing = Publishing(device, outbox, topics, self.counting, self.scoring)
         self.history = history
         self.last_sample: Sample | None = same.last_sample if same is not None else None  # the web page's
@@ -125,16 +123,6 @@ class DeviceRunner:
         self.publishing.push(sample)
         if self.history is not None:
             self.history.add(self.name, self.device.tags, sample)
-
-    def close_out(self, why: str) -> None:
-        """Taken out of the config by a reload: its open anomaly event and its active alarms end now, said so (an
-        end is never lost, and no later sample of this device will end them)."""
-        now = time.time()
-        for pending in (UnwatchedEvent.of(self.device, self.outbox, self.topics, self.counting, why),
-                        OrphanedAlarms.of(replace(self.device, alarms=()), self.outbox, self.topics, self.counting,
-                                          why)):
-            if pending is not None:
-                pending.end(now)
 
     def flush(self) -> None:
         """At shutdown: report counter totals that changed since the last counters message; keep the anomaly

@@ -13,11 +13,12 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from gateway import contract, counters, tagtypes
-from gateway.config import CounterSection, Device, counter_bits
+from gateway.config import AlarmSection, CounterSection, Device, counter_bits
 from gateway.contract import Topics
 from gateway.counters import CounterRow
 from gateway.logs import fields
@@ -463,57 +464,73 @@ def scoring_for(device: Device, model: Model | None, outbox: Outbox, topics: Top
 
 
 class OrphanedAlarms:
-    """Alarms active when a reload (or a restart) took their rules out of the config: ended at the device's first
-    sample, so that upstream and the shift book do not wait for an end forever (an end is never lost)."""
+    """Alarms active when a reload (or a restart) took their rules, or their device, out of the config: ended at
+    the device's first sample (or at once, for a device gone), so that upstream and the shift book do not wait for
+    an end forever (an end is never lost)."""
 
-    def __init__(self, device: Device, outbox: Outbox, topics: Topics, counting: Counting,
-                 orphans: dict[str, AlarmState], why: str = "its rule is not in the config any more") -> None:
-        self.device, self.outbox, self.counting, self.orphans, self.why = device, outbox, counting, orphans, why
-        self._topic = topics.alarm(device.name)
+    def __init__(self, name: str, outbox: Outbox, topics: Topics, counting: Counting | None,
+                 orphans: dict[str, AlarmState], why: str) -> None:
+        self.name, self.outbox, self.counting, self.orphans, self.why = name, outbox, counting, orphans, why
+        self._topic = topics.alarm(name)
 
     @classmethod
-    def of(cls, device: Device, outbox: Outbox, topics: Topics, counting: Counting,
+    def of(cls, name: str, rules: tuple[AlarmSection, ...], outbox: Outbox, topics: Topics, counting: Counting | None,
            why: str = "its rule is not in the config any more") -> OrphanedAlarms | None:
-        orphans = AlarmWatch.orphans(device.alarms, outbox.device_state(device.name, "alarms"), device.name)
-        return cls(device, outbox, topics, counting, orphans, why) if orphans else None
+        orphans = AlarmWatch.orphans(rules, outbox.device_state(name, "alarms"), name)
+        return cls(name, outbox, topics, counting, orphans, why) if orphans else None
 
     def end(self, ts: float) -> None:
-        name = self.device.name
+        name = self.name
         for alarm, st in self.orphans.items():
             self.outbox.stage(self._topic, contract.alarm(name, ts, "end", alarm, st.severity, st.tag, None, st.limit,
                                                           st.started), created=ts)
-            self.counting.book.alarm(alarm, False)
+            if self.counting is not None:
+                self.counting.book.alarm(alarm, False)
             log.warning("device %s: alarm %s ended: %s", name, alarm, self.why, extra=fields(name, "alarm_end"))
         saved = self.outbox.device_state(name, "alarms")
         kept = {k: v for k, v in saved.items() if k not in self.orphans} if isinstance(saved, dict) else {}
         self.outbox.stage_state(name, "alarms", kept)
-        self.counting.save_book()
+        if self.counting is not None:
+            self.counting.save_book()
 
 
 class UnwatchedEvent:
     """An anomaly event left open when the device lost its model (taken out of the config while the event was
-    open, or unusable at the next start): ended at the device's first sample, so that upstream and the shift
-    book do not wait for an end forever."""
+    open, or unusable at the next start), or was itself taken out: ended at the device's first sample (or at once,
+    for a device gone), so that upstream and the shift book do not wait for an end forever."""
 
-    def __init__(self, device: Device, outbox: Outbox, topics: Topics, counting: Counting, saved: dict[str, Any],
+    def __init__(self, name: str, outbox: Outbox, topics: Topics, counting: Counting | None, saved: dict[str, Any],
                  why: str) -> None:
-        self.device, self.outbox, self.counting, self.saved, self.why = device, outbox, counting, saved, why
-        self._topic = topics.anomaly(device.name)
+        self.name, self.outbox, self.counting, self.saved, self.why = name, outbox, counting, saved, why
+        self._topic = topics.anomaly(name)
 
     @classmethod
-    def of(cls, device: Device, outbox: Outbox, topics: Topics, counting: Counting, why: str) -> UnwatchedEvent | None:
-        saved = outbox.device_state(device.name, "anomaly")
-        return cls(device, outbox, topics, counting, saved, why) \
+    def of(cls, name: str, outbox: Outbox, topics: Topics, counting: Counting | None, why: str
+           ) -> UnwatchedEvent | None:
+        saved = outbox.device_state(name, "anomaly")
+        return cls(name, outbox, topics, counting, saved, why) \
             if isinstance(saved, dict) and saved.get("active") is True else None
 
     def end(self, ts: float) -> None:
-        name, saved = self.device.name, self.saved
+        name, saved = self.name, self.saved
         started = instant(saved.get("started"))
         peak, level, threshold = (finite(saved.get(k)) for k in ("peak", "level", "threshold"))
         self.outbox.stage(self._topic, contract.anomaly(name, ts, "end", level or 0.0, threshold or 0.0,
                                                         str(saved.get("name", "?")), [], started, peak), created=ts)
         self.outbox.stage_state(name, "anomaly", {"active": False})
-        self.counting.anomaly(ts, False)
+        if self.counting is not None:
+            self.counting.anomaly(ts, False)
         log.warning("device %s: the anomaly event open since %s ended: %s", name,
                     rfc3339(started) if started is not None else "before the restart", self.why,
                     extra=fields(name, "anomaly_end"))
+
+
+def end_departed(names: Iterable[str], outbox: Outbox, topics: Topics) -> None:
+    """Devices the config no longer has (taken out by a reload, or while the daemon was stopped): their open
+    anomaly event and active alarms end now, said so; nothing else would ever end them."""
+    why, now = "the device is not in the config any more", time.time()
+    for name in sorted(names):
+        for pending in (UnwatchedEvent.of(name, outbox, topics, None, why),
+                        OrphanedAlarms.of(name, (), outbox, topics, None, why)):
+            if pending is not None:
+                pending.end(now)

@@ -293,6 +293,10 @@ class Outbox:
         row = self._db.execute("SELECT record FROM device_state WHERE device = ? AND kind = ?", (device, kind)).fetchone()
         return _decoded(row, device, f"{kind} state")
 
+    def state_devices(self) -> set[str]:
+        """The devices with a state kept (`stage_state`, committed)."""
+        return {row[0] for row in self._db.execute("SELECT DISTINCT device FROM device_state")}
+
     def shift_record(self, device: str) -> Any:
         row = self._db.execute("SELECT record FROM shifts WHERE device = ?", (device,)).fetchone()
         return _decoded(row, device, "running shift")
