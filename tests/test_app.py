@@ -31,10 +31,10 @@ class Recorder(Notifier):
         self.sent.extend(fields)
 
 
-def make_config(tmp_path: Path) -> tuple[Path, config.Config]:
+def make_config(tmp_path: Path, devices: str | None = None) -> tuple[Path, config.Config]:
     # Nothing listens on the upstream port: the uplink retries in the background, which is all it should do.
     path = tmp_path / "gateway.yaml"
-    path.write_text(gateway_config(tmp_path / "data", free_port()))
+    path.write_text(gateway_config(tmp_path / "data", free_port(), devices=devices))
     return path, config.load(str(path))
 
 
@@ -409,9 +409,7 @@ def test_an_alarm_whose_rule_a_reload_takes_out_ends(tmp_path, caplog, takes_out
     interval: 50ms
 {rule}  - {{name: other, source: sim, profile: pump, seed: 4, interval: 50ms}}
 """
-    path = tmp_path / "gateway.yaml"
-    path.write_text(gateway_config(tmp_path / "data", free_port(), devices=alarmed))
-    cfg = config.load(str(path))
+    path, cfg = make_config(tmp_path, alarmed)
 
     async def main() -> None:
         async with Gateway(cfg, str(path), Recorder()) as gw:
@@ -463,9 +461,7 @@ def test_after_a_reload_a_failing_device_keeps_its_pace_and_a_sensor_is_taken_as
       - {{name: speed, table: holding, address: 1, type: uint16}}
   - {{name: pump1, source: sim, profile: pump, seed: 3, interval: 50ms}}
 """
-    path = tmp_path / "gateway.yaml"
-    path.write_text(gateway_config(tmp_path / "data", free_port(), devices=devices))
-    cfg = config.load(str(path))
+    path, cfg = make_config(tmp_path, devices)
 
     async def main() -> None:
         async with Gateway(cfg, str(path), Recorder()) as gw:
