@@ -7,6 +7,7 @@ never another exception: not for bytes that are not UTF-8, nor for nesting 10,00
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import yaml
@@ -98,6 +99,10 @@ class _Loader(yaml.SafeLoader):
                                                     node.start_mark) from None
 
 
+# YAML 1.1 (PyYAML) reads `1e9` and `5E-3` as text: a float there needs a dot. YAML 1.2, and an engineer, read a
+# number; a limit written so was refused as "expected a number, got \"1e9\"".
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                              re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
 NUMBERS = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
 MAX_DIGITS = 40  # more than any count, size or time a config needs (2**64 has 20 digits)
 

@@ -329,3 +329,13 @@ def test_a_counter_on_the_simulated_plc_wraps_where_the_plc_does_unless_given_bi
     assert text != BASE
     line = next(d for d in config.parse(text).devices if d.name == "line1")
     assert counter_bits(line, line.counters[0]) == 16
+
+
+def test_a_number_in_exponent_notation_is_a_number():
+    """YAML 1.1 reads `1e9` as text (its floats need a dot): an alarm limit so written was refused."""
+    alarms = "\n    alarms: [{name: high, tag: motor_rpm, above: 1e4}, {name: low, tag: motor_rpm, below: -2.5E-1}]"
+    cfg = config.parse(BASE.replace("  - name: line1", "  - name: pump3\n    source: sim\n    profile: pump" + alarms
+                                    + "\n  - name: line1"))
+    pump3 = next(d for d in cfg.devices if d.name == "pump3")
+    assert [(a.name, a.limit) for a in pump3.alarms] == [("high", 1e4), ("low", -0.25)]
+    assert config.parse(BASE.replace("id: line3-gw1", 'id: "1e9"')).gateway.id == "1e9"  # quoted: text
