@@ -148,7 +148,8 @@ class Gateway:
         if uplink and config.upstream.format == "sparkplug_b":
             from gateway.uplink.sparkplug.uplink import SparkplugFormat  # protobuf only when Sparkplug is used
             fmt = SparkplugFormat(config, state_path=datadir.path(gw.data_dir, datadir.SPARKPLUG),
-                                  scored={r.name: r.scoring is not None for r in self.devices}, types_of=self._tag_types)
+                                  scored={r.name: r.scoring is not None for r in self.devices}, types_of=self._tag_types,
+                                  standing=self._standing)
             if self._uplink is not None and isinstance(self._uplink.format, SparkplugFormat):
                 fmt.take_over(self._uplink.format)  # a reload's new session: its births with what is known
         elif uplink:
@@ -193,6 +194,10 @@ class Gateway:
             await self._stop_devices()
             self._build(self.config, self.prepared, uplink=False)
             self._start_devices()
+
+    def _standing(self, device: str) -> dict[str, Any]:
+        runner = next((r for r in self.devices if r.name == device), None)
+        return runner.standing() if runner is not None else {}
 
     def _tag_types(self, device: str) -> dict[str, TagType]:
         """A device's tag types as its source gives them now (an OPC UA source learns them at connect)."""

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from gateway import contract
 from gateway.config import Device
 from gateway.contract import Topics
 from gateway.logs import fields
@@ -131,6 +132,26 @@ class DeviceRunner:
             self.counting.stage_counters(self.health.last_sample)
         if self.scoring is not None and self.scoring.scorer.settling:
             self.scoring.save()
+
+    def standing(self) -> dict[str, Any]:
+        """What this device's pipeline holds now that only an event tells upstream: whether its anomaly event is
+        open, each alarm rule's state and limit, the machine state. A session's births need them where no row that
+        told them is left (acknowledged and deleted before a restart or a reload, or never: no alarm yet)."""
+        out: dict[str, Any] = {}
+        if self.scoring is not None:
+            scorer = self.scoring.scorer
+            out["anomaly"] = {"active": scorer.state.active, "since": scorer.event_started if scorer.state.active
+                              else None}
+        if self.events is not None and self.events.alarms is not None:
+            states = self.events.alarms.states
+            out["alarms"] = {rule.name: {"active": states[rule.name].active, "since": states[rule.name].started,
+                                         "limit": rule.limit} for rule in self.device.alarms}
+        if self.events is not None and self.events.machine is not None and \
+                (cur := self.events.machine.current).state is not None:
+            oee = self.device.oee
+            out["machine"] = {"state": cur.state, "since": cur.since,
+                              "reason": contract.reason(cur.reason, oee.reasons) if oee and oee.reason_tag else None}
+        return out
 
     def health_report(self) -> dict[str, Any]:
         h = self.health

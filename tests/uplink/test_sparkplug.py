@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -447,6 +448,47 @@ def test_a_new_session_at_a_reload_births_what_the_old_one_knew(mosquitto, gatew
         active = birth["Alarms/turning/Active"]
         assert not active.is_null and active.boolean_value is True
         assert not birth["Alarms/turning/Limit"].is_null
+        assert gw.stop() == 0
+        assert "Traceback" not in gw.logs()
+    finally:
+        host.close()
+
+
+def test_births_carry_the_standing_alarms_and_anomaly_where_no_row_told_them(mosquitto, gateway, tmp_path):
+    """A DBIRTH declared `Alarms/*/Active` and `Anomaly/Active` null where the gateway knew them: an alarm that never
+    started (not active, and its limit is the config's), and after a restart an alarm active since before it,
+    whose rows were acknowledged and deleted."""
+    host = Host(mosquitto.port)
+    devices = """
+  - name: pump1
+    source: sim
+    profile: pump
+    seed: 3
+    interval: 50ms
+    time_scale: 20
+    model: pump-ae
+    alarms: [{name: turning, tag: motor_rpm, above: 1, severity: low}, {name: never, tag: motor_rpm, above: 1000000000}]
+"""
+
+    def births() -> list[dict[str, Any]]:
+        return [{m.name: m for m in p.metrics} for t, p in host.of("DBIRTH") if t.endswith("/pump1")]
+    try:
+        gw = gateway(gateway_config(tmp_path / "data", mosquitto.port, devices=devices,
+                                    upstream=", format: sparkplug_b")).start()
+        wait_until(lambda: births() and "alarm turning raised" in gw.logs() and len(host.of("DDATA")) > 10, 30,
+                   what="the birth, the alarm, and data after it")
+        first = births()[0]
+        for name in ("Alarms/never/Active", "Anomaly/Active"):
+            assert not first[name].is_null and first[name].boolean_value is False, (name, first[name])
+        assert first["Alarms/never/Limit"].double_value == 1e9
+        assert gw.stop() == 0  # every row acknowledged and deleted: the next session's births cannot read them
+        gw.start()
+        wait_until(lambda: len(births()) == 2, 30, what="the birth after the restart")
+        again = births()[1]
+        assert again["Alarms/turning/Active"].boolean_value is True and not again["Alarms/turning/Active"].is_null
+        assert again["Alarms/turning/Active"].timestamp < again["motor_rpm"].timestamp  # active since before
+        assert again["Alarms/never/Active"].boolean_value is False and not again["Alarms/never/Active"].is_null
+        assert again["Alarms/turning/Limit"].double_value == 1 and again["Anomaly/Active"].boolean_value is False
         assert gw.stop() == 0
         assert "Traceback" not in gw.logs()
     finally:

@@ -59,7 +59,9 @@ class SparkplugFormat:
     live_first = True
 
     def __init__(self, config: Config, *, state_path: str, scored: Mapping[str, bool],
-                 types_of: Callable[[str], Mapping[str, TagType]], clock: Callable[[], float] = time.time) -> None:
+                 types_of: Callable[[str], Mapping[str, TagType]],
+                 standing: Callable[[str], Mapping[str, Any]] = lambda device: {},
+                 clock: Callable[[], float] = time.time) -> None:
         sp = config.upstream.sparkplug
         group = sp.group_id if sp is not None and sp.group_id else config.gateway.site
         node = sp.edge_node_id if sp is not None and sp.edge_node_id else config.gateway.id
@@ -67,6 +69,7 @@ class SparkplugFormat:
         self.online_payload = b""  # the JSON status has no place here: births and deaths say it
         self.topics = metrics.Topics(group, node)
         self.types_of = types_of
+        self.standing = standing  # a device's pipeline state (`DeviceRunner.standing`), for what no row told
         self.metrics = metrics.NodeMetrics(HEALTH_METRICS, config.devices,
                                            {d.name: types_of(d.name) for d in config.devices}, scored)
         self.clock = clock
@@ -192,9 +195,11 @@ class SparkplugFormat:
         self.born.add(device)
         known, told = self.last[device], self.told[device]
         at = _ms(self.clock())
+        standing = _standing(self.standing(device), at)
         values = []
         for name, m in self.metrics.devices[device].items():
-            value, ts = known.get(name, (None, at))
+            value, ts = known.get(name) or (standing[name] if name in standing and metrics.fits(
+                m.datatype, standing[name][0]) else (None, at))
             values.append((m, value, ts))
             told[name] = value
         return Packet(self.topics.device_topic("DBIRTH", device), metrics.payload(at, self._next_seq(), values, birth=True))
@@ -429,6 +434,29 @@ def _values(kind: str, body: Mapping[str, Any], ts_ms: int) -> dict[str, Any]:
                        "Shift/Last/Availability": body.get("availability"),
                        "Shift/Last/Performance": body.get("performance"), "Shift/Last/OEE": body.get("oee"),
                        "Shift/Last/Anomaly Minutes": body.get("anomaly_minutes")})
+    return values
+
+
+def _standing(standing: Mapping[str, Any], at: int) -> dict[str, tuple[Any, int]]:
+    """The metrics a device's pipeline state (`DeviceRunner.standing`) sets, each with the time it holds since (a
+    state that holds since an unknown time: the birth's). A birth takes them where no row told a value: an
+    alarm that never started is not active, its limit is the config's, an anomaly event saved open is still
+    open."""
+    values: dict[str, tuple[Any, int]] = {}
+
+    def since(ts: float | None) -> int:
+        return _ms(ts) if ts is not None else at
+
+    if (anomaly := standing.get("anomaly")) is not None:
+        values["Anomaly/Active"] = (anomaly["active"], since(anomaly["since"]))
+    for name, alarm in standing.get("alarms", {}).items():
+        values[f"Alarms/{name}/Active"] = (alarm["active"], since(alarm["since"]))
+        values[f"Alarms/{name}/Limit"] = (alarm["limit"], at)
+    if (machine := standing.get("machine")) is not None:
+        reason = machine["reason"] or {}
+        values.update({"State": (machine["state"], since(machine["since"])),
+                       "State/Reason Code": (reason.get("code"), since(machine["since"])),
+                       "State/Reason": (reason.get("text"), since(machine["since"]))})
     return values
 
 
