@@ -442,6 +442,39 @@ def test_an_alarm_whose_rule_a_reload_takes_out_ends(tmp_path, caplog, takes_out
     assert sum(f"alarm turning ended: {why}" in r.getMessage() for r in caplog.records) == 1
 
 
+def test_a_departed_devices_damaged_state_is_said_once_then_forgotten(tmp_path, caplog):
+    """The worst-input pass: a device no longer configured whose saved states were damaged (edited by hand) was said
+    to be "damaged: it starts afresh" at every start and reload, for ever: nothing rewrote them."""
+    import os
+    import sqlite3
+
+    from gateway import datadir
+    from gateway.store.outbox import Outbox
+
+    path, cfg = make_config(tmp_path)
+    os.makedirs(cfg.gateway.data_dir, exist_ok=True)
+    store = Outbox.open(datadir.path(cfg.gateway.data_dir, datadir.OUTBOX))  # the outbox's own schema
+    store.stage_state("gone", "machine", {"state": "running", "since": 1.0, "reason": None})
+    store.commit()
+    store.close()
+    db = sqlite3.connect(datadir.path(cfg.gateway.data_dir, datadir.OUTBOX))
+    db.executemany("INSERT OR REPLACE INTO device_state VALUES (?, ?, ?)",
+                   [("gone", "alarms", '{"hot": {"active": "yes"}}'), ("gone", "anomaly", "[" * 10_000)])
+    db.commit()
+    db.close()
+
+    async def start() -> None:
+        async with Gateway(config.load(str(path)), str(path), Recorder()) as gw:
+            assert await gw.reload()
+            gw.outbox.commit()
+    with caplog.at_level(logging.INFO):
+        for _ in range(3):
+            asyncio.run(start())
+    said = [r.getMessage() for r in caplog.records if "device gone" in r.getMessage()]
+    assert len(said) == 2 and all("cannot be read" in m or "damaged" in m for m in said), said
+    assert not [r for r in caplog.records if r.exc_info]
+
+
 def test_after_a_reload_a_failing_device_keeps_its_pace_and_a_sensor_is_taken_as_it_sends(tmp_path):
     """An attack pass on the pace kept across a reload: it waited from the last good reading, so a device that
     could not be read was read again at every reload (23 errors in 18 s of reloads, for a 1 s interval); and it

@@ -534,3 +534,7 @@ def end_departed(names: Iterable[str], outbox: Outbox, topics: Topics) -> None:
                         OrphanedAlarms.of(name, (), outbox, topics, None, why)):
             if pending is not None:
                 pending.end(now)
+        # What is left holds nothing open: not kept, so that a state damaged beyond reading (a file edited by hand)
+        # is not said again at every start and reload. Back in the config, the device starts with none open.
+        outbox.forget_state(name, "anomaly")
+        outbox.forget_state(name, "alarms")

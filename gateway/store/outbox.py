@@ -150,7 +150,7 @@ class Outbox:
         self._pending: list[Message] = []
         self._pending_counters: dict[tuple[str, str], CounterRow] = {}
         self._pending_shifts: dict[str, str] = {}
-        self._pending_states: dict[tuple[str, str], str] = {}
+        self._pending_states: dict[tuple[str, str], str | None] = {}  # None: forgotten (`forget_state`)
         self._acked: dict[int, int] = {}  # seq -> payload size
         # Rows handed to the broker and not yet acknowledged (`hold`/`release`): never dropped, since they
         # may well arrive.
@@ -288,6 +288,11 @@ class Outbox:
         in the transaction of the messages that report it, so a restart neither repeats nor loses one."""
         self._pending_states[(device, kind)] = json.dumps(record)
 
+    def forget_state(self, device: str, kind: str) -> None:
+        """No state of this kind kept for the device any more, from the next commit (a device taken out of the
+        config, once what it left open has ended)."""
+        self._pending_states[(device, kind)] = None
+
     def device_state(self, device: str, kind: str) -> Any:
         """What `stage_state` kept, decoded (check its shape: `restore`); None if nothing, or nothing readable."""
         row = self._db.execute("SELECT record FROM device_state WHERE device = ? AND kind = ?", (device, kind)).fetchone()
@@ -418,7 +423,9 @@ class Outbox:
                     db.executemany("INSERT OR REPLACE INTO shifts VALUES (?, ?)", self._pending_shifts.items())
                 if self._pending_states:
                     db.executemany("INSERT OR REPLACE INTO device_state VALUES (?, ?, ?)",
-                                   ((d, k, r) for (d, k), r in self._pending_states.items()))
+                                   ((d, k, r) for (d, k), r in self._pending_states.items() if r is not None))
+                    db.executemany("DELETE FROM device_state WHERE device = ? AND kind = ?",
+                                   (dk for dk, r in self._pending_states.items() if r is None))
                 dropped = [(m.seq, m.size) for m in refused] + self._trim(db, now, messages, size)
                 messages -= len(dropped) - len(refused)
                 size -= sum(b for _, b in dropped) - sum(m.size for m in refused)
