@@ -99,6 +99,17 @@ class _Loader(yaml.SafeLoader):
                                                     node.start_mark) from None
 
 
+def _sexagesimal_as_text(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> Any:
+    """YAML 1.1 reads `14:00` as the base-60 number 840 (and `06:00`, with its leading zero, as text): a shift's
+    start so written was refused as "expected a non-empty string, got 840". YAML 1.2 has no base-60 numbers."""
+    if ":" in node.value:
+        return node.value
+    return (yaml.SafeLoader.construct_yaml_int if node.tag.endswith(":int") else
+            yaml.SafeLoader.construct_yaml_float)(loader, node)
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _sexagesimal_as_text)
+_Loader.add_constructor("tag:yaml.org,2002:float", _sexagesimal_as_text)
 # YAML 1.1 (PyYAML) reads `1e9` and `5E-3` as text: a float there needs a dot. YAML 1.2, and an engineer, read a
 # number; a limit written so was refused as "expected a number, got \"1e9\"".
 _Loader.add_implicit_resolver("tag:yaml.org,2002:float",

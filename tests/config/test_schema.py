@@ -339,3 +339,9 @@ def test_a_number_in_exponent_notation_is_a_number():
     pump3 = next(d for d in cfg.devices if d.name == "pump3")
     assert [(a.name, a.limit) for a in pump3.alarms] == [("high", 1e4), ("low", -0.25)]
     assert config.parse(BASE.replace("id: line3-gw1", 'id: "1e9"')).gateway.id == "1e9"  # quoted: text
+
+
+def test_a_shift_start_written_without_quotes_is_a_time():
+    """YAML 1.1 reads `14:00` as the base-60 number 840 (and `06:00` as text): a shift so written was refused."""
+    cfg = config.parse(BASE.replace('start: "14:00"', "start: 14:00").replace('start: "22:00"', "start: 22:30"))
+    assert [s.start for s in cfg.shifts] == ["06:00", "14:00", "22:30"]
