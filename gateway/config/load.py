@@ -99,17 +99,25 @@ class _Loader(yaml.SafeLoader):
                                                     node.start_mark) from None
 
 
-def _sexagesimal_as_text(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> Any:
-    """YAML 1.1 reads `14:00` as the base-60 number 840 (and `06:00`, with its leading zero, as text): a shift's
-    start so written was refused as "expected a non-empty string, got 840". YAML 1.2 has no base-60 numbers."""
-    if ":" in node.value:
-        return node.value
+def _number_as_yaml12(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> Any:
+    """A number as YAML 1.2 (and an engineer) reads it, where YAML 1.1 reads it otherwise:
+    - `14:00` is text, a time, not the base-60 number 840 (`06:00`, with its leading zero, was text already): a
+      shift's start so written was refused as "expected a non-empty string, got 840";
+    - `0012` is 12, not the octal 10 (and `0019` a number, not text): an address copied from a register list
+      with its leading zeros read another register."""
+    text = node.value
+    if ":" in text:
+        return text
+    if node.tag.endswith(":int") and _LEADING_ZEROS.match(text):
+        return int(text.replace("_", ""), 10)
     return (yaml.SafeLoader.construct_yaml_int if node.tag.endswith(":int") else
             yaml.SafeLoader.construct_yaml_float)(loader, node)
 
 
-_Loader.add_constructor("tag:yaml.org,2002:int", _sexagesimal_as_text)
-_Loader.add_constructor("tag:yaml.org,2002:float", _sexagesimal_as_text)
+_LEADING_ZEROS = re.compile(r"^[-+]?0[0-9_]+$")
+_Loader.add_constructor("tag:yaml.org,2002:int", _number_as_yaml12)
+_Loader.add_constructor("tag:yaml.org,2002:float", _number_as_yaml12)
+_Loader.add_implicit_resolver("tag:yaml.org,2002:int", _LEADING_ZEROS, list("-+0"))
 # YAML 1.1 (PyYAML) reads `1e9` and `5E-3` as text: a float there needs a dot. YAML 1.2, and an engineer, read a
 # number; a limit written so was refused as "expected a number, got \"1e9\"".
 _Loader.add_implicit_resolver("tag:yaml.org,2002:float",

@@ -345,3 +345,11 @@ def test_a_shift_start_written_without_quotes_is_a_time():
     """YAML 1.1 reads `14:00` as the base-60 number 840 (and `06:00` as text): a shift so written was refused."""
     cfg = config.parse(BASE.replace('start: "14:00"', "start: 14:00").replace('start: "22:00"', "start: 22:30"))
     assert [s.start for s in cfg.shifts] == ["06:00", "14:00", "22:30"]
+
+
+def test_an_address_with_leading_zeros_is_decimal():
+    """YAML 1.1 reads `0012` as octal 10 (and `0019` as text): an address copied from a register list with its
+    leading zeros read another register, without a word."""
+    text = BASE + MODBUS.replace("address: 0,", "address: 0012,").replace("address: 1,", "address: 0019,") % "int16"
+    registers = next(d for d in config.parse(text).devices if d.name == "pump2").registers
+    assert [r.address for r in registers] == [12, 19]
