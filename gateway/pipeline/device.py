@@ -14,7 +14,6 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from gateway import contract
 from gateway.config import Device
 from gateway.contract import Topics
 from gateway.logs import fields
@@ -135,7 +134,7 @@ class DeviceRunner:
 
     def standing(self) -> dict[str, Any]:
         """What this device's pipeline holds now that only an event tells upstream: whether its anomaly event is
-        open, each alarm rule's state and limit, the machine state. A session's births need them where no row that
+        open, each alarm rule's state, the machine state. A session's births need them where no row that
         told them is left (acknowledged and deleted before a restart or a reload, or never: no alarm yet)."""
         out: dict[str, Any] = {}
         if self.scoring is not None:
@@ -144,13 +143,12 @@ class DeviceRunner:
                               else None}
         if self.events is not None and self.events.alarms is not None:
             states = self.events.alarms.states
-            out["alarms"] = {rule.name: {"active": states[rule.name].active, "since": states[rule.name].started,
-                                         "limit": rule.limit} for rule in self.device.alarms}
+            # (an alarm that is not active while its tag has no good reading: not known either way)
+            out["alarms"] = {name: {"active": st.active if st.active or not st.unknown else None,
+                                    "since": st.started} for name, st in states.items()}
         if self.events is not None and self.events.machine is not None and \
                 (cur := self.events.machine.current).state is not None:
-            oee = self.device.oee
-            out["machine"] = {"state": cur.state, "since": cur.since,
-                              "reason": contract.reason(cur.reason, oee.reasons) if oee and oee.reason_tag else None}
+            out["machine"] = {"state": cur.state, "since": cur.since}  # (its reason: only a change tells it)
         return out
 
     def health_report(self) -> dict[str, Any]:

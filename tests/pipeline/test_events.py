@@ -620,3 +620,23 @@ def test_a_damaged_saved_anomaly_event_is_said_once_and_the_device_scores_on(tmp
     assert lines == [f"device pump1: its saved anomaly event is damaged ({said}): it starts afresh"]
     assert not runner.scoring.scorer.state.active
     store.close()
+
+
+def test_what_a_birth_takes_from_the_pipeline_is_what_the_events_told(tmp_path):
+    """`DeviceRunner.standing` fills a Sparkplug DBIRTH where no row told a value. An attack pass: it said an alarm
+    whose tag had never read was not active (the status page said unknown), and gave the machine a stop reason
+    that no state event had told (the code of a state entered from another stop, or set after the status)."""
+    line = Line(tmp_path / "g.db")
+    t = utc("2026-11-24T08:00:00")
+    line.sample(t, 1, dryer=None)
+    assert line.runner.standing()["alarms"]["dryer_hot"]["active"] is None  # its tag never read: not known
+    assert line.runner.standing()["alarms"]["slow"]["active"] is False
+    t = minutes(line, t + 60, 2, 3, reason=31)
+    t = minutes(line, t, 2, 2, reason=21, dryer=95.0)
+    standing = line.runner.standing()
+    assert standing["machine"] == {"state": "idle", "since": t - 120}
+    assert standing["alarms"]["dryer_hot"] == {"active": False, "since": None}  # (for: 3m not yet over)
+    t = minutes(line, t, 4, 2, dryer=95.0)
+    assert line.runner.standing()["alarms"]["dryer_hot"]["active"] is True
+    line.sample(t, 2, dryer=None)  # active, and then unknown: still active
+    assert line.runner.standing()["alarms"]["dryer_hot"]["active"] is True

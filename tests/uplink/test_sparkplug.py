@@ -109,7 +109,8 @@ def test_a_reload_that_adds_or_removes_a_device_is_a_new_session_with_its_births
     host = Host(mosquitto.port)
     try:
         one = "\n  - {name: pump1, source: sim, profile: pump, seed: 3, interval: 50ms}\n"
-        two = one + "  - {name: pump2, source: sim, profile: pump, seed: 4, interval: 50ms}\n"
+        two = one.replace("above: 1,", "above: 2,") + "  - {name: pump2, source: sim, profile: pump, seed: 4, " \
+                                                      "interval: 50ms}\n"
         gw = gateway(gateway_config(tmp_path / "data", mosquitto.port, devices=one,
                                     upstream=", format: sparkplug_b")).start()
         wait_until(lambda: len(host.of("DDATA")) > 3, 30, what="data")
@@ -435,7 +436,8 @@ def test_a_new_session_at_a_reload_births_what_the_old_one_knew(mosquitto, gatew
     interval: 50ms
     alarms: [{name: turning, tag: motor_rpm, above: 1, severity: low}]
 """
-        two = one + "  - {name: pump2, source: sim, profile: pump, seed: 4, interval: 50ms}\n"
+        two = one.replace("above: 1,", "above: 2,") + "  - {name: pump2, source: sim, profile: pump, seed: 4, " \
+                                                      "interval: 50ms}\n"
         gw = gateway(gateway_config(tmp_path / "data", mosquitto.port, devices=one,
                                     upstream=", format: sparkplug_b")).start()
         wait_until(lambda: "alarm turning raised" in gw.logs() and len(host.of("DDATA")) > 20, 30,
@@ -447,7 +449,7 @@ def test_a_new_session_at_a_reload_births_what_the_old_one_knew(mosquitto, gatew
         birth = {m.name: m for m in [p for t, p in host.of("DBIRTH") if t.endswith("/pump1")][-1].metrics}
         active = birth["Alarms/turning/Active"]
         assert not active.is_null and active.boolean_value is True
-        assert not birth["Alarms/turning/Limit"].is_null
+        assert birth["Alarms/turning/Limit"].double_value == 2  # the rule's now, not the old session's row's
         assert gw.stop() == 0
         assert "Traceback" not in gw.logs()
     finally:

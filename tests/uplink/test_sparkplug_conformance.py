@@ -200,7 +200,9 @@ def test_births_stop_waiting_for_a_device_that_never_reads(tmp_path):
     clock.now += BIRTH_WAIT
     births = decode(fmt.session_started(lambda: []))
     assert [k for k, _ in births] == ["NBIRTH", "DBIRTH", "DBIRTH"]
-    assert all(m.is_null for m in births[2][1].metrics)  # tck-id-operational-behavior-data-publish-dbirth-values
+    # tck-id-operational-behavior-data-publish-dbirth-values: null where nothing is known; a limit is the config's
+    assert all(m.is_null for m in births[2][1].metrics if m.name != "Alarms/web_break/Limit")
+    assert {m.name: m for m in births[2][1].metrics}["Alarms/web_break/Limit"].double_value == 50
 
 
 def test_tck_id_payloads_name_birth_data_requirement_every_metric_timestamped(tmp_path):

@@ -70,6 +70,7 @@ class SparkplugFormat:
         self.topics = metrics.Topics(group, node)
         self.types_of = types_of
         self.standing = standing  # a device's pipeline state (`DeviceRunner.standing`), for what no row told
+        self.limits = {d.name: {f"Alarms/{a.name}/Limit": a.limit for a in d.alarms} for d in config.devices}
         self.metrics = metrics.NodeMetrics(HEALTH_METRICS, config.devices,
                                            {d.name: types_of(d.name) for d in config.devices}, scored)
         self.clock = clock
@@ -195,11 +196,17 @@ class SparkplugFormat:
         self.born.add(device)
         known, told = self.last[device], self.told[device]
         at = _ms(self.clock())
-        standing = _standing(self.standing(device), at)
+        limits, standing = self.limits[device], _standing(self.standing(device), at)
         values = []
         for name, m in self.metrics.devices[device].items():
-            value, ts = known.get(name) or (standing[name] if name in standing and metrics.fits(
-                m.datatype, standing[name][0]) else (None, at))
+            known_as: tuple[Any, int] = (None, at)
+            if name in limits:  # the rule's now, not what a row said before a reload changed it
+                known_as = (limits[name], at)
+            elif name in known:
+                known_as = known[name]
+            elif name in standing and metrics.fits(m.datatype, standing[name][0]):
+                known_as = standing[name]
+            value, ts = known_as
             values.append((m, value, ts))
             told[name] = value
         return Packet(self.topics.device_topic("DBIRTH", device), metrics.payload(at, self._next_seq(), values, birth=True))
@@ -440,8 +447,7 @@ def _values(kind: str, body: Mapping[str, Any], ts_ms: int) -> dict[str, Any]:
 def _standing(standing: Mapping[str, Any], at: int) -> dict[str, tuple[Any, int]]:
     """The metrics a device's pipeline state (`DeviceRunner.standing`) sets, each with the time it holds since (a
     state that holds since an unknown time: the birth's). A birth takes them where no row told a value: an
-    alarm that never started is not active, its limit is the config's, an anomaly event saved open is still
-    open."""
+    alarm that never started is not active, an anomaly event saved open is still open."""
     values: dict[str, tuple[Any, int]] = {}
 
     def since(ts: float | None) -> int:
@@ -451,12 +457,8 @@ def _standing(standing: Mapping[str, Any], at: int) -> dict[str, tuple[Any, int]
         values["Anomaly/Active"] = (anomaly["active"], since(anomaly["since"]))
     for name, alarm in standing.get("alarms", {}).items():
         values[f"Alarms/{name}/Active"] = (alarm["active"], since(alarm["since"]))
-        values[f"Alarms/{name}/Limit"] = (alarm["limit"], at)
     if (machine := standing.get("machine")) is not None:
-        reason = machine["reason"] or {}
-        values.update({"State": (machine["state"], since(machine["since"])),
-                       "State/Reason Code": (reason.get("code"), since(machine["since"])),
-                       "State/Reason": (reason.get("text"), since(machine["since"]))})
+        values["State"] = (machine["state"], since(machine["since"]))
     return values
 
 
