@@ -195,9 +195,9 @@ def map_of(key: Check, val: Check) -> Check:
         if not isinstance(value, dict):
             problems.add(path, f"expected a mapping, got {found(value)}")
             return INVALID
-        out = {key(k, f"{path}.{k}", problems): val(v, f"{path}.{k}", problems) for k, v in value.items()}
-        bad = any(isinstance(x, Invalid) for x in (*out, *out.values()))
-        return INVALID if bad else out
+        # (pairs first: a key that is not one is INVALID, which cannot be a key of a dict)
+        pairs = [(key(k, f"{path}.{k}", problems), val(v, f"{path}.{k}", problems)) for k, v in value.items()]
+        return INVALID if any(isinstance(x, Invalid) for pair in pairs for x in pair) else dict(pairs)
     return check_map
 
 

@@ -94,6 +94,9 @@ BAD = [
     ("profile: pump,", "profile: boiler,", 'devices[0].profile: expected one of pump, flexo_line, got "boiler"'),
     ("upstream: {host: mqtt.example.com, ", "upstream: {", "upstream.host: required, but missing"),
     ("qos: 1", "qos: 0", "upstream.qos: expected one of 1, 2, got 0"),
+    ("    publish: {on_change: true,", "    oee: {status_tag: machine_status, states: {x1: running}}\n"
+                                     "    publish: {on_change: true,",  # was a traceback: TypeError, unhashable
+     'devices[1].oee.states.x1: expected an integer, got "x1"'),
 ]
 
 
