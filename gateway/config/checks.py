@@ -45,8 +45,22 @@ REQUIRED: Any = object()
 Check = Callable[[Any, str, Problems], Any]
 
 
+class Written(float):
+    """A number written with an exponent and no dot (`1e3`): YAML 1.1 read it as text, YAML 1.2 as a number (`load`).
+    A number where a number is expected; where text is, the text as written (an id or a name `7e1` that loaded before)."""
+
+    text: str
+
+    def __new__(cls, text: str) -> Written:
+        number = super().__new__(cls, text.replace("_", ""))
+        number.text = text
+        return number
+
+
 def found(value: Any) -> str:
     """How a YAML value is named in a message."""
+    if isinstance(value, Written):
+        return value.text if len(value.text) <= 60 else f"{value.text[:40]}… ({len(value.text)} characters)"
     if isinstance(value, str):
         return f'"{value}"' if len(value) <= 60 else f'"{value[:40]}…" ({len(value)} characters)'
     if value is None:
@@ -76,6 +90,7 @@ def join(path: str, key: str) -> str:
 # -- checks ---------------------------------------------------------------------------------------
 def string(pattern: re.Pattern[str] | None = None, what: str = "") -> Check:
     def check(value: Any, path: str, problems: Problems) -> Any:
+        value = value.text if isinstance(value, Written) else value
         if not isinstance(value, str) or not value:
             problems.add(path, f"expected a non-empty string, got {found(value)}")
             return INVALID

@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from gateway.config.checks import Invalid, Problems, join
+from gateway.config.checks import Invalid, Problems, Written, join
 from gateway.config.schema import Config, validate
 from gateway.errors import ConfigError
 
@@ -110,6 +110,8 @@ def _number_as_yaml12(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> Any:
         return text
     if node.tag.endswith(":int") and _LEADING_ZEROS.match(text):
         return int(text.replace("_", ""), 10)
+    if _EXPONENT.match(text):  # (text where YAML 1.1 read text: see Written)
+        return Written(text)
     return (yaml.SafeLoader.construct_yaml_int if node.tag.endswith(":int") else
             yaml.SafeLoader.construct_yaml_float)(loader, node)
 
@@ -120,8 +122,8 @@ _Loader.add_constructor("tag:yaml.org,2002:float", _number_as_yaml12)
 _Loader.add_implicit_resolver("tag:yaml.org,2002:int", _LEADING_ZEROS, list("-+0"))
 # YAML 1.1 (PyYAML) reads `1e9` and `5E-3` as text: a float there needs a dot. YAML 1.2, and an engineer, read a
 # number; a limit written so was refused as "expected a number, got \"1e9\"".
-_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
-                              re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+_EXPONENT = re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT, list("-+0123456789"))
 NUMBERS = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
 MAX_DIGITS = 40  # more than any count, size or time a config needs (2**64 has 20 digits)
 

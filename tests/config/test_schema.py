@@ -341,7 +341,11 @@ def test_a_number_in_exponent_notation_is_a_number():
                                     + "\n  - name: line1"))
     pump3 = next(d for d in cfg.devices if d.name == "pump3")
     assert [(a.name, a.limit) for a in pump3.alarms] == [("high", 1e4), ("low", -0.25)]
-    assert config.parse(BASE.replace("id: line3-gw1", 'id: "1e9"')).gateway.id == "1e9"  # quoted: text
+    # Where text is expected, the text as written: an id or a name that loaded before still does.
+    cfg = config.parse(BASE.replace("id: line3-gw1", "id: 7e1").replace("name: pump1", "name: 2e2"))
+    assert (cfg.gateway.id, cfg.devices[0].name) == ("7e1", "2e2")
+    with pytest.raises(config.ConfigError, match="upstream.port: expected an integer, got 1e3"):
+        config.parse(BASE.replace("port: 8883", "port: 1e3"))
 
 
 def test_a_shift_start_written_without_quotes_is_a_time():
