@@ -435,6 +435,8 @@ def test_an_alarm_whose_rule_a_reload_takes_out_ends(tmp_path, caplog, takes_out
             assert (end["severity"], end["tag"], end["limit"], end["value"]) == ("high", "motor_rpm", 1, None)
             assert end["started"] == rows[0]["ts"]
             assert gw.outbox.device_state("pump1", "alarms") in ({}, None)
+            if takes_out != "the rule":  # and its running shift stopped counting it (an attack pass)
+                assert gw.outbox.shift_record("pump1")["active_alarms"] == []
     with caplog.at_level(logging.INFO):
         asyncio.run(main())
     why = "its rule is not in the config any more" if takes_out == "the rule" else \

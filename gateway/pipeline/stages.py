@@ -530,10 +530,14 @@ def end_departed(names: Iterable[str], outbox: Outbox, topics: Topics) -> None:
     anomaly event and active alarms end now, said so; nothing else would ever end them."""
     why, now = "the device is not in the config any more", time.time()
     for name in sorted(names):
-        for pending in (UnwatchedEvent.of(name, outbox, topics, None, why),
-                        OrphanedAlarms.of(name, (), outbox, topics, None, why)):
-            if pending is not None:
-                pending.end(now)
+        ended = [pending for pending in (UnwatchedEvent.of(name, outbox, topics, None, why),
+                                         OrphanedAlarms.of(name, (), outbox, topics, None, why)) if pending is not None]
+        for pending in ended:
+            pending.end(now)
+        record = outbox.shift_record(name) if ended else None
+        if isinstance(record, dict) and (record.get("active_alarms") or record.get("in_anomaly")):
+            # Its running shift no longer counts their time, and one raised again when it is back counts as a start.
+            outbox.stage_shift(name, {**record, "active_alarms": [], "in_anomaly": False})
         # What is left holds nothing open: not kept, so that a state damaged beyond reading (a file edited by hand)
         # is not said again at every start and reload. Back in the config, the device starts with none open.
         outbox.forget_state(name, "anomaly")
