@@ -20,6 +20,7 @@ import logging
 import os
 import sqlite3
 import time
+from collections.abc import Mapping
 from types import TracebackType
 from typing import IO, Any
 
@@ -33,7 +34,7 @@ from gateway.notify import Notifier
 from gateway.pipeline.device import DeviceRunner
 from gateway.pipeline.stages import end_departed
 from gateway.shifts import ShiftCalendar
-from gateway.sources import Links, open_source, tag_types
+from gateway.sources import Links, Source, open_source, tag_types
 from gateway.store.history import FILE as HISTORY_FILE
 from gateway.store.history import Bounds as HistoryBounds
 from gateway.store.history import History
@@ -117,13 +118,17 @@ class Gateway:
         assert self._uplink is not None, "use `async with Gateway(...)`"
         return self._uplink
 
-    def _build(self, config: Config, prepared: Prepared, *, uplink: bool) -> None:
-        """Devices (and the uplink) from a config; the outbox is not touched. Builds only: starts nothing."""
+    def _build(self, config: Config, prepared: Prepared, *, uplink: bool, kept: Mapping[str, Source] | None = None) -> None:
+        """Devices (and the uplink) from a config; the outbox is not touched. Builds only: starts nothing. `kept`: the
+        sources of devices a reload leaves as they were (`_stop_devices`), with their connections."""
         self.config, self.prepared = config, prepared
         gw = config.gateway
         self.topics = Topics(config.topic_root)
         shifts = ShiftCalendar([(s.name, s.start) for s in config.shifts], gw.timezone)
-        self._links = Links(config.local_broker, gw.id, gw.data_dir, self.config_path)
+        links = Links(config.local_broker, gw.id, gw.data_dir, self.config_path)
+        if self._links is not None:
+            links.take_over(self._links)
+        self._links = links
         recorded = {d.name: HistoryBounds(d.history.keep, d.history.max_bytes) for d in config.devices if d.history}
         if recorded and self._history is not None and self._history.moved():
             log.warning("history %s was moved away: closing it, a new one is started", self._history.path)
@@ -136,7 +141,7 @@ class Gateway:
         if self._history is not None:
             self._history.configure(recorded)
         before = {r.name: r for r in self.devices}  # a reload: what unchanged devices know goes on
-        self.devices = [DeviceRunner(d, open_source(d, self._links), self.outbox, self.topics, shifts,
+        self.devices = [DeviceRunner(d, (kept or {}).get(d.name) or open_source(d, links), self.outbox, self.topics, shifts,
                                      on_state_change=self._device_state_changed,
                                      model=prepared.models.get(d.model) if d.model and d.name not in
                                      prepared.unusable else None,  # (a model that loads may still not fit)
@@ -191,8 +196,8 @@ class Gateway:
         async with self._rebuilding:  # a reload waiting meanwhile builds after this, on what this opened
             if self._history is not None or self._history_error is None or not self._open_history():
                 return  # (a reload meanwhile opened it, or no longer wants it)
-            await self._stop_devices()
-            self._build(self.config, self.prepared, uplink=False)
+            kept = await self._stop_devices(self.config)
+            self._build(self.config, self.prepared, uplink=False, kept=kept)
             self._start_devices()
 
     def _standing(self, device: str) -> dict[str, Any]:
@@ -300,12 +305,21 @@ class Gateway:
         if self._links is not None and self._links.mqtt is not None:
             self._sup.start(self._links.mqtt.run(), "local-mqtt")
 
-    async def _stop_devices(self) -> None:
+    async def _stop_devices(self, next_config: Config | None = None) -> dict[str, Source]:
+        """Stop the devices, each flushed. Their sources are closed, except (at a reload to `next_config`) those of
+        devices it has as they are: returned by name, connected, for `_build`. A local sensor's source is never
+        kept: the local broker's link is made again."""
         await self._sup.stop(*(f"device[{r.name}]" for r in self.devices), "local-mqtt")
+        staying = {d.name: d for d in next_config.devices} if next_config is not None else {}
+        kept: dict[str, Source] = {}
         for runner in self.devices:
             runner.flush()
-            await runner.source.aclose()
+            if staying.get(runner.name) == runner.device and runner.device.source != "mqtt":
+                kept[runner.name] = runner.source
+            else:
+                await runner.source.aclose()
         self._commit()
+        return kept
 
     def _device_state_changed(self) -> None:
         self.uplink.online_payload = self._status("online")
@@ -437,7 +451,7 @@ class Gateway:
 
     async def _apply(self, old: Config, new: Config, prepared: Prepared) -> None:
         """A checked config in place of the running one: the devices (and what changed of the rest) built again."""
-        await self._stop_devices()
+        kept = await self._stop_devices(new)
         self._end_departed(new)
         scoring = [r.scoring for r in self.devices if r.scoring is not None]
         self.outbox.bounds = _bounds(new)
@@ -465,7 +479,7 @@ class Gateway:
             log.info("the local broker's users file changed: the broker restarts with it (sensors reconnect)")
         if new_broker:
             await self._stop_broker()
-        self._build(new, prepared, uplink=new_uplink)
+        self._build(new, prepared, uplink=new_uplink, kept=kept)
         if new_broker:
             await self._start_broker()
         if new_uplink:
@@ -474,9 +488,10 @@ class Gateway:
             self._sup.start(self._commit_loop(), "commit")
         logging.getLogger().setLevel(new.gateway.log_level.upper())
         self._start_devices()
-        kept = sum(any(r.scoring is s for s in scoring) for r in self.devices)
-        log.info("config reloaded: %d devices%s%s; the outbox keeps its %d messages", len(self.devices),
-                 f" ({kept} scored going on with their context)" if kept else "",
+        scored = sum(any(r.scoring is s for s in scoring) for r in self.devices)
+        log.info("config reloaded: %d devices (%d unchanged, their connections kept%s)%s; the outbox keeps its %d "
+                 "messages", len(self.devices), len(kept),
+                 f"; {scored} scored going on with their context" if scored else "",
                  ", new upstream connection" if new_uplink else "", self.outbox.stats.messages)
         self.notifier.ready(self.status_line())
 

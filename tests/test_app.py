@@ -343,7 +343,9 @@ def test_a_reload_keeps_what_an_unchanged_device_knows_and_starts_a_changed_one_
             await wait_for(lambda: slow.health.polls > read + 1, "the slow device's next reading")
             assert slow.health.last_sample - last >= 0.9, slow.health.last_sample - last
             assert runner(gw, "kept").scoring is kept.scoring and runner(gw, "kept").health is kept.health
+            assert runner(gw, "kept").source is kept.source  # read on as it was, not opened again
             assert runner(gw, "changed").scoring is not changed.scoring
+            assert runner(gw, "changed").source is not changed.source
             assert runner(gw, "changed").scoring.scorer.state.scored == 0
             assert runner(gw, "changed").counting.closed is changed.counting.closed  # the web page's closed shifts
             await wait_for(lambda: kept.scoring.scorer.state.scored > scored + 3, "the kept device scoring on")
@@ -361,8 +363,9 @@ def test_a_reload_keeps_what_an_unchanged_device_knows_and_starts_a_changed_one_
     with caplog.at_level(logging.INFO):
         asyncio.run(main())
     reloaded = [r.getMessage() for r in caplog.records if r.getMessage().startswith("config reloaded")]
-    assert reloaded[0].startswith("config reloaded: 3 devices (1 scored going on with their context)"), reloaded
-    assert reloaded[1].startswith("config reloaded: 3 devices;"), reloaded
+    assert reloaded[0].startswith("config reloaded: 3 devices (2 unchanged, their connections kept; 1 scored going "
+                                  "on with their context)"), reloaded
+    assert reloaded[1].startswith("config reloaded: 3 devices (3 unchanged, their connections kept);"), reloaded
 
 
 def test_a_reload_and_the_history_opening_at_last_build_the_devices_one_after_the_other(tmp_path, caplog):

@@ -68,10 +68,15 @@ class DeviceRunner:
         self.publishing = Publishing(device, outbox, topics, self.counting, self.scoring)
         self.history = history
         self.last_sample: Sample | None = same.last_sample if same is not None else None  # the web page's
-        # The source is new: its counts go on from the old one's, and a polled one's first reading keeps the
+        # A new source's counts go on from the old one's, and a polled one's first reading keeps the
         # device's pace (a storm of reloads read every device at each one, and a kept scorer took them as its
         # samples). A sensor that sends on its own is taken as it sends.
-        self._skipped, self._dropped = (same.skipped_ticks, same.dropped) if same is not None else (0, 0)
+        if same is None:
+            self._skipped, self._dropped = 0, 0
+        elif same.source is source:  # kept by a reload, with its connection: its counts go on in it
+            self._skipped, self._dropped = same._skipped, same._dropped
+        else:
+            self._skipped, self._dropped = same.skipped_ticks, same.dropped
         self.last_read: float | None = same.last_read if same is not None else None  # good or failed
         self._resume_at = self.last_read + device.interval \
             if self.last_read is not None and isinstance(source, PolledSource) else None

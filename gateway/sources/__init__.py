@@ -79,6 +79,11 @@ class Links:
         self.modbus: dict[str, Link] = {}
         self.mqtt: MqttLink | None = None
 
+    def take_over(self, old: Links) -> None:
+        """A reload: the Modbus connections of the devices it keeps go on (their sources hold them), and a device
+        added behind one of them shares it. The others were closed with their last device's source."""
+        self.modbus = {key: link for key, link in old.modbus.items() if link.users}
+
 
 def open_source(device: Device, links: Links) -> Source:
     """The source for a device; `links` is shared by all devices so that they share connections."""

@@ -86,8 +86,9 @@ class Link:
     """
 
     def __init__(self, name: str, make_client: Callable[[], Any], gap: float = 0.0, serial: bool = False,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, spec: tuple[Any, ...] = ()) -> None:
         self.name = name
+        self.spec = spec  # what the client is made with: a reload's device that wants other may not share it
         self._make_client = make_client
         self.gap = gap
         self.serial = serial
@@ -105,6 +106,16 @@ class Link:
     def share(self, device: str, budget: float) -> None:
         """A device polls over this link; one of its polls holds it for at most `budget` seconds."""
         self._budgets[device] = budget
+
+    def release(self, device: str) -> None:
+        """A device no longer polls over this link (its source closed); the last one closes the connection."""
+        self._budgets.pop(device, None)
+        if not self._budgets:
+            self.close()
+
+    @property
+    def users(self) -> int:
+        return len(self._budgets)
 
     def budget(self) -> float:
         """The longest a poll may take here: its own transactions after every other device's in the queue."""
@@ -214,21 +225,24 @@ def link_for(device: ModbusTcpDevice | ModbusRtuDevice, links: dict[str, Link]) 
     """The shared link for a device's endpoint or serial port (created on first use)."""
     from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 
+    # One made for another spec is made again if no device uses it any more: one a reload carried over, whose
+    # devices all changed (a line's baud rate); devices of one config that differ share the first one's.
+    spec: tuple[Any, ...]
     if isinstance(device, ModbusTcpDevice):
         port = device.port or 502
-        key = f"tcp://{device.host}:{port}"
-        if key not in links:
+        key, spec = f"tcp://{device.host}:{port}", (device.host, port, device.timeout)
+        if key not in links or (links[key].spec != spec and not links[key].users):
             links[key] = Link(f"{device.host}:{port}", lambda: AsyncModbusTcpClient(
-                device.host, port=port, timeout=device.timeout, retries=0, reconnect_delay=0))
+                device.host, port=port, timeout=device.timeout, retries=0, reconnect_delay=0), spec=spec)
         return links[key]
     s = device.serial
-    key = f"rtu://{s.port}"
-    if key not in links:
+    key, spec = f"rtu://{s.port}", (s, device.timeout)
+    if key not in links or (links[key].spec != spec and not links[key].users):
         char_time = (1 + s.bytesize + (0 if s.parity == "N" else 1) + s.stopbits) / s.baudrate
         gap = 3.5 * char_time if s.baudrate <= 19200 else 0.00175  # Modbus over serial line, 2.5.1.1
         links[key] = Link(s.port, lambda: AsyncModbusSerialClient(
             s.port, baudrate=s.baudrate, parity=s.parity, stopbits=s.stopbits, bytesize=s.bytesize,
-            timeout=device.timeout, retries=0, reconnect_delay=0), gap=gap, serial=True)
+            timeout=device.timeout, retries=0, reconnect_delay=0), gap=gap, serial=True, spec=spec)
     return links[key]
 
 
@@ -275,5 +289,5 @@ class ModbusSource(PolledSource):
         return Sample(self.device.name, ts, values, {tag: quality[tag] for tag in values}, "; ".join(problems) or None)
 
     async def aclose(self) -> None:
-        self.link.close()
+        self.link.release(self.device.name)
 

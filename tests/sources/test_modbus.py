@@ -295,6 +295,45 @@ def test_faults_server_gone_exception_slow_are_isolated(sim_server, mosquitto, g
     assert health["devices"]["busy"]["errors"] > 3 and health["devices"]["good"]["state"] == "ok"
 
 
+def test_a_reload_keeps_the_connection_of_unchanged_devices_and_shares_it_with_one_added(
+        sim_server, mosquitto, gateway, subscribe, tmp_path):
+    """A reload closed every device's connection and opened it again: each PLC saw its gateway hang up and
+    reconnect whenever a device was added anywhere. Unchanged devices now read on over their connection, a device
+    added behind the same endpoint shares it, and the last device taken out of an endpoint closes it."""
+    import psutil
+
+    server = sim_server()
+    pump1, pump2 = device_yaml("pump1", server.port, 1, PUMP_MAP), device_yaml("pump2", server.port, 3, PUMP_MAP)
+    line1 = device_yaml("line1", server.port, 2, FLEXO_MAP)
+    other = "\n  - {name: sim1, source: sim, profile: pump, seed: 2, interval: 200ms}"
+    sub = subscribe(mosquitto.port, topic=f"{TOPIC}/#")
+    gw = gateway(gateway_config(tmp_path / "data", mosquitto.port, devices=pump1 + pump2 + other)).start()
+
+    def connections() -> list[int]:  # the gateway's local ports towards the PLC
+        return sorted(c.laddr.port for c in psutil.Process(gw.proc.pid).net_connections("tcp")
+                      if c.raddr and c.raddr.port == server.port and c.status == psutil.CONN_ESTABLISHED)
+    wait_until(lambda: len(sub.on("/pump1/telemetry")) > 3 and len(sub.on("/pump2/telemetry")) > 3, 20,
+               what="both units read")
+    before = connections()
+    assert len(before) == 1, before  # the two units share one connection
+    gw.config.write_text(gw.config.read_text().replace(pump2, pump2.replace("interval: 200ms", "interval: 300ms"))
+                         .replace(other, line1 + other))
+    gw.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: "config reloaded" in gw.logs() and len(sub.on("/line1/telemetry")) > 3, 20,
+               what="the reload, and the added device read")
+    assert connections() == before, (before, connections())  # not closed and opened again
+    assert "config reloaded: 4 devices (2 unchanged, their connections kept)" in gw.logs()
+    read = len(sub.on("/pump1/telemetry"))
+    wait_until(lambda: len(sub.on("/pump1/telemetry")) > read + 3, 10, what="pump1 read on")
+    gw.config.write_text(gw.config.read_text().replace(pump1, "").replace(pump2.replace(
+        "interval: 200ms", "interval: 300ms"), "").replace(line1, ""))
+    gw.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: gw.logs().count("config reloaded") == 2, 20, what="the second reload")
+    wait_until(lambda: not connections(), 10, what="the endpoint's connection closed with its last device")
+    assert gw.stop() == 0
+    assert "Traceback" not in gw.logs()
+
+
 @contextmanager
 def rtu_line(tmp_path: Path, *sim_args: str):
     """The simulated plant on one end of a socat pty pair (38400 8N1); yields the gateway's end.

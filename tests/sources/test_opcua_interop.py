@@ -186,3 +186,52 @@ def test_node_opcua_certificate_untrusted_then_trusted(tmp_path, capsys, caplog)
     assert trusted.values == {"temp": 21.5}
     assert Path(server_cert).read_bytes() in [p.read_bytes() for p in (tmp_path / "data" / "pki" / "trusted").iterdir()]
     assert "trusted: " in capsys.readouterr().out
+
+
+def test_a_reload_keeps_an_unchanged_devices_session(tmp_path):
+    """A reload closed every OPC UA session and opened it again (a secure channel, a session and its subscription
+    each time anything in the config changed). An unchanged device now reads on in its session; a changed one
+    opens its own."""
+    import psutil
+
+    from gateway import config
+    from gateway.app import Gateway
+    from tests.test_app import Recorder, wait_for
+
+    port = free_port()
+    proc = server(tmp_path, port)
+    device(tmp_path, port, "subscribe", nodes={"count": NODES["count"]})
+    path = tmp_path / "gateway.yaml"
+    path.write_text(path.read_text().replace("port: 1883", f"port: {free_port()}")
+                    + "  - {name: sim1, source: sim, profile: pump, seed: 2, interval: 200ms}\n")
+
+    def sessions() -> list[int]:  # this process's local ports towards the server
+        return sorted(c.laddr.port for c in psutil.Process().net_connections("tcp")
+                      if c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED)
+
+    async def main() -> None:
+        cfg = config.load(str(path))
+        async with Gateway(cfg, str(path), Recorder()) as gw:
+            run = asyncio.create_task(gw.run(asyncio.Event()))
+            press = gw.devices[0]
+            await wait_for(lambda: press.health.polls > 3 and press.health.state == "ok", "readings", 30)
+            before = sessions()
+            assert len(before) == 1, before
+            path.write_text(path.read_text().replace("seed: 2", "seed: 3"))  # another device changes
+            assert await gw.reload()
+            assert gw.devices[0].source is press.source and sessions() == before
+            polls = press.health.polls
+            await wait_for(lambda: press.health.polls > polls + 3, "readings in the same session", 30)
+            assert press.health.state == "ok" and sessions() == before
+            path.write_text(path.read_text().replace("interval: 200ms\n    timeout: 2s", "interval: 300ms\n"
+                                                     "    timeout: 2s"))  # now this one changes
+            assert await gw.reload()
+            assert gw.devices[0].source is not press.source
+            await wait_for(lambda: gw.devices[0].health.polls > 3, "readings in a new session", 30)
+            await wait_for(lambda: len(sessions()) == 1 and sessions() != before, "the old session closed", 30)
+            run.cancel()
+            await asyncio.gather(run, return_exceptions=True)
+    try:
+        asyncio.run(main())
+    finally:
+        stop(proc)
