@@ -302,21 +302,25 @@ class Gateway:
     def _start_devices(self) -> None:
         for runner in self.devices:
             self._sup.start(runner.run(), f"device[{runner.name}]")
-        if self._links is not None and self._links.mqtt is not None:
-            self._sup.start(self._links.mqtt.run(), "local-mqtt")
+        running = self._sup.tasks.get("local-mqtt")
+        if self._links is not None and self._links.mqtt is not None and (running is None or running.done()):
+            self._sup.start(self._links.mqtt.run(), "local-mqtt")  # (one a reload kept runs on)
 
     async def _stop_devices(self, next_config: Config | None = None) -> dict[str, Source]:
         """Stop the devices, each flushed. Their sources are closed, except (at a reload to `next_config`) those of
-        devices it has as they are: returned by name, connected, for `_build`. A local sensor's source is never
-        kept: the local broker's link is made again."""
-        await self._sup.stop(*(f"device[{r.name}]" for r in self.devices), "local-mqtt")
+        devices it has as they are: returned by name, connected, for `_build`. Local sensors are kept with the
+        local broker's link (`Links.take_over`), unless its section or the gateway's id changed."""
+        await self._sup.stop(*(f"device[{r.name}]" for r in self.devices))
         staying = {d.name: d for d in next_config.devices} if next_config is not None else {}
-        kept: dict[str, Source] = {}
+        same_broker = next_config is not None and (next_config.local_broker, next_config.gateway.id) == \
+            (self.config.local_broker, self.config.gateway.id)
+        kept = {r.name: r.source for r in self.devices if staying.get(r.name) == r.device
+                and (r.device.source != "mqtt" or same_broker)}
+        if not any(r.device.source == "mqtt" and r.name in kept for r in self.devices):
+            await self._sup.stop("local-mqtt")  # (its link closes with its last source)
         for runner in self.devices:
             runner.flush()
-            if staying.get(runner.name) == runner.device and runner.device.source != "mqtt":
-                kept[runner.name] = runner.source
-            else:
+            if runner.name not in kept:
                 await runner.source.aclose()
         self._commit()
         return kept

@@ -80,9 +80,13 @@ class Links:
         self.mqtt: MqttLink | None = None
 
     def take_over(self, old: Links) -> None:
-        """A reload: the Modbus connections of the devices it keeps go on (their sources hold them), and a device
-        added behind one of them shares it. The others were closed with their last device's source."""
+        """A reload: the connections of the devices it keeps go on (their sources hold them), and a device added
+        behind one of them shares it: a Modbus endpoint or line, the local broker (unless its section or the
+        gateway's id changed). The others were closed with their last device's source."""
         self.modbus = {key: link for key, link in old.modbus.items() if link.users}
+        if old.mqtt is not None and old.mqtt.sources and (old.local_broker, old.client_id) == \
+                (self.local_broker, self.client_id):
+            self.mqtt = old.mqtt
 
 
 def open_source(device: Device, links: Links) -> Source:

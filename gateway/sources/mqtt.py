@@ -66,7 +66,19 @@ class MqttLink:
         self._draining = False
 
     def add(self, source: MqttSource) -> None:
+        """A device's source; connected already (a reload added the device), its topic is subscribed at once."""
         self.sources.append(source)
+        if self.connected and self._client is not None:
+            self._client.subscribe(source.device.topic, qos=1)
+
+    def remove(self, source: MqttSource) -> None:
+        """A device's source closed (a reload took the device out or changed it): its topic is no longer taken,
+        unless another device's is the same."""
+        if source in self.sources:
+            self.sources.remove(source)
+        topic = source.device.topic
+        if self.connected and self._client is not None and all(s.device.topic != topic for s in self.sources):
+            self._client.unsubscribe(topic)
 
     async def aclose(self) -> None:
         await in_daemon_thread(self._disconnect, 3.0, "the local broker connection")
@@ -234,7 +246,11 @@ class MqttSource:
             yield sample
 
     async def aclose(self) -> None:
-        await self.link.aclose()
+        """The link's connection is the gateway's (`Links`): this device's topic is let go; the last one's close ends
+        the connection."""
+        self.link.remove(self)
+        if not self.link.sources:
+            await self.link.aclose()
 
 
 def decode(device: MqttDevice, payload: bytes | bytearray, arrived: float) -> Sample | SourceError:

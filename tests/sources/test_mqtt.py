@@ -7,6 +7,7 @@ import os
 import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -363,5 +364,62 @@ def test_a_message_above_max_message_size_is_refused_by_the_broker_and_by_the_ga
                what="the error counted in health")
     sensor.disconnect()
     sensor.loop_stop()
+    assert gw.stop() == 0
+    assert "Traceback" not in gw.logs()
+
+
+def test_a_reload_keeps_the_local_broker_link_and_subscribes_a_sensor_added(tmp_path, mosquitto, gateway, subscribe):
+    """A reload closed the link to the local broker and made it again: what sensors sent meanwhile was lost. It now
+    stays connected while the gateway keeps mqtt devices: a sensor added is subscribed on it, one changed is taken
+    again, and the link closes with its last device."""
+    import signal
+
+    import psutil
+
+    def sensor_yaml(name: str, interval: str = "1s") -> str:
+        return f"\n  - {{name: {name}, source: mqtt, topic: plant/{name}, interval: {interval}, fields: {{t: t}}}}"
+    temp1, temp2, temp3 = sensor_yaml("temp1"), sensor_yaml("temp2"), sensor_yaml("temp3")
+    extra = f'local_broker: {{listen: "127.0.0.1:{mosquitto.port}"}}'
+    up = subscribe(mosquitto.port, topic="edge/lab/test-gw/#")
+    gw = gateway(gateway_config(tmp_path / "data", mosquitto.port, devices=temp1 + temp2, extra=extra)).start()
+    wait_until(lambda: "connected to the local broker" in gw.logs(), 20, what="the gateway to subscribe")
+    sensor = connect(mosquitto.port, name="sensors")
+    sending = threading.Event()
+
+    def send() -> None:
+        n = 0
+        while not sending.is_set():
+            n += 1
+            for name in ("temp1", "temp2", "temp3"):
+                sensor.publish(f"plant/{name}", json.dumps({"t": n}).encode())
+            time.sleep(0.05)
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+
+    def links() -> list[int]:  # the gateway's local ports towards the broker: its uplink and its local link
+        return sorted(c.laddr.port for c in psutil.Process(gw.proc.pid).net_connections("tcp")
+                      if c.raddr and c.raddr.port == mosquitto.port and c.status == psutil.CONN_ESTABLISHED)
+    try:
+        wait_until(lambda: up.on("/temp1/telemetry") and up.on("/temp2/telemetry"), 20, what="both sensors read")
+        before = links()
+        assert len(before) == 2, before
+        gw.config.write_text(gw.config.read_text().replace(temp2, sensor_yaml("temp2", "2s") + temp3))
+        gw.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: "config reloaded" in gw.logs() and up.on("/temp3/telemetry"), 20,
+                   what="the reload, and the added sensor read")
+        count = len(up.on("/temp2/telemetry"))
+        wait_until(lambda: len(up.on("/temp2/telemetry")) > count, 20, what="the changed sensor read again")
+        assert links() == before, (before, links())  # neither the uplink nor the local link made again
+        assert "config reloaded: 3 devices (1 unchanged, their connections kept)" in gw.logs()
+        gw.config.write_text(gw.config.read_text().replace(temp1, "").replace(sensor_yaml("temp2", "2s"), "")
+                             .replace(temp3, "\n  - {name: sim1, source: sim, profile: pump, seed: 2, interval: 1s}"))
+        gw.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: gw.logs().count("config reloaded") == 2, 20, what="the second reload")
+        wait_until(lambda: len(links()) == 1, 10, what="the local link closed with its last sensor")
+    finally:
+        sending.set()
+        sender.join(5)
+        sensor.disconnect()
+        sensor.loop_stop()
     assert gw.stop() == 0
     assert "Traceback" not in gw.logs()
