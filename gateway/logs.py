@@ -93,6 +93,8 @@ def setup(level: str = "info") -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # pymodbus logs every failed connect and every garbage frame (with hex dumps); the device's own
     # state-change log says it once.
-    logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
-    # asyncua logs its own reconnect attempts (with tracebacks) while the device's state change says it once.
-    logging.getLogger("asyncua").setLevel(logging.CRITICAL)
+    # asyncua logs its own reconnect attempts (with tracebacks) while the device's state change says it once. Both
+    # log some of that at CRITICAL themselves (asyncua each error a server sends: a refused security mode, at every
+    # attempt): above it.
+    for library in ("pymodbus", "asyncua"):
+        logging.getLogger(library).setLevel(logging.CRITICAL + 1)

@@ -51,7 +51,7 @@ from gateway.logs import fields
 from gateway.retry import backoff, down
 from gateway.sample import ERROR, OK, STALE, Sample
 from gateway.sources.opcua_trust import Untrusted, fingerprint, pki_dir, reject, trusted
-from gateway.sources.opcua_wire import Ended, ReadCall, Reading, Subscription, fits, why
+from gateway.sources.opcua_wire import Ended, ReadCall, Reading, Subscription, fits, keep_server_errors, server_refusal, why
 from gateway.sources.poll import PolledSource
 from gateway.supervise import within
 
@@ -115,12 +115,13 @@ class OpcUaSource(PolledSource):
         try:
             await _connect(client, device, self.pki, self._told, self._trust_command)
         except Exception as err:  # asyncua raises OSError, TimeoutError, ua.UaError and its own on a failed connect
-            reached = not isinstance(err, (OSError, asyncio.TimeoutError))
+            refusal = server_refusal(client.uaclient)  # (its ERR message comes as a lost connection)
+            reached = refusal is not None or not isinstance(err, (OSError, asyncio.TimeoutError))
             self._retry_at = time.monotonic() + (backoff(self._attempt, 0.5, 30.0, 0.3, self._rng) if reached
                                                  else down(self._attempt, 0.5, 2.0, self._rng))
             self._attempt += 1
             await _close(client)
-            self._failure = why(err)
+            self._failure = refusal or why(err)
             self._say_failure(self._failure)
             raise SourceError(f"{device.endpoint}: cannot connect ({self._failure})") from None
         if not fits(client.uaclient):
@@ -323,6 +324,7 @@ def _client(device: OpcUaDevice) -> Any:
     """A fresh asyncua client for the device, with its login (a broken client is never reused)."""
     from asyncua.client.client import Client
 
+    keep_server_errors()
     # asyncua probes the server's state every `watchdog_intervall` (1 s by default): a second Read per
     # second beside ours. Our own reads and Publishes notice a dead connection every interval
     # (`read`, `_from_subscription`) and keep the session alive, so its probe can be rare.

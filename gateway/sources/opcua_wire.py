@@ -406,6 +406,44 @@ def _acknowledgements(subscription: int, sequences: list[int]) -> bytes:
     return _I32.pack(len(sequences)) + b"".join(struct.pack("<II", subscription, n) for n in sequences)
 
 
+def keep_server_errors() -> None:
+    """asyncua takes an ERR message from the server (a security mode or policy it refuses, a certificate it cannot
+    use) for a lost connection: its awaiters get "connection lost", and the reason goes only to its own log at
+    CRITICAL. Each socket protocol now keeps the last one (`server_refusal`), so that the device says why and is
+    retried as a server that answers and refuses (backing off), not one that is down. Idempotent."""
+    from asyncua import ua
+    from asyncua.client.ua_client import UASocketProtocol
+
+    process = UASocketProtocol._process_received_message
+    if getattr(process, "keeps_server_errors", False):
+        return
+
+    def keeping(self: Any, msg: Any) -> None:
+        if isinstance(msg, ua.ErrorMessage):
+            self.server_error = msg
+        process(self, msg)
+    keeping.keeps_server_errors = True  # type: ignore[attr-defined]
+    UASocketProtocol._process_received_message = keeping  # type: ignore[method-assign]
+
+
+def server_refusal(uaclient: Any) -> str | None:
+    """What the server said in its ERR message on this client's connection (`keep_server_errors`), if it sent one."""
+    msg = getattr(getattr(uaclient, "protocol", None), "server_error", None)
+    if msg is None:
+        return None
+    status = getattr(msg, "Error", None)
+    reason = str(getattr(msg, "Reason", "") or "")[:200]
+    if reason.startswith(POLICY_URI):  # (node-opcua sends it with a status that is not one)
+        return (f"the server refused the connection: it does not take security policy {reason[len(POLICY_URI):]} "
+                f"in the mode asked for (security.mode)")
+    name = getattr(status, "name", "?") if getattr(status, "is_bad", lambda: False)() else None
+    return "the server refused the connection: " + ": ".join(filter(None, (name, reason))) if name or reason else \
+        "the server refused the connection"
+
+
+POLICY_URI = "http://opcfoundation.org/UA/SecurityPolicy#"
+
+
 def why(err: BaseException) -> str:
     """An error as one short line for the device's message (its type when it says nothing)."""
     return (str(err) or type(err).__name__)[:200]

@@ -235,3 +235,54 @@ def test_a_reload_keeps_an_unchanged_devices_session(tmp_path):
         asyncio.run(main())
     finally:
         stop(proc)
+
+
+def test_a_security_mode_the_server_refuses_is_said_and_backed_off(tmp_path):
+    """An attack pass: node-opcua answers a security mode it does not offer with an ERR message. asyncua took it for
+    a lost connection: the device said "connection lost", was retried every 2 s for ever (an asymmetric handshake
+    for the server each time), and asyncua's own CRITICAL line about it reached the journal at every attempt."""
+    import subprocess
+    import sys
+
+    from gateway.sources.opcua import OpcUaSource
+    from tests.helpers import ENV, ROOT
+
+    port = free_port()
+    server_cert, server_key = make_certificate(tmp_path, "node-server", "urn:edge-gateway:node-opcua", server=True)
+    client_cert, client_key = make_certificate(tmp_path, "gateway", "urn:edge-gateway:test-gw", server=False)
+    proc = server(tmp_path, port, "--cert", server_cert, "--key", server_key)  # SignAndEncrypt only
+    security = (f"    security: {{policy: Basic256Sha256, mode: Sign, cert_file: {client_cert}, key_file: {client_key}, "
+                f"server_cert_file: {server_cert}}}\n")
+    press = device(tmp_path, port, "poll", security, nodes={"temp": NODES["temp"]})
+
+    def waits(problems: list[str]) -> list[float]:
+        return [float(p.rsplit("next attempt in ", 1)[1].rstrip("s")) for p in problems if "next attempt in" in p]
+
+    async def run() -> list[str]:
+        source = OpcUaSource(press, str(tmp_path / "data" / "pki"))
+        problems = []
+        try:
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and max(waits(problems), default=0) <= 2.5:
+                sample = await source.read_once()
+                problems.append(sample.problem or "")
+                await asyncio.sleep(0.1)
+            return problems
+        finally:
+            await source.aclose()
+    try:
+        problems = asyncio.run(run())
+        # the daemon's journal: the device's line, and none of asyncua's
+        daemon = subprocess.Popen([sys.executable, "-m", "gateway", "run", "-c", str(tmp_path / "gateway.yaml")],
+                                  cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        time.sleep(6)
+        daemon.terminate()
+        journal = daemon.communicate(timeout=20)[0]
+    finally:
+        stop(proc)
+    assert "the server refused the connection: it does not take security policy Basic256Sha256 in the mode asked " \
+           "for (security.mode)" in problems[0], problems[0]
+    assert max(waits(problems)) > 2.5, problems  # backing off, as from a server that answers and refuses
+    assert problems[-1].split("; next attempt in ")[0].endswith(problems[0].split("cannot connect (", 1)[1]), problems
+    assert "device press1: read failed" in journal and "the server refused the connection" in journal, journal[-3000:]
+    assert "CRITICAL" not in journal and "asyncua" not in journal and "Traceback" not in journal, journal[-3000:]
