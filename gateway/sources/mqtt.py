@@ -256,7 +256,7 @@ class MqttSource:
 def decode(device: MqttDevice, payload: bytes | bytearray, arrived: float) -> Sample | SourceError:
     """One message → a Sample, or a SourceError when nothing in it can be used."""
     try:
-        doc = json.loads(payload)
+        doc = json.loads(payload, parse_int=_integer)
     except RecursionError:
         return SourceError(f"JSON nested too deeply on {device.topic}: payload {_preview(payload)}")
     except ValueError as err:  # not JSON, not UTF-8/16/32, or an integer of thousands of digits
@@ -293,6 +293,15 @@ def decode(device: MqttDevice, payload: bytes | bytearray, arrived: float) -> Sa
         else:
             ts = parsed
     return Sample(device.name, ts, values, quality, "; ".join(problems) or None)
+
+
+class _Digits(str):
+    """An integer of more digits than Python reads (`sys.get_int_max_str_digits`): that field's error, not the whole
+    message's (its other fields are good)."""
+
+
+def _integer(text: str) -> int | _Digits:
+    return int(text) if len(text) <= 400 else _Digits(text)
 
 
 def _lookup(doc: dict[str, Any], path: str) -> tuple[bool, Any]:
@@ -342,7 +351,7 @@ def _show(value: Any) -> str:
     """A value as the log shows it: short, whatever it is."""
     if isinstance(value, (dict, list)):
         return "an object" if isinstance(value, dict) else "a list"
-    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 10**40:
+    if isinstance(value, _Digits) or (isinstance(value, int) and not isinstance(value, bool) and abs(value) > 10**40):
         return "an integer too large for a number"
     return json.dumps(value)[:40]
 

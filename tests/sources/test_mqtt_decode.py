@@ -23,7 +23,6 @@ WORST = [
     (b"\xff\xfe\x80", "malformed JSON"),
     (b"[" * 10_000 + b"]" * 10_000, "nested too deeply"),
     (b'{"t":' * 10_000 + b"1" + b"}" * 10_000, "nested too deeply"),
-    (b'{"t": ' + b"9" * 5000 + b"}", "malformed JSON"),
     (b"\x00", "malformed JSON"),
     (b"", "malformed JSON"),
     (b"[1, 2]", "expected a JSON object"),
@@ -37,8 +36,11 @@ def test_garbage_is_a_source_error(payload, why):
     assert len(str(result)) < 300  # the log line quotes a preview, never the payload
 
 
-def test_bad_fields_are_bad_tags_and_the_rest_is_kept():
-    payload = b'{"t": ' + b"9" * 4000 + b', "x": {"flow": 12.5}, "ts": 1e300, "pad": "' + b"x" * 10_000_000 + b'"}'
+@pytest.mark.parametrize("digits", [4000, 5000])
+def test_bad_fields_are_bad_tags_and_the_rest_is_kept(digits):
+    """An attack pass: an integer of more digits than Python reads (4,300) failed the whole message as malformed
+    JSON, its good fields with it."""
+    payload = b'{"t": ' + b"9" * digits + b', "x": {"flow": 12.5}, "ts": 1e300, "pad": "' + b"x" * 10_000_000 + b'"}'
     sample = decode(DEVICE, payload, 1_700_000_000.0)
     assert isinstance(sample, Sample)
     assert sample.values == {"temp": None, "flow": 12.5}
