@@ -20,14 +20,18 @@ def add_to(sub: Subparsers) -> None:
     parser.set_defaults(main=lambda args: status(args.config, args.json))
 
 
+STATE_LIMIT = 64 << 20
+
+
 def status(path: str, as_json: bool) -> int:
     cfg = load(path)
     if cfg is None:
         return EX_CONFIG
     state_path = datadir.path(cfg.gateway.data_dir, datadir.STATE)
     try:
-        with open(state_path, encoding="utf-8") as fh:
-            state = json.load(fh)
+        # (not blocking on a FIFO put there, nor reading /dev/zero to the end: the gateway writes a few KiB)
+        with os.fdopen(os.open(state_path, os.O_RDONLY | os.O_NONBLOCK), "rb") as fh:
+            state = json.loads(fh.read(STATE_LIMIT))
     except (OSError, ValueError, RecursionError) as err:  # RecursionError: JSON nested thousands deep
         print(f"no state in {state_path} ({err}); has the gateway run?", file=sys.stderr)
         return EX_UNAVAILABLE
@@ -42,7 +46,7 @@ def status(path: str, as_json: bool) -> int:
             print(json.dumps({**state, "running": running, "age_s": round(age, 1)}, indent=2))
             return EX_OK if running is not False else EX_UNAVAILABLE
         return _show(state, running, age, cfg.gateway.health_interval)
-    except (KeyError, TypeError, AttributeError, ValueError) as err:  # damaged, or written by another version
+    except (KeyError, TypeError, AttributeError, ValueError, OverflowError) as err:  # damaged, or another version's
         print(f"the state in {state_path} is not one this version writes ({type(err).__name__}: {err}); the gateway "
               f"writes it anew every {cfg.gateway.health_interval:g}s while it runs", file=sys.stderr)
         return EX_UNAVAILABLE

@@ -57,12 +57,37 @@ class Written(float):
         return number
 
 
+MAX_TEXT_BYTES = 65535  # MQTT's longest string (a user name, a client id: longer, the first CONNECT failed, exit 70)
+
+
+def unfit_text(value: str) -> str | None:
+    """Why a string cannot be a setting: what no path, name, topic or login can hold (they failed later, at the
+    first use: a NUL in a path, a lone surrogate `"\\ud800"` written to the outbox, a NUL in a topic that the broker
+    answers by closing the connection, for ever); None when it can."""
+    if "\0" in value:
+        return "without NUL characters"
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        return "that is UTF-8 (a lone surrogate such as \\ud800 is not)"
+    return f"of at most {MAX_TEXT_BYTES} bytes" if size > MAX_TEXT_BYTES else None
+
+
+_HIDDEN = re.compile("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2066-\u2069\ufeff\ud800-\udfff]")
+
+
+def visible(text: str) -> str:
+    """Text as a message may show it on a terminal: control, bidirectional and invisible characters (and lone
+    surrogates) escaped, as `\\x00` or `\\u202e`, so that a value cannot hide in, or rewrite, the line."""
+    return _HIDDEN.sub(lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) < 0x100 else f"\\u{ord(m[0]):04x}", text)
+
+
 def found(value: Any) -> str:
     """How a YAML value is named in a message."""
     if isinstance(value, Written):
         return value.text if len(value.text) <= 60 else f"{value.text[:40]}… ({len(value.text)} characters)"
     if isinstance(value, str):
-        return f'"{value}"' if len(value) <= 60 else f'"{value[:40]}…" ({len(value)} characters)'
+        return f'"{visible(value)}"' if len(value) <= 60 else f'"{visible(value[:40])}…" ({len(value)} characters)'
     if value is None:
         return "nothing"
     if isinstance(value, (dict, list)):
@@ -93,6 +118,9 @@ def string(pattern: re.Pattern[str] | None = None, what: str = "") -> Check:
         value = value.text if isinstance(value, Written) else value
         if not isinstance(value, str) or not value:
             problems.add(path, f"expected a non-empty string, got {found(value)}")
+            return INVALID
+        if (bad := unfit_text(value)) is not None:
+            problems.add(path, f"expected text {bad}, got {found(value)}")
             return INVALID
         if pattern and not pattern.match(value):
             problems.add(path, f"expected {what or pattern.pattern}, got {found(value)}")
@@ -134,9 +162,10 @@ def boolean(value: Any, path: str, problems: Problems) -> Any:
 
 def one_of(*choices: Any) -> Check:
     def check(value: Any, path: str, problems: Problems) -> Any:
-        # bool is an int in Python: `true` must not pass as 1, nor 1 as `true`.
+        # bool is an int in Python: `true` must not pass as 1, nor 1 as `true`; and 1.0 == 1, but a QoS or a bit
+        # count of 1.0 passed on as a float failed later (paho's `qos << 1`: exit 70 at the first publish).
         if isinstance(value, (dict, list)) or value not in choices or \
-                isinstance(value, bool) != isinstance(choices[0], bool):
+                not any(type(value) is type(c) for c in choices if c == value):
             problems.add(path, f"expected one of {', '.join(str(c) for c in choices)}, got {found(value)}")
             return INVALID
         return value

@@ -52,10 +52,15 @@ def load(path: str) -> Config:
     """Read and validate a config file."""
     try:
         with open(path, "rb") as fh:
-            data = fh.read()
+            data = fh.read(MAX_FILE + 1)  # not all: /dev/zero, or a stream, has no end
     except OSError as err:
         raise ConfigError(path, [("", f"cannot read the file: {err.strerror}")]) from None
+    if len(data) > MAX_FILE:
+        raise ConfigError(path, [("", f"larger than {MAX_FILE >> 20} MiB: not a config this reads")])
     return parse(data, path)
+
+
+MAX_FILE = 64 << 20  # a plant of thousands of devices is a few MiB
 
 
 def lines_of(path: str) -> dict[str, int]:
@@ -66,7 +71,7 @@ def lines_of(path: str) -> dict[str, int]:
     """
     try:
         with open(path, "rb") as fh:
-            return _compose(fh.read().decode("utf-8"))[1]
+            return _compose(fh.read(MAX_FILE).decode("utf-8"))[1]
     except (OSError, ValueError, yaml.YAMLError, RecursionError):
         return {}
 
@@ -78,7 +83,7 @@ def document(path: str) -> Any:
     reports every problem."""
     try:
         with open(path, "rb") as fh:
-            return _compose(fh.read().decode("utf-8"))[0]
+            return _compose(fh.read(MAX_FILE).decode("utf-8"))[0]
     except (OSError, ValueError, yaml.YAMLError, RecursionError):
         return None
 
@@ -88,7 +93,7 @@ class _Loader(yaml.SafeLoader):
     `!!timestamp` of day 32) are YAML errors with their line, not a ValueError from deep inside."""
 
     def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
-        digits = sum(c.isdigit() for c in str(node.value)) if node.tag in NUMBERS else 0
+        digits = sum(c.isalnum() for c in str(node.value)) if node.tag in NUMBERS else 0  # (hex digits are letters)
         if digits > MAX_DIGITS:
             raise yaml.constructor.ConstructorError(None, None, f"a number of {digits} digits is not a setting",
                                                     node.start_mark)

@@ -116,12 +116,19 @@ def _unreadable(config: Any) -> list[tuple[str, str]]:
     return _files([(path, name) for path, name in files if isinstance(name, str) and name])
 
 
+MAX_PASSWORD = 65535
+
+
 def _files(files: list[tuple[str, str]]) -> list[tuple[str, str]]:
     """Each named file readable; a password or users file (read as text by the gateway) UTF-8 text too."""
     problems = []
     for path, name in files:
         if not (os.path.isfile(name) and os.access(name, os.R_OK)):
             problems.append((path, f'expected a readable file, got "{name}" (missing or not readable)'))
+        elif path.endswith("password_file") and path != "local_broker.password_file" and \
+                (size := os.path.getsize(name)) > MAX_PASSWORD:  # (that one is the broker's users)
+            # (MQTT's longest password: a longer one failed the first CONNECT, exit 70, for ever)
+            problems.append((path, f'expected a password of at most {MAX_PASSWORD} bytes, got "{name}" of {size}'))
         elif path.endswith(("password_file", "users_file")) and (why := not_text(name)):
             problems.append((path, why))
     return problems

@@ -97,6 +97,17 @@ BAD = [
     ("    publish: {on_change: true,", "    oee: {status_tag: machine_status, states: {x1: running}}\n"
                                      "    publish: {on_change: true,",  # was a traceback: TypeError, unhashable
      'devices[1].oee.states.x1: expected an integer, got "x1"'),
+    # Attack passes: each passed check-config, then failed the daemon (exit 70 at the first publish or CONNECT, for
+    # ever under systemd; a broker closing every connection; a traceback), or check-config itself.
+    ("qos: 1", "qos: 1.0", "upstream.qos: expected one of 1, 2, got 1.0"),
+    ("bits: 16}]", "bits: 16.0}]", "devices[1].counters[0].bits: expected one of 16, 32, got 16.0"),
+    ("qos: 1,", 'qos: 1, client_id: "gw\\0one",',
+     'upstream.client_id: expected text without NUL characters, got "gw\\x00one"'),
+    ("qos: 1,", 'qos: 1, topic_prefix: "edge/\\ud800/{site}",',
+     'upstream.topic_prefix: expected text that is UTF-8 (a lone surrogate such as \\ud800 is not), got '
+     '"edge/\\ud800/{site}"'),
+    ("qos: 1,", f"qos: 1, username: {'u' * 70_000},",
+     f'upstream.username: expected text of at most 65535 bytes, got "{"u" * 40}…" (70000 characters)'),
 ]
 
 
@@ -360,3 +371,20 @@ def test_an_address_with_leading_zeros_is_decimal():
     text = BASE + MODBUS.replace("address: 0,", "address: 0012,").replace("address: 1,", "address: 0019,") % "int16"
     registers = next(d for d in config.parse(text).devices if d.name == "pump2").registers
     assert [r.address for r in registers] == [12, 19]
+
+
+def test_files_and_numbers_no_config_holds_are_exit_78_not_a_traceback_or_a_hang(tmp_path):
+    """Attack passes: a hexadecimal number of 300 digits (its digits are letters: past the length guard) was a
+    traceback; /dev/zero as the config read until the memory ran out; a password file longer than MQTT's limit
+    passed check-config, then the first CONNECT failed (exit 70, for ever under systemd)."""
+    result = check(tmp_path, BASE.replace("max_messages: 1000000", "max_messages: 0x" + "f" * 300))
+    assert result.returncode == 78 and "not valid YAML: a number of 302 digits is not a setting" in result.stderr
+    zero = subprocess.run([sys.executable, "-m", "gateway", "check-config", "/dev/zero"], capture_output=True,
+                          text=True, env=ENV, cwd=ROOT, timeout=60)
+    assert zero.returncode == 78 and "/dev/zero: larger than 64 MiB: not a config this reads" in zero.stderr
+    password = tmp_path / "gw.pass"
+    password.write_text("p" * 70_000)
+    result = check(tmp_path, BASE.replace("qos: 1,", f"qos: 1, username: gw, password_file: {password},"))
+    assert result.returncode == 78 and f'upstream.password_file: expected a password of at most 65535 bytes, got ' \
+        f'"{password}" of 70000' in result.stderr
+    assert "Traceback" not in result.stderr + zero.stderr

@@ -176,7 +176,8 @@ def test_status_of_a_state_file_nested_100000_deep_is_no_state_not_a_traceback(t
     assert capsys.readouterr().err.startswith(f"no state in {tmp_path}/data/state.json (maximum recursion depth")
 
 
-@pytest.mark.parametrize("state", ["[]", "null", '{"devices": 5}', '{"gateway_id": "w", "upstream": {}}'])
+@pytest.mark.parametrize("state", ["[]", "null", '{"devices": 5}', '{"gateway_id": "w", "upstream": {}}',
+                                   '{"gateway_id": "w", "ts": "t", "uptime_s": 1' + "0" * 400 + "}"])
 def test_status_of_a_state_file_it_did_not_write_is_said_not_a_traceback(tmp_path, state, capsys):
     """Damaged, or left by another version: `status` (and `status --json`) said KeyError/TypeError tracebacks."""
     from gateway.cli import main
@@ -188,6 +189,19 @@ def test_status_of_a_state_file_it_did_not_write_is_said_not_a_traceback(tmp_pat
     assert main(["status", "-c", str(config)]) == 69 and capsys.readouterr().err.startswith(said)
     if not state.startswith("{"):  # --json shows any object as it is; a list or null is said the same way
         assert main(["status", "--json", "-c", str(config)]) == 69 and capsys.readouterr().err.startswith(said)
+
+
+def test_status_of_a_fifo_put_in_place_of_the_state_file_does_not_hang(tmp_path, capsys):
+    """An attack pass: `status` waited for ever on a FIFO at data_dir/state.json."""
+    import os
+
+    from gateway.cli import main
+    (tmp_path / "data").mkdir()
+    os.mkfifo(tmp_path / "data" / "state.json")
+    config = tmp_path / "gw.yaml"
+    config.write_text(gateway_config(tmp_path / "data", 1883))
+    assert main(["status", "-c", str(config)]) == 69
+    assert capsys.readouterr().err.startswith(f"no state in {tmp_path}/data/state.json")
 
 
 def test_ctrl_c_stops_the_demo_and_its_gateway_with_one_clean_drain():
