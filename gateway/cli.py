@@ -15,10 +15,11 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from gateway import __version__
 from gateway.commands.common import Parser
-from gateway.errors import EX_NOPERM
+from gateway.errors import EX_IOERR, EX_NOPERM
 
 EX_PIPE = 128 + signal.SIGPIPE  # what a shell reports for a tool that stopped because its reader went away
 
@@ -45,8 +46,13 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser(argv[0] if argv else None).parse_args(argv)
+    out = _Watched(sys.stdout) if sys.stdout is not None else None
+    if out is not None:
+        sys.stdout = out
     try:
         code: int = args.main(args)
+        if out is not None:
+            out.flush()  # here, not at the exit: an output that cannot be written is said below
     except BrokenPipeError:  # `edge-gateway model score ... | head`: the reader has gone, as it may
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the exit's flush is quiet too
         return EX_PIPE
@@ -55,4 +61,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"edge-gateway {argv[0]}: {where}permission denied: run it as root or as the service user "
               "(sudo edge-gateway ..., or sudo -u edge-gateway edge-gateway ...)", file=sys.stderr)
         return EX_NOPERM
+    except OSError as err:
+        if out is None or out.failed is not err:
+            raise
+        # `edge-gateway status > /dev/full`, or stdout on a full disk: said, not a traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        print(f"edge-gateway {argv[0]}: cannot write the output: {err.strerror or err}", file=sys.stderr)
+        return EX_IOERR
     return code
+
+
+class _Watched:
+    """Standard output, remembering a write that failed: that error is the output's, not a file's."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self.failed: OSError | None = None
+
+    def write(self, text: str) -> int:
+        try:
+            return int(self._stream.write(text))
+        except OSError as err:
+            self.failed = err
+            raise
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except OSError as err:
+            self.failed = err
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)

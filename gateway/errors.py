@@ -17,11 +17,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 # Exit codes (sysexits), for every command: 0 ok, 64 usage, 65 bad input data, 69 a required service
-# or resource unavailable, 70 internal error (systemd restarts the daemon), 73 cannot create a file,
+# or resource unavailable, 70 internal error (systemd restarts the daemon), 73 cannot create a file, 74 the
+# output cannot be written (stdout on a full disk),
 # 77 permission denied (a command run without the rights to the data_dir), 78 config error (systemd
 # does not restart: it will not fix itself).
-EX_OK, EX_USAGE, EX_DATAERR, EX_UNAVAILABLE, EX_SOFTWARE, EX_CANTCREAT, EX_NOPERM, EX_CONFIG = \
-    0, 64, 65, 69, 70, 73, 77, 78
+EX_OK, EX_USAGE, EX_DATAERR, EX_UNAVAILABLE, EX_SOFTWARE, EX_CANTCREAT, EX_IOERR, EX_NOPERM, EX_CONFIG = \
+    0, 64, 65, 69, 70, 73, 74, 77, 78
 
 
 def missing(*modules: str) -> list[str]:

@@ -120,6 +120,8 @@ def model_command(args: argparse.Namespace) -> int:
     except BrokenPipeError:
         raise  # stdout's reader has gone: `cli.main` ends quietly
     except OSError as err:
+        if getattr(sys.stdout, "failed", None) is err:
+            raise  # standard output that cannot be written (`model list > /dev/full`): `cli.main` says so
         return _fail(f"{err.filename or ''}: {err.strerror}", EX_CANTCREAT)
 
 

@@ -268,3 +268,16 @@ def test_outbox_purge_answered_with_ctrl_d_deletes_nothing_and_says_so(tmp_path)
     finally:
         os.close(main)
     assert proc.returncode == 0 and "nothing deleted" in out.decode() and "Traceback" not in err.decode(), err
+
+
+@pytest.mark.parametrize("command", [["check-config"], ["model", "list", "-c"]])
+def test_an_output_that_cannot_be_written_is_said_not_a_traceback(tmp_path, command):
+    """An attack pass: `check-config FILE > /dev/full` was a traceback (exit 1), `model list > /dev/full` said
+    "edge-gateway: : No space left on device" (exit 73, naming no file)."""
+    config = tmp_path / "gw.yaml"
+    config.write_text(gateway_config(tmp_path / "data", 1883))
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([sys.executable, "-m", "gateway", *command, str(config)], stdout=full,
+                                stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT, timeout=60)
+    assert result.returncode == 74, result.stderr
+    assert result.stderr == f"edge-gateway {command[0]}: cannot write the output: No space left on device\n"
