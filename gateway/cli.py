@@ -19,7 +19,7 @@ from typing import Any
 
 from gateway import __version__
 from gateway.commands.common import Parser
-from gateway.errors import EX_IOERR, EX_NOPERM
+from gateway.errors import EX_IOERR, EX_NOPERM, EX_USAGE
 
 EX_PIPE = 128 + signal.SIGPIPE  # what a shell reports for a tool that stopped because its reader went away
 
@@ -45,6 +45,13 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    for i, arg in enumerate(argv):  # bytes that are not UTF-8 (their surrogates) fail wherever they are written
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = arg.encode("utf-8", "surrogateescape").decode("ascii", "backslashreplace")[:80]
+            print(f"edge-gateway: argument {i + 1} is not UTF-8 text: {shown}", file=sys.stderr)
+            return EX_USAGE
     args = _parser(argv[0] if argv else None).parse_args(argv)
     out = _Watched(sys.stdout) if sys.stdout is not None else None
     if out is not None:

@@ -281,3 +281,15 @@ def test_an_output_that_cannot_be_written_is_said_not_a_traceback(tmp_path, comm
                                 stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT, timeout=60)
     assert result.returncode == 74, result.stderr
     assert result.stderr == f"edge-gateway {command[0]}: cannot write the output: No space left on device\n"
+
+
+def test_an_argument_that_is_not_utf8_is_a_usage_error():
+    """An attack pass: `history export $'\\xff'` and `counters set ... --reason $'\\xff'` were tracebacks (the bytes
+    reached SQLite as lone surrogates)."""
+    import os
+
+    for args in (["history", "export", b"\xff"], ["counters", "set", "f1", "produced", "5", "--reason", b"caf\xe9"]):
+        result = subprocess.run([sys.executable.encode(), b"-m", b"gateway", *[os.fsencode(a) for a in args]],
+                                capture_output=True, env=ENV, cwd=ROOT, timeout=60)
+        assert result.returncode == 64 and b"is not UTF-8 text" in result.stderr, result.stderr
+        assert b"Traceback" not in result.stderr
