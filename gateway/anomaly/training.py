@@ -489,14 +489,18 @@ def _scales(grids: list[np.ndarray], drift: Sequence[bool], baseline_s: float,
     grids = [g for g in grids if len(g)]
     allrows = np.concatenate(grids)
     center = np.nanmedian(allrows, axis=0)
-    noise = np.array([max(_noise(g[:, j]) for g in grids) for j in range(allrows.shape[1])])
-    level_spread = np.nanstd(allrows, axis=0)
-    deviations = np.concatenate([Inputs(center, np.ones(len(center)), drift, baseline_s, interval).run(g)
-                                 for g in grids]) if any(drift) else allrows - center
-    spread = np.where(drift, np.nanstd(deviations, axis=0), level_spread)
+    with np.errstate(over="ignore", invalid="ignore"):  # readings of ±1e308: their sums and steps overflow
+        noise = np.array([max(_noise(g[:, j]) for g in grids) for j in range(allrows.shape[1])])
+        level_spread = np.nanstd(allrows, axis=0)
+        deviations = np.concatenate([Inputs(center, np.ones(len(center)), drift, baseline_s, interval).run(g)
+                                     for g in grids]) if any(drift) else allrows - center
+        spread = np.where(drift, np.nanstd(deviations, axis=0), level_spread)
     spread = np.maximum(spread, np.maximum(noise, np.maximum(1e-6 * np.abs(center), SMALLEST_SPREAD)))
     share, step = _resolution(grids)
     spread = np.where(share >= COARSE_SHARE, np.maximum(spread, step), spread)  # a read step is normal
+    # A spread that overflowed (NaN) is beyond any scale, not 1: the caller refuses the tag. Taken as 1, such a tag
+    # was trained on as it read, to a loss of inf, and the converter crashed the process (exit 139).
+    spread = np.where(np.isnan(spread), np.inf, spread)
     return center, np.where(spread > 0, spread, 1.0)
 
 

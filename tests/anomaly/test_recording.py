@@ -198,16 +198,18 @@ def test_too_few_rows_is_exit_65_before_any_training(tmp_path):
     assert not list(tmp_path.glob("m.*"))
 
 
-def test_readings_beyond_what_a_model_can_scale_are_exit_65_naming_the_tag_before_any_training(tmp_path):
+@pytest.mark.parametrize("wild,top", [(lambda i: 1e250 if i % 97 == 0 else math.sin(i), "1e+250"),
+                                      (lambda i: 1e308 if i % 2 else -1e308, "1e+308")], ids=["1e250", "1e308"])
+def test_readings_beyond_what_a_model_can_scale_are_exit_65_naming_the_tag_before_any_training(tmp_path, wild, top):
     """Seven readings of 1e250 in 600 (more than a glitch) made a spread no model can hold: training failed on its
-    own temporary metadata, with TensorFlow's notices on stderr."""
-    write_csv(tmp_path / "wild.csv", ["a", "b"],
-              [(1.79e9 + i, [1e250 if i % 97 == 0 else math.sin(i), math.cos(i)]) for i in range(600)])
+    own temporary metadata, with TensorFlow's notices on stderr. Readings of ±1e308 made a spread that overflowed
+    (NaN), taken as 1: trained on as they read, to a loss of inf, and the process crashed (exit 139)."""
+    write_csv(tmp_path / "wild.csv", ["a", "b"], [(1.79e9 + i, [wild(i), math.cos(i)]) for i in range(600)])
     result = subprocess.run([sys.executable, "-m", "gateway", "model", "train", "m", "--csv",
                              str(tmp_path / "wild.csv"), "--out", str(tmp_path)],
                             capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=120)
     assert result.returncode == 65, result.stderr
-    assert "tag a reads up to 1e+250: beyond what a model can scale" in result.stderr
+    assert f"tag a reads up to {top}: beyond what a model can scale" in result.stderr
     assert "Traceback" not in result.stderr and "oneDNN" not in result.stderr and ".tmp" not in result.stderr
     assert not list(tmp_path.glob("m.*"))
 
