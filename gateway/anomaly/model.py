@@ -173,6 +173,11 @@ class Model:
             meta = json.loads(_read(meta_path, "its metadata "))
         except (ValueError, RecursionError) as err:  # RecursionError: arrays nested thousands deep
             raise ModelError(f"its metadata {meta_path} is not valid JSON: {str(err) or type(err).__name__}") from None
+        try:  # a "\ud800" escape is valid JSON, and no text: `model show` and `list` failed printing it
+            json.dumps(meta, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ModelError(f"its metadata {meta_path} holds text that is not UTF-8 (an escaped lone surrogate such "
+                             f"as \\ud800): not what training writes") from None
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             found = meta.get("format", 1) if isinstance(meta, dict) else type(meta).__name__
             raise ModelError(f"its metadata {meta_path} is format {found}, this gateway reads format {FORMAT}: "

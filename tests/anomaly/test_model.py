@@ -55,6 +55,9 @@ def test_the_shipped_model_and_a_good_config_pass(tmp_path):
     ("hash", "model pump-ae: pump-ae.tflite does not match its metadata: sha256"),
     ("bad_json", "model pump-ae: its metadata {dir}/pump-ae.json is not valid JSON"),
     ("deep_json", "model pump-ae: its metadata {dir}/pump-ae.json is not valid JSON"),
+    # An attack pass: `model show` and `model list` failed printing its tag (a traceback).
+    ("surrogate", "model pump-ae: its metadata {dir}/pump-ae.json holds text that is not UTF-8 (an escaped lone "
+                  "surrogate such as \\ud800): not what training writes"),
     ("window", "pump-ae.tflite takes [1, {size}] and gives [1, {size}], but its metadata says window 20 x 10 tags"),
     ("format1", "its metadata {dir}/pump-ae.json is format 1, this gateway reads format 3: train it again"),
     ("short", "its metadata {dir}/pump-ae.json is not usable: inputs.center, inputs.spread, inputs.drift and "
@@ -147,7 +150,8 @@ def test_a_bad_model_is_a_config_error_naming_device_model_and_mismatch(tmp_path
     elif damage in ("fifo", "dev_zero"):
         (d / "pump-ae.tflite").unlink()
         os.mkfifo(d / "pump-ae.tflite") if damage == "fifo" else (d / "pump-ae.tflite").symlink_to("/dev/zero")
-    text = {"bad_json": "{not json", "deep_json": "[" * 10000 + "]" * 10000}.get(damage, json.dumps(meta))
+    text = {"bad_json": "{not json", "deep_json": "[" * 10000 + "]" * 10000,
+            "surrogate": json.dumps({**meta, "tags": ["\ud800", *meta["tags"][1:]]})}.get(damage, json.dumps(meta))
     if damage == "meta_fifo":
         os.mkfifo(d / "pump-ae.json")
     else:
