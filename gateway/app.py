@@ -372,6 +372,8 @@ class Gateway:
         while True:
             await asyncio.sleep(self.config.gateway.health_interval)
             await self._retry_history()
+            for runner in self.devices:
+                runner.health.settle()  # (a flapping device that now holds its state: said)
             latest = self.health()
             self.uplink.publish_live(self.topics.health, contract.health(latest), body=latest)
             self._write_state(latest)

@@ -8,6 +8,8 @@ recovery. The gateway-wide report that gathers every device's is `gateway/report
 from __future__ import annotations
 
 import logging
+import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +17,11 @@ from typing import Any
 from gateway.logs import fields
 
 log = logging.getLogger("edge_gateway.pipeline.health")
+
+# A device whose state flaps (a sensor sending good and bad messages in turn, a float NaN on every other poll) would
+# log a line per change, hundreds a second: beyond FLAP_LINES changes in FLAP_WINDOW one line says so, and the next
+# line is when it has held one state for FLAP_WINDOW (`settle`).
+FLAP_LINES, FLAP_WINDOW = 10, 60.0
 
 
 @dataclass
@@ -28,7 +35,12 @@ class DeviceHealth:
     last_sample: float | None = None
     last_error: str | None = None
     bad_tags: list[str] = field(default_factory=list)
+    clock: Callable[[], float] = time.monotonic
     _why: str | None = None
+    _logged: deque[float] = field(default_factory=lambda: deque(maxlen=FLAP_LINES))  # when the last changes were
+    _unlogged: int | None = None  # changes since the device began to flap (None: each is logged)
+    _changed_at: float = 0.0
+    _said: str | None = None  # why, as the last change said it
 
     def failed(self, why: str) -> None:
         """A read failed as a whole."""
@@ -52,7 +64,20 @@ class DeviceHealth:
         old = self.state
         if state == old and (state == "ok" or key == self._why):
             return
-        self.state, self._why = state, key
+        self.state, self._why, self._said = state, key, why
+        now = self._changed_at = self.clock()
+        if self._unlogged is not None:
+            self._unlogged += 1
+            return
+        if len(self._logged) == FLAP_LINES and now - self._logged[0] < FLAP_WINDOW:
+            self._unlogged = 0
+            log.warning("device %s: its state changed %d times in %.0fs (now %s%s): further changes are not logged "
+                        "until it holds one state for %.0fs; health and status show the current one", self.name,
+                        FLAP_LINES + 1, now - self._logged[0], state, f": {why}" if why else "", FLAP_WINDOW,
+                        extra=fields(self.name, "device_flapping"))
+            self.on_change()
+            return
+        self._logged.append(now)
         extra = fields(self.name, f"device_{state}")
         if state == "error":
             log.error("device %s: read failed: %s (tags %s now error)", self.name, why, ", ".join(self.tags),
@@ -63,4 +88,15 @@ class DeviceHealth:
             log.warning("device %s: recovered, all tags ok", self.name, extra=extra)
         else:
             log.info("device %s: first sample read, all tags ok", self.name, extra=extra)
+        self.on_change()
+
+    def settle(self) -> None:
+        """Once a flapping device has held one state for FLAP_WINDOW, say where it is, and log changes again."""
+        if self._unlogged is None or self.clock() - self._changed_at < FLAP_WINDOW:
+            return
+        log.warning("device %s: held one state for %.0fs, after %d more changes: %s%s", self.name, FLAP_WINDOW,
+                    self._unlogged, self.state, f": {self._said}" if self._said else "",
+                    extra=fields(self.name, "device_settled"))
+        self._unlogged = None
+        self._logged.clear()
         self.on_change()

@@ -69,3 +69,37 @@ def test_on_change_publishes_a_change_of_quality_and_a_value_going_missing_or_co
 def test_max_silence_publishes_an_unchanged_value_again():
     p = policy("{on_change: true, max_silence: 10s}")
     assert published(p, [sample(t, 20.0) for t in range(0, 31)]) == [0, 10, 20, 30]
+
+
+def test_a_flapping_device_is_said_once_then_when_it_settles(caplog):
+    """An attack pass: a sensor sending good and bad messages in turn logged a line per message ("read failed",
+    "recovered", ...: 2,700 lines in 10 s at 300 messages a second). Beyond 10 changes a minute, one line says the
+    state flaps; the next, once it has held one state for a minute."""
+    import logging
+
+    from gateway.pipeline.health import FLAP_WINDOW, DeviceHealth
+
+    now = [1000.0]
+    changes = []
+    health = DeviceHealth("s1", ("t",), on_change=lambda: changes.append(now[0]), clock=lambda: now[0])
+    with caplog.at_level(logging.INFO):
+        for i in range(3000):  # 300 a second for 10 s
+            now[0] += 1 / 300
+            if i % 2:
+                health.sampled(now[0], [], None)
+            else:
+                health.failed("malformed JSON on plant/s1: Expecting value")
+            health.settle()
+        assert health.state == "ok"  # (the last one was good): the current state, always
+        lines = [r.getMessage() for r in caplog.records]
+        assert len(lines) == 11 and "its state changed 11 times in" in lines[-1], lines
+        assert len(changes) == 11  # the status upstream is not published at every change either
+        now[0] += FLAP_WINDOW - 1
+        health.settle()
+        assert len(caplog.records) == 11
+        now[0] += 1
+        health.settle()
+        assert caplog.records[-1].getMessage() == "device s1: held one state for 60s, after 2989 more changes: ok"
+        health.failed("malformed JSON on plant/s1: Expecting value")  # and changes are logged again
+        assert caplog.records[-1].getMessage().startswith("device s1: read failed: malformed JSON") and \
+            len(changes) == 13
