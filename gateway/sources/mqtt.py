@@ -256,7 +256,12 @@ class MqttSource:
 def decode(device: MqttDevice, payload: bytes | bytearray, arrived: float) -> Sample | SourceError:
     """One message → a Sample, or a SourceError when nothing in it can be used."""
     try:
-        doc = json.loads(payload, parse_int=_integer)
+        try:
+            doc = json.loads(payload)
+        except ValueError as err:  # an integer of more digits than Python reads: that field's error (`_Digits`)
+            if "integer string conversion" not in str(err):
+                raise
+            doc = json.loads(payload, parse_int=_integer)  # (not always: it takes the C scanner's speed away)
     except RecursionError:
         return SourceError(f"JSON nested too deeply on {device.topic}: payload {_preview(payload)}")
     except ValueError as err:  # not JSON, not UTF-8/16/32, or an integer of thousands of digits
