@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from gateway.config.checks import Invalid, Problems, Written, join
+from gateway.config.checks import Invalid, Problems, Written, join, visible
 from gateway.config.schema import Config, validate
 from gateway.errors import ConfigError
 
@@ -29,6 +29,12 @@ def parse(text: str | bytes, file: str = "<config>") -> Config:
                                                       f"{err.start}; save the file as UTF-8")]) from None
     try:
         node, lines, duplicates = _compose(text)
+    except yaml.reader.ReaderError as err:  # a character YAML does not take: its reader knows only its position
+        at = err.position
+        where = f"line {text.count(chr(10), 0, at) + 1}, column {at - text.rfind(chr(10), 0, at)}"
+        what = visible(chr(err.character)) if isinstance(err.character, int) else repr(err.character)
+        raise ConfigError(file, [(where, f"not valid YAML: the character {what} is not allowed (no control "
+                                         f"character but tab and line ends)")]) from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""

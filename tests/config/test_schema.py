@@ -155,6 +155,15 @@ def test_any_bytes_give_a_config_error_never_a_traceback():
         assert str(caught.value).startswith("g.yaml"), (data[:20], str(caught.value))
 
 
+def test_a_control_character_is_said_at_its_line():
+    """An attack pass: a NUL in the file was "not valid YAML: unacceptable character #x0000 ... position 16", naming
+    no line."""
+    with pytest.raises(config.ConfigError) as caught:
+        config.parse(b"gateway: {id: gw1,\n  site: pl\x00ant}\n", "g.yaml")
+    assert str(caught.value) == ("g.yaml: line 2, column 11: not valid YAML: the character \\x00 is not allowed (no "
+                                 "control character but tab and line ends)")
+
+
 def test_a_key_given_twice_is_an_error():
     with pytest.raises(config.ConfigError) as caught:
         config.parse(BASE.replace("upstream: {host: mqtt.example.com,", "upstream: {host: a, host: mqtt.example.com,"))
