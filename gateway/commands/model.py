@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gateway import config as configuration
+from gateway.config.checks import visible
 from gateway.config.schema import NAME
 from gateway.errors import EX_CANTCREAT, EX_CONFIG, EX_DATAERR, EX_OK, EX_UNAVAILABLE, EX_USAGE, ModelError
 from gateway.files import replacing
@@ -84,7 +85,8 @@ def add_to(sub: Any) -> None:
 
 
 def _fail(message: str, code: int) -> int:
-    print(f"edge-gateway: {message}", file=sys.stderr)
+    # (escaped: a column name or a path from the user's file may hold control or bidirectional characters)
+    print("edge-gateway: " + "\n".join(visible(line) for line in message.split("\n")), file=sys.stderr)
     return code
 
 

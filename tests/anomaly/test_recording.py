@@ -347,3 +347,14 @@ def test_model_train_from_a_device_with_a_config_it_cannot_read_is_78_not_a_trac
         assert cli.main(["model", "train", "m", "--device", "p1", "--out", str(tmp_path), "-c", config]) == 78
         err = capsys.readouterr().err
         assert err.startswith(config) and "Traceback" not in err, err
+
+
+def test_a_column_name_with_control_characters_is_shown_escaped(tmp_path):
+    """An attack pass: error messages echoed a column's name as it was: an escape sequence (colouring or clearing
+    the terminal) or a right-to-left override rewrote the line the user reads."""
+    name = "a\x1b[2J\u202eb"
+    (tmp_path / "ctl.csv").write_text("time," + name + ",c\n" + "".join(f"{1.79e9 + i},x,{i}\n" for i in range(100)))
+    result = subprocess.run([sys.executable, "-m", "gateway", "model", "train", "m", "--csv", str(tmp_path / "ctl.csv"),
+                             "--tags", "nope"], capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=120)
+    assert result.returncode == 65 and "a\\x1b[2J\\u202eb" in result.stderr, result.stderr
+    assert "\x1b" not in result.stderr and "\u202e" not in result.stderr
