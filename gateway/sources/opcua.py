@@ -116,6 +116,10 @@ class OpcUaSource(PolledSource):
             await _connect(client, device, self.pki, self._told, self._trust_command)
         except Exception as err:  # asyncua raises OSError, TimeoutError, ua.UaError and its own on a failed connect
             refusal = server_refusal(client.uaclient)  # (its ERR message comes as a lost connection)
+            if refusal is not None and device.security is not None and device.security.server_cert_file:
+                # the server could not read what was encrypted for the pinned certificate: another server's
+                refusal += (f"; security.server_cert_file pins {device.security.server_cert_file}: is it this "
+                            f"server's certificate?")
             reached = refusal is not None or not isinstance(err, (OSError, asyncio.TimeoutError))
             self._retry_at = time.monotonic() + (backoff(self._attempt, 0.5, 30.0, 0.3, self._rng) if reached
                                                  else down(self._attempt, 0.5, 2.0, self._rng))

@@ -286,3 +286,30 @@ def test_a_security_mode_the_server_refuses_is_said_and_backed_off(tmp_path):
     assert problems[-1].split("; next attempt in ")[0].endswith(problems[0].split("cannot connect (", 1)[1]), problems
     assert "device press1: read failed" in journal and "the server refused the connection" in journal, journal[-3000:]
     assert "CRITICAL" not in journal and "asyncua" not in journal and "Traceback" not in journal, journal[-3000:]
+
+
+def test_a_pinned_certificate_that_is_not_the_servers_is_said(tmp_path):
+    """An attack pass: pinned (security.server_cert_file) to another certificate than the server's, the device said
+    "An internal error occurred.(BadTcpInternalError)": nothing pointed at the pin."""
+    from gateway.sources.opcua import OpcUaSource
+
+    port = free_port()
+    server_cert, server_key = make_certificate(tmp_path, "node-server", "urn:edge-gateway:node-opcua", server=True)
+    client_cert, client_key = make_certificate(tmp_path, "gateway", "urn:edge-gateway:test-gw", server=False)
+    other, _ = make_certificate(tmp_path, "other", "urn:edge-gateway:other", server=True)
+    proc = server(tmp_path, port, "--cert", server_cert, "--key", server_key)
+    security = (f"    security: {{policy: Basic256Sha256, cert_file: {client_cert}, key_file: {client_key}, "
+                f"server_cert_file: {other}}}\n")
+
+    async def run() -> str:
+        source = OpcUaSource(device(tmp_path, port, "poll", security, nodes={"temp": NODES["temp"]}),
+                             str(tmp_path / "data" / "pki"))
+        try:
+            return (await source.read_once()).problem or ""
+        finally:
+            await source.aclose()
+    try:
+        problem = asyncio.run(run())
+    finally:
+        stop(proc)
+    assert f"security.server_cert_file pins {other}: is it this server's certificate?" in problem, problem
