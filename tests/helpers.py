@@ -201,6 +201,19 @@ class TcpGate:
                 pass
 
 
+# The simulated pump scored by the shipped model (one sample a simulated second, 20 a real one): a device entry to
+# which keys are added (`alarms:`, `faults:`).
+SCORED_PUMP = """
+  - name: pump1
+    source: sim
+    profile: pump
+    seed: 3
+    interval: 50ms
+    time_scale: 20
+    model: pump-ae
+"""
+
+
 def gateway_config(data_dir: Path, port: int, devices: str | None = None, extra: str = "", upstream: str = "") -> str:
     devices = devices or """
   - {name: pump1, source: sim, profile: pump, seed: 3, interval: 100ms}

@@ -486,18 +486,9 @@ def test_an_anomaly_event_open_across_kill_9_ends_exactly_once(mosquitto, gatewa
     import signal
 
     pytest.importorskip("ai_edge_litert")
-    from tests.helpers import gateway_config, wait_until
+    from tests.helpers import SCORED_PUMP, gateway_config, wait_until
 
-    devices = """
-  - name: pump1
-    source: sim
-    profile: pump
-    seed: 3
-    interval: 50ms
-    time_scale: 20
-    model: pump-ae
-    faults: [{fault: cavitation, at: 60s, ramp: 0s, duration: 120s}]
-"""
+    devices = SCORED_PUMP + "    faults: [{fault: cavitation, at: 60s, ramp: 0s, duration: 120s}]\n"
     sub = subscribe(mosquitto.port, topic="edge/lab/test-gw/pump1/anomaly")
     config_text = gateway_config(tmp_path / "data", mosquitto.port, devices=devices)
     first = gateway(config_text).start()

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from gateway.ports import free_port
-from tests.helpers import ENV, ROOT, gateway_config, wait_until
+from tests.helpers import ENV, ROOT, SCORED_PUMP, gateway_config, wait_until
 
 pytest.importorskip("aiohttp")
 pytestmark = pytest.mark.slow
@@ -35,14 +35,7 @@ FAULT_AT = 300  # simulated seconds: 15 s of real time
 
 
 def demo_devices(fault_at: int = FAULT_AT) -> str:
-    return f"""
-  - name: pump1
-    source: sim
-    profile: pump
-    seed: 3
-    interval: 50ms
-    time_scale: 20
-    model: pump-ae
+    return SCORED_PUMP + f"""\
     history: {{}}
     faults: [{{fault: bearing_wear, at: {fault_at}s, severity: 0.8, ramp: 30s}}]
     alarms: [{{name: bearing_hot, tag: bearing_temp_c, above: 85, for: 10s, clear: 80, severity: high}}]

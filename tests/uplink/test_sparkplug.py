@@ -11,7 +11,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 
-from tests.helpers import gateway_config, wait_until
+from tests.helpers import SCORED_PUMP, gateway_config, wait_until
 
 pytest.importorskip("google.protobuf")
 
@@ -461,16 +461,8 @@ def test_births_carry_the_standing_alarms_and_anomaly_where_no_row_told_them(mos
     started (not active, and its limit is the config's), and after a restart an alarm active since before it,
     whose rows were acknowledged and deleted."""
     host = Host(mosquitto.port)
-    devices = """
-  - name: pump1
-    source: sim
-    profile: pump
-    seed: 3
-    interval: 50ms
-    time_scale: 20
-    model: pump-ae
-    alarms: [{name: turning, tag: motor_rpm, above: 1, severity: low}, {name: never, tag: motor_rpm, above: 1000000000}]
-"""
+    devices = SCORED_PUMP + "    alarms: [{name: turning, tag: motor_rpm, above: 1, severity: low}, " \
+                            "{name: never, tag: motor_rpm, above: 1000000000}]\n"
 
     def births() -> list[dict[str, Any]]:
         return [{m.name: m for m in p.metrics} for t, p in host.of("DBIRTH") if t.endswith("/pump1")]
