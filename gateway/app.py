@@ -26,7 +26,7 @@ from typing import IO, Any
 
 from gateway import __version__, contract, datadir, report
 from gateway import config as configuration
-from gateway.config import Config, LocalBrokerSection, Prepared
+from gateway.config import Config, LocalBrokerSection, ModbusRtuDevice, ModbusTcpDevice, Prepared
 from gateway.contract import Topics
 from gateway.errors import AlreadyRunning, ConfigError
 from gateway.logs import fields
@@ -315,7 +315,7 @@ class Gateway:
         same_broker = next_config is not None and (next_config.local_broker, next_config.gateway.id) == \
             (self.config.local_broker, self.config.gateway.id)
         kept = {r.name: r.source for r in self.devices if staying.get(r.name) == r.device
-                and (r.device.source != "mqtt" or same_broker)}
+                and (r.device.source != "mqtt" or same_broker) and self._same_link(r, next_config)}
         if not any(r.device.source == "mqtt" and r.name in kept for r in self.devices):
             await self._sup.stop("local-mqtt")  # (its link closes with its last source)
         for runner in self.devices:
@@ -324,6 +324,19 @@ class Gateway:
                 await runner.source.aclose()
         self._commit()
         return kept
+
+    @staticmethod
+    def _same_link(runner: DeviceRunner, config: Config | None) -> bool:
+        """Whether a Modbus device's link is the one `config` makes for its endpoint: as its first device there
+        wants it (a baud rate or timeout changed on the devices one reload at a time kept the old one, for ever)."""
+        if config is None or not isinstance(runner.device, (ModbusTcpDevice, ModbusRtuDevice)):
+            return True
+        from gateway.sources.modbus import ModbusSource, endpoint
+
+        key, spec = endpoint(runner.device)
+        first = next(endpoint(d)[1] for d in config.devices
+                     if isinstance(d, (ModbusTcpDevice, ModbusRtuDevice)) and endpoint(d)[0] == key)
+        return isinstance(runner.source, ModbusSource) and first == spec == runner.source.link.spec
 
     def _device_state_changed(self) -> None:
         self.uplink.online_payload = self._status("online")

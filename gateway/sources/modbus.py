@@ -221,22 +221,29 @@ class Link:
             self.client = None
 
 
+def endpoint(device: ModbusTcpDevice | ModbusRtuDevice) -> tuple[str, tuple[Any, ...]]:
+    """A device's connection: its key (one link per TCP endpoint or serial port) and what its client is made with.
+    Devices of one config on one key share the first one's client; a reload keeps a link only while the first
+    device on its key still wants it as it is (`Gateway._stop_devices`)."""
+    if isinstance(device, ModbusTcpDevice):
+        port = device.port or 502
+        return f"tcp://{device.host}:{port}", (device.host, port, device.timeout)
+    return f"rtu://{device.serial.port}", (device.serial, device.timeout)
+
+
 def link_for(device: ModbusTcpDevice | ModbusRtuDevice, links: dict[str, Link]) -> Link:
     """The shared link for a device's endpoint or serial port (created on first use)."""
     from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 
-    # One made for another spec is made again if no device uses it any more: one a reload carried over, whose
-    # devices all changed (a line's baud rate); devices of one config that differ share the first one's.
-    spec: tuple[Any, ...]
+    # One made for another spec is made again if no device uses it any more (a reload's: its devices all changed).
+    key, spec = endpoint(device)
     if isinstance(device, ModbusTcpDevice):
         port = device.port or 502
-        key, spec = f"tcp://{device.host}:{port}", (device.host, port, device.timeout)
         if key not in links or (links[key].spec != spec and not links[key].users):
             links[key] = Link(f"{device.host}:{port}", lambda: AsyncModbusTcpClient(
                 device.host, port=port, timeout=device.timeout, retries=0, reconnect_delay=0), spec=spec)
         return links[key]
     s = device.serial
-    key, spec = f"rtu://{s.port}", (s, device.timeout)
     if key not in links or (links[key].spec != spec and not links[key].users):
         char_time = (1 + s.bytesize + (0 if s.parity == "N" else 1) + s.stopbits) / s.baudrate
         gap = 3.5 * char_time if s.baudrate <= 19200 else 0.00175  # Modbus over serial line, 2.5.1.1

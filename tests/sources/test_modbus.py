@@ -633,3 +633,33 @@ def test_a_plc_that_accepts_and_drops_the_connection_is_backed_off_exponentially
     assert len(errors) == 8 and all(e.startswith(f"127.0.0.1:{port}: ") for e in errors), errors
     assert waits[-1] > 20, waits  # doubling to 30 s (±30 %)
     assert all(b > a for a, b in zip(waits[:5], waits[1:6], strict=False)), waits
+
+
+def test_a_link_changed_one_device_per_reload_takes_the_new_settings(sim_server, tmp_path):
+    """An attack pass on the connections a reload keeps: two devices on one endpoint, their timeout raised one
+    reload at a time. The unchanged one kept the link alive at each, the changed one joined it, and the endpoint
+    kept its first timeout for ever (a PLC answering in 1 s: no good reading, while the config said 3 s)."""
+    from gateway import config
+    from gateway.app import Gateway
+    from tests.test_app import Recorder, wait_for
+
+    server = sim_server()
+    d1, d2 = device_yaml("d1", server.port, 1, PUMP_MAP[:2]), device_yaml("d2", server.port, 3, PUMP_MAP[:2])
+    path = tmp_path / "gateway.yaml"
+    path.write_text(gateway_config(tmp_path / "data", free_port(), devices=d1 + d2))
+
+    async def main() -> None:
+        async with Gateway(config.load(str(path)), str(path), Recorder()) as gw:
+            run = asyncio.create_task(gw.run(asyncio.Event()))
+            await wait_for(lambda: all(r.health.polls > 2 for r in gw.devices), "readings")
+            for changed in (d2, d1):  # one device a reload
+                path.write_text(path.read_text().replace(changed, changed.replace("timeout: 1s", "timeout: 3s")))
+                assert await gw.reload()
+            assert [r.source.link.spec[2] for r in gw.devices] == [3.0, 3.0]
+            assert gw.devices[0].source.link is gw.devices[1].source.link  # one connection, as at a start
+            polls = [r.health.polls for r in gw.devices]
+            await wait_for(lambda: all(r.health.polls > p + 2 and r.health.state == "ok"
+                                       for r, p in zip(gw.devices, polls)), "readings with the new link")
+            run.cancel()
+            await asyncio.gather(run, return_exceptions=True)
+    asyncio.run(main())
