@@ -41,6 +41,7 @@ class DeviceHealth:
     _unlogged: int | None = None  # changes since the device began to flap (None: each is logged)
     _changed_at: float = 0.0
     _said: str | None = None  # why, as the last change said it
+    _told: str | None = None  # the state `on_change` was last called for while it flaps
 
     def failed(self, why: str) -> None:
         """A read failed as a whole."""
@@ -75,6 +76,7 @@ class DeviceHealth:
                         "until it holds one state for %.0fs; health and status show the current one", self.name,
                         FLAP_LINES + 1, now - self._logged[0], state, f": {why}" if why else "", FLAP_WINDOW,
                         extra=fields(self.name, "device_flapping"))
+            self._told = state
             self.on_change()
             return
         self._logged.append(now)
@@ -91,8 +93,14 @@ class DeviceHealth:
         self.on_change()
 
     def settle(self) -> None:
-        """Once a flapping device has held one state for FLAP_WINDOW, say where it is, and log changes again."""
-        if self._unlogged is None or self.clock() - self._changed_at < FLAP_WINDOW:
+        """While a device flaps, the status upstream is told its state at each call (the health loop's), not at each
+        change; once it has held one state for FLAP_WINDOW, say where it is, and log changes again."""
+        if self._unlogged is None:
+            return
+        if self.clock() - self._changed_at < FLAP_WINDOW:
+            if self.state != self._told:
+                self._told = self.state
+                self.on_change()
             return
         log.warning("device %s: held one state for %.0fs, after %d more changes: %s%s", self.name, FLAP_WINDOW,
                     self._unlogged, self.state, f": {self._said}" if self._said else "",
