@@ -102,6 +102,7 @@ class Link:
         self._rng = random.Random()
         self._clock = clock
         self._budgets: dict[str, float] = {}  # device -> the longest one of its polls may hold the link
+        self._answer_due = 0.0  # serial: until when a cancelled request's answer may still come (`read`)
 
     def share(self, device: str, budget: float) -> None:
         """A device polls over this link; one of its polls holds it for at most `budget` seconds."""
@@ -162,11 +163,22 @@ class Link:
             raise SourceError(silent[2])  # the same words as when it stopped answering: logged once
         async with self.lock:
             client = await self._connected()
+            if self.serial and (wait := self._answer_due - self._clock()) > 0:
+                await asyncio.sleep(wait)  # a request given up on may still be answered: not as this one's answer
+                self._discard_input()
             self.requests += 1
             try:
                 response = await within(
                     getattr(client, _FUNCTIONS[read.table])(read.address, count=read.count, device_id=unit),
                     timeout)
+            except asyncio.CancelledError:
+                # Its poll was cancelled (a reload), the request on the wire. Over TCP a late answer has its own
+                # transaction id; on a serial line nothing tells it from the next request's answer: the next waits
+                # until this one's answer is due, and drops what came.
+                if self.serial:
+                    self._answer_due = self._clock() + timeout
+                    self._discard_input()
+                raise
             except asyncio.TimeoutError:
                 if self.serial:
                     self._discard_input()  # the other units on the line go on; a late answer is dropped

@@ -663,3 +663,41 @@ def test_a_link_changed_one_device_per_reload_takes_the_new_settings(sim_server,
             run.cancel()
             await asyncio.gather(run, return_exceptions=True)
     asyncio.run(main())
+
+
+@pytest.mark.skipif(not shutil.which("socat"), reason="socat not installed")
+def test_a_request_cancelled_on_a_serial_line_never_answers_the_next(tmp_path):
+    """An attack pass: a reload cancelled a poll whose request was on the line; the slave's late answer (the same
+    unit, function and length) was taken as the answer to the next device's request, and published as its data:
+    11 of 19 samples wrong, and nothing said. The next request now waits until the cancelled one's answer is due."""
+    import dataclasses
+
+    from gateway.sources import Links, open_source
+    from sim.plc import PUMP_MAP
+
+    rpm = PUMP_MAP[0]  # about 1480 rpm
+    other = dataclasses.replace(PUMP_MAP[1], name="bearing_raw", type="uint16", scale=0.1)  # about 400 this way
+
+    async def run(port: Path) -> list[float]:
+        cfg = parse(gateway_config(Path("/tmp/unused"), 1883, devices=rtu_devices(
+            port, [("a", 1, [rpm]), ("b", 1, [other])], "1s", "1s")))
+        links = Links()
+        a, b = (open_source(d, links) for d in cfg.devices)
+        seen = []
+        try:
+            for _ in range(3):
+                polling = asyncio.create_task(a.read_once())
+                await asyncio.sleep(0.1)  # the request is on the line; the slave answers after 0.4 s
+                polling.cancel()
+                await asyncio.gather(polling, return_exceptions=True)
+                sample = await b.read_once()
+                assert not sample.failed, sample.problem
+                seen.append(sample.values["bearing_raw"])
+        finally:
+            await a.aclose()
+            await b.aclose()
+        return seen
+
+    with rtu_line(tmp_path, "--delay", "1:0.4") as port:
+        seen = asyncio.run(run(port))
+    assert all(v < 1000 for v in seen), seen  # never the rpm's answer
