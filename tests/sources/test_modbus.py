@@ -650,7 +650,8 @@ def test_a_link_changed_one_device_per_reload_takes_the_new_settings(sim_server,
 
     async def main() -> None:
         async with Gateway(config.load(str(path)), str(path), Recorder()) as gw:
-            run = asyncio.create_task(gw.run(asyncio.Event()))
+            shutdown = asyncio.Event()
+            run = asyncio.create_task(gw.run(shutdown))
             await wait_for(lambda: all(r.health.polls > 2 for r in gw.devices), "readings")
             for changed in (d2, d1):  # one device a reload
                 path.write_text(path.read_text().replace(changed, changed.replace("timeout: 1s", "timeout: 3s")))
@@ -660,8 +661,8 @@ def test_a_link_changed_one_device_per_reload_takes_the_new_settings(sim_server,
             polls = [r.health.polls for r in gw.devices]
             await wait_for(lambda: all(r.health.polls > p + 2 and r.health.state == "ok"
                                        for r, p in zip(gw.devices, polls)), "readings with the new link")
-            run.cancel()
-            await asyncio.gather(run, return_exceptions=True)
+            shutdown.set()  # (its drain closes the connections)
+            await run
     asyncio.run(main())
 
 

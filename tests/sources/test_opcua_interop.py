@@ -212,7 +212,8 @@ def test_a_reload_keeps_an_unchanged_devices_session(tmp_path):
     async def main() -> None:
         cfg = config.load(str(path))
         async with Gateway(cfg, str(path), Recorder()) as gw:
-            run = asyncio.create_task(gw.run(asyncio.Event()))
+            shutdown = asyncio.Event()
+            run = asyncio.create_task(gw.run(shutdown))
             press = gw.devices[0]
             await wait_for(lambda: press.health.polls > 3 and press.health.state == "ok", "readings", 30)
             before = sessions()
@@ -229,8 +230,8 @@ def test_a_reload_keeps_an_unchanged_devices_session(tmp_path):
             assert gw.devices[0].source is not press.source
             await wait_for(lambda: gw.devices[0].health.polls > 3, "readings in a new session", 30)
             await wait_for(lambda: len(sessions()) == 1 and sessions() != before, "the old session closed", 30)
-            run.cancel()
-            await asyncio.gather(run, return_exceptions=True)
+            shutdown.set()  # (its drain closes the sessions)
+            await run
     try:
         asyncio.run(main())
     finally:
@@ -270,6 +271,7 @@ def test_a_security_mode_the_server_refuses_is_said_and_backed_off(tmp_path):
             return problems
         finally:
             await source.aclose()
+            await asyncio.sleep(0.2)  # (asyncua's refused connections finish closing on the loop)
     try:
         problems = asyncio.run(run())
         # the daemon's journal: the device's line, and none of asyncua's
@@ -308,6 +310,7 @@ def test_a_pinned_certificate_that_is_not_the_servers_is_said(tmp_path):
             return (await source.read_once()).problem or ""
         finally:
             await source.aclose()
+            await asyncio.sleep(0.2)  # (asyncua's refused connection finishes closing on the loop)
     try:
         problem = asyncio.run(run())
     finally:
