@@ -666,6 +666,7 @@ def test_a_link_changed_one_device_per_reload_takes_the_new_settings(sim_server,
     asyncio.run(main())
 
 
+@pytest.mark.slow  # socat and the simulated plant, processes
 @pytest.mark.skipif(not shutil.which("socat"), reason="socat not installed")
 def test_a_request_cancelled_on_a_serial_line_never_answers_the_next(tmp_path):
     """An attack pass: a reload cancelled a poll whose request was on the line; the slave's late answer (the same
