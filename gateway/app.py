@@ -314,8 +314,9 @@ class Gateway:
         staying = {d.name: d for d in next_config.devices} if next_config is not None else {}
         same_broker = next_config is not None and (next_config.local_broker, next_config.gateway.id) == \
             (self.config.local_broker, self.config.gateway.id)
+        links = _links_wanted(next_config) if next_config is not None else {}
         kept = {r.name: r.source for r in self.devices if staying.get(r.name) == r.device
-                and (r.device.source != "mqtt" or same_broker) and self._same_link(r, next_config)}
+                and (r.device.source != "mqtt" or same_broker) and _same_link(r, links)}
         if not any(r.device.source == "mqtt" and r.name in kept for r in self.devices):
             await self._sup.stop("local-mqtt")  # (its link closes with its last source)
         for runner in self.devices:
@@ -324,19 +325,6 @@ class Gateway:
                 await runner.source.aclose()
         self._commit()
         return kept
-
-    @staticmethod
-    def _same_link(runner: DeviceRunner, config: Config | None) -> bool:
-        """Whether a Modbus device's link is the one `config` makes for its endpoint: as its first device there
-        wants it (a baud rate or timeout changed on the devices one reload at a time kept the old one, for ever)."""
-        if config is None or not isinstance(runner.device, (ModbusTcpDevice, ModbusRtuDevice)):
-            return True
-        from gateway.sources.modbus import ModbusSource, endpoint
-
-        key, spec = endpoint(runner.device)
-        first = next(endpoint(d)[1] for d in config.devices
-                     if isinstance(d, (ModbusTcpDevice, ModbusRtuDevice)) and endpoint(d)[0] == key)
-        return isinstance(runner.source, ModbusSource) and first == spec == runner.source.link.spec
 
     def _device_state_changed(self) -> None:
         self.uplink.online_payload = self._status("online")
@@ -513,6 +501,30 @@ class Gateway:
                  f"; {scored} scored going on with their context" if scored else "",
                  ", new upstream connection" if new_uplink else "", self.outbox.stats.messages)
         self.notifier.ready(self.status_line())
+
+
+def _links_wanted(config: Config) -> dict[str, tuple[Any, ...]]:
+    """Each Modbus endpoint's link as the config makes it: as its first device there wants it (`endpoint`)."""
+    wanted: dict[str, tuple[Any, ...]] = {}
+    if any(isinstance(d, (ModbusTcpDevice, ModbusRtuDevice)) for d in config.devices):
+        from gateway.sources.modbus import endpoint
+
+        for d in config.devices:
+            if isinstance(d, (ModbusTcpDevice, ModbusRtuDevice)):
+                key, spec = endpoint(d)
+                wanted.setdefault(key, spec)
+    return wanted
+
+
+def _same_link(runner: DeviceRunner, wanted: Mapping[str, tuple[Any, ...]]) -> bool:
+    """Whether a Modbus device's link is the one the next config makes for its endpoint (`_links_wanted`): a baud
+    rate or timeout changed on the devices one reload at a time kept the old one, for ever. Any other device: yes."""
+    if not isinstance(runner.device, (ModbusTcpDevice, ModbusRtuDevice)):
+        return True
+    from gateway.sources.modbus import ModbusSource, endpoint
+
+    key, spec = endpoint(runner.device)
+    return isinstance(runner.source, ModbusSource) and wanted.get(key) == spec == runner.source.link.spec
 
 
 def _births(config: Config, prepared: Prepared) -> tuple[Any, ...]:

@@ -247,21 +247,20 @@ def link_for(device: ModbusTcpDevice | ModbusRtuDevice, links: dict[str, Link]) 
     """The shared link for a device's endpoint or serial port (created on first use)."""
     from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 
-    # One made for another spec is made again if no device uses it any more (a reload's: its devices all changed).
     key, spec = endpoint(device)
+    if key in links:  # (a reload carries a link over only as this config's first device on it wants it)
+        return links[key]
     if isinstance(device, ModbusTcpDevice):
-        port = device.port or 502
-        if key not in links or (links[key].spec != spec and not links[key].users):
-            links[key] = Link(f"{device.host}:{port}", lambda: AsyncModbusTcpClient(
-                device.host, port=port, timeout=device.timeout, retries=0, reconnect_delay=0), spec=spec)
+        host, port, _ = spec
+        links[key] = Link(f"{host}:{port}", lambda: AsyncModbusTcpClient(
+            host, port=port, timeout=device.timeout, retries=0, reconnect_delay=0), spec=spec)
         return links[key]
     s = device.serial
-    if key not in links or (links[key].spec != spec and not links[key].users):
-        char_time = (1 + s.bytesize + (0 if s.parity == "N" else 1) + s.stopbits) / s.baudrate
-        gap = 3.5 * char_time if s.baudrate <= 19200 else 0.00175  # Modbus over serial line, 2.5.1.1
-        links[key] = Link(s.port, lambda: AsyncModbusSerialClient(
-            s.port, baudrate=s.baudrate, parity=s.parity, stopbits=s.stopbits, bytesize=s.bytesize,
-            timeout=device.timeout, retries=0, reconnect_delay=0), gap=gap, serial=True, spec=spec)
+    char_time = (1 + s.bytesize + (0 if s.parity == "N" else 1) + s.stopbits) / s.baudrate
+    gap = 3.5 * char_time if s.baudrate <= 19200 else 0.00175  # Modbus over serial line, 2.5.1.1
+    links[key] = Link(s.port, lambda: AsyncModbusSerialClient(
+        s.port, baudrate=s.baudrate, parity=s.parity, stopbits=s.stopbits, bytesize=s.bytesize,
+        timeout=device.timeout, retries=0, reconnect_delay=0), gap=gap, serial=True, spec=spec)
     return links[key]
 
 
