@@ -309,7 +309,11 @@ def test_ten_thousand_requests_and_a_stalled_client_do_not_slow_the_devices(tmp_
         print(f"10,000 requests in {time.monotonic() - began:.1f}s: {outcomes}")
         served = outcomes.get("HTTP/1.1 200", 0)
         busy = outcomes.get("HTTP/1.1 503", 0)
-        assert served + busy + sum(v for k, v in outcomes.items() if "Error" in k) == 10_000, outcomes
+        # 408: admitted at once, then its request not sent within 5 s (the head limit). That is this client, busy
+        # opening 10,000 connections on a loop that the other test worker also slows: 62 of them in the full suite
+        # here, none alone.
+        late = outcomes.get("HTTP/1.1 408", 0)
+        assert served + busy + late + sum(v for k, v in outcomes.items() if "Error" in k) == 10_000, outcomes
         # Beyond 64 served at once the rest wait their turn (503 only past 10,000 waiting or 10 s of waiting).
         assert served >= 9000, outcomes
         status, doc = get_json(base + "/api/v1/status")
