@@ -1,13 +1,14 @@
 """A device's health: its state, logged once per change, and its counts of polls and errors.
 
 A device is `starting`, `ok`, `degraded` (some tags bad) or `error` (reads fail). A change of
-state is logged once, keyed on the *kind* of problem rather than its details, and once on
+state is logged once, keyed on the *kind* of problem rather than its details (`kind`), and once on
 recovery. The gateway-wide report that gathers every device's is `gateway/report.py`.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections import deque
 from collections.abc import Callable
@@ -22,6 +23,22 @@ log = logging.getLogger("edge_gateway.pipeline.health")
 # log a line per change, hundreds a second: beyond FLAP_LINES changes in FLAP_WINDOW one line says so, and the next
 # line is when it has held one state for FLAP_WINDOW (`settle`).
 FLAP_LINES, FLAP_WINDOW = 10, 60.0
+
+# A failed read is logged again when its kind changes, not its details (a wait, an address, an error position): a PLC
+# that answered with an exception code and is now switched off, or no longer answers, is news; the next attempt's
+# "not connected, next attempt in 1.4s" is not.
+_KINDS = (("cannot connect", "unreachable"), ("not connected", "unreachable"), ("connection lost", "unreachable"),
+          ("; reconnecting", "unreachable"), ("no response within", "silent"), ("no answer within", "silent"),
+          ("no valid response", "garbled"), ("malformed answer", "garbled"), ("does not match the request", "garbled"))
+_EXCEPTION = re.compile(r"\b([A-Z][A-Z_]{3,}) \(code -?\d+\)")
+
+
+def kind(why: str) -> tuple[str, ...]:
+    """What a failed read's words say went wrong, without their details: for a source's own words the kind of failure
+    (a Modbus exception by its names), else where (the text before the first colon: an endpoint, a topic)."""
+    if (exceptions := _EXCEPTION.findall(why)):
+        return tuple(sorted(set(exceptions)))
+    return next(((k,) for phrase, k in _KINDS if phrase in why), (why.split(":")[0],))
 
 
 @dataclass
@@ -47,7 +64,7 @@ class DeviceHealth:
         """A read failed as a whole."""
         self.errors += 1
         self.last_error = why
-        self._set("error", why, why.split(":")[0])
+        self._set("error", why, kind(why))
 
     def sampled(self, ts: float, bad: list[str], problem: str | None) -> None:
         """A reading arrived, with these tags bad (and why, when the source said)."""

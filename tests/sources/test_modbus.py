@@ -284,11 +284,16 @@ def test_faults_server_gone_exception_slow_are_isolated(sim_server, mosquitto, g
     wait_until(lambda: "device doomed: recovered" in gw.logs(), 40, what="recovery after the server restart")
     status = [s for s in sub.on("/status") if s.get("state") == "online"]
     assert status[-1]["devices"]["busy"]["state"] == "error"
+    busy.kill()  # an attack pass: the PLC that answered with an exception is switched off: news, said once
+    wait_until(lambda: re.search(r"device busy: read failed: 127\.0\.0\.1:\d+: (connection lost|cannot connect)",
+                                 gw.logs()), 20, what="the busy PLC's new trouble in the log")
+    time.sleep(3)  # (its attempts to reconnect say "not connected, next attempt in ..." meanwhile: not news)
     assert gw.stop() == 0
     logs = gw.logs()
     assert re.search(r"device busy: read failed: 127\.0\.0\.1:\d+: unit 2: SLAVE_DEVICE_BUSY \(code 6\)", logs)
     assert re.search(r"device slow: read failed: .*no response within 0.3s", logs)
     assert logs.count("device doomed: read failed") == 1, "logged once per state change, not per poll"
+    assert logs.count("device busy: read failed") == 2, "and again when the kind of failure changes"
     assert logs.count("device slow: read failed") == 1, "a slow PLC stays in error: no late answer is taken"
     assert "Traceback" not in logs
     health = sub.on("/health")[-1]
