@@ -496,8 +496,11 @@ class Gateway:
         logging.getLogger().setLevel(new.gateway.log_level.upper())
         self._start_devices()
         scored = sum(any(r.scoring is s for s in scoring) for r in self.devices)
-        log.info("config reloaded: %d devices (%d unchanged, their connections kept%s)%s; the outbox keeps its %d "
-                 "messages", len(self.devices), len(kept),
+        linked = sum(r.device.source != "sim" for r in self.devices if r.name in kept)  # (a simulated one has none)
+        unchanged = f"{len(kept)} unchanged, " + ("reading on" if not linked else "their connections kept"
+                                                   if linked == len(kept) else f"{linked} with their connections kept")
+        log.info("config reloaded: %d devices (%s%s)%s; the outbox keeps its %d "
+                 "messages", len(self.devices), unchanged,
                  f"; {scored} scored going on with their context" if scored else "",
                  ", new upstream connection" if new_uplink else "", self.outbox.stats.messages)
         self.notifier.ready(self.status_line())

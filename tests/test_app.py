@@ -363,9 +363,9 @@ def test_a_reload_keeps_what_an_unchanged_device_knows_and_starts_a_changed_one_
     with caplog.at_level(logging.INFO):
         asyncio.run(main())
     reloaded = [r.getMessage() for r in caplog.records if r.getMessage().startswith("config reloaded")]
-    assert reloaded[0].startswith("config reloaded: 3 devices (2 unchanged, their connections kept; 1 scored going "
+    assert reloaded[0].startswith("config reloaded: 3 devices (2 unchanged, reading on; 1 scored going "
                                   "on with their context)"), reloaded
-    assert reloaded[1].startswith("config reloaded: 3 devices (3 unchanged, their connections kept);"), reloaded
+    assert reloaded[1].startswith("config reloaded: 3 devices (3 unchanged, reading on);"), reloaded
 
 
 def test_a_reload_and_the_history_opening_at_last_build_the_devices_one_after_the_other(tmp_path, caplog):
