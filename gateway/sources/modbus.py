@@ -287,6 +287,7 @@ class ModbusSource(PolledSource):
         values: dict[str, float | None] = {}
         quality: dict[str, str] = {}
         problems = []
+        unfit = []  # tags whose registers hold no finite number (a float's NaN or infinity): the tag's error only
         for read in self.reads:
             response = await self.link.read(read, self.unit, self.device.timeout)
             if response.isError():
@@ -301,8 +302,12 @@ class ModbusSource(PolledSource):
                 offset = reg.address - read.address
                 value = decode(words[offset:offset + width(reg)], reg)
                 values[reg.name], quality[reg.name] = value, OK if value is not None else ERROR
+                if value is None:
+                    unfit.append(reg.name)
         if problems and len(problems) == len(self.reads):  # worded as the link's errors: one state, logged once
             raise SourceError(f"{self.link.name}: unit {self.unit}: " + "; ".join(problems))
+        if unfit:
+            problems.append(f"NaN or infinity in the registers of {', '.join(unfit)}")
         values = {reg.name: values[reg.name] for reg in self.device.registers}  # the configured order
         return Sample(self.device.name, ts, values, {tag: quality[tag] for tag in values}, "; ".join(problems) or None)
 

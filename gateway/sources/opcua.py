@@ -212,9 +212,10 @@ class OpcUaSource(PolledSource):
             raise SourceError(f"{device.endpoint}: {why}; reconnecting")
         if sub.published:
             self._mute = 0
-        return self._sample(sub.latest, stale=quiet_for > 3 * device.interval)
+        return self._sample(sub.latest, stale=quiet_for if quiet_for > 3 * device.interval else None)
 
-    def _sample(self, results: Sequence[Reading | None], stale: bool = False) -> Sample:
+    def _sample(self, results: Sequence[Reading | None], stale: float | None = None) -> Sample:
+        """`stale`: for how long the subscription has delivered nothing (None: it is current)."""
         device = self.device
         values: dict[str, float | None] = {}
         quality: dict[str, str] = {}
@@ -236,10 +237,12 @@ class OpcUaSource(PolledSource):
             ts = reading.source_time
             if ts is not None:
                 newest = ts if newest is None else max(newest, ts)
-            if stale:  # the subscription has gone quiet: the last values, not current ones
+            if stale is not None:  # the subscription has gone quiet: the last values, not current ones
                 quality[node.name] = STALE
         if problems and len(problems) == len(device.nodes):
             raise SourceError(f"{device.endpoint}: " + "; ".join(problems))
+        if STALE in quality.values():
+            problems.append(f"the subscription has delivered nothing for {stale:.0f}s: the last values are stale")
         return Sample(device.name, self._time_of(newest), values, quality, "; ".join(problems) or None)
 
     def _time_of(self, newest: float | None) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -87,6 +88,9 @@ def test_a_stalled_subscription_is_noticed_and_made_again(mosquitto, gateway, su
         wait_until(lambda: len(sub.on("/press1/telemetry")) > 5, 30, what="telemetry")
         server.send_signal(signal.SIGSTOP)
         wait_until(lambda: "delivered nothing, not even a keep-alive" in gw.logs(), 30, what="the stall")
+        # before it is given up, its last values are stale, and the device's line says so (it named the tags only)
+        assert re.search(r"device press1: bad tags: .* \(the subscription has delivered nothing for \d+s: the last "
+                         r"values are stale\)", gw.logs()), gw.logs()
         server.send_signal(signal.SIGCONT)
         time.sleep(0.5)
         before = len(sub.on("/press1/telemetry"))
