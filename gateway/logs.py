@@ -12,8 +12,10 @@ Secrets are never passed to a logger.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 import socket
 import struct
 import sys
@@ -24,6 +26,22 @@ JOURNAL_SOCKET = "/run/systemd/journal/socket"
 # Fields a record may carry in `extra=`; each becomes an upper-case journal field.
 STRUCTURED = ("device", "event", "seq", "counter")
 _PRIORITY = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6, logging.DEBUG: 7}
+
+
+_HIDDEN = re.compile("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2066-\u2069\ufeff\ud800-\udfff]")
+
+
+def visible(text: str) -> str:
+    """Text as a message may show it on a terminal: control, bidirectional and invisible characters (and lone
+    surrogates) escaped, as `\\x00` or `\\u202e`, so that a value cannot hide in, or rewrite, the line."""
+    return _HIDDEN.sub(lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) < 0x100 else f"\\u{ord(m[0]):04x}", text)
+
+
+def quoted(text: str, limit: int = 60) -> str:
+    """Text from outside (a payload, a name from the wire) as a log line shows it: in quotes, at most `limit`
+    characters and how many there were, every character that could hide in or rewrite the line escaped."""
+    cut = text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
+    return visible(json.dumps(cut, ensure_ascii=False))
 
 
 def fields(device: str | None = None, event: str | None = None, **more: object) -> dict[str, object]:

@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gateway import config as configuration
-from gateway.config.checks import visible
 from gateway.config.schema import NAME
 from gateway.errors import EX_CANTCREAT, EX_CONFIG, EX_DATAERR, EX_OK, EX_UNAVAILABLE, EX_USAGE, ModelError
 from gateway.files import replacing
+from gateway.logs import visible
 from gateway.units import parse_duration
 
 if TYPE_CHECKING:

@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import Field, dataclass, field, fields
 from typing import Any
 
+from gateway.logs import visible
 from gateway.units import parse_duration, parse_size
 
 Problem = tuple[str, str]  # (YAML path, what was expected and what was found)
@@ -71,15 +72,6 @@ def unfit_text(value: str) -> str | None:
     except UnicodeEncodeError:
         return "that is UTF-8 (a lone surrogate such as \\ud800 is not)"
     return f"of at most {MAX_TEXT_BYTES} bytes" if size > MAX_TEXT_BYTES else None
-
-
-_HIDDEN = re.compile("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2066-\u2069\ufeff\ud800-\udfff]")
-
-
-def visible(text: str) -> str:
-    """Text as a message may show it on a terminal: control, bidirectional and invisible characters (and lone
-    surrogates) escaped, as `\\x00` or `\\u202e`, so that a value cannot hide in, or rewrite, the line."""
-    return _HIDDEN.sub(lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) < 0x100 else f"\\u{ord(m[0]):04x}", text)
 
 
 def found(value: Any) -> str:

@@ -12,9 +12,10 @@ from typing import Any
 
 import yaml
 
-from gateway.config.checks import Invalid, Problems, Written, join, visible
+from gateway.config.checks import Invalid, Problems, Written, join
 from gateway.config.schema import Config, validate
 from gateway.errors import ConfigError
+from gateway.logs import visible
 
 
 def parse(text: str | bytes, file: str = "<config>") -> Config:

@@ -32,7 +32,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from gateway.config import LocalBrokerSection, MqttDevice
 from gateway.credentials import read_secret
 from gateway.errors import SourceError
-from gateway.logs import fields
+from gateway.logs import fields, quoted
 from gateway.retry import backoff, down
 from gateway.sample import ERROR, OK, Sample
 from gateway.supervise import in_daemon_thread, within
@@ -362,5 +362,5 @@ def _show(value: Any) -> str:
 
 
 def _preview(payload: bytes | bytearray) -> str:
-    text = payload[:60].decode("utf-8", "replace")
-    return json.dumps(text + ("..." if len(payload) > 60 else ""))
+    more = f"… ({len(payload)} bytes)" if len(payload) > 60 else ""
+    return quoted(payload[:60].decode("utf-8", "replace")) + more

@@ -87,6 +87,10 @@ def test_births_aliases_seq_wrap_rebirth_refused_write_and_bdseq_on_the_will(mos
         host.command("spBv1.0/plant-a/NCMD/gw1", "Node Control/Rebirth", pb.Boolean, boolean_value=True)
         wait_until(lambda: len(host.of("NBIRTH")) == 2 and len(host.of("DBIRTH")) == 2, 20, what="the rebirth")
         wait_until(lambda: 'refused a write to "motor_rpm"' in gw.logs(), 10, what="the refusal")
+        # names and topics from the wire cannot rewrite the log line (a bidi override, a line break)
+        host.command("spBv1.0/plant-a/DCMD/gw1/x\u202ey", "a\u202eb\nc", pb.Double, double_value=0.0)
+        wait_until(lambda: 'refused a write to "a\\u202eb\\nc" on spBv1.0/plant-a/DCMD/gw1/x\\u202ey' in gw.logs(), 10,
+                   what="the hostile refusal, escaped")
         gw.kill()  # kill -9: the Will says the node died, with this session's bdSeq
         wait_until(lambda: host.of("NDEATH"), 60, what="NDEATH from the Will")
         death = host.of("NDEATH")[0][1]

@@ -36,7 +36,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from gateway.config import Config
-from gateway.logs import fields
+from gateway.logs import fields, quoted, visible
 from gateway.store.outbox import Message
 from gateway.tagtypes import TagType
 from gateway.uplink.mqtt import Packet, Reaction
@@ -331,7 +331,7 @@ class SparkplugFormat:
             elif m.name == metrics.REBIRTH:
                 self._refuse(topic, "a Rebirth that is not Boolean true on NCMD")
             else:
-                self._refuse(topic, f"a write to {_shown(m.name) if m.name else f'alias {m.alias}'}")
+                self._refuse(topic, f"a write to {quoted(m.name, 80) if m.name else f'alias {m.alias}'}")
         if rebirth:
             reaction.packets = self._rebirth(topic)
         return reaction
@@ -390,7 +390,7 @@ class SparkplugFormat:
         """Count a refused message; log each kind once (at most MAX_REFUSALS_LOGGED kinds: names are the
         sender's, and a sender of endless new names must not fill the log or the memory)."""
         self.refused += 1
-        topic = topic if len(topic) <= 200 else f"{topic[:180]}…"  # a DCMD's device part is the sender's
+        topic = visible(topic if len(topic) <= 200 else f"{topic[:180]}…")  # a DCMD's device part is the sender's
         key = f"{topic}: {what}"
         if key in self._refused or len(self._refused) > MAX_REFUSALS_LOGGED:
             return
@@ -402,11 +402,6 @@ class SparkplugFormat:
         else:
             log.warning("refused %s on %s: %s", what, topic, why, extra=fields(event="sparkplug_refused",
                                                                             refused=self.refused))
-
-
-def _shown(name: str) -> str:
-    """A metric name from the wire as a log shows it: quoted, at most 80 characters."""
-    return json.dumps(name if len(name) <= 80 else f"{name[:60]}… ({len(name)} characters)", ensure_ascii=False)
 
 
 def _values(kind: str, body: Mapping[str, Any], ts_ms: int) -> dict[str, Any]:
