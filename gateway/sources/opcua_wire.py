@@ -31,6 +31,8 @@ import struct
 import time
 from typing import Any, NamedTuple
 
+from gateway.logs import visible
+
 # The binary encoding ids used here (OPC 10000-6, the NodeIds of *_Encoding_DefaultBinary).
 READ_REQUEST, READ_RESPONSE = 631, 634
 CREATE_SUBSCRIPTION_REQUEST, CREATE_MONITORED_ITEMS_REQUEST = 787, 751
@@ -432,7 +434,7 @@ def server_refusal(uaclient: Any) -> str | None:
     if msg is None:
         return None
     status = getattr(msg, "Error", None)
-    reason = str(getattr(msg, "Reason", "") or "")[:200]
+    reason = visible(str(getattr(msg, "Reason", "") or "")[:200])  # the server's words: never to rewrite the line
     if reason.startswith(POLICY_URI):  # (node-opcua sends it with a status that is not one)
         return (f"the server refused the connection: it does not take security policy {reason[len(POLICY_URI):]} "
                 f"in the mode asked for (security.mode)")
@@ -446,4 +448,4 @@ POLICY_URI = "http://opcfoundation.org/UA/SecurityPolicy#"
 
 def why(err: BaseException) -> str:
     """An error as one short line for the device's message (its type when it says nothing)."""
-    return (str(err) or type(err).__name__)[:200]
+    return visible((str(err) or type(err).__name__)[:200])

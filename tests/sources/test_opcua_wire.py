@@ -173,3 +173,19 @@ def test_a_publish_response_it_does_not_expect_is_left_to_asyncua():
         notifications(response(ua.DataValue(ua.Variant(1.0))))  # a ReadResponse is not a PublishResponse
     truncated_and_mangled(notifications, publish(7, 16, changes((0, ua.DataValue(ua.Variant(1.0))),
                                                                (1, ua.DataValue(ua.Variant(2.0))))), 8)
+
+
+def test_a_servers_refusal_cannot_rewrite_the_log_line():
+    """An attack pass: the server's own words in its ERR message (asyncua's ErrorMessage) went into the device's line
+    as sent, a bidi override or a line break included."""
+    from types import SimpleNamespace
+
+    from asyncua import ua
+
+    from gateway.sources.opcua_wire import server_refusal, why
+
+    msg = ua.ErrorMessage()
+    msg.Error, msg.Reason = ua.StatusCode(ua.StatusCodes.BadTcpInternalError), "x\u202ey\nINFO forged line"
+    said = server_refusal(SimpleNamespace(protocol=SimpleNamespace(server_error=msg)))
+    assert said == "the server refused the connection: BadTcpInternalError: x\\u202ey\\x0aINFO forged line"
+    assert why(ConnectionError("reset\r\nby peer")) == "reset\\x0d\\x0aby peer"
