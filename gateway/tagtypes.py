@@ -87,12 +87,21 @@ def of_register(reg: Register) -> TagType:
     if reg.table in BIT_TABLES or reg.type == "bool" or reg.bit is not None:
         return BOOLEAN
     if reg.type in INTEGER_TYPES:
-        if reg.scale == 1 and float(reg.offset).is_integer():
-            return integer(REGISTER_DATATYPES[reg.type])
+        if reg.scale == 1 and float(reg.offset).is_integer() and \
+                (datatype := _holding(REGISTER_DATATYPES[reg.type], int(reg.offset))) is not None:
+            return integer(datatype)
         return TagType(decimals=min(MAX_DECIMALS, max(_decimals(reg.scale), _decimals(reg.offset))), datatype="Double")
     if reg.type == "float32":
         return FLOAT if reg.scale == 1 and reg.offset == 0 else TagType(significant=7, datatype="Double")
     return DOUBLE if reg.scale == 1 and reg.offset == 0 else TagType(significant=15, datatype="Double")  # float64
+
+
+def _holding(datatype: str, offset: int) -> str | None:
+    """The narrowest integer datatype that holds every value of `datatype` plus `offset` (a uint16 with `offset: -40`
+    reads -40 to 65495: an Int32; as UInt16, -30 went out as 4294967266); None if none does."""
+    low, high = RANGES[datatype]
+    return next((name for name in (datatype, "UInt16", "Int16", "UInt32", "Int32", "UInt64", "Int64")
+                 if RANGES[name][0] <= low + offset and high + offset <= RANGES[name][1]), None)
 
 
 def of_registers(tags: Iterable[str], registers: Iterable[Register]) -> dict[str, TagType]:

@@ -17,7 +17,7 @@ import pytest
 
 pytest.importorskip("google.protobuf")
 
-from gateway import config, contract, sources  # noqa: E402
+from gateway import config, contract, sources, tagtypes  # noqa: E402
 from gateway.counters import CounterRow  # noqa: E402
 from gateway.store.outbox import Message  # noqa: E402
 from gateway.uplink.mqtt import Packet  # noqa: E402
@@ -282,8 +282,71 @@ def test_tck_id_operational_behavior_device_ddeath_once_then_dbirth_when_it_read
         out += decode(fmt.data(rows(TOPICS.anomaly("pump1"), contract.anomaly(
             "pump1", clock.now, "start", 0.9, 0.5, "pump-ae", []), clock.now)))
     kinds = [k for k, _ in out]
-    assert kinds[0] == "DDEATH" and kinds.count("DDEATH") == 1 and kinds[1] == "DBIRTH"  # nothing while dead
+    # dead: the anomaly's start (the gateway's own figure) is born with the tags null and dies again, once; the
+    # failed reading and the same start again send nothing; the good reading births it (and the start's score follows)
+    assert kinds == ["DDEATH", "DBIRTH", "DDEATH", "DBIRTH", "DDATA"], kinds
     assert out[0][1].HasField("seq")  # tck-id-payloads-ddeath-seq
+    birth = {m.name: m for m in out[1][1].metrics}
+    assert birth["motor_rpm"].is_null and birth["bearing_temp_c"].is_null and birth["Anomaly/Active"].boolean_value
+
+
+def test_a_shift_closed_while_the_device_is_dead_reaches_the_host(tmp_path):
+    """An attack pass: two shifts closed while a PLC was switched off were handed over as no packets, so the uplink
+    deleted their rows unsent; its next DBIRTH had only the last. Each reaches the host now: born for it with its tags
+    null (tck-id-operational-behavior-data-publish-dbirth-values), then dead again (no DDATA after a DDEATH)."""
+    fmt, clock = make(tmp_path)
+    rows = Rows()
+    born(fmt, clock, rows)
+
+    def shift(sid: str) -> Message:
+        return rows(TOPICS.shift("line1"), {"ts": "x", "device": "line1", "shift_id": sid, "shift": sid[-1],
+                                            "length_s": 28800.0, "partial": False, "total": 1000, "good": 990,
+                                            "defect": 10, "quality_rate": 0.99, "availability": 0.9,
+                                            "performance": 0.8, "oee": 0.7128, "anomaly_minutes": None}, clock.now)
+    failed = rows(TOPICS.telemetry("line1"), contract.telemetry(
+        "line1", clock.now + 1, {"machine_status": None, "web_tension_n": None},
+        {"machine_status": "error", "web_tension_n": "error"}, simulated=True), clock.now + 1)
+    clock.now += 1
+    out = decode(fmt.data(failed))
+    for sid in ("2026-12-05/B", "2026-12-05/C"):
+        clock.now += 1
+        out += decode(fmt.data(shift(sid)))
+    assert [k for k, _ in out] == ["DDEATH", "DBIRTH", "DDEATH", "DBIRTH", "DDEATH"]
+    seqs = [p.seq for _, p in out]
+    assert all(b == (a + 1) % 256 for a, b in zip(seqs, seqs[1:])), seqs
+    ids = [{m.name: m for m in p.metrics}["Shift/Last/ID"].string_value for k, p in out if k == "DBIRTH"]
+    assert ids == ["2026-12-05/B", "2026-12-05/C"]
+    for k, p in out:
+        if k == "DBIRTH":
+            tags = {m.name: m for m in p.metrics}
+            assert tags["machine_status"].is_null and tags["web_tension_n"].is_null
+    clock.now += 1
+    again = decode(fmt.data(rows.line(clock.now)))  # the PLC back: born with its reading
+    assert [k for k, _ in again] == ["DBIRTH"]
+    assert {m.name: m for m in again[0][1].metrics}["web_tension_n"].double_value == 120.0
+
+
+def test_a_stored_value_its_metric_cannot_hold_goes_out_null_never_wrapped(tmp_path, caplog):
+    """An attack pass: a row stored while a tag's register was int16 (-5), sent after a reload made it uint16, went out
+    as UInt16 4294967291 (and a float32 level of 12.7 as 12)."""
+    import logging
+
+    fmt, clock = make(tmp_path)
+    rows = Rows()
+    born(fmt, clock, rows)
+    fmt.metrics.retype("line1", {"machine_status": tagtypes.integer("UInt16")})
+    clock.now += 1
+    with caplog.at_level(logging.WARNING):
+        for status in (-5, 12.7, -5):
+            msg = rows(TOPICS.telemetry("line1"), contract.telemetry(
+                "line1", clock.now, {"machine_status": status, "web_tension_n": 120.0}, {}, simulated=True), clock.now)
+            out = decode(fmt.data(msg))
+            if out:
+                assert {m.alias: m for m in out[0][1].metrics}[fmt.metrics.devices["line1"]["machine_status"].alias
+                                                                 ].is_null
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and "machine_status = -5" in said[0] and "UInt16: sent as null" in said[0], said
+    assert fmt.unheld == 3 and fmt.damaged == 0
 
 
 def test_machine_events_are_device_metrics_declared_in_the_dbirth(tmp_path):

@@ -96,3 +96,35 @@ def test_death_carries_the_sessions_bdseq_as_int64_and_topics_follow_the_specifi
     assert topics.node_topic("NBIRTH") == "spBv1.0/plant-a/NBIRTH/line3-gw1"
     assert topics.device_topic("DDATA", "press1") == "spBv1.0/plant-a/DDATA/line3-gw1/press1"
     assert metrics.Topics.state("scada-1") == "spBv1.0/STATE/scada-1"
+
+
+@pytest.mark.parametrize("register,value,datatype", [
+    ("{type: uint16, offset: -40}", -30, pb.Int32),  # a temperature register, raw 10
+    ("{type: int16, offset: 1000}", 33000, pb.Int32),
+    ("{type: int32, offset: -1}", -2**31 - 1, pb.Int64),
+    ("{type: uint32, offset: 1}", 2**32, pb.UInt64),
+    ("{type: uint16, offset: 10}", 65545, pb.UInt32),
+    ("{type: uint16, offset: 0}", 65535, pb.UInt16),
+    ("{type: uint16, offset: 1e30}", 1e30, pb.Double),  # no integer holds it
+])
+def test_an_integer_register_with_an_offset_is_declared_a_type_that_holds_it(register, value, datatype):
+    """An attack pass, with Tahu's decoder: a uint16 with `offset: -40` kept UInt16, and its -30 went out as
+    4294967266; an int16 + 1000 sent 33000 as an Int16."""
+    cfg = config.parse(f"""
+gateway: {{id: gw, site: s}}
+upstream: {{host: h}}
+devices:
+  - name: plc
+    source: modbus_tcp
+    host: 192.0.2.10
+    registers: [{{name: t, address: 0, {register[1:-1]}}}]
+""")
+    node = metrics.NodeMetrics([], cfg.devices, {"plc": sources.tag_types(cfg.devices[0])})
+    metric = node.devices["plc"]["t"]
+    assert metric.datatype == datatype
+    data = pb.Payload.FromString(metrics.payload(1, 1, [(metric, value, 1)])).metrics[0]
+    got = {pb.Int32: lambda: data.int_value - (2**32 if data.int_value >= 2**31 else 0),
+           pb.Int64: lambda: data.long_value - (2**64 if data.long_value >= 2**63 else 0),
+           pb.UInt64: lambda: data.long_value, pb.UInt32: lambda: data.long_value, pb.UInt16: lambda: data.int_value,
+           pb.Double: lambda: data.double_value}[datatype]()
+    assert got == value

@@ -27,7 +27,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.tagtypes import TagType
+from gateway.tagtypes import RANGES, TagType
 from gateway.uplink.sparkplug import sparkplug_b_pb2 as pb
 
 NAMESPACE = "spBv1.0"
@@ -145,6 +145,16 @@ def fits(datatype: int, value: Any) -> bool:
     if datatype in (pb.String, pb.Text):
         return isinstance(value, str)
     return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def holds(datatype: int, value: Any) -> bool:
+    """Whether an integer or Boolean metric holds `value` as it is: a whole number within its datatype's range (a row
+    written before a reload made its tag's register narrower can hold one that is not)."""
+    name = pb.DataType.Name(datatype)
+    if value is None or name not in RANGES:
+        return True
+    low, high = RANGES[name]
+    return (isinstance(value, int) or float(value).is_integer()) and low <= value <= high
 
 
 def payload(ts_ms: int, seq: int | None, values: Iterable[tuple[Metric, Any, int]], *, birth: bool = False,

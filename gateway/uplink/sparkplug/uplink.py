@@ -91,6 +91,8 @@ class SparkplugFormat:
         self.refused = 0  # messages refused: commands other than a rebirth, STATEs that are not one
         self.damaged = 0  # outbox rows not sent: not what the gateway writes (`_parsed`), or of a device gone
         self.gone: set[str] = set()  # devices with rows in the outbox that the config no longer has
+        self.unheld = 0  # values sent as null: their metric's datatype cannot hold them (`_unheld`)
+        self._unheld_said: set[tuple[str | None, str]] = set()
         self.last_rebirth = self.last_rebirth_log = -math.inf  # monotonic times (`_rebirth`)
         self.rebirths_asked = 0
 
@@ -190,9 +192,11 @@ class SparkplugFormat:
         packets += [self._dbirth(device) for device in self.metrics.devices if device not in self.dead]
         return packets
 
-    def _dbirth(self, device: str) -> Packet:
-        """A device's birth: every metric with its latest value and that value's time (null: never had one)."""
-        self.metrics.retype(device, self.types_of(device))
+    def _dbirth(self, device: str, unread: bool = False) -> Packet:
+        """A device's birth: every metric with its latest value and that value's time (null: never had one; every tag
+        when `unread`: the device cannot be read now)."""
+        types = self.types_of(device)
+        self.metrics.retype(device, types)
         self.born.add(device)
         known, told = self.last[device], self.told[device]
         at = _ms(self.clock())
@@ -200,7 +204,9 @@ class SparkplugFormat:
         values = []
         for name, m in self.metrics.devices[device].items():
             known_as: tuple[Any, int] = (None, at)
-            if name in limits:  # the rule's now, not what a row said before a reload changed it
+            if unread and name in types:
+                pass
+            elif name in limits:  # the rule's now, not what a row said before a reload changed it
                 known_as = (limits[name], at)
             elif name in known:
                 known_as = known[name]
@@ -232,8 +238,10 @@ class SparkplugFormat:
         values, failed = self._remember(msg, *parsed, historical=historical)
         packets = []
         if device not in self.born:  # dead: born again by a good reading (a live one carries its values)
-            if failed or msg.kind != "telemetry":
-                return []  # a counters row of a dead device does not bring it back to life
+            if failed:
+                return []
+            if msg.kind != "telemetry":
+                return self._while_dead(device, values, ts, historical)
             self.dead.discard(device)
             packets.append(self._dbirth(device))
             if not historical:
@@ -252,6 +260,24 @@ class SparkplugFormat:
         if not changed:
             return []
         return [Packet(self.topics.device_topic("DDATA", device), metrics.payload(ts, self._next_seq(), changed))]
+
+    def _while_dead(self, device: str, values: dict[str, Any], ts: int, historical: bool) -> list[Packet]:
+        """A row of a dead device that is not a reading: the gateway's own figures (a shift closed while the PLC was
+        off, its OEE, a state, a count). A DDATA cannot follow a DDEATH, and a row is deleted once handed over: the
+        device is born for it, with its tags null (it cannot be read) and these figures, and dies again. A row that
+        tells nothing new sends nothing."""
+        told = self.told[device]
+        if all(name in told and told[name] == v for name, v in values.items()):
+            return []
+        packets = [self._dbirth(device, unread=True)]
+        if historical and values:  # (the birth carries the newest values; this row's are older)
+            known = self.metrics.devices[device]
+            packets.append(Packet(self.topics.device_topic("DDATA", device), metrics.payload(
+                ts, self._next_seq(), [(known[n], v, ts) for n, v in values.items()], historical=True)))
+        self.born.discard(device)
+        packets.append(Packet(self.topics.device_topic("DDEATH", device),
+                              metrics.payload(_ms(self.clock()), self._next_seq(), [])))
+        return packets
 
     def _unconfigured(self, msg: Message, device: str) -> None:
         """A row of a device the config no longer has (taken out by a reload while its rows waited): Sparkplug has
@@ -276,6 +302,9 @@ class SparkplugFormat:
             failed = msg.kind == "telemetry" and bool(body.get("quality")) and all(
                 tag in body["quality"] for tag in body["values"])
             if all(metrics.fits(known[name].datatype, v) for name, v in values.items()):
+                for name in [n for n, v in values.items() if not metrics.holds(known[n].datatype, v)]:
+                    self._unheld(msg, name, values[name])
+                    values[name] = None
                 return values, bool(failed)
         except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
             pass
@@ -285,6 +314,16 @@ class SparkplugFormat:
                       extra=fields(msg.device, "outbox_drop", seq=msg.seq))
         self.damaged += 1
         return None
+
+    def _unheld(self, msg: Message, name: str, value: Any) -> None:
+        """A value its metric's datatype cannot hold (a row written before a reload made its register narrower, an
+        integer beyond UInt64): sent as null, never wrapped into another number. Said once per metric, counted."""
+        self.unheld += 1
+        if (msg.device, name) not in self._unheld_said and len(self._unheld_said) < MAX_REFUSALS_LOGGED:
+            self._unheld_said.add((msg.device, name))
+            datatype = pb.DataType.Name(self.metrics.devices[str(msg.device)][name].datatype)
+            log.warning("device %s: %s = %s (outbox message %d) does not fit its metric's datatype, %s: sent as null",
+                        msg.device, name, value, msg.seq, datatype, extra=fields(msg.device, "sparkplug_unfit"))
 
     def _remember(self, msg: Message, values: dict[str, Any], failed: bool, historical: bool
                   ) -> tuple[dict[str, Any], bool]:
