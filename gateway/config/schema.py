@@ -49,9 +49,16 @@ REGISTER_TYPES = ("uint16", "int16", "uint32", "int32", "float32", "float64", "b
 TABLES = ("holding", "input", "coil", "discrete")
 NAME = re.compile(r"^[a-z0-9_-]{1,64}$")  # part of every topic: 64 at most keeps one far below MQTT's 65,535 bytes
 TAG = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")
-SPARKPLUG_ID = re.compile(r"^[^/+#\x00]{1,64}$")  # a level of a Sparkplug topic
+# spBv1.0/STATE/{host} is the primary host's: a group of that name would publish into it.
+SPARKPLUG_GROUP = re.compile(r"^(?!STATE$)[^/+#\x00-\x1f\x7f-\x9f]{1,64}$")
+# A level of a Sparkplug topic: MQTT forbids NUL in a topic and its brokers refuse control characters (mosquitto
+# closed every CONNECT whose Will topic held a tab).
+SPARKPLUG_ID = re.compile(r"^[^/+#\x00-\x1f\x7f-\x9f]{1,64}$")
 # An MQTT topic filter: levels split by /, each a name without + # or NUL, or + alone; # alone, last; 1,024 at most.
-TOPIC_FILTER = re.compile(r"^(?=[\s\S]{1,1024}$)(?:(?:\+|[^/+#\x00]*)/)*(?:\+|#|[^/+#\x00]*)$")
+TOPIC_FILTER = re.compile(r"^(?=[\s\S]{1,1024}$)(?:(?:\+|[^/+#\x00-\x1f\x7f-\x9f]*)/)*(?:\+|#|[^/+#\x00-\x1f\x7f-\x9f]*)$")
+# Text MQTT carries as a UTF-8 string (a topic, a client id, a user name): mosquitto refuses control characters in
+# one (MQTT 1.5.3), and closes the connection that sent it.
+MQTT_TEXT = re.compile(r"^[^\x00-\x1f\x7f-\x9f]*$")
 MACHINE_STATES = ("running", "idle", "down", "planned_stop")
 # The tags each simulated machine yields, in order: the contract of `source: sim` (sim/ implements it;
 # tests/test_sim.py holds the two together). Written here so that the config needs nothing of sim/.
@@ -120,11 +127,14 @@ class ReconnectSection:
 
 @dataclass(frozen=True)
 class SparkplugSection:
-    group_id: str | None = setting(optional(string(SPARKPLUG_ID, "up to 64 characters, no / + or #")), None,
+    group_id: str | None = setting(optional(string(SPARKPLUG_GROUP, "up to 64 characters, no / + # or control "
+                                                                    "character, and not STATE")), None,
                                    doc="the Sparkplug group (default: gateway.site)")
-    edge_node_id: str | None = setting(optional(string(SPARKPLUG_ID, "up to 64 characters, no / + or #")), None,
+    edge_node_id: str | None = setting(optional(string(SPARKPLUG_ID, "up to 64 characters, no / + # or control "
+                                                                     "character")), None,
                                        doc="the edge node (default: gateway.id)")
-    primary_host_id: str | None = setting(optional(string(SPARKPLUG_ID, "up to 64 characters, no / + or #")), None,
+    primary_host_id: str | None = setting(optional(string(SPARKPLUG_ID, "up to 64 characters, no / + # or control "
+                                                                        "character")), None,
                                           doc="births and data only while this host application says online (STATE)")
 
 
@@ -133,15 +143,16 @@ class UpstreamSection:
     host: str = setting(string(), doc="the upstream MQTT broker")
     port: int | None = setting(integer(1, 65535), None, doc="default 8883 with tls, else 1883")
     tls: TlsSection | None = setting(optional(section(TlsSection)), None, doc="TLS with certificate verification")
-    username: str | None = setting(optional(string()), None, doc="MQTT user name")
+    username: str | None = setting(optional(string(MQTT_TEXT, "no control character")), None, doc="MQTT user name")
     password_file: str | None = setting(optional(string()), None,
                                         doc="file holding the password (never inline), readable by the service")
-    topic_prefix: str = setting(string(re.compile(r"^[\s\S]{1,512}$"), "a topic root of 512 characters at most"),
+    topic_prefix: str = setting(string(re.compile(r"^[^\x00-\x1f\x7f-\x9f]{1,512}$"),
+                                       "a topic root of 512 characters at most, no control character"),
                                 "edge/{site}/{gateway_id}", doc="the topic root")
     qos: int = setting(one_of(1, 2), 1, doc="QoS of stored messages")
     max_inflight: int = setting(integer(1, 65535), 100, doc="messages published and not yet acknowledged")
     keepalive: float = setting(duration(5, 3600), 30.0, doc="MQTT keepalive")
-    client_id: str | None = setting(optional(string()), None, doc="default: gateway.id")
+    client_id: str | None = setting(optional(string(MQTT_TEXT, "no control character")), None, doc="default: gateway.id")
     reconnect: ReconnectSection = setting(section(ReconnectSection), {}, doc="backoff after a lost connection")
     format: str = setting(one_of("json", "sparkplug_b"), "json", doc="json, or sparkplug_b (Sparkplug B 3.0)")
     sparkplug: SparkplugSection | None = setting(optional(section(SparkplugSection)), None,
@@ -186,7 +197,7 @@ class OutboxSection:
 @dataclass(frozen=True)
 class LocalClientSection:
     """How the gateway itself logs in to the local broker to read `source: mqtt` devices."""
-    username: str = setting(string(), doc="the gateway's login on the local broker")
+    username: str = setting(string(MQTT_TEXT, "no control character"), doc="the gateway's login on the local broker")
     password_file: str | None = setting(optional(string()), None, doc="file holding its password")
 
 
@@ -779,6 +790,13 @@ class Config:
             if start is not None and start in starts:
                 problems.append((f"shifts[{i}].start", f'two shifts start at "{start}"'))
             starts.append(start)
+        if part(v["upstream"], "format") == "sparkplug_b":
+            for i, dev in enumerate(items(v["devices"])):
+                # Sparkplug declares a device's machine state as the metric State: a tag of that name beside it
+                # would be two metrics of one name in its DBIRTH (tags cannot hold the other metrics' "/")
+                if part(dev, "oee") is not None and "State" in (getattr(dev, "tags", None) or ()):
+                    problems.append((f"devices[{i}].oee", 'a tag named "State" beside oee: with sparkplug_b, State is '
+                                                          "the machine state's metric; rename the tag"))
         return problems
 
     @property

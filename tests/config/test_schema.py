@@ -287,16 +287,32 @@ def test_registers_that_read_the_same_address_are_refused_unless_bits_of_one_reg
 
 
 def test_sparkplug_settings_only_with_the_sparkplug_format():
-    for value, expected in (("{group_id: a/b}",
-                             'upstream.sparkplug.group_id: expected up to 64 characters, no / + or #, got "a/b"'),
+    group = "expected up to 64 characters, no / + # or control character, and not STATE"
+    for value, expected in (("{group_id: a/b}", f'upstream.sparkplug.group_id: {group}, got "a/b"'),
+                            # an attack pass: mosquitto closed every CONNECT whose Will held a tab; a group STATE
+                            # published into the primary host's namespace
+                            ('{group_id: "a\\tb"}', f'upstream.sparkplug.group_id: {group}, got "a\\x09b"'),
+                            ("{group_id: STATE}", f'upstream.sparkplug.group_id: {group}, got "STATE"'),
+                            ('{edge_node_id: "x\\u0085"}', "upstream.sparkplug.edge_node_id: expected up to 64 "
+                                                           'characters, no / + # or control character, got "x\\x85"'),
                             ("{group_id: plant-a}", "upstream.sparkplug: only with format: sparkplug_b (the upstream "
                                                     "format is json)")):
         with pytest.raises(config.ConfigError) as caught:
             config.parse(BASE.replace("max_inflight: 100}", f"max_inflight: 100, sparkplug: {value}}}"), "g.yaml")
         assert str(caught.value) == f"g.yaml:2: {expected}"
     cfg = config.parse(BASE.replace("max_inflight: 100}", "max_inflight: 100, format: sparkplug_b, "
-                                    "sparkplug: {primary_host_id: scada-1}}"))
+                                    "sparkplug: {primary_host_id: scada-1, group_id: STATEs}}"))
     assert cfg.upstream.format == "sparkplug_b" and cfg.upstream.sparkplug.primary_host_id == "scada-1"
+
+
+def test_text_mqtt_carries_holds_no_control_character():
+    """An attack pass: a tab in a topic, client id or user name makes mosquitto close the connection that sends it,
+    for ever (MQTT 1.5.3): a config error, not an uplink that never delivers."""
+    for field, value in (("topic_prefix", '"edge/a\\tb"'), ("client_id", '"gw\\x7f"'), ("username", '"u\\nv"')):
+        with pytest.raises(config.ConfigError) as caught:
+            config.parse(BASE.replace("max_inflight: 100}", f"max_inflight: 100, {field}: {value}}}"), "g.yaml")
+        assert str(caught.value).startswith(f"g.yaml:2: upstream.{field}: expected ") and "control character" in \
+            str(caught.value), str(caught.value)
 
 
 def test_check_config_reports_a_bad_node_id_and_a_missing_certificate_at_once(tmp_path, capsys):
@@ -397,3 +413,22 @@ def test_files_and_numbers_no_config_holds_are_exit_78_not_a_traceback_or_a_hang
     assert result.returncode == 78 and f'upstream.password_file: expected a password of at most 65535 bytes, got ' \
         f'"{password}" of 70000' in result.stderr
     assert "Traceback" not in result.stderr + zero.stderr
+
+
+def test_a_tag_named_state_beside_oee_is_refused_with_sparkplug_only():
+    """An attack pass: with sparkplug_b, the tag State and the machine state's metric State were one name in the
+    DBIRTH; the first telemetry went as damaged, every state change after it failed."""
+    device = """
+  - name: line1
+    source: modbus_tcp
+    host: 127.0.0.1
+    registers: [{name: State, address: 0}]
+    oee: {status_tag: State, states: {1: running}, ideal_rate: 10}
+"""
+    text = ("gateway: {id: gw1, site: plant-a}\nupstream: {host: 127.0.0.1, format: sparkplug_b}\ndevices:"
+            + device)
+    with pytest.raises(config.ConfigError) as caught:
+        config.parse(text, "g.yaml")
+    assert str(caught.value) == ('g.yaml:8: devices[0].oee: a tag named "State" beside oee: with sparkplug_b, State '
+                                 "is the machine state's metric; rename the tag")
+    assert config.parse(text.replace(", format: sparkplug_b", "")).devices[0].tags == ("State",)  # JSON: no clash
