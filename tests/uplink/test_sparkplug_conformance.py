@@ -399,6 +399,25 @@ def test_tck_id_message_flow_edge_node_birth_publish_phid_wait_online_timestamp_
     assert off.reconnect and [p.topic for p in off.packets] == ["spBv1.0/plant-a/NDEATH/gw1"] and not fmt.ready
 
 
+def test_tck_id_operational_behavior_edge_node_termination_host_offline_timestamp_with_a_host_clock_ahead(tmp_path):
+    """An attack pass: a host whose clock runs 120 s ahead of the node's: online T1, online T1 + 10 s (it
+    reconnected), then its old session's offline, stamped T1, arrives late. The node "MUST NOT disconnect if the
+    timestamp value is less than the value from the previous online STATE message"; it did (it compared with the
+    host's stamps clamped to its own clock)."""
+    fmt, clock = make(tmp_path, "primary_host_id: scada-1")
+    rows = Rows()
+    fmt.connect_answered()
+    state, t1 = "spBv1.0/STATE/scada-1", int((T0 + 120) * 1000)
+    assert fmt.received(state, json.dumps({"online": True, "timestamp": t1}).encode()).resend
+    fmt.session_started(lambda: [rows.pump(T0), rows.line(T0)])
+    clock.now += 10
+    fmt.received(state, json.dumps({"online": True, "timestamp": t1 + 10_000}).encode())
+    late = fmt.received(state, json.dumps({"online": False, "timestamp": t1}).encode())
+    assert late.packets == [] and not late.reconnect and fmt.ready
+    off = fmt.received(state, json.dumps({"online": False, "timestamp": t1 + 10_000}).encode())  # its own Will
+    assert off.reconnect and not fmt.ready
+
+
 def test_tck_id_operational_behavior_data_commands_rebirth_action_2_and_3(tmp_path):
     """A Tahu-style NCMD (the metric by name, Boolean true): a complete birth sequence with the same bdSeq."""
     fmt, clock = make(tmp_path)
@@ -414,6 +433,30 @@ def test_tck_id_operational_behavior_data_commands_rebirth_action_2_and_3(tmp_pa
     w = write.metrics.add()
     w.name, w.datatype, w.double_value = "motor_rpm", pb.Double, 0.0
     assert fmt.received("spBv1.0/plant-a/DCMD/gw1/pump1", write.SerializeToString()).packets == []  # read-only
+
+
+def test_tck_id_operational_behavior_data_commands_rebirth_action_1_a_request_after_the_births_is_answered(tmp_path):
+    """An attack pass: births, then half a second later a host that saw a gap after them asks again; the request was
+    dropped (births at most every second). A request stamped before the last births is answered by them; one
+    stamped after them gets births, at most every 0.25 s."""
+    import time
+
+    fmt, clock = make(tmp_path)
+    born(fmt, clock, Rows())
+
+    def ask(stamp_ms: int) -> list[str]:
+        command = pb.Payload(timestamp=stamp_ms)
+        m = command.metrics.add()
+        m.name, m.datatype, m.boolean_value = "Node Control/Rebirth", pb.Boolean, True
+        return [k for k, _ in decode(fmt.received("spBv1.0/plant-a/NCMD/gw1", command.SerializeToString()).packets)]
+
+    births = ["NBIRTH", "DBIRTH", "DBIRTH"]
+    assert ask(int(T0 * 1000)) == births
+    assert ask(int(T0 * 1000) - 5) == []  # made before these births: they answer it
+    time.sleep(0.3)
+    clock.now += 0.3
+    assert ask(int(clock.now * 1000)) == births  # after them
+    assert ask(int(clock.now * 1000) + 1) == []  # (at most every 0.25 s, whatever the stamps say)
 
 
 def test_a_tag_is_declared_with_the_type_its_source_learned_by_the_time_of_the_dbirth(tmp_path):

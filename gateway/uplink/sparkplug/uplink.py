@@ -46,7 +46,8 @@ from gateway.uplink.sparkplug import sparkplug_b_pb2 as pb
 log = logging.getLogger("edge_gateway.uplink.sparkplug.uplink")
 
 BIRTH_WAIT = 5.0  # seconds the births wait for every device's first reading
-REBIRTH_GAP = 1.0  # seconds: births sent this recently answer a rebirth request (`_rebirth`)
+REBIRTH_GAP = 1.0  # seconds: births sent this recently answer a rebirth request (`_rebirth`) made before them
+REBIRTH_MIN = 0.25  # seconds: and births at most this often, whatever the requests say
 MAX_REFUSALS_LOGGED = 100  # kinds of refused commands and STATEs logged (each once); beyond, only counted
 HEALTH_METRICS = (("Health/backlog_messages", int(pb.UInt64)), ("Health/dropped", int(pb.UInt64)),
                   ("Health/store_errors", int(pb.UInt64)), ("Health/uptime_s", int(pb.Double)))
@@ -86,6 +87,7 @@ class SparkplugFormat:
         self.told: dict[str, dict[str, Any]] = {d: {} for d in self.metrics.devices}
         self.health: dict[str, tuple[Any, int]] = {}
         self.host_ts = 0  # the newest STATE timestamp seen: an older one is stale and ignored
+        self.online_ts = 0  # the host's last online STATE's own timestamp
         self._waiting_since: float | None = None  # when the births began to wait for first readings
         self._refused: set[str] = set()  # the kinds of refused messages logged
         self.refused = 0  # messages refused: commands other than a rebirth, STATEs that are not one
@@ -372,13 +374,14 @@ class SparkplugFormat:
             else:
                 self._refuse(topic, f"a write to {quoted(m.name, 80) if m.name else f'alias {m.alias}'}")
         if rebirth:
-            reaction.packets = self._rebirth(topic)
+            reaction.packets = self._rebirth(topic, command.timestamp if command.HasField("timestamp") else None)
         return reaction
 
-    def _rebirth(self, topic: str) -> list[Packet]:
+    def _rebirth(self, topic: str, stamp: int | None = None) -> list[Packet]:
         """NBIRTH and every DBIRTH, unless births went out less than REBIRTH_GAP ago: those answer any request
         made before them, and a host (or anyone) asking hundreds of times a second must not multiply the node's
-        traffic. Said at most once a minute, with how many were asked for."""
+        traffic. A request stamped after those births (a host that saw a gap in what followed them) is answered,
+        at most every REBIRTH_MIN. Said at most once a minute, with how many were asked for."""
         now = time.monotonic()
         self.rebirths_asked += 1
         if now - self.last_rebirth_log >= 60.0:
@@ -387,7 +390,9 @@ class SparkplugFormat:
                      extra=fields(event="sparkplug_rebirth"))
             self.last_rebirth_log, self.rebirths_asked = now, 0
         if now - self.last_rebirth < REBIRTH_GAP:
-            return []
+            later = stamp is not None and self.born_at is not None and stamp > _ms(self.born_at)
+            if not later or now - self.last_rebirth < REBIRTH_MIN:
+                return []
         self.last_rebirth = now
         return self._births()
 
@@ -410,6 +415,13 @@ class SparkplugFormat:
         if stamp < self.host_ts:  # tck-id-message-flow-edge-node-birth-publish-phid-wait-timestamp
             self._refuse(topic, "a STATE older than the last one (a stale retained message)", command=False)
             return Reaction()
+        if not online and stamp < self.online_ts:  # tck-id-operational-behavior-edge-node-termination-host-offline-
+            # timestamp: an offline older than the host's last online is its previous session's, arriving late
+            self._refuse(topic, "an offline STATE older than the host's last online (its previous session's)",
+                         command=False)
+            return Reaction()
+        if online:
+            self.online_ts = stamp  # as the host stamped it: its offline is compared with its own clock
         # Kept no later than this box's clock: a host whose clock ran ahead, then was set right, would otherwise have
         # every later STATE taken as stale, and the node wait for an online that never counts.
         self.host_ts = min(stamp, int(self.clock() * 1000))
