@@ -486,3 +486,18 @@ def test_a_device_dead_at_the_birth_is_born_by_its_next_good_reading_even_one_st
     assert fmt.data(rows.pump(T0 - 0.9, failed=True)) == []
     out = decode(fmt.data(rows.pump(T0 - 0.5, bearing=43.0)))
     assert [k for k, _ in out] == ["DBIRTH", "DDATA"] and all(m.is_historical for m in out[1][1].metrics)
+
+
+def test_tck_id_payloads_ddata_timestamp_and_ddeath_timestamp_are_when_published(tmp_path):
+    """An attack pass: a DDATA's payload timestamp was its sample's time (hours old for history replayed after an
+    outage); it is when the message is published, each metric keeping its value's time."""
+    fmt, clock = make(tmp_path)
+    rows = Rows()
+    born(fmt, clock, rows)
+    old, live = rows.pump(T0 - 3600, bearing=50.0), rows.pump(clock.now + 1, bearing=51.0)
+    clock.now += 2  # (handed over a little after its sample: a group commit)
+    sent = decode(fmt.data(old) + fmt.data(live) + fmt.data(rows.pump(clock.now - 0.5, failed=True)))
+    assert [k for k, _ in sent] == ["DDATA", "DDATA", "DDEATH"]
+    assert all(p.timestamp == round(clock.now * 1000) for _, p in sent)
+    assert {m.timestamp for m in sent[0][1].metrics} == {round((T0 - 3600) * 1000)}
+    assert {m.timestamp for m in sent[1][1].metrics} == {round((T0 + 1) * 1000)}

@@ -235,7 +235,9 @@ class SparkplugFormat:
         if (parsed := self._parsed(msg)) is None:
             return []
         known = self.metrics.devices[device]
-        ts = _ms(msg.created)
+        # A payload's timestamp is when it is published (tck-id-payloads-ddata-timestamp, -ddeath-timestamp); each
+        # metric's, the time of its value
+        ts, now = _ms(msg.created), _ms(self.clock())
         historical = msg.created < self.born_at  # older than this session's birth: history, whatever it says
         values, failed = self._remember(msg, *parsed, historical=historical)
         packets = []
@@ -251,17 +253,17 @@ class SparkplugFormat:
         if historical:
             if values:
                 packets.append(Packet(self.topics.device_topic("DDATA", device), metrics.payload(
-                    ts, self._next_seq(), [(known[n], v, ts) for n, v in values.items()], historical=True)))
+                    now, self._next_seq(), [(known[n], v, ts) for n, v in values.items()], historical=True)))
             return packets
         if failed:  # the device cannot be read: dead until it reads again
             self.born.discard(device)
-            return [Packet(self.topics.device_topic("DDEATH", device), metrics.payload(ts, self._next_seq(), []))]
+            return [Packet(self.topics.device_topic("DDEATH", device), metrics.payload(now, self._next_seq(), []))]
         told = self.told[device]
         changed = [(known[n], v, ts) for n, v in values.items() if n not in told or told[n] != v]
         told.update(values)
         if not changed:
             return []
-        return [Packet(self.topics.device_topic("DDATA", device), metrics.payload(ts, self._next_seq(), changed))]
+        return [Packet(self.topics.device_topic("DDATA", device), metrics.payload(now, self._next_seq(), changed))]
 
     def _while_dead(self, device: str, values: dict[str, Any], ts: int, historical: bool) -> list[Packet]:
         """A row of a dead device that is not a reading: the gateway's own figures (a shift closed while the PLC was
@@ -275,7 +277,7 @@ class SparkplugFormat:
         if historical and values:  # (the birth carries the newest values; this row's are older)
             known = self.metrics.devices[device]
             packets.append(Packet(self.topics.device_topic("DDATA", device), metrics.payload(
-                ts, self._next_seq(), [(known[n], v, ts) for n, v in values.items()], historical=True)))
+                _ms(self.clock()), self._next_seq(), [(known[n], v, ts) for n, v in values.items()], historical=True)))
         self.born.discard(device)
         packets.append(Packet(self.topics.device_topic("DDEATH", device),
                               metrics.payload(_ms(self.clock()), self._next_seq(), [])))
