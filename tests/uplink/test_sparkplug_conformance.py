@@ -475,6 +475,36 @@ def test_a_tag_is_declared_with_the_type_its_source_learned_by_the_time_of_the_d
     assert pump["motor_rpm"].datatype == pb.Int64 and pump["bearing_temp_c"].datatype == pb.Double
 
 
+def test_a_device_born_before_its_source_knew_the_types_is_born_again_with_them(tmp_path):
+    """An attack pass: an OPC UA server slower than the births (5 s): the DBIRTH declared every tag Double (null),
+    then the DataTypes were learned, and a UInt64 of 2^60 + 1 went out as the double 1.152921504606847e18 until a
+    rebirth. The first reading after the types are known brings a DBIRTH that declares them, carrying it."""
+    from gateway import tagtypes
+
+    cfg = config.parse(CONFIG % "")
+    learned: dict[str, dict[str, tagtypes.TagType]] = {d.name: sources.tag_types(d) for d in cfg.devices}
+    learned["pump1"] = dict.fromkeys(learned["pump1"], tagtypes.AS_SENT)  # (not connected yet)
+    clock = Clock()
+    fmt = SparkplugFormat(cfg, state_path=str(tmp_path / "sparkplug.json"), scored={},
+                          types_of=lambda device: learned[device], clock=clock)
+    rows = Rows()
+    fmt.connect_answered()
+    births = decode(fmt.session_started(lambda: [rows.pump(T0), rows.line(T0)]))
+    assert {m.name: m for m in births[1][1].metrics}["motor_rpm"].datatype == pb.Double
+    clock.now += 1
+    assert [k for k, _ in decode(fmt.data(rows.pump(clock.now, bearing=42.0)))] == ["DDATA"]  # still unknown
+    learned["pump1"] = {**learned["pump1"], "motor_rpm": tagtypes.integer("UInt64")}
+    clock.now += 1
+    reading = rows(TOPICS.telemetry("pump1"), contract.telemetry(
+        "pump1", clock.now, {"motor_rpm": 2**60 + 1, "bearing_temp_c": 42.0}, {}, None, None, True), clock.now)
+    again = decode(fmt.data(reading))
+    assert [k for k, _ in again] == ["DBIRTH"]
+    rpm = {m.name: m for m in again[0][1].metrics}["motor_rpm"]
+    assert rpm.datatype == pb.UInt64 and rpm.long_value == 2**60 + 1
+    clock.now += 1
+    assert [k for k, _ in decode(fmt.data(rows.pump(clock.now, bearing=43.0)))] == ["DDATA"]  # once
+
+
 def test_a_device_dead_at_the_birth_is_born_by_its_next_good_reading_even_one_stored_before_it(tmp_path):
     """After a restart the newest stored reading of pump1 had failed: no DBIRTH with the births. The first good
     reading, although older than the NBIRTH (history), brings its DBIRTH, then goes out as history."""

@@ -88,6 +88,7 @@ class SparkplugFormat:
         self.health: dict[str, tuple[Any, int]] = {}
         self.host_ts = 0  # the newest STATE timestamp seen: an older one is stale and ignored
         self.online_ts = 0  # the host's last online STATE's own timestamp
+        self.untyped: dict[str, dict[str, str | None]] = {}  # devices born with tags of no datatype yet: as declared
         self._waiting_since: float | None = None  # when the births began to wait for first readings
         self._refused: set[str] = set()  # the kinds of refused messages logged
         self.refused = 0  # messages refused: commands other than a rebirth, STATEs that are not one
@@ -199,6 +200,10 @@ class SparkplugFormat:
         when `unread`: the device cannot be read now)."""
         types = self.types_of(device)
         self.metrics.retype(device, types)
+        if any(not kind.datatype for kind in types.values()):  # declared Double until its source says (OPC UA)
+            self.untyped[device] = _datatypes(types)
+        else:
+            self.untyped.pop(device, None)
         self.born.add(device)
         known, told = self.last[device], self.told[device]
         at = _ms(self.clock())
@@ -258,6 +263,11 @@ class SparkplugFormat:
         if failed:  # the device cannot be read: dead until it reads again
             self.born.discard(device)
             return [Packet(self.topics.device_topic("DDEATH", device), metrics.payload(now, self._next_seq(), []))]
+        if device in self.untyped and _datatypes(self.types_of(device)) != self.untyped[device]:
+            # born before its source knew its tags' types (an OPC UA server slower than the births): born again
+            # with them, so that no value goes out under the Double it was declared (a UInt64 rounded, a Boolean 1.0)
+            packets.append(self._dbirth(device))
+            return packets
         told = self.told[device]
         changed = [(known[n], v, ts) for n, v in values.items() if n not in told or told[n] != v]
         told.update(values)
@@ -455,6 +465,10 @@ class SparkplugFormat:
         else:
             log.warning("refused %s on %s: %s", what, topic, why, extra=fields(event="sparkplug_refused",
                                                                             refused=self.refused))
+
+
+def _datatypes(types: Mapping[str, TagType]) -> dict[str, str | None]:
+    return {tag: kind.datatype for tag, kind in types.items()}
 
 
 def _values(kind: str, body: Mapping[str, Any], ts_ms: int) -> dict[str, Any]:
