@@ -17,7 +17,7 @@ _SIZE_UNITS = {
 
 def parse_duration(text: str) -> float:
     """Seconds in a duration string such as `250ms`, `10s`, `5m`, `2h`, `7d`."""
-    match = _DURATION.match(text)
+    match = _DURATION.fullmatch(text)
     if not match:
         raise ValueError(text)
     return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
@@ -32,7 +32,7 @@ def parse_size(text: str | int) -> int:
         if not 0 <= text <= MAX_SIZE:
             raise ValueError(text)
         return text
-    match = _SIZE.match(text)
+    match = _SIZE.fullmatch(text)
     if not match:
         raise ValueError(text)
     size = float(match.group(1)) * _SIZE_UNITS[match.group(2)]

@@ -100,7 +100,7 @@ def model_command(args: argparse.Namespace) -> int:
     from gateway.anomaly.training import MissingExtra
     try:
         name = getattr(args, "name", None)
-        if name is not None and not NAME.match(name):  # a file name in --out or the model dir, and a config value
+        if name is not None and not NAME.fullmatch(name):  # a file name in --out or the model dir, and a config value
             raise _Usage(f"model name {name[:80]!r}: lower-case letters, digits, _ and - only, as "
                          f"devices[].model takes it (e.g. pump-ae)")
         if args.action == "train":

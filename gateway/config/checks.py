@@ -114,7 +114,7 @@ def string(pattern: re.Pattern[str] | None = None, what: str = "") -> Check:
         if (bad := unfit_text(value)) is not None:
             problems.add(path, f"expected text {bad}, got {found(value)}")
             return INVALID
-        if pattern and not pattern.match(value):
+        if pattern and not pattern.fullmatch(value):  # (match: "$" also before a last "\n")
             problems.add(path, f"expected {what or pattern.pattern}, got {found(value)}")
             return INVALID
         return value

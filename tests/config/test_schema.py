@@ -432,3 +432,12 @@ def test_a_tag_named_state_beside_oee_is_refused_with_sparkplug_only():
     assert str(caught.value) == ('g.yaml:8: devices[0].oee: a tag named "State" beside oee: with sparkplug_b, State '
                                  "is the machine state's metric; rename the tag")
     assert config.parse(text.replace(", format: sparkplug_b", "")).devices[0].tags == ("State",)  # JSON: no clash
+
+
+def test_a_name_with_a_last_line_break_is_refused():
+    """An attack pass: the patterns were matched with `re.match`, whose `$` also matches before a last line break, so
+    `site: "plant-a\\n"` passed and went into every topic (and a model named "pump\\n" into a file name)."""
+    with pytest.raises(config.ConfigError) as caught:
+        config.parse(BASE.replace("site: plant-a", 'site: "plant-a\\n"'), "g.yaml")
+    assert str(caught.value).startswith('g.yaml:1: gateway.site: expected ') and 'got "plant-a\\x0a"' in \
+        str(caught.value), str(caught.value)
