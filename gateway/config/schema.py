@@ -239,7 +239,7 @@ class WebTlsSection:
 @dataclass(frozen=True)
 class WebSection:
     """The read-only status page, JSON API and /metrics (the [web] extra)."""
-    listen: str = setting(string(re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[^:\s\[\]]+):\d{1,5}$"),
+    listen: str = setting(string(re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[^:\s\[\]]+):[0-9]{1,5}$"),
                                  'HOST:PORT such as "127.0.0.1:8470"'),
                           "127.0.0.1:8470", doc="where the page is served; loopback unless users_file is set")
     users_file: str | None = setting(optional(string()), None,
@@ -253,6 +253,8 @@ class WebSection:
             return []
         host = v["listen"].rpartition(":")[0]
         port = int(v["listen"].rpartition(":")[2])
+        if (why := _unfit_host(host)) is not None:
+            return [("listen", f"expected HOST:PORT with {why}, got {found(v['listen'])}")]
         if not 1 <= port <= 65535:
             return [("listen", f"expected a port from 1 to 65535, got {port}")]
         if v["users_file"] is None and not loopback(host):
@@ -265,6 +267,27 @@ class WebSection:
     def address(self) -> tuple[str, int]:
         host, _, port = self.listen.rpartition(":")
         return host.strip("[]"), int(port)
+
+
+def _unfit_host(host: str) -> str | None:
+    """What HOST (of `web.listen`) must be when asyncio could not listen on it, else None. asyncio encodes a name
+    with the idna codec before looking it up: "gw..plant.local", a label of 64 characters or a U+202E raised
+    UnicodeError at start, after check-config had passed it."""
+    if host.startswith("["):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            return "an IPv6 address in brackets such as [::1]"
+        return None
+    try:
+        ascii_host = host.encode("idna")
+    except UnicodeError:
+        ascii_host = b""
+    labels = ascii_host.removesuffix(b".").split(b".")
+    if not ascii_host or len(ascii_host) > 253 or not all(1 <= len(label) <= 63 for label in labels):
+        return ("an IP address or a host name whose labels between dots are 1 to 63 characters long (253 in all) "
+                "and that IDNA can encode (no control or bidirectional characters)")
+    return None
 
 
 def loopback(host: str) -> bool:

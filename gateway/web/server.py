@@ -594,7 +594,9 @@ async def serve(gw: Gateway, cfg: WebSection) -> None:
             try:
                 protocol.tls = tls_context(cfg)  # (a certificate that cannot be read is retried with the port)
                 server = await loop.create_server(protocol, host, port, backlog=BACKLOG, reuse_address=True)
-            except (OSError, ssl.SSLError) as err:
+            # ValueError: a host name asyncio cannot encode (UnicodeError, which check-config refuses; a config that
+            # passed an older check-config must not end the daemon, only its page).
+            except (OSError, ssl.SSLError, ValueError) as err:
                 if str(err) != failed:
                     log.error("web: cannot serve on %s: %s; retrying every 5s", cfg.listen, err)
                     failed = str(err)

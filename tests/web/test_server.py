@@ -72,6 +72,74 @@ def test_bad_web_keys_are_named(snippet, message):
     assert message in str(err.value)
 
 
+HOST_64 = "a" * 64
+
+
+@pytest.mark.parametrize("listen,message", [
+    ("gw..plant.local:8470", 'got "gw..plant.local:8470"'),
+    (f"{HOST_64}.plant.local:8470", "labels between dots are 1 to 63 characters long"),
+    (f"{'a.' * 127}aa:8470", "(253 in all)"),
+    ("\u202e:8470", 'got "\\u202e:8470"'),
+    ("[1:::2]:8470", "expected HOST:PORT with an IPv6 address in brackets such as [::1]"),
+    ("127.0.0.1:\uff18\uff14\uff17\uff10", 'expected HOST:PORT such as "127.0.0.1:8470"'),  # fullwidth 8470
+])
+def test_a_listen_host_asyncio_cannot_listen_on_is_a_config_error(listen, message):
+    """These passed check-config; then the daemon died at start (UnicodeError from the idna codec, exit 70), or
+    read fullwidth digits as a port."""
+    with pytest.raises(ConfigError) as err:
+        config.parse(BASE + f'web: {{listen: "{listen}", users_file: /x}}\n', "gateway.yaml")
+    text = str(err.value)
+    assert text.startswith("gateway.yaml:5: web.listen: expected HOST:PORT ") and message in text, text
+
+
+@pytest.mark.parametrize("listen", ["gw.plant.local:8470", "gw.plant.local.:8470", f"{'a' * 63}.local:8470",
+                                    "ünï.example:8470", "[::ffff:127.0.0.1]:8470", "127.1:8470"])
+def test_a_listen_host_that_can_be_listened_on_is_taken(listen):
+    assert config.parse(BASE + f'web: {{listen: "{listen}", users_file: /x}}\n').web is not None
+
+
+def test_check_config_exits_78_for_a_listen_host_idna_cannot_encode(tmp_path):
+    path = tmp_path / "gateway.yaml"
+    path.write_text(BASE + 'web: {listen: "gw..plant.local:8470", users_file: /x}\n')
+    result = subprocess.run([sys.executable, "-m", "gateway", "check-config", str(path)], capture_output=True,
+                            text=True, env=ENV, cwd=ROOT, timeout=60)
+    assert result.returncode == 78, result.stderr
+    assert f"{path}:5: web.listen: expected HOST:PORT with an IP address or a host name" in result.stderr
+    assert 'got "gw..plant.local:8470"' in result.stderr
+
+
+class _NoDevices:
+    """The least of a running gateway that `serve` reads before it listens."""
+    devices: list = []
+    history = None
+
+
+def test_a_listen_host_that_cannot_be_encoded_at_start_is_retried_never_fatal(caplog):
+    """A config that an older check-config passed: the page is not served (logged, retried like a port in use),
+    and the daemon, whose devices do not need the page, keeps running."""
+    from gateway.config.schema import WebSection
+    from gateway.web import server
+
+    cfg = WebSection(listen="gw..plant.local:8470")
+
+    async def main() -> None:
+        task = asyncio.ensure_future(server.serve(_NoDevices(), cfg))  # type: ignore[arg-type]
+        for _ in range(200):
+            if any("cannot serve" in r.getMessage() for r in caplog.records) or task.done():
+                break
+            await asyncio.sleep(0.05)
+        assert not task.done(), task.exception()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    with caplog.at_level(logging.ERROR, logger="edge_gateway.web"):
+        asyncio.run(main())
+    assert [r.getMessage() for r in caplog.records] == [
+        "web: cannot serve on gw..plant.local:8470: encoding with 'idna' codec failed (UnicodeError: label empty or "
+        "too long); retrying every 5s"]
+
+
 def test_check_config_exits_78_for_a_plant_network_listen_without_users(tmp_path):
     path = tmp_path / "gateway.yaml"
     path.write_text(BASE + 'web: {listen: "0.0.0.0:8470"}\n')
