@@ -132,7 +132,9 @@ def format_time(ts: float) -> str:
     millis = round((ts - second) * 1000)
     if millis == 1000:  # within half a millisecond of the next second: it is that second (not this one)
         second, millis = second + 1, 0
-    text = datetime.fromtimestamp(second, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+    d = datetime.fromtimestamp(second, tz=timezone.utc)
+    # Not strftime("%Y"): glibc writes the year 1 as "1", a time that parse_time (and so read_csv) refuses.
+    text = f"{d.year:04d}-{d.month:02d}-{d.day:02d}T{d.hour:02d}:{d.minute:02d}:{d.second:02d}"
     return f"{text}.{millis:03d}Z" if millis else f"{text}Z"
 
 

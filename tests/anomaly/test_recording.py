@@ -167,6 +167,16 @@ def test_a_time_half_a_millisecond_before_a_second_is_exported_as_that_second_no
     assert round(parse_time(format_time(ts)) * 1000) == round(ts * 1000)
 
 
+def test_a_time_before_the_year_1000_is_written_with_four_digits_and_reads_back(tmp_path):
+    """An attack pass: the year 1 went out as "1-01-01T00:00:00Z" (strftime's %Y), which read_csv refused: an
+    export or a replay of such times could not be read back."""
+    first = parse_time("0001-01-01T00:00:00Z")
+    assert first is not None and format_time(first) == "0001-01-01T00:00:00Z"
+    assert format_time(parse_time("0999-12-31T23:59:59.5Z")) == "0999-12-31T23:59:59.500Z"
+    write_csv(tmp_path / "old.csv", ["a"], [(first, [1.0]), (first + 1, [2.0])])
+    assert read_csv(tmp_path / "old.csv").times.tolist() == [first, first + 1]
+
+
 def test_an_exported_history_keeps_its_time_order_across_each_second(tmp_path):
     times = [1796559094.0 + 0.0197 + 0.02 * i for i in range(200)]  # 20 ms apart, one a second at .9997
     write_csv(tmp_path / "h.csv", ["a"], [(t, [float(i)]) for i, t in enumerate(times)])
