@@ -1,10 +1,13 @@
 // The status page: one EventSource on /api/v1/live, the DOM updated in place (text only, never HTML
 // from data), one uPlot chart per scored device: the last hour's score, its threshold, events shaded.
+// Each snapshot is the whole truth: a reload of the gateway can add, remove or change a device (gain or lose
+// a model, change its tags), and the page follows it; one device that fails to render leaves the others live.
 "use strict";
 (function () {
   const HOUR = 3600;
   const cards = {};   // device -> {el, parts}
   const charts = {};  // device -> {u, ts, score, thr, events}
+  const failing = {}; // device -> the error last warned about (once per error, not every second)
   const $ = (tag, cls, text) => {
     const e = document.createElement(tag);
     if (cls) e.className = cls;
@@ -51,24 +54,48 @@
     const model = $("div", "alarm model-error");
     const table = $("table");
     el.append(head, model, machine, oee, alarms, counters, table);
-    c = {el, state, when, model, machine, oee, counters, alarms, table, rows: {}};
-    if (dev.anomaly) {
-      const box = $("div", "chart"), legend = $("div", "legend"), note = $("div", "event-note"), plot = $("div");
-      const advice = $("div", "model-note");
-      box.append(legend, advice, plot, note);
-      el.append(box);
-      c.chart = {box, legend, advice, note, plot};
-    }
+    c = {el, state, when, model, machine, oee, counters, alarms, table, rows: {}, seen: null, rest: ""};
     document.getElementById("devices").append(el);
     cards[dev.name] = c;
     return c;
+  }
+
+  // The chart's box, made when the device first has a model (at the page's start or after a reload that gave
+  // it one), gone when a reload takes the model away.
+  function chartBox(c) {
+    if (c.chart) return c.chart;
+    const box = $("div", "chart"), legend = $("div", "legend"), note = $("div", "event-note"), plot = $("div");
+    const advice = $("div", "model-note");
+    box.append(legend, advice, plot, note);
+    c.el.append(box);
+    return c.chart = {box, legend, advice, note, plot};
+  }
+
+  function dropChart(name) {
+    const ch = charts[name], c = cards[name];
+    if (ch) { ch.u.destroy(); delete charts[name]; }
+    if (c && c.chart) { c.chart.box.remove(); delete c.chart; }
+  }
+
+  function dropCard(name) {
+    dropChart(name);
+    cards[name].el.remove();
+    delete cards[name];
+    delete failing[name];
+  }
+
+  // "last sample N s ago" counts on by itself: a device whose samples stop (or a stream that stalls) shows it.
+  function showWhen(c) {
+    c.when.textContent = `last sample ${ago(c.seen)} · ${c.rest}`;
   }
 
   function renderDevice(dev) {
     const c = card(dev);
     c.state.textContent = dev.state;
     c.state.className = "pill " + stateClass(dev.state);
-    c.when.textContent = `last sample ${ago(dev.last_sample)} · ${dev.source} · ${dev.polls} samples, ${dev.errors} errors`;
+    c.seen = dev.last_sample;
+    c.rest = `${dev.source} · ${dev.polls} samples, ${dev.errors} errors`;
+    showWhen(c);
     c.model.textContent = dev.model_error ? `not scored: ${dev.model_error} (fix it, then reload the gateway)` : "";
     const m = dev.machine;
     c.machine.replaceChildren(...(m ? [kv("machine", m.state), kv("since", m.since ? new Date(m.since).toLocaleTimeString() : "—"),
@@ -86,29 +113,35 @@
       const line = $("div", a.active.length ? "alarm" : "muted", "alarms: " + list + (a.unknown.length ? ` (unknown: ${a.unknown.join(", ")})` : ""));
       c.alarms.replaceChildren(line);
     }
+    const tags = new Set(dev.tags.map((t) => t.name));
+    for (const [name, r] of Object.entries(c.rows)) {
+      if (!tags.has(name)) { r.tr.remove(); delete c.rows[name]; }  // a reload took the tag away
+    }
     for (const t of dev.tags) {
       let r = c.rows[t.name];
       if (!r) {
         const tr = $("tr"), n = $("td", null, t.name), v = $("td", "v"), u = $("td", "u", t.unit || ""), q = $("td", "q");
         tr.append(n, v, u, q);
         c.table.append(tr);
-        r = c.rows[t.name] = {v, q};
+        r = c.rows[t.name] = {tr, v, q};
       }
       r.v.textContent = fmt(t.value);
       r.q.textContent = t.quality || "—";
       r.q.className = "q " + (t.quality === "ok" ? "q-ok" : "q-bad");
     }
     if (dev.anomaly) renderAnomaly(dev, c);
+    else dropChart(dev.name);
   }
 
   function renderAnomaly(dev, c) {
-    const an = dev.anomaly;
+    const an = dev.anomaly, parts = chartBox(c);
     const top = (an.top_tags || []).slice(0, 3).map((t) => `${t.tag} ${(100 * t.share).toFixed(0)}%`).join(", ");
-    c.chart.legend.textContent = `anomaly score ${fmt(an.score)} / threshold ${fmt(an.threshold)} · ${an.state}` +
+    parts.legend.textContent = `anomaly score ${fmt(an.score)} / threshold ${fmt(an.threshold)} · ${an.state}` +
       (top ? ` · top tags: ${top}` : "");
-    c.chart.legend.className = "legend " + (an.state === "anomaly" ? "alarm" : "");
-    c.chart.advice.textContent = an.note || "";
-    if (!charts[dev.name]) makeChart(dev.name, c.chart, an.threshold);
+    parts.legend.className = "legend " + (an.state === "anomaly" ? "alarm" : "");
+    parts.advice.textContent = an.note || "";
+    if (!charts[dev.name]) makeChart(dev.name, parts, an.threshold);
+    charts[dev.name].threshold = an.threshold;  // (a reload may give it another model)
   }
 
   function shade(u) {
@@ -136,7 +169,7 @@
       ...size(parts.box),
       legend: {show: false},
       cursor: {show: true, drag: {x: false, y: false}},
-      scales: {x: {time: true}, y: {range: (u, min, max) => [0, Math.max(threshold * 1.5, max || 0) * 1.05]}},
+      scales: {x: {time: true}, y: {range: (u, min, max) => [0, Math.max(ch.threshold * 1.5, max || 0) * 1.05]}},
       series: [{}, {label: "score", stroke: "#1f6feb", width: 1.5, spanGaps: false},
                {label: "threshold", stroke: "#b42318", dash: [6, 4], width: 1, points: {show: false}}],
       axes: [{}, {size: 44}],
@@ -145,7 +178,7 @@
     ch.u = new uPlot(opts, [[], [], []], parts.plot);
     ch.u.edgeDevice = name;
     fetch(`/api/v1/devices/${encodeURIComponent(name)}/anomaly`).then((r) => r.ok ? r.json() : null).then((doc) => {
-      if (!doc) return;
+      if (!doc || charts[name] !== ch) return;  // (dropped meanwhile)
       const known = ch.ts.length ? ch.ts[0] : Infinity;
       const older = doc.ts.map((t, i) => [t, doc.score[i], doc.thresholds[i]]).filter((p) => p[0] < known);
       ch.ts.unshift(...older.map((p) => p[0]));
@@ -170,6 +203,7 @@
 
   function redraw(name) {
     const ch = charts[name], c = cards[name];
+    if (!ch || !c || !c.chart) return;
     ch.u.setData([ch.ts, ch.score, ch.thr]);
     c.chart.box.dataset.points = String(ch.ts.length);
     c.chart.box.dataset.events = String(ch.events.length);
@@ -181,10 +215,28 @@
       (open ? "" : ` · ended ${new Date(ev.end * 1000).toLocaleTimeString()}`) : "";
   }
 
+  // One device's part of a snapshot; an error in it is warned about once and leaves the other devices live.
+  function isolated(name, render) {
+    try {
+      render();
+      delete failing[name];
+    } catch (e) {
+      if (failing[name] !== String(e)) console.warn(`device ${name}: cannot show this update`, e);
+      failing[name] = String(e);
+    }
+  }
+
   function onSnapshot(snap) {
     renderHealth(snap);
-    for (const dev of snap.devices) renderDevice(dev);
-    for (const [name, p] of Object.entries(snap.anomaly || {})) addPoint(name, p);
+    const names = new Set(snap.devices.map((d) => d.name));
+    for (const name of Object.keys(cards)) if (!names.has(name)) dropCard(name);  // a reload removed it
+    for (const dev of snap.devices) isolated(dev.name, () => renderDevice(dev));
+    const box = document.getElementById("devices");
+    const order = snap.devices.map((d) => cards[d.name] && cards[d.name].el).filter(Boolean);
+    if (order.some((el, i) => box.children[i] !== el)) box.append(...order);  // config order, after a reload too
+    for (const [name, p] of Object.entries(snap.anomaly || {})) {
+      if (names.has(name)) isolated(name, () => addPoint(name, p));
+    }
   }
 
   function connect() {
@@ -209,6 +261,7 @@
     for (const ch of Object.values(charts)) ch.u.setSize({width: 200, height: ch.u.height});
     for (const [name, ch] of Object.entries(charts)) ch.u.setSize(size(cards[name].chart.box));
   });
+  setInterval(() => { for (const c of Object.values(cards)) showWhen(c); }, 1000);
   window.edgeGateway = {charts, cards};
   connect();
 })();
