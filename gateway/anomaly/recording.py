@@ -6,7 +6,7 @@ wrong guess would corrupt a model:
 
 - the delimiter is `,`, `;` or a tab (the one the header holds most of); with `;` or a tab, a decimal
   comma is accepted. The text is UTF-8, UTF-16 with its byte-order mark (a spreadsheet's "Unicode
-  text"), else read as Latin-1;
+  text"), else read as Latin-1. A row is one line: a cell that opens a quote closes it on that line;
 - the time column is the one named, else the first whose name says time (`time`, `timestamp`,
   `datetime`, `date`, `ts`), else the first whose cells read as times. A time is RFC 3339 /
   ISO 8601 (no zone = UTC) or, in a column so named, epoch seconds (milliseconds when > 1e11), from the
@@ -21,10 +21,11 @@ Any problem is a `DataError` naming the file, and where it helps, the line and c
 from __future__ import annotations
 
 import csv
+import itertools
 import math
 import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -170,10 +171,7 @@ def read_csv(path: str | Path, *, time_column: str | None = None, tags: Sequence
         raise DataError(f"{path}: empty file, or no header line")
     header_line = lines[0]
     delimiter = max(DELIMITERS, key=header_line.count)
-    try:
-        rows = list(csv.reader(lines, delimiter=delimiter))
-    except csv.Error as err:  # a cell beyond the csv module's limit (128 KiB): not a recording
-        raise DataError(f"{path}: not a CSV recording: {err}") from None
+    rows = [cells for _, cells in _rows(path, lines, delimiter)]  # one per line
     header = [h.strip() for h in rows[0]]
     body = [r for r in rows[1:] if any(c.strip() for c in r)]
     position = {h: i for i, h in enumerate(header)}  # by name in one step: a header may have a million columns
@@ -239,6 +237,41 @@ def read_csv(path: str | Path, *, time_column: str | None = None, tags: Sequence
     if len(t) and not keep.all():
         notes.append(f"{int((~keep).sum())} row(s) with a time given twice: the last one kept")
     return Recording(str(path), names, t[keep], v[keep], notes)
+
+
+def _rows(path: Path, lines: list[str], delimiter: str) -> Iterator[tuple[int, list[str]]]:
+    """Each line's number and cells. A quoted cell ends on its own line: historians and spreadsheets write one row
+    per line, and csv.reader let a stray quote (a cell `"0.5`) run on, taking every line after it into that cell:
+    the rows left silently, or the file ended in "field larger than field limit" with no line to look at."""
+    # An empty line after the last: a quote that the last line opens runs into it, and is caught as any other.
+    reader = csv.reader(itertools.chain(lines, [""]), delimiter=delimiter)
+    done = 0  # the lines the rows so far took, one each
+    header: list[str] = []
+    try:
+        for cells in reader:
+            if reader.line_num > done + 1:
+                break
+            done = reader.line_num
+            if done == 1:
+                header = cells
+            if done <= len(lines):
+                yield done, cells
+        else:
+            return
+    except csv.Error as err:
+        if reader.line_num == done + 1:  # within one line: a cell beyond the csv module's limit (128 KiB)
+            raise DataError(f"{path}:{done + 1}: not a CSV recording: {err}") from None
+    raise _unclosed(path, lines[done], done + 1, delimiter, header)
+
+
+def _unclosed(path: Path, line: str, lineno: int, delimiter: str, header: list[str]) -> DataError:
+    """The error for a line whose last cell opens a quote that the line does not close."""
+    cells = next(csv.reader([line], delimiter=delimiter), [""])  # on this line alone: the open cell is the last
+    name = header[len(cells) - 1].strip() if lineno > 1 and len(cells) <= len(header) else ""
+    column = names_text([name]) if name else str(len(cells))
+    cell = '"' + cells[-1] if len(cells[-1]) < 40 else '"' + cells[-1][:40] + "..."
+    return DataError(f"{path}:{lineno}: column {column}: the cell {cell!r} opens a quote that this line does not close: "
+                     f"expected its closing quote on the same line (a recording holds one row per line)")
 
 
 def names_text(names: Sequence[str], most: int = 20, longest: int = 60) -> str:

@@ -81,6 +81,27 @@ def test_what_cannot_be_read_is_said_with_file_and_line(tmp_path, text, expected
     assert str(tmp_path / "rec.csv") in str(err.value)
 
 
+@pytest.mark.parametrize("where,lineno,cell", [(899, 901, "'\"0.5,899'"), (998, 1000, "'\"0.5,998'"),
+                                              (None, 1, "'\"a,b'")], ids=["row", "last-row", "header"])
+def test_a_quote_that_its_line_does_not_close_is_refused_naming_the_line(tmp_path, where, lineno, cell):
+    """An attack pass: a cell `"0.5` in row 900 of 999 took every line after it into one cell: 900 rows read, the
+    last 99 silently gone; in the last row it was read as 0.5. In the header it took the whole file (no rows); in a
+    long file it ended in "field larger than field limit", with no line."""
+    stray = '"0.5'
+    rows = "".join(f"{1.79e9 + i},{stray if i == where else i},{i}\n" for i in range(999))
+    path = write(tmp_path, ("time,\"a,b\n" if where is None else "time,a,b\n") + rows)
+    with pytest.raises(DataError) as err:
+        read_csv(path)
+    assert str(err.value) == (f"{path}:{lineno}: column {'2' if where is None else 'a'}: the cell {cell} opens a quote "
+                              f"that this line does not close: expected its closing quote on the same line (a "
+                              f"recording holds one row per line)")
+    long = write(tmp_path, "time,a\n1790000000,\"1\n" + "1790000001,2\n" * 20_000, "long.csv")
+    with pytest.raises(DataError, match=r"long.csv:2: column a: the cell '\"1' opens a quote"):
+        read_csv(long)
+    quoted = read_csv(write(tmp_path, 'time,"a",b\n1790000000,"1.5","x""y"\n', "quoted.csv"))  # closed: read as ever
+    assert quoted.tags == ["a"] and quoted.values.tolist() == [[1.5]]
+
+
 def test_a_windows_1252_export_splits_only_at_line_ends_and_an_unnamed_index_column_is_no_tag(tmp_path):
     """str.splitlines() broke a line at 0x85 (Windows-1252's "...", read as Latin-1 U+0085): the good row after it
     was refused as line 3. pandas writes its row index as a column without a name: it is no tag."""
