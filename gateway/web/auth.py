@@ -8,6 +8,11 @@ header, never the password) for `REMEMBER` seconds; the file is re-read when it 
 A failed login answers 401. Each client (address) is logged once when it starts failing,
 not at every attempt; after `MAX_FAILURES` failures within `WINDOW` seconds it gets 429 until
 the window has passed, without a hash being checked.
+
+An attempt counts against its client from before its hash is checked (`pending`): failures and
+pending together reach `MAX_FAILURES`, and the next gets 429 at once. A client's checks run one at a
+time (at most one of its hashes in flight), so that a flood of guesses from one address takes one turn
+at the hasher, not all of them, and another user's login is checked after at most one of them.
 """
 
 from __future__ import annotations
@@ -52,6 +57,8 @@ class Users:
         self._failing: OrderedDict[str, Failing] = OrderedDict()
         self._logged: OrderedDict[str, float] = OrderedDict()  # client -> when its failures were last logged
         self._one_at_a_time = asyncio.Semaphore(1)
+        self._pending: dict[str, int] = {}  # client -> its attempts admitted and not yet decided
+        self._turns: dict[str, asyncio.Lock] = {}  # client -> its turn at the hasher (one check in flight)
         self._hasher: object | None = None
 
     def _load(self) -> None:
@@ -96,14 +103,20 @@ class Users:
         return known[0] if known is not None and time.monotonic() - known[1] < REMEMBER else None
 
     def blocked(self, client: str, now: float | None = None) -> float:
-        """Seconds until `client` may try again (0: it may)."""
+        """Seconds until `client` may try again (0: it may); its attempts being checked count as failures."""
         now = time.monotonic() if now is None else now
         f = self._failing.get(client)
-        if f is None:
+        failures = 0
+        if f is not None:
+            while f.times and f.times[0] <= now - WINDOW:
+                f.times.popleft()
+            failures = len(f.times)
+        if failures + self._pending.get(client, 0) < MAX_FAILURES:
             return 0.0
-        while f.times and f.times[0] <= now - WINDOW:
-            f.times.popleft()
-        return f.times[0] + WINDOW - now if len(f.times) >= MAX_FAILURES else 0.0
+        if failures >= MAX_FAILURES:
+            assert f is not None
+            return f.times[0] + WINDOW - now
+        return 1.0  # its attempts in flight decide within a second or so
 
     async def check(self, header: str | None, client: str) -> str | None:
         """The user name when `header` (an Authorization value) holds valid credentials, else None."""
@@ -119,8 +132,23 @@ class Users:
         hashed = self._hashes.get(name or "")
         ok = False
         if name is not None and password is not None and hashed is not None:
-            async with self._one_at_a_time:
-                ok = await asyncio.to_thread(self._verify, password, hashed)
+            # Counted before the first await: the caller's `blocked` and this are one step of the loop, so that
+            # 100 guesses sent at once are 5 checked and 95 refused (67 were checked when only failures counted).
+            self._pending[client] = self._pending.get(client, 0) + 1
+            try:
+                turn = self._turns.setdefault(client, asyncio.Lock())
+                async with turn:
+                    known = self._passed.get(key)  # the same header may have passed while this one waited
+                    if known is not None and time.monotonic() - known[1] < REMEMBER:
+                        return known[0]
+                    async with self._one_at_a_time:
+                        ok = await asyncio.to_thread(self._verify, password, hashed)
+            finally:
+                left = self._pending.pop(client) - 1
+                if left:
+                    self._pending[client] = left
+                elif not turn.locked():
+                    self._turns.pop(client, None)
         if ok:
             assert name is not None
             self._passed[key] = (name, now)
