@@ -1,8 +1,8 @@
-"""Logins under a flood of guesses: outcomes and the hasher's calls are counted, never timed.
+"""Logins under a flood of guesses, and unknown user names: outcomes and the hasher's calls are counted, never timed.
 
 A failure used to be recorded only after its hash (~0.5 s here), so 100 guesses sent at once were all let
 through to the hasher (67 checked before the limit saw the first failures), queued ahead of every other user's
-login.
+login; and an unknown user name was answered at once, without a hash, which told names apart.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import asyncio
 import base64
 import threading
 import time
+from typing import Any
 
 import pytest
 
@@ -110,3 +111,30 @@ def test_one_browser_sending_requests_at_once_with_the_right_password_is_checked
 
     assert asyncio.run(main()) == [200] * 4
     assert verify.passwords == ["correct horse battery"]  # the others found it passed when their turn came
+
+
+def test_an_unknown_user_is_checked_against_a_hash_of_the_same_parameters(tmp_path, monkeypatch):
+    from pwdlib.hashers.argon2 import Argon2Hasher
+
+    path = tmp_path / "web-users"
+    set_user(str(path), "alice", "correct horse battery")
+    real = path.read_text().split(":", 1)[1].strip()
+    checked: list[str] = []
+    original = Argon2Hasher.verify
+
+    def counting(self: Any, password: Any, hashed: Any) -> bool:
+        checked.append(hashed if isinstance(hashed, str) else hashed.decode())
+        return bool(original(self, password, hashed))
+
+    monkeypatch.setattr(Argon2Hasher, "verify", counting)
+    users = auth.Users(str(path))
+
+    async def main() -> tuple[str | None, str | None]:
+        return (await users.check(_basic("mallory", "correct horse battery"), "10.0.0.9"),
+                await users.check(_basic("alice", "wrong"), "10.0.0.9"))
+
+    assert asyncio.run(main()) == (None, None)
+    assert len(checked) == 2 and checked[1] == real
+    dummy = checked[0]
+    assert dummy != real and dummy.rsplit("$", 2)[0] == real.rsplit("$", 2)[0]  # $argon2id$v=19$m=...,t=...,p=...
+    assert users.blocked("10.0.0.9") == 0 and len(users._failing["10.0.0.9"].times) == 2  # both count as failures
