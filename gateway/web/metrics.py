@@ -1,7 +1,8 @@
 """`/metrics`: the daemon's state in the Prometheus text format, through prometheus_client.
 
 One custom collector reads the same in-process state as the page at scrape time (nothing is
-counted twice, nothing is kept); prometheus_client's own process collector adds RSS, CPU and
+counted twice; a device's counters add those of the runners a reload replaced, `Recorder.totals`,
+so that none goes down while `process_start_time_seconds` stays); prometheus_client's own process collector adds RSS, CPU and
 open files. Names follow Prometheus conventions: `edge_gateway_` prefix, units in the name,
 `_total` on counters (prometheus_client appends it to a counter family's name).
 """
@@ -99,12 +100,13 @@ def _devices(gw: Gateway, rec: Recorder) -> Iterator[Metric]:
         "oee": GaugeMetricFamily("edge_gateway_oee_ratio", "live OEE of the running shift and its parts (0..1)",
                                  labels=["device", "part"]),
     }
+    totals = rec.totals()
     for r in gw.devices:
-        name, h = r.name, r.health
-        fams["samples"].add_metric([name], h.polls)
-        fams["errors"].add_metric([name], h.errors)
-        fams["skipped"].add_metric([name], r.skipped_ticks)
-        fams["dropped"].add_metric([name], r.dropped)
+        name, h, total = r.name, r.health, totals[r.name]
+        fams["samples"].add_metric([name], total["samples"])
+        fams["errors"].add_metric([name], total["errors"])
+        fams["skipped"].add_metric([name], total["skipped"])
+        fams["dropped"].add_metric([name], total["dropped"])
         for state in DEVICE_STATES:
             fams["state"].add_metric([name, state], 1 if h.state == state else 0)
         if h.last_sample is not None:
@@ -134,7 +136,7 @@ def _devices(gw: Gateway, rec: Recorder) -> Iterator[Metric]:
             fams["threshold"].add_metric([name], r.scoring.threshold)
             fams["active"].add_metric([name], 1 if st.active else 0)
             fams["events"].add_metric([name], rec.events_total.get(name, 0))
-            fams["scored"].add_metric([name], st.scored)
+            fams["scored"].add_metric([name], total["scored"])
     yield from fams.values()
 
 

@@ -7,8 +7,10 @@ lists, which the health loop takes, are only looked at (`Recorder.tick`).
 
 `Recorder` keeps what the daemon itself forgets: the anomaly score of the last hour (one
 point per device per tick), the anomaly events of that hour with their top tags, the
-inference latencies as a histogram, and a snapshot for the live page, built once per tick
-and shared by every watcher.
+inference latencies as a histogram, a snapshot for the live page, built once per tick
+and shared by every watcher, and each device's counts since the daemon started (`totals`):
+a reload that changes a device gives it a new runner whose counts start at 0, and a
+Prometheus counter must never go down while the process lives.
 """
 
 from __future__ import annotations
@@ -103,10 +105,13 @@ class Recorder:
         self.snapshot = b"{}"
         self.ticks = 0
         self._seen: dict[str, int] = {}  # device -> windows timed when last looked
+        self._runners: dict[str, DeviceRunner] = {}  # device -> its runner when last looked
+        self._before: dict[str, dict[str, int]] = {}  # device -> its counts in the runners a reload replaced
 
     def tick(self, now: float | None = None, watched: bool = True) -> None:
         """Record this second; build the live snapshot only when a page is `watched`."""
         now = time.time() if now is None else now
+        self.totals()  # (each second: a runner replaced by a reload is seen with its last counts)
         for r in self.gw.devices:
             if r.scoring is None:
                 continue
@@ -115,6 +120,29 @@ class Recorder:
         self.ticks += 1
         if watched:
             self.snap()
+
+    def totals(self) -> dict[str, dict[str, int]]:
+        """Each device's counts (COUNTED) since the daemon started: its runner's, plus those of the runners a
+        reload replaced with counts starting again (a changed device: a new health, a new scorer), or removed."""
+        current = {r.name: r for r in self.gw.devices}
+        for name, old in list(self._runners.items()):
+            new = current.get(name)
+            if new is old:
+                continue
+            before = self._before.setdefault(name, dict.fromkeys(COUNTED, 0))
+            counts = _counts(old)
+            if new is None or new.health is not old.health:  # its health, skipped and dropped start again
+                for key in ("samples", "errors", "skipped", "dropped"):
+                    before[key] += counts[key]
+            if old.scoring is not None and (new is None or new.scoring is not old.scoring):
+                before["scored"] += counts["scored"]
+            del self._runners[name]
+        out = {}
+        for name, r in current.items():
+            self._runners[name] = r
+            counts, earlier = _counts(r), self._before.get(name)
+            out[name] = {k: v + earlier[k] for k, v in counts.items()} if earlier else counts
+        return out
 
     def snap(self) -> bytes:
         """The live snapshot, built now."""
@@ -162,6 +190,16 @@ class Recorder:
         return {"device": name, "threshold": runner.scoring.threshold, "model": runner.scoring.scorer.model.name,
                 "ts": [p[0] for p in pts], "score": [p[1] for p in pts], "thresholds": [p[2] for p in pts],
                 "events": [_event(e) for e in track.events if e["end"] is None or e["end"] >= since]}
+
+
+COUNTED = ("samples", "errors", "skipped", "dropped", "scored")
+
+
+def _counts(r: DeviceRunner) -> dict[str, int]:
+    """The runner's own counts, by the names of COUNTED."""
+    scored = r.scoring.scorer.state.scored if r.scoring is not None else 0
+    return {"samples": r.health.polls, "errors": r.health.errors, "skipped": r.skipped_ticks, "dropped": r.dropped,
+            "scored": scored}
 
 
 def _event(e: dict[str, Any]) -> dict[str, Any]:
