@@ -74,7 +74,32 @@ def _web(config: Config) -> list[tuple[str, str]]:
     files = [("web.users_file", web.users_file)]
     if web.tls is not None:
         files += [("web.tls.cert_file", web.tls.cert_file), ("web.tls.key_file", web.tls.key_file)]
-    return problems + _files([(path, name) for path, name in files if name is not None])
+    unreadable = _files([(path, name) for path, name in files if name is not None])
+    if web.tls is not None and not any(path.startswith("web.tls.") for path, _ in unreadable):
+        unreadable += _web_tls(web.tls.cert_file, web.tls.key_file)
+    return problems + unreadable
+
+
+def _web_tls(cert: str, key: str) -> list[tuple[str, str]]:
+    """The page's certificate and key loaded as the server loads them: a key of another certificate passed, then the
+    daemon retried serving HTTPS every 5 s for ever (KEY_VALUES_MISMATCH)."""
+    import ssl
+
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=cert)
+    except ssl.SSLError as err:
+        return [("web.tls.cert_file", f'expected a PEM certificate, got "{cert}", from which none could be read '
+                                      f"({err.reason or err.__class__.__name__})")]
+    try:
+        # A passphrase is never asked for (the daemon has no terminal): an encrypted key is refused.
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key, password=lambda: b"")
+    except ssl.SSLError as err:
+        if err.reason == "KEY_VALUES_MISMATCH":
+            return [("web.tls.key_file", f'expected the private key of the certificate in "{cert}", got "{key}", '
+                                         "the key of another certificate")]
+        return [("web.tls.key_file", f'expected a PEM private key without a passphrase, got "{key}", from which '
+                                     "none could be read")]
+    return []
 
 
 def with_files(err: ConfigError) -> ConfigError:

@@ -311,3 +311,36 @@ def test_an_absurd_history_time_is_a_400_never_an_exception(text):
     with pytest.raises(ApiError) as err:
         _time(text, "from", 0.0)
     assert err.value.status == 400 and "expected" in str(err.value)
+
+
+def _self_signed(tmp_path, name: str) -> tuple[str, str]:
+    cert, key = tmp_path / f"{name}.pem", tmp_path / f"{name}.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                    "-days", "2", "-subj", f"/CN={name}", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    return str(cert), str(key)
+
+
+def test_check_config_exits_78_for_a_tls_key_of_another_certificate_or_not_a_certificate(tmp_path):
+    """A key of another certificate passed check-config; then the daemon retried serving HTTPS every 5 s for ever
+    (KEY_VALUES_MISMATCH)."""
+    cert, key = _self_signed(tmp_path, "page")
+    _, other = _self_signed(tmp_path, "other")
+    (tmp_path / "garbage.pem").write_text("not a certificate\n")
+    path = tmp_path / "gateway.yaml"
+
+    def check(cert_file: str, key_file: str) -> subprocess.CompletedProcess[str]:
+        path.write_text(BASE + f'web:\n  tls: {{cert_file: "{cert_file}",\n        key_file: "{key_file}"}}\n')
+        return subprocess.run([sys.executable, "-m", "gateway", "check-config", str(path)], capture_output=True,
+                              text=True, env=ENV, cwd=ROOT, timeout=60)
+
+    result = check(cert, other)
+    assert result.returncode == 78
+    assert result.stderr.splitlines() == [
+        f'{path}:7: web.tls.key_file: expected the private key of the certificate in "{cert}", got "{other}", the key '
+        "of another certificate"]
+    result = check(str(tmp_path / "garbage.pem"), key)
+    assert result.returncode == 78
+    assert result.stderr.startswith(f'{path}:6: web.tls.cert_file: expected a PEM certificate, got '
+                                    f'"{tmp_path / "garbage.pem"}", from which none could be read')
+    assert check(cert, key).returncode == 0
