@@ -280,6 +280,8 @@ class Site:
 
     async def live(self, request: web.Request) -> web.StreamResponse:
         """Server-Sent Events: the snapshot now and after every tick, until the client goes."""
+        if request.method == "HEAD":  # its headers only: it streamed for LIVE_LIFETIME and held a stream's slot
+            return web.Response(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store"})
         if self.streams >= MAX_STREAMS:
             raise ApiError(503, f"{MAX_STREAMS} pages are watching already; try again later")
         self.streams += 1

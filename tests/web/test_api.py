@@ -66,3 +66,22 @@ def test_the_devices_documents_are_built_at_most_once_per_cache_period(monkeypat
 
     asyncio.run(main())
     assert len(builds) == 3
+
+
+def test_head_of_the_live_stream_is_its_headers_without_a_stream():
+    """It streamed snapshots for a minute after its headers and held one of the MAX_STREAMS slots."""
+    s = site(StandIn("pump1"))
+
+    async def main() -> tuple[bytes, bytes]:
+        async with TestServer(s.app()) as srv:
+            reader, writer = await asyncio.open_connection(srv.host, srv.port)
+            writer.write(b"HEAD /api/v1/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            head = await reader.readuntil(b"\r\n\r\n")
+            after = await reader.read(100)  # the end of the connection (b""), or what a stream sends
+            writer.close()
+            await writer.wait_closed()
+            return head, after
+
+    head, after = asyncio.run(main())
+    assert head.startswith(b"HTTP/1.1 200 ") and b"Content-Type: text/event-stream" in head, head
+    assert after == b"" and s.streams == 0
