@@ -22,11 +22,13 @@ Every answer carries the security headers; none carries CORS headers (same origi
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import json
 import logging
 import math
 import os
+import re
 import resource
 import socket
 import ssl
@@ -38,7 +40,14 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http_exceptions import (
+    BadHttpMethod,
+    BadStatusLine,
+    HttpProcessingError,
+    InvalidHeader,
+    InvalidURLError,
+    LineTooLong,
+)
 from aiohttp.web_protocol import RequestHandler
 
 from gateway.config import WebSection
@@ -102,6 +111,31 @@ def _error(status: int, message: str) -> web.Response:
     return _json({"error": message, "status": status}, status)
 
 
+def _not_allowed() -> web.Response:
+    resp = _error(405, "method not allowed: only GET (and HEAD) are served; nothing here changes the gateway")
+    resp.headers["Allow"] = "GET, HEAD"
+    return resp
+
+
+# A request line of another method (RFC 9110 token), such as FOO or get, which aiohttp's parser refuses as malformed.
+REQUEST_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ [!-~]+ HTTP/1\.[01]")
+MALFORMED = {LineTooLong: "a request line or header over 8 KiB", BadHttpMethod: "the method is not a token such as GET",
+             BadStatusLine: "expected METHOD PATH HTTP/1.1", InvalidHeader: "a header that is not NAME: VALUE",
+             InvalidURLError: "a path that is not a URL path"}  # (the first class that fits: BadHttpMethod is a BadStatusLine)
+
+
+def _another_method(exc: BaseException) -> bool:
+    """Whether aiohttp refused a well-formed request line for its method (its message quotes the line)."""
+    if not isinstance(exc, BadHttpMethod):
+        return False
+    quoted = re.search(r"\n\n  (b'.*'|b\".*\")\n", exc.message)
+    try:
+        line = ast.literal_eval(quoted[1]) if quoted else None
+    except (ValueError, SyntaxError):
+        return False
+    return isinstance(line, bytes) and REQUEST_LINE.fullmatch(line) is not None
+
+
 class Site:
     """The routes, over the running gateway."""
 
@@ -163,7 +197,9 @@ class Site:
                 resp = await handler(request)
         except ApiError as err:
             resp = _error(err.status, str(err))
-        except web.HTTPException as err:  # aiohttp's own 404/405 for an unknown path or method
+        except web.HTTPMethodNotAllowed:  # aiohttp's own, for a method it knows (POST, DELETE, ...)
+            resp = _not_allowed()
+        except web.HTTPException as err:  # aiohttp's own 404 for an unknown path
             resp = _error(err.status, err.reason)
         except Exception:  # a bug in a page must not reach the client as a traceback, nor stop the daemon
             log.exception("web: unexpected error answering %s", request.path[:200])
@@ -406,7 +442,11 @@ class _Handler(RequestHandler):
         log.debug("web: refused a malformed request from %s (%s)", request.remote, type(exc).__name__)
         if request.writer.output_size > 0:
             raise ConnectionError("a response was already sent")
-        resp = _error(status, "malformed or oversized request (a line or header over 8 KiB?)")
+        if _another_method(exc):
+            resp = _not_allowed()
+        else:
+            why = next((text for kind, text in MALFORMED.items() if isinstance(exc, kind)), None)
+            resp = _error(status, f"malformed request: {why}" if why else "malformed request: not HTTP/1.1 as expected")
         resp.headers.update(HEADERS)
         resp.force_close()
         return resp

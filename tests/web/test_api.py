@@ -85,3 +85,54 @@ def test_head_of_the_live_stream_is_its_headers_without_a_stream():
     head, after = asyncio.run(main())
     assert head.startswith(b"HTTP/1.1 200 ") and b"Content-Type: text/event-stream" in head, head
     assert after == b"" and s.streams == 0
+
+
+async def _raw(s: server.Site, requests: list[bytes]) -> list[bytes]:
+    """Each request sent as is on its own connection to the server as `serve` runs it (its own connection handler,
+    which answers what aiohttp's parser refuses); the answers."""
+    from aiohttp import web
+
+    from gateway.ports import free_port
+
+    runner = web.AppRunner(s.app(), **server.HANDLER_ARGS)
+    await runner.setup()
+    assert runner.server is not None
+    loop = asyncio.get_running_loop()
+    port = free_port()
+    listening = await loop.create_server(server.Gate(runner.server, loop), "127.0.0.1", port)
+    answers = []
+    try:
+        for request in requests:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(request)
+            answers.append(await reader.read())
+            writer.close()
+            await writer.wait_closed()
+    finally:
+        listening.close()
+        await listening.wait_closed()
+        await runner.cleanup()
+    return answers
+
+
+@pytest.mark.parametrize("line,status,error", [
+    (b"FOO /api/v1/status HTTP/1.1", 405, "method not allowed: only GET (and HEAD) are served"),
+    (b"get /api/v1/status HTTP/1.1", 405, "method not allowed: only GET (and HEAD) are served"),
+    (b"POST /api/v1/status HTTP/1.1", 405, "method not allowed: only GET (and HEAD) are served"),
+    (b"G@T /api/v1/status HTTP/1.1", 400, "malformed request: the method is not a token such as GET"),
+    (b"GET /api/v1/status HTTP/1.1 x", 400, "malformed request: expected METHOD PATH HTTP/1.1"),
+    (b"GET /" + b"a" * 9000 + b" HTTP/1.1", 400, "malformed request: a request line or header over 8 KiB"),
+])
+def test_another_method_is_405_and_a_malformed_request_says_what_is_wrong(line, status, error):
+    """FOO and get (a well-formed request line, another method) were refused as 'malformed or oversized request (a
+    line or header over 8 KiB?)'; the docs promise 405 for any method but GET."""
+    import json
+
+    [answer] = asyncio.run(_raw(site(StandIn("pump1")), [line + b"\r\nHost: x\r\nConnection: close\r\n\r\n"]))
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.split(b" ")[1] == str(status).encode(), head
+    assert json.loads(body) == {"error": json.loads(body)["error"], "status": status}
+    assert json.loads(body)["error"].startswith(error), body
+    if status == 405:
+        assert b"\r\nAllow: GET, HEAD\r\n" in head
+    assert b"a" * 100 not in answer  # nothing sent is echoed
