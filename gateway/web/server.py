@@ -350,18 +350,27 @@ class Site:
             await asyncio.sleep(TICK_S)
 
 
+UNIX_TIME = re.compile(r"[0-9]{1,12}(\.[0-9]{1,9})?")
+WHOLE = re.compile(r"[0-9]{1,9}")  # ASCII digits only: int() also took "١٠", "1_0", "+5" and " 5"
+
+
 def _time(text: str | None, what: str, default: float) -> float:
-    """A UNIX time or an RFC 3339 time from the query; ApiError 400 when it is neither."""
+    """A UNIX time or an RFC 3339 time with its offset from the query; ApiError 400 when it is neither.
+
+    A time without an offset is refused rather than read in the daemon's zone (which the client cannot know)."""
     if text is None or text == "":
         return default
+    expected = (f"{what}: expected a UNIX time or an RFC 3339 time with its offset or Z, such as "
+                f"2026-11-24T06:00:00Z or 2026-11-24T07:00:00+01:00, got {text[:40]!r}")
+    if UNIX_TIME.fullmatch(text):
+        return float(text)
     try:
-        value = float(text)
-    except ValueError:
-        try:
-            value = datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
-        except (ValueError, OverflowError, OSError):  # year 1 at +14:00 is before the epoch's range
-            raise ApiError(400, f"{what}: expected a UNIX time or an RFC 3339 time such as "
-                                f"2026-11-24T06:00:00Z, got {text[:40]!r}") from None
+        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        if when.tzinfo is None:
+            raise ApiError(400, expected)
+        value = when.timestamp()
+    except (ValueError, OverflowError, OSError):  # year 1 at +14:00 is before the epoch's range
+        raise ApiError(400, expected) from None
     if not math.isfinite(value):
         raise ApiError(400, f"{what}: expected a finite time, got {text[:40]!r}")
     return value
@@ -370,10 +379,7 @@ def _time(text: str | None, what: str, default: float) -> float:
 def _int(text: str | None, what: str, default: int, low: int, high: int) -> int:
     if text is None or text == "":
         return default
-    try:
-        value = int(text)
-    except ValueError:
-        value = low - 1
+    value = int(text) if WHOLE.fullmatch(text) else low - 1
     if not low <= value <= high:
         raise ApiError(400, f"{what}: expected a whole number from {low} to {high}, got {text[:40]!r}")
     return value

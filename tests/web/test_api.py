@@ -136,3 +136,29 @@ def test_another_method_is_405_and_a_malformed_request_says_what_is_wrong(line, 
     if status == 405:
         assert b"\r\nAllow: GET, HEAD\r\n" in head
     assert b"a" * 100 not in answer  # nothing sent is echoed
+
+
+@pytest.mark.parametrize("text", ["\u0661\u0660", "1_0", "+5", " 5", "5 ", "0x5", "5.0", "\uff15"])
+def test_a_query_integer_is_ascii_digits_only(text):
+    """int() took Arabic-Indic and fullwidth digits, underscores, a sign and spaces."""
+    with pytest.raises(server.ApiError) as err:
+        server._int(text, "limit", 1000, 1, 1000)
+    assert err.value.status == 400 and str(err.value) == f"limit: expected a whole number from 1 to 1000, got {text!r}"
+    assert server._int("10", "limit", 1000, 1, 1000) == 10 and server._int("0010", "limit", 1000, 1, 1000) == 10
+
+
+@pytest.mark.parametrize("text", ["2026-11-24T06:00:00", "2026-11-24", "2026-11-24 06:00", "\u0661\u0667\u0660\u0660",
+                                  " 1767225600", "+1767225600", "1_767_225_600"])
+def test_a_time_without_its_offset_or_in_other_digits_is_refused(text):
+    """A time without an offset was read in the daemon's own zone, which the client cannot know."""
+    with pytest.raises(server.ApiError) as err:
+        server._time(text, "from", 0.0)
+    assert err.value.status == 400 and str(err.value).startswith(
+        "from: expected a UNIX time or an RFC 3339 time with its offset or Z, such as 2026-11-24T06:00:00Z")
+
+
+def test_times_with_an_offset_and_unix_times_are_read():
+    assert server._time("2026-01-01T00:00:00Z", "from", 0.0) == 1767225600.0
+    assert server._time("2026-01-01T01:00:00+01:00", "from", 0.0) == 1767225600.0
+    assert server._time("1767225600.25", "from", 0.0) == 1767225600.25
+    assert server._time("", "from", 7.0) == 7.0
