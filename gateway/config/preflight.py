@@ -9,6 +9,7 @@ Its problems are reported like the schema's, with the file, the line and the YAM
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -20,6 +21,8 @@ from gateway.files import not_text
 
 if TYPE_CHECKING:
     from gateway.anomaly.model import Model
+
+log = logging.getLogger("edge_gateway.config.preflight")
 
 
 @dataclass
@@ -58,9 +61,19 @@ def preflight(config: Config, file: str, *, isolate_models: bool = False) -> Pre
                                                  "pip install 'edge-gateway[broker]' (install.sh does)"))
     if config.web is not None:
         problems += _web(config)
+    elif isolate_models and _web_left_empty(file):  # the daemon's start: said once
+        line = lines_of(file).get("web")
+        log.warning("%s%s: web: is empty, so no status page is served; write `web: {}` for the page with its "
+                    "defaults (127.0.0.1:8470), or remove the key", file, f":{line}" if line else "")
     if problems:
         raise ConfigError(file, problems, lines_of(file))
     return Prepared(models, unusable)
+
+
+def _web_left_empty(file: str) -> bool:
+    """Whether the file says `web:` (or `web: null`) with nothing: the section written, the page still off."""
+    doc = document(file)
+    return isinstance(doc, dict) and "web" in doc and doc["web"] is None
 
 
 def _web(config: Config) -> list[tuple[str, str]]:

@@ -344,3 +344,26 @@ def test_check_config_exits_78_for_a_tls_key_of_another_certificate_or_not_a_cer
     assert result.stderr.startswith(f'{path}:6: web.tls.cert_file: expected a PEM certificate, got '
                                     f'"{tmp_path / "garbage.pem"}", from which none could be read')
     assert check(cert, key).returncode == 0
+
+
+@pytest.mark.parametrize("empty", ["web:", "web: null", "web: ~"])
+def test_an_empty_web_section_is_said_once_at_start(tmp_path, caplog, empty):
+    """`web:` with nothing under it started no page and said nothing: the page stays off (a null section is no
+    section, as for every optional one), and the start says how to turn it on."""
+    from gateway.config.preflight import preflight
+
+    path = tmp_path / "gateway.yaml"
+    path.write_text(BASE + empty + "\n")
+    cfg = config.load(str(path))
+    assert cfg.web is None
+    with caplog.at_level(logging.WARNING, logger="edge_gateway.config"):
+        preflight(cfg, str(path), isolate_models=True)
+        preflight(cfg, str(path))  # check-config, a reload: nothing
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{path}:5: web: is empty, so no status page is served; write `web: {{}}` for the page with its defaults "
+        "(127.0.0.1:8470), or remove the key"]
+    caplog.clear()
+    path.write_text(BASE)
+    with caplog.at_level(logging.WARNING, logger="edge_gateway.config"):
+        preflight(config.load(str(path)), str(path), isolate_models=True)
+    assert caplog.records == []
