@@ -19,7 +19,8 @@ def scored(state: ScoreState, *latencies: float) -> None:
 def test_the_recorder_sees_every_window_even_when_the_health_loop_takes_the_list_first():
     state = ScoreState()
     scorer = SimpleNamespace(state=state, errors=None, model=SimpleNamespace(name="m"))
-    runner = SimpleNamespace(name="pump1", scoring=SimpleNamespace(scorer=scorer, threshold=1.0))
+    runner = SimpleNamespace(name="pump1", scoring=SimpleNamespace(scorer=scorer, threshold=1.0),
+                             health=SimpleNamespace(polls=0, errors=0), skipped_ticks=0, dropped=0)
     rec = Recorder(SimpleNamespace(devices=[runner]))  # type: ignore[arg-type]
     for second in range(5):
         scored(state, 40.0 + second, 50.0 + second)
