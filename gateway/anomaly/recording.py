@@ -23,7 +23,10 @@ from __future__ import annotations
 import csv
 import itertools
 import math
+import os
 import re
+import stat
+from array import array
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -93,7 +96,10 @@ class Recording:
         return times, out
 
 
-MAX_BYTES = 512 << 20  # a CSV larger than this is read by parts (a week of 50 tags at 1 Hz is about 300 MiB)
+# A CSV larger than this is refused, to be given in parts (a week of 50 tags at 1 Hz is about 300 MiB). Reading one
+# takes about twice its size in memory (its bytes, then their text) and 8 bytes a number kept: 476 MiB of 50 tags
+# peaked at 1.0 GiB.
+MAX_BYTES = 512 << 20
 _LINE_END = re.compile(r"\r\n|\r|\n")
 FIRST_INSTANT = datetime(1, 1, 1, tzinfo=timezone.utc).timestamp()  # the times a recording may hold: those
 # `format_time` can write back (a replay's rows, history's export), 0001-01-01 to 9999-12-31 UTC
@@ -140,6 +146,7 @@ def format_time(ts: float) -> str:
 
 
 def _number(text: str, decimal_comma: bool) -> float:
+    """A cell's number; for no number (empty, text, inf, nan) math.nan itself, the one object `read_csv` looks for."""
     text = text.strip()
     if decimal_comma:
         text = text.replace(",", ".")
@@ -156,95 +163,154 @@ def read_csv(path: str | Path, *, time_column: str | None = None, tags: Sequence
     the file's order (a replay gives one result per row of the file, to be set beside it)."""
     path = Path(path)
     try:
-        with path.open("rb") as f:
-            raw = f.read(MAX_BYTES + 1)  # not read_bytes(): /dev/zero, or a stream, has no end
+        names, t, v, notes = _columns(path, _decoded(_read(path)), time_column, tags)  # the bytes go once decoded
+        steps = np.diff(t)
+        back, repeated = int((steps < 0).sum()), int((steps == 0).sum())
+        if as_given:
+            if back or repeated:
+                notes.append(f"{back} row(s) earlier than the row before, {repeated} at the same time as the row "
+                             f"before: all kept, in the file's order")
+            return Recording(str(path), names, t, v, notes)
+        order = np.argsort(t, kind="stable")
+        t, v = t[order], v[order]
+        if back:
+            notes.append("rows put in time order")
+        keep = np.append(t[1:] != t[:-1], True) if len(t) else np.empty(0, dtype=bool)
+        if len(t) and not keep.all():
+            notes.append(f"{int((~keep).sum())} row(s) with a time given twice: the last one kept")
+        return Recording(str(path), names, t[keep], v[keep], notes)
+    except MemoryError:  # below MAX_BYTES, but more than this process may take (a small box, a ulimit -v)
+        raise DataError(f"{path}: too large to read here (out of memory): give it in parts (model train takes --csv "
+                        f"more than once)") from None
+
+
+def _read(path: Path) -> bytes:
+    """The file's bytes: a regular file as large as it is, refused above MAX_BYTES before any is read, or a pipe
+    (`--csv /dev/stdin`) up to MAX_BYTES. Not f.read(MAX_BYTES + 1): CPython allocates what read(n) asks, 512 MiB
+    for a file of 35 KB. Anything else is refused: a FIFO that no program writes to blocked open() for ever, and a
+    device such as /dev/zero has no end."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO opens at once, written to or not
     except OSError as err:
         raise DataError(f"cannot read {path}: {err.strerror}") from None
-    if len(raw) > MAX_BYTES:
-        raise DataError(f"{path}: larger than {MAX_BYTES >> 20} MiB, more than this reads at once: give it in parts "
-                        f"(model train takes --csv more than once)")
-    text = _decoded(raw)
-    lines = _LINE_END.split(text)  # not str.splitlines(): a Windows-1252 "…" (0x85) is a line end to it
-    if lines and not lines[-1]:
-        lines.pop()
-    if not lines or not lines[0].strip():
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode):
+            if st.st_size > MAX_BYTES:
+                raise DataError(_too_large(path))
+        elif stat.S_ISFIFO(st.st_mode):
+            os.set_blocking(fd, True)  # read to its end: a program writes the recording into it
+        else:
+            kind = "a directory" if stat.S_ISDIR(st.st_mode) else "a device"
+            raise DataError(f"{path} is {kind}, not a file: expected a CSV file (or a pipe, such as /dev/stdin)")
+        chunks, size = [], 0
+        ask = st.st_size if stat.S_ISREG(st.st_mode) else 0  # then in parts: a pipe, a file still written to
+        while size <= MAX_BYTES:
+            chunk = os.read(fd, min(max(ask - size, 1 << 16), MAX_BYTES + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as err:
+        raise DataError(f"cannot read {path}: {err.strerror}") from None
+    finally:
+        os.close(fd)
+    if size > MAX_BYTES:
+        raise DataError(_too_large(path))
+    if not size and stat.S_ISFIFO(st.st_mode):
+        raise DataError(f"{path}: a pipe with nothing written into it (no program had it open to write): expected a "
+                        f"CSV file, or a pipe that a program writes a recording into")
+    return b"".join(chunks)  # a regular file's one part is not copied
+
+
+def _too_large(path: Path) -> str:
+    return (f"{path}: larger than {MAX_BYTES >> 20} MiB, more than this reads at once: give it in parts "
+            f"(model train takes --csv more than once)")
+
+
+def _columns(path: Path, text: str, time_column: str | None, tags: Sequence[str] | None
+             ) -> tuple[list[str], np.ndarray, np.ndarray, list[str]]:
+    """The tags kept, the rows' times and values in the file's order, and the notes. Only the columns wanted are
+    converted, each cell straight to a float as its row is read: a list of every row's cells, as strings, took about
+    18 times the file's size (1 GB for 53 MiB of 50 tags)."""
+    header_line = next(_split(text), "")
+    if not header_line.strip():
         raise DataError(f"{path}: empty file, or no header line")
-    header_line = lines[0]
     delimiter = max(DELIMITERS, key=header_line.count)
-    rows = [cells for _, cells in _rows(path, lines, delimiter)]  # one per line
-    header = [h.strip() for h in rows[0]]
-    body = [r for r in rows[1:] if any(c.strip() for c in r)]
+    lines = _rows(path, text, delimiter)
+    header = [h.strip() for h in next(lines)[1]]
     position = {h: i for i, h in enumerate(header)}  # by name in one step: a header may have a million columns
     if len(position) != len(header):
         twice = sorted(h for h, n in Counter(header).items() if n > 1)
         raise DataError(f"{path}: column {names_text(twice)} appears more than once in the header")
-    columns: list[tuple[str, ...]] = [tuple(r[i] if i < len(r) else "" for r in body) for i in range(len(header))]
-    for lineno, r in enumerate(rows[1:], start=2):
-        if len(r) > len(header) and any(c.strip() for c in r[len(header):]):
-            raise DataError(f"{path}:{lineno}: {len(r)} cells, but the header names {len(header)} columns "
-                            f"(delimiter {delimiter!r})")
-    t_index = _time_column(path, header, columns, time_column)
-    epoch = header[t_index].lower() in TIME_NAMES and not any(_ISO_HINT.match(c.strip()) for c in columns[t_index][:20])
-    times = []
-    for lineno, cell in enumerate(columns[t_index], start=2):
-        ts = parse_time(cell, epoch)
-        if ts is None:
-            raise DataError(f"{path}:{lineno}: column {header[t_index]}: {cell.strip()!r} is not a time "
-                            f"(RFC 3339, e.g. 2026-03-09T10:14:33Z{', or epoch seconds or milliseconds' if epoch else ''}"
-                            f", from the year 1 to 9999 UTC)")
-        times.append(ts)
+    rows = _body(path, lines, len(header), delimiter)
+    head = list(itertools.islice(rows, 50))  # what the time column is told by
+    t_index = _time_column(path, header, head, time_column)
+    epoch = header[t_index].lower() in TIME_NAMES and not any(_ISO_HINT.match(r[t_index].strip()) for _, r in head[:20])
     decimal_comma = delimiter != ","
     notes: list[str] = []
-    names: list[str] = []
-    values: list[list[float]] = []
     wanted = list(tags) if tags else [h for i, h in enumerate(header) if i != t_index and h]
     if not tags and "" in position and position[""] != t_index:  # pandas writes its row index so: no tag
         notes.append(f"column {position[''] + 1} left out: it has no name")
     unknown = [t for t in wanted if t not in position]
     if unknown:
         raise DataError(f"{path}: no column {names_text(unknown)} (it has {names_text(header)})")
-    for name in wanted:
-        cells = columns[position[name]]
-        numbers = [_number(c, decimal_comma) for c in cells]
-        given = sum(1 for c in cells if c.strip())
-        good = sum(1 for v in numbers if not math.isnan(v))
-        if tags is None and given and good == 0:
+    index = [position[name] for name in wanted]
+    times, flat = array("d"), array("d")  # 8 bytes a number, row after row
+    bad, first_bad = [0] * len(index), [""] * len(index)  # cells given that are not a number, and the first of them
+    for lineno, cells in itertools.chain(head, rows):
+        ts = parse_time(cells[t_index], epoch)
+        if ts is None:
+            raise DataError(f"{path}:{lineno}: column {header[t_index]}: {cells[t_index].strip()!r} is not a time "
+                            f"(RFC 3339, e.g. 2026-03-09T10:14:33Z{', or epoch seconds or milliseconds' if epoch else ''}"
+                            f", from the year 1 to 9999 UTC)")
+        times.append(ts)
+        numbers = [_number(cells[i], decimal_comma) for i in index]
+        if math.nan in numbers:  # found by identity, at C speed: _number gives that one object for any NaN
+            for j, number in enumerate(numbers):
+                if number is math.nan and cells[index[j]].strip():
+                    first_bad[j] = first_bad[j] or cells[index[j]].strip()
+                    bad[j] += 1
+        flat.extend(numbers)
+    values = np.frombuffer(flat, dtype=np.float64).reshape(len(times), len(index))
+    good = np.count_nonzero(~np.isnan(values), axis=0)
+    names: list[str] = []
+    kept: list[int] = []
+    for j, name in enumerate(wanted):
+        given = int(good[j]) + bad[j]
+        if tags is None and given and not good[j]:
             notes.append(f"column {name} left out: not numeric")
             continue
-        if tags is not None and body and good == 0:  # a tag asked for (or a model's) that no row gives
+        if tags is not None and len(times) and not good[j]:  # a tag asked for (or a model's) that no row gives
             raise DataError(f"{path}: column {name} holds no number (" +
-                            (f"first cell {cells[0].strip()!r})" if given else "every cell empty)"))
-        if good < given:
-            notes.append(f"column {name}: {given - good} cell(s) not a number, taken as missing")
+                            (f"first cell {first_bad[j]!r})" if given else "every cell empty)"))
+        if bad[j]:
+            notes.append(f"column {name}: {bad[j]} cell(s) not a number, taken as missing")
         names.append(name)
-        values.append(numbers)
+        kept.append(j)
     if not names:
         raise DataError(f"{path}: no numeric column besides the time column {header[t_index]}")
-    v = np.asarray(values, dtype=np.float64).T if body else np.empty((0, len(names)))
-    t = np.asarray(times, dtype=np.float64)
-    steps = np.diff(t)
-    back, repeated = int((steps < 0).sum()), int((steps == 0).sum())
-    if as_given:
-        if back or repeated:
-            notes.append(f"{back} row(s) earlier than the row before, {repeated} at the same time as the row before: "
-                         f"all kept, in the file's order")
-        return Recording(str(path), names, t, v, notes)
-    order = np.argsort(t, kind="stable")
-    t, v = t[order], v[order]
-    if back:
-        notes.append("rows put in time order")
-    keep = np.append(t[1:] != t[:-1], True) if len(t) else np.empty(0, dtype=bool)
-    if len(t) and not keep.all():
-        notes.append(f"{int((~keep).sum())} row(s) with a time given twice: the last one kept")
-    return Recording(str(path), names, t[keep], v[keep], notes)
+    return names, np.frombuffer(times, dtype=np.float64), values if len(kept) == len(index) else values[:, kept], notes
 
 
-def _rows(path: Path, lines: list[str], delimiter: str) -> Iterator[tuple[int, list[str]]]:
+def _split(text: str) -> Iterator[str]:
+    """The text's lines one by one, without their ends (a list of them took as much memory again as the text). A line
+    ends at \\r\\n, \\r or \\n; not as str.splitlines(): a Windows-1252 "…" (0x85), read as Latin-1, is a line end to it."""
+    start = 0
+    for end in _LINE_END.finditer(text):
+        yield text[start:end.start()]
+        start = end.end()
+    if start < len(text):
+        yield text[start:]
+
+
+def _rows(path: Path, text: str, delimiter: str) -> Iterator[tuple[int, list[str]]]:
     """Each line's number and cells. A quoted cell ends on its own line: historians and spreadsheets write one row
     per line, and csv.reader let a stray quote (a cell `"0.5`) run on, taking every line after it into that cell:
     the rows left silently, or the file ended in "field larger than field limit" with no line to look at."""
-    # An empty line after the last: a quote that the last line opens runs into it, and is caught as any other.
-    reader = csv.reader(itertools.chain(lines, [""]), delimiter=delimiter)
+    # An empty line after the last (read as a blank line: no row): a quote that the last line opens runs into it,
+    # and is caught as any other.
+    reader = csv.reader(itertools.chain(_split(text), [""]), delimiter=delimiter)
     done = 0  # the lines the rows so far took, one each
     header: list[str] = []
     try:
@@ -254,14 +320,24 @@ def _rows(path: Path, lines: list[str], delimiter: str) -> Iterator[tuple[int, l
             done = reader.line_num
             if done == 1:
                 header = cells
-            if done <= len(lines):
-                yield done, cells
+            yield done, cells
         else:
             return
     except csv.Error as err:
         if reader.line_num == done + 1:  # within one line: a cell beyond the csv module's limit (128 KiB)
             raise DataError(f"{path}:{done + 1}: not a CSV recording: {err}") from None
-    raise _unclosed(path, lines[done], done + 1, delimiter, header)
+    raise _unclosed(path, next(itertools.islice(_split(text), done, None)), done + 1, delimiter, header)
+
+
+def _body(path: Path, rows: Iterator[tuple[int, list[str]]], width: int, delimiter: str) -> Iterator[tuple[int, list[str]]]:
+    """The rows after the header that are not blank, each `width` cells long (a short row's last cells are empty)."""
+    for lineno, cells in rows:
+        if len(cells) > width and any(c.strip() for c in cells[width:]):
+            raise DataError(f"{path}:{lineno}: {len(cells)} cells, but the header names {width} columns "
+                            f"(delimiter {delimiter!r})")
+        if any(c.strip() for c in cells):
+            cells.extend([""] * (width - len(cells)))
+            yield lineno, cells
 
 
 def _unclosed(path: Path, line: str, lineno: int, delimiter: str, header: list[str]) -> DataError:
@@ -289,7 +365,7 @@ def _decoded(raw: bytes) -> str:
     return raw.decode("latin-1")  # a spreadsheet's export: its tag names may be off, its numbers are not
 
 
-def _time_column(path: Path, header: list[str], columns: list[tuple[str, ...]], named: str | None) -> int:
+def _time_column(path: Path, header: list[str], head: list[tuple[int, list[str]]], named: str | None) -> int:
     if named is not None:
         if named not in header:
             raise DataError(f"{path}: no time column {named!r} (it has {names_text(header)})")
@@ -297,8 +373,8 @@ def _time_column(path: Path, header: list[str], columns: list[tuple[str, ...]], 
     for i, h in enumerate(header):
         if h.lower() in TIME_NAMES:
             return i
-    for i, column in enumerate(columns):
-        sample = [c for c in column[:50] if c.strip()]
+    for i in range(len(header)):
+        sample = [cells[i] for _, cells in head if cells[i].strip()]
         if sample and all(parse_time(c) is not None for c in sample):
             return i
     raise DataError(f"{path}: no time column found among {names_text(header)}: name it with --time-column")

@@ -119,6 +119,65 @@ def test_a_file_without_end_is_refused_not_read_into_memory(tmp_path, monkeypatc
         read_csv(write(tmp_path, "time,a\n" + "2026-11-24T06:00:00Z,1\n" * 100))
 
 
+_UNDER_A_LIMIT = """
+import resource, sys
+from gateway.anomaly.recording import read_csv
+size = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmSize:")) << 10
+resource.setrlimit(resource.RLIMIT_AS, (size + (64 << 20), resource.RLIM_INFINITY))  # 64 MiB more than now
+for path in sys.argv[1:]:
+    print(len(read_csv(path, tags=["t1", "t2", "t3"])))
+"""
+
+
+def test_reading_takes_memory_by_the_files_size_not_max_bytes_nor_every_cell_as_a_string(tmp_path):
+    """An attack pass: read(MAX_BYTES + 1) allocated 512 MiB for a file of 35 KB (a MemoryError traceback under
+    `ulimit -v 600000`), and every cell of every column was kept as a string: 18 times the file's size (1 GB for 53
+    MiB), when `tags` picks three of 50. Here 64 MiB above what the process holds reads a file of 10 MB."""
+    small = write(tmp_path, "time,t1,t2,t3\n2026-11-24T06:00:00Z,1,2,3\n", "small.csv")
+    wide = tmp_path / "wide.csv"
+    with wide.open("w") as f:
+        f.write("time," + ",".join(f"t{j}" for j in range(50)) + "\n")
+        for i in range(25_000):
+            f.write(f"{1.79e9 + i}," + ",".join(f"{math.sin(i + j):.5f}" for j in range(50)) + "\n")
+    assert 9e6 < wide.stat().st_size < 11e6
+    result = subprocess.run([sys.executable, "-c", _UNDER_A_LIMIT, str(small), str(wide)], capture_output=True, text=True,
+                            env={**ENV, "OPENBLAS_NUM_THREADS": "1"}, cwd=ROOT, timeout=120)
+    assert result.returncode == 0 and result.stdout.split() == ["1", "25000"], result.stderr
+
+
+def test_running_out_of_memory_is_a_data_error_not_a_traceback(tmp_path, monkeypatch):
+    from gateway.anomaly import recording
+
+    def exhausted(raw):
+        raise MemoryError
+    monkeypatch.setattr(recording, "_decoded", exhausted)
+    path = write(tmp_path, "time,a\n2026-11-24T06:00:00Z,1\n")
+    with pytest.raises(DataError) as err:
+        read_csv(path)
+    assert str(err.value) == (f"{path}: too large to read here (out of memory): give it in parts (model train takes "
+                              f"--csv more than once)")
+
+
+def test_a_fifo_no_program_writes_to_is_exit_65_not_a_hang_and_a_device_or_directory_is_refused(tmp_path):
+    """An attack pass: `--csv FIFO` blocked in open() for ever, waiting for a writer; /dev/zero was read up to 512 MiB
+    before it was refused. A pipe a program writes into (`--csv /dev/stdin`) is read as before."""
+    fifo = tmp_path / "fifo.csv"
+    os.mkfifo(fifo)
+    result = subprocess.run([sys.executable, "-m", "gateway", "model", "train", "m", "--csv", str(fifo), "--out",
+                             str(tmp_path)], capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=60)
+    assert result.returncode == 65, result.stderr
+    assert f"{fifo}: a pipe with nothing written into it (no program had it open to write): expected a CSV file, or a " \
+           f"pipe that a program writes a recording into" in result.stderr and "Traceback" not in result.stderr
+    for path, kind in (("/dev/zero", "a device"), (tmp_path, "a directory")):
+        with pytest.raises(DataError) as err:
+            read_csv(path)
+        assert str(err.value) == f"{path} is {kind}, not a file: expected a CSV file (or a pipe, such as /dev/stdin)"
+    rows = "time,a,b\n" + "".join(f"{1.79e9 + i},{math.sin(i)},{math.cos(i)}\n" for i in range(90))
+    result = subprocess.run([sys.executable, "-m", "gateway", "model", "train", "m", "--csv", "/dev/stdin", "--out",
+                             str(tmp_path)], input=rows, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=120)
+    assert result.returncode == 65 and "too little normal running to train on: 90 samples" in result.stderr, result.stderr
+
+
 def test_named_tags_and_time_column(tmp_path):
     path = write(tmp_path, "t;x;y\n2026-11-24 06:00:00;1;2\n2026-11-24 06:00:01;3;4\n")
     assert read_csv(path, time_column="t", tags=["y"]).values.tolist() == [[2.0], [4.0]]
