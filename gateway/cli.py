@@ -22,6 +22,7 @@ from gateway.commands.common import Parser
 from gateway.errors import EX_IOERR, EX_NOPERM, EX_USAGE
 
 EX_PIPE = 128 + signal.SIGPIPE  # what a shell reports for a tool that stopped because its reader went away
+EX_INTERRUPTED = 128 + signal.SIGINT  # as a shell reports a command stopped by Ctrl-C
 
 # Each command and the module in gateway/commands/ that owns it, in the order `--help` lists them. Only the
 # module of the command given is imported (`edge-gateway run` does not carry every other command's code: 1 MiB
@@ -60,6 +61,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.main(args)
         if out is not None:
             out.flush()  # here, not at the exit: an output that cannot be written is said below
+    except KeyboardInterrupt:  # Ctrl-C in a command (a training, a CSV that never ends): said, not a traceback
+        print(f"edge-gateway {argv[0]}: interrupted", file=sys.stderr)
+        return EX_INTERRUPTED
     except BrokenPipeError:  # `edge-gateway model score ... | head`: the reader has gone, as it may
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the exit's flush is quiet too
         return EX_PIPE

@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -293,3 +294,22 @@ def test_an_argument_that_is_not_utf8_is_a_usage_error():
                                 capture_output=True, env=ENV, cwd=ROOT, timeout=60)
         assert result.returncode == 64 and b"is not UTF-8 text" in result.stderr, result.stderr
         assert b"Traceback" not in result.stderr
+
+
+def test_ctrl_c_in_a_command_is_said_not_a_traceback(tmp_path):
+    """An attack pass: Ctrl-C in a command waiting for its input (a FIFO given as the config, a training) was a
+    KeyboardInterrupt traceback. It is one line and the shell's 130."""
+    fifo = tmp_path / "gw.yaml"
+    os.mkfifo(fifo)
+    proc = subprocess.Popen([sys.executable, "-m", "gateway", "check-config", str(fifo)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
+    try:
+        # (opening a FIFO waits for a writer: the command is there once the kernel says so)
+        wchan = Path(f"/proc/{proc.pid}/wchan")
+        wait_until(lambda: wchan.read_text() in ("wait_for_partner", "fifo_open"), 30, what="the open to wait")
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 130 and err == "edge-gateway check-config: interrupted\n", err
