@@ -365,15 +365,18 @@ def _time(text: str | None, what: str, default: float) -> float:
     if UNIX_TIME.fullmatch(text):
         return float(text)
     try:
+        infinite = not math.isfinite(float(text))  # nan, inf, 1e400
+    except ValueError:
+        infinite = False
+    if infinite:
+        raise ApiError(400, f"{what}: expected a finite time, got {text[:40]!r}")
+    try:
         when = datetime.fromisoformat(text.replace("Z", "+00:00"))
         if when.tzinfo is None:
             raise ApiError(400, expected)
-        value = when.timestamp()
+        return when.timestamp()
     except (ValueError, OverflowError, OSError):  # year 1 at +14:00 is before the epoch's range
         raise ApiError(400, expected) from None
-    if not math.isfinite(value):
-        raise ApiError(400, f"{what}: expected a finite time, got {text[:40]!r}")
-    return value
 
 
 def _int(text: str | None, what: str, default: int, low: int, high: int) -> int:
