@@ -62,6 +62,11 @@ def write(path: str, model: Any, rows: Sequence[Any], values: np.ndarray, title:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # Tag names are a CSV header's: "p $\\frac{a}$" was a mathtext parse error (a traceback after the scoring or the
+    # training), "m$^3$/h" drawn as a superscript. A glyph the font lacks is a box, not a warning on stderr.
+    matplotlib.rcParams["text.parse_math"] = False
+    warnings.filterwarnings("ignore", category=UserWarning, module="matplotlib")
+
     tags = list(model.tags)
     times = [dt.datetime.fromtimestamp(r.ts, dt.timezone.utc) for r in rows]
     score = np.array([np.nan if r.score is None else r.score for r in rows])

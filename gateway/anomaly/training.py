@@ -319,20 +319,21 @@ def _train(name: str, recordings: Sequence[Recording], out_dir: Path, opts: Opti
         hold_x.append(x[cut:][whole[cut:]])
         hold_ranges.append(cut)
     xt, xv = np.concatenate(train_x), np.concatenate(hold_x)
-    need_rows = math.ceil((MIN_TRAIN_WINDOWS + MIN_HOLDOUT_WINDOWS) / (1 - HOLDOUT) + 2 * window)
+    context = max(2, opts.context)
+    span = max(window, context)  # the rows one score looks back over
+    # What both checks below need, said the same by each (the first said 208 samples, and with 208 the second 300)
+    need_rows = max(math.ceil((MIN_TRAIN_WINDOWS + MIN_HOLDOUT_WINDOWS) / (1 - HOLDOUT) + 2 * window),
+                    math.ceil((span + MIN_HOLDOUT_WINDOWS) / HOLDOUT))
     if len(xt) < MIN_TRAIN_WINDOWS or len(xv) < MIN_HOLDOUT_WINDOWS:
         raise DataError(f"too little normal running to train on: {rows} samples give {len(xt)} training and "
                         f"{len(xv)} held-out windows of {window}; at least {MIN_TRAIN_WINDOWS} and "
                         f"{MIN_HOLDOUT_WINDOWS} are needed, about {need_rows} samples "
                         f"({need_rows * interval / 60:.1f} min at {interval:g} s) without gaps")
-    context = max(2, opts.context)
-    span = max(window, context)  # the rows one score looks back over
     if opts.false_alarms * span * interval > 0.5:  # the threshold is a quantile of one context's highest score
         raise DataError(f"--false-alarms {rate_text(opts.false_alarms)}: more than one false event in every two "
                         f"contexts ({2 * span * interval:g} s) is no threshold; ask for fewer, e.g. 1/day")
     full = sum(max(0, len(g) - (cut + span - 1)) for g, cut in zip(grids, hold_ranges, strict=True))
     if full < MIN_HOLDOUT_WINDOWS:  # calibration scores the held-out part: each score needs a whole context
-        need_rows = math.ceil((span + MIN_HOLDOUT_WINDOWS) / HOLDOUT)
         raise DataError(f"too little normal running for a context of {span} samples: the held-out part (the last "
                         f"{HOLDOUT:.0%} of each recording) holds {full} scores; at least {MIN_HOLDOUT_WINDOWS} are "
                         f"needed, about {need_rows} samples ({need_rows * interval / 60:.1f} min at {interval:g} s) "
@@ -758,28 +759,42 @@ def extreme_threshold(scores: Sequence[np.ndarray], block: int, interval: float,
             "p_block": p, "blocks": float(len(maxima))}
 
 
-UNITS = (("s", 1.0), ("second", 1.0), ("m", 60.0), ("min", 60.0), ("minute", 60.0), ("h", 3600.0),
-         ("hour", 3600.0), ("d", 86400.0), ("day", 86400.0),
-         ("w", WEEK), ("week", WEEK), ("month", 30 * 86400.0), ("year", 365 * 86400.0))
+_YEAR = 365 * 86400.0
+UNITS = {**dict.fromkeys(("s", "sec", "secs", "second", "seconds"), 1.0),
+         **dict.fromkeys(("m", "min", "mins", "minute", "minutes"), 60.0),
+         **dict.fromkeys(("h", "hr", "hrs", "hour", "hours"), 3600.0),
+         **dict.fromkeys(("d", "day", "days"), 86400.0), **dict.fromkeys(("w", "wk", "wks", "week", "weeks"), WEEK),
+         **dict.fromkeys(("month", "months"), 30 * 86400.0), **dict.fromkeys(("y", "yr", "yrs", "year", "years"), _YEAR)}
+# Rates a model can be asked for: one false event a second is every window, and one in a thousand years no
+# recording could vouch for (below it the threshold's arithmetic underflows).
+RATE_RANGE = (1 / (1000 * _YEAR), 1.0)
 
 
 def parse_rate(text: str) -> float:
-    """'1/week', '2 / day', '0.5/h' → events per second; ValueError otherwise."""
+    """'1/week', '2 / days', '0.5/h', '1,5/day' → events per second; ValueError otherwise (an unknown unit, a count
+    that is not a number above 0, a rate outside RATE_RANGE)."""
     count, _, unit = text.replace(" ", "").partition("/")
-    unit = unit.rstrip("s") if unit not in ("s",) else unit
-    seconds = dict(UNITS).get(unit.lower())
-    value = float(count)
+    if "," in count and "." not in count:
+        count = count.replace(",", ".")  # a decimal comma
+    seconds = UNITS.get(unit.lower())
+    try:
+        value = float(count)
+    except ValueError:
+        raise ValueError(text) from None
     if seconds is None or not math.isfinite(value) or value <= 0:
         raise ValueError(text)
-    return value / seconds
+    rate = value / seconds
+    if not RATE_RANGE[0] <= rate <= RATE_RANGE[1]:
+        raise ValueError(text)
+    return rate
 
 
 def rate_text(per_second: float) -> str:
     """Events per second in the largest unit that keeps the count at 1 or more, e.g. '1/week'."""
-    for unit, seconds in (("min", 60.0), ("h", 3600.0), ("day", 86400.0), ("week", WEEK), ("year", 365 * 86400.0)):
+    for unit, seconds in (("min", 60.0), ("h", 3600.0), ("day", 86400.0), ("week", WEEK), ("year", _YEAR)):
         if per_second * seconds >= 0.999:
             return f"{per_second * seconds:.3g}/{unit}"
-    return f"{per_second * 365 * 86400:.3g}/year"
+    return f"{per_second * _YEAR:.3g}/year"
 
 
 def _floats(values: np.ndarray) -> list[float]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import glob
 import json
 import os
 import sqlite3
@@ -191,8 +192,8 @@ def _train(args: argparse.Namespace) -> int:
     try:
         rate = parse_rate(args.false_alarms)
     except ValueError:
-        raise _Usage(f"--false-alarms {args.false_alarms!r}: expected a count per time, e.g. 1/week, 2/day or "
-                     f"0.5/h") from None
+        raise _Usage(f"--false-alarms {visible(args.false_alarms)!r}: expected a count per time, e.g. 1/week, "
+                     "2/day or 0.5/h, between one a second and one in 1000 years") from None
     if args.window < 2 or args.epochs < 1 or not 2 <= args.context <= MAX_CONTEXT:
         raise _Usage(f"--window needs 2 or more, --context 2 to {MAX_CONTEXT}, --epochs 1 or more")
     if args.plot:
@@ -206,15 +207,19 @@ def _train(args: argparse.Namespace) -> int:
         interval = interval or device_interval
     for r in recordings:
         for note in r.notes:
-            print(f"{r.source}: {note}", file=sys.stderr)
+            print(visible(f"{r.source}: {note}"), file=sys.stderr)
         if len(r) == 0:
             raise DataError(f"{r.source}: no rows")
     opts = Options(window=args.window, interval=interval, baseline_s=baseline, epochs=args.epochs,
                    context=args.context, false_alarms=rate, drift_tags=[] if drift == ["none"] else drift)
-    report = train(args.name, recordings, Path(args.out), opts, progress=_progress_bar())
+    try:
+        report = train(args.name, recordings, Path(args.out), opts, progress=_progress_bar())
+    finally:  # a training that did not end (refused, interrupted, a failure) leaves none of its part-written files
+        for tmp in Path(args.out).glob(f"{glob.escape(args.name)}.*tmp"):
+            tmp.unlink(missing_ok=True)
     if sys.stderr.isatty():
         print(file=sys.stderr)  # end the bar's line
-    print("\n".join(report.lines))
+    print("\n".join(visible(line) for line in report.lines))  # (tag names are the CSV header's)
     if args.plot:
         from gateway.anomaly import replay
         from gateway.anomaly.model import Model
@@ -370,7 +375,7 @@ def _score(args: argparse.Namespace) -> int:
     # One result per row of the file; only the model's tags are read (another column may hold anything).
     recording = read_csv(args.csv, time_column=args.time_column, tags=model.tags, as_given=True)
     for note in recording.notes:
-        print(f"{recording.source}: {note}", file=sys.stderr)
+        print(visible(f"{recording.source}: {note}"), file=sys.stderr)
     if len(recording) == 0:
         raise DataError(f"{recording.source}: no rows")
     step = recording.median_interval()
@@ -411,6 +416,8 @@ def _plot_check(path: str, made: str | None = None) -> None:
     folder = Path(path).parent
     if not folder.is_dir() and (made is None or folder.resolve() != Path(made).resolve()):
         raise OSError(errno.ENOENT, f"no directory {folder} to write it in", path)
+    if Path(path).is_dir():  # (said after an hour's training before)
+        raise OSError(errno.EISDIR, "a directory, not a file to write the report to", path)
 
 
 def _write_plot(path: str, model: Any, rows: list[Any], values: Any, title: str) -> None:
@@ -510,5 +517,5 @@ def _show(args: argparse.Namespace) -> int:
                if (glitches := _pairs(t.get("glitches"))) else []),
              f"  {d['bytes'] / 1024:.0f} KiB int8, sha256 {d['sha256'][:16]}..., "
              f"versions {', '.join(f'{k} {v}' for k, v in d['versions'].items())}"]
-    print("\n".join(lines))
+    print("\n".join(visible(line) for line in lines))  # (tag names are a CSV header's)
     return EX_OK

@@ -494,6 +494,20 @@ def test_model_show_reads_what_training_wrote_about_itself_as_whatever_it_is(tmp
         assert f"samples from {'r' * 60}..., 0, 1, 2, 3 and 6 more" in result.stdout and len(result.stdout) < 5000
 
 
+def test_model_show_shows_tag_names_with_control_characters_escaped(tmp_path, capsys):
+    """An attack pass: tag names (a CSV header's) went to the terminal as they were in `model show` and in what
+    `model train` prints: an escape sequence or a right-to-left override rewrote the lines."""
+    from gateway.cli import main
+
+    meta = json.loads((MODELS / "pump-ae.json").read_text())
+    meta["tags"][0] = "a\x1b[31mRED\u202e"
+    shutil.copy(MODELS / "pump-ae.tflite", tmp_path)
+    (tmp_path / "pump-ae.json").write_text(json.dumps(meta))
+    assert main(["model", "show", "pump-ae", "--model-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "a\\x1b[31mRED\\u202e" in out and "\x1b" not in out and "\u202e" not in out
+
+
 def test_a_replay_gives_one_row_per_row_of_the_file_in_its_order(tmp_path):
     """A historian's export repeats a time or steps back (a clock set back): `model score` still gives one
     result per row of the file, in the file's order, so that it can be set beside the file's own columns."""
@@ -566,11 +580,17 @@ def test_a_higher_false_alarm_rate_gives_a_lower_threshold():
     from gateway.units import duration_text
     assert parse_rate("1/week") == pytest.approx(1 / (7 * 86400))
     assert parse_rate("2 / day") == pytest.approx(2 / 86400) and parse_rate("0.5/h") == pytest.approx(0.5 / 3600)
-    for bad in ("often", "1/fortnight", "-1/day", "0/day"):
+    # an attack pass: "1/ms" was read as 1/min and "1/hs" as 1/h (a trailing s stripped), "3/sec", "1/y" and
+    # "1/wk" were refused; "5e-324/week" was a traceback after training, "1e-320/s" a deaf model whose metadata said
+    # it needed "Infinity" seconds of recording (not JSON)
+    for bad in ("often", "1/fortnight", "-1/day", "0/day", "1/ms", "1/hs", "5e-324/week", "1e-320/s", "1e308/s",
+                "2/s", "x/day"):
         with pytest.raises(ValueError):
             parse_rate(bad)
+    assert [parse_rate(r) for r in ("1/sec", "3/hours", "1/wk", "1/y", "1,5/day")] == pytest.approx(
+        [1.0, 3 / 3600, 1 / (7 * 86400), 1 / (365 * 86400), 1.5 / 86400])
     assert rate_text(parse_rate("1/week")) == "1/week" and rate_text(parse_rate("3/h")) == "3/h"
-    assert rate_text(parse_rate("1e-300/week")) == "5.21e-299/year"  # not 1.65e-306/s
+    assert rate_text(1e-300 / (7 * 86400)) == "5.21e-299/year"  # not 1.65e-306/s
     assert duration_text(7e305) == "2.22e+298 years"  # not a number of days 306 digits long
     assert [duration_text(s) for s in (21.3, 420, 7200, 86400 * 3)] == ["21 s", "7 min", "2.0 h", "3.0 days"]
     scores = [np.random.default_rng(5).gamma(4.0, 0.5, 3000)]
@@ -620,6 +640,40 @@ def test_plot_writes_a_file_a_viewer_opens(model, tmp_path, suffix):
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
     width, height = struct.unpack(">II", data[16:24])
     assert width >= 800 and height >= 600 and len(data) > 20_000
+
+
+def test_a_plot_draws_tag_names_as_they_are_written(model, tmp_path, recwarn):
+    """An attack pass: a tag named "p $\\frac{a}$" (a CSV header's) was a mathtext ParseSyntaxException traceback
+    after the scoring, or after an hour's training; "m$^3$/h" was drawn as a superscript."""
+    pytest.importorskip("matplotlib")
+    from gateway.anomaly import replay
+    from gateway.anomaly.recording import Recording
+    from gateway.anomaly.report import write
+
+    class Named:  # the model, its tags as an engineer's historian names them
+        tags = ["p $\\frac{a}$", "flow m$^3$/h", "\u6c34\u6e29", *TAGS[3:]]
+
+        def __getattr__(self, name):
+            return getattr(model, name)
+
+    rows = run(4345, 300)
+    rec = Recording("test", list(TAGS), 1.79e9 + np.arange(len(rows), dtype=float), rows.astype(np.float64))
+    write(str(tmp_path / "r.png"), Named(), list(replay.replay(model, rec)), rec.values, "hostile $ names")
+    assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+    assert not [w for w in recwarn if "matplotlib" in w.filename], [str(w.message) for w in recwarn]
+
+
+def test_a_plot_that_is_a_directory_is_refused_before_the_training(tmp_path, capsys):
+    """An attack pass: `model train ... --plot plots.html`, a directory, trained and wrote the model, then failed."""
+    from gateway.cli import main
+
+    (tmp_path / "plots.html").mkdir()
+    (tmp_path / "x.csv").write_text("time,a\n" + "".join(f"{1.79e9 + i},{i % 7}\n" for i in range(600)))
+    code = main(["model", "train", "m", "--csv", str(tmp_path / "x.csv"), "--out", str(tmp_path),
+                 "--plot", str(tmp_path / "plots.html")])
+    assert code == 73 and capsys.readouterr().err == (f"edge-gateway: {tmp_path}/plots.html: a directory, not a file "
+                                                     "to write the report to\n")
+    assert not list(tmp_path.glob("m.*"))
 
 
 def test_a_saved_event_state_resumes_only_what_it_can_vouch_for(model):
