@@ -195,8 +195,12 @@ class Model:
             name = meta.get("name")  # printed to a terminal: no control characters, no megabyte
             self.name = name if isinstance(name, str) and name.isprintable() and 0 < len(name) <= 100 \
                 else tflite_path.stem
-            self.tags: list[str] = [str(t) for t in meta["tags"]]
-            self.window, self.stride = int(meta["window"]), int(meta["stride"])
+            tags = meta["tags"]
+            if not isinstance(tags, list) or not tags or not all(isinstance(t, str) and t for t in tags) \
+                    or len(set(tags)) != len(tags):  # ("abc" was read as the tags a, b and c)
+                raise ValueError("tags needs to be a list of different names")
+            self.tags: list[str] = tags
+            self.window, self.stride = _whole(meta, "window", 1, 10_000), _whole(meta, "stride", 1, 10_000)
             self.interval = float(meta["interval_s"])
             self.threshold = float(meta["threshold"])
             inputs = meta["inputs"]
@@ -219,24 +223,30 @@ class Model:
             self.false_alarms_asked = str(alarms.get("asked", "?"))  # as the user said it: 1/week
             self.commissioned_s = float(alarms.get("recording_s", 0.0))  # normal running it was trained on
             self.cusum_h, self.cusum_cap = float(events.get("h", 1.0)), float(events.get("cap", 4.0))
-            self.start_after, self.end_after = int(events.get("start_after", 1)), int(events.get("end_after", 10))
+            self.start_after = _whole(events, "start_after", 1, 10**6, 1, "events.")
+            self.end_after = _whole(events, "end_after", 1, 10**6, 10, "events.")
             self.subside = float(events.get("subside", 0.0))  # 0: events end only back below the threshold
             self.settle = float(events.get("settle", 2.0))
             self.stats = Stats.from_meta(meta["stats"], n, self.threshold, self.drift)
-            self.ffill_limit = int(meta.get("ffill_limit", 5))
-            self.top_n = int(meta.get("top_tags", 3))
+            # (ffill_limit 1e18 made `model score` push 1e8 empty samples across a gap: a hang)
+            self.ffill_limit = _whole(meta, "ffill_limit", 0, 1000, 5)
+            self.top_n = _whole(meta, "top_tags", 1, n, min(3, n))
             self.flatline_tags = set(meta.get("flatline_tags", self.tags))
-            self.flatline_after = int(meta.get("flatline_after", self.window))  # samples of one exact value
-            if self.window < 1 or self.stride < 1 or not INTERVAL_RANGE[0] <= self.interval <= INTERVAL_RANGE[1] \
-                    or not 0 < self.threshold < math.inf or not 0 < self.cusum_h <= self.cusum_cap < math.inf \
-                    or self.end_after < 1 or not 0 <= self.subside < 1 or not 1 <= self.settle < math.inf \
+            self.flatline_after = _whole(meta, "flatline_after", 2, 10**7, self.window)  # samples of one exact value
+            if self.stride > self.window:  # (a stride of 1e9 scored nothing, and said nothing)
+                raise ValueError(f"stride needs to be at most the window ({self.window}), not {self.stride}")
+            if not all(isinstance(t, str) for t in self.flatline_tags):
+                raise ValueError("flatline_tags needs to be a list of tag names")
+            if not THRESHOLD_RANGE[0] <= self.threshold <= THRESHOLD_RANGE[1]:  # (1e308: never an event; 5e-324: always)
+                raise ValueError(f"threshold needs to be from {THRESHOLD_RANGE[0]:g} to {THRESHOLD_RANGE[1]:g}, not "
+                                 f"{self.threshold:g}")
+            if not INTERVAL_RANGE[0] <= self.interval <= INTERVAL_RANGE[1] \
+                    or not 0 < self.cusum_h <= self.cusum_cap < math.inf \
+                    or not 0 <= self.subside < 1 or not 1 <= self.settle < math.inf \
                     or not 0 <= self.false_alarm_rate < math.inf or not 0 <= self.commissioned_s < math.inf:
-                raise ValueError(f"window, stride and events.end_after need to be 1 or more, interval_s from "
-                                 f"{INTERVAL_RANGE[0]:g} to {INTERVAL_RANGE[1]:g}, threshold above 0, events.h above 0 "
-                                 f"and events.cap h or more, events.subside from 0 to below 1, events.settle 1 or "
-                                 f"more, false_alarms.per_second and false_alarms.recording_s 0 or more, all finite")
-            if self.flatline_after < 2:  # 0: every tag of every device a stuck sensor, an event at once
-                raise ValueError(f"flatline_after needs 2 or more (training writes 30 or more), not {self.flatline_after}")
+                raise ValueError(f"interval_s needs to be from {INTERVAL_RANGE[0]:g} to {INTERVAL_RANGE[1]:g}, events.h "
+                                 f"above 0 and events.cap h or more, events.subside from 0 to below 1, events.settle 1 "
+                                 f"or more, false_alarms.per_second and false_alarms.recording_s 0 or more, all finite")
             self.context = self.stats.context
         except (KeyError, TypeError, ValueError, ArithmeticError) as err:  # ArithmeticError: an int of Infinity
             why = f"lacks {err}" if isinstance(err, KeyError) else str(err)
@@ -380,6 +390,18 @@ class Stats:
         return cast(np.ndarray, out)
 
 
+THRESHOLD_RANGE = (1e-6, 1e6)  # a score is about 2 in normal running: training writes thresholds far inside this
+
+
+def _whole(meta: Mapping[str, Any], key: str, low: int, high: int, default: int | None = None, where: str = "") -> int:
+    """A whole number of the metadata, from `low` to `high` (10.7 and "10" are not: training writes integers)."""
+    value = meta[key] if default is None else meta.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        shown = json.dumps(value)[:40] if isinstance(value, (int, float, str, bool)) else type(value).__name__
+        raise ValueError(f"{where}{key} needs to be a whole number from {low} to {high}, not {shown}")
+    return value
+
+
 def _check_numbers(inputs: Mapping[str, Any], error_scale: Sequence[float], stats: Mapping[str, Any]) -> None:
     """The metadata's numbers are finite and in ranges where no scale factor overflows float32 (what training
     writes is far inside them): hand-edited or damaged metadata fails here, with the field named."""
@@ -395,6 +417,8 @@ def _check_numbers(inputs: Mapping[str, Any], error_scale: Sequence[float], stat
         a = np.asarray(values, dtype=np.float64)
         if not np.all((a >= low) & (a <= high)):  # NaN fails every comparison
             raise ValueError(f"{name} needs numbers from {low:g} to {high:g}")
+    if not any(float(stats["weights"][c]) > 0 for c in COMPONENTS):  # (a score of 0 whatever the machine does)
+        raise ValueError("stats.weights needs one above 0")
 
 
 _loaded: dict[Path, tuple[tuple[tuple[int, int], ...], Model]] = {}

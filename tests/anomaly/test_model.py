@@ -24,6 +24,7 @@ from tests.helpers import ENV, ROOT, NoSource, gateway_config, spawn, wait_until
 pytest.importorskip("ai_edge_litert")
 
 from gateway.anomaly.model import DeviceScorer, Model, Stats  # noqa: E402
+from gateway.errors import ModelError  # noqa: E402
 from sim.pump import TAGS  # noqa: E402
 from sim.scenarios import run  # noqa: E402
 
@@ -63,8 +64,10 @@ def test_the_shipped_model_and_a_good_config_pass(tmp_path):
     ("short", "its metadata {dir}/pump-ae.json is not usable: inputs.center, inputs.spread, inputs.drift and "
               "error_scale need one entry per tag"),
     ("events_list", "its metadata {dir}/pump-ae.json is not usable: events and false_alarms need to be objects"),
-    ("settle_inf", "its metadata {dir}/pump-ae.json is not usable: window, stride and events.end_after need"),
-    ("end_after_inf", "its metadata {dir}/pump-ae.json is not usable: cannot convert float infinity to integer"),
+    ("settle_inf", "its metadata {dir}/pump-ae.json is not usable: interval_s needs to be from 0.001 to 1e+07, "
+                   "events.h above 0"),
+    ("end_after_inf", "its metadata {dir}/pump-ae.json is not usable: events.end_after needs to be a whole number "
+                      "from 1 to 1000000, not Infinity"),
     ("tiny_spread", "its metadata {dir}/pump-ae.json is not usable: inputs.spread needs numbers from 1e-12 to 1e+200"),
     ("nan_norm", "its metadata {dir}/pump-ae.json is not usable: stats.norms needs numbers from 1e-09 to 1e+15"),
     ("huge_off", "its metadata {dir}/pump-ae.json is not usable: stats.off_subspace needs numbers from -1.001"),
@@ -75,18 +78,17 @@ def test_the_shipped_model_and_a_good_config_pass(tmp_path):
                           "(10 tags)"),
     ("level_scale_zero", "its metadata {dir}/pump-ae.json is not usable: stats.level_scale needs numbers from 1e-09"),
     ("rate_string", "its metadata {dir}/pump-ae.json is not usable: could not convert string to float: 'xxxx"),
-    ("recording_negative", "its metadata {dir}/pump-ae.json is not usable: window, stride and events.end_after need"),
+    ("recording_negative", "its metadata {dir}/pump-ae.json is not usable: interval_s needs to be from"),
     # Loaded before, and then: a traceback in the scorer, infinite figures, or events silently never raised.
     ("center_nested", "its metadata {dir}/pump-ae.json is not usable: inputs.center, inputs.spread, inputs.drift and "
                       "error_scale need one entry per tag (10 tags)"),
-    ("interval_tiny", "is not usable: window, stride and events.end_after need to be 1 or more, interval_s from 0.001 "
-                      "to 1e+07"),
-    ("interval_huge", "is not usable: window, stride and events.end_after need to be 1 or more, interval_s from"),
+    ("interval_tiny", "is not usable: interval_s needs to be from 0.001 to 1e+07"),
+    ("interval_huge", "is not usable: interval_s needs to be from 0.001 to 1e+07"),
     ("h_nan", "events.h above 0 and events.cap h or more"),
     ("cap_nan", "events.h above 0 and events.cap h or more"),
     ("cap_below_h", "events.h above 0 and events.cap h or more"),
     # Every device scoring it in an event at once, every tag a stuck sensor.
-    ("flatline_zero", "is not usable: flatline_after needs 2 or more (training writes 30 or more), not 0"),
+    ("flatline_zero", "is not usable: flatline_after needs to be a whole number from 2 to 10000000, not 0"),
     # Read on the daemon's loop at a reload: a FIFO froze it; a link to /dev/zero took 2.8 GB in 4 s.
     ("fifo", "model pump-ae: {dir}/pump-ae.tflite is not a regular file"),
     ("dev_zero", "model pump-ae: {dir}/pump-ae.tflite is not a regular file"),
@@ -161,6 +163,38 @@ def test_a_bad_model_is_a_config_error_naming_device_model_and_mismatch(tmp_path
     assert "devices[0].model: device pump1: " in result.stderr
     assert expected.format(dir=d, size=locals().get("size")) in result.stderr, result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr) < 2000
+
+
+@pytest.mark.parametrize("edit,said", [
+    ({"tags": "abcdefghij"}, "tags needs to be a list of different names"),  # (read as the tags a, b, c, ...)
+    ({"tags": ["a"] * 10}, "tags needs to be a list of different names"),
+    ({"window": 10.7}, "window needs to be a whole number from 1 to 10000, not 10.7"),
+    ({"window": "10"}, 'window needs to be a whole number from 1 to 10000, not "10"'),
+    ({"stride": 10**9}, "stride needs to be a whole number from 1 to 10000, not 1000000000"),  # nothing ever scored
+    ({"stride": 11}, "stride needs to be at most the window (10), not 11"),
+    ({"ffill_limit": 10**18}, "ffill_limit needs to be a whole number from 0 to 1000"),  # `model score` hung
+    ({"top_tags": -1}, "top_tags needs to be a whole number from 1 to 10, not -1"),
+    ({"threshold": 1e308}, "threshold needs to be from 1e-06 to 1e+06, not 1e+308"),  # never an event
+    ({"threshold": 5e-324}, "threshold needs to be from 1e-06 to 1e+06, not 4.94066e-324"),  # always one
+    ({"events": {"start_after": -10**30}}, "events.start_after needs to be a whole number from 1 to 1000000"),
+    ({"stats": {"weights": {"level": 0, "spe": 0, "residual": 0, "autoencoder": 0}}}, "stats.weights needs one above 0"),
+])
+def test_metadata_numbers_no_training_writes_are_refused(tmp_path, edit, said):
+    """An attack pass: numbers no training writes were taken: a window of 10.7 (as 10), tags "abc" (as a, b and c),
+    a stride of 1e9 (nothing ever scored, exit 0), ffill_limit 1e18 (`model score` pushed 1e8 empty samples across a
+    gap: a hang), a threshold of 1e308 or 5e-324, every weight 0 (a score of 0 whatever the machine does)."""
+    meta = json.loads((MODELS / "pump-ae.json").read_text())
+    for key, value in edit.items():
+        if isinstance(value, dict) and isinstance(meta.get(key), dict):
+            for k, v in value.items():
+                meta[key][k] = {**meta[key][k], **v} if isinstance(v, dict) else v
+        else:
+            meta[key] = value
+    shutil.copy(MODELS / "pump-ae.tflite", tmp_path)
+    (tmp_path / "pump-ae.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelError) as err:
+        Model(tmp_path / "pump-ae.tflite", tmp_path / "pump-ae.json")
+    assert f"its metadata {tmp_path}/pump-ae.json is not usable: {said}" in str(err.value), str(err.value)
 
 
 def test_the_level_is_the_mean_input_and_a_model_trained_before_keeps_the_mean_of_its_size(model, tmp_path):
