@@ -7,6 +7,14 @@
 "use strict";
 const readline = require("readline");
 const Long = require("long");
+// As a host installs it (npm dedupes long@4 under sparkplug-payload and its protobufjs): one Long class, so that
+// Tahu's `instanceof Long` conversions run. Here another package's long@5 keeps two copies of long@4, and without
+// this every 64-bit value reached Tahu's decoder as a Long it did not recognise: Int64 -1 as 18446744073709551615,
+// and UInt32 past 2^31 unsigned where Tahu 1.0.3 reads it signed (`toInt()`).
+const tahuDir = require("path").dirname(require.resolve("sparkplug-payload/package.json"));
+const protobuf = require(require.resolve("protobufjs", { paths: [tahuDir] }));
+protobuf.util.Long = require(require.resolve("long", { paths: [tahuDir] }));
+protobuf.configure();
 const sparkplug = require("sparkplug-payload").get("spBv1.0");
 const Payload = require("sparkplug-payload/lib/sparkplugPayloadProto").org.eclipse.tahu.protobuf.Payload;
 
