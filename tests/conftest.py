@@ -117,3 +117,14 @@ def gateway(tmp_path):
     yield make
     for proc in procs:
         proc.kill()
+
+
+@pytest.fixture
+def browser():
+    """Debian's headless chromium over the DevTools protocol (tests/web_cdp.py), 1280 x 900."""
+    from tests.web_cdp import Browser, chromium
+
+    if chromium() is None:
+        pytest.skip("Debian's chromium is not installed (./dev test installs it)")
+    with Browser(1280, 900) as b:
+        yield b

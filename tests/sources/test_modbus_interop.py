@@ -81,15 +81,15 @@ def check(sample, expected: dict) -> None:
     assert set(sample.quality.values()) == {"ok"}
 
 
-def test_every_register_type_and_order_from_modbus_serial_over_tcp(tmp_path):
+def over_tcp(entries: list[dict], registers: str, tmp_path: Path):
+    """One sample read by the gateway's ModbusSource from modbus-serial's ServerTCP serving `entries`."""
     from gateway.ports import free_port
 
-    entries, expected, registers = register_map()
     (tmp_path / "map.json").write_text(json.dumps(entries))
     port = free_port()
     proc = node_script("modbus_server.js", [str(tmp_path / "map.json"), "tcp", str(port)], tmp_path / "modbus.log")
     try:
-        sample = read_all(f"""
+        return read_all(f"""
   - name: plc1
     source: modbus_tcp
     host: 127.0.0.1
@@ -99,6 +99,11 @@ def test_every_register_type_and_order_from_modbus_serial_over_tcp(tmp_path):
 """, registers, tmp_path)
     finally:
         stop(proc)
+
+
+def test_every_register_type_and_order_from_modbus_serial_over_tcp(tmp_path):
+    entries, expected, registers = register_map()
+    sample = over_tcp(entries, registers, tmp_path)
     check(sample, expected)
     assert len(sample.values) == len(expected) == 68
 
@@ -135,29 +140,15 @@ def test_every_register_type_and_order_from_modbus_serial_over_rtu(tmp_path):
 def test_a_float_register_holding_nan_is_that_tag_s_error_and_says_so(tmp_path):
     """A PLC's float32 holding NaN (0x7FC00000: a sensor's "no value") or infinity: that tag is an error, the others
     read on, and the problem says why (an attack pass: the device showed as degraded with no reason anywhere)."""
-    from gateway.ports import free_port
-
     entries = [{"table": "holding", "address": 0, "type": "uint16", "value": 0x7FC0},
                {"table": "holding", "address": 1, "type": "uint16", "value": 0},
                {"table": "holding", "address": 2, "type": "uint16", "value": 0x7F80},  # +infinity
                {"table": "holding", "address": 3, "type": "uint16", "value": 0},
                {"table": "holding", "address": 4, "type": "uint16", "value": 1234}]
-    (tmp_path / "map.json").write_text(json.dumps(entries))
-    port = free_port()
-    proc = node_script("modbus_server.js", [str(tmp_path / "map.json"), "tcp", str(port)], tmp_path / "modbus.log")
-    try:
-        sample = read_all(f"""
-  - name: plc1
-    source: modbus_tcp
-    host: 127.0.0.1
-    port: {port}
-    timeout: 2s
-""", """      - {name: flow, address: 0, type: float32}
+    sample = over_tcp(entries, """      - {name: flow, address: 0, type: float32}
       - {name: level, address: 2, type: float32}
       - {name: count, address: 4, type: uint16}
 """, tmp_path)
-    finally:
-        stop(proc)
     assert not sample.failed and sample.values == {"flow": None, "level": None, "count": 1234}
     assert sample.quality == {"flow": "error", "level": "error", "count": "ok"}
     assert sample.problem == "NaN or infinity in the registers of flow, level"

@@ -15,20 +15,12 @@ import pytest
 
 from tests.helpers import ROOT
 from tests.system.test_web_api import demo_devices, start_daemon
-from tests.web_cdp import Browser, artifacts_dir, chromium
+from tests.web_cdp import artifacts_dir
 
 pytest.importorskip("aiohttp")
 pytestmark = pytest.mark.slow
 MODELS = ROOT / "models"
 FAULT_AT = 120  # simulated seconds: 6 s of real time, once the page shows the chart
-
-
-@pytest.fixture
-def browser():
-    if chromium() is None:
-        pytest.skip("Debian's chromium is not installed (./dev test installs it)")
-    with Browser(1280, 900) as b:
-        yield b
 
 
 def test_the_page_shows_both_machines_live_and_shades_the_anomaly(tmp_path, mosquitto, gateway, browser):

@@ -11,6 +11,7 @@ import asyncio
 import base64
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -48,16 +49,22 @@ class CountingVerify:
         time.sleep(0.05)  # (a thread, as the argon2 check runs: the loop meanwhile takes the other requests)
         return hashed is not None and password == "correct horse battery"
 
+    @classmethod
+    def of_alice(cls, tmp_path: Path, monkeypatch: Any) -> tuple[CountingVerify, Path]:
+        """A users file holding alice, and the hash check counted for every Users."""
+        path = tmp_path / "web-users"
+        set_user(str(path), "alice", "correct horse battery")
+        verify = cls()
+        monkeypatch.setattr(auth.Users, "_verify", lambda self, password, hashed: verify(password, hashed))
+        return verify, path
+
 
 def test_guesses_sent_at_once_are_refused_past_the_limit_before_their_hash(tmp_path, monkeypatch):
     """Through the server's own login middleware: 100 wrong guesses at once from one address are 5 checked (401)
     and 95 refused at once (429), and the hasher sees 5."""
     from gateway.web.server import Site
 
-    path = tmp_path / "web-users"
-    set_user(str(path), "alice", "correct horse battery")
-    verify = CountingVerify()
-    monkeypatch.setattr(auth.Users, "_verify", lambda self, password, hashed: verify(password, hashed))
+    verify, path = CountingVerify.of_alice(tmp_path, monkeypatch)
     site = Site(_NoDevices(), WebSection(listen="0.0.0.0:8470", users_file=str(path)))  # type: ignore[arg-type]
 
     async def main() -> dict[int, int]:
@@ -80,10 +87,7 @@ async def _attempt(users: auth.Users, header: str, client: str) -> int:
 
 
 def test_a_flood_from_one_address_takes_one_turn_at_the_hasher_not_every_other_users(tmp_path, monkeypatch):
-    path = tmp_path / "web-users"
-    set_user(str(path), "alice", "correct horse battery")
-    verify = CountingVerify()
-    monkeypatch.setattr(auth.Users, "_verify", lambda self, password, hashed: verify(password, hashed))
+    verify, path = CountingVerify.of_alice(tmp_path, monkeypatch)
     users = auth.Users(str(path))
 
     async def main() -> tuple[list[int], int]:
@@ -99,10 +103,7 @@ def test_a_flood_from_one_address_takes_one_turn_at_the_hasher_not_every_other_u
 
 
 def test_one_browser_sending_requests_at_once_with_the_right_password_is_checked_once(tmp_path, monkeypatch):
-    path = tmp_path / "web-users"
-    set_user(str(path), "alice", "correct horse battery")
-    verify = CountingVerify()
-    monkeypatch.setattr(auth.Users, "_verify", lambda self, password, hashed: verify(password, hashed))
+    verify, path = CountingVerify.of_alice(tmp_path, monkeypatch)
     users = auth.Users(str(path))
 
     async def main() -> list[int]:

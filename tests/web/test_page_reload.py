@@ -15,7 +15,7 @@ import pytest
 
 from tests.helpers import SCORED_PUMP
 from tests.system.test_web_api import start_daemon
-from tests.web_cdp import Browser, chromium
+from tests.web_cdp import Browser
 
 pytest.importorskip("aiohttp")
 pytestmark = pytest.mark.slow
@@ -48,14 +48,6 @@ def rows(device: str) -> str:
 def warnings(browser: Browser) -> list[str]:
     return [str(e["params"]["args"]) for e in browser.events
             if e.get("method") == "Runtime.consoleAPICalled" and e["params"].get("type") in ("warning", "error")]
-
-
-@pytest.fixture
-def browser():
-    if chromium() is None:
-        pytest.skip("Debian's chromium is not installed (./dev test installs it)")
-    with Browser(1280, 900) as b:
-        yield b
 
 
 def test_the_open_page_follows_a_reload_that_adds_a_model_removes_a_device_and_changes_tags(
