@@ -20,6 +20,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from gateway.config import checks
 from gateway.config.checks import (
+    INVALID,
+    Check,
     Fields,
     Invalid,
     Problem,
@@ -74,6 +76,40 @@ PUMP_FAULTS = ("bearing_wear", "cavitation", "seal_leak", "stuck_sensor", "spike
 
 def _one_of_tags(tags: tuple[str, ...], got: str) -> str:
     return f'expected one of this device\'s tags ({", ".join(tags)}), got "{got}"'
+
+
+def host_name() -> Check:
+    """A host to connect to: an IP address, or a name that can be looked up (`_unfit_host`)."""
+    text = string()
+
+    def check(value: Any, path: str, problems: Problems) -> Any:
+        value = text(value, path, problems)
+        if value is not INVALID and (why := _unfit_host(value)) is not None:
+            problems.add(path, f"expected {why}, got {found(value)}")
+            return INVALID
+        return value
+    return check
+
+
+def _unfit_host(host: str) -> str | None:
+    """What a HOST must be when it could not be looked up or listened on, else None. Python encodes a name with the
+    idna codec first: "gw..plant.local", a label of 64 characters or a U+202E raised UnicodeError at start, after
+    check-config had passed it (upstream.host: the uplink task failed, exit 70, at every restart)."""
+    if host.startswith("["):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            return "an IPv6 address in brackets such as [::1]"
+        return None
+    try:
+        ascii_host = host.encode("idna")
+    except UnicodeError:
+        ascii_host = b""
+    labels = ascii_host.removesuffix(b".").split(b".")
+    if not ascii_host or len(ascii_host) > 253 or not all(1 <= len(label) <= 63 for label in labels):
+        return ("an IP address or a host name whose labels between dots are 1 to 63 characters long (253 in all) "
+                "and that IDNA can encode (no control or bidirectional characters)")
+    return None
 
 
 @dataclass(frozen=True)
@@ -140,7 +176,7 @@ class SparkplugSection:
 
 @dataclass(frozen=True)
 class UpstreamSection:
-    host: str = setting(string(), doc="the upstream MQTT broker")
+    host: str = setting(host_name(), doc="the upstream MQTT broker")
     port: int | None = setting(integer(1, 65535), None, doc="default 8883 with tls, else 1883")
     tls: TlsSection | None = setting(optional(section(TlsSection)), None, doc="TLS with certificate verification")
     username: str | None = setting(optional(string(MQTT_TEXT, "no control character")), None, doc="MQTT user name")
@@ -215,6 +251,8 @@ class LocalBrokerSection:
 
     @staticmethod
     def rules(v: Fields) -> list[Problem]:
+        if v.ok("listen") and (why := _unfit_host(v["listen"].rpartition(":")[0])) is not None:
+            return [("listen", f"expected HOST:PORT with {why}, got {found(v['listen'])}")]
         if v.ok("max_message_size") and not 1024 <= v["max_message_size"] <= 256 * 1024**2:
             return [("max_message_size", f"expected a size from 1KiB to 256MiB, got {v['max_message_size']} bytes")]
         if v.ok("enabled", "allow_anonymous", "password_file") and v["enabled"] and not v["allow_anonymous"] \
@@ -267,27 +305,6 @@ class WebSection:
     def address(self) -> tuple[str, int]:
         host, _, port = self.listen.rpartition(":")
         return host.strip("[]"), int(port)
-
-
-def _unfit_host(host: str) -> str | None:
-    """What HOST (of `web.listen`) must be when asyncio could not listen on it, else None. asyncio encodes a name
-    with the idna codec before looking it up: "gw..plant.local", a label of 64 characters or a U+202E raised
-    UnicodeError at start, after check-config had passed it."""
-    if host.startswith("["):
-        try:
-            ipaddress.IPv6Address(host[1:-1])
-        except ValueError:
-            return "an IPv6 address in brackets such as [::1]"
-        return None
-    try:
-        ascii_host = host.encode("idna")
-    except UnicodeError:
-        ascii_host = b""
-    labels = ascii_host.removesuffix(b".").split(b".")
-    if not ascii_host or len(ascii_host) > 253 or not all(1 <= len(label) <= 63 for label in labels):
-        return ("an IP address or a host name whose labels between dots are 1 to 63 characters long (253 in all) "
-                "and that IDNA can encode (no control or bidirectional characters)")
-    return None
 
 
 def loopback(host: str) -> bool:
@@ -644,7 +661,7 @@ class ModbusDevice(DeviceBase):
 
 @dataclass(frozen=True)
 class ModbusTcpDevice(ModbusDevice):
-    host: str = setting(string(), doc="the PLC or Modbus gateway")
+    host: str = setting(host_name(), doc="the PLC or Modbus gateway")
     port: int | None = setting(optional(integer(1, 65535)), None, doc="default 502")
 
     SOURCE: ClassVar[str] = "modbus_tcp"
@@ -723,6 +740,8 @@ class OpcUaDevice(DeviceBase):
     @classmethod
     def rules(cls, v: Fields) -> list[Problem]:
         problems = _duplicate_names(items(v["nodes"]), "nodes", "tag")
+        if v.ok("endpoint") and (why := _unfit_host(v["endpoint"][len("opc.tcp://"):].split("/")[0].split(":")[0])):
+            problems.append(("endpoint", f"expected an endpoint whose host is {why}, got {found(v['endpoint'])}"))
         if v.ok("username", "password_file") and bool(v["username"]) != bool(v["password_file"]):
             problems.append(("password_file" if v["username"] else "username",
                              "username and password_file go together"))

@@ -394,8 +394,9 @@ class Uplink:
         except ssl.SSLError as err:
             await self._drop_client()
             raise UplinkError(f"TLS handshake with {where} failed: {err.reason or err}") from None
-        except (OSError, asyncio.TimeoutError) as err:
-            # Refused, reset, unreachable or no TCP answer: nothing on the broker's side did any work.
+        except (OSError, asyncio.TimeoutError, UnicodeError) as err:
+            # Refused, reset, unreachable or no TCP answer: nothing on the broker's side did any work. (UnicodeError:
+            # a name the idna codec cannot encode for the lookup, which check-config refuses in the file)
             # No CONNACK in time is a struggling broker or, as often, a proxy whose far side is cut off:
             # retried as a broker that is down, since the CONNACK_LIMIT wait already spaces the attempts
             # (an exponential wait would hold a healed network back for up to reconnect.max).

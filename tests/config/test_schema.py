@@ -441,3 +441,19 @@ def test_a_name_with_a_last_line_break_is_refused():
         config.parse(BASE.replace("site: plant-a", 'site: "plant-a\\n"'), "g.yaml")
     assert str(caught.value).startswith('g.yaml:1: gateway.site: expected ') and 'got "plant-a\\x0a"' in \
         str(caught.value), str(caught.value)
+
+
+@pytest.mark.parametrize("where,text,path", [
+    ("upstream.host", BASE.replace("host: mqtt.example.com", 'host: "gw..plant.local"'), "upstream.host"),
+    ("a PLC", BASE + "devices:\n" + MODBUS.replace("host: 192.0.2.10", f"host: {'x' * 64}.plant") % "int16",
+     "devices[0].host"),
+    ("an OPC UA server", BASE + "devices:\n  - {name: press1, source: opcua, endpoint: \"opc.tcp://a\\u202eb:4840\", "
+     "nodes: [{name: t, node: \"ns=2;i=1\"}]}\n", "devices[0].endpoint"),
+    ("the local broker", BASE + "local_broker: {listen: \"a..b:1883\"}\n", "local_broker.listen"),
+])
+def test_a_host_name_that_cannot_be_looked_up_is_a_config_error(where, text, path):
+    """An attack pass: `upstream.host: gw..plant.local` passed check-config, then the uplink task failed on the idna
+    codec's UnicodeError at every start (exit 70, a restart loop under systemd)."""
+    with pytest.raises(config.ConfigError) as caught:
+        config.parse(text, "g.yaml")
+    assert f": {path}: expected " in str(caught.value) and "IDNA can encode" in str(caught.value), str(caught.value)
