@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -32,19 +33,48 @@ def test_shift_total_restarts_with_the_shift():
 def test_a_jump_no_machine_can_make_is_a_new_baseline():
     row, _ = counters.advance(None, 30, 16, 0.1, None, 0.0)
     row, result = counters.advance(row, 65500, 16, 0.1, None, 1.0)  # a simulator restarted near the top
-    assert result == counters.Step(0, "suspect", 65470) and (row.total, row.last_raw) == (0, 65500)
+    assert result.event == "pending" and (row.total, row.last_raw) == (0, 30)  # (the next reading says what it was)
     row, result = counters.advance(row, 8, 16, 0.1, None, 2.0)  # then it wraps and counts on
-    assert result == counters.Step(44, "wrap") and row.total == 44
+    assert result == counters.Step(44, "suspect", 65470, at=65500) and row.total == 44 and row.last_raw == 8
     row, result = counters.advance(row, 40_000, 16, 0.1, None, 3.0)  # a "reset" to a high value
-    assert result.event == "suspect" and row.total == 44
+    row, result = counters.advance(row, 40_001, 16, 0.1, None, 4.0)
+    assert result.event == "suspect" and row.total == 45 and row.last_raw == 40_001
     # With the machine's top rate: 5/s for 10 s allows 55 counts.
     row, _ = counters.advance(None, 1000, 32, 0.1, None, 0.0)
     row, result = counters.advance(row, 1055, 32, 0.1, None, 10.0, max_rate=5)
     assert result == counters.Step(55, "count")
     row, result = counters.advance(row, 1155, 32, 0.1, None, 20.0, max_rate=5)
-    assert result == counters.Step(0, "suspect", 100) and row.total == 55 and row.last_raw == 1155
+    assert result.event == "pending" and row.total == 55
     row, result = counters.advance(row, 1158, 32, 0.1, None, 20.2, max_rate=5)  # at least one second's worth
-    assert result == counters.Step(3, "count")
+    assert result == counters.Step(3, "suspect", 100, at=1155) and row.total == 58 and row.last_raw == 1158
+
+
+@pytest.mark.parametrize("bits,readings,counted,event", [
+    (32, [1_000_000, 0, 1_000_010, 1_000_020], 20, "glitch"),  # a PLC in STOP, a gateway answering zeros at start
+    (32, [1_000_000, 0x4240000F, 1_000_010, 1_000_020], 20, "glitch"),  # its two words swapped once
+    (32, [1_000_000, 999_995, 1_000_000, 1_000_010], 10, "glitch"),  # a step back by a little
+    (16, [30_000, 0, 30_010, 30_020], 20, "glitch"),
+    (32, [1_000_000, 3, 25, 40], 40, "reset"),  # a real reset: 3 since it, then counting on
+    (16, [30_000, 5, 40, 60], 60, "reset"),
+    (16, [63_000, 2_000, 2_020, 2_040], 4_576, "wrap"),  # a wrap of more than the pace allows: one reading late
+    (32, [1_000, 61_000, 121_000, 181_000], 180_000, "count"),  # a fast line read every minute, from the start
+])
+def test_one_reading_that_breaks_the_sequence_waits_for_the_next_to_say_what_it_was(bits, readings, counted, event):
+    """An attack pass: one read of 0 between 1,000,000 and 1,000,010 added 1,000,010 to the lifetime total (taken
+    as a reset, then counting on from 0); one read with its words swapped 1,111,490,595; a step back by 5 999,995."""
+    row, events = None, []
+    for i, raw in enumerate(readings):
+        row, result = counters.advance(row, raw, bits, 0.1, None, 60.0 * i)
+        events.append(result.event)
+    assert row.total == counted and row.last_raw == readings[-1], (row, events)
+    assert event in events and row.pending is None
+
+
+def test_a_counter_that_goes_on_from_no_reading_is_taken_as_moved():
+    row, _ = counters.advance(None, 1_000, 32, 0.1, None, 0.0)
+    for i, raw in enumerate([900_000, 50, 20]):  # each below the one before, and 50 no reset of 900,000's
+        row, result = counters.advance(row, raw, 32, 0.1, None, 1.0 + i)
+    assert result == counters.Step(0, "moved", at=50) and (row.total, row.last_raw) == (0, 20)
 
 
 # A machine's life: increments between samples, PLC resets, gateway restarts.
@@ -83,7 +113,11 @@ def test_total_equals_true_count_across_wraps_resets_and_restarts(tmp_path_facto
             store = Outbox.open(path)
             row = store.counters("d")[("d", "c")]
             continue
-        row, _ = counters.advance(row, raw, bits, 0.1, None, 0.0)
+        # Read twice: the next poll reads what the machine, idle, still shows. A reading that broke the sequence
+        # (a reset, a step beyond the pace) waits for the next to tell it from a glitch: a reset read before the
+        # step ahead of it was told, to a value that goes on from the reading before that, is read as a glitch.
+        for _ in range(2):
+            row, _ = counters.advance(row, raw, bits, 0.1, None, 0.0)
     assert row.total == true_total
     store.close()
 
@@ -174,3 +208,32 @@ def test_restarting_a_simulated_line_near_the_top_adds_nothing(mosquitto, gatewa
     defects = [m["counters"]["defects"]["total"] for m in sub.on("/counters")]
     assert 0 < max(totals) < 1000 and max(defects) < 1000, (totals, defects)
     assert "counter produced jumped from raw" in gw.logs() and "taken as the new baseline" in gw.logs()
+
+
+def test_a_line_that_glitches_resets_and_moves_says_each_once_and_counts_exactly(tmp_path, caplog):
+    """Through a line's pipeline on a real outbox: one read of 0 (a glitch), a PLC reset, values that go on from
+    nothing (moved); the journal's lines, and the totals upstream."""
+    import logging
+
+    from tests.helpers import Line
+
+    line, t = Line(tmp_path / "g.db"), 1_795_500_000.0
+
+    def read(raw: int, at: float) -> None:
+        made, line.produced = line.produced, raw  # what the PLC's register shows this once
+        line.sample(at, 1)
+        line.produced = made
+
+    with caplog.at_level(logging.INFO):
+        for i, raw in enumerate([1_000_000, 1_000_020, 0, 1_000_040, 1_000_060, 7, 27, 47, 5_000_000, 3, 1, 1, 2]):
+            read(raw, t + 60 * i)
+    said = [r.getMessage() for r in caplog.records if "counter produced" in r.getMessage()]
+    assert said == [
+        "device line1: counter produced read raw 0 once between 1000020 and 1000040: a glitch (a bad read, not "
+        "counts), not counted (1 glitch(es) so far)",
+        "device line1: counter produced was reset on the PLC (raw 1000060 -> 7); counting on from 67",
+        "device line1: counter produced read 47, then values that go on from neither it nor each other (now 1): "
+        "taken as a counter moved, 1 is the new baseline; the total goes on from 107",
+    ], said
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert line.on("counters")[-1]["counters"]["produced"]["total"] == 108  # 60, 7 + 40 after the reset, then 1

@@ -61,6 +61,7 @@ class Counting:
         self._rebase_moved_counters()
         self.changed = bool(device.counters)  # totals moved since the last counters message
         self._problems: dict[str, str] = {}
+        self._glitches: dict[str, int] = {}  # per counter, since the start
         self.closed: deque[dict[str, Any]] = deque(maxlen=CLOSED_KEPT)  # the last closed-shift summaries (web)
 
     def _rebase_moved_counters(self) -> None:
@@ -135,20 +136,8 @@ class Counting:
             previous = self.rows.get(counter.name)
             row, step = counters.advance(previous, raw, bits, counter.reset_threshold, shift_id, sample.ts,
                                          counter.max_rate)
-            if step.event == "wrap" and previous is not None:
-                log.info("device %s: counter %s wrapped at %d bits (raw %d -> %d)", name, counter.name,
-                         bits, previous.last_raw, raw,
-                         extra=fields(name, "counter_wrap", counter=counter.name))
-            elif step.event == "suspect" and previous is not None:
-                log.warning("device %s: counter %s jumped from raw %d to %d (%d counts in %.0fs), more than the "
-                            "machine can make%s; not counted, %d taken as the new baseline", name, counter.name,
-                            previous.last_raw, raw, step.seen, sample.ts - previous.updated,
-                            f" (max_rate {counter.max_rate:g}/s)" if counter.max_rate else " (over half the range)",
-                            raw, extra=fields(name, "counter_suspect", counter=counter.name))
-            elif step.event == "reset" and previous is not None:
-                log.warning("device %s: counter %s was reset on the PLC (raw %d -> %d); counting on from %d",
-                            name, counter.name, previous.last_raw, raw, row.total,
-                            extra=fields(name, "counter_reset", counter=counter.name))
+            if previous is not None:
+                self._say(counter, previous, row, step, raw, bits, sample.ts)
             if previous is None or (row.total, row.shift_total, row.shift_id) != (
                     previous.total, previous.shift_total, previous.shift_id):
                 self.changed = True
@@ -175,6 +164,34 @@ class Counting:
         if self.book.changed and self.book.current is not None:
             self.outbox.stage_shift(self.device.name, self.book.current.to_json())
             self.book.changed = False
+
+    def _say(self, counter: CounterSection, previous: CounterRow, row: CounterRow, step: counters.Step, raw: int,
+             bits: int, ts: float) -> None:
+        """What a step tells the journal: a wrap, a reset, a jump no machine makes, a glitch, a counter moved."""
+        name, at = self.device.name, step.at if step.at is not None else raw  # (a reading told by the next one)
+        extra = fields(name, f"counter_{step.event}", counter=counter.name)
+        if step.event == "wrap":
+            log.info("device %s: counter %s wrapped at %d bits (raw %d -> %d)", name, counter.name, bits,
+                     previous.last_raw, at, extra=extra)
+        elif step.event == "suspect":
+            log.warning("device %s: counter %s jumped from raw %d to %d (%d counts in %.0fs), more than the machine "
+                        "can make%s; not counted, %d taken as the new baseline", name, counter.name,
+                        previous.last_raw, at, step.seen, (previous.pending_at or ts) - previous.updated,
+                        f" (max_rate {counter.max_rate:g}/s)" if counter.max_rate else " (over half the range)", at,
+                        extra=extra)
+        elif step.event == "reset":
+            log.warning("device %s: counter %s was reset on the PLC (raw %d -> %d); counting on from %d", name,
+                        counter.name, previous.last_raw, at, row.total - (raw - at), extra=extra)
+        elif step.event == "moved":
+            log.warning("device %s: counter %s read %d, then values that go on from neither it nor each other "
+                        "(now %d): taken as a counter moved, %d is the new baseline; the total goes on from %d", name,
+                        counter.name, previous.last_raw, raw, raw, row.total, extra=extra)
+        elif step.event == "glitch":
+            glitches = self._glitches[counter.name] = self._glitches.get(counter.name, 0) + 1
+            if glitches & (glitches - 1) == 0:  # the 1st, 2nd, 4th, 8th ...: a PLC that glitches often is not a flood
+                log.warning("device %s: counter %s read raw %d once between %d and %d: a glitch (a bad read, not "
+                            "counts), not counted (%d glitch(es) so far)", name, counter.name, at,
+                            previous.last_raw, raw, glitches, extra=extra)
 
     def _problem(self, counter: CounterSection, problem: str | None) -> None:
         """Logged once when a counter stops counting, once when it counts again."""
