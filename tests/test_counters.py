@@ -237,3 +237,68 @@ def test_a_line_that_glitches_resets_and_moves_says_each_once_and_counts_exactly
     ], said
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert line.on("counters")[-1]["counters"]["produced"]["total"] == 108  # 60, 7 + 40 after the reset, then 1
+
+
+def _runner(tmp_path, config: str):
+    from gateway.config import parse
+    from gateway.contract import Topics
+    from gateway.pipeline.device import DeviceRunner
+    from gateway.shifts import ShiftCalendar
+    from gateway.store.outbox import Bounds, Outbox
+    from tests.helpers import NoSource
+
+    cfg = parse(config)
+    store = Outbox.open(str(tmp_path / "g.db"), bounds=Bounds(max_age=10 * 365 * 86400.0))
+    calendar = ShiftCalendar([(s.name, s.start) for s in cfg.shifts], cfg.gateway.timezone)
+    return store, DeviceRunner(cfg.devices[0], NoSource(), store, Topics("root"), calendar)
+
+
+def test_a_counter_on_an_int16_register_counts_past_32767_and_a_bad_value_is_said_once(tmp_path, caplog):
+    """An attack pass: an int16 counter register reads 32768-65535 as negative: nothing was counted there, the way
+    back through 0 was taken for a reset (true 6900, total 700), and "not updated: ... (-27236.0)" was logged at
+    every poll (the value was in the line's key)."""
+    import logging
+
+    from gateway.sample import Sample
+
+    store, runner = _runner(tmp_path, """
+gateway: {id: g, site: s}
+upstream: {host: h}
+devices:
+  - name: m1
+    source: modbus_tcp
+    host: 127.0.0.1
+    registers: [{name: cnt, address: 0, type: int16}]
+    counters: [{name: made, register: cnt}]
+""")
+    t, made = 1_795_500_000.0, 32_700
+    with caplog.at_level(logging.INFO):
+        for i in range(400):  # 100 a minute, through 32767 (-32768) and round through 0
+            made += 50 if i % 2 else 0
+            raw = (made + 2**15) % 2**16 - 2**15  # as the int16 register reads it
+            runner.process(Sample("m1", t + 30 * i, {"cnt": float(raw)}))
+        for i in range(5):
+            runner.process(Sample("m1", t + 30 * (400 + i), {"cnt": 0.5 + i}))  # not a count: said once
+    assert store.commit()
+    assert runner.counting.rows["made"].total == 200 * 50
+    said = [r.getMessage() for r in caplog.records if "counter made" in r.getMessage()]
+    assert said == ["device m1: counter made not updated: register cnt gave no valid 16-bit counter value (0.5)"], said
+    store.close()
+
+
+def test_counts_after_the_clock_steps_back_stay_in_the_running_shift(tmp_path):
+    """An attack pass: the box's clock stepped back an hour (NTP) 30 minutes into shift B: the counters went back to
+    shift A, already closed, and 5,400 pieces were in no shift record."""
+    import datetime as dt
+
+    from tests.helpers import Line
+
+    line = Line(tmp_path / "g.db")
+    b = dt.datetime(2026, 11, 24, 14, 0, tzinfo=dt.timezone(dt.timedelta(hours=1))).timestamp()  # shift B, Berlin
+    for minute in range(-30, 30):
+        line.sample(b + 60 * minute, 1, made=60)
+    for minute in range(-30, 40):  # the clock an hour back: 13:30 again, then on
+        line.sample(b + 60 * minute, 1, made=60)
+    ids = [m["counters"]["produced"]["shift_id"] for m in line.on("counters")]
+    assert ids[ids.index("2026-11-24/B"):] == ["2026-11-24/B"] * (len(ids) - ids.index("2026-11-24/B")), ids
+    assert line.on("counters")[-1]["counters"]["produced"]["shift"] == 60 * (30 + 70)

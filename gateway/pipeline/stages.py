@@ -22,6 +22,7 @@ from gateway.config import AlarmSection, CounterSection, Device, counter_bits
 from gateway.contract import Topics
 from gateway.counters import CounterRow
 from gateway.logs import fields
+from gateway.modbus_map import WIDTH
 from gateway.pipeline import shiftbook
 from gateway.pipeline.events import AlarmState, AlarmWatch, StateWatch
 from gateway.pipeline.modelnotes import OutOfModel, Recommission
@@ -51,6 +52,9 @@ class Counting:
         self.scored = scored
         self._counters_topic = topics.counters(device.name)
         self._bits = {c.name: counter_bits(device, c) for c in device.counters}  # once, not per sample
+        signed = {r.name: WIDTH[r.type] * 16 for r in getattr(device, "registers", ())
+                  if r.type in ("int16", "int32") and r.bit is None and r.scale == 1 and r.offset == 0}
+        self._signed = {c.name: signed[c.register] for c in device.counters if c.register in signed}
         self._shift_topic = topics.shift(device.name)
         self._oee_topic = topics.oee(device.name)
         self.gap_limit = max(3 * device.interval, 5.0)
@@ -122,15 +126,18 @@ class Counting:
         self.changed = False
 
     def _count(self, sample: Sample) -> None:
-        shift = self.shifts.at(sample.ts)
-        shift_id = shift.id if shift else None
-        name = self.device.name
+        # The shift the book is in (after `observe`), not the calendar's at the sample's time: the box's clock stepped
+        # back an hour (NTP) put the counts back into the shift already closed, and out of every shift record.
+        shift_id = self.book.current.shift_id if self.book.current is not None else None
         for counter in self.device.counters:
             bits = self._bits[counter.name]
-            raw = counters.raw_value(sample.values.get(counter.register), bits)
+            value = sample.values.get(counter.register)
+            if value is not None and value < 0 and counter.name in self._signed:
+                value += 1 << self._signed[counter.name]  # an INT register's counter past its top reads negative
+            raw = counters.raw_value(value, bits)
             if raw is None:
-                self._problem(counter, f"register {counter.register} gave no valid {bits}-bit counter "
-                                       f"value ({sample.values.get(counter.register)!r})")
+                self._problem(counter, f"register {counter.register} gave no valid {bits}-bit counter value",
+                              f" ({value!r})")
                 continue
             self._problem(counter, None)
             previous = self.rows.get(counter.name)
@@ -142,7 +149,7 @@ class Counting:
                     previous.total, previous.shift_total, previous.shift_id):
                 self.changed = True
             self.rows[counter.name] = row
-            self.outbox.stage_counter(name, counter.name, row)
+            self.outbox.stage_counter(self.device.name, counter.name, row)
 
     def _close(self, closed: list[ShiftRecord]) -> None:
         name = self.device.name
@@ -193,14 +200,15 @@ class Counting:
                             "counts), not counted (%d glitch(es) so far)", name, counter.name, at,
                             previous.last_raw, raw, glitches, extra=extra)
 
-    def _problem(self, counter: CounterSection, problem: str | None) -> None:
-        """Logged once when a counter stops counting, once when it counts again."""
+    def _problem(self, counter: CounterSection, problem: str | None, detail: str = "") -> None:
+        """Logged once when a counter stops counting (not again for another value: `detail`), once when it counts
+        again."""
         name = counter.name
         if self._problems.get(name) == problem:
             return
         device = self.device.name
         if problem:
-            log.warning("device %s: counter %s not updated: %s", device, name, problem,
+            log.warning("device %s: counter %s not updated: %s%s", device, name, problem, detail,
                         extra=fields(device, "counter_bad", counter=name))
             self._problems[name] = problem
         elif self._problems.pop(name, None) is not None:
