@@ -21,6 +21,7 @@ from typing import Any
 
 from gateway.config import AlarmSection
 from gateway.config.schema import MACHINE_STATES
+from gateway.pipeline.shiftbook import ReasonCode, is_code
 from gateway.store.outbox import restore
 
 
@@ -29,10 +30,12 @@ class MachineState:
     """The machine state the last sample showed, since when, and the stop reason code then."""
     state: str | None = None
     since: float | None = None
-    reason: int | None = None
+    reason: ReasonCode | None = None
 
     def damage(self) -> str | None:
-        """What `restore` must not take up besides the types: a state no sample derives."""
+        """What `restore` must not take up besides the types: a state no sample derives, a reason no code."""
+        if self.reason is not None and not is_code(self.reason):
+            return f"reason: {str(self.reason)[:40]}"
         return None if self.state in (None, *MACHINE_STATES, "unknown") else f"state: {self.state[:40]!r}"
 
 
@@ -49,7 +52,7 @@ class StateWatch:
     def __init__(self, saved: dict[str, Any] | None = None, device: str | None = None) -> None:
         self.current = restore(MachineState, saved, device, "machine state") or MachineState()
 
-    def observe(self, ts: float, state: str, reason: int | None) -> StateChange | None:
+    def observe(self, ts: float, state: str, reason: ReasonCode | None) -> StateChange | None:
         """The state derived from this sample (as the shift book derives it); a change when it differs."""
         cur = self.current
         if state == cur.state:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NewType
 
 from gateway.config import OeeSection
 from gateway.contract import CounterSpec, Payload, ShiftFacts
@@ -22,6 +22,11 @@ from gateway.shifts import Shift, ShiftCalendar
 from gateway.store.outbox import restore
 
 STATES = ("running", "idle", "down", "planned_stop", "unknown")
+# A stop reason code: any whole number the PLC's reason register shows but 0 ("none given"), negative ones too (an
+# int16 register's -1 is a common "none", but the register and its codes are the user's). Its own type because
+# `restore` takes a record's int as a count (0 and up): the records check their codes themselves (`is_code`).
+ReasonCode = NewType("ReasonCode", int)
+MAX_CODE = 2**53 - 1  # beyond it a register's float (and JSON) no longer holds every whole number
 MAX_MISSED = 21  # a week of three shifts; beyond that one line in the log says how many more
 
 
@@ -38,7 +43,7 @@ class ShiftRecord:
     missed: bool = False
     anomaly_s: float = 0.0  # observed time inside an anomaly event
     in_anomaly: bool = False
-    last_reason: int | None = None  # the stop reason code at the last sample (None: no code)
+    last_reason: ReasonCode | None = None  # the stop reason code at the last sample (None: no code)
     down_by_reason: dict[str, float] = field(default_factory=dict)  # seconds down, by reason code ("none")
     active_alarms: list[str] = field(default_factory=list)
     alarm_s: dict[str, float] = field(default_factory=dict)  # observed seconds each alarm was active
@@ -51,8 +56,9 @@ class ShiftRecord:
             return f"state_s: {sorted(self.state_s)[:6]}"
         if self.last_state not in (None, *STATES):
             return f"last_state: {self.last_state[:40]!r}"
-        if (bad := next((k for k in self.down_by_reason if k != "none" and not (k.isascii() and k.isdigit())),
-                        None)) is not None:
+        if self.last_reason is not None and not is_code(self.last_reason):
+            return f"last_reason: {str(self.last_reason)[:40]}"
+        if (bad := next((k for k in self.down_by_reason if k != "none" and not _code_key(k)), None)) is not None:
             return f"down_by_reason: {bad[:40]!r}"
         return None if self.start <= self.end else "end before start"
 
@@ -78,11 +84,11 @@ class ShiftBook:
             return "unknown"
         return self.oee.states.get(int(value), "unknown")
 
-    def reason_of(self, value: float | None) -> int | None:
+    def reason_of(self, value: float | None) -> ReasonCode | None:
         """A stop reason register's value as a code (None: not a code, or 0: none given)."""
-        if value is None or not math.isfinite(value) or value != int(value) or int(value) == 0:
+        if value is None or not math.isfinite(value) or value != int(value) or not is_code(int(value)):
             return None
-        return int(value)
+        return ReasonCode(int(value))
 
     def observe(self, ts: float, status: float | None, reason: float | None = None) -> list[ShiftRecord]:
         """A sample at `ts` with the status (and stop reason) tags' values; returns the shifts this closed."""
@@ -171,6 +177,17 @@ class ShiftBook:
             rec.down_by_reason[key] = rec.down_by_reason.get(key, 0.0) + dt
         for name in rec.active_alarms:
             rec.alarm_s[name] = rec.alarm_s.get(name, 0.0) + dt
+
+
+def is_code(value: object) -> bool:
+    """Whether `value` is a stop reason code as `reason_of` gives one."""
+    return isinstance(value, int) and not isinstance(value, bool) and value != 0 and abs(value) <= MAX_CODE
+
+
+def _code_key(key: str) -> bool:
+    """Whether `key` of `down_by_reason` is a code as `_attribute` writes it ("-1", "31")."""
+    digits = key[1:] if key.startswith("-") else key
+    return digits.isascii() and digits.isdigit() and str(int(key)) == key and is_code(int(key))
 
 
 def figures(rec: ShiftFacts, specs: Iterable[CounterSpec], rows: Mapping[str, CounterRow],

@@ -169,3 +169,31 @@ def test_a_counter_moved_to_another_register_starts_from_a_baseline_there_not_a_
     said = [r.getMessage() for r in caplog.records if "counter defects" in r.getMessage()]
     assert said == [f"device line1: counter defects now reads register produced_raw instead of defects_raw: its "
                     f"first reading there is the new baseline; the total goes on from {before}"], said
+
+
+def test_a_negative_stop_reason_is_a_code_that_a_restart_reads_back(tmp_path, caplog):
+    """An attack pass: an int16 reason register showing -1 while the line was down was saved as code -1, then refused
+    at the restart as damage: the running shift started afresh (down 0 s, availability 1.0 after an hour down, and
+    partial) and the machine state too (a second state event, from `unknown`)."""
+    import logging
+
+    from tests.pipeline.test_events import Line as ReasonLine
+    from tests.pipeline.test_events import minutes
+
+    line = ReasonLine(tmp_path / "g.db")
+    t = minutes(line, utc("2026-11-24T05:00:00"), 60, 1, made=100)  # 06:00 local, shift A: an hour running
+    t = minutes(line, t, 60, 3, reason=-1)  # an hour down, the reason register at -1
+    with caplog.at_level(logging.WARNING):
+        line.restart()
+    assert not [r.getMessage() for r in caplog.records if "damaged" in r.getMessage()]
+    minutes(line, t, 6 * 60 + 1, 1, made=100)  # on to 14:00 local: A closes
+    a = line.shifts()[0]
+    assert a["shift_id"] == "2026-11-24/A" and a["partial"] is False
+    assert a["state_s"]["down"] == 3600 and a["availability"] == 0.875
+    assert a["downtime_by_reason"] == [{"code": -1, "reason": None, "seconds": 3600.0}]
+    states = line.on("state")
+    assert [(s["previous"], s["state"]) for s in states] == [(None, "running"), ("running", "down"),
+                                                             ("down", "running")]
+    assert states[1]["reason"] == {"code": -1, "text": None}
+    assert states[2]["previous_duration_s"] == 3600.0
+    line.close()
