@@ -98,8 +98,10 @@ class ShiftBook:
             return closed  # from before the last sample (a clock set back): the book's time only goes forward
         if rec.last_ts is not None and 0 < ts - rec.last_ts <= self.gap_limit:
             self._attribute(rec, ts - rec.last_ts)
-        rec.last_ts, rec.last_state = ts, self.state_of(status)
-        rec.last_reason = self.reason_of(reason) if rec.last_state != "running" else None
+        rec.last_ts = ts
+        if status is not None or rec.last_state is None:  # a status that could not be read changes nothing
+            rec.last_state = self.state_of(status)
+            rec.last_reason = self.reason_of(reason) if rec.last_state != "running" else None
         self.changed = True
         return closed
 

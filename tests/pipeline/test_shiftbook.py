@@ -197,3 +197,19 @@ def test_a_negative_stop_reason_is_a_code_that_a_restart_reads_back(tmp_path, ca
     assert states[1]["reason"] == {"code": -1, "text": None}
     assert states[2]["previous_duration_s"] == 3600.0
     line.close()
+
+
+def test_a_status_that_could_not_be_read_changes_nothing(tmp_path):
+    """An attack pass: one bad read of the status tag booked the minute after it as `unknown`, while the state topic
+    (rightly) kept `running`: the shift's time took the bad read as a state."""
+    from gateway.sample import ERROR, OK, Sample
+
+    line = Line(tmp_path / "g.db")
+    t = run_minutes(line, utc("2026-11-24T05:00:00"), 300, per_minute=100)  # 06:00 local, shift A
+    values = {"machine_status": None, "stop_reason": 0.0, "produced_raw": float(line.produced), "defects_raw": 0.0}
+    line.runner.process(Sample("line1", t, values, {tag: OK if v is not None else ERROR for tag, v in values.items()}))
+    run_minutes(line, t + 60, 180, per_minute=100)  # on to 14:00 local: A closes
+    a = line.shifts()[0]
+    assert a["state_s"]["running"] == 8 * 3600 and a["state_s"]["unknown"] == 0 and a["availability"] == 1.0
+    assert [(s["previous"], s["state"]) for s in line.on("state")] == [(None, "running")]
+    line.close()
