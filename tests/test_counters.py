@@ -302,3 +302,39 @@ def test_counts_after_the_clock_steps_back_stay_in_the_running_shift(tmp_path):
     ids = [m["counters"]["produced"]["shift_id"] for m in line.on("counters")]
     assert ids[ids.index("2026-11-24/B"):] == ["2026-11-24/B"] * (len(ids) - ids.index("2026-11-24/B")), ids
     assert line.on("counters")[-1]["counters"]["produced"]["shift"] == 60 * (30 + 70)
+
+
+def test_a_counter_whose_register_moves_under_the_same_name_starts_from_a_baseline_there(tmp_path, caplog):
+    """An attack pass: a reload moved register `cnt` from address 20 to 30, where the PLC held 900,000: 899,020 were
+    counted as production (the tag's name had not changed, and only the name was compared)."""
+    import logging
+
+    from gateway.sample import Sample
+
+    config = """
+gateway: {id: g, site: s}
+upstream: {host: h}
+devices:
+  - name: m1
+    source: modbus_tcp
+    host: 127.0.0.1
+    registers: [{name: cnt, address: 20, type: uint32}]
+    counters: [{name: made, register: cnt}]
+"""
+    t = 1_795_500_000.0
+    store, runner = _runner(tmp_path, config)
+    for i in range(3):
+        runner.process(Sample("m1", t + i, {"cnt": 1_000.0 + 10 * i}))
+    assert store.commit()
+    store.close()
+    with caplog.at_level(logging.WARNING):
+        store, runner = _runner(tmp_path, config.replace("address: 20", "address: 30"))
+        for i in range(3):
+            runner.process(Sample("m1", t + 10 + i, {"cnt": 900_000.0 + 10 * i}))
+    assert store.commit()
+    assert runner.counting.rows["made"].total == 20 + 20
+    said = [r.getMessage() for r in caplog.records]
+    assert said == ["device m1: counter made now reads register cnt (holding 30 uint32, 127.0.0.1:502 unit 1) instead "
+                    "of cnt (holding 20 uint32, 127.0.0.1:502 unit 1): its first reading there is the new baseline; "
+                    "the total goes on from 20"], said
+    store.close()

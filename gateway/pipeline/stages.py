@@ -18,7 +18,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from gateway import contract, counters, tagtypes
-from gateway.config import AlarmSection, CounterSection, Device, counter_bits
+from gateway.config import AlarmSection, CounterSection, Device, ModbusRtuDevice, ModbusTcpDevice, SimDevice, counter_bits
 from gateway.contract import Topics
 from gateway.counters import CounterRow
 from gateway.logs import fields
@@ -73,17 +73,22 @@ class Counting:
         the new register's first reading is a baseline, not a count or a PLC reset. The registers are kept in the
         device state, committed with the next messages."""
         name = self.device.name
-        registers = {c.name: c.register for c in self.device.counters}
+        registers = {c.name: _counter_source(self.device, c) for c in self.device.counters}
         saved = self.outbox.device_state(name, COUNTER_REGISTERS)
         for counter in self.device.counters:
             old = saved.get(counter.name) if isinstance(saved, dict) else None
             row = self.rows.get(counter.name)
-            if isinstance(old, str) and old != counter.register and row is not None and row.last_raw is not None:
+            # (a version before kept the tag's name alone: the same name is taken as the same register)
+            if isinstance(old, str) and old not in (registers[counter.name], counter.register) and row is not None \
+                    and row.last_raw is not None:
                 self.rows[counter.name] = replace(row, last_raw=None)
                 self.outbox.stage_counter(name, counter.name, self.rows[counter.name])  # with the registers: one commit
+                new, was = registers[counter.name], old
+                if old.split(" (")[0] != counter.register:  # another tag: named as the config names them
+                    new, was = counter.register, old.split(" (")[0]
                 log.warning("device %s: counter %s now reads register %s instead of %s: its first reading there is "
-                            "the new baseline; the total goes on from %d", name, counter.name, counter.register, old,
-                            row.total, extra=fields(name, "counter_moved", counter=counter.name))
+                            "the new baseline; the total goes on from %d", name, counter.name, new, was, row.total,
+                            extra=fields(name, "counter_moved", counter=counter.name))
         if saved != registers:
             self.outbox.stage_state(name, COUNTER_REGISTERS, registers)
 
@@ -214,6 +219,33 @@ class Counting:
         elif self._problems.pop(name, None) is not None:
             log.info("device %s: counter %s is counting again", device, name,
                      extra=fields(device, "counter_ok", counter=name))
+
+
+def _counter_source(device: Device, counter: CounterSection) -> str:
+    """Where a counter's raw value is read, as the journal names it: its tag, and the register, node or field and
+    the endpoint behind it. A reload that gives the tag another address, type or PLC (the name unchanged) moves the
+    counter: its old raw value is no baseline there (900,000 in the new register counted as production)."""
+    parts = [counter.register]
+    for reg in getattr(device, "registers", ()):
+        if reg.name == counter.register:
+            parts.append(f"{reg.table} {reg.address} {reg.type}" + (f" bit {reg.bit}" if reg.bit is not None else "")
+                         + ("" if (reg.word_order, reg.byte_order) == ("big", "big") else
+                            f" {reg.word_order}/{reg.byte_order}") + (f" x{reg.scale:g}" if reg.scale != 1 else "")
+                         + (f" {reg.offset:+g}" if reg.offset else ""))
+    for node in getattr(device, "nodes", ()):
+        if node.name == counter.register:
+            parts.append(node.node)
+    if (field := getattr(device, "fields", {}).get(counter.register)) is not None:
+        parts.append(f"field {field}")
+    serial = getattr(device, "serial", None)
+    where = getattr(device, "endpoint", None) or getattr(device, "topic", None) or (serial.port if serial else None)
+    if isinstance(device, ModbusTcpDevice):
+        where = f"{device.host}:{device.port or 502}"
+    if isinstance(device, (ModbusTcpDevice, ModbusRtuDevice)):
+        where = f"{where} unit {device.unit if device.unit is not None else 1}"
+    if isinstance(device, SimDevice):
+        where = f"sim {device.profile}"
+    return f"{parts[0]} ({', '.join([*parts[1:], where or ''])})" if len(parts) > 1 or where else parts[0]
 
 
 class Events:
