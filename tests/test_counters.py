@@ -338,3 +338,30 @@ devices:
                     "of cnt (holding 20 uint32, 127.0.0.1:502 unit 1): its first reading there is the new baseline; "
                     "the total goes on from 20"], said
     store.close()
+
+
+def test_a_gap_longer_than_a_wrap_at_the_top_rate_is_said(tmp_path, caplog):
+    """An attack pass: 200,000 counts on a 16-bit counter while the PLC was unread came through as 3,392, silently:
+    whole wraps show in no reading. That cannot be counted, but it is said."""
+    import logging
+
+    from gateway.sample import Sample
+
+    store, runner = _runner(tmp_path, """
+gateway: {id: g, site: s}
+upstream: {host: h}
+devices:
+  - name: m1
+    source: modbus_tcp
+    host: 127.0.0.1
+    registers: [{name: cnt, address: 0, type: uint16}]
+    counters: [{name: made, register: cnt, max_rate: 17}]
+""")
+    t = 1_795_500_000.0
+    with caplog.at_level(logging.WARNING):
+        for i, (at, raw) in enumerate([(0, 100), (60, 1_120), (120, 2_140), (12_000, 5_532), (12_060, 6_552)]):
+            runner.process(Sample("m1", t + at, {"cnt": float(raw)}))
+    said = [r.getMessage() for r in caplog.records]
+    assert said == ["device m1: counter made was not read for 11880s: at up to 17 counts/s it wraps every 3855s, so up "
+                    "to 3 whole wrap(s) of 65536 counts may be missing from its total, which no reading can show"], said
+    store.close()

@@ -150,6 +150,7 @@ class Counting:
                                          counter.max_rate)
             if previous is not None:
                 self._say(counter, previous, row, step, raw, bits, sample.ts)
+                self._unseen_wraps(counter, previous, bits, sample.ts)
             if previous is None or (row.total, row.shift_total, row.shift_id) != (
                     previous.total, previous.shift_total, previous.shift_id):
                 self.changed = True
@@ -204,6 +205,17 @@ class Counting:
                 log.warning("device %s: counter %s read raw %d once between %d and %d: a glitch (a bad read, not "
                             "counts), not counted (%d glitch(es) so far)", name, counter.name, at,
                             previous.last_raw, raw, glitches, extra=extra)
+
+    def _unseen_wraps(self, counter: CounterSection, previous: CounterRow, bits: int, ts: float) -> None:
+        """Unread for longer than the counter takes to wrap at its top rate (`max_rate`, else its pace lately): whole
+        wraps in between show in no reading, so counts may be missing. Said, with how many at most."""
+        rate, gap = counter.max_rate or previous.pace, ts - previous.updated
+        if previous.last_raw is None or previous.pending is not None or rate <= 0 or rate * gap < 1 << bits:
+            return
+        log.warning("device %s: counter %s was not read for %.0fs: at up to %.3g counts/s it wraps every %.0fs, so "
+                    "up to %d whole wrap(s) of %d counts may be missing from its total, which no reading can show",
+                    self.device.name, counter.name, gap, rate, (1 << bits) / rate, int(rate * gap) >> bits, 1 << bits,
+                    extra=fields(self.device.name, "counter_unseen_wraps", counter=counter.name))
 
     def _problem(self, counter: CounterSection, problem: str | None, detail: str = "") -> None:
         """Logged once when a counter stops counting (not again for another value: `detail`), once when it counts
