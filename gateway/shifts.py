@@ -1,7 +1,9 @@
 """Which shift a moment belongs to: shifts start at local wall-clock times in the site's zone.
 
 A shift runs from its start to the next shift's start, computed in local time and
-converted through zoneinfo, so a shift spanning a DST change lasts 7 or 9 hours.
+converted through zoneinfo, so a shift spanning a DST change lasts 7 or 9 hours. Shifts
+follow each other in the order of their UTC starts, which a skipped hour or day can make
+differ from the list's.
 """
 
 from __future__ import annotations
@@ -33,19 +35,20 @@ class ShiftCalendar:
         if not self._starts:
             return None
         now = datetime.fromtimestamp(ts, tz=timezone.utc)
-        local = now.astimezone(self.tz)
-        candidates = [(day, start, name) for day in (local.date() - timedelta(days=1), local.date())
-                      for start, name in self._starts]
-        begun = [c for c in candidates if self._utc(c[0], c[1]) <= now]
-        day, start, name = begun[-1]
-        index = candidates.index((day, start, name))
-        if index + 1 < len(candidates):
-            nday, nstart, _ = candidates[index + 1]
-        else:
-            nday, nstart = day + timedelta(days=1), self._starts[0][0]
-        return Shift(f"{day.isoformat()}/{name}", name, self._utc(day, start), self._utc(nday, nstart))
+        local = now.astimezone(self.tz).date()
+        # In order of their UTC starts, not of the list: a start inside a skipped hour (02:30 on the spring DST day)
+        # falls an hour later (03:30), after a 03:00 start. Two days back: a zone that skipped a whole local day
+        # (Pacific/Apia, 2011-12-30) has that day's starts at the next day's instants, all after `ts`.
+        days = [local + timedelta(days=d) for d in (-2, -1, 0, 1)]
+        starts = sorted((self._utc(day, start), day, start, name) for day in days for start, name in self._starts)
+        begun = max(i for i, (utc, *_) in enumerate(starts) if utc <= now)
+        begin, day, _, name = starts[begun]
+        # The next start later than this one (of two starts at one instant, the later local time runs).
+        end = next(utc for utc, *_ in starts[begun + 1:] if utc > begin)
+        return Shift(f"{day.isoformat()}/{name}", name, begin, end)
 
     def _utc(self, day: date, start: time) -> datetime:
         # Compared in UTC: aware datetimes sharing a tzinfo compare by wall time, which DST breaks.
-        # fold=0: a wall time that occurs twice (DST end) means its first occurrence.
+        # fold=0: a wall time that occurs twice (DST end) means its first occurrence; one that does not occur (DST
+        # start) comes the length of the gap later.
         return datetime.combine(day, start, tzinfo=self.tz).astimezone(timezone.utc)

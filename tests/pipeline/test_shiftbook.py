@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 
 import pytest
 
@@ -213,3 +214,28 @@ def test_a_status_that_could_not_be_read_changes_nothing(tmp_path):
     assert a["state_s"]["running"] == 8 * 3600 and a["state_s"]["unknown"] == 0 and a["availability"] == 1.0
     assert [(s["previous"], s["state"]) for s in line.on("state")] == [(None, "running")]
     line.close()
+
+
+@pytest.mark.parametrize("zone", ["Europe/Berlin", "Pacific/Apia", "Australia/Lord_Howe", "America/St_Johns"])
+def test_the_calendar_tiles_time_across_skipped_hours_and_a_skipped_day(zone):
+    """An attack pass: starts inside the skipped spring hour (02:30 and 03:00 in Berlin on 2026-03-29) gave shifts that
+    overlapped (A to 01:30Z, C from 01:00Z), `at` chose by the list's order, not by time; and a zone that skipped a
+    whole day (Pacific/Apia, 2011-12-30) raised IndexError. Every moment now has one shift, and they follow each other
+    without a gap or an overlap."""
+    from gateway.shifts import ShiftCalendar
+
+    for shifts in ([("A", "06:00"), ("B", "14:00"), ("C", "22:00")], [("A", "02:30"), ("B", "14:30")],
+                   [("A", "01:00"), ("B", "02:30"), ("C", "03:00"), ("D", "12:00")],
+                   [("A", "02:15"), ("B", "02:45"), ("C", "13:00")], [("N", "00:00")]):
+        calendar = ShiftCalendar(shifts, zone)
+        for day in ("2026-03-28", "2026-10-24", "2026-04-04", "2026-09-26", "2011-12-29"):
+            previous = None
+            for ts in range(int(utc(f"{day}T00:00:00")) - 86400, int(utc(f"{day}T00:00:00")) + 2 * 86400, 900):
+                shift = calendar.at(ts)
+                assert shift is not None and shift.start.timestamp() <= ts < shift.end.timestamp(), (shifts, ts)
+                assert shift.end - shift.start <= timedelta(hours=26), (shifts, shift)
+                if previous is not None and previous.id != shift.id:
+                    assert previous.end == shift.start, (shifts, previous, shift)
+                elif previous is not None:
+                    assert previous == shift, (shifts, previous, shift)
+                previous = shift
