@@ -239,3 +239,24 @@ def test_the_calendar_tiles_time_across_skipped_hours_and_a_skipped_day(zone):
                 elif previous is not None:
                     assert previous == shift, (shifts, previous, shift)
                 previous = shift
+
+
+def test_performance_and_oee_stay_at_most_one_after_an_outage(tmp_path):
+    """An attack pass: the PLC unreadable for 2 h while the line ran at its ideal rate: the pieces made then were the
+    shift's, its running time was not, and performance and OEE read 1.34."""
+    from gateway.sample import Sample
+
+    line = Line(tmp_path / "g.db")
+    t = utc("2026-11-24T05:00:00")  # 06:00 local, shift A
+    for minute in range(8 * 60 + 1):
+        line.produced += 120  # the ideal rate
+        if 120 <= minute < 240:
+            line.runner.process(Sample.failure("line1", t, ("machine_status", "produced_raw"), "timeout"))
+        else:
+            line.sample(t, 1)
+        t += 60
+    a = line.shifts()[0]
+    assert a["partial"] is True and a["observed_s"] < 6 * 3600 + 120
+    assert a["counters"]["produced"] > 120 * 7 * 60  # the outage's pieces are counted
+    assert a["performance"] == 1.0 and a["oee"] == 1.0
+    line.close()
