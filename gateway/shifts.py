@@ -8,6 +8,7 @@ differ from the list's.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta, timezone
 from zoneinfo import ZoneInfo
@@ -27,13 +28,40 @@ class ShiftCalendar:
         self.tz = ZoneInfo(tz)
         self._starts = sorted((time.fromisoformat(start), name) for name, start in shifts)
 
+        self._carried: Shift | None = None
+
     def __bool__(self) -> bool:
         return bool(self._starts)
+
+    def carry(self, shift: Shift, now: float, closed: Iterable[str] = ()) -> None:
+        """Take up `shift`, running at `now` under an earlier calendar (a reload or restart changed the shifts or
+        the zone), whose `closed` ids were published: it keeps its id and start, and ends where this calendar ends
+        it, else where it was to end; on over this calendar's shifts of the next two days whose id was published."""
+        if not self._starts or (self._carried is not None and self._carried.start > shift.start):
+            return  # (the shift of a device that has not read since the other devices' shift began)
+        day, _, name = shift.id.partition("/")
+        try:
+            own = next((self.at(self._utc(date.fromisoformat(day), start).timestamp()) for start, n in self._starts
+                        if n == name), None)
+        except ValueError:  # (not an id this calendar gives)
+            own = None
+        end = own.end if own is not None and own.id == shift.id and own.end.timestamp() > now else shift.end
+        taken, t = {*closed, shift.id}, end.timestamp()
+        while t < end.timestamp() + 2 * 86400:
+            later = self.at(t)
+            assert later is not None
+            if later.id in taken:
+                end = later.end
+            t = later.end.timestamp()
+        self._carried = Shift(shift.id, shift.name, shift.start, end)
 
     def at(self, ts: float) -> Shift | None:
         """The shift running at UNIX time `ts`, or None when no shifts are configured."""
         if not self._starts:
             return None
+        carried = self._carried
+        if carried is not None and carried.start.timestamp() <= ts < carried.end.timestamp():
+            return carried
         now = datetime.fromtimestamp(ts, tz=timezone.utc)
         local = now.astimezone(self.tz).date()
         # In order of their UTC starts, not of the list: a start inside a skipped hour (02:30 on the spring DST day)

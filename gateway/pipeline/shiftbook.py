@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from typing import Any, NewType
 
 from gateway.config import OeeSection
@@ -28,6 +29,7 @@ STATES = ("running", "idle", "down", "planned_stop", "unknown")
 ReasonCode = NewType("ReasonCode", int)
 MAX_CODE = 2**53 - 1  # beyond it a register's float (and JSON) no longer holds every whole number
 MAX_MISSED = 21  # a week of three shifts; beyond that one line in the log says how many more
+KEPT_IDS = 24  # closed shift ids the running shift's record keeps: more than two days of shifts, as a rule
 
 
 @dataclass
@@ -48,6 +50,7 @@ class ShiftRecord:
     active_alarms: list[str] = field(default_factory=list)
     alarm_s: dict[str, float] = field(default_factory=dict)  # observed seconds each alarm was active
     alarm_count: dict[str, int] = field(default_factory=dict)  # alarms started in this shift
+    closed_ids: list[str] = field(default_factory=list)  # the last shifts this book closed (`ShiftCalendar.carry`)
 
     def damage(self) -> str | None:
         """What `restore` must not take up besides the types: keys and states no sample writes, a shift that ends
@@ -78,6 +81,7 @@ class ShiftBook:
         self.gap_limit = gap_limit
         self.current = restore(ShiftRecord, record, device, "running shift")
         self.changed = False  # the record needs persisting
+        self._carried = False  # the running shift told to the calendar, which may be new (`tick`)
 
     def state_of(self, value: float | None) -> str:
         if self.oee is None or value is None or not math.isfinite(value) or value != int(value):
@@ -109,9 +113,14 @@ class ShiftBook:
         """Close the running shift if `now` is past its end (also with no sample: the device may be down)."""
         if not self.calendar:
             return []
+        rec = self.current
+        if not self._carried and rec is not None and not rec.missed and rec.start <= now < rec.end:
+            # A reload or restart may have changed the shifts or the zone: the running shift goes on (to where the
+            # new calendar ends it, else to its own end), and no shift this book closed is opened again.
+            self.calendar.carry(Shift(rec.shift_id, rec.name, _utc(rec.start), _utc(rec.end)), now, rec.closed_ids)
+        self._carried = True
         shift = self.calendar.at(now)
         assert shift is not None  # a calendar with shifts always has one running
-        rec = self.current
         start, end = shift.start.timestamp(), shift.end.timestamp()
         if rec is not None and rec.shift_id == shift.id and (rec.start, rec.end) != (start, end) and now >= rec.start:
             rec.start, rec.end = start, end  # its times changed in the config: it ends when the calendar now says
@@ -134,6 +143,7 @@ class ShiftBook:
             # calendar, from now: its time before was not watched as this shift).
             self.current.last_ts, self.current.last_state = (now if cut else start), rec.last_state
         if rec is not None:
+            self.current.closed_ids = [*rec.closed_ids, *(r.shift_id for r in closed)][-KEPT_IDS:]
             self.current.in_anomaly = rec.in_anomaly
             self.current.last_reason = rec.last_reason
             self.current.active_alarms = list(rec.active_alarms)
@@ -179,6 +189,10 @@ class ShiftBook:
             rec.down_by_reason[key] = rec.down_by_reason.get(key, 0.0) + dt
         for name in rec.active_alarms:
             rec.alarm_s[name] = rec.alarm_s.get(name, 0.0) + dt
+
+
+def _utc(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, tz=timezone.utc)
 
 
 def is_code(value: object) -> bool:

@@ -101,9 +101,12 @@ def test_a_clock_set_back_neither_closes_the_running_shift_nor_reopens_a_past_on
     line.close()
 
 
-def test_a_change_of_timezone_or_shift_times_ends_the_running_shift_now_and_never_in_the_future(tmp_path):
+def test_a_change_of_timezone_lets_the_running_shift_run_to_its_end_and_the_new_calendar_follow(tmp_path):
     """A fuzzing pass: a restart (or reload) with another timezone closed the running shift at its old end, hours
-    ahead, credited those hours as observed, and started the new shift observed from its start, hours before."""
+    ahead, credited those hours as observed, and started the new shift observed from its start, hours before. Then
+    the running shift was cut at the change, which opened a shift of the new calendar that could have been closed
+    already (a reload during B opened A again). Now the running shift runs to its end, and the new calendar's shift
+    of that moment follows it."""
     from tests.helpers import LINE_CONFIG
 
     line = Line(tmp_path / "g.db", defect_every=100)
@@ -111,17 +114,35 @@ def test_a_change_of_timezone_or_shift_times_ends_the_running_shift_now_and_neve
     line.close()
     tokyo = Line(tmp_path / "g.db", LINE_CONFIG.replace("Europe/Berlin", "Asia/Tokyo"), defect_every=100)
     tokyo.produced, tokyo.defects = line.produced, line.defects
-    t = run_minutes(tokyo, t, 60 * 4, per_minute=100)  # 23:00 Tokyo (shift C) .. 03:00, then a boundary at 06:00
-    t = run_minutes(tokyo, t, 60 * 4, per_minute=100)
-    shifts = tokyo.shifts()
-    assert [s["shift_id"] for s in shifts] == ["2026-11-24/B", "2026-11-24/C"]
-    b, c = shifts
-    assert b["end"] == "2026-11-24T14:00:00.000Z" and b["length_s"] == 3600 and b["observed_s"] == 3600
-    assert b["counters"]["produced"] == 5900  # (the first sample's count is the baseline)
-    # Tokyo's night shift began at 13:00Z; it was watched from 14:00Z to its end at 21:00Z: 7 of its 8 hours.
-    assert c["start"] == "2026-11-24T13:00:00.000Z" and c["end"] == "2026-11-24T21:00:00.000Z"
-    assert c["partial"] is True and c["observed_s"] == 7 * 3600
+    run_minutes(tokyo, t, 60 * 16, per_minute=100)  # to 07:00 Berlin, 15:00 Tokyo
+    b, a = tokyo.shifts()
+    assert b["shift_id"] == "2026-11-24/B" and b["end"] == "2026-11-24T21:00:00.000Z"
+    assert b["observed_s"] == 8 * 3600 and b["counters"]["produced"] == 47900  # (the first count is the baseline)
+    assert a["shift_id"] == "2026-11-25/A" and a["start"] == "2026-11-24T21:00:00.000Z"  # 06:00 Tokyo
+    assert a["observed_s"] == 8 * 3600 and a["counters"]["produced"] == 48000
     tokyo.close()
+
+
+def test_a_reload_that_moves_the_running_shift_opens_no_closed_shift_again(tmp_path):
+    """An attack pass: a reload at 15:00 moved B's start from 14:00 to 15:30: B was cut after an hour and A, closed at
+    14:00, was opened again and closed at 15:30 (an MES keyed on shift_id lost A's figures). Now B goes on, to where
+    the new calendar ends it."""
+    from tests.helpers import LINE_CONFIG
+
+    line = Line(tmp_path / "g.db", defect_every=100)
+    t = run_minutes(line, utc("2026-11-24T05:00:00"), 9 * 60, per_minute=100)  # 06:00..15:00 Berlin
+    line.close()
+    moved = Line(tmp_path / "g.db", LINE_CONFIG.replace('start: "14:00"', 'start: "15:30"'), defect_every=100)
+    moved.produced, moved.defects = line.produced, line.defects
+    run_minutes(moved, t, 60 * 8, per_minute=100)  # to 23:00 Berlin
+    a, b = line.shifts() + moved.shifts()
+    assert a["shift_id"] == "2026-11-24/A" and a["end"] == "2026-11-24T13:00:00.000Z"
+    assert b["shift_id"] == "2026-11-24/B" and b["start"] == "2026-11-24T13:00:00.000Z"
+    assert b["end"] == "2026-11-24T21:00:00.000Z" and b["observed_s"] == 8 * 3600 and b["partial"] is False
+    assert b["counters"]["produced"] == 8 * 60 * 100  # the counters went on in B too
+    assert [m["counters"]["produced"]["shift_id"] for m in moved.on("counters")][-1] == "2026-11-24/C"
+    assert "2026-11-24/A" not in {m["counters"]["produced"]["shift_id"] for m in moved.on("counters")}
+    moved.close()
 
 
 def test_shift_times_changed_while_a_shift_runs_end_it_at_its_new_end(tmp_path):
