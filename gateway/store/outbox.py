@@ -700,14 +700,54 @@ def _fits(value: object, hint: Any) -> bool:
 WAL_LIMIT = 1 << 20  # bytes the WAL file keeps after a checkpoint resets it
 
 
+class StoreUnavailable(sqlite3.OperationalError):
+    """The outbox file cannot be opened now (a full disk, an I/O error, a lock another process holds, no right to
+    write it), though nothing says that it is damaged: it is left where it is, with its backlog, for a later start."""
+
+
+# What SQLite says of a file that is not a database or whose pages make no sense (primary result codes): only
+# these move a file aside. The texts are for a Python without `sqlite_errorcode` (before 3.11).
+CORRUPT_CODES = (11, 26)  # SQLITE_CORRUPT, SQLITE_NOTADB
+CORRUPT_TEXTS = ("database disk image is malformed", "file is not a database", "file is encrypted or is not a database")
+
+
+def corrupt(err: sqlite3.Error) -> bool:
+    """Whether `err` says that the file is damaged, rather than that it cannot be read or written now."""
+    code = getattr(err, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in CORRUPT_CODES
+    return any(text in str(err) for text in CORRUPT_TEXTS)
+
+
+def _unavailable(path: str, err: sqlite3.Error) -> StoreUnavailable:
+    """`err` at open, said with its cause: the result code, and the space left where a full disk may be why."""
+    name = getattr(err, "sqlite_errorname", None)
+    code = (getattr(err, "sqlite_errorcode", None) or 0) & 0xFF
+    why = [name] if name else []
+    try:
+        st = os.statvfs(os.path.dirname(os.path.abspath(path)))
+        free = st.f_bavail * st.f_frsize
+    except OSError:
+        free = None
+    if code == 13 or (code == 10 and free is not None and free < 64 * 1024):  # SQLITE_FULL; SQLITE_IOERR
+        why.append(f"the disk is full: {free} bytes free" if free is not None else "the disk is full")
+    elif code in (5, 6):  # SQLITE_BUSY, SQLITE_LOCKED
+        why.append("another process holds a lock on it, such as an sqlite3 shell or a backup")
+    elif code == 8:  # SQLITE_READONLY
+        why.append("it may not be written (a read-only file or file system)")
+    cause = f" ({'; '.join(why)})" if why else ""
+    return StoreUnavailable(f"{path}: {err}{cause}; the file is left as it is, with what it holds")
+
+
 def _open(path: str, sync: str) -> sqlite3.Connection:
-    """Open (or create) the store; a file that is not a readable database is moved aside."""
+    """Open (or create) the store; a file that is not a database, or a damaged one, is moved aside. Raises
+    StoreUnavailable when it cannot be opened for another reason (a full disk, a lock): that file is kept."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     try:
         return _connect(path, sync)
     except sqlite3.DatabaseError as err:
-        if isinstance(err, sqlite3.OperationalError) and "unable to open" in str(err):
-            raise
+        if not corrupt(err):
+            raise _unavailable(path, err) from err
         aside = f"{path}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}"
         log.error("store %s is unreadable (%s): moved aside to %s, starting a new one", path, err, aside)
         for suffix in ("", "-wal", "-shm"):

@@ -261,3 +261,77 @@ def test_an_outbox_behind_the_state_files_seq_goes_on_above_it_never_giving_a_se
 
     (data / "state.json").write_text('{"seq": {"last": "x", "floor": 1e300}}')
     assert report.saved_seq(str(data)) is None
+
+
+def _fill(directory) -> None:
+    """Write zeros into `directory` until its file system refuses more."""
+    fd = os.open(os.path.join(directory, "filler"), os.O_WRONLY | os.O_CREAT)
+    try:
+        while True:
+            os.write(fd, b"\0" * 65536)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MiB tmpfs (root only), unmounted afterwards."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)]).returncode:
+        pytest.skip("needs root to mount a small tmpfs")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+def test_a_good_outbox_on_a_full_disk_at_open_is_kept_with_its_backlog(small_disk):
+    """An attack pass: a gateway started on a full disk took the good outbox for corrupt ('disk I/O error') and
+    moved it aside, so its whole backlog (282 messages) was never sent. Only damage moves a file aside now; a full
+    disk fails the open naming why (the daemon exits 73), and once space is back every message is there."""
+    from gateway.store.outbox import StoreUnavailable
+
+    path = str(small_disk / "gateway.db")
+    store = Outbox.open(path)
+    for i in range(282):
+        store.stage("root/pump1/telemetry", {"i": i})
+    assert store.commit()
+    store.close()  # the WAL and the shared memory go with the last connection
+    assert sorted(os.listdir(small_disk)) == ["gateway.db"]
+    _fill(small_disk)
+    with pytest.raises(StoreUnavailable) as failed:
+        Outbox.open(path)
+    assert "the disk is full: 0 bytes free" in str(failed.value) and "left as it is" in str(failed.value)
+    assert not [name for name in os.listdir(small_disk) if "corrupt" in name]
+    os.remove(small_disk / "filler")
+    store = Outbox.open(path)
+    assert [m["i"] for m in payloads(store)] == list(range(282))
+    store.close()
+
+
+def test_an_outbox_locked_by_another_process_at_open_is_kept(tmp_path):
+    """An attack pass: an operator's sqlite3 shell holding a write lock on the outbox (in rollback-journal mode, as a
+    restored backup is) while the gateway started: 'database is locked' had it moved aside as corrupt."""
+    import sqlite3
+
+    from gateway.store.outbox import StoreUnavailable
+
+    path = str(tmp_path / "gateway.db")
+    store = Outbox.open(path)
+    for i in range(3):
+        store.stage("root/pump1/telemetry", {"i": i})
+    assert store.commit()
+    store.close()
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("PRAGMA journal_mode = DELETE")
+    other.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(StoreUnavailable) as failed:
+            Outbox.open(path)
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert "database is locked" in str(failed.value) and "another process holds a lock" in str(failed.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gateway.db"]
+    assert [m["i"] for m in payloads(Outbox.open(path))] == [0, 1, 2]
