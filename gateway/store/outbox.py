@@ -34,6 +34,8 @@ from typing import IO, Any, TypeVar
 from gateway import contract, datadir
 from gateway.counters import MAX_TOTAL, CounterRow, total_of
 from gateway.logs import fields
+from gateway.store import salvage
+from gateway.store.salvage import corrupt
 from gateway.units import LAST_INSTANT, instant
 
 log = logging.getLogger("edge_gateway.store.outbox")
@@ -71,6 +73,18 @@ CREATE TABLE IF NOT EXISTS counter_audit (
     by_user TEXT NOT NULL
 );
 """
+
+
+def _columns() -> dict[str, list[str]]:
+    db = sqlite3.connect(":memory:")
+    db.executescript(SCHEMA)
+    tables = [row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+    columns = {t: [row[1] for row in db.execute(f"PRAGMA table_info({t})")] for t in tables}
+    db.close()
+    return columns
+
+
+COLUMNS = _columns()  # each table's columns, as SCHEMA writes them
 # Messages kept in memory while the disk refuses writes (disk full, I/O error).
 PENDING_LIMIT = 50_000
 # How the group commit spaces commits. A commit blocks the event loop (an fsync with `sync: full`):
@@ -165,15 +179,88 @@ class Outbox:
 
     @classmethod
     def open(cls, path: str, *, bounds: Bounds | None = None, sync: str = "normal") -> Outbox:
-        """Open (or create) the outbox file: seq, counts and drops as they were left."""
-        outbox = cls(_open(path, sync), path, bounds)
-        outbox.stats.messages, outbox.stats.bytes = outbox._repair()
-        outbox._reload_topics()
-        db = outbox._db
-        outbox.last_seq = max(outbox._meta("last_seq"), db.execute("SELECT coalesce(max(seq), 0) FROM outbox").fetchone()[0])
-        outbox._written_seq = outbox.last_seq
-        outbox.stats.dropped = outbox._meta("dropped")
+        """Open (or create) the outbox file: seq, counts and drops as they were left. A damaged file (`corrupt`:
+        found so anywhere while opening) is moved aside and a new one takes what can be read of it; StoreUnavailable
+        when the file cannot be opened for another reason (a full disk, a lock): that file is kept."""
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        try:
+            return cls._load(path, bounds, sync)
+        except sqlite3.DatabaseError as err:
+            if not corrupt(err):
+                raise _unavailable(path, err) from err
+            damage = err
+        aside = f"{path}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}"
+        _move(path, aside)
+        try:
+            outbox = cls._load(path, bounds, sync)
+            try:
+                taken = outbox._take_in(aside)
+            except BaseException:
+                outbox._db.close()
+                raise
+        except sqlite3.Error as err:
+            # The damaged file is put back, so that the next start reads it again rather than an empty new one.
+            for suffix in ("", "-wal", "-shm"):
+                if os.path.exists(path + suffix):
+                    os.remove(path + suffix)
+            _move(aside, path)
+            raise _unavailable(path, err) from err
+        log.error("outbox %s is unreadable (%s): moved aside to %s; a new one is started with %s", path, damage, aside,
+                  taken, extra=fields(None, "state_unreadable"))
         return outbox
+
+    @classmethod
+    def _load(cls, path: str, bounds: Bounds | None, sync: str) -> Outbox:
+        db = _connect(path, sync)
+        try:
+            outbox = cls(db, path, bounds)
+            outbox.stats.messages, outbox.stats.bytes = outbox._repair()
+            outbox._reload_topics()
+            outbox.last_seq = max(outbox._meta("last_seq"),
+                                  db.execute("SELECT coalesce(max(seq), 0) FROM outbox").fetchone()[0])
+            outbox._written_seq = outbox.last_seq
+            outbox.stats.dropped = outbox._meta("dropped")
+            # The small tables read whole once, so that damage in them is found here, not by a sample later.
+            for table in ("meta", "topics", "counters", "shifts", "device_state"):
+                db.execute(f"SELECT * FROM {table}").fetchall()
+        except BaseException:
+            db.close()
+            raise
+        return outbox
+
+    def _take_in(self, aside: str) -> str:
+        """Write what can be read of the damaged file `aside` into this (new) outbox; say what, and what was lost."""
+        found = salvage.read(aside, COLUMNS)
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for table, rows in found.rows.items():
+                if rows:
+                    marks = ", ".join("?" * len(COLUMNS[table]))
+                    db.executemany(f"INSERT OR REPLACE INTO {table} ({', '.join(COLUMNS[table])}) VALUES ({marks})",
+                                   rows)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        self.stats.messages, self.stats.bytes = self._repair()  # a message whose topic row was lost is a drop
+        self._reload_topics()
+        self.last_seq = self._written_seq = max(self._meta("last_seq"), db.execute(
+            "SELECT coalesce(max(seq), 0) FROM outbox").fetchone()[0])
+        self.stats.dropped = self._meta("dropped")
+        if found.unreadable is not None or not any(found.rows.values()):
+            return f"nothing of it: {found.unreadable or 'none of its rows can be read'}; what it held is lost"
+        messages = found.rows.get("outbox", [])
+        said = [f"{len(messages)} message(s)" + (f", seq {messages[0][0]} to {messages[-1][0]}" if messages else ""),
+                f"{len(found.rows.get('counters', []))} counter(s)"]
+        lost = []
+        for table, (first, last) in found.lost.items():
+            what = "seq" if table == "outbox" else f"{table} rows"
+            lost.append(f"{what} {first} to {last}" if last is not None else f"{what} from {first} on")
+        wal = " (its -wal is another database's: read without it, so its commits since the last checkpoint are " \
+              "lost)" if found.without_wal else ""
+        return f"what could be read of it{wal}: {', '.join(said)}" + (
+            f"; unreadable, so lost: {'; '.join(lost)}" if lost else "; nothing else was lost")
 
     def _repair(self) -> tuple[int, int]:
         """Take out what the gateway never writes (a file damaged or edited by hand), which would fail the uplink at
@@ -705,20 +792,6 @@ class StoreUnavailable(sqlite3.OperationalError):
     write it), though nothing says that it is damaged: it is left where it is, with its backlog, for a later start."""
 
 
-# What SQLite says of a file that is not a database or whose pages make no sense (primary result codes): only
-# these move a file aside. The texts are for a Python without `sqlite_errorcode` (before 3.11).
-CORRUPT_CODES = (11, 26)  # SQLITE_CORRUPT, SQLITE_NOTADB
-CORRUPT_TEXTS = ("database disk image is malformed", "file is not a database", "file is encrypted or is not a database")
-
-
-def corrupt(err: sqlite3.Error) -> bool:
-    """Whether `err` says that the file is damaged, rather than that it cannot be read or written now."""
-    code = getattr(err, "sqlite_errorcode", None)
-    if code is not None:
-        return code & 0xFF in CORRUPT_CODES
-    return any(text in str(err) for text in CORRUPT_TEXTS)
-
-
 def _unavailable(path: str, err: sqlite3.Error) -> StoreUnavailable:
     """`err` at open, said with its cause: the result code, and the space left where a full disk may be why."""
     name = getattr(err, "sqlite_errorname", None)
@@ -739,24 +812,22 @@ def _unavailable(path: str, err: sqlite3.Error) -> StoreUnavailable:
     return StoreUnavailable(f"{path}: {err}{cause}; the file is left as it is, with what it holds")
 
 
-def _open(path: str, sync: str) -> sqlite3.Connection:
-    """Open (or create) the store; a file that is not a database, or a damaged one, is moved aside. Raises
-    StoreUnavailable when it cannot be opened for another reason (a full disk, a lock): that file is kept."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    try:
-        return _connect(path, sync)
-    except sqlite3.DatabaseError as err:
-        if not corrupt(err):
-            raise _unavailable(path, err) from err
-        aside = f"{path}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}"
-        log.error("store %s is unreadable (%s): moved aside to %s, starting a new one", path, err, aside)
-        for suffix in ("", "-wal", "-shm"):
-            if os.path.exists(path + suffix):
-                os.replace(path + suffix, aside + suffix)
-        return _connect(path, sync)
+def _move(path: str, to: str) -> None:
+    """Move the file `path` and its -wal and -shm to `to` (and its suffixes)."""
+    for suffix in ("", "-wal", "-shm"):
+        if os.path.exists(path + suffix):
+            os.replace(path + suffix, to + suffix)
 
 
 def _connect(path: str, sync: str) -> sqlite3.Connection:
+    if os.path.exists(path):
+        # Its tables are checked read-only first: a connection that may write moves the WAL into the file when it
+        # closes, and another database's WAL would then be in the outbox's file for good.
+        ro = sqlite3.connect(salvage.uri(path, "mode=ro"), uri=True)
+        try:
+            salvage.check(ro, COLUMNS)
+        finally:
+            ro.close()
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     try:
         db.execute("PRAGMA journal_mode = WAL")

@@ -335,3 +335,63 @@ def test_an_outbox_locked_by_another_process_at_open_is_kept(tmp_path):
     assert "database is locked" in str(failed.value) and "another process holds a lock" in str(failed.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gateway.db"]
     assert [m["i"] for m in payloads(Outbox.open(path))] == [0, 1, 2]
+
+
+def test_a_damaged_page_moves_the_file_aside_and_the_new_one_takes_every_row_that_can_be_read(tmp_path, caplog):
+    """An attack pass: bytes of a page flipped made every start fail 'database disk image is malformed' (exit 73,
+    nothing moved aside), a restart loop that collected nothing. SQLITE_CORRUPT anywhere in the open is damage now:
+    the file is moved aside, the new one takes every row that can be read (before and after the bad page, the
+    counters), the log says which seqs are lost, and numbering goes on above the last."""
+    path = str(tmp_path / "g.db")
+    store = Outbox.open(path)
+    store.stage_counter("line1", "produced", CounterRow(10, 123, 4, "2026-11-24/A", 1.0))
+    for i in range(2000):
+        store.stage("root/pump1/telemetry", {"i": i, "pad": "x" * 80})
+    assert store.commit()
+    store.close()
+    pages = os.path.getsize(path) // 4096
+    with open(path, "r+b") as f:  # a page of messages halfway: its header is no b-tree page's any more
+        f.seek(pages // 2 * 4096)
+        f.write(b"\xff" * 8)
+    store = Outbox.open(path)
+    seqs = [m.seq for m in store.fetch(0, 10**6)]
+    said = [r.getMessage() for r in caplog.records if "is unreadable" in r.getMessage()]
+    assert len(said) == 1 and "database disk image is malformed" in said[0] and "moved aside to" in said[0], said
+    first_lost, last_lost = (int(n) for n in said[0].split("lost: seq ")[1].split(" to "))
+    assert 1 < first_lost <= last_lost < 2000 and last_lost - first_lost < 100
+    assert seqs == [s for s in range(1, 2001) if not first_lost <= s <= last_lost]
+    assert f"{len(seqs)} message(s), seq 1 to 2000, 1 counter(s)" in said[0]
+    assert store.counters()[("line1", "produced")].total == 123
+    assert store.stats.messages == len(seqs) and store.stage("root/pump1/telemetry", {}) == 2001
+    assert store.commit()
+    store.close()
+    assert [p for p in os.listdir(tmp_path) if p.startswith("g.db.corrupt-") and not p.endswith(("-wal", "-shm"))]
+
+
+def test_a_wal_of_another_database_is_found_at_open_and_the_outbox_read_without_it(tmp_path, caplog):
+    """An attack pass: another database's -wal next to the outbox was applied at open, its table 'outbox' took the
+    outbox's place, and every start failed 'no such column: payload'. The outbox's tables are checked at open: not
+    the outbox's is damage, moved aside, and what the file held at its last checkpoint is taken (the WAL ignored)."""
+    import shutil
+    import sqlite3
+
+    path = str(tmp_path / "g.db")
+    store = Outbox.open(path)
+    for i in range(5):
+        store.stage("root/pump1/telemetry", {"i": i})
+    assert store.commit()
+    store.close()  # checkpointed: the file holds all five
+    other = sqlite3.connect(tmp_path / "other.db")
+    other.execute("PRAGMA journal_mode = WAL")
+    other.execute("PRAGMA wal_autocheckpoint = 0")
+    other.execute("CREATE TABLE outbox (x)")
+    other.executemany("INSERT INTO outbox VALUES (?)", [(i,) for i in range(1000)])
+    other.commit()
+    shutil.copy(tmp_path / "other.db-wal", path + "-wal")
+    other.close()
+    store = Outbox.open(path)
+    assert [m["i"] for m in payloads(store)] == [0, 1, 2, 3, 4] and store.last_seq == 5
+    said = [r.getMessage() for r in caplog.records if "is unreadable" in r.getMessage()]
+    assert len(said) == 1 and "its table outbox is not the outbox's (columns x)" in said[0], said
+    assert "its -wal is another database's" in said[0] and "5 message(s), seq 1 to 5" in said[0]
+    store.close()
