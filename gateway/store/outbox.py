@@ -36,7 +36,7 @@ from gateway.counters import MAX_TOTAL, CounterRow, total_of
 from gateway.logs import fields
 from gateway.store import salvage
 from gateway.store.salvage import corrupt
-from gateway.units import LAST_INSTANT, instant
+from gateway.units import LAST_INSTANT, duration_text, instant
 
 log = logging.getLogger("edge_gateway.store.outbox")
 
@@ -146,7 +146,8 @@ class Stats:
     committed: int = 0
     write_errors: int = 0
     last_error: str | None = None
-    drop_episode: list[list[int]] = field(default_factory=list)  # [first, last] ranges of seq dropped this episode
+    # Per why ("full", "expired"): [first, last] ranges of seq dropped this episode.
+    drop_episodes: dict[str, list[list[int]]] = field(default_factory=dict)
 
 
 class Outbox:
@@ -176,6 +177,9 @@ class Outbox:
         self._written_seq = 0  # the highest seq written by an earlier commit (or found at open)
         # Rung by the first message staged after a commit (see `commit_loop`); not per message.
         self.on_stage: Callable[[], None] | None = None
+        # How long a message has waited is measured by this clock from the open on (see `_age_now`).
+        self.clock: Callable[[], float] = time.monotonic
+        self._opened = (time.time(), self.clock())
 
     @classmethod
     def open(cls, path: str, *, bounds: Bounds | None = None, sync: str = "normal") -> Outbox:
@@ -426,29 +430,41 @@ class Outbox:
             victim = self._pending.pop()
         else:
             victim = self._pending.pop(0)
-        self._count_drop(victim.seq)
+        self._count_drop(victim.seq, "full")
         self._pending_dropped += 1
 
-    def _count_drop(self, seq: int) -> None:
-        ranges = self.stats.drop_episode
+    def _count_drop(self, seq: int, why: str) -> None:
+        """Count `seq` as dropped because the outbox was full, or because it `expired` (older than max_age)."""
+        ranges = self.stats.drop_episodes.setdefault(why, [])
         if not ranges:
-            log.warning("outbox full: dropping messages (when_full: %s), first seq dropped %d",
-                        self.bounds.when_full, seq, extra=fields(event="outbox_drop", seq=seq))
+            if why == "expired":
+                log.warning("outbox messages expired: older than max_age %s, dropping them, first seq dropped %d",
+                            duration_text(self.bounds.max_age), seq, extra=fields(event="outbox_drop", seq=seq))
+            else:
+                log.warning("outbox full: dropping messages (when_full: %s), first seq dropped %d",
+                            self.bounds.when_full, seq, extra=fields(event="outbox_drop", seq=seq))
         if ranges and ranges[-1][1] + 1 == seq:
             ranges[-1][1] = seq
         else:
             ranges.append([seq, seq])
 
-    def _end_drop_episode(self) -> None:
-        ranges = self.stats.drop_episode
+    def _end_drop_episode(self, why: str) -> None:
+        ranges = self.stats.drop_episodes.pop(why, [])
         if ranges:
             count = sum(last - first + 1 for first, last in ranges)
             shown = ", ".join(f"{a}..{b}" if a != b else str(a) for a, b in ranges[:5])
             more = f" and {len(ranges) - 5} more ranges" if len(ranges) > 5 else ""
-            log.warning("outbox drop episode over: dropped seq %s%s (%d messages; %d dropped since the outbox "
-                        "was created)", shown, more, count, self.stats.dropped,
+            what = f"expiry (max_age {duration_text(self.bounds.max_age)})" if why == "expired" else "drop episode"
+            log.warning("outbox %s over: dropped seq %s%s (%d messages; %d dropped since the outbox "
+                        "was created)", what, shown, more, count, self.stats.dropped,
                         extra=fields(event="outbox_drop_over", seq=ranges[0][0]))
-            self.stats.drop_episode = []
+
+    def _age_now(self, now: float) -> float:
+        """The time a message's age is measured against: `now`, but no later than the open plus the time passed since
+        by the monotonic clock. A wall clock stepped forward (a box without a battery-backed clock set right by
+        NTP, days at once) would otherwise expire messages that waited seconds."""
+        opened, since = self._opened
+        return min(now, opened + (self.clock() - since))
 
     # -- the one transaction -------------------------------------------------------------
     def seq_mark(self, every: float) -> dict[str, int]:
@@ -513,7 +529,8 @@ class Outbox:
                                    ((d, k, r) for (d, k), r in self._pending_states.items() if r is not None))
                     db.executemany("DELETE FROM device_state WHERE device = ? AND kind = ?",
                                    (dk for dk, r in self._pending_states.items() if r is None))
-                dropped = [(m.seq, m.size) for m in refused] + self._trim(db, now, messages, size)
+                expired, over = self._trim(db, self._age_now(now), messages, size)
+                dropped = [(m.seq, m.size) for m in refused] + expired + over
                 messages -= len(dropped) - len(refused)
                 size -= sum(b for _, b in dropped) - sum(m.size for m in refused)
                 dropped_total = self.stats.dropped + self._pending_dropped + len(dropped)
@@ -541,13 +558,17 @@ class Outbox:
         self._meta_seq = self._written_seq = self.last_seq
         self.stats.committed += len(admitted)
         self.stats.messages, self.stats.bytes, self.stats.dropped = messages, size, dropped_total
-        for seq, _ in sorted(dropped):
-            self._count_drop(seq)
+        for seq, _ in sorted(expired):
+            self._count_drop(seq, "expired")
+        for seq, _ in sorted([(m.seq, m.size) for m in refused] + over):
+            self._count_drop(seq, "full")
+        if not expired:
+            self._end_drop_episode("expired")
         # Over once a commit drops nothing and leaves room: with small group commits, one that just fits
         # while the outbox is still full is not the end of the episode (the next message would be dropped).
-        if not dropped and not self._pending_dropped and messages < self.bounds.max_messages \
+        if not refused and not over and not self._pending_dropped and messages < self.bounds.max_messages \
                 and size < self.bounds.max_bytes:
-            self._end_drop_episode()
+            self._end_drop_episode("full")
         self._pending_dropped = 0
         self._pending.clear()
         self._pending_counters.clear()
@@ -593,9 +614,11 @@ class Outbox:
             rows.append((msg.seq, tid, msg.created, msg.payload))
         db.executemany("INSERT INTO outbox VALUES (?, ?, ?, ?)", rows)
 
-    def _trim(self, db: sqlite3.Connection, now: float, messages: int, size: int) -> list[tuple[int, int]]:
-        """Delete expired rows, and with drop_oldest the oldest rows over the limits; return (seq, size)."""
-        dropped = []
+    def _trim(self, db: sqlite3.Connection, now: float, messages: int, size: int
+              ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """Delete expired rows, and with drop_oldest the oldest rows over the limits; return the (seq, size) of
+        each, expired and over."""
+        dropped: list[tuple[int, int]] = []
         inflight = json.dumps(sorted(self._held))
         oldest = db.execute("SELECT created FROM outbox ORDER BY seq LIMIT 1").fetchone()
         if oldest and oldest[0] < now - self.bounds.max_age:  # rows are in time order: expire from the front
@@ -620,9 +643,9 @@ class Outbox:
                 victims.append(seq)
             cursor.close()
             if victims:
-                dropped += db.execute("DELETE FROM outbox WHERE seq IN (SELECT value FROM json_each(?)) "
-                                      "RETURNING seq, length(payload)", (json.dumps(victims),)).fetchall()
-        return dropped
+                return dropped, db.execute("DELETE FROM outbox WHERE seq IN (SELECT value FROM json_each(?)) "
+                                           "RETURNING seq, length(payload)", (json.dumps(victims),)).fetchall()
+        return dropped, []
 
     def close(self) -> None:
         self.commit()

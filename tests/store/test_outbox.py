@@ -395,3 +395,38 @@ def test_a_wal_of_another_database_is_found_at_open_and_the_outbox_read_without_
     assert len(said) == 1 and "its table outbox is not the outbox's (columns x)" in said[0], said
     assert "its -wal is another database's" in said[0] and "5 message(s), seq 1 to 5" in said[0]
     store.close()
+
+
+class Monotonic:
+    """A monotonic clock a test moves by hand (in place of `time.monotonic`)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_wall_clock_stepped_forward_past_max_age_expires_nothing_that_waited_less(tmp_path, caplog, monkeypatch):
+    """An attack pass: a box without a battery-backed clock, set right by NTP 8 days forward while the upstream was
+    down, dropped 734 messages less than 20 s old (max_age 7d), logged as 'outbox full'. Age is how long a message
+    waited: from the open on, 'now' is bounded by the monotonic time passed; expiry is said as such."""
+    import time
+
+    clock = Monotonic()
+    monkeypatch.setattr(time, "monotonic", clock)
+    store = Outbox.open(str(tmp_path / "g.db"), bounds=Bounds(max_age=7 * 86400.0))
+    for i in range(734):
+        store.stage("root/pump1/telemetry", {"i": i})
+    assert store.commit()
+    clock.now += 20
+    store.stage("root/pump1/telemetry", {"i": 734})
+    assert store.commit(now=time.time() + 8 * 86400)  # the wall clock stepped: 8 days later than it was
+    assert store.stats.messages == 735 and store.stats.dropped == 0
+    assert not [r for r in caplog.records if "drop" in r.getMessage() or "expire" in r.getMessage()]
+    clock.now += 7 * 86400  # now they have waited 7 days
+    store.stage("root/pump1/telemetry", {"i": 735})
+    assert store.commit(now=time.time() + 15 * 86400)
+    assert [m["i"] for m in payloads(store)] == [735] and store.stats.dropped == 735
+    said = [r.getMessage() for r in caplog.records]
+    assert said == ["outbox messages expired: older than max_age 7.0 days, dropping them, first seq dropped 1"], said
