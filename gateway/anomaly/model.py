@@ -163,7 +163,9 @@ def model_dir(configured: str | None = None) -> Path:
 class Model:
     """A loaded model; shared by every device that names it (one interpreter, invoked in turn)."""
 
-    def __init__(self, tflite_path: str | Path, meta_path: str | Path, *, verify_hash: bool = True) -> None:
+    def __init__(self, tflite_path: str | Path, meta_path: str | Path, *, verify_hash: bool = True,
+                 calibrating: bool = False) -> None:
+        """`calibrating`: training's own part-written model, whose threshold is a placeholder no score reaches."""
         tflite_path, meta_path = Path(tflite_path), Path(meta_path)
         self.path = tflite_path
         data = _read(tflite_path)
@@ -237,7 +239,8 @@ class Model:
                 raise ValueError(f"stride needs to be at most the window ({self.window}), not {self.stride}")
             if not all(isinstance(t, str) for t in self.flatline_tags):
                 raise ValueError("flatline_tags needs to be a list of tag names")
-            if not THRESHOLD_RANGE[0] <= self.threshold <= THRESHOLD_RANGE[1]:  # (1e308: never an event; 5e-324: always)
+            if not THRESHOLD_RANGE[0] <= self.threshold <= (CALIBRATING if calibrating else THRESHOLD_RANGE[1]):
+                # (1e308: never an event; 5e-324: always)
                 raise ValueError(f"threshold needs to be from {THRESHOLD_RANGE[0]:g} to {THRESHOLD_RANGE[1]:g}, not "
                                  f"{self.threshold:g}")
             if not INTERVAL_RANGE[0] <= self.interval <= INTERVAL_RANGE[1] \
@@ -391,6 +394,7 @@ class Stats:
 
 
 THRESHOLD_RANGE = (1e-6, 1e6)  # a score is about 2 in normal running: training writes thresholds far inside this
+CALIBRATING = 1e12  # the threshold of training's part-written model: no event while it calibrates
 
 
 def _whole(meta: Mapping[str, Any], key: str, low: int, high: int, default: int | None = None, where: str = "") -> int:

@@ -56,6 +56,7 @@ import numpy as np
 
 from gateway import __version__
 from gateway.anomaly.model import (
+    CALIBRATING,
     COMPONENTS,
     FORMAT,
     INTERVAL_RANGE,
@@ -388,7 +389,7 @@ def _train(name: str, recordings: Sequence[Recording], out_dir: Path, opts: Opti
         "tags": tags, "window": window, "stride": opts.stride, "interval_s": interval,
         "inputs": {"center": _floats(center), "spread": _floats(spread), "drift": [bool(d) for d in drift],
                    "baseline_s": opts.baseline_s},
-        "error_scale": [1.0] * len(tags), "stats": stats, "threshold": 1e12,  # no event while calibrating
+        "error_scale": [1.0] * len(tags), "stats": stats, "threshold": CALIBRATING,  # no event while calibrating
         "events": {"rule": "cusum", "h": opts.cusum_h, "cap": opts.cusum_cap, "start_after": 1,
                    "end_after": opts.end_after, "subside": opts.subside, "settle": opts.settle},
         "ffill_limit": opts.ffill_limit, "top_tags": min(3, len(tags)), **flatline,
@@ -401,7 +402,7 @@ def _train(name: str, recordings: Sequence[Recording], out_dir: Path, opts: Opti
     tmp_meta.write_text(json.dumps(meta))
 
     # Calibration, through the daemon's own scorer. 1: each tag's normal autoencoder error, held out.
-    parts = _parts(Model(tmp_tflite, tmp_meta), grids, [cut + span - 1 for cut in hold_ranges])
+    parts = _parts(Model(tmp_tflite, tmp_meta, calibrating=True), grids, [cut + span - 1 for cut in hold_ranges])
     # A coarse tag's normal error is at least a step, as its spread and its one-step change are.
     floor = np.array([coarse[t][1] if t in coarse else 0.0 for t in tags]) / spread
     meta["error_scale"] = _floats(np.maximum(parts[:, 3, :].mean(axis=0), np.maximum(floor, 1e-6)))
@@ -410,11 +411,11 @@ def _train(name: str, recordings: Sequence[Recording], out_dir: Path, opts: Opti
     on_held_out = held_blocks >= CALIBRATION_BLOCKS
     starts = [cut + span - 1 for cut in hold_ranges] if on_held_out else [span - 1] * len(grids)
     tmp_meta.write_text(json.dumps(meta))
-    stats["norms"], stats["level_scale"] = _norms(Model(tmp_tflite, tmp_meta), grids, starts)
+    stats["norms"], stats["level_scale"] = _norms(Model(tmp_tflite, tmp_meta, calibrating=True), grids, starts)
     tmp_meta.write_text(json.dumps(meta))
     # 3: the threshold for the false-alarm rate asked for, from the fused scores' block maxima, times how much
     # higher the score runs on parts of the recording the statistics were not fitted on (running never seen).
-    model = Model(tmp_tflite, tmp_meta)
+    model = Model(tmp_tflite, tmp_meta, calibrating=True)
     blocks = [_scores(model, g, start) for g, start in zip(grids, starts, strict=True)]
     fit = extreme_threshold(blocks, span, interval, opts.false_alarms)
     ratios = _out_of_fold(meta, tmp_tflite, meta_path.with_suffix(".fold.tmp"), grids, drift, opts.baseline_s,
@@ -696,9 +697,9 @@ def _out_of_fold(meta: dict[str, Any], tflite: Path, path: Path, grids: list[np.
             fold = {**meta, "inputs": {**meta["inputs"], "center": _floats(center), "spread": _floats(spread)},
                     "stats": stats, "threshold": 1e12}
             path.write_text(json.dumps(fold))
-            stats["norms"], stats["level_scale"] = _norms(Model(tflite, path), rest, [span - 1] * len(rest))
+            stats["norms"], stats["level_scale"] = _norms(Model(tflite, path, calibrating=True), rest, [span - 1] * len(rest))
             path.write_text(json.dumps(fold))
-            model = Model(tflite, path)
+            model = Model(tflite, path, calibrating=True)
             seen = np.concatenate([_scores(model, piece, span - 1) for piece in rest])
             # The scorer warms up on the rows before the part (a context, and five drift baselines' time).
             warm = [max(0, a - span - int(5 * baseline_s / interval)) for a, _ in cuts]
