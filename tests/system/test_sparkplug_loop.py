@@ -262,7 +262,7 @@ def test_crash_broker_network_and_host_loops_keep_every_session_whole_and_lose_n
         if kind == "DDATA":
             assert device in session["born"], f"DDATA for {device} before its DBIRTH in this session"
             assert session["born"] == set(DEVICES) or len(session["born"]) == len(DEVICES), session["born"]
-            sent[device].add(int(payload["timestamp"]))
+            sent[device].add(int(metrics[0]["timestamp"]))  # the sample's time (the payload's: when published)
             for m in metrics:
                 stamp, name = int(m["timestamp"]), aliases[int(m["alias"])]
                 if m.get("isHistorical"):

@@ -81,7 +81,7 @@ def test_births_aliases_seq_wrap_rebirth_refused_write_and_bdseq_on_the_will(mos
         assert seqs[:2] == [0, 1] and all(b == (a + 1) % 256 for a, b in zip(seqs, seqs[1:])), seqs[:300]
         for _, data in host.of("DDATA"):
             assert data.metrics and all(m.alias in born and not m.name for m in data.metrics)
-            assert data.timestamp  # the sample's own time; metrics carry only what changed
+            assert data.timestamp  # when it was published; its metrics, only what changed, the sample's time
         # A write is refused (read-only), a rebirth is honoured.
         host.command("spBv1.0/plant-a/DCMD/gw1/pump1", "motor_rpm", pb.Double, double_value=0.0)
         host.command("spBv1.0/plant-a/NCMD/gw1", "Node Control/Rebirth", pb.Boolean, boolean_value=True)
@@ -190,7 +190,7 @@ def test_primary_host_offline_stores_then_online_replays_history_in_order_nothin
     finally:
         host.close()
     data = [p for _, p in host.of("DDATA")]
-    stamps = [p.timestamp for p in data]
+    stamps = [p.metrics[0].timestamp for p in data]  # the sample's time (the payload's: when it was published)
     # Each stretch of history arrives in order; every sample recorded reached the host.
     export = subprocess.run([sys.executable, "-m", "gateway", "history", "export", "pump1", "-c", str(gw.config),
                              "--csv", str(tmp_path / "h.csv")], capture_output=True, text=True, env=ENV, cwd=ROOT,
@@ -202,9 +202,9 @@ def test_primary_host_offline_stores_then_online_replays_history_in_order_nothin
     sent = set(stamps)  # the export rounds to the ms, telemetry truncates: the same sample within 1 ms
     lost = [r for r in recorded if not {r - 1, r, r + 1} & sent]
     assert not lost, (len(lost), len(recorded))
-    historical = [p.timestamp for p in data if p.metrics[0].is_historical]
+    historical = [p.metrics[0].timestamp for p in data if p.metrics[0].is_historical]
     assert historical and historical == sorted(historical)
-    live = [p.timestamp for p in data if not p.metrics[0].is_historical]
+    live = [p.metrics[0].timestamp for p in data if not p.metrics[0].is_historical]
     assert live and min(live) > min(historical)
 
 
@@ -265,7 +265,7 @@ def unsent(gw, host: Host, tmp_path) -> tuple[list[int], list[int]]:
     assert export.returncode == 0, export.stderr
     with open(tmp_path / "h.csv") as fh:
         recorded = sorted(round(parse_time(row["time"]) * 1000) for row in csv.DictReader(fh))
-    sent = {p.timestamp for _, p in host.of("DDATA")}
+    sent = {p.metrics[0].timestamp for _, p in host.of("DDATA")}  # the sample's time
     return recorded, [r for r in recorded if not {r - 1, r, r + 1} & sent]
 
 
@@ -317,7 +317,7 @@ def test_broker_cuts_and_kill_9_lose_nothing_at_the_broker(mosquitto, gate, gate
     with host.lock:
         after = host.messages[max(i for i, (t, _) in enumerate(host.messages) if "/NBIRTH/" in t):]
     birth_ms = after[0][1].timestamp
-    old = [p for t, p in after if "/DDATA/" in t and p.timestamp < birth_ms]
+    old = [p for t, p in after if "/DDATA/" in t and p.metrics[0].timestamp < birth_ms]
     assert old and all(m.is_historical for p in old for m in p.metrics)
     assert all(m.HasField("timestamp") for t, p in host.messages if p is not None for m in p.metrics
                if "/NDEATH/" not in t)
