@@ -95,6 +95,9 @@ PENDING_LIMIT = 50_000
 # `interval` at a whole core, where a sample waits in line anyway. bench/pipeline.py (at a whole core) and bench/latency.py (500
 # samples/s) measure both ends.
 BUSY_SHARE = 0.2
+# A drop episode (full, or expired) is over once nothing has been dropped for this long (seconds): max_age 3s
+# expired a message every second or so, and each was an episode of its own, 240 lines in 18 s.
+DROP_QUIET = 60.0
 CALM = 0.5
 BUSY_WINDOW = 0.25  # seconds
 
@@ -180,6 +183,7 @@ class Outbox:
         # How long a message has waited is measured by this clock from the open on (see `_age_now`).
         self.clock: Callable[[], float] = time.monotonic
         self._opened = (time.time(), self.clock())
+        self._last_drop: dict[str, float] = {}  # why -> when (by `clock`) the last message was dropped for it
 
     @classmethod
     def open(cls, path: str, *, bounds: Bounds | None = None, sync: str = "normal") -> Outbox:
@@ -436,6 +440,7 @@ class Outbox:
     def _count_drop(self, seq: int, why: str) -> None:
         """Count `seq` as dropped because the outbox was full, or because it `expired` (older than max_age)."""
         ranges = self.stats.drop_episodes.setdefault(why, [])
+        self._last_drop[why] = self.clock()
         if not ranges:
             if why == "expired":
                 log.warning("outbox messages expired: older than max_age %s, dropping them, first seq dropped %d",
@@ -448,8 +453,12 @@ class Outbox:
         else:
             ranges.append([seq, seq])
 
-    def _end_drop_episode(self, why: str) -> None:
-        ranges = self.stats.drop_episodes.pop(why, [])
+    def _end_drop_episode(self, why: str, *, now: bool = False) -> None:
+        """Say the episode of `why` is over, once nothing has been dropped for it for DROP_QUIET (or `now`)."""
+        if why not in self.stats.drop_episodes or (
+                not now and self.clock() - self._last_drop.get(why, 0.0) < DROP_QUIET):
+            return
+        ranges = self.stats.drop_episodes.pop(why)
         if ranges:
             count = sum(last - first + 1 for first, last in ranges)
             shown = ", ".join(f"{a}..{b}" if a != b else str(a) for a, b in ranges[:5])
@@ -504,6 +513,10 @@ class Outbox:
         Returns False, keeping everything staged, when the disk refuses the write.
         """
         if not self.dirty:
+            if self.stats.drop_episodes and not self._pending_dropped:
+                self._end_drop_episode("expired")
+                if self.stats.messages < self.bounds.max_messages and self.stats.bytes < self.bounds.max_bytes:
+                    self._end_drop_episode("full")
             return True
         now = now or time.time()
         db = self._db
@@ -649,6 +662,8 @@ class Outbox:
 
     def close(self) -> None:
         self.commit()
+        for why in list(self.stats.drop_episodes):  # what was dropped is said before the process ends
+            self._end_drop_episode(why, now=True)
         self._db.close()
 
 

@@ -430,3 +430,35 @@ def test_a_wall_clock_stepped_forward_past_max_age_expires_nothing_that_waited_l
     assert [m["i"] for m in payloads(store)] == [735] and store.stats.dropped == 735
     said = [r.getMessage() for r in caplog.records]
     assert said == ["outbox messages expired: older than max_age 7.0 days, dropping them, first seq dropped 1"], said
+
+
+def test_an_expiry_or_drop_episode_is_said_at_its_start_and_once_nothing_was_dropped_for_a_minute(
+        tmp_path, caplog, monkeypatch):
+    """An attack pass: max_age 3s while the upstream was down logged 240 lines in 18 s, 'dropping' and 'episode
+    over' in turn, since each commit that dropped nothing ended the episode. It ends after 60 s without a drop."""
+    import time
+
+    clock = Monotonic()
+    monkeypatch.setattr(time, "monotonic", clock)
+    store = Outbox.open(str(tmp_path / "g.db"), bounds=Bounds(max_age=3.0))
+    start = time.time()
+    for i in range(20):  # a message every second, for 20 s: each commit expires the one 4 s old, or none
+        store.stage("root/pump1/telemetry", {"i": i}, created=start + i)
+        assert store.commit(now=start + i)
+        clock.now += 1
+        assert store.commit(now=start + i + 0.5)  # a commit with nothing to drop (an acknowledgement, a counter)
+    assert store.stats.dropped == 16
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and said[0].startswith("outbox messages expired"), said
+    for m in store.fetch(0, 100):  # the upstream is back: the rest is delivered
+        store.ack(m.seq, m.size)
+    clock.now += 58  # 59 s since the last drop
+    assert store.commit(now=start + 80) and store.stats.messages == 0
+    assert len(caplog.records) == 1
+    clock.now += 1
+    store.commit(now=start + 81)  # a minute without a drop: it is over, said once with every seq it dropped
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 2 and said[1] == ("outbox expiry (max_age 3 s) over: dropped seq 1..16 (16 messages; 16 "
+                                         "dropped since the outbox was created)"), said
+    store.close()
+    assert len(caplog.records) == 2
