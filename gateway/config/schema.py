@@ -425,7 +425,7 @@ class OeeSection:
                                      doc="status value → running, idle, down or planned_stop")
     ideal_rate: float | None = setting(optional(number(0.000001)), None, doc="pieces per minute at 100 %")
     reason_tag: str | None = setting(optional(string()), None, doc="the tag holding the stop reason code")
-    reasons: dict[int, str] = setting(map_of(integer(0, 2**32), string()), {}, doc="stop reason code → text")
+    reasons: dict[int, str] = setting(map_of(integer(-2**31, 2**32), string()), {}, doc="stop reason code → text")
     live_interval: float = setting(duration(1, 86400), 60.0, doc="how often the running shift's OEE is sent")
 
     @staticmethod

@@ -445,10 +445,9 @@ def test_a_name_with_a_last_line_break_is_refused():
 
 @pytest.mark.parametrize("where,text,path", [
     ("upstream.host", BASE.replace("host: mqtt.example.com", 'host: "gw..plant.local"'), "upstream.host"),
-    ("a PLC", BASE + "devices:\n" + MODBUS.replace("host: 192.0.2.10", f"host: {'x' * 64}.plant") % "int16",
-     "devices[0].host"),
-    ("an OPC UA server", BASE + "devices:\n  - {name: press1, source: opcua, endpoint: \"opc.tcp://a\\u202eb:4840\", "
-     "nodes: [{name: t, node: \"ns=2;i=1\"}]}\n", "devices[0].endpoint"),
+    ("a PLC", BASE + MODBUS.replace("host: 192.0.2.10", f"host: {'x' * 64}.plant") % "int16", "devices[2].host"),
+    ("an OPC UA server", BASE + "  - {name: press1, source: opcua, endpoint: \"opc.tcp://a\\u202eb:4840\", "
+     "nodes: [{name: t, node: \"ns=2;i=1\"}]}\n", "devices[2].endpoint"),
     ("the local broker", BASE + "local_broker: {listen: \"a..b:1883\"}\n", "local_broker.listen"),
 ])
 def test_a_host_name_that_cannot_be_looked_up_is_a_config_error(where, text, path):
@@ -456,4 +455,14 @@ def test_a_host_name_that_cannot_be_looked_up_is_a_config_error(where, text, pat
     codec's UnicodeError at every start (exit 70, a restart loop under systemd)."""
     with pytest.raises(config.ConfigError) as caught:
         config.parse(text, "g.yaml")
-    assert f": {path}: expected " in str(caught.value) and "IDNA can encode" in str(caught.value), str(caught.value)
+    assert len(str(caught.value).splitlines()) == 1 and f": {path}: expected " in str(caught.value) \
+        and "IDNA can encode" in str(caught.value), str(caught.value)
+
+
+def test_a_negative_stop_reason_code_can_be_named():
+    """A PLC's INT reason register often says -1 for "none given": the shift book keeps it as a code (a27f499), and
+    `reasons` may name it (its keys were 0 to 2^32)."""
+    text = BASE + MODBUS % "int16" + (
+        "    oee: {status_tag: motor_rpm, states: {1: running}, ideal_rate: 10, reason_tag: bearing_temp_c,\n"
+        "          reasons: {-1: no reason given, 7: jam}}\n")
+    assert config.parse(text).devices[2].oee.reasons == {-1: "no reason given", 7: "jam"}
