@@ -98,6 +98,9 @@ BUSY_SHARE = 0.2
 # A drop episode (full, or expired) is over once nothing has been dropped for this long (seconds): max_age 3s
 # expired a message every second or so, and each was an episode of its own, 240 lines in 18 s.
 DROP_QUIET = 60.0
+# Writes that fail again within this long (seconds) after they worked again are flapping (a full disk where each
+# failure frees a little, a WAL cut back): said once, and their recovery only once they have worked this long.
+WRITES_SETTLE = 30.0
 CALM = 0.5
 BUSY_WINDOW = 0.25  # seconds
 
@@ -184,6 +187,12 @@ class Outbox:
         self.clock: Callable[[], float] = time.monotonic
         self._opened = (time.time(), self.clock())
         self._last_drop: dict[str, float] = {}  # why -> when (by `clock`) the last message was dropped for it
+        # Writes failing, as said in the log: None (they work), "failed" or "flapping" (see WRITES_SETTLE); since when
+        # (by `clock`) they have worked, and how many failed since the state was last said.
+        self._writes: str | None = None
+        self._writes_ok_since: float | None = None
+        self._writes_failed = 0
+        self._writes_recovered: float | None = None  # when (by `clock`) writes were last said to work again
 
     @classmethod
     def open(cls, path: str, *, bounds: Bounds | None = None, sync: str = "normal") -> Outbox:
@@ -513,6 +522,7 @@ class Outbox:
         Returns False, keeping everything staged, when the disk refuses the write.
         """
         if not self.dirty:
+            self._writes_work()
             if self.stats.drop_episodes and not self._pending_dropped:
                 self._end_drop_episode("expired")
                 if self.stats.messages < self.bounds.max_messages and self.stats.bytes < self.bounds.max_bytes:
@@ -560,14 +570,11 @@ class Outbox:
             self._reload_topics()  # ids cached during the rolled-back transaction were never written
             self._release_wal()
             self.stats.write_errors += 1
-            if self.stats.last_error != str(err):
-                log.error("outbox write failed (%s): %d messages kept in memory, retrying",
-                          err, len(self._pending))
+            self._writes_fail(err)
             self.stats.last_error = str(err)
             return False
-        if self.stats.last_error is not None:
-            log.warning("outbox writes work again (%d messages kept in memory now written)", len(self._pending))
-            self.stats.last_error = None
+        self.stats.last_error = None
+        self._writes_work()
         self._meta_seq = self._written_seq = self.last_seq
         self.stats.committed += len(admitted)
         self.stats.messages, self.stats.bytes, self.stats.dropped = messages, size, dropped_total
@@ -589,6 +596,32 @@ class Outbox:
         self._pending_states.clear()
         self._acked.clear()
         return True
+
+    def _writes_fail(self, err: sqlite3.Error) -> None:
+        recovered = self._writes_recovered
+        self._writes_ok_since = None
+        self._writes_failed += 1
+        if self._writes is None and recovered is not None and self.clock() - recovered < WRITES_SETTLE:
+            self._writes = "flapping"
+            log.error("outbox writes fail again (%s): %d messages kept in memory, retrying; failures and recoveries "
+                      "are not logged until writes have worked for %.0fs", err, len(self._pending), WRITES_SETTLE)
+        elif self._writes is None:
+            self._writes = "failed"
+            log.error("outbox write failed (%s): %d messages kept in memory, retrying", err, len(self._pending))
+
+    def _writes_work(self) -> None:
+        now = self.clock()
+        if self._writes_ok_since is None:
+            self._writes_ok_since = now
+        if self._writes == "failed":  # the first recovery is said at once
+            self._writes_recovered = now
+            log.warning("outbox writes work again (%d messages kept in memory now written)", len(self._pending))
+        elif self._writes == "flapping" and now - self._writes_ok_since >= WRITES_SETTLE:
+            log.warning("outbox writes work again, for %.0fs now (%d failed writes in all since they were said to "
+                        "fail)", WRITES_SETTLE, self._writes_failed)
+        else:
+            return
+        self._writes, self._writes_failed = None, 0
 
     def _reload_topics(self) -> None:
         try:

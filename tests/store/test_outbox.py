@@ -462,3 +462,41 @@ def test_an_expiry_or_drop_episode_is_said_at_its_start_and_once_nothing_was_dro
                                          "dropped since the outbox was created)"), said
     store.close()
     assert len(caplog.records) == 2
+
+
+def test_writes_that_fail_and_work_in_turn_are_said_once_and_their_recovery_once_settled(tmp_path, caplog, monkeypatch):
+    """An attack pass: a full disk with the broker up logged 'write failed' and 'work again' about once a second
+    (14 pairs in 14 s): each failure cut the WAL back and freed enough for one commit. A failure soon after the
+    recovery is said once, and the next recovery once writes have worked for 30 s."""
+    import time
+
+    clock = Monotonic()
+    monkeypatch.setattr(time, "monotonic", clock)
+    store = Outbox.open(str(tmp_path / "g.db"))
+    store.stage("t", {"pad": "x" * 100})
+    assert store.commit()
+
+    def full(yes: bool) -> None:  # the file may not grow: like a full disk
+        pages = store._db.execute("PRAGMA page_count").fetchone()[0]
+        store._db.execute(f"PRAGMA max_page_count = {pages if yes else 1073741823}")
+    clock.now += 3600
+    for _ in range(14):
+        full(True)
+        for i in range(300):
+            store.stage("t", {"pad": "x" * 500, "i": i})
+        assert not store.commit()
+        clock.now += 0.5
+        full(False)
+        assert store.commit()
+        clock.now += 0.5
+    said = [r.getMessage().split(" (")[0] for r in caplog.records]
+    assert said == ["outbox write failed", "outbox writes work again", "outbox writes fail again"], said
+    for _ in range(29):
+        clock.now += 1
+        assert store.commit()
+    assert len(caplog.records) == 3
+    clock.now += 1
+    assert store.commit()
+    assert caplog.records[-1].getMessage() == ("outbox writes work again, for 30s now (13 failed writes in all since "
+                                               "they were said to fail)")
+    assert store.stats.write_errors == 14 and store.stats.last_error is None
