@@ -253,6 +253,20 @@ def _runner(tmp_path, config: str):
     return store, DeviceRunner(cfg.devices[0], NoSource(), store, Topics("root"), calendar)
 
 
+def _plc(register: str, counter: str = "") -> str:
+    """A config of one PLC, m1, whose counter `made` reads register `cnt` (`register`: the rest of its entry)."""
+    return f"""
+gateway: {{id: g, site: s}}
+upstream: {{host: h}}
+devices:
+  - name: m1
+    source: modbus_tcp
+    host: 127.0.0.1
+    registers: [{{name: cnt, {register}}}]
+    counters: [{{name: made, register: cnt{counter}}}]
+"""
+
+
 def test_a_counter_on_an_int16_register_counts_past_32767_and_a_bad_value_is_said_once(tmp_path, caplog):
     """An attack pass: an int16 counter register reads 32768-65535 as negative: nothing was counted there, the way
     back through 0 was taken for a reset (true 6900, total 700), and "not updated: ... (-27236.0)" was logged at
@@ -261,16 +275,7 @@ def test_a_counter_on_an_int16_register_counts_past_32767_and_a_bad_value_is_sai
 
     from gateway.sample import Sample
 
-    store, runner = _runner(tmp_path, """
-gateway: {id: g, site: s}
-upstream: {host: h}
-devices:
-  - name: m1
-    source: modbus_tcp
-    host: 127.0.0.1
-    registers: [{name: cnt, address: 0, type: int16}]
-    counters: [{name: made, register: cnt}]
-""")
+    store, runner = _runner(tmp_path, _plc("address: 0, type: int16"))
     t, made = 1_795_500_000.0, 32_700
     with caplog.at_level(logging.INFO):
         for i in range(400):  # 100 a minute, through 32767 (-32768) and round through 0
@@ -311,16 +316,7 @@ def test_a_counter_whose_register_moves_under_the_same_name_starts_from_a_baseli
 
     from gateway.sample import Sample
 
-    config = """
-gateway: {id: g, site: s}
-upstream: {host: h}
-devices:
-  - name: m1
-    source: modbus_tcp
-    host: 127.0.0.1
-    registers: [{name: cnt, address: 20, type: uint32}]
-    counters: [{name: made, register: cnt}]
-"""
+    config = _plc("address: 20, type: uint32")
     t = 1_795_500_000.0
     store, runner = _runner(tmp_path, config)
     for i in range(3):
@@ -347,16 +343,7 @@ def test_a_gap_longer_than_a_wrap_at_the_top_rate_is_said(tmp_path, caplog):
 
     from gateway.sample import Sample
 
-    store, runner = _runner(tmp_path, """
-gateway: {id: g, site: s}
-upstream: {host: h}
-devices:
-  - name: m1
-    source: modbus_tcp
-    host: 127.0.0.1
-    registers: [{name: cnt, address: 0, type: uint16}]
-    counters: [{name: made, register: cnt, max_rate: 17}]
-""")
+    store, runner = _runner(tmp_path, _plc("address: 0, type: uint16", ", max_rate: 17"))
     t = 1_795_500_000.0
     with caplog.at_level(logging.WARNING):
         for i, (at, raw) in enumerate([(0, 100), (60, 1_120), (120, 2_140), (12_000, 5_532), (12_060, 6_552)]):
