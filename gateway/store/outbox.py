@@ -12,7 +12,10 @@ commits per second (`max_rate`) spaces them for flash storage; state alone (coun
 rows, acknowledgements to delete) waits at most `interval` for a message to ride with.
 
 Bounds (messages, bytes, age) are enforced inside the same transaction; every
-drop is counted in the `meta` table so the count survives restarts.
+drop is counted in the `meta` table so the count survives restarts. On a disk
+that filled, a reserve file gives room for the deletes of acknowledged rows alone,
+and the messages kept in memory follow into the pages they free (`_write_in_room`,
+`room`).
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ from gateway import contract, datadir
 from gateway.counters import MAX_TOTAL, CounterRow, total_of
 from gateway.logs import fields
 from gateway.store import salvage
+from gateway.store.room import WAL_LIMIT as WAL_LIMIT  # the history holds its WAL to it too
+from gateway.store.room import Reserve, free_bytes, wal_limit
 from gateway.store.salvage import corrupt
 from gateway.units import LAST_INSTANT, duration_text, instant
 
@@ -193,6 +198,8 @@ class Outbox:
         self._writes_ok_since: float | None = None
         self._writes_failed = 0
         self._writes_recovered: float | None = None  # when (by `clock`) writes were last said to work again
+        # Room kept for the way out of a full disk (see `room`); `open` makes it beside the file.
+        self._reserve: Reserve | None = None
 
     @classmethod
     def open(cls, path: str, *, bounds: Bounds | None = None, sync: str = "normal") -> Outbox:
@@ -228,9 +235,12 @@ class Outbox:
 
     @classmethod
     def _load(cls, path: str, bounds: Bounds | None, sync: str) -> Outbox:
-        db = _connect(path, sync)
+        wal = wal_limit(path)
+        db = _connect(path, sync, wal)
         try:
             outbox = cls(db, path, bounds)
+            outbox._reserve = Reserve(f"{path}-reserve", 2 * wal)
+            outbox._reserve.keep()
             outbox.stats.messages, outbox.stats.bytes = outbox._repair()
             outbox._reload_topics()
             outbox.last_seq = max(outbox._meta("last_seq"),
@@ -519,63 +529,74 @@ class Outbox:
     def commit(self, now: float | None = None) -> bool:
         """Write staged messages and counters, delete acknowledged rows, enforce the bounds.
 
-        Returns False, keeping everything staged, when the disk refuses the write.
+        Returns False, keeping what could not be written staged, when the disk refuses the write.
         """
         if not self.dirty:
-            self._writes_work()
+            self._writes_work(0)
             if self.stats.drop_episodes and not self._pending_dropped:
                 self._end_drop_episode("expired")
                 if self.stats.messages < self.bounds.max_messages and self.stats.bytes < self.bounds.max_bytes:
                     self._end_drop_episode("full")
             return True
         now = now or time.time()
-        db = self._db
+        staged = len(self._pending)
         try:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                messages, size = self.stats.messages, self.stats.bytes
-                gone, gone_bytes = self._delete_acked(db)
-                messages, size = messages - gone, size - gone_bytes
-                admitted, refused = self._admit(messages, size)
-                self._insert(db, admitted, now)
-                messages += len(admitted)
-                size += sum(m.size for m in admitted)
-                # One statement per kind, none for what has nothing staged: a group commit often holds one message.
-                if self._pending_counters:
-                    db.executemany("INSERT OR REPLACE INTO counters VALUES (?, ?, ?, ?, ?, ?, ?)",
-                                   [(device, name, row.last_raw, row.total, row.shift_total, row.shift_id, row.updated)
-                                    for (device, name), row in self._pending_counters.items()])
-                if self._pending_shifts:
-                    db.executemany("INSERT OR REPLACE INTO shifts VALUES (?, ?)", self._pending_shifts.items())
-                if self._pending_states:
-                    db.executemany("INSERT OR REPLACE INTO device_state VALUES (?, ?, ?)",
-                                   ((d, k, r) for (d, k), r in self._pending_states.items() if r is not None))
-                    db.executemany("DELETE FROM device_state WHERE device = ? AND kind = ?",
-                                   (dk for dk, r in self._pending_states.items() if r is None))
-                expired, over = self._trim(db, self._age_now(now), messages, size)
-                dropped = [(m.seq, m.size) for m in refused] + expired + over
-                messages -= len(dropped) - len(refused)
-                size -= sum(b for _, b in dropped) - sum(m.size for m in refused)
-                dropped_total = self.stats.dropped + self._pending_dropped + len(dropped)
-                if self.last_seq != self._meta_seq:
-                    db.execute("INSERT OR REPLACE INTO meta VALUES ('last_seq', ?)", (self.last_seq,))
-                if dropped_total != self.stats.dropped:
-                    db.execute("INSERT OR REPLACE INTO meta VALUES ('dropped', ?)", (dropped_total,))
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
+            self._write(self._pending, now, last=True)
         except sqlite3.Error as err:
             self._reload_topics()  # ids cached during the rolled-back transaction were never written
-            self._release_wal()
             self.stats.write_errors += 1
             self._writes_fail(err)
             self.stats.last_error = str(err)
-            return False
+            if not (_full(err) and self._write_in_room(now)):
+                self._release_wal()
+                return False
         self.stats.last_error = None
-        self._writes_work()
-        self._meta_seq = self._written_seq = self.last_seq
+        self._writes_work(staged)
+        if self._reserve is not None:
+            self._reserve.keep()
+        return True
+
+    def _write(self, batch: list[Message], now: float, *, last: bool) -> None:
+        """One transaction: the acknowledged deletes, `batch` (the oldest staged messages), with `last` the staged
+        state too, and the bounds. Raises sqlite3.Error, having written nothing."""
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            messages, size = self.stats.messages, self.stats.bytes
+            gone, gone_bytes = self._delete_acked(db)
+            messages, size = messages - gone, size - gone_bytes
+            admitted, refused = self._admit(batch, messages, size)
+            self._insert(db, admitted, now)
+            messages += len(admitted)
+            size += sum(m.size for m in admitted)
+            # One statement per kind, none for what has nothing staged: a group commit often holds one message.
+            if last and self._pending_counters:
+                db.executemany("INSERT OR REPLACE INTO counters VALUES (?, ?, ?, ?, ?, ?, ?)",
+                               [(device, name, row.last_raw, row.total, row.shift_total, row.shift_id, row.updated)
+                                for (device, name), row in self._pending_counters.items()])
+            if last and self._pending_shifts:
+                db.executemany("INSERT OR REPLACE INTO shifts VALUES (?, ?)", self._pending_shifts.items())
+            if last and self._pending_states:
+                db.executemany("INSERT OR REPLACE INTO device_state VALUES (?, ?, ?)",
+                               ((d, k, r) for (d, k), r in self._pending_states.items() if r is not None))
+                db.executemany("DELETE FROM device_state WHERE device = ? AND kind = ?",
+                               (dk for dk, r in self._pending_states.items() if r is None))
+            expired, over = self._trim(db, self._age_now(now), messages, size)
+            dropped = [(m.seq, m.size) for m in refused] + expired + over
+            messages -= len(dropped) - len(refused)
+            size -= sum(b for _, b in dropped) - sum(m.size for m in refused)
+            dropped_total = self.stats.dropped + self._pending_dropped + len(dropped)
+            if self.last_seq != self._meta_seq:
+                db.execute("INSERT OR REPLACE INTO meta VALUES ('last_seq', ?)", (self.last_seq,))
+            if dropped_total != self.stats.dropped:
+                db.execute("INSERT OR REPLACE INTO meta VALUES ('dropped', ?)", (dropped_total,))
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        self._meta_seq = self.last_seq
+        self._written_seq = self.last_seq if last else max(self._written_seq, batch[-1].seq if batch else 0)
         self.stats.committed += len(admitted)
         self.stats.messages, self.stats.bytes, self.stats.dropped = messages, size, dropped_total
         for seq, _ in sorted(expired):
@@ -590,12 +611,65 @@ class Outbox:
                 and size < self.bounds.max_bytes:
             self._end_drop_episode("full")
         self._pending_dropped = 0
-        self._pending.clear()
-        self._pending_counters.clear()
-        self._pending_shifts.clear()
-        self._pending_states.clear()
+        del self._pending[:len(batch)]
         self._acked.clear()
-        return True
+        if last:
+            self._pending_counters.clear()
+            self._pending_shifts.clear()
+            self._pending_states.clear()
+
+    def _write_in_room(self, now: float) -> bool:
+        """After a write that failed for a full disk, with acknowledged rows to delete: write what is staged in the
+        room they free; True once it all is.
+
+        The reserve is given up so that the deletes alone fit into the WAL; a checkpoint then moves the WAL into the
+        pages they freed and cuts it to nothing. The staged messages go in slices of a quarter of the reserve, each
+        moved out of the WAL before the next, since one transaction of them all may not fit. The counters and
+        states go with the last slice: a crash between slices leaves messages without the state they report (a
+        state change said again after the restart), never a count without its message. With nothing acknowledged
+        the reserve is kept for when the broker is back, and the staged messages wait in memory as before."""
+        reserve = self._reserve
+        free = free_bytes(self.path)
+        # A disk with room is not full: the file was kept from growing (max_page_count), nothing to give up.
+        if reserve is None or not self._acked or free is None \
+                or free >= reserve.size + 2 * sum(m.size for m in self._pending):
+            return False
+        reserve.release()
+        room = reserve.size // 4
+        # The deletes go in slices too: each page a delete touches is a page in the WAL, and acknowledged rows
+        # filling the disk fill a WAL as large.
+        acked, self._acked = self._acked, {}
+        while acked:
+            nbytes = 0
+            for seq, size in acked.items():
+                if self._acked and nbytes + size > room:
+                    break
+                self._acked[seq] = size
+                nbytes += size
+            for seq in self._acked:
+                del acked[seq]
+            try:
+                self._write([], now, last=False)
+            except sqlite3.Error:
+                self._acked.update(acked)
+                return False
+            self._release_wal()
+        while True:
+            batch: list[Message] = []
+            nbytes = 0
+            for msg in self._pending:
+                if batch and nbytes + msg.size > room:
+                    break
+                batch.append(msg)
+                nbytes += msg.size
+            try:
+                self._write(batch, now, last=len(batch) == len(self._pending))
+            except sqlite3.Error:
+                self._reload_topics()
+                return False
+            self._release_wal()
+            if not self.dirty:
+                return True
 
     def _writes_fail(self, err: sqlite3.Error) -> None:
         recovered = self._writes_recovered
@@ -609,13 +683,13 @@ class Outbox:
             self._writes = "failed"
             log.error("outbox write failed (%s): %d messages kept in memory, retrying", err, len(self._pending))
 
-    def _writes_work(self) -> None:
+    def _writes_work(self, written: int) -> None:
         now = self.clock()
         if self._writes_ok_since is None:
             self._writes_ok_since = now
         if self._writes == "failed":  # the first recovery is said at once
             self._writes_recovered = now
-            log.warning("outbox writes work again (%d messages kept in memory now written)", len(self._pending))
+            log.warning("outbox writes work again (%d messages kept in memory now written)", written)
         elif self._writes == "flapping" and now - self._writes_ok_since >= WRITES_SETTLE:
             log.warning("outbox writes work again, for %.0fs now (%d failed writes in all since they were said to "
                         "fail)", WRITES_SETTLE, self._writes_failed)
@@ -638,16 +712,16 @@ class Outbox:
                           "RETURNING length(payload)", (json.dumps(list(self._acked)),)).fetchall()
         return len(rows), sum(r[0] for r in rows)
 
-    def _admit(self, messages: int, size: int) -> tuple[list[Message], list[Message]]:
-        """With drop_newest, the staged messages that do not fit are refused before insert."""
+    def _admit(self, batch: list[Message], messages: int, size: int) -> tuple[list[Message], list[Message]]:
+        """With drop_newest, the messages of `batch` that do not fit are refused before insert."""
         if self.bounds.when_full != "drop_newest":
-            return self._pending, []
+            return batch, []
         room, room_bytes = self.bounds.max_messages - messages, self.bounds.max_bytes - size
-        for i, msg in enumerate(self._pending):
+        for i, msg in enumerate(batch):
             room, room_bytes = room - 1, room_bytes - msg.size
             if room < 0 or room_bytes < 0:
-                return self._pending[:i], self._pending[i:]
-        return self._pending, []
+                return batch[:i], batch[i:]
+        return batch, []
 
     def _insert(self, db: sqlite3.Connection, messages: list[Message], now: float) -> None:
         rows = []
@@ -698,6 +772,8 @@ class Outbox:
         for why in list(self.stats.drop_episodes):  # what was dropped is said before the process ends
             self._end_drop_episode(why, now=True)
         self._db.close()
+        if self._reserve is not None:
+            self._reserve.release()
 
 
 async def commit_loop(outbox: Outbox, on_commit: Callable[[int], None], *, interval: float = 0.1,
@@ -855,9 +931,6 @@ def _fits(value: object, hint: Any) -> bool:
     return True
 
 
-WAL_LIMIT = 1 << 20  # bytes the WAL file keeps after a checkpoint resets it
-
-
 class StoreUnavailable(sqlite3.OperationalError):
     """The outbox file cannot be opened now (a full disk, an I/O error, a lock another process holds, no right to
     write it), though nothing says that it is damaged: it is left where it is, with its backlog, for a later start."""
@@ -883,6 +956,11 @@ def _unavailable(path: str, err: sqlite3.Error) -> StoreUnavailable:
     return StoreUnavailable(f"{path}: {err}{cause}; the file is left as it is, with what it holds")
 
 
+def _full(err: sqlite3.Error) -> bool:
+    """Whether `err` is SQLite's "database or disk is full" (SQLITE_FULL)."""
+    return (getattr(err, "sqlite_errorcode", 0) or 0) & 0xFF == 13
+
+
 def _move(path: str, to: str) -> None:
     """Move the file `path` and its -wal and -shm to `to` (and its suffixes)."""
     for suffix in ("", "-wal", "-shm"):
@@ -890,7 +968,7 @@ def _move(path: str, to: str) -> None:
             os.replace(path + suffix, to + suffix)
 
 
-def _connect(path: str, sync: str) -> sqlite3.Connection:
+def _connect(path: str, sync: str, wal: int = WAL_LIMIT) -> sqlite3.Connection:
     if os.path.exists(path):
         # Its tables are checked read-only first: a connection that may write moves the WAL into the file when it
         # closes, and another database's WAL would then be in the outbox's file for good.
@@ -904,10 +982,11 @@ def _connect(path: str, sync: str) -> sqlite3.Connection:
         db.execute("PRAGMA journal_mode = WAL")
         # A WAL grown while the broker was away keeps its size when it is reset, unless this says otherwise: on a
         # small disk it held the space the next commits needed, and they failed again once space came back.
-        # And checkpointed at a quarter of SQLite's default: on a disk of a few MB the WAL filled it before its
-        # first checkpoint, the database file never grew, and nothing could be moved out of the WAL any more.
-        db.execute(f"PRAGMA journal_size_limit = {WAL_LIMIT}")
-        db.execute(f"PRAGMA wal_autocheckpoint = {WAL_LIMIT // 4096}")
+        # And checkpointed at a quarter of SQLite's default, less on a small partition (`room.wal_limit`): on a disk
+        # of a few MB the WAL filled it before its first checkpoint, the database file never grew, and nothing could
+        # be moved out of the WAL any more.
+        db.execute(f"PRAGMA journal_size_limit = {wal}")
+        db.execute(f"PRAGMA wal_autocheckpoint = {wal // 4096}")
         db.execute(f"PRAGMA synchronous = {'FULL' if sync == 'full' else 'NORMAL'}")
         db.executescript(SCHEMA)
         db.execute("SELECT count(*) FROM outbox").fetchone()

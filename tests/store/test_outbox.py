@@ -500,3 +500,44 @@ def test_writes_that_fail_and_work_in_turn_are_said_once_and_their_recovery_once
     assert caplog.records[-1].getMessage() == ("outbox writes work again, for 30s now (13 failed writes in all since "
                                                "they were said to fail)")
     assert store.stats.write_errors == 14 and store.stats.last_error is None
+
+
+def test_a_disk_filled_while_the_broker_was_away_frees_the_acknowledged_rows_and_goes_on(small_disk, caplog):
+    """An attack pass: the data partition filled while the broker was down. The broker came back and acknowledged
+    every stored message, but none was deleted, since the deletes rode in the transaction of the new messages,
+    which the full disk refused; nothing sampled after that reached the upstream. The reserve beside the file gives
+    room for the deletes alone, the WAL is moved into the pages they freed, and the messages kept in memory follow.
+    The disk stays full all along (the filler is never removed)."""
+    store = Outbox.open(str(small_disk / "gateway.db"))
+    for i in range(1500):
+        store.stage("root/pump1/telemetry", {"i": i, "pad": "x" * 200})
+    assert store.commit()
+    _fill(small_disk)
+    for _ in range(50):  # what the WAL still has room for is written; then the messages wait in memory
+        for i in range(300):
+            store.stage("root/pump1/telemetry", {"i": i, "pad": "x" * 200})
+        if not store.commit():
+            break
+    assert store.pending == 300  # the broker is away: nothing is acknowledged to make room
+    acked = [m.seq for m in store.fetch(0, 10**6)]
+    for msg in store.fetch(0, 10**6):  # the broker is back and acknowledges all, as the uplink tells the outbox
+        store.hold(msg.seq)
+        store.ack(msg.seq, msg.size)
+    for i in range(300):
+        store.stage("root/pump1/telemetry", {"i": i, "pad": "x" * 200})
+    assert store.commit()
+    assert store.pending == 0 and not set(acked) & {m.seq for m in store.fetch(0, 10**6)}
+    for _ in range(10):  # and so on, the disk still full
+        later = [store.stage("root/pump1/telemetry", {"pad": "x" * 200}) for _ in range(300)]
+        assert store.commit()
+    waiting = [m.seq for m in store.fetch(0, 10**6)]
+    assert waiting == sorted(waiting) and waiting[-300:] == later
+    # Nothing unacknowledged is lost but what is counted as dropped.
+    dropped = set(range(1, store.last_seq + 1)) - set(acked) - set(waiting)
+    assert store.stats.dropped == len(dropped) and store.stats.messages == len(waiting)
+    assert store.stats.dropped == 0 and not dropped
+    said = [r.getMessage().split(" (")[0] for r in caplog.records]
+    assert said == ["outbox write failed", "outbox writes work again"], said
+    store.close()
+    assert not os.path.exists(small_disk / "gateway.db-reserve")
+
