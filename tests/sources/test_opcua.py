@@ -344,10 +344,13 @@ def test_the_subscribe_sample_time_is_the_newest_source_timestamp():
 
     from gateway.sources.opcua import OpcUaSource
 
-    # a counter that changed 1 s ago (b) and one that changes while we watch (a, stamped 4 s ahead)
-    t0 = dt.datetime.fromtimestamp(round(time.time()) - 4, dt.timezone.utc)
+    # a counter that changed 1 s ago (b) and one that changes while we watch (a, stamped 4 s ahead); the times are
+    # taken once the server is up (its start took seconds in a full run on a busy machine: "1 s ago" was 6 s)
+    t0 = dt.datetime.fromtimestamp(0, dt.timezone.utc)
 
     async def body(server, variables, port):
+        nonlocal t0
+        t0 = dt.datetime.fromtimestamp(round(time.time()) - 4, dt.timezone.utc)
         a, b = variables
         await a.write_value(ua.DataValue(ua.Variant(7, ua.VariantType.UInt32), SourceTimestamp=t0))
         await b.write_value(ua.DataValue(ua.Variant(8, ua.VariantType.UInt32), SourceTimestamp=t0 + dt.timedelta(seconds=3)))
