@@ -112,7 +112,8 @@ def advance(row: CounterRow | None, raw: int, bits: int, reset_threshold: float,
     """The counter's next state after reading `raw`; shift totals restart when the shift changes."""
     if row is None:
         row = CounterRow(last_raw=None, total=0, shift_total=0, shift_id=shift_id)
-    row = replace(row, shift_total=row.shift_total if row.shift_id == shift_id else 0, shift_id=shift_id)
+    if row.shift_id != shift_id:  # (a copy only then: this runs for every counter of every sample)
+        row = replace(row, shift_total=0, shift_id=shift_id)
     if row.last_raw is None:
         return replace(row, last_raw=raw, updated=now, pending=None, misses=0), Step(0, "baseline")
     elapsed = now - row.updated

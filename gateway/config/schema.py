@@ -509,6 +509,7 @@ class DeviceBase:
     alarms: tuple[AlarmSection, ...] = setting(list_of(section(AlarmSection)), [], doc="limit alarms on tags")
 
     SOURCE: ClassVar[str] = ""
+    TYPES_AT_CONNECT: ClassVar[bool] = False  # its tags' types are learnt from the machine once connected
 
     @property
     def tags(self) -> tuple[str, ...]:
@@ -736,6 +737,7 @@ class OpcUaDevice(DeviceBase):
     nodes: tuple[OpcUaNodeSection, ...] = setting(list_of(section(OpcUaNodeSection)), doc="tag: node id")
 
     SOURCE: ClassVar[str] = "opcua"
+    TYPES_AT_CONNECT: ClassVar[bool] = True  # each node's DataType
 
     @classmethod
     def rules(cls, v: Fields) -> list[Problem]:

@@ -487,6 +487,7 @@ def test_a_device_born_before_its_source_knew_the_types_is_born_again_with_them(
     clock = Clock()
     fmt = SparkplugFormat(cfg, state_path=str(tmp_path / "sparkplug.json"), scored={},
                           types_of=lambda device: learned[device], clock=clock)
+    fmt.learning.add("pump1")  # (the simulated pump stands for an OPC UA device here: its types come at connect)
     rows = Rows()
     fmt.connect_answered()
     births = decode(fmt.session_started(lambda: [rows.pump(T0), rows.line(T0)]))

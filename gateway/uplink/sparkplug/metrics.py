@@ -147,14 +147,16 @@ def fits(datatype: int, value: Any) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
+_RANGES = {int(pb.DataType.Value(name)): bounds for name, bounds in RANGES.items()}  # by datatype number: per value
+
+
 def holds(datatype: int, value: Any) -> bool:
     """Whether an integer or Boolean metric holds `value` as it is: a whole number within its datatype's range (a row
     written before a reload made its tag's register narrower can hold one that is not)."""
-    name = pb.DataType.Name(datatype)
-    if value is None or name not in RANGES:
+    bounds = _RANGES.get(datatype)
+    if value is None or bounds is None:
         return True
-    low, high = RANGES[name]
-    return (isinstance(value, int) or float(value).is_integer()) and low <= value <= high
+    return (isinstance(value, int) or float(value).is_integer()) and bounds[0] <= value <= bounds[1]
 
 
 def payload(ts_ms: int, seq: int | None, values: Iterable[tuple[Metric, Any, int]], *, birth: bool = False,

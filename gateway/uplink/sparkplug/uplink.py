@@ -72,6 +72,7 @@ class SparkplugFormat:
         self.types_of = types_of
         self.standing = standing  # a device's pipeline state (`DeviceRunner.standing`), for what no row told
         self.limits = {d.name: {f"Alarms/{a.name}/Limit": a.limit for a in d.alarms} for d in config.devices}
+        self.learning = {d.name for d in config.devices if d.TYPES_AT_CONNECT}  # types that may come after a birth
         self.metrics = metrics.NodeMetrics(HEALTH_METRICS, config.devices,
                                            {d.name: types_of(d.name) for d in config.devices}, scored)
         self.clock = clock
@@ -200,7 +201,7 @@ class SparkplugFormat:
         when `unread`: the device cannot be read now)."""
         types = self.types_of(device)
         self.metrics.retype(device, types)
-        if any(not kind.datatype for kind in types.values()):  # declared Double until its source says (OPC UA)
+        if device in self.learning and any(not kind.datatype for kind in types.values()):  # Double until it says
             self.untyped[device] = _datatypes(types)
         else:
             self.untyped.pop(device, None)
